@@ -1,0 +1,34 @@
+"""flowspec: a declarative compiler for normalizing-flow image models.
+
+Pipeline: text -> parse tree -> `FlowSpec` (pydantic) -> `FlowModel` (torch) -> train / eval / sample /
+inspect. Importing the package does not import torch; `build` does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flowspec.errors import UserError
+from flowspec.loader import load_spec, parse_spec
+from flowspec.spec import FlowSpec
+
+if TYPE_CHECKING:
+    from flowspec.model import FlowModel
+
+__version__ = "0.1.0"
+__all__ = ["FlowModel", "FlowSpec", "UserError", "build", "load_spec", "parse_spec", "__version__"]
+
+
+def build(spec: FlowSpec) -> FlowModel:
+    """Compile a validated spec into a `FlowModel` (an `nn.Module`)."""
+    from flowspec.builder import build as _build
+
+    return _build(spec)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FlowModel":
+        from flowspec.model import FlowModel
+
+        return FlowModel
+    raise AttributeError(name)

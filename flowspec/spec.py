@@ -1,0 +1,244 @@
+"""The validated spec: frozen pydantic models, the single source of truth for build, inspect and train.
+
+A `FlowSpec` is what a `.flow` file means after `extends`, `defaults` and `--set` overrides have been
+resolved: every step carries all of its settings. Source locations ride along on each step (`source`)
+for error messages and `inspect`, but are not part of a spec's value: two specs are equal when their
+settings are, wherever they were written.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mask = Literal["stripe", "checkerboard", "channel"]
+CouplingKind = Literal["mixlogistic", "affine", "additive"]
+NetworkKind = Literal["flowpp", "resnet"]
+NormGranularity = Literal["element", "channel"]
+
+
+class SourceLoc(BaseModel):
+    """Where a spec node was written: file, 1-based line and column."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class Node(BaseModel):
+    """Base of all spec nodes: frozen, strict about unknown fields, equal by value (not by source)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.model_dump() == other.model_dump()  # type: ignore[union-attr]
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class StepNode(Node):
+    source: SourceLoc | None = Field(default=None, exclude=True, repr=False)
+
+
+# ---------------------------------------------------------------- flow steps
+
+
+class CouplingSettings(Node):
+    """Settings of a coupling layer; the `defaults` block holds one of these, every coupling step too."""
+
+    coupling: CouplingKind = "mixlogistic"
+    components: int = Field(default=32, ge=1, le=1024, description="mixture components (mixlogistic)")
+    filters: int = Field(default=96, ge=1, le=4096)
+    blocks: int = Field(default=10, ge=1, le=256)
+    heads: int = Field(default=4, ge=1, le=256)
+    attention: bool = Field(default=True, description="self-attention; off: the gated-NIN ablation")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    network: NetworkKind = "flowpp"
+    resnet_norm: Literal["batch", "weight"] = "batch"
+
+    @model_validator(mode="after")
+    def _heads_divide_filters(self) -> CouplingSettings:
+        if self.network == "flowpp" and self.attention and self.filters % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide filters ({self.filters})")
+        return self
+
+
+class NormStep(StepNode):
+    kind: Literal["norm"] = "norm"
+    granularity: NormGranularity = "element"
+
+
+class PointwiseStep(StepNode):
+    kind: Literal["pointwise"] = "pointwise"
+
+
+class CouplingStep(StepNode, CouplingSettings):
+    kind: Literal["coupling"] = "coupling"
+
+
+class FlipStep(StepNode):
+    kind: Literal["flip"] = "flip"
+
+
+class SigmoidStep(StepNode):
+    kind: Literal["sigmoid"] = "sigmoid"
+
+
+class SqueezeStep(StepNode):
+    kind: Literal["squeeze"] = "squeeze"
+
+
+class FactorOutStep(StepNode):
+    kind: Literal["factor_out"] = "factor_out"
+
+
+class SplitStep(StepNode):
+    kind: Literal["split"] = "split"
+    mask: Mask
+    body: list[Step]
+
+
+class RepeatStep(StepNode):
+    kind: Literal["repeat"] = "repeat"
+    count: int = Field(ge=1, le=1000)
+    body: list[Step]
+
+
+Step = Annotated[
+    Union[
+        SplitStep,
+        RepeatStep,
+        NormStep,
+        PointwiseStep,
+        CouplingStep,
+        FlipStep,
+        SigmoidStep,
+        SqueezeStep,
+        FactorOutStep,
+    ],
+    Field(discriminator="kind"),
+]
+
+SplitStep.model_rebuild()
+RepeatStep.model_rebuild()
+
+
+# ---------------------------------------------------------------- sections
+
+
+class DataSpec(Node):
+    dataset: Literal["cifar10", "npz", "digits"] = "cifar10"
+    path: str | None = Field(default=None, description="folder of .npz shards (dataset npz)")
+    shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C x H x W")
+    levels: int = Field(default=256, ge=2, le=65536, description="values per pixel: 256 for 8-bit")
+    classes: tuple[str | int, ...] | None = Field(default=None, description="class subset, by name or index")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        if any(d < 1 for d in self.shape):
+            raise ValueError(f"shape dimensions must be positive, got {'x'.join(map(str, self.shape))}")
+        if self.classes is not None and len(self.classes) == 0:
+            raise ValueError("classes must name at least one class")
+        return self
+
+
+class LogitPreprocess(Node):
+    kind: Literal["logit"] = "logit"
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
+
+
+class ContextSpec(Node):
+    filters: int = Field(default=32, ge=1, le=4096)
+    blocks: int = Field(default=3, ge=0, le=256)
+
+
+class UniformDequant(Node):
+    kind: Literal["uniform"] = "uniform"
+
+
+class VariationalDequant(Node):
+    kind: Literal["variational"] = "variational"
+    context: ContextSpec = ContextSpec()
+    steps: list[Step]
+
+
+Dequantizer = Annotated[Union[UniformDequant, VariationalDequant], Field(discriminator="kind")]
+
+
+class Defaults(Node):
+    coupling: CouplingSettings = CouplingSettings()
+    norm: NormGranularity = "element"
+
+
+class Interval(Node):
+    count: int = Field(ge=1)
+    unit: Literal["steps", "epochs"]
+
+
+class TrainSpec(Node):
+    optimizer: Literal["adam"] = "adam"
+    lr: float = Field(default=3e-4, gt=0.0, le=10.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup: int = Field(default=0, ge=0, description="linear warmup steps")
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_every: int = Field(default=10000, ge=1, description="schedule step: decay every N steps")
+    step_gamma: float = Field(default=0.5, gt=0.0, le=1.0, description="schedule step: decay factor")
+    batch: int = Field(default=64, ge=1)
+    clip_grad_norm: float | None = Field(default=None, gt=0.0)
+    ema: float | None = Field(default=None, gt=0.0, lt=1.0)
+    init_batch: int = Field(default=128, ge=1)
+    length: Interval | None = Field(default=None, description="training length; none: unbounded")
+    eval_every: Interval = Interval(count=1, unit="epochs")
+    hflip: bool = Field(default=False, description="random horizontal flip augmentation")
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class FlowSpec(Node):
+    """A whole model and its training recipe, resolved and validated."""
+
+    name: str
+    data: DataSpec = DataSpec()
+    preprocess: LogitPreprocess = LogitPreprocess()
+    dequantize: Dequantizer = UniformDequant()
+    defaults: Defaults = Defaults()
+    flow: list[Step]
+    prior: Literal["normal"] = "normal"
+    train: TrainSpec = TrainSpec()
+    target_params: int | None = Field(default=None, ge=0)
+    source: str | None = Field(default=None, exclude=True, repr=False, description="path it was loaded from")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> FlowSpec:
+        from flowspec.shapes import check_shapes
+
+        check_shapes(self)
+        return self
+
+    @property
+    def dims(self) -> int:
+        c, h, w = self.data.shape
+        return c * h * w
+
+
+def walk(steps: list[Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """All steps of a stack with their dotted paths (``flow.0.body.2``), depth first, repeats not unrolled."""
+    out: list[tuple[str, Any]] = []
+    for i, step in enumerate(steps):
+        path = f"{prefix}.{i}" if prefix else str(i)
+        out.append((path, step))
+        if isinstance(step, (SplitStep, RepeatStep)):
+            out.extend(walk(step.body, f"{path}.body"))
+    return out
