@@ -1,0 +1,3 @@
+"""Placeholder: commands registered here by the language work."""
+
+from flowspec.cli.app import app  # noqa: F401
