@@ -17,31 +17,18 @@ app = typer.Typer(
 )
 
 
-def fail(error: UserError) -> None:
-    """Print a user error as one clean paragraph on stderr and exit with its code (2)."""
-    print(str(error), file=sys.stderr)
-    raise typer.Exit(code=error.exit_code)
-
-
 def run(argv: list[str] | None = None) -> int:
-    """Run the app; user errors become a message and exit code 2, usage errors keep click's code 2."""
-    try:
-        result = app(args=argv, standalone_mode=False)
-    except UserError as error:
-        print(str(error), file=sys.stderr)
-        return error.exit_code
-    except typer.Exit as done:
-        return done.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # click usage errors and aborts
-        import click
+    """Run the app and return its exit code.
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            return error.exit_code
-        if isinstance(error, click.exceptions.Abort):
-            return 1
-        raise
-    return result if isinstance(result, int) else 0
+    A `UserError` becomes its one-paragraph message on stderr and exit code 2; usage errors (bad options)
+    keep typer's own message and its exit code 2.
+    """
+    try:
+        app(args=argv, prog_name="flowspec")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
