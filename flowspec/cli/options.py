@@ -1,0 +1,27 @@
+"""Options shared by every command: the spec argument and repeatable `--set KEY=VALUE` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from flowspec.spec import FlowSpec
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a spec setting, e.g. --set defaults.coupling.filters=64 --set train.lr=1e-3 (repeatable).",
+    ),
+]
+
+
+def load_cli_spec(path: Path, sets: list[str] | None) -> FlowSpec:
+    """Load, resolve and validate a spec file with the command line's overrides (raises `SpecError`)."""
+    from flowspec.loader import load_spec
+
+    return load_spec(path, overrides=tuple(sets or ()))
