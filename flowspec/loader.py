@@ -1,8 +1,231 @@
-"""Placeholder: replaced by the language work."""
+"""Load a spec: read -> parse -> extends -> `--set` overrides -> defaults -> validate -> shape check.
 
-def load_spec(path, overrides=()):
-    raise NotImplementedError
+Every mistake becomes a `SpecError` whose diagnostics point at the file, line and column where the
+offending value was written (in an extended file, or in a `--set` option, where that is where it came from).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
+from flowspec.document import Call, RawDict, Word
+from flowspec.parser import SECTION_NAMES, parse_document
+from flowspec.resolve import OVERRIDE_FILE, apply_defaults, apply_overrides, merge, model_of
+from flowspec.shapes import ShapeError
+from flowspec.spec import FlowSpec, SourceLoc
+
+__all__ = ["SpecError", "load_spec", "parse_spec"]
 
 
-def parse_spec(text, source="<string>"):
-    raise NotImplementedError
+def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> FlowSpec:
+    """Load, resolve and validate the spec file at `path`, with `KEY=VALUE` overrides applied.
+
+    Raises `SpecError` (a `UserError`) listing every mistake with its file, line and column.
+    """
+    texts: dict[str, str] = {}
+    doc = _load(Path(path), texts, chain=(), at=None)
+    return _finish(doc, overrides, texts, source=str(path))
+
+
+def parse_spec(text: str, source: str = "<string>") -> FlowSpec:
+    """Parse and validate spec text; `source` names it in error messages (and anchors `extends`)."""
+    texts = {source: text}
+    doc = _extend(parse_document(text, source), source, texts, chain=())
+    return _finish(doc, (), texts, source=None)
+
+
+# ---------------------------------------------------------------- files and extends
+
+
+def _load(path: Path, texts: dict[str, str], chain: tuple[Path, ...], at: SourceLoc | None) -> RawDict:
+    file = os.path.normpath(path)
+    real = Path(file).resolve()
+    if real in chain:
+        cycle = " -> ".join(os.path.relpath(p) for p in (*chain[chain.index(real) :], real))
+        raise SpecError([Diagnostic(at, f"extends cycle: {cycle}")], texts)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        what = "spec file" if at is None else "extended spec"
+        reason = "not found" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
+        raise SpecError([Diagnostic(at, f"{what} {file} {reason}")], texts) from None
+    texts[file] = text
+    return _extend(parse_document(text, file), file, texts, (*chain, real))
+
+
+def _extend(doc: RawDict, file: str, texts: dict[str, str], chain: tuple[Path, ...]) -> RawDict:
+    if "extends" not in doc:
+        return doc
+    base_path = Path(os.path.dirname(file)) / doc["extends"]
+    if not chain:
+        chain = (Path(file).resolve(),)
+    base = _load(base_path, texts, chain, at=doc.locs["extends"])
+    return merge(base, doc)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], source: str | None) -> FlowSpec:
+    texts[OVERRIDE_FILE] = "\n".join(overrides)
+    doc = apply_defaults(apply_overrides(doc, overrides))
+    if source is not None:
+        doc["source"] = source
+    diagnostics = list(doc.problems)
+    try:
+        spec = FlowSpec.model_validate(_plain(doc))
+    except ValidationError as error:
+        diagnostics += _from_pydantic(error, doc)
+    except ShapeError as error:
+        where = doc.locs.get("flow") or doc.loc
+        diagnostics += [Diagnostic(issue.source or where, issue.message) for issue in error.issues]
+    if diagnostics:
+        raise SpecError(diagnostics, texts)
+    return spec
+
+
+def _plain(value: Any) -> Any:
+    """The raw document as plain dicts, lists and strings (what pydantic should see)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(item) for item in value)
+    if isinstance(value, Word):
+        return str(value)
+    return value
+
+
+def _from_pydantic(error: ValidationError, doc: RawDict) -> list[Diagnostic]:
+    found: list[tuple[str, Diagnostic]] = []
+    for item in error.errors(include_url=False):
+        # point an unknown kind at the word, not at the whole section
+        kind_word = ("kind",) if item["type"] == "union_tag_invalid" else ()
+        path, loc, model, owner = _locate(doc, (*item["loc"], *kind_word))
+        found.append((path, Diagnostic(loc, _message(item, path, model, owner))))
+    # an invalid default shows up again at every step that inherits it: report it once, at `defaults`
+    in_defaults = {d.message for path, d in found if path.startswith("defaults")}
+    return [d for path, d in found if path.startswith("defaults") or d.message not in in_defaults]
+
+
+def _locate(doc: RawDict, loc: tuple) -> tuple[str, SourceLoc | None, Any, Any]:
+    """Follow a pydantic error location through the raw document: the user-facing path, the source
+    location of the deepest part written, the model class of the innermost object, and what to call
+    that object in a message (a step's kind, else its path)."""
+    node: Any = doc
+    annotation: Any = FlowSpec
+    where = doc.loc
+    names: list[str] = []
+    tag_pending = False
+    model: Any = FlowSpec
+    container: Any = doc
+    depth = 0
+    complete = True
+    for part in loc:
+        if tag_pending and isinstance(node, dict) and part == node.get("kind"):
+            tag_pending = False
+            continue
+        tag_pending = False
+        if isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node, annotation = node[part], _item_annotation(annotation)
+            where = getattr(node, "loc", None) or where
+            names.append(str(part))
+            tag_pending = True
+            continue
+        if isinstance(node, RawDict):
+            model = model_of(annotation, node) or model
+            container, depth = node, len(names)
+            if isinstance(part, str) and part in node:
+                where = node.locs.get(part) or where
+                names.append(part)
+                annotation = model.model_fields[part].annotation if part in model.model_fields else None
+                node = node[part]
+                tag_pending = isinstance(node, dict)
+                continue
+        names.append(str(part))
+        complete = False
+        break
+    if isinstance(node, RawDict):
+        model = model_of(annotation, node) or model
+        if complete:
+            # an error about the node as a whole: blame the override that changed it, if one did
+            overridden = [x for x in node.locs.values() if x is not None and x.file == OVERRIDE_FILE]
+            where = max(overridden, key=lambda x: x.line) if overridden else where
+    path = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names))
+    owner = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names[:depth]))
+    if container is not doc and isinstance(container, RawDict) and "source" in container:
+        owner = str(container.get("kind"))
+    return path, where, model, owner
+
+
+def _item_annotation(annotation: Any) -> Any:
+    args = get_args(annotation)
+    return args[0] if args else None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Call):
+        return f"{value.name}(...)"
+    if isinstance(value, dict) and set(value) == {"count", "unit"}:
+        return f"{value['count']} {value['unit']}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_show(v) for v in value) + ")"
+    return str(value)
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _message(item: dict, path: str, model: Any, owner: str) -> str:
+    kind, ctx, value = item["type"], item.get("ctx", {}), item.get("input")
+    parts = path.split(".")
+    field = next((p for p in reversed(parts) if not p.isdigit()), path) or "spec"
+    if field == "count":  # name the count by what it counts
+        field = "repeat count" if owner == "repeat" else parts[-2] if len(parts) > 1 else field
+    if kind == "missing":
+        if path == "model":
+            return "missing model name: add `model NAME`"
+        if path == "flow":
+            return "missing flow: add `flow { ... }` with the model's steps"
+        if field == "steps" and owner.startswith("dequantize"):
+            return "`dequantize variational` needs its steps: `dequantize variational { ... }`"
+        return f"missing setting '{field}'" + (f" of {owner}" if owner else "")
+    if kind == "extra_forbidden":
+        allowed = [n for n in getattr(model, "model_fields", {}) if n not in ("kind", "source")]
+        where = f" of {owner}" if owner else ""
+        return f"unknown setting '{field}'{where}{did_you_mean(field, allowed)}"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        return f"unknown {field} '{_show(value)}'{did_you_mean(str(value), choices)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        tag = str(ctx.get("tag", ""))
+        field = parts[-2] if parts[-1] == "kind" and len(parts) > 1 else field
+        return f"unknown {field} kind '{tag}'{did_you_mean(tag, choices)}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"{field} must be {_BOUNDS[kind]} {bound}, got {_show(value)}"
+    if kind == "int_from_float":
+        return f"{field} must be a whole number, got {_show(value)}"
+    if kind in ("int_type", "int_parsing", "float_type", "float_parsing", "finite_number"):
+        return f"{field} must be a number, got {_show(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{field} must be on or off, got {_show(value)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type") and field in ("length", "eval_every"):
+        return (
+            f"{field} must be a count of steps or epochs, e.g. `100 steps` or `10 epochs`, got {_show(value)}"
+        )
+    if kind == "value_error":
+        return str(ctx.get("error", item["msg"]))
+    message = item["msg"]
+    return f"{field}: {message[:1].lower()}{message[1:]} (got {_show(value)})"

@@ -86,8 +86,9 @@ class _Walker:
         if kind == "repeat":
             self.records.append(StepShape(path, step, state, state, depth))
             for _ in range(step.count):
+                before = out
                 out = self.stack(step.body, out, f"{path}.body", depth + 1, in_split)
-                if self.issues:
+                if self.issues or out == before:  # a body that keeps the shape keeps it every time
                     break
             # one record per body step is enough: drop the copies of later repetitions
             seen: set[str] = set()

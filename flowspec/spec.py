@@ -8,9 +8,10 @@ settings are, wherever they were written.
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Mask = Literal["stripe", "checkerboard", "channel"]
 CouplingKind = Literal["mixlogistic", "affine", "additive"]
@@ -130,6 +131,10 @@ RepeatStep.model_rebuild()
 
 # ---------------------------------------------------------------- sections
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES, "digits": (), "npz": ()}
+CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "npz": None}
+
 
 class DataSpec(Node):
     dataset: Literal["cifar10", "npz", "digits"] = "cifar10"
@@ -137,6 +142,32 @@ class DataSpec(Node):
     shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C x H x W")
     levels: int = Field(default=256, ge=2, le=65536, description="values per pixel: 256 for 8-bit")
     classes: tuple[str | int, ...] | None = Field(default=None, description="class subset, by name or index")
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, classes: tuple[str | int, ...] | None, info: ValidationInfo):
+        dataset = info.data.get("dataset")
+        if classes is None or dataset is None:
+            return classes
+        names, count = CLASS_NAMES[dataset], CLASS_COUNTS[dataset]
+        for c in classes:
+            if isinstance(c, str) and c not in names:
+                if not names:
+                    raise ValueError(f"{dataset} classes are numbered: give indices, not '{c}'")
+                close = difflib.get_close_matches(c, names, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"expected one of {', '.join(names)}"
+                raise ValueError(f"unknown {dataset} class '{c}'; {hint}")
+            if isinstance(c, int) and (c < 0 or (count is not None and c >= count)):
+                valid = f"0 to {count - 1}" if count is not None else "0 or more"
+                raise ValueError(f"class index {c} is out of range for {dataset} ({valid})")
+        return classes
+
+    @property
+    def class_indices(self) -> tuple[int, ...] | None:
+        """The class subset as label indices (CIFAR-10 names mapped to their labels), or None for all."""
+        if self.classes is None:
+            return None
+        return tuple(c if isinstance(c, int) else CLASS_NAMES[self.dataset].index(c) for c in self.classes)
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:

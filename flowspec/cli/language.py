@@ -1,3 +1,56 @@
-"""Placeholder: commands registered here by the language work."""
+"""`flowspec validate` and `flowspec show`: check specs and print them resolved. Neither imports torch."""
 
-from flowspec.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flowspec.cli.app import app
+from flowspec.cli.options import SetOption, load_cli_spec
+from flowspec.errors import UserError
+
+
+class ShowFormat(str, Enum):
+    flow = "flow"
+    json = "json"
+
+
+@app.command()
+def validate(
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC...", help="Spec files to check.")],
+    sets: SetOption = None,
+) -> None:
+    """Check spec files: syntax, settings, extends, and shapes through every step. Exit 2 if any is wrong."""
+    failed = 0
+    for path in specs:
+        try:
+            spec = load_cli_spec(path, sets)
+        except UserError as error:
+            failed += 1
+            typer.echo(f"error: {error}", err=True)
+            continue
+        typer.echo(f"ok: {path} ({spec.name})")
+    if failed:
+        typer.echo(f"{failed} of {len(specs)} specs have errors", err=True)
+        raise typer.Exit(code=2)
+
+
+@app.command()
+def show(
+    spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Spec file to show.")],
+    format: Annotated[
+        ShowFormat, typer.Option("--format", "-f", help="flow: canonical DSL; json: the spec model.")
+    ] = ShowFormat.flow,
+    sets: SetOption = None,
+) -> None:
+    """Print the resolved spec (after extends, defaults and --set overrides) as canonical DSL or JSON."""
+    resolved = load_cli_spec(spec, sets)
+    if format is ShowFormat.json:
+        typer.echo(resolved.model_dump_json(indent=2))
+    else:
+        from flowspec.formatter import format_spec
+
+        typer.echo(format_spec(resolved), nl=False)

@@ -1,0 +1,102 @@
+"""The raw document: what a `.flow` file says, as dicts and lists that remember where each part was written.
+
+The parser builds it, `resolve` merges and completes it, pydantic validates it into a `FlowSpec`. The
+setting conversions here (`100 steps`, `ema off`, `augment hflip`, ...) are shared by the file syntax and
+the `--set` overrides, so both mean the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flowspec.diagnostics import did_you_mean
+from flowspec.spec import SourceLoc
+
+
+class Word(str):
+    """A bare word as written (`dog`, `off`, `stripe`), as opposed to a quoted string."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """`name(key=value, ...)`, e.g. `adam(lr=3e-4)` or `step(every=1000, gamma=0.5)`."""
+
+    name: str
+    args: RawDict
+
+
+class RawDict(dict):
+    """A dict that remembers where it (`loc`) and each of its keys (`locs`) were written."""
+
+    def __init__(self, loc: SourceLoc | None = None, **items: Any):
+        super().__init__()
+        self.loc = loc
+        self.locs: dict[str, SourceLoc | None] = {}
+        self.problems: list = []  # diagnostics of mistakes already dropped from the document
+        for key, value in items.items():
+            self.put(key, value, loc)
+
+    def put(self, key: str, value: Any, loc: SourceLoc | None) -> None:
+        self[key] = value
+        self.locs[key] = loc
+
+    def copy(self) -> RawDict:  # type: ignore[override]
+        new = RawDict(self.loc)
+        for key, value in self.items():
+            new.put(key, value, self.locs.get(key))
+        return new
+
+
+class SettingError(ValueError):
+    """A setting value that cannot mean anything (the caller knows where it was written)."""
+
+
+# user-facing setting names that differ from the spec's field names
+TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every"}
+OPTIMIZER_ARGS = ("lr", "betas", "eps", "weight_decay")
+SCHEDULE_ARGS = {"every": "step_every", "gamma": "step_gamma"}
+
+
+def interval(count: Any, unit: str) -> RawDict:
+    """`100 steps` / `1 epoch` as the raw form of an `Interval`."""
+    return RawDict(count=count, unit="steps" if unit.startswith("step") else "epochs")
+
+
+def convert(section: str, key: str, value: Any) -> dict[str, Any]:
+    """The spec fields (and their raw values) that `key value` sets in `section` (`data`, `train`, ...)."""
+    if section == "train":
+        key = TRAIN_ALIASES.get(key, key)
+        if key in ("optimizer", "schedule"):
+            return _call_setting(key, value)
+        if key == "warmup":
+            if isinstance(value, dict) and value.get("unit") == "epochs":
+                raise SettingError("warmup is counted in steps, e.g. `warmup 2000 steps`")
+            return {"warmup": value["count"] if isinstance(value, dict) else value}
+        if key == "length" and value == "unbounded":
+            return {"length": None}
+        if key in ("clip_grad_norm", "ema") and value == "off":
+            return {key: None}
+        if key == "hflip" and isinstance(value, Word):
+            return {"hflip": {"hflip": True, "none": False}.get(value, value)}
+    if section == "data":
+        if key == "classes" and not isinstance(value, tuple):
+            return {"classes": (value,)}
+        if key == "path" and isinstance(value, Word):
+            return {"path": str(value)}
+    return {key: value}
+
+
+def _call_setting(key: str, value: Any) -> dict[str, Any]:
+    """`optimizer adam(lr=...)` and `then step(every=..., gamma=...)`: a name and its flattened arguments."""
+    if isinstance(value, Word):
+        return {key: value}
+    if not isinstance(value, Call):
+        raise SettingError(f"{key} must be a name, e.g. `{'adam' if key == 'optimizer' else 'cosine'}`")
+    allowed = OPTIMIZER_ARGS if key == "optimizer" else tuple(SCHEDULE_ARGS)
+    fields: dict[str, Any] = {key: Word(value.name)}
+    for arg, arg_value in value.args.items():
+        if arg not in allowed:
+            raise SettingError(f"unknown setting '{arg}' of {key} {value.name}{did_you_mean(arg, allowed)}")
+        fields[SCHEDULE_ARGS.get(arg, arg) if key == "schedule" else arg] = arg_value
+    return fields

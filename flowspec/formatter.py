@@ -1,0 +1,130 @@
+"""A resolved `FlowSpec` as canonical `.flow` text, which parses back to an equal spec.
+
+No `extends`: the output stands alone. The `defaults` block lists the coupling settings that differ from
+the built-in ones; each step then writes only what differs from `defaults`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowspec.spec import CouplingSettings, FlowSpec, Interval, TrainSpec
+
+WIDTH = 100
+INDENT = "  "
+
+
+def format_spec(spec: FlowSpec) -> str:
+    """Canonical `.flow` text for `spec`."""
+    defaults = spec.defaults
+    out = [f"model {spec.name}"]
+    if spec.target_params is not None:
+        out.append(f"target_params {spec.target_params}")
+    out += ["", _data(spec), f"preprocess {spec.preprocess.kind}(alpha={_value(spec.preprocess.alpha)})", ""]
+    out += ["defaults {", f"{INDENT}{_coupling(defaults.coupling, CouplingSettings(), 'coupling', True)}"]
+    out += [f"{INDENT}norm {defaults.norm}", "}", ""]
+    deq = spec.dequantize
+    if deq.kind == "uniform":
+        out.append("dequantize uniform")
+    else:
+        context = f"context(filters={deq.context.filters}, blocks={deq.context.blocks})"
+        out += ["dequantize variational {", INDENT + context, *_steps(deq.steps, spec, 1), "}"]
+    out += ["", "flow {", *_steps(spec.flow, spec, 1), "}", "", f"prior {spec.prior}", "", *_train(spec), ""]
+    return "\n".join(out)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text:
+            mantissa, exponent = text.split("e")
+            text = f"{mantissa}e{int(exponent)}"
+        return text
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_value(v) for v in value) + ")"
+    if isinstance(value, Interval):
+        return f"{value.count} {value.unit[:-1] if value.count == 1 else value.unit}"
+    if isinstance(value, str) and not value.isidentifier():
+        return f'"{value}"'
+    return str(value)
+
+
+def _data(spec: FlowSpec) -> str:
+    data = spec.data
+    parts = [f"shape {'x'.join(map(str, data.shape))}", f"levels {data.levels}"]
+    if data.classes is not None:
+        parts.append(f"classes {_value(data.classes[0] if len(data.classes) == 1 else data.classes)}")
+    if data.path is not None:
+        parts.append(f'path "{data.path}"')
+    return f"data {data.dataset} {{ {'  '.join(parts)} }}"
+
+
+def _coupling(settings: CouplingSettings, base: CouplingSettings, head: str, kind: bool) -> str:
+    """`coupling [KIND](key=value, ...)` with the settings that differ from `base`."""
+    if kind or settings.coupling != base.coupling:
+        head += f" {settings.coupling}"
+    args = [
+        f"{name}={_value(getattr(settings, name))}"
+        for name in CouplingSettings.model_fields
+        if name != "coupling" and getattr(settings, name) != getattr(base, name)
+    ]
+    return head + (f"({', '.join(args)})" if args else "")
+
+
+def _step(step: Any, spec: FlowSpec) -> str:
+    """One step on one line."""
+    if step.kind == "coupling":
+        return _coupling(step, spec.defaults.coupling, "coupling", False)
+    if step.kind == "norm":
+        return "norm" if step.granularity == spec.defaults.norm else f"norm {step.granularity}"
+    if step.kind in ("split", "repeat"):
+        head = f"split {step.mask}" if step.kind == "split" else f"repeat {step.count}"
+        return f"{head} {{ {'; '.join(_step(s, spec) for s in step.body)} }}"
+    return step.kind
+
+
+def _steps(steps: list[Any], spec: FlowSpec, depth: int) -> list[str]:
+    """Each step on a line of its own; a split or repeat on one line when it fits."""
+    indent = INDENT * depth
+    lines: list[str] = []
+    for step in steps:
+        line = _step(step, spec)
+        if step.kind not in ("split", "repeat") or len(indent + line) <= WIDTH:
+            lines.append(indent + line)
+            continue
+        head = f"split {step.mask}" if step.kind == "split" else f"repeat {step.count}"
+        lines += [f"{indent}{head} {{", *_steps(step.body, spec, depth + 1), f"{indent}}}"]
+    return lines
+
+
+def _train(spec: FlowSpec) -> list[str]:
+    t = spec.train
+    optimizer = f"lr={_value(t.lr)}, betas={_value(t.betas)}, eps={_value(t.eps)}"
+    if t.weight_decay:
+        optimizer += f", weight_decay={_value(t.weight_decay)}"
+    schedule = t.schedule
+    plain = TrainSpec.model_fields
+    if schedule == "step" or (t.step_every, t.step_gamma) != (
+        plain["step_every"].default,
+        plain["step_gamma"].default,
+    ):
+        schedule += f"(every={t.step_every}, gamma={_value(t.step_gamma)})"
+    recipe = [
+        f"batch {t.batch}",
+        f"clip_grad_norm {_value(t.clip_grad_norm) if t.clip_grad_norm is not None else 'off'}",
+        f"ema {_value(t.ema) if t.ema is not None else 'off'}",
+        f"init_batch {t.init_batch}",
+        f"seed {t.seed}",
+    ]
+    return [
+        "train {",
+        f"{INDENT}optimizer {t.optimizer}({optimizer})",
+        f"{INDENT}warmup {t.warmup} steps, then {schedule}",
+        INDENT + "  ".join(recipe),
+        f"{INDENT}length {_value(t.length) if t.length is not None else 'unbounded'}",
+        f"{INDENT}eval every {_value(t.eval_every)}",
+        f"{INDENT}augment {'hflip' if t.hflip else 'none'}",
+        "}",
+    ]

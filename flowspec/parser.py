@@ -1,0 +1,435 @@
+"""Text -> Lark parse tree -> raw document (`RawDict`s that remember where everything was written).
+
+The only module that knows Lark. Syntax errors are collected with a simple recovery (blank out the
+offending token and parse again), so one run reports every independent mistake of a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+from typing import Any
+
+from lark import Lark, Token, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.lexer import PatternStr
+from lark.visitors import Transformer_NonRecursive
+
+from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
+from flowspec.document import Call, RawDict, SettingError, Word, convert, interval
+from flowspec.spec import SourceLoc
+
+MAX_SYNTAX_ERRORS = 10
+MAX_NESTING = 32  # split/repeat blocks inside each other
+
+# section keyword as written -> key in the raw document (the spec's field name)
+SECTION_KEYS = {"model": "name"}
+SECTION_NAMES = {"name": "model"}
+
+_DESCRIBE = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": 'a quoted string ("...")',
+    "DIMS": "a shape (CxHxW)",
+    "$END": "end of file",
+}
+
+
+class _WholeWords:
+    """Lark post-lexer that lets every parser state lex a NAME, so keywords only match whole words."""
+
+    always_accept = ("NAME",)
+
+    def process(self, stream):
+        return stream
+
+
+@functools.cache
+def _lark() -> Lark:
+    grammar = resources.files("flowspec").joinpath("grammar", "flowspec.lark").read_text(encoding="utf-8")
+    return Lark(
+        grammar,
+        parser="lalr",
+        start=["start", "override_value"],
+        propagate_positions=True,
+        maybe_placeholders=True,
+        postlex=_WholeWords(),
+    )
+
+
+def parse_document(text: str, file: str) -> RawDict:
+    """Parse a whole `.flow` text into its raw document.
+
+    Syntax errors raise `SpecError`. Mistakes that leave the document readable (a duplicated setting, a
+    value that cannot mean anything) are dropped from it and listed in `doc.problems`, so that later
+    stages can report them together with their own.
+    """
+    tree = _parse(text, file, "start")
+    builder = _Builder(file, text)
+    doc = builder.transform(tree)
+    doc.problems = builder.diagnostics
+    return doc
+
+
+def parse_value(text: str, file: str, line: int, col: int) -> Any:
+    """Parse the value of a `--set` override (`1e-3`, `off`, `(dog, cat)`, `100 steps`, ...).
+
+    `line` and `col` say where `text` starts in `file`, for error messages.
+    """
+    padded = "\n" * (line - 1) + " " * (col - 1) + text
+    tree = _parse(padded, file, "override_value")
+    builder = _Builder(file, padded)
+    value = builder.transform(tree).children[0]
+    if builder.diagnostics:
+        raise SpecError(builder.diagnostics)
+    return value
+
+
+# ---------------------------------------------------------------- syntax errors
+
+
+def _parse(text: str, file: str, start: str):
+    diagnostics: list[Diagnostic] = []
+    work = text
+    for _ in range(4 * MAX_SYNTAX_ERRORS):
+        try:
+            tree = _lark().parse(work, start=start)
+        except UnexpectedInput as error:
+            diagnostic, span = _describe(error, work, file)
+            previous = diagnostics[-1].loc if diagnostics else None
+            # an error on the line of the previous one is most likely its consequence: skip it silently
+            if previous is None or diagnostic.loc is None or diagnostic.loc.line > previous.line:
+                diagnostics.append(diagnostic)
+            if span is None or len(diagnostics) >= MAX_SYNTAX_ERRORS:
+                break
+            work = work[: span[0]] + re.sub(r"[^\n]", " ", work[span[0] : span[1]]) + work[span[1] :]
+            continue
+        if not diagnostics:
+            return tree
+        break
+    raise SpecError(diagnostics, {file: text})
+
+
+def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic, tuple[int, int] | None]:
+    """A diagnostic for a Lark error, and the span to blank out before trying again (None: give up)."""
+    if isinstance(error, UnexpectedCharacters):
+        char = text[error.pos_in_stream]
+        loc = SourceLoc(file=file, line=error.line, col=error.column)
+        message = f"unexpected character {char!r}"
+        return Diagnostic(loc, message), (error.pos_in_stream, error.pos_in_stream + 1)
+    if isinstance(error, UnexpectedEOF) or (
+        isinstance(error, UnexpectedToken) and error.token.type == "$END"
+    ):
+        parser = getattr(error, "interactive_parser", None)
+        expected = parser.accepts() if parser else getattr(error, "expected", set())
+        return Diagnostic(_end_loc(text, file), f"unexpected end of file{_expected(expected)}"), None
+    assert isinstance(error, UnexpectedToken)
+    token = error.token
+    loc = SourceLoc(file=file, line=token.line, col=token.column)
+    expected = error.interactive_parser.accepts() if error.interactive_parser else error.expected
+    if re.fullmatch(r"[A-Za-z_]\w*", token):
+        hint = did_you_mean(token, _expected_words(expected))
+        if not hint.startswith("; did you mean"):
+            hint = _expected(expected)
+        message = f"unexpected '{token}'{hint}"
+        end = token.end_pos
+        rest = text[end:]
+        opening = re.match(r"\s*\(", rest)
+        if opening:  # a misspelled `name(...)`: drop its arguments too
+            close = rest.find(")", opening.end())
+            end = end + close + 1 if close >= 0 else end
+        return Diagnostic(loc, message), (token.start_pos, end)
+    return Diagnostic(loc, f"unexpected '{token}'{_expected(expected)}"), (token.start_pos, token.end_pos)
+
+
+def _end_loc(text: str, file: str) -> SourceLoc:
+    """Just after the last character written (where something is missing)."""
+    written = text.rstrip() or text
+    return SourceLoc(file=file, line=written.count("\n") + 1, col=len(written) - written.rfind("\n"))
+
+
+def _literal(name: str) -> str | None:
+    """The text of a literal terminal (`POINTWISE` -> pointwise, `LBRACE` -> {); None for the others."""
+    terminal = next((t for t in _lark().terminals if t.name == name), None)
+    return terminal.pattern.value if terminal and isinstance(terminal.pattern, PatternStr) else None
+
+
+def _expected_words(expected: set[str]) -> list[str]:
+    """The keywords the parser would have accepted."""
+    return sorted({w for w in map(_literal, expected) if w and w.isidentifier()})
+
+
+def _expected(expected: set[str]) -> str:
+    """`; expected one of ...`: the literals the parser would have accepted, then the kinds of value."""
+    literals = sorted(f"'{w}'" for w in map(_literal, expected) if w)
+    kinds = sorted(_DESCRIBE[name] for name in expected if name in _DESCRIBE)
+    shown = literals + kinds
+    if not shown:
+        return ""
+    return "; expected " + (shown[0] if len(shown) == 1 else "one of " + ", ".join(shown))
+
+
+# ---------------------------------------------------------------- parse tree -> raw document
+
+
+def _number(text: str) -> int | float:
+    text = text.replace("_", "")
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+
+
+@v_args(meta=True)
+class _Builder(Transformer_NonRecursive):
+    """Builds the raw document, noting duplicated sections and settings and meaningless values."""
+
+    def __init__(self, file: str, text: str):
+        super().__init__()
+        self.file = file
+        self.text = text
+        self.diagnostics: list[Diagnostic] = []
+
+    def _loc(self, meta_or_token: Any) -> SourceLoc:
+        return SourceLoc(file=self.file, line=meta_or_token.line, col=meta_or_token.column)
+
+    def _error(self, loc: SourceLoc, message: str) -> None:
+        self.diagnostics.append(Diagnostic(loc, message))
+
+    def _set(self, target: RawDict, section: str, key: str, value: Any, loc: SourceLoc, what: str) -> None:
+        """Apply `key value` to `target`, noting a duplicate or a value that cannot mean anything."""
+        try:
+            fields = convert(section, key, value)
+        except SettingError as error:
+            self._error(loc, str(error))
+            return
+        for field, field_value in fields.items():
+            if field in target:
+                first = target.locs[field]
+                self._error(loc, f"duplicate setting '{key}' in {what} (first set at line {first.line})")
+                return
+            target.put(field, field_value, loc)
+
+    # values ------------------------------------------------------------
+
+    def number(self, meta, children):
+        return _number(children[0])
+
+    def word(self, meta, children):
+        return Word(children[0])
+
+    def string(self, meta, children):
+        return str(children[0][1:-1])
+
+    def dims(self, meta, children):
+        return tuple(int(d) for d in children[0].split("x"))
+
+    def interval(self, meta, children):
+        return interval(_number(children[0]), children[1])
+
+    def call(self, meta, children):
+        return Call(str(children[0]), children[1])
+
+    def tuple(self, meta, children):
+        return tuple(c for c in children if c is not None)
+
+    def arg(self, meta, children):
+        return children[0], children[1]
+
+    def args(self, meta, children):
+        out = RawDict(self._loc(meta))
+        for arg in children:
+            if arg is None:
+                continue
+            name, value = arg
+            if name in out:
+                self._error(
+                    self._loc(name), f"duplicate setting '{name}' (first set at column {out.locs[name].col})"
+                )
+                continue
+            out.put(str(name), value, self._loc(name))
+        return out
+
+    # steps --------------------------------------------------------------
+
+    def _step(self, meta, kind: str) -> RawDict:
+        loc = self._loc(meta)
+        step = RawDict(loc, kind=kind)
+        step.put("source", loc, loc)
+        return step
+
+    def _body(self, children) -> list:
+        return [c for c in children if isinstance(c, RawDict)]
+
+    def _block(self, step: RawDict, children) -> RawDict:
+        """Give a split or repeat its body, refusing absurd nesting (later stages recurse through it)."""
+        body = self._body(children)
+        step.depth = 1 + max((getattr(s, "depth", 0) for s in body), default=0)
+        if step.depth > MAX_NESTING:
+            if not any(d.message.startswith("blocks nested") for d in self.diagnostics):
+                self._error(step.loc, f"blocks nested more than {MAX_NESTING} deep")
+            body, step.depth = [], 1
+        step.put("body", body, step.loc)
+        return step
+
+    def split(self, meta, children):
+        step = self._step(meta, "split")
+        step.put("mask", Word(children[0]), self._loc(children[0]))
+        return self._block(step, children[1:])
+
+    def repeat(self, meta, children):
+        step = self._step(meta, "repeat")
+        step.put("count", children[0], step.loc)
+        return self._block(step, children[1:])
+
+    def granularity(self, meta, children):
+        return children[0]
+
+    def coupling_kind(self, meta, children):
+        return children[0]
+
+    def norm(self, meta, children):
+        step = self._step(meta, "norm")
+        if children[0] is not None:
+            step.put("granularity", Word(children[0]), self._loc(children[0]))
+        return step
+
+    def coupling(self, meta, children):
+        step = self._step(meta, "coupling")
+        kind, args = children
+        if kind is not None:
+            step.put("coupling", Word(kind), self._loc(kind))
+        for key, value in (args or {}).items():
+            if key in ("kind", "source"):
+                self._error(args.locs[key], f"unknown setting '{key}' of coupling")
+                continue
+            step.put(key, value, args.locs[key])
+        return step
+
+    def pointwise(self, meta, children):
+        return self._step(meta, "pointwise")
+
+    def flip(self, meta, children):
+        return self._step(meta, "flip")
+
+    def sigmoid(self, meta, children):
+        return self._step(meta, "sigmoid")
+
+    def squeeze(self, meta, children):
+        return self._step(meta, "squeeze")
+
+    def factor_out(self, meta, children):
+        return self._step(meta, "factor_out")
+
+    # sections -----------------------------------------------------------
+
+    def extends(self, meta, children):
+        return "extends", str(children[0][1:-1]), self._loc(meta)
+
+    def model(self, meta, children):
+        return "name", str(children[0]), self._loc(meta)
+
+    def target_params(self, meta, children):
+        return "target_params", children[0], self._loc(meta)
+
+    def prior(self, meta, children):
+        return "prior", Word(children[0]), self._loc(meta)
+
+    def preprocess(self, meta, children):
+        name, args = children
+        out = RawDict(self._loc(meta))
+        out.put("kind", Word(name), self._loc(name))
+        for key, value in (args or {}).items():
+            if key == "kind":
+                self._error(args.locs[key], "unknown setting 'kind' of preprocess")
+                continue
+            out.put(key, value, args.locs[key])
+        return "preprocess", out, out.loc
+
+    def data_setting(self, meta, children):
+        return str(children[0]), children[1], self._loc(meta)
+
+    def data(self, meta, children):
+        out = RawDict(self._loc(meta))
+        for child in children:
+            if isinstance(child, Token):
+                out.put("dataset", Word(child), self._loc(child))
+            elif child is not None:
+                key, value, loc = child
+                self._set(out, "data", key, value, loc, "data")
+        return "data", out, out.loc
+
+    def defaults(self, meta, children):
+        out = RawDict(self._loc(meta))
+        for step in children:
+            kind = step["kind"]
+            if kind in out:
+                first = out.locs[kind]
+                self._error(step.loc, f"duplicate '{kind}' in defaults (first set at line {first.line})")
+                continue
+            if kind == "norm":
+                if "granularity" not in step:
+                    self._error(
+                        step.loc, "`norm` in defaults needs a granularity: `norm element` or `norm channel`"
+                    )
+                    continue
+                out.put("norm", step["granularity"], step.loc)
+            else:
+                settings = RawDict(step.loc)
+                for key, value in step.items():
+                    if key not in ("kind", "source"):
+                        settings.put(key, value, step.locs[key])
+                out.put("coupling", settings, step.loc)
+        return "defaults", out, out.loc
+
+    def context(self, meta, children):
+        return children[0]
+
+    def dequantize(self, meta, children):
+        name = children[0]
+        out = RawDict(self._loc(meta))
+        out.put("kind", Word(name), self._loc(name))
+        rest = self.text[name.end_pos : meta.end_pos]
+        if "{" in rest:
+            context = next((c for c in children[1:] if isinstance(c, RawDict) and "kind" not in c), None)
+            if context is not None:
+                out.put("context", context, context.loc)
+            steps = [c for c in children[1:] if isinstance(c, RawDict) and "kind" in c]
+            out.put("steps", steps, out.loc)
+        return "dequantize", out, out.loc
+
+    def flow(self, meta, children):
+        return "flow", self._body(children), self._loc(meta)
+
+    def optimizer(self, meta, children):
+        name, args = children
+        value = Word(name) if args is None else Call(str(name), args)
+        return "optimizer", value, self._loc(meta)
+
+    def warmup(self, meta, children):
+        loc = self._loc(meta)
+        out = [("warmup", children[0], loc)]
+        if children[1] is not None:
+            out.append(("schedule", children[1], loc))
+        return out
+
+    def eval_every(self, meta, children):
+        return "eval_every", children[0], self._loc(meta)
+
+    def train_setting(self, meta, children):
+        return str(children[0]), children[1], self._loc(meta)
+
+    def train(self, meta, children):
+        out = RawDict(self._loc(meta))
+        for child in children:
+            for key, value, loc in child if isinstance(child, list) else [child]:
+                self._set(out, "train", key, value, loc, "train")
+        return "train", out, out.loc
+
+    def start(self, meta, children):
+        doc = RawDict(SourceLoc(file=self.file, line=1, col=1))
+        for key, value, loc in children:
+            if key in doc:
+                name = SECTION_NAMES.get(key, key)
+                self._error(loc, f"duplicate section '{name}' (first at line {doc.locs[key].line})")
+                continue
+            doc.put(key, value, loc)
+        return doc

@@ -1,0 +1,225 @@
+"""Raw document -> complete raw document: `extends` merge, `--set` overrides, then `defaults` resolution.
+
+Each step works on `RawDict`s and keeps every value's source location, so that validation errors still
+point at the line (in the extended file, or in the `--set` option) where the value was written.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
+from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, convert
+from flowspec.parser import SECTION_KEYS, parse_value
+from flowspec.spec import CouplingSettings, FlowSpec, SourceLoc
+
+MERGED_SECTIONS = ("data", "preprocess", "train", "defaults")
+COUPLING_FIELDS = tuple(CouplingSettings.model_fields)
+OVERRIDE_FILE = "--set"
+
+# ---------------------------------------------------------------- extends
+
+
+def merge(base: RawDict, child: RawDict) -> RawDict:
+    """`child` written over `base`: `data`, `preprocess`, `train` and `defaults` (and `defaults.coupling`)
+    merge setting by setting; every other section is replaced whole."""
+    out = base.copy()
+    out.loc = child.loc
+    out.pop("extends", None)
+    out.problems = base.problems + child.problems
+    for key, value in child.items():
+        if key == "extends":
+            continue
+        if key in MERGED_SECTIONS and isinstance(value, RawDict) and isinstance(base.get(key), RawDict):
+            section = base[key].copy()
+            section.loc = value.loc
+            for name, setting in value.items():
+                if key == "defaults" and name == "coupling" and isinstance(section.get(name), RawDict):
+                    setting = _merge_flat(section[name], setting)
+                section.put(name, setting, value.locs.get(name))
+            value = section
+        out.put(key, value, child.locs.get(key))
+    return out
+
+
+def _merge_flat(base: RawDict, child: Any) -> Any:
+    if not isinstance(child, RawDict):
+        return child
+    merged = base.copy()
+    merged.loc = child.loc
+    for name, setting in child.items():
+        merged.put(name, setting, child.locs.get(name))
+    return merged
+
+
+# ---------------------------------------------------------------- --set overrides
+
+
+def apply_overrides(doc: RawDict, overrides: Sequence[str]) -> RawDict:
+    """Apply `KEY=VALUE` overrides in order (line N of the file `--set` is the N-th override).
+
+    An override that names no setting, or whose value cannot be read, is left out and listed in
+    `doc.problems`; values are checked later, like those of the file.
+    """
+    for line, text in enumerate(overrides, start=1):
+        try:
+            _apply_override(doc, text, line)
+        except SpecError as error:
+            doc.problems += error.diagnostics
+    return doc
+
+
+def _fail(line: int, col: int, message: str) -> SpecError:
+    return SpecError([Diagnostic(SourceLoc(file=OVERRIDE_FILE, line=line, col=col), message)])
+
+
+def _apply_override(doc: RawDict, text: str, line: int) -> None:
+    key, equals, value_text = text.partition("=")
+    if not equals or not key.strip():
+        raise _fail(line, 1, "an override must read KEY=VALUE, e.g. defaults.coupling.filters=64")
+    value = parse_value(value_text, OVERRIDE_FILE, line, len(key) + 2)
+    parts = key.split(".")
+    cols = [1 + sum(len(p) + 1 for p in parts[:i]) for i in range(len(parts))]
+    node: Any = doc
+    annotation: Any = FlowSpec
+    where = ""
+    for i, part in enumerate(parts):
+        loc = SourceLoc(file=OVERRIDE_FILE, line=line, col=cols[i])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                count = f"steps 0 to {len(node) - 1}" if node else "no steps"
+                raise _fail(line, cols[i], f"{where} has {count}, no step '{part}'")
+            if i == len(parts) - 1:
+                raise _fail(line, cols[i], f"set a setting of the step, e.g. {where}.{part}.SETTING=VALUE")
+            node, annotation = node[int(part)], get_args(annotation)[0]
+            where = f"{where}.{part}"
+            continue
+        model = model_of(annotation, node)
+        if not isinstance(node, RawDict) or model is None:
+            raise _fail(line, cols[i], f"{where} has no setting '{part}'")
+        field = _field_name(model, where, part)
+        if field is None:
+            owner = f" of {where}" if where else ""
+            allowed = _setting_names(model, where)
+            raise _fail(line, cols[i], f"unknown setting '{part}'{owner}{did_you_mean(part, allowed)}")
+        annotation = model.model_fields[field].annotation
+        if i == len(parts) - 1:
+            dotted = f"{where}.{part}" if where else part
+            if get_origin(annotation) is list:
+                raise _fail(
+                    line,
+                    cols[i],
+                    f"'{dotted}' is a list of steps: set a step's setting, e.g. {dotted}.0.SETTING=VALUE",
+                )
+            if (
+                isinstance(annotation, type)
+                and issubclass(annotation, BaseModel)
+                and not isinstance(value, dict)
+            ):
+                # (an interval such as `3 epochs` is the one dict a value can be)
+                raise _fail(
+                    line,
+                    cols[i],
+                    f"'{dotted}' is a section: set one of its settings, e.g. {dotted}.SETTING=VALUE",
+                )
+            _set(node, where, field, value, loc)
+            return
+        child = node.get(field)
+        if child is None and model_of(annotation, None) is not None:
+            child = RawDict(loc)
+            node.put(field, child, loc)
+        if child is None:
+            raise _fail(line, cols[i], f"{where or 'the spec'} has no '{part}' to set a setting of")
+        node = child
+        where = f"{where}.{part}" if where else part
+
+
+def _set(node: RawDict, where: str, field: str, value: Any, loc: SourceLoc) -> None:
+    if where == "" and field == "dequantize":
+        if not isinstance(value, Word):
+            raise SpecError([Diagnostic(loc, "dequantize must be `uniform` or `variational`")])
+        current = node.get(field)
+        if not (isinstance(current, RawDict) and current.get("kind") == value):
+            node.put(field, RawDict(loc, kind=value), loc)
+        return
+    section = where.split(".")[-1] if where else ""
+    try:
+        fields = convert(section, field, value)
+    except SettingError as error:
+        raise SpecError([Diagnostic(loc, str(error))]) from None
+    for name, setting in fields.items():
+        node.put(name, setting, loc)
+
+
+def _field_name(model: type[BaseModel], where: str, part: str) -> str | None:
+    if where == "":
+        part = SECTION_KEYS.get(part, part)
+    if where == "train":
+        part = TRAIN_ALIASES.get(part, part)
+    if where == "defaults.coupling" and part == "kind":
+        part = "coupling"
+    if part in ("source", "kind") or part not in model.model_fields:
+        return None
+    return part
+
+
+def _setting_names(model: type[BaseModel], where: str) -> list[str]:
+    names = [n for n in model.model_fields if n not in ("source", "kind")]
+    if where == "":
+        names = ["model" if n == "name" else n for n in names]
+    if where == "train":
+        names += list(TRAIN_ALIASES)
+    return names
+
+
+def model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
+    """The pydantic model that validates `node` under `annotation` (a union: the one of its `kind`)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return model_of(get_args(annotation)[0], node)
+    if origin in (Union, types.UnionType):
+        models = [m for m in (model_of(a, node) for a in get_args(annotation)) if m is not None]
+        kind = node.get("kind") if isinstance(node, dict) else None
+        if kind is None:
+            return models[0] if models else None
+        return next(
+            (m for m in models if m.model_fields.get("kind") and m.model_fields["kind"].default == kind), None
+        )
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def apply_defaults(doc: RawDict) -> RawDict:
+    """Give every coupling the `defaults` settings it does not set itself, every norm its granularity."""
+    defaults = doc.get("defaults")
+    defaults = defaults if isinstance(defaults, RawDict) else RawDict()
+    coupling = defaults.get("coupling")
+    coupling = coupling if isinstance(coupling, RawDict) else RawDict()
+
+    def fill(steps: Any) -> None:
+        if not isinstance(steps, list):
+            return
+        for step in steps:
+            if not isinstance(step, RawDict):
+                continue
+            if step.get("kind") == "coupling":
+                for name in COUPLING_FIELDS:
+                    if name in coupling and name not in step:
+                        step.put(name, coupling[name], coupling.locs.get(name))
+            elif step.get("kind") == "norm" and "granularity" not in step and "norm" in defaults:
+                step.put("granularity", defaults["norm"], defaults.locs.get("norm"))
+            fill(step.get("body"))
+
+    fill(doc.get("flow"))
+    dequantize = doc.get("dequantize")
+    if isinstance(dequantize, RawDict):
+        fill(dequantize.get("steps"))
+    return doc

@@ -1,0 +1,314 @@
+"""The language: shipped specs, round trips, extends, defaults, `--set` overrides, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ALL_SPECS, ROOT, SPECS
+
+from flowspec import FlowSpec, load_spec, parse_spec
+from flowspec.cli.app import run
+from flowspec.diagnostics import SpecError
+from flowspec.formatter import format_spec
+from flowspec.spec import CouplingStep, walk
+
+IDS = [str(p.relative_to(SPECS)) for p in ALL_SPECS]
+
+
+def steps_of(spec: FlowSpec, kind: str, where: str = "flow") -> list:
+    steps = spec.flow if where == "flow" else spec.dequantize.steps
+    return [step for _, step in walk(steps) if step.kind == kind]
+
+
+def all_couplings(spec: FlowSpec) -> list[CouplingStep]:
+    deq = steps_of(spec, "coupling", "dequantize") if spec.dequantize.kind == "variational" else []
+    return steps_of(spec, "coupling") + deq
+
+
+# ---------------------------------------------------------------- shipped specs
+
+
+def test_all_shipped_specs_are_found():
+    names = {p.name for p in ALL_SPECS}
+    assert {"flowpp_cifar.flow", "quickstart.flow", "realnvp_cifar.flow", "affine_coupling.flow"} <= names
+    assert len(ALL_SPECS) == 8
+
+
+@pytest.mark.parametrize("path", ALL_SPECS, ids=IDS)
+def test_shipped_spec_round_trips_through_flow_and_json(path: Path):
+    spec = load_spec(path)
+    assert spec.source == str(path)
+    text = format_spec(spec)
+    assert "extends" not in text
+    assert parse_spec(text) == spec
+    assert FlowSpec.model_validate_json(spec.model_dump_json(indent=2)) == spec
+    assert format_spec(parse_spec(text)) == text  # canonical: formatting is a fixed point
+
+
+def test_json_schema_and_equality_ignore_sources():
+    schema = FlowSpec.model_json_schema()
+    assert {"name", "flow"} <= set(schema["required"]) and "Step" not in schema["$defs"]
+    assert {"CouplingStep", "SplitStep", "TrainSpec"} <= set(schema["$defs"])
+    a = load_spec(SPECS / "flowpp_cifar.flow")
+    b = parse_spec((SPECS / "flowpp_cifar.flow").read_text(), source="elsewhere.flow")
+    assert a == b and a.flow[0].source != b.flow[0].source
+
+
+def test_flowpp_resolves_every_coupling_setting():
+    spec = load_spec(SPECS / "flowpp_cifar.flow")
+    assert spec.name == "flowpp_cifar" and spec.target_params == 31_443_440
+    flow = steps_of(spec, "coupling")
+    assert len(flow) == 3 and all(
+        (c.coupling, c.components, c.filters, c.blocks, c.heads, c.dropout, c.attention)
+        == ("mixlogistic", 32, 96, 10, 4, 0.2, True)
+        for c in flow
+    )
+    (deq,) = steps_of(spec, "coupling", "dequantize")
+    assert (deq.filters, deq.blocks) == (96, 2)
+    assert spec.dequantize.context.filters == 32 and spec.dequantize.context.blocks == 3
+    assert all(n.granularity == "element" for n in steps_of(spec, "norm"))
+    t = spec.train
+    assert (t.lr, t.betas, t.eps, t.warmup, t.schedule, t.batch) == (
+        3e-4,
+        (0.9, 0.999),
+        1e-8,
+        2000,
+        "constant",
+        64,
+    )
+    assert (t.clip_grad_norm, t.ema, t.init_batch, t.seed, t.length) == (1.0, 0.999, 128, 0, None)
+    assert (t.eval_every.count, t.eval_every.unit) == (1, "epochs")
+
+
+def test_steps_carry_their_source_location():
+    spec = load_spec(SPECS / "flowpp_cifar.flow")
+    lines = (SPECS / "flowpp_cifar.flow").read_text().splitlines()
+    for _, step in walk(spec.flow) + walk(spec.dequantize.steps):
+        loc = step.source
+        assert loc.file == str(SPECS / "flowpp_cifar.flow")
+        assert lines[loc.line - 1][loc.col - 1 :].startswith(step.kind)
+
+
+# ---------------------------------------------------------------- extends and defaults
+
+
+def test_affine_ablation_changes_every_coupling_of_its_base():
+    spec = load_spec(SPECS / "ablations" / "affine_coupling.flow")
+    base = load_spec(SPECS / "flowpp_cifar.flow")
+    assert spec.name == "flowpp_affine_coupling" and spec.target_params == 32_045_708
+    assert all(c.coupling == "affine" and c.filters == 108 for c in all_couplings(spec))
+    (deq,) = steps_of(spec, "coupling", "dequantize")
+    assert deq.blocks == 2 and {c.blocks for c in steps_of(spec, "coupling")} == {10}
+    assert spec.data == base.data and spec.train == base.train and spec.preprocess == base.preprocess
+    # the base file's steps keep the base file's locations
+    assert all(c.source.file == str(SPECS / "flowpp_cifar.flow") for c in all_couplings(spec))
+
+
+def test_uniform_dequant_and_no_attention_ablations():
+    base = load_spec(SPECS / "flowpp_cifar.flow")
+    uniform = load_spec(SPECS / "ablations" / "uniform_dequant.flow")
+    assert uniform.dequantize.kind == "uniform"
+    assert [c.filters for c in all_couplings(uniform)] == [104, 104, 104]
+    assert len(uniform.flow) == len(base.flow)
+    no_attention = load_spec(SPECS / "ablations" / "no_attention.flow")
+    assert all(c.attention is False for c in all_couplings(no_attention))
+    assert {c.filters for c in all_couplings(no_attention)} == {96}
+
+
+def test_seed_dogs_keeps_its_base_flow_and_merges_train():
+    dogs = load_spec(SPECS / "seed_realnvp_dogs.flow")
+    base = load_spec(SPECS / "seed_realnvp_cifar.flow")
+    assert dogs.flow == base.flow and dogs.defaults == base.defaults
+    assert dogs.data.classes == ("dog",) and dogs.data.class_indices == (5,)
+    assert dogs.train.lr == 1e-5 and (dogs.train.length.count, dogs.train.length.unit) == (50, "epochs")
+    assert dogs.train.model_copy(update={"lr": 1e-3, "length": base.train.length}) == base.train
+
+
+SMALL = """
+model small
+data digits { shape 1x8x8  levels 17 }
+defaults { coupling affine(filters=16, blocks=1)  norm channel }
+flow {
+  split checkerboard { repeat 2 { norm; pointwise; coupling; flip } }
+  squeeze
+  split channel { norm element; coupling mixlogistic(filters=8, heads=2); flip }
+}
+"""
+
+
+def test_step_settings_win_over_defaults_which_win_over_builtin_defaults():
+    spec = parse_spec(SMALL)
+    first, second = steps_of(spec, "coupling")
+    assert (first.coupling, first.filters, first.blocks, first.heads, first.components) == (
+        "affine",
+        16,
+        1,
+        4,
+        32,
+    )
+    assert (second.coupling, second.filters, second.blocks, second.heads) == ("mixlogistic", 8, 1, 2)
+    assert [n.granularity for n in steps_of(spec, "norm")] == ["channel", "element"]
+    assert spec.defaults.coupling.filters == 16 and spec.defaults.norm == "channel"
+
+
+def test_extends_chain_relative_to_each_file(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.flow").write_text(SMALL)
+    (tmp_path / "sub" / "mid.flow").write_text('extends "../base.flow"\nmodel mid\ntrain { batch 8 }\n')
+    (tmp_path / "top.flow").write_text(
+        'extends "sub/mid.flow"\nmodel top\ndefaults { coupling(filters=32) }\n'
+    )
+    spec = load_spec(tmp_path / "top.flow")
+    assert spec.name == "top" and spec.train.batch == 8
+    assert [c.filters for c in steps_of(spec, "coupling")] == [32, 8]
+    assert spec.defaults.coupling.coupling == "affine" and spec.defaults.norm == "channel"
+
+
+# ---------------------------------------------------------------- --set overrides
+
+
+def test_overrides_apply_after_extends_and_before_defaults():
+    spec = load_spec(
+        SPECS / "ablations" / "affine_coupling.flow",
+        [
+            "defaults.coupling.filters=64",
+            "defaults.coupling.attention=off",
+            "train.lr=1e-3",
+            "train.batch=16",
+            "data.classes=dog",
+            "data.levels=32",
+            "model=tiny",
+            "dequantize=uniform",
+            "train.length=100 steps",
+            "train.ema=off",
+            "train.augment=hflip",
+            "train.schedule=step(every=500, gamma=0.1)",
+            "flow.0.body.0.count=2",
+        ],
+    )
+    assert spec.name == "tiny" and spec.dequantize.kind == "uniform"
+    assert {(c.filters, c.attention, c.coupling) for c in all_couplings(spec)} == {(64, False, "affine")}
+    t = spec.train
+    assert (t.lr, t.batch, t.ema, t.hflip, t.schedule, t.step_every, t.step_gamma) == (
+        1e-3, 16, None, True, "step", 500, 0.1
+    )  # fmt: skip
+    assert (t.length.count, t.length.unit) == (100, "steps")
+    assert spec.data.classes == ("dog",) and spec.data.levels == 32
+    assert spec.flow[0].body[0].count == 2
+    assert parse_spec(format_spec(spec)) == spec
+
+
+def test_override_of_a_step_setting_beats_defaults():
+    spec = load_spec(
+        SPECS / "flowpp_cifar.flow", ["flow.0.body.0.body.2.filters=48", "defaults.coupling.filters=64"]
+    )
+    assert [c.filters for c in steps_of(spec, "coupling")] == [48, 64, 64]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "defaults.coupling.filterz=64",
+            "--set:1:19: unknown setting 'filterz' of defaults.coupling; did you mean 'filters'?",
+        ),
+        ("trian.lr=1e-3", "--set:1:1: unknown setting 'trian'; did you mean 'train'?"),
+        ("train.lr=-1", "--set:1:7: lr must be > 0.0, got -1"),
+        ("train.lr=fast", "--set:1:7: lr must be a number, got fast"),
+        ("defaults.coupling.attention=maybe", "--set:1:19: attention must be on or off, got maybe"),
+        ("data.classes=dgo", "--set:1:6: unknown cifar10 class 'dgo'; did you mean 'dog'?"),
+        ("flow.9.mask=stripe", "--set:1:6: flow has steps 0 to 3, no step '9'"),
+        ("flow.0.mask=strpe", "--set:1:8: unknown mask 'strpe'; did you mean 'stripe'?"),
+        ("train.lr", "--set:1:1: an override must read KEY=VALUE"),
+        ("train.lr=(1,", "--set:1:13: unexpected end of file"),
+        ("train.warmup=3 epochs", "--set:1:7: warmup is counted in steps"),
+        ("defaults.coupling.filters=98", "--set:1:19: heads (4) must divide filters (98)"),
+        ("data=dog", "--set:1:1: 'data' is a section: set one of its settings, e.g. data.SETTING=VALUE"),
+        ("flow=3", "--set:1:1: 'flow' is a list of steps: set a step's setting, e.g. flow.0.SETTING=VALUE"),
+        ("flow.0=flip", "--set:1:6: set a setting of the step, e.g. flow.0.SETTING=VALUE"),
+    ],
+)
+def test_bad_override_names_the_option(override: str, message: str):
+    with pytest.raises(SpecError) as caught:
+        load_spec(SPECS / "flowpp_cifar.flow", [override])
+    assert len(caught.value.diagnostics) == 1
+    text = str(caught.value)
+    assert text.startswith(message)
+    assert f"\n    {override}\n" in text and text.endswith("^")
+
+
+def test_several_bad_overrides_are_reported_together():
+    with pytest.raises(SpecError) as caught:
+        load_spec(SPECS / "quickstart.flow", ["train.batch=16", "train.bach=3", "train.ema=2"])
+    assert [(d.loc.line, d.loc.col) for d in caught.value.diagnostics] == [(2, 7), (3, 7)]
+    assert str(caught.value).startswith("2 errors in --set:")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_validate_all_shipped_specs(capsys):
+    assert run(["validate", *map(str, ALL_SPECS)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(ALL_SPECS)
+    assert f"ok: {SPECS / 'flowpp_cifar.flow'} (flowpp_cifar)" in out
+
+
+def test_validate_reports_each_bad_spec_and_exits_2(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.flow"
+    bad.write_text("model bad\nflow { split stripe { pointwse } }\n")
+    assert run(["validate", str(SPECS / "quickstart.flow"), str(bad), str(tmp_path / "none.flow")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"ok: {SPECS / 'quickstart.flow'} (quickstart)"]
+    assert f"error: {bad}:2:23: unexpected 'pointwse'; did you mean 'pointwise'?" in captured.err
+    assert f"error: spec file {tmp_path / 'none.flow'} not found" in captured.err
+    assert "2 of 3 specs have errors" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_show_prints_canonical_flow_and_json(capsys):
+    path = SPECS / "ablations" / "uniform_dequant.flow"
+    assert run(["show", str(path), "--set", "train.batch=32"]) == 0
+    text = capsys.readouterr().out
+    assert "dequantize uniform" in text and "coupling mixlogistic(filters=104, dropout=0.2)" in text
+    assert parse_spec(text) == load_spec(path, ["train.batch=32"])
+    assert run(["show", str(path), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["name"] == "flowpp_uniform_dequant" and data["defaults"]["coupling"]["filters"] == 104
+    assert FlowSpec.model_validate(data) == load_spec(path)
+
+
+def test_show_bad_override_exits_2(capsys):
+    assert run(["show", str(SPECS / "quickstart.flow"), "--set", "train.bach=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set:1:7: unknown setting 'bach' of train; did you mean 'batch'?")
+
+
+def test_validate_and_show_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from flowspec.cli import main\n"
+        "from flowspec.cli.app import run\n"
+        f"assert run(['validate', {str(SPECS / 'flowpp_cifar.flow')!r}]) == 0\n"
+        f"assert run(['show', {str(SPECS / 'seed_realnvp_dogs.flow')!r}, '--format', 'json']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def test_absurd_nesting_is_a_clean_error_and_long_repeats_check_fast():
+    deep = "model x flow { split stripe {" + "repeat 1 {" * 40 + "flip" + "}" * 40 + "} }"
+    with pytest.raises(SpecError, match="blocks nested more than 32 deep") as caught:
+        parse_spec(deep)
+    assert len(caught.value.diagnostics) == 1
+    # a billion repetitions of a shape-preserving body: checked without unrolling them
+    spec = parse_spec("model x flow { split stripe {" + "repeat 1000 {" * 3 + "flip" + "}" * 3 + "} }")
+    assert spec.flow[0].body[0].count == 1000
