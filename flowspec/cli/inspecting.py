@@ -1,3 +1,91 @@
-"""Placeholder: commands registered here by the inspecting work."""
+"""`flowspec inspect` and `flowspec diff`: the compiled model as a readable tree; what an ablation changes."""
 
-from flowspec.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flowspec.cli.app import app
+from flowspec.cli.options import SetOption, load_cli_spec
+from flowspec.errors import UserError
+
+
+class InspectFormat(str, Enum):
+    rich = "rich"
+    json = "json"
+    md = "md"
+    dot = "dot"
+    mermaid = "mermaid"
+
+
+@app.command()
+def inspect(
+    spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Spec file to inspect.")],
+    format: Annotated[
+        InspectFormat,
+        typer.Option(
+            "--format", "-f", help="rich: the tree in the terminal; json, md (a table), dot, mermaid."
+        ),
+    ] = InspectFormat.rich,
+    depth: Annotated[
+        int | None,
+        typer.Option("--depth", "-d", min=1, help="Collapse below this depth (1: one row per stage)."),
+    ] = None,
+    target_params: Annotated[
+        int | None,
+        typer.Option("--target-params", min=0, help="Show the difference from this parameter count."),
+    ] = None,
+    probe: Annotated[
+        bool, typer.Option("--probe", help="Run one batch: per-step log-det (bits/dim) and inversion error.")
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", metavar="DIR", help="Probe on test images from DIR (else random)."),
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
+    sets: SetOption = None,
+) -> None:
+    """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
+    if data is not None and not probe:
+        raise UserError("--data is only used with --probe: add --probe, or drop --data")
+    resolved = load_cli_spec(spec, sets)
+    import torch
+
+    import flowspec
+    from flowspec.inspection import inspect_model, render
+
+    torch.manual_seed(resolved.train.seed)
+    model = flowspec.build(resolved)
+    report = inspect_model(model, resolved, target_params)
+    if probe:
+        from flowspec.inspection.probe import probe_images, run_probe
+
+        images, source = probe_images(resolved, batch, data)
+        run_probe(model, resolved, report, images, source)
+    if format is InspectFormat.rich:
+        render.print_rich(report, depth)
+    else:
+        typer.echo(render.RENDERERS[format.value](report, depth), nl=False)
+
+
+@app.command()
+def diff(
+    spec_a: Annotated[Path, typer.Argument(metavar="A", help="The reference spec.")],
+    spec_b: Annotated[
+        Path | None,
+        typer.Argument(metavar="[B]", help="The spec to compare (default: A, with --set applied)."),
+    ] = None,
+    sets: SetOption = None,
+) -> None:
+    """Show the settings that differ between two resolved specs (--set applies to B) and parameter deltas."""
+    a = load_cli_spec(spec_a, None)
+    b = load_cli_spec(spec_b or spec_a, sets)
+    from rich.console import Console
+
+    from flowspec.inspection import inspect_spec
+    from flowspec.inspection.diff import render_diff
+
+    Console().print(render_diff(a, b, inspect_spec(a, measure=False), inspect_spec(b, measure=False)))

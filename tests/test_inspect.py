@@ -1,0 +1,233 @@
+"""`flowspec inspect`: the step tree, parameters, FLOPs, formats, --depth, and clean errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from functools import cache
+
+import pytest
+import torch
+from conftest import ALL_SPECS, SPECS
+from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import flowspec
+from flowspec.cli.app import run
+from flowspec.inspection import Report, inspect_model
+from flowspec.inspection.flops import forward_flops, step_flops
+from flowspec.inspection.render import RENDERERS, render_json, render_rich, to_json
+from flowspec.inspection.tree import coupling_halves
+from flowspec.spec import CouplingStep, FlipStep, NormStep, RepeatStep
+
+
+def _cpu_attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+# torch counts the CUDA attention kernels but not the CPU one: count it the same way
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+SMALL = ("defaults.coupling.filters=8", "defaults.coupling.components=4", "data.shape=3x8x8")
+
+
+@cache
+def built(name: str, overrides: tuple[str, ...] = ()) -> tuple[torch.nn.Module, Report]:
+    """A shipped spec (path relative to specs/) built once per test session, and its report."""
+    spec = flowspec.load_spec(SPECS / name, overrides=overrides)
+    torch.manual_seed(0)
+    model = flowspec.build(spec)
+    return model, inspect_model(model, spec)
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = run(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------- every shipped spec
+
+
+@pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: str(p.relative_to(SPECS)))
+def test_every_spec_in_every_format(path):
+    model, report = built(str(path.relative_to(SPECS)))
+    doc = to_json(report)
+    leaves = [s for s in doc["steps"] if s["leaf"]]
+    assert sum(s["params"] for s in leaves) == doc["params"]["total"] == trainable(model)
+    assert doc["params"]["flow"] + doc["params"]["dequantize"] + doc["params"]["unassigned"] == trainable(
+        model
+    )
+    flops = doc["flops_per_image"]
+    assert flops["flow"] > 0 and sum(s["flops"] for s in leaves) == flops["flow"] + flops["dequantize"]
+    assert doc["train_memory_bytes"] > 0
+    if report.spec.target_params is not None:  # flowpp_cifar and the ablations carry their golden counts
+        assert doc["target_delta"] == 0, f"{path.name}: {doc['params']['total']} != {doc['target_params']}"
+    for fmt, render in RENDERERS.items():
+        text = render(report)
+        assert report.spec.name in text or fmt == "mermaid", fmt
+        if fmt in ("dot", "mermaid"):
+            for row in report.rows():
+                if row.leaf:
+                    assert "n_" + row.path.replace(".", "_") in text, (fmt, row.path)
+    assert json.loads(render_json(report)) == json.loads(json.dumps(doc))
+
+
+def test_flowpp_golden_tree_and_footer():
+    model, report = built("flowpp_cifar.flow")
+    assert (report.total, report.branch("flow").params, report.branch("dequantize").params) == (
+        31_443_440,
+        27_976_464,
+        3_466_976,
+    )
+    rows = {row.path: row for row in report.rows()}
+    assert rows["dequantize.context"].params == 167_936
+    assert rows["flow.0.body.0.body.2"].params == 4 * 2_805_990  # four copies of one main coupling at C = 3
+    assert rows["flow.0.body.0.body.2"].settings == "mixlogistic k32 f96 b10 h4 p0.2"
+    assert rows["flow.0.body.0.body.2"].source == "flowpp_cifar.flow:21"
+    assert rows["flow.0.body.0.body.2"].halves == "a>b,b>a"  # flips alternate the conditioning half
+    assert rows["flow.1"].shape_out == "12x16x16"
+    assert rows["flow.3.body.0.body.2"].shape_in == "(12x16x8, 12x16x8)"
+    assert report.couplings == {"flow": 9, "dequantize": 4}
+    # a training step is ~3 forward passes: 77.6 GFLOP per image, so 25.9 GFLOP forward
+    assert sum(forward_flops(step_flops(model, report))) == 25_851_936_768
+
+
+def test_factor_out_shows_the_latent_of_its_scale():
+    _, report = built("realnvp_cifar.flow")
+    rows = {row.path: row for row in report.rows()}
+    factor = rows["flow.3"]
+    assert (factor.kind, factor.settings, factor.latent) == ("factor_out", "z 6x16x16", "6x16x16")
+    assert (factor.shape_in, factor.shape_out) == ("12x16x16", "6x16x16")
+    assert rows["flow.4.body.0.body.0"].shape_in == "(6x16x8, 6x16x8)"
+
+
+def test_flowpp_default_view_fits_120_columns():
+    _, report = built("flowpp_cifar.flow")
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(render_rich(report))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    row = next(line for line in lines if "coupling mixlogistic k32 f96 b10" in line)
+    assert "flowpp_cifar.flow:21" in row and "11,223,960" in row and "a>b,b>a" in row and "…" not in row
+    assert re.search(r"target\s+31,443,440: match", text)
+    assert "25.9 GFLOP per image" in text
+    assert re.search(r"couplings\s+13 \(flow 9, dequantizer 4\)", text)
+
+
+def test_cli_inspect_at_120_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = cli(capsys, "inspect", str(SPECS / "flowpp_cifar.flow"))
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 120
+    assert "dequantize variational" in out and "31,443,440" in out
+
+
+# ---------------------------------------------------------------- FLOPs, depth, target
+
+
+def test_flops_match_torch_flop_counter():
+    for overrides in (SMALL, (*SMALL, "defaults.coupling.attention=off")):
+        model, report = built("flowpp_cifar.flow", overrides)
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+        model.eval()
+        with torch.no_grad(), counter:
+            model.log_prob(torch.randint(0, 256, (1, 3, 8, 8)))
+        assert sum(forward_flops(step_flops(model, report))) == counter.get_total_flops()
+
+
+def test_depth_one_is_one_row_per_stage(capsys):
+    _, report = built("flowpp_cifar.flow", SMALL)
+    steps = to_json(report, depth=1)["steps"]
+    assert [s["path"] for s in steps] == [
+        "dequantize.context",
+        "dequantize.0",
+        "dequantize.1",
+        "preprocess",
+        "flow.0",
+        "flow.1",
+        "flow.2",
+        "flow.3",
+    ]
+    assert all(s["leaf"] for s in steps) and sum(s["params"] for s in steps) == report.total
+    deeper = to_json(report, depth=2)["steps"]
+    assert {s["depth"] for s in deeper} == {0, 1} and sum(
+        s["params"] for s in deeper if s["leaf"]
+    ) == report.total
+    code, out, _ = cli(capsys, "inspect", str(SPECS / "quickstart.flow"), "--depth", "1", "--format", "md")
+    assert code == 0 and "`repeat" not in out and "`split checkerboard`" in out
+
+
+def test_target_params_option(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    args = ("inspect", str(SPECS / "quickstart.flow"), "--format", "json")
+    code, out, _ = cli(capsys, *args, "--target-params", "200000")
+    doc = json.loads(out)
+    assert code == 0 and doc["target_params"] == 200_000
+    assert doc["target_delta"] == doc["params"]["total"] - 200_000 != 0
+    code, out, _ = cli(capsys, *args[:-2], "--target-params", "200000")
+    delta = doc["target_delta"]
+    assert re.search(rf"target\s+200,000: {delta:+,} \({100 * delta / 200_000:+.2f}%\)", out)
+
+
+def test_coupling_halves_follow_flips():
+    def c():
+        return CouplingStep()
+
+    assert coupling_halves([RepeatStep(count=4, body=[NormStep(), c(), FlipStep()])], "s") == {
+        "s.0.body.1": ["a>b", "b>a", "a>b", "b>a"]
+    }
+    assert coupling_halves([RepeatStep(count=2, body=[c(), FlipStep(), c(), FlipStep()])], "s") == {
+        "s.0.body.0": ["a>b", "a>b"],
+        "s.0.body.2": ["b>a", "b>a"],
+    }
+
+
+def test_every_format_from_the_cli(capsys):
+    spec = str(SPECS / "quickstart.flow")
+    outputs = {}
+    for fmt in ("rich", "json", "md", "dot", "mermaid"):
+        code, outputs[fmt], err = cli(capsys, "inspect", spec, "--format", fmt)
+        assert code == 0, err
+    assert json.loads(outputs["json"])["name"] == "quickstart"
+    assert outputs["md"].count("\n| ") >= 10 and "| step | source |" in outputs["md"]
+    assert outputs["dot"].startswith('digraph "quickstart"') and outputs["dot"].count("{") == outputs[
+        "dot"
+    ].count("}")
+    mermaid = outputs["mermaid"]
+    assert mermaid.startswith("flowchart TB") and mermaid.count("subgraph") == mermaid.count(
+        "\n  end"
+    ) + mermaid.count("\n    end") + mermaid.count("\n      end")
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "specs/nope.flow"], "nope.flow"),
+        (["inspect", "specs/quickstart.flow", "--format", "xml"], "xml"),
+        (["inspect", "specs/quickstart.flow", "--depth", "0"], "depth"),
+        (["inspect", "specs/quickstart.flow", "--batch", "0"], "batch"),
+        (["inspect", "specs/quickstart.flow", "--data", "somewhere"], "--probe"),
+        (["inspect", "specs/quickstart.flow", "--set", "defaults.coupling.filters=-3"], "filters"),
+    ],
+)
+def test_bad_options_and_specs_exit_2(capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(SPECS.parent)
+    code, out, err = cli(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err + out
+
+
+def test_bad_spec_file_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.flow"
+    bad.write_text("model bad\nflow {\n  squeeze\n  coupling\n}\n")
+    code, out, err = cli(capsys, "inspect", str(bad))
+    assert code == 2 and "bad.flow:4:" in err and "two halves" in err and "Traceback" not in err
