@@ -1,3 +1,285 @@
-"""Placeholder: commands registered here by the training work."""
+"""Commands of the training stage: train, eval, sample, ablate."""
 
-from flowspec.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flowspec.cli.app import app
+from flowspec.cli.options import SetOption, load_cli_spec
+from flowspec.errors import UserError
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Split(str, Enum):
+    train = "train"
+    test = "test"
+
+
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data", metavar="DIR", help="A torchvision cifar-10-batches-py folder or a folder of .npz shards."
+    ),
+]
+DeviceOption = Annotated[
+    Device | None, typer.Option("--device", help="Default: cuda when available, else cpu.")
+]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def _device(device: Device | None) -> str | None:
+    return device.value if device else None
+
+
+@app.command()
+def train(
+    spec: Annotated[
+        Path | None, typer.Argument(help="The .flow spec (optional with --resume: the run's stored spec).")
+    ] = None,
+    data: DataOption = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="RUN_DIR", help="Run folder; default runs/<model>-<time>.")
+    ] = None,
+    sets: SetOption = None,
+    device: DeviceOption = None,
+    precision: Annotated[
+        Precision, typer.Option("--precision", help="bf16: autocast the coupling networks.")
+    ] = Precision.fp32,
+    compile_networks: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the coupling networks.")
+    ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", metavar="RUN_DIR", help="Continue a run from its last checkpoint."),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option("--max-steps", min=1, help="Stop at this step (counted from the run's start)."),
+    ] = None,
+    max_time: Annotated[
+        str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
+    from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
+    from flowspec.train.trainer import RunOptions
+    from flowspec.train.trainer import train as run_training
+
+    if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
+        if spec is None:
+            if sets:
+                raise UserError("--set needs the spec file: pass it along with --resume")
+            payload = load_checkpoint(resume)
+            resolved = checkpoint_spec(payload, resume)
+        else:
+            resolved = load_cli_spec(spec, sets)
+        out = resume
+    elif spec is None:
+        raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
+    else:
+        resolved = load_cli_spec(spec, sets)
+    options = RunOptions(
+        out=out,
+        data_dir=data,
+        device=_device(device),
+        precision=precision.value,
+        compile=compile_networks,
+        max_steps=max_steps,
+        max_time=parse_duration(max_time) if max_time else None,
+        quiet=quiet,
+        resume=resume is not None,
+    )
+    try:
+        result = run_training(resolved, options)
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C: checkpoints are never torn
+        print("interrupted: finished checkpoints are kept; continue with --resume RUN_DIR", file=sys.stderr)
+        raise typer.Exit(130) from None
+    if result.stopped in ("SIGINT", "SIGTERM"):
+        raise typer.Exit(128 + int(signal.Signals[result.stopped]))
+    if not quiet and result.history:
+        best = f" (best {result.best_bpd:.4f})" if result.best_bpd is not None else ""
+        print(
+            f"done ({result.stopped}) at step {result.step}: test {result.test_bpd:.4f} bits/dim{best}; "
+            f"run folder {result.run_dir}"
+        )
+
+
+def _load_for_inference(target: Path, device: Device | None):
+    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights."""
+    import torch
+
+    import flowspec
+    from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve
+
+    path = resolve(target)
+    payload = load_checkpoint(path)
+    spec = checkpoint_spec(payload, path)
+    where = torch.device(_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    model = flowspec.build(spec)
+    try:
+        model.load_state_dict(ema_weights(payload))
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {path} does not fit the model its spec builds: {error}") from None
+    return model.to(where).eval(), spec, payload, path, where
+
+
+@app.command("eval")
+def evaluate(
+    target: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+    ],
+    data: DataOption = None,
+    iw: Annotated[
+        int, typer.Option("--iw", min=1, help="Importance samples K per image (1: single-sample only).")
+    ] = 1,
+    split: Annotated[Split, typer.Option("--split")] = Split.test,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="JSON file; default beside the checkpoint.")
+    ] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from flowspec.train.data import load_split
+    from flowspec.train.evaluate import bounds
+
+    model, spec, payload, path, where = _load_for_inference(target, device)
+    images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
+    images = images[:limit] if limit else images
+    torch.manual_seed(seed)
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"eval {split.value}", total=len(images))
+        result = bounds(model, images, iw, batch, where, lambda n: progress.advance(task, n))
+    record = {
+        "checkpoint": str(path),
+        "spec": spec.name,
+        "step": payload["step"],
+        "split": split.value,
+        "iw_samples": iw,
+        "seed": seed,
+        **result,
+    }
+    out = out or path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    caption = f"{split.value}: {result['images']} images"
+    table = Table(title=f"{spec.name}, step {payload['step']}", caption=caption)
+    table.add_column("bound")
+    table.add_column("bits/dim", justify="right")
+    table.add_row("single sample", f"{result['bpd']:.4f}")
+    if iw > 1:
+        table.add_row(f"importance weighted, K={iw}", f"{result[f'iw{iw}_bpd']:.4f}")
+    Console().print(table)
+    print(f"wrote {out}")
+
+
+@app.command()
+def sample(
+    target: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+    ],
+    n: Annotated[int, typer.Option("-n", min=1, help="Number of images.")] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", min=0.0, help="Prior temperature.")
+    ] = 1.0,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The image grid (.png).")] = Path(
+        "samples.png"
+    ),
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Draw a grid of samples with the EMA weights of a trained run."""
+    from flowspec.train.sampling import save_grid
+
+    model, spec, payload, _, _ = _load_for_inference(target, device)
+    save_grid(model, n, temperature, output, spec.data.levels, seed)
+    print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {output}")
+
+
+@app.command()
+def ablate(
+    specs: Annotated[list[Path], typer.Argument(help="The specs to compare.")],
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, help="Train each spec this many steps.")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="Or train each for this long: 90s, 20m, 2h.")
+    ] = None,
+    data: DataOption = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder of the runs; default runs/ablate-<time>.")
+    ] = None,
+    sets: SetOption = None,
+    seed: Annotated[int, typer.Option("--seed", help="The seed every spec trains with.")] = 0,
+    device: DeviceOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flowspec.train.ablate import COLUMNS, row_values, run_ablation
+    from flowspec.train.trainer import RunOptions
+
+    if (steps is None) == (budget is None):
+        raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
+    resolved = [load_cli_spec(path, sets) for path in specs]
+    out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
+    options = RunOptions(
+        data_dir=data,
+        device=_device(device),
+        max_steps=steps,
+        max_time=parse_duration(budget) if budget else None,
+        quiet=quiet,
+    )
+    results = run_ablation(resolved, options, out, seed)
+    table = Table(title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "spec" else "right")
+    for result in results:
+        name, params, test, best, step, img_s = row_values(result, result.run_dir.name)
+        fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+        table.add_row(name, f"{params:,}", fmt(test), fmt(best), str(step), f"{img_s:.0f}")
+    Console().print(table)
+    print(f"runs and curves in {out}")

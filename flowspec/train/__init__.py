@@ -1,0 +1,1 @@
+"""Training, evaluation, sampling and ablations of compiled flow models."""

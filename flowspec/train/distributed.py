@@ -1,0 +1,78 @@
+"""Multi-process training under `torchrun`: the process group, and the few collectives the loop needs.
+
+A single process has `world == 1` and skips every collective. Under `torchrun` (RANK, WORLD_SIZE and
+LOCAL_RANK in the environment) it joins the default group: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as td
+
+from flowspec.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def all_sum(self, tensor: torch.Tensor) -> None:
+        if self.active:
+            td.all_reduce(tensor, op=td.ReduceOp.SUM)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (on every rank)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        td.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            td.barrier()
+
+
+def setup(device: str) -> tuple[Dist, torch.device]:
+    """Join the job torchrun started (if any) and pick this process's device (`cpu` or `cuda`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+    else:
+        where = torch.device("cpu")
+    if world > 1 and not td.is_initialized():
+        td.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return Dist(rank, world, local_rank), where
+
+
+def teardown() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def broadcast_module(module: torch.nn.Module, dist: Dist) -> None:
+    """Copy rank 0's parameters and buffers to every rank (after rank 0's data-dependent init)."""
+    if dist.active:
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                td.broadcast(tensor.data, src=0)

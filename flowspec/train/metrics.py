@@ -1,0 +1,67 @@
+"""The run's record: one JSON line per evaluation in `metrics.jsonl`, and `curves.png` redrawn in place."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS, CURVES = "metrics.jsonl", "curves.png"
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """Append one row (flushed to disk, so a crash keeps every completed evaluation)."""
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str, Any]]:
+    """All rows of a run; rows past `after_step` are dropped (what a resumed run will write again)."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if after_step is None or r["step"] <= after_step]
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only rows up to `step`: a resumed run rewrites what came after its checkpoint."""
+    rows = read_metrics(run_dir, after_step=step)
+    tmp = run_dir / (METRICS + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, run_dir / METRICS)
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Train and test bits/dim against steps, one colour per run; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, rows) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        for key, style in (("train_bpd", "--"), ("test_bpd", "-")):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                label = f"{name} {key.split('_')[0]}" if len(runs) > 1 else key.split("_")[0]
+                ax.plot(
+                    xs, ys, style, color=colour, marker="o" if key == "test_bpd" else None, ms=3, label=label
+                )
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits/dim")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

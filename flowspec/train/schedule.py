@@ -1,0 +1,55 @@
+"""The learning-rate schedule: linear warmup, then constant, cosine or step decay (a `LambdaLR`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from flowspec.errors import UserError
+from flowspec.spec import TrainSpec
+
+
+@dataclass(frozen=True)
+class LrFactor:
+    """The factor on the base learning rate at a step (picklable, so the scheduler's state saves cleanly).
+
+    Warmup: `min(1, (step + 1) / warmup)`. After it, `constant`: 1; `cosine`: from 1 down to 0 at
+    `total` steps; `step`: `gamma ** (steps after warmup // every)`.
+    """
+
+    warmup: int
+    kind: str
+    total: int | None
+    every: int
+    gamma: float
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        after = max(0, step - self.warmup)
+        if self.kind == "cosine":
+            span = max(1, (self.total or 1) - self.warmup)
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, after / span)))
+        if self.kind == "step":
+            return warm * self.gamma ** (after // self.every)
+        return warm
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainSpec, total_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The spec's schedule over `total_steps` (the spec's training length; None when unbounded)."""
+    if train.schedule == "cosine" and total_steps is None:
+        raise UserError(
+            "a cosine schedule needs a training length: set `length N steps` (or epochs) in the spec"
+        )
+    factor = LrFactor(train.warmup, train.schedule, total_steps, train.step_every, train.step_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(parameters, train: TrainSpec) -> torch.optim.Adam:
+    """Adam with the spec's learning rate, betas, epsilon and weight decay."""
+    return torch.optim.Adam(
+        parameters, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
+    )

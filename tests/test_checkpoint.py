@@ -1,0 +1,90 @@
+"""Checkpoints: atomic writes, clear errors for corrupt, truncated or foreign files, which stay untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+
+from flowspec.errors import UserError
+from flowspec.train.checkpoint import (
+    BEST,
+    LAST,
+    checkpoint_spec,
+    ema_weights,
+    load_checkpoint,
+    save_atomic,
+    spec_hash,
+)
+from flowspec.train.trainer import RunOptions, train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    train(tiny_spec(steps=3), RunOptions(out=out, device="cpu", quiet=True))
+    return out
+
+
+def test_checkpoint_contents(run_dir):
+    payload = load_checkpoint(run_dir)
+    assert payload["step"] == 3 and (run_dir / BEST).is_file()
+    assert payload["spec_hash"] == spec_hash(tiny_spec(steps=3))
+    assert checkpoint_spec(payload, run_dir) == tiny_spec(steps=3)
+    assert payload["versions"]["torch"] == torch.__version__ and "flowspec" in payload["versions"]
+    for key in ("optimizer", "scheduler", "ema", "rng", "epoch"):
+        assert payload[key] is not None
+    assert set(ema_weights(payload)) == set(payload["model"])
+    assert not list(run_dir.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_untouched(run_dir, tmp_path):
+    broken = tmp_path / "run"
+    broken.mkdir()
+    data = (run_dir / LAST).read_bytes()
+    (broken / LAST).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=rf"{broken / LAST} is corrupt or truncated"):
+        load_checkpoint(broken)
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        train(tiny_spec(steps=3), RunOptions(out=broken, device="cpu", quiet=True, resume=True))
+    assert (broken / LAST).read_bytes() == data[: len(data) // 2]
+
+
+def test_garbage_and_foreign_files(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="garbage.pt is corrupt"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other.pt is not a flowspec checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="no checkpoint in"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_with_a_different_spec_is_refused(run_dir):
+    before = (run_dir / LAST).read_bytes()
+    other = tiny_spec(steps=3, lr=1e-2)
+    with pytest.raises(UserError, match=r"different spec \(differences: train.lr: 0.003 -> 0.01\)"):
+        train(other, RunOptions(out=run_dir, device="cpu", quiet=True, resume=True))
+    assert (run_dir / LAST).read_bytes() == before
+
+
+def test_a_new_run_never_overwrites_an_old_one(run_dir):
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_spec(steps=3), RunOptions(out=run_dir, device="cpu", quiet=True))
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"a": torch.ones(1)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        save_atomic({"a": Boom()}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -1,0 +1,133 @@
+"""Data sources, class subsets, the missing-data message, and the resumable, sharded batch stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import one_thread, write_shards  # noqa: F401 (fixture)
+
+from flowspec.errors import UserError
+from flowspec.spec import DataSpec
+from flowspec.train.batches import BatchStream
+from flowspec.train.data import DIGITS_TEST, load_split
+
+DIGITS = DataSpec(dataset="digits", shape=(1, 8, 8), levels=17)
+NPZ = DataSpec(dataset="npz", shape=(1, 8, 8), levels=17)
+CIFAR = DataSpec(dataset="cifar10", shape=(3, 32, 32), levels=256)
+
+
+def test_digits_splits_are_disjoint_and_shaped():
+    train, test = load_split(DIGITS, "train"), load_split(DIGITS, "test")
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (1, 8, 8)
+    assert len(train) == 1797 - DIGITS_TEST and len(test) == DIGITS_TEST
+    assert int(train.images.max()) == 16
+
+
+def test_digits_class_subset():
+    subset = load_split(DataSpec(dataset="digits", shape=(1, 8, 8), levels=17, classes=(3, 7)), "test")
+    assert set(subset.labels.tolist()) == {3, 7} and 40 < len(subset) < 80
+
+
+def test_npz_shards(tmp_path):
+    folder = write_shards(tmp_path / "shards", n_train=100, n_test=30)
+    train = load_split(NPZ, "train", folder)
+    assert len(train) == 100 and train.images.shape == (100, 1, 8, 8)
+    spec_path = DataSpec(dataset="npz", shape=(1, 8, 8), levels=17, path=str(folder), classes=(1,))
+    test = load_split(spec_path, "test")
+    assert len(test) > 0 and set(test.labels.tolist()) == {1}
+
+
+def test_npz_shape_and_levels_are_checked(tmp_path):
+    folder = write_shards(tmp_path / "shards")
+    with pytest.raises(UserError, match=r"1x8x8 but the spec's data shape is 3x32x32"):
+        load_split(CIFAR, "train", folder)
+    with pytest.raises(UserError, match="values up to 16 but the spec says 8 levels"):
+        load_split(NPZ.model_copy(update={"levels": 8}), "test", folder)
+
+
+def test_unreadable_shard_names_the_file(tmp_path):
+    (tmp_path / "test.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match=r"cannot read .*test\.npz"):
+        load_split(NPZ, "test", tmp_path)
+
+
+def test_wrong_folder_says_how_to_pass_data(tmp_path):
+    with pytest.raises(UserError, match=r"no train data in .*--data DIR"):
+        load_split(NPZ, "train", tmp_path)
+    with pytest.raises(UserError, match=r"does not exist"):
+        load_split(NPZ, "train", tmp_path / "nowhere")
+
+
+def test_missing_cifar_names_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLOWSPEC_OFFLINE", "1")
+    with pytest.raises(UserError) as error:
+        load_split(CIFAR, "train")
+    message = str(error.value)
+    assert str(tmp_path / "env") in message and str(tmp_path / "cache" / "flowspec" / "cifar10") in message
+    assert "--data DIR" in message
+
+
+def test_broken_torchvision_folder(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(UserError, match=r"cannot read CIFAR-10 from .*cifar-10-batches-py"):
+        load_split(CIFAR, "test", tmp_path)
+
+
+def test_real_cifar_shards_and_class_subset(cifar10_dir):
+    test = load_split(CIFAR, "test", cifar10_dir)
+    assert test.images.shape == (1000, 3, 32, 32) and test.images.dtype == torch.uint8
+    dogs = load_split(DataSpec(classes=("dog",)), "test", cifar10_dir)
+    assert set(dogs.labels.tolist()) == {5} and 50 < len(dogs) < 200
+
+
+def test_cifar_from_env_dir(cifar10_dir, monkeypatch):
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(cifar10_dir))
+    assert len(load_split(CIFAR, "test")) == 1000
+
+
+def _drain(stream: BatchStream, n: int) -> list[torch.Tensor]:
+    return [next(stream) for _ in range(n)]
+
+
+def test_stream_visits_every_image_once_per_epoch():
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1)
+    stream = BatchStream(images, batch=8, seed=3)
+    epoch = torch.cat(_drain(stream, 5)).flatten().sort().values
+    assert torch.equal(epoch, torch.arange(40, dtype=torch.uint8))
+    second = torch.cat(_drain(stream, 5)).flatten()
+    assert stream.epoch == 1 and not torch.equal(second, epoch)
+
+
+def test_stream_resumes_exactly_and_shards():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 2, 2).contiguous()
+    images[:, :, :, 1] += 100  # so flips show
+    straight = BatchStream(images, batch=8, seed=1, hflip=True)
+    expected = _drain(straight, 13)
+    first = BatchStream(images, batch=8, seed=1, hflip=True)
+    head = _drain(first, 7)
+    resumed = BatchStream(images, batch=8, seed=1, hflip=True)
+    resumed.load_state_dict(first.state_dict())
+    got = head + _drain(resumed, 6)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert any(bool((b[:, :, :, 0] >= 100).any()) for b in expected)  # some images were flipped
+
+    ranks = [BatchStream(images, batch=8, seed=1, rank=r, world=2) for r in range(2)]
+    plain = BatchStream(images, batch=8, seed=1)
+    for _ in range(3):
+        assert torch.equal(torch.cat([next(ranks[0]), next(ranks[1])]), next(plain))
+
+
+def test_stream_rejects_bad_batches():
+    images = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(UserError, match="divisible by the number of processes"):
+        BatchStream(images, batch=9, seed=0, world=2)
+    with pytest.raises(UserError, match="fewer than one batch"):
+        BatchStream(images, batch=16, seed=0)
+
+
+def test_npz_grey_images_without_channel_axis(tmp_path):
+    np.savez(tmp_path / "test.npz", x=np.zeros((5, 8, 8), np.uint8), y=np.zeros(5))
+    assert load_split(NPZ, "test", tmp_path).images.shape == (5, 1, 8, 8)

@@ -1,0 +1,87 @@
+"""`flowspec eval`, `sample` and `ablate` on trained checkpoints; the importance-weighted bound."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixture)
+
+from flowspec.cli.app import run
+from flowspec.train.evaluate import bounds, iw_log_prob
+from flowspec.train.trainer import RunOptions, train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_spec(steps=4), RunOptions(out=out, device="cpu", quiet=True))
+    return out
+
+
+def test_eval_writes_both_bounds(run_dir, capsys):
+    assert run(["eval", str(run_dir), "--iw", "4", "--limit", "24", "--batch", "32", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "importance weighted, K=4" in printed and "single sample" in printed
+    record = json.loads((run_dir / "eval_test_iw4.json").read_text())
+    assert record["images"] == 24 and record["step"] == 4 and record["split"] == "test"
+    assert 0.5 < record["bpd"] < math.log2(17) + 1
+    assert record["iw4_bpd"] < record["bpd"] + 0.05  # a tighter bound, up to noise
+
+
+def test_eval_of_a_checkpoint_file_to_a_chosen_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    args = ["eval", str(run_dir / "best.pt"), "--split", "train", "--limit", "16", "--out", str(out)]
+    assert run([*args, "--device", "cpu"]) == 0
+    record = json.loads(out.read_text())
+    assert record["split"] == "train" and record["iw_samples"] == 1 and not any("iw1" in k for k in record)
+
+
+class _Stub(torch.nn.Module):
+    """log_prob of the k-th call is -k for every image: the bounds are known in closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.arange(len(x), dtype=torch.float64) % 2 - 3.0  # -3 and -2 alternately
+
+
+def test_importance_weighted_bound_is_logmeanexp():
+    x = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
+    got = iw_log_prob(_Stub(), x, k=4, batch=6)  # repeat_interleave: image i gets samples 4i .. 4i+3
+    expected = torch.logsumexp(torch.tensor([-3.0, -2.0, -3.0, -2.0], dtype=torch.float64), 0) - math.log(4)
+    torch.testing.assert_close(got, expected.expand(3))
+    result = bounds(_Stub(), x, k=4, batch=8, device=torch.device("cpu"))
+    assert result["iw4_bpd"] == pytest.approx(-expected.item() / (4 * math.log(2)))
+
+
+def test_sample_grid_uses_the_seed(run_dir, tmp_path, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for path in (a, b):
+        argv = ["sample", str(run_dir), "-n", "16", "--temperature", "0.9", "-o", str(path), "--seed", "3"]
+        assert run([*argv, "--device", "cpu"]) == 0
+    assert "wrote 16 samples of tiny (step 4, T=0.9)" in capsys.readouterr().out
+    assert Image.open(a).size == (4 * 9 + 1, 4 * 9 + 1)  # 4 x 4 grid of 8 x 8 images, 1-pixel padding
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_ablate_compares_specs(tmp_path, capsys):
+    small = write_flow(tmp_path / "small.flow", name="small", filters=4)
+    wide = write_flow(tmp_path / "wide.flow", name="wide", filters=8)
+    out = tmp_path / "ablation"
+    assert (
+        run(["ablate", str(small), str(wide), "--steps", "3", "--out", str(out), "--device", "cpu", "-q"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "small" in printed and "wide" in printed and "test bits/dim" in printed
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["spec"] for r in rows] == ["small", "wide"] and all(r["steps"] == 3 for r in rows)
+    assert rows[0]["parameters"] < rows[1]["parameters"]
+    assert (out / "curves.png").is_file() and (out / "small" / "last.pt").is_file()

@@ -1,0 +1,140 @@
+"""The training loop: learning on synthetic and real data, exact resume, the recipe, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from train_helpers import one_thread, tiny_spec, write_shards  # noqa: F401 (fixture)
+
+from flowspec.errors import UserError
+from flowspec.spec import DataSpec
+from flowspec.train.checkpoint import LAST, load_checkpoint
+from flowspec.train.data import ImageSet, load_split
+from flowspec.train.schedule import LrFactor
+from flowspec.train.trainer import Objective, RunOptions, Trainer, train
+
+
+def options(out, **kw) -> RunOptions:
+    return RunOptions(out=out, device="cpu", quiet=True, **kw)
+
+
+def test_synthetic_data_loss_goes_down_and_run_folder_is_complete(tmp_path):
+    shards = write_shards(tmp_path / "shards")
+    spec = tiny_spec(DataSpec(dataset="npz", shape=(1, 8, 8), levels=17), steps=30, eval_every=10)
+    result = train(spec, options(tmp_path / "run", data_dir=shards))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30] and result.stopped == "finished"
+    assert rows[-1]["test_bpd"] < rows[0]["test_bpd"] - 0.1
+    assert rows[-1]["train_bpd"] < rows[0]["train_bpd"]
+    assert all(r["inversion_error"] < 1e-3 and r["skipped"] == 0 for r in rows)
+    assert set(rows[0]) >= {"epoch", "lr", "grad_norm", "img_s"}
+    run = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "curves.png", "spec.json", "samples/step0000030_t0.8.png"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "spec.json").read_text())["name"] == "tiny"
+    assert result.best_bpd == min(r["test_bpd"] for r in rows)
+    # the data folder is remembered: resuming (to a later step) needs no --data
+    assert load_checkpoint(run)["data_dir"] == str(shards.resolve())
+    assert train(spec, options(run, resume=True)).stopped == "finished"
+
+
+def test_real_cifar_subset_loss_goes_down(tmp_path, cifar10_dir):
+    data = DataSpec(dataset="cifar10", shape=(3, 32, 32), levels=256)
+    full_train, full_test = load_split(data, "train", cifar10_dir), load_split(data, "test", cifar10_dir)
+    subset = {
+        "train_set": ImageSet(full_train.images[:256], full_train.labels[:256], "cifar10[:256]"),
+        "test_set": ImageSet(full_test.images[:32], full_test.labels[:32], "cifar10 test[:32]"),
+    }
+    spec = tiny_spec(data, steps=12, eval_every=6, attention=False, batch=32, lr=5e-3)
+    result = train(spec, options(tmp_path / "run"), **subset)
+    first, last = result.history[0], result.history[-1]
+    assert last["test_bpd"] < first["test_bpd"] and last["train_bpd"] < first["train_bpd"]
+    assert 3.0 < last["test_bpd"] < 8.5
+
+
+def _weights(run_dir):
+    payload = load_checkpoint(run_dir)
+    return payload["model"], payload["ema"], payload["optimizer"]["state"]
+
+
+def test_resume_is_exact(tmp_path):
+    spec = tiny_spec(steps=8, eval_every=3, hflip=True)
+    straight = train(spec, options(tmp_path / "straight"))
+    train(spec, options(tmp_path / "split", max_steps=4))
+    resumed = train(spec, options(tmp_path / "split", resume=True))
+    assert straight.step == resumed.step == 8
+    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "split"), strict=True):
+        flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+        assert len(flat_a) == len(flat_b) > 0
+        assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b, strict=True))
+    # the resumed run's metrics continue the first part's, with no duplicate steps
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [3, 4, 6, 8]
+
+
+def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path):
+    spec = tiny_spec(steps=1, lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-5, warmup=4, ema=0.5)
+    trainer = Trainer(spec, options(tmp_path / "run"))
+    group = trainer.optimizer.param_groups[0]
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 1e-5)
+    assert group["lr"] == pytest.approx(1e-3 / 4)  # first warmup step
+    assert trainer.model.initialized  # data-dependent init ran before the first step
+    before = [p.detach().clone() for p in trainer.ema.module.parameters()]
+    trainer.run()
+    model = list(trainer.model.parameters())
+    for old, ema, new in zip(before, trainer.ema.module.parameters(), model, strict=True):
+        torch.testing.assert_close(ema, 0.5 * old + 0.5 * new)
+
+
+def test_schedule_factors():
+    cosine = LrFactor(warmup=10, kind="cosine", total=110, every=1, gamma=1.0)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.5) and cosine(110) == pytest.approx(0.0)
+    step = LrFactor(warmup=0, kind="step", total=None, every=5, gamma=0.5)
+    assert [step(i) for i in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
+    assert LrFactor(warmup=0, kind="constant", total=None, every=1, gamma=1.0)(1000) == 1.0
+
+
+def test_cosine_without_length_is_a_user_error(tmp_path):
+    spec = tiny_spec(schedule="cosine", length=None)
+    with pytest.raises(UserError, match="cosine schedule needs a training length"):
+        Trainer(spec, options(tmp_path / "run"))
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    forward = Objective.forward
+    calls = {"n": 0}
+
+    def flaky(self, x):
+        calls["n"] += 1
+        loss = forward(self, x)
+        return loss * math.nan if calls["n"] in (2, 3) else loss
+
+    monkeypatch.setattr(Objective, "forward", flaky)
+    result = train(tiny_spec(steps=5), options(tmp_path / "ok"))
+    assert result.history[-1]["skipped"] == 2
+    assert all(
+        torch.isfinite(v).all()
+        for v in load_checkpoint(tmp_path / "ok")["model"].values()
+        if v.is_floating_point()
+    )
+
+    monkeypatch.setattr(Objective, "forward", lambda self, x: forward(self, x) * math.inf)
+    with pytest.raises(UserError, match=r"3 steps in a row had a non-finite loss or gradient") as error:
+        train(tiny_spec(steps=50), options(tmp_path / "bad", max_bad_steps=3))
+    saved = tmp_path / "bad" / "nonfinite_batch.pt"
+    assert str(saved) in str(error.value) and torch.load(saved)["images"].shape == (16, 1, 8, 8)
+    assert not (tmp_path / "bad" / LAST).exists()
+
+
+def test_bf16_autocast_of_the_coupling_networks(tmp_path):
+    trainer = Trainer(tiny_spec(steps=2), options(tmp_path / "run", precision="bf16"))
+    assert {c.autocast_dtype for c in trainer.model.couplings()} == {torch.bfloat16}
+    result = trainer.run()
+    assert result.step == 2 and result.test_bpd is not None and math.isfinite(result.test_bpd)

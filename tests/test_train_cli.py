@@ -1,0 +1,104 @@
+"""`flowspec train` on the command line: exit codes and messages, SIGINT/SIGTERM, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import one_thread, write_flow  # noqa: F401 (fixture)
+
+from flowspec.cli.app import run
+from flowspec.cli.training import parse_duration
+from flowspec.train.checkpoint import LAST, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_and_resume_from_the_command_line(tmp_path, capsys):
+    flow = write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
+    out = tmp_path / "run"
+    assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--max-steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "training tiny" in printed and "step 3" in printed and "done (max-steps) at step 3" in printed
+    assert (out / "spec.flow").read_text() == flow.read_text()
+    assert run(["train", "--resume", str(out), "--quiet"]) == 0  # the stored spec, to its length
+    assert capsys.readouterr().out == ""
+    assert load_checkpoint(out)["step"] == 6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train"], "no spec given"),
+        (["train", "{flow}", "--max-time", "5 parsecs"], "expected a duration like 90s"),
+        (["train", "{flow}", "--set", "train.lr=2", "--resume", "{tmp}"], "no checkpoint in"),
+        (["train", "--resume", "{tmp}/nowhere"], "does not exist"),
+        (["train", "{flow}", "--out", "{tmp}/a", "--resume", "{tmp}/b"], "leave out --out"),
+        (
+            ["train", "{flow}", "--set", "data.dataset=npz"],
+            "names no folder: pass the shard folder with --data",
+        ),
+        (["train", "{flow}", "--data", "{tmp}/nowhere"], "does not exist: pass --data DIR"),
+        (["eval", "{tmp}"], "no checkpoint in"),
+        (["sample", "{tmp}/missing.pt"], "does not exist"),
+        (["ablate", "{flow}"], "exactly one budget"),
+        (["ablate", "{flow}", "--steps", "2", "--budget", "1m"], "exactly one budget"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(tmp_path, capsys, args, message):
+    flow = write_flow(tmp_path / "tiny.flow")
+    argv = [a.format(flow=flow, tmp=tmp_path) for a in args]
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--device", "tpu"], ["--precision", "fp16"], ["--max-steps", "0"], ["--bogus"]],
+)
+def test_bad_options_are_usage_errors(tmp_path, capsys, args):
+    flow = write_flow(tmp_path / "tiny.flow")
+    assert run(["train", str(flow), *args]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_parse_duration():
+    assert [parse_duration(t) for t in ("90s", "30m", "2h", "1.5h", "45")] == [90, 1800, 7200, 5400, 45]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_step_saves_and_exits(tmp_path, signum):
+    flow = write_flow(tmp_path / "tiny.flow", steps=100000, eval_every=100000)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "flowspec", "train", str(flow), "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    started = time.monotonic()
+    line = proc.stdout.readline()  # "training tiny ..." once the loop is about to start
+    assert "training tiny" in line, line + proc.stderr.read()
+    time.sleep(1.5)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - started < 120
+    assert proc.returncode == 128 + signum, stderr
+    assert f"{signal.Signals(signum).name}: stopped after step" in stdout and "Traceback" not in stderr
+    payload = load_checkpoint(out / LAST)
+    assert payload["step"] > 0
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+    assert f"flowspec train --resume {out}" in stdout
+
+
+def test_quickstart_spec_trains(tmp_path, capsys):
+    quickstart = os.path.join(ROOT, "specs", "quickstart.flow")
+    out = tmp_path / "q"
+    assert run(["train", quickstart, "--out", str(out), "--device", "cpu", "--max-steps", "2"]) == 0
+    assert "done (max-steps) at step 2" in capsys.readouterr().out
+    assert (out / "samples" / "step0000002_t1.0.png").is_file()

@@ -1,0 +1,113 @@
+"""Helpers of the training tests: tiny specs built in Python, and synthetic `.npz` data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowspec.spec import (
+    CouplingStep,
+    DataSpec,
+    FlipStep,
+    FlowSpec,
+    Interval,
+    NormStep,
+    PointwiseStep,
+    RepeatStep,
+    SplitStep,
+    TrainSpec,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for the tiny test models: much faster on small shared CPUs (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_spec(
+    data: DataSpec | None = None,
+    steps: int = 8,
+    eval_every: int = 1000,
+    name: str = "tiny",
+    attention: bool = True,
+    **train,
+) -> FlowSpec:
+    """A two-coupling mixture-logistic flow on 1x8x8 digits (or `data`): about 6k parameters."""
+    settings = dict(coupling="mixlogistic", components=2, filters=8, blocks=1, heads=2, dropout=0.1)
+    settings["attention"] = attention
+    body = [NormStep(), PointwiseStep(), CouplingStep(**settings), FlipStep()]
+    recipe = dict(
+        lr=3e-3,
+        batch=16,
+        ema=0.9,
+        init_batch=64,
+        clip_grad_norm=1.0,
+        warmup=2,
+        length=Interval(count=steps, unit="steps"),
+        eval_every=Interval(count=eval_every, unit="steps"),
+    )
+    return FlowSpec(
+        name=name,
+        data=data or DataSpec(dataset="digits", shape=(1, 8, 8), levels=17),
+        flow=[SplitStep(mask="checkerboard", body=[RepeatStep(count=2, body=body)])],
+        train=TrainSpec(**(recipe | train)),
+    )
+
+
+def write_shards(
+    folder: Path, n_train: int = 256, n_test: int = 64, size: int = 8, channels: int = 1
+) -> Path:
+    """Synthetic `.npz` shards: smooth ramps with noise, 17 levels, labels 0..3 (easy to learn)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def images(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 4, n)
+        ramp = np.linspace(0, 12, size)[None, None, :, None] * np.ones((n, size, size, channels))
+        flip = labels[:, None, None, None] % 2 == 1
+        x = np.where(flip, ramp.transpose(0, 2, 1, 3), ramp) + rng.integers(0, 5, (n, size, size, channels))
+        return x.clip(0, 16).astype(np.uint8), labels
+
+    for i, half in enumerate(np.array_split(np.arange(n_train), 2)):
+        x, y = images(len(half))
+        np.savez(folder / f"train_{i + 1}.npz", x=x, y=y)
+    x, y = images(n_test)
+    np.savez(folder / "test.npz", x=x, y=y)
+    return folder
+
+
+TINY_FLOW = """\
+# a tiny flow for the command-line tests
+model {name}
+data digits {{ shape 1x8x8  levels 17 }}
+preprocess logit(alpha=0.05)
+dequantize uniform
+defaults {{
+  coupling mixlogistic(components=2, filters={filters}, blocks=1, heads=2, dropout=0.1)
+  norm element
+}}
+flow {{
+  split checkerboard {{ repeat 2 {{ norm; pointwise; coupling; flip }} }}
+}}
+prior normal
+train {{
+  optimizer adam(lr=3e-3)
+  warmup 2 steps, then constant
+  batch 16  clip_grad_norm 1.0  ema 0.9  init_batch 64  seed 0
+  length {steps} steps
+  eval every {eval_every} steps
+}}
+"""
+
+
+def write_flow(path: Path, name: str = "tiny", filters: int = 8, steps: int = 6, eval_every: int = 3) -> Path:
+    """A tiny `.flow` file for the command-line tests."""
+    path.write_text(TINY_FLOW.format(name=name, filters=filters, steps=steps, eval_every=eval_every))
+    return path
