@@ -1,0 +1,44 @@
+"""Dequantizers: integer images x -> continuous v = x + u, u in [0, 1), with log q(u | x)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flowspec.layers.base import Sequence, sum_per_sample
+
+
+class UniformDequantizer(nn.Module):
+    """u ~ U[0, 1); log q = 0."""
+
+    spec_path = "dequantize"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        u = torch.rand_like(x)
+        return x + u, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+
+class VariationalDequantizer(nn.Module):
+    """u = flow(eps; context(x)), eps ~ N(0, I); the flow ends with a sigmoid, so u lies in (0, 1).
+
+    log q(u | x) = log N(eps) - logdet of the flow.
+    """
+
+    spec_path = "dequantize"
+
+    def __init__(self, context_net: nn.Module, flow: Sequence):
+        super().__init__()
+        self.context_net = context_net
+        self.flow = flow
+
+    def noise(self, eps: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """u and log q(u | x) for the given standard normal noise eps."""
+        u, logdet = self.flow(eps, self.context_net(x))
+        log_normal = sum_per_sample(-0.5 * eps.square()) - 0.5 * math.log(2 * math.pi) * eps[0].numel()
+        return u, log_normal - logdet
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        u, log_q = self.noise(torch.randn_like(x), x)
+        return x + u, log_q

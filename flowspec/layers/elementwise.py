@@ -1,0 +1,50 @@
+"""Parameter-free layers: flip the halves, sigmoid, factor out half the channels to the prior."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flowspec.layers.base import Layer, sum_per_sample, zero_logdet
+
+
+class Flip(Layer):
+    """Swap the halves of a pair, so the next coupling transforms the other one."""
+
+    def forward(self, x, context=None):
+        a, b = x
+        return (b, a), zero_logdet(a)
+
+    def inverse(self, y, context=None):
+        a, b = y
+        return (b, a)
+
+
+class Sigmoid(Layer):
+    """y = sigmoid(x); logdet = sum(-softplus(x) - softplus(-x))."""
+
+    def forward(self, x, context=None):
+        return torch.sigmoid(x), sum_per_sample(-F.softplus(x) - F.softplus(-x))
+
+    def inverse(self, y, context=None):
+        return torch.logit(y)
+
+
+class FactorOut(Layer):
+    """Keep the first C / 2 channels in the flow; the last C / 2 go to the prior.
+
+    Returns the pair `(kept, factored)`; the enclosing `Sequence` collects the factored part.
+    """
+
+    factors_out = True
+
+    def __init__(self, factored_shape: tuple[int, int, int]):
+        super().__init__()
+        self.factored_shape = factored_shape
+
+    def forward(self, x, context=None):
+        kept, factored = x.chunk(2, dim=1)
+        return (kept, factored), zero_logdet(x)
+
+    def inverse(self, y, context=None):
+        return torch.cat(y, dim=1)

@@ -1,0 +1,88 @@
+"""Mixture of logistics: log-pdf, log-CDF, log survival function and the inverse CDF.
+
+Parameters carry the K components on the last dimension; `x` has one dimension less. The flow uses the
+logit of the mixture CDF, so everything is done in log space: logit(c) = log c - log(1 - c), where
+log(1 - c) is the log of the mixture of the components' survival functions (exact in both tails).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MIN_LOGSCALE = -7.0
+
+
+def _z(x: Tensor, means: Tensor, logscales: Tensor) -> Tensor:
+    return (x.unsqueeze(-1) - means) * torch.exp(-logscales)
+
+
+def logpdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> Tensor:
+    """log of sum_k pi_k logistic_pdf(x; mu_k, exp(l_k)), pi = softmax(logits)."""
+    z = _z(x, means, logscales)
+    return torch.logsumexp(F.log_softmax(logits, -1) + z - logscales - 2 * F.softplus(z), -1)
+
+
+def logit_cdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> tuple[Tensor, Tensor]:
+    """logit of the mixture CDF at x, and the log-derivative of that logit w.r.t. x."""
+    log_pi = F.log_softmax(logits, -1)
+    z = _z(x, means, logscales)
+    log_cdf = torch.logsumexp(log_pi + F.logsigmoid(z), -1)
+    log_sf = torch.logsumexp(log_pi + F.logsigmoid(-z), -1)
+    log_pdf = torch.logsumexp(log_pi + z - logscales - 2 * F.softplus(z), -1)
+    return log_cdf - log_sf, log_pdf - log_cdf - log_sf
+
+
+def _logit_cdf_and_slope(x: Tensor, pi: Tensor, means: Tensor, inv_scales: Tensor) -> tuple[Tensor, Tensor]:
+    """logit(CDF(x)) and its derivative, in probability space (for float64 in the solver: ~3x cheaper)."""
+    z = (x.unsqueeze(-1) - means) * inv_scales
+    pos, neg = torch.sigmoid(z), torch.sigmoid(-z)
+    cdf, sf = (pi * pos).sum(-1), (pi * neg).sum(-1)
+    pdf = (pi * pos * neg * inv_scales).sum(-1)
+    return torch.log(cdf) - torch.log(sf), pdf / (cdf * sf)
+
+
+def inverse_logit_cdf(
+    h: Tensor, logits: Tensor, means: Tensor, logscales: Tensor, tol: float = 1e-10, max_iter: int = 100
+) -> tuple[Tensor, int]:
+    """Solve logit(CDF(x)) = h for x; returns x and the number of iterations used.
+
+    A vectorised safeguarded Newton method on the logit of the CDF (nearly linear in both tails, so
+    Newton converges in a few steps), in float64. The root is bracketed from the start: with
+    b_k = mu_k + s_k h, CDF(min_k b_k) <= sigmoid(h) <= CDF(max_k b_k); a Newton step that leaves the
+    bracket, or does not halve the previous step, or is not finite, is replaced by bisection (as in
+    Numerical Recipes' rtsafe), so the method always converges. An element stops once its step is below
+    tol (1 + |x|); only the unconverged elements are computed on.
+    """
+    shape, out_dtype = h.shape, h.dtype
+    k = logits.shape[-1]
+    h = h.double().reshape(-1)
+    logits, means, logscales = (t.double().reshape(-1, k) for t in (logits, means, logscales))
+    pi, inv_scales = torch.softmax(logits, -1), torch.exp(-logscales)
+    bounds = means + h.unsqueeze(-1) / inv_scales
+    lo, hi = bounds.amin(-1), bounds.amax(-1)
+    x = (pi * bounds).sum(-1).clamp(lo, hi)
+    out = x.clone()
+    last_step = hi - lo
+    index = torch.arange(h.numel(), device=h.device)
+    iterations = 0
+    while index.numel() and iterations < max_iter:
+        iterations += 1
+        g, slope = _logit_cdf_and_slope(x, pi, means, inv_scales)
+        err = g - h
+        above = err > 0
+        hi = torch.where(above, x, hi)
+        lo = torch.where(above, lo, x)
+        newton = x - err / slope
+        bisect = ~((newton >= lo) & (newton <= hi) & ((newton - x).abs() <= 0.5 * last_step))
+        x_new = torch.where(bisect, 0.5 * (lo + hi), newton)
+        step = (x_new - x).abs()
+        last_step = torch.where(bisect, 0.5 * (hi - lo), step)
+        x = x_new
+        out[index] = x
+        active = step > tol * (1.0 + x.abs())
+        if not bool(active.all()):
+            index, x, h, lo, hi, last_step = (t[active] for t in (index, x, h, lo, hi, last_step))
+            pi, means, inv_scales = pi[active], means[active], inv_scales[active]
+    return out.view(shape).to(out_dtype), iterations

@@ -1,0 +1,286 @@
+"""Coupling networks: the Flow++ network (gated convs + self-attention or gated NIN), the dequantizer's
+context network, and a RealNVP ResNet.
+
+The Flow++ networks run channels-last (N x H x W x F): 1x1 convs are `Linear` layers, LayerNorm and
+attention act on the last dimension, and 3x3 convs see a channels-last NCHW view (no copies).
+Networks take and return NCHW tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.checkpoint import checkpoint
+
+from flowspec.layers.base import DataInit
+
+
+class _ConcatElu(torch.autograd.Function):
+    """elu([x, -x]) saving only x for the backward pass (half the memory of cat + elu)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return F.elu(torch.cat([x, -x], dim=-1))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        grad_pos, grad_neg = grad.chunk(2, dim=-1)
+        slope = torch.exp(-x.abs())  # elu'(u) = exp(u) for u < 0
+        positive = x > 0
+        return torch.where(positive, grad_pos, grad_pos * slope) - torch.where(
+            positive, grad_neg * slope, grad_neg
+        )
+
+
+def concat_elu(x: Tensor) -> Tensor:
+    """elu([x, -x]) on the last (channel) dimension."""
+    return _ConcatElu.apply(x)
+
+
+def _data_init(module: nn.Module, y: Tensor, init_scale: float) -> None:
+    """Rescale the weight so y (computed without bias) has std init_scale and mean 0 per output unit."""
+    with torch.no_grad():
+        var, mean = torch.var_mean(y.reshape(-1, y.shape[-1]), dim=0, correction=0)
+        scale = init_scale * torch.rsqrt(var + 1e-8)
+        module.weight.mul_(scale.view(-1, *([1] * (module.weight.dim() - 1))))
+        module.bias.copy_(-mean * scale)
+
+
+class Dense(nn.Linear, DataInit):
+    """W x + b on the last dimension (the official `dense`/`nin`): N(0, 0.05), then data-dependent init."""
+
+    def __init__(self, n_in: int, n_out: int, init_scale: float = 1.0):
+        super().__init__(n_in, n_out)
+        self.register_init_flag()
+        self.init_scale = init_scale
+        nn.init.normal_(self.weight, 0.0, 0.05)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.needs_init():
+            _data_init(self, F.linear(x, self.weight), self.init_scale)
+            self.mark_initialized()
+        return F.linear(x, self.weight, self.bias)
+
+
+class Conv(nn.Conv2d, DataInit):
+    """A 'same'-padded conv on channels-last input (N x H x W x C), with the official conv2d init."""
+
+    def __init__(self, n_in: int, n_out: int, kernel: int = 3, init_scale: float = 1.0):
+        super().__init__(n_in, n_out, kernel, padding=kernel // 2)
+        self.register_init_flag()
+        self.init_scale = init_scale
+        nn.init.normal_(self.weight, 0.0, 0.05)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        nchw = x.permute(0, 3, 1, 2)
+        if self.needs_init():
+            y = F.conv2d(nchw, self.weight, None, padding=self.padding).permute(0, 2, 3, 1)
+            _data_init(self, y, self.init_scale)
+            self.mark_initialized()
+        return F.conv2d(nchw, self.weight, self.bias, padding=self.padding).permute(0, 2, 3, 1)
+
+
+def gate(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return a * torch.sigmoid(b)
+
+
+class GatedConv(nn.Module):
+    """x + gate(conv2(dropout(concat_elu(conv1(concat_elu(x)) [+ a_proj(concat_elu(context))]))))."""
+
+    def __init__(self, filters: int, dropout: float, second_kernel: int = 1, context_filters: int = 0):
+        super().__init__()
+        self.c1 = Conv(2 * filters, filters, 3)
+        self.a_proj = Dense(2 * context_filters, filters) if context_filters else None
+        self.dropout = nn.Dropout(dropout)
+        if second_kernel == 1:
+            self.c2: nn.Module = Dense(2 * filters, 2 * filters, init_scale=0.1)
+        else:
+            self.c2 = Conv(2 * filters, 2 * filters, second_kernel, init_scale=0.1)
+
+    def branch(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The 2F outputs before the gate."""
+        c1 = self.c1(concat_elu(x))
+        if self.a_proj is not None:
+            c1 = c1 + self.a_proj(concat_elu(context))
+        return self.c2(self.dropout(concat_elu(c1)))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return x + gate(self.branch(x, context))
+
+
+class GatedAttention(nn.Module):
+    """Multi-head self-attention over all positions, gated residual; q, k, v from x + pos_emb."""
+
+    def __init__(self, filters: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.proj1 = Dense(filters, 3 * filters)
+        self.dropout = nn.Dropout(dropout)
+        self.proj2 = Dense(filters, 2 * filters, init_scale=0.1)
+
+    def forward(self, x: Tensor, pos_emb: Tensor) -> Tensor:
+        n, h, w, f = x.shape
+        qkv = self.proj1(x + pos_emb).view(n, h * w, 3, self.heads, f // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        a = a.transpose(1, 2).reshape(n, h, w, f)
+        return x + gate(self.proj2(self.dropout(a)))
+
+
+class GatedNIN(nn.Module):
+    """The no-attention ablation: 1x1 conv F -> 3F, max over each channel's 3 outputs, 1x1 conv, gate."""
+
+    def __init__(self, filters: int, dropout: float):
+        super().__init__()
+        self.proj1 = Dense(filters, 3 * filters)
+        self.dropout = nn.Dropout(dropout)
+        self.proj2 = Dense(filters, 2 * filters, init_scale=0.1)
+
+    def forward(self, x: Tensor, pos_emb: Tensor) -> Tensor:
+        c = self.proj1(x + pos_emb).unflatten(-1, (x.shape[-1], 3)).amax(-1)
+        return x + gate(self.proj2(self.dropout(c)))
+
+
+class FlowppBlock(nn.Module):
+    def __init__(self, filters: int, heads: int, attention: bool, dropout: float, context_filters: int):
+        super().__init__()
+        self.conv = GatedConv(filters, dropout, context_filters=context_filters)
+        self.ln1 = nn.LayerNorm(filters, eps=1e-5)
+        self.attn = GatedAttention(filters, heads, dropout) if attention else GatedNIN(filters, dropout)
+        self.ln2 = nn.LayerNorm(filters, eps=1e-5)
+
+    def _gate_norm(self, x: Tensor, c2: Tensor) -> Tensor:
+        return self.ln1(x + gate(c2))
+
+    def _attend_norm(self, x: Tensor, pos_emb: Tensor) -> Tensor:
+        return self.ln2(self.attn(x, pos_emb))
+
+    def forward(self, x: Tensor, pos_emb: Tensor, context: Tensor | None) -> Tensor:
+        c2 = self.conv.branch(x, context)
+        if self.training and torch.is_grad_enabled():
+            # training: recompute gate + norm and the whole attention in the backward pass, keeping
+            # only their inputs (this halves the activation memory for a few percent more compute)
+            x = checkpoint(self._gate_norm, x, c2, use_reentrant=False)
+            return checkpoint(self._attend_norm, x, pos_emb, use_reentrant=False)
+        return self._attend_norm(self._gate_norm(x, c2), pos_emb)
+
+
+class FlowppNetwork(nn.Module):
+    """The Flow++ coupling network: proj_in 3x3, blocks, proj_out 3x3 (init_scale 0.1)."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        out_channels: int,
+        filters: int,
+        blocks: int,
+        heads: int,
+        attention: bool,
+        dropout: float,
+        context_filters: int = 0,
+    ):
+        super().__init__()
+        c, h, w = in_shape
+        self.pos_emb = nn.Parameter(0.01 * torch.randn(h, w, filters))
+        self.proj_in = Conv(c, filters, 3)
+        self.blocks = nn.ModuleList(
+            FlowppBlock(filters, heads, attention, dropout, context_filters) for _ in range(blocks)
+        )
+        self.proj_out = Conv(filters, out_channels, 3, init_scale=0.1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        x = self.proj_in(x.permute(0, 2, 3, 1)).contiguous()
+        pos_emb = self.pos_emb.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, pos_emb, context)
+        return self.proj_out(x).permute(0, 3, 1, 2)
+
+
+class ContextNetwork(nn.Module):
+    """The variational dequantizer's context: x / levels - 0.5, split by the mask, halves concatenated on
+    channels, a 3x3 conv, then gated convs whose second conv is 3x3. Returns channels-last features."""
+
+    def __init__(self, channels: int, filters: int, blocks: int, mask: str, levels: int, dropout: float):
+        super().__init__()
+        self.mask = mask
+        self.levels = levels
+        in_channels = 2 * channels if mask != "channel" else channels
+        self.proj = Conv(in_channels, filters, 3)
+        self.blocks = nn.ModuleList(GatedConv(filters, dropout, second_kernel=3) for _ in range(blocks))
+
+    def forward(self, x: Tensor) -> Tensor:
+        from flowspec.layers.splits import split
+
+        a, b = split(self.mask, x / self.levels - 0.5)
+        x = self.proj(torch.cat([a, b], dim=1).permute(0, 2, 3, 1)).contiguous()
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    def __init__(self, filters: int, norm: str):
+        super().__init__()
+        self.net = nn.Sequential(
+            _norm(filters, norm), nn.ReLU(), _conv(filters, filters, norm),
+            _norm(filters, norm), nn.ReLU(), _conv(filters, filters, norm),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.net(x)
+
+
+def _norm(filters: int, norm: str) -> nn.Module:
+    return nn.BatchNorm2d(filters) if norm == "batch" else nn.Identity()
+
+
+def _conv(n_in: int, n_out: int, norm: str) -> nn.Module:
+    conv = nn.Conv2d(n_in, n_out, 3, padding=1)
+    return weight_norm(conv) if norm == "weight" else conv
+
+
+class ResNet(nn.Module):
+    """RealNVP's coupling network: a 3x3 conv, residual blocks, norm + ReLU, a zero-initialised 3x3 conv.
+
+    In the dequantizer the context features are concatenated to the input on channels."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        filters: int,
+        blocks: int,
+        norm: str,
+        context_filters: int = 0,
+    ):
+        super().__init__()
+        out = _conv(filters, out_channels, norm)
+        with torch.no_grad():  # the coupling starts as the identity
+            if norm == "weight":
+                out.parametrizations.weight.original0.zero_()
+            else:
+                out.weight.zero_()
+            out.bias.zero_()
+        self.net = nn.Sequential(
+            _conv(in_channels + context_filters, filters, norm),
+            *(ResBlock(filters, norm) for _ in range(blocks)),
+            _norm(filters, norm),
+            nn.ReLU(),
+            out,
+        )
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is not None:
+            x = torch.cat([x, context.permute(0, 3, 1, 2).to(x.dtype)], dim=1)
+        return self.net(x)

@@ -1,0 +1,78 @@
+"""Mixture of logistics: densities against a direct formula, and the inverse CDF's accuracy and speed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flowspec.layers import mixlogistic
+
+
+def _params(n: int, k: int, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=gen, dtype=dtype)
+    means = 2 * torch.randn(n, k, generator=gen, dtype=dtype)
+    logscales = torch.randn(n, k, generator=gen, dtype=dtype).clamp(min=mixlogistic.MIN_LOGSCALE)
+    return logits, means, logscales
+
+
+def test_logpdf_and_logit_cdf_match_the_direct_formula():
+    logits, means, logscales = _params(50, 4, torch.float64)
+    x = 3 * torch.randn(50, dtype=torch.float64)
+    pi = torch.softmax(logits, -1)
+    z = (x[:, None] - means) * torch.exp(-logscales)
+    cdf = (pi * torch.sigmoid(z)).sum(-1)
+    pdf = (pi * torch.sigmoid(z) * torch.sigmoid(-z) * torch.exp(-logscales)).sum(-1)
+    g, log_slope = mixlogistic.logit_cdf(x, logits, means, logscales)
+    assert torch.allclose(mixlogistic.logpdf(x, logits, means, logscales), pdf.log())
+    assert torch.allclose(g, torch.logit(cdf))
+    assert torch.allclose(log_slope, (pdf / (cdf * (1 - cdf))).log())
+
+
+def test_inverse_is_accurate_in_float32_in_few_iterations():
+    logits, means, logscales = _params(20000, 32)
+    x = 4 * torch.randn(20000, generator=torch.Generator().manual_seed(1))
+    h, log_slope = mixlogistic.logit_cdf(x, logits, means, logscales)
+    x2, iterations = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
+    assert x2.dtype == torch.float32 and x2.shape == x.shape
+    assert iterations <= 20
+    # where the CDF is not flat, float32 rounding of h moves the root by < 1e-6 (relative)
+    steep = log_slope > -1
+    assert steep.float().mean() > 0.5
+    assert ((x2 - x).abs() / (1 + x.abs()))[steep].max() < 1e-6
+
+
+def test_inverse_of_a_typical_mixture_takes_a_handful_of_iterations():
+    logits, means, logscales = _params(4096, 32)
+    logscales, means = -1 + 0.3 * logscales, 0.5 * means
+    x = 2 * torch.randn(2, 8, 256, generator=torch.Generator().manual_seed(1))
+    shaped = [t.view(2, 8, 256, 32) for t in (logits, means, logscales)]
+    h, _ = mixlogistic.logit_cdf(x, *shaped)
+    x2, iterations = mixlogistic.inverse_logit_cdf(h, *shaped)
+    assert x2.shape == x.shape and (x2 - x).abs().max() < 1e-5
+    assert iterations <= 10
+
+
+def test_inverse_is_stable_in_the_tails():
+    logits, means, logscales = _params(1000, 8, torch.float64)
+    scales = torch.exp(logscales).amax(-1)
+    x = torch.cat([means.amin(-1)[:500] - 40 * scales[:500], means.amax(-1)[500:] + 40 * scales[500:]])
+    h, _ = mixlogistic.logit_cdf(x, logits, means, logscales)
+    assert torch.isfinite(h).all() and h.abs().min() > 20  # sigmoid(h) is 0 or 1 to float32
+    x2, iterations = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
+    assert torch.isfinite(x2).all() and (x2 - x).abs().max() < 1e-8 * (1 + x.abs().max())
+    assert iterations < 30
+
+
+def test_inverse_of_sharp_mixture_counts_iterations():
+    # components with tiny scales make the CDF a staircase: Newton needs the bisection safeguard
+    logits = torch.zeros(100, 3, dtype=torch.float64)
+    means = torch.tensor([-5.0, 0.0, 5.0], dtype=torch.float64).expand(100, 3)
+    logscales = torch.full((100, 3), mixlogistic.MIN_LOGSCALE, dtype=torch.float64)
+    # points within 10 scales of a step (between the steps the CDF is flat to float64: no unique root)
+    x = means[0, torch.arange(100) % 3] + 10 * torch.linspace(-1, 1, 100, dtype=torch.float64) * math.exp(-7)
+    h, _ = mixlogistic.logit_cdf(x, logits, means, logscales)
+    x2, iterations = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
+    assert (x2 - x).abs().max() < 1e-9
+    assert 5 <= iterations <= 60

@@ -1,0 +1,216 @@
+"""Every shipped spec, shrunk, compiled and checked in float64: exact encode/decode with the Jacobian's
+log-det, gradients, train == eval, save/load, data-dependent init once, dequantizer, sampling, hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_model_helpers import jacobian_logdet, perturb, shipped_names, tiny_spec
+
+import flowspec
+from flowspec.layers import DataInit, Layer
+from flowspec.shapes import trace
+
+NAMES = shipped_names()
+
+
+def _batch(spec, n: int = 16, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, spec.data.levels, (n, *spec.data.shape), generator=gen)
+
+
+def _has_batch_norm(model) -> bool:
+    return any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def built(request):
+    """(spec, float64 model: data-initialised, then perturbed so no coupling is the identity)."""
+    torch.manual_seed(0)
+    spec = tiny_spec(request.param)
+    model = flowspec.build(spec).double()
+    model.initialize(_batch(spec))
+    perturb(model, 0.02)
+    return spec, model
+
+
+def _log_prob(model, x, seed=1):
+    torch.manual_seed(seed)
+    return model.log_prob(x)
+
+
+def test_encode_is_exact_with_jacobian_logdet(built):
+    spec, model = built
+    model.eval()
+    v = _batch(spec, 2).double() + torch.rand(2, *spec.data.shape, dtype=torch.float64)
+    z, logdet = model.encode(v)
+    assert z.shape == v.shape and logdet.shape == (2,) and logdet.dtype == torch.float64
+    assert (model.decode(z) - v).abs().max() < 1e-8
+    assert abs(jacobian_logdet(lambda t: model.encode(t)[0], v[:1]) - logdet[0]) < 1e-6
+
+
+def test_log_prob_is_the_bound(built):
+    spec, model = built
+    model.eval()
+    x = _batch(spec, 3)
+    torch.manual_seed(5)
+    v, log_q = model.dequantizer(x.double())
+    z, logdet = model.encode(v)
+    prior = -0.5 * (z.square().flatten(1).sum(1) + spec.dims * math.log(2 * math.pi))
+    lp = _log_prob(model, x, 5)
+    assert lp.shape == (3,) and lp.dtype == torch.float64
+    assert torch.allclose(lp, prior + logdet - log_q)
+    torch.manual_seed(5)
+    assert torch.allclose(model.bpd(x), -lp / (spec.dims * math.log(2)))
+    assert ((v - x) > 0).all() and ((v - x) < 1).all()
+
+
+def test_dequantizer_noise_and_log_q(built):
+    spec, model = built
+    deq = model.dequantizer
+    if spec.dequantize.kind == "uniform":
+        assert not list(deq.parameters())
+        return
+    model.eval()
+    x = _batch(spec, 2).double()
+    eps = torch.randn(2, *spec.data.shape, dtype=torch.float64)
+    u, log_q = deq.noise(eps, x)
+    assert (u > 0).all() and (u < 1).all()
+    log_normal = -0.5 * (eps[:1].square().sum() + spec.dims * math.log(2 * math.pi))
+    jac = jacobian_logdet(lambda t: deq.noise(t, x[:1])[0], eps[:1])
+    assert abs(log_q[0] - (log_normal - jac)) < 1e-6
+    # the noise depends on the image through the context network
+    assert not torch.allclose(deq.noise(eps, x)[0], deq.noise(eps, (x + 1) % spec.data.levels)[0])
+
+
+def test_every_parameter_gets_a_gradient(built):
+    spec, model = built
+    model.train()
+    model.zero_grad()
+    _log_prob(model, _batch(spec, 4)).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_train_and_eval_agree_without_dropout(built):
+    spec, model = built
+    if _has_batch_norm(model):
+        pytest.skip("batch norm uses batch statistics in training mode (RealNVP's ResNets)")
+    x = _batch(spec, 3)
+    model.train()
+    with torch.no_grad():
+        train = _log_prob(model, x)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(train, _log_prob(model, x), rtol=0, atol=1e-10)
+
+
+def test_save_load_gives_identical_log_prob_and_keeps_the_init(built, tmp_path):
+    spec, model = built
+    model.eval()
+    x = _batch(spec, 3)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = flowspec.build(spec).double()
+    assert loaded.initialized == (not any(isinstance(m, DataInit) for m in model.modules()))
+    loaded.load_state_dict(torch.load(tmp_path / "m.pt"))
+    loaded.eval()
+    assert loaded.initialized
+    with torch.no_grad():
+        assert torch.equal(_log_prob(loaded, x), _log_prob(model, x))
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    loaded.initialize(_batch(spec, 16, seed=7) // 2)  # a no-op: the flags were loaded
+    after = loaded.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sample_gives_integer_images(built):
+    spec, model = built
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    x = model.sample(3, temperature=0.7, generator=gen)
+    assert model.training  # sampling restores the mode
+    assert x.dtype == torch.uint8 and x.shape == (3, *spec.data.shape)
+    assert int(x.max()) < spec.data.levels
+    again = model.sample(3, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+
+
+def test_per_step_logdets_from_hooks_sum_to_the_total(built):
+    spec, model = built
+    model.eval()
+    top = [m for m in model.flow.layers]
+    assert all(isinstance(m, Layer) and m.spec_path.startswith("flow.") for m in top)
+    seen = []
+    handles = [m.register_forward_hook(lambda m, i, o: seen.append(o[1])) for m in top]
+    try:
+        y, logdet_pre = model.preprocess(_batch(spec, 2).double() + 0.5)
+        _, logdet = model.flow(y)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == len(top)
+    assert torch.allclose(torch.stack(seen).sum(0), logdet)
+
+
+def test_spec_paths_follow_the_written_steps(built):
+    spec, model = built
+    records = trace(spec.flow, spec.data.shape, "flow")[0]
+    if spec.dequantize.kind == "variational":
+        records += trace(spec.dequantize.steps, spec.data.shape, "dequantize")[0]
+        assert model.dequantizer.context_net.spec_path == "dequantize.context"
+    written = {r.path for r in records if r.step.kind != "repeat"}  # repeats are unrolled into copies
+    built_paths = {m.spec_path for m in model.modules() if isinstance(m, Layer) and m.spec_path}
+    assert built_paths == written | {"preprocess"}
+
+
+def test_repeats_get_their_own_parameters_and_index():
+    spec = tiny_spec("flowpp_cifar.flow")
+    model = flowspec.build(spec)
+    couplings = [m for m in model.flow.modules() if getattr(m, "spec_path", "") == "flow.0.body.0.body.2"]
+    assert [c.repeat_index for c in couplings] == [0, 1, 2, 3]
+    assert couplings[0].network.proj_in.weight.data_ptr() != couplings[1].network.proj_in.weight.data_ptr()
+
+
+def test_initialize_runs_once():
+    spec = tiny_spec("quickstart.flow")
+    model = flowspec.build(spec)
+    assert not model.initialized
+    model.initialize(_batch(spec))
+    assert model.initialized
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.initialize(_batch(spec, seed=3))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_autocast_keeps_logdets_in_float32():
+    spec = tiny_spec("flowpp_cifar.flow")
+    model = flowspec.build(spec)
+    model.initialize(_batch(spec))
+    model.eval()
+    reference = _log_prob(model, _batch(spec, 2))
+    model.set_autocast(torch.bfloat16)
+    lp = _log_prob(model, _batch(spec, 2))
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    assert torch.allclose(lp, reference, rtol=0.05)
+    model.set_autocast(None)
+    assert torch.equal(_log_prob(model, _batch(spec, 2)), reference)
+
+
+def test_registry_builds_every_step_kind():
+    from typing import get_args
+
+    from flowspec.registry import FACTORIES
+    from flowspec.spec import Step
+
+    kinds = {t.model_fields["kind"].default for t in get_args(get_args(Step)[0])}
+    assert set(FACTORIES) == kinds - {"repeat"}  # repeats are unrolled by the builder
+
+
+def test_count_parameters_splits_flow_and_dequantizer():
+    model = flowspec.build(tiny_spec("flowpp_cifar.flow"))
+    counts = model.count_parameters()
+    assert counts["total"] == counts["flow"] + counts["dequantizer"] > 0
+    assert 0 < counts["context"] < counts["dequantizer"]
