@@ -15,7 +15,7 @@ SetOption = Annotated[
     typer.Option(
         "--set",
         metavar="KEY=VALUE",
-        help="Override a spec setting, e.g. --set defaults.coupling.filters=64 --set train.lr=1e-3 (repeatable).",
+        help="Override a spec setting, e.g. --set defaults.coupling.filters=64 (repeatable).",
     ),
 ]
 
