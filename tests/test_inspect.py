@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 import flowspec
 from flowspec.cli.app import run
 from flowspec.inspection import Report, inspect_model
-from flowspec.inspection.flops import forward_flops, step_flops
+from flowspec.inspection.flops import example_batch, forward_flops, step_flops
+from flowspec.inspection.memory import estimate_memory, measure_memory
 from flowspec.inspection.render import RENDERERS, render_json, render_rich, to_json
 from flowspec.inspection.tree import coupling_halves
 from flowspec.spec import CouplingStep, FlipStep, NormStep, RepeatStep
@@ -139,6 +140,30 @@ def test_flops_match_torch_flop_counter():
         with torch.no_grad(), counter:
             model.log_prob(torch.randint(0, 256, (1, 3, 8, 8)))
         assert sum(forward_flops(step_flops(model, report))) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("flowpp_cifar.flow", SMALL),
+        (
+            "flowpp_cifar.flow",
+            ("defaults.coupling.filters=8", "data.shape=3x16x16", "defaults.coupling.dropout=0"),
+        ),
+        ("ablations/affine_coupling.flow", SMALL),
+        ("ablations/no_attention.flow", SMALL),
+        ("realnvp_cifar.flow", ("data.shape=3x8x8",)),
+    ],
+)
+def test_memory_estimate_matches_what_autograd_keeps(name, overrides):
+    """The analytic activations agree with the tensors a training-mode pass keeps for backward."""
+    model, report = built(name, overrides)
+    spec = flowspec.load_spec(SPECS / name, overrides=overrides)
+    measured = measure_memory(model, spec, example_batch(spec, 2))
+    estimated = estimate_memory(model, spec, report)
+    assert estimated.state == measured.state
+    assert estimated.activations == pytest.approx(measured.activations, rel=0.08)
+    assert report.footer.memory_bytes == estimated.total
 
 
 def test_depth_one_is_one_row_per_stage(capsys):

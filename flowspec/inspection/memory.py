@@ -1,7 +1,8 @@
 """Estimated memory of a training step at the spec's batch size: parameter state plus activations.
 
-Without running the model (`inspect`), activations are estimated from the layers' output sizes; the
-probe (`inspect --probe`) measures the tensors autograd keeps for backward on a real batch instead.
+Without running the model (`inspect`), the activations are counted per layer: the tensors autograd keeps
+for backward, given how each layer computes (and what it recomputes in the backward pass). The probe
+(`inspect --probe`) measures those tensors on a real batch instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import nn
 
 from flowspec.inspection.flops import step_modules, step_spatial
 from flowspec.inspection.report import Report
-from flowspec.layers.networks import GatedAttention
+from flowspec.layers.couplings import Coupling
+from flowspec.layers.networks import FlowppNetwork, GatedConv
 from flowspec.spec import FlowSpec
 
 
@@ -40,29 +42,49 @@ def parameter_state(model: nn.Module, spec: FlowSpec) -> tuple[int, str]:
     return (4 + ema) * weights, "weights, gradients, Adam" + (", EMA" if ema else "")
 
 
-def layer_outputs(module: nn.Module, height: int, width: int) -> int:
-    """Elements per image output by the convolutions, dense layers, norms and attention of `module`."""
-    positions = height * width
-    total = 0
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            total += m.out_channels * positions
-        elif isinstance(m, nn.Linear):
-            total += m.out_features * positions
-        elif isinstance(m, nn.LayerNorm):
-            total += m.normalized_shape[-1] * positions
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            total += m.num_features * positions
-        elif isinstance(m, GatedAttention):  # q, k, v and the output kept by fused attention
-            total += 4 * m.proj1.in_features * positions
-    return total
+def _gated_conv(g: GatedConv, itemsize: int) -> int:
+    """Bytes per position a gated conv keeps for backward: its input, the concat_elu output, c1, the
+    dropout mask (float) and output, c2 and the gate's sigmoid (in a Flow++ block: LayerNorm's output,
+    which the recomputed attention keeps as its input), plus the context projection's input."""
+    f = g.c1.out_channels
+    kept = (1 + 2 + 1 + 2 * (g.dropout.p > 0) + 2 + 2 + 1) * f
+    if g.a_proj is not None:
+        kept += g.a_proj.in_features
+    return kept * itemsize
+
+
+def kept_per_position(module: nn.Module, itemsize: int) -> int:
+    """Bytes per image and feature-map position that autograd keeps for backward in a training step.
+
+    Flow++ blocks recompute gate + LayerNorm and the attention in the backward pass (torch.utils.checkpoint)
+    and keep only their inputs; the mixture couplings recompute the logit-CDF and keep b, tanh(s), exp(s)
+    and its output. Other layers count their convolution, dense and batch-norm outputs.
+    """
+    if isinstance(module, FlowppNetwork):
+        blocks = list(module.blocks)
+        a_proj = blocks[0].conv.a_proj if blocks else None
+        context = a_proj.in_features // 2 if a_proj is not None else 0  # kept by its concat_elu
+        ends = module.proj_in.in_channels + module.proj_out.in_channels + module.proj_out.out_channels
+        return (ends + context) * itemsize + sum(_gated_conv(b.conv, itemsize) for b in blocks)
+    if isinstance(module, GatedConv):
+        return _gated_conv(module, itemsize)
+    kept = 0
+    if isinstance(module, Coupling) and isinstance(module.network, FlowppNetwork):
+        channels = module.network.proj_out.out_channels // module.per_element
+        kept += {"additive": 0, "affine": 3, "mixlogistic": 4}[module.transform] * channels * itemsize
+    elif isinstance(module, nn.Conv2d):
+        kept += module.out_channels * itemsize
+    elif isinstance(module, nn.Linear):
+        kept += module.out_features * itemsize
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        kept += module.num_features * itemsize
+    return kept + sum(kept_per_position(child, itemsize) for child in module.children())
 
 
 def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryEstimate:
-    """Analytic estimate: parameter state + every layer output (float32) at the spec's batch size.
-
-    Intermediate elementwise results are not counted, so this is a lower bound on the activations.
-    """
+    """Analytic estimate of a training step's memory at the spec's batch size: the parameter state plus
+    the activations autograd keeps for backward (`kept_per_position` of every step at its feature-map
+    size). The backward pass's own buffers (recomputed blocks, gradients) add a few percent at the peak."""
     state, parts = parameter_state(model, spec)
     modules = step_modules(model)
     itemsize = next(model.parameters()).element_size()
@@ -70,11 +92,11 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
     for row in report.rows():
         if not row.children and row.path in modules:
             h, w = step_spatial(row)
-            per_image += sum(layer_outputs(m, h, w) for m in modules[row.path]) * itemsize
+            per_image += sum(kept_per_position(m, itemsize) for m in modules[row.path]) * h * w
     activations = per_image * spec.train.batch
     note = (
         f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
-        "(layer outputs: a lower bound; --probe measures)"
+        "(tensors kept for backward, counted per layer; --probe measures them)"
     )
     return MemoryEstimate(state + activations, state, activations, note)
 
