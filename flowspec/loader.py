@@ -34,11 +34,11 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Fl
     return _finish(doc, overrides, texts, source=str(path))
 
 
-def parse_spec(text: str, source: str = "<string>") -> FlowSpec:
+def parse_spec(text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> FlowSpec:
     """Parse and validate spec text; `source` names it in error messages (and anchors `extends`)."""
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())
-    return _finish(doc, (), texts, source=None)
+    return _finish(doc, overrides, texts, source=None)
 
 
 # ---------------------------------------------------------------- files and extends

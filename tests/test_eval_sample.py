@@ -40,6 +40,22 @@ def test_eval_of_a_checkpoint_file_to_a_chosen_json(run_dir, tmp_path, capsys):
     assert record["split"] == "train" and record["iw_samples"] == 1 and not any("iw1" in k for k in record)
 
 
+def test_eval_set_changes_the_data_of_a_trained_model(run_dir, tmp_path, capsys):
+    out = tmp_path / "threes.json"
+    args = ["eval", str(run_dir), "--set", "data.classes=3", "--out", str(out), "--device", "cpu"]
+    assert run(args) == 0
+    threes = json.loads(out.read_text())["images"]
+    assert 0 < threes < 297 / 5  # one digit class of the 297 test images
+
+
+def test_set_that_would_change_the_trained_model_is_refused(run_dir, tmp_path, capsys):
+    grid = tmp_path / "g.png"
+    args = ["sample", str(run_dir), "-n", "4", "-o", str(grid), "--set", "flow.0.body.0.count=3"]
+    assert run(args) == 2
+    assert "would change the model stored in" in capsys.readouterr().err
+    assert not grid.exists()
+
+
 class _Stub(torch.nn.Module):
     """log_prob of the k-th call is -k for every image: the bounds are known in closed form."""
 

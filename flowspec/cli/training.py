@@ -9,13 +9,16 @@ import sys
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flowspec.cli.app import app
 from flowspec.cli.options import SetOption, load_cli_spec
 from flowspec.errors import UserError
+
+if TYPE_CHECKING:
+    from flowspec.spec import FlowSpec
 
 
 class Device(str, Enum):
@@ -134,7 +137,28 @@ def train(
         )
 
 
-def _load_for_inference(target: Path, device: Device | None):
+def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowSpec:
+    """The stored spec with `--set` overrides, which may change data and train settings, not the model."""
+    if not sets:
+        return spec
+    from flowspec.formatter import format_spec
+    from flowspec.loader import parse_spec
+
+    changed = parse_spec(format_spec(spec), source=f"{path} (stored spec)", overrides=sets)
+    model_fields = ("preprocess", "dequantize", "flow", "prior")
+    same_model = all(getattr(changed, f) == getattr(spec, f) for f in model_fields) and (
+        changed.data.shape,
+        changed.data.levels,
+    ) == (spec.data.shape, spec.data.levels)
+    if not same_model:
+        raise UserError(
+            f"--set {' '.join(sets)} would change the model stored in {path}; with a trained checkpoint "
+            f"--set may change only data and train settings (e.g. --set data.classes=dog)"
+        )
+    return changed
+
+
+def _load_for_inference(target: Path, device: Device | None, sets: list[str] | None = None):
     """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights."""
     import torch
 
@@ -143,7 +167,7 @@ def _load_for_inference(target: Path, device: Device | None):
 
     path = resolve(target)
     payload = load_checkpoint(path)
-    spec = checkpoint_spec(payload, path)
+    spec = _with_overrides(checkpoint_spec(payload, path), sets, path)
     where = torch.device(_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
     if where.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
@@ -174,6 +198,7 @@ def evaluate(
         Path | None, typer.Option("--out", help="JSON file; default beside the checkpoint.")
     ] = None,
     device: DeviceOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
     import torch
@@ -184,7 +209,7 @@ def evaluate(
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
 
-    model, spec, payload, path, where = _load_for_inference(target, device)
+    model, spec, payload, path, where = _load_for_inference(target, device, sets)
     images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
     images = images[:limit] if limit else images
     torch.manual_seed(seed)
@@ -228,11 +253,12 @@ def sample(
     ),
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     device: DeviceOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
     from flowspec.train.sampling import save_grid
 
-    model, spec, payload, _, _ = _load_for_inference(target, device)
+    model, spec, payload, _, _ = _load_for_inference(target, device, sets)
     save_grid(model, n, temperature, output, spec.data.levels, seed)
     print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {output}")
 
