@@ -100,7 +100,8 @@ def run_probe(model: nn.Module, spec: FlowSpec, report: Report, images: Tensor, 
         for top in branch.rows:
             _fill(top, records, bits)
     flow_rows = [r for r in report.branch("flow").walk() if r.leaf and r.logdet_bpd is not None]
-    errors = [r.inverse_error for r in report.rows() if r.inverse_error is not None]
+    # sampling inverts the main flow only: the dequantizer's sigmoid may saturate in float32 (error inf)
+    errors = [r.inverse_error for r in flow_rows if r.inverse_error is not None]
     estimate = measure_memory(model, spec, images)
     report.footer.memory_bytes, report.footer.memory_note = estimate.total, estimate.note
     report.probe = ProbeSummary(
