@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_helpers import flat, jacobian_logdet, perturb
+from model_helpers import flat, jacobian_logdet, perturb
 
 from flowspec.layers import (
     Coupling,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_model_helpers import jacobian_logdet, perturb, shipped_names, tiny_spec
+from model_helpers import jacobian_logdet, perturb, shipped_names, tiny_spec
 
 import flowspec
 from flowspec.layers import DataInit, Layer
