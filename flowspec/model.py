@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from flowspec.layers import Coupling, LogitPreprocess, Sequence
-from flowspec.layers.base import DataInit, sum_per_sample
+from flowspec.layers.base import DataInit, standard_normal_log_prob
 from flowspec.spec import FlowSpec
 
 
@@ -37,10 +37,6 @@ class FlowModel(nn.Module):
 
     # ---------------------------------------------------------------- likelihood
 
-    def prior_log_prob(self, z: Tensor) -> Tensor:
-        """Standard normal log-density, summed per sample."""
-        return sum_per_sample(-0.5 * z.square()) - 0.5 * math.log(2 * math.pi) * z[0].numel()
-
     def encode(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Continuous data v in [0, levels) -> latent z (the image's shape) and the log-det of the map."""
         y, logdet_pre = self.preprocess(self._as_float(v))
@@ -55,7 +51,7 @@ class FlowModel(nn.Module):
         """Per-image lower bound on log P(x) in nats, for integer images N x C x H x W in [0, levels)."""
         v, log_q = self.dequantizer(self._as_float(x))
         z, logdet = self.encode(v)
-        return self.prior_log_prob(z) + logdet - log_q.to(logdet.dtype)
+        return standard_normal_log_prob(z) + logdet - log_q.to(logdet.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.log_prob(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import torch
@@ -29,6 +30,11 @@ def zero_logdet(x: State) -> Tensor:
 def sum_per_sample(x: Tensor) -> Tensor:
     """Sum over every dimension but the batch, in the log-det dtype."""
     return x.flatten(1).sum(1, dtype=logdet_dtype(x))
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I), summed per sample."""
+    return sum_per_sample(-0.5 * z.square()) - 0.5 * math.log(2 * math.pi) * z[0].numel()
 
 
 class Layer(nn.Module):
@@ -98,7 +104,7 @@ class Sequence(Layer):
         if self.latent_shape is not None:
             assert isinstance(y, Tensor)
             flat = y.flatten(1)
-            sizes = [_numel(s) for s in self.factored_shapes]
+            sizes = [math.prod(s) for s in self.factored_shapes]
             pieces = list(flat.split([*sizes, flat.shape[1] - sum(sizes)], 1))
             parts = [p.view(p.shape[0], *s) for p, s in zip(pieces[:-1], self.factored_shapes, strict=True)]
             y = pieces[-1].reshape(flat.shape[0], *self.final_shape)
@@ -112,10 +118,3 @@ class Sequence(Layer):
         """Shapes of the factored-out parts (in order) and of the last tensor, for the inverse."""
         self.factored_shapes = list(factored_shapes)
         self.final_shape = final_shape
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from flowspec.layers.base import Sequence, sum_per_sample
+from flowspec.layers.base import Sequence, standard_normal_log_prob
 
 
 class UniformDequantizer(nn.Module):
@@ -36,8 +34,7 @@ class VariationalDequantizer(nn.Module):
     def noise(self, eps: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """u and log q(u | x) for the given standard normal noise eps."""
         u, logdet = self.flow(eps, self.context_net(x))
-        log_normal = sum_per_sample(-0.5 * eps.square()) - 0.5 * math.log(2 * math.pi) * eps[0].numel()
-        return u, log_normal - logdet
+        return u, standard_normal_log_prob(eps) - logdet
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u, log_q = self.noise(torch.randn_like(x), x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowspec.layers.base import DataInit, Layer
+from flowspec.layers.base import DataInit, Layer, logdet_dtype
 
 
 class Norm(Layer, DataInit):
@@ -45,8 +45,7 @@ class Norm(Layer, DataInit):
             self._init(xs)
         g = self._scales()
         out = tuple(xi * g[i] + self.b[i] for i, xi in enumerate(xs))
-        ld_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-        logdet = torch.log(g).sum(dtype=ld_dtype) * self.repeats
+        logdet = torch.log(g).sum(dtype=logdet_dtype(xs[0])) * self.repeats
         logdet = logdet.expand(xs[0].shape[0])
         return (out if isinstance(x, tuple) else out[0]), logdet
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flowspec.layers.base import Layer
+from flowspec.layers.base import Layer, logdet_dtype
 
 
 class Pointwise(Layer):
@@ -27,8 +27,7 @@ class Pointwise(Layer):
         xs = x if isinstance(x, tuple) else (x,)
         _, logabsdet = torch.linalg.slogdet(self.weight.double())
         h, w = xs[0].shape[-2:]
-        ld_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-        logdet = (h * w * logabsdet.sum()).to(ld_dtype).expand(xs[0].shape[0])
+        logdet = (h * w * logabsdet.sum()).to(logdet_dtype(xs[0])).expand(xs[0].shape[0])
         out = tuple(self._mix(xi, self.weight[i]) for i, xi in enumerate(xs))
         return (out if isinstance(x, tuple) else out[0]), logdet
 
