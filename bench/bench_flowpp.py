@@ -1,9 +1,11 @@
 """Benchmark a compiled spec (default: the full Flow++ CIFAR-10 model).
 
 Times a training step (forward, backward, Adam) at each --train-batch, log_prob at --logprob-batch
-(no grad, eval mode) and sampling --sample images, in images per second, with the peak memory of each
-(every measurement runs in a fresh subprocess, so its peak resident memory is its own). Prints a table
-and appends it, with the exact command and the machine, to bench/RESULTS.md.
+(no grad, eval mode) and sampling --sample images, in images per second and in GFLOP/s of the model's
+counted work, with the peak memory of each (every measurement runs in a fresh subprocess, so its peak
+resident memory is its own). A reference line gives what the device reaches on a plain matmul and on the
+blocks' convolution at the same moment, since a shared machine's speed drifts. Prints a table and appends
+it, with the exact command and the machine, to bench/RESULTS.md.
 
     python bench/bench_flowpp.py                         # CPU, 2 threads, float32
     python bench/bench_flowpp.py --device cuda --autocast bf16
@@ -88,6 +90,46 @@ def measure(args: argparse.Namespace, task: str, batch: int) -> dict:
     return {"task": task, "batch": batch, "seconds": seconds, "img_per_s": batch / seconds, "peak_gb": peak}
 
 
+def reference(args: argparse.Namespace) -> dict:
+    """What this device reaches on plain float32 work at the same thread count, in GFLOP/s: a 2048^3
+    matrix product and the Flow++ block's 3x3 convolution (8 x 192 x 32 x 16 channels-last, 96 out)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    def gflops(fn, flop: int, repeats: int = 10) -> float:
+        fn()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return flop * repeats / (time.perf_counter() - start) / 1e9
+
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    x = torch.randn(8, 192, 32, 16, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(96, 192, 3, 3, device=device)
+    return {
+        "matmul": gflops(lambda: a @ b, 2 * 2048**3),
+        "conv": gflops(lambda: F.conv2d(x, w, padding=1), 2 * 8 * 32 * 16 * 96 * 192 * 9),
+    }
+
+
+def forward_gflop_per_image(spec_path: str) -> float:
+    """Forward GFLOP per image of the spec (convolutions, dense layers, attention), as `inspect` counts."""
+    import flowspec
+    from flowspec.inspection import inspect_model
+
+    spec = flowspec.load_spec(spec_path)
+    footer = inspect_model(flowspec.build(spec), spec).footer
+    return (footer.flops_flow + footer.flops_dequantize) / 1e9
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -121,7 +163,7 @@ def main() -> None:
 
     if args.one:
         task, batch = args.one.split(":")
-        print(json.dumps(measure(args, task, int(batch))))
+        print(json.dumps(reference(args) if task == "reference" else measure(args, task, int(batch))))
         return
 
     import torch
@@ -132,15 +174,19 @@ def main() -> None:
     jobs = [("train", b) for b in args.train_batch] + [("log_prob", args.logprob_batch)]
     if args.sample:
         jobs.append(("sample", args.sample))
-    load_before = os.getloadavg()
-    rows = []
-    for task, batch in jobs:
+
+    def run_one(task: str, batch: int) -> dict:
         out = subprocess.run(
             [sys.executable, __file__, *sys.argv[1:], "--one", f"{task}:{batch}"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    load_before = os.getloadavg()
+    peak = run_one("reference", 0)
+    rows = [run_one(task, batch) for task, batch in jobs]
     load_after = os.getloadavg()
+    gflop = forward_gflop_per_image(args.spec)
 
     precision = "float32" if args.autocast == "none" else f"{args.autocast} autocast"
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
@@ -149,18 +195,24 @@ def main() -> None:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
         f"machine: {machine()} · device {args.device} · torch {torch.__version__} · threads {args.threads} · "
         f"{precision}{' · compiled' if args.compile else ''} · load average before/after "
-        f"{load_before[0]:.2f}/{load_after[0]:.2f}"
+        f"{load_before[0]:.2f}/{load_after[0]:.2f}\n\n"
+        f"reference: a float32 2048^3 matmul runs at {peak['matmul']:.0f} GFLOP/s, the blocks' 3x3 conv at "
+        f"{peak['conv']:.0f} GFLOP/s; the model does {gflop:.1f} GFLOP per image forward, "
+        f"{3 * gflop:.1f} per training image (forward + backward ~ 3x)"
     )
     table = Table(title=f"{Path(args.spec).name}")
-    for col in ("task", "batch", "s / call", "img/s", "peak memory (GB)"):
+    columns = ("task", "batch", "s / call", "img/s", "GFLOP/s", "peak memory (GB)")
+    for col in columns:
         table.add_column(col, justify="right")
-    lines = ["| task | batch | s / call | img/s | peak memory (GB) |", "|---|---:|---:|---:|---:|"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for r in rows:
+        flop_per_image = gflop * (3 if r["task"] == "train" else 1)
         cells = [
             r["task"],
             str(r["batch"]),
             f"{r['seconds']:.2f}",
             f"{r['img_per_s']:.2f}",
+            f"{r['img_per_s'] * flop_per_image:.0f}",
             f"{r['peak_gb']:.2f}",
         ]
         table.add_row(*cells)

@@ -110,9 +110,11 @@ class FlowModel(nn.Module):
             c.autocast_dtype = dtype
 
     def compile_networks(self, **kwargs) -> None:
-        """torch.compile each coupling network in place (parameter names are unchanged)."""
+        """torch.compile each coupling network in place (parameter names are unchanged). Shapes are
+        static unless `dynamic=True` is passed: the networks share one forward, and inductor fails on the
+        dynamic-shape graph it would otherwise make once a second shape is seen."""
         for c in self.couplings():
-            c.network.compile(**kwargs)
+            c.network.compile(**{"dynamic": False, **kwargs})
 
     def count_parameters(self) -> dict[str, int]:
         """Trainable parameters: total, main flow, dequantizer, and the dequantizer's context network."""

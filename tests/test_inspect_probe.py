@@ -57,7 +57,7 @@ def test_probe_fills_every_step_and_sums(small):
     split = next(row for row in report.branch("flow").rows if row.kind == "split")
     assert split.logdet_bpd == pytest.approx(sum(r.logdet_bpd for r in split.walk() if r.leaf))
     assert probe.max_inverse_error < 1e-3 and math.isfinite(probe.bpd)
-    assert report.footer.memory_note.endswith("measured at batch 4 and scaled)")
+    assert report.footer.memory_note.endswith("measured per image at batch 4 and scaled)")
 
 
 def test_probe_cli_on_real_data(capsys, cifar10_dir):

@@ -7,15 +7,23 @@ for backward, given how each layer computes (and what it recomputes in the backw
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from flowspec.inspection.flops import step_modules, step_spatial
 from flowspec.inspection.report import Report
 from flowspec.layers.couplings import Coupling
-from flowspec.layers.networks import FlowppNetwork, GatedConv
+from flowspec.layers.dropout import Dropout
+from flowspec.layers.networks import FlowppBlock, FlowppNetwork, GatedAttention, GatedConv
+from flowspec.layers.norm import Norm
+from flowspec.layers.pointwise import Pointwise
 from flowspec.spec import FlowSpec
 
 
@@ -42,36 +50,54 @@ def parameter_state(model: nn.Module, spec: FlowSpec) -> tuple[int, str]:
     return (4 + ema) * weights, "weights, gradients, Adam" + (", EMA" if ema else "")
 
 
+def _mask_bytes(dropout: Dropout, elements: int) -> int:
+    """A dropout mask is kept as bool, 1 byte per element, when dropout is on."""
+    return elements if dropout.p > 0 else 0
+
+
 def _gated_conv(g: GatedConv, itemsize: int) -> int:
-    """Bytes per position a gated conv keeps for backward: its input, the concat_elu output, c1, the
-    dropout mask (float) and output, c2 and the gate's sigmoid (in a Flow++ block: LayerNorm's output,
-    which the recomputed attention keeps as its input), plus the context projection's input."""
+    """Bytes per position a stand-alone gated conv keeps for backward: its input, the concat_elu output,
+    c1, the dropout mask and output, c2 and the gate's sigmoid, plus the context projection's input."""
     f = g.c1.out_channels
-    kept = (1 + 2 + 1 + 2 * (g.dropout.p > 0) + 2 + 2 + 1) * f
+    kept = (1 + 2 + 1 + 2 + 2 + 1) * f * itemsize + _mask_bytes(g.dropout, 2 * f)
     if g.a_proj is not None:
-        kept += g.a_proj.in_features
-    return kept * itemsize
+        kept += g.a_proj.in_features * itemsize
+    return kept
+
+
+def _flowpp_block(block: FlowppBlock, itemsize: int) -> int:
+    """Bytes per position a Flow++ block keeps in a training step (selective recomputation): its input,
+    c1's output, its dropout masks and, with attention, the attention output and its per-head
+    log-sum-exp."""
+    f = block.conv.c1.out_channels
+    kept = 2 * f * itemsize + _mask_bytes(block.conv.dropout, 2 * f) + _mask_bytes(block.attn.dropout, f)
+    if isinstance(block.attn, GatedAttention):
+        kept += (f + block.attn.heads) * itemsize
+    return kept
 
 
 def kept_per_position(module: nn.Module, itemsize: int) -> int:
-    """Bytes per image and feature-map position that autograd keeps for backward in a training step.
+    """Bytes per image and feature-map position that `module` allocates in a training step and autograd
+    keeps for backward (each kept tensor is counted once, in the layer that made it).
 
-    Flow++ blocks recompute gate + LayerNorm and the attention in the backward pass (torch.utils.checkpoint)
-    and keep only their inputs; the mixture couplings recompute the logit-CDF and keep b, tanh(s), exp(s)
-    and its output. Other layers count their convolution, dense and batch-norm outputs.
+    Flow++ blocks keep only their input, dropout masks and the outputs of their convolutions and
+    attention (the rest is recomputed in the backward pass); couplings keep their output and, for the
+    mixture, tanh(s), exp(s) and the logit-CDF (recomputed inside). Norms and pointwise layers keep their
+    output; other layers count their convolution, dense and batch-norm outputs.
     """
     if isinstance(module, FlowppNetwork):
-        blocks = list(module.blocks)
-        a_proj = blocks[0].conv.a_proj if blocks else None
-        context = a_proj.in_features // 2 if a_proj is not None else 0  # kept by its concat_elu
-        ends = module.proj_in.in_channels + module.proj_out.in_channels + module.proj_out.out_channels
-        return (ends + context) * itemsize + sum(_gated_conv(b.conv, itemsize) for b in blocks)
+        ends = module.proj_out.in_channels + module.proj_out.out_channels
+        return ends * itemsize + sum(_flowpp_block(b, itemsize) for b in module.blocks)
     if isinstance(module, GatedConv):
         return _gated_conv(module, itemsize)
     kept = 0
-    if isinstance(module, Coupling) and isinstance(module.network, FlowppNetwork):
-        channels = module.network.proj_out.out_channels // module.per_element
-        kept += {"additive": 0, "affine": 3, "mixlogistic": 4}[module.transform] * channels * itemsize
+    if isinstance(module, Coupling):
+        channels = _network_out_channels(module.network) // module.per_element
+        kept += {"additive": 1, "affine": 3, "mixlogistic": 4}[module.transform] * channels * itemsize
+    elif isinstance(module, Norm):
+        kept += module.halves * module.g.shape[1] * itemsize
+    elif isinstance(module, Pointwise):
+        kept += module.weight.shape[0] * module.weight.shape[1] * itemsize
     elif isinstance(module, nn.Conv2d):
         kept += module.out_channels * itemsize
     elif isinstance(module, nn.Linear):
@@ -79,6 +105,10 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         kept += module.num_features * itemsize
     return kept + sum(kept_per_position(child, itemsize) for child in module.children())
+
+
+def _network_out_channels(network: nn.Module) -> int:
+    return next(m.out_channels for m in reversed(list(network.modules())) if isinstance(m, nn.Conv2d))
 
 
 def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryEstimate:
@@ -101,30 +131,47 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
     return MemoryEstimate(state + activations, state, activations, note)
 
 
+def _held_bytes(model: nn.Module, images: torch.Tensor) -> int:
+    """Bytes a training-mode `log_prob` on `images` allocates and still holds when it returns, less its
+    output: what autograd keeps for backward, however it is kept (saved tensors, checkpoint caches)."""
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        log_prob = model.log_prob(images)
+    with quiet_stderr():
+        held = sum(event.self_cpu_memory_usage for event in prof.events())
+    return held - log_prob.numel() * log_prob.element_size()
+
+
 def measure_memory(model: nn.Module, spec: FlowSpec, images: torch.Tensor) -> MemoryEstimate:
-    """Measured: the bytes autograd keeps for backward in a training-mode `log_prob` on `images`,
-    parameters excluded, scaled to the spec's batch size."""
+    """Measured: the bytes per image that a training-mode `log_prob` keeps for backward, from two
+    batches (half of `images` and all of it; `images` twice for one image), so that tensors whose size
+    does not grow with the batch (clamped weights, decompositions) cancel; scaled to the spec's batch."""
     state, parts = parameter_state(model, spec)
-    params = {id(p) for p in model.parameters()}
-    kept: dict[int, torch.Tensor] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(base) not in params:
-            kept[id(base)] = base  # holding the reference keeps the ids unique
-        return t
-
+    small = images[: max(1, len(images) // 2)]
+    large = images if len(images) > 1 else torch.cat([images, images])
     was_training = model.training
     model.train()
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.log_prob(images)
+        with torch.enable_grad():
+            per_image = (_held_bytes(model, large) - _held_bytes(model, small)) / (len(large) - len(small))
     finally:
         model.train(was_training)
-    saved = sum(t.numel() * t.element_size() for t in kept.values())
-    activations = saved * spec.train.batch // len(images)
+    activations = round(per_image * spec.train.batch)
     note = (
         f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
-        f"(tensors kept for backward, measured at batch {len(images)} and scaled)"
+        f"(tensors kept for backward, measured per image at batch {len(large)} and scaled)"
     )
     return MemoryEstimate(state + activations, state, activations, note)
+
+
+@contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ library logs its start and stop there."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)

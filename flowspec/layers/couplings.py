@@ -45,36 +45,35 @@ class Coupling(Layer):
                 out = self.network(a, context)
         return out.unflatten(1, (a.shape[1], self.per_element)).permute(0, 1, 3, 4, 2).to(a.dtype)
 
-    def _mixture(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split(self, p: Tensor) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+        """The shift t, the scale's tanh(s) (None if additive) and the mixture's logits, means and
+        log-scales, from the network outputs (one `split`: its backward is a single cat)."""
+        if self.transform == "additive":
+            return p[..., 0], None, ()
         k = (self.per_element - 2) // 3
-        logits, means, logscales = p[..., 2 : 2 + k], p[..., 2 + k : 2 + 2 * k], p[..., 2 + 2 * k :]
-        return logits, means, logscales.clamp(min=mixlogistic.MIN_LOGSCALE)
+        s, t, *mixture = p.split([1, 1] if self.transform == "affine" else [1, 1, k, k, k], -1)
+        return t.squeeze(-1), torch.tanh(s.squeeze(-1)), tuple(mixture)
 
     def forward(self, x, context=None):
         a, b = x
-        p = self._params(a, context)
-        if self.transform == "additive":
-            return (a, b + p[..., 0]), zero_logdet(b)
-        s, t = torch.tanh(p[..., 0]), p[..., 1]
-        if self.transform == "affine":
+        t, s, mixture = self._split(self._params(a, context))
+        if s is None:
+            return (a, b + t), zero_logdet(b)
+        if not mixture:
             return (a, b * torch.exp(s) + t), sum_per_sample(s)
         if self.training and torch.is_grad_enabled():  # recompute in the backward pass: saves memory
-            g, log_slope = checkpoint(self._logit_cdf, b, p, use_reentrant=False)
+            g, log_slope = checkpoint(mixlogistic.logit_cdf, b, *mixture, use_reentrant=False)
         else:
-            g, log_slope = self._logit_cdf(b, p)
+            g, log_slope = mixlogistic.logit_cdf(b, *mixture)
         return (a, g * torch.exp(s) + t), sum_per_sample(log_slope + s)
-
-    def _logit_cdf(self, b: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        return mixlogistic.logit_cdf(b, *self._mixture(p))
 
     def inverse(self, y, context=None):
         a, b = y
-        p = self._params(a, context)
-        if self.transform == "additive":
-            return (a, b - p[..., 0])
-        s, t = torch.tanh(p[..., 0]), p[..., 1]
+        t, s, mixture = self._split(self._params(a, context))
+        if s is None:
+            return (a, b - t)
         h = (b - t) * torch.exp(-s)
-        if self.transform == "affine":
+        if not mixture:
             return (a, h)
-        x, self.last_inverse_iterations = mixlogistic.inverse_logit_cdf(h, *self._mixture(p))
+        x, self.last_inverse_iterations = mixlogistic.inverse_logit_cdf(h, *mixture)
         return (a, x)

@@ -1,6 +1,7 @@
 """Mixture of logistics: log-pdf, log-CDF, log survival function and the inverse CDF.
 
-Parameters carry the K components on the last dimension; `x` has one dimension less. The flow uses the
+Parameters carry the K components on the last dimension; `x` has one dimension less. Log-scales are
+floored at MIN_LOGSCALE (the official -7) by every function here. The flow uses the
 logit of the mixture CDF, so everything is done in log space: logit(c) = log c - log(1 - c), where
 log(1 - c) is the log of the mixture of the components' survival functions (exact in both tails).
 """
@@ -20,12 +21,14 @@ def _z(x: Tensor, means: Tensor, logscales: Tensor) -> Tensor:
 
 def logpdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> Tensor:
     """log of sum_k pi_k logistic_pdf(x; mu_k, exp(l_k)), pi = softmax(logits)."""
+    logscales = logscales.clamp(min=MIN_LOGSCALE)
     z = _z(x, means, logscales)
     return torch.logsumexp(F.log_softmax(logits, -1) + z - logscales - 2 * F.softplus(z), -1)
 
 
 def logit_cdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> tuple[Tensor, Tensor]:
     """logit of the mixture CDF at x, and the log-derivative of that logit w.r.t. x."""
+    logscales = logscales.clamp(min=MIN_LOGSCALE)
     log_pi = F.log_softmax(logits, -1)
     z = _z(x, means, logscales)
     log_cdf = torch.logsumexp(log_pi + F.logsigmoid(z), -1)
@@ -58,6 +61,7 @@ def inverse_logit_cdf(
     shape, out_dtype = h.shape, h.dtype
     k = logits.shape[-1]
     h = h.double().reshape(-1)
+    logscales = logscales.clamp(min=MIN_LOGSCALE)
     logits, means, logscales = (t.double().reshape(-1, k) for t in (logits, means, logscales))
     pi, inv_scales = torch.softmax(logits, -1), torch.exp(-logscales)
     bounds = means + h.unsqueeze(-1) / inv_scales

@@ -21,7 +21,9 @@ class Pointwise(Layer):
 
     @staticmethod
     def _mix(x, w):
-        return torch.einsum("nchw,cd->ndhw", x, w.to(x.dtype))
+        """x @ w on the channels, as a batched W^T (N x C x HW): autograd keeps x itself, not a copy."""
+        n, c = x.shape[:2]
+        return torch.bmm(w.to(x.dtype).t().expand(n, c, c), x.flatten(2)).view(x.shape)
 
     def forward(self, x, context=None):
         xs = x if isinstance(x, tuple) else (x,)

@@ -1,0 +1,34 @@
+"""Dropout with cheap masks that can be drawn ahead of the computation that uses them.
+
+On a CPU other than Intel's, `bernoulli_` draws its numbers one by one through a slow path, which made
+dropout about a tenth of a Flow++ training step. Here each element gets 31 random bits from `random_`
+(about 3x faster), compared with the keep probability (exact to 2^-31). The masks come from torch's
+default generator, so seeding and resumed runs reproduce them exactly. A mask is a bool tensor, so
+autograd keeps 1 byte per element for it instead of a float.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` that can also apply a mask drawn beforehand by `draw`."""
+
+    def active(self) -> bool:
+        return self.training and self.p > 0
+
+    def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device | str) -> Tensor | None:
+        """A keep-mask for an input of `shape`, or None when dropout is off (eval mode or p = 0)."""
+        if not self.active():
+            return None
+        bits = torch.empty(shape, dtype=torch.int32, device=device).random_()  # uniform on [0, 2^31)
+        return bits < round((1.0 - self.p) * 2**31)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if not self.active():
+            return x
+        if mask is None:
+            mask = self.draw(x.shape, x.device)
+        return x * mask * (1.0 / (1.0 - self.p))
