@@ -1,0 +1,147 @@
+"""Where a training step (or a log_prob call) spends its time, by kind of work, and the rate its kernels
+alone allow.
+
+Runs the call once under torch.profiler (self time of every op) and once under FlopCounterMode (FLOPs of
+every op, backward and recomputation included; attention counted as q k^T and a v, backward twice the
+forward), groups ops into convolution, attention, dense matmul,
+dropout random numbers and everything else, and prints seconds, share and GFLOP/s per group. The
+images per second that the convolution, attention and matmul kernels alone would allow, if all other work
+took no time, bound what any scheduling of the same kernels can reach on this machine. Appends the table,
+with the exact command and the machine, to bench/RESULTS.md.
+
+    python bench/profile_step.py                      # train step at batch 8, CPU, 2 threads
+    python bench/profile_step.py --task log_prob --batch 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+import flowspec
+from flowspec.layers.networks import GatedAttention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_flowpp import RESULTS, ROOT, machine  # noqa: E402
+
+KERNELS = ("convolution", "attention", "dense matmul")
+
+
+def category(op_name: str) -> str:
+    """The kind of work an op name (profiler's `aten::x` or the flop counter's `aten.x`) stands for."""
+    name = op_name.split("::")[-1].split(".")[-1]
+    if "conv" in name:
+        return "convolution"
+    if "scaled_dot_product" in name:
+        return "attention"
+    if name in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear"):
+        return "dense matmul"
+    if name in ("random_", "bernoulli_", "uniform_", "normal_", "randint"):
+        return "random numbers"
+    return "other (elementwise, copies, dispatch)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--spec", default=str(ROOT / "specs" / "flowpp_cifar.flow"))
+    parser.add_argument("--task", choices=["train", "log_prob"], default="train")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    spec = flowspec.load_spec(args.spec)
+    model = flowspec.build(spec)
+    x = torch.randint(0, spec.data.levels, (args.batch, *spec.data.shape))
+    model.initialize(x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def call() -> None:
+        if args.task == "train":
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            (-model.log_prob(x).mean()).backward()
+            opt.step()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model.log_prob(x)
+
+    call()  # warm-up
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    with FlopCounterMode(display=False) as counter:
+        call()
+    attention_flop = []  # FlopCounterMode does not count fused attention kernels: count q k^T and a v
+
+    def count_attention(module, inputs, output) -> None:
+        n, h, w, f = inputs[0].shape
+        attention_flop.append(4 * n * (h * w) ** 2 * f * (3 if args.task == "train" else 1))
+
+    attentions = [m for m in model.modules() if isinstance(m, GatedAttention)]
+    hooks = [m.register_forward_hook(count_attention) for m in attentions]
+    with torch.no_grad():
+        model.eval()
+        model.log_prob(x)  # one forward (a training step's recomputation would call the hooks again)
+    for hook in hooks:
+        hook.remove()
+
+    busy: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        busy[category(event.key)] += event.self_cpu_time_total / 1e6
+    flops: dict[str, int] = defaultdict(int)
+    for op, n in counter.get_flop_counts()["Global"].items():
+        flops[category(str(op))] += n
+    flops["attention"] = sum(attention_flop)
+    profiled = sum(busy.values())
+    kernel_seconds = sum(busy[k] for k in KERNELS) * seconds / profiled
+
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    header = (
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
+        f"machine: {machine()} · torch {torch.__version__} · threads {args.threads} · {Path(args.spec).name} "
+        f"{args.task} at batch {args.batch}: {seconds:.2f} s per call ({args.batch / seconds:.2f} img/s); "
+        f"the convolution, attention and matmul kernels alone take {kernel_seconds:.2f} s, so no schedule "
+        f"of them exceeds {args.batch / kernel_seconds:.2f} img/s here"
+    )
+    columns = ("work", "seconds", "share", "GFLOP", "GFLOP/s")
+    table = Table(title=f"{Path(args.spec).name} {args.task}, batch {args.batch}")
+    for col in columns:
+        table.add_column(col, justify="right" if col != "work" else "left")
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for work in (*KERNELS, "random numbers", "other (elementwise, copies, dispatch)"):
+        share = busy[work] / profiled
+        work_seconds = share * seconds  # profiled self time, rescaled to the unprofiled call
+        gflop = flops[work] / 1e9
+        rate = f"{gflop / work_seconds:.0f}" if gflop and work_seconds else ""
+        cells = [work, f"{work_seconds:.2f}", f"{share:.0%}", f"{gflop:.0f}" if gflop else "", rate]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    console = Console()
+    console.print(header)
+    console.print(table)
+    if not args.no_append:
+        with RESULTS.open("a") as f:
+            f.write(f"\n### {header}\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
