@@ -2,7 +2,7 @@
 
 Without running the model (`inspect`), the activations are counted per layer: the tensors autograd keeps
 for backward, given how each layer computes (and what it recomputes in the backward pass). The probe
-(`inspect --probe`) measures those tensors on a real batch instead.
+(`inspect --probe`) measures instead what a training-mode pass on a real batch still holds when it returns.
 """
 
 from __future__ import annotations

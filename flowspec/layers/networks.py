@@ -183,7 +183,7 @@ class FlowppBlock(nn.Module):
     In a training step the block keeps for backward only its input, its dropout masks (bool, drawn
     before the block) and the outputs of its convolutions and attention; the dense layers and
     elementwise work are recomputed in the backward pass (selective activation checkpointing). This
-    keeps about a third of the activations a plain backward would, for a few percent more compute.
+    keeps about a fifth of what a plain backward would, for a few percent more compute.
     """
 
     def __init__(self, filters: int, heads: int, attention: bool, dropout: float, context_filters: int):
