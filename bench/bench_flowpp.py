@@ -24,9 +24,21 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that wall-clock times are the device's."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def measure(args: argparse.Namespace, task: str, batch: int) -> dict:
@@ -69,19 +81,15 @@ def measure(args: argparse.Namespace, task: str, batch: int) -> dict:
         def call() -> None:
             model.sample(batch, generator=None)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for _ in range(args.warmup):
         call()
-    sync()
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.repeats):
         call()
-    sync()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / args.repeats
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 1e9
@@ -102,13 +110,11 @@ def reference(args: argparse.Namespace) -> dict:
     def gflops(fn, flop: int, repeats: int = 10) -> float:
         fn()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return flop * repeats / (time.perf_counter() - start) / 1e9
 
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)

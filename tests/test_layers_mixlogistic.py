@@ -76,3 +76,20 @@ def test_inverse_of_sharp_mixture_counts_iterations():
     x2, iterations = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
     assert (x2 - x).abs().max() < 1e-9
     assert 5 <= iterations <= 60
+
+
+def test_every_function_floors_the_log_scales():
+    """The official floor of -7 on log-scales applies inside each function, not only in the coupling."""
+    logits, means, logscales = _params(200, 4, torch.float64)
+    below = logscales.clone()
+    below[:, 0] = -20.0
+    floored = below.clamp(min=mixlogistic.MIN_LOGSCALE)
+    x = torch.randn(200, dtype=torch.float64)
+    f = mixlogistic
+    assert torch.equal(f.logpdf(x, logits, means, below), f.logpdf(x, logits, means, floored))
+    h, log_slope = f.logit_cdf(x, logits, means, floored)
+    h_below, log_slope_below = f.logit_cdf(x, logits, means, below)
+    assert torch.equal(h_below, h) and torch.equal(log_slope_below, log_slope)
+    assert torch.equal(
+        f.inverse_logit_cdf(h, logits, means, below)[0], f.inverse_logit_cdf(h, logits, means, floored)[0]
+    )
