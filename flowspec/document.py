@@ -56,6 +56,7 @@ class SettingError(ValueError):
 TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every"}
 OPTIMIZER_ARGS = ("lr", "betas", "eps", "weight_decay")
 SCHEDULE_ARGS = {"every": "step_every", "gamma": "step_gamma"}
+CONVERSIONS = {"all": ("size", "mode", "depth"), "none": ()}  # `convert all`, `convert none`
 
 
 def interval(count: Any, unit: str) -> RawDict:
@@ -82,8 +83,10 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
     if section == "data":
         if key == "classes" and not isinstance(value, tuple):
             return {"classes": (value,)}
-        if key == "path" and isinstance(value, Word):
-            return {"path": str(value)}
+        if key == "convert":
+            return {"convert": CONVERSIONS.get(value, (value,)) if isinstance(value, Word) else value}
+        if key in ("path", "test_path", "name") and isinstance(value, Word):
+            return {key: str(value)}
     return {key: value}
 
 

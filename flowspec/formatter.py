@@ -56,8 +56,13 @@ def _data(spec: FlowSpec) -> str:
     parts = [f"shape {'x'.join(map(str, data.shape))}", f"levels {data.levels}"]
     if data.classes is not None:
         parts.append(f"classes {_value(data.classes[0] if len(data.classes) == 1 else data.classes)}")
-    if data.path is not None:
-        parts.append(f'path "{data.path}"')
+    if data.convert:
+        parts.append(f"convert {_value(data.convert[0] if len(data.convert) == 1 else data.convert)}")
+    if data.test_split is not None:
+        parts.append(f"test_split {_value(data.test_split)}")
+    for key in ("name", "path", "test_path"):
+        if getattr(data, key) is not None:
+            parts.append(f'{key} "{getattr(data, key)}"')
     return f"data {data.dataset} {{ {'  '.join(parts)} }}"
 
 

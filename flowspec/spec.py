@@ -132,16 +132,26 @@ RepeatStep.model_rebuild()
 # ---------------------------------------------------------------- sections
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES, "digits": (), "npz": ()}
-CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "npz": None}
+Dataset = Literal["cifar10", "digits", "npz", "folder", "npy", "imagenet", "torchvision"]
+Conversion = Literal["size", "mode", "depth"]
+CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES}
+CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "imagenet": 1000}
+NAMED_AT_LOAD = ("folder", "torchvision")  # class names are the source's own (its subfolders, `classes`)
+HAS_TEST = ("cifar10", "digits")  # sources that always bring a test split
 
 
 class DataSpec(Node):
-    dataset: Literal["cifar10", "npz", "digits"] = "cifar10"
-    path: str | None = Field(default=None, description="folder of .npz shards (dataset npz)")
+    dataset: Dataset = "cifar10"
+    path: str | None = Field(default=None, description="the data's folder or file")
+    test_path: str | None = Field(default=None, description="the test split's folder or file")
+    name: str | None = Field(default=None, description="a torchvision dataset class (dataset torchvision)")
     shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C x H x W")
     levels: int = Field(default=256, ge=2, le=65536, description="values per pixel: 256 for 8-bit")
     classes: tuple[str | int, ...] | None = Field(default=None, description="class subset, by name or index")
+    convert: tuple[Conversion, ...] = Field(default=(), description="conversions of images that differ")
+    test_split: int | float | None = Field(
+        default=None, description="test images held out: count or fraction"
+    )
 
     @field_validator("classes")
     @classmethod
@@ -149,9 +159,9 @@ class DataSpec(Node):
         dataset = info.data.get("dataset")
         if classes is None or dataset is None:
             return classes
-        names, count = CLASS_NAMES[dataset], CLASS_COUNTS[dataset]
+        names, count = CLASS_NAMES.get(dataset, ()), CLASS_COUNTS.get(dataset)
         for c in classes:
-            if isinstance(c, str) and c not in names:
+            if isinstance(c, str) and dataset not in NAMED_AT_LOAD and c not in names:
                 if not names:
                     raise ValueError(f"{dataset} classes are numbered: give indices, not '{c}'")
                 close = difflib.get_close_matches(c, names, n=1)
@@ -162,9 +172,22 @@ class DataSpec(Node):
                 raise ValueError(f"class index {c} is out of range for {dataset} ({valid})")
         return classes
 
+    @field_validator("test_split")
+    @classmethod
+    def _split_size(cls, split: int | float | None) -> int | float | None:
+        if (
+            split is None
+            or (isinstance(split, int) and split >= 1)
+            or (isinstance(split, float) and 0 < split < 1)
+        ):
+            return split
+        raise ValueError(f"test_split is a count of images (1 or more) or a fraction in (0, 1), got {split}")
+
     @property
     def class_indices(self) -> tuple[int, ...] | None:
-        """The class subset as label indices (CIFAR-10 names mapped to their labels), or None for all."""
+        """The class subset as label indices (CIFAR-10 names mapped to their labels), or None for all.
+
+        Names of `folder` and `torchvision` classes are mapped when the data is read."""
         if self.classes is None:
             return None
         return tuple(c if isinstance(c, int) else CLASS_NAMES[self.dataset].index(c) for c in self.classes)
@@ -175,6 +198,16 @@ class DataSpec(Node):
             raise ValueError(f"shape dimensions must be positive, got {'x'.join(map(str, self.shape))}")
         if self.classes is not None and len(self.classes) == 0:
             raise ValueError("classes must name at least one class")
+        if (self.name is None) == (self.dataset == "torchvision"):
+            raise ValueError(
+                'dataset torchvision needs the dataset\'s class: name "CIFAR100"'
+                if self.name is None
+                else f"name is for dataset torchvision, not {self.dataset}"
+            )
+        if self.dataset in HAS_TEST and (self.test_split is not None or self.test_path is not None):
+            raise ValueError(f"{self.dataset} has its own test split: remove test_split and test_path")
+        if self.test_split is not None and self.test_path is not None:
+            raise ValueError("give test_path or test_split, not both")
         return self
 
 

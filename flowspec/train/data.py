@@ -1,8 +1,11 @@
-"""Datasets as in-memory integer image tensors: CIFAR-10, folders of `.npz` shards, scikit-learn's digits.
+"""The spec's dataset, split and prepared: `load_split` gives an `ImageSet` of uint8 N x C x H x W images.
 
-Every source ends up as an `ImageSet`: uint8 images N x C x H x W with their labels, filtered to the
-spec's class subset and checked against the spec's shape and levels. Nothing here downloads unless
-`load_split` is allowed to (CIFAR-10 only, into a cache folder, and never when `FLOWSPEC_OFFLINE=1`).
+CIFAR-10, `.npz` shards (`npz`) and scikit-learn's digits are read into memory. File datasets (`folder`,
+`npy`, `imagenet`, `torchvision`, see `sources`) are prepared once into a memory-mapped cache and handed out
+as views of it, so a set larger than memory can be streamed. Every source is filtered to the spec's class
+subset, converted where the spec's `convert` asks and checked against its shape and levels. Nothing here
+downloads unless `load_split` is allowed to (CIFAR-10 only, into a cache folder, never with
+`FLOWSPEC_OFFLINE=1`).
 """
 
 from __future__ import annotations
@@ -17,20 +20,29 @@ import torch
 
 from flowspec.errors import UserError
 from flowspec.spec import DataSpec
+from flowspec.train import arrays
+from flowspec.train.arrays import ArrayFile
+from flowspec.train.files import regular_file
+from flowspec.train.prepare import prepare
 
 Split = Literal["train", "test"]
 
 DIGITS_TEST = 297  # the last 297 of scikit-learn's 1,797 digits are the test split
 CIFAR_FOLDER = "cifar-10-batches-py"
+FILE_DATASETS = ("folder", "npy", "imagenet", "torchvision")
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Integer images (uint8, N x C x H x W), their labels (long, N) and where they were read from."""
+    """Integer images (uint8, N x C x H x W), their labels (long, N) and where they were read from.
+
+    `file` is the memory-mapped array behind `images` for file datasets (then `images` is a view of it).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     source: str
+    file: ArrayFile | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -45,18 +57,29 @@ def cache_dir() -> Path:
 def load_split(
     data: DataSpec, split: Split, data_dir: Path | str | None = None, download: bool = True
 ) -> ImageSet:
-    """The `split` of the spec's dataset, filtered to its classes and checked against its shape and levels.
+    """The `split` of the spec's dataset, filtered to its classes, converted where it asks and checked
+    against its shape and levels.
 
-    `data_dir` (the command line's `--data`) overrides the spec's `path`: a torchvision
-    `cifar-10-batches-py` folder (or its parent) or a folder of `.npz` shards.
+    `data_dir` (the command line's `--data`) overrides the spec's `path`.
     """
-    folder = Path(data_dir) if data_dir is not None else (Path(data.path) if data.path else None)
+    path = Path(data_dir) if data_dir is not None else (Path(data.path) if data.path else None)
+    if data.dataset in FILE_DATASETS:
+        if path is None:
+            raise UserError(
+                f'the spec\'s dataset is `{data.dataset}` but names no data: add path "..." to its data '
+                f"section or pass --data PATH"
+            )
+        from flowspec.train.sources import prepared
+
+        splits, source = prepared(data, path)
+        file, labels = splits[split]
+        return ImageSet(file.tensor(), torch.from_numpy(labels), source, file)
     if data.dataset == "digits" and data_dir is None:
-        images, labels, source = _digits(split)
-    elif folder is not None:
-        images, labels, source = _from_folder(folder, split)
+        images, labels, source, levels = _digits(split)
+    elif path is not None:
+        images, labels, source, levels = _from_folder(path, split, data)
     elif data.dataset == "cifar10":
-        images, labels, source = _cifar10_default(split, download)
+        images, labels, source, levels = _cifar10_default(split, download, data)
     else:
         raise UserError(
             "the spec's dataset is `npz` but names no folder: pass the shard folder with --data DIR"
@@ -66,35 +89,26 @@ def load_split(
         images, labels = images[keep], labels[keep]
         if len(images) == 0:
             raise UserError(f"no {split} images of classes {list(data.classes)} in {source}")
-    _check(images, data, source)
+    if len(images) == 0:
+        raise UserError(f"the {split} split of {source} has no images")
+    images = prepare(images, levels, data, source)
     return ImageSet(images.contiguous(), labels, source)
 
 
-def _check(images: torch.Tensor, data: DataSpec, source: str) -> None:
-    got = tuple(images.shape[1:])
-    if got != tuple(data.shape):
-        raise UserError(
-            f"the images in {source} are {'x'.join(map(str, got))} but the spec's data shape is "
-            f"{'x'.join(map(str, data.shape))}"
-        )
-    if len(images) and int(images.max()) >= data.levels:
-        raise UserError(
-            f"the images in {source} have values up to {int(images.max())} but the spec says "
-            f"{data.levels} levels (values 0..{data.levels - 1})"
-        )
+Loaded = tuple[torch.Tensor, torch.Tensor, str, int]  # images, labels, where, levels of the source
 
 
-def _digits(split: Split) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _digits(split: Split) -> Loaded:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.uint8))[:, None]
     labels = torch.from_numpy(digits.target.astype(np.int64))
     part = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
-    return images[part], labels[part], "scikit-learn's bundled digits"
+    return images[part], labels[part], "scikit-learn's bundled digits", 17
 
 
-def _from_folder(folder: Path, split: Split) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _from_folder(folder: Path, split: Split, data: DataSpec) -> Loaded:
     if not folder.is_dir():
         raise UserError(
             f"data folder {folder} does not exist: pass --data DIR with a torchvision "
@@ -112,58 +126,55 @@ def _from_folder(folder: Path, split: Split) -> tuple[torch.Tensor, torch.Tensor
             f"named {pattern} (arrays `x`: uint8 N x H x W x C, `y`: labels); pass the right folder with "
             f"--data DIR"
         )
-    return _npz(shards)
+    return _npz(shards, data)
 
 
-def _npz(shards: list[Path]) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _npz(shards: list[Path], data: DataSpec) -> Loaded:
+    """Shards with arrays `x` (uint8 images N x H x W x C or N x H x W) and `y` (labels), each prepared."""
     xs, ys = [], []
     for shard in shards:
-        try:
-            with np.load(shard) as arrays:
-                x, y = arrays["x"], arrays["y"]
-        except (OSError, ValueError, KeyError, EOFError) as error:
-            raise UserError(f"cannot read {shard} (a .npz shard with arrays `x` and `y`): {error}") from None
-        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
-            raise UserError(
-                f"{shard}: `x` must be uint8 N x H x W x C (or N x H x W) with one label in `y` per image, "
-                f"got {x.dtype} {'x'.join(map(str, x.shape))} and {len(y)} labels"
-            )
-        xs.append(x if x.ndim == 4 else x[..., None])
-        ys.append(np.asarray(y, dtype=np.int64).reshape(-1))
-    images = torch.from_numpy(np.concatenate(xs)).permute(0, 3, 1, 2)
+        found = arrays.members(shard)
+        member = arrays.pick(found, ("x",), shard, "images")
+        count, levels, _, channels_last = arrays.image_layout(member)
+        labels = arrays.read_labels(arrays.pick(found, ("y",), shard, "labels"), count, member)
+        if count == 0:
+            raise UserError(f"{member} holds no images")
+        xs.append(prepare(torch.cat(list(arrays.chunks(member, channels_last))), levels, data, str(shard)))
+        ys.append(torch.from_numpy(labels))
     where = str(shards[0].parent / f"{{{','.join(s.name for s in shards)}}}")
-    return images, torch.from_numpy(np.concatenate(ys)), where
+    return torch.cat(xs), torch.cat(ys), where, data.levels
 
 
-def _torchvision_cifar(
-    root: Path, split: Split, download: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _torchvision_cifar(root: Path, split: Split, download: bool = False) -> Loaded:
     from torchvision.datasets import CIFAR10
 
+    folder = root / CIFAR_FOLDER
+    for path in folder.iterdir() if folder.is_dir() else ():
+        regular_file(path, "CIFAR-10 file")  # torchvision would block on a FIFO
     try:
         dataset = CIFAR10(str(root), train=split == "train", download=download)
     except (
         Exception
     ) as error:  # torchvision raises RuntimeError for missing/corrupt files, others when offline
         raise UserError(
-            f"cannot read CIFAR-10 from {root / CIFAR_FOLDER}: {error}; pass --data DIR with a torchvision "
+            f"cannot read CIFAR-10 from {folder}: {error}; pass --data DIR with a torchvision "
             f"`{CIFAR_FOLDER}` folder or a folder of .npz shards"
         ) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
-    return images, torch.tensor(dataset.targets, dtype=torch.int64), str(root / CIFAR_FOLDER)
+    return images, torch.tensor(dataset.targets, dtype=torch.int64), str(folder), 256
 
 
 def _has_data(folder: Path) -> bool:
     return (folder / CIFAR_FOLDER).is_dir() or folder.name == CIFAR_FOLDER or any(folder.glob("test*.npz"))
 
 
-def _cifar10_default(split: Split, download: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _cifar10_default(split: Split, download: bool, data: DataSpec) -> Loaded:
     """FLOWSPEC_DATA_DIR, then the cache folder; else a download into the cache when online."""
     env = os.environ.get("FLOWSPEC_DATA_DIR")
     candidates = ([Path(env)] if env else []) + [cache_dir()]
     for folder in candidates:
         if folder.is_dir() and _has_data(folder):
-            return _from_folder(folder, split)
+            return _from_folder(folder, split, data)
     looked = ", ".join(str(c) for c in candidates)
     if download and os.environ.get("FLOWSPEC_OFFLINE") != "1":
         try:

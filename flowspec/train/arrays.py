@@ -1,0 +1,167 @@
+"""Arrays of images in `.npy` files and `.npz` archives: their shapes without reading them, their rows in
+chunks, their labels, each checked with a message that names the file and what is wrong with it."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowspec.errors import UserError
+from flowspec.train.files import regular_file
+
+IMAGE_KEYS = ("x", "data", "images")  # the array of images in a .npz, by the first name present
+LABEL_KEYS = ("y", "labels", "targets")
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ArrayFile:
+    """A C-ordered uint8 `.npy` array of images, memory-mappable: N x C x H x W, or N x H x W x C."""
+
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+    channels_last: bool
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = (self.shape[3], self.shape[1], self.shape[2]) if self.channels_last else self.shape[1:]
+        return c, h, w
+
+    def tensor(self) -> torch.Tensor:
+        """All images as N x C x H x W, a view of the memory map (nothing is read until used)."""
+        array = np.load(self.path, mmap_mode="c")  # copy-on-write: writable for torch, never written back
+        images = torch.from_numpy(array)
+        return images.permute(0, 3, 1, 2) if self.channels_last else images
+
+
+@dataclass(frozen=True)
+class Member:
+    """One array of a `.npy` file (`key` None) or of a `.npz` archive: its shape and type, unread."""
+
+    path: Path
+    key: str | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __str__(self) -> str:
+        return f"{self.path}" + (f" (array `{self.key}`)" if self.key else "")
+
+    def load(self) -> np.ndarray:
+        """The whole array, read into memory (an `.npy` stays memory-mapped)."""
+        try:
+            if self.key is None:
+                return np.load(self.path, mmap_mode="r")
+            with np.load(self.path) as archive:
+                return archive[self.key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise UserError(f"cannot read {self}: {error}") from None
+
+
+def members(path: Path) -> dict[str, Member]:
+    """The arrays of a `.npy` (key "") or `.npz` file, from their headers (nothing else is read)."""
+    regular_file(path)
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                shape, dtype = _header(f)
+            return {"": Member(path, None, shape, dtype)}
+        found = {}
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".npy"):
+                    with archive.open(name) as f:
+                        shape, dtype = _header(f)
+                    found[name[:-4]] = Member(path, name[:-4], shape, dtype)
+        return found
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise UserError(f"cannot read {path} (an .npy or .npz array file): {error}") from None
+
+
+def _header(f) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran and len(shape) > 1:
+        raise ValueError("the array is stored in Fortran order; save it C-ordered (np.ascontiguousarray)")
+    return tuple(shape), dtype
+
+
+def pick(found: dict[str, Member], keys: tuple[str, ...], path: Path, what: str) -> Member | None:
+    """The member named by the first of `keys` present (an `.npy` file's only array for images)."""
+    if "" in found:
+        return found[""] if what == "images" else None
+    for key in keys:
+        if key in found:
+            return found[key]
+    if what == "images":
+        raise UserError(
+            f"{path} has no array of images: expected one named {' or '.join(f'`{k}`' for k in keys)}, "
+            f"found {', '.join(f'`{k}`' for k in found) or 'none'}"
+        )
+    return None
+
+
+def image_layout(member: Member) -> tuple[int, int, int, bool]:
+    """(N, source levels, channels, channels_last) of an image array; refuses other shapes and types."""
+    shape = member.shape
+    if member.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"{member}: images must be uint8 (or uint16), got {member.dtype}")
+    levels = 256 if member.dtype == np.uint8 else 65536
+    if len(shape) == 3:
+        return shape[0], levels, 1, True
+    if len(shape) == 4 and shape[3] <= 4:
+        return shape[0], levels, shape[3], True
+    if len(shape) == 4 and shape[1] <= 4:
+        return shape[0], levels, shape[1], False
+    raise UserError(
+        f"{member}: expected images N x H x W x C (C of 1 to 4), N x C x H x W or N x H x W, "
+        f"got {'x'.join(map(str, shape)) or 'a scalar'}"
+    )
+
+
+def read_labels(member: Member | None, count: int, images: Member) -> np.ndarray:
+    """One integer label per image (zeros where the file has none), checked."""
+    if member is None:
+        return np.zeros(count, dtype=np.int64)
+    if len(member.shape) != 1:
+        kind = "a scalar" if not member.shape else f"an array of {'x'.join(map(str, member.shape))}"
+        raise UserError(f"{member}: labels must be a list of one integer per image, got {kind}")
+    if member.dtype.kind not in "iubf":
+        raise UserError(f"{member}: labels must be integers, got {member.dtype} values")
+    if member.shape[0] != count:
+        more = "more" if member.shape[0] > count else "fewer"
+        raise UserError(f"{member}: {member.shape[0]} labels, {more} than the {count} images of {images}")
+    values = member.load()
+    if member.dtype.kind == "f" and not np.array_equal(values, np.floor(values)):
+        raise UserError(
+            f"{member}: labels must be whole numbers, got fractions such as {values[values % 1 != 0][0]}"
+        )
+    labels = np.asarray(values, dtype=np.int64)
+    if len(labels) and labels.min() < 0:
+        raise UserError(f"{member}: labels must be 0 or more, got {labels.min()}")
+    return labels
+
+
+def chunks(
+    member: Member, channels_last: bool, flat_shape: tuple[int, ...] | None = None
+) -> Iterator[torch.Tensor]:
+    """The images of `member` as N x C x H x W tensors, about CHUNK_BYTES at a time.
+
+    `flat_shape` (C, H, W) reads rows stored flattened (the downsampled-ImageNet batches).
+    """
+    array = member.load()
+    if flat_shape is not None:
+        array = array.reshape(len(array), *flat_shape)
+    rows = max(1, CHUNK_BYTES // max(1, array[:1].nbytes))
+    for start in range(0, len(array), rows):
+        rows_read = np.array(array[start : start + rows])
+        part = torch.from_numpy(rows_read.astype(np.int32) if rows_read.dtype == np.uint16 else rows_read)
+        if part.ndim == 3:
+            part = part[..., None]
+        yield part.permute(0, 3, 1, 2) if channels_last else part

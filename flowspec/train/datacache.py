@@ -1,0 +1,141 @@
+"""The prepared-data cache: a dataset decoded and prepared once, kept as memory-mappable uint8 `.npy` files.
+
+A cache folder is named by what it holds (the source's files and the preparation) and records the files'
+sizes and modification times: it is reused while they are unchanged and rebuilt when one changes. It is
+built in a temporary folder and renamed into place, under a lock, so a killed build never leaves half a
+cache and concurrent processes (torchrun) build it once. Location: `FLOWSPEC_CACHE_DIR`, else a
+`.flowspec-cache` folder beside the data when that is writable, else `~/.cache/flowspec/prepared`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flowspec.errors import UserError
+
+FORMAT = 1  # bump when the files' layout or the preparation's meaning changes
+META = "meta.json"
+
+
+def cache_root(near: Path) -> Path:
+    """Where prepared datasets of data at `near` (a folder or file) are kept."""
+    override = os.environ.get("FLOWSPEC_CACHE_DIR")
+    if override:
+        return Path(override)
+    folder = near if near.is_dir() else near.parent
+    if os.access(folder, os.W_OK | os.X_OK):
+        return folder / ".flowspec-cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flowspec" / "prepared"
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path], dict[str, Any]]) -> Path:
+    """The cache folder for `what`, built by `build(folder)` unless a current one exists.
+
+    `what` names the content (source paths and preparation), `stamp` the sources' state (sizes, times);
+    `build` fills the (temporary) folder and returns facts recorded in its meta.json.
+    """
+    name = digest({"format": FORMAT, **what})[:20]
+    final = root / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot create the data cache folder {root}: {error.strerror}; set FLOWSPEC_CACHE_DIR"
+        ) from None
+    stamp_digest = digest(stamp)
+    if _current(final, stamp_digest):
+        return final
+    with _locked(root / f"{name}.lock"):
+        if _current(final, stamp_digest):  # another process built it while we waited
+            return final
+        for stale in root.glob(f"{name}.tmp-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f"{name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            facts = build(tmp)
+            (tmp / META).write_text(
+                json.dumps({"stamp": stamp_digest, "what": what, **facts}, default=str) + "\n"
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            old = root / f"{name}.tmp-{os.getpid()}-old"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    return final
+
+
+def _current(folder: Path, stamp_digest: str) -> bool:
+    try:
+        return json.loads((folder / META).read_text())["stamp"] == stamp_digest
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        handle = open(path, "a")
+    except OSError as error:
+        raise UserError(f"cannot write to the data cache folder {path.parent}: {error.strerror}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Progress:
+    """A rich progress bar on a terminal (stderr), else a line at the start and one at the end."""
+
+    def __init__(self, title: str, total: int):
+        self.title, self.total = title, total
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(
+                "[bold]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._task = self._bar.add_task(title, total=total)
+            self._bar.start()
+        else:
+            print(f"{title}: {total} images ...", file=sys.stderr, flush=True)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def close(self, message: str = "") -> None:
+        """Stop the bar; print `message` (nothing when the work failed)."""
+        if self._bar is not None:
+            self._bar.stop()
+        if message:
+            print(message, file=sys.stderr, flush=True)

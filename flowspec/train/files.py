@@ -1,0 +1,46 @@
+"""Checks on data files before they are opened: a FIFO or a device would block or never end."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from flowspec.errors import UserError
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def regular_file(path: Path, what: str = "data file") -> Path:
+    """`path` if it is a readable regular file (links followed); a `UserError` naming it otherwise.
+
+    Only `stat` is called: nothing is opened, so a FIFO or a device never blocks.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path}: {error.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise UserError(f"{what} {path} is {kind}, not a regular file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {what} {path}: permission denied")
+    return path
+
+
+def stamps(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+    """(path, size, modification time in ns) of each file: what a prepared cache is keyed by."""
+    out = []
+    for path in paths:
+        info = os.stat(path)
+        out.append((str(path), info.st_size, info.st_mtime_ns))
+    return out

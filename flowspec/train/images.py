@@ -1,0 +1,115 @@
+"""Image files and decoded images: a folder of PNG/JPEG/WebP files (subfolders as classes, as torchvision's
+`ImageFolder`), and decoding in worker processes into the spec's images, each fault naming its file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowspec.errors import UserError
+from flowspec.spec import DataSpec
+from flowspec.train.files import regular_file
+from flowspec.train.prepare import prepare
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+BATCH = 64
+
+
+def list_folder(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """The image files of `folder` (sorted), their labels and the class names.
+
+    With subfolders, each (sorted by name) is a class holding images at any depth; without, the folder's
+    images are one class. Hidden files and other suffixes are skipped; an image name that is not a regular
+    file (a FIFO, a device) is refused.
+    """
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    groups = [(folder / name, sorted(_images(folder / name))) for name in classes]
+    if not classes:
+        groups = [(folder, sorted(p for p in folder.iterdir() if _is_image_name(p)))]
+        classes = [folder.name]
+    paths = [regular_file(p, "image") for _, found in groups for p in found]
+    labels = np.concatenate([np.full(len(found), i, dtype=np.int64) for i, (_, found) in enumerate(groups)])
+    if not paths:
+        raise UserError(
+            f"no images in {folder}: expected {', '.join(SUFFIXES)} files, or class subfolders of them"
+        )
+    return paths, labels, tuple(classes)
+
+
+def _images(folder: Path) -> Iterator[Path]:
+    for path in folder.rglob("*"):
+        if _is_image_name(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            yield path
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in SUFFIXES and not path.name.startswith(".") and not path.is_dir()
+
+
+def image_tensor(image: Any, data: DataSpec, where: str) -> torch.Tensor:
+    """A decoded image (PIL) as the spec's 1 x C x H x W uint8 image (converted where the spec asks)."""
+    mode = image.mode
+    if mode in ("1", "P", "CMYK", "YCbCr", "LAB", "HSV", "PA", "F", "RGBX", "RGBa", "La"):
+        if "mode" not in data.convert:
+            raise UserError(
+                f"{where}: a {mode} image, not grey or RGB; add `convert mode` to the data section "
+                f"to convert it"
+            )
+        image = image.convert("RGBA" if "transparency" in image.info or mode in ("PA", "RGBa") else "RGB")
+    array = np.array(image)
+    levels = 256
+    if array.dtype != np.uint8:  # 16-bit grey ("I;16", or "I" from older Pillow)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise UserError(f"{where}: a {mode} image with values outside 16 bits")
+        array, levels = array.astype(np.int32), 65536
+    x = torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1)[None]
+    return prepare(x, levels, data, where)
+
+
+def decode_file(path: Path, data: DataSpec) -> torch.Tensor:
+    """The image file `path` as the spec's 1 x C x H x W uint8 image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image_tensor(image, data, str(path))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"cannot decode image {path}: {error}") from None
+    except Image.DecompressionBombError as error:
+        raise UserError(f"refusing image {path}: {error}") from None
+
+
+class Decoded(torch.utils.data.Dataset):
+    """Item i: the prepared image `load(i)` or, if it cannot be, the message saying why (a string, so that
+    a worker process hands it back intact)."""
+
+    def __init__(self, indices: Sequence[int], load: Callable[[int], torch.Tensor]):
+        self.indices, self.load = indices, load
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        try:
+            return self.load(self.indices[i])
+        except UserError as error:
+            return str(error)
+
+
+def decode_all(
+    indices: Sequence[int], load: Callable[[int], torch.Tensor], workers: int
+) -> Iterator[torch.Tensor]:
+    """The images `load(i)` for `indices`, in order, BATCH at a time, decoded by `workers` processes."""
+    loader = torch.utils.data.DataLoader(
+        Decoded(indices, load), batch_size=BATCH, num_workers=workers, collate_fn=list
+    )
+    for items in loader:
+        for item in items:
+            if isinstance(item, str):
+                raise UserError(item)
+        yield torch.cat(items)
