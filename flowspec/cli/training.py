@@ -39,7 +39,9 @@ class Split(str, Enum):
 DataOption = Annotated[
     Path | None,
     typer.Option(
-        "--data", metavar="DIR", help="A torchvision cifar-10-batches-py folder or a folder of .npz shards."
+        "--data",
+        metavar="PATH",
+        help="The data's folder or file (the spec's data path), e.g. a cifar-10-batches-py folder.",
     ),
 ]
 DeviceOption = Annotated[
@@ -55,6 +57,14 @@ def parse_duration(text: str) -> float:
     if not match or float(match[1]) <= 0:
         raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
     return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `512M`, `4G`, `1.5T` or a bare number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", text)
+    if not match:
+        raise UserError(f"--data-memory: expected a size like 512M or 4G, got {text!r}")
+    return int(float(match[1]) * 1024 ** " KMGT".index((match[2] or " ").upper()))
 
 
 def _device(device: Device | None) -> str | None:
@@ -90,6 +100,14 @@ def train(
         str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    data_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--data-memory",
+            metavar="SIZE",
+            help="Hold data sets up to this size in (device) memory, stream larger ones (default 4G).",
+        ),
+    ] = None,
 ) -> None:
     """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
     from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
@@ -121,6 +139,7 @@ def train(
         max_time=parse_duration(max_time) if max_time else None,
         quiet=quiet,
         resume=resume is not None,
+        data_memory=parse_size(data_memory) if data_memory is not None else None,
     )
     try:
         result = run_training(resolved, options)

@@ -79,8 +79,8 @@ def probe_images(spec: FlowSpec, batch: int, data: Path | None) -> tuple[Tensor,
     """`batch` test images from `data` (through the training data loader), or random valid images."""
     if data is None:
         return example_batch(spec, batch, "cpu"), "random images"
-    if not data.is_dir():
-        raise UserError(f"--data {data}: no such folder")
+    if not data.exists():
+        raise UserError(f"--data {data}: no such folder or file")
     from flowspec.train.data import load_split
 
     images = load_split(spec.data, "test", data, download=False)

@@ -1,7 +1,13 @@
-"""Training batches in a resumable order: a seeded permutation per epoch, batches split across ranks."""
+"""Training batches in a resumable order: a seeded permutation per epoch, batches split across ranks.
+
+`BatchStream` serves them from images in (device) memory; `stream.StreamingBatches` reads the same
+batches from a memory-mapped file. Both iterate endlessly and have the same `state_dict`: the position
+(epoch, batch within it) and the flip generator, so one resumes exactly where the other stopped.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -9,59 +15,87 @@ import torch
 from flowspec.errors import UserError
 
 
-class BatchStream:
-    """Endless training batches for one rank.
+class BatchOrder:
+    """Which images make each batch.
 
     Epoch `e` visits the images in the order `randperm(N, seed=(seed, e))`, in global batches of `batch`
-    (the last partial batch is dropped); rank `r` of `world` takes its contiguous share of each global
-    batch. The position (epoch, batch within it) and the flip generator are the whole state, so a
-    resumed stream continues with exactly the batches the uninterrupted one would have produced.
+    (the last partial batch is dropped); rank `r` of `world` takes its contiguous share of each global batch.
     """
 
-    def __init__(
-        self, images: torch.Tensor, batch: int, seed: int, rank: int = 0, world: int = 1, hflip: bool = False
-    ):
+    def __init__(self, count: int, batch: int, seed: int, rank: int = 0, world: int = 1):
         if batch % world:
             raise UserError(f"the batch ({batch}) must be divisible by the number of processes ({world})")
-        if len(images) < batch:
-            raise UserError(f"the training set has {len(images)} images, fewer than one batch ({batch})")
-        self.images, self.batch, self.seed, self.hflip = images, batch, seed, hflip
+        if count < batch:
+            raise UserError(f"the training set has {count} images, fewer than one batch ({batch})")
+        self.count, self.batch, self.seed = count, batch, seed
         self.per_rank = batch // world
         self.offset = rank * self.per_rank
-        self.steps_per_epoch = len(images) // batch
+        self.steps_per_epoch = count // batch
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
+
+    def indices(self, epoch: int, position: int) -> torch.Tensor:
+        """This rank's images of batch `position` of `epoch`."""
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.count, generator=generator)
+        start = position * self.batch + self.offset
+        return self._order[start : start + self.per_rank]
+
+    def following(self, epoch: int, position: int) -> Iterator[torch.Tensor]:
+        """The batches after `position` batches of `epoch`, endlessly."""
+        while True:
+            if position == self.steps_per_epoch:
+                epoch, position = epoch + 1, 0
+            yield self.indices(epoch, position)
+            position += 1
+
+
+class Resumable:
+    """Position bookkeeping, flips and `state_dict` shared by the in-memory and the streaming batches."""
+
+    def __init__(self, order: BatchOrder, seed: int, rank: int, hflip: bool):
+        self.order, self.hflip = order, hflip
+        self.batch, self.seed, self.steps_per_epoch = order.batch, order.seed, order.steps_per_epoch
         self.epoch, self.position = 0, 0
         self.flips = torch.Generator().manual_seed(seed * 1_000_003 + 7919 + rank)
-        self._order: torch.Tensor | None = None
 
     @property
     def epochs_done(self) -> float:
         """Completed epochs, fractional."""
         return self.epoch + self.position / self.steps_per_epoch
 
-    def order(self) -> torch.Tensor:
-        if self._order is None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(len(self.images), generator=generator)
-        return self._order
-
-    def __next__(self) -> torch.Tensor:
+    def _advance(self) -> None:
         if self.position == self.steps_per_epoch:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        start = self.position * self.batch + self.offset
-        index = self.order()[start : start + self.per_rank].to(self.images.device)
+            self.epoch, self.position = self.epoch + 1, 0
         self.position += 1
-        x = self.images[index]
-        if self.hflip:
-            flip = (torch.rand(len(x), generator=self.flips) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
 
-    def __iter__(self) -> BatchStream:
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.hflip:
+            return x
+        flip = (torch.rand(len(x), generator=self.flips) < 0.5).to(x.device)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+    def __iter__(self) -> Resumable:
         return self
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "flips": self.flips.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position, self._order = state["epoch"], state["position"], None
+        self.epoch, self.position = state["epoch"], state["position"]
         self.flips.set_state(state["flips"])
+
+
+class BatchStream(Resumable):
+    """Endless training batches for one rank from `images` in memory (on the training device)."""
+
+    def __init__(
+        self, images: torch.Tensor, batch: int, seed: int, rank: int = 0, world: int = 1, hflip: bool = False
+    ):
+        super().__init__(BatchOrder(len(images), batch, seed, rank, world), seed, rank, hflip)
+        self.images = images
+
+    def __next__(self) -> torch.Tensor:
+        self._advance()
+        index = self.order.indices(self.epoch, self.position - 1).to(self.images.device)
+        return self._flip(self.images[index])

@@ -26,7 +26,6 @@ import flowspec
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec, Interval
 from flowspec.train import rng
-from flowspec.train.batches import BatchStream
 from flowspec.train.checkpoint import (
     BEST,
     LAST,
@@ -43,6 +42,7 @@ from flowspec.train.metrics import CURVES, append_metrics, plot_curves, read_met
 from flowspec.train.progress import Reporter
 from flowspec.train.sampling import save_grid
 from flowspec.train.schedule import build_optimizer, build_scheduler
+from flowspec.train.stream import batch_source, resident
 
 SAMPLE_TEMPERATURES = (1.0, 0.8)
 SAMPLES_PER_GRID = 64
@@ -65,6 +65,7 @@ class RunOptions:
     eval_batch: int | None = None  # default: the spec's batch
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
     handle_signals: bool = True
+    data_memory: int | None = None  # bytes of images held in memory (default 4 GiB); larger sets stream
 
 
 @dataclass
@@ -115,12 +116,13 @@ class Trainer:
             train_set = load_split(spec.data, "train", self.data_dir)
         if test_set is None:
             test_set = load_split(spec.data, "test", self.data_dir)
-        self.train_images = train_set.images.to(self.device)
-        self.test_images = test_set.images.to(self.device)
         self.data_source = train_set.source
-        self.stream = BatchStream(
-            self.train_images, self.t.batch, self.t.seed, self.dist.rank, self.dist.world, self.t.hflip
-        )
+        self.stream = batch_source(
+            train_set, self.t.batch, self.t.seed, self.dist.rank, self.dist.world, self.t.hflip,
+            self.device, options.data_memory,
+        )  # fmt: skip
+        self.train_images = self.stream.images  # on the device, or a memory-mapped view when streamed
+        self.test_images = resident(test_set, self.device, options.data_memory)
         self.total_steps = self._steps(self.t.length) if self.t.length else None
         self.eval_every = self._steps(self.t.eval_every)
         self.eval_batch = options.eval_batch or self.t.batch
@@ -185,7 +187,7 @@ class Trainer:
             generator = torch.Generator().manual_seed(self.t.seed)
             pick = torch.randperm(len(self.train_images), generator=generator)[: self.t.init_batch]
             with torch.no_grad():
-                self.model.initialize(self.train_images[pick.to(self.device)])
+                self.model.initialize(self.train_images[pick.to(self.train_images.device)].to(self.device))
         broadcast_module(self.model, self.dist)
 
     def _restore(self, payload: dict[str, Any]) -> None:

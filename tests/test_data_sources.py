@@ -1,0 +1,337 @@
+"""File datasets (folder of images, .npy/.npz arrays, downsampled ImageNet, torchvision), their preparation
+(resize and centre crop, channels, colour depth, test split) and the prepared-data cache."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from train_helpers import one_thread  # noqa: F401 (fixture)
+
+from flowspec.errors import UserError
+from flowspec.spec import DataSpec
+from flowspec.train.data import load_split
+from flowspec.train.prepare import luma, prepare, reduce_depth, resize_crop
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def write_folder(root, sizes=((12, 12),) * 3, classes=("cat", "dog"), mode="RGB") -> dict:
+    """PNG images in class subfolders: pixel values encode class, image and position."""
+    written = {}
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            array = (np.arange(h * w * 3).reshape(h, w, 3) * 7 + 50 * c + 3 * i) % 256
+            image = Image.fromarray(array.astype(np.uint8), "RGB").convert(mode)
+            path = root / name / f"{i}.png"
+            image.save(path)
+            written[path] = np.array(image)
+    return written
+
+
+# ---------------------------------------------------------------- preparation against direct computations
+
+
+def test_depth_reduction_is_the_official_floor_division():
+    x = torch.arange(256).view(1, 1, 16, 16)
+    for bits in (3, 5, 8):
+        assert torch.equal(reduce_depth(x, 256, 2**bits), x // 2 ** (8 - bits))
+    data = DataSpec(shape=(1, 16, 16), levels=32, convert=("depth",))
+    assert torch.equal(prepare(x, 256, data, "x"), (x // 8).to(torch.uint8))
+
+
+def test_resize_and_centre_crop_match_pillow():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    got = resize_crop(torch.from_numpy(array).permute(2, 0, 1)[None], 16, 16)[0].permute(1, 2, 0).numpy()
+    resized = np.array(Image.fromarray(array).resize((24, 16), Image.BILINEAR))  # shorter side to 16
+    expected = resized[:, 4:20]
+    assert got.shape == (16, 16, 3) and np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_crop_without_resize_and_a_tall_image():
+    x = torch.arange(2 * 6 * 10).view(1, 2, 6, 10)
+    assert torch.equal(resize_crop(x, 6, 6), x[:, :, :, 2:8])  # same height: only the centre crop
+    tall = np.random.default_rng(2).integers(0, 256, (30, 10), dtype=np.uint8)
+    expected = np.array(Image.fromarray(tall).resize((5, 15), Image.BILINEAR))[5:10]
+    got = resize_crop(torch.from_numpy(tall)[None, None], 5, 5)[0, 0].numpy()
+    assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_grey_conversion_matches_pillow():
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    grey = np.array(Image.fromarray(rgb).convert("L"))
+    assert np.array_equal(luma(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0, 0].numpy(), grey)
+
+
+def test_unasked_conversions_are_refused_naming_the_images():
+    x = torch.zeros(2, 3, 10, 12, dtype=torch.uint8)
+    with pytest.raises(
+        UserError,
+        match=r"f\.npy: images of 3x10x12 \(RGB\) but the spec's data shape is "
+        r"3x8x8; add `convert size`",
+    ):
+        prepare(x, 256, DataSpec(shape=(3, 8, 8)), "f.npy")
+    with pytest.raises(UserError, match=r"add `convert \(mode, size\)`"):
+        prepare(x, 256, DataSpec(shape=(1, 8, 8)), "f.npy")
+    with pytest.raises(
+        UserError, match=r"f\.npy: values up to 200 but the spec says 32 levels.*`convert depth`"
+    ):
+        prepare(x + 200, 256, DataSpec(shape=(3, 10, 12), levels=32), "f.npy")
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_folder_of_pngs_with_two_classes(tmp_path):
+    written = write_folder(tmp_path / "train")
+    write_folder(tmp_path / "test", sizes=((12, 12),))
+    data = DataSpec(dataset="folder", path=str(tmp_path), shape=(3, 12, 12))
+    train, test = load_split(data, "train"), load_split(data, "test")
+    assert train.images.shape == (6, 3, 12, 12) and len(test) == 2
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and train.file is not None
+    first = written[tmp_path / "train" / "cat" / "0.png"]
+    assert torch.equal(train.images[0], torch.from_numpy(first).permute(2, 0, 1))
+    dogs = load_split(data.model_copy(update={"classes": ("dog",)}), "train")
+    assert dogs.labels.tolist() == [1, 1, 1]
+    with pytest.raises(UserError, match=r"has no class 'dgo'; did you mean 'dog'"):
+        load_split(data.model_copy(update={"classes": ("dgo",)}), "train")
+
+
+def test_folder_resized_grey_5bit_with_a_test_split(tmp_path):
+    written = write_folder(tmp_path, sizes=((16, 20), (20, 16), (16, 16), (24, 24)))
+    data = DataSpec(
+        dataset="folder", path=str(tmp_path), shape=(1, 8, 8), levels=32, convert=("size", "mode", "depth"),
+        test_split=2,
+    )  # fmt: skip
+    train, test = load_split(data, "train"), load_split(data, "test")
+    assert len(train) == 6 and len(test) == 2 and int(train.images.max()) < 32
+    again = load_split(data, "test")
+    assert torch.equal(again.images, test.images)  # a fixed split
+    path = tmp_path / "cat" / "0.png"
+    rgb = torch.from_numpy(written[path]).permute(2, 0, 1)[None]
+    expected = reduce_depth(resize_crop(luma(rgb), 8, 8), 256, 32).to(torch.uint8)[0]
+    everything = torch.cat([train.images, test.images])
+    assert any(torch.equal(image, expected) for image in everything)
+
+
+def test_npy_folder_naming_rule_and_direct_use(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+    np.save(tmp_path / "train_6x6.npy", train)
+    np.save(tmp_path / "valid_6x6.npy", train[:4])
+    data = DataSpec(dataset="npy", path=str(tmp_path), shape=(3, 6, 6))
+    got = load_split(data, "train")
+    assert got.file is not None and got.file.path == tmp_path / "train_6x6.npy"  # used in place, no copy
+    assert torch.equal(got.images, torch.from_numpy(train).permute(0, 3, 1, 2))
+    assert len(load_split(data, "test")) == 4
+    assert not (tmp_path / "cache").exists()
+
+
+def test_npy_single_file_needs_a_test_split(tmp_path):
+    array = np.random.default_rng(0).integers(0, 32, (50, 4, 4, 3), dtype=np.uint8)  # already 5-bit
+    np.save(tmp_path / "celeba_5bit.npy", array)
+    data = DataSpec(dataset="npy", path=str(tmp_path / "celeba_5bit.npy"), shape=(3, 4, 4), levels=32)
+    with pytest.raises(UserError, match=r"celeba_5bit\.npy has no test split: add `test_split 0\.02`"):
+        load_split(data, "train")
+    split = data.model_copy(update={"test_split": 0.1})
+    train, test = load_split(split, "train"), load_split(split, "test")
+    assert len(train) == 45 and len(test) == 5
+    rows = {bytes(x.permute(1, 2, 0).contiguous().numpy()) for x in torch.cat([train.images, test.images])}
+    assert rows == {bytes(a) for a in array}
+    with pytest.raises(UserError, match="leaves an empty test split"):
+        load_split(data.model_copy(update={"test_split": 0.001}), "train")
+
+
+def test_npz_arrays_with_labels(tmp_path):
+    np.savez(tmp_path / "train.npz", images=np.zeros((8, 4, 4), np.uint8), labels=np.arange(8) % 2)
+    np.savez(tmp_path / "test.npz", images=np.ones((3, 4, 4), np.uint8), labels=np.array([1, 0, 1]))
+    data = DataSpec(dataset="npy", path=str(tmp_path), shape=(1, 4, 4), classes=(1,))
+    train, test = load_split(data, "train"), load_split(data, "test")
+    assert len(train) == 4 and test.labels.tolist() == [1, 1] and int(test.images.max()) == 1
+
+
+def write_imagenet(folder, side=4, batches=(5, 7), val=3):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    planes = {}
+    for i, n in enumerate(batches, start=1):
+        data = rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8)
+        np.savez(folder / f"train_data_batch_{i}.npz", data=data, labels=rng.integers(1, 1001, n), mean=0.0)
+        planes[i] = data
+    np.savez(folder / "val_data.npz", data=rng.integers(0, 256, (val, 3 * side * side), dtype=np.uint8),
+             labels=np.full(val, 1000))  # fmt: skip
+    return planes
+
+
+def test_downsampled_imagenet_batches(tmp_path):
+    planes = write_imagenet(tmp_path / "imagenet")
+    data = DataSpec(dataset="imagenet", path=str(tmp_path / "imagenet"), shape=(3, 4, 4))
+    train, test = load_split(data, "train"), load_split(data, "test")
+    assert len(train) == 12 and len(test) == 3 and test.labels.tolist() == [999] * 3
+    first = torch.from_numpy(planes[1][0].reshape(3, 4, 4))  # red, green, blue planes
+    assert torch.equal(train.images[0], first)
+
+
+def write_mnist(root, counts=(("train", 6), ("t10k", 4)), side=6):
+    """torchvision's MNIST raw files (idx format), with labels 0, 1, 2, ..."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in counts:
+        header = np.array([2051, n, side, side], ">i4").tobytes()
+        images = rng.integers(0, 256, (n, side, side), dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        labels = np.arange(n, dtype=np.uint8) % 10
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, n], ">i4").tobytes() + labels.tobytes()
+        )
+
+
+def test_torchvision_dataset_on_disk(tmp_path):
+    write_mnist(tmp_path)
+    data = DataSpec(dataset="torchvision", name="MNIST", path=str(tmp_path), shape=(1, 6, 6))
+    train = load_split(data, "train")
+    assert len(train) == 6 and train.labels.tolist() == list(range(6))
+    subset = load_split(data.model_copy(update={"classes": ("1 - one", 3)}), "test")
+    assert subset.labels.tolist() == [1, 3]
+    with pytest.raises(UserError, match=r"torchvision has no dataset 'MNST'; did you mean 'MNIST'"):
+        load_split(data.model_copy(update={"name": "MNST"}), "train")
+    with pytest.raises(UserError, match=r"cannot read torchvision's MNIST from .*nowhere"):
+        (tmp_path / "nowhere").mkdir()
+        load_split(data.model_copy(update={"path": str(tmp_path / "nowhere")}), "train")
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, capsys):
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    first = load_split(data, "train")
+    built = first.file.path.stat().st_mtime_ns
+    assert "prepared 5 train and 1 test images" in capsys.readouterr().err
+    again = load_split(data, "train")
+    assert again.file.path.stat().st_mtime_ns == built and capsys.readouterr().err == ""  # reused
+    changed = tmp_path / "imgs" / "dog" / "2.png"
+    Image.fromarray(np.full((12, 12, 3), 9, np.uint8)).save(changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    rebuilt = load_split(data, "train")
+    assert "prepared" in capsys.readouterr().err
+    everything = torch.cat([rebuilt.images, load_split(data, "test").images])
+    assert (everything == 9).all(dim=(1, 2, 3)).sum() == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one cache folder and its lock, no leftovers
+
+
+def test_a_failed_build_leaves_no_cache(tmp_path):
+    write_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dog" / "1.png").write_bytes(b"\x89PNG broken")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(UserError, match=r"cannot decode image .*dog/1\.png"):
+        load_split(data, "train")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+# ---------------------------------------------------------------- faults: each names the file
+
+
+def test_folder_image_faults_name_the_file(tmp_path):
+    write_folder(tmp_path / "a", sizes=((12, 12), (10, 14)))
+    data = DataSpec(dataset="folder", path=str(tmp_path / "a"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(UserError, match=r"cat/1\.png: images of 3x10x14 \(RGB\).*`convert size`"):
+        load_split(data, "train")
+    write_folder(tmp_path / "b", mode="P")
+    with pytest.raises(UserError, match=r"cat/0\.png: a P image, not grey or RGB; add `convert mode`"):
+        load_split(data.model_copy(update={"path": str(tmp_path / "b")}), "train")
+    write_folder(tmp_path / "c", mode="RGBA")
+    with pytest.raises(UserError, match=r"cat/0\.png: images of 4x12x12 \(RGBA\).*`convert mode`"):
+        load_split(data.model_copy(update={"path": str(tmp_path / "c")}), "train")
+    converted = load_split(
+        data.model_copy(update={"path": str(tmp_path / "c"), "convert": ("mode",)}), "train"
+    )
+    assert converted.images.shape[1:] == (3, 12, 12)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    write_folder(tmp_path / "imgs")
+    os.mkfifo(tmp_path / "imgs" / "cat" / "3.png")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(UserError, match=r"image .*cat/3\.png is a FIFO \(named pipe\), not a regular file"):
+        load_split(data, "train")
+    os.mkfifo(tmp_path / "train.npy")
+    npy = DataSpec(dataset="npy", path=str(tmp_path / "train.npy"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(UserError, match=r"train\.npy is a FIFO"):
+        load_split(npy, "train")
+    os.mkfifo(tmp_path / "test.npz")
+    with pytest.raises(UserError, match=r"test\.npz is a FIFO"):
+        load_split(DataSpec(dataset="npz", shape=(1, 8, 8), levels=17), "test", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (dict(x=np.zeros((4, 8, 8), np.uint8), y=np.array(["a", "b", "c", "d"])), r"labels must be integers"),
+        (dict(x=np.zeros((4, 8, 8), np.uint8), y=np.array(3)), r"got a scalar"),
+        (dict(x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(6)), r"6 labels, more than the 4 images"),
+        (dict(x=np.zeros((0, 8, 8), np.uint8), y=np.zeros(0)), r"holds no images"),
+        (
+            dict(x=np.zeros((4, 8, 8), np.float32), y=np.zeros(4)),
+            r"images must be uint8 \(or uint16\), got float32",
+        ),
+        (dict(x=np.zeros((4, 9, 8), np.uint8), y=np.zeros(4)), r"images of 1x9x8 \(grey\)"),
+        (dict(y=np.zeros(4)), r"has no array of images: expected one named `x`, found `y`"),
+    ],
+)
+def test_npz_shard_faults_name_the_file(tmp_path, arrays, message):
+    np.savez(tmp_path / "test.npz", **arrays)
+    with pytest.raises(UserError, match=r"test\.npz.*" + message):
+        load_split(DataSpec(dataset="npz", shape=(1, 8, 8), levels=17), "test", tmp_path)
+
+
+def test_shards_of_different_sizes_name_the_odd_one(tmp_path):
+    np.savez(tmp_path / "train_1.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4, int))
+    np.savez(tmp_path / "train_2.npz", x=np.zeros((4, 16, 16), np.uint8), y=np.zeros(4, int))
+    with pytest.raises(UserError, match=r"train_2\.npz: images of 1x16x16"):
+        load_split(DataSpec(dataset="npz", shape=(1, 8, 8), levels=17), "train", tmp_path)
+
+
+def test_npy_faults(tmp_path):
+    np.save(tmp_path / "train.npy", np.zeros((4, 5), np.uint8))
+    data = DataSpec(dataset="npy", path=str(tmp_path / "train.npy"), shape=(1, 8, 8), test_split=1)
+    with pytest.raises(UserError, match=r"train\.npy: expected images N x H x W x C .* got 4x5"):
+        load_split(data, "train")
+    (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(UserError, match=r"cannot read .*broken\.npy"):
+        load_split(data.model_copy(update={"path": str(tmp_path / "broken.npy")}), "train")
+    with pytest.raises(UserError, match=r"names no data: add path"):
+        load_split(DataSpec(dataset="npy", shape=(1, 8, 8)), "train")
+
+
+def test_data_errors_exit_2_through_the_cli(tmp_path, capsys):
+    from flowspec.cli.app import run
+
+    write_folder(tmp_path / "imgs", sizes=((12, 12), (9, 9)))
+    spec = tmp_path / "s.flow"
+    spec.write_text(
+        f'model m\ndata folder {{ path "{tmp_path / "imgs"}"  shape 3x12x12  test_split 1 }}\n'
+        "flow { split stripe { coupling affine(filters=4, blocks=1); flip } }\n"
+    )
+    assert run(["train", str(spec), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "cat/1.png: images of 3x9x9" in capsys.readouterr().err
+
+
+def test_cache_goes_beside_the_data_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLOWSPEC_CACHE_DIR")
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    train = load_split(data, "train")
+    assert train.file.path.parent.parent == tmp_path / "imgs" / ".flowspec-cache"
+    assert len(load_split(data, "train")) == 5  # the hidden cache folder is not a class
