@@ -98,6 +98,7 @@ class StreamingBatches(Resumable):
             pin_memory=self.device.type == "cuda",
             prefetch_factor=PREFETCH if self.workers else None,
             worker_init_fn=_worker_init if self.workers else None,
+            generator=torch.Generator(),  # its seed draw must not move the global RNG that training uses
         )
         return iter(loader)
 

@@ -1,0 +1,93 @@
+"""Streaming batches from a memory-mapped file: the same batches as the in-memory stream, exact resume,
+sharding across ranks, and a training run that streams and resumes exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+
+from flowspec.spec import DataSpec
+from flowspec.train.batches import BatchStream
+from flowspec.train.checkpoint import load_checkpoint
+from flowspec.train.data import load_split
+from flowspec.train.stream import StreamingBatches, batch_source, resident
+from flowspec.train.trainer import RunOptions, train
+
+
+@pytest.fixture
+def npy_set(tmp_path):
+    """50 images of 1x2x3 (channels last on disk) whose values tell them apart, as a memory-mapped set."""
+    images = (np.arange(50)[:, None, None, None] * 4 + np.arange(6).reshape(1, 2, 3, 1)) % 256
+    np.save(tmp_path / "train.npy", images.astype(np.uint8))
+    np.save(tmp_path / "test.npy", images[:5].astype(np.uint8))
+    return load_split(DataSpec(dataset="npy", path=str(tmp_path), shape=(1, 2, 3)), "train")
+
+
+def drain(stream, n: int) -> list[torch.Tensor]:
+    return [next(stream) for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_serves_the_in_memory_batches(npy_set, workers):
+    memory = BatchStream(npy_set.images.contiguous(), batch=8, seed=3, hflip=True)
+    streamed = StreamingBatches(npy_set.file, batch=8, seed=3, hflip=True, workers=workers)
+    expected, got = drain(memory, 14), drain(streamed, 14)  # over two epochs (6 batches each)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert streamed.epoch == 2 and streamed.state_dict()["position"] == memory.state_dict()["position"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_resumes_exactly(npy_set, workers):
+    straight = drain(StreamingBatches(npy_set.file, batch=8, seed=1, hflip=True, workers=workers), 10)
+    first = StreamingBatches(npy_set.file, batch=8, seed=1, hflip=True, workers=workers)
+    head = drain(first, 5)
+    state = first.state_dict()
+    drain(first, 2)  # the old stream moves on: the state is a copy
+    fresh = StreamingBatches(npy_set.file, batch=8, seed=1, hflip=True, workers=workers)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(straight, head + drain(fresh, 5), strict=True))
+    # the in-memory stream continues from a streaming state, and back
+    memory = BatchStream(npy_set.images.contiguous(), batch=8, seed=1, hflip=True)
+    memory.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(straight[5:], drain(memory, 5), strict=True))
+
+
+def test_streaming_shards_across_ranks(npy_set):
+    ranks = [StreamingBatches(npy_set.file, batch=8, seed=2, rank=r, world=2, workers=0) for r in range(2)]
+    whole = StreamingBatches(npy_set.file, batch=8, seed=2, workers=0)
+    for _ in range(7):
+        assert torch.equal(torch.cat([next(ranks[0]), next(ranks[1])]), next(whole))
+
+
+def test_the_memory_budget_picks_the_path(npy_set):
+    assert isinstance(batch_source(npy_set, 8, 0), BatchStream)
+    assert isinstance(batch_source(npy_set, 8, 0, memory=299), StreamingBatches)  # 300 bytes of images
+    assert resident(npy_set, "cpu", memory=0).data_ptr() == npy_set.images.data_ptr()  # left mapped
+    loaded = resident(npy_set, "cpu")
+    assert loaded.is_contiguous() and torch.equal(loaded, npy_set.images)
+    assert loaded.data_ptr() != npy_set.images.data_ptr()
+
+
+def test_training_streams_and_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 12, 8)[None, :, None] * np.ones((96, 8, 8))
+    images = (ramp + rng.integers(0, 5, (96, 8, 8))).clip(0, 16).astype(np.uint8)
+    np.save(tmp_path / "train.npy", images[:80])
+    np.save(tmp_path / "test.npy", images[80:])
+    data = DataSpec(dataset="npy", path=str(tmp_path), shape=(1, 8, 8), levels=17)
+    spec = tiny_spec(data, steps=6, eval_every=3, hflip=True)
+
+    def run(out, **kw):
+        return train(spec, RunOptions(out=tmp_path / out, device="cpu", quiet=True, data_memory=0, **kw))
+
+    straight = run("straight")
+    run("split", max_steps=3)
+    resumed = run("split", resume=True)
+    assert straight.step == resumed.step == 6 and resumed.history[-1]["test_bpd"] < 10
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
+    assert a["rng"][0]["stream"]["position"] == 1 and a["epoch"] == pytest.approx(6 / 5)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
