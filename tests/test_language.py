@@ -312,3 +312,51 @@ def test_absurd_nesting_is_a_clean_error_and_long_repeats_check_fast():
     # a billion repetitions of a shape-preserving body: checked without unrolling them
     spec = parse_spec("model x flow { split stripe {" + "repeat 1000 {" * 3 + "flip" + "}" * 3 + "} }")
     assert spec.flow[0].body[0].count == 1000
+
+
+# ---------------------------------------------------------------- the data section
+
+
+def test_data_sources_and_preparation_round_trip():
+    flow = "flow { split stripe { coupling affine(filters=4, blocks=1); flip } }"
+    spec = parse_spec(
+        'model m data folder { path "photos"  shape 3x16x16  levels 32  convert (size, mode, depth)  '
+        f"test_split 0.02  classes (cat, 3) }} {flow}"
+    )
+    data = spec.data
+    assert (data.dataset, data.path, data.convert, data.test_split) == (
+        "folder",
+        "photos",
+        ("size", "mode", "depth"),
+        0.02,
+    )
+    assert data.classes == ("cat", 3) and parse_spec(format_spec(spec)) == spec
+    tv = parse_spec(f'model m data torchvision {{ name "CIFAR100"  path "/data"  convert size }} {flow}')
+    assert (tv.data.name, tv.data.convert) == ("CIFAR100", ("size",)) and parse_spec(format_spec(tv)) == tv
+    npy = parse_spec(
+        f'model m data npy {{ path "train_64x64.npy"  test_path "valid_64x64.npy"  shape 3x16x16 }} {flow}',
+    )
+    assert npy.data.test_path == "valid_64x64.npy" and parse_spec(format_spec(npy)) == npy
+    sets = ["data.convert=all", "data.dataset=npy", "data.test_split=100"]
+    over = load_spec(SPECS / "quickstart.flow", sets)
+    assert over.data.convert == ("size", "mode", "depth") and over.data.test_split == 100
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            "npy { test_split 1.5 }",
+            r"test_split is a count of images \(1 or more\) or a fraction in \(0, 1\)",
+        ),
+        ("npy { convert sizes }", r"convert"),
+        ('npy { name "MNIST" }', r"name is for dataset torchvision, not npy"),
+        ("torchvision", r'dataset torchvision needs the dataset\'s class: name "CIFAR100"'),
+        ("cifar10 { test_split 10 }", r"cifar10 has its own test split"),
+        ('npy { test_split 10  test_path "t.npy" }', r"give test_path or test_split, not both"),
+        ("imagenet { classes 1000 }", r"class index 1000 is out of range for imagenet \(0 to 999\)"),
+    ],
+)
+def test_data_section_mistakes(data: str, message: str):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(f"model m data {data} flow {{ split stripe {{ flip }} }}")
