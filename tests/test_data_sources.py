@@ -106,6 +106,19 @@ def test_folder_of_pngs_with_two_classes(tmp_path):
         load_split(data.model_copy(update={"classes": ("dgo",)}), "train")
 
 
+def test_folder_reads_jpeg_and_webp_and_skips_other_files(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    image = Image.fromarray(np.full((10, 10, 3), 120, np.uint8))
+    image.save(folder / "a.JPG")
+    image.save(folder / "b.webp", lossless=True)
+    image.save(folder / ".hidden.png")
+    (folder / "notes.txt").write_text("not an image")
+    data = DataSpec(dataset="folder", path=str(folder), shape=(3, 10, 10), test_split=1)
+    both = torch.cat([load_split(data, "train").images, load_split(data, "test").images])
+    assert both.shape == (2, 3, 10, 10) and (both.int() - 120).abs().max() <= 2
+
+
 def test_folder_resized_grey_5bit_with_a_test_split(tmp_path):
     written = write_folder(tmp_path, sizes=((16, 20), (20, 16), (16, 16), (24, 24)))
     data = DataSpec(
