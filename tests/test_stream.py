@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SPECS
 from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
 
 from flowspec.spec import DataSpec
@@ -70,6 +71,7 @@ def test_the_memory_budget_picks_the_path(npy_set):
     assert loaded.data_ptr() != npy_set.images.data_ptr()
 
 
+@pytest.mark.slow
 def test_training_streams_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
@@ -78,7 +80,7 @@ def test_training_streams_and_resumes_exactly(tmp_path, monkeypatch):
     np.save(tmp_path / "train.npy", images[:80])
     np.save(tmp_path / "test.npy", images[80:])
     data = DataSpec(dataset="npy", path=str(tmp_path), shape=(1, 8, 8), levels=17)
-    spec = tiny_spec(data, steps=6, eval_every=3, hflip=True)
+    spec = tiny_spec(data, steps=6, eval_every=6, hflip=True)
 
     def run(out, **kw):
         return train(spec, RunOptions(out=tmp_path / out, device="cpu", quiet=True, data_memory=0, **kw))
@@ -91,3 +93,14 @@ def test_training_streams_and_resumes_exactly(tmp_path, monkeypatch):
     assert a["rng"][0]["stream"]["position"] == 1 and a["epoch"] == pytest.approx(6 / 5)
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+
+
+def test_data_memory_option(capsys):
+    from flowspec.cli.app import run
+    from flowspec.cli.training import parse_size
+
+    assert [parse_size(t) for t in ("0", "512M", "4G", "1.5g", "2GiB", "100")] == [
+        0, 512 << 20, 4 << 30, 3 << 29, 2 << 30, 100
+    ]  # fmt: skip
+    assert run(["train", str(SPECS / "quickstart.flow"), "--data-memory", "lots"]) == 2
+    assert "--data-memory: expected a size like 512M or 4G, got 'lots'" in capsys.readouterr().err
