@@ -67,7 +67,10 @@ def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
     if direct is not None:
         return direct, plan.source
     files = plan.train.files + (plan.test.files if plan.test else [])
-    what = {"data": data.model_dump(exclude={"path", "test_path"}), "files": [str(f) for f in files]}
+    what = {
+        "data": data.model_dump(exclude={"path", "test_path"}),
+        "files": [str(f.resolve()) for f in files],
+    }
     folder = cached(cache_root(plan.near), what, stamps(files), lambda tmp: _build(tmp, plan, route, data))
     out = {}
     for split in ("train", "test"):
