@@ -348,3 +348,26 @@ def test_cache_goes_beside_the_data_by_default(tmp_path, monkeypatch):
     train = load_split(data, "train")
     assert train.file.path.parent.parent == tmp_path / "imgs" / ".flowspec-cache"
     assert len(load_split(data, "train")) == 5  # the hidden cache folder is not a class
+
+
+def test_a_killed_build_is_cleaned_up_and_concurrent_callers_share_one_build(tmp_path):
+    from flowspec.train.datacache import FORMAT, cached, digest
+
+    what = {"source": "x"}
+    stale = tmp_path / f"{digest({'format': FORMAT, **what})[:20]}.tmp-999999"
+    stale.mkdir(parents=True)
+    (stale / "train.npy").write_bytes(b"half")  # what a build killed with SIGKILL leaves
+    builds = []
+
+    def build(folder):
+        builds.append(folder)
+        (folder / "train.npy").write_bytes(b"whole")
+        return {}
+
+    folder = cached(tmp_path, what, [1], build)
+    assert (folder / "train.npy").read_bytes() == b"whole" and not stale.exists()
+    assert cached(tmp_path, what, [1], build) == folder and len(builds) == 1
+    cached(tmp_path, what, [2], build)  # the source changed
+    assert len(builds) == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [folder.name, f"{folder.name}.lock"]
+    )

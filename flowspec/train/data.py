@@ -111,8 +111,8 @@ def _digits(split: Split) -> Loaded:
 def _from_folder(folder: Path, split: Split, data: DataSpec) -> Loaded:
     if not folder.is_dir():
         raise UserError(
-            f"data folder {folder} does not exist: pass --data DIR with a torchvision "
-            f"`{CIFAR_FOLDER}` folder or a folder of .npz shards"
+            f"data folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}: pass "
+            f"--data DIR with a torchvision `{CIFAR_FOLDER}` folder or a folder of .npz shards"
         )
     if folder.name == CIFAR_FOLDER:
         return _torchvision_cifar(folder.parent, split)
