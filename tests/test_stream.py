@@ -9,6 +9,7 @@ import torch
 from conftest import SPECS
 from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
 
+from flowspec.errors import UserError
 from flowspec.spec import DataSpec
 from flowspec.train.batches import BatchStream
 from flowspec.train.checkpoint import load_checkpoint
@@ -53,6 +54,8 @@ def test_streaming_resumes_exactly(npy_set, workers):
     memory = BatchStream(npy_set.images.contiguous(), batch=8, seed=1, hflip=True)
     memory.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(straight[5:], drain(memory, 5), strict=True))
+    with pytest.raises(UserError, match="the saved data order has seed 1, this stream seed 2"):
+        StreamingBatches(npy_set.file, batch=8, seed=2, workers=workers).load_state_dict(state)
 
 
 def test_streaming_shards_across_ranks(npy_set):

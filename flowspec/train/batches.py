@@ -79,9 +79,12 @@ class Resumable:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "flips": self.flips.get_state()}
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return state | {"flips": self.flips.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise UserError(f"the saved data order has seed {state['seed']}, this stream seed {self.seed}")
         self.epoch, self.position = state["epoch"], state["position"]
         self.flips.set_state(state["flips"])
 
