@@ -371,3 +371,19 @@ def test_a_killed_build_is_cleaned_up_and_concurrent_callers_share_one_build(tmp
     assert len(builds) == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [folder.name, f"{folder.name}.lock"]
     )
+
+
+def test_sixteen_bit_pngs_need_convert_depth(tmp_path):
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(values).save(folder / "a.png")
+    Image.fromarray(values[::-1].copy()).save(folder / "b.png")
+    data = DataSpec(dataset="folder", path=str(folder), shape=(1, 8, 8), test_split=1)
+    with pytest.raises(
+        UserError, match=r"a\.png: values up to 63000 but the spec says 256 levels.*`convert depth`"
+    ):
+        load_split(data, "train")
+    reduced = data.model_copy(update={"convert": ("depth",), "levels": 32})
+    both = torch.cat([load_split(reduced, "train").images, load_split(reduced, "test").images])
+    assert any(torch.equal(x[0], torch.from_numpy(values.astype(np.int64) * 32 // 65536)) for x in both)
