@@ -200,7 +200,7 @@ def _arrays(paths: list[Path], flat: bool = False) -> Reader:
 
     total = np.concatenate(labels)
     direct = _direct_file(parts) if len(parts) == 1 else None
-    return Reader(len(total), total, read, list(paths), direct)  # type: ignore[arg-type]
+    return Reader(len(total), total, read, list(paths), direct)
 
 
 def _flat_layout(member: arrays.Member) -> tuple[int, int, int, bool, tuple[int, int, int]]:
@@ -253,7 +253,7 @@ def _decoding(labels: np.ndarray, load: Callable[[int], torch.Tensor], files: li
             yield index[start : start + len(batch)], batch
             start += len(batch)
 
-    return Reader(len(labels), labels, read, list(files))  # type: ignore[arg-type]
+    return Reader(len(labels), labels, read, list(files))
 
 
 def _tree_files(root: Path) -> list[Path]:
