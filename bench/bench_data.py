@@ -145,19 +145,15 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}"
     )
     columns = (
-        "path",
-        "images",
-        "data (GB)",
-        "batches/s",
-        "MB/s",
-        "peak RSS, main (GB)",
-        "peak RSS, worker (GB)",
-    )
+        "path", "images", "data (GB)", "epochs read", "batches/s", "MB/s", "RSS before batches (GB)",
+        "peak RSS, main (GB)", "peak RSS, worker (GB)",
+    )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for r in rows:
         cells = [
-            r["mode"], f"{r['images']:,}", f"{r['gb']:.2f}", f"{r['batches_per_s']:.0f}",
-            f"{r['mb_per_s']:.0f}", f"{r['peak_gb']:.2f}",
+            r["mode"], f"{r['images']:,}", f"{r['gb']:.2f}", f"{args.batches * args.batch / r['images']:.2f}",
+            f"{r['batches_per_s']:.0f}", f"{r['mb_per_s']:.0f}", f"{r['rss_start_gb']:.2f}",
+            f"{r['peak_gb']:.2f}",
             f"{r['worker_peak_gb']:.2f}" if r["mode"] == "stream" else "",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
