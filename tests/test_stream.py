@@ -107,3 +107,12 @@ def test_data_memory_option(capsys):
     ]  # fmt: skip
     assert run(["train", str(SPECS / "quickstart.flow"), "--data-memory", "lots"]) == 2
     assert "--data-memory: expected a size like 512M or 4G, got 'lots'" in capsys.readouterr().err
+
+
+def test_a_truncated_file_is_refused(npy_set, tmp_path):
+    path = tmp_path / "train.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"train\.npy is truncated: \d+ bytes, its header describes \d+"):
+        StreamingBatches(npy_set.file, batch=8, seed=0, workers=0)
+    with pytest.raises(UserError, match=r"train\.npy is truncated"):
+        load_split(DataSpec(dataset="npy", path=str(tmp_path), shape=(1, 2, 3)), "train")

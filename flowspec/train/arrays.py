@@ -3,6 +3,8 @@ chunks, their labels, each checked with a message that names the file and what i
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,9 @@ class ArrayFile:
 
     def tensor(self) -> torch.Tensor:
         """All images as N x C x H x W, a view of the memory map (nothing is read until used)."""
+        size, needed = os.stat(self.path).st_size, self.offset + math.prod(self.shape)
+        if size < needed:
+            raise UserError(f"{self.path} is truncated: {size} bytes, its header describes {needed}")
         array = np.load(self.path, mmap_mode="c")  # copy-on-write: writable for torch, never written back
         images = torch.from_numpy(array)
         return images.permute(0, 3, 1, 2) if self.channels_last else images
@@ -48,6 +53,7 @@ class Member:
     key: str | None
     shape: tuple[int, ...]
     dtype: np.dtype
+    offset: int = 0  # where an .npy file's data starts
 
     def __str__(self) -> str:
         return f"{self.path}" + (f" (array `{self.key}`)" if self.key else "")
@@ -70,7 +76,7 @@ def members(path: Path) -> dict[str, Member]:
         if path.suffix == ".npy":
             with open(path, "rb") as f:
                 shape, dtype = _header(f)
-            return {"": Member(path, None, shape, dtype)}
+                return {"": Member(path, None, shape, dtype, f.tell())}
         found = {}
         with zipfile.ZipFile(path) as archive:
             for name in archive.namelist():

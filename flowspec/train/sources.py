@@ -74,10 +74,9 @@ def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
     folder = cached(cache_root(plan.near), what, stamps(files), lambda tmp: _build(tmp, plan, route, data))
     out = {}
     for split in ("train", "test"):
-        file = folder / f"{split}.npy"
-        member = arrays.members(file)[""]
+        member = arrays.members(folder / f"{split}.npy")[""]
         out[split] = (
-            ArrayFile(file, _offset(file), member.shape, False),
+            ArrayFile(member.path, member.offset, member.shape, False),
             np.load(folder / f"{split}_labels.npy"),
         )
     return out, f"{plan.source} (prepared in {folder})"
@@ -219,11 +218,7 @@ def _direct_file(parts: list) -> ArrayFile | None:
     if member.key is not None or levels != 256 or shape is not None:
         return None
     full = member.shape if len(member.shape) == 4 else None
-    return ArrayFile(member.path, _offset(member.path), full, channels_last) if full else None
-
-
-def _offset(path: Path) -> int:
-    return int(np.load(path, mmap_mode="r").offset)
+    return ArrayFile(member.path, member.offset, full, channels_last) if full else None
 
 
 def _image_files(paths: list[Path], labels: np.ndarray, data: DataSpec) -> Reader:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowspec.errors import UserError
 from flowspec.train.arrays import ArrayFile
 from flowspec.train.batches import BatchOrder, BatchStream, Resumable
 from flowspec.train.data import ImageSet
@@ -43,7 +42,7 @@ class Rows(torch.utils.data.Dataset):
         out = np.empty((len(indices), *self.row_shape), dtype=np.uint8)
         for row, i in zip(out, indices.tolist(), strict=True):
             if os.preadv(self._fd, [row], self.file.offset + i * self.row_bytes) != self.row_bytes:
-                raise UserError(f"{self.file.path} is shorter than its header says: it changed since")
+                raise OSError(f"{self.file.path} was truncated while it was read")
         batch = torch.from_numpy(out)
         return batch.permute(0, 3, 1, 2).contiguous() if self.file.channels_last else batch
 
