@@ -387,3 +387,13 @@ def test_sixteen_bit_pngs_need_convert_depth(tmp_path):
     reduced = data.model_copy(update={"convert": ("depth",), "levels": 32})
     both = torch.cat([load_split(reduced, "train").images, load_split(reduced, "test").images])
     assert any(torch.equal(x[0], torch.from_numpy(values.astype(np.int64) * 32 // 65536)) for x in both)
+
+
+def test_flipped_bytes_in_a_compressed_npz_name_the_file(tmp_path):
+    images = np.random.default_rng(0).integers(0, 17, (50, 8, 8)).astype(np.uint8)
+    np.savez_compressed(tmp_path / "test.npz", x=images, y=np.zeros(50, int))
+    corrupt = bytearray((tmp_path / "test.npz").read_bytes())
+    corrupt[200:260] = bytes(b ^ 0xFF for b in corrupt[200:260])
+    (tmp_path / "test.npz").write_bytes(bytes(corrupt))
+    with pytest.raises(UserError, match=r"cannot read .*test\.npz .*decompressing"):
+        load_split(DataSpec(dataset="npz", shape=(1, 8, 8), levels=17), "test", tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ class Member:
                 return np.load(self.path, mmap_mode="r")
             with np.load(self.path) as archive:
                 return archive[self.key]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
             raise UserError(f"cannot read {self}: {error}") from None
 
 
@@ -85,7 +86,7 @@ def members(path: Path) -> dict[str, Member]:
                         shape, dtype = _header(f)
                     found[name[:-4]] = Member(path, name[:-4], shape, dtype)
         return found
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise UserError(f"cannot read {path} (an .npy or .npz array file): {error}") from None
 
 
