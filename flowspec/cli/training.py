@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sys
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -15,7 +14,7 @@ import typer
 
 from flowspec.cli.app import app
 from flowspec.cli.options import SetOption, load_cli_spec
-from flowspec.errors import UserError
+from flowspec.errors import Interrupted, Terminated, UserError
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
@@ -124,9 +123,10 @@ def train(
     )
     try:
         result = run_training(resolved, options)
-    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C: checkpoints are never torn
-        print("interrupted: finished checkpoints are kept; continue with --resume RUN_DIR", file=sys.stderr)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
+        raise Interrupted(
+            "finished checkpoints are kept; continue with --resume RUN_DIR", isinstance(stop, Terminated)
+        ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
