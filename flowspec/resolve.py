@@ -6,6 +6,7 @@ point at the line (in the extended file, or in the `--set` option) where the val
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Sequence
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -90,7 +91,7 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
     for i, part in enumerate(parts):
         loc = SourceLoc(file=OVERRIDE_FILE, line=line, col=cols[i])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not re.fullmatch(r"[0-9]{1,9}", part) or int(part) >= len(node):
                 count = f"steps 0 to {len(node) - 1}" if node else "no steps"
                 raise _fail(line, cols[i], f"{where} has {count}, no step '{part}'")
             if i == len(parts) - 1:

@@ -1,0 +1,141 @@
+"""Hostile input: every mistake a user can make ends in one clear message and exit 2, never a traceback.
+
+One test per class of input (the error boundary, spec text, values that validate but break later,
+resource bombs, checkpoints, output paths and options); the fuzz tests are in test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from flowspec import load_spec, parse_spec
+from flowspec.cli import language
+from flowspec.cli.app import run
+from flowspec.diagnostics import SpecError
+from flowspec.loader import MAX_SPEC_BYTES
+
+QUICKSTART = Path(__file__).parent.parent / "specs" / "quickstart.flow"
+TINY = (
+    "model tiny\ndata digits { shape 1x8x8 levels 17 }\n"
+    "flow { split stripe { coupling(filters=8, blocks=1, heads=2, components=2); flip } }\n"
+)
+
+
+def error_of(text: str, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="bad.flow", overrides=overrides)
+    return str(caught.value)
+
+
+# ---------------------------------------------------------------- the boundary
+
+
+def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    def broken(path, sets):
+        raise ValueError("a flowspec bug")
+
+    monkeypatch.setattr(language, "load_cli_spec", broken)
+    assert run(["validate", str(QUICKSTART)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: a flowspec bug" in err
+    assert err.rstrip().splitlines()[-1].startswith("this is a bug in flowspec 0.1.0")
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_during_a_command_exits_130_or_143_with_one_line(monkeypatch, capsys, signum, code, word):
+    def interrupted(path, sets):
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(language, "load_cli_spec", interrupted)
+    assert run(["validate", str(QUICKSTART)]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {word} (") and err.count("\n") == 1 and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored
+
+
+def test_an_os_error_on_a_path_is_a_user_error(monkeypatch, capsys):
+    def full(path, sets):
+        raise OSError(28, "No space left on device", "/runs/x/metrics.jsonl")
+
+    monkeypatch.setattr(language, "load_cli_spec", full)
+    assert run(["validate", str(QUICKSTART)]) == 2
+    assert capsys.readouterr().err == "error: no space left accessing /runs/x/metrics.jsonl\n"
+
+
+# ---------------------------------------------------------------- spec text
+
+
+def test_deeply_nested_brackets_are_refused_where_they_pass_the_limit():
+    deep = "(" * 500 + "1" + ")" * 500
+    message = error_of(TINY + f"train {{ optimizer adam(betas={deep}) }}\n")
+    assert message.startswith("bad.flow:4:92: brackets nested more than 64 deep")
+    blocks = "flow { " + "repeat 1 { " * 400 + "flip" + " }" * 400 + " }"
+    assert "brackets nested more than 64 deep" in error_of("model deep\n" + blocks)
+    assert "--set:1:77: brackets nested more than 64 deep" in error_of(TINY, (f"train.betas={deep}",))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("9" * 5000, "a number with 5,000 digits: at most 64"),
+        ("1" + "_0" * 100, "a number with 101 digits: at most 64"),
+        ("1e400", "the number 1e400 is too large"),
+        ("3x" + "9" * 5000 + "x8", "a number with 5,000 digits: at most 64"),
+    ],
+)
+def test_numbers_too_long_or_too_large_are_refused(value, message):
+    assert error_of(TINY + f"train {{ seed {value} }}\n").startswith(f"bad.flow:4:14: {message}")
+    assert error_of(TINY, (f"train.seed={value}",)).startswith(f"--set:1:12: {message}")
+
+
+def test_a_long_line_shows_a_window_around_the_column():
+    message = error_of(TINY + "train { seed " + "9" * 5000 + " }\n")
+    assert max(len(line) for line in message.splitlines()) < 120
+
+
+def test_a_set_key_with_a_huge_step_index_is_a_located_error():
+    message = error_of(TINY, ("flow." + "9" * 5000 + ".mask=stripe",))
+    assert message.startswith("--set:1:6: flow has steps 0 to 0, no step '999")
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda tmp: Path("/dev/zero"), "is a device, FIFO or socket, not a spec file"),
+        (lambda tmp: (os.mkfifo(tmp / "fifo.flow"), tmp / "fifo.flow")[1], "is a device, FIFO or socket"),
+        (lambda tmp: tmp, "is a folder, not a spec file"),
+        (
+            lambda tmp: (tmp / "big.flow").write_text("#" * (MAX_SPEC_BYTES + 1)) and tmp / "big.flow",
+            "is larger than 1 MiB",
+        ),
+        (
+            lambda tmp: (tmp / "bin.flow").write_bytes(b"model \xff") and tmp / "bin.flow",
+            "is not UTF-8 text (byte 6)",
+        ),
+        (lambda tmp: tmp / "a\0b.flow", "has a NUL byte in its path"),
+    ],
+    ids=["device", "fifo", "folder", "huge", "binary", "nul"],
+)
+def test_only_regular_spec_files_of_bounded_size_are_read(tmp_path, make, reason):
+    path = make(tmp_path)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert reason in str(caught.value) and str(caught.value).startswith("spec file ")
+    base = tmp_path / "child.flow"
+    base.write_text(f'extends "{os.fspath(path)}"\nmodel child\n'.replace("\0", "\\0"))
+    if "\0" not in os.fspath(path):  # the same through extends, located at the extends line
+        with pytest.raises(SpecError) as caught:
+            load_spec(base)
+        assert str(caught.value).startswith(f"{base}:1:1: extended spec ") and reason in str(caught.value)
+
+
+def test_a_fifo_spec_on_the_command_line_exits_2_without_waiting(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo.flow")
+    assert run(["validate", str(tmp_path / "fifo.flow")]) == 2
+    assert "is a device, FIFO or socket, not a spec file" in capsys.readouterr().err
