@@ -264,6 +264,8 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
         return (
             f"{field} must be a count of steps or epochs, e.g. `100 steps` or `10 epochs`, got {_show(value)}"
         )
+    if kind == "too_short" and field == "flow":
+        return "flow has no steps: write at least one, e.g. `flow { split stripe { coupling; flip } }`"
     if kind == "value_error":
         return str(ctx.get("error", item["msg"]))
     message = item["msg"]

@@ -131,6 +131,8 @@ RepeatStep.model_rebuild()
 
 # ---------------------------------------------------------------- sections
 
+MAX_SEED = 2**32 - 1  # seeds derived from it (per rank, epoch, evaluation) stay within torch's 64 bits
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES, "digits": (), "npz": ()}
 CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "npz": None}
@@ -228,7 +230,7 @@ class TrainSpec(Node):
     length: Interval | None = Field(default=None, description="training length; none: unbounded")
     eval_every: Interval = Interval(count=1, unit="epochs")
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -245,7 +247,7 @@ class FlowSpec(Node):
     preprocess: LogitPreprocess = LogitPreprocess()
     dequantize: Dequantizer = UniformDequant()
     defaults: Defaults = Defaults()
-    flow: list[Step]
+    flow: list[Step] = Field(min_length=1)
     prior: Literal["normal"] = "normal"
     train: TrainSpec = TrainSpec()
     target_params: int | None = Field(default=None, ge=0)

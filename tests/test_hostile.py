@@ -139,3 +139,25 @@ def test_a_fifo_spec_on_the_command_line_exits_2_without_waiting(tmp_path, capsy
     os.mkfifo(tmp_path / "fifo.flow")
     assert run(["validate", str(tmp_path / "fifo.flow")]) == 2
     assert "is a device, FIFO or socket, not a spec file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- values that validate but break later
+
+
+def test_seeds_are_bounded_in_the_spec_and_on_the_command_line(capsys):
+    big = str(2**64)
+    assert error_of(TINY + f"train {{ seed {big} }}\n").startswith(
+        f"bad.flow:4:9: seed must be <= 4294967295, got {big}"
+    )
+    for command in (["sample", "run"], ["eval", "run"], ["ablate", "a.flow", "--steps", "1"]):
+        assert run([*command, "--seed", big]) == 2
+        assert "'--seed'" in capsys.readouterr().err
+
+
+def test_an_empty_flow_is_refused_and_a_parameterless_one_inspected(capsys):
+    assert error_of("model empty\nflow { }\n").startswith("bad.flow:2:1: flow has no steps")
+    squeeze_only = "model squeeze\ndata digits { shape 1x8x8 levels 17 }\nflow { squeeze }\n"
+    spec = parse_spec(squeeze_only)
+    from flowspec.inspection import inspect_spec
+
+    assert inspect_spec(spec).total == 0

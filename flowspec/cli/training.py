@@ -15,6 +15,7 @@ import typer
 from flowspec.cli.app import app
 from flowspec.cli.options import SetOption, load_cli_spec
 from flowspec.errors import Interrupted, Terminated, UserError
+from flowspec.spec import MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
@@ -193,7 +194,9 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the dequantization noise.")
+    ] = 0,
     out: Annotated[
         Path | None, typer.Option("--out", help="JSON file; default beside the checkpoint.")
     ] = None,
@@ -251,7 +254,7 @@ def sample(
     output: Annotated[Path, typer.Option("-o", "--output", help="The image grid (.png).")] = Path(
         "samples.png"
     ),
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, max=MAX_SEED)] = None,
     device: DeviceOption = None,
     sets: SetOption = None,
 ) -> None:
@@ -277,7 +280,9 @@ def ablate(
         Path | None, typer.Option("--out", help="Folder of the runs; default runs/ablate-<time>.")
     ] = None,
     sets: SetOption = None,
-    seed: Annotated[int, typer.Option("--seed", help="The seed every spec trains with.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="The seed every spec trains with.")
+    ] = 0,
     device: DeviceOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:

@@ -117,7 +117,7 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
     size). The backward pass's own buffers (recomputed blocks, gradients) add a few percent at the peak."""
     state, parts = parameter_state(model, spec)
     modules = step_modules(model)
-    itemsize = next(model.parameters()).element_size()
+    itemsize = next(model.parameters(), torch.empty(0)).element_size()
     per_image = 0
     for row in report.rows():
         if not row.children and row.path in modules:
