@@ -161,3 +161,113 @@ def test_an_empty_flow_is_refused_and_a_parameterless_one_inspected(capsys):
     from flowspec.inspection import inspect_spec
 
     assert inspect_spec(spec).total == 0
+
+
+# ---------------------------------------------------------------- resource bombs
+
+GiB = 2**30
+
+
+@pytest.fixture
+def small_machine(monkeypatch):
+    """The memory budget of a small machine, whatever this one has."""
+    from flowspec.inspection import budget
+
+    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": 2 * GiB)
+
+
+def bomb(
+    tmp_path: Path,
+    data: str = "shape 1x8x8",
+    coupling: str = "filters=8, blocks=1, components=2",
+    steps: str = "",
+) -> Path:
+    path = tmp_path / "bomb.flow"
+    body = steps or f"coupling(heads=2, {coupling}); flip"
+    path.write_text(f"model bomb\ndata digits {{ {data} levels 17 }}\nflow {{ split stripe {{ {body} }} }}\n")
+    return path
+
+
+def test_repeats_that_multiply_to_a_billion_steps_are_refused_before_building(tmp_path, capsys):
+    path = bomb(tmp_path, steps="repeat 1000 { repeat 1000 { repeat 1000 { flip } } }")
+    assert run(["diff", str(path)]) == 2
+    assert run(["inspect", str(path), "--allow-large"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("the spec unrolls to") == 2
+    assert err.startswith(
+        f"error: {path}:3:23: the spec unrolls to 1,000,000,001 steps (repeat 1000 at flow.0.body.0"
+    )
+    assert "more than the 10,000 flowspec builds" in err
+
+
+@pytest.mark.parametrize(
+    ("data", "coupling", "named"),
+    [
+        (
+            "shape 1x8x8",
+            "filters=4096, blocks=2, components=1024",
+            "(coupling mixlogistic k1024 f4096 b2 h2 at",
+        ),
+        (
+            "shape 1x100000x100000",
+            "filters=8, blocks=1, components=2",
+            "(coupling mixlogistic k2 f8 b1 h2 at",
+        ),
+    ],
+    ids=["settings-at-their-maxima", "huge-images"],
+)
+def test_a_model_larger_than_the_machine_is_refused_before_allocating(
+    tmp_path, capsys, small_machine, data, coupling, named
+):
+    path = bomb(tmp_path, data, coupling)
+    for command in (
+        ["inspect", str(path)],
+        ["train", str(path), "--out", str(tmp_path / "r")],
+    ):
+        assert run(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bomb ({path}) is too large for this machine: ") and named in err
+        assert "cpu memory is 2.0 GiB" in err and err.rstrip().endswith(
+            "or pass --allow-large to go ahead anyway"
+        )
+    assert not (tmp_path / "r").exists()
+
+
+def test_allow_large_goes_ahead_and_a_small_model_passes(tmp_path, small_machine):
+    from flowspec.inspection.budget import check_size
+
+    spec = load_spec(bomb(tmp_path, "shape 1x4096x4096"))
+    with pytest.raises(Exception, match="too large for this machine"):
+        check_size(spec, "train")
+    assert check_size(spec, "train", allow_large=True).parameters > 0
+    import flowspec
+
+    small = load_spec(bomb(tmp_path))
+    counted = check_size(small, "train")
+    assert counted.steps == 3 and counted.parameters == flowspec.build(small).count_parameters()["total"]
+
+
+def test_a_model_without_parameters_is_not_trained(tmp_path, capsys):
+    path = bomb(tmp_path, steps="flip")
+    assert run(["train", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "bomb has no trainable parameters" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_official_imagenet32_model_passes_the_limits():
+    """Flow++ on ImageNet 32x32 as the official launcher sizes it (168,955,724 parameters there)."""
+    from flowspec.inspection.budget import check_size
+
+    spec = parse_spec(
+        "model imagenet32\ndata npz { shape 3x32x32 levels 256 }\n"
+        "defaults { coupling mixlogistic(components=32, filters=128, blocks=22, heads=4) }\n"
+        "dequantize variational { context(filters=32, blocks=8)\n"
+        "  split stripe { repeat 8 { norm; coupling(blocks=8); flip } } sigmoid }\n"
+        "flow { split stripe { repeat 4 { norm; coupling; flip } }\n"
+        "  split stripe { repeat 3 { norm; coupling; flip } } squeeze\n"
+        "  split channel { repeat 3 { norm; coupling; flip } }\n"
+        "  split stripe { repeat 3 { norm; coupling; flip } } }\n"
+        "train { batch 32 }\n"
+    )
+    size = check_size(spec, "build")
+    assert size.parameters > 168_000_000 and size.train < 16 * GiB

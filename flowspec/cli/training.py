@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flowspec.cli.app import app
-from flowspec.cli.options import SetOption, load_cli_spec
+from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
 from flowspec.errors import Interrupted, Terminated, UserError
 from flowspec.spec import MAX_SEED
 
@@ -61,6 +61,17 @@ def _device(device: Device | None) -> str | None:
     return device.value if device else None
 
 
+def _where(device: Device | None):
+    """The torch device a command runs on: --device, else cuda when available (a `UserError` when
+    cuda is asked for and there is none)."""
+    import torch
+
+    where = torch.device(_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    return where
+
+
 @app.command()
 def train(
     spec: Annotated[
@@ -90,8 +101,10 @@ def train(
         str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
+    from flowspec.inspection.budget import check_size
     from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
@@ -111,6 +124,7 @@ def train(
         raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
     else:
         resolved = load_cli_spec(spec, sets)
+    check_size(resolved, "train", _where(device), allow_large)
     options = RunOptions(
         out=out,
         data_dir=data,
@@ -159,19 +173,20 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     return changed
 
 
-def _load_for_inference(target: Path, device: Device | None, sets: list[str] | None = None):
-    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights."""
-    import torch
-
+def _load_for_inference(
+    target: Path, device: Device | None, sets: list[str] | None, images: int, allow_large: bool
+):
+    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights
+    (refused before it is built when it and `images` images at once do not fit the device)."""
     import flowspec
+    from flowspec.inspection.budget import check_size
     from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve
 
     path = resolve(target)
     payload = load_checkpoint(path)
     spec = _with_overrides(checkpoint_spec(payload, path), sets, path)
-    where = torch.device(_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    where = _where(device)
+    check_size(spec, "infer", where, allow_large, images)
     model = flowspec.build(spec)
     try:
         model.load_state_dict(ema_weights(payload))
@@ -202,6 +217,7 @@ def evaluate(
     ] = None,
     device: DeviceOption = None,
     sets: SetOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
     import torch
@@ -212,7 +228,7 @@ def evaluate(
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
 
-    model, spec, payload, path, where = _load_for_inference(target, device, sets)
+    model, spec, payload, path, where = _load_for_inference(target, device, sets, batch, allow_large)
     images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
     images = images[:limit] if limit else images
     torch.manual_seed(seed)
@@ -257,11 +273,12 @@ def sample(
     seed: Annotated[int | None, typer.Option("--seed", min=0, max=MAX_SEED)] = None,
     device: DeviceOption = None,
     sets: SetOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
     from flowspec.train.sampling import save_grid
 
-    model, spec, payload, _, _ = _load_for_inference(target, device, sets)
+    model, spec, payload, _, _ = _load_for_inference(target, device, sets, n, allow_large)
     save_grid(model, n, temperature, output, spec.data.levels, seed)
     print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {output}")
 
@@ -285,6 +302,7 @@ def ablate(
     ] = 0,
     device: DeviceOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from rich.console import Console
@@ -296,6 +314,10 @@ def ablate(
     if (steps is None) == (budget is None):
         raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
     resolved = [load_cli_spec(path, sets) for path in specs]
+    from flowspec.inspection.budget import check_size
+
+    for each in resolved:
+        check_size(each, "train", _where(device), allow_large)
     out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
     options = RunOptions(
         data_dir=data,

@@ -33,6 +33,7 @@ class MemoryEstimate:
     state: int
     activations: int
     note: str
+    largest_step: int = 0  # bytes per image the largest step keeps: bounds what inference holds at once
 
 
 def fmt_bytes(n: int) -> str:
@@ -118,17 +119,18 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
     state, parts = parameter_state(model, spec)
     modules = step_modules(model)
     itemsize = next(model.parameters(), torch.empty(0)).element_size()
-    per_image = 0
+    per_image = largest = 0
     for row in report.rows():
         if not row.children and row.path in modules:
             h, w = step_spatial(row)
-            per_image += sum(kept_per_position(m, itemsize) for m in modules[row.path]) * h * w
+            step = sum(kept_per_position(m, itemsize) for m in modules[row.path]) * h * w
+            per_image, largest = per_image + step, max(largest, step)
     activations = per_image * spec.train.batch
     note = (
         f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
         "(tensors kept for backward, counted per layer; --probe measures them)"
     )
-    return MemoryEstimate(state + activations, state, activations, note)
+    return MemoryEstimate(state + activations, state, activations, note, largest)
 
 
 def _held_bytes(model: nn.Module, images: torch.Tensor) -> int:
