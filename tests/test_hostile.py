@@ -271,3 +271,128 @@ def test_the_official_imagenet32_model_passes_the_limits():
     )
     size = check_size(spec, "build")
     assert size.parameters > 168_000_000 and size.train < 16 * GiB
+
+
+# ---------------------------------------------------------------- well-formed but wrong checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run (3 steps)."""
+    import torch
+    from train_helpers import tiny_spec
+
+    from flowspec.train.trainer import RunOptions, train
+
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(tiny_spec(steps=3), RunOptions(out=out, device="cpu", quiet=True))
+    torch.set_num_threads(before)
+    return out
+
+
+def rewrite(trained: Path, tmp_path: Path, change) -> Path:
+    """A copy of the run's checkpoint with `change(payload)` applied, saved with a fresh checksum."""
+    import torch
+
+    from flowspec.train.checkpoint import LAST, save_atomic
+
+    payload = torch.load(trained / LAST, weights_only=True)
+    change(payload)
+    save_atomic(payload, tmp_path / LAST)
+    return tmp_path / LAST
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p.update(model=[1, 2]), "model is not a state dict (names to tensors) (got list)"),
+        (lambda p: p.pop("optimizer"), "no optimizer"),
+        (lambda p: p.update(step=-5), "step is not a step count (an integer >= 0) (got int)"),
+        (lambda p: p.update(step=2.5), "step is not a step count"),
+        (lambda p: p.update(rng="x"), "rng is not a list of RNG states"),
+        (
+            lambda p: p["model"].update({k: v[:1] for k, v in p["model"].items() if v.dim() == 4}),
+            "has shape (1,",
+        ),
+        (lambda p: p["model"].pop(next(iter(p["model"]))), "model lacks "),
+        (
+            lambda p: p["optimizer"]["state"][0].update(exp_avg=p["optimizer"]["state"][0]["exp_avg"][:1]),
+            "optimizer state 0.exp_avg does not fit parameter 0",
+        ),
+    ],
+    ids=[
+        "model-not-a-state-dict",
+        "no-optimizer",
+        "negative-step",
+        "float-step",
+        "rng",
+        "shapes",
+        "missing",
+        "adam",
+    ],
+)
+def test_a_wrong_checkpoint_is_refused_naming_what_is_wrong(trained, tmp_path, capsys, change, message):
+    from flowspec.errors import UserError
+    from flowspec.train.checkpoint import load_checkpoint
+
+    path = rewrite(trained, tmp_path, change)
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(path)
+    assert str(caught.value).startswith(f"checkpoint {path} is not a usable flowspec checkpoint: ")
+    assert message in str(caught.value)
+    assert run(["train", "--resume", str(tmp_path), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flipped_bytes_inside_the_archive_are_detected(trained, tmp_path, capsys):
+    import zipfile
+
+    from flowspec.train.checkpoint import LAST
+
+    data = bytearray((trained / LAST).read_bytes())
+    with zipfile.ZipFile(trained / LAST) as archive:  # the largest tensor's bytes, inside the archive
+        tensors = [e for e in archive.infolist() if "/data/" in e.filename]
+        entry = max(tensors, key=lambda e: e.file_size)
+        header = data[entry.header_offset : entry.header_offset + 30]
+        start = (
+            entry.header_offset
+            + 30
+            + int.from_bytes(header[26:28], "little")
+            + int.from_bytes(header[28:30], "little")
+        )
+    middle = start + entry.file_size // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    (tmp_path / LAST).write_bytes(bytes(data))
+    assert run(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: checkpoint {tmp_path / LAST} is corrupt: its content does not match the checksum stored "
+        "when it was written; it was left untouched: resume from another run folder or start a new run\n"
+    )
+
+
+def test_an_old_checkpoint_without_checksum_loads_with_a_warning(trained, tmp_path, capsys):
+    import torch
+
+    from flowspec.train.checkpoint import CHECKSUM, LAST, load_checkpoint
+
+    payload = torch.load(trained / LAST, weights_only=True)
+    del payload[CHECKSUM]
+    torch.save(payload, tmp_path / LAST)
+    assert load_checkpoint(tmp_path)["step"] == 3
+    assert "has no checksum (written before flowspec stored one)" in capsys.readouterr().err
+
+
+def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "pwned"),))
+
+    torch.save({"model": Payload()}, tmp_path / "last.pt")
+    assert run(["sample", str(tmp_path), "-o", str(tmp_path / "s.png")]) == 2
+    assert "is corrupt or truncated and cannot be read (UnpicklingError)" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()

@@ -183,7 +183,7 @@ def _load_for_inference(
     from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve
 
     path = resolve(target)
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, training_state=False)
     spec = _with_overrides(checkpoint_spec(payload, path), sets, path)
     where = _where(device)
     check_size(spec, "infer", where, allow_large, images)

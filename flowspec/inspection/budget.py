@@ -67,11 +67,16 @@ def _largest_repeat(steps: list, prefix: str) -> tuple[str, object]:
     return path, step
 
 
-def measure(spec: FlowSpec) -> Size:
-    """Count and estimate `spec` without allocating it (a `UserError` when it unrolls to too many steps)."""
-    stacks = {"flow": spec.flow}
+def _stacks(spec: FlowSpec) -> dict[str, list]:
     if spec.dequantize.kind == "variational":
-        stacks["dequantize.steps"] = spec.dequantize.steps
+        return {"flow": spec.flow, "dequantize.steps": spec.dequantize.steps}
+    return {"flow": spec.flow}
+
+
+def meta_model(spec: FlowSpec) -> torch.nn.Module:
+    """The model `spec` builds, on the meta device: every tensor's shape, no storage (a `UserError`
+    when the spec unrolls to more than `MAX_STEPS` steps, which no device could build)."""
+    stacks = _stacks(spec)
     steps = sum(unrolled_steps(s) for s in stacks.values())
     if steps > MAX_STEPS:
         name, stack = max(stacks.items(), key=lambda item: unrolled_steps(item[1]))
@@ -81,10 +86,15 @@ def measure(spec: FlowSpec) -> Size:
             f"{where}the spec unrolls to {steps:,} steps (repeat {repeat.count} at {path} and the repeats "
             f"it holds multiply), more than the {MAX_STEPS:,} flowspec builds; lower the repeat counts"
         )
-    with torch.device("meta"):
-        import flowspec
+    import flowspec
 
-        model = flowspec.build(spec)
+    with torch.device("meta"):
+        return flowspec.build(spec)
+
+
+def measure(spec: FlowSpec) -> Size:
+    """Count and estimate `spec` without allocating it (see `meta_model`)."""
+    model = meta_model(spec)
     report = make_report(spec, parameters_by_path(model))
     estimate = estimate_memory(model, spec, report)
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -96,7 +106,7 @@ def measure(spec: FlowSpec) -> Size:
         largest = f"; {top.params:,} of them in {top.path} ({top.kind} {top.settings}{at})"
     per_image = estimate.activations // spec.train.batch
     return Size(
-        steps,
+        sum(unrolled_steps(s) for s in _stacks(spec).values()),
         parameters,
         4 * parameters,
         estimate.total,
