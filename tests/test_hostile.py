@@ -396,3 +396,47 @@ def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
     assert run(["sample", str(tmp_path), "-o", str(tmp_path / "s.png")]) == 2
     assert "is corrupt or truncated and cannot be read (UnpicklingError)" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- output paths and options
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "{tmp}"], "-o/--output {tmp} is a folder: give a file name, e.g. {tmp}/out.png"),
+        (["-o", "{tmp}/grid.xyz"], "-o/--output {tmp}/grid.xyz: unknown file type '.xyz'; use one of .png, "),
+        (["-o", "{tmp}/grid"], "unknown file type '(no extension)'"),
+        (["-t", "inf"], "--temperature must be a finite number >= 0, got inf"),
+        (["-t", "nan"], "Invalid value for '--temperature'"),
+        (["-t", "-1"], "Invalid value for '--temperature'"),
+        (["-n", "1000000000"], "is too large for this machine"),
+    ],
+    ids=["folder", "extension", "no-extension", "inf", "nan", "negative", "n"],
+)
+def test_sample_refuses_bad_outputs_and_options(trained, tmp_path, capsys, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert run(["sample", str(trained), *args]) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(trained, tmp_path, capsys):
+    assert run(["eval", str(trained), "--out", str(tmp_path), "--limit", "4"]) == 2
+    assert f"--out {tmp_path} is a folder: give a file name" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code = run(["eval", str(trained), "--out", str(locked / "e.json"), "--limit", "4"])
+    finally:
+        locked.chmod(0o700)
+    out, err = capsys.readouterr()
+    if os.geteuid() != 0:  # root writes anywhere
+        assert code == 2 and "single sample" in out
+        assert (
+            err
+            == f"error: permission denied writing {locked / 'e.json'}; the results are in the table above\n"
+        )
+    assert run(["eval", str(trained), "--iw", "100000"]) == 2
+    assert "Invalid value for '--iw'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 from datetime import datetime
@@ -14,11 +15,14 @@ import typer
 
 from flowspec.cli.app import app
 from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
-from flowspec.errors import Interrupted, Terminated, UserError
+from flowspec.errors import Interrupted, Terminated, UserError, os_error_message
 from flowspec.spec import MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
+
+
+MAX_IW = 16384  # importance samples per image: four times the official Flow++ evaluation's 4096
 
 
 class Device(str, Enum):
@@ -173,6 +177,27 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     return changed
 
 
+def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output path that is a folder or names an unknown kind of file, before any work."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: give a file name, e.g. {path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        raise UserError(
+            f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
+            f"{', '.join(suffixes)}"
+        )
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    """The image file extensions Pillow can write, .png first."""
+    from PIL import Image
+
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    common = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+    return tuple(ext for ext in common if ext in writable)
+
+
 def _load_for_inference(
     target: Path, device: Device | None, sets: list[str] | None, images: int, allow_large: bool
 ):
@@ -202,7 +227,10 @@ def evaluate(
     ],
     data: DataOption = None,
     iw: Annotated[
-        int, typer.Option("--iw", min=1, help="Importance samples K per image (1: single-sample only).")
+        int,
+        typer.Option(
+            "--iw", min=1, max=MAX_IW, help="Importance samples K per image (1: single-sample only)."
+        ),
     ] = 1,
     split: Annotated[Split, typer.Option("--split")] = Split.test,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
@@ -228,6 +256,8 @@ def evaluate(
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
 
+    if out is not None:
+        _check_output(out, "--out", (".json",))
     model, spec, payload, path, where = _load_for_inference(target, device, sets, batch, allow_large)
     images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
     images = images[:limit] if limit else images
@@ -246,7 +276,6 @@ def evaluate(
         **result,
     }
     out = out or path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {payload['step']}", caption=caption)
     table.add_column("bound")
@@ -254,7 +283,11 @@ def evaluate(
     table.add_row("single sample", f"{result['bpd']:.4f}")
     if iw > 1:
         table.add_row(f"importance weighted, K={iw}", f"{result[f'iw{iw}_bpd']:.4f}")
-    Console().print(table)
+    Console().print(table)  # before writing: the results are shown even when they cannot be written
+    try:
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
 
 
@@ -277,6 +310,10 @@ def sample(
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
     from flowspec.train.sampling import save_grid
+
+    if not math.isfinite(temperature):
+        raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
+    _check_output(output, "-o/--output", _image_suffixes())
 
     model, spec, payload, _, _ = _load_for_inference(target, device, sets, n, allow_large)
     save_grid(model, n, temperature, output, spec.data.levels, seed)
