@@ -158,7 +158,7 @@ _STRUCTURE: dict[str, tuple[Any, str]] = {
         "an optimizer state (state and param_groups)",
     ),
     "scheduler": (lambda v: isinstance(v, dict) and _count(v.get("last_epoch")), "a scheduler state"),
-    "ema": (lambda v: v is None or _is_state_dict(v), "none or a state dict"),
+    "ema": (lambda v: v is None or (_is_state_dict(v) and "n_averaged" in v), "none or an EMA state dict"),
     "skipped": (_count, "a count of skipped steps"),
     "best_bpd": (lambda v: v is None or isinstance(v, float), "none or a number"),
     "rng": (
@@ -187,9 +187,12 @@ def _shape_problems(payload: dict[str, Any], path: Path) -> list[str]:
     the meta device: nothing is allocated), in the model, the EMA and Adam's moments."""
     from flowspec.inspection.budget import meta_model
 
-    model = meta_model(checkpoint_spec(payload, path))
+    spec = checkpoint_spec(payload, path)
+    model = meta_model(spec)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     problems = _state_dict_problems("model", payload["model"], expected)
+    if "ema" in payload and payload["ema"] is None and spec.train.ema is not None:
+        problems.append(f"no EMA weights, though the spec keeps an EMA (ema {spec.train.ema})")
     if payload.get("ema"):
         ema = {k.removeprefix("module."): v for k, v in payload["ema"].items() if k.startswith("module.")}
         problems += _state_dict_problems("ema", ema, expected)
