@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -50,3 +52,15 @@ def os_error_message(error: OSError, doing: str = "accessing") -> str:
     if reason.endswith(":"):
         return f"{reason[:-1]} while {doing} {path}"
     return f"{reason} {doing} {path}"
+
+
+@contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Give an `OSError` raised while writing `path` the file's name (a failed write to an open file,
+    e.g. a full disk, has none), so that its message can say which file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error

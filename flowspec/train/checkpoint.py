@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, naming
 from flowspec.spec import FlowSpec
 
 LAST, BEST = "last.pt", "best.pt"
@@ -68,7 +68,7 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     payload = {**payload, CHECKSUM: checksum(payload)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming(path), os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from flowspec.errors import naming
+
 
 @torch.no_grad()
 def save_grid(model, n: int, temperature: float, path: Path, levels: int, seed: int | None = None) -> Path:
@@ -19,5 +21,6 @@ def save_grid(model, n: int, temperature: float, path: Path, levels: int, seed: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = max(1, math.ceil(math.sqrt(n)))
-    save_image(images.float().cpu() / (levels - 1), path, nrow=nrow, padding=1)
+    with naming(path):
+        save_image(images.float().cpu() / (levels - 1), path, nrow=nrow, padding=1)
     return path
