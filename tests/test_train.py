@@ -14,7 +14,8 @@ from flowspec.spec import DataSpec
 from flowspec.train.checkpoint import LAST, load_checkpoint
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.schedule import LrFactor
-from flowspec.train.trainer import Objective, RunOptions, Trainer, train
+from flowspec.train.trainer import RunOptions, Trainer, train
+from flowspec.train.update import Objective
 
 
 def options(out, **kw) -> RunOptions:
@@ -80,15 +81,15 @@ def test_resume_is_exact(tmp_path):
 def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path):
     spec = tiny_spec(steps=1, lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-5, warmup=4, ema=0.5)
     trainer = Trainer(spec, options(tmp_path / "run"))
-    group = trainer.optimizer.param_groups[0]
-    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    group = trainer.updater.optimizer.param_groups[0]
+    assert isinstance(trainer.updater.optimizer, torch.optim.Adam)
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 1e-5)
     assert group["lr"] == pytest.approx(1e-3 / 4)  # first warmup step
-    assert trainer.model.initialized  # data-dependent init ran before the first step
-    before = [p.detach().clone() for p in trainer.ema.module.parameters()]
+    assert trainer.updater.model.initialized  # data-dependent init ran before the first step
+    before = [p.detach().clone() for p in trainer.updater.ema.module.parameters()]
     trainer.run()
-    model = list(trainer.model.parameters())
-    for old, ema, new in zip(before, trainer.ema.module.parameters(), model, strict=True):
+    model = list(trainer.updater.model.parameters())
+    for old, ema, new in zip(before, trainer.updater.ema.module.parameters(), model, strict=True):
         torch.testing.assert_close(ema, 0.5 * old + 0.5 * new)
 
 
@@ -135,6 +136,6 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 def test_bf16_autocast_of_the_coupling_networks(tmp_path):
     trainer = Trainer(tiny_spec(steps=2), options(tmp_path / "run", precision="bf16"))
-    assert {c.autocast_dtype for c in trainer.model.couplings()} == {torch.bfloat16}
+    assert {c.autocast_dtype for c in trainer.updater.model.couplings()} == {torch.bfloat16}
     result = trainer.run()
     assert result.step == 2 and result.test_bpd is not None and math.isfinite(result.test_bpd)

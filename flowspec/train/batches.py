@@ -26,7 +26,7 @@ class BatchStream:
         if len(images) < batch:
             raise UserError(f"the training set has {len(images)} images, fewer than one batch ({batch})")
         self.images, self.batch, self.seed, self.hflip = images, batch, seed, hflip
-        self.per_rank = batch // world
+        self.rank, self.per_rank = rank, batch // world
         self.offset = rank * self.per_rank
         self.steps_per_epoch = len(images) // batch
         self.epoch, self.position = 0, 0
@@ -60,8 +60,16 @@ class BatchStream:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "flips": self.flips.get_state()}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "flips": self.flips.get_state(),
+            "rank": self.rank,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; the flips continue too when the state is this rank's (else they stay
+        this rank's own, as after a change in the number of processes)."""
         self.epoch, self.position, self._order = state["epoch"], state["position"], None
-        self.flips.set_state(state["flips"])
+        if state.get("rank", self.rank) == self.rank:
+            self.flips.set_state(state["flips"])
