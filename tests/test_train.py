@@ -13,9 +13,10 @@ from flowspec.errors import UserError
 from flowspec.spec import DataSpec
 from flowspec.train.checkpoint import LAST, load_checkpoint
 from flowspec.train.data import ImageSet, load_split
+from flowspec.train.metrics import Window
 from flowspec.train.schedule import LrFactor
 from flowspec.train.trainer import RunOptions, Trainer, train
-from flowspec.train.update import Objective
+from flowspec.train.update import Objective, Updater
 
 
 def options(out, **kw) -> RunOptions:
@@ -128,10 +129,22 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Objective, "forward", lambda self, x: forward(self, x) * math.inf)
     with pytest.raises(UserError, match=r"3 steps in a row had a non-finite loss or gradient") as error:
-        train(tiny_spec(steps=50), options(tmp_path / "bad", max_bad_steps=3))
+        train(tiny_spec(steps=50), options(tmp_path / "bad", max_bad_steps=3, log_every=1))
     saved = tmp_path / "bad" / "nonfinite_batch.pt"
     assert str(saved) in str(error.value) and torch.load(saved)["images"].shape == (16, 1, 8, 8)
     assert not (tmp_path / "bad" / LAST).exists()
+
+
+def test_the_loop_reads_the_device_only_when_it_logs_or_evaluates(tmp_path, monkeypatch):
+    step, reads = [0], set()
+    call, read, counts = Updater.__call__, Window.read, Updater.bad_in_row
+    monkeypatch.setattr(
+        Updater, "__call__", lambda self, x: (step.__setitem__(0, self.step + 1), call(self, x))[1]
+    )
+    monkeypatch.setattr(Window, "read", lambda self: reads.add(step[0]) or read(self))
+    monkeypatch.setattr(Updater, "bad_in_row", property(lambda self: reads.add(step[0]) or counts.fget(self)))
+    train(tiny_spec(steps=12, eval_every=6), options(tmp_path / "run", log_every=4))
+    assert reads == {4, 6, 8, 12}  # logging every 4 steps, evaluating every 6
 
 
 def test_bf16_autocast_of_the_coupling_networks(tmp_path):

@@ -3,6 +3,7 @@ checkpoint writing, stop agreement, and the optimisation step."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -60,14 +61,16 @@ def test_window_means_skip_the_skipped_steps():
     window = Window(CPU)
     assert window.read()[:2] == (None, None) and math.isnan(window.read()[2])
     for bpd, norm, ok in ((3.0, 1.0, True), (math.nan, math.inf, False), (5.0, 3.0, True)):
-        window.add(torch.tensor(bpd), torch.tensor(norm), torch.tensor(ok))
-    assert window.read() == (4.0, 2.0, 5.0)
-    window.add(torch.tensor(math.inf), torch.tensor(1.0), torch.tensor(False))
+        window.add(torch.tensor(bpd), torch.tensor(norm), torch.tensor(ok), images=10)
+    assert window.read() == (4.0, 2.0, 5.0) and window.images == 30 and window.img_s() > 0
+    window.add(torch.tensor(math.inf), torch.tensor(1.0), torch.tensor(False), images=10)
     assert window.read()[2] == 5.0  # the latest good step
-    window.timed(10, 2.0)
     window.reset()
-    window.timed(30, 1.0)
-    assert window.read()[:2] == (None, None) and window.img_s() == 30 and window.overall_img_s() == 40 / 3
+    assert window.read()[:2] == (None, None) and window.images == 0 and window.total_images == 40
+    window.add(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(True), images=10)
+    window.restart_clock()  # what came before is not timed
+    window.read()
+    assert window.images == 0 and window.total_images == 40
 
 
 def test_record_appends_and_plots(tmp_path):
@@ -151,3 +154,34 @@ def test_updater_steps_counts_and_skips_non_finite_steps():
         "optimizer",
         "scheduler",
     }
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient():
+    spec = tiny_spec(batch=16, warmup=0)
+    torch.manual_seed(0)
+    base = flowspec.build(spec).double()
+    x = load_split(spec.data, "train").images[:16]
+    base.initialize(x)
+    results = []
+    for accumulate in (1, 4):
+        model = copy.deepcopy(base)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # no randomness: the micro-batches see what the whole batch sees
+        model.dequantizer.forward = lambda v: (v.double() + 0.5, torch.zeros(len(v), dtype=torch.float64))
+        train = spec.train.model_copy(update={"accumulate": accumulate})
+        updater = Updater(model, train, None, Dist(), CPU)
+        bpd, norm, ok = updater(x)
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((bpd, norm, grads, [p.detach().clone() for p in model.parameters()]))
+    (bpd, norm, grads, weights), (bpd4, norm4, grads4, weights4) = results
+    torch.testing.assert_close(bpd4, bpd, rtol=1e-12, atol=0)
+    torch.testing.assert_close(norm4, norm, rtol=1e-12, atol=0)
+    for a, b in zip(grads + weights, grads4 + weights4, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+    assert not all(torch.equal(a, b) for a, b in zip(weights, base.parameters(), strict=False))  # it stepped
+
+
+def test_accumulate_must_divide_the_batch(tmp_path):
+    with pytest.raises(ValueError, match=r"batch \(16\) must be divisible by accumulate \(3\)"):
+        tiny_spec(batch=16, accumulate=3)

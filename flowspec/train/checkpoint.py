@@ -110,7 +110,7 @@ def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
         raise UserError(
             f"the spec stored in checkpoint {path} is not valid for this flowspec: {error}"
         ) from None
-    if spec_hash(spec) != payload["spec_hash"]:
+    if hashlib.sha256(payload["spec"].encode()).hexdigest() != payload["spec_hash"]:
         raise UserError(f"checkpoint {path} is inconsistent: its stored spec does not match its spec hash")
     return spec
 
@@ -118,7 +118,9 @@ def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
 def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -> None:
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
-        stored = checkpoint_spec(payload, path)
+        stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
+        if stored == spec:
+            return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(
             f"checkpoint {path} was trained with a different spec (differences: {'; '.join(diff[:5])}); "

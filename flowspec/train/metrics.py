@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,29 +79,38 @@ def record(run_dir: Path, row: dict[str, Any], name: str) -> None:
 
 class Window:
     """Train bits/dim and gradient norm since the last `reset`, over the steps that were not skipped, and
-    the training throughput. The sums stay on the device: `add` never waits for it, `read` does once."""
+    the training throughput. The sums stay on the device: `add` never waits for it, `read` does, and
+    times the training since the previous `read` (or `restart_clock`, after an evaluation)."""
 
     def __init__(self, device: torch.device):
         self._sums = torch.zeros(3, dtype=torch.float64, device=device)  # bits/dim, norm, good steps
         self._last = torch.full((), math.nan, dtype=torch.float64, device=device)
         self.images, self.seconds, self.total_images, self.total_seconds = 0, 0.0, 0, 0.0
+        self.restart_clock()
 
-    def add(self, bpd: torch.Tensor, norm: torch.Tensor, ok: torch.Tensor) -> None:
-        """One step's mean bits/dim and gradient norm; `ok` (a bool tensor) is false for a skipped step."""
+    def add(self, bpd: torch.Tensor, norm: torch.Tensor, ok: torch.Tensor, images: int = 0) -> None:
+        """One step of `images` (all ranks): its mean bits/dim and gradient norm; `ok` (a bool tensor) is
+        false for a skipped step."""
         zero = torch.zeros((), dtype=torch.float64, device=self._sums.device)
         bpd, norm = bpd.detach().double(), norm.detach().double()
         self._sums += torch.stack([torch.where(ok, bpd, zero), torch.where(ok, norm, zero), ok.double()])
         self._last = torch.where(ok, bpd, self._last)
+        self._pending += images
 
     def read(self) -> tuple[float | None, float | None, float]:
         """Mean bits/dim and gradient norm since the reset (None when every step was skipped), and the
         bits/dim of the latest good step (nan before the first)."""
         bpd, norm, good, last = torch.cat([self._sums, self._last[None]]).tolist()
+        now = time.monotonic()
+        self.images, self.seconds = self.images + self._pending, self.seconds + now - self._since
+        self.total_images += self._pending
+        self.total_seconds += now - self._since
+        self._since, self._pending = now, 0
         return (bpd / good, norm / good, last) if good else (None, None, last)
 
-    def timed(self, images: int, seconds: float) -> None:
-        self.images, self.seconds = self.images + images, self.seconds + seconds
-        self.total_images, self.total_seconds = self.total_images + images, self.total_seconds + seconds
+    def restart_clock(self) -> None:
+        """Time from now on (what came since the last `read` is not training)."""
+        self._since, self._pending = time.monotonic(), 0
 
     def reset(self) -> None:
         self._sums.zero_()

@@ -44,7 +44,8 @@ class RunOptions:
     quiet: bool = False
     resume: bool = False  # continue the run in `out` from its last checkpoint
     eval_batch: int | None = None  # default: the spec's batch
-    max_bad_steps: int = 20  # non-finite steps in a row before the run stops
+    max_bad_steps: int = 20  # non-finite steps in a row before the run stops (checked when logging)
+    log_every: int = 10  # read the loss from the device (progress, divergence) every N steps
     handle_signals: bool = True
 
 
@@ -85,6 +86,11 @@ class Trainer:
         if test_set is None:
             test_set = load_split(spec.data, "test", self.data_dir)
         self.train_set, self.test_size = train_set, len(test_set)
+        if self.t.accumulate > 1 and self.t.batch % (self.dist.world * self.t.accumulate):
+            raise UserError(
+                f"the batch ({self.t.batch}) must be divisible by the number of processes "
+                f"({self.dist.world}) times accumulate ({self.t.accumulate})"
+            )
         self.batches = BatchStream(
             train_set.images.to(self.device), self.t.batch, self.t.seed, self.dist.rank, self.dist.world,
             self.t.hflip,
@@ -118,17 +124,15 @@ class Trainer:
             reporter = Reporter.auto(self.options.quiet or not self.dist.main, self._horizon(), self.step)
             reporter.message(self._banner())
             started, stopped = time.monotonic(), self._limit_reached()
+            self.window.restart_clock()
             try:
                 while stopped is None:
-                    tick = time.monotonic()
                     x = next(self.batches)
-                    self.window.add(*self.updater(x))
-                    self.window.timed(len(x) * self.dist.world, time.monotonic() - tick)
-                    if self.updater.bad_in_row >= self.options.max_bad_steps:
-                        self._diverged(x)
-                    reporter.step(self.step, self.window.read()[2], self.window.img_s())
-                    time_up = self._time_up(time.monotonic() - started)
-                    received, time_up = agree_to_stop(self.dist, self.device, signals.received, time_up)
+                    self.window.add(*self.updater(x), images=len(x) * self.dist.world)
+                    logged = self.step % self.options.log_every == 0
+                    if logged:
+                        self._log(reporter, x)
+                    received, time_up = self._should_stop(signals, started, logged)
                     stopped = received or self._limit_reached(time_up)
                     if received:
                         self._save(best=False)
@@ -155,9 +159,22 @@ class Trainer:
         limits = [s for s in (self.total_steps, self.options.max_steps) if s is not None]
         return min(limits) if limits else None
 
-    def _time_up(self, elapsed: float) -> bool:
-        """Rank 0's clock decides, so that every rank stops after the same step."""
-        return self.dist.main and self.options.max_time is not None and elapsed >= self.options.max_time
+    def _log(self, reporter: Reporter, x: torch.Tensor) -> None:
+        """Every `log_every` steps, the loop's one wait for the device between evaluations: the progress
+        line, and the stop after too many non-finite steps in a row."""
+        last_bpd = self.window.read()[2]
+        if self.updater.bad_in_row >= self.options.max_bad_steps:
+            self._diverged(x)
+        reporter.step(self.step, last_bpd, self.window.img_s())
+
+    def _should_stop(self, signals: StopSignals, started: float, logged: bool) -> tuple[str | None, bool]:
+        """A signal received and whether --max-time is up: after any step in one process; under torchrun
+        at the logging steps, where the ranks agree (rank 0's clock decides the time)."""
+        if self.dist.active and not logged:
+            return None, False
+        elapsed = time.monotonic() - started
+        time_up = self.dist.main and self.options.max_time is not None and elapsed >= self.options.max_time
+        return agree_to_stop(self.dist, self.device, signals.received, time_up)
 
     def _limit_reached(self, time_up: bool = False) -> str | None:
         if self.total_steps is not None and self.step >= self.total_steps:
@@ -167,8 +184,8 @@ class Trainer:
         return "max-time" if time_up else None
 
     def _evaluate(self, reporter: Reporter) -> None:
-        done = self.evaluate(self.updater.eval_model, self.step)
         train_bpd, grad_norm, _ = self.window.read()
+        done = self.evaluate(self.updater.eval_model, self.step)
         row = {
             "step": self.step,
             "epoch": round(self.batches.epochs_done, 4),
@@ -187,10 +204,12 @@ class Trainer:
             record(self.run_dir, row, self.spec.name)
             reporter.evaluation(row)
         self._save(best=improved)
+        self.window.restart_clock()
 
     def _save(self, best: bool) -> None:
         """Both checkpoints, from rank 0, with every rank's RNG and data position."""
-        states = self.dist.gather(dict(rng.capture(self.device), stream=self.batches.state_dict()))
+        position = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        states = self.dist.gather(dict(rng.capture(self.device), stream=position))
         if not self.dist.main:
             return
         payload = {
@@ -230,12 +249,13 @@ class Trainer:
         self.updater.load_state_dict(payload)
         self.best = payload["best_bpd"]
         states = payload["rng"]
-        if len(states) == self.dist.world:
+        same_world = len(states) == self.dist.world
+        if same_world:
             rng.restore(states[self.dist.rank], self.device)
-            self.batches.load_state_dict(states[self.dist.rank]["stream"])
-        else:  # a different number of processes: same data position, fresh per-rank randomness
+        else:  # a different number of processes: the same data position, fresh per-rank randomness
             rng.seed_all(self.t.seed + self.dist.rank + 7 * self.step)
-            self.batches.load_state_dict(states[0]["stream"])
+        if hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(states[self.dist.rank if same_world else 0]["stream"])
         if self.dist.main:
             truncate_metrics(self.run_dir, self.step)
 

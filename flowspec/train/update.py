@@ -1,15 +1,19 @@
 """One optimisation step: the objective (wrapped by DDP under torchrun), Adam with the spec's schedule,
-gradient clipping, the EMA of the weights, and the skipping of steps whose loss or gradient is not finite."""
+gradient clipping, the EMA of the weights, and the skipping of steps whose loss or gradient is not finite.
+
+A step never waits for the device: whether it is applied is a flag on the device, which fused Adam
+reads (as it does for `torch.amp.GradScaler`) and the EMA multiplies its update by. The loss, the norm
+and the counters are read only when the loop logs."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
 from typing import Any
 
 import torch
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from flowspec.spec import TrainSpec
 from flowspec.train.distributed import Dist
@@ -28,8 +32,9 @@ class Objective(nn.Module):
 
 
 class Updater:
-    """Steps `model` with the spec's recipe. `step`, `skipped` (non-finite steps, never applied) and
-    `bad_in_row` count the calls; `state_dict` holds everything a resumed run needs of them."""
+    """Steps `model` with the spec's recipe. `step` counts the calls, `skipped` the steps with a
+    non-finite loss or gradient (never applied) and `bad_in_row` the latest run of them; `state_dict`
+    holds everything a resumed run needs."""
 
     def __init__(
         self,
@@ -41,9 +46,12 @@ class Updater:
         compile: bool = False,
     ):
         self.model, self.dist = model, dist
+        self._ok = torch.ones((), dtype=torch.bool, device=device)  # whether the current step is applied
+        self._counts = torch.zeros(2, dtype=torch.int64, device=device)  # skipped, bad in a row
+        self.decay = train.ema
         self.ema: AveragedModel | None = None
         if train.ema:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train.ema), use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=self._ema_update, use_buffers=True)
             self.ema.update_parameters(model)  # the average starts from the initialised weights
         if compile:
             model.compile_networks()
@@ -54,38 +62,66 @@ class Updater:
         self.optimizer = build_optimizer(model.parameters(), train)
         self.scheduler = build_scheduler(self.optimizer, train, total_steps)
         self.clip = train.clip_grad_norm or math.inf
-        self.step, self.skipped, self.bad_in_row = 0, 0, 0
+        self.accumulate = train.accumulate
+        self.step = 0
+
+    @property
+    def skipped(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def bad_in_row(self) -> int:
+        return int(self._counts[1])
 
     @property
     def eval_model(self) -> nn.Module:
         """The weights to evaluate and sample with: the EMA's when the spec keeps one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step on this rank's batch `x`: the mean bits/dim over all ranks, the gradient norm, and
-        whether the step was applied (all tensors)."""
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One step on this rank's batch `x` (in `accumulate` micro-batches whose gradients add up to the
+        whole batch's). Returns, without waiting for the device, the mean bits/dim over all ranks, the
+        gradient norm, and whether the step was applied (a bool tensor)."""
         self.model.train()
-        loss = self.objective(x)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._backward(x)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(norm)).float()
-        shared = torch.stack([torch.nan_to_num(loss.detach().float(), 0.0, 0.0, 0.0), bad.float()])
-        self.dist.all_sum(shared)
-        ok = shared[1] == 0
-        if ok:
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-            self.bad_in_row = 0
-        else:
-            self.skipped += 1
-            self.bad_in_row += 1
-        with warnings.catch_warnings():  # a skipped first step makes torch warn about the order of the two
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
-            self.scheduler.step()
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
+        shared = torch.stack([torch.nan_to_num(loss, 0.0, 0.0, 0.0), bad])
+        self.dist.all_sum(shared)  # every rank skips the same steps
+        self._ok = shared[1] == 0
+        self.optimizer.found_inf = (~self._ok).float()  # fused Adam leaves everything as it was when set
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self._counts[0] += ~self._ok
+        self._counts[1] = (self._counts[1] + 1) * ~self._ok
+        self.scheduler.step()
         self.step += 1
-        return shared[0] / self.dist.world, norm, ok
+        return shared[0] / self.dist.world, norm, self._ok
+
+    def _backward(self, x: Tensor) -> Tensor:
+        """Gradients of the batch's mean bits/dim; with DDP, all-reduced once, after the last micro-batch."""
+        parts = x.chunk(self.accumulate)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            defer = self.objective.no_sync() if self.dist.active and not last else contextlib.nullcontext()
+            with defer:
+                loss = self.objective(part) * (len(part) / len(x))
+                loss.backward()
+            total += loss.detach().float()
+        return total
+
+    def _ema_update(self, ema: list[Tensor], current: list[Tensor], _: Tensor) -> None:
+        """`ema += (1 - decay) (current - ema)` on applied steps; nothing on skipped ones."""
+        if not ema[0].is_floating_point():  # flags of data-dependent init
+            for e, c in zip(ema, current, strict=True):
+                e.copy_(torch.where(self._ok, c, e))
+            return
+        delta = torch._foreach_sub(current, ema)
+        torch._foreach_mul_(delta, self._ok.to(ema[0].dtype) * (1.0 - self.decay))
+        torch._foreach_add_(ema, delta)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +131,7 @@ class Updater:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "skipped": self.skipped,
+            "bad_in_row": self.bad_in_row,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -103,4 +140,5 @@ class Updater:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.skipped = state["step"], state["skipped"]
+        self.step = state["step"]
+        self._counts.copy_(torch.tensor([state["skipped"], state.get("bad_in_row", 0)]))
