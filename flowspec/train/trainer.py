@@ -27,6 +27,7 @@ from flowspec.train.evaluation import Evaluator
 from flowspec.train.metrics import Window, read_metrics, record, truncate_metrics
 from flowspec.train.progress import Reporter
 from flowspec.train.signals import StopSignals
+from flowspec.train.tensorboard import TensorBoard
 from flowspec.train.update import Updater
 
 
@@ -47,6 +48,7 @@ class RunOptions:
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops (checked when logging)
     log_every: int = 10  # read the loss from the device (progress, divergence) every N steps
     handle_signals: bool = True
+    tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard package)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Trainer:
         self.best: float | None = None
         if payload is not None:
             self._restore(payload)
+        self.board = TensorBoard(self.run_dir, self.step) if options.tensorboard and self.dist.main else None
 
     # ------------------------------------------------------------ the loop
 
@@ -144,6 +147,8 @@ class Trainer:
                         self._evaluate(reporter)
             finally:
                 reporter.close()
+                if self.board is not None:
+                    self.board.close()
         return self._result(stopped)
 
     # ------------------------------------------------------------ parts of the loop
@@ -166,6 +171,8 @@ class Trainer:
         if self.updater.bad_in_row >= self.options.max_bad_steps:
             self._diverged(x)
         reporter.step(self.step, last_bpd, self.window.img_s())
+        if self.board is not None:
+            self.board.train(self.step, last_bpd)
 
     def _should_stop(self, signals: StopSignals, started: float, logged: bool) -> tuple[str | None, bool]:
         """A signal received and whether --max-time is up: after any step in one process; under torchrun
@@ -203,6 +210,8 @@ class Trainer:
         if self.dist.main:
             record(self.run_dir, row, self.spec.name)
             reporter.evaluation(row)
+            if self.board is not None:
+                self.board.evaluation(row, done.grids)
         self._save(best=improved)
         self.window.restart_clock()
 
