@@ -82,22 +82,34 @@ def test_export_errors(run_dir, tmp_path, capsys):
 def test_train_from_python_takes_a_spec_file_and_the_command_line_options(tmp_path):
     flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
     out = tmp_path / "run"
-    result = flowspec.train(flow, out=out, sets=["train.lr=1e-3"], device="cpu", max_steps=2, quiet=True)
+    result = flowspec.train(
+        flow, out=out, sets=["train.lr=1e-3"], device="cpu", max_steps=2, quiet=True, tensorboard=True
+    )
     assert (result.stopped, result.step) == ("max-steps", 2) and load_checkpoint(out)["step"] == 2
-    resumed = flowspec.train(resume=out, quiet=True, device="cpu")
+    resumed = flowspec.train(resume=out, quiet=True, device="cpu", tensorboard=True)
     assert (resumed.stopped, resumed.step) == ("finished", 4)
     assert flowspec.load(out).spec.train.lr == 1e-3
+    assert [e.step for e in _scalars(out, "test/bpd")] == [2, 4]  # the resumed run continues the log
     with pytest.raises(UserError, match="no spec given"):
         flowspec.train()
     with pytest.raises(UserError, match="expected a duration"):
         flowspec.train(flow, out=tmp_path / "x", max_time="soon")
 
 
-def test_tensorboard_has_the_scalars_and_the_sample_grids(run_dir):
+def _events(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
+    return events
+
+
+def _scalars(run_dir, tag):
+    return _events(run_dir).Scalars(tag)
+
+
+def test_tensorboard_has_the_scalars_and_the_sample_grids(run_dir):
+    events = _events(run_dir)
     tags = events.Tags()
     assert {"test/bpd", "train/bpd", "run/inversion_error", "run/lr"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("test/bpd")] == [3]

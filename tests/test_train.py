@@ -63,7 +63,7 @@ def _weights(run_dir):
 
 
 def test_resume_is_exact(tmp_path):
-    spec = tiny_spec(steps=8, eval_every=3, hflip=True)
+    spec = tiny_spec(steps=8, eval_every=3, hflip=True, accumulate=2)
     straight = train(spec, options(tmp_path / "straight"))
     train(spec, options(tmp_path / "split", max_steps=4))
     resumed = train(spec, options(tmp_path / "split", resume=True))

@@ -8,11 +8,22 @@ in-memory one): `next(batches)` is this rank's next batch on the device (integer
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flowspec.errors import UserError
+
+if TYPE_CHECKING:
+    from flowspec.spec import TrainSpec
+    from flowspec.train.data import ImageSet
+    from flowspec.train.distributed import Dist
+
+
+def training_batches(train_set: ImageSet, train: TrainSpec, dist: Dist, device: torch.device) -> BatchStream:
+    """The object the loop takes its batches from, for this rank: the in-memory stream on `device`."""
+    images = train_set.images.to(device)
+    return BatchStream(images, train.batch, train.seed, dist.rank, dist.world, train.hflip)
 
 
 class BatchStream:

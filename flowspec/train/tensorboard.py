@@ -13,7 +13,7 @@ FOLDER = "tensorboard"
 
 
 class TensorBoard:
-    """A `SummaryWriter` into `run_dir/tensorboard`; a resumed run first drops what came after `step`."""
+    """A `SummaryWriter` into `run_dir/tensorboard`, for a run (re)starting at `step`."""
 
     def __init__(self, run_dir: Path, step: int = 0):
         try:
@@ -23,7 +23,8 @@ class TensorBoard:
                 "--tensorboard needs the tensorboard package, which is not installed: "
                 "pip install 'flowspec[tensorboard]' (or pip install tensorboard)"
             ) from None
-        self.writer = SummaryWriter(log_dir=str(run_dir / FOLDER), purge_step=step or None)
+        # a resumed run writes again what came after its checkpoint: drop it (steps > step)
+        self.writer = SummaryWriter(log_dir=str(run_dir / FOLDER), purge_step=step + 1 if step else None)
 
     def train(self, step: int, bpd: float) -> None:
         """The latest training bits/dim, at a logging step."""

@@ -19,7 +19,7 @@ import flowspec
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec, Interval
 from flowspec.train import rng, rundir
-from flowspec.train.batches import BatchStream
+from flowspec.train.batches import training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, teardown
@@ -93,10 +93,7 @@ class Trainer:
                 f"the batch ({self.t.batch}) must be divisible by the number of processes "
                 f"({self.dist.world}) times accumulate ({self.t.accumulate})"
             )
-        self.batches = BatchStream(
-            train_set.images.to(self.device), self.t.batch, self.t.seed, self.dist.rank, self.dist.world,
-            self.t.hflip,
-        )  # fmt: skip
+        self.batches = training_batches(train_set, self.t, self.dist, self.device)
         self.total_steps = self._steps(self.t.length) if self.t.length else None
         self.eval_every = self._steps(self.t.eval_every)
 
