@@ -440,3 +440,111 @@ def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(trained
         )
     assert run(["eval", str(trained), "--iw", "100000"]) == 2
     assert "Invalid value for '--iw'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- disks, permissions, two processes
+
+
+def tiny_flow(tmp_path: Path) -> Path:
+    from train_helpers import write_flow
+
+    return write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
+
+
+def fail_on(monkeypatch, module, name: str, code: int, after: int = 0) -> None:
+    """Make `module.name` raise OSError(`code`) (without a file name, like a failed write) after `after`
+    successful calls."""
+    import builtins
+
+    real = getattr(module, name, None) or getattr(builtins, name)
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("where", "failed"),
+    [("checkpoint", "last.pt"), ("metrics", "metrics.jsonl"), ("samples", "samples/step0000006_t1.0.png")],
+)
+def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch, capsys, where, failed
+):
+    import errno
+    import json
+
+    import torch
+
+    from flowspec.train import checkpoint, metrics, sampling
+    from flowspec.train.checkpoint import LAST, load_checkpoint
+
+    out = tmp_path / "run"
+    target = {"checkpoint": (checkpoint.torch, "save", 2), "metrics": (metrics, "open", 1)}
+    target["samples"] = (sampling, "save_image", 2)
+    module, name, after = target[where]  # the second evaluation's write fails (the first one wrote step 3)
+    fail_on(monkeypatch, module, name, errno.ENOSPC, after)
+    torch.set_num_threads(1)
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} (step 3) is "
+        f"kept; free space or make the folder writable, then continue with: flowspec train --resume {out}\n"
+    )
+    monkeypatch.undo()
+    assert load_checkpoint(out)["step"] == 3
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][0] == 3
+    assert not [p.name for p in out.glob("*tmp*")]
+
+
+def test_a_read_only_run_folder_stops_the_run_with_a_message(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from flowspec.train import sampling
+
+    fail_on(monkeypatch, sampling, "save_image", errno.EROFS)
+    out = tmp_path / "run"
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: read-only file system writing {out / 'samples' / 'step0000003_t1.0.png'}; "
+    )
+    assert "no checkpoint was written yet" in err
+
+
+def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
+    import socket
+
+    from flowspec.train.lock import RunLock
+
+    flow, out = tiny_flow(tmp_path), tmp_path / "run"
+    with RunLock(out):  # held as another process would hold it (flock: per open file)
+        assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"error: run folder {out} is in use by pid {os.getpid()} on {socket.gethostname()}"
+        )
+        assert run(["train", "--resume", str(out), "--quiet"]) == 2
+    # the lock file a dead holder leaves does not block: the kernel dropped its flock
+    (out / ".lock").write_text("pid 1 on elsewhere since long ago\n")
+    assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet", "--max-steps", "3"]) == 0
+
+
+def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path):
+    from flowspec.train.lock import RunLock
+
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "metrics.jsonl.tmp").write_text("{")
+    (tmp_path / ".curves.tmp.png").write_bytes(b"")
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    with RunLock(tmp_path) as lock:
+        assert sorted(p.name for p in lock.removed) == [
+            ".curves.tmp.png",
+            ".last.pt.abc123.tmp",
+            "metrics.jsonl.tmp",
+        ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "last.pt"]

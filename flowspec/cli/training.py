@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
 from datetime import datetime
 from enum import Enum
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from flowspec.api import parse_duration
 from flowspec.cli.app import app
 from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
 from flowspec.errors import Interrupted, Terminated, UserError, os_error_message
@@ -50,30 +50,9 @@ DeviceOption = Annotated[
     Device | None, typer.Option("--device", help="Default: cuda when available, else cpu.")
 ]
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match or float(match[1]) <= 0:
-        raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
-    return float(match[1]) * _UNITS[match[2] or "s"]
-
 
 def _device(device: Device | None) -> str | None:
     return device.value if device else None
-
-
-def _where(device: Device | None):
-    """The torch device a command runs on: --device, else cuda when available (a `UserError` when
-    cuda is asked for and there is none)."""
-    import torch
-
-    where = torch.device(_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    return where
 
 
 @app.command()
@@ -104,44 +83,35 @@ def train(
     max_time: Annotated[
         str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
     ] = None,
+    log_every: Annotated[
+        int, typer.Option("--log-every", min=1, help="Read the loss from the device every N steps.")
+    ] = 10,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
-    from flowspec.inspection.budget import check_size
-    from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
-    from flowspec.train.trainer import RunOptions
-    from flowspec.train.trainer import train as run_training
+    import flowspec
 
-    if resume is not None:
-        if out is not None and out.resolve() != resume.resolve():
-            raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
-        if spec is None:
-            if sets:
-                raise UserError("--set needs the spec file: pass it along with --resume")
-            payload = load_checkpoint(resume)
-            resolved = checkpoint_spec(payload, resume)
-        else:
-            resolved = load_cli_spec(spec, sets)
-        out = resume
-    elif spec is None:
-        raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
-    else:
-        resolved = load_cli_spec(spec, sets)
-    check_size(resolved, "train", _where(device), allow_large)
-    options = RunOptions(
-        out=out,
-        data_dir=data,
-        device=_device(device),
-        precision=precision.value,
-        compile=compile_networks,
-        max_steps=max_steps,
-        max_time=parse_duration(max_time) if max_time else None,
-        quiet=quiet,
-        resume=resume is not None,
-    )
     try:
-        result = run_training(resolved, options)
+        result = flowspec.train(
+            spec,
+            data,
+            out,
+            sets=sets or (),
+            resume=resume,
+            device=_device(device),
+            precision=precision.value,
+            compile=compile_networks,
+            max_steps=max_steps,
+            max_time=max_time,
+            log_every=log_every,
+            tensorboard=tensorboard,
+            quiet=quiet,
+            allow_large=allow_large,
+        )
     except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
         raise Interrupted(
             "finished checkpoints are kept; continue with --resume RUN_DIR", isinstance(stop, Terminated)
@@ -177,6 +147,20 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     return changed
 
 
+def _load_for_inference(
+    target: Path, device: Device | None, sets: list[str] | None, images: int, allow_large: bool
+):
+    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`
+    (refused before it is built when it and `images` images at once do not fit the device)."""
+    import torch
+
+    from flowspec.train.export import load_trained
+
+    where = _device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    trained = load_trained(target, where, images=images, allow_large=allow_large)
+    return trained, _with_overrides(trained.spec, sets, trained.path)
+
+
 def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
     """Refuse an output path that is a folder or names an unknown kind of file, before any work."""
     if path.is_dir():
@@ -198,32 +182,11 @@ def _image_suffixes() -> tuple[str, ...]:
     return tuple(ext for ext in common if ext in writable)
 
 
-def _load_for_inference(
-    target: Path, device: Device | None, sets: list[str] | None, images: int, allow_large: bool
-):
-    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights
-    (refused before it is built when it and `images` images at once do not fit the device)."""
-    import flowspec
-    from flowspec.inspection.budget import check_size
-    from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve
-
-    path = resolve(target)
-    payload = load_checkpoint(path, training_state=False)
-    spec = _with_overrides(checkpoint_spec(payload, path), sets, path)
-    where = _where(device)
-    check_size(spec, "infer", where, allow_large, images)
-    model = flowspec.build(spec)
-    try:
-        model.load_state_dict(ema_weights(payload))
-    except RuntimeError as error:
-        raise UserError(f"checkpoint {path} does not fit the model its spec builds: {error}") from None
-    return model.to(where).eval(), spec, payload, path, where
-
-
 @app.command("eval")
 def evaluate(
     target: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+        Path,
+        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
     ],
     data: DataOption = None,
     iw: Annotated[
@@ -258,26 +221,28 @@ def evaluate(
 
     if out is not None:
         _check_output(out, "--out", (".json",))
-    model, spec, payload, path, where = _load_for_inference(target, device, sets, batch, allow_large)
-    images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
+    trained, spec = _load_for_inference(target, device, sets, batch, allow_large)
+    images = load_split(spec.data, split.value, data or trained.data_dir).images
     images = images[:limit] if limit else images
     torch.manual_seed(seed)
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"eval {split.value}", total=len(images))
-        result = bounds(model, images, iw, batch, where, lambda n: progress.advance(task, n))
+        result = bounds(
+            trained.model, images, iw, batch, trained.model.device, lambda n: progress.advance(task, n)
+        )
     record = {
-        "checkpoint": str(path),
+        "checkpoint": str(trained.path),
         "spec": spec.name,
-        "step": payload["step"],
+        "step": trained.step,
         "split": split.value,
         "iw_samples": iw,
         "seed": seed,
         **result,
     }
-    out = out or path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
+    out = out or trained.path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
     caption = f"{split.value}: {result['images']} images"
-    table = Table(title=f"{spec.name}, step {payload['step']}", caption=caption)
+    table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
     table.add_column("bits/dim", justify="right")
     table.add_row("single sample", f"{result['bpd']:.4f}")
@@ -294,7 +259,8 @@ def evaluate(
 @app.command()
 def sample(
     target: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+        Path,
+        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
     ],
     n: Annotated[int, typer.Option("-n", min=1, help="Number of images.")] = 64,
     temperature: Annotated[
@@ -314,10 +280,30 @@ def sample(
     if not math.isfinite(temperature):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     _check_output(output, "-o/--output", _image_suffixes())
+    trained, spec = _load_for_inference(target, device, sets, n, allow_large)
+    save_grid(trained.model, n, temperature, output, spec.data.levels, seed)
+    print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {output}")
 
-    model, spec, payload, _, _ = _load_for_inference(target, device, sets, n, allow_large)
-    save_grid(model, n, temperature, output, spec.data.levels, seed)
-    print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {output}")
+
+@app.command("export")
+def export_model(
+    target: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The .safetensors file; default beside the checkpoint."),
+    ] = None,
+) -> None:
+    """Write the EMA weights and the resolved spec to a .safetensors file (for load, eval and sample)."""
+    from flowspec.train.checkpoint import resolve
+    from flowspec.train.export import SUFFIX, export
+
+    output = output or resolve(target).parent / f"model{SUFFIX}"
+    if output.suffix != SUFFIX:
+        raise UserError(f"the export must be a {SUFFIX} file, got {output}")
+    trained = export(target, output)
+    print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")
 
 
 @app.command()
@@ -345,16 +331,15 @@ def ablate(
     from rich.console import Console
     from rich.table import Table
 
+    from flowspec.inspection.budget import check_size, default_device
     from flowspec.train.ablate import COLUMNS, row_values, run_ablation
     from flowspec.train.trainer import RunOptions
 
     if (steps is None) == (budget is None):
         raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
     resolved = [load_cli_spec(path, sets) for path in specs]
-    from flowspec.inspection.budget import check_size
-
     for each in resolved:
-        check_size(each, "train", _where(device), allow_large)
+        check_size(each, "train", default_device(_device(device)), allow_large)
     out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
     options = RunOptions(
         data_dir=data,

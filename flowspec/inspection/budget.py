@@ -117,11 +117,18 @@ def measure(spec: FlowSpec) -> Size:
     )
 
 
+def default_device(device: str | None = None) -> torch.device:
+    """`device`, else cuda when available, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def device_memory(device: str | torch.device = "cpu") -> int:
     """Bytes a process may use on `device`: the GPU's memory, or RAM bounded by the process's address-space
     limit and its cgroup's memory limit."""
     device = torch.device(device)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
         return torch.cuda.get_device_properties(device).total_memory
     limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
