@@ -119,6 +119,8 @@ def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
         stored = checkpoint_spec(payload, path)
+        if stored.model_copy(update={"eval": spec.eval}) == spec:  # evaluation settings may change
+            return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(
             f"checkpoint {path} was trained with a different spec (differences: {'; '.join(diff[:5])}); "
