@@ -3,12 +3,30 @@ evaluation, progress, and stop signals during evaluation and sampling."""
 
 from __future__ import annotations
 
-import pytest
+import math
+import os
+import signal
 
+import pytest
+import torch
+from PIL import Image
+from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+
+import flowspec
 from flowspec.diagnostics import SpecError
 from flowspec.formatter import format_spec
 from flowspec.loader import parse_spec
+from flowspec.model import FlowModel
 from flowspec.spec import EvalSpec
+from flowspec.train import trainer
+from flowspec.train.checkpoint import load_checkpoint
+from flowspec.train.data import load_split
+from flowspec.train.evaluate import bounds, single_sample_bpd
+from flowspec.train.evaluation import Evaluator
+from flowspec.train.signals import Interrupted, never
+from flowspec.train.trainer import RunOptions, train
+
+CPU = torch.device("cpu")
 
 TINY = """\
 model tiny
@@ -55,3 +73,110 @@ def test_eval_section_mistakes_name_the_place(text, message):
     with pytest.raises(SpecError) as error:
         parse_spec(TINY + text, source="e.flow")
     assert message in str(error.value) and "e.flow:4:" in str(error.value)
+
+
+# ---------------------------------------------------------------- evaluation in a run
+
+
+def _options(out, **kw) -> RunOptions:
+    return RunOptions(out=out, device="cpu", quiet=True, **kw)
+
+
+def test_the_checkpoint_is_written_before_each_evaluation_and_again_when_it_improved(tmp_path, monkeypatch):
+    events = []
+    save = trainer.save_run
+    evaluate = Evaluator.__call__
+
+    def saving(run_dir, payload, best, *modules):
+        events.append(("save", payload["step"], best, payload["best_bpd"]))
+        return save(run_dir, payload, best, *modules)
+
+    def evaluating(self, model, step, *args, **kw):
+        events.append(("eval", step, load_checkpoint(self.run_dir)["step"]))  # on disk already
+        return evaluate(self, model, step, *args, **kw)
+
+    monkeypatch.setattr(trainer, "save_run", saving)
+    monkeypatch.setattr(Evaluator, "__call__", evaluating)
+    quick = {"images": 32, "samples": 4, "inversion": False}
+    result = train(tiny_spec(steps=4, eval_every=2), _options(tmp_path / "run", eval=quick))
+    first, second = (r["test_bpd"] for r in result.history)
+    assert events[:3] == [("save", 2, False, None), ("eval", 2, 2), ("save", 2, True, first)]
+    assert events[3:5] == [("save", 4, False, first), ("eval", 4, 4)]
+    assert events[5:] == ([("save", 4, True, second)] if second < first else [])
+
+
+def test_evaluation_follows_the_eval_settings_without_gradients(tmp_path, monkeypatch):
+    calls = []
+    log_prob = FlowModel.log_prob
+
+    def spy(self, x):
+        calls.append((len(x), torch.is_grad_enabled(), self.training))
+        return log_prob(self, x)
+
+    spec = tiny_spec(steps=2, eval_every=2).model_copy(
+        update={"eval": EvalSpec(images=40, batch=8, samples=4, temperatures=(1.0,), inversion=False)}
+    )
+    monkeypatch.setattr(FlowModel, "log_prob", spy)
+    result = train(spec, _options(tmp_path / "run"))
+    row = result.history[-1]
+    assert row["test_images"] == 40 and math.isnan(row["inversion_error"])
+    evaluation = calls[-5:]  # after the training steps: 5 batches of 8 test images, no autograd, eval mode
+    assert evaluation == [(8, False, False)] * 5
+    assert [p.name for p in (tmp_path / "run" / "samples").iterdir()] == ["step0000002_t1.0.png"]
+    assert Image.open(tmp_path / "run" / "samples" / "step0000002_t1.0.png").size == (2 * 9 + 1, 2 * 9 + 1)
+    # the command line's settings win over the spec's
+    again = train(spec, _options(tmp_path / "again", eval={"images": 24, "inversion": True}))
+    assert again.history[-1]["test_images"] == 24 and again.history[-1]["inversion_error"] < 1e-3
+
+
+def test_a_short_run_evaluates_little_and_says_so(tmp_path, capsys):
+    spec = tiny_spec(steps=100, eval_every=10)
+    train(spec, RunOptions(out=tmp_path / "run", device="cpu", max_steps=2))
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("a short run"))
+    assert "step 2, before the first evaluation at step 10" in line
+    assert "64 of 297 test images at batch 16, one 16-image grid, no inversion check" in line
+    assert "evaluated 64 test images in" in printed and "peak memory" in printed
+    assert [p.name for p in (tmp_path / "run" / "samples").iterdir()] == ["step0000002_t1.0.png"]
+    # a run that reaches its interval evaluates in full
+    resumed = train(spec, _options(tmp_path / "run", resume=True, max_steps=10, eval={"samples": 0}))
+    assert resumed.history[-1]["test_images"] == 297
+
+
+def test_a_stopped_evaluation_keeps_the_checkpoint_and_runs_when_resumed(tmp_path, monkeypatch):
+    evaluate = Evaluator.__call__
+
+    def interrupted(self, model, step, meters=None, stop=never):
+        os.kill(os.getpid(), signal.SIGINT)  # noted; the evaluation stops before its first batch
+        return evaluate(self, model, step, meters, stop)
+
+    monkeypatch.setattr(Evaluator, "__call__", interrupted)
+    spec, run_dir = tiny_spec(steps=4, eval_every=2), tmp_path / "run"
+    result = train(spec, _options(run_dir))
+    assert result.stopped == "SIGINT" and result.step == 2 and result.history == []
+    assert load_checkpoint(run_dir)["step"] == 2
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
+    resumed = train(spec, _options(run_dir, resume=True))
+    assert [r["step"] for r in resumed.history] == [2, 4]  # the evaluation at step 2 runs first
+    assert resumed.history[0]["train_bpd"] is None
+
+
+def test_bounds_and_grids_stop_between_batches():
+    spec = tiny_spec()
+    model = flowspec.build(spec)
+    images = load_split(spec.data, "test").images[:40]
+    model.initialize(images)
+    asked = []
+
+    def stop_at_third():
+        asked.append(1)
+        return "SIGTERM" if len(asked) == 3 else None
+
+    with pytest.raises(Interrupted) as stopped:
+        single_sample_bpd(model, images, 8, CPU, stop=stop_at_third)
+    assert stopped.value.done == "after 16 of 40 test images" and stopped.value.exit_code == 143
+    asked.clear()
+    with pytest.raises(Interrupted, match="after 8 of 40 images"):
+        bounds(
+            model, images, 1, 4, CPU, stop=lambda: "SIGINT" if len(asked.append(1) or asked) == 3 else None
+        )
