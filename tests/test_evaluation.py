@@ -6,13 +6,18 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+from train_helpers import one_thread, tiny_spec, write_flow, write_shards  # noqa: F401 (fixture)
 
 import flowspec
+from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
 from flowspec.formatter import format_spec
 from flowspec.loader import parse_spec
@@ -180,3 +185,85 @@ def test_bounds_and_grids_stop_between_batches():
         bounds(
             model, images, 1, 4, CPU, stop=lambda: "SIGINT" if len(asked.append(1) or asked) == 3 else None
         )
+
+
+# ---------------------------------------------------------------- signals on the command line
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sigint_during_the_evaluation_keeps_the_checkpoint_and_exits_130(tmp_path, capsys):
+    flow = write_flow(tmp_path / "tiny.flow", steps=100, eval_every=50)
+    shards = write_shards(tmp_path / "shards", n_train=64, n_test=20000)  # at batch 1: a minute to evaluate
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "flowspec", "train", str(flow), "--set", "data.dataset=npz"]
+    command += ["--data", str(shards), "--out", str(out), "--device", "cpu", "--max-steps", "1"]
+    command += ["--eval-images", "20000", "--eval-batch", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    while not lines or not lines[-1].startswith("a short run"):  # printed as the evaluation starts
+        lines.append(proc.stdout.readline())
+        assert lines[-1], "".join(lines) + proc.stderr.read()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    said = [line for line in stdout.splitlines() if "SIGINT" in line]
+    assert len(said) == 1 and said[0].startswith("SIGINT: the evaluation at step 1 stopped after ")
+    assert f"{out / 'last.pt'} was saved before it" in said[0] and "Traceback" not in stderr
+    assert load_checkpoint(out)["step"] == 1
+    assert run(["eval", str(out), "--images", "8", "--device", "cpu", "--data", str(shards)]) == 0  # it loads
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_spec(steps=2), _options(out, eval={"samples": 0}))
+    return out
+
+
+def _signal_on_call(monkeypatch, owner, name, signum, call=1):
+    """Make the `call`-th call of `owner.name` send `signum` to this process first."""
+    original, calls = getattr(owner, name), []
+
+    def wrapped(*args, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_eval_and_sample_stop_between_batches_on_a_signal(trained, tmp_path, monkeypatch, capsys):
+    _signal_on_call(monkeypatch, FlowModel, "log_prob", signal.SIGTERM, call=2)
+    assert run(["eval", str(trained), "--batch", "8", "--images", "40", "--device", "cpu"]) == 143
+    err = capsys.readouterr().err
+    assert err == "SIGTERM: the evaluation stopped after 16 of 40 images; nothing was written\n"
+    assert not (trained / "eval_test.json").exists()
+    _signal_on_call(monkeypatch, FlowModel, "sample", signal.SIGINT)
+    grid = tmp_path / "grid.png"
+    assert run(["sample", str(trained), "-n", "8", "--batch", "4", "-o", str(grid), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert err == "SIGINT: sampling stopped after 4 of 8 samples at temperature 1.0; nothing was written\n"
+    assert not grid.exists()
+
+
+def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, capsys):
+    first, second = write_flow(tmp_path / "a.flow", name="a"), write_flow(tmp_path / "b.flow", name="b")
+    _signal_on_call(monkeypatch, Evaluator, "__call__", signal.SIGINT)
+    out = tmp_path / "ablation"
+    assert (
+        run(["ablate", str(first), str(second), "--steps", "2", "--out", str(out), "--device", "cpu"]) == 130
+    )
+    captured = capsys.readouterr()
+    assert "SIGINT: the evaluation at step 2 stopped after 0 of 64 test images" in captured.out
+    assert (
+        captured.err
+        == f"SIGINT: the ablation stopped after 1 of 2 runs; nothing was compared; the runs are in {out}\n"
+    )
+    assert load_checkpoint(out / "a")["step"] == 2 and not (out / "b").exists()
+    assert not (out / "ablation.json").exists()
