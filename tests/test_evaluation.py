@@ -28,6 +28,7 @@ from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.data import load_split
 from flowspec.train.evaluate import bounds, single_sample_bpd
 from flowspec.train.evaluation import Evaluator
+from flowspec.train.memory import PeakMemory
 from flowspec.train.signals import Interrupted, never
 from flowspec.train.trainer import RunOptions, train
 
@@ -267,3 +268,14 @@ def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, ca
     )
     assert load_checkpoint(out / "a")["step"] == 2 and not (out / "b").exists()
     assert not (out / "ablation.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_counts_from_its_start():
+    memory = PeakMemory(CPU)
+    block = torch.ones(50_000_000)  # 200 MB
+    block.add_(1)
+    del block
+    peak, kind = memory.read()
+    assert kind == "resident" and peak >= memory.start + 150e6
+    assert str(memory).startswith("peak memory ") and "GB at the start" in str(memory)
