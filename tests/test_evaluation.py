@@ -19,6 +19,7 @@ from train_helpers import one_thread, tiny_spec, write_flow, write_shards  # noq
 import flowspec
 from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
+from flowspec.errors import UserError
 from flowspec.formatter import format_spec
 from flowspec.loader import parse_spec
 from flowspec.model import FlowModel
@@ -279,3 +280,13 @@ def test_peak_memory_counts_from_its_start():
     peak, kind = memory.read()
     assert kind == "resident" and peak >= memory.start + 150e6
     assert str(memory).startswith("peak memory ") and "GB at the start" in str(memory)
+
+
+def test_a_run_resumes_with_other_eval_settings_but_not_other_training(tmp_path):
+    spec, run_dir = tiny_spec(steps=4, eval_every=2), tmp_path / "run"
+    train(spec, _options(run_dir, max_steps=2, eval={"samples": 0}))
+    cheaper = spec.model_copy(update={"eval": EvalSpec(images=16, samples=0)})
+    assert train(cheaper, _options(run_dir, resume=True)).history[-1]["test_images"] == 16
+    faster = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 0.1})})
+    with pytest.raises(UserError, match="different spec"):
+        train(faster, _options(run_dir, resume=True))
