@@ -30,6 +30,7 @@ from flowspec.train.data import load_split
 from flowspec.train.evaluate import bounds, single_sample_bpd
 from flowspec.train.evaluation import Evaluator
 from flowspec.train.memory import PeakMemory
+from flowspec.train.progress import Reporter, duration
 from flowspec.train.signals import Interrupted, never
 from flowspec.train.trainer import RunOptions, train
 
@@ -290,3 +291,14 @@ def test_a_run_resumes_with_other_eval_settings_but_not_other_training(tmp_path)
     faster = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 0.1})})
     with pytest.raises(UserError, match="different spec"):
         train(faster, _options(run_dir, resume=True))
+
+
+def test_meter_shows_images_running_bits_and_time_left(capsys):
+    meter = Reporter("lines", None, 0, every_s=0.0, train=False).meter("eval", 40, "test images")
+    meter(8, 3.25)
+    meter(8, 3.0)
+    meter.close()
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("eval 8/40 test images  3.2500 bits/dim  ") and first.endswith("s left")
+    assert second.startswith("eval 16/40 test images  3.0000 bits/dim  ")
+    assert [duration(s) for s in (42, 185, 7800, math.nan)] == ["42s", "3m05s", "2h10m", "?"]
