@@ -53,9 +53,9 @@ def measure(args: argparse.Namespace, folder: Path, mode: str) -> dict:
     import torch
 
     from flowspec.spec import DataSpec
-    from flowspec.train.batches import BatchStream
+    from flowspec.train.batches import BatchStream, in_memory
     from flowspec.train.data import load_split
-    from flowspec.train.stream import StreamingBatches, resident
+    from flowspec.train.stream import StreamingBatches
 
     torch.set_num_threads(args.threads)
     c, h, w = args.shape
@@ -65,7 +65,7 @@ def measure(args: argparse.Namespace, folder: Path, mode: str) -> dict:
     if mode == "stream":
         source = StreamingBatches(train.file, args.batch, seed=0, workers=args.workers)
     else:
-        source = BatchStream(resident(train, "cpu"), args.batch, seed=0)
+        source = BatchStream(in_memory(train, "cpu"), args.batch, seed=0)
     start = time.perf_counter()
     checksum = 0
     for _ in range(args.batches):

@@ -9,13 +9,14 @@ import torch
 from conftest import SPECS
 from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
 
+import flowspec
 from flowspec.errors import UserError
-from flowspec.spec import DataSpec
-from flowspec.train.batches import BatchStream
+from flowspec.spec import DataSpec, TrainSpec
+from flowspec.train.batches import BatchOrder, BatchStream, training_batches
 from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.data import load_split
-from flowspec.train.stream import StreamingBatches, batch_source, resident
-from flowspec.train.trainer import RunOptions, train
+from flowspec.train.distributed import Dist
+from flowspec.train.stream import StreamingBatches
 
 
 @pytest.fixture
@@ -58,6 +59,19 @@ def test_streaming_resumes_exactly(npy_set, workers):
         StreamingBatches(npy_set.file, batch=8, seed=2, workers=workers).load_state_dict(state)
 
 
+def test_an_epochs_order_and_flips_are_drawn_once(npy_set, monkeypatch):
+    drawn = []
+    for name in ("indices", "flips"):
+        real = getattr(BatchOrder, name)
+        counted = lambda s, e, real=real, n=name: drawn.append((n, e)) or real(s, e)  # noqa: E731
+        monkeypatch.setattr(BatchOrder, name, counted)
+    drain(BatchStream(npy_set.images.contiguous(), batch=8, seed=0, hflip=True), 12)  # two epochs of 6
+    assert sorted(drawn) == [("flips", 0), ("flips", 1), ("indices", 0), ("indices", 1)]
+    drawn.clear()
+    drain(StreamingBatches(npy_set.file, batch=8, seed=0, hflip=True, workers=0), 12)
+    assert sorted(drawn) == [("flips", 0), ("flips", 1), ("indices", 0), ("indices", 1)]
+
+
 def test_streaming_shards_across_ranks(npy_set):
     ranks = [StreamingBatches(npy_set.file, batch=8, seed=2, rank=r, world=2, workers=0) for r in range(2)]
     whole = StreamingBatches(npy_set.file, batch=8, seed=2, workers=0)
@@ -66,12 +80,14 @@ def test_streaming_shards_across_ranks(npy_set):
 
 
 def test_the_memory_budget_picks_the_path(npy_set):
-    assert isinstance(batch_source(npy_set, 8, 0), BatchStream)
-    assert isinstance(batch_source(npy_set, 8, 0, memory=299), StreamingBatches)  # 300 bytes of images
-    assert resident(npy_set, "cpu", memory=0).data_ptr() == npy_set.images.data_ptr()  # left mapped
-    loaded = resident(npy_set, "cpu")
-    assert loaded.is_contiguous() and torch.equal(loaded, npy_set.images)
-    assert loaded.data_ptr() != npy_set.images.data_ptr()
+    train, cpu = TrainSpec(batch=8, seed=0, hflip=True), torch.device("cpu")
+    memory = training_batches(npy_set, train, Dist(), cpu)
+    assert isinstance(memory, BatchStream) and memory.hflip
+    assert memory.images.is_contiguous() and torch.equal(memory.images, npy_set.images)
+    assert memory.images.data_ptr() != npy_set.images.data_ptr()  # read into memory, not left mapped
+    streamed = training_batches(npy_set, train, Dist(), cpu, memory=299)  # 300 bytes of images
+    assert isinstance(streamed, StreamingBatches) and streamed.hflip
+    assert all(torch.equal(a, b) for a, b in zip(drain(memory, 8), drain(streamed, 8), strict=True))
 
 
 @pytest.mark.slow
@@ -85,12 +101,12 @@ def test_training_streams_and_resumes_exactly(tmp_path, monkeypatch):
     data = DataSpec(dataset="npy", path=str(tmp_path), shape=(1, 8, 8), levels=17)
     spec = tiny_spec(data, steps=6, eval_every=6, hflip=True)
 
-    def run(out, **kw):
-        return train(spec, RunOptions(out=tmp_path / out, device="cpu", quiet=True, data_memory=0, **kw))
+    def run(out, **kw):  # through the Python API, which takes --data-memory's sizes
+        return flowspec.train(spec, out=tmp_path / out, device="cpu", quiet=True, data_memory="0", **kw)
 
     straight = run("straight")
     run("split", max_steps=3)
-    resumed = run("split", resume=True)
+    resumed = run("split", resume=tmp_path / "split")
     assert straight.step == resumed.step == 6 and resumed.history[-1]["test_bpd"] < 10
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
     assert a["rng"][0]["stream"]["position"] == 1 and a["epoch"] == pytest.approx(6 / 5)
@@ -99,8 +115,8 @@ def test_training_streams_and_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_data_memory_option(capsys):
+    from flowspec.api import parse_size
     from flowspec.cli.app import run
-    from flowspec.cli.training import parse_size
 
     assert [parse_size(t) for t in ("0", "512M", "4G", "1.5g", "2GiB", "100")] == [
         0, 512 << 20, 4 << 30, 3 << 29, 2 << 30, 100

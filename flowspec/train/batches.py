@@ -1,92 +1,141 @@
 """Training batches in a resumable order: a seeded permutation per epoch, batches split across ranks.
 
-`BatchStream` serves them from images in (device) memory; `stream.StreamingBatches` reads the same
-batches from a memory-mapped file. Both iterate endlessly and have the same `state_dict`: the position
-(epoch, batch within it) and the flip generator, so one resumes exactly where the other stopped.
+The loop takes its batches from the object `training_batches` returns: `next(batches)` is this rank's
+next batch on the device (integer images N x C x H x W), `steps_per_epoch` and `epochs_done` measure the
+position, and `state_dict()` / `load_state_dict()` save and restore it in the checkpoint. `BatchStream`
+serves the batches from images in (device) memory; `stream.StreamingBatches` reads the same batches from
+a memory-mapped file. Both have the same `state_dict` (epoch, position, seed), so one resumes exactly
+where the other stopped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flowspec.errors import UserError
 
+if TYPE_CHECKING:
+    from flowspec.spec import TrainSpec
+    from flowspec.train.data import ImageSet
+    from flowspec.train.distributed import Dist
+    from flowspec.train.stream import StreamingBatches
+
+DEFAULT_MEMORY = 4 << 30  # bytes of training images kept in (device) memory; larger sets are streamed
+
+
+def training_batches(
+    train_set: ImageSet, train: TrainSpec, dist: Dist, device: torch.device, memory: int | None = None
+) -> BatchStream | StreamingBatches:
+    """The object the loop takes its batches from, for this rank: the in-memory stream on `device` when
+    the images fit `memory` bytes (default DEFAULT_MEMORY) or have no file behind them, else the batches
+    streamed from the set's memory-mapped file."""
+    args = (train.batch, train.seed, dist.rank, dist.world, train.hflip)
+    if train_set.file is None or train_set.images.numel() <= (DEFAULT_MEMORY if memory is None else memory):
+        return BatchStream(in_memory(train_set, device), *args)
+    from flowspec.train.stream import StreamingBatches
+
+    return StreamingBatches(train_set.file, *args, device=device)
+
+
+def in_memory(images: ImageSet, device: torch.device | str) -> torch.Tensor:
+    """The set's images on `device`, read into memory when they are a memory-mapped view."""
+    if images.file is None:
+        return images.images.to(device)
+    return torch.empty(images.images.shape, dtype=torch.uint8, device=device).copy_(images.images)
+
 
 class BatchOrder:
-    """Which images make each batch.
+    """Which images make each batch, and which of them are flipped.
 
     Epoch `e` visits the images in the order `randperm(N, seed=(seed, e))`, in global batches of `batch`
-    (the last partial batch is dropped); rank `r` of `world` takes its contiguous share of each global batch.
+    (the last partial batch is dropped); rank `r` of `world` takes its contiguous share of each global
+    batch, and its horizontal flips (with `hflip`) are drawn per epoch from a generator seeded with
+    `(seed, e, r)`. Both are computed on the CPU, a whole epoch at a time.
     """
 
-    def __init__(self, count: int, batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, count: int, batch: int, seed: int, rank: int = 0, world: int = 1, hflip: bool = False):
         if batch % world:
             raise UserError(f"the batch ({batch}) must be divisible by the number of processes ({world})")
         if count < batch:
             raise UserError(f"the training set has {count} images, fewer than one batch ({batch})")
-        self.count, self.batch, self.seed = count, batch, seed
+        self.count, self.batch, self.seed, self.rank, self.hflip = count, batch, seed, rank, hflip
         self.per_rank = batch // world
-        self.offset = rank * self.per_rank
         self.steps_per_epoch = count // batch
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.int64)
 
-    def indices(self, epoch: int, position: int) -> torch.Tensor:
-        """This rank's images of batch `position` of `epoch`."""
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.count, generator=generator)
-        start = position * self.batch + self.offset
-        return self._order[start : start + self.per_rank]
+    def indices(self, epoch: int) -> torch.Tensor:
+        """This rank's images of each batch of `epoch`: steps_per_epoch x per_rank."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.count, generator=generator)[: self.steps_per_epoch * self.batch]
+        start = self.rank * self.per_rank
+        return order.view(self.steps_per_epoch, self.batch)[:, start : start + self.per_rank].contiguous()
+
+    def flips(self, epoch: int) -> torch.Tensor:
+        """Which of this rank's images of each batch of `epoch` are flipped: steps_per_epoch x per_rank."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 4099 + self.rank)
+        return torch.rand((self.steps_per_epoch, self.per_rank), generator=generator) < 0.5
 
     def following(self, epoch: int, position: int) -> Iterator[torch.Tensor]:
-        """The batches after `position` batches of `epoch`, endlessly."""
+        """The batches' indices after `position` batches of `epoch`, endlessly."""
+        indices = self.indices(epoch)
         while True:
             if position == self.steps_per_epoch:
                 epoch, position = epoch + 1, 0
-            yield self.indices(epoch, position)
+                indices = self.indices(epoch)
+            yield indices[position]
             position += 1
 
 
 class Resumable:
-    """Position bookkeeping, flips and `state_dict` shared by the in-memory and the streaming batches."""
+    """Position bookkeeping, flips and `state_dict` shared by the in-memory and the streaming batches.
 
-    def __init__(self, order: BatchOrder, seed: int, rank: int, hflip: bool):
-        self.order, self.hflip = order, hflip
-        self.batch, self.seed, self.steps_per_epoch = order.batch, order.seed, order.steps_per_epoch
+    An epoch's flips (and, in memory, its order) move to `device` once, when the epoch starts: taking a
+    batch never waits for the device."""
+
+    def __init__(self, order: BatchOrder, device: torch.device | str):
+        self.order, self.device = order, torch.device(device)
+        self.batch, self.seed, self.hflip = order.batch, order.seed, order.hflip
+        self.steps_per_epoch = order.steps_per_epoch
         self.epoch, self.position = 0, 0
-        self.flips = torch.Generator().manual_seed(seed * 1_000_003 + 7919 + rank)
+        self._started: int | None = None  # the epoch whose tables are on the device
+        self._flips: torch.Tensor | None = None
 
     @property
     def epochs_done(self) -> float:
         """Completed epochs, fractional."""
         return self.epoch + self.position / self.steps_per_epoch
 
-    def _advance(self) -> None:
+    def _start_epoch(self) -> None:
+        if self.hflip:
+            self._flips = self.order.flips(self.epoch).to(self.device)
+
+    def _advance(self) -> int:
+        """Move to the next batch; its position within the (started) epoch."""
         if self.position == self.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
+        if self._started != self.epoch:
+            self._start_epoch()
+            self._started = self.epoch
         self.position += 1
+        return self.position - 1
 
-    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+    def _flip(self, x: torch.Tensor, position: int) -> torch.Tensor:
         if not self.hflip:
             return x
-        flip = (torch.rand(len(x), generator=self.flips) < 0.5).to(x.device)
-        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return torch.where(self._flips[position][:, None, None, None], x.flip(-1), x)
 
     def __iter__(self) -> Resumable:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-        return state | {"flips": self.flips.get_state()}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise UserError(f"the saved data order has seed {state['seed']}, this stream seed {self.seed}")
-        self.epoch, self.position = state["epoch"], state["position"]
-        self.flips.set_state(state["flips"])
+        self.epoch, self.position, self._started = state["epoch"], state["position"], None
 
 
 class BatchStream(Resumable):
@@ -95,10 +144,14 @@ class BatchStream(Resumable):
     def __init__(
         self, images: torch.Tensor, batch: int, seed: int, rank: int = 0, world: int = 1, hflip: bool = False
     ):
-        super().__init__(BatchOrder(len(images), batch, seed, rank, world), seed, rank, hflip)
+        super().__init__(BatchOrder(len(images), batch, seed, rank, world, hflip), images.device)
         self.images = images
+        self._order: torch.Tensor | None = None  # this epoch's image indices on the device
+
+    def _start_epoch(self) -> None:
+        super()._start_epoch()
+        self._order = self.order.indices(self.epoch).to(self.device)
 
     def __next__(self) -> torch.Tensor:
-        self._advance()
-        index = self.order.indices(self.epoch, self.position - 1).to(self.images.device)
-        return self._flip(self.images[index])
+        position = self._advance()
+        return self._flip(self.images[self._order[position]], position)

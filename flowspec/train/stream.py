@@ -2,8 +2,8 @@
 
 `StreamingBatches` serves exactly the batches `BatchStream` would (same order, same flips, same
 `state_dict`), read by worker processes from the file: each image is one positioned read (`os.preadv`),
-so a process holds only the batches in flight, whatever the size of the set. `batch_source` picks the
-in-memory fast path for sets within the memory budget and streams the others.
+so a process holds only the batches in flight, whatever the size of the set. `batches.training_batches`
+picks the in-memory fast path for sets within the memory budget and streams the others.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import numpy as np
 import torch
 
 from flowspec.train.arrays import ArrayFile
-from flowspec.train.batches import BatchOrder, BatchStream, Resumable
-from flowspec.train.data import ImageSet
+from flowspec.train.batches import BatchOrder, Resumable
 
-DEFAULT_MEMORY = 4 << 30  # bytes of images kept in (device) memory; larger sets are streamed
 PREFETCH = 4  # batches each worker reads ahead
 
 
@@ -82,9 +80,9 @@ class StreamingBatches(Resumable):
         device: torch.device | str = "cpu",
         workers: int | None = None,
     ):
-        super().__init__(BatchOrder(file.shape[0], batch, seed, rank, world), seed, rank, hflip)
-        self.file, self.device = file, torch.device(device)
-        self.images = file.tensor()  # a view of the memory map, for init batches and inspection
+        super().__init__(BatchOrder(file.shape[0], batch, seed, rank, world, hflip), device)
+        self.file = file
+        self.images = file.tensor()  # a view of the memory map (a truncated file is refused here)
         self.workers = min(4, max(1, (os.cpu_count() or 2) // 2)) if workers is None else workers
         self._batches: Iterator[torch.Tensor] | None = None
 
@@ -105,8 +103,8 @@ class StreamingBatches(Resumable):
         if self._batches is None:
             self._batches = self._start()
         x = next(self._batches)
-        self._advance()
-        return self._flip(x.to(self.device, non_blocking=True))
+        position = self._advance()
+        return self._flip(x.to(self.device, non_blocking=True), position)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -115,30 +113,3 @@ class StreamingBatches(Resumable):
     def close(self) -> None:
         """Stop the workers (a later batch starts them again from the current position)."""
         self._batches = None
-
-
-def batch_source(
-    train: ImageSet,
-    batch: int,
-    seed: int,
-    rank: int = 0,
-    world: int = 1,
-    hflip: bool = False,
-    device: torch.device | str = "cpu",
-    memory: int | None = None,
-) -> BatchStream | StreamingBatches:
-    """Batches of `train`: from (device) memory when its images fit `memory` bytes (default
-    DEFAULT_MEMORY) or it has no file behind it, else streamed from its memory-mapped file."""
-    if train.file is None or train.images.numel() <= (DEFAULT_MEMORY if memory is None else memory):
-        return BatchStream(resident(train, device, memory), batch, seed, rank, world, hflip)
-    return StreamingBatches(train.file, batch, seed, rank, world, hflip, device)
-
-
-def resident(images: ImageSet, device: torch.device | str, memory: int | None = None) -> torch.Tensor:
-    """The set's images on `device` when they fit `memory` bytes (default DEFAULT_MEMORY), else the
-    memory-mapped view on the CPU (evaluation moves each batch to the device)."""
-    if images.file is None:
-        return images.images.to(device)
-    if images.images.numel() > (DEFAULT_MEMORY if memory is None else memory):
-        return images.images
-    return torch.empty(images.images.shape, dtype=torch.uint8, device=device).copy_(images.images)
