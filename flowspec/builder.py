@@ -47,7 +47,20 @@ def _dequantizer(spec: FlowSpec):
     masks = [s.mask for s in steps if isinstance(s, SplitStep)] or ["stripe"]
     c = spec.data.shape[0]
     dropout = max((s.dropout for s in steps if isinstance(s, CouplingStep)), default=0.0)
-    context = ContextNetwork(c, deq.context.filters, deq.context.blocks, masks[0], spec.data.levels, dropout)
+    cfg = deq.context
+    context = ContextNetwork(
+        c,
+        cfg.filters,
+        cfg.blocks,
+        masks[0],
+        spec.data.levels,
+        dropout,
+        layernorm=cfg.layernorm,
+        attention=cfg.attention,
+        heads=cfg.heads,
+        weight_norm=cfg.weight_norm,
+        image_size=spec.data.shape[1:],
+    )
     context.spec_path = "dequantize.context"
     layers, _ = _stack(deq.steps, spec.data.shape, "dequantize", BuildContext(deq.context.filters))
     return VariationalDequantizer(context, Sequence(layers))

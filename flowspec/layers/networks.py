@@ -49,65 +49,95 @@ def concat_elu(x: Tensor) -> Tensor:
     return _ConcatElu.apply(x)
 
 
-def _data_init(module: nn.Module, y: Tensor, init_scale: float) -> None:
+def _data_init(module: Dense | Conv, y: Tensor, init_scale: float) -> None:
     """Rescale the weight so y (computed without bias) has std init_scale and mean 0 per output unit.
 
-    With weight normalization the per-unit gain g is rescaled (the direction v is kept)."""
+    With weight normalization the per-unit gain is rescaled (the direction is kept)."""
     with torch.no_grad():
         var, mean = torch.var_mean(y.reshape(-1, y.shape[-1]), dim=0, correction=0)
         scale = init_scale * torch.rsqrt(var + 1e-8)
-        weight = module.parametrizations.weight.original0 if _normalized(module) else module.weight
-        weight.mul_(scale.view(-1, *([1] * (weight.dim() - 1))))
+        if module.gain is not None:
+            module.gain.mul_(scale)
+        else:
+            module.weight.mul_(scale.view(-1, *([1] * (module.weight.dim() - 1))))
         module.bias.copy_(-mean * scale)
 
 
-def _normalized(module: nn.Module) -> bool:
-    return hasattr(module, "parametrizations")
+class _Weighted(DataInit):
+    """The official weight init, optional weight normalization, data-dependent init (Dense and Conv).
+
+    N(0, 0.05) weights and zero bias. With weight normalization (Salimans & Kingma, as the official
+    ImageNet 32x32 launcher) the weight is `gain * v / |v|` per output unit: `weight` holds the
+    direction v, `gain` (one per unit, a parameter; 1 at first) its length. On the meta device
+    (counting, `inspect`) there are no values to draw.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter
+
+    def reset_parameters(self) -> None:
+        """torch's default init (its draws keep the random stream of earlier versions); none on meta."""
+        if not self.weight.is_meta:
+            super().reset_parameters()  # type: ignore[misc]
+
+    def _init_weights(self, n_out: int, init_scale: float, weight_norm: bool) -> None:
+        self.register_init_flag()
+        self.init_scale = init_scale
+        self.gain = nn.Parameter(torch.ones(n_out)) if weight_norm else None
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight, 0.0, 0.05)
+            nn.init.zeros_(self.bias)
+
+    def effective_weight(self) -> Tensor:
+        if self.gain is None:
+            return self.weight
+        v = self.weight
+        scale = self.gain * torch.rsqrt(v.square().flatten(1).sum(1))
+        return v * scale.view(-1, *([1] * (v.dim() - 1)))
 
 
-def _init_weights(module: nn.Conv2d | nn.Linear, weight_norm_on: bool) -> None:
-    """The official init: N(0, 0.05) weights, zero bias; with weight normalization (Salimans & Kingma),
-    weight = g v / |v| per output unit, a gain g (one per unit, counted as a parameter) and direction v."""
-    nn.init.normal_(module.weight, 0.0, 0.05)
-    nn.init.zeros_(module.bias)
-    if weight_norm_on:
-        weight_norm(module, dim=0)
-
-
-class Dense(nn.Linear, DataInit):
+class Dense(nn.Linear, _Weighted):
     """W x + b on the last dimension (the official `dense`/`nin`): N(0, 0.05), then data-dependent init."""
 
     def __init__(self, n_in: int, n_out: int, init_scale: float = 1.0, weight_norm: bool = False):
         super().__init__(n_in, n_out)
-        self.register_init_flag()
-        self.init_scale = init_scale
-        _init_weights(self, weight_norm)
+        self._init_weights(n_out, init_scale, weight_norm)
 
     def forward(self, x: Tensor) -> Tensor:
+        weight = self.effective_weight()
         if self.needs_init():
-            _data_init(self, F.linear(x, self.weight), self.init_scale)
+            _data_init(self, F.linear(x, weight), self.init_scale)
             self.mark_initialized()
-        return F.linear(x, self.weight, self.bias)
+            weight = self.effective_weight()
+        return F.linear(x, weight, self.bias)
 
 
-class Conv(nn.Conv2d, DataInit):
+class Conv(nn.Conv2d, _Weighted):
     """A 'same'-padded conv on channels-last input (N x H x W x C), with the official conv2d init."""
 
     def __init__(
         self, n_in: int, n_out: int, kernel: int = 3, init_scale: float = 1.0, weight_norm: bool = False
     ):
         super().__init__(n_in, n_out, kernel, padding=kernel // 2)
-        self.register_init_flag()
-        self.init_scale = init_scale
-        _init_weights(self, weight_norm)
+        self._init_weights(n_out, init_scale, weight_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         nchw = x.permute(0, 3, 1, 2)
+        weight = self.effective_weight()
         if self.needs_init():
-            y = F.conv2d(nchw, self.weight, None, padding=self.padding).permute(0, 2, 3, 1)
+            y = F.conv2d(nchw, weight, None, padding=self.padding).permute(0, 2, 3, 1)
             _data_init(self, y, self.init_scale)
             self.mark_initialized()
-        return F.conv2d(nchw, self.weight, self.bias, padding=self.padding).permute(0, 2, 3, 1)
+            weight = self.effective_weight()
+        return F.conv2d(nchw, weight, self.bias, padding=self.padding).permute(0, 2, 3, 1)
+
+
+def position_embedding(height: int, width: int, filters: int) -> nn.Parameter:
+    """A learned H x W x F position embedding, N(0, 0.01) (not drawn on the meta device)."""
+    emb = torch.empty(height, width, filters)
+    if not emb.is_meta:
+        emb.normal_(0.0, 0.01)
+    return nn.Parameter(emb)
 
 
 def gate(x: Tensor) -> Tensor:
@@ -292,7 +322,7 @@ class FlowppNetwork(nn.Module):
         super().__init__()
         c, h, w = in_shape
         self.final_elu = final_elu
-        self.pos_emb = nn.Parameter(0.01 * torch.randn(h, w, filters))
+        self.pos_emb = position_embedding(h, w, filters)
         self.proj_in = Conv(c, filters, 3, weight_norm=weight_norm)
         options = dict(
             mixer=mixer, layernorm=layernorm, second_kernel=1 if nin else 3, weight_norm=weight_norm
@@ -346,7 +376,7 @@ class ContextNetwork(nn.Module):
             if image_size is None:
                 raise ValueError("a context network with attention needs the image size")
             h, w = image_size
-            self.pos_emb = nn.Parameter(0.01 * torch.randn(h, w if mask == "channel" else w // 2, filters))
+            self.pos_emb = position_embedding(h, w if mask == "channel" else w // 2, filters)
         if layernorm or attention:
             options = dict(mixer=attention, layernorm=layernorm, second_kernel=3, weight_norm=weight_norm)
             self.blocks = nn.ModuleList(
