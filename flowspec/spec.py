@@ -135,12 +135,18 @@ class TrainSpec(Node):
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")
     seed: int = Field(default=0, ge=0)
 
+    @field_validator("exp_floor")
+    @classmethod
+    def _floor_below_lr(cls, floor: float, info: ValidationInfo) -> float:
+        lr = info.data.get("lr")
+        if lr is not None and floor > lr:
+            raise ValueError(f"the schedule's floor ({floor:g}) must not exceed lr ({lr:g})")
+        return floor
+
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.exp_floor > self.lr:
-            raise ValueError(f"the schedule's floor ({self.exp_floor:g}) must not exceed lr ({self.lr:g})")
         return self
 
 

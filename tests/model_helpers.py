@@ -7,6 +7,7 @@ from conftest import ALL_SPECS, SPECS
 from torch.autograd.functional import jacobian
 
 from flowspec import load_spec
+from flowspec.diagnostics import SpecError
 from flowspec.spec import FlowSpec
 
 
@@ -48,10 +49,15 @@ def shipped_names() -> list[str]:
 
 
 def tiny_spec(name: str) -> FlowSpec:
-    """The shipped spec `name` at C x 4 x 4 (its own channel count), with few filters and no dropout."""
+    """The shipped spec `name` at C x S x S (its own channel count; S = 4, or the smallest power of two
+    its squeezes and splits allow: 16 for three squeezes), with few filters and no dropout."""
     path = SPECS / name
     full = load_spec(path)
-    overrides = [f"data.shape={full.data.shape[0]}x4x4", *SHRINK]
-    if full.dequantize.kind == "variational":
-        overrides.append("dequantize.context.filters=4")
-    return load_spec(path, overrides=tuple(overrides))
+    extra = ("dequantize.context.filters=4",) if full.dequantize.kind == "variational" else ()
+    for size in (4, 8, 16, 32):
+        overrides = (f"data.shape={full.data.shape[0]}x{size}x{size}", *SHRINK, *extra)
+        try:
+            return load_spec(path, overrides=overrides)
+        except SpecError:
+            continue
+    raise AssertionError(f"{name} does not shrink to 32x32")

@@ -58,7 +58,7 @@ def inspect(
     from flowspec.inspection import inspect_model, render
 
     torch.manual_seed(resolved.train.seed)
-    model = flowspec.build(resolved)
+    model = flowspec.build(resolved, None if probe else "meta")  # meta: counting needs no weights
     report = inspect_model(model, resolved, target_params)
     if probe:
         from flowspec.inspection.probe import probe_images, run_probe
