@@ -18,11 +18,23 @@ def flat(state) -> torch.Tensor:
     return state.flatten(1)
 
 
-def jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:
-    """log|det J| of fn at a single sample x (1 x ...), fn mapping tensors to states of equal dimension."""
-    jac = jacobian(lambda t: flat(fn(t)), x, vectorize=True)
+def jacobian_logdet(fn, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """log|det J| of fn at a single sample x (1 x ...), fn mapping tensors to states of equal dimension.
+
+    Rows of J come from batched backward passes, `chunk` rows at a time (bounded memory for big inputs)."""
     d = x.numel()
-    sign, logabsdet = torch.linalg.slogdet(jac.reshape(d, d))
+    if d <= chunk:
+        jac = jacobian(lambda t: flat(fn(t)), x, vectorize=True).reshape(d, d)
+    else:
+        x = x.detach().requires_grad_(True)
+        y = flat(fn(x)).reshape(d)
+        eye = torch.eye(d, dtype=y.dtype)
+        rows = [
+            torch.autograd.grad(y, x, eye[i : i + chunk], retain_graph=True, is_grads_batched=True)[0]
+            for i in range(0, d, chunk)
+        ]
+        jac = torch.cat(rows).reshape(d, d)
+    sign, logabsdet = torch.linalg.slogdet(jac)
     assert sign != 0
     return logabsdet
 
@@ -48,14 +60,30 @@ def shipped_names() -> list[str]:
     return [str(p.relative_to(SPECS)) for p in ALL_SPECS]
 
 
+def distinct_models() -> list[str]:
+    """The shipped specs, leaving out those whose model is an earlier one's (e.g. the same network on
+    other data: ImageNet 64 and CelebA 64 at 5 and 3 bits)."""
+    seen, out = set(), []
+    for name in shipped_names():
+        spec = load_spec(SPECS / name)
+        key = repr([spec.data.shape, spec.preprocess, spec.defaults, spec.dequantize, spec.flow])
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
+TINY_SIZES = ((4, 4), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32))
+
+
 def tiny_spec(name: str) -> FlowSpec:
-    """The shipped spec `name` at C x S x S (its own channel count; S = 4, or the smallest power of two
-    its squeezes and splits allow: 16 for three squeezes), with few filters and no dropout."""
+    """The shipped spec `name` at C x 4 x 4 (its own channel count), or the smallest size its squeezes
+    and splits allow (8 x 16 for three squeezes), with few filters and no dropout."""
     path = SPECS / name
     full = load_spec(path)
     extra = ("dequantize.context.filters=4",) if full.dequantize.kind == "variational" else ()
-    for size in (4, 8, 16, 32):
-        overrides = (f"data.shape={full.data.shape[0]}x{size}x{size}", *SHRINK, *extra)
+    for h, w in TINY_SIZES:
+        overrides = (f"data.shape={full.data.shape[0]}x{h}x{w}", *SHRINK, *extra)
         try:
             return load_spec(path, overrides=overrides)
         except SpecError:

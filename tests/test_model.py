@@ -1,5 +1,6 @@
-"""Every shipped spec, shrunk, compiled and checked in float64: exact encode/decode with the Jacobian's
-log-det, gradients, train == eval, save/load, data-dependent init once, dequantizer, sampling, hooks."""
+"""Every distinct shipped model, shrunk, compiled and checked in float64: exact encode/decode with the
+Jacobian's log-det, gradients, train == eval, save/load, data-dependent init once, dequantizer, sampling,
+hooks."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import math
 
 import pytest
 import torch
-from model_helpers import jacobian_logdet, perturb, shipped_names, tiny_spec
+from model_helpers import distinct_models, jacobian_logdet, perturb, tiny_spec
 
 import flowspec
 from flowspec.layers import DataInit, Layer
 from flowspec.layers.networks import FlowppNetwork
 from flowspec.steps import walk
 
-NAMES = shipped_names()
+NAMES = distinct_models()
 
 
 def _batch(spec, n: int = 16, seed: int = 0) -> torch.Tensor:
