@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import SPECS
-from model_helpers import tiny_spec
+from model_helpers import perturb, tiny_spec
 
 import flowspec
 from flowspec.errors import UserError
@@ -115,6 +115,24 @@ def test_context_network_variants(options, params):
     assert sum(p.numel() for p in net.parameters()) == params
     x = torch.randint(0, 32, (2, 3, 8, 6)).float()
     assert net(x).shape == (2, 8, 3, 8)
+
+
+def test_shrunk_celeba128_is_exactly_invertible_in_float64():
+    """(Too big for the whole-model Jacobian checks of test_model.py, see `TOO_BIG`.)"""
+    torch.manual_seed(0)
+    spec = tiny_spec("celeba128_5bit.flow")
+    model = flowspec.build(spec).double()
+    x = torch.randint(0, spec.data.levels, (8, *spec.data.shape))
+    model.initialize(x)
+    perturb(model, 0.02)
+    model.eval()
+    v = x[:2].double() + torch.rand(2, *spec.data.shape, dtype=torch.float64)
+    z, logdet = model.encode(v)
+    assert (model.decode(z) - v).abs().max() < 1e-8 and torch.isfinite(logdet).all()
+    eps = torch.randn(2, *spec.data.shape, dtype=torch.float64)
+    u, _ = model.dequantizer.flow(eps, model.dequantizer.context_net(x[:2].double()))
+    eps_back = model.dequantizer.flow.inverse(u, model.dequantizer.context_net(x[:2].double()))
+    assert (eps_back - eps).abs().max() < 1e-8
 
 
 # ---------------------------------------------------------------- recipes
