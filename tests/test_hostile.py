@@ -496,8 +496,9 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} (step {kept}) is "
-        f"kept; free space or make the folder writable, then continue with: flowspec train --resume {out}\n"
+        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} "
+        f"(step {kept}) is kept; free space or make the folder writable, then continue with: "
+        f"flowspec train --resume {out}\n"
     )
     monkeypatch.undo()
     assert load_checkpoint(out)["step"] == kept
