@@ -105,9 +105,11 @@ class FlowModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, Coupling)]
 
     def set_autocast(self, dtype: torch.dtype | None) -> None:
-        """Run the coupling networks under torch.autocast with `dtype` (None: off); log-dets stay fp32+."""
-        for c in self.couplings():
-            c.autocast_dtype = dtype
+        """Run the coupling networks and the dequantizer's context network under torch.autocast with
+        `dtype` (None: off); the transforms, log-dets and log q stay in the data's dtype (fp32 or fp64)."""
+        for m in self.modules():
+            if hasattr(m, "autocast_dtype"):
+                m.autocast_dtype = dtype
 
     def compile_networks(self, **kwargs) -> None:
         """torch.compile each coupling network in place (parameter names are unchanged). Shapes are

@@ -40,6 +40,7 @@ from flowspec.train.data import ImageSet, load_split
 from flowspec.train.distributed import broadcast_module, setup
 from flowspec.train.evaluate import inversion_error, single_sample_bpd
 from flowspec.train.metrics import CURVES, append_metrics, plot_curves, read_metrics, truncate_metrics
+from flowspec.train.precision import autocast_dtype, resolve_precision
 from flowspec.train.progress import Reporter
 from flowspec.train.sampling import save_grid
 from flowspec.train.schedule import build_optimizer, build_scheduler
@@ -56,7 +57,7 @@ class RunOptions:
     out: Path | None = None  # run folder; None: runs/<name>-<timestamp>
     data_dir: Path | None = None
     device: str | None = None  # cpu | cuda; None: cuda when available
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the coupling networks)
+    precision: str = "fp32"  # fp32 | bf16 | auto (see flowspec.train.precision)
     compile: bool = False
     max_steps: int | None = None  # stop at this global step (a resumed run counts from its start)
     max_time: float | None = None  # seconds of training in this process
@@ -102,10 +103,9 @@ class Trainer:
         test_set: ImageSet | None = None,
     ):
         self.spec, self.options, self.t = spec, options, spec.train
-        if options.precision not in ("fp32", "bf16"):
-            raise UserError(f"unknown precision {options.precision!r}: use fp32 or bf16")
         device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dist, self.device = setup(device)
+        self.precision, self.precision_reason = resolve_precision(options.precision, self.device)
         self.run_dir = self._run_dir(options)
         payload = self._existing_checkpoint()
 
@@ -132,7 +132,7 @@ class Trainer:
             self.model.load_state_dict(payload["model"])
         else:
             self._initialize()
-        self.model.set_autocast(torch.bfloat16 if options.precision == "bf16" else None)
+        self.model.set_autocast(autocast_dtype(self.precision))
         self.ema = None
         if self.t.ema:
             self.ema = AveragedModel(
@@ -219,6 +219,7 @@ class Trainer:
         reporter.message(
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.data_source} "
             f"({len(self.train_images)} train / {len(self.test_images)} test images), device {self.device}, "
+            f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
             f"{self.dist.world} process(es); run folder {self.run_dir}"
         )
         try:
