@@ -126,12 +126,12 @@ def reference(args: argparse.Namespace) -> dict:
     }
 
 
-def forward_gflop_per_image(spec_path: str) -> float:
+def forward_gflop_per_image(spec_path: str, overrides: tuple[str, ...] = ()) -> float:
     """Forward GFLOP per image of the spec (convolutions, dense layers, attention), as `inspect` counts."""
     import flowspec
     from flowspec.inspection import inspect_model
 
-    spec = flowspec.load_spec(spec_path)
+    spec = flowspec.load_spec(spec_path, overrides=overrides)
     footer = inspect_model(flowspec.build(spec), spec).footer
     return (footer.flops_flow + footer.flops_dequantize) / 1e9
 
