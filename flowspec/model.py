@@ -115,7 +115,12 @@ class FlowModel(nn.Module):
         """torch.compile each coupling network in place (parameter names are unchanged). Shapes are
         static unless `dynamic=True` is passed: the networks share one forward, and inductor fails on the
         dynamic-shape graph it would otherwise make once a second shape is seen."""
-        for c in self.couplings():
+        couplings = self.couplings()
+        # one graph per input shape, context and grad mode: more than dynamo's default limit of 8
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 4 * len(couplings)))
+        for c in couplings:
             c.network.compile(**{"dynamic": False, **kwargs})
 
     def count_parameters(self) -> dict[str, int]:
