@@ -21,7 +21,8 @@ PROBE_LEGEND = (
 LEGEND = (
     "cond: a>b = half a conditions the transform of half b (b>a after an odd number of flips); "
     "a is the mask's first half: {halves}. Coupling: k components, f filters, b blocks, h attention heads "
-    "(nin: gated NIN), p dropout. A step inside a repeat counts the parameters of all its copies."
+    "(nin: gated NIN; gated: no attention), p dropout, wn weight-normalized; context: ln LayerNorms. "
+    "A step inside a repeat counts the parameters of all its copies."
 )
 
 
