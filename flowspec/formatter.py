@@ -10,7 +10,7 @@ from typing import Any
 
 from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS
 from flowspec.nodes import Node
-from flowspec.spec import ContextSpec, CouplingSettings, FlowSpec, Interval, TrainSpec
+from flowspec.spec import ContextSpec, CouplingSettings, EvalSpec, FlowSpec, Interval, TrainSpec
 from flowspec.steps import KINDS, StepKind, kind_of
 
 WIDTH = 100
@@ -34,7 +34,7 @@ def format_spec(spec: FlowSpec) -> str:
         context = f"context({_context_args(deq.context)})"
         out += ["dequantize variational {", INDENT + context, *_steps(deq.steps, spec, 1), "}"]
     out += ["", "flow {", *_steps(spec.flow, spec, 1), "}", "", f"prior {spec.prior}", "", *_train(spec), ""]
-    return "\n".join(out)
+    return "\n".join(out + _eval(spec.eval))
 
 
 def _value(value: Any) -> str:
@@ -139,7 +139,7 @@ def _train(spec: FlowSpec) -> list[str]:
     ]
     schedule = t.schedule + (f"({', '.join(args)})" if args else "")
     recipe = [
-        f"batch {t.batch}",
+        f"batch {t.batch}" + (f"  accumulate {t.accumulate}" if t.accumulate > 1 else ""),
         f"clip_grad_norm {_value(t.clip_grad_norm) if t.clip_grad_norm is not None else 'off'}",
         f"ema {_value(t.ema) if t.ema is not None else 'off'}",
         f"init_batch {t.init_batch}",
@@ -155,3 +155,14 @@ def _train(spec: FlowSpec) -> list[str]:
         f"{INDENT}augment {'hflip' if t.hflip else 'none'}",
         "}",
     ]
+
+
+def _eval(settings: EvalSpec) -> list[str]:
+    """The `eval` section with the settings that differ from the built-in ones (none: no section)."""
+    plain = EvalSpec()
+    parts = [
+        f"{name} {'all' if value is None else _value(value)}"
+        for name, value in settings.model_dump().items()
+        if value != getattr(plain, name)
+    ]
+    return [f"eval {{ {'  '.join(parts)} }}", ""] if parts else []

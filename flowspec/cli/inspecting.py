@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from flowspec.cli.app import app
-from flowspec.cli.options import SetOption, load_cli_spec
+from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
 from flowspec.errors import UserError
 
 
@@ -47,6 +47,7 @@ def inspect(
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
     sets: SetOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
     if data is not None and not probe:
@@ -56,7 +57,9 @@ def inspect(
 
     import flowspec
     from flowspec.inspection import inspect_model, render
+    from flowspec.inspection.budget import check_size
 
+    check_size(resolved, "build", allow_large=allow_large, images=batch if probe else 0)
     torch.manual_seed(resolved.train.seed)
     model = flowspec.build(resolved, None if probe else "meta")  # meta: counting needs no weights
     report = inspect_model(model, resolved, target_params)
@@ -79,6 +82,7 @@ def diff(
         typer.Argument(metavar="[B]", help="The spec to compare (default: A, with --set applied)."),
     ] = None,
     sets: SetOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Show the settings that differ between two resolved specs (--set applies to B) and parameter deltas."""
     a = load_cli_spec(spec_a, None)
@@ -86,6 +90,10 @@ def diff(
     from rich.console import Console
 
     from flowspec.inspection import inspect_spec
+    from flowspec.inspection.budget import check_size
+
+    for spec in (a, b):
+        check_size(spec, "build", allow_large=allow_large)
     from flowspec.inspection.diff import render_diff
 
     Console().print(render_diff(a, b, inspect_spec(a, measure=False), inspect_spec(b, measure=False)))

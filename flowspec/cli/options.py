@@ -19,6 +19,11 @@ SetOption = Annotated[
     ),
 ]
 
+AllowLargeOption = Annotated[
+    bool,
+    typer.Option("--allow-large", help="Go ahead with a model that needs more memory than this machine has."),
+]
+
 
 def load_cli_spec(path: Path, sets: list[str] | None) -> FlowSpec:
     """Load, resolve and validate a spec file with the command line's overrides (raises `SpecError`)."""

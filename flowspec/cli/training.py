@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
+import math
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -13,12 +15,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from flowspec.api import parse_duration
 from flowspec.cli.app import app
-from flowspec.cli.options import SetOption, load_cli_spec
-from flowspec.errors import UserError
+from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
+from flowspec.errors import Interrupted, Terminated, UserError, os_error_message
+from flowspec.spec import MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
+    from flowspec.train.signals import StopSignals
+
+
+MAX_IW = 16384  # importance samples per image: four times the official Flow++ evaluation's 4096
 
 
 class Device(str, Enum):
@@ -29,6 +37,7 @@ class Device(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
+    auto = "auto"
 
 
 class Split(str, Enum):
@@ -46,19 +55,67 @@ DeviceOption = Annotated[
     Device | None, typer.Option("--device", help="Default: cuda when available, else cpu.")
 ]
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match or float(match[1]) <= 0:
-        raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
-    return float(match[1]) * _UNITS[match[2] or "s"]
+EvalImagesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-images",
+        min=1,
+        metavar="N",
+        help="Test images per evaluation (default: the spec's eval section, else all; a short run: 64).",
+    ),
+]
+EvalBatchOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-batch",
+        min=1,
+        metavar="N",
+        help="Images per forward pass of an evaluation (default: the batch).",
+    ),
+]
+EvalSamplesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-samples",
+        min=0,
+        metavar="N",
+        help="Images per sample grid, a grid per temperature; 0: none (default 64; a short run: one of 16).",
+    ),
+]
+EvalInversionOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--eval-inversion/--no-eval-inversion",
+        help="The inversion check on a test batch (default on; a short run: off).",
+    ),
+]
 
 
 def _device(device: Device | None) -> str | None:
     return device.value if device else None
+
+
+def _eval_settings(images: int | None, batch: int | None, samples: int | None, inversion: bool | None):
+    """The `--eval-*` options given, as settings of the spec's `eval` section."""
+    given = {"images": images, "batch": batch, "samples": samples, "inversion": inversion}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+@contextmanager
+def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSignals]:
+    """SIGINT and SIGTERM stop `work` between batches: one line on stderr (saying what is `kept`), exit
+    code 130 or 143."""
+    from flowspec.train.signals import Interrupted, StopSignals
+
+    try:
+        with StopSignals() as signals:
+            yield signals
+    except Interrupted as stop:
+        print(f"{stop.signal}: {work} stopped {stop.done}; {kept}", file=sys.stderr)
+        raise typer.Exit(stop.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted: {work} stopped; {kept}", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -73,7 +130,12 @@ def train(
     sets: SetOption = None,
     device: DeviceOption = None,
     precision: Annotated[
-        Precision, typer.Option("--precision", help="bf16: autocast the coupling networks.")
+        Precision,
+        typer.Option(
+            "--precision",
+            help="bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the "
+            "CPU or GPU has it natively.",
+        ),
     ] = Precision.fp32,
     compile_networks: Annotated[
         bool, typer.Option("--compile", help="torch.compile the coupling networks.")
@@ -89,44 +151,44 @@ def train(
     max_time: Annotated[
         str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
     ] = None,
+    log_every: Annotated[
+        int, typer.Option("--log-every", min=1, help="Read the loss from the device every N steps.")
+    ] = 10,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard).")
+    ] = False,
+    eval_images: EvalImagesOption = None,
+    eval_batch: EvalBatchOption = None,
+    eval_samples: EvalSamplesOption = None,
+    eval_inversion: EvalInversionOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    allow_large: AllowLargeOption = False,
 ) -> None:
-    """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
-    from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
-    from flowspec.train.trainer import RunOptions
-    from flowspec.train.trainer import train as run_training
+    """Train a spec with its recipe; checkpoint, evaluate and sample every interval."""
+    import flowspec
 
-    if resume is not None:
-        if out is not None and out.resolve() != resume.resolve():
-            raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
-        if spec is None:
-            if sets:
-                raise UserError("--set needs the spec file: pass it along with --resume")
-            payload = load_checkpoint(resume)
-            resolved = checkpoint_spec(payload, resume)
-        else:
-            resolved = load_cli_spec(spec, sets)
-        out = resume
-    elif spec is None:
-        raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
-    else:
-        resolved = load_cli_spec(spec, sets)
-    options = RunOptions(
-        out=out,
-        data_dir=data,
-        device=_device(device),
-        precision=precision.value,
-        compile=compile_networks,
-        max_steps=max_steps,
-        max_time=parse_duration(max_time) if max_time else None,
-        quiet=quiet,
-        resume=resume is not None,
-    )
     try:
-        result = run_training(resolved, options)
-    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C: checkpoints are never torn
-        print("interrupted: finished checkpoints are kept; continue with --resume RUN_DIR", file=sys.stderr)
-        raise typer.Exit(130) from None
+        result = flowspec.train(
+            spec,
+            data,
+            out,
+            sets=sets or (),
+            resume=resume,
+            device=_device(device),
+            precision=precision.value,
+            compile=compile_networks,
+            max_steps=max_steps,
+            max_time=max_time,
+            log_every=log_every,
+            tensorboard=tensorboard,
+            quiet=quiet,
+            allow_large=allow_large,
+            eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
+        )
+    except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
+        raise Interrupted(
+            "finished checkpoints are kept; continue with --resume RUN_DIR", isinstance(stop, Terminated)
+        ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
@@ -158,91 +220,129 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     return changed
 
 
-def _load_for_inference(target: Path, device: Device | None, sets: list[str] | None = None):
-    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights."""
+def _load_for_inference(
+    target: Path, device: Device | None, sets: list[str] | None, images: int, allow_large: bool
+):
+    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`
+    (refused before it is built when it and `images` images at once do not fit the device)."""
     import torch
 
-    import flowspec
-    from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve
+    from flowspec.train.export import load_trained
 
-    path = resolve(target)
-    payload = load_checkpoint(path)
-    spec = _with_overrides(checkpoint_spec(payload, path), sets, path)
-    where = torch.device(_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    model = flowspec.build(spec)
-    try:
-        model.load_state_dict(ema_weights(payload))
-    except RuntimeError as error:
-        raise UserError(f"checkpoint {path} does not fit the model its spec builds: {error}") from None
-    return model.to(where).eval(), spec, payload, path, where
+    where = _device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    trained = load_trained(target, where, images=images, allow_large=allow_large)
+    return trained, _with_overrides(trained.spec, sets, trained.path)
+
+
+def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output path that is a folder or names an unknown kind of file, before any work."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: give a file name, e.g. {path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        raise UserError(
+            f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
+            f"{', '.join(suffixes)}"
+        )
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    """The image file extensions Pillow can write, .png first."""
+    from PIL import Image
+
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    common = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+    return tuple(ext for ext in common if ext in writable)
 
 
 @app.command("eval")
 def evaluate(
     target: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+        Path,
+        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
     ],
     data: DataOption = None,
     iw: Annotated[
-        int, typer.Option("--iw", min=1, help="Importance samples K per image (1: single-sample only).")
+        int,
+        typer.Option(
+            "--iw", min=1, max=MAX_IW, help="Importance samples K per image (1: single-sample only)."
+        ),
     ] = 1,
     split: Annotated[Split, typer.Option("--split")] = Split.test,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")
+        int | None,
+        typer.Option("--images", "--limit", min=1, metavar="N", help="Evaluate the first N images only."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the dequantization noise.")
+    ] = 0,
     out: Annotated[
         Path | None, typer.Option("--out", help="JSON file; default beside the checkpoint.")
     ] = None,
     device: DeviceOption = None,
     sets: SetOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
+    import time
+
     import torch
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
+    from flowspec.train.memory import PeakMemory
+    from flowspec.train.progress import Reporter
 
-    model, spec, payload, path, where = _load_for_inference(target, device, sets)
-    images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
-    images = images[:limit] if limit else images
-    torch.manual_seed(seed)
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"eval {split.value}", total=len(images))
-        result = bounds(model, images, iw, batch, where, lambda n: progress.advance(task, n))
+    if out is not None:
+        _check_output(out, "--out", (".json",))
+    with _stoppable("the evaluation") as signals:
+        trained, spec = _load_for_inference(target, device, sets, batch, allow_large)
+        images = load_split(spec.data, split.value, data or trained.data_dir).images
+        images = images[:limit] if limit else images
+        torch.manual_seed(seed)
+        where = trained.model.device
+        reporter = Reporter.auto(False, None, 0, train=False)
+        started, memory = time.monotonic(), PeakMemory(where)
+        meter = reporter.meter(f"eval {split.value}", len(images), "images")
+        try:
+            result = bounds(trained.model, images, iw, batch, where, meter, signals.check)
+        finally:
+            meter.close()
+            reporter.close()
+    print(f"evaluated {len(images)} images in {time.monotonic() - started:.1f} s, {memory}")
     record = {
-        "checkpoint": str(path),
+        "checkpoint": str(trained.path),
         "spec": spec.name,
-        "step": payload["step"],
+        "step": trained.step,
         "split": split.value,
         "iw_samples": iw,
         "seed": seed,
         **result,
     }
-    out = out or path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = out or trained.path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
     caption = f"{split.value}: {result['images']} images"
-    table = Table(title=f"{spec.name}, step {payload['step']}", caption=caption)
+    table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
     table.add_column("bits/dim", justify="right")
     table.add_row("single sample", f"{result['bpd']:.4f}")
     if iw > 1:
         table.add_row(f"importance weighted, K={iw}", f"{result[f'iw{iw}_bpd']:.4f}")
-    Console().print(table)
+    Console().print(table)  # before writing: the results are shown even when they cannot be written
+    try:
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
 
 
 @app.command()
 def sample(
     target: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+        Path,
+        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
     ],
     n: Annotated[int, typer.Option("-n", min=1, help="Number of images.")] = 64,
     temperature: Annotated[
@@ -251,16 +351,43 @@ def sample(
     output: Annotated[Path, typer.Option("-o", "--output", help="The image grid (.png).")] = Path(
         "samples.png"
     ),
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, max=MAX_SEED)] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
     sets: SetOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
     from flowspec.train.sampling import save_grid
 
-    model, spec, payload, _, _ = _load_for_inference(target, device, sets)
-    save_grid(model, n, temperature, output, spec.data.levels, seed)
-    print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {output}")
+    if not math.isfinite(temperature):
+        raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
+    _check_output(output, "-o/--output", _image_suffixes())
+    with _stoppable("sampling") as signals:
+        trained, spec = _load_for_inference(target, device, sets, n, allow_large)
+        save_grid(trained.model, n, temperature, output, spec.data.levels, seed, batch, signals.check)
+    print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {output}")
+
+
+@app.command("export")
+def export_model(
+    target: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The .safetensors file; default beside the checkpoint."),
+    ] = None,
+) -> None:
+    """Write the EMA weights and the resolved spec to a .safetensors file (for load, eval and sample)."""
+    from flowspec.train.checkpoint import resolve
+    from flowspec.train.export import SUFFIX, export
+
+    output = output or resolve(target).parent / f"model{SUFFIX}"
+    if output.suffix != SUFFIX:
+        raise UserError(f"the export must be a {SUFFIX} file, got {output}")
+    trained = export(target, output)
+    print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")
 
 
 @app.command()
@@ -277,20 +404,30 @@ def ablate(
         Path | None, typer.Option("--out", help="Folder of the runs; default runs/ablate-<time>.")
     ] = None,
     sets: SetOption = None,
-    seed: Annotated[int, typer.Option("--seed", help="The seed every spec trains with.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="The seed every spec trains with.")
+    ] = 0,
     device: DeviceOption = None,
+    eval_images: EvalImagesOption = None,
+    eval_batch: EvalBatchOption = None,
+    eval_samples: EvalSamplesOption = None,
+    eval_inversion: EvalInversionOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from rich.console import Console
     from rich.table import Table
 
+    from flowspec.inspection.budget import check_size, default_device
     from flowspec.train.ablate import COLUMNS, row_values, run_ablation
     from flowspec.train.trainer import RunOptions
 
     if (steps is None) == (budget is None):
         raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
     resolved = [load_cli_spec(path, sets) for path in specs]
+    for each in resolved:
+        check_size(each, "train", default_device(_device(device)), allow_large)
     out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
     options = RunOptions(
         data_dir=data,
@@ -298,9 +435,23 @@ def ablate(
         max_steps=steps,
         max_time=parse_duration(budget) if budget else None,
         quiet=quiet,
+        eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
     )
-    results = run_ablation(resolved, options, out, seed)
-    table = Table(title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})")
+    with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
+        results = run_ablation(resolved, options, out, seed, signals.check)
+    stopped = signals.received or (results[-1].stopped if results else None)
+    if stopped in ("SIGINT", "SIGTERM"):
+        print(
+            f"{stopped}: the ablation stopped after {len(results)} of {len(resolved)} runs; nothing was "
+            f"compared; the runs are in {out}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(128 + int(signal.Signals[stopped]))
+    images = {r.history[-1].get("test_images") for r in results if r.history}
+    caption = f"test bits/dim on {images.pop()} test images" if len(images) == 1 else None
+    table = Table(
+        title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})", caption=caption
+    )
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "spec" else "right")
     for result in results:

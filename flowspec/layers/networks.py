@@ -16,18 +16,26 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from flowspec.layers.attention import attention
 from flowspec.layers.base import DataInit
 from flowspec.layers.dropout import Dropout
 
 
 class _ConcatElu(torch.autograd.Function):
-    """elu([x, -x]) saving only x for the backward pass (half the memory of cat + elu)."""
+    """elu([x, -x]) saving only x for the backward pass (half the memory of cat + elu).
+
+    With r = max(x, 0) and m = min(x, 0): elu([x, -x]) = exp([m, -r]) - 1 + [r, -m], and its derivative
+    is exp([m, -r]) on the first half, minus that on the second. One exp and no branches: on the CPU,
+    `F.elu` and `torch.where` ran 5-20x slower than these elementwise ops (bf16 most of all).
+    """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:
-        return F.elu(torch.cat([x, -x], dim=-1))
+        r = x.clamp(min=0)
+        m = x - r
+        return torch.cat([m, -r], dim=-1).exp_().sub_(1).add_(torch.cat([r, -m], dim=-1))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -36,12 +44,9 @@ class _ConcatElu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        grad_pos, grad_neg = grad.chunk(2, dim=-1)
-        slope = torch.exp(-x.abs())  # elu'(u) = exp(u) for u < 0
-        positive = x > 0
-        return torch.where(positive, grad_pos, grad_pos * slope) - torch.where(
-            positive, grad_neg * slope, grad_neg
-        )
+        r = x.clamp(min=0)
+        grad_pos, grad_neg = (grad * torch.cat([x - r, -r], dim=-1).exp_()).chunk(2, dim=-1)
+        return grad_pos - grad_neg
 
 
 def concat_elu(x: Tensor) -> Tensor:
@@ -192,7 +197,7 @@ class GatedAttention(nn.Module):
         n, h, w, f = x.shape
         qkv = self.proj1(x + pos_emb).view(n, h * w, 3, self.heads, f // self.heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # unbind: its backward is one stack
-        a = F.scaled_dot_product_attention(q, k, v)
+        a = attention(q, k, v)
         a = a.transpose(1, 2).reshape(n, h, w, f)
         return x + gate(self.proj2(self.dropout(a, mask)))
 
@@ -211,7 +216,7 @@ class GatedNIN(nn.Module):
         return x + gate(self.proj2(self.dropout(c, mask)))
 
 
-_EXPENSIVE_OPS = {  # convolutions and the fused attention kernels (those this torch has)
+_EXPENSIVE_OPS = {  # convolutions and the attention kernels (the fused ones this torch has, and ours)
     getattr(torch.ops.aten, name).default
     for name in (
         "convolution",
@@ -221,7 +226,7 @@ _EXPENSIVE_OPS = {  # convolutions and the fused attention kernels (those this t
         "_scaled_dot_product_cudnn_attention",
     )
     if hasattr(torch.ops.aten, name)
-}
+} | {torch.ops.flowspec.chunked_attention.default}
 
 
 def _keep_expensive_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
