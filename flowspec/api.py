@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
@@ -51,14 +51,16 @@ def train(
     tensorboard: bool = False,
     quiet: bool = False,
     allow_large: bool = False,
+    eval: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Train a spec (a `FlowSpec` or a `.flow` file) with its recipe, as `flowspec train` does.
 
     The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
     overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
     `device`, `precision` (fp32 | bf16), `compile`, `max_steps`, `max_time` (seconds or `"30m"`),
-    `log_every`, `tensorboard`, `quiet` and `allow_large` (train a model whose estimated training memory
-    exceeds the device's). Returns the run's `RunResult` (run folder, step, bits/dim,
+    `log_every`, `tensorboard`, `quiet`, `allow_large` (train a model whose estimated training memory
+    exceeds the device's) and `eval` (settings of the spec's `eval` section, as `--eval-*` give them,
+    e.g. `{"images": 64, "inversion": False}`). Returns the run's `RunResult` (run folder, step, bits/dim,
     the metrics' history). A mistake raises `UserError` with the message the command line prints.
     """
     from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
@@ -98,6 +100,7 @@ def train(
         resume=resume is not None,
         log_every=log_every,
         tensorboard=tensorboard,
+        eval=dict(eval or {}),
     )
     return run_training(spec, options)
 

@@ -441,6 +441,15 @@ class _Builder(Transformer_NonRecursive):
                 self._set(out, "train", key, value, loc, "train")
         return "train", out, out.loc
 
+    def eval_setting(self, meta, children):
+        return str(children[0]), children[1], self._loc(meta)
+
+    def evaluation(self, meta, children):
+        out = RawDict(self._loc(meta))
+        for key, value, loc in children:
+            self._set(out, "eval", key, value, loc, "eval")
+        return "eval", out, out.loc
+
     def start(self, meta, children):
         doc = RawDict(SourceLoc(file=self.file, line=1, col=1))
         for key, value, loc in children:

@@ -18,7 +18,7 @@ from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, conver
 from flowspec.parser import SECTION_KEYS, parse_value
 from flowspec.spec import CouplingSettings, FlowSpec, SourceLoc
 
-MERGED_SECTIONS = ("data", "preprocess", "train", "defaults")
+MERGED_SECTIONS = ("data", "preprocess", "train", "eval", "defaults")
 COUPLING_FIELDS = tuple(CouplingSettings.model_fields)
 OVERRIDE_FILE = "--set"
 
@@ -26,8 +26,8 @@ OVERRIDE_FILE = "--set"
 
 
 def merge(base: RawDict, child: RawDict) -> RawDict:
-    """`child` written over `base`: `data`, `preprocess`, `train` and `defaults` (and `defaults.coupling`)
-    merge setting by setting; every other section is replaced whole."""
+    """`child` written over `base`: `data`, `preprocess`, `train`, `eval` and `defaults` (and
+    `defaults.coupling`) merge setting by setting; every other section is replaced whole."""
     out = base.copy()
     out.loc = child.loc
     out.pop("extends", None)

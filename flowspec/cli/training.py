@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -20,6 +23,7 @@ from flowspec.spec import MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
+    from flowspec.train.signals import StopSignals
 
 
 MAX_IW = 16384  # importance samples per image: four times the official Flow++ evaluation's 4096
@@ -50,9 +54,67 @@ DeviceOption = Annotated[
     Device | None, typer.Option("--device", help="Default: cuda when available, else cpu.")
 ]
 
+EvalImagesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-images",
+        min=1,
+        metavar="N",
+        help="Test images per evaluation (default: the spec's eval section, else all; a short run: 64).",
+    ),
+]
+EvalBatchOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-batch",
+        min=1,
+        metavar="N",
+        help="Images per forward pass of an evaluation (default: the batch).",
+    ),
+]
+EvalSamplesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-samples",
+        min=0,
+        metavar="N",
+        help="Images per sample grid, a grid per temperature; 0: none (default 64; a short run: one of 16).",
+    ),
+]
+EvalInversionOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--eval-inversion/--no-eval-inversion",
+        help="The inversion check on a test batch (default on; a short run: off).",
+    ),
+]
+
 
 def _device(device: Device | None) -> str | None:
     return device.value if device else None
+
+
+def _eval_settings(images: int | None, batch: int | None, samples: int | None, inversion: bool | None):
+    """The `--eval-*` options given, as settings of the spec's `eval` section."""
+    given = {"images": images, "batch": batch, "samples": samples, "inversion": inversion}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+@contextmanager
+def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSignals]:
+    """SIGINT and SIGTERM stop `work` between batches: one line on stderr (saying what is `kept`), exit
+    code 130 or 143."""
+    from flowspec.train.signals import Interrupted, StopSignals
+
+    try:
+        with StopSignals() as signals:
+            yield signals
+    except Interrupted as stop:
+        print(f"{stop.signal}: {work} stopped {stop.done}; {kept}", file=sys.stderr)
+        raise typer.Exit(stop.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted: {work} stopped; {kept}", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -89,10 +151,14 @@ def train(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard).")
     ] = False,
+    eval_images: EvalImagesOption = None,
+    eval_batch: EvalBatchOption = None,
+    eval_samples: EvalSamplesOption = None,
+    eval_inversion: EvalInversionOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     allow_large: AllowLargeOption = False,
 ) -> None:
-    """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
+    """Train a spec with its recipe; checkpoint, evaluate and sample every interval."""
     import flowspec
 
     try:
@@ -111,6 +177,7 @@ def train(
             tensorboard=tensorboard,
             quiet=quiet,
             allow_large=allow_large,
+            eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
         )
     except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
         raise Interrupted(
@@ -198,7 +265,8 @@ def evaluate(
     split: Annotated[Split, typer.Option("--split")] = Split.test,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")
+        int | None,
+        typer.Option("--images", "--limit", min=1, metavar="N", help="Evaluate the first N images only."),
     ] = None,
     seed: Annotated[
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the dequantization noise.")
@@ -211,26 +279,34 @@ def evaluate(
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
+    import time
+
     import torch
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
+    from flowspec.train.memory import PeakMemory
+    from flowspec.train.progress import Reporter
 
     if out is not None:
         _check_output(out, "--out", (".json",))
-    trained, spec = _load_for_inference(target, device, sets, batch, allow_large)
-    images = load_split(spec.data, split.value, data or trained.data_dir).images
-    images = images[:limit] if limit else images
-    torch.manual_seed(seed)
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"eval {split.value}", total=len(images))
-        result = bounds(
-            trained.model, images, iw, batch, trained.model.device, lambda n: progress.advance(task, n)
-        )
+    with _stoppable("the evaluation") as signals:
+        trained, spec = _load_for_inference(target, device, sets, batch, allow_large)
+        images = load_split(spec.data, split.value, data or trained.data_dir).images
+        images = images[:limit] if limit else images
+        torch.manual_seed(seed)
+        where = trained.model.device
+        reporter = Reporter.auto(False, None, 0, train=False)
+        started, memory = time.monotonic(), PeakMemory(where)
+        meter = reporter.meter(f"eval {split.value}", len(images), "images")
+        try:
+            result = bounds(trained.model, images, iw, batch, where, meter, signals.check)
+        finally:
+            meter.close()
+            reporter.close()
+    print(f"evaluated {len(images)} images in {time.monotonic() - started:.1f} s, {memory}")
     record = {
         "checkpoint": str(trained.path),
         "spec": spec.name,
@@ -270,6 +346,7 @@ def sample(
         "samples.png"
     ),
     seed: Annotated[int | None, typer.Option("--seed", min=0, max=MAX_SEED)] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
     sets: SetOption = None,
     allow_large: AllowLargeOption = False,
@@ -280,8 +357,9 @@ def sample(
     if not math.isfinite(temperature):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     _check_output(output, "-o/--output", _image_suffixes())
-    trained, spec = _load_for_inference(target, device, sets, n, allow_large)
-    save_grid(trained.model, n, temperature, output, spec.data.levels, seed)
+    with _stoppable("sampling") as signals:
+        trained, spec = _load_for_inference(target, device, sets, n, allow_large)
+        save_grid(trained.model, n, temperature, output, spec.data.levels, seed, batch, signals.check)
     print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {output}")
 
 
@@ -324,6 +402,10 @@ def ablate(
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="The seed every spec trains with.")
     ] = 0,
     device: DeviceOption = None,
+    eval_images: EvalImagesOption = None,
+    eval_batch: EvalBatchOption = None,
+    eval_samples: EvalSamplesOption = None,
+    eval_inversion: EvalInversionOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     allow_large: AllowLargeOption = False,
 ) -> None:
@@ -347,9 +429,23 @@ def ablate(
         max_steps=steps,
         max_time=parse_duration(budget) if budget else None,
         quiet=quiet,
+        eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
     )
-    results = run_ablation(resolved, options, out, seed)
-    table = Table(title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})")
+    with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
+        results = run_ablation(resolved, options, out, seed, signals.check)
+    stopped = signals.received or (results[-1].stopped if results else None)
+    if stopped in ("SIGINT", "SIGTERM"):
+        print(
+            f"{stopped}: the ablation stopped after {len(results)} of {len(resolved)} runs; nothing was "
+            f"compared; the runs are in {out}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(128 + int(signal.Signals[stopped]))
+    images = {r.history[-1].get("test_images") for r in results if r.history}
+    caption = f"test bits/dim on {images.pop()} test images" if len(images) == 1 else None
+    table = Table(
+        title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})", caption=caption
+    )
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "spec" else "right")
     for result in results:

@@ -267,7 +267,7 @@ def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
         stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
-        if stored == spec:
+        if stored.model_copy(update={"eval": spec.eval}) == spec:  # evaluation settings may change
             return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(
