@@ -451,9 +451,9 @@ def tiny_flow(tmp_path: Path) -> Path:
     return write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
 
 
-def fail_on(monkeypatch, module, name: str, code: int, after: int = 0) -> None:
-    """Make `module.name` raise OSError(`code`) (without a file name, like a failed write) after `after`
-    successful calls."""
+def fail_on(monkeypatch, module, name: str, code: int, when=lambda n, args: True) -> None:
+    """Make the `n`-th call of `module.name` raise OSError(`code`) (without a file name, like a failed
+    write) when `when(n, args)`."""
     import builtins
 
     real = getattr(module, name, None) or getattr(builtins, name)
@@ -461,19 +461,28 @@ def fail_on(monkeypatch, module, name: str, code: int, after: int = 0) -> None:
 
     def failing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > after:
+        if when(calls["n"], args):
             raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, failing, raising=False)
 
 
+def at_step_6(n, args) -> bool:
+    """The checkpoint written at step 6 (the second evaluation; the first wrote step 3)."""
+    return isinstance(args[0], dict) and args[0].get("step") == 6
+
+
 @pytest.mark.parametrize(
-    ("where", "failed"),
-    [("checkpoint", "last.pt"), ("metrics", "metrics.jsonl"), ("samples", "samples/step0000006_t1.0.png")],
+    ("where", "failed", "kept"),
+    [
+        ("checkpoint", "last.pt", 3),
+        ("metrics", "metrics.jsonl", 6),  # the checkpoint is written before each evaluation
+        ("samples", "samples/step0000006_t1.0.png", 6),
+    ],
 )
 def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
-    tmp_path, monkeypatch, capsys, where, failed
+    tmp_path, monkeypatch, capsys, where, failed, kept
 ):
     import errno
     import json
@@ -484,19 +493,23 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     from flowspec.train.checkpoint import LAST, load_checkpoint
 
     out = tmp_path / "run"
-    target = {"checkpoint": (checkpoint.torch, "save", 2), "metrics": (metrics, "open", 1)}
-    target["samples"] = (sampling, "save_image", 2)
-    module, name, after = target[where]  # the second evaluation's write fails (the first one wrote step 3)
-    fail_on(monkeypatch, module, name, errno.ENOSPC, after)
+    target = {
+        "checkpoint": (checkpoint.torch, "save", at_step_6),
+        "metrics": (metrics, "open", lambda n, args: n > 1),  # the second evaluation's row
+        "samples": (sampling, "save_image", lambda n, args: n > 2),  # its first grid
+    }
+    module, name, when = target[where]
+    fail_on(monkeypatch, module, name, errno.ENOSPC, when)
     torch.set_num_threads(1)
     assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} (step 3) is "
-        f"kept; free space or make the folder writable, then continue with: flowspec train --resume {out}\n"
+        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} (step {kept}) "
+        "is kept; free space or make the folder writable, then continue with: "
+        f"flowspec train --resume {out}\n"
     )
     monkeypatch.undo()
-    assert load_checkpoint(out)["step"] == 3
+    assert load_checkpoint(out)["step"] == kept
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][0] == 3
     assert not [p.name for p in out.glob("*tmp*")]
 
@@ -513,7 +526,7 @@ def test_a_read_only_run_folder_stops_the_run_with_a_message(tmp_path, monkeypat
     assert err.startswith(
         f"error: read-only file system writing {out / 'samples' / 'step0000003_t1.0.png'}; "
     )
-    assert "no checkpoint was written yet" in err
+    assert f"the last good checkpoint {out / 'last.pt'} (step 3) is kept" in err  # written before evaluating
 
 
 def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
