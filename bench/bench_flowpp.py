@@ -1,14 +1,16 @@
 """Benchmark a compiled spec (default: the full Flow++ CIFAR-10 model).
 
 Times a training step (forward, backward, Adam) at each --train-batch, log_prob at --logprob-batch
-(no grad, eval mode) and sampling --sample images, in images per second and in GFLOP/s of the model's
-counted work, with the peak memory of each (every measurement runs in a fresh subprocess, so its peak
-resident memory is its own). A reference line gives what the device reaches on a plain matmul and on the
-blocks' convolution at the same moment, since a shared machine's speed drifts. Prints a table and appends
-it, with the exact command and the machine, to bench/RESULTS.md.
+(no grad, eval mode) and sampling --sample images, in each --precision, in images per second and in
+GFLOP/s of the model's counted work, with the peak memory of each (every measurement runs in a fresh
+subprocess, so its peak resident memory is its own). Beside each row: what the device's kernels reach at
+that moment in that precision (a 2048^3 matmul and the blocks' 3x3 convolution, measured right after
+the task in the same process, since a shared machine's speed drifts) and the fraction of the faster of
+the two that the task reaches. Prints a table and appends it, with the exact command and the machine, to
+bench/RESULTS.md.
 
-    python bench/bench_flowpp.py                         # CPU, 2 threads, float32
-    python bench/bench_flowpp.py --device cuda --autocast bf16
+    python bench/bench_flowpp.py                                  # CPU, 2 threads, fp32 and bf16
+    python bench/bench_flowpp.py --device cuda --precision bf16
 """
 
 from __future__ import annotations
@@ -41,21 +43,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(args: argparse.Namespace, task: str, batch: int) -> dict:
-    """One measurement, run in this process: returns img/s, seconds per call and peak memory in GB."""
+def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> dict:
+    """One measurement, run in this process: img/s, seconds per call, peak memory in GB, and the kernel
+    rates of `reference` measured right after it."""
     import torch
 
     import flowspec
+    from flowspec.train.precision import autocast_dtype, resolve_precision
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    precision = resolve_precision(precision, device)[0]
     model = flowspec.build(flowspec.load_spec(args.spec)).to(device)
     shape = model.spec.data.shape
     x = torch.randint(0, model.spec.data.levels, (batch, *shape), device=device)
     model.initialize(x[: args.init_batch])
-    if args.autocast != "none":
-        model.set_autocast(torch.bfloat16 if args.autocast == "bf16" else torch.float16)
+    model.set_autocast(autocast_dtype(precision))
     if args.compile:
         model.compile_networks()
 
@@ -95,17 +99,19 @@ def measure(args: argparse.Namespace, task: str, batch: int) -> dict:
         peak = torch.cuda.max_memory_allocated() / 1e9
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-    return {"task": task, "batch": batch, "seconds": seconds, "img_per_s": batch / seconds, "peak_gb": peak}
+    row = {"task": task, "precision": precision, "batch": batch, "seconds": seconds, "peak_gb": peak}
+    return row | {"img_per_s": batch / seconds} | reference(args, precision)
 
 
-def reference(args: argparse.Namespace) -> dict:
-    """What this device reaches on plain float32 work at the same thread count, in GFLOP/s: a 2048^3
-    matrix product and the Flow++ block's 3x3 convolution (8 x 192 x 32 x 16 channels-last, 96 out)."""
+def reference(args: argparse.Namespace, precision: str) -> dict:
+    """What this device reaches in `precision` at the same thread count, in GFLOP/s: a 2048^3 matrix
+    product and the Flow++ block's 3x3 convolution (8 x 192 x 32 x 16 channels-last, 96 out)."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def gflops(fn, flop: int, repeats: int = 10) -> float:
         fn()
@@ -117,21 +123,21 @@ def reference(args: argparse.Namespace) -> dict:
         synchronize(device)
         return flop * repeats / (time.perf_counter() - start) / 1e9
 
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
-    x = torch.randn(8, 192, 32, 16, device=device).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(96, 192, 3, 3, device=device)
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(8, 192, 32, 16, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(96, 192, 3, 3, device=device, dtype=dtype)
     return {
         "matmul": gflops(lambda: a @ b, 2 * 2048**3),
         "conv": gflops(lambda: F.conv2d(x, w, padding=1), 2 * 8 * 32 * 16 * 96 * 192 * 9),
     }
 
 
-def forward_gflop_per_image(spec_path: str) -> float:
+def forward_gflop_per_image(spec_path: str, overrides: tuple[str, ...] = ()) -> float:
     """Forward GFLOP per image of the spec (convolutions, dense layers, attention), as `inspect` counts."""
     import flowspec
     from flowspec.inspection import inspect_model
 
-    spec = flowspec.load_spec(spec_path)
+    spec = flowspec.load_spec(spec_path, overrides=overrides)
     footer = inspect_model(flowspec.build(spec), spec).footer
     return (footer.flops_flow + footer.flops_dequantize) / 1e9
 
@@ -155,21 +161,21 @@ def main() -> None:
     parser.add_argument("--spec", default=str(ROOT / "specs" / "flowpp_cifar.flow"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train-batch", type=int, nargs="*", default=[8, 16])
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "auto"], default=["fp32", "bf16"])
+    parser.add_argument("--train-batch", type=int, nargs="*", default=[8])
     parser.add_argument("--logprob-batch", type=int, default=64)
     parser.add_argument("--sample", type=int, default=16)
     parser.add_argument("--init-batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--compile", action="store_true", help="torch.compile the coupling networks")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: task:batch, run in a subprocess
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: task:batch:precision, in a subprocess
     args = parser.parse_args()
 
     if args.one:
-        task, batch = args.one.split(":")
-        print(json.dumps(reference(args) if task == "reference" else measure(args, task, int(batch))))
+        task, batch, precision = args.one.split(":")
+        print(json.dumps(measure(args, task, int(batch), precision)))
         return
 
     import torch
@@ -181,61 +187,57 @@ def main() -> None:
     if args.sample:
         jobs.append(("sample", args.sample))
 
-    def run_one(task: str, batch: int) -> dict:
+    def run_one(task: str, batch: int, precision: str) -> dict:
         out = subprocess.run(
-            [sys.executable, __file__, *sys.argv[1:], "--one", f"{task}:{batch}"],
+            [sys.executable, __file__, *sys.argv[1:], "--one", f"{task}:{batch}:{precision}"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     load_before = os.getloadavg()
-    peak = run_one("reference", 0)
-    rows = [run_one(task, batch) for task, batch in jobs]
+    rows = [run_one(task, batch, precision) for task, batch in jobs for precision in args.precision]
     load_after = os.getloadavg()
     gflop = forward_gflop_per_image(args.spec)
 
-    precision = "float32" if args.autocast == "none" else f"{args.autocast} autocast"
-    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    precision += f" · MALLOC_MMAP_THRESHOLD_={malloc}" if malloc else ""
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
-        f"machine: {machine()} · device {args.device} · torch {torch.__version__} · threads {args.threads} · "
-        f"{precision}{' · compiled' if args.compile else ''} · load average before/after "
+        f"machine: {machine()} · device {args.device} · torch {torch.__version__} · threads {args.threads}"
+        f"{' · compiled' if args.compile else ''} · load average before/after "
         f"{load_before[0]:.2f}/{load_after[0]:.2f}\n\n"
-        f"reference: a float32 2048^3 matmul runs at {peak['matmul']:.0f} GFLOP/s, the blocks' 3x3 conv at "
-        f"{peak['conv']:.0f} GFLOP/s; the model does {gflop:.1f} GFLOP per image forward, "
-        f"{3 * gflop:.1f} per training image (forward + backward ~ 3x)"
+        f"the model does {gflop:.1f} GFLOP per image forward (log_prob; sampling counted the same), "
+        f"{3 * gflop:.1f} per training image (forward + backward ~ 3x); kernels now: a 2048^3 matmul and the "
+        f"blocks' 3x3 conv in the row's precision, measured right after the row's task; of ceiling: the "
+        f"task's GFLOP/s over the faster of the two"
     )
     table = Table(title=f"{Path(args.spec).name}")
-    columns = ("task", "batch", "s / call", "img/s", "GFLOP/s", "peak memory (GB)")
+    columns = (
+        "task", "precision", "batch", "s / call", "img/s", "GFLOP/s", "peak memory (GB)",
+        "kernels now (matmul / conv)", "of ceiling",
+    )  # fmt: skip
     for col in columns:
         table.add_column(col, justify="right")
     lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for r in rows:
-        flop_per_image = gflop * (3 if r["task"] == "train" else 1)
+        rate = r["img_per_s"] * gflop * (3 if r["task"] == "train" else 1)
         cells = [
             r["task"],
+            r["precision"],
             str(r["batch"]),
             f"{r['seconds']:.2f}",
             f"{r['img_per_s']:.2f}",
-            f"{r['img_per_s'] * flop_per_image:.0f}",
+            f"{rate:.0f}",
             f"{r['peak_gb']:.2f}",
+            f"{r['matmul']:.0f} / {r['conv']:.0f}",
+            f"{rate / max(r['matmul'], r['conv']):.0%}",
         ]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
-    logprob = next(r for r in rows if r["task"] == "log_prob")
-    sample = next((r for r in rows if r["task"] == "sample"), None)
-    ratio = ""
-    if sample:
-        ratio = f"sampling costs {logprob['img_per_s'] / sample['img_per_s']:.2f}x log_prob per image"
     console = Console()
     console.print(header)
     console.print(table)
-    if ratio:
-        console.print(ratio)
     if not args.no_append:
         with RESULTS.open("a") as f:
-            f.write(f"\n### {header}\n\n" + "\n".join(lines) + (f"\n\n{ratio}\n" if ratio else "\n"))
+            f.write(f"\n### {header}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ took no time, bound what any scheduling of the same kernels can reach on this ma
 with the exact command and the machine, to bench/RESULTS.md.
 
     python bench/profile_step.py                      # train step at batch 8, CPU, 2 threads
-    python bench/profile_step.py --task log_prob --batch 64
+    python bench/profile_step.py --task log_prob --batch 64 --precision bf16
+
+(bf16 on the CPU: the chunked attention kernel's matmuls and softmax count as dense matmul and other.)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def category(op_name: str) -> str:
     name = op_name.split("::")[-1].split(".")[-1]
     if "conv" in name:
         return "convolution"
-    if "scaled_dot_product" in name:
+    if "scaled_dot_product" in name or "chunked_attention" in name:
         return "attention"
     if name in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear"):
         return "dense matmul"
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--task", choices=["train", "log_prob"], default="train")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
 
@@ -69,6 +72,7 @@ def main() -> None:
     model = flowspec.build(spec)
     x = torch.randint(0, spec.data.levels, (args.batch, *spec.data.shape))
     model.initialize(x)
+    model.set_autocast(torch.bfloat16 if args.precision == "bf16" else None)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def call() -> None:
@@ -118,7 +122,8 @@ def main() -> None:
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
         f"machine: {machine()} · torch {torch.__version__} · threads {args.threads} · {Path(args.spec).name} "
-        f"{args.task} at batch {args.batch}: {seconds:.2f} s per call ({args.batch / seconds:.2f} img/s); "
+        f"{args.task} at batch {args.batch}, {args.precision}: {seconds:.2f} s per call "
+        f"({args.batch / seconds:.2f} img/s); "
         f"the convolution, attention and matmul kernels alone take {kernel_seconds:.2f} s, so no schedule "
         f"of them exceeds {args.batch / kernel_seconds:.2f} img/s here"
     )

@@ -31,11 +31,12 @@ __all__ = [
 ]
 
 
-def build(spec: FlowSpec) -> FlowModel:
-    """Compile a validated spec into a `FlowModel` (an `nn.Module`)."""
+def build(spec: FlowSpec, device: Any = None) -> FlowModel:
+    """Compile a validated spec into a `FlowModel` (an `nn.Module`); `device="meta"` builds it without
+    memory or random draws, for counting and inspecting."""
     from flowspec.builder import build as _build
 
-    return _build(spec)
+    return _build(spec, device)
 
 
 def __getattr__(name: str) -> Any:

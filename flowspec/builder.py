@@ -3,6 +3,10 @@ by its step kind's build rule."""
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from flowspec.layers import FactorOut, LogitPreprocess, Sequence, UniformDequantizer, VariationalDequantizer
 from flowspec.layers.base import Layer
 from flowspec.layers.networks import ContextNetwork
@@ -47,17 +51,32 @@ def _dequantizer(spec: FlowSpec):
     masks = [s.mask for s in steps if isinstance(s, SplitStep)] or ["stripe"]
     c = spec.data.shape[0]
     dropout = max((s.dropout for s in steps if isinstance(s, CouplingStep)), default=0.0)
-    context = ContextNetwork(c, deq.context.filters, deq.context.blocks, masks[0], spec.data.levels, dropout)
+    cfg = deq.context
+    context = ContextNetwork(
+        c,
+        cfg.filters,
+        cfg.blocks,
+        masks[0],
+        spec.data.levels,
+        dropout,
+        layernorm=cfg.layernorm,
+        attention=cfg.attention,
+        heads=cfg.heads,
+        weight_norm=cfg.weight_norm,
+        image_size=spec.data.shape[1:],
+    )
     context.spec_path = "dequantize.context"
     layers, _ = _stack(deq.steps, spec.data.shape, "dequantize", BuildContext(deq.context.filters))
     return VariationalDequantizer(context, Sequence(layers))
 
 
-def build(spec: FlowSpec) -> FlowModel:
-    """Compile `spec` into a `FlowModel` (float32, on the CPU, not yet data-initialised).
+def build(spec: FlowSpec, device: torch.device | str | None = None) -> FlowModel:
+    """Compile `spec` into a `FlowModel` (float32, not yet data-initialised) on `device` (default: the
+    CPU). On the meta device nothing is allocated or drawn: counting a 169M-parameter spec takes seconds.
 
     Raises `ShapeError` when a step cannot run on its input (a spec made in Python, not loaded)."""
     check_shapes(spec)
-    preprocess = LogitPreprocess(spec.preprocess.alpha, spec.data.levels)
-    preprocess.spec_path = "preprocess"
-    return FlowModel(spec, preprocess, _dequantizer(spec), _main_flow(spec))
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        preprocess = LogitPreprocess(spec.preprocess.alpha, spec.data.levels)
+        preprocess.spec_path = "preprocess"
+        return FlowModel(spec, preprocess, _dequantizer(spec), _main_flow(spec))

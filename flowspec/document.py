@@ -55,7 +55,16 @@ class SettingError(ValueError):
 # user-facing setting names that differ from the spec's field names
 TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every"}
 OPTIMIZER_ARGS = ("lr", "betas", "eps", "weight_decay")
-SCHEDULE_ARGS = {"every": "step_every", "gamma": "step_gamma"}
+#: schedule arguments -> TrainSpec fields (`step(every=, gamma=)`, `exponential(hold=, decay=, floor=)`)
+SCHEDULE_ARGS = {
+    "every": "step_every",
+    "gamma": "step_gamma",
+    "hold": "exp_hold",
+    "decay": "exp_decay",
+    "floor": "exp_floor",
+}
+#: the arguments each schedule uses
+SCHEDULE_KIND_ARGS = {"step": ("every", "gamma"), "exponential": ("hold", "decay", "floor")}
 
 
 def interval(count: Any, unit: str) -> RawDict:

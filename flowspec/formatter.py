@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS
 from flowspec.nodes import Node
-from flowspec.spec import CouplingSettings, EvalSpec, FlowSpec, Interval, TrainSpec
+from flowspec.spec import ContextSpec, CouplingSettings, EvalSpec, FlowSpec, Interval, TrainSpec
 from flowspec.steps import KINDS, StepKind, kind_of
 
 WIDTH = 100
@@ -30,7 +31,7 @@ def format_spec(spec: FlowSpec) -> str:
     if deq.kind == "uniform":
         out.append("dequantize uniform")
     else:
-        context = f"context(filters={deq.context.filters}, blocks={deq.context.blocks})"
+        context = f"context({_context_args(deq.context)})"
         out += ["dequantize variational {", INDENT + context, *_steps(deq.steps, spec, 1), "}"]
     out += ["", "flow {", *_steps(spec.flow, spec, 1), "}", "", f"prior {spec.prior}", "", *_train(spec), ""]
     return "\n".join(out + _eval(spec.eval))
@@ -52,6 +53,18 @@ def _value(value: Any) -> str:
     if isinstance(value, str) and not value.isidentifier():
         return f'"{value}"'
     return str(value)
+
+
+def _context_args(context: ContextSpec) -> str:
+    """`filters=F, blocks=B`, then the other settings that differ from the built-in ones."""
+    plain = ContextSpec()
+    args = [f"filters={context.filters}", f"blocks={context.blocks}"]
+    args += [
+        f"{name}={_value(getattr(context, name))}"
+        for name in ContextSpec.model_fields
+        if name not in ("filters", "blocks") and getattr(context, name) != getattr(plain, name)
+    ]
+    return ", ".join(args)
 
 
 def _data(spec: FlowSpec) -> str:
@@ -118,13 +131,13 @@ def _train(spec: FlowSpec) -> list[str]:
     optimizer = f"lr={_value(t.lr)}, betas={_value(t.betas)}, eps={_value(t.eps)}"
     if t.weight_decay:
         optimizer += f", weight_decay={_value(t.weight_decay)}"
-    schedule = t.schedule
     plain = TrainSpec.model_fields
-    if schedule == "step" or (t.step_every, t.step_gamma) != (
-        plain["step_every"].default,
-        plain["step_gamma"].default,
-    ):
-        schedule += f"(every={t.step_every}, gamma={_value(t.step_gamma)})"
+    args = [  # the schedule's own arguments, and any other that differs from its default
+        f"{arg}={_value(getattr(t, field))}"
+        for arg, field in SCHEDULE_ARGS.items()
+        if arg in SCHEDULE_KIND_ARGS.get(t.schedule, ()) or getattr(t, field) != plain[field].default
+    ]
+    schedule = t.schedule + (f"({', '.join(args)})" if args else "")
     recipe = [
         f"batch {t.batch}" + (f"  accumulate {t.accumulate}" if t.accumulate > 1 else ""),
         f"clip_grad_norm {_value(t.clip_grad_norm) if t.clip_grad_norm is not None else 'off'}",

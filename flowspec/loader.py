@@ -16,7 +16,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
-from flowspec.document import Call, RawDict, Word
+from flowspec.document import SCHEDULE_ARGS, Call, RawDict, Word
 from flowspec.parser import SECTION_NAMES, parse_document
 from flowspec.resolve import OVERRIDE_FILE, apply_defaults, apply_overrides, merge, model_of
 from flowspec.shapes import shape_issues
@@ -222,6 +222,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+_WRITTEN = {field: arg for arg, field in SCHEDULE_ARGS.items()}  # spec field -> the name the file writes
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
@@ -229,6 +230,7 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
     kind, ctx, value = item["type"], item.get("ctx", {}), item.get("input")
     parts = path.split(".")
     field = next((p for p in reversed(parts) if not p.isdigit()), path) or "spec"
+    field = _WRITTEN.get(field, field)
     if field == "count":  # name the count by what it counts
         field = "repeat count" if owner == "repeat" else parts[-2] if len(parts) > 1 else field
     if kind == "missing":

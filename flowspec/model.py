@@ -122,15 +122,22 @@ class FlowModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, Coupling)]
 
     def set_autocast(self, dtype: torch.dtype | None) -> None:
-        """Run the coupling networks under torch.autocast with `dtype` (None: off); log-dets stay fp32+."""
-        for c in self.couplings():
-            c.autocast_dtype = dtype
+        """Run the coupling networks and the dequantizer's context network under torch.autocast with
+        `dtype` (None: off); the transforms, log-dets and log q stay in the data's dtype (fp32 or fp64)."""
+        for m in self.modules():
+            if hasattr(m, "autocast_dtype"):
+                m.autocast_dtype = dtype
 
     def compile_networks(self, **kwargs) -> None:
         """torch.compile each coupling network in place (parameter names are unchanged). Shapes are
         static unless `dynamic=True` is passed: the networks share one forward, and inductor fails on the
         dynamic-shape graph it would otherwise make once a second shape is seen."""
-        for c in self.couplings():
+        couplings = self.couplings()
+        # one graph per input shape, context and grad mode: more than dynamo's default limit of 8
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 4 * len(couplings)))
+        for c in couplings:
             c.network.compile(**{"dynamic": False, **kwargs})
 
     def count_parameters(self) -> dict[str, int]:

@@ -26,12 +26,12 @@ __all__ = ["CouplingSettings", "FlowSpec", "SourceLoc", "Step"]
 MAX_SEED = 2**32 - 1  # seeds derived from it (per rank, epoch, evaluation) stay within torch's 64 bits
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES, "digits": (), "npz": ()}
-CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "npz": None}
+CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES, "digits": (), "npz": (), "npy": ()}
+CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "npz": None, "npy": None}
 
 
 class DataSpec(Node):
-    dataset: Literal["cifar10", "npz", "digits"] = "cifar10"
+    dataset: Literal["cifar10", "npz", "npy", "digits"] = "cifar10"
     path: str | None = Field(default=None, description="folder of .npz shards (dataset npz)")
     shape: tuple[int, int, int] = Field(default=(3, 32, 32), description="C x H x W")
     levels: int = Field(default=256, ge=2, le=65536, description="values per pixel: 256 for 8-bit")
@@ -80,6 +80,16 @@ class LogitPreprocess(Node):
 class ContextSpec(Node):
     filters: int = Field(default=32, ge=1, le=4096)
     blocks: int = Field(default=3, ge=0, le=256)
+    layernorm: bool = Field(default=False, description="LayerNorm after each gated conv (ImageNet, CelebA)")
+    attention: bool = Field(default=False, description="gated self-attention after each gated conv")
+    heads: int = Field(default=4, ge=1, le=256, description="attention heads")
+    weight_norm: bool = Field(default=False, description="weight normalization of every conv and dense")
+
+    @model_validator(mode="after")
+    def _heads_divide_filters(self) -> ContextSpec:
+        if self.attention and self.filters % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide filters ({self.filters})")
+        return self
 
 
 class UniformDequant(Node):
@@ -112,9 +122,12 @@ class TrainSpec(Node):
     eps: float = Field(default=1e-8, gt=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     warmup: int = Field(default=0, ge=0, description="linear warmup steps")
-    schedule: Literal["constant", "cosine", "step"] = "constant"
+    schedule: Literal["constant", "cosine", "step", "exponential"] = "constant"
     step_every: int = Field(default=10000, ge=1, description="schedule step: decay every N steps")
     step_gamma: float = Field(default=0.5, gt=0.0, le=1.0, description="schedule step: decay factor")
+    exp_hold: int = Field(default=0, ge=0, description="schedule exponential: steps at lr after warmup")
+    exp_decay: float = Field(default=0.9999, gt=0.0, le=1.0, description="schedule exponential: per step")
+    exp_floor: float = Field(default=0.0, ge=0.0, description="schedule exponential: the lowest lr")
     batch: int = Field(default=64, ge=1, description="images per optimisation step, over all processes")
     accumulate: int = Field(default=1, ge=1, description="micro-batches of batch/N whose gradients add up")
     clip_grad_norm: float | None = Field(default=None, gt=0.0)
@@ -124,6 +137,14 @@ class TrainSpec(Node):
     eval_every: Interval = Interval(count=1, unit="epochs")
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+    @field_validator("exp_floor")
+    @classmethod
+    def _floor_below_lr(cls, floor: float, info: ValidationInfo) -> float:
+        lr = info.data.get("lr")
+        if lr is not None and floor > lr:
+            raise ValueError(f"the schedule's floor ({floor:g}) must not exceed lr ({lr:g})")
+        return floor
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:

@@ -36,7 +36,8 @@ def all_couplings(spec: FlowSpec) -> list[CouplingStep]:
 def test_all_shipped_specs_are_found():
     names = {p.name for p in ALL_SPECS}
     assert {"flowpp_cifar.flow", "quickstart.flow", "realnvp_cifar.flow", "affine_coupling.flow"} <= names
-    assert len(ALL_SPECS) == 8
+    assert {"imagenet32.flow", "imagenet64_5bit.flow", "celeba64_3bit.flow", "celeba128_5bit.flow"} <= names
+    assert len(ALL_SPECS) == 14
 
 
 @pytest.mark.parametrize("path", ALL_SPECS, ids=IDS)

@@ -35,11 +35,22 @@ def _float64():
     torch.set_default_dtype(old)
 
 
+# the official launchers' network options (flowpp_gated: no attention sub-block, as in their dequantizers)
+FLOWPP_OPTIONS = {
+    "flowpp_gated": dict(mixer=False, final_elu=True),
+    "flowpp_wn": dict(final_elu=True, weight_norm=True),
+    "flowpp_plain": dict(layernorm=False, nin=False),
+}
+
+
 def _coupling(transform: str, network: str, context_filters: int = 0) -> Coupling:
     c, h, w = SHAPE[0], SHAPE[1], SHAPE[2] // 2
     per = {"additive": 1, "affine": 2, "mixlogistic": 2 + 3 * 3}[transform]
     if network.startswith("flowpp"):
-        net = FlowppNetwork((c, h, w), c * per, 8, 2, 2, network == "flowpp", 0.0, context_filters)
+        options = FLOWPP_OPTIONS.get(network, {})
+        net = FlowppNetwork(
+            (c, h, w), c * per, 8, 2, 2, network != "flowpp_nin", 0.0, context_filters, **options
+        )
     else:
         net = ResNet(c, c * per, 8, 1, network.split("_")[1], context_filters)
     return Coupling(transform, net, 3)
@@ -60,6 +71,7 @@ PAIR_LAYERS = {
         for t in ("additive", "affine", "mixlogistic")
         for n in ("flowpp", "flowpp_nin", "resnet_batch", "resnet_weight")
     },
+    **{f"coupling_mixlogistic_{n}": (lambda n=n: _coupling("mixlogistic", n)) for n in FLOWPP_OPTIONS},
 }
 TENSOR_LAYERS = {
     "norm_element_tensor": lambda: Norm(SHAPE, 1, "element"),
@@ -119,7 +131,7 @@ def test_tensor_layer_is_exact(name):
     _check(layer, layer, layer.inverse, _input(name))
 
 
-@pytest.mark.parametrize("network", ["flowpp", "flowpp_nin", "resnet_batch"])
+@pytest.mark.parametrize("network", ["flowpp", "flowpp_nin", "flowpp_gated", "flowpp_wn", "resnet_batch"])
 def test_coupling_with_context_is_exact_and_uses_context(network):
     layer = _prepare(_coupling("mixlogistic", network, context_filters=3))
     context = torch.randn(2, 4, 2, 3)

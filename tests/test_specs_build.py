@@ -1,5 +1,5 @@
-"""The shipped Flow++ specs compile to the official model: golden parameter counts, and the full-size
-flowpp_cifar runs one forward and backward pass."""
+"""The shipped Flow++ specs compile to the official model: golden parameter counts (the official models
+beyond CIFAR-10: tests/test_official.py), and the full-size flowpp_cifar runs a forward and backward pass."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_flowpp_cifar_parameter_counts(flowpp):
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_parameter_counts(name):
     spec = load_spec(SPECS / name)
-    model = flowspec.build(spec)
+    model = flowspec.build(spec, "meta")
     assert model.count_parameters()["total"] == GOLDEN[name] == spec.target_params
 
 

@@ -61,7 +61,7 @@ def inspect(
 
     check_size(resolved, "build", allow_large=allow_large, images=batch if probe else 0)
     torch.manual_seed(resolved.train.seed)
-    model = flowspec.build(resolved)
+    model = flowspec.build(resolved, None if probe else "meta")  # meta: counting needs no weights
     report = inspect_model(model, resolved, target_params)
     if probe:
         from flowspec.inspection.probe import probe_images, run_probe

@@ -37,6 +37,7 @@ class Device(str, Enum):
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
+    auto = "auto"
 
 
 class Split(str, Enum):
@@ -129,7 +130,12 @@ def train(
     sets: SetOption = None,
     device: DeviceOption = None,
     precision: Annotated[
-        Precision, typer.Option("--precision", help="bf16: autocast the coupling networks.")
+        Precision,
+        typer.Option(
+            "--precision",
+            help="bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the "
+            "CPU or GPU has it natively.",
+        ),
     ] = Precision.fp32,
     compile_networks: Annotated[
         bool, typer.Option("--compile", help="torch.compile the coupling networks.")

@@ -39,7 +39,7 @@ def inspect_model(
 
 
 def inspect_spec(spec: FlowSpec, target: int | None = None, measure: bool = True) -> Report:
-    """Build `spec` and report it (see `inspect_model`)."""
+    """Build `spec` on the meta device (no memory, no random draws) and report it (see `inspect_model`)."""
     import flowspec
 
-    return inspect_model(flowspec.build(spec), spec, target, measure)
+    return inspect_model(flowspec.build(spec, "meta"), spec, target, measure)

@@ -68,7 +68,9 @@ def _flowpp_block(block: FlowppBlock, itemsize: int) -> int:
     c1's output, its dropout masks and, with attention, the attention output and its per-head
     log-sum-exp."""
     f = block.conv.c1.out_channels
-    kept = 2 * f * itemsize + _mask_bytes(block.conv.dropout, 2 * f) + _mask_bytes(block.attn.dropout, f)
+    kept = 2 * f * itemsize + _mask_bytes(block.conv.dropout, 2 * f)
+    if block.attn is not None:
+        kept += _mask_bytes(block.attn.dropout, f)
     if isinstance(block.attn, GatedAttention):
         kept += (f + block.attn.heads) * itemsize
     return kept
@@ -85,6 +87,8 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
     if isinstance(module, FlowppNetwork):
         ends = module.proj_out.in_channels + module.proj_out.out_channels
         return ends * itemsize + sum(_flowpp_block(b, itemsize) for b in module.blocks)
+    if isinstance(module, FlowppBlock):
+        return _flowpp_block(module, itemsize)
     if isinstance(module, GatedConv):
         return _gated_conv(module, itemsize)
     kept = 0

@@ -131,7 +131,7 @@ def build_branches(spec: FlowSpec, params: dict[str, int]) -> list[Branch]:
         context = StepRow(
             path="dequantize.context",
             kind="context",
-            settings=f"f{deq.context.filters} b{deq.context.blocks}",
+            settings=_context_label(deq.context),
             source=None,
             shape_in=fmt(spec.data.shape),
             shape_out=fmt(context_shape),
@@ -164,3 +164,15 @@ def build_branches(spec: FlowSpec, params: dict[str, int]) -> list[Branch]:
 def count_couplings(steps: list, shape, where: str) -> int:
     """Coupling layers the stack builds, repeats unrolled."""
     return sum(run.kind.couples for run in walk(steps, shape, where, unroll=True).all())
+
+
+def _context_label(context) -> str:
+    """`f32 b8 ln h4 wn`: the context network's key settings."""
+    parts = [f"f{context.filters}", f"b{context.blocks}"]
+    if context.layernorm:
+        parts.append("ln")
+    if context.attention:
+        parts.append(f"h{context.heads}")
+    if context.weight_norm:
+        parts.append("wn")
+    return " ".join(parts)

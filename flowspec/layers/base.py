@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Union
 
 import torch
@@ -30,6 +31,11 @@ def zero_logdet(x: State) -> Tensor:
 def sum_per_sample(x: Tensor) -> Tensor:
     """Sum over every dimension but the batch, in the log-det dtype."""
     return x.flatten(1).sum(1, dtype=logdet_dtype(x))
+
+
+def autocast(x: Tensor, dtype: torch.dtype | None) -> AbstractContextManager:
+    """torch.autocast to `dtype` on x's device, or nothing when dtype is None."""
+    return nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flowspec.layers import mixlogistic
-from flowspec.layers.base import Layer, sum_per_sample, zero_logdet
+from flowspec.layers.base import Layer, autocast, sum_per_sample, zero_logdet
 
 
 def outputs_per_element(transform: str, components: int) -> int:
@@ -38,11 +38,8 @@ class Coupling(Layer):
 
     def _params(self, a: Tensor, context: Tensor | None) -> Tensor:
         """Network outputs as N x C x H x W x P, in a's dtype."""
-        if self.autocast_dtype is None:
+        with autocast(a, self.autocast_dtype):
             out = self.network(a, context)
-        else:
-            with torch.autocast(a.device.type, dtype=self.autocast_dtype):
-                out = self.network(a, context)
         return out.unflatten(1, (a.shape[1], self.per_element)).permute(0, 1, 3, 4, 2).to(a.dtype)
 
     def _split(self, p: Tensor) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowspec.layers.base import Sequence, standard_normal_log_prob
+from flowspec.layers.base import Sequence, autocast, standard_normal_log_prob
 
 
 class UniformDequantizer(nn.Module):
@@ -21,7 +21,8 @@ class UniformDequantizer(nn.Module):
 class VariationalDequantizer(nn.Module):
     """u = flow(eps; context(x)), eps ~ N(0, I); the flow ends with a sigmoid, so u lies in (0, 1).
 
-    log q(u | x) = log N(eps) - logdet of the flow.
+    log q(u | x) = log N(eps) - logdet of the flow. `autocast_dtype` runs the context network under
+    torch.autocast (its features feed the couplings' networks only); log q stays in eps's dtype.
     """
 
     spec_path = "dequantize"
@@ -30,10 +31,13 @@ class VariationalDequantizer(nn.Module):
         super().__init__()
         self.context_net = context_net
         self.flow = flow
+        self.autocast_dtype: torch.dtype | None = None
 
     def noise(self, eps: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """u and log q(u | x) for the given standard normal noise eps."""
-        u, logdet = self.flow(eps, self.context_net(x))
+        with autocast(x, self.autocast_dtype):
+            context = self.context_net(x)
+        u, logdet = self.flow(eps, context)
         return u, standard_normal_log_prob(eps) - logdet
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

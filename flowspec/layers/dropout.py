@@ -23,7 +23,10 @@ class Dropout(nn.Dropout):
         """A keep-mask for an input of `shape`, or None when dropout is off (eval mode or p = 0)."""
         if not self.active():
             return None
-        bits = torch.empty(shape, dtype=torch.int32, device=device).random_()  # uniform on [0, 2^31)
+        if torch.compiler.is_compiling():  # in-place random_ breaks the graph; compiled code has its own RNG
+            bits = torch.randint(0, 2**31, shape, dtype=torch.int32, device=device)
+        else:
+            bits = torch.empty(shape, dtype=torch.int32, device=device).random_()  # uniform on [0, 2^31)
         return bits < round((1.0 - self.p) * 2**31)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -16,8 +16,10 @@ class Pointwise(Layer):
 
     def __init__(self, channels: int, halves: int):
         super().__init__()
-        eye = torch.eye(channels).expand(halves, channels, channels)
-        self.weight = nn.Parameter(eye + 0.001 * torch.randn(halves, channels, channels))
+        weight = torch.empty(halves, channels, channels)
+        if not weight.is_meta:  # counting on the meta device draws nothing
+            weight.normal_(0.0, 0.001).add_(torch.eye(channels))
+        self.weight = nn.Parameter(weight)
 
     @staticmethod
     def _mix(x, w):

@@ -11,7 +11,7 @@ from flowspec.nodes import Node, StepNode
 from flowspec.steps.kind import StepKind, needs_pair, register
 
 CouplingKind = Literal["mixlogistic", "affine", "additive"]
-NetworkKind = Literal["flowpp", "resnet"]
+NetworkKind = Literal["flowpp", "gated", "resnet"]
 
 #: per transformed element, how many of the network's outputs the transform's kept tensors take
 _KEPT = {"additive": 1, "affine": 3, "mixlogistic": 4}
@@ -29,6 +29,10 @@ class CouplingSettings(Node):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     network: NetworkKind = "flowpp"
     resnet_norm: Literal["batch", "weight"] = "batch"
+    layernorm: bool = Field(default=True, description="LayerNorm after each sub-block (official use_ln)")
+    nin: bool = Field(default=True, description="1x1 second conv in the gated convs; off: 3x3 (use_nin)")
+    final_elu: bool = Field(default=False, description="concat_elu before the output conv (ImageNet, CelebA)")
+    weight_norm: bool = Field(default=False, description="weight normalization of every conv and dense")
 
     @model_validator(mode="after")
     def _heads_divide_filters(self) -> CouplingSettings:
@@ -49,9 +53,12 @@ def label(c: CouplingSettings) -> str:
     if c.network == "resnet":
         parts += ["resnet", f"f{c.filters}", f"b{c.blocks}", "bn" if c.resnet_norm == "batch" else "wn"]
     else:
-        parts += [f"f{c.filters}", f"b{c.blocks}", f"h{c.heads}" if c.attention else "nin"]
+        mixer = "gated" if c.network == "gated" else f"h{c.heads}" if c.attention else "nin"
+        parts += [f"f{c.filters}", f"b{c.blocks}", mixer]
         if c.dropout:
             parts.append(f"p{c.dropout:g}")
+        if c.weight_norm:
+            parts.append("wn")
     return " ".join(parts)
 
 
@@ -62,7 +69,7 @@ def _build(run, ctx, body):
 
     step, shape = run.step, run.state_in[0]
     out = shape[0] * outputs_per_element(step.coupling, step.components)
-    if step.network == "flowpp":
+    if step.network in ("flowpp", "gated"):
         network = FlowppNetwork(
             shape,
             out,
@@ -72,6 +79,11 @@ def _build(run, ctx, body):
             step.attention,
             step.dropout,
             ctx.context_filters,
+            mixer=step.network == "flowpp",
+            layernorm=step.layernorm,
+            nin=step.nin,
+            final_elu=step.final_elu,
+            weight_norm=step.weight_norm,
         )
     else:
         network = ResNet(shape[0], out, step.filters, step.blocks, step.resnet_norm, ctx.context_filters)

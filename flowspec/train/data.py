@@ -51,6 +51,8 @@ def load_split(
     `cifar-10-batches-py` folder (or its parent) or a folder of `.npz` shards.
     """
     folder = Path(data_dir) if data_dir is not None else (Path(data.path) if data.path else None)
+    if data.dataset == "npy":
+        raise UserError(_npy_needed(data, folder))
     if data.dataset == "digits" and data_dir is None:
         images, labels, source = _digits(split)
     elif folder is not None:
@@ -68,6 +70,18 @@ def load_split(
             raise UserError(f"no {split} images of classes {list(data.classes)} in {source}")
     _check(images, data, source)
     return ImageSet(images.contiguous(), labels, source)
+
+
+def _npy_needed(data: DataSpec, folder: Path | None) -> str:
+    """What an `npy` spec needs (its reader is not part of this version)."""
+    what = (
+        f"a folder of uint8 N x H x W x C arrays (.npy or .npz, the official Flow++ ImageNet and CelebA "
+        f"files) of {'x'.join(map(str, data.shape))} images with values 0..{data.levels - 1}"
+    )
+    if folder is None or not folder.is_dir():
+        where = f"{folder} does not exist" if folder is not None else "the spec names no path"
+        return f"the spec's dataset `npy` needs {what}; {where}: pass the folder with --data DIR"
+    return f"this version of flowspec cannot read `npy` data ({what}) from {folder}"
 
 
 def _check(images: torch.Tensor, data: DataSpec, source: str) -> None:

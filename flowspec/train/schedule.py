@@ -1,4 +1,5 @@
-"""The learning-rate schedule: linear warmup, then constant, cosine or step decay (a `LambdaLR`)."""
+"""The learning-rate schedule: linear warmup, then constant, cosine, step or exponential decay (a
+`LambdaLR`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ class LrFactor:
     """The factor on the base learning rate at a step (picklable, so the scheduler's state saves cleanly).
 
     Warmup: `min(1, (step + 1) / warmup)`. After it, `constant`: 1; `cosine`: from 1 down to 0 at
-    `total` steps; `step`: `gamma ** (steps after warmup // every)`.
+    `total` steps; `step`: `gamma ** (steps after warmup // every)`; `exponential`: 1 for `hold` steps,
+    then `decay` per step down to `floor` (a factor: the lowest lr over the base lr).
     """
 
     warmup: int
@@ -24,6 +26,9 @@ class LrFactor:
     total: int | None
     every: int
     gamma: float
+    hold: int = 0
+    decay: float = 1.0
+    floor: float = 0.0
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
@@ -33,6 +38,8 @@ class LrFactor:
             return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, after / span)))
         if self.kind == "step":
             return warm * self.gamma ** (after // self.every)
+        if self.kind == "exponential":
+            return warm * max(self.floor, self.decay ** max(0, after - self.hold))
         return warm
 
 
@@ -44,7 +51,16 @@ def build_scheduler(
         raise UserError(
             "a cosine schedule needs a training length: set `length N steps` (or epochs) in the spec"
         )
-    factor = LrFactor(train.warmup, train.schedule, total_steps, train.step_every, train.step_gamma)
+    factor = LrFactor(
+        train.warmup,
+        train.schedule,
+        total_steps,
+        train.step_every,
+        train.step_gamma,
+        train.exp_hold,
+        train.exp_decay,
+        train.exp_floor / train.lr,
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -27,6 +27,7 @@ from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, t
 from flowspec.train.evaluation import SMOKE, Evaluator, describe
 from flowspec.train.lock import RunLock
 from flowspec.train.metrics import Window, read_metrics, record, truncate_metrics
+from flowspec.train.precision import autocast_dtype, resolve_precision
 from flowspec.train.progress import Reporter
 from flowspec.train.signals import Interrupted, StopSignals
 from flowspec.train.tensorboard import TensorBoard
@@ -40,7 +41,7 @@ class RunOptions:
     out: Path | None = None  # run folder; None: runs/<name>-<timestamp>
     data_dir: Path | None = None
     device: str | None = None  # cpu | cuda; None: cuda when available
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the coupling networks)
+    precision: str = "fp32"  # fp32 | bf16 | auto (see flowspec.train.precision)
     compile: bool = False
     max_steps: int | None = None  # stop at this global step (a resumed run counts from its start)
     max_time: float | None = None  # seconds of training in this process
@@ -77,9 +78,8 @@ class Trainer:
         test_set: ImageSet | None = None,
     ):
         self.spec, self.options, self.t = spec, options, spec.train
-        if options.precision not in ("fp32", "bf16"):
-            raise UserError(f"unknown precision {options.precision!r}: use fp32 or bf16")
         self.dist, self.device = setup(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.precision, self.precision_reason = resolve_precision(options.precision, self.device)
         self.run_dir = rundir.choose(spec, options.out, self.dist)
         self.lock = RunLock(self.run_dir) if self.dist.main else None  # before anything reads or writes it
         try:
@@ -114,7 +114,7 @@ class Trainer:
         self.parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if payload is None:
             self._initialize(model)
-        model.set_autocast(torch.bfloat16 if options.precision == "bf16" else None)
+        model.set_autocast(autocast_dtype(self.precision))
         self.updater = Updater(model, self.t, self.total_steps, self.dist, self.device, options.compile)
         self.evaluate = Evaluator(
             test_set.images, self._eval_settings(spec.eval), self.device, self.dist, self.run_dir,
@@ -354,6 +354,7 @@ class Trainer:
         return (
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.train_set.source} "
             f"({len(self.train_set)} train / {self.test_size} test images), device {self.device}, "
+            f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
             f"{self.dist.world} process(es); run folder {self.run_dir}"
         )
 

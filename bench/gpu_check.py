@@ -1,0 +1,245 @@
+"""The GPU check: the CUDA tests, then Flow++ training speed on one GPU, within about 8 minutes.
+
+    bench/gpu_check.sh              # on a machine with a CUDA GPU and the project installed
+    bench/gpu_check.sh --dry-run    # the same logic on the CPU in seconds: tiny model, 2 steps, no CUDA tests
+
+(a) runs the tests marked `cuda` (CUDA forward == CPU forward, bf16 bits/dim, sampling, torch.compile,
+    a torchrun job that trains and resumes);
+(b) trains flowpp_cifar at batch 64 for 50 steps (5 of them warm-up, untimed) in float32, bf16 and bf16
+    with torch.compile, and prints img/s, peak memory (torch.cuda.max_memory_allocated) and the fraction of
+    the device's dense bf16 FLOP peak that the counted work (77.6 GFLOP per trained image) reaches;
+(c) appends the rows to bench/RESULTS.md, and to $OUT/gpu_check.md when $OUT names a folder.
+A configuration that would not fit in the time left is skipped and said so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import flowspec
+from flowspec.train.precision import autocast_dtype
+from flowspec.train.schedule import build_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_flowpp import RESULTS, ROOT, forward_gflop_per_image, machine, synchronize  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a part of the device name; first match wins.
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("B200", 2250.0),
+)
+CONFIGS = (("fp32", False), ("bf16", False), ("bf16", True))
+DRY_RUN_SHRINK = (
+    "data.shape=3x8x8",
+    "defaults.coupling.filters=8",
+    "defaults.coupling.blocks=1",
+    "defaults.coupling.components=2",
+    "defaults.coupling.heads=2",
+    "dequantize.context.filters=4",
+)
+
+
+@dataclass
+class Row:
+    config: str
+    batch: int
+    seconds: float | None = None  # per timed step
+    peak_gb: float | None = None
+    note: str = ""
+
+    def img_s(self) -> float | None:
+        return self.batch / self.seconds if self.seconds else None
+
+
+def config_name(precision: str, compiled: bool) -> str:
+    return precision + (" + compile" if compiled else "")
+
+
+def bf16_peak(device: torch.device) -> tuple[float, str]:
+    """The device's dense bf16 peak in GFLOP/s and where the number comes from (a table, or measured)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for part, tflops in BF16_PEAK_TFLOPS:
+            if part in name:
+                return tflops * 1e3, f"{name}: {tflops:.0f} TFLOP/s dense bf16 (data sheet)"
+    size = 8192 if device.type == "cuda" else 512
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    repeats, start = 10, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    rate = 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    return rate, f"measured: a bf16 {size}^3 matmul at {rate:.0f} GFLOP/s"
+
+
+def run_tests(args: argparse.Namespace, seconds: float) -> str:
+    """Run (or, in a dry run, only collect) the tests marked cuda; returns pytest's summary line."""
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs"]
+    if args.dry_run:
+        command.append("--collect-only")
+    print("$", shlex.join(command), flush=True)
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {seconds:.0f} s"
+    print(done.stdout[-6000:] + done.stderr[-2000:], flush=True)
+    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    summary = lines[-1].strip("= ") if lines else "no output"
+    return summary if done.returncode == 0 else f"FAILED (exit {done.returncode}): {summary}"
+
+
+def train_steps(spec, device: torch.device, precision: str, compiled: bool, args: argparse.Namespace) -> Row:
+    """`args.steps` Adam steps of the spec's recipe on random images; the first `args.warmup` untimed."""
+    torch.manual_seed(0)
+    model = flowspec.build(spec).to(device)
+    x = torch.randint(0, spec.data.levels, (args.batch, *spec.data.shape), device=device)
+    model.initialize(x)
+    model.set_autocast(autocast_dtype(precision))
+    if compiled:
+        model.compile_networks(**({"backend": "aot_eager"} if args.dry_run else {}))
+    model.train()
+    optimizer = build_optimizer(model.parameters(), spec.train)
+    clip = spec.train.clip_grad_norm or float("inf")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model.bpd(x).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps - args.warmup):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / (args.steps - args.warmup)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return Row(config_name(precision, compiled), args.batch, seconds, peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, 2 steps, no CUDA tests")
+    parser.add_argument("--spec", default=str(ROOT / "specs" / "flowpp_cifar.flow"))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=50, help="steps per configuration, warm-up included")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check")
+    parser.add_argument(
+        "--results", type=Path, help="file to append to (default bench/RESULTS.md; none in a dry run)"
+    )
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    started = time.monotonic()
+    overrides: tuple[str, ...] = ()
+    if args.dry_run:
+        args.batch, args.steps, args.warmup, overrides = 4, 2, 1, DRY_RUN_SHRINK
+        torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); try --dry-run")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    results = args.results or (None if args.dry_run else RESULTS)
+
+    tests = "skipped (--skip-tests)"
+    if not args.skip_tests:
+        tests = run_tests(args, seconds=0.4 * args.budget)
+    print(f"cuda tests: {tests}", flush=True)
+
+    spec = flowspec.load_spec(args.spec, overrides=overrides)
+    train_gflop = 3 * forward_gflop_per_image(args.spec, overrides)
+    peak, peak_source = bf16_peak(device)
+    rows: list[Row] = []
+    for precision, compiled in CONFIGS:
+        left = args.budget - (time.monotonic() - started)
+        # a compiled configuration needs minutes of compiling; an eager one about a minute on a GPU
+        needed = 0 if args.dry_run else (150 if compiled else 45)
+        if left < needed:
+            note = f"skipped: {left:.0f} s left of the budget"
+            rows.append(Row(config_name(precision, compiled), args.batch, note=note))
+            continue
+        tick = time.monotonic()
+        try:
+            row = train_steps(spec, device, precision, compiled, args)
+        except Exception as error:  # a failing configuration must not hide the others' rows
+            row = Row(config_name(precision, compiled), args.batch, note=f"failed: {error!r}"[:300])
+        except KeyboardInterrupt:  # gpu_check.sh's hard time limit (SIGINT): keep what was measured
+            rows.append(Row(config_name(precision, compiled), args.batch, note="stopped by the time limit"))
+            break
+        row.note = row.note or f"{time.monotonic() - tick:.0f} s in all (compile and warm-up included)"
+        rows.append(row)
+        print(format_row(row, train_gflop, peak), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    report = render(args, spec, device, tests, rows, train_gflop, peak, peak_source)
+    print(report)
+    for path in [results, Path(os.environ["OUT"]) / "gpu_check.md" if os.environ.get("OUT") else None]:
+        if path is not None:
+            with path.open("a") as f:
+                f.write(report)
+            print(f"appended to {path}")
+    if tests.startswith(("FAILED", "timed out")) or any(r.note.startswith("failed") for r in rows):
+        sys.exit(1)
+
+
+def format_row(row: Row, train_gflop: float, peak: float) -> str:
+    """A markdown table row: configuration, batch, s/step, img/s, peak memory, fraction of the bf16 peak."""
+    img_s = row.img_s()
+    cells = [
+        row.config,
+        str(row.batch),
+        f"{row.seconds:.3f}" if row.seconds else "-",
+        f"{img_s:.1f}" if img_s else "-",
+        f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-",
+        f"{img_s * train_gflop / peak:.1%}" if img_s else "-",
+        row.note,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(args, spec, device, tests, rows, train_gflop, peak, peak_source) -> str:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
+    cuda = f" · CUDA {torch.version.cuda}" if device.type == "cuda" else ""
+    lines = [
+        f"\n### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `bench/gpu_check.sh"
+        f"{' --dry-run' if args.dry_run else ''}` (GPU check)\n",
+        f"device: {where} · torch {torch.__version__}{cuda} · {spec.name}, {train_gflop:.3g} GFLOP per "
+        f"trained image (forward + backward ~ 3x forward) · bf16 peak {peak_source}\n",
+        f"cuda tests: {tests}\n",
+        f"{args.steps} steps per configuration at batch {args.batch}, the first {args.warmup} untimed; "
+        f"random images\n",
+        "| configuration | batch | s / step | img/s | peak memory (GB) | of the bf16 peak | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        *(format_row(row, train_gflop, peak) for row in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""On a CUDA device (skipped without one; `bench/gpu_check.sh` runs them): the CUDA forward equals the CPU
+forward, bf16 bits/dim match float32, sampling decodes, torch.compile (inductor) gives the eager result,
+and a torchrun job trains and resumes."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from model_helpers import perturb
+from train_helpers import write_flow
+
+import flowspec
+from flowspec.layers.base import standard_normal_log_prob
+from flowspec.train.checkpoint import load_checkpoint
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    """float32 means float32 here: no TF32 in cuDNN convolutions or matmuls."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _model_and_images(n: int = 8):
+    """A shrunk Flow++ (attention, variational dequantizer) at 3 x 8 x 8, initialised and perturbed."""
+    torch.manual_seed(0)
+    spec = flowspec.load_spec(
+        ROOT / "specs" / "flowpp_cifar.flow",
+        overrides=(
+            "data.shape=3x8x8",
+            "defaults.coupling.filters=16",
+            "defaults.coupling.blocks=2",
+            "defaults.coupling.components=4",
+            "defaults.coupling.dropout=0",
+            "dequantize.context.filters=8",
+        ),
+    )
+    images = torch.randint(0, 256, (n, *spec.data.shape))
+    model = flowspec.build(spec)
+    model.initialize(images)
+    perturb(model, 0.01)
+    return model.eval(), images
+
+
+def _parts(model, images, eps):
+    """log N(z), the flow's log-det and log q for fixed dequantization noise."""
+    with torch.no_grad():
+        x = images.to(model.device).float()
+        u, log_q = model.dequantizer.noise(eps.to(model.device), x)
+        z, logdet = model.encode(x + u)
+    return torch.stack([standard_normal_log_prob(z), logdet, log_q]).cpu()
+
+
+def test_cuda_forward_equals_cpu_forward():
+    model, images = _model_and_images()
+    eps = torch.randn(images.shape)
+    cpu = _parts(model, images, eps)
+    cuda = _parts(copy.deepcopy(model).cuda(), images, eps)
+    assert torch.allclose(cuda, cpu, rtol=1e-4, atol=1e-3), (cuda - cpu).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_sampling_decodes_on_cuda(dtype):
+    model, images = _model_and_images()
+    model.cuda().set_autocast(dtype)
+    with torch.no_grad():
+        v = images.cuda().float() + torch.rand(images.shape, device="cuda")
+        z, _ = model.encode(v)
+        assert (model.decode(z) - v).abs().max() < 1e-3
+    samples = model.sample(8, temperature=0.8)
+    assert samples.device.type == "cuda" and samples.dtype == torch.uint8 and samples.shape == images.shape
+
+
+def test_compiled_networks_give_the_eager_result_on_cuda():
+    """inductor (Triton kernels) against eager: log_prob in eval mode and a training step's gradients."""
+    eager, images = _model_and_images()
+    eager.cuda()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_networks()
+    x = images.cuda()
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            lp = model.eval().log_prob(x)
+        model.train()
+        torch.manual_seed(0)
+        (-model.log_prob(x).mean()).backward()
+        results.append((lp, [p.grad for p in model.parameters()]))
+    (lp_e, grads_e), (lp_c, grads_c) = results
+    assert torch.allclose(lp_c, lp_e, rtol=1e-4)
+    names = [name for name, _ in eager.named_parameters()]
+    for name, g_e, g_c in zip(names, grads_e, grads_c, strict=True):
+        assert torch.allclose(g_c, g_e, rtol=1e-2, atol=1e-4), name
+
+
+def test_torchrun_job_on_cuda_trains_and_resumes(tmp_path):
+    """One process under torchrun on the GPU (precision auto: bf16 on GPUs that have it), then resumed."""
+    flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    train = ["-m", "flowspec", "train", "--device", "cuda", "--precision", "auto", "--max-steps"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for steps, extra in ((2, [str(flow), "--out", str(out)]), (4, ["--resume", str(out)])):
+        command = [*launch, *train, str(steps), *extra]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "device cuda:0" in done.stdout and "precision " in done.stdout
+        assert load_checkpoint(out)["step"] == steps
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2

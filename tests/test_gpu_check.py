@@ -1,0 +1,35 @@
+"""The GPU check's dry run: bench/gpu_check.sh runs its CPU-side logic on the CPU (tiny model, 2 steps)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_trains_every_configuration_and_appends_its_rows(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DRY_RUN="1", OMP_NUM_THREADS="1")
+    env.pop("OUT", None)
+    command = ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--skip-tests", "--results", str(results)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = results.read_text()
+    assert "`bench/gpu_check.sh --dry-run` (GPU check)" in text and "bf16 peak measured" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and " | 4 | " in line]
+    assert [r[0] for r in rows] == ["| fp32", "| bf16", "| bf16 + compile"]
+    assert all(float(r[3]) > 0 and r[5].endswith("%") for r in rows), rows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_check_refuses_to_run_without_cuda_unless_dry():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--skip-tests"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and "no CUDA device here" in done.stderr and "--dry-run" in done.stderr
