@@ -191,7 +191,7 @@ def bomb(
 def test_repeats_that_multiply_to_a_billion_steps_are_refused_before_building(tmp_path, capsys):
     path = bomb(tmp_path, steps="repeat 1000 { repeat 1000 { repeat 1000 { flip } } }")
     assert run(["diff", str(path)]) == 2
-    assert run(["inspect", str(path), "--allow-large"]) == 2
+    assert run(["inspect", str(path), "--probe", "--allow-large"]) == 2
     err = capsys.readouterr().err
     assert err.count("the spec unrolls to") == 2
     assert err.startswith(
@@ -221,7 +221,7 @@ def test_a_model_larger_than_the_machine_is_refused_before_allocating(
 ):
     path = bomb(tmp_path, data, coupling)
     for command in (
-        ["inspect", str(path)],
+        ["inspect", str(path), "--probe"],
         ["train", str(path), "--out", str(tmp_path / "r")],
     ):
         assert run(command) == 2
