@@ -57,9 +57,12 @@ def inspect(
 
     import flowspec
     from flowspec.inspection import inspect_model, render
-    from flowspec.inspection.budget import check_size
+    from flowspec.inspection.budget import check_size, check_steps
 
-    check_size(resolved, "build", allow_large=allow_large, images=batch if probe else 0)
+    if probe:  # the probe allocates the weights and a batch; without it, nothing is allocated
+        check_size(resolved, "build", allow_large=allow_large, images=batch)
+    else:
+        check_steps(resolved)
     torch.manual_seed(resolved.train.seed)
     model = flowspec.build(resolved, None if probe else "meta")  # meta: counting needs no weights
     report = inspect_model(model, resolved, target_params)
@@ -82,7 +85,6 @@ def diff(
         typer.Argument(metavar="[B]", help="The spec to compare (default: A, with --set applied)."),
     ] = None,
     sets: SetOption = None,
-    allow_large: AllowLargeOption = False,
 ) -> None:
     """Show the settings that differ between two resolved specs (--set applies to B) and parameter deltas."""
     a = load_cli_spec(spec_a, None)
@@ -90,10 +92,10 @@ def diff(
     from rich.console import Console
 
     from flowspec.inspection import inspect_spec
-    from flowspec.inspection.budget import check_size
+    from flowspec.inspection.budget import check_steps
 
-    for spec in (a, b):
-        check_size(spec, "build", allow_large=allow_large)
+    for spec in (a, b):  # both are built on the meta device: only their step count matters
+        check_steps(spec)
     from flowspec.inspection.diff import render_diff
 
     Console().print(render_diff(a, b, inspect_spec(a, measure=False), inspect_spec(b, measure=False)))
