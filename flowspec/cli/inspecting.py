@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from flowspec.cli.app import app
-from flowspec.cli.options import SetOption, load_cli_spec
+from flowspec.cli.options import SetOption, ThreadsOption, load_cli_spec
 from flowspec.errors import UserError
 
 
@@ -47,10 +47,12 @@ def inspect(
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
     sets: SetOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
-    if data is not None and not probe:
-        raise UserError("--data is only used with --probe: add --probe, or drop --data")
+    for name, value in (("--data", data), ("--threads", threads)):
+        if value is not None and not probe:
+            raise UserError(f"{name} is only used with --probe: add --probe, or drop {name}")
     resolved = load_cli_spec(spec, sets)
     import torch
 
@@ -62,6 +64,9 @@ def inspect(
     report = inspect_model(model, resolved, target_params)
     if probe:
         from flowspec.inspection.probe import probe_images, run_probe
+        from flowspec.threads import set_threads
+
+        set_threads(report.total, threads)
 
         images, source = probe_images(resolved, batch, data)
         run_probe(model, resolved, report, images, source)

@@ -19,6 +19,16 @@ SetOption = Annotated[
     ),
 ]
 
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        metavar="N",
+        help="Intra-op CPU threads (default: 1 for small models or a busy CPU, else the idle cores).",
+    ),
+]
+
 
 def load_cli_spec(path: Path, sets: list[str] | None) -> FlowSpec:
     """Load, resolve and validate a spec file with the command line's overrides (raises `SpecError`)."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flowspec.cli.app import app
-from flowspec.cli.options import SetOption, load_cli_spec
+from flowspec.cli.options import SetOption, ThreadsOption, load_cli_spec
 from flowspec.errors import UserError
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def train(
         str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
     from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
@@ -121,6 +122,7 @@ def train(
         max_time=parse_duration(max_time) if max_time else None,
         quiet=quiet,
         resume=resume is not None,
+        threads=threads,
     )
     try:
         result = run_training(resolved, options)
@@ -158,11 +160,15 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     return changed
 
 
-def _load_for_inference(target: Path, device: Device | None, sets: list[str] | None = None):
-    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights."""
+def _load_for_inference(
+    target: Path, device: Device | None, sets: list[str] | None = None, threads: int | None = None
+):
+    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights;
+    torch's thread count chosen for it (printed on stderr)."""
     import torch
 
     import flowspec
+    from flowspec.threads import set_threads
     from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve
 
     path = resolve(target)
@@ -176,6 +182,8 @@ def _load_for_inference(target: Path, device: Device | None, sets: list[str] | N
         model.load_state_dict(ema_weights(payload))
     except RuntimeError as error:
         raise UserError(f"checkpoint {path} does not fit the model its spec builds: {error}") from None
+    choice = set_threads(sum(p.numel() for p in model.parameters() if p.requires_grad), threads)
+    print(f"{spec.name}, step {payload['step']}, device {where}, {choice}", file=sys.stderr)
     return model.to(where).eval(), spec, payload, path, where
 
 
@@ -199,6 +207,7 @@ def evaluate(
     ] = None,
     device: DeviceOption = None,
     sets: SetOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
     import torch
@@ -209,7 +218,7 @@ def evaluate(
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
 
-    model, spec, payload, path, where = _load_for_inference(target, device, sets)
+    model, spec, payload, path, where = _load_for_inference(target, device, sets, threads)
     images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
     images = images[:limit] if limit else images
     torch.manual_seed(seed)
@@ -254,11 +263,12 @@ def sample(
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     device: DeviceOption = None,
     sets: SetOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
     from flowspec.train.sampling import save_grid
 
-    model, spec, payload, _, _ = _load_for_inference(target, device, sets)
+    model, spec, payload, _, _ = _load_for_inference(target, device, sets, threads)
     save_grid(model, n, temperature, output, spec.data.levels, seed)
     print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {output}")
 
@@ -280,6 +290,7 @@ def ablate(
     seed: Annotated[int, typer.Option("--seed", help="The seed every spec trains with.")] = 0,
     device: DeviceOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from rich.console import Console
@@ -298,6 +309,7 @@ def ablate(
         max_steps=steps,
         max_time=parse_duration(budget) if budget else None,
         quiet=quiet,
+        threads=threads,
     )
     results = run_ablation(resolved, options, out, seed)
     table = Table(title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})")

@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import flowspec
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec, Interval
+from flowspec.threads import set_threads
 from flowspec.train import rng
 from flowspec.train.batches import BatchStream
 from flowspec.train.checkpoint import (
@@ -63,6 +64,7 @@ class RunOptions:
     quiet: bool = False
     resume: bool = False  # continue the run in `out` from its last checkpoint
     eval_batch: int | None = None  # default: the spec's batch
+    threads: int | None = None  # intra-op CPU threads; None: chosen by model size and CPU load
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops
     handle_signals: bool = True
 
@@ -128,6 +130,7 @@ class Trainer:
         rng.seed_all(self.t.seed + self.dist.rank)
         self.model = flowspec.build(spec).to(self.device)
         self.parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.threads = set_threads(self.parameters, options.threads)
         if payload is not None:
             self.model.load_state_dict(payload["model"])
         else:
@@ -219,6 +222,7 @@ class Trainer:
         reporter.message(
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.data_source} "
             f"({len(self.train_images)} train / {len(self.test_images)} test images), device {self.device}, "
+            f"{self.threads}, "
             f"{self.dist.world} process(es); run folder {self.run_dir}"
         )
         try:
