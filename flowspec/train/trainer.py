@@ -40,7 +40,15 @@ from flowspec.train.checkpoint import (
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.distributed import broadcast_module, setup
 from flowspec.train.evaluate import inversion_error, single_sample_bpd
-from flowspec.train.metrics import CURVES, append_metrics, plot_curves, read_metrics, truncate_metrics
+from flowspec.train.metrics import (
+    CURVES,
+    TrainLog,
+    append_metrics,
+    is_eval,
+    plot_curves,
+    read_metrics,
+    truncate_metrics,
+)
 from flowspec.train.progress import Reporter
 from flowspec.train.sampling import save_grid
 from flowspec.train.schedule import build_optimizer, build_scheduler
@@ -218,6 +226,7 @@ class Trainer:
         previous = self._install_signals() if self.options.handle_signals else {}
         started = time.monotonic()
         stopped = self._limit_reached()
+        train_log = TrainLog(self.run_dir)
         verb = "resuming" if self.options.resume else "training"
         reporter.message(
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.data_source} "
@@ -229,6 +238,9 @@ class Trainer:
             while stopped is None:
                 x = next(self.stream)
                 self._train_step(x)
+                if self.dist.main:
+                    lr = self.scheduler.get_last_lr()[0]
+                    train_log.add(self.step, self._window.last_bpd, lr, self.stream.epochs_done, self.skipped)
                 reporter.step(self.step, self._window.last_bpd, self._window.img_s())
                 signalled, time_up = self._agree(time.monotonic() - started)
                 stopped = self._limit_reached(time_up)
@@ -246,7 +258,7 @@ class Trainer:
                 signal.signal(signum, handler)
             reporter.close()
         history = read_metrics(self.run_dir) if self.dist.main else []
-        test = history[-1]["test_bpd"] if history else None
+        test = next((r["test_bpd"] for r in reversed(history) if is_eval(r)), None)
         return RunResult(
             self.run_dir,
             self.step,

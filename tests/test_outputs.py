@@ -1,0 +1,76 @@
+"""What a run leaves to look at: the training curves and the sample grids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flowspec.train.metrics import TrainLog, curves_figure, plot_curves, read_metrics, smooth
+
+
+def synthetic_run(run_dir, steps=200, every=10, eval_every=100):
+    """metrics.jsonl as a 200-step run writes it: train rows after step 1 and every 10, evals every 100."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = TrainLog(run_dir, every)
+    lines = []
+    for step in range(1, steps + 1):
+        lr = 1e-3 * min(1.0, step / 20)
+        if (row := log.add(step, 5.0 - step / 100, lr, step / 50, 0)) is not None:
+            lines.append(row)
+        if step % eval_every == 0:
+            row = {"step": step, "epoch": step / 50, "train_bpd": 4.0, "test_bpd": 4.5 - step / 400, "lr": lr}
+            (run_dir / "metrics.jsonl").open("a").write(json.dumps(row) + "\n")
+    return read_metrics(run_dir)
+
+
+def test_train_log_writes_the_mean_of_the_finite_steps_since_its_last_row(tmp_path):
+    log = TrainLog(tmp_path, every=4)
+    assert log.add(1, 3.0, 1e-3, 0.1, 0)["train_bpd"] == 3.0  # the first step has its row
+    assert log.add(2, 2.0, 1e-3, 0.2, 0) is None
+    assert log.add(3, 9.0, 1e-3, 0.3, 1) is None  # a skipped step: its stale loss is not counted
+    row = log.add(4, 4.0, 5e-4, 0.4, 1)
+    assert row == {"kind": "train", "step": 4, "epoch": 0.4, "train_bpd": 3.0, "lr": 5e-4}
+    assert read_metrics(tmp_path) == [
+        {"kind": "train", "step": 1, "epoch": 0.1, "train_bpd": 3.0, "lr": 1e-3},
+        row,
+    ]
+
+
+def test_curves_show_the_training_curve_from_the_start_with_tests_on_top_and_lr_below(tmp_path):
+    rows = synthetic_run(tmp_path)
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    assert len(train_rows) == 21  # step 1, then 10, 20, ..., 200
+    fig = curves_figure({"tiny": rows})
+    bits, lr = fig.axes
+    lines = {line.get_gid(): line for line in bits.lines}
+    raw, smoothed, test = lines["tiny train raw"], lines["tiny train"], lines["tiny test"]
+    assert list(raw.get_xdata()) == [r["step"] for r in train_rows]
+    assert list(raw.get_ydata()) == pytest.approx([r["train_bpd"] for r in train_rows])
+    assert len(smoothed.get_xdata()) == len(train_rows)
+    assert raw.get_alpha() < 0.5 and smoothed.get_alpha() is None  # raw faint, smoothed solid
+    assert list(test.get_xdata()) == [100, 200] and test.get_zorder() > smoothed.get_zorder()
+    assert [t.get_text() for t in bits.get_legend().get_texts()] == ["train", "test"]
+    (lr_line,) = lr.lines
+    assert len(lr_line.get_xdata()) == len(rows) and max(lr_line.get_ydata()) == pytest.approx(1e-3)
+    assert lr.get_ylabel() == "learning rate" and lr.get_xlabel() == "step"
+    plot_curves({"tiny": rows}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_curves_of_older_runs_without_train_rows_use_the_evaluations(tmp_path):
+    rows = [
+        {"step": s, "train_bpd": 5.0 - s / 100, "test_bpd": 5.1 - s / 100, "lr": 1e-3} for s in (100, 200)
+    ]
+    fig = curves_figure({"a": rows, "b": rows})
+    assert {line.get_gid() for line in fig.axes[0].lines} >= {"a train", "b train", "a test", "b test"}
+    assert "a train" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_smoothing_keeps_a_straight_trend_and_its_ends_and_removes_noise():
+    line = [5.0 - 0.01 * i for i in range(100)]
+    assert smooth(line) == pytest.approx(line)
+    noisy = [v + (0.3 if i % 2 else -0.3) for i, v in enumerate(line)]
+    smoothed = smooth(noisy)
+    assert (smoothed[0], smoothed[-1]) == pytest.approx((noisy[0], noisy[-1]))
+    assert max(abs(a - b) for a, b in zip(smoothed[5:-5], line[5:-5], strict=True)) < 0.05
