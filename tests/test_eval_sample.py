@@ -83,7 +83,7 @@ def test_sample_grid_uses_the_seed(run_dir, tmp_path, capsys):
         argv = ["sample", str(run_dir), "-n", "16", "--temperature", "0.9", "-o", str(path), "--seed", "3"]
         assert run([*argv, "--device", "cpu"]) == 0
     assert "wrote 16 samples of tiny (step 4, T=0.9)" in capsys.readouterr().out
-    assert Image.open(a).size == (4 * 9 + 1, 4 * 9 + 1)  # 4 x 4 grid of 8 x 8 images, 1-pixel padding
+    assert Image.open(a).size == (4 * 66 + 2, 4 * 66 + 2)  # 4 x 4 grid of 8 x 8 images enlarged 8 times
     assert a.read_bytes() == b.read_bytes()
 
 

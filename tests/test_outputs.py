@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from flowspec.train.metrics import TrainLog, curves_figure, plot_curves, read_metrics, smooth
+from flowspec.train.sampling import grid_image, grid_name, save_grid
 
 
 def synthetic_run(run_dir, steps=200, every=10, eval_every=100):
@@ -74,3 +77,41 @@ def test_smoothing_keeps_a_straight_trend_and_its_ends_and_removes_noise():
     smoothed = smooth(noisy)
     assert (smoothed[0], smoothed[-1]) == pytest.approx((noisy[0], noisy[-1]))
     assert max(abs(a - b) for a, b in zip(smoothed[5:-5], line[5:-5], strict=True)) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "scale"), [(64, 8, 4), (64, 32, 1), (16, 8, 8), (2, 8, 16), (3, 8, 16)]
+)
+def test_grids_are_enlarged_by_a_whole_factor_to_at_least_256_pixels(n, size, scale):
+    images = torch.randint(0, 17, (n, 1, size, size))
+    grid = grid_image(images, levels=17)
+    nrow = math.ceil(math.sqrt(n))
+    columns, rows = min(nrow, n), math.ceil(n / nrow)
+    assert grid.shape[-1] == columns * (size * scale + 2) + 2 >= 256
+    assert grid.shape[-2] == rows * (size * scale + 2) + 2
+    first = grid[0, 2 : 2 + size * scale, 2 : 2 + size * scale]  # nearest neighbour: blocks of one value
+    expected = images[0, 0].float().repeat_interleave(scale, 0).repeat_interleave(scale, 1) / 16
+    assert torch.equal(first, expected)
+    if scale > 1:  # the smallest such factor
+        assert columns * (size * (scale - 1) + 2) + 2 < 256
+
+
+def test_grid_names_carry_step_and_temperature():
+    assert grid_name(400, 0.8) == "step0000400_t0.8.png"
+    assert grid_name(12, 1.0) == "step0000012_t1.0.png"
+
+
+def test_saved_grid_has_the_enlarged_size(tmp_path):
+    class Sampler(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def sample(self, n, temperature, generator=None):
+            return torch.randint(0, 17, (n, 1, 8, 8), generator=generator)
+
+    path = save_grid(Sampler(), 64, 0.8, tmp_path / "samples" / grid_name(400, 0.8), levels=17, seed=0)
+    from PIL import Image
+
+    assert path.name == "step0000400_t0.8.png"
+    assert Image.open(path).size == (8 * (32 + 2) + 2, 8 * (32 + 2) + 2)

@@ -257,20 +257,26 @@ def sample(
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", min=0.0, help="Prior temperature.")
     ] = 1.0,
-    output: Annotated[Path, typer.Option("-o", "--output", help="The image grid (.png).")] = Path(
-        "samples.png"
-    ),
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", metavar="FILE", help="The image grid (.png); default samples_stepN_tT.png here."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the samples (default: a fresh draw).")
+    ] = None,
     device: DeviceOption = None,
     sets: SetOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
-    from flowspec.train.sampling import save_grid
+    from flowspec.train.sampling import grid_name, save_grid
 
     model, spec, payload, _, _ = _load_for_inference(target, device, sets, threads)
-    save_grid(model, n, temperature, output, spec.data.levels, seed)
-    print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {output}")
+    out = out or Path(f"samples_{grid_name(payload['step'], temperature)}")
+    save_grid(model, n, temperature, out, spec.data.levels, seed)
+    print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {out}")
 
 
 @app.command()

@@ -50,7 +50,7 @@ from flowspec.train.metrics import (
     truncate_metrics,
 )
 from flowspec.train.progress import Reporter
-from flowspec.train.sampling import save_grid
+from flowspec.train.sampling import grid_name, save_grid
 from flowspec.train.schedule import build_optimizer, build_scheduler
 
 SAMPLE_TEMPERATURES = (1.0, 0.8)
@@ -353,7 +353,7 @@ class Trainer:
             if self.dist.main:
                 inverse = inversion_error(self.eval_model, self.test_images[:INVERSION_IMAGES], self.device)
                 for temperature in SAMPLE_TEMPERATURES:
-                    path = self.run_dir / "samples" / f"step{self.step:07d}_t{temperature}.png"
+                    path = self.run_dir / "samples" / grid_name(self.step, temperature)
                     save_grid(
                         self.eval_model,
                         SAMPLES_PER_GRID,
