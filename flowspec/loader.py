@@ -21,7 +21,7 @@ from flowspec.resolve import OVERRIDE_FILE, apply_defaults, apply_overrides, mer
 from flowspec.shapes import ShapeError
 from flowspec.spec import FlowSpec, SourceLoc
 
-__all__ = ["SpecError", "load_spec", "parse_spec"]
+__all__ = ["SpecError", "load_spec", "parse_spec", "setting_sources"]
 
 
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> FlowSpec:
@@ -39,6 +39,28 @@ def parse_spec(text: str, source: str = "<string>", overrides: Sequence[str] = (
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())
     return _finish(doc, overrides, texts, source=None)
+
+
+def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, SourceLoc]:
+    """Where each setting of the spec at `path` was written, by dotted path (`train.lr`, `flow.0.mask`):
+    in the file, in an extended file, in `defaults` (a step's inherited settings) or in a `--set` option.
+    Settings left at their built-in defaults are absent. For a spec that `load_spec` accepts."""
+    doc = apply_defaults(apply_overrides(_load(Path(path), {}, chain=(), at=None), overrides))
+    found: dict[str, SourceLoc] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        items = (
+            node.items() if isinstance(node, RawDict) else enumerate(node) if isinstance(node, list) else ()
+        )
+        for key, value in items:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            loc = node.locs.get(key) if isinstance(node, RawDict) else getattr(value, "loc", None)
+            if loc is not None:
+                found[path] = loc
+            walk(value, path)
+
+    walk(doc, "")
+    return found
 
 
 # ---------------------------------------------------------------- files and extends

@@ -92,5 +92,8 @@ def diff(
 
     from flowspec.inspection import inspect_spec
     from flowspec.inspection.diff import render_diff
+    from flowspec.loader import setting_sources
 
-    Console().print(render_diff(a, b, inspect_spec(a, measure=False), inspect_spec(b, measure=False)))
+    reports = inspect_spec(a, measure=False), inspect_spec(b, measure=False)
+    sources = setting_sources(spec_a), setting_sources(spec_b or spec_a, tuple(sets or ()))
+    Console().print(render_diff(a, b, *reports, *sources))
