@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from flowspec.cli.app import app
+from flowspec.cli.examples import epilog
 from flowspec.cli.options import SetOption, ThreadsOption, load_cli_spec
 from flowspec.errors import UserError
 
@@ -21,7 +22,7 @@ class InspectFormat(str, Enum):
     mermaid = "mermaid"
 
 
-@app.command()
+@app.command(epilog=epilog("inspect"))
 def inspect(
     spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Spec file to inspect.")],
     format: Annotated[
@@ -76,7 +77,7 @@ def inspect(
         typer.echo(render.RENDERERS[format.value](report, depth), nl=False)
 
 
-@app.command()
+@app.command(epilog=epilog("diff"))
 def diff(
     spec_a: Annotated[Path, typer.Argument(metavar="A", help="The reference spec.")],
     spec_b: Annotated[

@@ -14,16 +14,19 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flowspec.cli.app import app
-from flowspec.cli.options import SetOption, ThreadsOption, load_cli_spec
+from flowspec.cli.examples import epilog
+from flowspec.cli.options import (
+    Device,
+    DeviceOption,
+    SetOption,
+    StoredSetOption,
+    ThreadsOption,
+    load_cli_spec,
+)
 from flowspec.errors import UserError
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Precision(str, Enum):
@@ -42,9 +45,6 @@ DataOption = Annotated[
         "--data", metavar="DIR", help="A torchvision cifar-10-batches-py folder or a folder of .npz shards."
     ),
 ]
-DeviceOption = Annotated[
-    Device | None, typer.Option("--device", help="Default: cuda when available, else cpu.")
-]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -61,14 +61,18 @@ def _device(device: Device | None) -> str | None:
     return device.value if device else None
 
 
-@app.command()
+@app.command(epilog=epilog("train"))
 def train(
     spec: Annotated[
-        Path | None, typer.Argument(help="The .flow spec (optional with --resume: the run's stored spec).")
+        Path | None,
+        typer.Argument(
+            metavar="[SPEC]", help="The .flow spec (optional with --resume: the run's stored spec)."
+        ),
     ] = None,
     data: DataOption = None,
     out: Annotated[
-        Path | None, typer.Option("--out", metavar="RUN_DIR", help="Run folder; default runs/<model>-<time>.")
+        Path | None,
+        typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder; default runs/<model>-<time>."),
     ] = None,
     sets: SetOption = None,
     device: DeviceOption = None,
@@ -187,7 +191,7 @@ def _load_for_inference(
     return model.to(where).eval(), spec, payload, path, where
 
 
-@app.command("eval")
+@app.command("eval", epilog=epilog("eval"))
 def evaluate(
     target: Annotated[
         Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
@@ -196,17 +200,23 @@ def evaluate(
     iw: Annotated[
         int, typer.Option("--iw", min=1, help="Importance samples K per image (1: single-sample only).")
     ] = 1,
-    split: Annotated[Split, typer.Option("--split")] = Split.test,
+    split: Annotated[Split, typer.Option("--split", help="The data split to evaluate.")] = Split.test,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise.")] = 0,
     out: Annotated[
-        Path | None, typer.Option("--out", help="JSON file; default beside the checkpoint.")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FILE",
+            help="JSON file; default eval_<split>[_iwK].json beside the checkpoint.",
+        ),
     ] = None,
     device: DeviceOption = None,
-    sets: SetOption = None,
+    sets: StoredSetOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
@@ -248,12 +258,12 @@ def evaluate(
     print(f"wrote {out}")
 
 
-@app.command()
+@app.command(epilog=epilog("sample"))
 def sample(
     target: Annotated[
         Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
     ],
-    n: Annotated[int, typer.Option("-n", min=1, help="Number of images.")] = 64,
+    n: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 64,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", min=0.0, help="Prior temperature.")
     ] = 1.0,
@@ -267,7 +277,7 @@ def sample(
         int | None, typer.Option("--seed", help="Seed of the samples (default: a fresh draw).")
     ] = None,
     device: DeviceOption = None,
-    sets: SetOption = None,
+    sets: StoredSetOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
@@ -279,23 +289,25 @@ def sample(
     print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {out}")
 
 
-@app.command()
+@app.command(epilog=epilog("ablate"))
 def ablate(
-    specs: Annotated[list[Path], typer.Argument(help="The specs to compare.")],
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC...", help="The specs to compare.")],
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="Train each spec this many steps.")
     ] = None,
     budget: Annotated[
-        str | None, typer.Option("--budget", help="Or train each for this long: 90s, 20m, 2h.")
+        str | None,
+        typer.Option("--budget", metavar="DURATION", help="Or train each for this long: 90s, 20m, 2h."),
     ] = None,
     data: DataOption = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder of the runs; default runs/ablate-<time>.")
+        Path | None,
+        typer.Option("--out", "-o", metavar="DIR", help="Folder of the runs; default runs/ablate-<time>."),
     ] = None,
     sets: SetOption = None,
     seed: Annotated[int, typer.Option("--seed", help="The seed every spec trains with.")] = 0,
     device: DeviceOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output, only the table.")] = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
