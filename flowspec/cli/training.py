@@ -314,7 +314,7 @@ def ablate(
     from rich.console import Console
     from rich.table import Table
 
-    from flowspec.train.ablate import COLUMNS, row_values, run_ablation
+    from flowspec.train.ablate import COLUMNS, fmt_rate, row_values, run_ablation
     from flowspec.train.trainer import RunOptions
 
     if (steps is None) == (budget is None):
@@ -334,8 +334,12 @@ def ablate(
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "spec" else "right")
     for result in results:
-        name, params, test, best, step, img_s = row_values(result, result.run_dir.name)
+        name, params, test, best, step, img_s = row_values(result)
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-        table.add_row(name, f"{params:,}", fmt(test), fmt(best), str(step), f"{img_s:.0f}")
+        table.add_row(name, f"{params:,}", fmt(test), fmt(best), str(step), fmt_rate(img_s))
     Console().print(table)
     print(f"runs and curves in {out}")
+    stopped = results[-1].stopped
+    if stopped in ("SIGINT", "SIGTERM"):
+        print(f"{stopped}: stopped after {len(results)} of {len(resolved)} specs", file=sys.stderr)
+        raise typer.Exit(128 + int(signal.Signals[stopped]))

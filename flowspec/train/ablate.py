@@ -24,11 +24,21 @@ def run_ablation(specs: list[FlowSpec], options: RunOptions, out: Path, seed: in
     results = []
     for spec, folder in zip(specs, folders, strict=True):
         results.append(train(with_seed(spec, seed), replace(options, out=out / folder)))
-    rows = [dict(zip(COLUMNS, row_values(r, f), strict=True)) for r, f in zip(results, folders, strict=True)]
+        if results[-1].stopped in ("SIGINT", "SIGTERM"):  # stop here: compare the runs done so far
+            break
+    rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in results]
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot_curves({f: r.history for r, f in zip(results, folders, strict=True)}, out / "curves.png", "ablation")
+    plot_curves({r.run_dir.name: r.history for r in results}, out / "curves.png", "ablation")
     return results
 
 
-def row_values(result: RunResult, name: str) -> tuple:
-    return (name, result.parameters, result.test_bpd, result.best_bpd, result.step, round(result.img_s, 1))
+def row_values(result: RunResult) -> tuple:
+    """A row of the comparison: the run's folder name, parameters, last and best test bits/dim, steps and
+    training images per second (3 significant digits: slow models train at a fraction of an image)."""
+    rate = float(f"{result.img_s:.3g}")
+    return (result.run_dir.name, result.parameters, result.test_bpd, result.best_bpd, result.step, rate)
+
+
+def fmt_rate(img_s: float) -> str:
+    """`1,234`, `45.6`, `0.312` img/s."""
+    return f"{img_s:,.0f}" if img_s >= 100 else f"{img_s:.3g}"

@@ -435,6 +435,7 @@ class _Window:
     def __init__(self) -> None:
         self.reset()
         self.total_images, self.total_seconds = 0, 0.0
+        self.first: tuple[int, float] | None = None
         self.last_bpd = float("nan")
 
     def reset(self) -> None:
@@ -450,7 +451,10 @@ class _Window:
 
     def timed(self, images: int, seconds: float) -> None:
         self.images, self.seconds = self.images + images, self.seconds + seconds
-        self.total_images, self.total_seconds = self.total_images + images, self.total_seconds + seconds
+        if self.first is None:  # the first step warms up (allocations, lazy init): not the run's rate
+            self.first = (images, seconds)
+        else:
+            self.total_images, self.total_seconds = self.total_images + images, self.total_seconds + seconds
 
     def means(self) -> tuple[float | None, float | None]:
         if not self.count:
@@ -461,7 +465,11 @@ class _Window:
         return self.images / self.seconds if self.seconds else 0.0
 
     def overall_img_s(self) -> float:
-        return self.total_images / self.total_seconds if self.total_seconds else 0.0
+        """Images per second of training steps, the first one left out unless it is the only one."""
+        images, seconds = (
+            (self.total_images, self.total_seconds) if self.total_seconds else self.first or (0, 0)
+        )
+        return images / seconds if seconds else 0.0
 
 
 def train(spec: FlowSpec, options: RunOptions, **data: ImageSet) -> RunResult:
