@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from flowspec.nodes import Node
 from flowspec.spec import CouplingSettings, FlowSpec, Interval, TrainSpec
+from flowspec.steps import KINDS, StepKind, kind_of
 
 WIDTH = 100
 INDENT = "  "
@@ -21,7 +23,8 @@ def format_spec(spec: FlowSpec) -> str:
     if spec.target_params is not None:
         out.append(f"target_params {spec.target_params}")
     out += ["", _data(spec), f"preprocess {spec.preprocess.kind}(alpha={_value(spec.preprocess.alpha)})", ""]
-    out += ["defaults {", f"{INDENT}{_coupling(defaults.coupling, CouplingSettings(), 'coupling', True)}"]
+    coupling = _head(KINDS["coupling"], defaults.coupling, CouplingSettings().model_dump(), always=True)
+    out += ["defaults {", f"{INDENT}{coupling}"]
     out += [f"{INDENT}norm {defaults.norm}", "}", ""]
     deq = spec.dequantize
     if deq.kind == "uniform":
@@ -66,40 +69,51 @@ def _data(spec: FlowSpec) -> str:
     return f"data {data.dataset} {{ {'  '.join(parts)} }}"
 
 
-def _coupling(settings: CouplingSettings, base: CouplingSettings, head: str, kind: bool) -> str:
-    """`coupling [KIND](key=value, ...)` with the settings that differ from `base`."""
-    if kind or settings.coupling != base.coupling:
-        head += f" {settings.coupling}"
-    args = [
-        f"{name}={_value(getattr(settings, name))}"
-        for name in CouplingSettings.model_fields
-        if name != "coupling" and getattr(settings, name) != getattr(base, name)
-    ]
-    return head + (f"({', '.join(args)})" if args else "")
+def _head(kind: StepKind, node: Node, base: dict[str, Any], always: bool = False) -> str:
+    """`NAME POSITIONAL... (key=value, ...)` with the settings of `node` that differ from `base` (and
+    from the built-in defaults); required settings always, positional ones too with `always`."""
+    fields = type(node).model_fields
+    head = [kind.name]
+    args = []
+    for name, field in fields.items():
+        if name in ("kind", "source", "body"):
+            continue
+        value = getattr(node, name)
+        if name in kind.positional:
+            if always or field.is_required() or value != base.get(name, field.default):
+                head.append(_value(value))
+        elif value != base.get(name, field.default):
+            args.append(f"{name}={_value(value)}")
+    return " ".join(head) + (f"({', '.join(args)})" if args else "")
+
+
+def _inherited(kind: StepKind, spec: FlowSpec) -> dict[str, Any]:
+    """The settings a step of `kind` takes from the `defaults` block (its entry named as the kind: a
+    settings node, or the value of the kind's first positional setting)."""
+    entry = getattr(spec.defaults, kind.name, None)
+    if isinstance(entry, Node):
+        return entry.model_dump()
+    return {} if entry is None else {kind.positional[0]: entry}
 
 
 def _step(step: Any, spec: FlowSpec) -> str:
     """One step on one line."""
-    if step.kind == "coupling":
-        return _coupling(step, spec.defaults.coupling, "coupling", False)
-    if step.kind == "norm":
-        return "norm" if step.granularity == spec.defaults.norm else f"norm {step.granularity}"
-    if step.kind in ("split", "repeat"):
-        head = f"split {step.mask}" if step.kind == "split" else f"repeat {step.count}"
-        return f"{head} {{ {'; '.join(_step(s, spec) for s in step.body)} }}"
-    return step.kind
+    kind = kind_of(step)
+    head = _head(kind, step, _inherited(kind, spec))
+    return f"{head} {{ {'; '.join(_step(s, spec) for s in step.body)} }}" if kind.body else head
 
 
 def _steps(steps: list[Any], spec: FlowSpec, depth: int) -> list[str]:
-    """Each step on a line of its own; a split or repeat on one line when it fits."""
+    """Each step on a line of its own; a step with a body on one line when it fits."""
     indent = INDENT * depth
     lines: list[str] = []
     for step in steps:
         line = _step(step, spec)
-        if step.kind not in ("split", "repeat") or len(indent + line) <= WIDTH:
+        kind = kind_of(step)
+        if not kind.body or len(indent + line) <= WIDTH:
             lines.append(indent + line)
             continue
-        head = f"split {step.mask}" if step.kind == "split" else f"repeat {step.count}"
+        head = _head(kind, step, _inherited(kind, spec))
         lines += [f"{indent}{head} {{", *_steps(step.body, spec, depth + 1), f"{indent}}}"]
     return lines
 

@@ -18,7 +18,7 @@ from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import Call, RawDict, Word
 from flowspec.parser import SECTION_NAMES, parse_document
 from flowspec.resolve import OVERRIDE_FILE, apply_defaults, apply_overrides, merge, model_of
-from flowspec.shapes import ShapeError
+from flowspec.shapes import shape_issues
 from flowspec.spec import FlowSpec, SourceLoc
 
 __all__ = ["SpecError", "load_spec", "parse_spec", "setting_sources"]
@@ -105,9 +105,9 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
         spec = FlowSpec.model_validate(_plain(doc))
     except ValidationError as error:
         diagnostics += _from_pydantic(error, doc)
-    except ShapeError as error:
+    else:
         where = doc.locs.get("flow") or doc.loc
-        diagnostics += [Diagnostic(issue.source or where, issue.message) for issue in error.issues]
+        diagnostics += [Diagnostic(issue.source or where, issue.message) for issue in shape_issues(spec)]
     if diagnostics:
         raise SpecError(diagnostics, texts)
     return spec

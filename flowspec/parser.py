@@ -11,7 +11,7 @@ import re
 from importlib import resources
 from typing import Any
 
-from lark import Lark, Token, v_args
+from lark import Lark, Token, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 from lark.lexer import PatternStr
 from lark.visitors import Transformer_NonRecursive
@@ -19,6 +19,7 @@ from lark.visitors import Transformer_NonRecursive
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import Call, RawDict, SettingError, Word, convert, interval
 from flowspec.spec import SourceLoc
+from flowspec.steps import KINDS
 
 MAX_SYNTAX_ERRORS = 10
 MAX_NESTING = 32  # split/repeat blocks inside each other
@@ -250,6 +251,31 @@ class _Builder(Transformer_NonRecursive):
 
     # steps --------------------------------------------------------------
 
+    def __default__(self, data, children, meta):
+        """A step: its rule is named as its kind (`flowspec.steps`); other rules keep their tree."""
+        kind = KINDS.get(str(data))
+        if kind is None:
+            return super().__default__(data, children, meta)
+        step = self._step(meta, kind.name)
+        count = len(kind.positional)
+        for name, value in zip(kind.positional, children[:count], strict=True):
+            if isinstance(value, Tree):  # a rule of literal alternatives: its word
+                value = value.children[0]
+            if isinstance(value, Token):
+                step.put(name, Word(value), self._loc(value))
+            elif value is not None:
+                step.put(name, value, step.loc)
+        rest = children[count:]
+        args = rest[0] if rest and isinstance(rest[0], RawDict) and "kind" not in rest[0] else None
+        for key, value in (args or {}).items():
+            if key in ("kind", "source"):
+                self._error(args.locs[key], f"unknown setting '{key}' of {kind.name}")
+                continue
+            step.put(key, value, args.locs[key])
+        if kind.body:
+            self._block(step, [c for c in rest if isinstance(c, RawDict) and "kind" in c])
+        return step
+
     def _step(self, meta, kind: str) -> RawDict:
         loc = self._loc(meta)
         step = RawDict(loc, kind=kind)
@@ -259,65 +285,14 @@ class _Builder(Transformer_NonRecursive):
     def _body(self, children) -> list:
         return [c for c in children if isinstance(c, RawDict)]
 
-    def _block(self, step: RawDict, children) -> RawDict:
+    def _block(self, step: RawDict, body: list[RawDict]) -> None:
         """Give a split or repeat its body, refusing absurd nesting (later stages recurse through it)."""
-        body = self._body(children)
         step.depth = 1 + max((getattr(s, "depth", 0) for s in body), default=0)
         if step.depth > MAX_NESTING:
             if not any(d.message.startswith("blocks nested") for d in self.diagnostics):
                 self._error(step.loc, f"blocks nested more than {MAX_NESTING} deep")
             body, step.depth = [], 1
         step.put("body", body, step.loc)
-        return step
-
-    def split(self, meta, children):
-        step = self._step(meta, "split")
-        step.put("mask", Word(children[0]), self._loc(children[0]))
-        return self._block(step, children[1:])
-
-    def repeat(self, meta, children):
-        step = self._step(meta, "repeat")
-        step.put("count", children[0], step.loc)
-        return self._block(step, children[1:])
-
-    def granularity(self, meta, children):
-        return children[0]
-
-    def coupling_kind(self, meta, children):
-        return children[0]
-
-    def norm(self, meta, children):
-        step = self._step(meta, "norm")
-        if children[0] is not None:
-            step.put("granularity", Word(children[0]), self._loc(children[0]))
-        return step
-
-    def coupling(self, meta, children):
-        step = self._step(meta, "coupling")
-        kind, args = children
-        if kind is not None:
-            step.put("coupling", Word(kind), self._loc(kind))
-        for key, value in (args or {}).items():
-            if key in ("kind", "source"):
-                self._error(args.locs[key], f"unknown setting '{key}' of coupling")
-                continue
-            step.put(key, value, args.locs[key])
-        return step
-
-    def pointwise(self, meta, children):
-        return self._step(meta, "pointwise")
-
-    def flip(self, meta, children):
-        return self._step(meta, "flip")
-
-    def sigmoid(self, meta, children):
-        return self._step(meta, "sigmoid")
-
-    def squeeze(self, meta, children):
-        return self._step(meta, "squeeze")
-
-    def factor_out(self, meta, children):
-        return self._step(meta, "factor_out")
 
     # sections -----------------------------------------------------------
 

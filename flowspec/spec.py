@@ -9,124 +9,16 @@ settings are, wherever they were written.
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-Mask = Literal["stripe", "checkerboard", "channel"]
-CouplingKind = Literal["mixlogistic", "affine", "additive"]
-NetworkKind = Literal["flowpp", "resnet"]
-NormGranularity = Literal["element", "channel"]
+from flowspec.nodes import Node, SourceLoc
+from flowspec.steps import Step
+from flowspec.steps.coupling import CouplingSettings
+from flowspec.steps.norm import NormGranularity
 
-
-class SourceLoc(BaseModel):
-    """Where a spec node was written: file, 1-based line and column."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    file: str
-    line: int
-    col: int
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}"
-
-
-class Node(BaseModel):
-    """Base of all spec nodes: frozen, strict about unknown fields, equal by value (not by source)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.model_dump() == other.model_dump()  # type: ignore[union-attr]
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class StepNode(Node):
-    source: SourceLoc | None = Field(default=None, exclude=True, repr=False)
-
-
-# ---------------------------------------------------------------- flow steps
-
-
-class CouplingSettings(Node):
-    """Settings of a coupling layer; the `defaults` block holds one of these, every coupling step too."""
-
-    coupling: CouplingKind = "mixlogistic"
-    components: int = Field(default=32, ge=1, le=1024, description="mixture components (mixlogistic)")
-    filters: int = Field(default=96, ge=1, le=4096)
-    blocks: int = Field(default=10, ge=1, le=256)
-    heads: int = Field(default=4, ge=1, le=256)
-    attention: bool = Field(default=True, description="self-attention; off: the gated-NIN ablation")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    network: NetworkKind = "flowpp"
-    resnet_norm: Literal["batch", "weight"] = "batch"
-
-    @model_validator(mode="after")
-    def _heads_divide_filters(self) -> CouplingSettings:
-        if self.network == "flowpp" and self.attention and self.filters % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide filters ({self.filters})")
-        return self
-
-
-class NormStep(StepNode):
-    kind: Literal["norm"] = "norm"
-    granularity: NormGranularity = "element"
-
-
-class PointwiseStep(StepNode):
-    kind: Literal["pointwise"] = "pointwise"
-
-
-class CouplingStep(StepNode, CouplingSettings):
-    kind: Literal["coupling"] = "coupling"
-
-
-class FlipStep(StepNode):
-    kind: Literal["flip"] = "flip"
-
-
-class SigmoidStep(StepNode):
-    kind: Literal["sigmoid"] = "sigmoid"
-
-
-class SqueezeStep(StepNode):
-    kind: Literal["squeeze"] = "squeeze"
-
-
-class FactorOutStep(StepNode):
-    kind: Literal["factor_out"] = "factor_out"
-
-
-class SplitStep(StepNode):
-    kind: Literal["split"] = "split"
-    mask: Mask
-    body: list[Step]
-
-
-class RepeatStep(StepNode):
-    kind: Literal["repeat"] = "repeat"
-    count: int = Field(ge=1, le=1000)
-    body: list[Step]
-
-
-Step = Annotated[
-    Union[
-        SplitStep,
-        RepeatStep,
-        NormStep,
-        PointwiseStep,
-        CouplingStep,
-        FlipStep,
-        SigmoidStep,
-        SqueezeStep,
-        FactorOutStep,
-    ],
-    Field(discriminator="kind"),
-]
-
-SplitStep.model_rebuild()
-RepeatStep.model_rebuild()
+__all__ = ["CouplingSettings", "FlowSpec", "SourceLoc", "Step"]
 
 
 # ---------------------------------------------------------------- sections
@@ -251,25 +143,7 @@ class FlowSpec(Node):
     target_params: int | None = Field(default=None, ge=0)
     source: str | None = Field(default=None, exclude=True, repr=False, description="path it was loaded from")
 
-    @model_validator(mode="after")
-    def _shapes(self) -> FlowSpec:
-        from flowspec.shapes import check_shapes
-
-        check_shapes(self)
-        return self
-
     @property
     def dims(self) -> int:
         c, h, w = self.data.shape
         return c * h * w
-
-
-def walk(steps: list[Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """All steps of a stack with their dotted paths (``flow.0.body.2``), depth first, repeats not unrolled."""
-    out: list[tuple[str, Any]] = []
-    for i, step in enumerate(steps):
-        path = f"{prefix}.{i}" if prefix else str(i)
-        out.append((path, step))
-        if isinstance(step, (SplitStep, RepeatStep)):
-            out.extend(walk(step.body, f"{path}.body"))
-    return out

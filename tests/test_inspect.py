@@ -21,7 +21,12 @@ from flowspec.inspection.memory import estimate_memory, measure_memory
 from flowspec.inspection.render import RENDERERS, fit_columns, fmt_flops, render_json, render_rich, to_json
 from flowspec.inspection.report import ProbeSummary
 from flowspec.inspection.tree import coupling_halves
-from flowspec.spec import CouplingStep, FlipStep, NormStep, RepeatStep
+from flowspec.steps import walk
+from flowspec.steps.coupling import CouplingStep
+from flowspec.steps.flip import FlipStep
+from flowspec.steps.norm import NormStep
+from flowspec.steps.repeat import RepeatStep
+from flowspec.steps.split import SplitStep
 
 
 def _cpu_attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -267,16 +272,21 @@ def test_target_params_option(capsys, monkeypatch):
 
 
 def test_coupling_halves_follow_flips():
-    def c():
-        return CouplingStep()
+    def halves(body: list, copies: int = 1) -> dict[str, list[str]]:
+        split = SplitStep(mask="channel", body=body)
+        steps = [RepeatStep(count=copies, body=[split])] if copies > 1 else [split]
+        return coupling_halves(walk(steps, (4, 2, 2), unroll=True).all())
 
-    assert coupling_halves([RepeatStep(count=4, body=[NormStep(), c(), FlipStep()])], "s") == {
-        "s.0.body.1": ["a>b", "b>a", "a>b", "b>a"]
+    c = CouplingStep
+    assert halves([RepeatStep(count=4, body=[NormStep(), c(), FlipStep()])]) == {
+        "flow.0.body.0.body.1": ["a>b", "b>a", "a>b", "b>a"]
     }
-    assert coupling_halves([RepeatStep(count=2, body=[c(), FlipStep(), c(), FlipStep()])], "s") == {
-        "s.0.body.0": ["a>b", "a>b"],
-        "s.0.body.2": ["b>a", "b>a"],
+    assert halves([RepeatStep(count=2, body=[c(), FlipStep(), c(), FlipStep()])]) == {
+        "flow.0.body.0.body.0": ["a>b", "a>b"],
+        "flow.0.body.0.body.2": ["b>a", "b>a"],
     }
+    # each split starts again with its mask's first half conditioning
+    assert halves([FlipStep(), c()], copies=2) == {"flow.0.body.0.body.1": ["b>a", "b>a"]}
 
 
 def test_every_format_from_the_cli(capsys):

@@ -14,14 +14,15 @@ from flowspec import FlowSpec, load_spec, parse_spec
 from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
 from flowspec.formatter import format_spec
-from flowspec.spec import CouplingStep, walk
+from flowspec.steps import written
+from flowspec.steps.coupling import CouplingStep
 
 IDS = [str(p.relative_to(SPECS)) for p in ALL_SPECS]
 
 
 def steps_of(spec: FlowSpec, kind: str, where: str = "flow") -> list:
     steps = spec.flow if where == "flow" else spec.dequantize.steps
-    return [step for _, step in walk(steps) if step.kind == kind]
+    return [step for _, step in written(steps) if step.kind == kind]
 
 
 def all_couplings(spec: FlowSpec) -> list[CouplingStep]:
@@ -87,7 +88,7 @@ def test_flowpp_resolves_every_coupling_setting():
 def test_steps_carry_their_source_location():
     spec = load_spec(SPECS / "flowpp_cifar.flow")
     lines = (SPECS / "flowpp_cifar.flow").read_text().splitlines()
-    for _, step in walk(spec.flow) + walk(spec.dequantize.steps):
+    for _, step in written(spec.flow) + written(spec.dequantize.steps):
         loc = step.source
         assert loc.file == str(SPECS / "flowpp_cifar.flow")
         assert lines[loc.line - 1][loc.col - 1 :].startswith(step.kind)

@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from flowspec.spec import (
-    CouplingStep,
-    DataSpec,
-    FlipStep,
-    FlowSpec,
-    Interval,
-    NormStep,
-    PointwiseStep,
-    RepeatStep,
-    SplitStep,
-    TrainSpec,
-)
+from flowspec.spec import DataSpec, FlowSpec, Interval, TrainSpec
+from flowspec.steps.coupling import CouplingStep
+from flowspec.steps.flip import FlipStep
+from flowspec.steps.norm import NormStep
+from flowspec.steps.pointwise import PointwiseStep
+from flowspec.steps.repeat import RepeatStep
+from flowspec.steps.split import SplitStep
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,9 @@ from pydantic import BaseModel
 
 from flowspec.formatter import value_text
 from flowspec.inspection.report import Report
+from flowspec.nodes import StepNode
 from flowspec.spec import FlowSpec, Interval, SourceLoc
+from flowspec.steps import kind_of
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,12 @@ class StageDelta:
 
 def describe(value: Any) -> str:
     """A short text for a value or a whole node: a step by its kind and count, a list by its length."""
+    if isinstance(value, StepNode):
+        kind = kind_of(value)
+        return f"{kind.name} {kind.label(value)} ({len(value.body)} steps)" if kind.body else kind.name
     if isinstance(value, BaseModel):
         kind = getattr(value, "kind", None)
-        if kind == "repeat":
-            return f"repeat x{value.count} ({len(value.body)} steps)"
-        if kind == "split":
-            return f"split {value.mask} ({len(value.body)} steps)"
-        if kind is not None:
-            return str(kind)
-        return type(value).__name__
+        return str(kind) if kind is not None else type(value).__name__
     if isinstance(value, list):
         return f"{len(value)} steps"
     if isinstance(value, tuple):

@@ -1,13 +1,16 @@
 """Forward FLOPs per image, counted analytically from the built modules and the spec's shapes.
 
-Counting needs no forward pass (which would cost seconds on a CPU): every convolution, dense layer and
-attention inside a step runs at the spatial size of that step's input (the coupling networks keep the
-resolution of the half they condition on). 2 FLOPs per multiply-add, as torch's `FlopCounterMode`
-counts; elementwise work (activations, norms, the mixture CDFs) is not counted. The tests check the
-count against `FlopCounterMode` on a real forward pass.
+Counting needs no forward pass (which would cost seconds on a CPU): each step kind's FLOP rule counts a
+built layer at the spatial size of that step's input (the coupling networks keep the resolution of the
+half they condition on); `module_flops` counts the convolutions, dense layers and attention of a
+network. 2 FLOPs per multiply-add, as torch's `FlopCounterMode` counts; elementwise work (activations,
+norms, the mixture CDFs) is not counted. The tests check the count against `FlopCounterMode` on a real
+forward pass.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +18,8 @@ from torch import Tensor, nn
 from flowspec.inspection.report import Report
 from flowspec.inspection.tree import StepRow
 from flowspec.layers.networks import GatedAttention
-from flowspec.layers.pointwise import Pointwise
 from flowspec.spec import FlowSpec
+from flowspec.steps import KINDS, Shape, StepKind, unit
 
 
 def example_batch(spec: FlowSpec, n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -59,28 +62,32 @@ def module_flops(module: nn.Module, height: int, width: int) -> int:
             total += 2 * m.in_features * m.out_features * positions
         elif isinstance(m, GatedAttention):  # q k^T and attention-weighted v over all positions
             total += 4 * positions * positions * m.proj1.in_features
-        elif isinstance(m, Pointwise):
-            halves, c, _ = m.weight.shape
-            total += 2 * halves * c * c * positions
     return total
 
 
-def step_spatial(row: StepRow) -> tuple[int, int]:
-    """The feature-map size a step's modules run at: its input (one half inside a split)."""
-    state = row.state_out if row.kind == "context" else row.state_in
-    shape = state[0] if isinstance(state[0], tuple) else state
-    return shape[1], shape[2]  # type: ignore[index,return-value]
-
-
-def step_flops(model: nn.Module, report: Report) -> dict[str, int]:
-    """Forward FLOPs per image of every leaf step (all copies of a repeated step together)."""
+def leaf_modules(
+    model: nn.Module, report: Report
+) -> Iterator[tuple[StepRow, StepKind | None, nn.Module, Shape]]:
+    """Every module built for a leaf row (one per copy of a repeated step), with the row's step kind
+    (None for the dequantizer's context network and the preprocessing) and the shape it runs at: a
+    step's input (one half inside a split), else the row's output."""
     modules = step_modules(model)
-    out: dict[str, int] = {}
     for row in report.rows():
         if row.children or row.path not in modules:
             continue
-        h, w = step_spatial(row)
-        out[row.path] = sum(module_flops(m, h, w) for m in modules[row.path])
+        kind = KINDS.get(row.kind)
+        shape, _ = unit(row.state_in if kind is not None else row.state_out)
+        for module in modules[row.path]:
+            yield row, kind, module, shape
+
+
+def step_flops(model: nn.Module, report: Report) -> dict[str, int]:
+    """Forward FLOPs per image of every leaf step (all copies of a repeated step together): its kind's
+    FLOP rule, `module_flops` for the parts that are not steps."""
+    out: dict[str, int] = {}
+    for row, kind, module, shape in leaf_modules(model, report):
+        flops = kind.flops(module, shape) if kind is not None else module_flops(module, shape[1], shape[2])
+        out[row.path] = out.get(row.path, 0) + flops
     return out
 
 

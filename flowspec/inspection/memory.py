@@ -17,13 +17,10 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from flowspec.inspection.flops import step_modules, step_spatial
+from flowspec.inspection.flops import leaf_modules
 from flowspec.inspection.report import Report
-from flowspec.layers.couplings import Coupling
 from flowspec.layers.dropout import Dropout
 from flowspec.layers.networks import FlowppBlock, FlowppNetwork, GatedAttention, GatedConv
-from flowspec.layers.norm import Norm
-from flowspec.layers.pointwise import Pointwise
 from flowspec.spec import FlowSpec
 
 
@@ -80,10 +77,9 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
     """Bytes per image and feature-map position that `module` allocates in a training step and autograd
     keeps for backward (each kept tensor is counted once, in the layer that made it).
 
-    Flow++ blocks keep only their input, dropout masks and the outputs of their convolutions and
-    attention (the rest is recomputed in the backward pass); couplings keep their output and, for the
-    mixture, tanh(s), exp(s) and the logit-CDF (recomputed inside). Norms and pointwise layers keep their
-    output; other layers count their convolution, dense and batch-norm outputs.
+    Flow++ networks keep only their ends and, per block, its input, dropout masks and the outputs of its
+    convolutions and attention (the rest is recomputed in the backward pass); other modules count their
+    convolution, dense and batch-norm outputs. (Each step kind's memory rule counts its own layer.)
     """
     if isinstance(module, FlowppNetwork):
         ends = module.proj_out.in_channels + module.proj_out.out_channels
@@ -91,14 +87,7 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
     if isinstance(module, GatedConv):
         return _gated_conv(module, itemsize)
     kept = 0
-    if isinstance(module, Coupling):
-        channels = _network_out_channels(module.network) // module.per_element
-        kept += {"additive": 1, "affine": 3, "mixlogistic": 4}[module.transform] * channels * itemsize
-    elif isinstance(module, Norm):
-        kept += module.halves * module.g.shape[1] * itemsize
-    elif isinstance(module, Pointwise):
-        kept += module.weight.shape[0] * module.weight.shape[1] * itemsize
-    elif isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d):
         kept += module.out_channels * itemsize
     elif isinstance(module, nn.Linear):
         kept += module.out_features * itemsize
@@ -107,22 +96,19 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
     return kept + sum(kept_per_position(child, itemsize) for child in module.children())
 
 
-def _network_out_channels(network: nn.Module) -> int:
-    return next(m.out_channels for m in reversed(list(network.modules())) if isinstance(m, nn.Conv2d))
-
-
 def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryEstimate:
     """Analytic estimate of a training step's memory at the spec's batch size: the parameter state plus
-    the activations autograd keeps for backward (`kept_per_position` of every step at its feature-map
-    size). The backward pass's own buffers (recomputed blocks, gradients) add a few percent at the peak."""
+    the activations autograd keeps for backward (each step kind's memory rule at its feature-map size;
+    `kept_per_position` for the parts that are not steps). The backward pass's own buffers (recomputed
+    blocks, gradients) add a few percent at the peak."""
     state, parts = parameter_state(model, spec)
-    modules = step_modules(model)
     itemsize = next(model.parameters()).element_size()
     per_image = 0
-    for row in report.rows():
-        if not row.children and row.path in modules:
-            h, w = step_spatial(row)
-            per_image += sum(kept_per_position(m, itemsize) for m in modules[row.path]) * h * w
+    for _, kind, module, shape in leaf_modules(model, report):
+        if kind is not None:
+            per_image += kind.memory(module, shape, itemsize)
+        else:
+            per_image += kept_per_position(module, itemsize) * shape[1] * shape[2]
     activations = per_image * spec.train.batch
     note = (
         f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "

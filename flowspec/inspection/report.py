@@ -44,10 +44,12 @@ class Report:
 
     @property
     def couplings(self) -> dict[str, int]:
-        deq = self.spec.dequantize
+        spec, deq = self.spec, self.spec.dequantize
         return {
-            "flow": count_couplings(self.spec.flow),
-            "dequantize": count_couplings(deq.steps) if deq.kind == "variational" else 0,
+            "flow": count_couplings(spec.flow, spec.data.shape, "flow"),
+            "dequantize": count_couplings(deq.steps, spec.data.shape, "dequantize")
+            if deq.kind == "variational"
+            else 0,
         }
 
     def branch(self, name: str) -> Branch:

@@ -1,24 +1,21 @@
 """The step rows of `inspect`: one per written step, nested like the spec, with shapes and parameters.
 
-Rows come from `flowspec.shapes.trace` (one record per written step, repeats not unrolled) and from the
+Rows come from the walk over each stack (`flowspec.steps.walk`, one run per written step) and from the
 parameter counts of the built model, keyed by the same dotted paths. A step inside a `repeat` counts the
 parameters of all its copies.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowspec.shapes import State, fmt, half_shape, trace
-from flowspec.spec import CouplingSettings, FlowSpec
-
-#: The half each mask puts first (the conditioning half of a coupling before any flip).
-FIRST_HALF = {
-    "stripe": "even columns",
-    "checkerboard": "squares with even row + column",
-    "channel": "first channels",
-}
+from flowspec.spec import FlowSpec
+from flowspec.steps import State, StepRun, fmt, walk, written
+from flowspec.steps.kind import is_pair
+from flowspec.steps.split import FIRST_HALF as FIRST_HALF  # the legend of `inspect` reads it here
+from flowspec.steps.split import SplitStep, half_shape
 
 
 @dataclass
@@ -67,59 +64,27 @@ class Branch:
         return sum(row.params for row in self.rows)
 
 
-def coupling_settings(c: CouplingSettings) -> str:
-    """Compact key settings of a coupling: `mixlogistic k32 f96 b10 h4 p0.2`."""
-    parts = [c.coupling]
-    if c.coupling == "mixlogistic":
-        parts.append(f"k{c.components}")
-    if c.network == "resnet":
-        parts += ["resnet", f"f{c.filters}", f"b{c.blocks}", "bn" if c.resnet_norm == "batch" else "wn"]
-    else:
-        parts += [f"f{c.filters}", f"b{c.blocks}", f"h{c.heads}" if c.attention else "nin"]
-        if c.dropout:
-            parts.append(f"p{c.dropout:g}")
-    return " ".join(parts)
-
-
-def step_settings(step) -> str:
-    """The step's key settings as they read in the spec."""
-    if step.kind == "coupling":
-        return coupling_settings(step)
-    if step.kind == "repeat":
-        return f"x{step.count}"
-    if step.kind == "split":
-        return step.mask
-    if step.kind == "norm":
-        return step.granularity
-    return ""
-
-
 def source_of(step) -> str | None:
     loc = getattr(step, "source", None)
     return f"{Path(loc.file).name}:{loc.line}" if loc is not None else None
 
 
-def coupling_halves(split_body: list, prefix: str) -> dict[str, list[str]]:
-    """For each coupling path in a split body: its orientation in each copy, in order of execution.
+def coupling_halves(runs: Iterable[StepRun]) -> dict[str, list[str]]:
+    """For each coupling path: its orientation in each copy, in order of execution (the runs of an
+    unrolled walk).
 
-    `a>b`: half a (the mask's first half) conditions the transform of half b; a flip swaps the roles.
+    `a>b`: half a (the mask's first half) conditions the transform of half b; a flip swaps the roles
+    until the split ends.
     """
     seen: dict[str, list[str]] = {}
     swapped = False
-
-    def run(steps: list, pre: str) -> None:
-        nonlocal swapped
-        for i, step in enumerate(steps):
-            path = f"{pre}.{i}"
-            if step.kind == "repeat":
-                for _ in range(step.count):
-                    run(step.body, f"{path}.body")
-            elif step.kind == "flip":
-                swapped = not swapped
-            elif step.kind == "coupling":
-                seen.setdefault(path, []).append("b>a" if swapped else "a>b")
-
-    run(split_body, prefix)
+    for run in runs:
+        if not is_pair(run.state_in):
+            swapped = False
+        elif run.kind.swaps_halves:
+            swapped = not swapped
+        elif run.kind.couples:
+            seen.setdefault(run.path, []).append("b>a" if swapped else "a>b")
     return seen
 
 
@@ -131,41 +96,28 @@ def halves_label(orientations: list[str]) -> str:
 
 def stack_rows(steps: list, shape, where: str, params: dict[str, int]) -> list[StepRow]:
     """Nested rows of a step stack (`where` is "flow" or "dequantize"), parameters from `params`."""
-    records, _, _ = trace(steps, shape, where)
-    halves: dict[str, str] = {}
-    for rec in records:
-        if rec.step.kind == "split":
-            for path, seq in coupling_halves(rec.step.body, f"{rec.path}.body").items():
-                halves[path] = halves_label(seq)
-    roots: list[StepRow] = []
-    open_rows: list[StepRow] = []  # the chain of containers above the current record
-    for rec in records:
-        step = rec.step
-        row = StepRow(
-            path=rec.path,
-            kind=step.kind,
-            settings=f"z {fmt(rec.latent[0])}" if rec.latent else step_settings(step),
-            source=source_of(step),
-            shape_in=fmt(rec.shape_in),
-            shape_out=fmt(rec.shape_out),
-            depth=rec.depth,
-            state_in=rec.shape_in,
-            state_out=rec.shape_out,
-            latent=fmt(rec.latent[0]) if rec.latent else None,
-            halves=halves.get(rec.path, ""),
-            params=params.get(rec.path, 0),
-        )
-        del open_rows[rec.depth :]
-        (open_rows[-1].children if open_rows else roots).append(row)
-        open_rows.append(row)
-    for root in roots:
-        _sum_children(root)
-    return roots
+    unrolled = walk(steps, shape, where, unroll=True).all()
+    halves = {path: halves_label(seq) for path, seq in coupling_halves(unrolled).items()}
+    return [_row(run, halves, params) for run in walk(steps, shape, where).runs]
 
 
-def _sum_children(row: StepRow) -> int:
-    row.params += sum(_sum_children(child) for child in row.children)
-    return row.params
+def _row(run: StepRun, halves: dict[str, str], params: dict[str, int]) -> StepRow:
+    row = StepRow(
+        path=run.path,
+        kind=run.kind.name,
+        settings=f"z {fmt(run.latent[0])}" if run.latent else run.kind.label(run.step),
+        source=source_of(run.step),
+        shape_in=fmt(run.state_in),
+        shape_out=fmt(run.state_out),
+        depth=run.depth,
+        state_in=run.state_in,
+        state_out=run.state_out,
+        latent=fmt(run.latent[0]) if run.latent else None,
+        halves=halves.get(run.path, ""),
+        children=[_row(child, halves, params) for child in run.body],
+    )
+    row.params = params.get(run.path, 0) + sum(child.params for child in row.children)
+    return row
 
 
 def build_branches(spec: FlowSpec, params: dict[str, int]) -> list[Branch]:
@@ -173,12 +125,8 @@ def build_branches(spec: FlowSpec, params: dict[str, int]) -> list[Branch]:
     branches = []
     deq = spec.dequantize
     if deq.kind == "variational":
-        masks = [
-            rec.step.mask
-            for rec in trace(deq.steps, spec.data.shape, "dequantize")[0]
-            if rec.step.kind == "split"
-        ]
-        half = half_shape(masks[0], spec.data.shape)[0] if masks else spec.data.shape
+        masks = [step.mask for _, step in written(deq.steps) if isinstance(step, SplitStep)]
+        half = half_shape(masks[0], spec.data.shape) if masks else spec.data.shape
         context_shape = (deq.context.filters, half[1], half[2])  # type: ignore[index]
         context = StepRow(
             path="dequantize.context",
@@ -213,14 +161,6 @@ def build_branches(spec: FlowSpec, params: dict[str, int]) -> list[Branch]:
     return branches
 
 
-def count_couplings(steps: list) -> int:
+def count_couplings(steps: list, shape, where: str) -> int:
     """Coupling layers the stack builds, repeats unrolled."""
-    total = 0
-    for step in steps:
-        if step.kind == "coupling":
-            total += 1
-        elif step.kind == "split":
-            total += count_couplings(step.body)
-        elif step.kind == "repeat":
-            total += step.count * count_couplings(step.body)
-    return total
+    return sum(run.kind.couples for run in walk(steps, shape, where, unroll=True).all())

@@ -1,0 +1,34 @@
+"""Base classes of the validated spec's pydantic models: source locations, frozen nodes, steps."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SourceLoc(BaseModel):
+    """Where a spec node was written: file, 1-based line and column."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class Node(BaseModel):
+    """Base of all spec nodes: frozen, strict about unknown fields, equal by value (not by source)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.model_dump() == other.model_dump()  # type: ignore[union-attr]
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class StepNode(Node):
+    """Base of the validated settings of a step; each kind adds `kind: Literal[NAME]` and its settings."""
+
+    source: SourceLoc | None = Field(default=None, exclude=True, repr=False)

@@ -1,0 +1,107 @@
+"""`coupling [mixlogistic|affine|additive](key=value, ...)`: the first half conditions a network whose
+outputs transform the second half. Its settings come from `defaults { coupling ... }` unless it sets them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from flowspec.nodes import Node, StepNode
+from flowspec.steps.kind import StepKind, needs_pair, register
+
+CouplingKind = Literal["mixlogistic", "affine", "additive"]
+NetworkKind = Literal["flowpp", "resnet"]
+
+#: per transformed element, how many of the network's outputs the transform's kept tensors take
+_KEPT = {"additive": 1, "affine": 3, "mixlogistic": 4}
+
+
+class CouplingSettings(Node):
+    """Settings of a coupling layer; the `defaults` block holds one of these, every coupling step too."""
+
+    coupling: CouplingKind = "mixlogistic"
+    components: int = Field(default=32, ge=1, le=1024, description="mixture components (mixlogistic)")
+    filters: int = Field(default=96, ge=1, le=4096)
+    blocks: int = Field(default=10, ge=1, le=256)
+    heads: int = Field(default=4, ge=1, le=256)
+    attention: bool = Field(default=True, description="self-attention; off: the gated-NIN ablation")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    network: NetworkKind = "flowpp"
+    resnet_norm: Literal["batch", "weight"] = "batch"
+
+    @model_validator(mode="after")
+    def _heads_divide_filters(self) -> CouplingSettings:
+        if self.network == "flowpp" and self.attention and self.filters % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide filters ({self.filters})")
+        return self
+
+
+class CouplingStep(StepNode, CouplingSettings):
+    kind: Literal["coupling"] = "coupling"
+
+
+def label(c: CouplingSettings) -> str:
+    """Compact key settings of a coupling: `mixlogistic k32 f96 b10 h4 p0.2`."""
+    parts = [c.coupling]
+    if c.coupling == "mixlogistic":
+        parts.append(f"k{c.components}")
+    if c.network == "resnet":
+        parts += ["resnet", f"f{c.filters}", f"b{c.blocks}", "bn" if c.resnet_norm == "batch" else "wn"]
+    else:
+        parts += [f"f{c.filters}", f"b{c.blocks}", f"h{c.heads}" if c.attention else "nin"]
+        if c.dropout:
+            parts.append(f"p{c.dropout:g}")
+    return " ".join(parts)
+
+
+def _build(run, ctx, body):
+    from flowspec.layers import Coupling
+    from flowspec.layers.couplings import outputs_per_element
+    from flowspec.layers.networks import FlowppNetwork, ResNet
+
+    step, shape = run.step, run.state_in[0]
+    out = shape[0] * outputs_per_element(step.coupling, step.components)
+    if step.network == "flowpp":
+        network = FlowppNetwork(
+            shape,
+            out,
+            step.filters,
+            step.blocks,
+            step.heads,
+            step.attention,
+            step.dropout,
+            ctx.context_filters,
+        )
+    else:
+        network = ResNet(shape[0], out, step.filters, step.blocks, step.resnet_norm, ctx.context_filters)
+    return Coupling(step.coupling, network, step.components)
+
+
+def _flops(layer, shape):
+    from flowspec.inspection.flops import module_flops
+
+    return module_flops(layer.network, shape[1], shape[2])
+
+
+def _memory(layer, shape, itemsize):
+    """Its output and, for the mixture, tanh(s), exp(s) and the logit-CDF; then what its network keeps."""
+    from flowspec.inspection.memory import kept_per_position
+
+    transformed = shape[0] * _KEPT[layer.transform] * itemsize
+    return (transformed + kept_per_position(layer.network, itemsize)) * shape[1] * shape[2]
+
+
+register(
+    StepKind(
+        name="coupling",
+        settings=CouplingStep,
+        shape=needs_pair,
+        build=_build,
+        label=label,
+        flops=_flops,
+        memory=_memory,
+        positional=("coupling",),
+        couples=True,
+    )
+)

@@ -1,0 +1,43 @@
+"""`pointwise`: an invertible 1x1 convolution (a C x C matrix per half)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from flowspec.nodes import StepNode
+from flowspec.steps.kind import StepKind, no_label, register, same_state, unit
+
+
+class PointwiseStep(StepNode):
+    kind: Literal["pointwise"] = "pointwise"
+
+
+def _build(run, ctx, body):
+    from flowspec.layers import Pointwise
+
+    shape, halves = unit(run.state_in)
+    return Pointwise(shape[0], halves)
+
+
+def _flops(layer, shape):
+    halves, c, _ = layer.weight.shape
+    return 2 * halves * c * c * shape[1] * shape[2]
+
+
+def _memory(layer, shape, itemsize):
+    """Its output."""
+    halves, c, _ = layer.weight.shape
+    return halves * c * shape[1] * shape[2] * itemsize
+
+
+register(
+    StepKind(
+        name="pointwise",
+        settings=PointwiseStep,
+        shape=same_state,
+        build=_build,
+        label=no_label,
+        flops=_flops,
+        memory=_memory,
+    )
+)
