@@ -1,13 +1,15 @@
 """flowspec: a declarative compiler for normalizing-flow image models.
 
 Pipeline: text -> parse tree -> `FlowSpec` (pydantic) -> `FlowModel` (torch) -> train / eval / sample /
-inspect. Importing the package does not import torch; `build` does.
+inspect. Importing the package does not import torch; `build`, `train` and `load` do.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from flowspec import train  # the training stage's package, callable as `flowspec.train(spec, ...)`
+from flowspec.api import load
 from flowspec.errors import UserError
 from flowspec.loader import load_spec, parse_spec
 from flowspec.spec import FlowSpec
@@ -16,7 +18,17 @@ if TYPE_CHECKING:
     from flowspec.model import FlowModel
 
 __version__ = "0.1.0"
-__all__ = ["FlowModel", "FlowSpec", "UserError", "build", "load_spec", "parse_spec", "__version__"]
+__all__ = [
+    "FlowModel",
+    "FlowSpec",
+    "UserError",
+    "build",
+    "load",
+    "load_spec",
+    "parse_spec",
+    "train",
+    "__version__",
+]
 
 
 def build(spec: FlowSpec) -> FlowModel:

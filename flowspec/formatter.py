@@ -131,7 +131,7 @@ def _train(spec: FlowSpec) -> list[str]:
     ):
         schedule += f"(every={t.step_every}, gamma={_value(t.step_gamma)})"
     recipe = [
-        f"batch {t.batch}",
+        f"batch {t.batch}" + (f"  accumulate {t.accumulate}" if t.accumulate > 1 else ""),
         f"clip_grad_norm {_value(t.clip_grad_norm) if t.clip_grad_norm is not None else 'off'}",
         f"ema {_value(t.ema) if t.ema is not None else 'off'}",
         f"init_batch {t.init_batch}",

@@ -13,9 +13,22 @@ from flowspec.spec import FlowSpec
 
 
 class FlowModel(nn.Module):
-    """A compiled spec. `log_prob(x)` is a lower bound on log P(x) for integer images, in nats:
-    log p(x + u) - log q(u | x), including the preprocessing's log-det and the prior on every latent
-    dimension (factored-out ones included)."""
+    """A compiled spec (`flowspec.build(spec)`, or a trained one from `flowspec.load(path)`).
+
+    Integer images are N x C x H x W tensors with values in [0, levels) (uint8 for 8-bit data);
+    continuous data `v` lies in [0, levels); latents `z` have the image's shape. The model follows its
+    parameters: `model.to("cuda")`, `model.to(torch.float64)` or `model.double()` move and cast it, and
+    every method casts its input to the model's device and dtype.
+
+    - `log_prob(x)`: per-image lower bound on log P(x) in nats, log p(x + u) - log q(u | x) with one
+      dequantization sample u, including the preprocessing's log-det and the prior on every latent
+      dimension (factored-out ones included); `bpd(x)` is the same in bits per dimension.
+    - `encode(v) -> (z, logdet)` and `decode(z) -> v` (`decode(z, with_logdet=True) -> (v, logdet)`):
+      the bijection and its log |det Jacobian| per image.
+    - `sample(n, temperature)`: integer images from the prior at a temperature.
+
+    Training mode matters only for dropout; `flowspec.load` returns the model in eval mode.
+    """
 
     def __init__(self, spec: FlowSpec, preprocess: LogitPreprocess, dequantizer: nn.Module, flow: Sequence):
         super().__init__()
@@ -38,14 +51,18 @@ class FlowModel(nn.Module):
     # ---------------------------------------------------------------- likelihood
 
     def encode(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Continuous data v in [0, levels) -> latent z (the image's shape) and the log-det of the map."""
+        """Continuous data v in [0, levels) -> latent z (the image's shape) and log |det dz/dv| per image."""
         y, logdet_pre = self.preprocess(self._as_float(v))
         z, logdet = self.flow(y)
         return z, logdet_pre + logdet
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Latent z -> continuous data v in [0, levels)."""
-        return self.preprocess.inverse(self.flow.inverse(self._as_float(z)))
+    def decode(self, z: Tensor, with_logdet: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Latent z -> continuous data v in [0, levels); with `with_logdet`, also log |det dv/dz| per
+        image (minus the log-det of encoding v, computed by encoding it again)."""
+        v = self.preprocess.inverse(self.flow.inverse(self._as_float(z)))
+        if not with_logdet:
+            return v
+        return v, -self.encode(v)[1]
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Per-image lower bound on log P(x) in nats, for integer images N x C x H x W in [0, levels)."""

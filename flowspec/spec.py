@@ -113,7 +113,8 @@ class TrainSpec(Node):
     schedule: Literal["constant", "cosine", "step"] = "constant"
     step_every: int = Field(default=10000, ge=1, description="schedule step: decay every N steps")
     step_gamma: float = Field(default=0.5, gt=0.0, le=1.0, description="schedule step: decay factor")
-    batch: int = Field(default=64, ge=1)
+    batch: int = Field(default=64, ge=1, description="images per optimisation step, over all processes")
+    accumulate: int = Field(default=1, ge=1, description="micro-batches of batch/N whose gradients add up")
     clip_grad_norm: float | None = Field(default=None, gt=0.0)
     ema: float | None = Field(default=None, gt=0.0, lt=1.0)
     init_batch: int = Field(default=128, ge=1)
@@ -126,6 +127,11 @@ class TrainSpec(Node):
     def _check(self) -> TrainSpec:
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.batch % self.accumulate:
+            raise ValueError(
+                f"batch ({self.batch}) must be divisible by accumulate ({self.accumulate}): "
+                f"each step adds the gradients of {self.accumulate} micro-batches of batch/{self.accumulate}"
+            )
         return self
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
@@ -10,6 +13,7 @@ from flowspec.errors import UserError
 from flowspec.train.checkpoint import (
     BEST,
     LAST,
+    check_same_spec,
     checkpoint_spec,
     ema_weights,
     load_checkpoint,
@@ -88,3 +92,15 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         save_atomic({"a": Boom()}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_checkpoint_from_before_a_new_setting_still_fits(run_dir):
+    payload = load_checkpoint(run_dir)
+    stored = json.loads(payload["spec"])
+    del stored["train"]["accumulate"]  # as written before `accumulate` existed
+    text = json.dumps(stored)
+    old = {**payload, "spec": text, "spec_hash": hashlib.sha256(text.encode()).hexdigest()}
+    assert checkpoint_spec(old, run_dir) == tiny_spec(steps=3)
+    check_same_spec(old, tiny_spec(steps=3), run_dir)  # the same spec: no error
+    with pytest.raises(UserError, match="inconsistent"):
+        checkpoint_spec({**old, "spec_hash": "0" * 64}, run_dir)

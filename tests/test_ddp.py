@@ -16,11 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_two_gloo_processes_train_and_only_rank_0_writes(tmp_path):
+    """Each process accumulates two micro-batches of 4 (DDP all-reduces after the second), and they agree
+    on stopping at every step (--log-every 1)."""
     flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "flowspec", "train", str(flow), "--out", str(out), "--device", "cpu",
+        "--set", "train.accumulate=2", "--log-every", "1",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

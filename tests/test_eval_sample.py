@@ -13,7 +13,7 @@ from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixtu
 
 from flowspec.cli.app import run
 from flowspec.train.evaluate import bounds, iw_log_prob
-from flowspec.train.trainer import RunOptions, RunResult, _Window, train
+from flowspec.train.trainer import RunOptions, RunResult, train
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +134,3 @@ def test_ablate_stops_at_a_signal_and_compares_the_runs_done(tmp_path, monkeypat
     assert [r["img/s"] for r in rows] == [0.0312, 0.0312]  # slow models keep their rate
     assert ablate.fmt_rate(0.0312) == "0.0312" and ablate.fmt_rate(45.67) == "45.7"
     assert ablate.fmt_rate(1234.5) == "1,234"
-
-
-def test_the_training_rate_leaves_out_the_warm_up_step():
-    window = _Window()
-    window.timed(4, 1.0)  # first step: lazy init
-    assert window.overall_img_s() == 4.0  # the only step
-    for _ in range(3):
-        window.timed(4, 0.1)
-    assert window.overall_img_s() == pytest.approx(40.0)

@@ -51,6 +51,17 @@ def test_encode_is_exact_with_jacobian_logdet(built):
     assert abs(jacobian_logdet(lambda t: model.encode(t)[0], v[:1]) - logdet[0]) < 1e-6
 
 
+def test_decode_gives_the_inverse_map_and_its_logdet(built):
+    spec, model = built
+    model.eval()
+    z = 0.5 * torch.randn(
+        2, *spec.data.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+    v, logdet = model.decode(z, with_logdet=True)
+    assert torch.equal(v, model.decode(z)) and logdet.shape == (2,)
+    assert abs(jacobian_logdet(lambda t: model.decode(t), z[:1]) - logdet[0]) < 1e-6
+
+
 def test_log_prob_is_the_bound(built):
     spec, model = built
     model.eval()
@@ -221,3 +232,19 @@ def test_compiled_networks_train_like_eager_ones():
         (-model.log_prob(x).mean()).backward()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_moves_between_dtypes_and_takes_any_integer_input():
+    torch.manual_seed(0)
+    spec = tiny_spec(NAMES[0])
+    model = flowspec.build(spec)
+    x = _batch(spec, 4).to(torch.uint8 if spec.data.levels <= 256 else torch.int32)
+    model.initialize(x)
+    model.eval()
+    v = x.float() + 0.5  # fixed dequantization: the noise of the two dtypes differs
+    single = model.encode(v)[1]
+    double = model.to(torch.float64)
+    assert double is model and model.dtype == torch.float64 and model.device.type == "cpu"
+    assert _log_prob(model, x).dtype == torch.float64 and model.encode(v)[1].dtype == torch.float64
+    torch.testing.assert_close(model.encode(v)[1].float(), single, rtol=1e-4, atol=1e-3)
+    assert model.sample(2).dtype in (torch.uint8, torch.int32) and model.float().dtype == torch.float32

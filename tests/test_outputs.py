@@ -2,42 +2,44 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from flowspec.train.metrics import TrainLog, curves_figure, plot_curves, read_metrics, smooth
+from flowspec.train.metrics import Window, append_metrics, curves_figure, plot_curves, read_metrics, smooth
 from flowspec.train.sampling import grid_image, grid_name, save_grid
 
 
 def synthetic_run(run_dir, steps=200, every=10, eval_every=100):
     """metrics.jsonl as a 200-step run writes it: train rows after step 1 and every 10, evals every 100."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = TrainLog(run_dir, every)
-    lines = []
     for step in range(1, steps + 1):
         lr = 1e-3 * min(1.0, step / 20)
-        if (row := log.add(step, 5.0 - step / 100, lr, step / 50, 0)) is not None:
-            lines.append(row)
+        if step == 1 or step % every == 0:
+            append_metrics(run_dir, {"kind": "train", "step": step, "train_bpd": 5.0 - step / 100, "lr": lr})
         if step % eval_every == 0:
             row = {"step": step, "epoch": step / 50, "train_bpd": 4.0, "test_bpd": 4.5 - step / 400, "lr": lr}
-            (run_dir / "metrics.jsonl").open("a").write(json.dumps(row) + "\n")
+            append_metrics(run_dir, row)
     return read_metrics(run_dir)
 
 
-def test_train_log_writes_the_mean_of_the_finite_steps_since_its_last_row(tmp_path):
-    log = TrainLog(tmp_path, every=4)
-    assert log.add(1, 3.0, 1e-3, 0.1, 0)["train_bpd"] == 3.0  # the first step has its row
-    assert log.add(2, 2.0, 1e-3, 0.2, 0) is None
-    assert log.add(3, 9.0, 1e-3, 0.3, 1) is None  # a skipped step: its stale loss is not counted
-    row = log.add(4, 4.0, 5e-4, 0.4, 1)
-    assert row == {"kind": "train", "step": 4, "epoch": 0.4, "train_bpd": 3.0, "lr": 5e-4}
-    assert read_metrics(tmp_path) == [
-        {"kind": "train", "step": 1, "epoch": 0.1, "train_bpd": 3.0, "lr": 1e-3},
-        row,
-    ]
+def test_the_window_gives_the_mean_since_its_last_read_and_leaves_the_warm_up_out_of_the_rate():
+    window = Window(torch.device("cpu"))
+    yes, no = torch.tensor(True), torch.tensor(False)
+    window.add(torch.tensor(3.0), torch.tensor(1.0), yes, images=4)
+    window.read()
+    assert window.recent_bpd == 3.0  # the first step alone
+    window.add(torch.tensor(2.0), torch.tensor(1.0), yes, images=4)
+    window.add(torch.tensor(9.0), torch.tensor(1.0), no, images=4)  # a skipped step is not counted
+    window.add(torch.tensor(4.0), torch.tensor(1.0), yes, images=4)
+    assert window.read()[0] == 3.0 and window.recent_bpd == 3.0  # (2 + 4) / 2 since the last read
+    assert window.read() and window.recent_bpd is None  # nothing new
+    assert window.first[0] == 4 and window.total_images == 12  # the first read's step is the warm-up
+    window.reset()
+    window.add(torch.tensor(1.0), torch.tensor(1.0), yes, images=4)
+    window.read()
+    assert window.recent_bpd == 1.0
 
 
 def test_curves_show_the_training_curve_from_the_start_with_tests_on_top_and_lr_below(tmp_path):

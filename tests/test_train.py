@@ -13,9 +13,10 @@ from flowspec.errors import UserError
 from flowspec.spec import DataSpec
 from flowspec.train.checkpoint import LAST, load_checkpoint
 from flowspec.train.data import ImageSet, load_split
-from flowspec.train.metrics import is_eval, read_metrics
+from flowspec.train.metrics import Window, is_eval, read_metrics
 from flowspec.train.schedule import LrFactor
-from flowspec.train.trainer import Objective, RunOptions, Trainer, train
+from flowspec.train.trainer import RunOptions, Trainer, train
+from flowspec.train.update import Objective, Updater
 
 
 def options(out, **kw) -> RunOptions:
@@ -29,7 +30,7 @@ def test_synthetic_data_loss_goes_down_and_run_folder_is_complete(tmp_path):
     logged = read_metrics(tmp_path / "run")
     rows = [r for r in logged if is_eval(r)]
     assert [r["step"] for r in rows] == [10, 20, 30] and result.stopped == "finished"
-    train_rows = [r for r in logged if not is_eval(r)]  # every 10 steps and after the first
+    train_rows = [r for r in logged if not is_eval(r)]  # after the first step and every 10 (log_every)
     assert [r["step"] for r in train_rows] == [1, 10, 20, 30]
     assert train_rows[-1]["train_bpd"] < train_rows[0]["train_bpd"] and train_rows[-1]["lr"] > 0
     assert rows[-1]["test_bpd"] < rows[0]["test_bpd"] - 0.1
@@ -66,7 +67,7 @@ def _weights(run_dir):
 
 
 def test_resume_is_exact(tmp_path):
-    spec = tiny_spec(steps=8, eval_every=3, hflip=True)
+    spec = tiny_spec(steps=8, eval_every=3, hflip=True, accumulate=2)
     straight = train(spec, options(tmp_path / "straight"))
     train(spec, options(tmp_path / "split", max_steps=4))
     resumed = train(spec, options(tmp_path / "split", resume=True))
@@ -83,15 +84,15 @@ def test_resume_is_exact(tmp_path):
 def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path):
     spec = tiny_spec(steps=1, lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-5, warmup=4, ema=0.5)
     trainer = Trainer(spec, options(tmp_path / "run"))
-    group = trainer.optimizer.param_groups[0]
-    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    group = trainer.updater.optimizer.param_groups[0]
+    assert isinstance(trainer.updater.optimizer, torch.optim.Adam)
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 1e-5)
     assert group["lr"] == pytest.approx(1e-3 / 4)  # first warmup step
-    assert trainer.model.initialized  # data-dependent init ran before the first step
-    before = [p.detach().clone() for p in trainer.ema.module.parameters()]
+    assert trainer.updater.model.initialized  # data-dependent init ran before the first step
+    before = [p.detach().clone() for p in trainer.updater.ema.module.parameters()]
     trainer.run()
-    model = list(trainer.model.parameters())
-    for old, ema, new in zip(before, trainer.ema.module.parameters(), model, strict=True):
+    model = list(trainer.updater.model.parameters())
+    for old, ema, new in zip(before, trainer.updater.ema.module.parameters(), model, strict=True):
         torch.testing.assert_close(ema, 0.5 * old + 0.5 * new)
 
 
@@ -130,14 +131,26 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Objective, "forward", lambda self, x: forward(self, x) * math.inf)
     with pytest.raises(UserError, match=r"3 steps in a row had a non-finite loss or gradient") as error:
-        train(tiny_spec(steps=50), options(tmp_path / "bad", max_bad_steps=3))
+        train(tiny_spec(steps=50), options(tmp_path / "bad", max_bad_steps=3, log_every=1))
     saved = tmp_path / "bad" / "nonfinite_batch.pt"
     assert str(saved) in str(error.value) and torch.load(saved)["images"].shape == (16, 1, 8, 8)
     assert not (tmp_path / "bad" / LAST).exists()
 
 
+def test_the_loop_reads_the_device_only_when_it_logs_or_evaluates(tmp_path, monkeypatch):
+    step, reads = [0], set()
+    call, read, counts = Updater.__call__, Window.read, Updater.bad_in_row
+    monkeypatch.setattr(
+        Updater, "__call__", lambda self, x: (step.__setitem__(0, self.step + 1), call(self, x))[1]
+    )
+    monkeypatch.setattr(Window, "read", lambda self: reads.add(step[0]) or read(self))
+    monkeypatch.setattr(Updater, "bad_in_row", property(lambda self: reads.add(step[0]) or counts.fget(self)))
+    train(tiny_spec(steps=12, eval_every=6), options(tmp_path / "run", log_every=4))
+    assert reads == {1, 4, 6, 8, 12}  # logging after the first step and every 4, evaluating every 6
+
+
 def test_bf16_autocast_of_the_coupling_networks(tmp_path):
     trainer = Trainer(tiny_spec(steps=2), options(tmp_path / "run", precision="bf16"))
-    assert {c.autocast_dtype for c in trainer.model.couplings()} == {torch.bfloat16}
+    assert {c.autocast_dtype for c in trainer.updater.model.couplings()} == {torch.bfloat16}
     result = trainer.run()
     assert result.step == 2 and result.test_bpd is not None and math.isfinite(result.test_bpd)

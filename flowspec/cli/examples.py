@@ -35,6 +35,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "flowspec sample runs/quickstart -n 64 --temperature 0.8 --out grid.png --seed 0",
         "flowspec sample runs/quickstart/best.pt -n 16 --set data.classes=3 --device cpu",
     ),
+    "export": (
+        "flowspec export runs/quickstart",
+        "flowspec export runs/quickstart/best.pt --out quickstart.safetensors",
+    ),
     "ablate": (
         "flowspec ablate specs/flowpp_cifar.flow specs/ablations/*.flow --budget 20m --data ~/cifar10",
         "flowspec ablate specs/quickstart.flow --steps 100 --set defaults.coupling.blocks=2 --out runs/ab",

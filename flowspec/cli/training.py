@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 from datetime import datetime
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from flowspec.api import parse_duration
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.cli.options import (
@@ -46,16 +46,6 @@ DataOption = Annotated[
     ),
 ]
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match or float(match[1]) <= 0:
-        raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
-    return float(match[1]) * _UNITS[match[2] or "s"]
-
 
 def _device(device: Device | None) -> str | None:
     return device.value if device else None
@@ -66,7 +56,7 @@ def train(
     spec: Annotated[
         Path | None,
         typer.Argument(
-            metavar="[SPEC]", help="The .flow spec (optional with --resume: the run's stored spec)."
+            metavar="SPEC", help="The .flow spec (optional with --resume: the run's stored spec)."
         ),
     ] = None,
     data: DataOption = None,
@@ -93,43 +83,35 @@ def train(
     max_time: Annotated[
         str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
     ] = None,
+    log_every: Annotated[
+        int, typer.Option("--log-every", min=1, help="Read the loss from the device every N steps.")
+    ] = 10,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
-    from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
-    from flowspec.train.trainer import RunOptions
-    from flowspec.train.trainer import train as run_training
+    import flowspec
 
-    if resume is not None:
-        if out is not None and out.resolve() != resume.resolve():
-            raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
-        if spec is None:
-            if sets:
-                raise UserError("--set needs the spec file: pass it along with --resume")
-            payload = load_checkpoint(resume)
-            resolved = checkpoint_spec(payload, resume)
-        else:
-            resolved = load_cli_spec(spec, sets)
-        out = resume
-    elif spec is None:
-        raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
-    else:
-        resolved = load_cli_spec(spec, sets)
-    options = RunOptions(
-        out=out,
-        data_dir=data,
-        device=_device(device),
-        precision=precision.value,
-        compile=compile_networks,
-        max_steps=max_steps,
-        max_time=parse_duration(max_time) if max_time else None,
-        quiet=quiet,
-        resume=resume is not None,
-        threads=threads,
-    )
     try:
-        result = run_training(resolved, options)
+        result = flowspec.train(
+            spec,
+            data,
+            out,
+            sets=sets or (),
+            resume=resume,
+            device=_device(device),
+            precision=precision.value,
+            compile=compile_networks,
+            max_steps=max_steps,
+            max_time=max_time,
+            log_every=log_every,
+            tensorboard=tensorboard,
+            quiet=quiet,
+            threads=threads,
+        )
     except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C: checkpoints are never torn
         print("interrupted: finished checkpoints are kept; continue with --resume RUN_DIR", file=sys.stderr)
         raise typer.Exit(130) from None
@@ -167,34 +149,26 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
 def _load_for_inference(
     target: Path, device: Device | None, sets: list[str] | None = None, threads: int | None = None
 ):
-    """The model of a run folder or checkpoint, rebuilt from its stored spec, with the EMA weights;
-    torch's thread count chosen for it (printed on stderr)."""
+    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`;
+    torch's thread count chosen for it (said on stderr)."""
     import torch
 
-    import flowspec
     from flowspec.threads import set_threads
-    from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve
+    from flowspec.train.export import load_trained
 
-    path = resolve(target)
-    payload = load_checkpoint(path)
-    spec = _with_overrides(checkpoint_spec(payload, path), sets, path)
-    where = torch.device(_device(device) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    model = flowspec.build(spec)
-    try:
-        model.load_state_dict(ema_weights(payload))
-    except RuntimeError as error:
-        raise UserError(f"checkpoint {path} does not fit the model its spec builds: {error}") from None
-    choice = set_threads(sum(p.numel() for p in model.parameters() if p.requires_grad), threads)
-    print(f"{spec.name}, step {payload['step']}, device {where}, {choice}", file=sys.stderr)
-    return model.to(where).eval(), spec, payload, path, where
+    where = _device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    trained = load_trained(target, where)
+    spec = _with_overrides(trained.spec, sets, trained.path)
+    choice = set_threads(sum(p.numel() for p in trained.model.parameters() if p.requires_grad), threads)
+    print(f"{spec.name}, step {trained.step}, device {where}, {choice}", file=sys.stderr)
+    return trained, spec
 
 
 @app.command("eval", epilog=epilog("eval"))
 def evaluate(
     target: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+        Path,
+        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
     ],
     data: DataOption = None,
     iw: Annotated[
@@ -212,7 +186,7 @@ def evaluate(
             "--out",
             "-o",
             metavar="FILE",
-            help="JSON file; default eval_<split>[_iwK].json beside the checkpoint.",
+            help="JSON file; default eval_<split>[_iwK].json by the checkpoint.",
         ),
     ] = None,
     device: DeviceOption = None,
@@ -228,27 +202,29 @@ def evaluate(
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
 
-    model, spec, payload, path, where = _load_for_inference(target, device, sets, threads)
-    images = load_split(spec.data, split.value, data or payload.get("data_dir")).images
+    trained, spec = _load_for_inference(target, device, sets, threads)
+    images = load_split(spec.data, split.value, data or trained.data_dir).images
     images = images[:limit] if limit else images
     torch.manual_seed(seed)
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"eval {split.value}", total=len(images))
-        result = bounds(model, images, iw, batch, where, lambda n: progress.advance(task, n))
+        result = bounds(
+            trained.model, images, iw, batch, trained.model.device, lambda n: progress.advance(task, n)
+        )
     record = {
-        "checkpoint": str(path),
+        "checkpoint": str(trained.path),
         "spec": spec.name,
-        "step": payload["step"],
+        "step": trained.step,
         "split": split.value,
         "iw_samples": iw,
         "seed": seed,
         **result,
     }
-    out = out or path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
+    out = out or trained.path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     caption = f"{split.value}: {result['images']} images"
-    table = Table(title=f"{spec.name}, step {payload['step']}", caption=caption)
+    table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
     table.add_column("bits/dim", justify="right")
     table.add_row("single sample", f"{result['bpd']:.4f}")
@@ -261,7 +237,8 @@ def evaluate(
 @app.command(epilog=epilog("sample"))
 def sample(
     target: Annotated[
-        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+        Path,
+        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
     ],
     n: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 64,
     temperature: Annotated[
@@ -283,10 +260,33 @@ def sample(
     """Draw a grid of samples with the EMA weights of a trained run."""
     from flowspec.train.sampling import grid_name, save_grid
 
-    model, spec, payload, _, _ = _load_for_inference(target, device, sets, threads)
-    out = out or Path(f"samples_{grid_name(payload['step'], temperature)}")
-    save_grid(model, n, temperature, out, spec.data.levels, seed)
-    print(f"wrote {n} samples of {spec.name} (step {payload['step']}, T={temperature}) to {out}")
+    trained, spec = _load_for_inference(target, device, sets, threads)
+    out = out or Path(f"samples_{grid_name(trained.step, temperature)}")
+    save_grid(trained.model, n, temperature, out, spec.data.levels, seed)
+    print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {out}")
+
+
+@app.command("export", epilog=epilog("export"))
+def export_model(
+    target: Annotated[
+        Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", metavar="FILE", help="The .safetensors file; default model.safetensors beside it."
+        ),
+    ] = None,
+) -> None:
+    """Write the EMA weights and the resolved spec to a .safetensors file (for load, eval and sample)."""
+    from flowspec.train.checkpoint import resolve
+    from flowspec.train.export import SUFFIX, export
+
+    output = output or resolve(target).parent / f"model{SUFFIX}"
+    if output.suffix != SUFFIX:
+        raise UserError(f"the export must be a {SUFFIX} file, got {output}")
+    trained = export(target, output)
+    print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")
 
 
 @app.command(epilog=epilog("ablate"))

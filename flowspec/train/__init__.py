@@ -1,1 +1,23 @@
-"""Training, evaluation, sampling and ablations of compiled flow models."""
+"""The training stage: data, the training loop and its parts, evaluation, sampling, exports.
+
+`flowspec.train` is this package and also the training function: calling it runs `flowspec.api.train`
+(a package attribute cannot be a function once its subpackage is imported, so the package is callable).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+from flowspec.api import train as _train
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _train(*args, **kwargs)
+
+    __call__.__doc__ = _train.__doc__
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -43,6 +43,31 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         raise
 
 
+def save_run(run_dir: Path, payload: dict[str, Any], best: bool, *modules: torch.nn.Module) -> bool:
+    """Write `last.pt` (and `best.pt` when `best`) unless a module has non-finite weights (then warn)."""
+    if not all(is_finite(m) for m in modules):
+        print(
+            f"warning: the model has non-finite weights at step {payload['step']}: not checkpointed",
+            flush=True,
+        )
+        return False
+    save_atomic(payload, run_dir / LAST)
+    if best:
+        save_atomic(payload, run_dir / BEST)
+    return True
+
+
+def spec_record(spec: FlowSpec) -> dict[str, Any]:
+    """What a checkpoint keeps of the spec and the software: the resolved spec, its hash, the versions."""
+    import flowspec
+
+    return {
+        "spec": spec.model_dump_json(),
+        "spec_hash": spec_hash(spec),
+        "versions": {"flowspec": flowspec.__version__, "torch": str(torch.__version__)},
+    }
+
+
 def resolve(path: Path | str) -> Path:
     """A checkpoint file, or a run folder's `last.pt`; a clear error when there is none."""
     path = Path(path)
@@ -85,7 +110,7 @@ def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
         raise UserError(
             f"the spec stored in checkpoint {path} is not valid for this flowspec: {error}"
         ) from None
-    if spec_hash(spec) != payload["spec_hash"]:
+    if hashlib.sha256(payload["spec"].encode()).hexdigest() != payload["spec_hash"]:
         raise UserError(f"checkpoint {path} is inconsistent: its stored spec does not match its spec hash")
     return spec
 
@@ -93,7 +118,9 @@ def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
 def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -> None:
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
-        stored = checkpoint_spec(payload, path)
+        stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
+        if stored == spec:
+            return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(
             f"checkpoint {path} was trained with a different spec (differences: {'; '.join(diff[:5])}); "

@@ -76,3 +76,18 @@ def broadcast_module(module: torch.nn.Module, dist: Dist) -> None:
         with torch.no_grad():
             for tensor in list(module.parameters()) + list(module.buffers()):
                 td.broadcast(tensor.data, src=0)
+
+
+def agree_to_stop(
+    dist: Dist, device: torch.device, received: str | None, time_up: bool
+) -> tuple[str | None, bool]:
+    """The signal any rank received (SIGTERM first) and whether any rank's clock is up, the same on every
+    rank, so that all of them stop after the same step. One small all-reduce; nothing without torchrun."""
+    if not dist.active:
+        return received, time_up
+    flags = torch.tensor(
+        [received == "SIGINT", received == "SIGTERM", time_up], dtype=torch.float32, device=device
+    )
+    dist.all_sum(flags)
+    sigint, sigterm, late = (value > 0 for value in flags.tolist())
+    return ("SIGTERM" if sigterm else "SIGINT" if sigint else None), late

@@ -1,16 +1,18 @@
-"""The run's record in `metrics.jsonl` (a "train" row every few steps, a row per evaluation) and
-`curves.png` redrawn in place."""
+"""The run's record in `metrics.jsonl` (a "train" row at every logging step, a row per evaluation) and
+`curves.png` redrawn in place; the running means of the training loss, kept on the device."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 METRICS, CURVES = "metrics.jsonl", "curves.png"
-TRAIN_LOG_EVERY = 10
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
@@ -36,30 +38,6 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     tmp = run_dir / (METRICS + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, run_dir / METRICS)
-
-
-class TrainLog:
-    """Train bits/dim every `every` steps (and after the first), as `metrics.jsonl` rows of kind "train":
-    the mean over the finite steps since the last such row, the learning rate and the epoch."""
-
-    def __init__(self, run_dir: Path, every: int = TRAIN_LOG_EVERY):
-        self.run_dir, self.every = run_dir, every
-        self.total, self.count = 0.0, 0
-        self.skipped: int | None = None  # the run's count of skipped steps at the previous step
-
-    def add(self, step: int, bpd: float, lr: float, epoch: float, skipped: int) -> dict[str, Any] | None:
-        """Count the step just taken (`skipped`: the run's total of skipped steps so far); return the row
-        written at a logging step, else None."""
-        if skipped == (self.skipped if self.skipped is not None else skipped) and math.isfinite(bpd):
-            self.total, self.count = self.total + bpd, self.count + 1
-        self.skipped = skipped
-        if (step % self.every and step != 1) or not self.count:
-            return None
-        row = {"kind": "train", "step": step, "epoch": round(epoch, 4), "train_bpd": self.total / self.count}
-        row["lr"] = lr
-        append_metrics(self.run_dir, row)
-        self.total, self.count = 0.0, 0
-        return row
 
 
 def is_eval(row: dict[str, Any]) -> bool:
@@ -130,3 +108,67 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)
+
+
+def record(run_dir: Path, row: dict[str, Any], name: str) -> None:
+    """Append an evaluation's row and redraw the run's curves."""
+    append_metrics(run_dir, row)
+    plot_curves({name: read_metrics(run_dir)}, run_dir / CURVES, name)
+
+
+class Window:
+    """Train bits/dim and gradient norm since the last `reset`, over the steps that were not skipped, and
+    the training throughput. The sums stay on the device: `add` never waits for it, `read` does, and
+    times the training since the previous `read` (or `restart_clock`, after an evaluation)."""
+
+    def __init__(self, device: torch.device):
+        self._sums = torch.zeros(3, dtype=torch.float64, device=device)  # bits/dim, norm, good steps
+        self._last = torch.full((), math.nan, dtype=torch.float64, device=device)
+        self.images, self.seconds, self.total_images, self.total_seconds = 0, 0.0, 0, 0.0
+        self.first: tuple[int, float] | None = None  # the first read's images and seconds (warm-up)
+        self.recent_bpd: float | None = None  # mean bits/dim of the good steps between the last two reads
+        self._seen = (0.0, 0.0)  # the bits/dim sum and good steps at the previous read
+        self.restart_clock()
+
+    def add(self, bpd: torch.Tensor, norm: torch.Tensor, ok: torch.Tensor, images: int = 0) -> None:
+        """One step of `images` (all ranks): its mean bits/dim and gradient norm; `ok` (a bool tensor) is
+        false for a skipped step."""
+        zero = torch.zeros((), dtype=torch.float64, device=self._sums.device)
+        bpd, norm = bpd.detach().double(), norm.detach().double()
+        self._sums += torch.stack([torch.where(ok, bpd, zero), torch.where(ok, norm, zero), ok.double()])
+        self._last = torch.where(ok, bpd, self._last)
+        self._pending += images
+
+    def read(self) -> tuple[float | None, float | None, float]:
+        """Mean bits/dim and gradient norm since the reset (None when every step was skipped), and the
+        bits/dim of the latest good step (nan before the first)."""
+        bpd, norm, good, last = torch.cat([self._sums, self._last[None]]).tolist()
+        recent = good - self._seen[1]
+        self.recent_bpd, self._seen = ((bpd - self._seen[0]) / recent if recent else None), (bpd, good)
+        now = time.monotonic()
+        images, seconds = self._pending, now - self._since
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        if self.first is None:  # the first step(s) warm up (allocations, lazy init): not the run's rate
+            self.first = (images, seconds)
+        else:
+            self.total_images, self.total_seconds = self.total_images + images, self.total_seconds + seconds
+        self._since, self._pending = now, 0
+        return (bpd / good, norm / good, last) if good else (None, None, last)
+
+    def restart_clock(self) -> None:
+        """Time from now on (what came since the last `read` is not training)."""
+        self._since, self._pending = time.monotonic(), 0
+
+    def reset(self) -> None:
+        self._sums.zero_()
+        self._seen = (0.0, 0.0)
+        self.images, self.seconds = 0, 0.0
+
+    def img_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def overall_img_s(self) -> float:
+        """Training images per second, the first read's steps left out unless they are all there is."""
+        if self.total_images and self.total_seconds:
+            return self.total_images / self.total_seconds
+        return self.first[0] / self.first[1] if self.first and self.first[1] else 0.0

@@ -49,7 +49,13 @@ def build_scheduler(
 
 
 def build_optimizer(parameters, train: TrainSpec) -> torch.optim.Adam:
-    """Adam with the spec's learning rate, betas, epsilon and weight decay."""
+    """Adam with the spec's learning rate, betas, epsilon and weight decay; fused, so that a step can be
+    skipped on the device (`found_inf`)."""
     return torch.optim.Adam(
-        parameters, lr=train.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
+        parameters,
+        lr=train.lr,
+        betas=train.betas,
+        eps=train.eps,
+        weight_decay=train.weight_decay,
+        fused=True,
     )

@@ -1,0 +1,109 @@
+"""The Python API of the training stage: `train` (what `flowspec train` runs) and `load`.
+
+import flowspec
+result = flowspec.train("specs/quickstart.flow", out="runs/q", max_steps=100)
+model = flowspec.load("runs/q")  # a FlowModel: EMA weights, eval mode, `model.spec`
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flowspec.errors import UserError
+from flowspec.spec import FlowSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from flowspec.model import FlowModel
+    from flowspec.train.trainer import RunResult
+
+PathLike = str | os.PathLike[str]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not match or float(match[1]) <= 0:
+        raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def train(
+    spec: FlowSpec | PathLike | None = None,
+    data: PathLike | None = None,
+    out: PathLike | None = None,
+    *,
+    sets: Sequence[str] = (),
+    resume: PathLike | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    max_steps: int | None = None,
+    max_time: str | float | None = None,
+    log_every: int = 10,
+    tensorboard: bool = False,
+    quiet: bool = False,
+    threads: int | None = None,
+) -> RunResult:
+    """Train a spec (a `FlowSpec` or a `.flow` file) with its recipe, as `flowspec train` does.
+
+    The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
+    overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
+    `device`, `precision` (fp32 | bf16), `compile`, `max_steps`, `max_time` (seconds or `"30m"`),
+    `log_every`, `tensorboard`, `quiet` and `threads` (None: chosen by model size and CPU load). Returns
+    the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake raises `UserError`
+    with the message the command line prints.
+    """
+    from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
+    from flowspec.train.trainer import RunOptions
+    from flowspec.train.trainer import train as run_training
+
+    if resume is not None:
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
+        out = resume
+        if spec is None:
+            if sets:
+                raise UserError("--set needs the spec file: pass it along with --resume")
+            spec = checkpoint_spec(load_checkpoint(resume), resume)
+    if spec is None:
+        raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
+    if not isinstance(spec, FlowSpec):
+        from flowspec.loader import load_spec
+
+        spec = load_spec(spec, overrides=tuple(sets))
+    elif sets:
+        raise UserError("sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself")
+    if log_every < 1:
+        raise UserError(f"log_every must be at least 1, got {log_every}")
+    options = RunOptions(
+        out=Path(out) if out is not None else None,
+        data_dir=Path(data) if data is not None else None,
+        device=device,
+        precision=precision,
+        compile=compile,
+        max_steps=max_steps,
+        max_time=parse_duration(max_time) if max_time is not None else None,
+        quiet=quiet,
+        resume=resume is not None,
+        log_every=log_every,
+        tensorboard=tensorboard,
+        threads=threads,
+    )
+    return run_training(spec, options)
+
+
+def load(path: PathLike, device: str | torch.device | None = None) -> FlowModel:
+    """A trained model, ready to use: from a run folder, a checkpoint (`.pt`) or an export
+    (`.safetensors`), with the EMA weights, in eval mode, on `device` (default cpu); `model.spec` is
+    its resolved spec."""
+    from flowspec.train.export import load_trained
+
+    return load_trained(path, device).model

@@ -1,0 +1,112 @@
+"""Trained models outside their run folder: `.safetensors` exports, and loading any trained model.
+
+An export holds the evaluation (EMA) weights as tensors and, in the file's metadata, the resolved spec
+(JSON), its hash, the training step and the flowspec version: everything needed to rebuild the model.
+`load_trained` reads a run folder, a checkpoint or an export, and gives the model ready to use.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flowspec.errors import UserError
+from flowspec.spec import FlowSpec
+from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve, spec_hash
+
+FORMAT = "flowspec"
+SUFFIX = ".safetensors"
+
+
+@dataclass
+class Trained:
+    """A trained model (EMA weights, eval mode) with its spec, training step and where it came from."""
+
+    model: torch.nn.Module
+    spec: FlowSpec
+    step: int
+    path: Path
+    data_dir: str | None = None  # the data folder it was trained on (checkpoints only)
+
+
+def export(target: Path | str, output: Path | str) -> Trained:
+    """Write the EMA weights and resolved spec of a run folder or checkpoint to a `.safetensors` file."""
+    from safetensors.torch import save_file
+
+    trained = load_trained(target)
+    output = Path(output)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "spec": trained.spec.model_dump_json(),
+        "spec_hash": spec_hash(trained.spec),
+        "step": str(trained.step),
+        "flowspec_version": _version(),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return trained
+
+
+def load_trained(target: Path | str, device: str | torch.device | None = None) -> Trained:
+    """The model of a run folder, a checkpoint (`.pt`) or an export (`.safetensors`), with its EMA
+    weights, in eval mode, on `device` (default: cpu). Errors a user can cause are `UserError`s."""
+    import flowspec
+
+    path = Path(target)
+    where = torch.device(device or "cpu")
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if path.suffix == SUFFIX and not path.is_dir():
+        spec, weights, step = _read_export(path)
+        data_dir = None
+    else:
+        path = resolve(path)
+        payload = load_checkpoint(path)
+        spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
+        data_dir = payload.get("data_dir")
+    model = flowspec.build(spec)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise UserError(f"{path} does not fit the model its spec builds: {error}") from None
+    return Trained(model.to(where).eval(), spec, step, path, data_dir)
+
+
+def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: pass a file written by `flowspec export`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable .safetensors file ({error})") from None
+    missing = [k for k in ("format", "spec", "spec_hash", "step") if k not in metadata]
+    if missing or metadata["format"] != FORMAT:
+        lacks = ", ".join(missing) or "format=flowspec"
+        raise UserError(
+            f"{path} is not a flowspec export (its metadata lacks {lacks}): "
+            f"write one with `flowspec export RUN -o MODEL.safetensors`"
+        )
+    return checkpoint_spec(metadata, path), weights, int(metadata["step"])
+
+
+def _version() -> str:
+    import flowspec
+
+    return flowspec.__version__

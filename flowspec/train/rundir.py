@@ -1,0 +1,44 @@
+"""The run folder: its name, the refusal to overwrite an old run, the checkpoint a resumed run reads, and
+the spec files written at the start."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flowspec.errors import UserError
+from flowspec.spec import FlowSpec
+from flowspec.train.checkpoint import LAST, check_same_spec, load_checkpoint
+from flowspec.train.distributed import Dist
+
+
+def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
+    """`out`, or `runs/<model>-<date>-<time>` by rank 0's clock (the same folder on every rank)."""
+    if out is not None:
+        return Path(out)
+    stamp = dist.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]
+    return Path("runs") / f"{spec.name}-{stamp}"
+
+
+def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from (checked against `spec`); None for a new run in a free folder."""
+    last = run_dir / LAST
+    if resume:
+        payload = load_checkpoint(run_dir if run_dir.is_dir() else last)
+        check_same_spec(payload, spec, last)
+        return payload
+    if last.exists():
+        raise UserError(
+            f"{run_dir} already holds a run ({last}); continue it with --resume {run_dir} "
+            f"or choose another --out folder"
+        )
+    return None
+
+
+def write_spec_files(run_dir: Path, spec: FlowSpec) -> None:
+    """`spec.json` (the resolved spec) and `spec.flow` (the file it was loaded from, when there is one)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    if spec.source and Path(spec.source).is_file():
+        (run_dir / "spec.flow").write_text(Path(spec.source).read_text())

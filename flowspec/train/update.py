@@ -1,0 +1,144 @@
+"""One optimisation step: the objective (wrapped by DDP under torchrun), Adam with the spec's schedule,
+gradient clipping, the EMA of the weights, and the skipping of steps whose loss or gradient is not finite.
+
+A step never waits for the device: whether it is applied is a flag on the device, which fused Adam
+reads (as it does for `torch.amp.GradScaler`) and the EMA multiplies its update by. The loss, the norm
+and the counters are read only when the loop logs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from flowspec.spec import TrainSpec
+from flowspec.train.distributed import Dist
+from flowspec.train.schedule import build_optimizer, build_scheduler
+
+
+class Objective(nn.Module):
+    """Mean bits/dim of a batch: the module DDP wraps, so its backward all-reduces the gradients."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.bpd(x).mean()
+
+
+class Updater:
+    """Steps `model` with the spec's recipe. `step` counts the calls, `skipped` the steps with a
+    non-finite loss or gradient (never applied) and `bad_in_row` the latest run of them; `state_dict`
+    holds everything a resumed run needs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TrainSpec,
+        total_steps: int | None,
+        dist: Dist,
+        device: torch.device,
+        compile: bool = False,
+    ):
+        self.model, self.dist = model, dist
+        self._ok = torch.ones((), dtype=torch.bool, device=device)  # whether the current step is applied
+        self._counts = torch.zeros(2, dtype=torch.int64, device=device)  # skipped, bad in a row
+        self.decay = train.ema
+        self.ema: AveragedModel | None = None
+        if train.ema:
+            self.ema = AveragedModel(model, multi_avg_fn=self._ema_update, use_buffers=True)
+            self.ema.update_parameters(model)  # the average starts from the initialised weights
+        if compile:
+            model.compile_networks()
+        self.objective: nn.Module = Objective(model)
+        if dist.active:
+            ids = [device.index] if device.type == "cuda" else None
+            self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        self.optimizer = build_optimizer(model.parameters(), train)
+        self.scheduler = build_scheduler(self.optimizer, train, total_steps)
+        self.clip = train.clip_grad_norm or math.inf
+        self.accumulate = train.accumulate
+        self.step = 0
+
+    @property
+    def skipped(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def bad_in_row(self) -> int:
+        return int(self._counts[1])
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and sample with: the EMA's when the spec keeps one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One step on this rank's batch `x` (in `accumulate` micro-batches whose gradients add up to the
+        whole batch's). Returns, without waiting for the device, the mean bits/dim over all ranks, the
+        gradient norm, and whether the step was applied (a bool tensor)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._backward(x)
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
+        shared = torch.stack([torch.nan_to_num(loss, 0.0, 0.0, 0.0), bad])
+        self.dist.all_sum(shared)  # every rank skips the same steps
+        self._ok = shared[1] == 0
+        self.optimizer.found_inf = (~self._ok).float()  # fused Adam leaves everything as it was when set
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self._counts[0] += ~self._ok
+        self._counts[1] = (self._counts[1] + 1) * ~self._ok
+        self.scheduler.step()
+        self.step += 1
+        return shared[0] / self.dist.world, norm, self._ok
+
+    def _backward(self, x: Tensor) -> Tensor:
+        """Gradients of the batch's mean bits/dim; with DDP, all-reduced once, after the last micro-batch."""
+        parts = x.chunk(self.accumulate)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            defer = self.objective.no_sync() if self.dist.active and not last else contextlib.nullcontext()
+            with defer:
+                loss = self.objective(part) * (len(part) / len(x))
+                loss.backward()
+            total += loss.detach().float()
+        return total
+
+    def _ema_update(self, ema: list[Tensor], current: list[Tensor], _: Tensor) -> None:
+        """`ema += (1 - decay) (current - ema)` on applied steps; nothing on skipped ones."""
+        if not ema[0].is_floating_point():  # flags of data-dependent init
+            for e, c in zip(ema, current, strict=True):
+                e.copy_(torch.where(self._ok, c, e))
+            return
+        delta = torch._foreach_sub(current, ema)
+        torch._foreach_mul_(delta, self._ok.to(ema[0].dtype) * (1.0 - self.decay))
+        torch._foreach_add_(ema, delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "skipped": self.skipped,
+            "bad_in_row": self.bad_in_row,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self._counts.copy_(torch.tensor([state["skipped"], state.get("bad_in_row", 0)]))

@@ -1,0 +1,125 @@
+"""The Python API (`flowspec.train`, `flowspec.load`), `flowspec export` and its round trips, TensorBoard."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixture)
+
+import flowspec
+from flowspec.cli.app import run
+from flowspec.errors import UserError
+from flowspec.train.checkpoint import ema_weights, load_checkpoint
+from flowspec.train.data import load_split
+from flowspec.train.tensorboard import TensorBoard
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "run"
+    result = flowspec.train(
+        tiny_spec(steps=3, eval_every=3), out=out, device="cpu", quiet=True, tensorboard=True
+    )
+    assert result.step == 3 and result.run_dir == out
+    return out
+
+
+def _log_prob(model, x):
+    torch.manual_seed(0)  # the same dequantization noise for every model
+    with torch.no_grad():
+        return model.log_prob(x)
+
+
+def test_load_gives_the_ema_model_ready_to_use(run_dir):
+    model = flowspec.load(run_dir)
+    assert isinstance(model, flowspec.FlowModel) and not model.training
+    assert model.spec == tiny_spec(steps=3, eval_every=3)
+    weights = ema_weights(load_checkpoint(run_dir))
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert flowspec.load(run_dir / "last.pt").state_dict().keys() == model.state_dict().keys()
+
+
+def test_export_round_trips_to_identical_log_likelihoods(run_dir, tmp_path, capsys):
+    exported = tmp_path / "tiny.safetensors"
+    assert run(["export", str(run_dir), "-o", str(exported)]) == 0
+    assert "wrote tiny (step 3" in capsys.readouterr().out
+    x = load_split(tiny_spec().data, "test").images[:32]
+    original, loaded = flowspec.load(run_dir), flowspec.load(exported)
+    assert loaded.spec == original.spec and not loaded.training
+    assert torch.equal(_log_prob(original, x), _log_prob(loaded, x))
+    # eval and sample take the export too
+    assert (
+        run(["eval", str(exported), "--limit", "16", "--device", "cpu", "--out", str(tmp_path / "e.json")])
+        == 0
+    )
+    assert run(["sample", str(exported), "-n", "4", "-o", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert (tmp_path / "e.json").is_file() and (tmp_path / "s.png").is_file()
+
+
+def test_export_errors(run_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    with pytest.raises(UserError, match="does not exist"):
+        flowspec.load(tmp_path / "missing.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="other.safetensors is not a flowspec export"):
+        flowspec.load(tmp_path / "other.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x01" * 64)
+    with pytest.raises(UserError, match="garbage.safetensors is not a readable .safetensors file"):
+        flowspec.load(tmp_path / "garbage.safetensors")
+    for argv in (
+        ["export", str(tmp_path / "nowhere")],
+        ["export", str(run_dir), "-o", str(tmp_path / "model.pt")],
+        ["sample", str(tmp_path / "garbage.safetensors")],
+    ):
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_train_from_python_takes_a_spec_file_and_the_command_line_options(tmp_path):
+    flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
+    out = tmp_path / "run"
+    result = flowspec.train(
+        flow, out=out, sets=["train.lr=1e-3"], device="cpu", max_steps=2, quiet=True, tensorboard=True
+    )
+    assert (result.stopped, result.step) == ("max-steps", 2) and load_checkpoint(out)["step"] == 2
+    resumed = flowspec.train(resume=out, quiet=True, device="cpu", tensorboard=True)
+    assert (resumed.stopped, resumed.step) == ("finished", 4)
+    assert flowspec.load(out).spec.train.lr == 1e-3
+    assert [e.step for e in _scalars(out, "test/bpd")] == [2, 4]  # the resumed run continues the log
+    with pytest.raises(UserError, match="no spec given"):
+        flowspec.train()
+    with pytest.raises(UserError, match="expected a duration"):
+        flowspec.train(flow, out=tmp_path / "x", max_time="soon")
+
+
+def _events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    return events
+
+
+def _scalars(run_dir, tag):
+    return _events(run_dir).Scalars(tag)
+
+
+def test_tensorboard_has_the_scalars_and_the_sample_grids(run_dir):
+    events = _events(run_dir)
+    tags = events.Tags()
+    assert {"test/bpd", "train/bpd", "run/inversion_error", "run/lr"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("test/bpd")] == [3]
+    assert {"samples/T=1.0", "samples/T=0.8"} <= set(tags["images"])
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r"pip install 'flowspec\[tensorboard\]'"):
+        TensorBoard(tmp_path)
+    flow = write_flow(tmp_path / "tiny.flow")
+    assert run(["train", str(flow), "--out", str(tmp_path / "run"), "--device", "cpu", "--tensorboard"]) == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err

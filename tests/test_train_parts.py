@@ -1,0 +1,187 @@
+"""The parts of the training loop, each on its own: signals, run folder, metrics window, evaluation,
+checkpoint writing, stop agreement, and the optimisation step."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+
+import flowspec
+from flowspec.errors import UserError
+from flowspec.train import rundir
+from flowspec.train.checkpoint import BEST, LAST, save_run, spec_record
+from flowspec.train.data import load_split
+from flowspec.train.distributed import Dist, agree_to_stop
+from flowspec.train.evaluation import SAMPLE_TEMPERATURES, Evaluator
+from flowspec.train.metrics import METRICS, Window, read_metrics, record
+from flowspec.train.signals import StopSignals
+from flowspec.train.update import Updater
+
+CPU = torch.device("cpu")
+
+
+def test_stop_signals_note_the_first_signal_and_restore_the_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        assert signals.received is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts as usual
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+    with StopSignals(enabled=False) as off:
+        assert signal.getsignal(signal.SIGTERM) is before and off.received is None
+
+
+def test_run_folder(tmp_path):
+    spec = tiny_spec()
+    assert rundir.choose(spec, tmp_path / "a", Dist()) == tmp_path / "a"
+    assert rundir.choose(spec, None, Dist()).name.startswith("tiny-")
+    assert rundir.previous_checkpoint(tmp_path / "new", spec, resume=False) is None
+    (tmp_path / LAST).write_bytes(b"")
+    with pytest.raises(UserError, match="already holds a run"):
+        rundir.previous_checkpoint(tmp_path, spec, resume=False)
+    with pytest.raises(UserError, match="new/last.pt does not exist"):
+        rundir.previous_checkpoint(tmp_path / "new", spec, resume=True)
+    rundir.write_spec_files(tmp_path / "run", spec)
+    assert json.loads((tmp_path / "run" / "spec.json").read_text())["name"] == "tiny"
+    assert not (tmp_path / "run" / "spec.flow").exists()  # a spec built in Python has no file
+
+
+def test_window_means_skip_the_skipped_steps():
+    window = Window(CPU)
+    assert window.read()[:2] == (None, None) and math.isnan(window.read()[2])
+    for bpd, norm, ok in ((3.0, 1.0, True), (math.nan, math.inf, False), (5.0, 3.0, True)):
+        window.add(torch.tensor(bpd), torch.tensor(norm), torch.tensor(ok), images=10)
+    assert window.read() == (4.0, 2.0, 5.0) and window.images == 30 and window.img_s() > 0
+    window.add(torch.tensor(math.inf), torch.tensor(1.0), torch.tensor(False), images=10)
+    assert window.read()[2] == 5.0  # the latest good step
+    window.reset()
+    assert window.read()[:2] == (None, None) and window.images == 0 and window.total_images == 40
+    window.add(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(True), images=10)
+    window.restart_clock()  # what came before is not timed
+    window.read()
+    assert window.images == 0 and window.total_images == 40
+
+
+def test_record_appends_and_plots(tmp_path):
+    record(tmp_path, {"step": 1, "train_bpd": 3.0, "test_bpd": 3.5}, "tiny")
+    record(tmp_path, {"step": 2, "train_bpd": 2.0, "test_bpd": 2.5}, "tiny")
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2] and (tmp_path / "curves.png").is_file()
+    assert len((tmp_path / METRICS).read_text().splitlines()) == 2
+
+
+def test_evaluator_measures_draws_and_leaves_the_training_rng_alone(tmp_path):
+    spec = tiny_spec()
+    model = flowspec.build(spec)
+    test = load_split(spec.data, "test").images[:40]
+    model.initialize(test)
+    evaluate = Evaluator(test, 16, CPU, Dist(), tmp_path, spec.data.levels, seed=0)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = evaluate(model, step=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert 0.5 < first.test_bpd < 10 and first.inversion_error < 1e-3
+    assert sorted(first.grids) == sorted(SAMPLE_TEMPERATURES) and all(
+        p.is_file() for p in first.grids.values()
+    )
+    assert first.grids[1.0].name == "step0000007_t1.0.png"
+    assert evaluate(model, step=8).test_bpd == first.test_bpd  # seeded: the same noise every time
+
+
+def test_save_run_writes_last_and_best_but_never_a_non_finite_model(tmp_path, capsys):
+    model = torch.nn.Linear(2, 2)
+    payload = {"step": 3, "model": model.state_dict(), **spec_record(tiny_spec())}
+    assert save_run(tmp_path, payload, False, model) and (tmp_path / LAST).is_file()
+    assert not (tmp_path / BEST).exists()
+    assert save_run(tmp_path, payload, True, model) and (tmp_path / BEST).is_file()
+    with torch.no_grad():
+        model.weight[0, 0] = math.nan
+    (tmp_path / LAST).unlink()
+    assert not save_run(tmp_path, {**payload, "model": model.state_dict()}, True, model)
+    assert not (tmp_path / LAST).exists() and "non-finite weights at step 3" in capsys.readouterr().out
+
+
+def test_one_process_agrees_with_itself():
+    assert agree_to_stop(Dist(), CPU, None, False) == (None, False)
+    assert agree_to_stop(Dist(), CPU, "SIGTERM", True) == ("SIGTERM", True)
+
+
+def _updater(spec, **kw) -> tuple[Updater, torch.Tensor]:
+    torch.manual_seed(0)
+    model = flowspec.build(spec)
+    x = load_split(spec.data, "train").images[:16]
+    model.initialize(x)
+    return Updater(model, spec.train, None, Dist(), CPU, **kw), x
+
+
+def test_updater_steps_counts_and_skips_non_finite_steps():
+    updater, x = _updater(tiny_spec(ema=0.5))
+    bpd, norm, ok = updater(x)
+    assert bool(ok) and math.isfinite(float(bpd)) and float(norm) > 0 and updater.step == 1
+    before = {k: v.clone() for k, v in updater.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in updater.ema.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in updater.optimizer.state.values()]
+    with torch.no_grad():
+        next(updater.model.parameters()).grad = None
+    bad = x.clone()
+    updater.model.dequantizer.forward = lambda v: (v.float() * math.nan, torch.zeros(len(v)))
+    bpd, norm, ok = updater(bad)
+    assert not bool(ok) and (updater.step, updater.skipped, updater.bad_in_row) == (2, 1, 1)
+    after = updater.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing applied
+    assert all(
+        torch.equal(ema_before[k], v) for k, v in updater.ema.state_dict().items() if k != "n_averaged"
+    )
+    assert all(
+        torch.equal(m, s["exp_avg"]) for m, s in zip(moments, updater.optimizer.state.values(), strict=True)
+    )
+    del updater.model.dequantizer.forward
+    assert bool(updater(x)[2]) and (updater.skipped, updater.bad_in_row) == (1, 0)
+    state = updater.state_dict()
+    assert (state["step"], state["skipped"]) == (3, 1) and set(state) >= {
+        "model",
+        "ema",
+        "optimizer",
+        "scheduler",
+    }
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient():
+    spec = tiny_spec(batch=16, warmup=0)
+    torch.manual_seed(0)
+    base = flowspec.build(spec).double()
+    x = load_split(spec.data, "train").images[:16]
+    base.initialize(x)
+    results = []
+    for accumulate in (1, 4):
+        model = copy.deepcopy(base)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # no randomness: the micro-batches see what the whole batch sees
+        model.dequantizer.forward = lambda v: (v.double() + 0.5, torch.zeros(len(v), dtype=torch.float64))
+        train = spec.train.model_copy(update={"accumulate": accumulate})
+        updater = Updater(model, train, None, Dist(), CPU)
+        bpd, norm, ok = updater(x)
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((bpd, norm, grads, [p.detach().clone() for p in model.parameters()]))
+    (bpd, norm, grads, weights), (bpd4, norm4, grads4, weights4) = results
+    torch.testing.assert_close(bpd4, bpd, rtol=1e-12, atol=0)
+    torch.testing.assert_close(norm4, norm, rtol=1e-12, atol=0)
+    for a, b in zip(grads + weights, grads4 + weights4, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+    assert not all(torch.equal(a, b) for a, b in zip(weights, base.parameters(), strict=False))  # it stepped
+
+
+def test_accumulate_must_divide_the_batch(tmp_path):
+    with pytest.raises(ValueError, match=r"batch \(16\) must be divisible by accumulate \(3\)"):
+        tiny_spec(batch=16, accumulate=3)
