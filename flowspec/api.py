@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
@@ -51,15 +51,19 @@ def train(
     tensorboard: bool = False,
     quiet: bool = False,
     threads: int | None = None,
+    allow_large: bool = False,
+    eval: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Train a spec (a `FlowSpec` or a `.flow` file) with its recipe, as `flowspec train` does.
 
     The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
     overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
     `device`, `precision` (fp32 | bf16), `compile`, `max_steps`, `max_time` (seconds or `"30m"`),
-    `log_every`, `tensorboard`, `quiet` and `threads` (None: chosen by model size and CPU load). Returns
-    the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake raises `UserError`
-    with the message the command line prints.
+    `log_every`, `tensorboard`, `quiet`, `threads` (None: chosen by model size and CPU load), `allow_large`
+    (train a model whose estimated training memory exceeds the device's) and `eval` (settings of the spec's
+    `eval` section, as `--eval-*` give them, e.g. `{"images": 64, "inversion": False}`). Returns the run's
+    `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake raises `UserError` with the
+    message the command line prints.
     """
     from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
     from flowspec.train.trainer import RunOptions
@@ -83,6 +87,9 @@ def train(
         raise UserError("sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself")
     if log_every < 1:
         raise UserError(f"log_every must be at least 1, got {log_every}")
+    from flowspec.inspection.budget import check_size, default_device
+
+    check_size(spec, "train", default_device(device), allow_large)
     options = RunOptions(
         out=Path(out) if out is not None else None,
         data_dir=Path(data) if data is not None else None,
@@ -96,6 +103,7 @@ def train(
         log_every=log_every,
         tensorboard=tensorboard,
         threads=threads,
+        eval=dict(eval or {}),
     )
     return run_training(spec, options)
 

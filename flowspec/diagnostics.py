@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from flowspec.errors import UserError
 from flowspec.spec import SourceLoc
 
+SHOWN_WIDTH = 100  # characters of a long source line shown under a message
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -26,7 +28,11 @@ class Diagnostic:
         if not 1 <= self.loc.line <= len(lines):
             return head
         line = lines[self.loc.line - 1].rstrip().replace("\t", " ")
-        return f"{head}\n    {line}\n    {' ' * (self.loc.col - 1)}^"
+        col = self.loc.col
+        if len(line) > SHOWN_WIDTH:  # a window of the line around the column
+            start = max(0, min(col - 1 - SHOWN_WIDTH // 2, len(line) - SHOWN_WIDTH))
+            line, col = line[start : start + SHOWN_WIDTH], col - start
+        return f"{head}\n    {line}\n    {' ' * (col - 1)}^"
 
 
 class SpecError(UserError):

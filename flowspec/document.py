@@ -79,6 +79,11 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
             return {key: None}
         if key == "hflip" and isinstance(value, Word):
             return {"hflip": {"hflip": True, "none": False}.get(value, value)}
+    if section == "eval":
+        if key == "images" and value == "all":
+            return {"images": None}
+        if key == "temperatures" and not isinstance(value, tuple):
+            return {"temperatures": (value,)}
     if section == "data":
         if key == "classes" and not isinstance(value, tuple):
             return {"classes": (value,)}

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad spec, missing data, corrupt checkpoint, bad option).
@@ -11,3 +16,51 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs; the CLI exits with 143."""
+
+
+class Interrupted(UserError):
+    """A command stopped by Ctrl-C (exit 130) or SIGTERM (exit 143); the message says what was kept."""
+
+    def __init__(self, kept: str, terminated: bool = False):
+        super().__init__(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}; {kept}")
+        self.exit_code = 143 if terminated else 130
+
+
+def os_error_message(error: OSError, doing: str = "accessing") -> str:
+    """One line for an operating-system error on a path: `no space left writing PATH`, `permission
+    denied writing PATH`, ... (`doing`: what was being done, e.g. `writing`)."""
+    path = error.filename if error.filename is not None else "a file"
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    reasons = {
+        errno.ENOSPC: "no space left",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "read-only file system",
+        errno.EISDIR: "is a directory:",
+        errno.ENOTDIR: "not a directory:",
+        errno.ENAMETOOLONG: "file name too long:",
+    }
+    reason = reasons.get(error.errno)
+    if reason is None:
+        return f"cannot complete {doing} {path}: {error.strerror or error}"
+    if reason.endswith(":"):
+        return f"{reason[:-1]} while {doing} {path}"
+    return f"{reason} {doing} {path}"
+
+
+@contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Give an `OSError` raised while writing `path` the file's name (a failed write to an open file,
+    e.g. a full disk, has none), so that its message can say which file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowspec.nodes import Node
-from flowspec.spec import CouplingSettings, FlowSpec, Interval, TrainSpec
+from flowspec.spec import CouplingSettings, EvalSpec, FlowSpec, Interval, TrainSpec
 from flowspec.steps import KINDS, StepKind, kind_of
 
 WIDTH = 100
@@ -33,7 +33,7 @@ def format_spec(spec: FlowSpec) -> str:
         context = f"context(filters={deq.context.filters}, blocks={deq.context.blocks})"
         out += ["dequantize variational {", INDENT + context, *_steps(deq.steps, spec, 1), "}"]
     out += ["", "flow {", *_steps(spec.flow, spec, 1), "}", "", f"prior {spec.prior}", "", *_train(spec), ""]
-    return "\n".join(out)
+    return "\n".join(out + _eval(spec.eval))
 
 
 def _value(value: Any) -> str:
@@ -147,3 +147,14 @@ def _train(spec: FlowSpec) -> list[str]:
         f"{INDENT}augment {'hflip' if t.hflip else 'none'}",
         "}",
     ]
+
+
+def _eval(settings: EvalSpec) -> list[str]:
+    """The `eval` section with the settings that differ from the built-in ones (none: no section)."""
+    plain = EvalSpec()
+    parts = [
+        f"{name} {'all' if value is None else _value(value)}"
+        for name, value in settings.model_dump().items()
+        if value != getattr(plain, name)
+    ]
+    return [f"eval {{ {'  '.join(parts)} }}", ""] if parts else []

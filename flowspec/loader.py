@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -21,7 +22,9 @@ from flowspec.resolve import OVERRIDE_FILE, apply_defaults, apply_overrides, mer
 from flowspec.shapes import shape_issues
 from flowspec.spec import FlowSpec, SourceLoc
 
-__all__ = ["SpecError", "load_spec", "parse_spec", "setting_sources"]
+__all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
+
+MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path from filling memory
 
 
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> FlowSpec:
@@ -66,18 +69,54 @@ def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ())
 # ---------------------------------------------------------------- files and extends
 
 
+def read_spec_file(path: str | os.PathLike[str]) -> str:
+    """The text of a spec file: a regular file of at most `MAX_SPEC_BYTES`, UTF-8.
+
+    Raises `SpecFileError` with the reason otherwise (never blocks on a FIFO or reads a device forever).
+    """
+    name = os.fspath(path)
+    if "\0" in name:
+        raise SpecFileError("has a NUL byte in its path")
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    except FileNotFoundError:
+        raise SpecFileError("not found") from None
+    except OSError as error:
+        raise SpecFileError(f"cannot be read ({error.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
+        raise SpecFileError(f"is {what}, not a spec file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_SPEC_BYTES + 1)
+        except OSError as error:
+            raise SpecFileError(f"cannot be read ({error.strerror})") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecFileError(f"is larger than {MAX_SPEC_BYTES // 2**20} MiB, too large for a spec file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecFileError(f"is not UTF-8 text (byte {error.start})") from None
+
+
+class SpecFileError(Exception):
+    """Why a spec file cannot be read (the caller adds which file it is)."""
+
+
 def _load(path: Path, texts: dict[str, str], chain: tuple[Path, ...], at: SourceLoc | None) -> RawDict:
+    what = "spec file" if at is None else "extended spec"
     file = os.path.normpath(path)
+    try:
+        text = read_spec_file(file)
+    except SpecFileError as error:
+        shown = file if file.isprintable() else repr(file)
+        raise SpecError([Diagnostic(at, f"{what} {shown} {error}")], texts) from None
     real = Path(file).resolve()
     if real in chain:
         cycle = " -> ".join(os.path.relpath(p) for p in (*chain[chain.index(real) :], real))
         raise SpecError([Diagnostic(at, f"extends cycle: {cycle}")], texts)
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        what = "spec file" if at is None else "extended spec"
-        reason = "not found" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
-        raise SpecError([Diagnostic(at, f"{what} {file} {reason}")], texts) from None
     texts[file] = text
     return _extend(parse_document(text, file), file, texts, (*chain, real))
 
@@ -325,6 +364,8 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
         return (
             f"{field} must be a count of steps or epochs, e.g. `100 steps` or `10 epochs`, got {_show(value)}"
         )
+    if kind == "too_short" and field == "flow":
+        return "flow has no steps: write at least one, e.g. `flow { split stripe { coupling; flip } }`"
     if kind == "value_error":
         return str(ctx.get("error", item["msg"]))
     message = item["msg"]

@@ -7,6 +7,7 @@ offending token and parse again), so one run reports every independent mistake o
 from __future__ import annotations
 
 import functools
+import math
 import re
 from importlib import resources
 from typing import Any
@@ -23,6 +24,8 @@ from flowspec.steps import KINDS
 
 MAX_SYNTAX_ERRORS = 10
 MAX_NESTING = 32  # split/repeat blocks inside each other
+MAX_BRACKETS = 64  # brackets of any kind inside each other (values: tuples inside tuples)
+MAX_DIGITS = 64  # digits in a row: no setting needs a longer number
 
 # section keyword as written -> key in the raw document (the spec's field name)
 SECTION_KEYS = {"model": "name"}
@@ -91,6 +94,7 @@ def parse_value(text: str, file: str, line: int, col: int) -> Any:
 
 
 def _parse(text: str, file: str, start: str):
+    _check_limits(text, file)
     diagnostics: list[Diagnostic] = []
     work = text
     for _ in range(4 * MAX_SYNTAX_ERRORS):
@@ -110,6 +114,44 @@ def _parse(text: str, file: str, start: str):
             return tree
         break
     raise SpecError(diagnostics, {file: text})
+
+
+def _check_limits(text: str, file: str) -> None:
+    """Refuse what no spec needs and later stages could not take: brackets nested deeper than
+    `MAX_BRACKETS` (recursion), numbers with more than `MAX_DIGITS` digits in a row (integer conversion
+    limits) or too large for a float. Comments and strings are skipped; the error points at the
+    offending bracket or number."""
+    depth = 0
+    for match in _LIMITED.finditer(text):
+        token = match[0]
+        if token in ("(", "{", "["):
+            depth += 1
+            if depth > MAX_BRACKETS:
+                _refuse(text, file, match.start(), f"brackets nested more than {MAX_BRACKETS} deep")
+        elif token in (")", "}", "]"):
+            depth = max(0, depth - 1)
+        elif token[0].isdigit() or token[0] == ".":
+            digits = max(len(run) for run in re.findall(r"[0-9]+", token.replace("_", "")))
+            if digits > MAX_DIGITS:
+                _refuse(text, file, match.start(), f"a number with {digits:,} digits: at most {MAX_DIGITS}")
+            if "x" not in token and not math.isfinite(float(token.replace("_", ""))):
+                _refuse(text, file, match.start(), f"the number {token} is too large")
+
+
+# comments and strings (skipped), words (skipped), numbers and shapes, brackets
+_LIMITED = re.compile(
+    r'#[^\n]*|"[^"\n]*"?|[A-Za-z_][A-Za-z0-9_]*|[(){}\[\]]'
+    r"|(?:[0-9][0-9_]*(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?(?:x[0-9]+)*"
+)
+
+
+def _refuse(text: str, file: str, pos: int, message: str) -> None:
+    raise SpecError([Diagnostic(_loc_at(text, file, pos), message)], {file: text})
+
+
+def _loc_at(text: str, file: str, pos: int) -> SourceLoc:
+    line = text.count("\n", 0, pos) + 1
+    return SourceLoc(file=file, line=line, col=pos - (text.rfind("\n", 0, pos) + 1) + 1)
 
 
 def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic, tuple[int, int] | None]:
@@ -398,6 +440,15 @@ class _Builder(Transformer_NonRecursive):
             for key, value, loc in child if isinstance(child, list) else [child]:
                 self._set(out, "train", key, value, loc, "train")
         return "train", out, out.loc
+
+    def eval_setting(self, meta, children):
+        return str(children[0]), children[1], self._loc(meta)
+
+    def evaluation(self, meta, children):
+        out = RawDict(self._loc(meta))
+        for key, value, loc in children:
+            self._set(out, "eval", key, value, loc, "eval")
+        return "eval", out, out.loc
 
     def start(self, meta, children):
         doc = RawDict(SourceLoc(file=self.file, line=1, col=1))

@@ -6,6 +6,7 @@ point at the line (in the extended file, or in the `--set` option) where the val
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Sequence
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -17,7 +18,7 @@ from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, conver
 from flowspec.parser import SECTION_KEYS, parse_value
 from flowspec.spec import CouplingSettings, FlowSpec, SourceLoc
 
-MERGED_SECTIONS = ("data", "preprocess", "train", "defaults")
+MERGED_SECTIONS = ("data", "preprocess", "train", "eval", "defaults")
 COUPLING_FIELDS = tuple(CouplingSettings.model_fields)
 OVERRIDE_FILE = "--set"
 
@@ -25,8 +26,8 @@ OVERRIDE_FILE = "--set"
 
 
 def merge(base: RawDict, child: RawDict) -> RawDict:
-    """`child` written over `base`: `data`, `preprocess`, `train` and `defaults` (and `defaults.coupling`)
-    merge setting by setting; every other section is replaced whole."""
+    """`child` written over `base`: `data`, `preprocess`, `train`, `eval` and `defaults` (and
+    `defaults.coupling`) merge setting by setting; every other section is replaced whole."""
     out = base.copy()
     out.loc = child.loc
     out.pop("extends", None)
@@ -90,7 +91,7 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
     for i, part in enumerate(parts):
         loc = SourceLoc(file=OVERRIDE_FILE, line=line, col=cols[i])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not re.fullmatch(r"[0-9]{1,9}", part) or int(part) >= len(node):
                 count = f"steps 0 to {len(node) - 1}" if node else "no steps"
                 raise _fail(line, cols[i], f"{where} has {count}, no step '{part}'")
             if i == len(parts) - 1:

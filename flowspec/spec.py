@@ -23,6 +23,8 @@ __all__ = ["CouplingSettings", "FlowSpec", "SourceLoc", "Step"]
 
 # ---------------------------------------------------------------- sections
 
+MAX_SEED = 2**32 - 1  # seeds derived from it (per rank, epoch, evaluation) stay within torch's 64 bits
+
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES, "digits": (), "npz": ()}
 CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "npz": None}
@@ -121,7 +123,7 @@ class TrainSpec(Node):
     length: Interval | None = Field(default=None, description="training length; none: unbounded")
     eval_every: Interval = Interval(count=1, unit="epochs")
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
@@ -135,6 +137,26 @@ class TrainSpec(Node):
         return self
 
 
+class EvalSpec(Node):
+    """What each evaluation measures and draws; its cost grows with every setting. Not part of what is
+    trained: a run may be resumed with other evaluation settings."""
+
+    images: int | None = Field(default=None, ge=1, description="test images per evaluation; none: all")
+    batch: int | None = Field(default=None, ge=1, description="images per forward pass; none: train.batch")
+    samples: int = Field(default=64, ge=0, le=4096, description="images per sample grid; 0: no grids")
+    temperatures: tuple[float, ...] = Field(default=(1.0, 0.8), description="one sample grid each")
+    inversion: bool = Field(default=True, description="the inversion check on a test batch")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("temperatures needs at least one value, e.g. (1.0, 0.8) (samples 0: no grids)")
+        if not all(0.0 < t <= 10.0 for t in value):
+            raise ValueError(f"temperatures must lie in (0, 10], got {value}")
+        return value
+
+
 class FlowSpec(Node):
     """A whole model and its training recipe, resolved and validated."""
 
@@ -143,9 +165,10 @@ class FlowSpec(Node):
     preprocess: LogitPreprocess = LogitPreprocess()
     dequantize: Dequantizer = UniformDequant()
     defaults: Defaults = Defaults()
-    flow: list[Step]
+    flow: list[Step] = Field(min_length=1)
     prior: Literal["normal"] = "normal"
     train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
     target_params: int | None = Field(default=None, ge=0)
     source: str | None = Field(default=None, exclude=True, repr=False, description="path it was loaded from")
 

@@ -115,7 +115,7 @@ def test_ablate_with_a_tiny_budget_prints_the_table(tmp_path, capsys):
     assert [r["steps"] for r in rows] == [1, 1] and all(r["img/s"] > 0 for r in rows)
 
 
-def test_ablate_stops_at_a_signal_and_compares_the_runs_done(tmp_path, monkeypatch):
+def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monkeypatch):
     from flowspec.train import ablate
 
     trained = []
@@ -130,7 +130,7 @@ def test_ablate_stops_at_a_signal_and_compares_the_runs_done(tmp_path, monkeypat
     specs = [spec.model_copy(update={"name": n}) for n in ("a", "b", "c")]
     results = ablate.run_ablation(specs, RunOptions(), tmp_path, seed=0)
     assert [r.run_dir.name for r in results] == ["a", "b"] and len(trained) == 2
-    rows = json.loads((tmp_path / "ablation.json").read_text())
-    assert [r["img/s"] for r in rows] == [0.0312, 0.0312]  # slow models keep their rate
+    rows = json.loads((tmp_path / "ablation.json").read_text())  # the finished runs: "b" was stopped
+    assert [r["spec"] for r in rows] == ["a"] and [r["img/s"] for r in rows] == [0.0312]  # a slow rate kept
     assert ablate.fmt_rate(0.0312) == "0.0312" and ablate.fmt_rate(45.67) == "45.7"
     assert ablate.fmt_rate(1234.5) == "1,234"

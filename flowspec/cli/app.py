@@ -1,12 +1,16 @@
-"""The typer app shared by all command modules, and the user-error boundary."""
+"""The typer app shared by all command modules, and the error boundary of every command."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
-from flowspec.errors import UserError
+from flowspec.errors import Terminated, UserError, os_error_message
 
 app = typer.Typer(
     name="flowspec",
@@ -16,19 +20,98 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+EXIT_USER, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 130, 143
+
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the app and return its exit code.
+    """Run the app and return its exit code: the error boundary of every command.
 
-    A `UserError` becomes its one-paragraph message on stderr and exit code 2; usage errors (bad options)
-    keep typer's own message and its exit code 2.
+    - a `UserError`, an operating-system error on a path (a full disk, a read-only folder) and running
+      out of memory print a one-paragraph message on stderr: exit 2, no traceback;
+    - usage errors (bad options) keep typer's own message: exit 2;
+    - Ctrl-C prints one line: exit 130; SIGTERM likewise: exit 143 (`train` stops after the current step
+      and saves, see the trainer);
+    - anything else is a bug in flowspec: its traceback, then a line asking to report it: exit 1.
     """
+    received: list[int] = []
     try:
-        app(args=argv, prog_name="flowspec")
+        with _signals_raise(received):
+            result = app(args=argv, prog_name="flowspec", standalone_mode=False)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        return _fail(str(error), error.exit_code)
+    except OSError as error:
+        if error.filename is None:
+            return _bug()
+        return _fail(os_error_message(error), EXIT_USER)
+    except MemoryError:
+        return _fail(OUT_OF_MEMORY, EXIT_USER)
+    except ClickException as error:  # usage errors: bad options, missing arguments
+        error.show()
         return error.exit_code
-    except SystemExit as done:
-        code = done.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0
+    except (KeyboardInterrupt, typer.Abort):
+        received.append(signal.SIGINT)
+        result = None
+    except Exception as error:
+        if _is_out_of_memory(error):
+            return _fail(OUT_OF_MEMORY, EXIT_USER)
+        return _bug()
+    if received:  # typer turns Ctrl-C into exit code 130 silently: say what happened
+        if received[0] == signal.SIGTERM:
+            return _fail("terminated (SIGTERM); files already written are kept", EXIT_SIGTERM)
+        return _fail("interrupted (Ctrl-C); files already written are kept", EXIT_SIGINT)
+    return result if isinstance(result, int) else 0
+
+
+OUT_OF_MEMORY = (
+    "out of memory: the model, batch or data is too large for this machine; lower the batch "
+    "(--set train.batch=N) or the model's size (e.g. --set defaults.coupling.filters=N)"
+)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _bug() -> int:
+    from flowspec import __version__
+
+    traceback.print_exc()
+    print(
+        f"this is a bug in flowspec {__version__}, not a mistake of yours: please report it with the "
+        f"command line and the traceback above",
+        file=sys.stderr,
+    )
+    return EXIT_BUG
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    """torch's `OutOfMemoryError` and CPU allocation failures (`RuntimeError`s), without importing torch."""
+    return type(error).__name__ == "OutOfMemoryError" or "DefaultCPUAllocator: can't allocate" in str(error)
+
+
+@contextmanager
+def _signals_raise(received: list[int]) -> Iterator[None]:
+    """While a command runs, Ctrl-C raises `KeyboardInterrupt` and SIGTERM `Terminated` (a kind of
+    `KeyboardInterrupt`, so the same clean-up runs); `received` records the signal. A command may install
+    its own handlers (the trainer does) and restore these."""
+
+    def handle(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    try:
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -10,7 +10,7 @@ import typer
 
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
-from flowspec.cli.options import SetOption, ThreadsOption, load_cli_spec
+from flowspec.cli.options import AllowLargeOption, SetOption, ThreadsOption, load_cli_spec
 from flowspec.errors import UserError
 
 
@@ -49,6 +49,7 @@ def inspect(
     batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
     sets: SetOption = None,
     threads: ThreadsOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
     for name, value in (("--data", data), ("--threads", threads)):
@@ -59,7 +60,9 @@ def inspect(
 
     import flowspec
     from flowspec.inspection import inspect_model, render
+    from flowspec.inspection.budget import check_size
 
+    check_size(resolved, "build", allow_large=allow_large, images=batch if probe else 0)
     torch.manual_seed(resolved.train.seed)
     model = flowspec.build(resolved)
     report = inspect_model(model, resolved, target_params)
@@ -85,6 +88,7 @@ def diff(
         typer.Argument(metavar="[B]", help="The spec to compare (default: A, with --set applied)."),
     ] = None,
     sets: SetOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Show the settings that differ between two resolved specs (--set applies to B) and parameter deltas."""
     a = load_cli_spec(spec_a, None)
@@ -92,6 +96,10 @@ def diff(
     from rich.console import Console
 
     from flowspec.inspection import inspect_spec
+    from flowspec.inspection.budget import check_size
+
+    for spec in (a, b):
+        check_size(spec, "build", allow_large=allow_large)
     from flowspec.inspection.diff import render_diff
     from flowspec.loader import setting_sources
 

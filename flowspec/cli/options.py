@@ -47,6 +47,10 @@ ThreadsOption = Annotated[
         help="Intra-op CPU threads (default: 1 for small models or a busy CPU, else the idle cores).",
     ),
 ]
+AllowLargeOption = Annotated[
+    bool,
+    typer.Option("--allow-large", help="Go ahead with a model that needs more memory than this machine has."),
+]
 
 
 def load_cli_spec(path: Path, sets: list[str] | None) -> FlowSpec:

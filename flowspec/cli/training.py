@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -16,6 +19,7 @@ from flowspec.api import parse_duration
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.cli.options import (
+    AllowLargeOption,
     Device,
     DeviceOption,
     SetOption,
@@ -23,10 +27,16 @@ from flowspec.cli.options import (
     ThreadsOption,
     load_cli_spec,
 )
-from flowspec.errors import UserError
+from flowspec.errors import Interrupted, Terminated, UserError, os_error_message
+from flowspec.spec import MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
+    from flowspec.train.signals import StopSignals
+    from flowspec.train.trainer import RunResult
+
+
+MAX_IW = 16384  # importance samples per image: four times the official Flow++ evaluation's 4096
 
 
 class Precision(str, Enum):
@@ -46,9 +56,67 @@ DataOption = Annotated[
     ),
 ]
 
+EvalImagesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-images",
+        min=1,
+        metavar="N",
+        help="Test images per evaluation (default: the spec's eval section, else all; a short run: 64).",
+    ),
+]
+EvalBatchOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-batch",
+        min=1,
+        metavar="N",
+        help="Images per forward pass of an evaluation (default: the batch).",
+    ),
+]
+EvalSamplesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--eval-samples",
+        min=0,
+        metavar="N",
+        help="Images per sample grid, a grid per temperature; 0: none (default 64; a short run: one of 16).",
+    ),
+]
+EvalInversionOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--eval-inversion/--no-eval-inversion",
+        help="The inversion check on a test batch (default on; a short run: off).",
+    ),
+]
+
 
 def _device(device: Device | None) -> str | None:
     return device.value if device else None
+
+
+def _eval_settings(images: int | None, batch: int | None, samples: int | None, inversion: bool | None):
+    """The `--eval-*` options given, as settings of the spec's `eval` section."""
+    given = {"images": images, "batch": batch, "samples": samples, "inversion": inversion}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+@contextmanager
+def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSignals]:
+    """SIGINT and SIGTERM stop `work` between batches: one line on stderr (saying what is `kept`), exit
+    code 130 or 143."""
+    from flowspec.train.signals import Interrupted, StopSignals
+
+    try:
+        with StopSignals() as signals:
+            yield signals
+    except Interrupted as stop:
+        print(f"{stop.signal}: {work} stopped {stop.done}; {kept}", file=sys.stderr)
+        raise typer.Exit(stop.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"interrupted: {work} stopped; {kept}", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 @app.command(epilog=epilog("train"))
@@ -89,10 +157,15 @@ def train(
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard).")
     ] = False,
+    eval_images: EvalImagesOption = None,
+    eval_batch: EvalBatchOption = None,
+    eval_samples: EvalSamplesOption = None,
+    eval_inversion: EvalInversionOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     threads: ThreadsOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
-    """Train a spec with its recipe; evaluate, sample and checkpoint every interval."""
+    """Train a spec with its recipe; checkpoint, evaluate and sample every interval."""
     import flowspec
 
     try:
@@ -111,10 +184,13 @@ def train(
             tensorboard=tensorboard,
             quiet=quiet,
             threads=threads,
+            allow_large=allow_large,
+            eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
         )
-    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C: checkpoints are never torn
-        print("interrupted: finished checkpoints are kept; continue with --resume RUN_DIR", file=sys.stderr)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
+        raise Interrupted(
+            "finished checkpoints are kept; continue with --resume RUN_DIR", isinstance(stop, Terminated)
+        ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
@@ -147,21 +223,48 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
 
 
 def _load_for_inference(
-    target: Path, device: Device | None, sets: list[str] | None = None, threads: int | None = None
+    target: Path,
+    device: Device | None,
+    sets: list[str] | None,
+    images: int,
+    allow_large: bool,
+    threads: int | None = None,
 ):
-    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`;
-    torch's thread count chosen for it (said on stderr)."""
+    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`
+    (refused before it is built when it and `images` images at once do not fit the device); torch's thread
+    count chosen for it (said in the header line)."""
     import torch
 
     from flowspec.threads import set_threads
     from flowspec.train.export import load_trained
 
     where = _device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
-    trained = load_trained(target, where)
+    trained = load_trained(target, where, images=images, allow_large=allow_large)
     spec = _with_overrides(trained.spec, sets, trained.path)
     choice = set_threads(sum(p.numel() for p in trained.model.parameters() if p.requires_grad), threads)
-    print(f"{spec.name}, step {trained.step}, device {where}, {choice}", file=sys.stderr)
+    print(f"{spec.name}, step {trained.step}, device {where}, {choice}")
     return trained, spec
+
+
+def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output path that is a folder or names an unknown kind of file, before any work."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: give a file name, e.g. {path / ('out' + suffixes[0])}")
+    if path.suffix.lower() not in suffixes:
+        raise UserError(
+            f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
+            f"{', '.join(suffixes)}"
+        )
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    """The image file extensions Pillow can write, .png first."""
+    from PIL import Image
+
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    common = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+    return tuple(ext for ext in common if ext in writable)
 
 
 @app.command("eval", epilog=epilog("eval"))
@@ -172,14 +275,20 @@ def evaluate(
     ],
     data: DataOption = None,
     iw: Annotated[
-        int, typer.Option("--iw", min=1, help="Importance samples K per image (1: single-sample only).")
+        int,
+        typer.Option(
+            "--iw", min=1, max=MAX_IW, help="Importance samples K per image (1: single-sample only)."
+        ),
     ] = 1,
     split: Annotated[Split, typer.Option("--split", help="The data split to evaluate.")] = Split.test,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Evaluate the first N images only.")
+        int | None,
+        typer.Option("--images", "--limit", min=1, metavar="N", help="Evaluate the first N images only."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the dequantization noise.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the dequantization noise.")
+    ] = 0,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -192,26 +301,37 @@ def evaluate(
     device: DeviceOption = None,
     sets: StoredSetOption = None,
     threads: ThreadsOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
+    import time
+
     import torch
     from rich.console import Console
-    from rich.progress import Progress
     from rich.table import Table
 
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
+    from flowspec.train.memory import PeakMemory
+    from flowspec.train.progress import Reporter
 
-    trained, spec = _load_for_inference(target, device, sets, threads)
-    images = load_split(spec.data, split.value, data or trained.data_dir).images
-    images = images[:limit] if limit else images
-    torch.manual_seed(seed)
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"eval {split.value}", total=len(images))
-        result = bounds(
-            trained.model, images, iw, batch, trained.model.device, lambda n: progress.advance(task, n)
-        )
+    if out is not None:
+        _check_output(out, "--out", (".json",))
+    with _stoppable("the evaluation") as signals:
+        trained, spec = _load_for_inference(target, device, sets, batch, allow_large, threads)
+        images = load_split(spec.data, split.value, data or trained.data_dir).images
+        images = images[:limit] if limit else images
+        torch.manual_seed(seed)
+        where = trained.model.device
+        reporter = Reporter.auto(False, None, 0, train=False)
+        started, memory = time.monotonic(), PeakMemory(where)
+        meter = reporter.meter(f"eval {split.value}", len(images), "images")
+        try:
+            result = bounds(trained.model, images, iw, batch, where, meter, signals.check)
+        finally:
+            meter.close()
+            reporter.close()
+    print(f"evaluated {len(images)} images in {time.monotonic() - started:.1f} s, {memory}")
     record = {
         "checkpoint": str(trained.path),
         "spec": spec.name,
@@ -222,7 +342,6 @@ def evaluate(
         **result,
     }
     out = out or trained.path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
@@ -230,7 +349,11 @@ def evaluate(
     table.add_row("single sample", f"{result['bpd']:.4f}")
     if iw > 1:
         table.add_row(f"importance weighted, K={iw}", f"{result[f'iw{iw}_bpd']:.4f}")
-    Console().print(table)
+    Console().print(table)  # before writing: the results are shown even when they cannot be written
+    try:
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
 
 
@@ -251,18 +374,26 @@ def sample(
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed of the samples (default: a fresh draw).")
+        int | None,
+        typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the samples (default: a fresh draw)."),
     ] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
     sets: StoredSetOption = None,
     threads: ThreadsOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
     from flowspec.train.sampling import grid_name, save_grid
 
-    trained, spec = _load_for_inference(target, device, sets, threads)
-    out = out or Path(f"samples_{grid_name(trained.step, temperature)}")
-    save_grid(trained.model, n, temperature, out, spec.data.levels, seed)
+    if not math.isfinite(temperature):
+        raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if out is not None:
+        _check_output(out, "--out", _image_suffixes())
+    with _stoppable("sampling") as signals:
+        trained, spec = _load_for_inference(target, device, sets, n, allow_large, threads)
+        out = out or Path(f"samples_{grid_name(trained.step, temperature)}")
+        save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
     print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {out}")
 
 
@@ -305,21 +436,28 @@ def ablate(
         typer.Option("--out", "-o", metavar="DIR", help="Folder of the runs; default runs/ablate-<time>."),
     ] = None,
     sets: SetOption = None,
-    seed: Annotated[int, typer.Option("--seed", help="The seed every spec trains with.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=MAX_SEED, help="The seed every spec trains with.")
+    ] = 0,
     device: DeviceOption = None,
+    eval_images: EvalImagesOption = None,
+    eval_batch: EvalBatchOption = None,
+    eval_samples: EvalSamplesOption = None,
+    eval_inversion: EvalInversionOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output, only the table.")] = False,
     threads: ThreadsOption = None,
+    allow_large: AllowLargeOption = False,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from flowspec.train.ablate import COLUMNS, fmt_rate, row_values, run_ablation
+    from flowspec.inspection.budget import check_size, default_device
+    from flowspec.train.ablate import is_signal, run_ablation
     from flowspec.train.trainer import RunOptions
 
     if (steps is None) == (budget is None):
         raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
     resolved = [load_cli_spec(path, sets) for path in specs]
+    for each in resolved:
+        check_size(each, "train", default_device(_device(device)), allow_large)
     out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
     options = RunOptions(
         data_dir=data,
@@ -328,9 +466,37 @@ def ablate(
         max_time=parse_duration(budget) if budget else None,
         quiet=quiet,
         threads=threads,
+        eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
     )
-    results = run_ablation(resolved, options, out, seed)
-    table = Table(title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})")
+    with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
+        results = run_ablation(resolved, options, out, seed, signals.check)
+    stopped = signals.received or (results[-1].stopped if results else None)
+    finished = [r for r in results if not is_signal(r.stopped)]
+    if finished:
+        _print_ablation(finished, f"{f'{steps} steps' if steps else budget} each, seed {seed}", out)
+    if is_signal(stopped):
+        compared = f"the table compares the {len(finished)} finished" if finished else "nothing was compared"
+        print(
+            f"{stopped}: the ablation stopped after {len(results)} of {len(resolved)} runs; {compared}; "
+            f"the runs are in {out}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(128 + int(signal.Signals[stopped]))
+
+
+def _print_ablation(results: list[RunResult], budget: str, out: Path) -> None:
+    """The comparison table of finished ablation runs (also in `out/ablation.json`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flowspec.train.ablate import COLUMNS, fmt_rate, row_values
+    from flowspec.train.metrics import is_eval
+
+    images = {
+        next((r.get("test_images") for r in reversed(run.history) if is_eval(r)), None) for run in results
+    }
+    caption = f"test bits/dim on {images.pop()} test images" if len(images) == 1 else None
+    table = Table(title=f"ablation ({budget})", caption=caption)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "spec" else "right")
     for result in results:
@@ -339,7 +505,3 @@ def ablate(
         table.add_row(name, f"{params:,}", fmt(test), fmt(best), str(step), fmt_rate(img_s))
     Console().print(table)
     print(f"runs and curves in {out}")
-    stopped = results[-1].stopped
-    if stopped in ("SIGINT", "SIGTERM"):
-        print(f"{stopped}: stopped after {len(results)} of {len(resolved)} specs", file=sys.stderr)
-        raise typer.Exit(128 + int(signal.Signals[stopped]))

@@ -30,6 +30,7 @@ class MemoryEstimate:
     state: int
     activations: int
     note: str
+    largest_step: int = 0  # bytes per image the largest step keeps: bounds what inference holds at once
 
 
 def fmt_bytes(n: int) -> str:
@@ -102,19 +103,20 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
     `kept_per_position` for the parts that are not steps). The backward pass's own buffers (recomputed
     blocks, gradients) add a few percent at the peak."""
     state, parts = parameter_state(model, spec)
-    itemsize = next(model.parameters()).element_size()
-    per_image = 0
+    itemsize = next(model.parameters(), torch.empty(0)).element_size()
+    per_image = largest = 0
     for _, kind, module, shape in leaf_modules(model, report):
         if kind is not None:
-            per_image += kind.memory(module, shape, itemsize)
+            step = kind.memory(module, shape, itemsize)
         else:
-            per_image += kept_per_position(module, itemsize) * shape[1] * shape[2]
+            step = kept_per_position(module, itemsize) * shape[1] * shape[2]
+        per_image, largest = per_image + step, max(largest, step)
     activations = per_image * spec.train.batch
     note = (
         f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
         "(tensors kept for backward, counted per layer; --probe measures them)"
     )
-    return MemoryEstimate(state + activations, state, activations, note)
+    return MemoryEstimate(state + activations, state, activations, note, largest)
 
 
 def _held_bytes(model: nn.Module, images: torch.Tensor) -> int:

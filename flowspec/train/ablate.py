@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flowspec.spec import FlowSpec
 from flowspec.train.metrics import plot_curves
+from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
 COLUMNS = ("spec", "parameters", "test bits/dim", "best bits/dim", "steps", "img/s")
@@ -17,19 +18,33 @@ def with_seed(spec: FlowSpec, seed: int) -> FlowSpec:
     return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
 
 
-def run_ablation(specs: list[FlowSpec], options: RunOptions, out: Path, seed: int) -> list[RunResult]:
-    """Train each spec into `out/<name>` under the same options; write `ablation.json` and `curves.png`."""
+def run_ablation(
+    specs: list[FlowSpec], options: RunOptions, out: Path, seed: int, stop: StopCheck = never
+) -> list[RunResult]:
+    """Train each spec into `out/<name>` under the same options; write `ablation.json` and `curves.png`.
+
+    A stop signal (`stop`, or one that stopped a run) ends it: the runs so far are returned, fewer than
+    the specs or with the last one stopped by the signal, and only the finished runs are compared."""
     names = [s.name for s in specs]
     folders = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
-    results = []
+    results: list[RunResult] = []
     for spec, folder in zip(specs, folders, strict=True):
-        results.append(train(with_seed(spec, seed), replace(options, out=out / folder)))
-        if results[-1].stopped in ("SIGINT", "SIGTERM"):  # stop here: compare the runs done so far
+        if stop():
             break
-    rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in results]
-    (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot_curves({r.run_dir.name: r.history for r in results}, out / "curves.png", "ablation")
+        results.append(train(with_seed(spec, seed), replace(options, out=out / folder)))
+        if is_signal(results[-1].stopped):
+            break
+    finished = [r for r in results if not is_signal(r.stopped)]
+    if finished:  # a run stopped by a signal is not compared
+        rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in finished]
+        (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+        plot_curves({r.run_dir.name: r.history for r in finished}, out / "curves.png", "ablation")
     return results
+
+
+def is_signal(stopped: str | None) -> bool:
+    """Whether a run (or the ablation) was stopped by SIGINT or SIGTERM."""
+    return stopped in ("SIGINT", "SIGTERM")
 
 
 def row_values(result: RunResult) -> tuple:

@@ -3,24 +3,30 @@
 A checkpoint is one `torch.save` file holding the model, EMA, optimizer and scheduler states, the
 training position and RNG states, the resolved spec (JSON) with its hash, and the flowspec and torch
 versions. Writing goes to a temporary file in the same folder, then `os.replace`, so a crash leaves
-either the old file or the new one, never a torn one.
+either the old file or the new one, never a torn one. Every file written carries a SHA-256 `checksum`
+of its content (tensors by their bytes); reading checks it, then the structure of the payload and the
+shapes of its tensors against the model its spec builds. Files written before checksums existed are
+read with a warning. Reading never runs pickled code (`weights_only=True`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, naming
 from flowspec.spec import FlowSpec
 
 LAST, BEST = "last.pt", "best.pt"
 REQUIRED = ("model", "spec", "spec_hash", "step", "versions")
+TRAINING_STATE = ("optimizer", "scheduler", "ema", "skipped", "best_bpd", "rng", "epoch")
+CHECKSUM = "checksum"
 
 
 def spec_hash(spec: FlowSpec) -> str:
@@ -28,12 +34,41 @@ def spec_hash(spec: FlowSpec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
 
 
+def checksum(payload: Any) -> str:
+    """SHA-256 of a payload's content: every tensor's dtype, shape and bytes, every other value's repr, in
+    a fixed order (dict keys sorted), the `checksum` entry itself left out."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(value, dict):
+            keys = sorted((key for key in value if key != CHECKSUM), key=repr)
+            digest.update(f"D{len(keys)}".encode())
+            for key in keys:
+                digest.update(repr(key).encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    visit(payload)
+    return digest.hexdigest()
+
+
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """`torch.save` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """`torch.save` the payload and its checksum to a temporary file beside `path`, flush it to disk, then
+    rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, CHECKSUM: checksum(payload)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming(path), os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -84,8 +119,12 @@ def resolve(path: Path | str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint (a file or a run folder); a `UserError` naming the path if unusable."""
+def load_checkpoint(
+    path: Path | str, map_location: str | torch.device = "cpu", training_state: bool = True
+) -> dict[str, Any]:
+    """Read and check a checkpoint (a file or a run folder): its checksum, its structure (with
+    `training_state`, also what resuming needs) and its tensors' shapes. A `UserError` naming the path
+    and what is wrong if it is unusable."""
     path = resolve(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -97,7 +136,116 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     missing = [k for k in REQUIRED if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise UserError(f"{path} is not a flowspec checkpoint (missing {', '.join(missing)})")
+    stored = payload.get(CHECKSUM)
+    if stored is None:
+        print(
+            f"warning: checkpoint {path} has no checksum (written before flowspec stored one): "
+            f"loaded without checking it",
+            file=sys.stderr,
+        )
+    elif stored != checksum(payload):
+        raise UserError(
+            f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
+            f"written; it was left untouched: resume from another run folder or start a new run"
+        )
+    wrong = _structure_problems(payload, training_state)
+    if not wrong:
+        wrong = _shape_problems(payload, path)
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise UserError(f"checkpoint {path} is not a usable flowspec checkpoint: {shown}")
     return payload
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_STRUCTURE: dict[str, tuple[Any, str]] = {
+    "model": (_is_state_dict, "a state dict (names to tensors)"),
+    "spec": (lambda v: isinstance(v, str), "the spec's JSON text"),
+    "spec_hash": (lambda v: isinstance(v, str), "a hash"),
+    "step": (_count, "a step count (an integer >= 0)"),
+    "versions": (lambda v: isinstance(v, dict), "a dict of versions"),
+    "optimizer": (
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("state"), dict)
+            and isinstance(v.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"])
+        ),
+        "an optimizer state (state and param_groups)",
+    ),
+    "scheduler": (lambda v: isinstance(v, dict) and _count(v.get("last_epoch")), "a scheduler state"),
+    "ema": (lambda v: v is None or (_is_state_dict(v) and "n_averaged" in v), "none or an EMA state dict"),
+    "skipped": (_count, "a count of skipped steps"),
+    "best_bpd": (lambda v: v is None or isinstance(v, float), "none or a number"),
+    "rng": (
+        lambda v: (
+            isinstance(v, list)
+            and len(v) > 0
+            and all(isinstance(s, dict) and {"torch", "numpy", "python", "stream"} <= s.keys() for s in v)
+        ),
+        "a list of RNG states, one per process",
+    ),
+    "epoch": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "an epoch"),
+}
+
+
+def _structure_problems(payload: dict[str, Any], training_state: bool) -> list[str]:
+    keys = REQUIRED + (TRAINING_STATE if training_state else ())
+    problems = [f"no {key}" for key in keys if key not in payload]
+    for key, (valid, what) in _STRUCTURE.items():
+        if key in payload and not valid(payload[key]):
+            problems.append(f"{key} is not {what} (got {type(payload[key]).__name__})")
+    return problems
+
+
+def _shape_problems(payload: dict[str, Any], path: Path) -> list[str]:
+    """Tensors whose names or shapes differ from those of the model the stored spec builds (built on
+    the meta device: nothing is allocated), in the model, the EMA and Adam's moments."""
+    from flowspec.inspection.budget import meta_model
+
+    spec = checkpoint_spec(payload, path)
+    model = meta_model(spec)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problems = _state_dict_problems("model", payload["model"], expected)
+    if "ema" in payload and payload["ema"] is None and spec.train.ema is not None:
+        problems.append(f"no EMA weights, though the spec keeps an EMA (ema {spec.train.ema})")
+    if payload.get("ema"):
+        ema = {k.removeprefix("module."): v for k, v in payload["ema"].items() if k.startswith("module.")}
+        problems += _state_dict_problems("ema", ema, expected)
+    optimizer = payload.get("optimizer")
+    if optimizer and not problems:
+        shapes = [tuple(p.shape) for p in model.parameters()]
+        ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+        if not all(_count(i) for i in ids) or sorted(ids) != list(range(len(shapes))):
+            problems.append(f"optimizer has {len(ids)} parameters, the model {len(shapes)}")
+        for i, state in optimizer["state"].items():
+            for key, value in state.items() if isinstance(state, dict) else [("state", state)]:
+                bad = not isinstance(value, torch.Tensor) or (
+                    value.dim() > 0 and (not _count(i) or i >= len(shapes) or tuple(value.shape) != shapes[i])
+                )
+                if bad:
+                    problems.append(f"optimizer state {i}.{key} does not fit parameter {i}")
+    return problems
+
+
+def _state_dict_problems(what: str, got: dict[str, torch.Tensor], expected: dict[str, tuple]) -> list[str]:
+    problems = [f"{what} lacks {name}" for name in expected if name not in got]
+    problems += [f"{what} has an unknown tensor {name}" for name in got if name not in expected]
+    problems += [
+        f"{what}.{name} has shape {tuple(t.shape)}, the model {expected[name]}"
+        for name, t in got.items()
+        if name in expected and tuple(t.shape) != expected[name]
+    ]
+    return problems
 
 
 def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
@@ -119,7 +267,7 @@ def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
         stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
-        if stored == spec:
+        if stored.model_copy(update={"eval": spec.eval}) == spec:  # evaluation settings may change
             return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(

@@ -12,13 +12,26 @@ from collections.abc import Callable
 
 import torch
 
-from flowspec.train.distributed import Dist
+from flowspec.train.distributed import Dist, agree_to_stop
+from flowspec.train.signals import Interrupted, StopCheck, never
 
-Progress = Callable[[int], None]
+Progress = Callable[[int, float], None]  # images just done, running mean bits/dim
 
 
 def to_bpd(log_prob_nats: torch.Tensor, dims: int) -> torch.Tensor:
     return -log_prob_nats / (dims * math.log(2.0))
+
+
+def stop_point(
+    stop: StopCheck, done: str, dist: Dist | None = None, device: torch.device | None = None
+) -> None:
+    """Raise `Interrupted` if a stop signal was received (on any rank, when `dist` is given: every rank
+    must reach the same stop points then). `done` says how far the work got."""
+    received = stop()
+    if dist is not None and dist.active:
+        received, _ = agree_to_stop(dist, device or torch.device("cpu"), received, False)
+    if received:
+        raise Interrupted(received, done)
 
 
 @torch.no_grad()
@@ -29,29 +42,38 @@ def single_sample_bpd(
     device: torch.device,
     dist: Dist | None = None,
     progress: Progress | None = None,
+    stop: StopCheck = never,
 ) -> float:
-    """Mean bits/dim of the single-sample bound over `images`, sharded across ranks when distributed."""
+    """Mean bits/dim of the single-sample bound over `images`, sharded across ranks when distributed.
+
+    The batches go to `device` one at a time; before each, `stop` is asked (`Interrupted` if a signal came).
+    """
     model.eval()
-    shard = images[dist.rank :: dist.world] if dist else images
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of nats, image count
-    for start in range(0, len(shard), batch):
-        x = shard[start : start + batch].to(device)
-        total[0] += model.log_prob(x).double().sum()
-        total[1] += len(x)
-        if progress:
-            progress(len(x))
-    if dist:
-        dist.all_sum(total)
+    dist = dist or Dist()
+    shard = images[dist.rank :: dist.world]
+    rounds = math.ceil(math.ceil(len(images) / dist.world) / batch)  # the same on every rank
     dims = math.prod(images.shape[1:])
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of nats, image count
+    for i in range(rounds):
+        done = min(len(images), i * batch * dist.world)
+        stop_point(stop, f"after {done} of {len(images)} test images", dist, device)
+        x = shard[i * batch : (i + 1) * batch].to(device)
+        if len(x):
+            total[0] += model.log_prob(x).double().sum()
+            total[1] += len(x)
+        if progress and len(x):
+            progress(len(x) * dist.world, float(to_bpd(total[0] / total[1], dims)))
+    dist.all_sum(total)
     return float(to_bpd(total[0] / total[1], dims))
 
 
 @torch.no_grad()
-def iw_log_prob(model, x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+def iw_log_prob(model, x: torch.Tensor, k: int, batch: int, stop: StopCheck = never) -> torch.Tensor:
     """Importance-weighted bound in nats for each image of `x`, with `k` dequantization samples each."""
     chunk = max(1, batch // len(x))
     samples = []
     for start in range(0, k, chunk):
+        stop_point(stop, f"after {start} of {k} importance samples of a batch")
         reps = min(chunk, k - start)
         samples.append(model.log_prob(x.repeat_interleave(reps, dim=0)).double().view(len(x), reps))
     return torch.logsumexp(torch.cat(samples, dim=1), dim=1) - math.log(k)
@@ -59,20 +81,28 @@ def iw_log_prob(model, x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def bounds(
-    model, images: torch.Tensor, k: int, batch: int, device: torch.device, progress: Progress | None = None
+    model,
+    images: torch.Tensor,
+    k: int,
+    batch: int,
+    device: torch.device,
+    progress: Progress | None = None,
+    stop: StopCheck = never,
 ) -> dict[str, float]:
     """Single-sample and (k > 1) importance-weighted bits/dim over `images`, `batch` images per forward."""
     model.eval()
     per = max(1, batch // k) if k > 1 else batch
+    dims = math.prod(images.shape[1:])
     single, weighted = [], []
     for start in range(0, len(images), per):
+        stop_point(stop, f"after {start} of {len(images)} images")
         x = images[start : start + per].to(device)
         single.append(model.log_prob(x).double())
         if k > 1:
-            weighted.append(iw_log_prob(model, x, k, batch))
+            weighted.append(iw_log_prob(model, x, k, batch, stop))
         if progress:
-            progress(len(x))
-    dims = math.prod(images.shape[1:])
+            running = torch.cat(weighted if k > 1 else single).mean()
+            progress(len(x), float(to_bpd(running, dims)))
     out = {"bpd": float(to_bpd(torch.cat(single).mean(), dims)), "images": len(images)}
     if k > 1:
         out[f"iw{k}_bpd"] = float(to_bpd(torch.cat(weighted).mean(), dims))
@@ -80,10 +110,12 @@ def bounds(
 
 
 @torch.no_grad()
-def inversion_error(model, images: torch.Tensor, device: torch.device) -> float:
+def inversion_error(model, images: torch.Tensor, device: torch.device, stop: StopCheck = never) -> float:
     """Max |decode(encode(v)) - v| over `images` dequantized with uniform noise: numerical invertibility."""
     model.eval()
+    stop_point(stop, "before the inversion check")
     v = images.to(device).double() + torch.rand(images.shape, dtype=torch.float64, device=device)
     v = v.float()
     z, _ = model.encode(v)
+    stop_point(stop, "during the inversion check")
     return float((model.decode(z) - v).abs().max())

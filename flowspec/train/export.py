@@ -59,10 +59,15 @@ def export(target: Path | str, output: Path | str) -> Trained:
     return trained
 
 
-def load_trained(target: Path | str, device: str | torch.device | None = None) -> Trained:
+def load_trained(
+    target: Path | str, device: str | torch.device | None = None, images: int = 0, allow_large: bool = False
+) -> Trained:
     """The model of a run folder, a checkpoint (`.pt`) or an export (`.safetensors`), with its EMA
-    weights, in eval mode, on `device` (default: cpu). Errors a user can cause are `UserError`s."""
+    weights, in eval mode, on `device` (default: cpu). Errors a user can cause are `UserError`s; a model
+    that, with `images` images at once, would not fit the device is refused before it is built unless
+    `allow_large`."""
     import flowspec
+    from flowspec.inspection.budget import check_size
 
     path = Path(target)
     where = torch.device(device or "cpu")
@@ -73,9 +78,10 @@ def load_trained(target: Path | str, device: str | torch.device | None = None) -
         data_dir = None
     else:
         path = resolve(path)
-        payload = load_checkpoint(path)
+        payload = load_checkpoint(path, training_state=False)
         spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
         data_dir = payload.get("data_dir")
+    check_size(spec, "infer", where, allow_large, images)
     model = flowspec.build(spec)
     try:
         model.load_state_dict(weights)

@@ -12,15 +12,24 @@ from typing import Any
 
 import torch
 
+from flowspec.errors import naming
+
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    """Append one row (flushed to disk, so a crash keeps every completed evaluation)."""
-    with open(run_dir / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one row (flushed to disk, so a crash keeps every completed evaluation); a write that fails
+    (a full disk) is undone, so the file never ends in half a row."""
+    path = run_dir / METRICS
+    with naming(path), open(path, "a") as f:
+        size = f.tell()
+        try:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            f.truncate(size)
+            raise
 
 
 def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str, Any]]:
@@ -36,7 +45,8 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     """Keep only rows up to `step`: a resumed run rewrites what came after its checkpoint."""
     rows = read_metrics(run_dir, after_step=step)
     tmp = run_dir / (METRICS + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with naming(tmp):
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, run_dir / METRICS)
 
 
@@ -106,8 +116,12 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     """Write `curves_figure` to `path` atomically."""
     fig = curves_figure(runs, title)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    try:
+        with naming(path):
+            fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def record(run_dir: Path, row: dict[str, Any], name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 class Reporter:
     """Progress of a run. `mode`: "bar" (rich, for terminals), "lines" (logs, pipes) or "quiet" (nothing)."""
 
-    def __init__(self, mode: str, total: int | None, start_step: int, every_s: float = 30.0):
+    def __init__(
+        self, mode: str, total: int | None, start_step: int, every_s: float = 30.0, train: bool = True
+    ):
         self.mode, self.total, self.every_s = mode, total, every_s
         self._last_line = time.monotonic()
         self._bar = None
@@ -18,20 +21,25 @@ class Reporter:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
-                TextColumn("[bold]train"),
+                TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
                 TimeRemainingColumn(),
                 transient=False,
             )
-            self._task = self._bar.add_task("train", total=total, completed=start_step, stats="")
+            if train:
+                self._task = self._bar.add_task("train", total=total, completed=start_step, stats="")
             self._bar.start()
 
     @staticmethod
-    def auto(quiet: bool, total: int | None, start_step: int) -> Reporter:
+    def auto(quiet: bool, total: int | None, start_step: int, train: bool = True) -> Reporter:
         mode = "quiet" if quiet else ("bar" if sys.stdout.isatty() else "lines")
-        return Reporter(mode, total, start_step)
+        return Reporter(mode, total, start_step, train=train)
+
+    def meter(self, label: str, total: int, unit: str) -> Meter:
+        """The progress of one pass of an evaluation over `total` `unit`s (test images, samples)."""
+        return Meter(label, total, unit, self._bar, self.mode == "lines", self.every_s)
 
     def step(self, step: int, bpd: float, img_s: float) -> None:
         stats = f"step {step}  {bpd:.3f} bits/dim  {img_s:.1f} img/s"
@@ -50,13 +58,58 @@ class Reporter:
 
     def evaluation(self, row: dict[str, Any]) -> None:
         train = f"{row['train_bpd']:.4f}" if row.get("train_bpd") is not None else "-"
+        inversion = row["inversion_error"]
         self.message(
             f"step {row['step']}  epoch {row['epoch']:.2f}  train {train}  "
             f"test {row['test_bpd']:.4f} bits/dim  "
-            f"inversion error {row['inversion_error']:.1e}  lr {row['lr']:.2e}  {row['img_s']:.1f} img/s  "
-            f"skipped {row['skipped']}"
+            f"inversion error {f'{inversion:.1e}' if math.isfinite(inversion) else '-'}  "
+            f"lr {row['lr']:.2e}  {row['img_s']:.1f} img/s  skipped {row['skipped']}"
         )
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+class Meter:
+    """Progress of one pass of an evaluation: done of `total`, the running bits/dim when there is one, and
+    the time left; as a task on a rich progress bar (removed when closed), or a log line every `every_s`
+    seconds. Called like `evaluate.Progress` with each batch."""
+
+    def __init__(self, label: str, total: int, unit: str, bar: Any = None, lines: bool = False, every_s=30.0):
+        self.label, self.total, self.unit = label, total, unit
+        self.bar, self.lines, self.every_s = bar, lines, every_s
+        self.done = 0
+        self._start = self._last = time.monotonic()
+        self._task = bar.add_task(label, total=total, stats=unit) if bar is not None else None
+
+    def __call__(self, count: int, bpd: float | None = None) -> None:
+        self.done += count
+        stats = f"{self.unit}  {bpd:.4f} bits/dim" if bpd is not None else self.unit
+        if self.bar is not None:
+            self.bar.update(self._task, advance=count, stats=stats)
+        elif self.lines and time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            print(f"{self.label} {self.done}/{self.total} {stats}  {self._left()} left", flush=True)
+
+    def _left(self) -> str:
+        elapsed = time.monotonic() - self._start
+        seconds = elapsed / self.done * (self.total - self.done) if self.done else math.nan
+        return duration(seconds)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.remove_task(self._task)
+            self._task = None
+
+
+def duration(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h10m` (`?` when unknown)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

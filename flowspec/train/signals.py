@@ -1,10 +1,34 @@
-"""SIGINT and SIGTERM during training: noted, so the loop can finish its step, save and stop."""
+"""SIGINT and SIGTERM during training: noted, so the loop can finish its step (or an evaluation its batch),
+save and stop."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
+
+# what work that stops between batches asks: the name of a signal received (SIGINT, SIGTERM), or None
+StopCheck = Callable[[], "str | None"]
+
+
+class Interrupted(Exception):
+    """A stop signal ended work that stops between batches (an evaluation, a sample grid); `done` says how
+    far it got, e.g. "after 320 of 1000 test images"."""
+
+    def __init__(self, signal_name: str, done: str):
+        super().__init__(f"{signal_name} {done}")
+        self.signal, self.done = signal_name, done
+
+    @property
+    def exit_code(self) -> int:
+        """130 for SIGINT, 143 for SIGTERM: what a shell reports for a process the signal ended."""
+        return 128 + int(signal.Signals[self.signal])
+
+
+def never() -> str | None:
+    """The stop check of work that nothing interrupts."""
+    return None
 
 
 class StopSignals:
@@ -12,13 +36,20 @@ class StopSignals:
 
     A second signal of the same kind acts as usual (KeyboardInterrupt, or termination), so a stuck run
     can still be stopped. The previous handlers are restored on exit. Outside the main thread, or when
-    `enabled` is false, nothing is installed and `received` stays None.
+    `enabled` is false, nothing is installed and `received` stays None. Nested inside another (an
+    ablation's runs), it starts with the outer one's signal and hands its own back on exit.
     """
+
+    _active: ClassVar[list[StopSignals]] = []  # entered and not yet left, innermost last
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+
+    def check(self) -> str | None:
+        """The signal received so far (a `StopCheck`)."""
+        return self.received
 
     def _note(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name
@@ -30,6 +61,9 @@ class StopSignals:
                 self._previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
             except ValueError:  # not the main thread: leave signals alone
                 self._previous = {}
+        if self._previous:
+            self.received = StopSignals._active[-1].received if StopSignals._active else None
+            StopSignals._active.append(self)
         return self
 
     def __exit__(
@@ -37,4 +71,8 @@ class StopSignals:
     ) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._previous:
+            StopSignals._active.remove(self)
+            if StopSignals._active and self.received:
+                StopSignals._active[-1].received = self.received
         self._previous = {}

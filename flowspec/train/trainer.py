@@ -1,33 +1,35 @@
 """The training loop: the spec's recipe, evaluation and checkpoints, resumable and interruptible.
 
 One `Trainer` per process. It puts the parts together (the run folder, the data's batches, the model and
-its `Updater`, the `Evaluator`, the metrics `Window`) and `run` is the loop: step, log, evaluate and save
-at each interval, stop at the length, a limit or a signal.
+its `Updater`, the `Evaluator`, the metrics `Window`) and `run` is the loop: step, log, save and evaluate
+at each interval, stop at the length, a limit or a signal. The checkpoint is written before each
+evaluation, so a signal (or a crash) during one loses no training.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import flowspec
-from flowspec.errors import UserError
-from flowspec.spec import FlowSpec, Interval
+from flowspec.errors import UserError, os_error_message
+from flowspec.spec import EvalSpec, FlowSpec, Interval
 from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
 from flowspec.train.batches import training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, teardown
-from flowspec.train.evaluation import Evaluator
+from flowspec.train.evaluation import SMOKE, Evaluator, describe
+from flowspec.train.lock import RunLock
 from flowspec.train.metrics import Window, append_metrics, is_eval, read_metrics, record, truncate_metrics
 from flowspec.train.progress import Reporter
-from flowspec.train.signals import StopSignals
+from flowspec.train.signals import Interrupted, StopSignals
 from flowspec.train.tensorboard import TensorBoard
 from flowspec.train.update import Updater
 
@@ -45,7 +47,7 @@ class RunOptions:
     max_time: float | None = None  # seconds of training in this process
     quiet: bool = False
     resume: bool = False  # continue the run in `out` from its last checkpoint
-    eval_batch: int | None = None  # default: the spec's batch
+    eval: dict[str, Any] = field(default_factory=dict)  # eval settings over the spec's (and a short run's)
     threads: int | None = None  # intra-op CPU threads; None: chosen by model size and CPU load
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops (checked when logging)
     log_every: int = 10  # read the loss from the device (progress, divergence) every N steps
@@ -81,7 +83,17 @@ class Trainer:
             raise UserError(f"unknown precision {options.precision!r}: use fp32 or bf16")
         self.dist, self.device = setup(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = rundir.choose(spec, options.out, self.dist)
+        self.lock = RunLock(self.run_dir) if self.dist.main else None  # before anything reads or writes it
+        try:
+            self._setup(train_set, test_set)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, train_set: ImageSet | None, test_set: ImageSet | None) -> None:
+        spec, options = self.spec, self.options
         payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
+        self.saved_step: int | None = payload["step"] if payload is not None else None
 
         # a resumed run reads the data folder it was trained on unless --data says otherwise
         self.data_dir = options.data_dir or (payload.get("data_dir") if payload else None)
@@ -108,8 +120,8 @@ class Trainer:
         model.set_autocast(torch.bfloat16 if options.precision == "bf16" else None)
         self.updater = Updater(model, self.t, self.total_steps, self.dist, self.device, options.compile)
         self.evaluate = Evaluator(
-            test_set.images.to(self.device), options.eval_batch or self.t.batch, self.device, self.dist,
-            self.run_dir, spec.data.levels, self.t.seed,
+            test_set.images, self._eval_settings(spec.eval), self.device, self.dist, self.run_dir,
+            spec.data.levels, self.t.seed,
         )  # fmt: skip
         self.window = Window(self.device)
         self.best: float | None = None
@@ -120,7 +132,32 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def run(self) -> RunResult:
-        """Train to the spec's length, --max-steps, --max-time or a signal; evaluate and save at the end."""
+        """Train to the spec's length, --max-steps, --max-time or a signal; evaluate and save at the end.
+        A write that fails (a full disk, a read-only folder) stops the run with a `UserError` saying which
+        checkpoint is kept; the run folder is released at the end."""
+        try:
+            return self._run()
+        except OSError as error:
+            if error.filename is None:
+                raise
+            raise UserError(f"{os_error_message(error, 'writing')}; {self._kept()}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder (`run` does at its end)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return (
+            f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept; free space or "
+            f"make the folder writable, then continue with: flowspec train --resume {self.run_dir}"
+        )
+
+    def _run(self) -> RunResult:
         if self.dist.main:
             rundir.write_spec_files(self.run_dir, self.spec)
         with StopSignals(self.options.handle_signals) as signals:
@@ -129,6 +166,8 @@ class Trainer:
             started, stopped = time.monotonic(), self._limit_reached()
             self.window.restart_clock()
             try:
+                if self._evaluation_missed():
+                    stopped = self._evaluate(reporter, signals, stopped) or stopped
                 while stopped is None:
                     x = next(self.batches)
                     self.window.add(*self.updater(x), images=len(x) * self.dist.world)
@@ -144,7 +183,7 @@ class Trainer:
                             f"Continue with: flowspec train --resume {self.run_dir}"
                         )
                     elif self.step % self.eval_every == 0 or stopped is not None:
-                        self._evaluate(reporter)
+                        stopped = self._evaluate(reporter, signals, stopped) or stopped
             finally:
                 reporter.close()
                 if self.board is not None:
@@ -195,19 +234,60 @@ class Trainer:
             return "max-steps"
         return "max-time" if time_up else None
 
-    def _evaluate(self, reporter: Reporter) -> None:
+    def _eval_settings(self, base: EvalSpec) -> EvalSpec:
+        """`base` with the command line's eval settings over it; its batch set (default: the train batch)."""
+        settings = EvalSpec.model_validate({**base.model_dump(), **self.options.eval})
+        return settings.model_copy(update={"batch": settings.batch or self.spec.eval.batch or self.t.batch})
+
+    def _evaluation_missed(self) -> bool:
+        """Whether a resumed run's checkpoint was written at an evaluation point whose evaluation did not
+        finish (a signal during it or just before it): then it runs first, as in the uninterrupted run."""
+        missed = self.options.resume and self.step > 0 and self.step % self.eval_every == 0
+        if missed and self.dist.main:
+            missed = not any(row["step"] == self.step and is_eval(row) for row in read_metrics(self.run_dir))
+        return self.dist.gather(missed)[0]
+
+    def _evaluate(self, reporter: Reporter, signals: StopSignals, stopped: str | None) -> str | None:
+        """Save, evaluate, record, and save again when the test bits/dim improved. A signal during the
+        evaluation ends it between batches and is returned (the checkpoint is already written).
+
+        A run stopped by --max-steps or --max-time before its first evaluation interval (a smoke run)
+        gets a small evaluation (`SMOKE`, under the command line's settings) and says so."""
+        self._save(best=False)
+        evaluate = self.evaluate
+        if stopped in ("max-steps", "max-time") and self.step < self.eval_every:
+            evaluate = replace(evaluate, settings=self._eval_settings(SMOKE))
+            reporter.message(
+                f"a short run (step {self.step}, before the first evaluation at step {self.eval_every}) "
+                f"evaluates {describe(evaluate.settings, self.test_size)} "
+                f"(more with --eval-images N, --eval-samples N, --eval-inversion)"
+            )
+        interrupted: Interrupted | None = None
+        try:
+            done = evaluate(self.updater.eval_model, self.step, reporter.meter, signals.check)
+        except Interrupted as stop:
+            interrupted = stop
+        received, _ = agree_to_stop(self.dist, self.device, interrupted and interrupted.signal, False)
+        if received:
+            where = interrupted.done if interrupted else "on another process"
+            reporter.message(
+                f"{received}: the evaluation at step {self.step} stopped {where}; {self.run_dir / LAST} "
+                f"was saved before it. Continue with: flowspec train --resume {self.run_dir}"
+            )
+            return received
         train_bpd, grad_norm, _ = self.window.read()
-        done = self.evaluate(self.updater.eval_model, self.step)
         row = {
             "step": self.step,
             "epoch": round(self.batches.epochs_done, 4),
             "train_bpd": train_bpd,
             "test_bpd": done.test_bpd,
+            "test_images": done.images,
             "inversion_error": done.inversion_error,
             "lr": self.updater.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
             "img_s": self.window.img_s(),
             "skipped": self.updater.skipped,
+            "eval_seconds": round(done.seconds, 2),
         }
         self.window.reset()
         improved = math.isfinite(done.test_bpd) and (self.best is None or done.test_bpd < self.best)
@@ -215,10 +295,13 @@ class Trainer:
         if self.dist.main:
             record(self.run_dir, row, self.spec.name)
             reporter.evaluation(row)
+            reporter.message(f"  evaluated {done.images} test images in {done.seconds:.1f} s, {done.memory}")
             if self.board is not None:
                 self.board.evaluation(row, done.grids)
-        self._save(best=improved)
+        if improved:
+            self._save(best=True)
         self.window.restart_clock()
+        return None
 
     def _save(self, best: bool) -> None:
         """Both checkpoints, from rank 0, with every rank's RNG and data position."""
@@ -235,7 +318,8 @@ class Trainer:
             **spec_record(self.spec),
         }
         modules = [m for m in (self.updater.model, self.updater.ema) if m is not None]
-        save_run(self.run_dir, payload, best, *modules)
+        if save_run(self.run_dir, payload, best, *modules):
+            self.saved_step = self.step
 
     def _diverged(self, x: torch.Tensor) -> None:
         suffix = f"_rank{self.dist.rank}" if self.dist.active else ""

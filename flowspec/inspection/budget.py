@@ -1,0 +1,185 @@
+"""Refuse a model too large to build or train, before anything is allocated.
+
+The spec is first counted (steps after repeats are unrolled), then built on torch's meta device, which
+gives every parameter's shape and no storage: the parameter count and the training-memory estimate of
+`memory.estimate_memory` come from it. What a command needs is compared with the memory of the device
+it runs on (RAM, bounded by the address-space and cgroup limits of the process, or the GPU's memory).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from flowspec.errors import UserError
+from flowspec.inspection.memory import estimate_memory, fmt_bytes
+from flowspec.inspection.params import parameters_by_path
+from flowspec.inspection.report import make_report
+from flowspec.spec import FlowSpec
+
+MAX_STEPS = 10_000  # layers after repeats are unrolled (Flow++ on CIFAR-10 has 56)
+ALLOW = "pass --allow-large to go ahead anyway"
+
+Use = Literal["build", "infer", "train"]
+
+
+@dataclass(frozen=True)
+class Size:
+    """What a spec builds: unrolled steps, trainable parameters, and the bytes a command needs."""
+
+    steps: int
+    parameters: int
+    weights: int  # bytes of the trainable parameters
+    train: int  # bytes of a training step at the spec's batch (weights, gradients, Adam, EMA, activations)
+    train_note: str
+    per_image: int  # bytes per image a training step keeps
+    largest_step: int  # bytes per image the largest step keeps (what inference holds at once, about)
+    largest: str  # the step owning most parameters, with its settings and source
+
+
+def unrolled_steps(steps: list) -> int:
+    """Layers a stack of steps builds: repeats multiply their bodies, a split adds itself."""
+    total = 0
+    for step in steps:
+        if step.kind == "repeat":
+            total += step.count * unrolled_steps(step.body)
+        elif step.kind == "split":
+            total += 1 + unrolled_steps(step.body)
+        else:
+            total += 1
+    return total
+
+
+def _largest_repeat(steps: list, prefix: str) -> tuple[str, object]:
+    """The outermost repeat of the stack that unrolls to the most layers: (its path, the step)."""
+    best = max(
+        ((f"{prefix}.{i}", s) for i, s in enumerate(steps) if s.kind in ("repeat", "split")),
+        key=lambda item: unrolled_steps([item[1]]),
+    )
+    path, step = best
+    if step.kind == "split":
+        return _largest_repeat(step.body, f"{path}.body")
+    return path, step
+
+
+def _stacks(spec: FlowSpec) -> dict[str, list]:
+    if spec.dequantize.kind == "variational":
+        return {"flow": spec.flow, "dequantize.steps": spec.dequantize.steps}
+    return {"flow": spec.flow}
+
+
+def meta_model(spec: FlowSpec) -> torch.nn.Module:
+    """The model `spec` builds, on the meta device: every tensor's shape, no storage (a `UserError`
+    when the spec unrolls to more than `MAX_STEPS` steps, which no device could build)."""
+    stacks = _stacks(spec)
+    steps = sum(unrolled_steps(s) for s in stacks.values())
+    if steps > MAX_STEPS:
+        name, stack = max(stacks.items(), key=lambda item: unrolled_steps(item[1]))
+        path, repeat = _largest_repeat(stack, name)
+        where = f"{repeat.source}: " if repeat.source else ""
+        raise UserError(
+            f"{where}the spec unrolls to {steps:,} steps (repeat {repeat.count} at {path} and the repeats "
+            f"it holds multiply), more than the {MAX_STEPS:,} flowspec builds; lower the repeat counts"
+        )
+    import flowspec
+
+    with torch.device("meta"):
+        return flowspec.build(spec)
+
+
+def measure(spec: FlowSpec) -> Size:
+    """Count and estimate `spec` without allocating it (see `meta_model`)."""
+    model = meta_model(spec)
+    report = make_report(spec, parameters_by_path(model))
+    estimate = estimate_memory(model, spec, report)
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    leaves = [row for row in report.rows() if row.leaf]
+    top = max(leaves, key=lambda row: row.params, default=None)
+    largest = ""
+    if top is not None and top.params:
+        at = f" at {top.source}" if top.source else ""
+        largest = f"; {top.params:,} of them in {top.path} ({top.kind} {top.settings}{at})"
+    per_image = estimate.activations // spec.train.batch
+    return Size(
+        sum(unrolled_steps(s) for s in _stacks(spec).values()),
+        parameters,
+        4 * parameters,
+        estimate.total,
+        estimate.note,
+        per_image,
+        estimate.largest_step,
+        largest,
+    )
+
+
+def default_device(device: str | None = None) -> torch.device:
+    """`device`, else cuda when available, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def device_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes a process may use on `device`: the GPU's memory, or RAM bounded by the process's address-space
+    limit and its cgroup's memory limit."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        return torch.cuda.get_device_properties(device).total_memory
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    try:
+        cgroup = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if cgroup.isdigit():
+            limits.append(int(cgroup))
+    except OSError:
+        pass
+    return min(limits)
+
+
+def check_size(
+    spec: FlowSpec,
+    use: Use,
+    device: str | torch.device = "cpu",
+    allow_large: bool = False,
+    images: int = 0,
+) -> Size:
+    """Refuse (a `UserError`) a spec whose `use` needs more memory than `device` has, before allocating.
+
+    `build`: the weights (inspect, diff); `infer`: the weights and what the largest step holds for
+    `images` images at once (eval, sample); `train`: the estimated training step at the spec's batch, and
+    `images` more images through a training-mode pass (inspect --probe). `allow_large` skips the memory
+    check (the limit on unrolled steps remains: building that many cannot end).
+    """
+    size = measure(spec)
+    if use == "train" and size.parameters == 0:
+        raise UserError(
+            f"{spec.name} has no trainable parameters: its flow needs a coupling, norm or pointwise step"
+        )
+    need = {
+        "build": size.weights + images * size.per_image,
+        "infer": size.weights + images * size.largest_step,
+        "train": size.train,
+    }[use]
+    have = device_memory(device)
+    if allow_large or need <= have:
+        return size
+    batch = f" and {images:,} images" if images else ""
+    what = {
+        "build": f"{fmt_bytes(need)} for its weights{batch}",
+        "infer": f"{fmt_bytes(need)} for its weights{batch}",
+        "train": f"an estimated {fmt_bytes(need)} to train ({size.train_note})",
+    }[use]
+    source = f" ({spec.source})" if spec.source else ""
+    raise UserError(
+        f"{spec.name}{source} is too large for this machine: {size.parameters:,} parameters{size.largest} "
+        f"need {what}, and {torch.device(device).type} memory is {fmt_bytes(have)}. Lower the settings "
+        f"that size it (defaults.coupling.filters, blocks, components, repeat counts, data.shape, "
+        f"train.batch), or {ALLOW}"
+    )

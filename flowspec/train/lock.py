@@ -1,0 +1,67 @@
+"""One process per run folder: an exclusive lock, and clean-up of what a killed writer left behind.
+
+The lock is `fcntl.flock` on `RUN_DIR/.lock`, which holds the holder's pid and host. The kernel drops a
+flock when its process dies, however it dies, so a lock file left by a dead process never blocks: only
+a live holder does. Taking the lock also removes the temporary files of writes a killed process did not
+finish (`.last.pt.*.tmp` and the like): nobody else can be writing them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from datetime import datetime
+from pathlib import Path
+
+from flowspec.errors import UserError
+
+LOCK = ".lock"
+STALE = (".*.tmp", "*.tmp", ".*.tmp.*")  # what `save_atomic`, `truncate_metrics`, `plot_curves` write first
+
+
+class RunLock:
+    """The exclusive lock on a run folder, taken on construction (a `UserError` naming the holder when
+    another live process has it) and held until `release()` or the end of the process."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / LOCK
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(
+                f"run folder {self.run_dir} is in use by {holder}: two processes cannot write one run; "
+                f"wait for it to finish (or stop it), or choose another --out folder"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(
+            self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%c}\n".encode(), 0
+        )
+        self.removed = remove_stale_files(self.run_dir)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def remove_stale_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of unfinished writes in `run_dir` (call it only while holding its lock)."""
+    stale = sorted({p for pattern in STALE for p in run_dir.glob(pattern) if p.is_file()})
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

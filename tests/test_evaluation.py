@@ -1,0 +1,307 @@
+"""Evaluation during training: the `eval` settings, their cost limits, the order of checkpoint and
+evaluation, progress, and stop signals during evaluation and sampling."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from train_helpers import one_thread, tiny_spec, write_flow, write_shards  # noqa: F401 (fixture)
+
+import flowspec
+from flowspec.cli.app import run
+from flowspec.diagnostics import SpecError
+from flowspec.errors import UserError
+from flowspec.formatter import format_spec
+from flowspec.loader import parse_spec
+from flowspec.model import FlowModel
+from flowspec.spec import EvalSpec
+from flowspec.train import trainer
+from flowspec.train.checkpoint import load_checkpoint
+from flowspec.train.data import load_split
+from flowspec.train.evaluate import bounds, single_sample_bpd
+from flowspec.train.evaluation import Evaluator
+from flowspec.train.memory import PeakMemory
+from flowspec.train.metrics import is_eval
+from flowspec.train.progress import Reporter, duration
+from flowspec.train.signals import Interrupted, never
+from flowspec.train.trainer import RunOptions, train
+
+CPU = torch.device("cpu")
+
+TINY = """\
+model tiny
+data digits { shape 1x8x8  levels 17 }
+flow { split checkerboard { coupling affine(filters=4, blocks=1); flip } }
+"""
+
+
+# ---------------------------------------------------------------- the `eval` section
+
+
+def test_eval_section_reads_formats_and_overrides():
+    spec = parse_spec(TINY + "eval { images 64  samples 16  temperatures 1.0  inversion off }")
+    assert spec.eval == EvalSpec(images=64, samples=16, temperatures=(1.0,), inversion=False)
+    assert parse_spec(TINY).eval == EvalSpec()  # all images, the train batch, 2 grids of 64, inversion on
+    assert "eval {" not in format_spec(parse_spec(TINY))
+    text = format_spec(spec)
+    assert "eval { images 64  samples 16  temperatures (1.0)  inversion off }" in text
+    assert parse_spec(text) == spec
+    changed = parse_spec(TINY, overrides=["eval.batch=8", "eval.images=all", "eval.temperatures=(0.7, 1)"])
+    assert changed.eval == EvalSpec(batch=8, temperatures=(0.7, 1.0))
+
+
+def test_eval_section_merges_over_an_extended_spec(tmp_path):
+    base = tmp_path / "base.flow"
+    base.write_text(TINY + "eval { images 100  samples 4 }\n")
+    child = f'extends "{base.name}"\nmodel child\neval {{ samples 9 }}\n'
+    spec = parse_spec(child, source=str(tmp_path / "child.flow"))
+    assert (spec.eval.images, spec.eval.samples) == (100, 9)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("eval { images 0 }", "images must be >= 1, got 0"),
+        ("eval { imagse 3 }", "did you mean 'images'"),
+        ("eval { temperatures (0.5, 0) }", "temperatures must lie in (0, 10]"),
+        ("eval { temperatures () }", "temperatures needs at least one value"),
+        ("eval { inversion maybe }", "inversion must be on or off"),
+        ("eval { samples 3  samples 4 }", "duplicate setting 'samples' in eval"),
+    ],
+)
+def test_eval_section_mistakes_name_the_place(text, message):
+    with pytest.raises(SpecError) as error:
+        parse_spec(TINY + text, source="e.flow")
+    assert message in str(error.value) and "e.flow:4:" in str(error.value)
+
+
+# ---------------------------------------------------------------- evaluation in a run
+
+
+def _options(out, **kw) -> RunOptions:
+    return RunOptions(out=out, device="cpu", quiet=True, **kw)
+
+
+def test_the_checkpoint_is_written_before_each_evaluation_and_again_when_it_improved(tmp_path, monkeypatch):
+    events = []
+    save = trainer.save_run
+    evaluate = Evaluator.__call__
+
+    def saving(run_dir, payload, best, *modules):
+        events.append(("save", payload["step"], best, payload["best_bpd"]))
+        return save(run_dir, payload, best, *modules)
+
+    def evaluating(self, model, step, *args, **kw):
+        events.append(("eval", step, load_checkpoint(self.run_dir)["step"]))  # on disk already
+        return evaluate(self, model, step, *args, **kw)
+
+    monkeypatch.setattr(trainer, "save_run", saving)
+    monkeypatch.setattr(Evaluator, "__call__", evaluating)
+    quick = {"images": 32, "samples": 4, "inversion": False}
+    result = train(tiny_spec(steps=4, eval_every=2), _options(tmp_path / "run", eval=quick))
+    first, second = (r["test_bpd"] for r in result.history if is_eval(r))
+    assert events[:3] == [("save", 2, False, None), ("eval", 2, 2), ("save", 2, True, first)]
+    assert events[3:5] == [("save", 4, False, first), ("eval", 4, 4)]
+    assert events[5:] == ([("save", 4, True, second)] if second < first else [])
+
+
+def test_evaluation_follows_the_eval_settings_without_gradients(tmp_path, monkeypatch):
+    calls = []
+    log_prob = FlowModel.log_prob
+
+    def spy(self, x):
+        calls.append((len(x), torch.is_grad_enabled(), self.training))
+        return log_prob(self, x)
+
+    spec = tiny_spec(steps=2, eval_every=2).model_copy(
+        update={"eval": EvalSpec(images=40, batch=8, samples=4, temperatures=(1.0,), inversion=False)}
+    )
+    monkeypatch.setattr(FlowModel, "log_prob", spy)
+    result = train(spec, _options(tmp_path / "run"))
+    row = result.history[-1]
+    assert row["test_images"] == 40 and math.isnan(row["inversion_error"])
+    evaluation = calls[-5:]  # after the training steps: 5 batches of 8 test images, no autograd, eval mode
+    assert evaluation == [(8, False, False)] * 5
+    assert [p.name for p in (tmp_path / "run" / "samples").iterdir()] == ["step0000002_t1.0.png"]
+    size = 2 * (16 * 8 + 2) + 2  # 2 x 2 images of 8 px, enlarged 16 times (>= 256 px wide), 2 px padding
+    assert Image.open(tmp_path / "run" / "samples" / "step0000002_t1.0.png").size == (size, size)
+    # the command line's settings win over the spec's
+    again = train(spec, _options(tmp_path / "again", eval={"images": 24, "inversion": True}))
+    assert again.history[-1]["test_images"] == 24 and again.history[-1]["inversion_error"] < 1e-3
+
+
+def test_a_short_run_evaluates_little_and_says_so(tmp_path, capsys):
+    spec = tiny_spec(steps=100, eval_every=10)
+    train(spec, RunOptions(out=tmp_path / "run", device="cpu", max_steps=2))
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("a short run"))
+    assert "step 2, before the first evaluation at step 10" in line
+    assert "64 of 297 test images at batch 16, one 16-image grid, no inversion check" in line
+    assert "evaluated 64 test images in" in printed and "peak memory" in printed
+    assert [p.name for p in (tmp_path / "run" / "samples").iterdir()] == ["step0000002_t1.0.png"]
+    # a run that reaches its interval evaluates in full
+    resumed = train(spec, _options(tmp_path / "run", resume=True, max_steps=10, eval={"samples": 0}))
+    assert resumed.history[-1]["test_images"] == 297
+
+
+def test_a_stopped_evaluation_keeps_the_checkpoint_and_runs_when_resumed(tmp_path, monkeypatch):
+    evaluate = Evaluator.__call__
+
+    def interrupted(self, model, step, meters=None, stop=never):
+        os.kill(os.getpid(), signal.SIGINT)  # noted; the evaluation stops before its first batch
+        return evaluate(self, model, step, meters, stop)
+
+    monkeypatch.setattr(Evaluator, "__call__", interrupted)
+    spec, run_dir = tiny_spec(steps=4, eval_every=2), tmp_path / "run"
+    result = train(spec, _options(run_dir))
+    assert result.stopped == "SIGINT" and result.step == 2 and not [r for r in result.history if is_eval(r)]
+    assert load_checkpoint(run_dir)["step"] == 2
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
+    resumed = train(spec, _options(run_dir, resume=True))
+    evaluations = [r for r in resumed.history if is_eval(r)]
+    assert [r["step"] for r in evaluations] == [2, 4]  # the evaluation at step 2 runs first
+    assert evaluations[0]["train_bpd"] is None
+
+
+def test_bounds_and_grids_stop_between_batches():
+    spec = tiny_spec()
+    model = flowspec.build(spec)
+    images = load_split(spec.data, "test").images[:40]
+    model.initialize(images)
+    asked = []
+
+    def stop_at_third():
+        asked.append(1)
+        return "SIGTERM" if len(asked) == 3 else None
+
+    with pytest.raises(Interrupted) as stopped:
+        single_sample_bpd(model, images, 8, CPU, stop=stop_at_third)
+    assert stopped.value.done == "after 16 of 40 test images" and stopped.value.exit_code == 143
+    asked.clear()
+    with pytest.raises(Interrupted, match="after 8 of 40 images"):
+        bounds(
+            model, images, 1, 4, CPU, stop=lambda: "SIGINT" if len(asked.append(1) or asked) == 3 else None
+        )
+
+
+# ---------------------------------------------------------------- signals on the command line
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sigint_during_the_evaluation_keeps_the_checkpoint_and_exits_130(tmp_path, capsys):
+    flow = write_flow(tmp_path / "tiny.flow", steps=100, eval_every=50)
+    shards = write_shards(tmp_path / "shards", n_train=64, n_test=20000)  # at batch 1: a minute to evaluate
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "flowspec", "train", str(flow), "--set", "data.dataset=npz"]
+    command += ["--data", str(shards), "--out", str(out), "--device", "cpu", "--max-steps", "1"]
+    command += ["--eval-images", "20000", "--eval-batch", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    while not lines or not lines[-1].startswith("a short run"):  # printed as the evaluation starts
+        lines.append(proc.stdout.readline())
+        assert lines[-1], "".join(lines) + proc.stderr.read()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    said = [line for line in stdout.splitlines() if "SIGINT" in line]
+    assert len(said) == 1 and said[0].startswith("SIGINT: the evaluation at step 1 stopped after ")
+    assert f"{out / 'last.pt'} was saved before it" in said[0] and "Traceback" not in stderr
+    assert load_checkpoint(out)["step"] == 1
+    assert run(["eval", str(out), "--images", "8", "--device", "cpu", "--data", str(shards)]) == 0  # it loads
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_spec(steps=2), _options(out, eval={"samples": 0}))
+    return out
+
+
+def _signal_on_call(monkeypatch, owner, name, signum, call=1):
+    """Make the `call`-th call of `owner.name` send `signum` to this process first."""
+    original, calls = getattr(owner, name), []
+
+    def wrapped(*args, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_eval_and_sample_stop_between_batches_on_a_signal(trained, tmp_path, monkeypatch, capsys):
+    _signal_on_call(monkeypatch, FlowModel, "log_prob", signal.SIGTERM, call=2)
+    assert run(["eval", str(trained), "--batch", "8", "--images", "40", "--device", "cpu"]) == 143
+    err = capsys.readouterr().err
+    assert err == "SIGTERM: the evaluation stopped after 16 of 40 images; nothing was written\n"
+    assert not (trained / "eval_test.json").exists()
+    _signal_on_call(monkeypatch, FlowModel, "sample", signal.SIGINT)
+    grid = tmp_path / "grid.png"
+    assert run(["sample", str(trained), "-n", "8", "--batch", "4", "-o", str(grid), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert err == "SIGINT: sampling stopped after 4 of 8 samples at temperature 1.0; nothing was written\n"
+    assert not grid.exists()
+
+
+def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, capsys):
+    first, second = write_flow(tmp_path / "a.flow", name="a"), write_flow(tmp_path / "b.flow", name="b")
+    _signal_on_call(monkeypatch, Evaluator, "__call__", signal.SIGINT)
+    out = tmp_path / "ablation"
+    assert (
+        run(["ablate", str(first), str(second), "--steps", "2", "--out", str(out), "--device", "cpu"]) == 130
+    )
+    captured = capsys.readouterr()
+    assert "SIGINT: the evaluation at step 2 stopped after 0 of 64 test images" in captured.out
+    assert (
+        captured.err
+        == f"SIGINT: the ablation stopped after 1 of 2 runs; nothing was compared; the runs are in {out}\n"
+    )
+    assert load_checkpoint(out / "a")["step"] == 2 and not (out / "b").exists()
+    assert not (out / "ablation.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_peak_memory_counts_from_its_start():
+    memory = PeakMemory(CPU)
+    block = torch.ones(50_000_000)  # 200 MB
+    block.add_(1)
+    del block
+    peak, kind = memory.read()
+    assert kind == "resident" and peak >= memory.start + 150e6
+    assert str(memory).startswith("peak memory ") and "GB at the start" in str(memory)
+
+
+def test_a_run_resumes_with_other_eval_settings_but_not_other_training(tmp_path):
+    spec, run_dir = tiny_spec(steps=4, eval_every=2), tmp_path / "run"
+    train(spec, _options(run_dir, max_steps=2, eval={"samples": 0}))
+    cheaper = spec.model_copy(update={"eval": EvalSpec(images=16, samples=0)})
+    assert train(cheaper, _options(run_dir, resume=True)).history[-1]["test_images"] == 16
+    faster = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 0.1})})
+    with pytest.raises(UserError, match="different spec"):
+        train(faster, _options(run_dir, resume=True))
+
+
+def test_meter_shows_images_running_bits_and_time_left(capsys):
+    meter = Reporter("lines", None, 0, every_s=0.0, train=False).meter("eval", 40, "test images")
+    meter(8, 3.25)
+    meter(8, 3.0)
+    meter.close()
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("eval 8/40 test images  3.2500 bits/dim  ") and first.endswith("s left")
+    assert second.startswith("eval 16/40 test images  3.0000 bits/dim  ")
+    assert [duration(s) for s in (42, 185, 7800, math.nan)] == ["42s", "3m05s", "2h10m", "?"]

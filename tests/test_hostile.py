@@ -1,0 +1,557 @@
+"""Hostile input: every mistake a user can make ends in one clear message and exit 2, never a traceback.
+
+One test per class of input (the error boundary, spec text, values that validate but break later,
+resource bombs, checkpoints, output paths and options); the fuzz tests are in test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from flowspec import load_spec, parse_spec
+from flowspec.cli import language
+from flowspec.cli.app import run
+from flowspec.diagnostics import SpecError
+from flowspec.loader import MAX_SPEC_BYTES
+
+QUICKSTART = Path(__file__).parent.parent / "specs" / "quickstart.flow"
+TINY = (
+    "model tiny\ndata digits { shape 1x8x8 levels 17 }\n"
+    "flow { split stripe { coupling(filters=8, blocks=1, heads=2, components=2); flip } }\n"
+)
+
+
+def error_of(text: str, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="bad.flow", overrides=overrides)
+    return str(caught.value)
+
+
+# ---------------------------------------------------------------- the boundary
+
+
+def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    def broken(path, sets):
+        raise ValueError("a flowspec bug")
+
+    monkeypatch.setattr(language, "load_cli_spec", broken)
+    assert run(["validate", str(QUICKSTART)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: a flowspec bug" in err
+    assert err.rstrip().splitlines()[-1].startswith("this is a bug in flowspec 0.1.0")
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_during_a_command_exits_130_or_143_with_one_line(monkeypatch, capsys, signum, code, word):
+    def interrupted(path, sets):
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(language, "load_cli_spec", interrupted)
+    assert run(["validate", str(QUICKSTART)]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {word} (") and err.count("\n") == 1 and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored
+
+
+def test_an_os_error_on_a_path_is_a_user_error(monkeypatch, capsys):
+    def full(path, sets):
+        raise OSError(28, "No space left on device", "/runs/x/metrics.jsonl")
+
+    monkeypatch.setattr(language, "load_cli_spec", full)
+    assert run(["validate", str(QUICKSTART)]) == 2
+    assert capsys.readouterr().err == "error: no space left accessing /runs/x/metrics.jsonl\n"
+
+
+# ---------------------------------------------------------------- spec text
+
+
+def test_deeply_nested_brackets_are_refused_where_they_pass_the_limit():
+    deep = "(" * 500 + "1" + ")" * 500
+    message = error_of(TINY + f"train {{ optimizer adam(betas={deep}) }}\n")
+    assert message.startswith("bad.flow:4:92: brackets nested more than 64 deep")
+    blocks = "flow { " + "repeat 1 { " * 400 + "flip" + " }" * 400 + " }"
+    assert "brackets nested more than 64 deep" in error_of("model deep\n" + blocks)
+    assert "--set:1:77: brackets nested more than 64 deep" in error_of(TINY, (f"train.betas={deep}",))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("9" * 5000, "a number with 5,000 digits: at most 64"),
+        ("1" + "_0" * 100, "a number with 101 digits: at most 64"),
+        ("1e400", "the number 1e400 is too large"),
+        ("3x" + "9" * 5000 + "x8", "a number with 5,000 digits: at most 64"),
+    ],
+)
+def test_numbers_too_long_or_too_large_are_refused(value, message):
+    assert error_of(TINY + f"train {{ seed {value} }}\n").startswith(f"bad.flow:4:14: {message}")
+    assert error_of(TINY, (f"train.seed={value}",)).startswith(f"--set:1:12: {message}")
+
+
+def test_a_long_line_shows_a_window_around_the_column():
+    message = error_of(TINY + "train { seed " + "9" * 5000 + " }\n")
+    assert max(len(line) for line in message.splitlines()) < 120
+
+
+def test_a_set_key_with_a_huge_step_index_is_a_located_error():
+    message = error_of(TINY, ("flow." + "9" * 5000 + ".mask=stripe",))
+    assert message.startswith("--set:1:6: flow has steps 0 to 0, no step '999")
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda tmp: Path("/dev/zero"), "is a device, FIFO or socket, not a spec file"),
+        (lambda tmp: (os.mkfifo(tmp / "fifo.flow"), tmp / "fifo.flow")[1], "is a device, FIFO or socket"),
+        (lambda tmp: tmp, "is a folder, not a spec file"),
+        (
+            lambda tmp: (tmp / "big.flow").write_text("#" * (MAX_SPEC_BYTES + 1)) and tmp / "big.flow",
+            "is larger than 1 MiB",
+        ),
+        (
+            lambda tmp: (tmp / "bin.flow").write_bytes(b"model \xff") and tmp / "bin.flow",
+            "is not UTF-8 text (byte 6)",
+        ),
+        (lambda tmp: tmp / "a\0b.flow", "has a NUL byte in its path"),
+    ],
+    ids=["device", "fifo", "folder", "huge", "binary", "nul"],
+)
+def test_only_regular_spec_files_of_bounded_size_are_read(tmp_path, make, reason):
+    path = make(tmp_path)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert reason in str(caught.value) and str(caught.value).startswith("spec file ")
+    base = tmp_path / "child.flow"
+    base.write_text(f'extends "{os.fspath(path)}"\nmodel child\n'.replace("\0", "\\0"))
+    if "\0" not in os.fspath(path):  # the same through extends, located at the extends line
+        with pytest.raises(SpecError) as caught:
+            load_spec(base)
+        assert str(caught.value).startswith(f"{base}:1:1: extended spec ") and reason in str(caught.value)
+
+
+def test_a_fifo_spec_on_the_command_line_exits_2_without_waiting(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo.flow")
+    assert run(["validate", str(tmp_path / "fifo.flow")]) == 2
+    assert "is a device, FIFO or socket, not a spec file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- values that validate but break later
+
+
+def test_seeds_are_bounded_in_the_spec_and_on_the_command_line(capsys):
+    big = str(2**64)
+    assert error_of(TINY + f"train {{ seed {big} }}\n").startswith(
+        f"bad.flow:4:9: seed must be <= 4294967295, got {big}"
+    )
+    for command in (["sample", "run"], ["eval", "run"], ["ablate", "a.flow", "--steps", "1"]):
+        assert run([*command, "--seed", big]) == 2
+        assert "'--seed'" in capsys.readouterr().err
+
+
+def test_an_empty_flow_is_refused_and_a_parameterless_one_inspected(capsys):
+    assert error_of("model empty\nflow { }\n").startswith("bad.flow:2:1: flow has no steps")
+    squeeze_only = "model squeeze\ndata digits { shape 1x8x8 levels 17 }\nflow { squeeze }\n"
+    spec = parse_spec(squeeze_only)
+    from flowspec.inspection import inspect_spec
+
+    assert inspect_spec(spec).total == 0
+
+
+# ---------------------------------------------------------------- resource bombs
+
+GiB = 2**30
+
+
+@pytest.fixture
+def small_machine(monkeypatch):
+    """The memory budget of a small machine, whatever this one has."""
+    from flowspec.inspection import budget
+
+    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": 2 * GiB)
+
+
+def bomb(
+    tmp_path: Path,
+    data: str = "shape 1x8x8",
+    coupling: str = "filters=8, blocks=1, components=2",
+    steps: str = "",
+) -> Path:
+    path = tmp_path / "bomb.flow"
+    body = steps or f"coupling(heads=2, {coupling}); flip"
+    path.write_text(f"model bomb\ndata digits {{ {data} levels 17 }}\nflow {{ split stripe {{ {body} }} }}\n")
+    return path
+
+
+def test_repeats_that_multiply_to_a_billion_steps_are_refused_before_building(tmp_path, capsys):
+    path = bomb(tmp_path, steps="repeat 1000 { repeat 1000 { repeat 1000 { flip } } }")
+    assert run(["diff", str(path)]) == 2
+    assert run(["inspect", str(path), "--allow-large"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("the spec unrolls to") == 2
+    assert err.startswith(
+        f"error: {path}:3:23: the spec unrolls to 1,000,000,001 steps (repeat 1000 at flow.0.body.0"
+    )
+    assert "more than the 10,000 flowspec builds" in err
+
+
+@pytest.mark.parametrize(
+    ("data", "coupling", "named"),
+    [
+        (
+            "shape 1x8x8",
+            "filters=4096, blocks=2, components=1024",
+            "(coupling mixlogistic k1024 f4096 b2 h2 at",
+        ),
+        (
+            "shape 1x100000x100000",
+            "filters=8, blocks=1, components=2",
+            "(coupling mixlogistic k2 f8 b1 h2 at",
+        ),
+    ],
+    ids=["settings-at-their-maxima", "huge-images"],
+)
+def test_a_model_larger_than_the_machine_is_refused_before_allocating(
+    tmp_path, capsys, small_machine, data, coupling, named
+):
+    path = bomb(tmp_path, data, coupling)
+    for command in (
+        ["inspect", str(path)],
+        ["train", str(path), "--out", str(tmp_path / "r")],
+    ):
+        assert run(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bomb ({path}) is too large for this machine: ") and named in err
+        assert "cpu memory is 2.0 GiB" in err and err.rstrip().endswith(
+            "or pass --allow-large to go ahead anyway"
+        )
+    assert not (tmp_path / "r").exists()
+
+
+def test_allow_large_goes_ahead_and_a_small_model_passes(tmp_path, small_machine):
+    from flowspec.inspection.budget import check_size
+
+    spec = load_spec(bomb(tmp_path, "shape 1x4096x4096"))
+    with pytest.raises(Exception, match="too large for this machine"):
+        check_size(spec, "train")
+    assert check_size(spec, "train", allow_large=True).parameters > 0
+    import flowspec
+
+    small = load_spec(bomb(tmp_path))
+    counted = check_size(small, "train")
+    assert counted.steps == 3 and counted.parameters == flowspec.build(small).count_parameters()["total"]
+
+
+def test_a_model_without_parameters_is_not_trained(tmp_path, capsys):
+    path = bomb(tmp_path, steps="flip")
+    assert run(["train", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "bomb has no trainable parameters" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_official_imagenet32_model_passes_the_limits():
+    """Flow++ on ImageNet 32x32 as the official launcher sizes it (168,955,724 parameters there)."""
+    from flowspec.inspection.budget import check_size
+
+    spec = parse_spec(
+        "model imagenet32\ndata npz { shape 3x32x32 levels 256 }\n"
+        "defaults { coupling mixlogistic(components=32, filters=128, blocks=22, heads=4) }\n"
+        "dequantize variational { context(filters=32, blocks=8)\n"
+        "  split stripe { repeat 8 { norm; coupling(blocks=8); flip } } sigmoid }\n"
+        "flow { split stripe { repeat 4 { norm; coupling; flip } }\n"
+        "  split stripe { repeat 3 { norm; coupling; flip } } squeeze\n"
+        "  split channel { repeat 3 { norm; coupling; flip } }\n"
+        "  split stripe { repeat 3 { norm; coupling; flip } } }\n"
+        "train { batch 32 }\n"
+    )
+    size = check_size(spec, "build")
+    assert size.parameters > 168_000_000 and size.train < 16 * GiB
+
+
+# ---------------------------------------------------------------- well-formed but wrong checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run (3 steps)."""
+    import torch
+    from train_helpers import tiny_spec
+
+    from flowspec.train.trainer import RunOptions, train
+
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(tiny_spec(steps=3), RunOptions(out=out, device="cpu", quiet=True))
+    torch.set_num_threads(before)
+    return out
+
+
+def rewrite(trained: Path, tmp_path: Path, change) -> Path:
+    """A copy of the run's checkpoint with `change(payload)` applied, saved with a fresh checksum."""
+    import torch
+
+    from flowspec.train.checkpoint import LAST, save_atomic
+
+    payload = torch.load(trained / LAST, weights_only=True)
+    change(payload)
+    save_atomic(payload, tmp_path / LAST)
+    return tmp_path / LAST
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p.update(model=[1, 2]), "model is not a state dict (names to tensors) (got list)"),
+        (lambda p: p.pop("optimizer"), "no optimizer"),
+        (lambda p: p.update(step=-5), "step is not a step count (an integer >= 0) (got int)"),
+        (lambda p: p.update(step=2.5), "step is not a step count"),
+        (lambda p: p.update(rng="x"), "rng is not a list of RNG states"),
+        (
+            lambda p: p["model"].update({k: v[:1] for k, v in p["model"].items() if v.dim() == 4}),
+            "has shape (1,",
+        ),
+        (lambda p: p["model"].pop(next(iter(p["model"]))), "model lacks "),
+        (
+            lambda p: p["optimizer"]["state"][0].update(exp_avg=p["optimizer"]["state"][0]["exp_avg"][:1]),
+            "optimizer state 0.exp_avg does not fit parameter 0",
+        ),
+    ],
+    ids=[
+        "model-not-a-state-dict",
+        "no-optimizer",
+        "negative-step",
+        "float-step",
+        "rng",
+        "shapes",
+        "missing",
+        "adam",
+    ],
+)
+def test_a_wrong_checkpoint_is_refused_naming_what_is_wrong(trained, tmp_path, capsys, change, message):
+    from flowspec.errors import UserError
+    from flowspec.train.checkpoint import load_checkpoint
+
+    path = rewrite(trained, tmp_path, change)
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(path)
+    assert str(caught.value).startswith(f"checkpoint {path} is not a usable flowspec checkpoint: ")
+    assert message in str(caught.value)
+    assert run(["train", "--resume", str(tmp_path), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flipped_bytes_inside_the_archive_are_detected(trained, tmp_path, capsys):
+    import zipfile
+
+    from flowspec.train.checkpoint import LAST
+
+    data = bytearray((trained / LAST).read_bytes())
+    with zipfile.ZipFile(trained / LAST) as archive:  # the largest tensor's bytes, inside the archive
+        tensors = [e for e in archive.infolist() if "/data/" in e.filename]
+        entry = max(tensors, key=lambda e: e.file_size)
+        header = data[entry.header_offset : entry.header_offset + 30]
+        start = (
+            entry.header_offset
+            + 30
+            + int.from_bytes(header[26:28], "little")
+            + int.from_bytes(header[28:30], "little")
+        )
+    middle = start + entry.file_size // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    (tmp_path / LAST).write_bytes(bytes(data))
+    assert run(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: checkpoint {tmp_path / LAST} is corrupt: its content does not match the checksum stored "
+        "when it was written; it was left untouched: resume from another run folder or start a new run\n"
+    )
+
+
+def test_an_old_checkpoint_without_checksum_loads_with_a_warning(trained, tmp_path, capsys):
+    import torch
+
+    from flowspec.train.checkpoint import CHECKSUM, LAST, load_checkpoint
+
+    payload = torch.load(trained / LAST, weights_only=True)
+    del payload[CHECKSUM]
+    torch.save(payload, tmp_path / LAST)
+    assert load_checkpoint(tmp_path)["step"] == 3
+    assert "has no checksum (written before flowspec stored one)" in capsys.readouterr().err
+
+
+def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "pwned"),))
+
+    torch.save({"model": Payload()}, tmp_path / "last.pt")
+    assert run(["sample", str(tmp_path), "-o", str(tmp_path / "s.png")]) == 2
+    assert "is corrupt or truncated and cannot be read (UnpicklingError)" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------- output paths and options
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "{tmp}"], "--out {tmp} is a folder: give a file name, e.g. {tmp}/out.png"),
+        (["-o", "{tmp}/grid.xyz"], "--out {tmp}/grid.xyz: unknown file type '.xyz'; use one of .png, "),
+        (["-o", "{tmp}/grid"], "unknown file type '(no extension)'"),
+        (["-t", "inf"], "--temperature must be a finite number >= 0, got inf"),
+        (["-t", "nan"], "Invalid value for '--temperature'"),
+        (["-t", "-1"], "Invalid value for '--temperature'"),
+        (["-n", "1000000000"], "is too large for this machine"),
+    ],
+    ids=["folder", "extension", "no-extension", "inf", "nan", "negative", "n"],
+)
+def test_sample_refuses_bad_outputs_and_options(trained, tmp_path, capsys, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert run(["sample", str(trained), *args]) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(trained, tmp_path, capsys):
+    assert run(["eval", str(trained), "--out", str(tmp_path), "--limit", "4"]) == 2
+    assert f"--out {tmp_path} is a folder: give a file name" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code = run(["eval", str(trained), "--out", str(locked / "e.json"), "--limit", "4"])
+    finally:
+        locked.chmod(0o700)
+    out, err = capsys.readouterr()
+    if os.geteuid() != 0:  # root writes anywhere
+        assert code == 2 and "single sample" in out
+        assert (
+            err
+            == f"error: permission denied writing {locked / 'e.json'}; the results are in the table above\n"
+        )
+    assert run(["eval", str(trained), "--iw", "100000"]) == 2
+    assert "Invalid value for '--iw'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- disks, permissions, two processes
+
+
+def tiny_flow(tmp_path: Path) -> Path:
+    from train_helpers import write_flow
+
+    return write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
+
+
+def fail_on(monkeypatch, module, name: str, code: int, after: int = 0) -> None:
+    """Make `module.name` raise OSError(`code`) (without a file name, like a failed write) after `after`
+    successful calls."""
+    import builtins
+
+    real = getattr(module, name, None) or getattr(builtins, name)
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("where", "failed", "kept"),  # the checkpoint is written before each evaluation's metrics and grids
+    [
+        ("checkpoint", "last.pt", 3),
+        ("metrics", "metrics.jsonl", 6),
+        ("samples", "samples/step0000006_t1.0.png", 6),
+    ],
+)
+def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch, capsys, where, failed, kept
+):
+    import errno
+    import json
+
+    import torch
+
+    from flowspec.train import checkpoint, metrics, sampling
+    from flowspec.train.checkpoint import LAST, load_checkpoint
+
+    out = tmp_path / "run"
+    # metrics: step 1's train row and the first evaluation's row are written
+    target = {"checkpoint": (checkpoint.torch, "save", 3), "metrics": (metrics, "open", 2)}
+    target["samples"] = (sampling, "save_image", 2)
+    module, name, after = target[where]  # the second evaluation's write fails (step 3 wrote last, last, best)
+    fail_on(monkeypatch, module, name, errno.ENOSPC, after)
+    torch.set_num_threads(1)
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} "
+        f"(step {kept}) is kept; free space or make the folder writable, then continue with: "
+        f"flowspec train --resume {out}\n"
+    )
+    monkeypatch.undo()
+    assert load_checkpoint(out)["step"] == kept
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if metrics.is_eval(r)][0] == 3
+    assert not [p.name for p in out.glob("*tmp*")]
+
+
+def test_a_read_only_run_folder_stops_the_run_with_a_message(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from flowspec.train import sampling
+
+    fail_on(monkeypatch, sampling, "save_image", errno.EROFS)
+    out = tmp_path / "run"
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: read-only file system writing {out / 'samples' / 'step0000003_t1.0.png'}; "
+    )
+    assert f"the last good checkpoint {out / 'last.pt'} (step 3) is kept" in err  # written before evaluating
+
+
+def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
+    import socket
+
+    from flowspec.train.lock import RunLock
+
+    flow, out = tiny_flow(tmp_path), tmp_path / "run"
+    with RunLock(out):  # held as another process would hold it (flock: per open file)
+        assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"error: run folder {out} is in use by pid {os.getpid()} on {socket.gethostname()}"
+        )
+        assert run(["train", "--resume", str(out), "--quiet"]) == 2
+    # the lock file a dead holder leaves does not block: the kernel dropped its flock
+    (out / ".lock").write_text("pid 1 on elsewhere since long ago\n")
+    assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet", "--max-steps", "3"]) == 0
+
+
+def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path):
+    from flowspec.train.lock import RunLock
+
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "metrics.jsonl.tmp").write_text("{")
+    (tmp_path / ".curves.tmp.png").write_bytes(b"")
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    with RunLock(tmp_path) as lock:
+        assert sorted(p.name for p in lock.removed) == [
+            ".curves.tmp.png",
+            ".last.pt.abc123.tmp",
+            "metrics.jsonl.tmp",
+        ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "last.pt"]
