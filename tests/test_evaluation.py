@@ -3,6 +3,7 @@ evaluation, progress, and stop signals during evaluation and sampling."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -273,6 +274,22 @@ def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, ca
     )
     assert load_checkpoint(out / "a")["step"] == 2 and not (out / "b").exists()
     assert not (out / "ablation.json").exists()
+
+
+def test_ablate_stopped_in_its_second_run_compares_the_first(tmp_path, monkeypatch, capsys):
+    first, second = write_flow(tmp_path / "a.flow", name="a"), write_flow(tmp_path / "b.flow", name="b")
+    _signal_on_call(monkeypatch, Evaluator, "__call__", signal.SIGTERM, call=2)  # b's evaluation
+    out = tmp_path / "ablation"
+    args = ["ablate", str(first), str(second), "--steps", "2", "--out", str(out), "--device", "cpu", "-q"]
+    assert run(args) == 143
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"SIGTERM: the ablation stopped after 2 of 2 runs; the table compares the 1 finished; "
+        f"the runs are in {out}\n"
+    )
+    assert "test bits/dim" in captured.out and "│ a " in captured.out and "│ b " not in captured.out
+    assert [r["spec"] for r in json.loads((out / "ablation.json").read_text())] == ["a"]
+    assert load_checkpoint(out / "b")["step"] == 2
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
