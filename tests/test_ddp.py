@@ -39,5 +39,5 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(tmp_path):
     # 2 processes x 8 images = the spec's global batch of 16: 4 steps cover 64 of 1,500 images
     assert abs(payload["epoch"] - 4 * 16 / (1500 // 16 * 16)) < 1e-6
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.pt", "curves.png", "last.pt", "metrics.jsonl", "samples", "spec.flow", "spec.json",
+        ".lock", "best.pt", "curves.png", "last.pt", "metrics.jsonl", "samples", "spec.flow", "spec.json",
     ]  # fmt: skip
