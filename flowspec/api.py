@@ -50,6 +50,7 @@ def train(
     log_every: int = 10,
     tensorboard: bool = False,
     quiet: bool = False,
+    threads: int | None = None,
     allow_large: bool = False,
     eval: Mapping[str, Any] | None = None,
 ) -> RunResult:
@@ -58,10 +59,11 @@ def train(
     The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
     overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
     `device`, `precision` (fp32 | bf16), `compile`, `max_steps`, `max_time` (seconds or `"30m"`),
-    `log_every`, `tensorboard`, `quiet`, `allow_large` (train a model whose estimated training memory
-    exceeds the device's) and `eval` (settings of the spec's `eval` section, as `--eval-*` give them,
-    e.g. `{"images": 64, "inversion": False}`). Returns the run's `RunResult` (run folder, step, bits/dim,
-    the metrics' history). A mistake raises `UserError` with the message the command line prints.
+    `log_every`, `tensorboard`, `quiet`, `threads` (None: chosen by model size and CPU load), `allow_large`
+    (train a model whose estimated training memory exceeds the device's) and `eval` (settings of the spec's
+    `eval` section, as `--eval-*` give them, e.g. `{"images": 64, "inversion": False}`). Returns the run's
+    `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake raises `UserError` with the
+    message the command line prints.
     """
     from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
     from flowspec.train.trainer import RunOptions
@@ -100,6 +102,7 @@ def train(
         resume=resume is not None,
         log_every=log_every,
         tensorboard=tensorboard,
+        threads=threads,
         eval=dict(eval or {}),
     )
     return run_training(spec, options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import torch
 from train_helpers import write_flow
 
 from flowspec.train.checkpoint import load_checkpoint
+from flowspec.train.metrics import is_eval, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(tmp_path):
     payload = load_checkpoint(out)
     assert payload["step"] == 4 and len(payload["rng"]) == 2  # both ranks' RNG states, for resume
     assert not torch.equal(payload["rng"][0]["torch"], payload["rng"][1]["torch"])  # per-rank noise
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in read_metrics(out) if is_eval(r)]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(r["skipped"] == 0 and r["test_bpd"] < 4.5 for r in rows)
     # 2 processes x 8 images = the spec's global batch of 16: 4 steps cover 64 of 1,500 images

@@ -404,8 +404,8 @@ def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-o", "{tmp}"], "-o/--output {tmp} is a folder: give a file name, e.g. {tmp}/out.png"),
-        (["-o", "{tmp}/grid.xyz"], "-o/--output {tmp}/grid.xyz: unknown file type '.xyz'; use one of .png, "),
+        (["-o", "{tmp}"], "--out {tmp} is a folder: give a file name, e.g. {tmp}/out.png"),
+        (["-o", "{tmp}/grid.xyz"], "--out {tmp}/grid.xyz: unknown file type '.xyz'; use one of .png, "),
         (["-o", "{tmp}/grid"], "unknown file type '(no extension)'"),
         (["-t", "inf"], "--temperature must be a finite number >= 0, got inf"),
         (["-t", "nan"], "Invalid value for '--temperature'"),
@@ -495,7 +495,11 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "run"
     target = {
         "checkpoint": (checkpoint.torch, "save", at_step_6),
-        "metrics": (metrics, "open", lambda n, args: n > 1),  # the second evaluation's row
+        "metrics": (
+            metrics,
+            "open",
+            lambda n, args: n > 2,
+        ),  # after step 1's train row and the first eval row
         "samples": (sampling, "save_image", lambda n, args: n > 2),  # its first grid
     }
     module, name, when = target[where]
@@ -510,7 +514,8 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     )
     monkeypatch.undo()
     assert load_checkpoint(out)["step"] == kept
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][0] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if metrics.is_eval(r)][0] == 3
     assert not [p.name for p in out.glob("*tmp*")]
 
 

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from flowspec.cli.app import app
-from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
+from flowspec.cli.examples import epilog
+from flowspec.cli.options import AllowLargeOption, SetOption, ThreadsOption, load_cli_spec
 from flowspec.errors import UserError
 
 
@@ -21,7 +22,7 @@ class InspectFormat(str, Enum):
     mermaid = "mermaid"
 
 
-@app.command()
+@app.command(epilog=epilog("inspect"))
 def inspect(
     spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Spec file to inspect.")],
     format: Annotated[
@@ -47,11 +48,13 @@ def inspect(
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
     sets: SetOption = None,
+    threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
-    if data is not None and not probe:
-        raise UserError("--data is only used with --probe: add --probe, or drop --data")
+    for name, value in (("--data", data), ("--threads", threads)):
+        if value is not None and not probe:
+            raise UserError(f"{name} is only used with --probe: add --probe, or drop {name}")
     resolved = load_cli_spec(spec, sets)
     import torch
 
@@ -68,6 +71,9 @@ def inspect(
     report = inspect_model(model, resolved, target_params)
     if probe:
         from flowspec.inspection.probe import probe_images, run_probe
+        from flowspec.threads import set_threads
+
+        set_threads(report.total, threads)
 
         images, source = probe_images(resolved, batch, data)
         run_probe(model, resolved, report, images, source)
@@ -77,7 +83,7 @@ def inspect(
         typer.echo(render.RENDERERS[format.value](report, depth), nl=False)
 
 
-@app.command()
+@app.command(epilog=epilog("diff"))
 def diff(
     spec_a: Annotated[Path, typer.Argument(metavar="A", help="The reference spec.")],
     spec_b: Annotated[
@@ -97,5 +103,8 @@ def diff(
     for spec in (a, b):  # both are built on the meta device: only their step count matters
         check_steps(spec)
     from flowspec.inspection.diff import render_diff
+    from flowspec.loader import setting_sources
 
-    Console().print(render_diff(a, b, inspect_spec(a, measure=False), inspect_spec(b, measure=False)))
+    reports = inspect_spec(a, measure=False), inspect_spec(b, measure=False)
+    sources = setting_sources(spec_a), setting_sources(spec_b or spec_a, tuple(sets or ()))
+    Console().print(render_diff(a, b, *reports, *sources))
