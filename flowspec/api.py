@@ -58,6 +58,7 @@ def train(
     log_every: int = 10,
     tensorboard: bool = False,
     quiet: bool = False,
+    threads: int | None = None,
     allow_large: bool = False,
     data_memory: str | int | None = None,
     eval: Mapping[str, Any] | None = None,
@@ -67,12 +68,12 @@ def train(
     The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
     overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
     `device`, `precision` (fp32 | bf16), `compile`, `max_steps`, `max_time` (seconds or `"30m"`),
-    `log_every`, `tensorboard`, `quiet`, `allow_large` (train a model whose estimated training memory
-    exceeds the device's), `data_memory` (bytes or `"4G"`: a training set up to this size is held in
-    memory, a larger one streamed from its file) and `eval` (settings of the spec's `eval` section, as
-    `--eval-*` give them, e.g. `{"images": 64, "inversion": False}`). Returns the run's `RunResult` (run
-    folder, step, bits/dim, the metrics' history). A mistake raises `UserError` with the message the
-    command line prints.
+    `log_every`, `tensorboard`, `quiet`, `threads` (None: chosen by model size and CPU load), `allow_large`
+    (train a model whose estimated training memory exceeds the device's), `data_memory` (bytes or `"4G"`:
+    a training set up to this size is held in memory, a larger one streamed from its file) and `eval`
+    (settings of the spec's `eval` section, as `--eval-*` give them, e.g. `{"images": 64, "inversion":
+    False}`). Returns the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake
+    raises `UserError` with the message the command line prints.
     """
     from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
     from flowspec.train.trainer import RunOptions
@@ -113,6 +114,7 @@ def train(
         log_every=log_every,
         tensorboard=tensorboard,
         data_memory=memory,
+        threads=threads,
         eval=dict(eval or {}),
     )
     return run_training(spec, options)

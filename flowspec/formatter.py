@@ -67,6 +67,11 @@ def _context_args(context: ContextSpec) -> str:
     return ", ".join(args)
 
 
+def value_text(value: Any) -> str:
+    """A setting's value as a `.flow` file writes it: `on`/`off`, `3e-4`, `(0.9, 0.999)`, `100 steps`."""
+    return _value(value)
+
+
 def _data(spec: FlowSpec) -> str:
     data = spec.data
     parts = [f"shape {'x'.join(map(str, data.shape))}", f"levels {data.levels}"]

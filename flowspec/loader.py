@@ -22,7 +22,7 @@ from flowspec.resolve import OVERRIDE_FILE, apply_defaults, apply_overrides, mer
 from flowspec.shapes import shape_issues
 from flowspec.spec import FlowSpec, SourceLoc
 
-__all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file"]
+__all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
 
 MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path from filling memory
 
@@ -42,6 +42,28 @@ def parse_spec(text: str, source: str = "<string>", overrides: Sequence[str] = (
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())
     return _finish(doc, overrides, texts, source=None)
+
+
+def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, SourceLoc]:
+    """Where each setting of the spec at `path` was written, by dotted path (`train.lr`, `flow.0.mask`):
+    in the file, in an extended file, in `defaults` (a step's inherited settings) or in a `--set` option.
+    Settings left at their built-in defaults are absent. For a spec that `load_spec` accepts."""
+    doc = apply_defaults(apply_overrides(_load(Path(path), {}, chain=(), at=None), overrides))
+    found: dict[str, SourceLoc] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        items = (
+            node.items() if isinstance(node, RawDict) else enumerate(node) if isinstance(node, list) else ()
+        )
+        for key, value in items:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            loc = node.locs.get(key) if isinstance(node, RawDict) else getattr(value, "loc", None)
+            if loc is not None:
+                found[path] = loc
+            walk(value, path)
+
+    walk(doc, "")
+    return found
 
 
 # ---------------------------------------------------------------- files and extends
@@ -118,16 +140,94 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
     if source is not None:
         doc["source"] = source
     diagnostics = list(doc.problems)
+    plain = _plain(doc)
     try:
-        spec = FlowSpec.model_validate(_plain(doc))
+        spec = FlowSpec.model_validate(plain)
     except ValidationError as error:
-        diagnostics += _from_pydantic(error, doc)
+        items, spec = _after_repair(plain, error)
+        found = _from_pydantic([*error.errors(include_url=False), *items], doc)
+        found += _shape_diagnostics(spec, doc) if spec is not None else []
+        diagnostics += [d for i, d in enumerate(found) if d not in found[:i]]
     else:
-        where = doc.locs.get("flow") or doc.loc
-        diagnostics += [Diagnostic(issue.source or where, issue.message) for issue in shape_issues(spec)]
+        diagnostics += _shape_diagnostics(spec, doc)
     if diagnostics:
         raise SpecError(diagnostics, texts)
     return spec
+
+
+def _shape_diagnostics(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
+    where = doc.locs.get("flow") or doc.loc
+    return [Diagnostic(issue.source or where, issue.message) for issue in shape_issues(spec)]
+
+
+#: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them.
+_SHAPED = {"data", "shape", "mask", "kind", "count", "dequantize", "flow"}
+
+
+def _after_repair(plain: dict, error: ValidationError, rounds: int = 3) -> tuple[list, FlowSpec | None]:
+    """The mistakes that the first mistakes hid: each wrong setting falls back to its default (a wrong
+    section to its defaults, a step of an unknown kind is left out) and the spec is validated again, so
+    the checks between settings (`heads` must divide `filters`) run too. Returns the new pydantic error
+    items and the repaired spec for the shape check (None if it failed again or if a repair changed
+    shapes). A check that names a repaired setting (its value is not the user's) and a missing setting
+    (what a repair removed) are not reported."""
+    found: list = []
+    repaired: list[tuple] = []
+    shaped = False
+    for _ in range(rounds):
+        for item in error.errors(include_url=False):
+            removed = _repair(plain, item["loc"], item["type"].startswith("union_tag"))
+            repaired += removed
+            shaped = shaped or any(not loc or loc[-1] in _SHAPED for loc in removed)
+        try:
+            spec = FlowSpec.model_validate(plain)
+        except ValidationError as again:
+            error = again
+            found += [
+                item
+                for item in again.errors(include_url=False)
+                if item["type"] != "missing" and not _names_repaired(item, repaired)
+            ]
+        else:
+            return found, None if shaped else spec
+    return found, None
+
+
+def _untagged(loc: tuple) -> tuple:
+    """A pydantic error location without the tags of discriminated unions (the kind after a step index)."""
+    return tuple(
+        p for i, p in enumerate(loc) if not (isinstance(p, str) and i and isinstance(loc[i - 1], int))
+    )
+
+
+def _repair(plain: dict, loc: tuple, unknown_kind: bool) -> list[tuple]:
+    """Remove what the error at `loc` blames from the plain document: a setting (its default applies), a
+    step of an unknown kind, or every setting of a section or step that is wrong as a whole. Returns the
+    paths removed (a removed step's ends with `kind`)."""
+    node: Any = plain
+    path = _untagged(loc)
+    for i, part in enumerate(path):
+        found = part in node if isinstance(node, dict) else isinstance(part, int) and part < len(node)
+        if not isinstance(node, (dict, list)) or not found:
+            return []
+        child = node[part]
+        whole = i == len(path) - 1 and isinstance(child, dict) and not unknown_kind
+        if i == len(path) - 1 and not whole or not isinstance(child, (dict, list)):
+            del node[part]
+            return [(*path[: i + 1], "kind") if isinstance(part, int) else path[: i + 1]]
+        node = child
+    if not isinstance(node, dict):
+        return []
+    keys = [k for k in node if k not in ("kind", "source")]
+    for key in keys:
+        del node[key]
+    return [(*path, key) for key in keys]
+
+
+def _names_repaired(item: dict, repaired: list[tuple]) -> bool:
+    """Whether an error of the repaired spec is about a setting that a repair set to its default."""
+    node, text = _untagged(item["loc"]), item.get("msg", "")
+    return any(loc[:-1] == node[: len(loc) - 1] and str(loc[-1]) in text for loc in repaired if loc)
 
 
 def _plain(value: Any) -> Any:
@@ -143,9 +243,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _from_pydantic(error: ValidationError, doc: RawDict) -> list[Diagnostic]:
+def _from_pydantic(items: list, doc: RawDict) -> list[Diagnostic]:
     found: list[tuple[str, Diagnostic]] = []
-    for item in error.errors(include_url=False):
+    for item in items:
         # point an unknown kind at the word, not at the whole section
         kind_word = ("kind",) if item["type"] == "union_tag_invalid" else ()
         path, loc, model, owner = _locate(doc, (*item["loc"], *kind_word))

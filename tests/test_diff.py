@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import SPECS
 
 import flowspec
 from flowspec.cli.app import run
 from flowspec.inspection import inspect_spec
 from flowspec.inspection.diff import parameter_deltas, spec_differences
+from flowspec.loader import setting_sources
 
 FLOWPP = SPECS / "flowpp_cifar.flow"
 UNIFORM = SPECS / "ablations" / "uniform_dequant.flow"
@@ -19,7 +21,7 @@ def test_ablation_differences_name_paths_and_sources():
     a, b = flowspec.load_spec(FLOWPP), flowspec.load_spec(UNIFORM)
     diffs = {d.path: d for d in spec_differences(a, b)}
     assert set(diffs) == {
-        "name",
+        "model",
         "target_params",
         "dequantize",
         "defaults.coupling.filters",
@@ -38,7 +40,7 @@ def test_added_and_removed_steps():
     b = flowspec.load_spec(SPECS / "seed_realnvp_cifar.flow")
     diffs = {d.path: d for d in spec_differences(a, b)}
     assert diffs["flow.3"].a == "factor_out" and diffs["flow.3"].b is None
-    assert diffs["flow.0.body.0.count"].a == "3" and diffs["flow.0.body.0.count"].b == "8"
+    assert (diffs["flow.0.body.0"].a, diffs["flow.0.body.0"].b) == ("repeat 3", "repeat 8")
 
 
 def test_parameter_deltas_per_stage():
@@ -60,8 +62,9 @@ def test_cli_diff_with_set_and_equal_specs(capsys, monkeypatch):
     assert run(["diff", quick, "--set", "train.lr=0.0123", "--set", "defaults.coupling.blocks=7"]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"train\.lr\s+{spec.train.lr}\s+0\.0123", out)
-    line = spec.flow[0].body[0].body[2].source.line
-    assert "flow.0.body.0.body.2.blocks" in out and f"quickstart.flow:{line}" in out
+    # where each side wrote it: the base's defaults line, the second --set
+    line = next(i for i, text in enumerate(open(quick), 1) if "coupling mixlogistic(" in text)
+    assert re.search(rf"flow\.0\.body\.0\.body\.2\.blocks\s+1\s+7\s+quickstart\.flow:{line} / --set:2", out)
     assert "total" in out and "+" in out
     assert run(["diff", quick, quick]) == 0
     assert "the specs are equal" in capsys.readouterr().out
@@ -71,3 +74,52 @@ def test_cli_diff_bad_spec_exit_2(capsys):
     assert run(["diff", str(FLOWPP), str(SPECS / "missing.flow")]) == 2
     err = capsys.readouterr().err
     assert "missing.flow" in err and "Traceback" not in err
+
+
+def cli_diff(capsys, monkeypatch, width: int, *argv: str) -> str:
+    monkeypatch.setenv("COLUMNS", str(width))
+    assert run(["diff", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_diff_speaks_the_language(capsys, monkeypatch):
+    affine = str(SPECS / "ablations" / "affine_coupling.flow")
+    out = cli_diff(capsys, monkeypatch, 200, str(FLOWPP), affine)
+    assert re.search(r"defaults\.coupling\s+coupling mixlogistic\s+coupling affine", out)
+    assert "defaults.coupling.coupling" not in out and ".coupling.coupling" not in out
+    assert re.search(
+        r"^model\s+flowpp_cifar\s+flowpp_affine_coupling\s+flowpp_cifar\.flow:3 / affine", out, re.M
+    )
+    # each side's own line: the base's defaults, the ablation's defaults
+    assert re.search(
+        r"defaults\.coupling\.filters\s+96\s+108\s+flowpp_cifar\.flow:10 / affine_coupling\.flow:5", out
+    )
+    quick = str(SPECS / "quickstart.flow")
+    sets = [
+        "--set",
+        "train.ema=off",
+        "--set",
+        "defaults.coupling.attention=off",
+        "--set",
+        "train.augment=hflip",
+    ]
+    out = cli_diff(capsys, monkeypatch, 200, quick, *sets, "--set", "train.length=100 steps")
+    assert not re.search(r"\b(True|False|None|Interval)\b", out)
+    assert re.search(r"defaults\.coupling\.attention\s+on\s+off\s+default / --set:2", out)
+    assert re.search(r"train\.ema\s+0\.99\s+off\s+quickstart\.flow:\d+ / --set:1", out)
+    assert re.search(r"train\.augment\s+none\s+hflip", out) and re.search(r"400 steps\s+100 steps", out)
+    dogs = str(SPECS / "seed_realnvp_dogs.flow")
+    out = cli_diff(capsys, monkeypatch, 200, str(SPECS / "seed_realnvp_cifar.flow"), dogs)
+    assert re.search(r"data\.classes\s+all\s+dog\s+default / seed_realnvp_dogs\.flow:\d+", out)
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 120])
+def test_diff_never_breaks_a_word(capsys, monkeypatch, width):
+    a, b = SPECS / "flowpp_cifar.flow", SPECS / "seed_realnvp_dogs.flow"
+    out = cli_diff(capsys, monkeypatch, width, str(a), str(b))
+    assert max(len(line) for line in out.splitlines()) <= width and "…" not in out
+    words = {word.strip("(),") for word in out.split()}
+    sources = setting_sources(a), setting_sources(b)
+    for d in spec_differences(flowspec.load_spec(a), flowspec.load_spec(b), *sources):
+        for text in (d.path, d.a, d.b, d.source_a, d.source_b):
+            assert {word.strip("(),") for word in (text or "").split()} <= words, (text, width)

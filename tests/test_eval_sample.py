@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixtu
 
 from flowspec.cli.app import run
 from flowspec.train.evaluate import bounds, iw_log_prob
-from flowspec.train.trainer import RunOptions, train
+from flowspec.train.trainer import RunOptions, RunResult, train
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_sample_grid_uses_the_seed(run_dir, tmp_path, capsys):
         argv = ["sample", str(run_dir), "-n", "16", "--temperature", "0.9", "-o", str(path), "--seed", "3"]
         assert run([*argv, "--device", "cpu"]) == 0
     assert "wrote 16 samples of tiny (step 4, T=0.9)" in capsys.readouterr().out
-    assert Image.open(a).size == (4 * 9 + 1, 4 * 9 + 1)  # 4 x 4 grid of 8 x 8 images, 1-pixel padding
+    assert Image.open(a).size == (4 * 66 + 2, 4 * 66 + 2)  # 4 x 4 grid of 8 x 8 images enlarged 8 times
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -101,3 +102,35 @@ def test_ablate_compares_specs(tmp_path, capsys):
     assert [r["spec"] for r in rows] == ["small", "wide"] and all(r["steps"] == 3 for r in rows)
     assert rows[0]["parameters"] < rows[1]["parameters"]
     assert (out / "curves.png").is_file() and (out / "small" / "last.pt").is_file()
+
+
+def test_ablate_with_a_tiny_budget_prints_the_table(tmp_path, capsys):
+    small = write_flow(tmp_path / "small.flow", name="small", filters=4)
+    out = tmp_path / "ablation"
+    args = ["ablate", str(small), str(small), "--budget", "0.01s", "--out", str(out), "--device", "cpu", "-q"]
+    assert run(args) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"small-0 .*\d+\.\d{4} .* 1 .*\d", printed) and "small-1" in printed
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["steps"] for r in rows] == [1, 1] and all(r["img/s"] > 0 for r in rows)
+
+
+def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monkeypatch):
+    from flowspec.train import ablate
+
+    trained = []
+
+    def fake_train(spec, options):
+        trained.append(options.out)
+        stopped = "SIGINT" if len(trained) == 2 else "finished"
+        return RunResult(options.out, 5, 0.1, stopped, 3.0, 3.0, 0.0312, 100, [])
+
+    monkeypatch.setattr(ablate, "train", fake_train)
+    spec = tiny_spec()
+    specs = [spec.model_copy(update={"name": n}) for n in ("a", "b", "c")]
+    results = ablate.run_ablation(specs, RunOptions(), tmp_path, seed=0)
+    assert [r.run_dir.name for r in results] == ["a", "b"] and len(trained) == 2
+    rows = json.loads((tmp_path / "ablation.json").read_text())  # the finished runs: "b" was stopped
+    assert [r["spec"] for r in rows] == ["a"] and [r["img/s"] for r in rows] == [0.0312]  # a slow rate kept
+    assert ablate.fmt_rate(0.0312) == "0.0312" and ablate.fmt_rate(45.67) == "45.7"
+    assert ablate.fmt_rate(1234.5) == "1,234"

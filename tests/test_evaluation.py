@@ -3,6 +3,7 @@ evaluation, progress, and stop signals during evaluation and sampling."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -30,6 +31,7 @@ from flowspec.train.data import load_split
 from flowspec.train.evaluate import bounds, single_sample_bpd
 from flowspec.train.evaluation import Evaluator
 from flowspec.train.memory import PeakMemory
+from flowspec.train.metrics import is_eval
 from flowspec.train.progress import Reporter, duration
 from flowspec.train.signals import Interrupted, never
 from flowspec.train.trainer import RunOptions, train
@@ -107,7 +109,7 @@ def test_the_checkpoint_is_written_before_each_evaluation_and_again_when_it_impr
     monkeypatch.setattr(Evaluator, "__call__", evaluating)
     quick = {"images": 32, "samples": 4, "inversion": False}
     result = train(tiny_spec(steps=4, eval_every=2), _options(tmp_path / "run", eval=quick))
-    first, second = (r["test_bpd"] for r in result.history)
+    first, second = (r["test_bpd"] for r in result.history if is_eval(r))
     assert events[:3] == [("save", 2, False, None), ("eval", 2, 2), ("save", 2, True, first)]
     assert events[3:5] == [("save", 4, False, first), ("eval", 4, 4)]
     assert events[5:] == ([("save", 4, True, second)] if second < first else [])
@@ -131,7 +133,8 @@ def test_evaluation_follows_the_eval_settings_without_gradients(tmp_path, monkey
     evaluation = calls[-5:]  # after the training steps: 5 batches of 8 test images, no autograd, eval mode
     assert evaluation == [(8, False, False)] * 5
     assert [p.name for p in (tmp_path / "run" / "samples").iterdir()] == ["step0000002_t1.0.png"]
-    assert Image.open(tmp_path / "run" / "samples" / "step0000002_t1.0.png").size == (2 * 9 + 1, 2 * 9 + 1)
+    size = 2 * (16 * 8 + 2) + 2  # 2 x 2 images of 8 px, enlarged 16 times (>= 256 px wide), 2 px padding
+    assert Image.open(tmp_path / "run" / "samples" / "step0000002_t1.0.png").size == (size, size)
     # the command line's settings win over the spec's
     again = train(spec, _options(tmp_path / "again", eval={"images": 24, "inversion": True}))
     assert again.history[-1]["test_images"] == 24 and again.history[-1]["inversion_error"] < 1e-3
@@ -161,12 +164,13 @@ def test_a_stopped_evaluation_keeps_the_checkpoint_and_runs_when_resumed(tmp_pat
     monkeypatch.setattr(Evaluator, "__call__", interrupted)
     spec, run_dir = tiny_spec(steps=4, eval_every=2), tmp_path / "run"
     result = train(spec, _options(run_dir))
-    assert result.stopped == "SIGINT" and result.step == 2 and result.history == []
+    assert result.stopped == "SIGINT" and result.step == 2 and not [r for r in result.history if is_eval(r)]
     assert load_checkpoint(run_dir)["step"] == 2
     monkeypatch.setattr(Evaluator, "__call__", evaluate)
     resumed = train(spec, _options(run_dir, resume=True))
-    assert [r["step"] for r in resumed.history] == [2, 4]  # the evaluation at step 2 runs first
-    assert resumed.history[0]["train_bpd"] is None
+    evaluations = [r for r in resumed.history if is_eval(r)]
+    assert [r["step"] for r in evaluations] == [2, 4]  # the evaluation at step 2 runs first
+    assert evaluations[0]["train_bpd"] is None
 
 
 def test_bounds_and_grids_stop_between_batches():
@@ -270,6 +274,22 @@ def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, ca
     )
     assert load_checkpoint(out / "a")["step"] == 2 and not (out / "b").exists()
     assert not (out / "ablation.json").exists()
+
+
+def test_ablate_stopped_in_its_second_run_compares_the_first(tmp_path, monkeypatch, capsys):
+    first, second = write_flow(tmp_path / "a.flow", name="a"), write_flow(tmp_path / "b.flow", name="b")
+    _signal_on_call(monkeypatch, Evaluator, "__call__", signal.SIGTERM, call=2)  # b's evaluation
+    out = tmp_path / "ablation"
+    args = ["ablate", str(first), str(second), "--steps", "2", "--out", str(out), "--device", "cpu", "-q"]
+    assert run(args) == 143
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"SIGTERM: the ablation stopped after 2 of 2 runs; the table compares the 1 finished; "
+        f"the runs are in {out}\n"
+    )
+    assert "test bits/dim" in captured.out and "│ a " in captured.out and "│ b " not in captured.out
+    assert [r["spec"] for r in json.loads((out / "ablation.json").read_text())] == ["a"]
+    assert load_checkpoint(out / "b")["step"] == 2
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")

@@ -175,7 +175,8 @@ def test_a_memory_bomb_exits_2_under_an_address_space_limit(tmp_path, allow_larg
         "model bomb\ndata digits { shape 1x100000x100000 levels 17 }\n"
         "flow { split stripe { coupling(filters=8, blocks=1, heads=2, components=2); flip } }\n"
     )
-    command = [sys.executable, "-m", "flowspec", "inspect", str(bomb)] + ["--allow-large"] * allow_large
+    command = [sys.executable, "-m", "flowspec", "inspect", str(bomb), "--probe"]
+    command += ["--allow-large"] * allow_large
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=180, preexec_fn=_address_space(4 * 2**30), env=env

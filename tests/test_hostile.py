@@ -191,7 +191,7 @@ def bomb(
 def test_repeats_that_multiply_to_a_billion_steps_are_refused_before_building(tmp_path, capsys):
     path = bomb(tmp_path, steps="repeat 1000 { repeat 1000 { repeat 1000 { flip } } }")
     assert run(["diff", str(path)]) == 2
-    assert run(["inspect", str(path), "--allow-large"]) == 2
+    assert run(["inspect", str(path), "--probe", "--allow-large"]) == 2
     err = capsys.readouterr().err
     assert err.count("the spec unrolls to") == 2
     assert err.startswith(
@@ -221,7 +221,7 @@ def test_a_model_larger_than_the_machine_is_refused_before_allocating(
 ):
     path = bomb(tmp_path, data, coupling)
     for command in (
-        ["inspect", str(path)],
+        ["inspect", str(path), "--probe"],
         ["train", str(path), "--out", str(tmp_path / "r")],
     ):
         assert run(command) == 2
@@ -404,8 +404,8 @@ def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-o", "{tmp}"], "-o/--output {tmp} is a folder: give a file name, e.g. {tmp}/out.png"),
-        (["-o", "{tmp}/grid.xyz"], "-o/--output {tmp}/grid.xyz: unknown file type '.xyz'; use one of .png, "),
+        (["-o", "{tmp}"], "--out {tmp} is a folder: give a file name, e.g. {tmp}/out.png"),
+        (["-o", "{tmp}/grid.xyz"], "--out {tmp}/grid.xyz: unknown file type '.xyz'; use one of .png, "),
         (["-o", "{tmp}/grid"], "unknown file type '(no extension)'"),
         (["-t", "inf"], "--temperature must be a finite number >= 0, got inf"),
         (["-t", "nan"], "Invalid value for '--temperature'"),
@@ -451,9 +451,9 @@ def tiny_flow(tmp_path: Path) -> Path:
     return write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
 
 
-def fail_on(monkeypatch, module, name: str, code: int, after: int = 0) -> None:
-    """Make `module.name` raise OSError(`code`) (without a file name, like a failed write) after `after`
-    successful calls."""
+def fail_on(monkeypatch, module, name: str, code: int, when=lambda n, args: True) -> None:
+    """Make the `n`-th call of `module.name` raise OSError(`code`) (without a file name, like a failed
+    write) when `when(n, args)`."""
     import builtins
 
     real = getattr(module, name, None) or getattr(builtins, name)
@@ -461,18 +461,23 @@ def fail_on(monkeypatch, module, name: str, code: int, after: int = 0) -> None:
 
     def failing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > after:
+        if when(calls["n"], args):
             raise OSError(code, os.strerror(code))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, failing, raising=False)
 
 
+def at_step_6(n, args) -> bool:
+    """The checkpoint written at step 6 (the second evaluation; the first wrote step 3)."""
+    return isinstance(args[0], dict) and args[0].get("step") == 6
+
+
 @pytest.mark.parametrize(
-    ("where", "failed", "kept"),  # the checkpoint is written before each evaluation's metrics and grids
+    ("where", "failed", "kept"),
     [
         ("checkpoint", "last.pt", 3),
-        ("metrics", "metrics.jsonl", 6),
+        ("metrics", "metrics.jsonl", 6),  # the checkpoint is written before each evaluation
         ("samples", "samples/step0000006_t1.0.png", 6),
     ],
 )
@@ -488,21 +493,29 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     from flowspec.train.checkpoint import LAST, load_checkpoint
 
     out = tmp_path / "run"
-    target = {"checkpoint": (checkpoint.torch, "save", 3), "metrics": (metrics, "open", 1)}
-    target["samples"] = (sampling, "save_image", 2)
-    module, name, after = target[where]  # the second evaluation's write fails (step 3 wrote last, last, best)
-    fail_on(monkeypatch, module, name, errno.ENOSPC, after)
+    target = {
+        "checkpoint": (checkpoint.torch, "save", at_step_6),
+        "metrics": (
+            metrics,
+            "open",
+            lambda n, args: n > 2,
+        ),  # after step 1's train row and the first eval row
+        "samples": (sampling, "save_image", lambda n, args: n > 2),  # its first grid
+    }
+    module, name, when = target[where]
+    fail_on(monkeypatch, module, name, errno.ENOSPC, when)
     torch.set_num_threads(1)
     assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} "
-        f"(step {kept}) is kept; free space or make the folder writable, then continue with: "
+        f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} (step {kept}) "
+        "is kept; free space or make the folder writable, then continue with: "
         f"flowspec train --resume {out}\n"
     )
     monkeypatch.undo()
     assert load_checkpoint(out)["step"] == kept
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][0] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if metrics.is_eval(r)][0] == 3
     assert not [p.name for p in out.glob("*tmp*")]
 
 

@@ -18,7 +18,8 @@ from flowspec.cli.app import run
 from flowspec.inspection import Report, inspect_model
 from flowspec.inspection.flops import example_batch, forward_flops, step_flops
 from flowspec.inspection.memory import estimate_memory, measure_memory
-from flowspec.inspection.render import RENDERERS, render_json, render_rich, to_json
+from flowspec.inspection.render import RENDERERS, fit_columns, fmt_flops, render_json, render_rich, to_json
+from flowspec.inspection.report import ProbeSummary
 from flowspec.inspection.tree import coupling_halves
 from flowspec.steps import walk
 from flowspec.steps.coupling import CouplingStep
@@ -122,7 +123,7 @@ def test_flowpp_default_view_fits_120_columns():
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 120
     row = next(line for line in lines if "coupling mixlogistic k32 f96 b10" in line)
-    assert "flowpp_cifar.flow:21" in row and "11,223,960" in row and "a>b,b>a" in row and "…" not in row
+    assert "L21" in row and "11,223,960" in row and "a>b,b>a" in row and "…" not in row
     assert re.search(r"target\s+31,443,440: match", text)
     assert "25.9 GFLOP per image" in text
     assert re.search(r"couplings\s+13 \(flow 9, dequantizer 4\)", text)
@@ -134,6 +135,71 @@ def test_cli_inspect_at_120_columns(capsys, monkeypatch):
     assert code == 0
     assert max(len(line) for line in out.splitlines()) <= 120
     assert "dequantize variational" in out and "31,443,440" in out
+
+
+def rich_text(report: Report, width: int) -> str:
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(render_rich(report))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+@pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: str(p.relative_to(SPECS)))
+def test_rich_view_never_cuts_a_number_or_a_line_label(path, width):
+    _, report = built(str(path.relative_to(SPECS)))
+    text = rich_text(report, width)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width and "…" not in text
+    doc = to_json(report)
+    counts = {s["params"] for s in doc["steps"] if s["params"]} | set(doc["params"].values()) - {0}
+    for n in counts:  # every parameter count whole: not cut, not broken over two lines
+        assert re.search(rf"(?<![\d,]){n:,}(?![\d,])", text), f"{n:,} missing at width {width}"
+    flat = " ".join(text.split())
+    for n in doc["flops_per_image"].values():
+        assert n is None or fmt_flops(n) in flat
+    header = next(line for line in lines if line.startswith("step "))
+    shown = re.split(r"\s{2,}", header.strip())
+    assert shown[0] == "step" and "params" in shown
+    if "line" in shown:  # every step's line, as `L12`, the file named once in the title
+        written = {int(s["source"].rpartition(":")[2]) for s in doc["steps"] if s.get("source")}
+        assert {int(n) for n in re.findall(r"(?<!\S)L(\d+)(?!\S)", text)} == written
+        assert ".flow:" not in text
+    legend = flat[flat.index("couplings ") :]
+    assert ("cond: a>b" in legend) == ("cond" in shown)
+    assert "Coupling: k components" in legend
+
+
+def test_narrow_terminals_drop_the_least_wanted_columns_first():
+    widths = {"step": 40, "line": 3, "cond": 7, "shape": 18, "params": 10, "share": 5}
+    assert fit_columns(widths, 200) == ["step", "line", "cond", "shape", "params", "share"]
+    assert fit_columns(widths, 90) == ["step", "line", "cond", "shape", "params"]
+    assert fit_columns(widths, 80) == ["step", "line", "shape", "params"]
+    assert fit_columns(widths, 72) == ["step", "shape", "params"]  # line comes before cond and share
+    assert fit_columns(widths, 68) == ["step", "line", "cond", "params"]  # shape does not fit: the next do
+    assert fit_columns(widths, 60) == ["step", "line", "params"]
+    assert fit_columns(widths, 20) == ["step", "params"]
+    assert fit_columns(dict(widths, cond=0), 200) == ["step", "line", "shape", "params", "share"]  # empty
+
+
+def test_probe_columns_come_before_the_others_and_the_legend_follows(monkeypatch):
+    _, report = built("quickstart.flow")
+    rows = report.rows()
+    for row in rows:
+        row.logdet_bpd, row.inverse_error = -0.25, 3e-7
+    report.probe = ProbeSummary(
+        batch=4, data="random images", bpd=4.0, logdet_bpd=-2.0, max_inverse_error=1e-6
+    )
+    try:
+        text = rich_text(report, 80)
+    finally:
+        report.probe = None
+        for row in rows:
+            row.logdet_bpd = row.inverse_error = None
+    header = next(line for line in text.splitlines() if line.startswith("step "))
+    assert "logdet b/d" in header and "inv err" in header and "share" not in header
+    flat = " ".join(text.split())
+    assert "logdet b/d: the step's log-det" in flat and "inv err: the largest" in flat
+    assert ("cond: a>b" in flat) == ("cond" in header)
 
 
 # ---------------------------------------------------------------- FLOPs, depth, target

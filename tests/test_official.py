@@ -175,16 +175,14 @@ def test_schedule_follows_the_launcher(name, launcher):
     holds its last warmup value; it decays once more after reaching the floor)."""
     train_spec = flowspec.load_spec(SPECS / name).train
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train_spec.lr)
-    scheduler = build_scheduler(optimizer, train_spec, None)
+    factor = build_scheduler(optimizer, train_spec, None).lr_lambdas[0]
     state: dict = {}
-    for step in range(120_000):
+    for step in range(80_000):
         official = launcher(step, state)
-        ours = scheduler.get_last_lr()[0]
+        ours = train_spec.lr * factor(step)
         if step >= train_spec.warmup:
-            assert ours == pytest.approx(official, rel=3e-4), step
-        optimizer.step()
-        scheduler.step()
-    assert ours == train_spec.exp_floor
+            assert abs(ours - official) <= 3e-4 * official, step
+    assert ours == pytest.approx(train_spec.exp_floor)
 
 
 # ---------------------------------------------------------------- data and training

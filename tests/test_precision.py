@@ -48,7 +48,7 @@ def test_auto_picks_bf16_on_cpus_with_bf16_instructions(monkeypatch, capability,
 def test_the_run_header_says_what_auto_chose(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "native_bf16", lambda device: "CPU AVX512 with avx512_bf16")
     trainer = Trainer(train_spec(steps=1), RunOptions(out=tmp_path / "run", precision="auto", quiet=False))
-    assert {c.autocast_dtype for c in trainer.model.couplings()} == {torch.bfloat16}
+    assert {c.autocast_dtype for c in trainer.updater.model.couplings()} == {torch.bfloat16}
     trainer.run()
     assert "precision bf16 (auto: CPU AVX512 with avx512_bf16)" in capsys.readouterr().out
 

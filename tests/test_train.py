@@ -13,7 +13,7 @@ from flowspec.errors import UserError
 from flowspec.spec import DataSpec
 from flowspec.train.checkpoint import LAST, load_checkpoint
 from flowspec.train.data import ImageSet, load_split
-from flowspec.train.metrics import Window
+from flowspec.train.metrics import Window, is_eval, read_metrics
 from flowspec.train.schedule import LrFactor
 from flowspec.train.trainer import RunOptions, Trainer, train
 from flowspec.train.update import Objective, Updater
@@ -27,8 +27,12 @@ def test_synthetic_data_loss_goes_down_and_run_folder_is_complete(tmp_path):
     shards = write_shards(tmp_path / "shards")
     spec = tiny_spec(DataSpec(dataset="npz", shape=(1, 8, 8), levels=17), steps=30, eval_every=10)
     result = train(spec, options(tmp_path / "run", data_dir=shards))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(tmp_path / "run")
+    rows = [r for r in logged if is_eval(r)]
     assert [r["step"] for r in rows] == [10, 20, 30] and result.stopped == "finished"
+    train_rows = [r for r in logged if not is_eval(r)]  # after the first step and every 10 (log_every)
+    assert [r["step"] for r in train_rows] == [1, 10, 20, 30]
+    assert train_rows[-1]["train_bpd"] < train_rows[0]["train_bpd"] and train_rows[-1]["lr"] > 0
     assert rows[-1]["test_bpd"] < rows[0]["test_bpd"] - 0.1
     assert rows[-1]["train_bpd"] < rows[0]["train_bpd"]
     assert all(r["inversion_error"] < 1e-3 and r["skipped"] == 0 for r in rows)
@@ -52,7 +56,7 @@ def test_real_cifar_subset_loss_goes_down(tmp_path, cifar10_dir):
     }
     spec = tiny_spec(data, steps=12, eval_every=6, attention=False, batch=32, lr=5e-3)
     result = train(spec, options(tmp_path / "run"), **subset)
-    first, last = result.history[0], result.history[-1]
+    first, *_, last = [r for r in result.history if is_eval(r)]
     assert last["test_bpd"] < first["test_bpd"] and last["train_bpd"] < first["train_bpd"]
     assert 3.0 < last["test_bpd"] < 8.5
 
@@ -73,9 +77,7 @@ def test_resume_is_exact(tmp_path):
         assert len(flat_a) == len(flat_b) > 0
         assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b, strict=True))
     # the resumed run's metrics continue the first part's, with no duplicate steps
-    steps = [
-        json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    ]
+    steps = [r["step"] for r in read_metrics(tmp_path / "split") if is_eval(r)]
     assert steps == [3, 4, 6, 8]
 
 
@@ -144,7 +146,7 @@ def test_the_loop_reads_the_device_only_when_it_logs_or_evaluates(tmp_path, monk
     monkeypatch.setattr(Window, "read", lambda self: reads.add(step[0]) or read(self))
     monkeypatch.setattr(Updater, "bad_in_row", property(lambda self: reads.add(step[0]) or counts.fget(self)))
     train(tiny_spec(steps=12, eval_every=6), options(tmp_path / "run", log_every=4))
-    assert reads == {4, 6, 8, 12}  # logging every 4 steps, evaluating every 6
+    assert reads == {1, 4, 6, 8, 12}  # logging after the first step and every 4, evaluating every 6
 
 
 def test_bf16_autocast_of_the_coupling_networks(tmp_path):

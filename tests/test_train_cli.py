@@ -22,8 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     flow = write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
     out = tmp_path / "run"
-    assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--max-steps", "3"]) == 0
+    args = ["train", str(flow), "--out", str(out), "--device", "cpu", "--max-steps", "3", "--threads", "1"]
+    assert run(args) == 0
     printed = capsys.readouterr().out
+    assert "device cpu, threads 1 (--threads)" in printed
     assert "training tiny" in printed and "step 3" in printed and "done (max-steps) at step 3" in printed
     assert (out / "spec.flow").read_text() == flow.read_text()
     assert run(["train", "--resume", str(out), "--quiet"]) == 0  # the stored spec, to its length

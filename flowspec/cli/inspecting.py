@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from flowspec.cli.app import app
-from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
+from flowspec.cli.examples import epilog
+from flowspec.cli.options import AllowLargeOption, SetOption, ThreadsOption, load_cli_spec
 from flowspec.errors import UserError
 
 
@@ -21,7 +22,7 @@ class InspectFormat(str, Enum):
     mermaid = "mermaid"
 
 
-@app.command()
+@app.command(epilog=epilog("inspect"))
 def inspect(
     spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Spec file to inspect.")],
     format: Annotated[
@@ -47,24 +48,32 @@ def inspect(
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
     sets: SetOption = None,
+    threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
-    if data is not None and not probe:
-        raise UserError("--data is only used with --probe: add --probe, or drop --data")
+    for name, value in (("--data", data), ("--threads", threads)):
+        if value is not None and not probe:
+            raise UserError(f"{name} is only used with --probe: add --probe, or drop {name}")
     resolved = load_cli_spec(spec, sets)
     import torch
 
     import flowspec
     from flowspec.inspection import inspect_model, render
-    from flowspec.inspection.budget import check_size
+    from flowspec.inspection.budget import check_size, check_steps
 
-    check_size(resolved, "build", allow_large=allow_large, images=batch if probe else 0)
+    if probe:  # the probe allocates the weights and a batch; without it, nothing is allocated
+        check_size(resolved, "build", allow_large=allow_large, images=batch)
+    else:
+        check_steps(resolved)
     torch.manual_seed(resolved.train.seed)
     model = flowspec.build(resolved, None if probe else "meta")  # meta: counting needs no weights
     report = inspect_model(model, resolved, target_params)
     if probe:
         from flowspec.inspection.probe import probe_images, run_probe
+        from flowspec.threads import set_threads
+
+        set_threads(report.total, threads)
 
         images, source = probe_images(resolved, batch, data)
         run_probe(model, resolved, report, images, source)
@@ -74,7 +83,7 @@ def inspect(
         typer.echo(render.RENDERERS[format.value](report, depth), nl=False)
 
 
-@app.command()
+@app.command(epilog=epilog("diff"))
 def diff(
     spec_a: Annotated[Path, typer.Argument(metavar="A", help="The reference spec.")],
     spec_b: Annotated[
@@ -82,7 +91,6 @@ def diff(
         typer.Argument(metavar="[B]", help="The spec to compare (default: A, with --set applied)."),
     ] = None,
     sets: SetOption = None,
-    allow_large: AllowLargeOption = False,
 ) -> None:
     """Show the settings that differ between two resolved specs (--set applies to B) and parameter deltas."""
     a = load_cli_spec(spec_a, None)
@@ -90,10 +98,13 @@ def diff(
     from rich.console import Console
 
     from flowspec.inspection import inspect_spec
-    from flowspec.inspection.budget import check_size
+    from flowspec.inspection.budget import check_steps
 
-    for spec in (a, b):
-        check_size(spec, "build", allow_large=allow_large)
+    for spec in (a, b):  # both are built on the meta device: only their step count matters
+        check_steps(spec)
     from flowspec.inspection.diff import render_diff
+    from flowspec.loader import setting_sources
 
-    Console().print(render_diff(a, b, inspect_spec(a, measure=False), inspect_spec(b, measure=False)))
+    reports = inspect_spec(a, measure=False), inspect_spec(b, measure=False)
+    sources = setting_sources(spec_a), setting_sources(spec_b or spec_a, tuple(sets or ()))
+    Console().print(render_diff(a, b, *reports, *sources))

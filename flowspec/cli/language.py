@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from flowspec.cli.app import app
+from flowspec.cli.examples import epilog
 from flowspec.cli.options import SetOption, load_cli_spec
 from flowspec.errors import UserError
 
@@ -18,7 +19,7 @@ class ShowFormat(str, Enum):
     json = "json"
 
 
-@app.command()
+@app.command(epilog=epilog("validate"))
 def validate(
     specs: Annotated[list[Path], typer.Argument(metavar="SPEC...", help="Spec files to check.")],
     sets: SetOption = None,
@@ -38,7 +39,7 @@ def validate(
         raise typer.Exit(code=2)
 
 
-@app.command()
+@app.command(epilog=epilog("show"))
 def show(
     spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Spec file to show.")],
     format: Annotated[

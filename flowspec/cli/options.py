@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -9,6 +10,12 @@ import typer
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
 
 SetOption = Annotated[
     list[str] | None,
@@ -19,6 +26,27 @@ SetOption = Annotated[
     ),
 ]
 
+StoredSetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a data or train setting of the stored spec, e.g. --set data.classes=3 (repeatable; "
+        "settings of the model are fixed by the checkpoint).",
+    ),
+]
+DeviceOption = Annotated[
+    Device | None, typer.Option("--device", help="Where to run: cpu or cuda (default: cuda when available).")
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        metavar="N",
+        help="Intra-op CPU threads (default: 1 for small models or a busy CPU, else the idle cores).",
+    ),
+]
 AllowLargeOption = Annotated[
     bool,
     typer.Option("--allow-large", help="Go ahead with a model that needs more memory than this machine has."),

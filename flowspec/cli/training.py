@@ -17,21 +17,26 @@ import typer
 
 from flowspec.api import parse_duration
 from flowspec.cli.app import app
-from flowspec.cli.options import AllowLargeOption, SetOption, load_cli_spec
+from flowspec.cli.examples import epilog
+from flowspec.cli.options import (
+    AllowLargeOption,
+    Device,
+    DeviceOption,
+    SetOption,
+    StoredSetOption,
+    ThreadsOption,
+    load_cli_spec,
+)
 from flowspec.errors import Interrupted, Terminated, UserError, os_error_message
 from flowspec.spec import MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
     from flowspec.train.signals import StopSignals
+    from flowspec.train.trainer import RunResult
 
 
 MAX_IW = 16384  # importance samples per image: four times the official Flow++ evaluation's 4096
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Precision(str, Enum):
@@ -52,9 +57,6 @@ DataOption = Annotated[
         metavar="PATH",
         help="The data's folder or file (the spec's data path), e.g. a cifar-10-batches-py folder.",
     ),
-]
-DeviceOption = Annotated[
-    Device | None, typer.Option("--device", help="Default: cuda when available, else cpu.")
 ]
 
 EvalImagesOption = Annotated[
@@ -120,14 +122,18 @@ def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSig
         raise typer.Exit(130) from None
 
 
-@app.command()
+@app.command(epilog=epilog("train"))
 def train(
     spec: Annotated[
-        Path | None, typer.Argument(help="The .flow spec (optional with --resume: the run's stored spec).")
+        Path | None,
+        typer.Argument(
+            metavar="SPEC", help="The .flow spec (optional with --resume: the run's stored spec)."
+        ),
     ] = None,
     data: DataOption = None,
     out: Annotated[
-        Path | None, typer.Option("--out", metavar="RUN_DIR", help="Run folder; default runs/<model>-<time>.")
+        Path | None,
+        typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder; default runs/<model>-<time>."),
     ] = None,
     sets: SetOption = None,
     device: DeviceOption = None,
@@ -172,6 +178,7 @@ def train(
             help="Hold a training set up to this size in (device) memory, stream a larger one (default 4G).",
         ),
     ] = None,
+    threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Train a spec with its recipe; checkpoint, evaluate and sample every interval."""
@@ -192,6 +199,7 @@ def train(
             log_every=log_every,
             tensorboard=tensorboard,
             quiet=quiet,
+            threads=threads,
             allow_large=allow_large,
             data_memory=data_memory,
             eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
@@ -232,17 +240,27 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
 
 
 def _load_for_inference(
-    target: Path, device: Device | None, sets: list[str] | None, images: int, allow_large: bool
+    target: Path,
+    device: Device | None,
+    sets: list[str] | None,
+    images: int,
+    allow_large: bool,
+    threads: int | None = None,
 ):
     """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`
-    (refused before it is built when it and `images` images at once do not fit the device)."""
+    (refused before it is built when it and `images` images at once do not fit the device); torch's thread
+    count chosen for it (said in the header line)."""
     import torch
 
+    from flowspec.threads import set_threads
     from flowspec.train.export import load_trained
 
     where = _device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
     trained = load_trained(target, where, images=images, allow_large=allow_large)
-    return trained, _with_overrides(trained.spec, sets, trained.path)
+    spec = _with_overrides(trained.spec, sets, trained.path)
+    choice = set_threads(sum(p.numel() for p in trained.model.parameters() if p.requires_grad), threads)
+    print(f"{spec.name}, step {trained.step}, device {where}, {choice}")
+    return trained, spec
 
 
 def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
@@ -266,7 +284,7 @@ def _image_suffixes() -> tuple[str, ...]:
     return tuple(ext for ext in common if ext in writable)
 
 
-@app.command("eval")
+@app.command("eval", epilog=epilog("eval"))
 def evaluate(
     target: Annotated[
         Path,
@@ -279,7 +297,7 @@ def evaluate(
             "--iw", min=1, max=MAX_IW, help="Importance samples K per image (1: single-sample only)."
         ),
     ] = 1,
-    split: Annotated[Split, typer.Option("--split")] = Split.test,
+    split: Annotated[Split, typer.Option("--split", help="The data split to evaluate.")] = Split.test,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
     limit: Annotated[
         int | None,
@@ -289,10 +307,17 @@ def evaluate(
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the dequantization noise.")
     ] = 0,
     out: Annotated[
-        Path | None, typer.Option("--out", help="JSON file; default beside the checkpoint.")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="FILE",
+            help="JSON file; default eval_<split>[_iwK].json by the checkpoint.",
+        ),
     ] = None,
     device: DeviceOption = None,
-    sets: SetOption = None,
+    sets: StoredSetOption = None,
+    threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
@@ -310,7 +335,7 @@ def evaluate(
     if out is not None:
         _check_output(out, "--out", (".json",))
     with _stoppable("the evaluation") as signals:
-        trained, spec = _load_for_inference(target, device, sets, batch, allow_large)
+        trained, spec = _load_for_inference(target, device, sets, batch, allow_large, threads)
         images = load_split(spec.data, split.value, data or trained.data_dir).images
         images = images[:limit] if limit else images
         torch.manual_seed(seed)
@@ -349,45 +374,56 @@ def evaluate(
     print(f"wrote {out}")
 
 
-@app.command()
+@app.command(epilog=epilog("sample"))
 def sample(
     target: Annotated[
         Path,
         typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
     ],
-    n: Annotated[int, typer.Option("-n", min=1, help="Number of images.")] = 64,
+    n: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 64,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", min=0.0, help="Prior temperature.")
     ] = 1.0,
-    output: Annotated[Path, typer.Option("-o", "--output", help="The image grid (.png).")] = Path(
-        "samples.png"
-    ),
-    seed: Annotated[int | None, typer.Option("--seed", min=0, max=MAX_SEED)] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", metavar="FILE", help="The image grid (.png); default samples_stepN_tT.png here."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the samples (default: a fresh draw)."),
+    ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
-    sets: SetOption = None,
+    sets: StoredSetOption = None,
+    threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
-    from flowspec.train.sampling import save_grid
+    from flowspec.train.sampling import grid_name, save_grid
 
     if not math.isfinite(temperature):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
-    _check_output(output, "-o/--output", _image_suffixes())
+    if out is not None:
+        _check_output(out, "--out", _image_suffixes())
     with _stoppable("sampling") as signals:
-        trained, spec = _load_for_inference(target, device, sets, n, allow_large)
-        save_grid(trained.model, n, temperature, output, spec.data.levels, seed, batch, signals.check)
-    print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {output}")
+        trained, spec = _load_for_inference(target, device, sets, n, allow_large, threads)
+        out = out or Path(f"samples_{grid_name(trained.step, temperature)}")
+        save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
+    print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {out}")
 
 
-@app.command("export")
+@app.command("export", epilog=epilog("export"))
 def export_model(
     target: Annotated[
         Path, typer.Argument(metavar="RUN_DIR|CKPT", help="A run folder or a checkpoint file.")
     ],
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="The .safetensors file; default beside the checkpoint."),
+        typer.Option(
+            "--out", "-o", metavar="FILE", help="The .safetensors file; default model.safetensors beside it."
+        ),
     ] = None,
 ) -> None:
     """Write the EMA weights and the resolved spec to a .safetensors file (for load, eval and sample)."""
@@ -401,18 +437,20 @@ def export_model(
     print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")
 
 
-@app.command()
+@app.command(epilog=epilog("ablate"))
 def ablate(
-    specs: Annotated[list[Path], typer.Argument(help="The specs to compare.")],
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC...", help="The specs to compare.")],
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="Train each spec this many steps.")
     ] = None,
     budget: Annotated[
-        str | None, typer.Option("--budget", help="Or train each for this long: 90s, 20m, 2h.")
+        str | None,
+        typer.Option("--budget", metavar="DURATION", help="Or train each for this long: 90s, 20m, 2h."),
     ] = None,
     data: DataOption = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder of the runs; default runs/ablate-<time>.")
+        Path | None,
+        typer.Option("--out", "-o", metavar="DIR", help="Folder of the runs; default runs/ablate-<time>."),
     ] = None,
     sets: SetOption = None,
     seed: Annotated[
@@ -423,15 +461,13 @@ def ablate(
     eval_batch: EvalBatchOption = None,
     eval_samples: EvalSamplesOption = None,
     eval_inversion: EvalInversionOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output, only the table.")] = False,
+    threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
-    from rich.console import Console
-    from rich.table import Table
-
     from flowspec.inspection.budget import check_size, default_device
-    from flowspec.train.ablate import COLUMNS, row_values, run_ablation
+    from flowspec.train.ablate import is_signal, run_ablation
     from flowspec.train.trainer import RunOptions
 
     if (steps is None) == (budget is None):
@@ -446,28 +482,43 @@ def ablate(
         max_steps=steps,
         max_time=parse_duration(budget) if budget else None,
         quiet=quiet,
+        threads=threads,
         eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
     )
     with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
         results = run_ablation(resolved, options, out, seed, signals.check)
     stopped = signals.received or (results[-1].stopped if results else None)
-    if stopped in ("SIGINT", "SIGTERM"):
+    finished = [r for r in results if not is_signal(r.stopped)]
+    if finished:
+        _print_ablation(finished, f"{f'{steps} steps' if steps else budget} each, seed {seed}", out)
+    if is_signal(stopped):
+        compared = f"the table compares the {len(finished)} finished" if finished else "nothing was compared"
         print(
-            f"{stopped}: the ablation stopped after {len(results)} of {len(resolved)} runs; nothing was "
-            f"compared; the runs are in {out}",
+            f"{stopped}: the ablation stopped after {len(results)} of {len(resolved)} runs; {compared}; "
+            f"the runs are in {out}",
             file=sys.stderr,
         )
         raise typer.Exit(128 + int(signal.Signals[stopped]))
-    images = {r.history[-1].get("test_images") for r in results if r.history}
+
+
+def _print_ablation(results: list[RunResult], budget: str, out: Path) -> None:
+    """The comparison table of finished ablation runs (also in `out/ablation.json`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flowspec.train.ablate import COLUMNS, fmt_rate, row_values
+    from flowspec.train.metrics import is_eval
+
+    images = {
+        next((r.get("test_images") for r in reversed(run.history) if is_eval(r)), None) for run in results
+    }
     caption = f"test bits/dim on {images.pop()} test images" if len(images) == 1 else None
-    table = Table(
-        title=f"ablation ({f'{steps} steps' if steps else budget} each, seed {seed})", caption=caption
-    )
+    table = Table(title=f"ablation ({budget})", caption=caption)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "spec" else "right")
     for result in results:
-        name, params, test, best, step, img_s = row_values(result, result.run_dir.name)
+        name, params, test, best, step, img_s = row_values(result)
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-        table.add_row(name, f"{params:,}", fmt(test), fmt(best), str(step), f"{img_s:.0f}")
+        table.add_row(name, f"{params:,}", fmt(test), fmt(best), str(step), fmt_rate(img_s))
     Console().print(table)
     print(f"runs and curves in {out}")

@@ -74,8 +74,16 @@ def _stacks(spec: FlowSpec) -> dict[str, list]:
 
 
 def meta_model(spec: FlowSpec) -> torch.nn.Module:
-    """The model `spec` builds, on the meta device: every tensor's shape, no storage (a `UserError`
-    when the spec unrolls to more than `MAX_STEPS` steps, which no device could build)."""
+    """The model `spec` builds, on the meta device: every tensor's shape, no storage (see `check_steps`)."""
+    check_steps(spec)
+    import flowspec
+
+    with torch.device("meta"):
+        return flowspec.build(spec)
+
+
+def check_steps(spec: FlowSpec) -> None:
+    """A `UserError` when the spec unrolls to more than `MAX_STEPS` steps, which no device could build."""
     stacks = _stacks(spec)
     steps = sum(unrolled_steps(s) for s in stacks.values())
     if steps > MAX_STEPS:
@@ -86,10 +94,6 @@ def meta_model(spec: FlowSpec) -> torch.nn.Module:
             f"{where}the spec unrolls to {steps:,} steps (repeat {repeat.count} at {path} and the repeats "
             f"it holds multiply), more than the {MAX_STEPS:,} flowspec builds; lower the repeat counts"
         )
-    import flowspec
-
-    with torch.device("meta"):
-        return flowspec.build(spec)
 
 
 def measure(spec: FlowSpec) -> Size:

@@ -8,9 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from flowspec.formatter import value_text
 from flowspec.inspection.report import Report
 from flowspec.nodes import StepNode
-from flowspec.spec import FlowSpec, SourceLoc
+from flowspec.spec import FlowSpec, Interval, SourceLoc
 from flowspec.steps import kind_of
 
 
@@ -53,6 +54,40 @@ def describe(value: Any) -> str:
     return str(value)
 
 
+#: Settings that are a step's head word, written before the others: `coupling mixlogistic`, `split stripe`.
+HEAD_WORDS = {"coupling": "coupling", "mask": "split", "count": "repeat", "granularity": "norm"}
+#: Spec fields the language names otherwise (as `--set` accepts them).
+KEY_WORDS = {"name": "model", "train.hflip": "train.augment", "train.eval_every": "train.eval"}
+#: What a setting left unset means.
+UNSET = {
+    "train.clip_grad_norm": "off",
+    "train.ema": "off",
+    "train.length": "unbounded",
+    "data.classes": "all",
+}
+
+
+def setting_words(path: str, value: Any) -> tuple[str, str]:
+    """A differing setting's key and value as the language writes them: `train.ema` `off`, not `None`;
+    `defaults.coupling` `coupling affine`, not `defaults.coupling.coupling` `affine`."""
+    parent, _, field = path.rpartition(".")
+    if value is None:
+        text = UNSET.get(path, "none")
+    elif path == "train.hflip":
+        text = "hflip" if value else "none"
+    elif isinstance(value, tuple) and len(value) == 1:
+        text = value_text(value[0])
+    else:
+        text = value_text(value)
+    if parent and field in HEAD_WORDS and (parent[-1].isdigit() or parent == "defaults.coupling"):
+        return parent, f"{HEAD_WORDS[field]} {text}"
+    return KEY_WORDS.get(path, path), text
+
+
+def _where(loc: SourceLoc) -> str:
+    return f"{Path(loc.file).name}:{loc.line}"
+
+
 def _loc(node: Any, inherited: str | None) -> str | None:
     loc = getattr(node, "source", None)
     if isinstance(loc, SourceLoc):
@@ -60,13 +95,26 @@ def _loc(node: Any, inherited: str | None) -> str | None:
     return inherited
 
 
-def spec_differences(a: FlowSpec, b: FlowSpec) -> list[Difference]:
-    """Every setting that differs between `a` and `b`, by dotted path, in the order of the spec."""
+def spec_differences(
+    a: FlowSpec,
+    b: FlowSpec,
+    sources_a: dict[str, SourceLoc] | None = None,
+    sources_b: dict[str, SourceLoc] | None = None,
+) -> list[Difference]:
+    """Every setting that differs between `a` and `b`, in the order of the spec, worded as the language
+    writes it (`setting_words`). With `sources_*` (`loader.setting_sources`), a setting's location is
+    where that side wrote it, or `default`; without, the location of the step that holds it."""
+
+    def source(sources: dict[str, SourceLoc] | None, path: str, step: str | None) -> str | None:
+        if sources is None:
+            return step
+        return _where(sources[path]) if path in sources else "default"
+
     out: list[Difference] = []
 
     def compare(x: Any, y: Any, path: str, src_a: str | None, src_b: str | None) -> None:
         src_a, src_b = _loc(x, src_a), _loc(y, src_b)
-        if isinstance(x, BaseModel) and type(x) is type(y):
+        if isinstance(x, BaseModel) and type(x) is type(y) and not isinstance(x, Interval):
             for name in type(x).model_fields:
                 if name != "source":
                     compare(
@@ -89,7 +137,12 @@ def spec_differences(a: FlowSpec, b: FlowSpec) -> list[Difference]:
                 else:
                     compare(xi, yi, f"{path}.{i}", src_a, src_b)
         elif x != y:
-            out.append(Difference(path, describe(x), describe(y), src_a, src_b))
+            where_a, where_b = source(sources_a, path, src_a), source(sources_b, path, src_b)
+            if any(isinstance(v, BaseModel) and not isinstance(v, Interval) for v in (x, y)):
+                out.append(Difference(path, describe(x), describe(y), where_a, where_b))  # a whole node
+            else:
+                key, text_a = setting_words(path, x)
+                out.append(Difference(key, text_a, setting_words(path, y)[1], where_a, where_b))
 
     compare(a, b, "", None, None)
     return out
@@ -111,25 +164,67 @@ def parameter_deltas(a: Report, b: Report) -> list[StageDelta]:
     return rows
 
 
-def render_diff(a: FlowSpec, b: FlowSpec, report_a: Report, report_b: Report):
-    """A rich renderable: the differing settings, then the parameter deltas by stage."""
+def _written_at(d: Difference) -> str:
+    """`file:line`, once when both sides wrote the setting at the same place, else `A / B`."""
+    return d.source_a or "" if d.source_a == d.source_b else f"{d.source_a or '-'} / {d.source_b or '-'}"
+
+
+def _longest_word(texts: list[str]) -> int:
+    return max((len(word) for text in texts for word in text.split()), default=0)
+
+
+class SettingsView:
+    """The differing settings: a table where it fits with no word broken, else one block per setting
+    (its key, then A and B, each with where that side wrote it)."""
+
+    def __init__(self, diffs: list[Difference]):
+        self.diffs = diffs
+
+    def __rich_console__(self, console, options):
+        from rich.table import Table
+        from rich.text import Text
+
+        cells = [(d.path, d.a or "-", d.b or "-", _written_at(d)) for d in self.diffs]
+        heads = ("setting", "A", "B", "written at (A / B)")
+        key_width = max(len(c[0]) for c in [heads, *cells])
+        words = [max(len(heads[i].split()[0]), _longest_word([c[i] for c in cells])) for i in (1, 2, 3)]
+        if key_width + sum(words) + 6 <= options.max_width:
+            table = Table(box=None, pad_edge=False, header_style="bold")
+            table.add_column(heads[0], no_wrap=True)
+            for head, width in zip(heads[1:], words, strict=True):
+                table.add_column(head, min_width=width)  # wraps at spaces only
+            for row in cells:
+                table.add_row(*row)
+            yield table
+            return
+        for d in self.diffs:
+            yield Text(d.path, style="bold")
+            for side, value, where in (("A", d.a, d.source_a), ("B", d.b, d.source_b)):
+                line = Text(f"  {side}  {value or '-'}")
+                if where:
+                    line.append(f"  ({where})", style="dim")
+                yield line
+
+
+def render_diff(
+    a: FlowSpec,
+    b: FlowSpec,
+    report_a: Report,
+    report_b: Report,
+    sources_a: dict[str, SourceLoc] | None = None,
+    sources_b: dict[str, SourceLoc] | None = None,
+):
+    """A rich renderable: the differing settings (located with `sources_*`, see `spec_differences`), then
+    the parameter deltas by stage."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     name_a, name_b = a.source or a.name, b.source or b.name
-    diffs = spec_differences(a, b)
-    settings = Table(box=None, pad_edge=False, header_style="bold", title_justify="left")
-    for column in ("setting", "A", "B", "written at (A / B)"):
-        settings.add_column(column, overflow="fold")
-    for d in diffs:
-        where = d.source_a if d.source_a == d.source_b else f"{d.source_a or '-'} / {d.source_b or '-'}"
-        settings.add_row(
-            d.path, d.a if d.a is not None else "-", d.b if d.b is not None else "-", where or ""
-        )
+    diffs = spec_differences(a, b, sources_a, sources_b)
     params = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("parameters", "A", "B", "delta"):
-        params.add_column(column, justify="left" if column == "parameters" else "right")
+        params.add_column(column, justify="left" if column == "parameters" else "right", no_wrap=True)
     for s in parameter_deltas(report_a, report_b):
         params.add_row(
             s.stage,
@@ -140,4 +235,4 @@ def render_diff(a: FlowSpec, b: FlowSpec, report_a: Report, report_b: Report):
         )
     head = Text.assemble(("A ", "bold"), name_a, ("   B ", "bold"), name_b)
     count = f"{len(diffs)} setting{'s' if len(diffs) != 1 else ''} differ" if diffs else "the specs are equal"
-    return Group(head, Text(count), settings, Text(""), params)
+    return Group(head, Text(count), *([SettingsView(diffs)] if diffs else []), Text(""), params)

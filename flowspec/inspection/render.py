@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from rich.console import Console, Group
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
@@ -14,14 +16,17 @@ from flowspec.inspection.memory import fmt_bytes
 from flowspec.inspection.report import Report
 from flowspec.inspection.tree import FIRST_HALF, StepRow
 
-PROBE_LEGEND = (
-    " logdet b/d: the step's log-det in bits/dim, batch mean (positive lowers the bits/dim); "
-    "inv err: the largest |inverse(forward(x)) - x| of the step over the batch."
-)
+#: What each optional column of the rich view means; the legend names only the columns shown.
+COLUMN_LEGEND = {
+    "cond": "cond: a>b = half a conditions the transform of half b (b>a after an odd number of flips); "
+    "a is the mask's first half: {halves}.",
+    "logdet b/d": "logdet b/d: the step's log-det in bits/dim, batch mean (positive lowers the bits/dim).",
+    "inv err": "inv err: the largest |inverse(forward(x)) - x| of the step over the batch.",
+}
 LEGEND = (
-    "cond: a>b = half a conditions the transform of half b (b>a after an odd number of flips); "
-    "a is the mask's first half: {halves}. Coupling: k components, f filters, b blocks, h attention heads "
-    "(nin: gated NIN), p dropout. A step inside a repeat counts the parameters of all its copies."
+    "Coupling: k components, f filters, b blocks, h attention heads (nin: gated NIN; gated: no attention), "
+    "p dropout, wn weight-normalized; context: ln LayerNorms. "
+    "A step inside a repeat counts the parameters of all its copies."
 )
 
 
@@ -114,57 +119,110 @@ def footer_lines(report: Report) -> list[tuple[str, str]]:
     return lines
 
 
-def legend(report: Report) -> str:
+def legend(report: Report, columns: list[str] | None = None) -> str:
+    """What the columns mean: `columns` shown (default: cond, and the probe's columns with a probe)."""
+    if columns is None:
+        columns = ["cond", *(["logdet b/d", "inv err"] if report.probe is not None else [])]
     masks = sorted({r.settings for r in report.rows() if r.kind == "split"})
     halves = "; ".join(f"{m}: {FIRST_HALF[m]}" for m in masks) or "no splits"
-    return LEGEND.format(halves=halves) + (PROBE_LEGEND if report.probe is not None else "")
+    parts = [COLUMN_LEGEND[c].format(halves=halves) for c in COLUMN_LEGEND if c in columns]
+    return " ".join([*parts, LEGEND])
 
 
 # ---------------------------------------------------------------- rich
 
+#: Optional columns of the rich view, the most wanted first: a narrow terminal drops them from the end.
+PRIORITY = ("logdet b/d", "inv err", "shape", "line", "cond", "share")
+GAP = 2  # spaces between two columns
 
-def render_rich(report: Report, depth: int | None = None) -> Group:
-    """The tree as a table. With probe results, the source and share columns make room for them."""
-    total = report.total
-    columns: list[tuple[str, dict[str, Any], Callable[[StepRow], str]]] = [
-        ("cond", {}, lambda r: r.halves),
-        ("shape", {"no_wrap": True}, shapes),
-        ("params", {"justify": "right", "no_wrap": True}, lambda r: f"{r.params:,}" if r.params else ""),
-    ]
-    if report.probe is None:
-        columns.insert(0, ("source", {"style": "dim", "no_wrap": True}, lambda r: r.source or ""))
-        columns.append(("share", {"justify": "right"}, lambda r: share(r.params, total) if r.params else ""))
-    else:
-        columns += [
-            (
-                "logdet b/d",
-                {"justify": "right"},
-                lambda r: "" if r.logdet_bpd is None else f"{r.logdet_bpd:+.3f}",
-            ),
-            (
-                "inv err",
-                {"justify": "right"},
-                lambda r: "" if r.inverse_error is None else f"{r.inverse_error:.0e}",
-            ),
-        ]
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    table.add_column("step", no_wrap=True)
-    for name, options, _ in columns:
-        table.add_column(name, **options)
-    for branch in report.branches:
-        cells = {"params": f"{branch.params:,}", "share": share(branch.params, total)}
-        table.add_row(Text(branch.title, style="bold cyan"), *(cells.get(name, "") for name, _, _ in columns))
-        for guide, row in visible(branch.rows, depth):
-            table.add_row(Text(guide, style="dim") + Text(label(row)), *(cell(row) for _, _, cell in columns))
-    foot = Table.grid(padding=(0, 2))
-    foot.add_column(style="bold")
-    foot.add_column()
-    for name, text in footer_lines(report):
-        foot.add_row(name, text)
-    source = report.spec.source or "<spec>"
-    shape = "x".join(map(str, report.spec.data.shape))
-    title = Text.assemble((report.spec.name, "bold"), f"  ({source}, input {shape})")
-    return Group(title, table, Text(""), foot, Text(legend(report), style="dim"))
+
+def source_files(report: Report) -> list[str]:
+    """The files the steps were written in, the most used first."""
+    files = [r.source.rpartition(":")[0] for r in report.rows() if r.source and ":" in r.source]
+    return sorted(set(files), key=lambda f: -files.count(f))
+
+
+def line_label(row: StepRow, main_file: str | None) -> str:
+    """`L21` for a step written in the main file (named once in the header), else `file.flow:21`."""
+    if not row.source:
+        return ""
+    file, _, line = row.source.rpartition(":")
+    return f"L{line}" if file == main_file and line.isdigit() else row.source
+
+
+def rich_columns(report: Report) -> dict[str, tuple[dict[str, Any], Callable[[StepRow], str]]]:
+    """Every column the rich view can show after `step`, in display order: options and cell function."""
+    total, main = report.total, next(iter(source_files(report)), None)
+    right = {"justify": "right", "no_wrap": True}
+    columns: dict[str, tuple[dict[str, Any], Callable[[StepRow], str]]] = {
+        "line": ({"style": "dim", "no_wrap": True}, lambda r: line_label(r, main)),
+        "cond": ({"no_wrap": True}, lambda r: r.halves),
+        "shape": ({"no_wrap": True}, shapes),
+        "params": (right, lambda r: f"{r.params:,}" if r.params else ""),
+        "share": (right, lambda r: share(r.params, total) if r.params else ""),
+    }
+    if report.probe is not None:
+        columns["logdet b/d"] = (right, lambda r: "" if r.logdet_bpd is None else f"{r.logdet_bpd:+.3f}")
+        columns["inv err"] = (right, lambda r: "" if r.inverse_error is None else f"{r.inverse_error:.0e}")
+    return columns
+
+
+def fit_columns(widths: dict[str, int], width: int) -> list[str]:
+    """The columns, in display order, that fit in `width` by their natural `widths` (0: an empty column,
+    never shown): `step` and `params` always, then the optional ones by `PRIORITY` while they fit."""
+    widths = {name: max(w, len(name)) if w or name in ("step", "params") else 0 for name, w in widths.items()}
+    shown = {"step", "params"}
+    used = widths["step"] + GAP + widths["params"]
+    for name in PRIORITY:
+        if widths.get(name) and used + GAP + widths[name] <= width:
+            shown.add(name)
+            used += GAP + widths[name]
+    return [name for name in widths if name in shown]
+
+
+class RichView:
+    """The tree as a table that fits the console: optional columns drop by priority when it is too narrow;
+    numbers and line labels are never cut."""
+
+    def __init__(self, report: Report, depth: int | None = None):
+        self.report, self.depth = report, depth
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        report, total = self.report, self.report.total
+        columns = rich_columns(report)
+        branch_cells = {"params": lambda b: f"{b.params:,}", "share": lambda b: share(b.params, total)}
+        rows = []
+        for branch in report.branches:
+            cells = {name: branch_cells.get(name, lambda b: "")(branch) for name in columns}
+            rows.append((Text(branch.title, style="bold cyan"), cells))
+            for guide, row in visible(branch.rows, self.depth):
+                text = Text(guide, style="dim") + Text(label(row))
+                rows.append((text, {name: cell(row) for name, (_, cell) in columns.items()}))
+        widths = {"step": max(cell_len(step.plain) for step, _ in rows)}
+        widths |= {name: max(cell_len(c[name]) for _, c in rows) for name in columns}
+        shown = [c for c in fit_columns(widths, options.max_width) if c != "step"]
+        table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+        table.add_column("step")  # wraps at spaces only if even the step and its parameters do not fit
+        for name in shown:
+            table.add_column(name, **columns[name][0])
+        for step, cells in rows:
+            table.add_row(step, *(cells[name] for name in shown))
+        foot = Table.grid(padding=(0, 2))
+        foot.add_column(style="bold", no_wrap=True)
+        foot.add_column()
+        for name, text in footer_lines(report):
+            foot.add_row(name, text)
+        files = source_files(report)
+        where = f"{report.spec.source or '<spec>'}, input {'x'.join(map(str, report.spec.data.shape))}"
+        if "line" in shown and files and Path(report.spec.source or "").name != files[0]:
+            where += f"; steps written in {files[0]}"  # an ablation's steps come from its base
+        title = Text.assemble((report.spec.name, "bold"), f"  ({where})")
+        yield Group(title, table, Text(""), foot, Text(legend(report, shown), style="dim"))
+
+
+def render_rich(report: Report, depth: int | None = None) -> RichView:
+    """The rich view of `report`, laid out for the width of the console that prints it."""
+    return RichView(report, depth)
 
 
 def print_rich(report: Report, depth: int | None = None, console: Console | None = None) -> None:

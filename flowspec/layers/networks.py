@@ -328,6 +328,7 @@ class FlowppNetwork(nn.Module):
         c, h, w = in_shape
         self.final_elu = final_elu
         self.pos_emb = position_embedding(h, w, filters)
+        self.has_unused_parameters = not mixer  # the embedding gets no gradient: DDP must be told
         self.proj_in = Conv(c, filters, 3, weight_norm=weight_norm)
         options = dict(
             mixer=mixer, layernorm=layernorm, second_kernel=1 if nin else 3, weight_norm=weight_norm

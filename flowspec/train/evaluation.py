@@ -18,7 +18,7 @@ from flowspec.train.distributed import Dist
 from flowspec.train.evaluate import inversion_error, single_sample_bpd
 from flowspec.train.memory import PeakMemory
 from flowspec.train.progress import Meter
-from flowspec.train.sampling import save_grid
+from flowspec.train.sampling import grid_name, save_grid
 from flowspec.train.signals import StopCheck, never
 
 INVERSION_IMAGES = 64  # at most: the inversion check runs on one batch
@@ -94,7 +94,7 @@ class Evaluator:
         meter = meters("samples", settings.samples * len(settings.temperatures), "images") if meters else None
         try:
             for temperature in settings.temperatures:
-                path = self.run_dir / "samples" / f"step{step:07d}_t{temperature}.png"
+                path = self.run_dir / "samples" / grid_name(step, temperature)
                 grids[temperature] = save_grid(
                     model, settings.samples, temperature, path, self.levels, self.seed,
                     settings.batch, stop, meter,

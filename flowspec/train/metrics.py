@@ -1,5 +1,5 @@
-"""The run's record: one JSON line per evaluation in `metrics.jsonl`, and `curves.png` redrawn in place;
-the running means of the training loss between evaluations, kept on the device."""
+"""The run's record in `metrics.jsonl` (a "train" row at every logging step, a row per evaluation) and
+`curves.png` redrawn in place; the running means of the training loss, kept on the device."""
 
 from __future__ import annotations
 
@@ -50,38 +50,77 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     os.replace(tmp, run_dir / METRICS)
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
-    """Train and test bits/dim against steps, one colour per run; written atomically."""
+def is_eval(row: dict[str, Any]) -> bool:
+    """An evaluation row (test bits/dim, inversion error, ...), not a "train" row."""
+    return row.get("kind") != "train"
+
+
+def smooth(values: list[float]) -> list[float]:
+    """A centred moving average over about sqrt(n) points, its window shrinking symmetrically at the ends
+    (so a straight trend stays straight and the curve keeps its first and last values)."""
+    n = len(values)
+    half = max(1, round(math.sqrt(n) / 2))
+    sums = [0.0]
+    for value in values:
+        sums.append(sums[-1] + value)
+    out = []
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        out.append((sums[i + h + 1] - sums[i - h]) / (2 * h + 1))
+    return out
+
+
+def _finite(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
+
+
+def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str = ""):
+    """The figure of `curves.png`: train bits/dim (raw faint, smoothed solid) with test points on top,
+    and the learning rate in a second panel below; one colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    bits, lr = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     for i, (name, rows) in enumerate(runs.items()):
-        colour = f"C{i % 10}"
-        for key, style in (("train_bpd", "--"), ("test_bpd", "-")):
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                label = f"{name} {key.split('_')[0]}" if len(runs) > 1 else key.split("_")[0]
-                ax.plot(
-                    xs, ys, style, color=colour, marker="o" if key == "test_bpd" else None, ms=3, label=label
-                )
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits/dim")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
+        colour, prefix = f"C{i % 10}", f"{name} " if len(runs) > 1 else ""
+        logged = [r for r in rows if not is_eval(r)] or rows  # runs from before train rows: eval rows
+        xs, ys = _finite(logged, "train_bpd")
+        if xs:
+            bits.plot(xs, ys, color=colour, alpha=0.25, lw=1, gid=f"{name} train raw")
+            bits.plot(xs, smooth(ys), color=colour, lw=1.5, label=f"{prefix}train", gid=f"{name} train")
+        xs, ys = _finite([r for r in rows if is_eval(r)], "test_bpd")
+        if xs:
+            bits.plot(
+                xs, ys, "o--", color=colour, ms=5, lw=1, zorder=3, label=f"{prefix}test", gid=f"{name} test"
+            )
+        xs, ys = _finite(rows, "lr")
+        if xs:
+            lr.plot(xs, ys, color=colour, gid=f"{name} lr")
+    bits.set_ylabel("bits/dim")
+    bits.set_title(title)
+    bits.grid(alpha=0.3)
+    if bits.lines:
+        bits.legend()
+    lr.set_xlabel("step")
+    lr.set_ylabel("learning rate")
+    lr.grid(alpha=0.3)
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    return fig
+
+
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Write `curves_figure` to `path` atomically."""
+    fig = curves_figure(runs, title)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         with naming(path):
             fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
 
 
@@ -100,6 +139,9 @@ class Window:
         self._sums = torch.zeros(3, dtype=torch.float64, device=device)  # bits/dim, norm, good steps
         self._last = torch.full((), math.nan, dtype=torch.float64, device=device)
         self.images, self.seconds, self.total_images, self.total_seconds = 0, 0.0, 0, 0.0
+        self.first: tuple[int, float] | None = None  # the first read's images and seconds (warm-up)
+        self.recent_bpd: float | None = None  # mean bits/dim of the good steps between the last two reads
+        self._seen = (0.0, 0.0)  # the bits/dim sum and good steps at the previous read
         self.restart_clock()
 
     def add(self, bpd: torch.Tensor, norm: torch.Tensor, ok: torch.Tensor, images: int = 0) -> None:
@@ -115,10 +157,15 @@ class Window:
         """Mean bits/dim and gradient norm since the reset (None when every step was skipped), and the
         bits/dim of the latest good step (nan before the first)."""
         bpd, norm, good, last = torch.cat([self._sums, self._last[None]]).tolist()
+        recent = good - self._seen[1]
+        self.recent_bpd, self._seen = ((bpd - self._seen[0]) / recent if recent else None), (bpd, good)
         now = time.monotonic()
-        self.images, self.seconds = self.images + self._pending, self.seconds + now - self._since
-        self.total_images += self._pending
-        self.total_seconds += now - self._since
+        images, seconds = self._pending, now - self._since
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        if self.first is None:  # the first step(s) warm up (allocations, lazy init): not the run's rate
+            self.first = (images, seconds)
+        else:
+            self.total_images, self.total_seconds = self.total_images + images, self.total_seconds + seconds
         self._since, self._pending = now, 0
         return (bpd / good, norm / good, last) if good else (None, None, last)
 
@@ -128,10 +175,14 @@ class Window:
 
     def reset(self) -> None:
         self._sums.zero_()
+        self._seen = (0.0, 0.0)
         self.images, self.seconds = 0, 0.0
 
     def img_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
     def overall_img_s(self) -> float:
-        return self.total_images / self.total_seconds if self.total_seconds else 0.0
+        """Training images per second, the first read's steps left out unless they are all there is."""
+        if self.total_images and self.total_seconds:
+            return self.total_images / self.total_seconds
+        return self.first[0] / self.first[1] if self.first and self.first[1] else 0.0

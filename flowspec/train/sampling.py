@@ -1,4 +1,5 @@
-"""Sample grids: images drawn from a model in batches, saved with torchvision's `save_image`."""
+"""Sample grids: images drawn from a model in batches, upscaled (nearest neighbour) to a size a person can
+see, saved with torchvision's `save_image`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from flowspec.errors import naming
 from flowspec.train.evaluate import stop_point
 from flowspec.train.signals import StopCheck, never
+
+#: A grid is at least this many pixels wide: small images are enlarged by a whole factor.
+MIN_GRID_WIDTH = 256
+PADDING = 2
+
+
+def grid_name(step: int, temperature: float) -> str:
+    """The file name of a grid drawn at `step` and `temperature`: `step0000400_t0.8.png`."""
+    return f"step{step:07d}_t{temperature}.png"
+
+
+def grid_image(images: torch.Tensor, levels: int) -> torch.Tensor:
+    """Integer images (N x C x H x W, values 0..levels-1) as one C x H' x W' grid in [0, 1], square-ish,
+    each image enlarged by the smallest whole factor that makes the grid `MIN_GRID_WIDTH` pixels wide."""
+    n, width = len(images), images.shape[-1]
+    nrow = max(1, math.ceil(math.sqrt(n)))
+    columns = min(nrow, n)
+    per_image = (MIN_GRID_WIDTH - PADDING) / columns - PADDING  # grid width: columns * (w + pad) + pad
+    scale = max(1, math.ceil(per_image / width))
+    big = images.float().cpu().repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    return make_grid(big / (levels - 1), nrow=nrow, padding=PADDING, pad_value=1.0)
 
 
 @torch.no_grad()
@@ -42,7 +64,6 @@ def save_grid(
     images = torch.cat(parts)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nrow = max(1, math.ceil(math.sqrt(n)))
     with naming(path):
-        save_image(images.float().cpu() / (levels - 1), path, nrow=nrow, padding=1)
+        save_image(grid_image(images, levels), path)
     return path

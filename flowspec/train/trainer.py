@@ -19,6 +19,7 @@ import torch
 import flowspec
 from flowspec.errors import UserError, os_error_message
 from flowspec.spec import EvalSpec, FlowSpec, Interval
+from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
 from flowspec.train.batches import training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
@@ -26,7 +27,7 @@ from flowspec.train.data import ImageSet, load_split
 from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, teardown
 from flowspec.train.evaluation import SMOKE, Evaluator, describe
 from flowspec.train.lock import RunLock
-from flowspec.train.metrics import Window, read_metrics, record, truncate_metrics
+from flowspec.train.metrics import Window, append_metrics, is_eval, read_metrics, record, truncate_metrics
 from flowspec.train.precision import autocast_dtype, resolve_precision
 from flowspec.train.progress import Reporter
 from flowspec.train.signals import Interrupted, StopSignals
@@ -48,6 +49,7 @@ class RunOptions:
     quiet: bool = False
     resume: bool = False  # continue the run in `out` from its last checkpoint
     eval: dict[str, Any] = field(default_factory=dict)  # eval settings over the spec's (and a short run's)
+    threads: int | None = None  # intra-op CPU threads; None: chosen by model size and CPU load
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops (checked when logging)
     log_every: int = 10  # read the loss from the device (progress, divergence) every N steps
     handle_signals: bool = True
@@ -113,6 +115,7 @@ class Trainer:
         rng.seed_all(self.t.seed + self.dist.rank)
         model = flowspec.build(spec).to(self.device)
         self.parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.threads = set_threads(self.parameters, options.threads)
         if payload is None:
             self._initialize(model)
         model.set_autocast(autocast_dtype(self.precision))
@@ -169,7 +172,7 @@ class Trainer:
                 while stopped is None:
                     x = next(self.batches)
                     self.window.add(*self.updater(x), images=len(x) * self.dist.world)
-                    logged = self.step % self.options.log_every == 0
+                    logged = self.step % self.options.log_every == 0 or self.step == 1
                     if logged:
                         self._log(reporter, x)
                     received, time_up = self._should_stop(signals, started, logged)
@@ -207,6 +210,11 @@ class Trainer:
         last_bpd = self.window.read()[2]
         if self.updater.bad_in_row >= self.options.max_bad_steps:
             self._diverged(x)
+        if self.dist.main and self.window.recent_bpd is not None:  # the training curve of curves.png
+            lr = self.updater.scheduler.get_last_lr()[0]
+            epoch = round(self.batches.epochs_done, 4)
+            row = {"kind": "train", "step": self.step, "epoch": epoch, "train_bpd": self.window.recent_bpd}
+            append_metrics(self.run_dir, row | {"lr": lr})
         reporter.step(self.step, last_bpd, self.window.img_s())
         if self.board is not None:
             self.board.train(self.step, last_bpd)
@@ -237,7 +245,7 @@ class Trainer:
         finish (a signal during it or just before it): then it runs first, as in the uninterrupted run."""
         missed = self.options.resume and self.step > 0 and self.step % self.eval_every == 0
         if missed and self.dist.main:
-            missed = not any(row["step"] == self.step for row in read_metrics(self.run_dir))
+            missed = not any(row["step"] == self.step and is_eval(row) for row in read_metrics(self.run_dir))
         return self.dist.gather(missed)[0]
 
     def _evaluate(self, reporter: Reporter, signals: StopSignals, stopped: str | None) -> str | None:
@@ -356,6 +364,7 @@ class Trainer:
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.train_set.source} "
             f"({len(self.train_set)} train / {self.test_size} test images), device {self.device}, "
             f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
+            f"{self.threads}, "
             f"{self.dist.world} process(es); run folder {self.run_dir}"
         )
 
@@ -366,7 +375,7 @@ class Trainer:
             self.step,
             self.batches.epochs_done,
             stopped,
-            history[-1]["test_bpd"] if history else None,
+            next((r["test_bpd"] for r in reversed(history) if is_eval(r)), None),
             self.best,
             self.window.overall_img_s(),
             self.parameters,

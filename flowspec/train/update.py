@@ -58,7 +58,10 @@ class Updater:
         self.objective: nn.Module = Objective(model)
         if dist.active:
             ids = [device.index] if device.type == "cuda" else None
-            self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+            unused = any(getattr(m, "has_unused_parameters", False) for m in model.modules())
+            self.objective = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=ids, find_unused_parameters=unused
+            )
         self.optimizer = build_optimizer(model.parameters(), train)
         self.scheduler = build_scheduler(self.optimizer, train, total_steps)
         self.clip = train.clip_grad_norm or math.inf

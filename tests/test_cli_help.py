@@ -1,0 +1,90 @@
+"""`--help` of every command: every option described, the same names across commands, and examples that
+the command accepts."""
+
+from __future__ import annotations
+
+import glob
+import shlex
+
+import pytest
+import typer
+from conftest import ROOT
+
+import flowspec
+from flowspec.cli.app import app, run
+from flowspec.cli.examples import EXAMPLES
+from flowspec.cli.training import _with_overrides
+
+GROUP = typer.main.get_command(app)
+COMMANDS = sorted(GROUP.commands)  # type: ignore[attr-defined]
+
+
+def test_every_command_has_examples():
+    assert set(EXAMPLES) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_describes_every_option_and_shows_the_examples(name, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    command = GROUP.commands[name]  # type: ignore[attr-defined]
+    assert command.help and command.help.strip()
+    for param in command.params:
+        assert (getattr(param, "help", None) or "").strip(), f"{name} {param.name} has no description"
+    for example in EXAMPLES[name]:
+        assert example in out
+
+
+def test_the_same_option_names_across_commands():
+    options: dict[str, list] = {}
+    for name in COMMANDS:
+        for param in GROUP.commands[name].params:  # type: ignore[attr-defined]
+            if param.param_type_name == "option":
+                for opt in param.opts:
+                    options.setdefault(opt, []).append((name, param))
+    assert "--output" not in options and "--dir" not in options
+    for opt in ("--out", "--device", "--data", "--threads", "--set", "--seed", "--batch"):
+        assert opt in options
+    for name, param in options["--out"]:  # every output has the same names
+        assert param.opts == ["--out", "-o"], name
+    for opt in ("--device", "--threads"):  # one meaning, one description
+        assert len({param.help for _, param in options[opt]}) == 1
+    assert {param.metavar for _, param in options["--data"]} == {"DIR"}
+    assert {name for name, _ in options["--threads"]} == {"train", "eval", "sample", "ablate", "inspect"}
+
+
+def _example_args(name: str, example: str) -> list[str]:
+    words = shlex.split(example)
+    assert words[:2] == ["flowspec", name]
+    return words[2:]
+
+
+@pytest.mark.parametrize(("name", "example"), [(n, e) for n in COMMANDS for e in EXAMPLES[n]])
+def test_every_example_parses(name, example):
+    command = GROUP.commands[name]  # type: ignore[attr-defined]
+    command.make_context(name, _example_args(name, example))  # options, types and ranges checked
+
+
+@pytest.mark.parametrize(
+    ("name", "example"),
+    [(n, e) for n in ("validate", "show", "inspect", "diff") for e in EXAMPLES[n] if "quickstart" in e],
+)
+def test_cheap_examples_run(name, example, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    args = [match for word in _example_args(name, example) for match in (sorted(glob.glob(word)) or [word])]
+    assert run([name, *args]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["eval", "sample"])
+def test_eval_and_sample_examples_use_a_set_they_allow(name, tmp_path):
+    spec = flowspec.load_spec(ROOT / "specs" / "quickstart.flow")
+    sets = [
+        value
+        for example in EXAMPLES[name]
+        for flag, value in zip(_example_args(name, example), _example_args(name, example)[1:], strict=False)
+        if flag == "--set"
+    ]
+    assert sets
+    changed = _with_overrides(spec, sets, tmp_path / "last.pt")  # raises for a setting of the model
+    assert changed != spec

@@ -1,0 +1,42 @@
+"""The intra-op thread count: by model size and CPU load, overridden by --threads or OMP_NUM_THREADS."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowspec.threads import choose_threads
+
+QUICKSTART, FLOWPP = 43_592, 31_443_440
+
+
+def test_small_model_gets_one_thread_even_on_an_idle_machine():
+    choice = choose_threads(QUICKSTART, cpus=16, load=0.0)
+    assert choice.threads == 1
+    assert str(choice) == "threads 1 (small model, 0.044M params)"
+
+
+@pytest.mark.parametrize("load", [1.5, 2.0, 5.4])
+def test_busy_cpu_gets_one_thread(load):
+    choice = choose_threads(FLOWPP, cpus=2, load=load)
+    assert choice.threads == 1
+    assert f"busy CPU, load {load:.1f} on 2 cores" in choice.reason
+
+
+def test_large_model_on_an_idle_machine_uses_every_core():
+    assert choose_threads(FLOWPP, cpus=16, load=0.3).threads == 16
+    assert "large model, 31M params; all cores" in choose_threads(FLOWPP, cpus=16, load=0.3).reason
+    assert choose_threads(FLOWPP, cpus=16, load=None).threads == 16
+
+
+def test_large_model_on_a_half_busy_machine_uses_the_idle_cores():
+    assert choose_threads(FLOWPP, cpus=16, load=6.2).threads == 10
+
+
+def test_threads_option_wins_over_everything():
+    choice = choose_threads(QUICKSTART, cpus=2, load=9.0, env="2", requested=3)
+    assert (choice.threads, choice.reason) == (3, "--threads")
+
+
+@pytest.mark.parametrize(("env", "expected"), [("4", 4), ("1", 1), ("", 16), ("zero", 16), ("0", 16)])
+def test_the_users_omp_num_threads_is_respected_when_valid(env, expected):
+    assert choose_threads(FLOWPP, cpus=16, load=0.0, env=env).threads == expected
