@@ -50,7 +50,7 @@ def test_the_same_option_names_across_commands():
         assert param.opts == ["--out", "-o"], name
     for opt in ("--device", "--threads"):  # one meaning, one description
         assert len({param.help for _, param in options[opt]}) == 1
-    assert {param.metavar for _, param in options["--data"]} == {"DIR"}
+    assert {param.metavar for _, param in options["--data"]} == {"PATH"}  # a folder or a file
     assert {name for name, _ in options["--threads"]} == {"train", "eval", "sample", "ablate", "inspect"}
 
 

@@ -44,7 +44,7 @@ def inspect(
     ] = False,
     data: Annotated[
         Path | None,
-        typer.Option("--data", metavar="DIR", help="Probe on test images from DIR (else random)."),
+        typer.Option("--data", metavar="PATH", help="Probe on test images from PATH (else random)."),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
     sets: SetOption = None,
