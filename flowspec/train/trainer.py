@@ -363,8 +363,8 @@ class Trainer:
         return (
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.train_set.source} "
             f"({len(self.train_set)} train / {self.test_size} test images), device {self.device}, "
-            f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
             f"{self.threads}, "
+            f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
             f"{self.dist.world} process(es); run folder {self.run_dir}"
         )
 
