@@ -33,7 +33,7 @@ from flowspec.train.evaluation import Evaluator
 from flowspec.train.memory import PeakMemory
 from flowspec.train.metrics import is_eval
 from flowspec.train.progress import Reporter, duration
-from flowspec.train.signals import Interrupted, never
+from flowspec.train.signals import StoppedBySignal, never
 from flowspec.train.trainer import RunOptions, train
 
 CPU = torch.device("cpu")
@@ -184,11 +184,11 @@ def test_bounds_and_grids_stop_between_batches():
         asked.append(1)
         return "SIGTERM" if len(asked) == 3 else None
 
-    with pytest.raises(Interrupted) as stopped:
+    with pytest.raises(StoppedBySignal) as stopped:
         single_sample_bpd(model, images, 8, CPU, stop=stop_at_third)
     assert stopped.value.done == "after 16 of 40 test images" and stopped.value.exit_code == 143
     asked.clear()
-    with pytest.raises(Interrupted, match="after 8 of 40 images"):
+    with pytest.raises(StoppedBySignal, match="after 8 of 40 images"):
         bounds(
             model, images, 1, 4, CPU, stop=lambda: "SIGINT" if len(asked.append(1) or asked) == 3 else None
         )

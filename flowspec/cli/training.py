@@ -109,12 +109,12 @@ def _eval_settings(images: int | None, batch: int | None, samples: int | None, i
 def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSignals]:
     """SIGINT and SIGTERM stop `work` between batches: one line on stderr (saying what is `kept`), exit
     code 130 or 143."""
-    from flowspec.train.signals import Interrupted, StopSignals
+    from flowspec.train.signals import StoppedBySignal, StopSignals
 
     try:
         with StopSignals() as signals:
             yield signals
-    except Interrupted as stop:
+    except StoppedBySignal as stop:
         print(f"{stop.signal}: {work} stopped {stop.done}; {kept}", file=sys.stderr)
         raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:  # a second Ctrl-C

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from flowspec.train.distributed import Dist, agree_to_stop
-from flowspec.train.signals import Interrupted, StopCheck, never
+from flowspec.train.signals import StopCheck, StoppedBySignal, never
 
 Progress = Callable[[int, float], None]  # images just done, running mean bits/dim
 
@@ -25,13 +25,13 @@ def to_bpd(log_prob_nats: torch.Tensor, dims: int) -> torch.Tensor:
 def stop_point(
     stop: StopCheck, done: str, dist: Dist | None = None, device: torch.device | None = None
 ) -> None:
-    """Raise `Interrupted` if a stop signal was received (on any rank, when `dist` is given: every rank
+    """Raise `StoppedBySignal` if a stop signal was received (on any rank, when `dist` is given: every rank
     must reach the same stop points then). `done` says how far the work got."""
     received = stop()
     if dist is not None and dist.active:
         received, _ = agree_to_stop(dist, device or torch.device("cpu"), received, False)
     if received:
-        raise Interrupted(received, done)
+        raise StoppedBySignal(received, done)
 
 
 @torch.no_grad()
@@ -46,7 +46,8 @@ def single_sample_bpd(
 ) -> float:
     """Mean bits/dim of the single-sample bound over `images`, sharded across ranks when distributed.
 
-    The batches go to `device` one at a time; before each, `stop` is asked (`Interrupted` if a signal came).
+    The batches go to `device` one at a time; before each, `stop` is asked (`StoppedBySignal` if a
+    signal came).
     """
     model.eval()
     dist = dist or Dist()

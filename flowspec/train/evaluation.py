@@ -2,7 +2,7 @@
 say: test bits/dim on the first `images` test images, the inversion error on a test batch, and a grid of
 `samples` images per temperature. Batches go to the device one at a time from the CPU, under
 `torch.no_grad`, so an evaluation needs about the memory of one forward pass at its batch; a stop signal
-ends it between batches (`Interrupted`)."""
+ends it between batches (`StoppedBySignal`)."""
 
 from __future__ import annotations
 

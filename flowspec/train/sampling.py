@@ -49,7 +49,7 @@ def save_grid(
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Draw `n` images at `temperature` (seeded when `seed` is given), `batch` at a time (default all at
-    once), and save them as one grid. Before each batch `stop` is asked (`Interrupted` if a signal came);
+    once), and save them as one grid. Before each batch `stop` is asked (`StoppedBySignal` if a signal came);
     `progress` is told each batch's size."""
     model.eval()
     device = next(model.parameters()).device

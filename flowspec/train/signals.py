@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 StopCheck = Callable[[], "str | None"]
 
 
-class Interrupted(Exception):
+class StoppedBySignal(Exception):
     """A stop signal ended work that stops between batches (an evaluation, a sample grid); `done` says how
     far it got, e.g. "after 320 of 1000 test images"."""
 

@@ -30,7 +30,7 @@ from flowspec.train.lock import RunLock
 from flowspec.train.metrics import Window, append_metrics, is_eval, read_metrics, record, truncate_metrics
 from flowspec.train.precision import autocast_dtype, resolve_precision
 from flowspec.train.progress import Reporter
-from flowspec.train.signals import Interrupted, StopSignals
+from flowspec.train.signals import StoppedBySignal, StopSignals
 from flowspec.train.tensorboard import TensorBoard
 from flowspec.train.update import Updater
 
@@ -263,10 +263,10 @@ class Trainer:
                 f"evaluates {describe(evaluate.settings, self.test_size)} "
                 f"(more with --eval-images N, --eval-samples N, --eval-inversion)"
             )
-        interrupted: Interrupted | None = None
+        interrupted: StoppedBySignal | None = None
         try:
             done = evaluate(self.updater.eval_model, self.step, reporter.meter, signals.check)
-        except Interrupted as stop:
+        except StoppedBySignal as stop:
             interrupted = stop
         received, _ = agree_to_stop(self.dist, self.device, interrupted and interrupted.signal, False)
         if received:
