@@ -9,6 +9,9 @@
     with torch.compile, and prints img/s, peak memory (torch.cuda.max_memory_allocated) and the fraction of
     the device's dense bf16 FLOP peak that the counted work (77.6 GFLOP per trained image) reaches;
 (c) appends the rows to bench/RESULTS.md, and to $OUT/gpu_check.md when $OUT names a folder.
+Beside the data-sheet peak it measures a large bf16 matmul, the rate the device reaches at that moment.
+When time is left it adds rows at batch 256, and it profiles 3 bf16 steps by CUDA kernel (the kernels
+taking most time, how many launches a step makes, how busy the GPU is) into gpu_profile.txt in $OUT.
 A configuration that would not fit in the time left is skipped and said so.
 """
 
@@ -44,7 +47,14 @@ BF16_PEAK_TFLOPS = (
     ("L40S", 362.0),
     ("B200", 2250.0),
 )
-CONFIGS = (("fp32", False), ("bf16", False), ("bf16", True))
+# (precision, torch.compile, batch): the issue's three at batch 64, then larger batches while time is left
+CONFIGS = (
+    ("fp32", False, 64),
+    ("bf16", False, 64),
+    ("bf16", True, 64),
+    ("bf16", False, 256),
+    ("bf16", True, 256),
+)
 DRY_RUN_SHRINK = (
     "data.shape=3x8x8",
     "defaults.coupling.filters=8",
@@ -71,13 +81,18 @@ def config_name(precision: str, compiled: bool) -> str:
     return precision + (" + compile" if compiled else "")
 
 
-def bf16_peak(device: torch.device) -> tuple[float, str]:
-    """The device's dense bf16 peak in GFLOP/s and where the number comes from (a table, or measured)."""
+def bf16_peak(device: torch.device, measured: float) -> tuple[float, str]:
+    """The device's dense bf16 peak in GFLOP/s and where it comes from: the data sheet, else `measured`."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for part, tflops in BF16_PEAK_TFLOPS:
             if part in name:
                 return tflops * 1e3, f"{name}: {tflops:.0f} TFLOP/s dense bf16 (data sheet)"
+    return measured, f"measured: {measured:.0f} GFLOP/s"
+
+
+def matmul_rate(device: torch.device) -> float:
+    """GFLOP/s of a large bf16 matmul on the device now (8192^3 on a GPU, 512^3 in a dry run)."""
     size = 8192 if device.type == "cuda" else 512
     a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(2):
@@ -87,8 +102,7 @@ def bf16_peak(device: torch.device) -> tuple[float, str]:
     for _ in range(repeats):
         a @ b
     synchronize(device)
-    rate = 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-    return rate, f"measured: a bf16 {size}^3 matmul at {rate:.0f} GFLOP/s"
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def run_tests(args: argparse.Namespace, seconds: float) -> str:
@@ -107,11 +121,20 @@ def run_tests(args: argparse.Namespace, seconds: float) -> str:
     return summary if done.returncode == 0 else f"FAILED (exit {done.returncode}): {summary}"
 
 
-def train_steps(spec, device: torch.device, precision: str, compiled: bool, args: argparse.Namespace) -> Row:
-    """`args.steps` Adam steps of the spec's recipe on random images; the first `args.warmup` untimed."""
+def train_steps(
+    spec,
+    device: torch.device,
+    precision: str,
+    compiled: bool,
+    batch: int,
+    args: argparse.Namespace,
+    profile_to: Path | None = None,
+) -> Row:
+    """`args.steps` Adam steps of the spec's recipe on random images; the first `args.warmup` untimed.
+    With `profile_to`, 3 more steps are profiled by kernel into that file."""
     torch.manual_seed(0)
     model = flowspec.build(spec).to(device)
-    x = torch.randint(0, spec.data.levels, (args.batch, *spec.data.shape), device=device)
+    x = torch.randint(0, spec.data.levels, (batch, *spec.data.shape), device=device)
     model.initialize(x)
     model.set_autocast(autocast_dtype(precision))
     if compiled:
@@ -137,7 +160,43 @@ def train_steps(spec, device: torch.device, precision: str, compiled: bool, args
     synchronize(device)
     seconds = (time.perf_counter() - start) / (args.steps - args.warmup)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    return Row(config_name(precision, compiled), args.batch, seconds, peak)
+    if profile_to is not None:
+        try:
+            profile(step, device, profile_to, f"{config_name(precision, compiled)}, batch {batch}")
+        except Exception as error:  # the profile is extra: its failure must not lose the row
+            print(f"profile failed: {error!r}", flush=True)
+    return Row(config_name(precision, compiled), batch, seconds, peak)
+
+
+def profile(step, device: torch.device, path: Path, title: str, steps: int = 3) -> None:
+    """Profile `steps` calls of `step`: the device kernels taking most time, launches per step, and the
+    fraction of the wall time the device was busy; written to `path`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall = time.perf_counter() - start
+    cuda = device.type == "cuda"
+    kernels = [e for e in prof.events() if cuda and e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in kernels) / 1e6 / wall if kernels else float("nan")
+    table = prof.key_averages().table(
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+        row_limit=25,
+        max_name_column_width=70,
+    )
+    text = [
+        f"{title}: {steps} steps in {wall:.3f} s under the profiler",
+        f"device kernels per step: {len(kernels) / steps:.0f}; device busy {busy:.0%} of the wall time",
+        table,
+    ]
+    path.write_text("\n".join(text) + "\n")
+    print("\n".join(text[:2]), f"(table in {path})", flush=True)
 
 
 def main() -> None:
@@ -154,9 +213,14 @@ def main() -> None:
         "--results", type=Path, help="file to append to (default bench/RESULTS.md; none in a dry run)"
     )
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument(
+        "--profile-to", type=Path, help="profile 3 steps of the bf16 batch-64 configuration into this file"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     overrides: tuple[str, ...] = ()
+    if args.profile_to is None and os.environ.get("OUT"):
+        args.profile_to = Path(os.environ["OUT"]) / "gpu_profile.txt"
     if args.dry_run:
         args.batch, args.steps, args.warmup, overrides = 4, 2, 1, DRY_RUN_SHRINK
         torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
@@ -172,31 +236,36 @@ def main() -> None:
 
     spec = flowspec.load_spec(args.spec, overrides=overrides)
     train_gflop = 3 * forward_gflop_per_image(args.spec, overrides)
-    peak, peak_source = bf16_peak(device)
+    measured = matmul_rate(device)
+    peak, peak_source = bf16_peak(device, measured)
+    print(f"bf16 peak {peak_source}; a bf16 matmul measured at {measured:.0f} GFLOP/s", flush=True)
     rows: list[Row] = []
-    for precision, compiled in CONFIGS:
+    for precision, compiled, batch in CONFIGS:
+        batch = args.batch * batch // 64
+        profiled = precision == "bf16" and not compiled and batch == args.batch
         left = args.budget - (time.monotonic() - started)
         # a compiled configuration needs minutes of compiling; an eager one about a minute on a GPU
         needed = 0 if args.dry_run else (150 if compiled else 45)
         if left < needed:
             note = f"skipped: {left:.0f} s left of the budget"
-            rows.append(Row(config_name(precision, compiled), args.batch, note=note))
-            continue
-        tick = time.monotonic()
-        try:
-            row = train_steps(spec, device, precision, compiled, args)
-        except Exception as error:  # a failing configuration must not hide the others' rows
-            row = Row(config_name(precision, compiled), args.batch, note=f"failed: {error!r}"[:300])
-        except KeyboardInterrupt:  # gpu_check.sh's hard time limit (SIGINT): keep what was measured
-            rows.append(Row(config_name(precision, compiled), args.batch, note="stopped by the time limit"))
-            break
-        row.note = row.note or f"{time.monotonic() - tick:.0f} s in all (compile and warm-up included)"
-        rows.append(row)
-        print(format_row(row, train_gflop, peak), flush=True)
+            rows.append(Row(config_name(precision, compiled), batch, note=note))
+        else:
+            tick = time.monotonic()
+            try:
+                profile_to = args.profile_to if profiled else None
+                row = train_steps(spec, device, precision, compiled, batch, args, profile_to)
+            except Exception as error:  # a failing configuration must not hide the others' rows
+                row = Row(config_name(precision, compiled), batch, note=f"failed: {error!r}"[:300])
+            except KeyboardInterrupt:  # gpu_check.sh's hard time limit (SIGINT): keep what was measured
+                rows.append(Row(config_name(precision, compiled), batch, note="stopped by the time limit"))
+                break
+            row.note = row.note or f"{time.monotonic() - tick:.0f} s in all (compile and warm-up included)"
+            rows.append(row)
+            print(format_row(row, train_gflop, peak, measured), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    report = render(args, spec, device, tests, rows, train_gflop, peak, peak_source)
+    report = render(args, spec, device, tests, rows, train_gflop, peak, peak_source, measured)
     print(report)
     for path in [results, Path(os.environ["OUT"]) / "gpu_check.md" if os.environ.get("OUT") else None]:
         if path is not None:
@@ -207,8 +276,9 @@ def main() -> None:
         sys.exit(1)
 
 
-def format_row(row: Row, train_gflop: float, peak: float) -> str:
-    """A markdown table row: configuration, batch, s/step, img/s, peak memory, fraction of the bf16 peak."""
+def format_row(row: Row, train_gflop: float, peak: float, measured: float) -> str:
+    """A markdown table row: configuration, batch, s/step, img/s, peak memory, the fractions of the bf16
+    peak and of the measured bf16 matmul rate."""
     img_s = row.img_s()
     cells = [
         row.config,
@@ -217,25 +287,27 @@ def format_row(row: Row, train_gflop: float, peak: float) -> str:
         f"{img_s:.1f}" if img_s else "-",
         f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-",
         f"{img_s * train_gflop / peak:.1%}" if img_s else "-",
+        f"{img_s * train_gflop / measured:.1%}" if img_s else "-",
         row.note,
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def render(args, spec, device, tests, rows, train_gflop, peak, peak_source) -> str:
+def render(args, spec, device, tests, rows, train_gflop, peak, peak_source, measured) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
     cuda = f" · CUDA {torch.version.cuda}" if device.type == "cuda" else ""
     lines = [
         f"\n### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `bench/gpu_check.sh"
         f"{' --dry-run' if args.dry_run else ''}` (GPU check)\n",
         f"device: {where} · torch {torch.__version__}{cuda} · {spec.name}, {train_gflop:.3g} GFLOP per "
-        f"trained image (forward + backward ~ 3x forward) · bf16 peak {peak_source}\n",
+        f"trained image (forward + backward ~ 3x forward) · bf16 peak {peak_source} · a bf16 matmul "
+        f"measured at {measured:.0f} GFLOP/s\n",
         f"cuda tests: {tests}\n",
-        f"{args.steps} steps per configuration at batch {args.batch}, the first {args.warmup} untimed; "
-        f"random images\n",
-        "| configuration | batch | s / step | img/s | peak memory (GB) | of the bf16 peak | note |",
-        "|---|---:|---:|---:|---:|---:|---|",
-        *(format_row(row, train_gflop, peak) for row in rows),
+        f"{args.steps} steps per configuration, the first {args.warmup} untimed; random images\n",
+        "| configuration | batch | s / step | img/s | peak memory (GB) | of the bf16 peak "
+        "| of the measured matmul | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *(format_row(row, train_gflop, peak, measured) for row in rows),
         "",
     ]
     return "\n".join(lines)

@@ -1,23 +1,19 @@
 """On a CUDA device (skipped without one; `bench/gpu_check.sh` runs them): the CUDA forward equals the CPU
-forward, bf16 bits/dim match float32, sampling decodes, torch.compile (inductor) gives the eager result,
-and a torchrun job trains and resumes."""
+forward, sampling decodes in float32 and bf16, and torch.compile (inductor) gives the eager result. The other
+tests marked `cuda`: bf16 bits/dim against float32 (test_precision.py) and a torchrun job on NCCL that
+trains and resumes (test_ddp.py)."""
 
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import ROOT
 from model_helpers import perturb
-from train_helpers import write_flow
 
 import flowspec
 from flowspec.layers.base import standard_normal_log_prob
-from flowspec.train.checkpoint import load_checkpoint
 
 pytestmark = [
     pytest.mark.cuda,
@@ -103,20 +99,3 @@ def test_compiled_networks_give_the_eager_result_on_cuda():
     names = [name for name, _ in eager.named_parameters()]
     for name, g_e, g_c in zip(names, grads_e, grads_c, strict=True):
         assert torch.allclose(g_c, g_e, rtol=1e-2, atol=1e-4), name
-
-
-def test_torchrun_job_on_cuda_trains_and_resumes(tmp_path):
-    """One process under torchrun on the GPU (precision auto: bf16 on GPUs that have it), then resumed."""
-    flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
-    out = tmp_path / "run"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
-    train = ["-m", "flowspec", "train", "--device", "cuda", "--precision", "auto", "--max-steps"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for steps, extra in ((2, [str(flow), "--out", str(out)]), (4, ["--resume", str(out)])):
-        command = [*launch, *train, str(steps), *extra]
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "device cuda:0" in done.stdout and "precision " in done.stdout
-        assert load_checkpoint(out)["step"] == steps
-    rows = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2

@@ -1,4 +1,5 @@
-"""Several processes: `torchrun --nproc_per_node 2 -m flowspec train` on CPU with the gloo backend."""
+"""torchrun jobs: two processes on CPU with the gloo backend, and one process (gloo on CPU, NCCL on CUDA)
+that trains and resumes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from train_helpers import write_flow
 
@@ -30,7 +32,7 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("training tiny") == 1  # rank 1 prints nothing
-    assert "2 process(es)" in done.stdout
+    assert "2 processes (torchrun, gloo)" in done.stdout
     payload = load_checkpoint(out)
     assert payload["step"] == 4 and len(payload["rng"]) == 2  # both ranks' RNG states, for resume
     assert not torch.equal(payload["rng"][0]["torch"], payload["rng"][1]["torch"])  # per-rank noise
@@ -42,3 +44,25 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         ".lock", "best.pt", "curves.png", "last.pt", "metrics.jsonl", "samples", "spec.flow", "spec.json",
     ]  # fmt: skip
+
+
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), pytest.param("cuda", "nccl", marks=CUDA)])
+def test_one_torchrun_process_joins_a_group_trains_and_resumes(tmp_path, device, backend):
+    """A job of one process still joins the process group (NCCL on the GPU) and trains through DDP;
+    precision auto (bf16 where the hardware has it); stopped at step 2, resumed to step 4."""
+    flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    train = ["-m", "flowspec", "train", "--device", device, "--precision", "auto", "--max-steps"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for steps, extra in ((2, [str(flow), "--out", str(out)]), (4, ["--resume", str(out)])):
+        command = [*launch, *train, str(steps), *extra]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"1 process (torchrun, {backend})" in done.stdout and "precision " in done.stdout
+        assert f"device {device}" in done.stdout
+        assert load_checkpoint(out)["step"] == steps
+    assert [r["step"] for r in read_metrics(out) if is_eval(r)] == [2, 4]

@@ -1,7 +1,8 @@
 """Multi-process training under `torchrun`: the process group, and the few collectives the loop needs.
 
-A single process has `world == 1` and skips every collective. Under `torchrun` (RANK, WORLD_SIZE and
-LOCAL_RANK in the environment) it joins the default group: NCCL on CUDA, gloo on CPU.
+A plain process has no group and skips every collective. Under `torchrun` (RANK, WORLD_SIZE and
+LOCAL_RANK in the environment) every process joins the default group, even a job of one: NCCL on CUDA,
+gloo on CPU, and the model is wrapped in DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    backend: str | None = None  # the process group's, under torchrun
 
     @property
     def main(self) -> bool:
@@ -30,7 +32,12 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.backend is not None
+
+    def describe(self) -> str:
+        """`1 process` or `4 processes (torchrun, nccl)` for the run header."""
+        processes = f"{self.world} process{'es' if self.world > 1 else ''}"
+        return f"{processes} (torchrun, {self.backend})" if self.active else processes
 
     def all_sum(self, tensor: torch.Tensor) -> None:
         if self.active:
@@ -60,9 +67,12 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         where = torch.device("cuda", local_rank)
     else:
         where = torch.device("cpu")
-    if world > 1 and not td.is_initialized():
-        td.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    return Dist(rank, world, local_rank), where
+    backend = None
+    if "LOCAL_RANK" in os.environ or world > 1:
+        backend = "nccl" if device == "cuda" else "gloo"
+        if not td.is_initialized():
+            td.init_process_group(backend=backend)
+    return Dist(rank, world, local_rank, backend), where
 
 
 def teardown() -> None:

@@ -83,6 +83,8 @@ class Trainer:
         self.spec, self.options, self.t = spec, options, spec.train
         self.dist, self.device = setup(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision, self.precision_reason = resolve_precision(options.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every step has the same shapes: time cuDNN's kernels once
         self.run_dir = rundir.choose(spec, options.out, self.dist)
         self.lock = RunLock(self.run_dir) if self.dist.main else None  # before anything reads or writes it
         try:
@@ -365,7 +367,7 @@ class Trainer:
             f"({len(self.train_set)} train / {self.test_size} test images), device {self.device}, "
             f"{self.threads}, "
             f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
-            f"{self.dist.world} process(es); run folder {self.run_dir}"
+            f"{self.dist.describe()}; run folder {self.run_dir}"
         )
 
     def _result(self, stopped: str) -> RunResult:
