@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -47,13 +48,15 @@ BF16_PEAK_TFLOPS = (
     ("L40S", 362.0),
     ("B200", 2250.0),
 )
-# (precision, torch.compile, batch): the issue's three at batch 64, then larger batches while time is left
+# PRECISION[+compile][+keep]@BATCH (+keep: no recomputation in the backward pass): the issue's three at
+# batch 64, then what the first GPU check suggested (keeping activations, a larger batch) while time is left
 CONFIGS = (
-    ("fp32", False, 64),
-    ("bf16", False, 64),
-    ("bf16", True, 64),
-    ("bf16", False, 256),
-    ("bf16", True, 256),
+    "fp32@64",
+    "bf16@64",
+    "bf16+compile@64",
+    "bf16+keep@64",
+    "bf16+compile+keep@64",
+    "bf16+compile@256",
 )
 DRY_RUN_SHRINK = (
     "data.shape=3x8x8",
@@ -77,8 +80,25 @@ class Row:
         return self.batch / self.seconds if self.seconds else None
 
 
-def config_name(precision: str, compiled: bool) -> str:
-    return precision + (" + compile" if compiled else "")
+@dataclass(frozen=True)
+class Config:
+    precision: str
+    compiled: bool
+    keep: bool  # keep every activation (no selective recomputation)
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        """`bf16+compile+keep@64` and the like."""
+        match = re.fullmatch(r"(fp32|bf16)((?:\+compile|\+keep)*)@(\d+)", text)
+        if match is None:
+            raise argparse.ArgumentTypeError(f"not a configuration: {text!r} (e.g. bf16+compile@64)")
+        precision, flags, batch = match.groups()
+        return cls(precision, "+compile" in flags, "+keep" in flags, int(batch))
+
+    @property
+    def name(self) -> str:
+        return self.precision + " + compile" * self.compiled + " + keep" * self.keep
 
 
 def bf16_peak(device: torch.device, measured: float) -> tuple[float, str]:
@@ -106,38 +126,43 @@ def matmul_rate(device: torch.device) -> float:
 
 
 def run_tests(args: argparse.Namespace, seconds: float) -> str:
-    """Run (or, in a dry run, only collect) the tests marked cuda; returns pytest's summary line."""
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rs"]
+    """Run (or, in a dry run, only collect) the tests marked cuda; returns pytest's summary line. The
+    whole output goes to pytest_cuda.txt in $OUT when $OUT names a folder; failures are printed short,
+    without captured logs (torch's compile traces would bury them)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
+    command += ["-p", "no:logging", "--tb=short", "-rfEs"]
     if args.dry_run:
         command.append("--collect-only")
     print("$", shlex.join(command), flush=True)
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=seconds)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {seconds:.0f} s"
-    print(done.stdout[-6000:] + done.stderr[-2000:], flush=True)
-    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
-    summary = lines[-1].strip("= ") if lines else "no output"
-    return summary if done.returncode == 0 else f"FAILED (exit {done.returncode}): {summary}"
+    except subprocess.TimeoutExpired as error:
+        output, summary = str(error.stdout or ""), f"timed out after {seconds:.0f} s"
+    else:
+        output = done.stdout + done.stderr
+        lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+        summary = lines[-1].strip("= ") if lines else "no output"
+        if done.returncode != 0:
+            summary = f"FAILED (exit {done.returncode}): {summary}"
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "pytest_cuda.txt").write_text(output)
+    print(output[-8000:], flush=True)
+    return summary
 
 
 def train_steps(
-    spec,
-    device: torch.device,
-    precision: str,
-    compiled: bool,
-    batch: int,
-    args: argparse.Namespace,
-    profile_to: Path | None = None,
+    spec, device: torch.device, config: Config, args: argparse.Namespace, profile_to: Path | None = None
 ) -> Row:
     """`args.steps` Adam steps of the spec's recipe on random images; the first `args.warmup` untimed.
     With `profile_to`, 3 more steps are profiled by kernel into that file."""
     torch.manual_seed(0)
+    batch = config.batch
     model = flowspec.build(spec).to(device)
     x = torch.randint(0, spec.data.levels, (batch, *spec.data.shape), device=device)
     model.initialize(x)
-    model.set_autocast(autocast_dtype(precision))
-    if compiled:
+    model.set_autocast(autocast_dtype(config.precision))
+    model.set_recompute(not config.keep)
+    if config.compiled:
         model.compile_networks(**({"backend": "aot_eager"} if args.dry_run else {}))
     model.train()
     optimizer = build_optimizer(model.parameters(), spec.train)
@@ -162,10 +187,10 @@ def train_steps(
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     if profile_to is not None:
         try:
-            profile(step, device, profile_to, f"{config_name(precision, compiled)}, batch {batch}")
+            profile(step, device, profile_to, f"{config.name}, batch {batch}")
         except Exception as error:  # the profile is extra: its failure must not lose the row
             print(f"profile failed: {error!r}", flush=True)
-    return Row(config_name(precision, compiled), batch, seconds, peak)
+    return Row(config.name, batch, seconds, peak)
 
 
 def profile(step, device: torch.device, path: Path, title: str, steps: int = 3) -> None:
@@ -205,7 +230,6 @@ def main() -> None:
     )
     parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, 2 steps, no CUDA tests")
     parser.add_argument("--spec", default=str(ROOT / "specs" / "flowpp_cifar.flow"))
-    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="steps per configuration, warm-up included")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check")
@@ -214,15 +238,23 @@ def main() -> None:
     )
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument(
-        "--profile-to", type=Path, help="profile 3 steps of the bf16 batch-64 configuration into this file"
+        "--profile-to", type=Path, help="profile 3 steps of the first eager bf16 configuration into this file"
     )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        type=Config.parse,
+        help=f"what to train, in order: PRECISION[+compile][+keep]@BATCH (default: {' '.join(CONFIGS)})",
+    )
+    parser.add_argument("--test-seconds", type=float, help="the CUDA tests' limit (default: 0.4 x budget)")
     args = parser.parse_args()
+    args.configs = args.configs or [Config.parse(c) for c in CONFIGS]
     started = time.monotonic()
     overrides: tuple[str, ...] = ()
     if args.profile_to is None and os.environ.get("OUT"):
         args.profile_to = Path(os.environ["OUT"]) / "gpu_profile.txt"
     if args.dry_run:
-        args.batch, args.steps, args.warmup, overrides = 4, 2, 1, DRY_RUN_SHRINK
+        args.steps, args.warmup, overrides = 2, 1, DRY_RUN_SHRINK
         torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
     elif not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); try --dry-run")
@@ -231,7 +263,7 @@ def main() -> None:
 
     tests = "skipped (--skip-tests)"
     if not args.skip_tests:
-        tests = run_tests(args, seconds=0.4 * args.budget)
+        tests = run_tests(args, seconds=args.test_seconds or 0.4 * args.budget)
     print(f"cuda tests: {tests}", flush=True)
 
     spec = flowspec.load_spec(args.spec, overrides=overrides)
@@ -240,28 +272,30 @@ def main() -> None:
     peak, peak_source = bf16_peak(device, measured)
     print(f"bf16 peak {peak_source}; a bf16 matmul measured at {measured:.0f} GFLOP/s", flush=True)
     rows: list[Row] = []
-    for precision, compiled, batch in CONFIGS:
-        batch = args.batch * batch // 64
-        profiled = precision == "bf16" and not compiled and batch == args.batch
+    profiled = False
+    for config in args.configs:
+        if args.dry_run:
+            config = Config(config.precision, config.compiled, config.keep, config.batch // 16)
+        profile_to = None
+        if config.precision == "bf16" and not config.compiled and not profiled:
+            profile_to, profiled = args.profile_to, True
         left = args.budget - (time.monotonic() - started)
         # a compiled configuration needs minutes of compiling; an eager one about a minute on a GPU
-        needed = 0 if args.dry_run else (150 if compiled else 45)
+        needed = 0 if args.dry_run else (150 if config.compiled else 45)
         if left < needed:
-            note = f"skipped: {left:.0f} s left of the budget"
-            rows.append(Row(config_name(precision, compiled), batch, note=note))
-        else:
-            tick = time.monotonic()
-            try:
-                profile_to = args.profile_to if profiled else None
-                row = train_steps(spec, device, precision, compiled, batch, args, profile_to)
-            except Exception as error:  # a failing configuration must not hide the others' rows
-                row = Row(config_name(precision, compiled), batch, note=f"failed: {error!r}"[:300])
-            except KeyboardInterrupt:  # gpu_check.sh's hard time limit (SIGINT): keep what was measured
-                rows.append(Row(config_name(precision, compiled), batch, note="stopped by the time limit"))
-                break
-            row.note = row.note or f"{time.monotonic() - tick:.0f} s in all (compile and warm-up included)"
-            rows.append(row)
-            print(format_row(row, train_gflop, peak, measured), flush=True)
+            rows.append(Row(config.name, config.batch, note=f"skipped: {left:.0f} s left of the budget"))
+            continue
+        tick = time.monotonic()
+        try:
+            row = train_steps(spec, device, config, args, profile_to)
+        except Exception as error:  # a failing configuration must not hide the others' rows
+            row = Row(config.name, config.batch, note=f"failed: {error!r}"[:300])
+        except KeyboardInterrupt:  # gpu_check.sh's hard time limit (SIGINT): keep what was measured
+            rows.append(Row(config.name, config.batch, note="stopped by the time limit"))
+            break
+        row.note = row.note or f"{time.monotonic() - tick:.0f} s in all (compile and warm-up included)"
+        rows.append(row)
+        print(format_row(row, train_gflop, peak, measured), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

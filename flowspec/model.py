@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from flowspec.layers import Coupling, LogitPreprocess, Sequence
 from flowspec.layers.base import DataInit, standard_normal_log_prob
+from flowspec.layers.networks import FlowppBlock
 from flowspec.spec import FlowSpec
 
 
@@ -127,6 +128,13 @@ class FlowModel(nn.Module):
         for m in self.modules():
             if hasattr(m, "autocast_dtype"):
                 m.autocast_dtype = dtype
+
+    def set_recompute(self, on: bool) -> None:
+        """Whether training steps recompute the coupling networks' dense and elementwise work in the
+        backward pass (selective activation checkpointing, the default) or keep all of it."""
+        for m in self.modules():
+            if isinstance(m, FlowppBlock):
+                m.recompute = on
 
     def compile_networks(self, **kwargs) -> None:
         """torch.compile each coupling network in place (parameter names are unchanged). Shapes are
