@@ -53,6 +53,7 @@ def train(
     device: str | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    recompute: str = "auto",
     max_steps: int | None = None,
     max_time: str | float | None = None,
     log_every: int = 10,
@@ -67,8 +68,9 @@ def train(
 
     The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
     overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
-    `device`, `precision` (fp32 | bf16), `compile`, `max_steps`, `max_time` (seconds or `"30m"`),
-    `log_every`, `tensorboard`, `quiet`, `threads` (None: chosen by model size and CPU load), `allow_large`
+    `device`, `precision` (fp32 | bf16 | auto), `compile`, `recompute` (auto | on | off), `max_steps`,
+    `max_time` (seconds or `"30m"`), `log_every`, `tensorboard`, `quiet`, `threads` (None: chosen by model
+    size and CPU load), `allow_large`
     (train a model whose estimated training memory exceeds the device's), `data_memory` (bytes or `"4G"`:
     a training set up to this size is held in memory, a larger one streamed from its file) and `eval`
     (settings of the spec's `eval` section, as `--eval-*` give them, e.g. `{"images": 64, "inversion":
@@ -107,6 +109,7 @@ def train(
         device=device,
         precision=precision,
         compile=compile,
+        recompute=recompute,
         max_steps=max_steps,
         max_time=parse_duration(max_time) if max_time is not None else None,
         quiet=quiet,

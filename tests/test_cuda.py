@@ -68,12 +68,19 @@ def test_cuda_forward_equals_cpu_forward():
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_sampling_decodes_on_cuda(dtype):
+    """decode(encode(v)) == v: within 1e-3 in float32. In bf16 a network input that decode rebuilds a
+    hair off can round to the neighbouring bf16 value, and the pixel then moves by up to ~0.3 of a level
+    (seen on an H200: 0.26 at one pixel, ~1e-5 elsewhere): within half a level, and rarely."""
     model, images = _model_and_images()
     model.cuda().set_autocast(dtype)
     with torch.no_grad():
         v = images.cuda().float() + torch.rand(images.shape, device="cuda")
         z, _ = model.encode(v)
-        assert (model.decode(z) - v).abs().max() < 1e-3
+        error = (model.decode(z) - v).abs()
+    if dtype is None:
+        assert error.max() < 1e-3
+    else:
+        assert error.max() < 0.5 and (error > 1e-3).float().mean() < 0.01, (error.max(), error.mean())
     samples = model.sample(8, temperature=0.8)
     assert samples.device.type == "cuda" and samples.dtype == torch.uint8 and samples.shape == images.shape
 

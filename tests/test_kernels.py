@@ -3,6 +3,7 @@ fused kernel, concat_elu against elu(cat([x, -x])), in float64 with gradients.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,19 @@ def test_concat_elu_is_elu_of_x_and_minus_x_with_exact_gradients():
     (mine,) = torch.autograd.grad(concat_elu(x), x, grad)
     (plain,) = torch.autograd.grad(F.elu(torch.cat([x, -x], -1)), x, grad)
     assert torch.allclose(mine, plain, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_concat_elu_under_torch_compile_keeps_its_gradient(backend):
+    """torch 2.11's dynamo returned a zero gradient for this Function while its forward wrote in place
+    (every compiled Flow++ network trained wrong on the first GPU check)."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 10, dtype=torch.float64)
+    compiled = torch.compile(lambda t: (concat_elu(t) * grad).sum(), backend=backend, fullgraph=True)
+    (mine,) = torch.autograd.grad(compiled(x), x)
+    (plain,) = torch.autograd.grad((F.elu(torch.cat([x, -x], -1)) * grad).sum(), x)
+    assert torch.allclose(mine, plain, atol=1e-12)
+    torch._dynamo.reset()
 
 
 def _qkv(b: int = 5, length: int = 7, d: int = 3, dtype=torch.float64):

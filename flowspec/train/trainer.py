@@ -30,6 +30,7 @@ from flowspec.train.lock import RunLock
 from flowspec.train.metrics import Window, append_metrics, is_eval, read_metrics, record, truncate_metrics
 from flowspec.train.precision import autocast_dtype, resolve_precision
 from flowspec.train.progress import Reporter
+from flowspec.train.recompute import resolve_recompute
 from flowspec.train.signals import StoppedBySignal, StopSignals
 from flowspec.train.tensorboard import TensorBoard
 from flowspec.train.update import Updater
@@ -44,6 +45,7 @@ class RunOptions:
     device: str | None = None  # cpu | cuda; None: cuda when available
     precision: str = "fp32"  # fp32 | bf16 | auto (see flowspec.train.precision)
     compile: bool = False
+    recompute: str = "auto"  # auto | on | off (see flowspec.train.recompute)
     max_steps: int | None = None  # stop at this global step (a resumed run counts from its start)
     max_time: float | None = None  # seconds of training in this process
     quiet: bool = False
@@ -121,6 +123,10 @@ class Trainer:
         if payload is None:
             self._initialize(model)
         model.set_autocast(autocast_dtype(self.precision))
+        self.recompute, self.recompute_reason = resolve_recompute(
+            options.recompute, self.device, options.compile, spec
+        )
+        model.set_recompute(self.recompute)
         self.updater = Updater(model, self.t, self.total_steps, self.dist, self.device, options.compile)
         self.evaluate = Evaluator(
             test_set.images, self._eval_settings(spec.eval), self.device, self.dist, self.run_dir,
@@ -367,6 +373,8 @@ class Trainer:
             f"({len(self.train_set)} train / {self.test_size} test images), device {self.device}, "
             f"{self.threads}, "
             f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
+            f"recompute {'on' if self.recompute else 'off'}"
+            f"{f' ({self.recompute_reason})' if self.recompute_reason else ''}, "
             f"{self.dist.describe()}; run folder {self.run_dir}"
         )
 

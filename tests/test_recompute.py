@@ -1,0 +1,87 @@
+"""Recomputation in the backward pass (`--recompute`): keeping every activation gives the same
+gradients, `auto` chooses by device, compilation and memory, and the run header says what it chose."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SPECS
+from train_helpers import tiny_spec as train_spec
+
+import flowspec
+from flowspec.errors import UserError
+from flowspec.inspection import budget
+from flowspec.layers.networks import FlowppBlock
+from flowspec.train.recompute import resolve_recompute
+from flowspec.train.trainer import RunOptions, Trainer
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+SMALL = (
+    "data.shape=3x8x8",
+    "defaults.coupling.filters=8",
+    "defaults.coupling.blocks=2",
+    "defaults.coupling.components=2",
+    "defaults.coupling.heads=2",
+    "dequantize.context.filters=4",
+)
+
+
+def _gradients(model: flowspec.FlowModel, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    torch.manual_seed(1)
+    model.bpd(x).mean().backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_keeping_every_activation_gives_the_recomputed_gradients_in_float64():
+    """Flow++ with attention, dropout and the variational dequantizer: the same gradients either way."""
+    spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow", overrides=SMALL)
+    assert spec.defaults.coupling.dropout > 0
+    torch.manual_seed(0)
+    model = flowspec.build(spec).double()
+    x = torch.randint(0, 256, (4, *spec.data.shape))
+    model.initialize(x)
+    model.train()
+    blocks = [m for m in model.modules() if isinstance(m, FlowppBlock)]
+    assert blocks and all(b.recompute for b in blocks)
+    recomputed = _gradients(model, x)
+    model.set_recompute(False)
+    assert not any(b.recompute for b in blocks)
+    kept = _gradients(model, x)
+    assert len(kept) == len(recomputed) > 0
+    for a, b in zip(recomputed, kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_explicit_choices_pass_through_and_unknown_ones_are_refused():
+    spec = train_spec(steps=1)
+    assert resolve_recompute("on", CUDA, False, spec) == (True, "")
+    assert resolve_recompute("off", CPU, False, spec) == (False, "")
+    with pytest.raises(UserError, match="unknown --recompute 'sometimes': use auto, on, off"):
+        resolve_recompute("sometimes", CPU, False, spec)
+
+
+def test_auto_keeps_activations_only_on_an_eager_gpu_with_room(monkeypatch):
+    spec = train_spec(steps=1)
+    assert resolve_recompute("auto", CPU, False, spec) == (True, "auto: on the cpu, memory is what runs out")
+    assert resolve_recompute("auto", CUDA, True, spec) == (
+        True,
+        "auto: compiled, recomputation is nearly free",
+    )
+    monkeypatch.setattr(budget, "device_memory", lambda device: 80 * 2**30)
+    keep, why = resolve_recompute("auto", CUDA, False, spec)
+    assert not keep and why.startswith("auto: keeping every activation fits (~") and "of 80.0 GiB" in why
+    monkeypatch.setattr(budget, "device_memory", lambda device: 2**20)
+    keep, why = resolve_recompute("auto", CUDA, False, spec)
+    assert keep and why.startswith("auto: keeping every activation would need ~")
+
+
+@pytest.mark.parametrize(
+    ("option", "header"), [("auto", "recompute on (auto: on the cpu"), ("off", "recompute off,")]
+)
+def test_the_run_header_says_what_was_chosen_and_the_model_follows(tmp_path, capsys, option, header):
+    trainer = Trainer(train_spec(steps=1), RunOptions(out=tmp_path / "run", recompute=option, quiet=False))
+    blocks = [m for m in trainer.updater.model.modules() if isinstance(m, FlowppBlock)]
+    assert {b.recompute for b in blocks} == {option != "off"}
+    trainer.run()
+    assert header in capsys.readouterr().out
