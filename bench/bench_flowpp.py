@@ -60,6 +60,7 @@ def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> 
     x = torch.randint(0, model.spec.data.levels, (batch, *shape), device=device)
     model.initialize(x[: args.init_batch])
     model.set_autocast(autocast_dtype(precision))
+    model.set_recompute(args.recompute == "on")
     if args.compile:
         model.compile_networks()
 
@@ -169,6 +170,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the coupling networks")
+    parser.add_argument(
+        "--recompute", choices=["on", "off"], default="on", help="off: training keeps every activation"
+    )
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: task:batch:precision, in a subprocess
     args = parser.parse_args()
@@ -202,7 +206,7 @@ def main() -> None:
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
         f"machine: {machine()} · device {args.device} · torch {torch.__version__} · threads {args.threads}"
-        f"{' · compiled' if args.compile else ''} · load average before/after "
+        f"{' · compiled' if args.compile else ''} · recompute {args.recompute} · load average before/after "
         f"{load_before[0]:.2f}/{load_after[0]:.2f}\n\n"
         f"the model does {gflop:.1f} GFLOP per image forward (log_prob; sampling counted the same), "
         f"{3 * gflop:.1f} per training image (forward + backward ~ 3x); kernels now: a 2048^3 matmul and the "
