@@ -66,7 +66,7 @@ def test_auto_keeps_activations_only_on_an_eager_gpu_with_room(monkeypatch):
     assert resolve_recompute("auto", CPU, False, spec) == (True, "auto: on the cpu, memory is what runs out")
     assert resolve_recompute("auto", CUDA, True, spec) == (
         True,
-        "auto: compiled, recomputation is nearly free",
+        "auto: compiled, the recomputation is traced once",
     )
     monkeypatch.setattr(budget, "device_memory", lambda device: 80 * 2**30)
     keep, why = resolve_recompute("auto", CUDA, False, spec)

@@ -1,11 +1,11 @@
 """Whether a training step recomputes the coupling networks' dense and elementwise work in the backward
 pass (selective activation checkpointing: about a third of the memory) or keeps every activation.
 
-Measured on flowpp_cifar, bf16: on an H200 at batch 64, eager steps took 1.28 s recomputing and 0.30 s
-keeping (3.6 and 11.8 GB), compiled ones 0.20 s and 0.24 s; on a 2-core CPU at batch 8, 5.3 s and 4.3 s
-(1.8 and 2.6 GB). So `auto` keeps every activation on a GPU without --compile when that fits, and
-recomputes elsewhere: on the CPU memory is the scarce resource, and compiled code recomputes for free.
-"""
+Measured on flowpp_cifar, bf16, eager: on an H200 at batch 64 (two runs), 1.28 s per step recomputing and 0.30 s
+keeping (3.6 and 11.8 GB); on a 2-core CPU at batch 8, 5.1 s and 4.5 s (1.8 and 2.6 GB). On the GPU the
+step waits on the recomputation's per-op bookkeeping (a dispatch mode on the host), so `auto` keeps every
+activation there when that fits. It recomputes on the CPU, where memory is the scarce resource, and under
+--compile, where the graph is traced once and the bookkeeping is gone."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def resolve_recompute(option: str, device: torch.device, compiled: bool, spec: F
     if device.type != "cuda":
         return True, f"auto: on the {device.type}, memory is what runs out"
     if compiled:
-        return True, "auto: compiled, recomputation is nearly free"
+        return True, "auto: compiled, the recomputation is traced once"
     from flowspec.inspection.budget import device_memory, measure
     from flowspec.inspection.memory import fmt_bytes
 
