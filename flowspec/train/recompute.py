@@ -1,11 +1,11 @@
 """Whether a training step recomputes the coupling networks' dense and elementwise work in the backward
 pass (selective activation checkpointing: about a third of the memory) or keeps every activation.
 
-Measured on flowpp_cifar, bf16, eager: on an H200 at batch 64 (two runs), 1.28 s per step recomputing and 0.30 s
-keeping (3.6 and 11.8 GB); on a 2-core CPU at batch 8, 5.1 s and 4.5 s (1.8 and 2.6 GB). On the GPU the
-step waits on the recomputation's per-op bookkeeping (a dispatch mode on the host), so `auto` keeps every
-activation there when that fits. It recomputes on the CPU, where memory is the scarce resource, and under
---compile, where the graph is traced once and the bookkeeping is gone."""
+Measured on flowpp_cifar, bf16, eager: on an H200 at batch 64 (two runs), 1.28 s per step recomputing
+and 0.30 s keeping (3.6 and 11.8 GB); on a 2-core CPU at batch 8, 5.1 s and 4.5 s (1.8 and 2.6 GB). On
+the GPU the step waits on the recomputation's per-op bookkeeping (a dispatch mode on the host), so `auto`
+keeps every activation there when that fits. It recomputes on the CPU, where memory is the scarce
+resource, and under --compile, where the graph is traced once and the bookkeeping is gone."""
 
 from __future__ import annotations
 
