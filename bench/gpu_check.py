@@ -10,8 +10,10 @@
     the device's dense bf16 FLOP peak that the counted work (77.6 GFLOP per trained image) reaches;
 (c) appends the rows to bench/RESULTS.md, and to $OUT/gpu_check.md when $OUT names a folder.
 Beside the data-sheet peak it measures a large bf16 matmul, the rate the device reaches at that moment.
-When time is left it adds rows at batch 256, and it profiles 3 bf16 steps by CUDA kernel (the kernels
-taking most time, how many launches a step makes, how busy the GPU is) into gpu_profile.txt in $OUT.
+When time is left it adds bf16 rows keeping every activation (`+keep`, no recomputation) and at batch
+256 (`--configs` picks others), and it profiles 3 steps of the first eager bf16 configuration by CUDA kernel
+(the kernels taking most time, how many launches a step makes, how busy the GPU is) into gpu_profile.txt
+in $OUT, beside the CUDA tests' whole output (pytest_cuda.txt).
 A configuration that would not fit in the time left is skipped and said so.
 """
 
