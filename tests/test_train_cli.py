@@ -23,9 +23,9 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     flow = write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
     out = tmp_path / "run"
     args = ["train", str(flow), "--out", str(out), "--device", "cpu", "--max-steps", "3", "--threads", "1"]
-    assert run(args) == 0
+    assert run([*args, "--recompute", "off"]) == 0
     printed = capsys.readouterr().out
-    assert "device cpu, threads 1 (--threads)" in printed
+    assert "device cpu, threads 1 (--threads)" in printed and "recompute off, 1 process;" in printed
     assert "training tiny" in printed and "step 3" in printed and "done (max-steps) at step 3" in printed
     assert (out / "spec.flow").read_text() == flow.read_text()
     assert run(["train", "--resume", str(out), "--quiet"]) == 0  # the stored spec, to its length
@@ -62,7 +62,13 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize(
     "args",
-    [["--device", "tpu"], ["--precision", "fp16"], ["--max-steps", "0"], ["--bogus"]],
+    [
+        ["--device", "tpu"],
+        ["--precision", "fp16"],
+        ["--recompute", "sometimes"],
+        ["--max-steps", "0"],
+        ["--bogus"],
+    ],
 )
 def test_bad_options_are_usage_errors(tmp_path, capsys, args):
     flow = write_flow(tmp_path / "tiny.flow")
