@@ -171,7 +171,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the coupling networks")
     parser.add_argument(
-        "--recompute", choices=["on", "off"], default="on", help="off: training keeps every activation"
+        "--recompute",
+        choices=["on", "off"],
+        default="off",
+        help="on: training recomputes (selective checkpointing)",
     )
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: task:batch:precision, in a subprocess

@@ -1,5 +1,6 @@
 """The fast kernels compute what the plain ones do: chunked-matmul attention (bf16 on the CPU) against the
-fused kernel, concat_elu against elu(cat([x, -x])), in float64 with gradients."""
+fused kernel, concat_elu against elu(cat([x, -x])), a layer of concat_elu against the two composed, in
+float64 with gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from flowspec.layers import attention as attention_module
 from flowspec.layers.attention import attention, chunked_attention
-from flowspec.layers.networks import concat_elu
+from flowspec.layers.concat_elu import concat_elu, project_concat_elu
 
 
 def test_concat_elu_is_elu_of_x_and_minus_x_with_exact_gradients():
@@ -42,8 +43,11 @@ def _qkv(b: int = 5, length: int = 7, d: int = 3, dtype=torch.float64):
     return [torch.randn(b, length, d, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
-def test_chunked_attention_and_its_gradients_equal_the_fused_kernel_in_float64():
-    q, k, v = _qkv()  # 5 slices: chunks of 4 and 1
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_attention_and_its_gradients_equal_the_fused_kernel_in_float64(monkeypatch, chunk):
+    monkeypatch.setattr(attention_module, "SCORES", chunk * 7 * 7)  # 5 slices of 7 positions
+    q, k, v = _qkv()
+    assert attention_module._chunk(5, 7) == chunk
     out = chunked_attention(q, k, v)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12)
     assert torch.autograd.gradcheck(chunked_attention, (q, k, v))
@@ -84,3 +88,61 @@ def test_bf16_training_through_a_flowpp_block_matches_float64_gradients():
             model(x.double() if not bf16 else x).double().square().sum().backward()
         grads.append(torch.cat([p.grad.double().flatten() for p in model.parameters()]))
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.05
+
+
+def _plain_projection(x, weight, bias, padding, mask, scale):
+    u = F.elu(torch.cat([x, -x], -1))
+    u = u if mask is None else u * mask * scale
+    if padding is None:
+        return F.linear(u, weight, bias)
+    return F.conv2d(u.permute(0, 3, 1, 2), weight, bias, padding=padding).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("padding", [None, 0, 1], ids=["dense", "conv1x1", "conv3x3"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_layer_of_concat_elu_equals_the_composition_with_gradients_in_float64(padding, dropout):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64).requires_grad_()  # N x H x W x C
+    kernel = [] if padding is None else [2 * padding + 1] * 2
+    weight = torch.randn(6, 10, *kernel, generator=gen, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    mask = torch.rand(2, 4, 3, 10, generator=gen) < 0.7 if dropout else None
+    args = (x, weight, bias, padding, mask, 1 / 0.7)
+    mine, plain = project_concat_elu(*args), _plain_projection(*args)
+    assert torch.allclose(mine, plain, atol=1e-12)
+    grad = torch.randn_like(mine)
+    inputs = (x, weight, bias)
+    for got, want in zip(
+        torch.autograd.grad(mine, inputs, grad), torch.autograd.grad(plain, inputs, grad), strict=True
+    ):
+        assert torch.allclose(got, want, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: project_concat_elu(*t, padding, mask, 1 / 0.7), inputs)
+
+
+def test_a_layer_of_concat_elu_keeps_only_its_input_and_mask_and_matches_bf16_autocast():
+    """Plain autograd would also keep the 2x wider layer input; under autocast the result and the
+    gradients are the ones the composed layers give, in the parameters' own dtype."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 4, 16, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(32, 32, 3, 3, generator=gen).mul_(0.1).requires_grad_()
+    bias = torch.randn(32, generator=gen).requires_grad_()
+    mask = torch.rand(2, 8, 4, 32, generator=gen) < 0.8
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mine = project_concat_elu(x, weight, bias, 1, mask, 1.25)
+    assert sorted(t.numel() for t in kept) == sorted([x.numel(), weight.numel(), mask.numel()])
+    with torch.autocast("cpu", torch.bfloat16):
+        plain = _plain_projection(x, weight, bias, 1, mask, 1.25)
+    assert mine.dtype == plain.dtype == torch.bfloat16
+    assert torch.allclose(mine.float(), plain.float(), atol=0.02, rtol=0.02)
+    grad = torch.randn_like(mine)
+    mine_grads = torch.autograd.grad(mine, (x, weight, bias), grad)
+    plain_grads = torch.autograd.grad(plain, (x, weight, bias), grad)
+    for got, want in zip(mine_grads, plain_grads, strict=True):
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from flowspec.layers import mixlogistic
 
@@ -15,6 +17,42 @@ def _params(n: int, k: int, dtype=torch.float32, seed: int = 0):
     means = 2 * torch.randn(n, k, generator=gen, dtype=dtype)
     logscales = torch.randn(n, k, generator=gen, dtype=dtype).clamp(min=mixlogistic.MIN_LOGSCALE)
     return logits, means, logscales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_shared_log_sigmoids_equal_torchs_kernels_in_both_tails_with_gradients(dtype):
+    """One exp and one log for log sigmoid(z), log sigmoid(-z) and softplus(z), exact where 1 + exp(-|z|)
+    rounds to 1 (|z| > 17 in float32, > 37 in float64), and the derivative 1/2 at 0."""
+    z = torch.cat(
+        [torch.tensor([0.0, 1e-9, -1e-9, 20.0, -20.0, 40.0, -40.0, 90.0, -90.0]), 8 * torch.randn(200)]
+    )
+    z = z.to(dtype).requires_grad_()
+    mine = mixlogistic._LogSigmoids.apply(z)
+    plain = F.logsigmoid(z), F.logsigmoid(-z), F.softplus(z)  # softplus(z) = z past 20: a hair off
+    zero = torch.zeros((), dtype=torch.float64)
+    exact = [
+        -torch.logaddexp(-z.double(), zero),
+        -torch.logaddexp(z.double(), zero),
+        torch.logaddexp(z.double(), zero),
+    ]
+    for got, want in zip(mine, exact, strict=True):
+        assert torch.allclose(
+            got.double(), want, rtol=4 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).tiny
+        )
+    weights = torch.randn(3, z.numel(), dtype=dtype)
+    (got,) = torch.autograd.grad(
+        sum((w * t).sum() for w, t in zip(weights, mine, strict=True)), z, retain_graph=True
+    )
+    (want,) = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, plain, strict=True)), z)
+    assert torch.allclose(got, want, atol=16 * torch.finfo(dtype).eps)  # sums of weighted terms
+    (at_zero,) = torch.autograd.grad(mine[0][0], z, retain_graph=True)
+    assert at_zero[0] == 0.5
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(
+            lambda t: mixlogistic._LogSigmoids.apply(t), (z[1:50].detach().requires_grad_(),)
+        )
+        (only_softplus,) = torch.autograd.grad(mine[2].sum(), z)  # the other two outputs get no gradient
+        assert torch.allclose(only_softplus, torch.sigmoid(z))
 
 
 def test_logpdf_and_logit_cdf_match_the_direct_formula():

@@ -158,8 +158,9 @@ def train(
         Recompute,
         typer.Option(
             "--recompute",
-            help="on: recompute the networks' cheap work in the backward pass (a third of the memory); "
-            "off: keep every activation (faster); auto: off on a GPU without --compile when it fits.",
+            help="on: recompute the networks' cheap work in the backward pass (under half the memory); "
+            "off: keep every activation (faster); auto: off without --compile when that fits (80% of a "
+            "GPU, half the RAM).",
         ),
     ] = Recompute.auto,
     resume: Annotated[

@@ -54,12 +54,13 @@ def _mask_bytes(dropout: Dropout, elements: int) -> int:
 
 
 def _gated_conv(g: GatedConv, itemsize: int) -> int:
-    """Bytes per position a stand-alone gated conv keeps for backward: its input, the concat_elu output,
-    c1, the dropout mask and output, c2 and the gate's sigmoid, plus the context projection's input."""
+    """Bytes per position a stand-alone gated conv keeps for backward: its input, c1, the dropout mask,
+    c2 and the gate's sigmoid (each layer keeps concat_elu's input, not its output: `project_concat_elu`),
+    plus the context the context projection reads."""
     f = g.c1.out_channels
-    kept = (1 + 2 + 1 + 2 + 2 + 1) * f * itemsize + _mask_bytes(g.dropout, 2 * f)
+    kept = (1 + 1 + 2 + 1) * f * itemsize + _mask_bytes(g.dropout, 2 * f)
     if g.a_proj is not None:
-        kept += g.a_proj.in_features * itemsize
+        kept += g.a_proj.in_features // 2 * itemsize
     return kept
 
 
@@ -85,7 +86,7 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
     convolution, dense and batch-norm outputs. (Each step kind's memory rule counts its own layer.)
     """
     if isinstance(module, FlowppNetwork):
-        ends = module.proj_out.in_channels + module.proj_out.out_channels
+        ends = module.proj_out.in_channels // (2 if module.final_elu else 1) + module.proj_out.out_channels
         return ends * itemsize + sum(_flowpp_block(b, itemsize) for b in module.blocks)
     if isinstance(module, FlowppBlock):
         return _flowpp_block(module, itemsize)

@@ -2,8 +2,8 @@
 
 CUDA, and float32 or float64 on the CPU: torch's fused `scaled_dot_product_attention`. bfloat16 on the
 CPU: the fused CPU kernel's bf16 backward runs far below the machine's bf16 matmul rate (it took a third
-of a bf16 training step), so attention is computed with batched bf16 matmuls, a few heads at a time so
-that the score matrices stay in cache. Like flash attention, the backward recomputes the scores from
+of a bf16 training step), so attention is computed with batched bf16 matmuls, a chunk of heads at a time
+so that the score matrices stay in cache. Like flash attention, the backward recomputes the scores from
 q, k and v instead of keeping them, so it holds no more memory than the fused kernel. The two kernels
 are torch custom ops: the blocks' selective recomputation keeps their outputs, and torch.compile sees
 them as single calls.
@@ -15,18 +15,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CHUNK = 4  # (image, head) pairs per matmul: 4 x 512 x 512 bf16 scores are 2 MB, within the L2 cache
+SCORES = 1 << 20  # score elements per chunk: 2 MB in bf16 (4 x 512 x 512), and as much again for p
+
+
+def _chunk(pairs: int, length: int) -> int:
+    """(image, head) pairs per matmul: as many as keep a chunk's scores at SCORES elements (measured
+    fastest on a 2-core Zen 4; bigger chunks leave the cache, smaller ones make small matmuls)."""
+    return max(1, min(pairs, SCORES // (length * length)))
+
+
+def _score_buffers(q: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Two chunk-sized score buffers (scores, probabilities), allocated once per call: allocating
+    them per chunk cost a third of the forward pass at 512 positions (fresh pages for each)."""
+    pairs, length, _ = q.shape
+    chunk = _chunk(pairs, length)
+    scores = q.new_empty(chunk, length, length)
+    return scores, torch.empty_like(scores), chunk
 
 
 @torch.library.custom_op("flowspec::chunked_attention", mutates_args=())
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v for contiguous B x L x d tensors, CHUNK of the B at a time."""
+    """softmax(q k^T / sqrt(d)) v for contiguous B x L x d tensors, a chunk of the B at a time."""
     out = torch.empty_like(q)
     q = q * q.shape[-1] ** -0.5
-    for i in range(0, q.shape[0], CHUNK):
-        part = slice(i, i + CHUNK)
-        p = torch.softmax(torch.bmm(q[part], k[part].transpose(1, 2)), -1)
-        torch.bmm(p, v[part], out=out[part])
+    scores, p, chunk = _score_buffers(q)
+    for i in range(0, q.shape[0], chunk):
+        part, n = slice(i, i + chunk), min(chunk, q.shape[0] - i)
+        torch.bmm(q[part], k[part].transpose(1, 2), out=scores[:n])
+        torch.softmax(scores[:n], -1, out=p[:n])
+        torch.bmm(p[:n], v[part], out=out[part])
     return out
 
 
@@ -40,11 +57,14 @@ def chunked_attention_backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = (grad.float() * out.float()).sum(-1, keepdim=True).to(q.dtype)  # rowsum(p * dp)
     q = q * scale
-    for i in range(0, q.shape[0], CHUNK):
-        part = slice(i, i + CHUNK)
-        p = torch.softmax(torch.bmm(q[part], k[part].transpose(1, 2)), -1)
-        torch.bmm(p.transpose(1, 2), grad[part], out=dv[part])
-        ds = torch.bmm(grad[part], v[part].transpose(1, 2)).sub_(delta[part]).mul_(p)  # d scores
+    scores, p, chunk = _score_buffers(q)
+    for i in range(0, q.shape[0], chunk):
+        part, n = slice(i, i + chunk), min(chunk, q.shape[0] - i)
+        torch.bmm(q[part], k[part].transpose(1, 2), out=scores[:n])
+        torch.softmax(scores[:n], -1, out=p[:n])
+        torch.bmm(p[:n].transpose(1, 2), grad[part], out=dv[part])
+        ds = torch.bmm(grad[part], v[part].transpose(1, 2), out=scores[:n])
+        ds.sub_(delta[part]).mul_(p[:n])  # d scores
         torch.bmm(ds, k[part], out=dq[part])
         torch.bmm(ds.transpose(1, 2), q[part], out=dk[part])
     return dq.mul_(scale), dk, dv

@@ -15,6 +15,27 @@ from torch import Tensor
 MIN_LOGSCALE = -7.0
 
 
+class _LogSigmoids(torch.autograd.Function):
+    """log sigmoid(z), log sigmoid(-z) and softplus(z) from one exp and one log: with
+    t = log(1 + exp(-|z|)) they are min(z, 0) - t, -max(z, 0) - t and max(z, 0) + t. torch's own
+    kernels take an exp and a log1p each, and float32 log1p ran 6x slower than log on this CPU."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.save_for_backward(z)
+        e = torch.exp(-z.abs())
+        u = 1 + e
+        t = torch.log(u).sub_(((u - 1) - e).div_(u))  # log1p(e), exact where 1 + e rounds (Kahan)
+        pos, neg = z.clamp(min=0), z.clamp(max=0)
+        return neg - t, -pos - t, pos + t
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> Tensor:
+        (z,) = ctx.saved_tensors
+        g_pos, g_neg, g_softplus = (torch.zeros_like(z) if g is None else g for g in grads)
+        return g_pos + (g_softplus - g_neg - g_pos) * torch.sigmoid(z)  # d/dz: 1 - s, -s, s
+
+
 def _z(x: Tensor, means: Tensor, logscales: Tensor) -> Tensor:
     return (x.unsqueeze(-1) - means) * torch.exp(-logscales)
 
@@ -31,9 +52,10 @@ def logit_cdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> tu
     logscales = logscales.clamp(min=MIN_LOGSCALE)
     log_pi = F.log_softmax(logits, -1)
     z = _z(x, means, logscales)
-    log_cdf = torch.logsumexp(log_pi + F.logsigmoid(z), -1)
-    log_sf = torch.logsumexp(log_pi + F.logsigmoid(-z), -1)
-    log_pdf = torch.logsumexp(log_pi + z - logscales - 2 * F.softplus(z), -1)
+    log_sigmoid, log_sigmoid_of_minus, softplus = _LogSigmoids.apply(z)
+    log_cdf = torch.logsumexp(log_pi + log_sigmoid, -1)
+    log_sf = torch.logsumexp(log_pi + log_sigmoid_of_minus, -1)
+    log_pdf = torch.logsumexp(log_pi + z - logscales - 2 * softplus, -1)
     return log_cdf - log_sf, log_pdf - log_cdf - log_sf
 
 

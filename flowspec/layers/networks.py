@@ -18,46 +18,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from flowspec.layers.attention import attention
 from flowspec.layers.base import DataInit
+from flowspec.layers.concat_elu import concat_elu, project_concat_elu
 from flowspec.layers.dropout import Dropout
-
-
-class _ConcatElu(torch.autograd.Function):
-    """elu([x, -x]) saving only x for the backward pass (half the memory of cat + elu).
-
-    With r = max(x, 0) and m = min(x, 0): elu([x, -x]) = exp([m, -r]) - 1 + [r, -m], and its derivative
-    is exp([m, -r]) on the first half, minus that on the second. One exp and no branches: on the CPU,
-    `F.elu` and `torch.where` ran 5-20x slower than these elementwise ops (bf16 most of all).
-
-    Eager, the forward works in place on its one buffer. Under torch.compile it does not: torch 2.11's
-    dynamo silently drops the gradient of a Function whose output was written in place (0 for every
-    input; found on an H200, reproduced on the CPU), and inductor fuses the chain anyway.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        r = x.clamp(min=0)
-        m = x - r
-        if torch.compiler.is_compiling():
-            return torch.cat([m, -r], dim=-1).exp() - 1 + torch.cat([r, -m], dim=-1)
-        return torch.cat([m, -r], dim=-1).exp_().sub_(1).add_(torch.cat([r, -m], dim=-1))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        r = x.clamp(min=0)
-        grad_pos, grad_neg = (grad * torch.cat([x - r, -r], dim=-1).exp_()).chunk(2, dim=-1)
-        return grad_pos - grad_neg
-
-
-def concat_elu(x: Tensor) -> Tensor:
-    """elu([x, -x]) on the last (channel) dimension."""
-    return _ConcatElu.apply(x)
 
 
 def _data_init(module: Dense | Conv, y: Tensor, init_scale: float) -> None:
@@ -99,6 +61,17 @@ class _Weighted(DataInit):
             nn.init.normal_(self.weight, 0.0, 0.05)
             nn.init.zeros_(self.bias)
 
+    def of_concat_elu(self, x: Tensor, mask: Tensor | None = None, scale: float = 1.0) -> Tensor:
+        """self(dropout(concat_elu(x))), keeping only x and the dropout mask for the backward pass."""
+        if self.needs_init():
+            u = concat_elu(x)
+            return self(u if mask is None else u * mask * scale)
+        return project_concat_elu(x, self.effective_weight(), self.bias, self._padding(), mask, scale)
+
+    def _padding(self) -> int | None:
+        """None for a dense layer, else the conv's padding."""
+        raise NotImplementedError
+
     def effective_weight(self) -> Tensor:
         if self.gain is None:
             return self.weight
@@ -113,6 +86,9 @@ class Dense(nn.Linear, _Weighted):
     def __init__(self, n_in: int, n_out: int, init_scale: float = 1.0, weight_norm: bool = False):
         super().__init__(n_in, n_out)
         self._init_weights(n_out, init_scale, weight_norm)
+
+    def _padding(self) -> None:
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.effective_weight()
@@ -131,6 +107,9 @@ class Conv(nn.Conv2d, _Weighted):
     ):
         super().__init__(n_in, n_out, kernel, padding=kernel // 2)
         self._init_weights(n_out, init_scale, weight_norm)
+
+    def _padding(self) -> int:
+        return self.padding[0]
 
     def forward(self, x: Tensor) -> Tensor:
         nchw = x.permute(0, 3, 1, 2)
@@ -174,16 +153,18 @@ class GatedConv(nn.Module):
         )
         self.dropout = Dropout(dropout)
         if second_kernel == 1:
-            self.c2: nn.Module = Dense(2 * filters, 2 * filters, init_scale=0.1, weight_norm=weight_norm)
+            self.c2: Dense | Conv = Dense(2 * filters, 2 * filters, init_scale=0.1, weight_norm=weight_norm)
         else:
             self.c2 = Conv(2 * filters, 2 * filters, second_kernel, init_scale=0.1, weight_norm=weight_norm)
 
     def branch(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """The 2F outputs before the gate (`mask`: a dropout mask drawn beforehand)."""
-        c1 = self.c1(concat_elu(x))
+        c1 = self.c1.of_concat_elu(x)
         if self.a_proj is not None:
-            c1 = c1 + self.a_proj(concat_elu(context))
-        return self.c2(self.dropout(concat_elu(c1), mask))
+            c1 = c1 + self.a_proj.of_concat_elu(context)
+        if mask is None:
+            mask = self.dropout.draw((*c1.shape[:-1], 2 * c1.shape[-1]), c1.device)
+        return self.c2.of_concat_elu(c1, mask, self.dropout.scale)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         return x + gate(self.branch(x, context))
@@ -355,9 +336,8 @@ class FlowppNetwork(nn.Module):
         pos_emb = self.pos_emb.to(x.dtype)
         for block in self.blocks:
             x = block(x, pos_emb, context)
-        if self.final_elu:
-            x = concat_elu(x)
-        return self.proj_out(x).permute(0, 3, 1, 2)
+        x = self.proj_out.of_concat_elu(x) if self.final_elu else self.proj_out(x)
+        return x.permute(0, 3, 1, 2)
 
 
 class ContextNetwork(nn.Module):
