@@ -49,9 +49,11 @@ def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> 
     import torch
 
     import flowspec
+    from flowspec.allocator import keep_freed_memory
     from flowspec.train.precision import autocast_dtype, resolve_precision
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train, eval and sample do
     torch.manual_seed(0)
     device = torch.device(args.device)
     precision = resolve_precision(precision, device)[0]

@@ -64,9 +64,13 @@ def machine_load() -> float | None:
 
 
 def set_threads(params: int, requested: int | None = None) -> ThreadChoice:
-    """Choose the thread count for this machine now and give it to torch."""
+    """Choose the thread count for this machine now and give it to torch; keep freed memory in the
+    process for the tensors to come (`flowspec.allocator`)."""
     import torch
 
+    from flowspec.allocator import keep_freed_memory
+
+    keep_freed_memory()
     choice = choose_threads(
         params, os.cpu_count() or 1, machine_load(), os.environ.get("OMP_NUM_THREADS"), requested
     )
