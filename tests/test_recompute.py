@@ -76,6 +76,10 @@ def test_auto_keeps_activations_when_eager_with_room(monkeypatch):
         monkeypatch.setattr(budget, "device_memory", lambda device, share=share: int(keeping * 0.9 / share))
         keep, why = resolve_recompute("auto", device, False, spec)
         assert keep and why.startswith("auto: keeping every activation would need ~"), device
+    monkeypatch.setattr(budget, "device_memory", lambda device: int(keeping * 2.5 / 0.5))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share the RAM: a quarter each
+    keep, why = resolve_recompute("auto", CPU, False, spec)
+    assert keep and why.startswith("auto: keeping every activation would need ~")
 
 
 @pytest.mark.parametrize(

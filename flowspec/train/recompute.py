@@ -10,6 +10,8 @@ and the bookkeeping is gone."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from flowspec.errors import UserError
@@ -34,6 +36,8 @@ def resolve_recompute(option: str, device: torch.device, compiled: bool, spec: F
     size = measure(spec)
     keeping = size.train + (KEEP_FACTOR - 1) * size.per_image * spec.train.batch
     available = device_memory(device)
+    if device.type != "cuda":  # the processes of a torchrun job on this machine share its RAM
+        available //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     estimate = f"~{fmt_bytes(int(keeping))} of {fmt_bytes(available)}"
     if keeping <= SHARE.get(device.type, 0.5) * available:
         return False, f"auto: keeping every activation fits ({estimate})"
