@@ -5,8 +5,8 @@ Measured on flowpp_cifar, bf16, eager: on an H200 at batch 64 (two runs), 1.28 s
 and 0.30 s keeping (3.6 and 11.8 GB); on a 2-core CPU at batch 8, 4.6 s and 4.45 s (1.78 and 2.45 GB;
 71 and 154 MB more per image). On the GPU the step waits on the recomputation's per-op bookkeeping (a
 dispatch mode on the host). `auto` keeps every activation where that fits in a share of the device's
-memory (80% of a GPU's, half the RAM), and recomputes under --compile, where the graph is traced once
-and the bookkeeping is gone."""
+memory (80% of a GPU's, half the RAM split among the machine's torchrun processes), and recomputes under
+--compile, where the graph is traced once and the bookkeeping is gone."""
 
 from __future__ import annotations
 
