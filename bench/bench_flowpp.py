@@ -51,6 +51,7 @@ def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> 
     import flowspec
     from flowspec.allocator import keep_freed_memory
     from flowspec.train.precision import autocast_dtype, resolve_precision
+    from flowspec.train.schedule import build_optimizer
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as train, eval and sample do
@@ -68,7 +69,7 @@ def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> 
 
     if task == "train":
         model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        opt = build_optimizer(model.parameters(), model.spec.train)  # fused Adam, as training
 
         def call() -> None:
             opt.zero_grad(set_to_none=True)

@@ -36,6 +36,7 @@ import flowspec
 from flowspec.allocator import keep_freed_memory
 from flowspec.layers import attention as attention_module
 from flowspec.layers.networks import GatedAttention
+from flowspec.train.schedule import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flowpp import RESULTS, ROOT, machine  # noqa: E402
@@ -94,7 +95,7 @@ def main() -> None:
     model.initialize(x)
     model.set_autocast(torch.bfloat16 if args.precision == "bf16" else None)
     model.set_recompute(args.recompute == "on")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model.parameters(), spec.train)  # fused Adam, as training
 
     def call() -> None:
         if args.task == "train":
