@@ -119,6 +119,27 @@ def test_a_layer_of_concat_elu_equals_the_composition_with_gradients_in_float64(
     assert torch.autograd.gradcheck(lambda *t: project_concat_elu(*t, padding, mask, 1 / 0.7), inputs)
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_layer_of_concat_elu_under_torch_compile_gives_the_eager_gradients(backend):
+    """As for concat_elu: the compiled fused layer must keep every gradient (torch 2.11 lost some)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 10, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 4, 3, 10, generator=gen) < 0.7
+    grad = torch.randn(2, 4, 3, 6, generator=gen, dtype=torch.float64)
+
+    def loss(x, weight, bias):
+        return (project_concat_elu(x, weight, bias, 1, mask, 1 / 0.7) * grad).sum()
+
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    mine = torch.autograd.grad(compiled(x, weight, bias), (x, weight, bias))
+    plain = torch.autograd.grad(loss(x, weight, bias), (x, weight, bias))
+    for got, want in zip(mine, plain, strict=True):
+        assert torch.allclose(got, want, atol=1e-12)
+    torch._dynamo.reset()
+
+
 def test_a_layer_of_concat_elu_keeps_only_its_input_and_mask_and_matches_bf16_autocast():
     """Plain autograd would also keep the 2x wider layer input; under autocast the result and the
     gradients are the ones the composed layers give, in the parameters' own dtype."""

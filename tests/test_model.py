@@ -231,9 +231,11 @@ def test_count_parameters_splits_flow_and_dequantizer():
     assert 0 < counts["context"] < counts["dequantizer"]
 
 
-def test_compiled_networks_train_like_eager_ones():
-    """torch.compile through the blocks' selective recomputation gives the eager gradients (the
-    "aot_eager" backend traces forward and backward like inductor, without generating C++)."""
+@pytest.mark.parametrize("recompute", [True, False])
+def test_compiled_networks_train_like_eager_ones(recompute):
+    """torch.compile, through the blocks' selective recomputation or keeping every activation, gives the
+    eager gradients (the "aot_eager" backend traces forward and backward like inductor, without
+    generating C++)."""
     spec = tiny_spec("flowpp_cifar.flow")
     eager, compiled = flowspec.build(spec), flowspec.build(spec)
     x = _batch(spec)
@@ -241,6 +243,7 @@ def test_compiled_networks_train_like_eager_ones():
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_networks(backend="aot_eager")
     for model in (eager, compiled):
+        model.set_recompute(recompute)
         model.train()
         torch.manual_seed(0)
         (-model.log_prob(x).mean()).backward()
