@@ -19,7 +19,8 @@ from flowspec.spec import FlowSpec
 
 RECOMPUTE = ("auto", "on", "off")
 KEEP_FACTOR = 2.5  # activations kept without recomputation, over those kept with it (2.2 measured)
-SHARE = {"cuda": 0.8}  # of the device's memory a run may plan to fill (else half)
+GPU_SHARE = 0.8  # of a GPU's memory a run may plan to fill
+RAM_SHARE = 0.5  # of the RAM (shared by the machine's torchrun processes)
 
 
 def resolve_recompute(option: str, device: torch.device, compiled: bool, spec: FlowSpec) -> tuple[bool, str]:
@@ -39,6 +40,6 @@ def resolve_recompute(option: str, device: torch.device, compiled: bool, spec: F
     if device.type != "cuda":  # the processes of a torchrun job on this machine share its RAM
         available //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     estimate = f"~{fmt_bytes(int(keeping))} of {fmt_bytes(available)}"
-    if keeping <= SHARE.get(device.type, 0.5) * available:
+    if keeping <= (GPU_SHARE if device.type == "cuda" else RAM_SHARE) * available:
         return False, f"auto: keeping every activation fits ({estimate})"
     return True, f"auto: keeping every activation would need {estimate}"
