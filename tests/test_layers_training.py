@@ -20,13 +20,14 @@ def test_dropout_mask_keeps_the_right_fraction_and_rescales():
     assert torch.all(y[kept] == 1.25)
 
 
-def test_dropout_masks_are_bool_and_follow_the_seed():
+def test_dropout_masks_are_bytes_of_0_and_1_and_follow_the_seed():
     drop = Dropout(0.5).train()
     torch.manual_seed(3)
     a = drop.draw((3, 5, 7), torch.device("cpu"))  # an odd count: half an int64 of bits unused
     torch.manual_seed(3)
     b = drop.draw((3, 5, 7), torch.device("cpu"))
-    assert a.dtype == torch.bool and a.shape == (3, 5, 7)
+    assert a.dtype == torch.uint8 and a.shape == (3, 5, 7)
+    assert set(a.unique().tolist()) == {0, 1}
     assert torch.equal(a, b)
     assert 0 < a.sum() < a.numel()
 
@@ -78,7 +79,7 @@ def test_flowpp_block_recomputation_gives_the_plain_gradients(attention, context
 
 def test_flowpp_block_keeps_masks_and_expensive_outputs_only():
     """What a training-mode block keeps for backward is its input's share: c1's output, the attention
-    output and log-sum-exp, and the bool masks; nothing per position of the dense layers (3F, 2F, 2F)."""
+    output and log-sum-exp, and the byte masks; nothing per position of the dense layers (3F, 2F, 2F)."""
     block = FlowppBlock(16, 4, True, 0.2, 0).train()
     x = torch.randn(2, 8, 4, 16, requires_grad=True)
     pos_emb = torch.zeros(8, 4, 16)

@@ -49,7 +49,7 @@ def parameter_state(model: nn.Module, spec: FlowSpec) -> tuple[int, str]:
 
 
 def _mask_bytes(dropout: Dropout, elements: int) -> int:
-    """A dropout mask is kept as bool, 1 byte per element, when dropout is on."""
+    """A dropout mask is kept as uint8 0s and 1s, 1 byte per element, when dropout is on."""
     return elements if dropout.p > 0 else 0
 
 

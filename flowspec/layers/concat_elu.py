@@ -14,24 +14,32 @@ from torch import Tensor
 
 
 def _elu_of_x_and_minus_x(x: Tensor) -> Tensor:
-    """With r = max(x, 0) and m = min(x, 0): elu([x, -x]) = exp([m, -r]) - 1 + [r, -m]. One exp and no
-    branches: on the CPU, `F.elu` and `torch.where` ran 5-20x slower than these elementwise ops.
+    """With e = exp(-|x|) - 1: elu(x) = max(x, e) and elu(-x) = max(-x, e) (for x >= 0, elu(-x) = e >= -x;
+    for x < 0, elu(x) = e >= x). One exp per element of x, not of the 2x wider output, and no branches:
+    on the CPU, `F.elu` and `torch.where` ran 2-20x slower, and an exp of [min(x, 0), -max(x, 0)] plus
+    two concatenations 2.0x (bf16) and 2.4x (float32) slower.
 
-    Eager, it works in place on one buffer. Under torch.compile it does not: torch 2.11's dynamo silently
-    drops the gradient of a Function whose output was written in place (0 for every input; found on an
-    H200, reproduced on the CPU), and inductor fuses the chain anyway."""
-    r = x.clamp(min=0)
-    m = x - r
+    Eager, it writes both halves into one buffer. Under torch.compile it does not: torch 2.11's dynamo
+    silently drops the gradient of a Function whose output was written in place (0 for every input; found
+    on an H200, reproduced on the CPU), and inductor fuses the chain anyway."""
     if torch.compiler.is_compiling():
-        return torch.cat([m, -r], dim=-1).exp() - 1 + torch.cat([r, -m], dim=-1)
-    return torch.cat([m, -r], dim=-1).exp_().sub_(1).add_(torch.cat([r, -m], dim=-1))
+        e = torch.exp(-x.abs()) - 1
+        return torch.cat([torch.maximum(x, e), torch.maximum(-x, e)], dim=-1)
+    e = x.abs().neg_().exp_().sub_(1)
+    out = x.new_empty(*x.shape[:-1], 2 * x.shape[-1])
+    half = x.shape[-1]
+    torch.maximum(x, e, out=out[..., :half])
+    torch.maximum(x.neg(), e, out=out[..., half:])
+    return out
 
 
 def _elu_backward(x: Tensor, grad: Tensor) -> Tensor:
-    """The gradient with respect to x: exp([m, -r]) times grad, first half minus second half."""
-    r = x.clamp(min=0)
-    grad_pos, grad_neg = (grad * torch.cat([x - r, -r], dim=-1).exp_()).chunk(2, dim=-1)
-    return grad_pos - grad_neg
+    """The gradient with respect to x: grad's first half times exp(min(x, 0)) minus its second half times
+    exp(-max(x, 0)) (1.2-1.4x faster than one exp over their concatenation)."""
+    grad_pos, grad_neg = grad.chunk(2, dim=-1)
+    d_pos = x.clamp(max=0).exp_()
+    d_neg = x.clamp(min=0).neg_().exp_()
+    return torch.addcmul(grad_pos * d_pos, grad_neg, d_neg, value=-1)
 
 
 class _ConcatElu(torch.autograd.Function):
@@ -64,9 +72,12 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _layer_input(x: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def _layer_input(x: Tensor, mask: Tensor | None) -> Tensor:
+    """concat_elu(x), masked; dropout's scale is applied to the layer's weight instead (fewer elements)."""
     u = _elu_of_x_and_minus_x(x)
-    return u if mask is None else u * mask * scale
+    if mask is None:
+        return u
+    return u * mask if torch.compiler.is_compiling() else u.mul_(mask)
 
 
 class _ProjectConcatElu(torch.autograd.Function):
@@ -81,8 +92,10 @@ class _ProjectConcatElu(torch.autograd.Function):
         ctx.dtypes = x.dtype, weight.dtype, bias.dtype
         ctx.scale, ctx.padding = scale, padding
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        if mask is not None:
+            weight = weight * scale  # W (u * mask * scale) = (scale W)(u * mask)
         ctx.save_for_backward(x, weight, mask)
-        u = _layer_input(x, mask, scale)
+        u = _layer_input(x, mask)
         if padding is None:
             return F.linear(u, weight, bias)
         return F.conv2d(u.permute(0, 3, 1, 2), weight, bias, padding=padding).permute(0, 2, 3, 1)
@@ -91,7 +104,7 @@ class _ProjectConcatElu(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        u = _layer_input(x, mask, ctx.scale)
+        u = _layer_input(x, mask)
         if ctx.padding is None:
             grad_u = grad @ weight
             flat = grad.reshape(-1, grad.shape[-1])
@@ -104,7 +117,8 @@ class _ProjectConcatElu(torch.autograd.Function):
             )  # fmt: skip
             grad_u = grad_u.permute(0, 2, 3, 1)
         if mask is not None:
-            grad_u = grad_u * mask * ctx.scale
+            grad_u = grad_u * mask  # the saved weight carries the scale
+            grad_weight = grad_weight * ctx.scale
         grad_x = _elu_backward(x, grad_u)
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
         return grad_x.to(x_dtype), grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), None, None, None

@@ -232,7 +232,7 @@ class FlowppBlock(nn.Module):
     `second_kernel=3` makes the gated conv's second conv 3x3 instead of 1x1 (`use_nin`), and
     `weight_norm` normalizes every conv and dense layer.
 
-    In a training step the block keeps for backward only its input, its dropout masks (bool, drawn
+    In a training step the block keeps for backward only its input, its dropout masks (bytes, drawn
     before the block) and the outputs of its convolutions and attention; the dense layers and
     elementwise work are recomputed in the backward pass (selective activation checkpointing). This
     keeps about a fifth of what a plain backward would, for a few percent more compute; `recompute =
