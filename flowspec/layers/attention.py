@@ -55,7 +55,7 @@ def chunked_attention_backward(
     scale = q.shape[-1] ** -0.5
     grad = grad.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = (grad.float() * out.float()).sum(-1, keepdim=True).to(q.dtype)  # rowsum(p * dp)
+    minus_delta = (grad.float() * out.float()).sum(-1, keepdim=True).neg_().to(q.dtype)  # -rowsum(p * dp)
     q = q * scale
     scores, p, chunk = _score_buffers(q)
     for i in range(0, q.shape[0], chunk):
@@ -63,8 +63,8 @@ def chunked_attention_backward(
         torch.bmm(q[part], k[part].transpose(1, 2), out=scores[:n])
         torch.softmax(scores[:n], -1, out=p[:n])
         torch.bmm(p[:n].transpose(1, 2), grad[part], out=dv[part])
-        ds = torch.bmm(grad[part], v[part].transpose(1, 2), out=scores[:n])
-        ds.sub_(delta[part]).mul_(p[:n])  # d scores
+        ds = torch.baddbmm(minus_delta[part], grad[part], v[part].transpose(1, 2), out=scores[:n])
+        ds.mul_(p[:n])  # d scores = p * (dp - delta), the subtraction done by the matmul
         torch.bmm(ds, k[part], out=dq[part])
         torch.bmm(ds.transpose(1, 2), q[part], out=dk[part])
     return dq.mul_(scale), dk, dv
