@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from flowspec.layers import attention as attention_module
 from flowspec.layers.attention import attention, chunked_attention
 from flowspec.layers.concat_elu import concat_elu, project_concat_elu
+from flowspec.layers.networks import gated_residual
 
 
 def test_concat_elu_is_elu_of_x_and_minus_x_with_exact_gradients():
     x = torch.randn(3, 4, 5, dtype=torch.float64).mul_(3)
     x[0, 0, :2] = 0.0  # the kink
+    x[0, 1] = torch.tensor([-700.0, -40.0, -1e-9, 1e-9, 40.0])  # exp(-|x|) underflowing, cancelling
     assert torch.allclose(concat_elu(x), F.elu(torch.cat([x, -x], -1)), atol=1e-15)
     assert torch.autograd.gradcheck(concat_elu, (x[1:].clone().requires_grad_(),))
     x.requires_grad_()
@@ -36,6 +38,14 @@ def test_concat_elu_under_torch_compile_keeps_its_gradient(backend):
     (plain,) = torch.autograd.grad((F.elu(torch.cat([x, -x], -1)) * grad).sum(), x)
     assert torch.allclose(mine, plain, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_gated_residual_is_x_plus_a_times_sigmoid_b_with_exact_gradients():
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 8, dtype=torch.float64).mul_(4).requires_grad_()
+    a, b = y[..., :4], y[..., 4:]
+    assert torch.allclose(gated_residual(x, y), x + a * torch.sigmoid(b), atol=1e-15)
+    assert torch.autograd.gradcheck(gated_residual, (x, y))
 
 
 def _qkv(b: int = 5, length: int = 7, d: int = 3, dtype=torch.float64):
