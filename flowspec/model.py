@@ -9,8 +9,16 @@ from torch import Tensor, nn
 
 from flowspec.layers import Coupling, LogitPreprocess, Sequence
 from flowspec.layers.base import DataInit, standard_normal_log_prob
+from flowspec.layers.fusion import allow_recompiles
 from flowspec.layers.networks import FlowppBlock
 from flowspec.spec import FlowSpec
+
+FUSED_GRAPHS = 64  # per elementwise chain: its input shapes (resolutions, batch sizes), grad and autocast
+
+
+def compile_scope(device: torch.device) -> str:
+    """What `FlowModel.compile_for_device` compiles on `device`: "networks" (CUDA) or "elementwise"."""
+    return "networks" if device.type == "cuda" else "elementwise"
 
 
 class FlowModel(nn.Module):
@@ -141,12 +149,29 @@ class FlowModel(nn.Module):
         static unless `dynamic=True` is passed: the networks share one forward, and inductor fails on the
         dynamic-shape graph it would otherwise make once a second shape is seen."""
         couplings = self.couplings()
-        # one graph per input shape, context and grad mode: more than dynamo's default limit of 8
-        config = torch._dynamo.config
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), 4 * len(couplings)))
+        allow_recompiles(4 * len(couplings))  # a graph per network, input shape, context and grad mode
         for c in couplings:
             c.network.compile(**{"dynamic": False, **kwargs})
+
+    def fuse_elementwise(self, backend: str | None = "inductor") -> None:
+        """Run the networks' elementwise chains (concat_elu with its dropout mask, the gated residuals,
+        the mixture's logit-CDF) compiled by torch.compile with `backend`, one graph per shape, and the
+        convolutions, matmuls and attention eager; None: everything eager (`flowspec.layers.fusion`)."""
+        allow_recompiles(FUSED_GRAPHS)
+        for m in self.modules():
+            if hasattr(m, "fused"):
+                m.fused = backend
+
+    def compile_for_device(self) -> str:
+        """torch.compile what pays on the model's device: whole coupling networks on a GPU
+        (`compile_networks`), only the elementwise chains elsewhere (`fuse_elementwise`: on a CPU whole
+        compiled networks ran slower than eager). Returns what it compiled: "networks" or "elementwise"."""
+        scope = compile_scope(self.device)
+        if scope == "networks":
+            self.compile_networks()
+        else:
+            self.fuse_elementwise()
+        return scope
 
     def count_parameters(self) -> dict[str, int]:
         """Trainable parameters: total, main flow, dequantizer, and the dequantizer's context network."""

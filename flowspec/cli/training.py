@@ -152,15 +152,20 @@ def train(
         ),
     ] = Precision.fp32,
     compile_networks: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the coupling networks.")
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the coupling networks on a GPU; on a CPU only their elementwise chains "
+            "(whole compiled networks are slower there).",
+        ),
     ] = False,
     recompute: Annotated[
         Recompute,
         typer.Option(
             "--recompute",
             help="on: recompute the networks' cheap work in the backward pass (under half the memory); "
-            "off: keep every activation (faster); auto: off without --compile when that fits (80% of a "
-            "GPU, half the RAM).",
+            "off: keep every activation (faster); auto: off when that fits (80% of a GPU, half the RAM), "
+            "but on under --compile on a GPU.",
         ),
     ] = Recompute.auto,
     resume: Annotated[

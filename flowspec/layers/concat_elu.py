@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowspec.layers.fusion import Fusable
+
 
 def _elu_of_x_and_minus_x(x: Tensor) -> Tensor:
     """With e = exp(-|x|) - 1: elu(x) = max(x, e) and elu(-x) = max(-x, e) (for x >= 0, elu(-x) = e >= -x;
@@ -72,6 +74,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+@Fusable
 def _layer_input(x: Tensor, mask: Tensor | None) -> Tensor:
     """concat_elu(x), masked; dropout's scale is applied to the layer's weight instead (fewer elements)."""
     u = _elu_of_x_and_minus_x(x)
@@ -80,22 +83,28 @@ def _layer_input(x: Tensor, mask: Tensor | None) -> Tensor:
     return u * mask if torch.compiler.is_compiling() else u.mul_(mask)
 
 
+@Fusable
+def _layer_input_backward(x: Tensor, grad_u: Tensor, mask: Tensor | None) -> Tensor:
+    """The gradient with respect to x, from that with respect to `_layer_input(x, mask)`."""
+    return _elu_backward(x, grad_u if mask is None else grad_u * mask)
+
+
 class _ProjectConcatElu(torch.autograd.Function):
     """layer(dropout(concat_elu(x))) for a channels-last x; `padding` None: a dense layer, else a conv.
 
     Under autocast, x, weight and bias are cast to its dtype first (as the layer would cast them), and
-    gradients are returned in the inputs' own dtypes."""
+    gradients are returned in the inputs' own dtypes. `fused`: as for `Fusable`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, scale, padding):
+    def forward(ctx, x, weight, bias, mask, scale, padding, fused):
         dtype = _compute_dtype(x)
         ctx.dtypes = x.dtype, weight.dtype, bias.dtype
-        ctx.scale, ctx.padding = scale, padding
+        ctx.scale, ctx.padding, ctx.fused = scale, padding, fused
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
         if mask is not None:
             weight = weight * scale  # W (u * mask * scale) = (scale W)(u * mask)
         ctx.save_for_backward(x, weight, mask)
-        u = _layer_input(x, mask)
+        u = _layer_input(x, mask, fused=fused)
         if padding is None:
             return F.linear(u, weight, bias)
         return F.conv2d(u.permute(0, 3, 1, 2), weight, bias, padding=padding).permute(0, 2, 3, 1)
@@ -104,7 +113,7 @@ class _ProjectConcatElu(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        u = _layer_input(x, mask)
+        u = _layer_input(x, mask, fused=ctx.fused)
         if ctx.padding is None:
             grad_u = grad @ weight
             flat = grad.reshape(-1, grad.shape[-1])
@@ -117,11 +126,11 @@ class _ProjectConcatElu(torch.autograd.Function):
             )  # fmt: skip
             grad_u = grad_u.permute(0, 2, 3, 1)
         if mask is not None:
-            grad_u = grad_u * mask  # the saved weight carries the scale
-            grad_weight = grad_weight * ctx.scale
-        grad_x = _elu_backward(x, grad_u)
+            grad_weight = grad_weight * ctx.scale  # the saved weight carries the scale; grad_u does too
+        grad_x = _layer_input_backward(x, grad_u, mask, fused=ctx.fused)
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        return grad_x.to(x_dtype), grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), None, None, None
+        grads = grad_x.to(x_dtype), grad_weight.to(weight_dtype), grad_bias.to(bias_dtype)
+        return *grads, None, None, None, None
 
 
 def project_concat_elu(
@@ -131,7 +140,9 @@ def project_concat_elu(
     padding: int | None = None,
     mask: Tensor | None = None,
     scale: float = 1.0,
+    fused: str | None = None,
 ) -> Tensor:
     """layer(dropout(concat_elu(x))): a dense layer (`padding` None) or a 'same' conv on channels-last x,
-    its input masked by `mask` and multiplied by `scale` (dropout), keeping only x and the mask."""
-    return _ProjectConcatElu.apply(x, weight, bias, mask, scale, padding)
+    its input masked by `mask` and multiplied by `scale` (dropout), keeping only x and the mask; `fused`
+    compiles the elementwise work with that torch.compile backend (`fusion.Fusable`)."""
+    return _ProjectConcatElu.apply(x, weight, bias, mask, scale, padding, fused)

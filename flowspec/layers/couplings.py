@@ -34,6 +34,7 @@ class Coupling(Layer):
         self.network = network
         self.per_element = outputs_per_element(transform, components)
         self.autocast_dtype: torch.dtype | None = None
+        self.fused: str | None = None  # the torch.compile backend of the mixture's logit-CDF (`Fusable`)
         self.last_inverse_iterations = 0
 
     def _params(self, a: Tensor, context: Tensor | None) -> Tensor:
@@ -59,9 +60,11 @@ class Coupling(Layer):
         if not mixture:
             return (a, b * torch.exp(s) + t), sum_per_sample(s)
         if self.training and torch.is_grad_enabled():  # recompute in the backward pass: saves memory
-            g, log_slope = checkpoint(mixlogistic.logit_cdf, b, *mixture, use_reentrant=False)
+            g, log_slope = checkpoint(
+                mixlogistic.logit_cdf, b, *mixture, fused=self.fused, use_reentrant=False
+            )
         else:
-            g, log_slope = mixlogistic.logit_cdf(b, *mixture)
+            g, log_slope = mixlogistic.logit_cdf(b, *mixture, fused=self.fused)
         return (a, g * torch.exp(s) + t), sum_per_sample(log_slope + s)
 
     def inverse(self, y, context=None):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowspec.layers.fusion import Fusable
+
 MIN_LOGSCALE = -7.0
 
 
@@ -47,6 +49,7 @@ def logpdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> Tenso
     return torch.logsumexp(F.log_softmax(logits, -1) + z - logscales - 2 * F.softplus(z), -1)
 
 
+@Fusable
 def logit_cdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> tuple[Tensor, Tensor]:
     """logit of the mixture CDF at x, and the log-derivative of that logit w.r.t. x."""
     logscales = logscales.clamp(min=MIN_LOGSCALE)

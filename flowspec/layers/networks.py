@@ -20,6 +20,7 @@ from flowspec.layers.attention import attention
 from flowspec.layers.base import DataInit
 from flowspec.layers.concat_elu import concat_elu, project_concat_elu
 from flowspec.layers.dropout import Dropout
+from flowspec.layers.fusion import Fusable
 
 
 def _data_init(module: Dense | Conv, y: Tensor, init_scale: float) -> None:
@@ -47,6 +48,7 @@ class _Weighted(DataInit):
 
     weight: nn.Parameter
     bias: nn.Parameter
+    fused: str | None = None  # the torch.compile backend of `of_concat_elu`'s elementwise work
 
     def reset_parameters(self) -> None:
         """torch's default init (its draws keep the random stream of earlier versions); none on meta."""
@@ -66,7 +68,8 @@ class _Weighted(DataInit):
         if self.needs_init():
             u = concat_elu(x)
             return self(u if mask is None else u * mask * scale)
-        return project_concat_elu(x, self.effective_weight(), self.bias, self._padding(), mask, scale)
+        weight, padding = self.effective_weight(), self._padding()
+        return project_concat_elu(x, weight, self.bias, padding, mask, scale, self.fused)
 
     def _padding(self) -> int | None:
         """None for a dense layer, else the conv's padding."""
@@ -130,6 +133,7 @@ def position_embedding(height: int, width: int, filters: int) -> nn.Parameter:
     return nn.Parameter(emb)
 
 
+@Fusable
 def gated_residual(x: Tensor, y: Tensor) -> Tensor:
     """x + a * sigmoid(b) with [a, b] = y on the last dimension (one addcmul: a pass fewer than x + a * s)."""
     a, b = y.chunk(2, dim=-1)
@@ -138,6 +142,8 @@ def gated_residual(x: Tensor, y: Tensor) -> Tensor:
 
 class GatedConv(nn.Module):
     """x + gate(conv2(dropout(concat_elu(conv1(concat_elu(x)) [+ a_proj(concat_elu(context))]))))."""
+
+    fused: str | None = None  # the torch.compile backend of the gated residual (`fusion.Fusable`)
 
     def __init__(
         self,
@@ -168,11 +174,13 @@ class GatedConv(nn.Module):
         return self.c2.of_concat_elu(c1, mask, self.dropout.scale)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return gated_residual(x, self.branch(x, context))
+        return gated_residual(x, self.branch(x, context), fused=self.fused)
 
 
 class GatedAttention(nn.Module):
     """Multi-head self-attention over all positions, gated residual; q, k, v from x + pos_emb."""
+
+    fused: str | None = None  # the torch.compile backend of the gated residual (`fusion.Fusable`)
 
     def __init__(self, filters: int, heads: int, dropout: float, weight_norm: bool = False):
         super().__init__()
@@ -187,11 +195,13 @@ class GatedAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # unbind: its backward is one stack
         a = attention(q, k, v)
         a = a.transpose(1, 2).reshape(n, h, w, f)
-        return gated_residual(x, self.proj2(self.dropout(a, mask)))
+        return gated_residual(x, self.proj2(self.dropout(a, mask)), fused=self.fused)
 
 
 class GatedNIN(nn.Module):
     """The no-attention ablation: 1x1 conv F -> 3F, max over each channel's 3 outputs, 1x1 conv, gate."""
+
+    fused: str | None = None  # the torch.compile backend of the gated residual (`fusion.Fusable`)
 
     def __init__(self, filters: int, dropout: float, weight_norm: bool = False):
         super().__init__()
@@ -201,7 +211,7 @@ class GatedNIN(nn.Module):
 
     def forward(self, x: Tensor, pos_emb: Tensor, mask: Tensor | None = None) -> Tensor:
         c = self.proj1(x + pos_emb).unflatten(-1, (x.shape[-1], 3)).amax(-1)
-        return gated_residual(x, self.proj2(self.dropout(c, mask)))
+        return gated_residual(x, self.proj2(self.dropout(c, mask)), fused=self.fused)
 
 
 _EXPENSIVE_OPS = {  # convolutions and the attention kernels (the fused ones this torch has, and ours)
@@ -241,6 +251,7 @@ class FlowppBlock(nn.Module):
     """
 
     recompute = True
+    fused: str | None = None  # the torch.compile backend of the gated residual (`fusion.Fusable`)
 
     def __init__(
         self,
@@ -270,7 +281,7 @@ class FlowppBlock(nn.Module):
     def _block(
         self, x: Tensor, pos_emb: Tensor, context: Tensor | None, masks: tuple[Tensor | None, Tensor | None]
     ) -> Tensor:
-        x = self.ln1(gated_residual(x, self.conv.branch(x, context, masks[0])))
+        x = self.ln1(gated_residual(x, self.conv.branch(x, context, masks[0]), fused=self.fused))
         if self.attn is None:
             return x
         return self.ln2(self.attn(x, pos_emb, masks[1]))

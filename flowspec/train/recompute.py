@@ -6,7 +6,8 @@ and 0.30 s keeping (3.6 and 11.8 GB); on a 2-core CPU at batch 8, 4.6 s and 4.45
 71 and 154 MB more per image). On the GPU the step waits on the recomputation's per-op bookkeeping (a
 dispatch mode on the host). `auto` keeps every activation where that fits in a share of the device's
 memory (80% of a GPU's, half the RAM split among the machine's torchrun processes), and recomputes under
---compile, where the graph is traced once and the bookkeeping is gone."""
+--compile on a GPU (`compiled`: whole networks compiled), where the graph is traced once and the
+bookkeeping is gone; --compile on a CPU compiles only elementwise chains and leaves the choice as it is."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import torch
 
 import flowspec
 from flowspec.errors import UserError, os_error_message
+from flowspec.model import compile_scope
 from flowspec.spec import EvalSpec, FlowSpec, Interval
 from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
@@ -123,8 +124,9 @@ class Trainer:
         if payload is None:
             self._initialize(model)
         model.set_autocast(autocast_dtype(self.precision))
+        networks_compiled = options.compile and compile_scope(self.device) == "networks"
         self.recompute, self.recompute_reason = resolve_recompute(
-            options.recompute, self.device, options.compile, spec
+            options.recompute, self.device, networks_compiled, spec
         )
         model.set_recompute(self.recompute)
         self.updater = Updater(model, self.t, self.total_steps, self.dist, self.device, options.compile)

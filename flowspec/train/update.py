@@ -54,7 +54,7 @@ class Updater:
             self.ema = AveragedModel(model, multi_avg_fn=self._ema_update, use_buffers=True)
             self.ema.update_parameters(model)  # the average starts from the initialised weights
         if compile:
-            model.compile_networks()
+            model.compile_for_device()
         self.objective: nn.Module = Objective(model)
         if dist.active:
             ids = [device.index] if device.type == "cuda" else None
