@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from flowspec.layers import attention as attention_module
 from flowspec.layers.attention import attention, chunked_attention
 from flowspec.layers.concat_elu import concat_elu, project_concat_elu
+from flowspec.layers.mixlogistic import logit_cdf
 from flowspec.layers.networks import gated_residual
 
 
@@ -177,3 +178,35 @@ def test_a_layer_of_concat_elu_keeps_only_its_input_and_mask_and_matches_bf16_au
     for got, want in zip(mine_grads, plain_grads, strict=True):
         assert got.dtype == want.dtype
         assert (got.float() - want.float()).norm() <= 0.02 * want.float().norm()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fused_chains_give_the_eager_values_and_gradients(backend):
+    """What `--compile` compiles on a CPU (`fusion.Fusable`): a layer of concat_elu with and without its
+    dropout mask, the gated residual and the mixture's logit-CDF, against their eager selves in float64
+    (inductor generates its own C++ for them: a miscompiled gradient would show here)."""
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).mul_(2).requires_grad_()
+
+    x, weight, bias = rand(2, 4, 3, 5), rand(6, 10), rand(6)
+    mask = (torch.rand(2, 4, 3, 10, generator=gen) < 0.7).to(torch.uint8)
+    y = rand(2, 4, 3, 10)
+    b, logits, means, logscales = rand(2, 3, 4), rand(2, 3, 4, 5), rand(2, 3, 4, 5), rand(2, 3, 4, 5)
+    chains = [
+        (lambda fused: project_concat_elu(x, weight, bias, None, mask, 1 / 0.7, fused), (x, weight, bias)),
+        (lambda fused: project_concat_elu(x, weight, bias, None, None, 1.0, fused), (x, weight, bias)),
+        (lambda fused: gated_residual(x, y, fused=fused), (x, y)),
+        (lambda fused: logit_cdf(b, logits, means, logscales, fused=fused), (b, logits, means, logscales)),
+    ]
+    for chain, inputs in chains:
+        eager, compiled = chain(None), chain(backend)
+        eager, compiled = (out if isinstance(out, tuple) else (out,) for out in (eager, compiled))
+        grads = [torch.randn_like(t) for t in eager]
+        for got, want in zip(compiled, eager, strict=True):
+            assert torch.allclose(got, want, atol=1e-12)
+        got = torch.autograd.grad(compiled, inputs, grads)
+        want = torch.autograd.grad(eager, inputs, grads)
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(g, w, atol=1e-10)

@@ -3,8 +3,8 @@
 On a 2-core CPU, whole coupling networks compiled by inductor ran slower than eager (a bf16 training
 step at batch 8: 1.69 against 2.11 img/s), but the elementwise work between the kernels (concat_elu and
 its dropout mask, the gated residuals, the mixture's logit-CDF: many passes over memory) fuses well.
-Compiling only these chains made log_prob at batch 64 7-8% faster in bf16 and float32, and a bf16
-training step 3-5% (bench/RESULTS.md).
+Compiling only these chains made log_prob at batch 64 5-15% faster in bf16 and 6% in float32, sampling
+4%, and a training step at batch 8 2-5% (bench/RESULTS.md).
 
 Modules that call a `Fusable` have a `fused` attribute: None runs it eager, a torch.compile backend name
 runs it compiled with that backend (`FlowModel.fuse_elementwise` sets them all).
