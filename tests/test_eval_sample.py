@@ -134,3 +134,26 @@ def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monke
     assert [r["spec"] for r in rows] == ["a"] and [r["img/s"] for r in rows] == [0.0312]  # a slow rate kept
     assert ablate.fmt_rate(0.0312) == "0.0312" and ablate.fmt_rate(45.67) == "45.7"
     assert ablate.fmt_rate(1234.5) == "1,234"
+
+
+def test_eval_and_sample_with_compile_fuse_the_chains_and_give_the_same_bounds(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    """On a CPU, --compile compiles the networks' elementwise chains (here with dynamo's aot_eager
+    backend, which runs the traced graphs without generating code) and says so in the header."""
+    import flowspec
+
+    fuse = flowspec.FlowModel.fuse_elementwise
+    monkeypatch.setattr(
+        flowspec.FlowModel, "fuse_elementwise", lambda self, b="inductor": fuse(self, "aot_eager")
+    )
+    bpd = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"eval{len(flags)}.json"
+        assert run(["eval", str(run_dir), "--limit", "24", "--device", "cpu", "-o", str(out), *flags]) == 0
+        bpd[bool(flags)] = json.loads(out.read_text())["bpd"]
+        assert ("compiled (elementwise)" in capsys.readouterr().out) == bool(flags)
+    assert bpd[True] == pytest.approx(bpd[False], rel=1e-6)
+    grid = tmp_path / "g.png"
+    assert run(["sample", str(run_dir), "-n", "4", "-o", str(grid), "--device", "cpu", "--compile"]) == 0
+    assert "compiled (elementwise)" in capsys.readouterr().out and grid.exists()

@@ -95,12 +95,15 @@ def test_the_run_header_says_what_was_chosen_and_the_model_follows(tmp_path, cap
 
 
 def test_compile_on_a_cpu_fuses_elementwise_chains_and_recomputes_as_eager(tmp_path, monkeypatch):
-    """On a CPU, --compile compiles only elementwise chains (whole networks were slower than eager), so
-    `auto` still keeps every activation where that fits; on a GPU it compiles whole networks and
-    recomputes."""
-    backends = []
-    monkeypatch.setattr(flowspec.FlowModel, "fuse_elementwise", lambda self, b="inductor": backends.append(b))
+    """On a CPU, --compile compiles only elementwise chains (whole networks were slower than eager), of the
+    trained model and of its EMA (the evaluations), so `auto` still keeps every activation where that
+    fits; on a GPU it compiles whole networks and recomputes."""
+    fused = []
+    monkeypatch.setattr(
+        flowspec.FlowModel, "fuse_elementwise", lambda self, b="inductor": fused.append((self, b))
+    )
     trainer = Trainer(train_spec(steps=1), RunOptions(out=tmp_path / "run", compile=True))
-    assert backends == ["inductor"]
+    updater = trainer.updater
+    assert fused == [(updater.model, "inductor"), (updater.ema.module, "inductor")]
     assert not trainer.recompute and trainer.recompute_reason.startswith("auto: keeping every activation")
-    assert all(c.network._compiled_call_impl is None for c in trainer.updater.model.couplings())
+    assert all(c.network._compiled_call_impl is None for c in updater.model.couplings())

@@ -47,6 +47,14 @@ ThreadsOption = Annotated[
         help="Intra-op CPU threads (default: 1 for small models or a busy CPU, else the idle cores).",
     ),
 ]
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the coupling networks on a GPU; on a CPU only their elementwise chains "
+        "(whole compiled networks are slower there).",
+    ),
+]
 AllowLargeOption = Annotated[
     bool,
     typer.Option("--allow-large", help="Go ahead with a model that needs more memory than this machine has."),

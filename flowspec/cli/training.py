@@ -20,6 +20,7 @@ from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.cli.options import (
     AllowLargeOption,
+    CompileOption,
     Device,
     DeviceOption,
     SetOption,
@@ -151,14 +152,7 @@ def train(
             "CPU or GPU has it natively.",
         ),
     ] = Precision.fp32,
-    compile_networks: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="torch.compile the coupling networks on a GPU; on a CPU only their elementwise chains "
-            "(whole compiled networks are slower there).",
-        ),
-    ] = False,
+    compile_networks: CompileOption = False,
     recompute: Annotated[
         Recompute,
         typer.Option(
@@ -267,10 +261,11 @@ def _load_for_inference(
     images: int,
     allow_large: bool,
     threads: int | None = None,
+    compile_networks: bool = False,
 ):
     """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`
     (refused before it is built when it and `images` images at once do not fit the device); torch's thread
-    count chosen for it (said in the header line)."""
+    count chosen for it and, with `compile_networks`, what was compiled (said in the header line)."""
     import torch
 
     from flowspec.threads import set_threads
@@ -280,7 +275,8 @@ def _load_for_inference(
     trained = load_trained(target, where, images=images, allow_large=allow_large)
     spec = _with_overrides(trained.spec, sets, trained.path)
     choice = set_threads(sum(p.numel() for p in trained.model.parameters() if p.requires_grad), threads)
-    print(f"{spec.name}, step {trained.step}, device {where}, {choice}")
+    compiled = f", compiled ({trained.model.compile_for_device()})" if compile_networks else ""
+    print(f"{spec.name}, step {trained.step}, device {where}, {choice}{compiled}")
     return trained, spec
 
 
@@ -339,6 +335,7 @@ def evaluate(
     device: DeviceOption = None,
     sets: StoredSetOption = None,
     threads: ThreadsOption = None,
+    compile_networks: CompileOption = False,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
@@ -356,7 +353,9 @@ def evaluate(
     if out is not None:
         _check_output(out, "--out", (".json",))
     with _stoppable("the evaluation") as signals:
-        trained, spec = _load_for_inference(target, device, sets, batch, allow_large, threads)
+        trained, spec = _load_for_inference(
+            target, device, sets, batch, allow_large, threads, compile_networks
+        )
         images = load_split(spec.data, split.value, data or trained.data_dir).images
         images = images[:limit] if limit else images
         torch.manual_seed(seed)
@@ -419,6 +418,7 @@ def sample(
     device: DeviceOption = None,
     sets: StoredSetOption = None,
     threads: ThreadsOption = None,
+    compile_networks: CompileOption = False,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
@@ -429,7 +429,7 @@ def sample(
     if out is not None:
         _check_output(out, "--out", _image_suffixes())
     with _stoppable("sampling") as signals:
-        trained, spec = _load_for_inference(target, device, sets, n, allow_large, threads)
+        trained, spec = _load_for_inference(target, device, sets, n, allow_large, threads, compile_networks)
         out = out or Path(f"samples_{grid_name(trained.step, temperature)}")
         save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
     print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {out}")

@@ -53,8 +53,8 @@ class Updater:
         if train.ema:
             self.ema = AveragedModel(model, multi_avg_fn=self._ema_update, use_buffers=True)
             self.ema.update_parameters(model)  # the average starts from the initialised weights
-        if compile:
-            model.compile_for_device()
+        if compile and model.compile_for_device() == "elementwise" and self.ema is not None:
+            self.ema.module.fuse_elementwise()  # its evaluations too (whole networks: the trained model only)
         self.objective: nn.Module = Objective(model)
         if dist.active:
             ids = [device.index] if device.type == "cuda" else None
