@@ -231,24 +231,35 @@ def test_count_parameters_splits_flow_and_dequantizer():
     assert 0 < counts["context"] < counts["dequantizer"]
 
 
+def _model_twice(name: str) -> tuple[flowspec.FlowModel, flowspec.FlowModel, torch.Tensor]:
+    """Two initialised tiny models of a shipped spec with the same weights, and the batch."""
+    spec = tiny_spec(name)
+    first, second = flowspec.build(spec), flowspec.build(spec)
+    x = _batch(spec)
+    first.initialize(x)
+    second.load_state_dict(first.state_dict())
+    return first, second, x
+
+
+def _assert_same_training_gradients(eager, other, x, recompute: bool) -> None:
+    """A training step of each (the same dropout masks) gives the same gradients."""
+    for model in (eager, other):
+        model.set_recompute(recompute)
+        model.train()
+        torch.manual_seed(0)
+        (-model.log_prob(x).mean()).backward()
+    for (name, p), q in zip(eager.named_parameters(), other.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("recompute", [True, False])
 def test_compiled_networks_train_like_eager_ones(recompute):
     """torch.compile, through the blocks' selective recomputation or keeping every activation, gives the
     eager gradients (the "aot_eager" backend traces forward and backward like inductor, without
     generating C++)."""
-    spec = tiny_spec("flowpp_cifar.flow")
-    eager, compiled = flowspec.build(spec), flowspec.build(spec)
-    x = _batch(spec)
-    eager.initialize(x)
-    compiled.load_state_dict(eager.state_dict())
+    eager, compiled, x = _model_twice("flowpp_cifar.flow")
     compiled.compile_networks(backend="aot_eager")
-    for model in (eager, compiled):
-        model.set_recompute(recompute)
-        model.train()
-        torch.manual_seed(0)
-        (-model.log_prob(x).mean()).backward()
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+    _assert_same_training_gradients(eager, compiled, x, recompute)
 
 
 @pytest.mark.parametrize("recompute", [True, False])
@@ -257,11 +268,7 @@ def test_fused_elementwise_chains_give_the_eager_log_prob_and_gradients(recomput
     gated residuals and the mixture's logit-CDF, in eval mode and through a training step with or
     without the blocks' selective recomputation; the result is the eager one. Every module that calls
     a chain is switched, and `None` switches them back."""
-    spec = tiny_spec("flowpp_cifar.flow")
-    eager, fused = flowspec.build(spec), flowspec.build(spec)
-    x = _batch(spec)
-    eager.initialize(x)
-    fused.load_state_dict(eager.state_dict())
+    eager, fused, x = _model_twice("flowpp_cifar.flow")
     fused.fuse_elementwise("aot_eager")
     torch._dynamo.reset()  # compile afresh, so the counters see every graph
     counters = torch._dynamo.utils.counters
@@ -273,13 +280,7 @@ def test_fused_elementwise_chains_give_the_eager_log_prob_and_gradients(recomput
     for model in (eager, fused):
         model.eval()
     assert torch.allclose(_log_prob(fused, x), _log_prob(eager, x), rtol=1e-5)
-    for model in (eager, fused):
-        model.set_recompute(recompute)
-        model.train()
-        torch.manual_seed(0)
-        (-model.log_prob(x).mean()).backward()
-    for (name, p), q in zip(eager.named_parameters(), fused.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+    _assert_same_training_gradients(eager, fused, x, recompute)
     assert counters["stats"]["unique_graphs"] >= 3 and not counters["graph_break"]
     fused.fuse_elementwise(None)
     assert all(m.fused is None for m in switched)

@@ -126,7 +126,7 @@ class _ProjectConcatElu(torch.autograd.Function):
             )  # fmt: skip
             grad_u = grad_u.permute(0, 2, 3, 1)
         if mask is not None:
-            grad_weight = grad_weight * ctx.scale  # the saved weight carries the scale; grad_u does too
+            grad_weight = grad_weight * ctx.scale  # (the saved weight, and so grad_u, carry it already)
         grad_x = _layer_input_backward(x, grad_u, mask, fused=ctx.fused)
         x_dtype, weight_dtype, bias_dtype = ctx.dtypes
         grads = grad_x.to(x_dtype), grad_weight.to(weight_dtype), grad_bias.to(bias_dtype)
