@@ -66,3 +66,35 @@ def test_one_torchrun_process_joins_a_group_trains_and_resumes(tmp_path, device,
         assert f"device {device}" in done.stdout
         assert load_checkpoint(out)["step"] == steps
     assert [r["step"] for r in read_metrics(out) if is_eval(r)] == [2, 4]
+
+
+def test_ranks_leave_the_group_together_after_a_finished_run_and_at_once_after_a_failure(monkeypatch):
+    """A finished run's ranks meet at a barrier before tearing down (one leaving while rank 0 still wrote
+    its final files aborted at exit about one job in ten); a failed one tears down at once (its peers
+    may never reach a barrier)."""
+    from flowspec.train import distributed, trainer
+
+    calls = []
+    monkeypatch.setattr(distributed.td, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.td, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.td, "destroy_process_group", lambda: calls.append("destroy"))
+
+    class Finishing:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self):
+            return "result"
+
+    class Failing(Finishing):
+        def run(self):
+            raise RuntimeError("rank failed")
+
+    monkeypatch.setattr(trainer, "Trainer", Finishing)
+    assert trainer.train(None, None) == "result"
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    monkeypatch.setattr(trainer, "Trainer", Failing)
+    with pytest.raises(RuntimeError, match="rank failed"):
+        trainer.train(None, None)
+    assert calls == ["destroy"]

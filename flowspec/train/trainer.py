@@ -397,7 +397,10 @@ class Trainer:
 
 def train(spec: FlowSpec, options: RunOptions, **data: ImageSet) -> RunResult:
     """Train `spec` with `options` in this process (joining torchrun's job if there is one)."""
+    finished = False
     try:
-        return Trainer(spec, options, **data).run()
+        result = Trainer(spec, options, **data).run()
+        finished = True
+        return result
     finally:
-        teardown()
+        teardown(together=finished)
