@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flowpp import RESULTS, machine  # noqa: E402
+from bench_flowpp import RESULTS, machine, report  # noqa: E402
 
 CHUNK = 64 << 20
 
@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-mode", action="store_true", help="also read the smallest set in memory")
     parser.add_argument("--tmp", default=None, help="folder for the generated arrays (default: the system's)")
-    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="file to append to (bench/RESULTS.md)")
+    parser.add_argument("--no-append", action="store_true", help="print only; append nowhere")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: mode:folder, run in a subprocess
     parser.add_argument("--write", help=argparse.SUPPRESS)  # internal: count:path, run in a subprocess
     args = parser.parse_args()
@@ -148,20 +149,16 @@ def main() -> None:
         "path", "images", "data (GB)", "epochs read", "batches/s", "MB/s", "RSS before batches (GB)",
         "peak RSS, main (GB)", "peak RSS, worker (GB)",
     )  # fmt: skip
-    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    for r in rows:
-        cells = [
+    cells = [
+        [
             r["mode"], f"{r['images']:,}", f"{r['gb']:.2f}", f"{args.batches * args.batch / r['images']:.2f}",
             f"{r['batches_per_s']:.0f}", f"{r['mb_per_s']:.0f}", f"{r['rss_start_gb']:.2f}",
             f"{r['peak_gb']:.2f}",
             f"{r['worker_peak_gb']:.2f}" if r["mode"] == "stream" else "",
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    text = f"\n### {header}\n\n" + "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write(text)
+        ]
+        for r in rows
+    ]  # fmt: skip
+    report("reading training data", header, columns, cells, None if args.no_append else args.results)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -146,6 +147,29 @@ def forward_gflop_per_image(spec_path: str, overrides: tuple[str, ...] = ()) -> 
     return (footer.flops_flow + footer.flops_dequantize) / 1e9
 
 
+def report(
+    title: str, header: str, columns: Sequence[str], rows: Sequence[Sequence[str]], results: Path | None
+) -> None:
+    """Print the rows as a table under `header` (the first column left-aligned, numbers right) and append
+    header and rows as markdown to `results` (none if None)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for cells in rows:
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    console = Console()
+    console.print(header)
+    console.print(table)
+    if results is not None:
+        with results.open("a") as f:
+            f.write(f"\n### {header}\n\n" + "\n".join(lines) + "\n")
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -183,7 +207,8 @@ def main() -> None:
         default="off",
         help="on: training recomputes (selective checkpointing)",
     )
-    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="file to append to (bench/RESULTS.md)")
+    parser.add_argument("--no-append", action="store_true", help="print only; append nowhere")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: task:batch:precision, in a subprocess
     args = parser.parse_args()
 
@@ -193,8 +218,6 @@ def main() -> None:
         return
 
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     jobs = [("train", b) for b in args.train_batch] + [("log_prob", args.logprob_batch)]
@@ -223,17 +246,14 @@ def main() -> None:
         f"blocks' 3x3 conv in the row's precision, measured right after the row's task; of ceiling: the "
         f"task's GFLOP/s over the faster of the two"
     )
-    table = Table(title=f"{Path(args.spec).name}")
     columns = (
         "task", "precision", "batch", "s / call", "img/s", "GFLOP/s", "peak memory (GB)",
         "kernels now (matmul / conv)", "of ceiling",
     )  # fmt: skip
-    for col in columns:
-        table.add_column(col, justify="right")
-    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    cells = []
     for r in rows:
         rate = r["img_per_s"] * gflop * (3 if r["task"] == "train" else 1)
-        cells = [
+        cells.append([
             r["task"],
             r["precision"],
             str(r["batch"]),
@@ -243,15 +263,8 @@ def main() -> None:
             f"{r['peak_gb']:.2f}",
             f"{r['matmul']:.0f} / {r['conv']:.0f}",
             f"{rate / max(r['matmul'], r['conv']):.0%}",
-        ]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    console = Console()
-    console.print(header)
-    console.print(table)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write(f"\n### {header}\n\n" + "\n".join(lines) + "\n")
+        ])  # fmt: skip
+    report(Path(args.spec).name, header, columns, cells, None if args.no_append else args.results)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from pathlib import Path
 from unittest.mock import patch
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -39,7 +37,7 @@ from flowspec.layers.networks import GatedAttention
 from flowspec.train.schedule import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flowpp import RESULTS, ROOT, machine  # noqa: E402
+from bench_flowpp import RESULTS, ROOT, machine, report  # noqa: E402
 
 KERNELS = ("convolution", "attention", "dense matmul")
 
@@ -83,7 +81,8 @@ def main() -> None:
         default="off",
         help="on: training recomputes (selective checkpointing)",
     )
-    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="file to append to (bench/RESULTS.md)")
+    parser.add_argument("--no-append", action="store_true", help="print only; append nowhere")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -154,24 +153,15 @@ def main() -> None:
         f"of them exceeds {args.batch / kernel_seconds:.2f} img/s here"
     )
     columns = ("work", "seconds", "share", "GFLOP", "GFLOP/s")
-    table = Table(title=f"{Path(args.spec).name} {args.task}, batch {args.batch}")
-    for col in columns:
-        table.add_column(col, justify="right" if col != "work" else "left")
-    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    cells = []
     for work in (*KERNELS, "random numbers", "other (elementwise, copies, dispatch)"):
         share = busy[work] / profiled
         work_seconds = share * seconds  # profiled self time, rescaled to the unprofiled call
         gflop = flops[work] / 1e9
         rate = f"{gflop / work_seconds:.0f}" if gflop and work_seconds else ""
-        cells = [work, f"{work_seconds:.2f}", f"{share:.0%}", f"{gflop:.0f}" if gflop else "", rate]
-        table.add_row(*cells)
-        lines.append("| " + " | ".join(cells) + " |")
-    console = Console()
-    console.print(header)
-    console.print(table)
-    if not args.no_append:
-        with RESULTS.open("a") as f:
-            f.write(f"\n### {header}\n\n" + "\n".join(lines) + "\n")
+        cells.append([work, f"{work_seconds:.2f}", f"{share:.0%}", f"{gflop:.0f}" if gflop else "", rate])
+    title = f"{Path(args.spec).name} {args.task}, batch {args.batch}"
+    report(title, header, columns, cells, None if args.no_append else args.results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end on a tiny spec and append their tables where they are told."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, str(ROOT / "bench" / script), "--threads", "1", *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _rows(text: str) -> list[list[str]]:
+    """The markdown table rows after the header row and its rule."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [line.strip("| ").split(" | ") for line in lines[1:]]
+
+
+@pytest.mark.slow
+def test_bench_flowpp_times_every_task_and_appends_its_rows(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    tiny = ["--init-batch", "2", "--warmup", "1", "--repeats", "1", "--precision", "fp32"]
+    sizes = ["--train-batch", "2", "--logprob-batch", "2", "--sample", "2"]
+    _run("bench_flowpp.py", "--spec", "specs/quickstart.flow", *tiny, *sizes, "--results", str(results))
+    text = results.read_text()
+    assert "--spec specs/quickstart.flow" in text and "threads 1" in text
+    rows = _rows(text)
+    assert [row[:3] for row in rows] == [
+        ["train", "fp32", "2"],
+        ["log_prob", "fp32", "2"],
+        ["sample", "fp32", "2"],
+    ]
+    assert all(float(row[4]) > 0 and row[-1].endswith("%") for row in rows), rows
+
+
+@pytest.mark.slow
+def test_profile_step_splits_a_step_into_kinds_of_work(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    _run("profile_step.py", "--spec", "specs/quickstart.flow", "--batch", "2", "--results", str(results))
+    text = results.read_text()
+    assert "quickstart.flow train at batch 2" in text
+    rows = _rows(text)
+    assert [row[0] for row in rows][:3] == ["convolution", "attention", "dense matmul"]
+    assert sum(int(row[2].rstrip("%")) for row in rows) in range(98, 103)  # shares, each rounded
+
+
+def test_no_append_writes_nowhere(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run(
+        "bench_data.py", "--sizes", "0.001", "--batches", "2", "--batch", "4", "--image", "3x8x8",
+        "--tmp", str(tmp_path), "--results", str(results), "--no-append",
+    )  # fmt: skip
+    assert "reading training data" in out and "stream" in out
+    assert not results.exists()
