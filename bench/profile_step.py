@@ -11,6 +11,7 @@ with the exact command and the machine, to bench/RESULTS.md.
 
     python bench/profile_step.py                      # train step at batch 8, CPU, 2 threads
     python bench/profile_step.py --task log_prob --batch 64 --precision bf16
+    python bench/profile_step.py --precision bf16 --compile      # with the elementwise chains compiled
 
 Ops run inside an attention kernel (the bf16 chunked one's matmuls and softmax) count as attention.
 """
@@ -40,10 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flowpp import RESULTS, ROOT, machine, report  # noqa: E402
 
 KERNELS = ("convolution", "attention", "dense matmul")
+FUSED = "elementwise chains (compiled)"
 
 
 def category(op_name: str) -> str:
     """The kind of work an op name (profiler's `aten::x` or the flop counter's `aten.x`) stands for."""
+    if "CompiledFxGraph" in op_name:
+        return FUSED
     name = op_name.split("::")[-1].split(".")[-1]
     if "conv" in name:
         return "convolution"
@@ -81,6 +85,9 @@ def main() -> None:
         default="off",
         help="on: training recomputes (selective checkpointing)",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="fuse the elementwise chains with inductor (train --compile)"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="file to append to (bench/RESULTS.md)")
     parser.add_argument("--no-append", action="store_true", help="print only; append nowhere")
     args = parser.parse_args()
@@ -94,6 +101,8 @@ def main() -> None:
     model.initialize(x)
     model.set_autocast(torch.bfloat16 if args.precision == "bf16" else None)
     model.set_recompute(args.recompute == "on")
+    if args.compile:
+        model.fuse_elementwise("inductor")
     opt = build_optimizer(model.parameters(), spec.train)  # fused Adam, as training
 
     def call() -> None:
@@ -107,12 +116,13 @@ def main() -> None:
             with torch.no_grad():
                 model.log_prob(x)
 
-    call()  # warm-up
+    call()  # warm-up (and compilation)
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
+    model.fuse_elementwise(None)  # the counter sees eager ops (the same FLOPs)
     with (
         patch.object(attention_module, "use_chunked", lambda x: False),
         FlopCounterMode(display=False) as counter,
@@ -146,7 +156,8 @@ def main() -> None:
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
         f"machine: {machine()} · torch {torch.__version__} · threads {args.threads} · {Path(args.spec).name} "
-        f"{args.task} at batch {args.batch}, {args.precision}, recompute {args.recompute}: "
+        f"{args.task} at batch {args.batch}, {args.precision}, recompute {args.recompute}"
+        f"{', elementwise chains compiled' if args.compile else ''}: "
         f"{seconds:.2f} s per call "
         f"({args.batch / seconds:.2f} img/s); "
         f"the convolution, attention and matmul kernels alone take {kernel_seconds:.2f} s, so no schedule "
@@ -154,7 +165,13 @@ def main() -> None:
     )
     columns = ("work", "seconds", "share", "GFLOP", "GFLOP/s")
     cells = []
-    for work in (*KERNELS, "random numbers", "other (elementwise, copies, dispatch)"):
+    kinds = (
+        *KERNELS,
+        "random numbers",
+        *([FUSED] if args.compile else []),
+        "other (elementwise, copies, dispatch)",
+    )
+    for work in kinds:
         share = busy[work] / profiled
         work_seconds = share * seconds  # profiled self time, rescaled to the unprofiled call
         gflop = flops[work] / 1e9
