@@ -40,6 +40,11 @@ _DESCRIBE = {
 }
 
 
+class Args(RawDict):
+    """Settings written in parentheses, `(key=value, ...)`: told apart from a step's dict by type, since
+    a user may write any key, `kind` included."""
+
+
 class _WholeWords:
     """Lark post-lexer that lets every parser state lex a NAME, so keywords only match whole words."""
 
@@ -278,7 +283,7 @@ class _Builder(Transformer_NonRecursive):
         return children[0], children[1]
 
     def args(self, meta, children):
-        out = RawDict(self._loc(meta))
+        out = Args(self._loc(meta))
         for arg in children:
             if arg is None:
                 continue
@@ -308,14 +313,14 @@ class _Builder(Transformer_NonRecursive):
             elif value is not None:
                 step.put(name, value, step.loc)
         rest = children[count:]
-        args = rest[0] if rest and isinstance(rest[0], RawDict) and "kind" not in rest[0] else None
+        args = rest[0] if rest and isinstance(rest[0], Args) else None
         for key, value in (args or {}).items():
             if key in ("kind", "source"):
                 self._error(args.locs[key], f"unknown setting '{key}' of {kind.name}")
                 continue
             step.put(key, value, args.locs[key])
         if kind.body:
-            self._block(step, [c for c in rest if isinstance(c, RawDict) and "kind" in c])
+            self._block(step, [c for c in rest if isinstance(c, RawDict) and not isinstance(c, Args)])
         return step
 
     def _step(self, meta, kind: str) -> RawDict:
@@ -406,10 +411,10 @@ class _Builder(Transformer_NonRecursive):
         out.put("kind", Word(name), self._loc(name))
         rest = self.text[name.end_pos : meta.end_pos]
         if "{" in rest:
-            context = next((c for c in children[1:] if isinstance(c, RawDict) and "kind" not in c), None)
+            context = next((c for c in children[1:] if isinstance(c, Args)), None)
             if context is not None:
                 out.put("context", context, context.loc)
-            steps = [c for c in children[1:] if isinstance(c, RawDict) and "kind" in c]
+            steps = [c for c in children[1:] if isinstance(c, RawDict) and not isinstance(c, Args)]
             out.put("steps", steps, out.loc)
         return "dequantize", out, out.loc
 
