@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from flowspec.errors import UserError
+
 #: Models with fewer trainable parameters than this run on one thread.
 SMALL_MODEL = 1_000_000
 
@@ -35,9 +37,14 @@ def choose_threads(
 ) -> ThreadChoice:
     """The number of threads for a model of `params` parameters on `cpus` cores at load average `load`.
 
-    `requested` (`--threads`) wins, then `env` (the user's `OMP_NUM_THREADS`); otherwise one thread for a
-    small model or when fewer than two cores are idle, else the idle cores (all of them on an idle CPU).
+    `requested` (`--threads`, at most `cpus`) wins, then `env` (the user's `OMP_NUM_THREADS`); otherwise one
+    thread for a small model or when fewer than two cores are idle, else the idle cores (all of them on an
+    idle CPU).
     """
+    if requested is not None and requested > max(1, cpus):
+        raise UserError(  # thousands of threads crash the OpenMP runtime instead of failing cleanly
+            f"--threads {requested}: this machine has {cpus} CPU cores; ask for at most {max(1, cpus)}"
+        )
     if requested is not None:
         return ThreadChoice(requested, "--threads")
     if env is not None and env.strip().isdigit() and int(env) > 0:

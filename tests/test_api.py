@@ -79,6 +79,35 @@ def test_export_errors(run_dir, tmp_path, capsys):
         assert err.startswith("error: ") and "Traceback" not in err
 
 
+def test_a_damaged_or_edited_export_is_refused_naming_it(run_dir, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    exported = tmp_path / "good.safetensors"
+    assert run(["export", str(run_dir), "-o", str(exported)]) == 0
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(exported)
+    name = next(iter(tensors))
+    flipped = {**tensors, name: tensors[name] + 1}
+    cases = {
+        "flipped.safetensors": (flipped, metadata, "is corrupt: its tensors do not match the checksum"),
+        "step.safetensors": (tensors, {**metadata, "step": "abc"}, "its step is 'abc', not a number"),
+    }
+    for file, (weights, meta, message) in cases.items():
+        save_file(weights, tmp_path / file, metadata=meta)
+        with pytest.raises(UserError, match=f"{file} {message}" if "corrupt" in message else message):
+            flowspec.load(tmp_path / file)
+    unchecked = {k: v for k, v in metadata.items() if k != "checksum"}  # an export from before checksums
+    save_file(tensors, tmp_path / "old.safetensors", metadata=unchecked)
+    capsys.readouterr()
+    assert flowspec.load(tmp_path / "old.safetensors").spec == flowspec.load(exported).spec
+    assert "old.safetensors has no checksum" in capsys.readouterr().err
+    (tmp_path / "folder.safetensors").mkdir()
+    assert run(["export", str(run_dir), "-o", str(tmp_path / "folder.safetensors")]) == 2
+    assert "folder.safetensors is a folder: name the file to write" in capsys.readouterr().err
+
+
 def test_train_from_python_takes_a_spec_file_and_the_command_line_options(tmp_path):
     flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
     out = tmp_path / "run"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import SPECS
 
+from flowspec.cli.app import run
+from flowspec.errors import UserError
 from flowspec.threads import choose_threads
 
 QUICKSTART, FLOWPP = 43_592, 31_443_440
@@ -33,8 +36,15 @@ def test_large_model_on_a_half_busy_machine_uses_the_idle_cores():
 
 
 def test_threads_option_wins_over_everything():
-    choice = choose_threads(QUICKSTART, cpus=2, load=9.0, env="2", requested=3)
+    choice = choose_threads(QUICKSTART, cpus=4, load=9.0, env="2", requested=3)
     assert (choice.threads, choice.reason) == (3, "--threads")
+
+
+def test_more_threads_than_cores_are_refused_before_the_runtime_crashes(capsys):
+    with pytest.raises(UserError, match="--threads 5: this machine has 4 CPU cores; ask for at most 4"):
+        choose_threads(FLOWPP, cpus=4, load=0.0, requested=5)
+    assert run(["inspect", str(SPECS / "quickstart.flow"), "--probe", "--threads", "100000"]) == 2
+    assert "--threads 100000: this machine has" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("env", "expected"), [("4", 4), ("1", 1), ("", 16), ("zero", 16), ("0", 16)])

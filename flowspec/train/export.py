@@ -1,13 +1,15 @@
 """Trained models outside their run folder: `.safetensors` exports, and loading any trained model.
 
 An export holds the evaluation (EMA) weights as tensors and, in the file's metadata, the resolved spec
-(JSON), its hash, the training step and the flowspec version: everything needed to rebuild the model.
+(JSON), its hash, the training step, the flowspec version and a SHA-256 checksum of the tensors (checked
+when read): everything needed to rebuild the model.
 `load_trained` reads a run folder, a checkpoint or an export, and gives the model ready to use.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,14 @@ import torch
 
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
-from flowspec.train.checkpoint import checkpoint_spec, ema_weights, load_checkpoint, resolve, spec_hash
+from flowspec.train.checkpoint import (
+    checkpoint_spec,
+    checksum,
+    ema_weights,
+    load_checkpoint,
+    resolve,
+    spec_hash,
+)
 
 FORMAT = "flowspec"
 SUFFIX = ".safetensors"
@@ -37,8 +46,10 @@ def export(target: Path | str, output: Path | str) -> Trained:
     """Write the EMA weights and resolved spec of a run folder or checkpoint to a `.safetensors` file."""
     from safetensors.torch import save_file
 
-    trained = load_trained(target)
     output = Path(output)
+    if output.is_dir():
+        raise UserError(f"{output} is a folder: name the file to write, e.g. {output / 'model.safetensors'}")
+    trained = load_trained(target)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -46,6 +57,7 @@ def export(target: Path | str, output: Path | str) -> Trained:
         "spec_hash": spec_hash(trained.spec),
         "step": str(trained.step),
         "flowspec_version": _version(),
+        "checksum": checksum(tensors),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
@@ -108,6 +120,19 @@ def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int]:
         raise UserError(
             f"{path} is not a flowspec export (its metadata lacks {lacks}): "
             f"write one with `flowspec export RUN -o MODEL.safetensors`"
+        )
+    if "checksum" not in metadata:
+        print(
+            f"warning: {path} has no checksum (exported before flowspec stored one): not verified",
+            file=sys.stderr,
+        )
+    elif checksum(weights) != metadata["checksum"]:
+        raise UserError(
+            f"{path} is corrupt: its tensors do not match the checksum written at export; export it again"
+        )
+    if not metadata["step"].isdigit():
+        raise UserError(
+            f"{path} is not a valid flowspec export: its step is {metadata['step']!r}, not a number"
         )
     return checkpoint_spec(metadata, path), weights, int(metadata["step"])
 
