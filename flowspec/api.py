@@ -77,12 +77,16 @@ def train(
     False}`). Returns the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake
     raises `UserError` with the message the command line prints.
     """
-    from flowspec.train.checkpoint import checkpoint_spec, load_checkpoint
+    from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
 
     memory = parse_size(data_memory) if data_memory is not None else None
     if resume is not None:
+        if Path(resume).is_file():  # RUN_DIR/last.pt stands for its run folder; nothing else resumes
+            if Path(resume).name != LAST:
+                raise UserError(f"--resume takes a run folder (or its {LAST}), got {resume}")
+            resume = Path(resume).parent
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
         out = resume

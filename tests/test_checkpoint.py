@@ -104,3 +104,15 @@ def test_a_checkpoint_from_before_a_new_setting_still_fits(run_dir):
     check_same_spec(old, tiny_spec(steps=3), run_dir)  # the same spec: no error
     with pytest.raises(UserError, match="inconsistent"):
         checkpoint_spec({**old, "spec_hash": "0" * 64}, run_dir)
+
+
+def test_an_unreadable_checkpoint_is_called_unreadable_not_corrupt(tmp_path, monkeypatch):
+    path = tmp_path / LAST
+    path.write_bytes(b"x")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(UserError, match="last.pt cannot be read: permission denied"):
+        load_checkpoint(path)

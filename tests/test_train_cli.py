@@ -28,7 +28,7 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     assert "device cpu, threads 1 (--threads)" in printed and "recompute off, 1 process;" in printed
     assert "training tiny" in printed and "step 3" in printed and "done (max-steps) at step 3" in printed
     assert (out / "spec.flow").read_text() == flow.read_text()
-    assert run(["train", "--resume", str(out), "--quiet"]) == 0  # the stored spec, to its length
+    assert run(["train", "--resume", str(out / LAST), "--quiet"]) == 0  # the stored spec, to its length
     assert capsys.readouterr().out == ""
     assert load_checkpoint(out)["step"] == 6
 
@@ -40,6 +40,8 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
         (["train", "{flow}", "--max-time", "5 parsecs"], "expected a duration like 90s"),
         (["train", "{flow}", "--set", "train.lr=2", "--resume", "{tmp}"], "no checkpoint in"),
         (["train", "--resume", "{tmp}/nowhere"], "does not exist"),
+        (["train", "--resume", "{flow}"], "--resume takes a run folder (or its last.pt), got"),
+        (["eval", "{flow}"], "tiny.flow is a spec, not a checkpoint: pass a run folder or its last.pt"),
         (["train", "{flow}", "--out", "{tmp}/a", "--resume", "{tmp}/b"], "leave out --out"),
         (
             ["train", "{flow}", "--set", "data.dataset=npz"],

@@ -56,6 +56,12 @@ def test_run_folder(tmp_path):
     rundir.write_spec_files(tmp_path / "run", spec)
     assert json.loads((tmp_path / "run" / "spec.json").read_text())["name"] == "tiny"
     assert not (tmp_path / "run" / "spec.flow").exists()  # a spec built in Python has no file
+    assert rundir.previous_checkpoint(tmp_path / "empty", spec, resume=False) is None
+    (tmp_path / "run" / METRICS).write_text('{"step": 1}\n')  # a run stopped before its first checkpoint
+    with pytest.raises(
+        UserError, match=r"run already holds metrics.jsonl, spec.json of an earlier run, with no"
+    ):
+        rundir.previous_checkpoint(tmp_path / "run", spec, resume=False)
 
 
 def test_window_means_skip_the_skipped_steps():
@@ -79,6 +85,16 @@ def test_record_appends_and_plots(tmp_path):
     record(tmp_path, {"step": 2, "train_bpd": 2.0, "test_bpd": 2.5}, "tiny")
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2] and (tmp_path / "curves.png").is_file()
     assert len((tmp_path / METRICS).read_text().splitlines()) == 2
+
+
+def test_a_row_cut_short_at_the_end_is_left_out_and_any_other_bad_line_named(tmp_path):
+    path = tmp_path / METRICS
+    path.write_bytes(b'{"step": 1, "train_bpd": 3.0}\n{"step": 2, "train_bpd": 2.5}\n{"step": 3, "tr')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # a process killed while writing row 3
+    for bad in (b'{"step": 3, "tr', b"\xff\xfe", b'{"mine": 1}', b"[1, 2]"):
+        path.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 2}\n')
+        with pytest.raises(UserError, match=f"{METRICS}:2 is not a row of flowspec metrics"):
+            read_metrics(tmp_path)
 
 
 def test_evaluator_measures_draws_and_leaves_the_training_rng_alone(tmp_path):

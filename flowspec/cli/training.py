@@ -221,7 +221,8 @@ def train(
         )
     except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
         raise Interrupted(
-            "finished checkpoints are kept; continue with --resume RUN_DIR", isinstance(stop, Terminated)
+            "checkpoints already written are kept (a run folder with last.pt goes on with --resume RUN_DIR)",
+            isinstance(stop, Terminated),
         ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))

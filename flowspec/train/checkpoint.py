@@ -128,7 +128,11 @@ def load_checkpoint(
     path = resolve(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise UserError(f"checkpoint {path} cannot be read: permission denied") from None
     except Exception as error:  # truncated zip, garbage bytes, unpickling errors
+        if path.suffix == ".flow":
+            raise UserError(f"{path} is a spec, not a checkpoint: pass a run folder or its {LAST}") from None
         raise UserError(
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(error).__name__}); "
             f"it was left untouched: resume from another run folder or start a new run"

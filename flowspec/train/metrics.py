@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from flowspec.errors import naming
+from flowspec.errors import UserError, naming
 
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 
@@ -33,11 +33,29 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
 
 
 def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str, Any]]:
-    """All rows of a run; rows past `after_step` are dropped (what a resumed run will write again)."""
+    """All rows of a run; rows past `after_step` are dropped (what a resumed run will write again). A last
+    line cut short (a process killed while writing it) is left out; any other line that is not a row is
+    a `UserError` naming the file and line."""
     path = run_dir / METRICS
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with naming(path):
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif number < len(lines):  # the last element follows the last newline: a row not yet finished
+            raise UserError(
+                f"{path}:{number} is not a row of flowspec metrics ({line[:40]!r}): this run's record is "
+                f"damaged; remove that line (or the file) and try again"
+            )
     return [r for r in rows if after_step is None or r["step"] <= after_step]
 
 

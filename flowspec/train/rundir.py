@@ -9,8 +9,12 @@ from typing import Any
 
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
-from flowspec.train.checkpoint import LAST, check_same_spec, load_checkpoint
+from flowspec.train.checkpoint import BEST, LAST, check_same_spec, load_checkpoint
 from flowspec.train.distributed import Dist
+from flowspec.train.metrics import CURVES, METRICS
+
+#: what a run writes besides its checkpoints: a new run refuses a folder that holds any of them
+RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "tensorboard")
 
 
 def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
@@ -32,6 +36,12 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
         raise UserError(
             f"{run_dir} already holds a run ({last}); continue it with --resume {run_dir} "
             f"or choose another --out folder"
+        )
+    earlier = sorted(name for name in RUN_FILES if (run_dir / name).exists())
+    if earlier:  # a run stopped before its first checkpoint, or something else's files
+        raise UserError(
+            f"{run_dir} already holds {', '.join(earlier)} of an earlier run, with no {LAST} to resume from; "
+            f"choose another --out folder, or remove those files first"
         )
     return None
 
