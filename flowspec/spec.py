@@ -31,7 +31,8 @@ Conversion = Literal["size", "mode", "depth"]
 CLASS_NAMES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_CLASSES}
 CLASS_COUNTS: dict[str, int | None] = {"cifar10": 10, "digits": 10, "imagenet": 1000}
 NAMED_AT_LOAD = ("folder", "torchvision")  # class names are the source's own (its subfolders, `classes`)
-HAS_TEST = ("cifar10", "digits")  # sources that always bring a test split
+HAS_TEST = ("cifar10", "digits", "npz")  # sources that always bring a test split
+TEST_PATH_SOURCES = ("npy", "folder")  # the sources whose test split `test_path` may name
 
 
 class DataSpec(Node):
@@ -102,6 +103,12 @@ class DataSpec(Node):
             raise ValueError(f"{self.dataset} has its own test split: remove test_split and test_path")
         if self.test_split is not None and self.test_path is not None:
             raise ValueError("give test_path or test_split, not both")
+        if self.test_path is not None and self.dataset not in TEST_PATH_SOURCES:
+            raise ValueError(
+                f"test_path is for datasets npy and folder: {self.dataset} finds its own test split"
+            )
+        if self.dataset == "digits" and self.path is not None:
+            raise ValueError("digits are scikit-learn's bundled images: remove path")
         return self
 
 
