@@ -41,6 +41,8 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
         (["train", "{flow}", "--set", "train.lr=2", "--resume", "{tmp}"], "no checkpoint in"),
         (["train", "--resume", "{tmp}/nowhere"], "does not exist"),
         (["train", "--resume", "{flow}"], "--resume takes a run folder (or its last.pt), got"),
+        (["train", "{flow}", "--out", "{flow}"], "tiny.flow is a file: name a folder for the run"),
+        (["export", "{tmp}", "-o", "{flow}/model.safetensors"], "a file stands where its folder should be"),
         (["eval", "{flow}"], "tiny.flow is a spec, not a checkpoint: pass a run folder or its last.pt"),
         (["train", "{flow}", "--out", "{tmp}/a", "--resume", "{tmp}/b"], "leave out --out"),
         (

@@ -49,6 +49,8 @@ def export(target: Path | str, output: Path | str) -> Trained:
     output = Path(output)
     if output.is_dir():
         raise UserError(f"{output} is a folder: name the file to write, e.g. {output / 'model.safetensors'}")
+    if any(folder.exists() and not folder.is_dir() for folder in output.parents):
+        raise UserError(f"cannot write {output}: a file stands where its folder should be")
     trained = load_trained(target)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
     metadata = {

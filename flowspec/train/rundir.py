@@ -20,6 +20,8 @@ RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "tensorboard")
 def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
     """`out`, or `runs/<model>-<date>-<time>` by rank 0's clock (the same folder on every rank)."""
     if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise UserError(f"--out {out} is a file: name a folder for the run (new, or empty)")
         return Path(out)
     stamp = dist.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]
     return Path("runs") / f"{spec.name}-{stamp}"
@@ -34,7 +36,7 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
         return payload
     if last.exists():
         raise UserError(
-            f"{run_dir} already holds a run ({last}); continue it with --resume {run_dir} "
+            f"{run_dir} already holds a run ({last}); continue it with `flowspec train --resume {run_dir}` "
             f"or choose another --out folder"
         )
     earlier = sorted(name for name in RUN_FILES if (run_dir / name).exists())
