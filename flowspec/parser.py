@@ -165,6 +165,8 @@ def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic,
         char = text[error.pos_in_stream]
         loc = SourceLoc(file=file, line=error.line, col=error.column)
         message = f"unexpected character {char!r}"
+        if char in "/\\~":
+            message += '; paths and other text are written in quotes: "..."'
         return Diagnostic(loc, message), (error.pos_in_stream, error.pos_in_stream + 1)
     if isinstance(error, UnexpectedEOF) or (
         isinstance(error, UnexpectedToken) and error.token.type == "$END"
