@@ -21,7 +21,7 @@ def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
     """`out`, or `runs/<model>-<date>-<time>` by rank 0's clock (the same folder on every rank)."""
     if out is not None:
         if Path(out).exists() and not Path(out).is_dir():
-            raise UserError(f"--out {out} is a file: name a folder for the run (new, or empty)")
+            raise UserError(f"--out {out} is a file: name a folder for the run")
         return Path(out)
     stamp = dist.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]
     return Path("runs") / f"{spec.name}-{stamp}"
