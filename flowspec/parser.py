@@ -165,7 +165,8 @@ def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic,
         char = text[error.pos_in_stream]
         loc = SourceLoc(file=file, line=error.line, col=error.column)
         message = f"unexpected character {char!r}"
-        if char in "/\\~":
+        after_word = char == "." and error.pos_in_stream > 0 and text[error.pos_in_stream - 1].isalnum()
+        if char in "/\\~" or after_word:  # a path or file name (`data.npz`) left unquoted
             message += '; paths and other text are written in quotes: "..."'
         return Diagnostic(loc, message), (error.pos_in_stream, error.pos_in_stream + 1)
     if isinstance(error, UnexpectedEOF) or (

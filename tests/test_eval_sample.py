@@ -115,12 +115,43 @@ def test_ablate_with_a_tiny_budget_prints_the_table(tmp_path, capsys):
     assert [r["steps"] for r in rows] == [1, 1] and all(r["img/s"] > 0 for r in rows)
 
 
+def test_ablate_reads_every_specs_data_before_training(tmp_path, monkeypatch, capsys):
+    from flowspec.train import ablate
+
+    good = write_flow(tmp_path / "good.flow", name="good")
+    bad = tmp_path / "bad.flow"
+    bad.write_text(good.read_text().replace("data digits {", 'data npy { path "missing.npy"'))
+    monkeypatch.setattr(ablate, "train", lambda *_, **__: pytest.fail("trained before the data was read"))
+    out = tmp_path / "ablation"
+    assert run(["ablate", str(good), str(bad), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and "missing.npy" in err
+    assert not out.exists()
+
+
+def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatch):
+    from flowspec.train import ablate
+
+    reads, given = [], []
+    monkeypatch.setattr(ablate, "load_split", lambda data, split, data_dir: reads.append(split) or split)
+
+    def fake_train(spec, options, train_set, test_set):
+        given.append((train_set, test_set))
+        return RunResult(options.out, 5, 0.1, "finished", 3.0, 3.0, 1.0, 100, [])
+
+    monkeypatch.setattr(ablate, "train", fake_train)
+    spec = tiny_spec()
+    other = spec.model_copy(update={"name": "b", "data": spec.data.model_copy(update={"classes": (1, 2)})})
+    ablate.run_ablation([spec, spec, other], RunOptions(), tmp_path, seed=0)
+    assert reads == ["train", "test", "train", "test"] and given == [("train", "test")] * 3
+
+
 def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monkeypatch):
     from flowspec.train import ablate
 
     trained = []
 
-    def fake_train(spec, options):
+    def fake_train(spec, options, train_set, test_set):
         trained.append(options.out)
         stopped = "SIGINT" if len(trained) == 2 else "finished"
         return RunResult(options.out, 5, 0.1, stopped, 3.0, 3.0, 0.0312, 100, [])

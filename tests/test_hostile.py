@@ -410,9 +410,10 @@ def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
         (["-t", "inf"], "--temperature must be a finite number >= 0, got inf"),
         (["-t", "nan"], "Invalid value for '--temperature'"),
         (["-t", "-1"], "Invalid value for '--temperature'"),
-        (["-n", "1000000000"], "is too large for this machine"),
+        (["-n", "1000000000"], "-n 1,000,000,000 draws a grid of 1,000,000,000 images that needs about "),
+        (["-n", "10000000000", "--batch", "10000000000"], "images at once (--batch), or pass --allow-large"),
     ],
-    ids=["folder", "extension", "no-extension", "inf", "nan", "negative", "n"],
+    ids=["folder", "extension", "no-extension", "inf", "nan", "negative", "n", "batch"],
 )
 def test_sample_refuses_bad_outputs_and_options(trained, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]

@@ -423,14 +423,19 @@ def sample(
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
-    from flowspec.train.sampling import grid_name, save_grid
+    from flowspec.inspection.budget import device_memory
+    from flowspec.train.sampling import check_grid_memory, grid_name, save_grid
 
     if not math.isfinite(temperature):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     if out is not None:
         _check_output(out, "--out", _image_suffixes())
     with _stoppable("sampling") as signals:
-        trained, spec = _load_for_inference(target, device, sets, n, allow_large, threads, compile_networks)
+        trained, spec = _load_for_inference(
+            target, device, sets, min(n, batch), allow_large, threads, compile_networks
+        )
+        if not allow_large:
+            check_grid_memory(n, spec.data.shape, device_memory("cpu"))
         out = out or Path(f"samples_{grid_name(trained.step, temperature)}")
         save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
     print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {out}")

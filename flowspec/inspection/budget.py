@@ -180,10 +180,15 @@ def check_size(
         "infer": f"{fmt_bytes(need)} for its weights{batch}",
         "train": f"an estimated {fmt_bytes(need)} to train ({size.train_note})",
     }[use]
+    if use == "infer" and size.weights <= have:  # a trained model: only the images at once can change
+        advice = "Take fewer images at once (--batch)"
+    else:
+        advice = (
+            "Lower the settings that size it (defaults.coupling.filters, blocks, components, repeat counts, "
+            "data.shape, train.batch)"
+        )
     source = f" ({spec.source})" if spec.source else ""
     raise UserError(
         f"{spec.name}{source} is too large for this machine: {size.parameters:,} parameters{size.largest} "
-        f"need {what}, and {torch.device(device).type} memory is {fmt_bytes(have)}. Lower the settings "
-        f"that size it (defaults.coupling.filters, blocks, components, repeat counts, data.shape, "
-        f"train.batch), or {ALLOW}"
+        f"need {what}, and {torch.device(device).type} memory is {fmt_bytes(have)}. {advice}, or {ALLOW}"
     )

@@ -6,11 +6,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
+from flowspec.train.data import ImageSet, load_split
 from flowspec.train.metrics import plot_curves
 from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
+SPLITS = ("train", "test")
+Datasets = dict[str, ImageSet]  # train's keyword arguments: train_set, test_set
 COLUMNS = ("spec", "parameters", "test bits/dim", "best bits/dim", "steps", "img/s")
 
 
@@ -24,14 +28,19 @@ def run_ablation(
     """Train each spec into `out/<name>` under the same options; write `ablation.json` and `curves.png`.
 
     A stop signal (`stop`, or one that stopped a run) ends it: the runs so far are returned, fewer than
-    the specs or with the last one stopped by the signal, and only the finished runs are compared."""
+    the specs or with the last one stopped by the signal, and only the finished runs are compared.
+
+    Every spec's data is read before the first run, so that a mistake in the last spec's data section is
+    reported before hours of training the others; specs with the same data share one copy."""
     names = [s.name for s in specs]
     folders = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+    read: dict[str, Datasets] = {}
+    datasets = [_data_of(spec, options.data_dir, read) for spec in specs]
     results: list[RunResult] = []
-    for spec, folder in zip(specs, folders, strict=True):
+    for spec, folder, data in zip(specs, folders, datasets, strict=True):
         if stop():
             break
-        results.append(train(with_seed(spec, seed), replace(options, out=out / folder)))
+        results.append(train(with_seed(spec, seed), replace(options, out=out / folder), **data))
         if is_signal(results[-1].stopped):
             break
     finished = [r for r in results if not is_signal(r.stopped)]
@@ -40,6 +49,18 @@ def run_ablation(
         (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
         plot_curves({r.run_dir.name: r.history for r in finished}, out / "curves.png", "ablation")
     return results
+
+
+def _data_of(spec: FlowSpec, data_dir: Path | None, read: dict[str, Datasets]) -> Datasets:
+    """The train and test sets of `spec`, from `read` when an earlier spec had the same data section; a
+    data error names the spec it belongs to."""
+    key = spec.data.model_dump_json()
+    if key not in read:
+        try:
+            read[key] = {f"{split}_set": load_split(spec.data, split, data_dir) for split in SPLITS}
+        except UserError as error:
+            raise UserError(f"{spec.source or spec.name}: {error}") from None
+    return read[key]
 
 
 def is_signal(stopped: str | None) -> bool:

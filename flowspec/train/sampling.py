@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from flowspec.errors import naming
+from flowspec.errors import UserError, naming
 from flowspec.train.evaluate import stop_point
 from flowspec.train.signals import StopCheck, never
 
@@ -24,16 +24,34 @@ def grid_name(step: int, temperature: float) -> str:
     return f"step{step:07d}_t{temperature}.png"
 
 
+def _layout(n: int, width: int) -> tuple[int, int]:
+    """Images per grid row, and the whole factor that enlarges each so the grid is `MIN_GRID_WIDTH` wide."""
+    nrow = max(1, math.ceil(math.sqrt(n)))
+    per_image = (MIN_GRID_WIDTH - PADDING) / min(nrow, n) - PADDING  # grid width: columns * (w + pad) + pad
+    return nrow, max(1, math.ceil(per_image / width))
+
+
 def grid_image(images: torch.Tensor, levels: int) -> torch.Tensor:
     """Integer images (N x C x H x W, values 0..levels-1) as one C x H' x W' grid in [0, 1], square-ish,
     each image enlarged by the smallest whole factor that makes the grid `MIN_GRID_WIDTH` pixels wide."""
-    n, width = len(images), images.shape[-1]
-    nrow = max(1, math.ceil(math.sqrt(n)))
-    columns = min(nrow, n)
-    per_image = (MIN_GRID_WIDTH - PADDING) / columns - PADDING  # grid width: columns * (w + pad) + pad
-    scale = max(1, math.ceil(per_image / width))
+    nrow, scale = _layout(len(images), images.shape[-1])
     big = images.float().cpu().repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     return make_grid(big / (levels - 1), nrow=nrow, padding=PADDING, pad_value=1.0)
+
+
+def check_grid_memory(n: int, shape: tuple[int, int, int], have: int) -> None:
+    """Refuse (a `UserError`) a grid of `n` images of `shape` whose making would need more than `have`
+    bytes: about four float32 copies of the enlarged images are alive at once."""
+    channels, height, width = shape
+    _, scale = _layout(n, width)
+    need = 4 * 4 * n * channels * (height * scale + PADDING) * (width * scale + PADDING)
+    if need > have:
+        from flowspec.inspection.memory import fmt_bytes
+
+        raise UserError(
+            f"-n {n:,} draws a grid of {n:,} images that needs about {fmt_bytes(need)} to make, and cpu "
+            f"memory is {fmt_bytes(have)}: draw fewer images, or pass --allow-large to go ahead anyway"
+        )
 
 
 @torch.no_grad()
