@@ -43,6 +43,23 @@ def test_golden_parameter_counts(name):
     assert model.count_parameters()["total"] == GOLDEN[name] == spec.target_params
 
 
+def test_no_attention_builds_gated_nin_where_flowpp_has_attention():
+    """The ablation's count equals Flow++'s (the gated NIN's two 1x1 convs are shaped like attention's
+    q/k/v and output projections), so the modules themselves are checked."""
+    kinds = {}
+    for name in ("flowpp_cifar.flow", "ablations/no_attention.flow"):
+        model = flowspec.build(load_spec(SPECS / name), "meta")
+        kinds[name] = [
+            type(m).__name__
+            for m in model.flow.modules()
+            if type(m).__name__ in ("GatedAttention", "GatedNIN")
+        ]
+    attention, nin = kinds["flowpp_cifar.flow"], kinds["ablations/no_attention.flow"]
+    assert (
+        len(attention) == len(nin) > 0 and set(attention) == {"GatedAttention"} and set(nin) == {"GatedNIN"}
+    )
+
+
 def test_flowpp_cifar_forward_and_backward(flowpp):
     x = torch.randint(0, 256, (8, 3, 32, 32), generator=torch.Generator().manual_seed(0))
     flowpp.initialize(x)

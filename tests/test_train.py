@@ -81,8 +81,24 @@ def test_resume_is_exact(tmp_path):
     assert steps == [3, 4, 6, 8]
 
 
-def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path):
-    spec = tiny_spec(steps=1, lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-5, warmup=4, ema=0.5)
+def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):
+    recipe = dict(
+        lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-5, warmup=4, ema=0.5, clip_grad_norm=1e-3
+    )
+    spec = tiny_spec(steps=1, **recipe)
+    clipped = []  # (max_norm, the norm before clipping, the norm after)
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in parameters if p.grad is not None])
+        )
+        clipped.append((max_norm, norm.item(), after.item()))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     trainer = Trainer(spec, options(tmp_path / "run"))
     group = trainer.updater.optimizer.param_groups[0]
     assert isinstance(trainer.updater.optimizer, torch.optim.Adam)
@@ -94,6 +110,8 @@ def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path):
     model = list(trainer.updater.model.parameters())
     for old, ema, new in zip(before, trainer.updater.ema.module.parameters(), model, strict=True):
         torch.testing.assert_close(ema, 0.5 * old + 0.5 * new)
+    [(max_norm, norm, after)] = clipped
+    assert max_norm == 1e-3 and norm > 1e-2 and after == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_schedule_factors():
