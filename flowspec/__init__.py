@@ -36,6 +36,16 @@ def build(spec: FlowSpec, device: Any = None) -> FlowModel:
     memory or random draws, for counting and inspecting."""
     from flowspec.builder import build as _build
 
+    if not isinstance(spec, FlowSpec):
+        raise TypeError(
+            f"build takes a FlowSpec, got {type(spec).__name__}: read a .flow file with "
+            "flowspec.load_spec(path)"
+        )
+
+    if device is not None:
+        from flowspec.inspection.budget import parse_device
+
+        device = parse_device(device)
     return _build(spec, device)
 
 

@@ -77,10 +77,18 @@ def train(
     False}`). Returns the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake
     raises `UserError` with the message the command line prints.
     """
+    from flowspec.loader import check_overrides
+    from flowspec.threads import check_threads
     from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
 
+    check_overrides(sets)
+    if threads is not None:
+        check_threads(threads)
+    whole = isinstance(max_steps, int) and not isinstance(max_steps, bool)
+    if max_steps is not None and not (whole and max_steps >= 1):
+        raise UserError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
     memory = parse_size(data_memory) if data_memory is not None else None
     if resume is not None:
         if Path(resume).is_file():  # RUN_DIR/last.pt stands for its run folder; nothing else resumes
@@ -107,6 +115,7 @@ def train(
     from flowspec.inspection.budget import check_size, default_device
 
     check_size(spec, "train", default_device(device), allow_large)
+    _check_eval(spec, eval or {})
     options = RunOptions(
         out=Path(out) if out is not None else None,
         data_dir=Path(data) if data is not None else None,
@@ -125,6 +134,19 @@ def train(
         eval=dict(eval or {}),
     )
     return run_training(spec, options)
+
+
+def _check_eval(spec: FlowSpec, settings: Mapping[str, Any]) -> None:
+    """A `UserError` unless `settings` are valid settings of the spec's eval section."""
+    from pydantic import ValidationError
+
+    from flowspec.spec import EvalSpec
+
+    try:
+        EvalSpec.model_validate({**spec.eval.model_dump(), **settings})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'eval'}: {e['msg']}" for e in error.errors())
+        raise UserError(f"eval={dict(settings)!r}: {problems}") from None
 
 
 def load(path: PathLike, device: str | torch.device | None = None) -> FlowModel:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -48,6 +48,7 @@ def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ())
     """Where each setting of the spec at `path` was written, by dotted path (`train.lr`, `flow.0.mask`):
     in the file, in an extended file, in `defaults` (a step's inherited settings) or in a `--set` option.
     Settings left at their built-in defaults are absent. For a spec that `load_spec` accepts."""
+    check_overrides(overrides)
     doc = apply_defaults(apply_overrides(_load(Path(path), {}, chain=(), at=None), overrides))
     found: dict[str, SourceLoc] = {}
 
@@ -134,7 +135,17 @@ def _extend(doc: RawDict, file: str, texts: dict[str, str], chain: tuple[Path, .
 # ---------------------------------------------------------------- validation
 
 
+def check_overrides(overrides: object) -> None:
+    """A TypeError unless `overrides` is a list (or tuple) of `KEY=VALUE` strings: a single string would
+    be read as one override per character."""
+    if isinstance(overrides, str | bytes | Mapping) or not all(isinstance(o, str) for o in overrides):
+        raise TypeError(
+            f'overrides are a list of KEY=VALUE strings, e.g. ["train.lr=1e-3"], got {overrides!r}'
+        )
+
+
 def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], source: str | None) -> FlowSpec:
+    check_overrides(overrides)
     texts[OVERRIDE_FILE] = "\n".join(overrides)
     doc = apply_defaults(apply_overrides(doc, overrides))
     if source is not None:

@@ -11,6 +11,7 @@ from flowspec.layers import Coupling, LogitPreprocess, Sequence
 from flowspec.layers.base import DataInit, standard_normal_log_prob
 from flowspec.layers.fusion import allow_recompiles
 from flowspec.layers.networks import FlowppBlock
+from flowspec.model_inputs import check_autocast_dtype, check_batch, check_not_meta, check_sample_arguments
 from flowspec.spec import FlowSpec
 
 FUSED_GRAPHS = 64  # per elementwise chain: its input shapes (resolutions, batch sizes), grad and autocast
@@ -57,25 +58,31 @@ class FlowModel(nn.Module):
     def _as_float(self, x: Tensor) -> Tensor:
         return x.to(device=self.device, dtype=self.dtype)
 
+    def _checked(self, x: Tensor, method: str, kind: str) -> Tensor:
+        """`x` as floats on the model's device, once `model_inputs.check_batch` accepts it."""
+        check_not_meta(self.device, method)
+        return self._as_float(check_batch(x, method, self.spec.data.shape, self.spec.data.levels, kind))
+
     # ---------------------------------------------------------------- likelihood
 
     def encode(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """Continuous data v in [0, levels) -> latent z (the image's shape) and log |det dz/dv| per image."""
-        y, logdet_pre = self.preprocess(self._as_float(v))
+        y, logdet_pre = self.preprocess(self._checked(v, "encode", "data"))
         z, logdet = self.flow(y)
         return z, logdet_pre + logdet
 
     def decode(self, z: Tensor, with_logdet: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Latent z -> continuous data v in [0, levels); with `with_logdet`, also log |det dv/dz| per
         image (minus the log-det of encoding v, computed by encoding it again)."""
-        v = self.preprocess.inverse(self.flow.inverse(self._as_float(z)))
+        v = self.preprocess.inverse(self.flow.inverse(self._checked(z, "decode", "latents")))
         if not with_logdet:
             return v
         return v, -self.encode(v)[1]
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Per-image lower bound on log P(x) in nats, for integer images N x C x H x W in [0, levels)."""
-        v, log_q = self.dequantizer(self._as_float(x))
+        """Per-image lower bound on log P(x) in nats, for integer images N x C x H x W in [0, levels)
+        (a ValueError for another shape, or, on the CPU, for values that are not such integers)."""
+        v, log_q = self.dequantizer(self._checked(x, "log_prob", "images"))
         z, logdet = self.encode(v)
         return standard_normal_log_prob(z) + logdet - log_q.to(logdet.dtype)
 
@@ -91,6 +98,8 @@ class FlowModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """`n` integer images (uint8; int32 when levels > 256), decoded in eval mode from N(0, T^2 I)."""
+        check_sample_arguments(n, temperature)
+        check_not_meta(self.device, "sample")
         was_training = self.training
         self.eval()
         try:
@@ -115,14 +124,25 @@ class FlowModel(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Data-dependent init over an integer image batch; a no-op once done (the flags are saved)."""
+        """Data-dependent init over a batch of at least 2 integer images; a no-op once done (the flags are
+        saved). A call that fails, or would leave weights that are not finite, changes nothing."""
+        check_not_meta(self.device, "initialize")
         modules = self._data_init_modules()
         if all(bool(m.initialized) for m in modules):
             return
+        check_batch(x, "initialize", self.spec.data.shape, self.spec.data.levels, "images")
+        if len(x) < 2:
+            raise ValueError(f"initialize needs 2 images or more (their statistics set scales), not {len(x)}")
+        before = {name: value.clone() for name, value in self.state_dict().items()}
         for m in modules:
             m.init_mode = True
         try:
             self.log_prob(x)
+            if not all(torch.isfinite(p).all() for p in self.parameters()):
+                raise ValueError("initialize made weights that are not finite")
+        except BaseException:
+            self.load_state_dict(before)
+            raise
         finally:
             for m in modules:
                 m.init_mode = False
@@ -133,6 +153,7 @@ class FlowModel(nn.Module):
     def set_autocast(self, dtype: torch.dtype | None) -> None:
         """Run the coupling networks and the dequantizer's context network under torch.autocast with
         `dtype` (None: off); the transforms, log-dets and log q stay in the data's dtype (fp32 or fp64)."""
+        check_autocast_dtype(dtype)
         for m in self.modules():
             if hasattr(m, "autocast_dtype"):
                 m.autocast_dtype = dtype

@@ -172,7 +172,7 @@ class TrainSpec(Node):
     accumulate: int = Field(default=1, ge=1, description="micro-batches of batch/N whose gradients add up")
     clip_grad_norm: float | None = Field(default=None, gt=0.0)
     ema: float | None = Field(default=None, gt=0.0, lt=1.0)
-    init_batch: int = Field(default=128, ge=1)
+    init_batch: int = Field(default=128, ge=2)
     length: Interval | None = Field(default=None, description="training length; none: unbounded")
     eval_every: Interval = Interval(count=1, unit="epochs")
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")

@@ -28,6 +28,16 @@ def _millions(params: int) -> str:
     return f"{params / 1e6:.2g}M params" if params < 1e7 else f"{params / 1e6:.0f}M params"
 
 
+def check_threads(requested: int, cpus: int | None = None) -> None:
+    """A `UserError` unless `requested` (`--threads`) is between 1 and the `cpus` cores (this machine's):
+    thousands of threads crash the OpenMP runtime instead of failing cleanly."""
+    cpus = max(1, cpus if cpus is not None else os.cpu_count() or 1)
+    if requested < 1:
+        raise UserError(f"--threads {requested}: give a number of threads >= 1")
+    if requested > cpus:
+        raise UserError(f"--threads {requested}: this machine has {cpus} CPU cores; ask for at most {cpus}")
+
+
 def choose_threads(
     params: int,
     cpus: int,
@@ -41,11 +51,8 @@ def choose_threads(
     thread for a small model or when fewer than two cores are idle, else the idle cores (all of them on an
     idle CPU).
     """
-    if requested is not None and requested > max(1, cpus):
-        raise UserError(  # thousands of threads crash the OpenMP runtime instead of failing cleanly
-            f"--threads {requested}: this machine has {cpus} CPU cores; ask for at most {max(1, cpus)}"
-        )
     if requested is not None:
+        check_threads(requested, cpus)
         return ThreadChoice(requested, "--threads")
     if env is not None and env.strip().isdigit() and int(env) > 0:
         return ThreadChoice(int(env), "OMP_NUM_THREADS")

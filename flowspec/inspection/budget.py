@@ -121,9 +121,17 @@ def measure(spec: FlowSpec) -> Size:
     )
 
 
-def default_device(device: str | None = None) -> torch.device:
+def parse_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; a `UserError` for a name torch does not know (e.g. "gpu")."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not one torch knows: use cpu, cuda or cuda:N") from None
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
     """`device`, else cuda when available, else cpu."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def device_memory(device: str | torch.device = "cpu") -> int:

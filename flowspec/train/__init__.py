@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from typing import Any
@@ -17,7 +18,7 @@ class _CallablePackage(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return _train(*args, **kwargs)
 
-    __call__.__doc__ = _train.__doc__
 
-
+__signature__ = inspect.signature(_train)  # what inspect.signature(flowspec.train) and help() show
+__doc__ = f"{__doc__}\nflowspec.train{__signature__}\n\n{inspect.cleandoc(_train.__doc__ or '')}\n"
 sys.modules[__name__].__class__ = _CallablePackage

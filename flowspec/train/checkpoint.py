@@ -133,6 +133,11 @@ def load_checkpoint(
     except Exception as error:  # truncated zip, garbage bytes, unpickling errors
         if path.suffix == ".flow":
             raise UserError(f"{path} is a spec, not a checkpoint: pass a run folder or its {LAST}") from None
+        if path.suffix != ".pt":
+            raise UserError(
+                f"{path} is not a checkpoint (a .pt file that flowspec train writes): pass a run folder "
+                f"or its {LAST}"
+            ) from None
         raise UserError(
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(error).__name__}); "
             f"it was left untouched: resume from another run folder or start a new run"

@@ -81,10 +81,10 @@ def load_trained(
     that, with `images` images at once, would not fit the device is refused before it is built unless
     `allow_large`."""
     import flowspec
-    from flowspec.inspection.budget import check_size
+    from flowspec.inspection.budget import check_size, parse_device
 
     path = Path(target)
-    where = torch.device(device or "cpu")
+    where = parse_device(device or "cpu")
     if where.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
     if path.suffix == SUFFIX and not path.is_dir():

@@ -350,8 +350,11 @@ class Trainer:
             images = self.train_set.images
             generator = torch.Generator().manual_seed(self.t.seed)
             pick = torch.randperm(len(images), generator=generator)[: self.t.init_batch]
-            with torch.no_grad():
+            try:
                 model.initialize(images[pick].to(self.device))
+            except ValueError as error:  # e.g. images that are all alike
+                failed = f"data-dependent initialisation on {len(pick)} training images failed"
+                raise UserError(f"{failed}: {error}") from None
         broadcast_module(model, self.dist)
 
     def _restore(self, payload: dict[str, Any]) -> None:
