@@ -64,7 +64,12 @@ SCHEDULE_ARGS = {
     "floor": "exp_floor",
 }
 #: the arguments each schedule uses
-SCHEDULE_KIND_ARGS = {"step": ("every", "gamma"), "exponential": ("hold", "decay", "floor")}
+SCHEDULE_KIND_ARGS = {
+    "constant": (),
+    "cosine": (),
+    "step": ("every", "gamma"),
+    "exponential": ("hold", "decay", "floor"),
+}
 CONVERSIONS = {"all": ("size", "mode", "depth"), "none": ()}  # `convert all`, `convert none`
 
 
@@ -115,5 +120,9 @@ def _call_setting(key: str, value: Any) -> dict[str, Any]:
     for arg, arg_value in value.args.items():
         if arg not in allowed:
             raise SettingError(f"unknown setting '{arg}' of {key} {value.name}{did_you_mean(arg, allowed)}")
+        uses = SCHEDULE_KIND_ARGS.get(value.name) if key == "schedule" else None
+        if uses is not None and arg not in uses:  # an unknown schedule's name is reported on its own
+            takes = f"it takes {', '.join(uses)}" if uses else "it takes no settings"
+            raise SettingError(f"the {value.name} schedule has no setting '{arg}': {takes}")
         fields[SCHEDULE_ARGS.get(arg, arg) if key == "schedule" else arg] = arg_value
     return fields

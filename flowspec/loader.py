@@ -97,7 +97,7 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
     if len(data) > MAX_SPEC_BYTES:
         raise SpecFileError(f"is larger than {MAX_SPEC_BYTES // 2**20} MiB, too large for a spec file")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
     except UnicodeDecodeError as error:
         raise SpecFileError(f"is not UTF-8 text (byte {error.start})") from None
 
@@ -153,7 +153,7 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
     diagnostics = list(doc.problems)
     plain = _plain(doc)
     try:
-        spec = FlowSpec.model_validate(plain)
+        spec = FlowSpec.model_validate(plain, strict=True)
     except ValidationError as error:
         items, spec = _after_repair(plain, error)
         found = _from_pydantic([*error.errors(include_url=False), *items], doc)
@@ -191,7 +191,7 @@ def _after_repair(plain: dict, error: ValidationError, rounds: int = 3) -> tuple
             repaired += removed
             shaped = shaped or any(not loc or loc[-1] in _SHAPED for loc in removed)
         try:
-            spec = FlowSpec.model_validate(plain)
+            spec = FlowSpec.model_validate(plain, strict=True)
         except ValidationError as again:
             error = again
             found += [
@@ -242,7 +242,8 @@ def _names_repaired(item: dict, repaired: list[tuple]) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """The raw document as plain dicts, lists and strings (what pydantic should see)."""
+    """The raw document as plain dicts, lists, strings, numbers and booleans (what pydantic should see,
+    in strict mode: a quoted "8" is not a number, and only the words `on` and `off` are booleans)."""
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -250,7 +251,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_plain(item) for item in value)
     if isinstance(value, Word):
-        return str(value)
+        return {"on": True, "off": False}.get(value, str(value))
     return value
 
 
@@ -321,6 +322,14 @@ def _item_annotation(annotation: Any) -> Any:
     return args[0] if args else None
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _show(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -367,11 +376,15 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()))
         return f"{field} must be {_BOUNDS[kind]} {bound}, got {_show(value)}"
-    if kind == "int_from_float":
+    if kind == "int_from_float" or kind == "int_type" and isinstance(value, float):
         return f"{field} must be a whole number, got {_show(value)}"
     if kind in ("int_type", "int_parsing", "float_type", "float_parsing", "finite_number"):
+        if isinstance(value, str) and _is_number(value):
+            return f'{field} must be a number, got the text "{value}": write numbers without quotes'
         return f"{field} must be a number, got {_show(value)}"
     if kind in ("bool_type", "bool_parsing"):
+        if value in ("on", "off"):  # only a quoted on / off reaches here: the words are booleans
+            return f'{field} must be on or off, got the text "{value}": write it without quotes'
         return f"{field} must be on or off, got {_show(value)}"
     if kind in ("model_type", "model_attributes_type", "dict_type") and field in ("length", "eval_every"):
         return (

@@ -9,6 +9,7 @@ settings are, wherever they were written.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -188,6 +189,8 @@ class TrainSpec(Node):
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
+        if self.schedule == "cosine" and self.length is None:
+            raise ValueError("a cosine schedule needs a training length: add `length N steps` (or epochs)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         if self.batch % self.accumulate:
@@ -232,6 +235,16 @@ class FlowSpec(Node):
     eval: EvalSpec = EvalSpec()
     target_params: int | None = Field(default=None, ge=0)
     source: str | None = Field(default=None, exclude=True, repr=False, description="path it was loaded from")
+
+    @field_validator("name")
+    @classmethod
+    def _a_word(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", name):
+            raise ValueError(
+                f"the model name must be a word of letters, digits and _ (at most 100; it names the run "
+                f"folder), got {name!r}"
+            )
+        return name
 
     @property
     def dims(self) -> int:

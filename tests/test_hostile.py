@@ -192,8 +192,9 @@ def test_repeats_that_multiply_to_a_billion_steps_are_refused_before_building(tm
     path = bomb(tmp_path, steps="repeat 1000 { repeat 1000 { repeat 1000 { flip } } }")
     assert run(["diff", str(path)]) == 2
     assert run(["inspect", str(path), "--probe", "--allow-large"]) == 2
+    assert run(["validate", str(path)]) == 2  # validate refuses what every other command would
     err = capsys.readouterr().err
-    assert err.count("the spec unrolls to") == 2
+    assert err.count("the spec unrolls to") == 3
     assert err.startswith(
         f"error: {path}:3:23: the spec unrolls to 1,000,000,001 steps (repeat 1000 at flow.0.body.0"
     )

@@ -94,3 +94,12 @@ def test_probe_missing_data_exit_2(capsys, tmp_path):
     code = run(["inspect", str(SPECS / "quickstart.flow"), "--probe", "--data", str(tmp_path / "nowhere")])
     _, err = capsys.readouterr()
     assert code == 2 and "nowhere" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", [["--batch", "4"], ["--data", "x"], ["--threads", "1"]])
+def test_probe_options_without_probe_are_refused(option, capsys):
+    assert run(["inspect", str(SPECS / "quickstart.flow"), *option]) == 2
+    name = option[0]
+    assert (
+        capsys.readouterr().err == f"error: {name} is only used with --probe: add --probe, or drop {name}\n"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -365,3 +366,64 @@ def test_data_sources_and_preparation_round_trip():
 def test_data_section_mistakes(data: str, message: str):
     with pytest.raises(SpecError, match=message):
         parse_spec(f"model m data {data} flow {{ split stripe {{ flip }} }}")
+
+
+def test_a_byte_order_mark_is_ignored_and_the_lines_are_counted_as_written(tmp_path):
+    path = tmp_path / "bom.flow"
+    path.write_bytes(b"\xef\xbb\xbfmodel bom\nflow { squeeze }\ntrain { batch 0 }\n")
+    with pytest.raises(SpecError, match=r"bom.flow:3:9: batch must be >= 1, got 0"):
+        load_spec(path)
+    assert load_spec(path, overrides=["train.batch=8"]).name == "bom"
+
+
+@pytest.mark.parametrize("name", ['"../../escape/x"', '"a b"', '""', "a" * 101])
+def test_the_model_name_is_a_word_because_it_names_the_run_folder(name):
+    with pytest.raises(SpecError, match=r"the model name must be a word of letters, digits and _"):
+        parse_spec("model m\nflow { squeeze }\n", overrides=[f"model={name}"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ("cosine(every=5)", "the cosine schedule has no setting 'every': it takes no settings"),
+        ("constant(decay=0.5)", "the constant schedule has no setting 'decay'"),
+        ("step(hold=5)", "the step schedule has no setting 'hold': it takes every, gamma"),
+        (
+            "exponential(gamma=0.5)",
+            "the exponential schedule has no setting 'gamma': it takes hold, decay, floor",
+        ),
+    ],
+)
+def test_a_schedule_refuses_the_settings_of_another(schedule, message):
+    text = f"model m\nflow {{ squeeze }}\ntrain {{ length 10 steps  warmup 1 steps, then {schedule} }}\n"
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="m.flow")
+    assert f"m.flow:3:26: {message}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ('train.batch="8"', 'batch must be a number, got the text "8": write numbers without quotes'),
+        ('train.lr="1e-3"', 'lr must be a number, got the text "1e-3"'),
+        ("train.batch=8.0", "batch must be a whole number, got 8.0"),
+        ("defaults.coupling.attention=no", "attention must be on or off, got no"),
+        ("defaults.coupling.attention=true", "attention must be on or off, got true"),
+        (
+            'defaults.coupling.attention="on"',
+            'attention must be on or off, got the text "on": write it without',
+        ),
+    ],
+)
+def test_numbers_and_booleans_are_written_as_such(setting, message):
+    """Values are validated strictly: no text is read as a number, and only on / off are booleans."""
+    text = "model m\ndefaults { coupling mixlogistic(filters=4) }\nflow { split stripe { coupling } }\n"
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(text, overrides=[setting])
+
+
+def test_whole_numbers_are_taken_where_decimals_are_expected():
+    text = "model m\nflow { split stripe { coupling mixlogistic(filters=4, dropout=0) } }\n"
+    text += "train { optimizer adam(lr=1) }\n"
+    spec = parse_spec(text, overrides=["train.clip_grad_norm=1", "defaults.coupling.attention=off"])
+    assert (spec.train.lr, spec.train.clip_grad_norm, spec.flow[0].body[0].dropout) == (1.0, 1.0, 0.0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_helpers import one_thread, tiny_spec, write_shards  # noqa: F401 (fixture)
 
+import flowspec
 from flowspec.errors import UserError
 from flowspec.spec import DataSpec
 from flowspec.train.checkpoint import LAST, load_checkpoint
@@ -123,10 +124,14 @@ def test_schedule_factors():
     assert LrFactor(warmup=0, kind="constant", total=None, every=1, gamma=1.0)(1000) == 1.0
 
 
-def test_cosine_without_length_is_a_user_error(tmp_path):
-    spec = tiny_spec(schedule="cosine", length=None)
-    with pytest.raises(UserError, match="cosine schedule needs a training length"):
-        Trainer(spec, options(tmp_path / "run"))
+def test_cosine_without_length_is_a_spec_error():
+    text = "model m\nflow { squeeze }\ntrain {\n  warmup 10 steps, then cosine\n}\n"
+    with pytest.raises(
+        UserError, match=r"m.flow:3:1: a cosine schedule needs a training length: add `length"
+    ):
+        flowspec.parse_spec(text, source="m.flow")
+    spec = flowspec.parse_spec(text.replace("cosine", "cosine  length 100 steps"), source="m.flow")
+    assert spec.train.schedule == "cosine" and spec.train.length.count == 100
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):

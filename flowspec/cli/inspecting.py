@@ -22,6 +22,9 @@ class InspectFormat(str, Enum):
     mermaid = "mermaid"
 
 
+PROBE_BATCH = 8  # images `inspect --probe` runs when --batch is not given
+
+
 @app.command(epilog=epilog("inspect"))
 def inspect(
     spec: Annotated[Path, typer.Argument(metavar="SPEC", help="Spec file to inspect.")],
@@ -46,21 +49,25 @@ def inspect(
         Path | None,
         typer.Option("--data", metavar="PATH", help="Probe on test images from PATH (else random)."),
     ] = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, max=4096, help="Probe batch size.")] = 8,
+    batch: Annotated[
+        int | None, typer.Option("--batch", min=1, max=4096, help="Probe batch size (default 8).")
+    ] = None,
     sets: SetOption = None,
     threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
-    for name, value in (("--data", data), ("--threads", threads)):
+    for name, value in (("--data", data), ("--threads", threads), ("--batch", batch)):
         if value is not None and not probe:
             raise UserError(f"{name} is only used with --probe: add --probe, or drop {name}")
+    batch = batch or PROBE_BATCH
     resolved = load_cli_spec(spec, sets)
     import torch
 
     import flowspec
     from flowspec.inspection import inspect_model, render
-    from flowspec.inspection.budget import check_size, check_steps
+    from flowspec.inspection.budget import check_size
+    from flowspec.inspection.unroll import check_steps
 
     if probe:  # the probe allocates the weights and a batch; without it, nothing is allocated
         check_size(resolved, "build", allow_large=allow_large, images=batch)
@@ -98,7 +105,7 @@ def diff(
     from rich.console import Console
 
     from flowspec.inspection import inspect_spec
-    from flowspec.inspection.budget import check_steps
+    from flowspec.inspection.unroll import check_steps
 
     for spec in (a, b):  # both are built on the meta device: only their step count matters
         check_steps(spec)

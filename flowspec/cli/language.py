@@ -12,6 +12,7 @@ from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.cli.options import SetOption, load_cli_spec
 from flowspec.errors import UserError
+from flowspec.inspection.unroll import check_steps
 
 
 class ShowFormat(str, Enum):
@@ -29,6 +30,7 @@ def validate(
     for path in specs:
         try:
             spec = load_cli_spec(path, sets)
+            check_steps(spec)
         except UserError as error:
             failed += 1
             typer.echo(f"error: {error}", err=True)

@@ -20,9 +20,9 @@ from flowspec.errors import UserError
 from flowspec.inspection.memory import estimate_memory, fmt_bytes
 from flowspec.inspection.params import parameters_by_path
 from flowspec.inspection.report import make_report
+from flowspec.inspection.unroll import check_steps, stacks, unrolled_steps
 from flowspec.spec import FlowSpec
 
-MAX_STEPS = 10_000  # layers after repeats are unrolled (Flow++ on CIFAR-10 has 56)
 ALLOW = "pass --allow-large to go ahead anyway"
 
 Use = Literal["build", "infer", "train"]
@@ -42,37 +42,6 @@ class Size:
     largest: str  # the step owning most parameters, with its settings and source
 
 
-def unrolled_steps(steps: list) -> int:
-    """Layers a stack of steps builds: repeats multiply their bodies, a split adds itself."""
-    total = 0
-    for step in steps:
-        if step.kind == "repeat":
-            total += step.count * unrolled_steps(step.body)
-        elif step.kind == "split":
-            total += 1 + unrolled_steps(step.body)
-        else:
-            total += 1
-    return total
-
-
-def _largest_repeat(steps: list, prefix: str) -> tuple[str, object]:
-    """The outermost repeat of the stack that unrolls to the most layers: (its path, the step)."""
-    best = max(
-        ((f"{prefix}.{i}", s) for i, s in enumerate(steps) if s.kind in ("repeat", "split")),
-        key=lambda item: unrolled_steps([item[1]]),
-    )
-    path, step = best
-    if step.kind == "split":
-        return _largest_repeat(step.body, f"{path}.body")
-    return path, step
-
-
-def _stacks(spec: FlowSpec) -> dict[str, list]:
-    if spec.dequantize.kind == "variational":
-        return {"flow": spec.flow, "dequantize.steps": spec.dequantize.steps}
-    return {"flow": spec.flow}
-
-
 def meta_model(spec: FlowSpec) -> torch.nn.Module:
     """The model `spec` builds, on the meta device: every tensor's shape, no storage (see `check_steps`)."""
     check_steps(spec)
@@ -80,20 +49,6 @@ def meta_model(spec: FlowSpec) -> torch.nn.Module:
 
     with torch.device("meta"):
         return flowspec.build(spec)
-
-
-def check_steps(spec: FlowSpec) -> None:
-    """A `UserError` when the spec unrolls to more than `MAX_STEPS` steps, which no device could build."""
-    stacks = _stacks(spec)
-    steps = sum(unrolled_steps(s) for s in stacks.values())
-    if steps > MAX_STEPS:
-        name, stack = max(stacks.items(), key=lambda item: unrolled_steps(item[1]))
-        path, repeat = _largest_repeat(stack, name)
-        where = f"{repeat.source}: " if repeat.source else ""
-        raise UserError(
-            f"{where}the spec unrolls to {steps:,} steps (repeat {repeat.count} at {path} and the repeats "
-            f"it holds multiply), more than the {MAX_STEPS:,} flowspec builds; lower the repeat counts"
-        )
 
 
 def measure(spec: FlowSpec) -> Size:
@@ -110,7 +65,7 @@ def measure(spec: FlowSpec) -> Size:
         largest = f"; {top.params:,} of them in {top.path} ({top.kind} {top.settings}{at})"
     per_image = estimate.activations // spec.train.batch
     return Size(
-        sum(unrolled_steps(s) for s in _stacks(spec).values()),
+        sum(unrolled_steps(s) for s in stacks(spec).values()),
         parameters,
         4 * parameters,
         estimate.total,

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from flowspec.errors import UserError
 from flowspec.spec import TrainSpec
 
 
@@ -47,10 +46,6 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, train: TrainSpec, total_steps: int | None
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The spec's schedule over `total_steps` (the spec's training length; None when unbounded)."""
-    if train.schedule == "cosine" and total_steps is None:
-        raise UserError(
-            "a cosine schedule needs a training length: set `length N steps` (or epochs) in the spec"
-        )
     factor = LrFactor(
         train.warmup,
         train.schedule,
