@@ -93,6 +93,8 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
         if key in ("clip_grad_norm", "ema") and value == "off":
             return {key: None}
         if key == "hflip" and isinstance(value, Word):
+            if value not in ("hflip", "none", "on", "off"):
+                raise SettingError(f"augment is hflip or none, got {value}")
             return {"hflip": {"hflip": True, "none": False}.get(value, value)}
     if section == "eval":
         if key == "images" and value == "all":

@@ -6,6 +6,7 @@ offending value was written (in an extended file, or in a `--set` option, where 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import stat
@@ -155,7 +156,7 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
     try:
         spec = FlowSpec.model_validate(plain, strict=True)
     except ValidationError as error:
-        items, spec = _after_repair(plain, error)
+        items, spec = _after_repair(copy.deepcopy(plain), error)  # the errors keep the user's values
         found = _from_pydantic([*error.errors(include_url=False), *items], doc)
         found += _shape_diagnostics(spec, doc) if spec is not None else []
         diagnostics += [d for i, d in enumerate(found) if d not in found[:i]]
@@ -167,8 +168,10 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
 
 
 def _shape_diagnostics(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
-    where = doc.locs.get("flow") or doc.loc
-    return [Diagnostic(issue.source or where, issue.message) for issue in shape_issues(spec)]
+    def section(path: str) -> SourceLoc | None:
+        return doc.locs.get(path.split(".")[0]) or doc.locs.get("flow") or doc.loc
+
+    return [Diagnostic(issue.source or section(issue.path), issue.message) for issue in shape_issues(spec)]
 
 
 #: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them.
@@ -187,7 +190,7 @@ def _after_repair(plain: dict, error: ValidationError, rounds: int = 3) -> tuple
     shaped = False
     for _ in range(rounds):
         for item in error.errors(include_url=False):
-            removed = _repair(plain, item["loc"], item["type"].startswith("union_tag"))
+            removed = _repair(plain, item["loc"], item["type"])
             repaired += removed
             shaped = shaped or any(not loc or loc[-1] in _SHAPED for loc in removed)
         try:
@@ -211,7 +214,7 @@ def _untagged(loc: tuple) -> tuple:
     )
 
 
-def _repair(plain: dict, loc: tuple, unknown_kind: bool) -> list[tuple]:
+def _repair(plain: dict, loc: tuple, error_type: str) -> list[tuple]:
     """Remove what the error at `loc` blames from the plain document: a setting (its default applies), a
     step of an unknown kind, or every setting of a section or step that is wrong as a whole. Returns the
     paths removed (a removed step's ends with `kind`)."""
@@ -222,7 +225,8 @@ def _repair(plain: dict, loc: tuple, unknown_kind: bool) -> list[tuple]:
         if not isinstance(node, (dict, list)) or not found:
             return []
         child = node[part]
-        whole = i == len(path) - 1 and isinstance(child, dict) and not unknown_kind
+        # a section or step wrong as a whole loses its settings; a dict where a value belongs goes
+        whole = i == len(path) - 1 and isinstance(child, dict) and error_type.startswith(("value", "model"))
         if i == len(path) - 1 and not whole or not isinstance(child, (dict, list)):
             del node[part]
             return [(*path[: i + 1], "kind") if isinstance(part, int) else path[: i + 1]]
@@ -255,9 +259,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_MEMBER_TAG = re.compile(r"(int|float|str|bool|none|(tuple|list|literal|function-\w+)\[.*\])$")
+
+
+def _one_per_union(items: list) -> list:
+    """Pydantic reports a value that fits no member of a union (`int | float`, `str | int`) once per
+    member, the member's type name in the location: keep one, with the type name dropped, preferring the
+    member of the value's own kind (a number's error for a number). Other errors are kept as they are."""
+    kept: dict[Any, dict] = {}
+    for i, item in enumerate(items):
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and _MEMBER_TAG.fullmatch(p)))
+        if loc == tuple(item["loc"]):
+            kept[i] = item
+            continue
+        fits = isinstance(item.get("input"), int | float) == item["type"].startswith(("int", "float"))
+        if loc not in kept or fits:
+            kept[loc] = {**item, "loc": loc}
+    return list(kept.values())
+
+
 def _from_pydantic(items: list, doc: RawDict) -> list[Diagnostic]:
     found: list[tuple[str, Diagnostic]] = []
-    for item in items:
+    for item in _one_per_union(items):
         # point an unknown kind at the word, not at the whole section
         kind_word = ("kind",) if item["type"] == "union_tag_invalid" else ()
         path, loc, model, owner = _locate(doc, (*item["loc"], *kind_word))
@@ -342,7 +365,11 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-_WRITTEN = {field: arg for arg, field in SCHEDULE_ARGS.items()}  # spec field -> the name the file writes
+_WRITTEN = {  # spec field -> the name the file writes
+    **{field: arg for arg, field in SCHEDULE_ARGS.items()},
+    "eval_every": "eval every",
+    "hflip": "augment",
+}
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
@@ -350,9 +377,11 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
     kind, ctx, value = item["type"], item.get("ctx", {}), item.get("input")
     parts = path.split(".")
     field = next((p for p in reversed(parts) if not p.isdigit()), path) or "spec"
-    field = _WRITTEN.get(field, field)
     if field == "count":  # name the count by what it counts
         field = "repeat count" if owner == "repeat" else parts[-2] if len(parts) > 1 else field
+    field = _WRITTEN.get(field, field)
+    if field == "shape" and (kind in ("too_long", "too_short") or kind == "missing" and parts[-1].isdigit()):
+        return f"shape is C x H x W (channels, height, width), e.g. 3x32x32, got {'x'.join(map(str, value))}"
     if kind == "missing":
         if path == "model":
             return "missing model name: add `model NAME`"

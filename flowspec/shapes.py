@@ -28,12 +28,15 @@ def shape_issues(spec: FlowSpec) -> list[ShapeIssue]:
         return issues
     issues += walk(deq.steps, spec.data.shape, "dequantize").issues
     top = deq.steps
-    if not top or not isinstance(top[-1], SigmoidStep):
+    if not top:
+        no_steps = "`dequantize variational` has no steps: write them, then `sigmoid`"
+        issues.append(ShapeIssue("dequantize.steps", no_steps, None))
+    elif not isinstance(top[-1], SigmoidStep):
         issues.append(
             ShapeIssue(
                 "dequantize.steps",
                 "the variational dequantizer must end with `sigmoid`, so that its noise lies in (0, 1)",
-                top[-1].source if top else None,
+                top[-1].source,
             )
         )
     splits = [(path, step) for path, step in written(deq.steps, "dequantize") if isinstance(step, SplitStep)]

@@ -24,6 +24,7 @@ __all__ = ["CouplingSettings", "FlowSpec", "SourceLoc", "Step"]
 
 # ---------------------------------------------------------------- sections
 
+MAX_BATCH = 2**20  # images in a batch: a bound far above any machine's, so that typos are caught
 MAX_SEED = 2**32 - 1  # seeds derived from it (per rank, epoch, evaluation) stay within torch's 64 bits
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -169,11 +170,11 @@ class TrainSpec(Node):
     exp_hold: int = Field(default=0, ge=0, description="schedule exponential: steps at lr after warmup")
     exp_decay: float = Field(default=0.9999, gt=0.0, le=1.0, description="schedule exponential: per step")
     exp_floor: float = Field(default=0.0, ge=0.0, description="schedule exponential: the lowest lr")
-    batch: int = Field(default=64, ge=1, description="images per optimisation step, over all processes")
+    batch: int = Field(default=64, ge=1, le=MAX_BATCH, description="images per step, over all processes")
     accumulate: int = Field(default=1, ge=1, description="micro-batches of batch/N whose gradients add up")
     clip_grad_norm: float | None = Field(default=None, gt=0.0)
     ema: float | None = Field(default=None, gt=0.0, lt=1.0)
-    init_batch: int = Field(default=128, ge=2)
+    init_batch: int = Field(default=128, ge=2, le=MAX_BATCH)
     length: Interval | None = Field(default=None, description="training length; none: unbounded")
     eval_every: Interval = Interval(count=1, unit="epochs")
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")

@@ -427,3 +427,46 @@ def test_whole_numbers_are_taken_where_decimals_are_expected():
     text += "train { optimizer adam(lr=1) }\n"
     spec = parse_spec(text, overrides=["train.clip_grad_norm=1", "defaults.coupling.attention=off"])
     assert (spec.train.lr, spec.train.clip_grad_norm, spec.flow[0].body[0].dropout) == (1.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.batch=8 steps", "--set:1:7: batch must be a number, got 8 steps"),
+        ("data.shape=8x8", "--set:1:6: shape is C x H x W (channels, height, width), e.g. 3x32x32, got 8x8"),
+        ("data.shape=1x3x8x8", "got 1x3x8x8"),
+        ("data.test_split=half", "--set:1:6: test_split must be a number, got half"),
+        ("data.classes=(1, 2.5)", "--set:1:6: classes must be a whole number, got 2.5"),
+        ("train.augment=vflip", "--set:1:7: augment is hflip or none, got vflip"),
+        ("train.batch=99999999999999999999999", "batch must be <= 1048576, got 99999999999999999999999"),
+        ("train.eval=0 steps", "--set:1:7: eval every must be >= 1, got 0"),
+    ],
+)
+def test_a_wrong_value_gets_one_message_in_the_words_of_the_file(setting, message):
+    """One error per mistake (not one per member of a union, nor again after a repair), naming the
+    setting as the file writes it."""
+    text = "model m\ndata npz { shape 1x8x8  levels 17 }\nflow { split stripe { coupling(filters=4) } }\n"
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, overrides=[setting])
+    assert message in str(caught.value).splitlines()[0]
+    assert str(caught.value).count("\n") == 2  # one error: the message, the line, the caret
+
+
+def test_an_empty_variational_dequantizer_is_blamed_at_its_line():
+    text = "model m\ndata digits { shape 1x8x8  levels 17 }\ndequantize variational { }\nflow { squeeze }\n"
+    with pytest.raises(
+        SpecError, match=r"m.flow:3:1: `dequantize variational` has no steps: write them, then"
+    ):
+        parse_spec(text, source="m.flow")
+
+
+def test_validate_names_the_spec_of_an_error_in_set(tmp_path, capsys):
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.flow")
+        paths[-1].write_text(f"model {name}\nflow {{ squeeze }}\n")
+    assert run(["validate", *map(str, paths), "--set", "train.batch=0"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {paths[0]}: --set:1:7: batch must be >= 1" in err and f"error: {paths[1]}: --set:1:7" in err
+    )

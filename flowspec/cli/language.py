@@ -33,7 +33,8 @@ def validate(
             check_steps(spec)
         except UserError as error:
             failed += 1
-            typer.echo(f"error: {error}", err=True)
+            named = len(specs) == 1 or str(path) in str(error)  # else say which spec it is about
+            typer.echo(f"error: {error}" if named else f"error: {path}: {error}", err=True)
             continue
         typer.echo(f"ok: {path} ({spec.name})")
     if failed:
