@@ -19,7 +19,14 @@ from pydantic import ValidationError
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import SCHEDULE_ARGS, Call, RawDict, Word
 from flowspec.parser import SECTION_NAMES, parse_document
-from flowspec.resolve import OVERRIDE_FILE, apply_defaults, apply_overrides, merge, model_of
+from flowspec.resolve import (
+    OVERRIDE_FILE,
+    apply_defaults,
+    apply_overrides,
+    merge,
+    model_of,
+    unused_coupling_settings,
+)
 from flowspec.shapes import shape_issues
 from flowspec.spec import FlowSpec, SourceLoc
 
@@ -148,10 +155,12 @@ def check_overrides(overrides: object) -> None:
 def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], source: str | None) -> FlowSpec:
     check_overrides(overrides)
     texts[OVERRIDE_FILE] = "\n".join(overrides)
-    doc = apply_defaults(apply_overrides(doc, overrides))
+    doc = apply_overrides(doc, overrides)
+    unused = unused_coupling_settings(doc)
+    doc = apply_defaults(doc)
     if source is not None:
         doc["source"] = source
-    diagnostics = list(doc.problems)
+    diagnostics = list(doc.problems) + unused
     plain = _plain(doc)
     try:
         spec = FlowSpec.model_validate(plain, strict=True)

@@ -17,6 +17,7 @@ from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, convert
 from flowspec.parser import SECTION_KEYS, parse_value
 from flowspec.spec import CouplingSettings, FlowSpec, SourceLoc
+from flowspec.steps.coupling import unused_settings
 
 MERGED_SECTIONS = ("data", "preprocess", "train", "eval", "defaults")
 COUPLING_FIELDS = tuple(CouplingSettings.model_fields)
@@ -196,6 +197,40 @@ def model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
 
 
 # ---------------------------------------------------------------- defaults
+
+
+def unused_coupling_settings(doc: RawDict) -> list[Diagnostic]:
+    """A diagnostic for each setting written on a coupling step (not inherited from `defaults`) that its
+    kind or network does not use, e.g. `weight_norm` with `network=resnet`: it would change nothing. Run
+    before `apply_defaults`; values that are not valid are left to validation."""
+    defaults = doc.get("defaults")
+    coupling = defaults.get("coupling") if isinstance(defaults, RawDict) else None
+    coupling = coupling if isinstance(coupling, RawDict) else RawDict()
+    found: list[Diagnostic] = []
+
+    def setting(step: RawDict, name: str) -> Any:
+        return step.get(name, coupling.get(name, CouplingSettings.model_fields[name].default))
+
+    def check(steps: Any) -> None:
+        for step in steps if isinstance(steps, list) else ():
+            if not isinstance(step, RawDict):
+                continue
+            if step.get("kind") == "coupling":
+                unused = unused_settings(
+                    str(setting(step, "coupling")),
+                    str(setting(step, "network")),
+                    setting(step, "attention") not in ("off", False),
+                )
+                for name in (n for n in step if n in unused):
+                    where = step.locs.get(name) or step.loc
+                    found.append(Diagnostic(where, f"{name} does nothing here: {unused[name]}; remove it"))
+            check(step.get("body"))
+
+    check(doc.get("flow"))
+    dequantize = doc.get("dequantize")
+    if isinstance(dequantize, RawDict):
+        check(dequantize.get("steps"))
+    return found
 
 
 def apply_defaults(doc: RawDict) -> RawDict:

@@ -41,6 +41,24 @@ class CouplingSettings(Node):
         return self
 
 
+def unused_settings(coupling: str, network: str, attention: bool) -> dict[str, str]:
+    """The settings that a coupling of this kind, network and attention does not use, with the reason."""
+    unused = {}
+    if coupling != "mixlogistic":
+        unused["components"] = f"an {coupling} coupling has no mixture"
+    if network == "resnet":
+        for name in ("heads", "attention", "dropout", "layernorm", "nin", "final_elu"):
+            unused[name] = "network=resnet does not use it"
+        unused["weight_norm"] = "network=resnet does not use it (resnet_norm=weight is its weight norm)"
+    else:
+        unused["resnet_norm"] = "only network=resnet uses it"
+        if network == "gated":
+            unused["heads"] = unused["attention"] = "network=gated has no attention sub-block"
+        elif not attention:
+            unused["heads"] = "attention=off has no heads"
+    return unused
+
+
 class CouplingStep(StepNode, CouplingSettings):
     kind: Literal["coupling"] = "coupling"
 
