@@ -10,7 +10,7 @@ import functools
 import math
 import re
 from importlib import resources
-from typing import Any
+from typing import Any, get_args
 
 from lark import Lark, Token, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
@@ -21,6 +21,7 @@ from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import Call, RawDict, SettingError, Word, convert, interval
 from flowspec.spec import SourceLoc
 from flowspec.steps import KINDS
+from flowspec.steps.split import Mask
 
 MAX_SYNTAX_ERRORS = 10
 MAX_NESTING = 32  # split/repeat blocks inside each other
@@ -30,6 +31,9 @@ MAX_DIGITS = 64  # digits in a row: no setting needs a longer number
 # section keyword as written -> key in the raw document (the spec's field name)
 SECTION_KEYS = {"model": "name"}
 SECTION_NAMES = {"name": "model"}
+#: the words that start a section (the grammar's `_section` rules)
+_SECTION_WORDS = ("extends", "model", "target_params", "data", "preprocess", "defaults", "dequantize", "flow")
+_SECTION_WORDS += ("prior", "train", "eval")
 
 _DESCRIBE = {
     "NAME": "a name",
@@ -106,14 +110,15 @@ def _parse(text: str, file: str, start: str):
         try:
             tree = _lark().parse(work, start=start)
         except UnexpectedInput as error:
-            diagnostic, span = _describe(error, work, file)
+            diagnostic, repair = _describe(error, work, file)
             previous = diagnostics[-1].loc if diagnostics else None
             # an error on the line of the previous one is most likely its consequence: skip it silently
             if previous is None or diagnostic.loc is None or diagnostic.loc.line > previous.line:
                 diagnostics.append(diagnostic)
-            if span is None or len(diagnostics) >= MAX_SYNTAX_ERRORS:
+            if repair is None or len(diagnostics) >= MAX_SYNTAX_ERRORS:
                 break
-            work = work[: span[0]] + re.sub(r"[^\n]", " ", work[span[0] : span[1]]) + work[span[1] :]
+            (begin, end), word = repair  # padded: the columns after it stay where they were
+            work = work[:begin] + word.ljust(end - begin) + work[end:]
             continue
         if not diagnostics:
             return tree
@@ -159,8 +164,14 @@ def _loc_at(text: str, file: str, pos: int) -> SourceLoc:
     return SourceLoc(file=file, line=line, col=pos - (text.rfind("\n", 0, pos) + 1) + 1)
 
 
-def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic, tuple[int, int] | None]:
-    """A diagnostic for a Lark error, and the span to blank out before trying again (None: give up)."""
+Repair = tuple[tuple[int, int], str]  # a span of the text and the word that replaces it
+
+
+def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic, Repair | None]:
+    """A diagnostic for a Lark error, and how to repair the text to look for further errors: only a
+    misspelled keyword is repaired (replaced by the one it resembles). After any other mistake, a missing
+    or extra bracket, comma or word, what follows would be read out of place and its errors would be
+    consequences, not mistakes of their own (None: stop there)."""
     if isinstance(error, UnexpectedCharacters):
         char = text[error.pos_in_stream]
         loc = SourceLoc(file=file, line=error.line, col=error.column)
@@ -168,7 +179,7 @@ def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic,
         after_word = char == "." and error.pos_in_stream > 0 and text[error.pos_in_stream - 1].isalnum()
         if char in "/\\~" or after_word:  # a path or file name (`data.npz`) left unquoted
             message += '; paths and other text are written in quotes: "..."'
-        return Diagnostic(loc, message), (error.pos_in_stream, error.pos_in_stream + 1)
+        return Diagnostic(loc, message), None
     if isinstance(error, UnexpectedEOF) or (
         isinstance(error, UnexpectedToken) and error.token.type == "$END"
     ):
@@ -179,19 +190,25 @@ def _describe(error: UnexpectedInput, text: str, file: str) -> tuple[Diagnostic,
     token = error.token
     loc = SourceLoc(file=file, line=token.line, col=token.column)
     expected = error.interactive_parser.accepts() if error.interactive_parser else error.expected
+    unexpected = f"unexpected '{token}'"
     if re.fullmatch(r"[A-Za-z_]\w*", token):
         hint = did_you_mean(token, _expected_words(expected))
-        if not hint.startswith("; did you mean"):
-            hint = _expected(expected)
-        message = f"unexpected '{token}'{hint}"
-        end = token.end_pos
-        rest = text[end:]
-        opening = re.match(r"\s*\(", rest)
-        if opening:  # a misspelled `name(...)`: drop its arguments too
-            close = rest.find(")", opening.end())
-            end = end + close + 1 if close >= 0 else end
-        return Diagnostic(loc, message), (token.start_pos, end)
-    return Diagnostic(loc, f"unexpected '{token}'{_expected(expected)}"), (token.start_pos, token.end_pos)
+        meant = re.fullmatch(r"; did you mean '(\w+)'\?", hint)
+        if meant:  # a misspelled keyword: read on as if it were spelled right
+            return Diagnostic(loc, unexpected + hint), ((token.start_pos, token.end_pos), meant[1])
+    previous = re.search(r"(\w+)\s*$", text[: token.start_pos])
+    return Diagnostic(loc, unexpected + _hint(str(token), previous[1] if previous else "", expected)), None
+
+
+def _hint(token: str, previous: str, expected: set[str]) -> str:
+    """What to say after `unexpected 'TOKEN'`, knowing the word before it and what the parser expected."""
+    if "RBRACE" in expected and token in _SECTION_WORDS:
+        return ": a '}' is missing before it (a section above is not closed)"
+    if previous == "split" and "NAME" in expected:
+        return f"; expected the mask after 'split': {', '.join(get_args(Mask))}"
+    if previous == "eval" and token == "every":
+        return ": `eval every N steps` goes in the train section (a top-level `eval { ... }` sets evaluation)"
+    return _expected(expected)
 
 
 def _end_loc(text: str, file: str) -> SourceLoc:
