@@ -397,3 +397,132 @@ def test_flipped_bytes_in_a_compressed_npz_name_the_file(tmp_path):
     (tmp_path / "test.npz").write_bytes(bytes(corrupt))
     with pytest.raises(UserError, match=r"cannot read .*test\.npz .*decompressing"):
         load_split(DataSpec(dataset="npz", shape=(1, 8, 8), levels=17), "test", tmp_path)
+
+
+# ---------------------------------------------------------------- found by auditing the data pipeline
+
+
+def test_a_class_filter_keeps_the_test_split_of_the_whole_set(tmp_path):
+    """test_split is held out of all the images, then filtered: a class's test images are the whole set's
+    test images of that class, never images the unfiltered run trained on."""
+    write_folder(tmp_path / "imgs", sizes=((12, 12),) * 12)
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=6)
+    whole = load_split(data, "test")
+    dogs = load_split(data.model_copy(update={"classes": ("dog",)}), "test")
+    dog_train = load_split(data.model_copy(update={"classes": ("dog",)}), "train")
+    held = {
+        bytes(image.numpy()) for image, label in zip(whole.images, whole.labels, strict=True) if label == 1
+    }
+    assert 0 < len(dogs) < 6 and {bytes(image.numpy()) for image in dogs.images} == held
+    assert len(dogs) + len(dog_train) == 12 and not held & {
+        bytes(image.numpy()) for image in dog_train.images
+    }
+
+
+def test_torchvision_image_folder_with_the_cache_beside_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLOWSPEC_CACHE_DIR")
+    write_folder(tmp_path / "data" / "pets")
+    data = DataSpec(dataset="torchvision", name="ImageFolder", path=str(tmp_path / "data" / "pets"),
+                    shape=(3, 12, 12), test_split=2)  # fmt: skip
+    train, test = load_split(data, "train"), load_split(data, "test")
+    assert len(train) + len(test) == 6 and (tmp_path / "data" / ".flowspec-cache").is_dir()
+    assert not (tmp_path / "data" / "pets" / ".flowspec-cache").exists()  # ImageFolder would see a class
+
+
+def test_torchvision_faults_are_user_errors(tmp_path):
+    write_folder(tmp_path / "pets")
+    (tmp_path / "pets" / "dog" / "1.png").write_bytes(b"\x89PNG broken")
+    data = DataSpec(dataset="torchvision", name="ImageFolder", path=str(tmp_path / "pets"), shape=(3, 12, 12),
+                    test_split=1)  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"torchvision ImageFolder in .*pets, item 4 cannot be read: Unidentified"
+    ):
+        load_split(data, "train")
+    with pytest.raises(UserError, match=r"torchvision's FakeData reads no folder"):
+        load_split(data.model_copy(update={"name": "FakeData"}), "train")
+
+
+def test_no_room_for_the_prepared_data_is_a_user_error(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(UserError, match=r"no room for the prepared data in .*cache.*No space left on device"):
+        load_split(data, "train")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_an_unreadable_class_folder_is_an_error_not_a_missing_class(tmp_path, monkeypatch):
+    write_folder(tmp_path / "imgs")
+    scandir = os.scandir
+
+    def denied(path="."):
+        if str(path).endswith("dog"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(UserError, match=r"cannot read the folder .*imgs/dog: Permission denied"):
+        load_split(data, "train")
+
+
+def test_digits_read_no_files():
+    with pytest.raises(UserError, match=r"dataset is digits .* reads no files: drop --data /some/where"):
+        load_split(DataSpec(dataset="digits", shape=(1, 8, 8), levels=17), "train", "/some/where")
+
+
+def test_a_truncated_or_replaced_cache_file_is_rebuilt(tmp_path, capsys):
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    first = load_split(data, "train").images.clone()
+    folder = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    capsys.readouterr()
+    for damage in (
+        lambda: (folder / "train.npy").write_bytes(b"garbage"),
+        lambda: (folder / "test_labels.npy").unlink(),
+    ):
+        damage()
+        assert torch.equal(load_split(data, "train").images, first)
+        assert "prepared 5 train and 1 test images" in capsys.readouterr().err  # rebuilt, not trusted
+
+
+def test_eight_bit_values_stored_as_sixteen_bit_are_refused_with_convert_depth(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (6, 4, 4, 1)).astype(np.uint16))
+    data = DataSpec(dataset="npy", path=str(tmp_path / "x.npy"), shape=(1, 4, 4), convert=("depth",),
+                    test_split=1)  # fmt: skip
+    with pytest.raises(UserError, match=r"16-bit images whose values go only up to 25\d: 8-bit data stored"):
+        load_split(data, "train")
+
+
+def test_imagenet_labels_count_from_one(tmp_path):
+    write_imagenet(tmp_path / "imagenet")
+    np.savez(tmp_path / "imagenet" / "val_data.npz", data=np.zeros((3, 48), np.uint8), labels=np.arange(3))
+    data = DataSpec(dataset="imagenet", path=str(tmp_path / "imagenet"), shape=(3, 4, 4))
+    with pytest.raises(UserError, match=r"val_data.npz.*labels count from 1, got 0"):
+        load_split(data, "train")
+
+
+def test_folder_split_layouts(tmp_path):
+    write_folder(tmp_path / "a" / "train")
+    write_folder(tmp_path / "a" / "test")
+    other = tmp_path / "other"
+    write_folder(other)
+    data = DataSpec(dataset="folder", path=str(tmp_path / "a"), shape=(3, 12, 12), test_path=str(other))
+    with pytest.raises(UserError, match=r"has its own test folder \(test/\): remove test_path"):
+        load_split(data, "train")
+    write_folder(tmp_path / "b" / "train")  # train/ alone: the training set, its classes cat and dog
+    only = DataSpec(dataset="folder", path=str(tmp_path / "b"), shape=(3, 12, 12), test_split=2)
+    assert sorted(
+        set(load_split(only.model_copy(update={"classes": ("dog",)}), "train").labels.tolist())
+    ) == [1]
+    write_folder(tmp_path / "flat", classes=("one",))  # one class against two in the test folder
+    mixed = DataSpec(
+        dataset="folder", path=str(tmp_path / "flat" / "one"), shape=(3, 12, 12), test_path=str(other)
+    )
+    with pytest.raises(
+        UserError, match=r"the test folder .*other has classes \('cat', 'dog'\), the training"
+    ):
+        load_split(mixed, "train")

@@ -74,7 +74,12 @@ def load_split(
         splits, source = prepared(data, path)
         file, labels = splits[split]
         return ImageSet(file.tensor(), torch.from_numpy(labels), source, file)
-    if data.dataset == "digits" and data_dir is None:
+    if data.dataset == "digits":
+        if data_dir is not None:
+            raise UserError(
+                f"the spec's dataset is digits (scikit-learn's bundled images), which reads no files: drop "
+                f"--data {data_dir}, or set the dataset kind of those files (--set data.dataset=...)"
+            )
         images, labels, source, levels = _digits(split)
     elif path is not None:
         images, labels, source, levels = _from_folder(path, split, data)

@@ -53,8 +53,9 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        advice = "to another folder" if os.environ.get("FLOWSPEC_CACHE_DIR") else "to a writable folder"
         raise UserError(
-            f"cannot create the data cache folder {root}: {error.strerror}; set FLOWSPEC_CACHE_DIR"
+            f"cannot create the data cache folder {root}: {error.strerror}; set FLOWSPEC_CACHE_DIR {advice}"
         ) from None
     stamp_digest = digest(stamp)
     if _current(final, stamp_digest):
@@ -68,8 +69,9 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
         tmp.mkdir()
         try:
             facts = build(tmp)
+            sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
             (tmp / META).write_text(
-                json.dumps({"stamp": stamp_digest, "what": what, **facts}, default=str) + "\n"
+                json.dumps({"stamp": stamp_digest, "what": what, "sizes": sizes, **facts}, default=str) + "\n"
             )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -85,9 +87,15 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
 
 
 def _current(folder: Path, stamp_digest: str) -> bool:
+    """Whether `folder` holds a finished cache of the sources as they are now, its files as they were
+    written (a file truncated, replaced or deleted since makes it be rebuilt)."""
     try:
-        return json.loads((folder / META).read_text())["stamp"] == stamp_digest
-    except (OSError, ValueError, KeyError):
+        meta = json.loads((folder / META).read_text())
+        sizes = meta.get("sizes", {})  # absent from caches written before it was recorded
+        return meta["stamp"] == stamp_digest and all(
+            (folder / f).stat().st_size == n for f, n in sizes.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,15 @@ def list_folder(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
 
 
 def _images(folder: Path) -> Iterator[Path]:
-    for path in folder.rglob("*"):
-        if _is_image_name(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts):
-            yield path
+    """The image files under `folder`, at any depth, hidden files and folders skipped; a folder that
+    cannot be read is an error (its images would otherwise be silently missing)."""
+
+    def refuse(error: OSError) -> None:
+        raise UserError(f"cannot read the folder {error.filename}: {error.strerror}")
+
+    for root, subfolders, names in os.walk(folder, onerror=refuse):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        yield from (path for path in (Path(root) / name for name in names) if _is_image_name(path))
 
 
 def _is_image_name(path: Path) -> bool:

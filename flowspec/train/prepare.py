@@ -75,12 +75,19 @@ def reduce_depth(x: torch.Tensor, source_levels: int, levels: int) -> torch.Tens
 def _depth(x: torch.Tensor, source_levels: int, data: DataSpec, where: str) -> torch.Tensor:
     if data.levels > 256:
         raise UserError(
-            f"{where}: images are stored as 8-bit; the spec's levels ({data.levels}) must be <= 256"
+            f"{where}: prepared images are 8-bit, so the spec's levels ({data.levels}) must be <= 256 "
+            f"(16-bit data: `levels 256` and `convert depth`)"
         )
     if "depth" in data.convert and source_levels != data.levels:
         if data.levels > source_levels:
             raise UserError(
                 f"{where}: cannot raise the colour depth from {source_levels} to {data.levels} levels"
+            )
+        top = int(x.max()) if x.numel() else 0
+        if source_levels > 256 and 0 < top < 256:  # would all become 0
+            raise UserError(
+                f"{where}: 16-bit images whose values go only up to {top}: 8-bit data stored as 16-bit? "
+                f"Store it as uint8 (reducing 65536 levels to {data.levels} would make every image black)"
             )
         x = reduce_depth(x, source_levels, data.levels)
     elif x.numel() and int(x.max()) >= data.levels:

@@ -71,6 +71,8 @@ def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
         "data": data.model_dump(exclude={"path", "test_path"}),
         "files": [str(f.resolve()) for f in files],
     }
+    if data.classes is not None and data.test_split is not None:  # held out before the class filter
+        what["split"] = "whole set"  # not the caches made when the split was drawn from the class's images
     folder = cached(cache_root(plan.near), what, stamps(files), lambda tmp: _build(tmp, plan, route, data))
     out = {}
     for split in ("train", "test"):
@@ -131,15 +133,18 @@ def _folder_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
     if not path.is_dir():
         raise UserError(f"data folder {path} is not a folder of images")
     root = path
-    tests = [path / name for name in ("test", "val", "valid") if (path / name).is_dir()]
-    if (path / "train").is_dir() and tests:
-        path, test_path = path / "train", tests[0]
+    subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    tests = [path / name for name in ("test", "val", "valid") if name in subfolders]
+    if "train" in subfolders and (tests or subfolders == {"train"}):  # a split layout, not classes
+        if tests and test_path is not None:
+            raise UserError(f"{path} has its own test folder ({tests[0].name}/): remove test_path")
+        path, test_path = path / "train", tests[0] if tests else test_path
     train_files, train_labels, classes = images.list_folder(path)
     train = _image_files(train_files, train_labels, data)
     test = None
     if test_path is not None:
         test_files, test_labels, test_classes = images.list_folder(test_path)
-        if test_classes != classes and len(classes) > 1:
+        if test_classes != classes and max(len(classes), len(test_classes)) > 1:
             raise UserError(
                 f"the test folder {test_path} has classes {test_classes}, the training folder {classes}"
             )
@@ -157,7 +162,7 @@ def _torchvision_plan(data: DataSpec, path: Path) -> Plan:
     where = f"torchvision {data.name} in {path}"
     return Plan(
         where,
-        path,
+        path.parent,  # not inside the root: torchvision's ImageFolder would take the cache for a class
         _items(train, data, where, files, bool(data.classes)),
         _items(test, data, where, files, bool(data.classes)) if test is not None else None,
         classes,
@@ -184,6 +189,10 @@ def _arrays(paths: list[Path], flat: bool = False) -> Reader:
             shape = None
         label_member = arrays.pick(found, arrays.LABEL_KEYS, path, "labels")
         part_labels = arrays.read_labels(label_member, count, member)
+        if flat and len(part_labels) and part_labels.min() < 1:
+            raise UserError(
+                f"{label_member}: downsampled-ImageNet labels count from 1, got {part_labels.min()}"
+            )
         labels.append(part_labels - 1 if flat else part_labels)  # ImageNet labels count from 1
         parts.append((member, levels, channels_last, shape))
 
@@ -236,7 +245,15 @@ def _items(dataset, data: DataSpec, where: str, files: list[Path], need_labels: 
         if need_labels:
             raise UserError(f"{where}: no class labels to select classes by") from None
         labels = np.zeros(len(dataset), dtype=np.int64)
-    return _decoding(labels, lambda i: images.image_tensor(dataset[i][0], data, f"{where}, item {i}"), files)
+
+    def load(i: int) -> torch.Tensor:
+        try:
+            image = dataset[i][0]
+        except Exception as error:  # a file that cannot be decoded: PIL, OSError, torchvision's own
+            raise UserError(f"{where}, item {i} cannot be read: {type(error).__name__}: {error}") from None
+        return images.image_tensor(image, data, f"{where}, item {i}")
+
+    return _decoding(labels, load, files)
 
 
 def _decoding(labels: np.ndarray, load: Callable[[int], torch.Tensor], files: list[Path]) -> Reader:
@@ -282,6 +299,10 @@ def _torchvision(name: str | None, root: Path, split: str):
         ]
         raise UserError(f"torchvision has no dataset {name!r}{did_you_mean(name or '', known)}")
     params = inspect.signature(cls).parameters
+    if "root" not in params:
+        raise UserError(
+            f"torchvision's {name} reads no folder (it has no root): it cannot be a dataset on disk"
+        )
     options = {"download": False} if "download" in params else {}
     if "train" in params:
         attempts = [{"train": split == "train"}]
@@ -333,15 +354,21 @@ def _routes(plan: Plan, keep: dict[str, np.ndarray], data: DataSpec) -> list[np.
                 f"{plan.source} has no test split: add `test_split 0.02` (a fraction) or `test_split 1000` "
                 f"(a count) to the data section, or name the test data with test_path"
             )
-        kept = np.flatnonzero(train)
-        n = data.test_split if isinstance(data.test_split, int) else round(data.test_split * len(kept))
-        if n < 1 or n >= len(kept):
+        # held out of all the images, then filtered: a class's test images are those of the whole set
+        count = len(train)
+        n = data.test_split if isinstance(data.test_split, int) else round(data.test_split * count)
+        if n < 1 or n >= count:
             raise UserError(
-                f"test_split {data.test_split} of the {len(kept)} images{_of_classes(data)} in {plan.source} "
-                f"leaves {'an empty test split' if n < 1 else 'no training images'}"
+                f"test_split {data.test_split} of the {count} images in {plan.source} leaves "
+                f"{'an empty test split' if n < 1 else 'no training images'}"
             )
-        held = kept[np.random.default_rng(SPLIT_SEED).permutation(len(kept))[:n]]
-        train[held] = 2
+        held = np.zeros(count, dtype=bool)
+        held[np.random.default_rng(SPLIT_SEED).permutation(count)[:n]] = True
+        train[held & (train == 1)] = 2
+        if not (train == 2).any():
+            raise UserError(
+                f"the test split ({data.test_split}) of {plan.source} has no images{_of_classes(data)}"
+            )
         routes = [train]
     if not (routes[0] == 1).any():
         raise UserError(f"no training images{_of_classes(data)} in {plan.source}")
@@ -362,12 +389,24 @@ def _direct(plan: Plan, data: DataSpec) -> dict | None:
     return {split: (r.direct, r.labels) for split, r in zip(("train", "test"), readers, strict=False)}
 
 
+def _allocated(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A uint8 .npy file of `shape`, memory-mapped for writing, with its disk space reserved first: writing
+    a memory map past a full disk kills the process (SIGBUS) instead of raising an error."""
+    array = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as error:
+        raise UserError(
+            f"no room for the prepared data in {path.parent} ({error.strerror}; it needs "
+            f"{array.nbytes / 2**30:.2f} GiB): free space there, or set FLOWSPEC_CACHE_DIR to another folder"
+        ) from None
+    return array
+
+
 def _build(folder: Path, plan: Plan, routes: list[np.ndarray], data: DataSpec) -> dict:
     counts = {s: int(sum((r == code).sum() for r in routes)) for code, s in ((1, "train"), (2, "test"))}
-    out = {
-        s: np.lib.format.open_memmap(folder / f"{s}.npy", "w+", np.uint8, (n, *data.shape))
-        for s, n in counts.items()
-    }
+    out = {s: _allocated(folder / f"{s}.npy", (n, *data.shape)) for s, n in counts.items()}
     labels = {s: np.empty(n, dtype=np.int64) for s, n in counts.items()}
     filled = dict.fromkeys(counts, 0)
     progress = Progress(f"preparing {plan.source}", sum(int((r > 0).sum()) for r in routes))
