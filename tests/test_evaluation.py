@@ -97,9 +97,10 @@ def test_the_checkpoint_is_written_before_each_evaluation_and_again_when_it_impr
     save = trainer.save_run
     evaluate = Evaluator.__call__
 
-    def saving(run_dir, payload, best, *modules):
+    def saving(run_dir, payload, best, *modules, last=True):
+        assert last  # evaluations at the interval and at the end: both checkpoints
         events.append(("save", payload["step"], best, payload["best_bpd"]))
-        return save(run_dir, payload, best, *modules)
+        return save(run_dir, payload, best, *modules, last=last)
 
     def evaluating(self, model, step, *args, **kw):
         events.append(("eval", step, load_checkpoint(self.run_dir)["step"]))  # on disk already
@@ -129,7 +130,7 @@ def test_evaluation_follows_the_eval_settings_without_gradients(tmp_path, monkey
     monkeypatch.setattr(FlowModel, "log_prob", spy)
     result = train(spec, _options(tmp_path / "run"))
     row = result.history[-1]
-    assert row["test_images"] == 40 and math.isnan(row["inversion_error"])
+    assert row["test_images"] == 40 and row["inversion_error"] is None  # not measured: null in the JSON
     evaluation = calls[-5:]  # after the training steps: 5 batches of 8 test images, no autograd, eval mode
     assert evaluation == [(8, False, False)] * 5
     assert [p.name for p in (tmp_path / "run" / "samples").iterdir()] == ["step0000002_t1.0.png"]
@@ -170,7 +171,39 @@ def test_a_stopped_evaluation_keeps_the_checkpoint_and_runs_when_resumed(tmp_pat
     resumed = train(spec, _options(run_dir, resume=True))
     evaluations = [r for r in resumed.history if is_eval(r)]
     assert [r["step"] for r in evaluations] == [2, 4]  # the evaluation at step 2 runs first
-    assert evaluations[0]["train_bpd"] is None
+    straight = train(spec, _options(tmp_path / "straight"))
+    assert _untimed(resumed.history) == _untimed(straight.history)  # its train means too (kept in last.pt)
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("img_s", "eval_seconds")} for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("steps", "eval_every", "signal_at"),
+    [(7, 3, 7), (8, 4, 6)],
+    ids=["at-the-last-step", "between-evaluations"],
+)
+def test_a_signal_then_resume_gives_the_uninterrupted_run(
+    tmp_path, monkeypatch, steps, eval_every, signal_at
+):
+    """The same checkpoints, best.pt and metrics rows (train means included): a signal after the last
+    step (its length not a multiple of `eval every`) still gets the final evaluation on resuming."""
+    from flowspec.train.update import Updater
+
+    spec = tiny_spec(steps=steps, eval_every=eval_every)
+    straight = train(spec, _options(tmp_path / "straight", log_every=1))
+    _signal_on_call(monkeypatch, Updater, "__call__", signal.SIGINT, call=signal_at)
+    stopped = train(spec, _options(tmp_path / "split", log_every=1))
+    assert stopped.stopped == "SIGINT" and stopped.step == signal_at
+    monkeypatch.undo()
+    resumed = train(spec, _options(tmp_path / "split", resume=True, log_every=1))
+    assert resumed.stopped == "finished" and resumed.history[-1]["step"] == steps
+    assert _untimed(resumed.history) == _untimed(straight.history)
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(tmp_path / "straight" / name), load_checkpoint(tmp_path / "split" / name)
+        assert (a["step"], a["best_bpd"]) == (b["step"], b["best_bpd"])
+        assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
 
 
 def test_bounds_and_grids_stop_between_batches():

@@ -77,9 +77,51 @@ def test_resume_is_exact(tmp_path):
         flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
         assert len(flat_a) == len(flat_b) > 0
         assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b, strict=True))
-    # the resumed run's metrics continue the first part's, with no duplicate steps
-    steps = [r["step"] for r in read_metrics(tmp_path / "split") if is_eval(r)]
-    assert steps == [3, 4, 6, 8]
+    # best.pt and the metrics too: the --max-steps stop's evaluation at step 4 is left out on resuming
+    best_a, best_b = (
+        load_checkpoint(tmp_path / "straight" / "best.pt"),
+        load_checkpoint(tmp_path / "split" / "best.pt"),
+    )
+    assert best_a["step"] == best_b["step"] and best_a["best_bpd"] == best_b["best_bpd"]
+    assert all(torch.equal(best_a["model"][k], v) for k, v in best_b["model"].items())
+    timing = ("img_s", "eval_seconds")
+    rows = [
+        [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / run)]
+        for run in ("straight", "split")
+    ]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0] if is_eval(r)] == [3, 6, 8]
+    assert resumed.best_bpd == straight.best_bpd
+
+
+def test_a_stop_evaluation_is_recorded_but_not_a_candidate_for_best(tmp_path):
+    spec = tiny_spec(steps=8, eval_every=3)
+    result = train(spec, options(tmp_path / "run", max_steps=4))
+    evaluations = [r for r in read_metrics(tmp_path / "run") if is_eval(r)]
+    assert [r["step"] for r in evaluations] == [3, 4]
+    assert load_checkpoint(tmp_path / "run")["best_bpd"] == evaluations[0]["test_bpd"] == result.best_bpd
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["step"] == 3
+    short = train(spec, options(tmp_path / "short", max_steps=2))  # no scheduled evaluation yet
+    assert load_checkpoint(tmp_path / "short")["best_bpd"] is None and short.best_bpd == short.test_bpd
+    assert load_checkpoint(tmp_path / "short" / "best.pt")["step"] == 2  # the only evaluated weights
+
+
+def test_metrics_are_strict_json(tmp_path):
+    """A value that is not finite (the inversion error of a short run, which skips the check) is null:
+    `NaN` is not JSON, and strict readers refuse it."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    train(tiny_spec(steps=8, eval_every=4), options(tmp_path / "run", max_steps=2))
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert rows[-1]["inversion_error"] is None and rows[-1]["test_bpd"] > 0
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    spec = tiny_spec(steps=4, eval_every=2, lr=1e-2, warmup=4)
+    result = train(spec, options(tmp_path / "run", log_every=1))
+    rows = [r for r in result.history if not is_eval(r)]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * k / 4 for k in (1, 2, 3, 4)])
 
 
 def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):

@@ -49,7 +49,14 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
             ["train", "{flow}", "--set", "data.dataset=npz"],
             "names no folder: pass the shard folder with --data",
         ),
-        (["train", "{flow}", "--data", "{tmp}/nowhere"], "does not exist: pass --data DIR"),
+        (
+            ["train", "{flow}", "--set", "data.dataset=npz", "--data", "{tmp}/nowhere"],
+            "does not exist: pass --data",
+        ),
+        (
+            ["train", "{flow}", "--data", "{tmp}"],
+            "dataset is digits (scikit-learn's bundled images), which reads no",
+        ),
         (["eval", "{tmp}"], "no checkpoint in"),
         (["sample", "{tmp}/missing.pt"], "does not exist"),
         (["ablate", "{flow}"], "exactly one budget"),

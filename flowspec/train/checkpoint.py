@@ -78,15 +78,19 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         raise
 
 
-def save_run(run_dir: Path, payload: dict[str, Any], best: bool, *modules: torch.nn.Module) -> bool:
-    """Write `last.pt` (and `best.pt` when `best`) unless a module has non-finite weights (then warn)."""
+def save_run(
+    run_dir: Path, payload: dict[str, Any], best: bool, *modules: torch.nn.Module, last: bool = True
+) -> bool:
+    """Write `last.pt` (unless not `last`) and `best.pt` (when `best`) unless a module has non-finite
+    weights (then warn)."""
     if not all(is_finite(m) for m in modules):
         print(
             f"warning: the model has non-finite weights at step {payload['step']}: not checkpointed",
             flush=True,
         )
         return False
-    save_atomic(payload, run_dir / LAST)
+    if last:
+        save_atomic(payload, run_dir / LAST)
     if best:
         save_atomic(payload, run_dir / BEST)
     return True

@@ -21,10 +21,11 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     """Append one row (flushed to disk, so a crash keeps every completed evaluation); a write that fails
     (a full disk) is undone, so the file never ends in half a row."""
     path = run_dir / METRICS
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # JSON
     with naming(path), open(path, "a") as f:
         size = f.tell()
         try:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         except OSError:
@@ -59,9 +60,12 @@ def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str,
     return [r for r in rows if after_step is None or r["step"] <= after_step]
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Keep only rows up to `step`: a resumed run rewrites what came after its checkpoint."""
+def truncate_metrics(run_dir: Path, step: int, drop_evaluation: bool = False) -> None:
+    """Keep only rows up to `step`: a resumed run rewrites what came after its checkpoint. With
+    `drop_evaluation`, an evaluation at `step` goes too (one that the uninterrupted run would not make)."""
     rows = read_metrics(run_dir, after_step=step)
+    if drop_evaluation:
+        rows = [r for r in rows if not (r["step"] == step and is_eval(r))]
     tmp = run_dir / (METRICS + ".tmp")
     with naming(tmp):
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -190,6 +194,15 @@ class Window:
     def restart_clock(self) -> None:
         """Time from now on (what came since the last `read` is not training)."""
         self._since, self._pending = time.monotonic(), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running sums: what a resumed run needs to log the means the uninterrupted run would."""
+        return {"sums": self._sums.tolist(), "last": self._last.item(), "seen": list(self._seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
+        self._last.fill_(state["last"])
+        self._seen = (float(state["seen"][0]), float(state["seen"][1]))
 
     def reset(self) -> None:
         self._sums.zero_()

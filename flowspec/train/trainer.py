@@ -135,7 +135,8 @@ class Trainer:
             spec.data.levels, self.t.seed,
         )  # fmt: skip
         self.window = Window(self.device)
-        self.best: float | None = None
+        self.best: float | None = None  # of the scheduled evaluations
+        self.stop_bpd: float | None = None  # of an evaluation at a --max-steps or --max-time stop
         if payload is not None:
             self._restore(payload)
         self.board = TensorBoard(self.run_dir, self.step) if options.tensorboard and self.dist.main else None
@@ -177,8 +178,11 @@ class Trainer:
             started, stopped = time.monotonic(), self._limit_reached()
             self.window.restart_clock()
             try:
-                if self._evaluation_missed():
+                resumed_at = self._resumed_at_evaluation()
+                if resumed_at == "missed":
                     stopped = self._evaluate(reporter, signals, stopped) or stopped
+                elif resumed_at == "done":  # the checkpoint may hold the sums from before it
+                    self.window.reset()
                 while stopped is None:
                     x = next(self.batches)
                     self.window.add(*self.updater(x), images=len(x) * self.dist.world)
@@ -193,7 +197,7 @@ class Trainer:
                             f"{received}: stopped after step {self.step}; saved {self.run_dir / LAST}. "
                             f"Continue with: flowspec train --resume {self.run_dir}"
                         )
-                    elif self.step % self.eval_every == 0 or stopped is not None:
+                    elif self._scheduled() or stopped is not None:
                         stopped = self._evaluate(reporter, signals, stopped) or stopped
             finally:
                 reporter.close()
@@ -221,7 +225,7 @@ class Trainer:
         if self.updater.bad_in_row >= self.options.max_bad_steps:
             self._diverged(x)
         if self.dist.main and self.window.recent_bpd is not None:  # the training curve of curves.png
-            lr = self.updater.scheduler.get_last_lr()[0]
+            lr = self.updater.applied_lr
             epoch = round(self.batches.epochs_done, 4)
             row = {"kind": "train", "step": self.step, "epoch": epoch, "train_bpd": self.window.recent_bpd}
             append_metrics(self.run_dir, row | {"lr": lr})
@@ -250,13 +254,22 @@ class Trainer:
         settings = EvalSpec.model_validate({**base.model_dump(), **self.options.eval})
         return settings.model_copy(update={"batch": settings.batch or self.spec.eval.batch or self.t.batch})
 
-    def _evaluation_missed(self) -> bool:
-        """Whether a resumed run's checkpoint was written at an evaluation point whose evaluation did not
-        finish (a signal during it or just before it): then it runs first, as in the uninterrupted run."""
-        missed = self.options.resume and self.step > 0 and self.step % self.eval_every == 0
-        if missed and self.dist.main:
-            missed = not any(row["step"] == self.step and is_eval(row) for row in read_metrics(self.run_dir))
-        return self.dist.gather(missed)[0]
+    def _scheduled(self, step: int | None = None) -> bool:
+        """Whether the uninterrupted run evaluates at `step` (default: now): every `eval every` steps and at
+        the spec's length. An evaluation at another step (a --max-steps or --max-time stop) is the run's
+        last, recorded but not a candidate for best.pt, and a resumed run leaves it out."""
+        step = self.step if step is None else step
+        return step > 0 and (step % self.eval_every == 0 or step == self.total_steps)
+
+    def _resumed_at_evaluation(self) -> str | None:
+        """For a run resumed at an evaluation point: "done" if its evaluation finished, "missed" if not (a
+        signal during it or just before it; it then runs first, as in the uninterrupted run)."""
+        if not (self.options.resume and self._scheduled()):
+            return None
+        done = False
+        if self.dist.main:
+            done = any(row["step"] == self.step and is_eval(row) for row in read_metrics(self.run_dir))
+        return "done" if self.dist.gather(done)[0] else "missed"
 
     def _evaluate(self, reporter: Reporter, signals: StopSignals, stopped: str | None) -> str | None:
         """Save, evaluate, record, and save again when the test bits/dim improved. A signal during the
@@ -294,15 +307,19 @@ class Trainer:
             "test_bpd": done.test_bpd,
             "test_images": done.images,
             "inversion_error": done.inversion_error,
-            "lr": self.updater.scheduler.get_last_lr()[0],
+            "lr": self.updater.applied_lr,
             "grad_norm": grad_norm,
             "img_s": self.window.img_s(),
             "skipped": self.updater.skipped,
             "eval_seconds": round(done.seconds, 2),
         }
-        self.window.reset()
-        improved = math.isfinite(done.test_bpd) and (self.best is None or done.test_bpd < self.best)
-        self.best = done.test_bpd if improved else self.best
+        finite = math.isfinite(done.test_bpd)
+        if self._scheduled():
+            self.window.reset()
+            improved = finite and (self.best is None or done.test_bpd < self.best)
+            self.best = done.test_bpd if improved else self.best
+        else:  # a stop's evaluation: best.pt only while there is none, last.pt as it was before it
+            improved, self.stop_bpd = finite and self.best is None, done.test_bpd
         if self.dist.main:
             record(self.run_dir, row, self.spec.name)
             reporter.evaluation(row)
@@ -310,12 +327,13 @@ class Trainer:
             if self.board is not None:
                 self.board.evaluation(row, done.grids)
         if improved:
-            self._save(best=True)
+            self._save(best=True, last=self._scheduled())
         self.window.restart_clock()
         return None
 
-    def _save(self, best: bool) -> None:
-        """Both checkpoints, from rank 0, with every rank's RNG and data position."""
+    def _save(self, best: bool, last: bool = True) -> None:
+        """The checkpoints (`last.pt` unless not `last`, `best.pt` when `best`), from rank 0, with every
+        rank's RNG and data position and the running means of the training loss."""
         position = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
         states = self.dist.gather(dict(rng.capture(self.device), stream=position))
         if not self.dist.main:
@@ -324,12 +342,13 @@ class Trainer:
             **self.updater.state_dict(),
             "epoch": self.batches.epochs_done,
             "best_bpd": self.best,
+            "window": self.window.state_dict(),
             "rng": states,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             **spec_record(self.spec),
         }
         modules = [m for m in (self.updater.model, self.updater.ema) if m is not None]
-        if save_run(self.run_dir, payload, best, *modules):
+        if save_run(self.run_dir, payload, best, *modules, last=last) and last:
             self.saved_step = self.step
 
     def _diverged(self, x: torch.Tensor) -> None:
@@ -368,8 +387,10 @@ class Trainer:
             rng.seed_all(self.t.seed + self.dist.rank + 7 * self.step)
         if hasattr(self.batches, "load_state_dict"):
             self.batches.load_state_dict(states[self.dist.rank if same_world else 0]["stream"])
+        if "window" in payload:  # absent from checkpoints written before it was kept
+            self.window.load_state_dict(payload["window"])
         if self.dist.main:
-            truncate_metrics(self.run_dir, self.step)
+            truncate_metrics(self.run_dir, self.step, drop_evaluation=not self._scheduled())
 
     def _banner(self) -> str:
         verb = "resuming" if self.options.resume else "training"
@@ -391,7 +412,7 @@ class Trainer:
             self.batches.epochs_done,
             stopped,
             next((r["test_bpd"] for r in reversed(history) if is_eval(r)), None),
-            self.best,
+            self.best if self.best is not None else self.stop_bpd,
             self.window.overall_img_s(),
             self.parameters,
             history,

@@ -126,6 +126,12 @@ class Updater:
         torch._foreach_mul_(delta, self._ok.to(ema[0].dtype) * (1.0 - self.decay))
         torch._foreach_add_(ema, delta)
 
+    @property
+    def applied_lr(self) -> float:
+        """The learning rate the latest step used (the scheduler already holds the next step's)."""
+        scheduler = self.scheduler
+        return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](max(0, self.step - 1))
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
