@@ -72,8 +72,10 @@ class FlowModel(nn.Module):
         return z, logdet_pre + logdet
 
     def decode(self, z: Tensor, with_logdet: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Latent z -> continuous data v in [0, levels); with `with_logdet`, also log |det dv/dz| per
-        image (minus the log-det of encoding v, computed by encoding it again)."""
+        """Latent z -> continuous data v: in [0, levels) for the latents of data, and within the logit
+        preprocessing's range, (-alpha, 1 - alpha) * levels / (1 - 2 alpha), for any z (`sample` clamps
+        to the levels); with `with_logdet`, also log |det dv/dz| per image (minus the log-det of encoding
+        v, computed by encoding it again)."""
         v = self.preprocess.inverse(self.flow.inverse(self._checked(z, "decode", "latents")))
         if not with_logdet:
             return v
