@@ -170,10 +170,33 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
         found += _shape_diagnostics(spec, doc) if spec is not None else []
         diagnostics += [d for i, d in enumerate(found) if d not in found[:i]]
     else:
-        diagnostics += _shape_diagnostics(spec, doc)
+        diagnostics += _shape_diagnostics(spec, doc) + _file_rules(spec, doc)
     if diagnostics:
         raise SpecError(diagnostics, texts)
     return spec
+
+
+def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
+    """Rules for what a spec file may say that `FlowSpec` itself does not enforce, so that the specs
+    stored in checkpoints written before the rules still load."""
+    found = []
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", spec.name):
+        found.append(
+            Diagnostic(
+                _locate(doc, ("name",))[1],
+                f"the model name must be a word of letters, digits and _ (at most 100; it names the run "
+                f"folder), got {spec.name!r}",
+            )
+        )
+    if spec.train.init_batch < 2:
+        found.append(
+            Diagnostic(
+                _locate(doc, ("train", "init_batch"))[1],
+                f"init_batch must be >= 2 (the data-dependent init takes statistics over the images), got "
+                f"{spec.train.init_batch}",
+            )
+        )
+    return found
 
 
 def _shape_diagnostics(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:

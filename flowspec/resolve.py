@@ -200,36 +200,37 @@ def model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
 
 
 def unused_coupling_settings(doc: RawDict) -> list[Diagnostic]:
-    """A diagnostic for each setting written on a coupling step (not inherited from `defaults`) that its
-    kind or network does not use, e.g. `weight_norm` with `network=resnet`: it would change nothing. Run
-    before `apply_defaults`; values that are not valid are left to validation."""
-    defaults = doc.get("defaults")
-    coupling = defaults.get("coupling") if isinstance(defaults, RawDict) else None
-    coupling = coupling if isinstance(coupling, RawDict) else RawDict()
+    """A diagnostic for each setting written on a coupling step that the kind, network or attention
+    written on the same step, in the same file, makes unused, e.g. `coupling(network=resnet,
+    weight_norm=on)`: it would change nothing. What a step inherits is not judged, nor a setting made
+    unused by another file or a `--set` (an ablation of a base file that writes it). Values that are not
+    valid are left to validation."""
     found: list[Diagnostic] = []
 
-    def setting(step: RawDict, name: str) -> Any:
-        return step.get(name, coupling.get(name, CouplingSettings.model_fields[name].default))
-
-    def check(steps: Any) -> None:
+    def check(steps: Any, in_dequantizer: bool) -> None:
         for step in steps if isinstance(steps, list) else ():
             if not isinstance(step, RawDict):
                 continue
             if step.get("kind") == "coupling":
+                attention = step.get("attention")
                 unused = unused_settings(
-                    str(setting(step, "coupling")),
-                    str(setting(step, "network")),
-                    setting(step, "attention") not in ("off", False),
+                    str(step["coupling"]) if "coupling" in step else None,
+                    str(step["network"]) if "network" in step else None,
+                    None if attention is None else attention not in ("off", False),
                 )
+                if in_dequantizer:  # the context network takes the highest dropout of these couplings
+                    unused.pop("dropout", None)
                 for name in (n for n in step if n in unused):
-                    where = step.locs.get(name) or step.loc
-                    found.append(Diagnostic(where, f"{name} does nothing here: {unused[name]}; remove it"))
-            check(step.get("body"))
+                    cause, why = unused[name]
+                    where, decided = step.locs.get(name), step.locs.get(cause)
+                    if where is not None and decided is not None and where.file == decided.file:
+                        found.append(Diagnostic(where, f"{name} does nothing here: {why}; remove it"))
+            check(step.get("body"), in_dequantizer)
 
-    check(doc.get("flow"))
+    check(doc.get("flow"), False)
     dequantize = doc.get("dequantize")
     if isinstance(dequantize, RawDict):
-        check(dequantize.get("steps"))
+        check(dequantize.get("steps"), True)
     return found
 
 

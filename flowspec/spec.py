@@ -9,7 +9,6 @@ settings are, wherever they were written.
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -174,7 +173,7 @@ class TrainSpec(Node):
     accumulate: int = Field(default=1, ge=1, description="micro-batches of batch/N whose gradients add up")
     clip_grad_norm: float | None = Field(default=None, gt=0.0)
     ema: float | None = Field(default=None, gt=0.0, lt=1.0)
-    init_batch: int = Field(default=128, ge=2, le=MAX_BATCH)
+    init_batch: int = Field(default=128, ge=1, le=MAX_BATCH)
     length: Interval | None = Field(default=None, description="training length; none: unbounded")
     eval_every: Interval = Interval(count=1, unit="epochs")
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")
@@ -236,16 +235,6 @@ class FlowSpec(Node):
     eval: EvalSpec = EvalSpec()
     target_params: int | None = Field(default=None, ge=0)
     source: str | None = Field(default=None, exclude=True, repr=False, description="path it was loaded from")
-
-    @field_validator("name")
-    @classmethod
-    def _a_word(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", name):
-            raise ValueError(
-                f"the model name must be a word of letters, digits and _ (at most 100; it names the run "
-                f"folder), got {name!r}"
-            )
-        return name
 
     @property
     def dims(self) -> int:

@@ -154,3 +154,15 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     flow = write_flow(tmp_path / "tiny.flow")
     assert run(["train", str(flow), "--out", str(tmp_path / "run"), "--device", "cpu", "--tensorboard"]) == 2
     assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+
+
+def test_a_run_of_a_spec_that_files_may_no_longer_say_still_loads(tmp_path):
+    """Rules for spec files (the model name a word, init_batch >= 2) are not applied to the specs stored
+    in checkpoints, so runs made before them load; a name that cannot name a folder needs --out."""
+    spec = tiny_spec(steps=2, eval_every=2).model_copy(update={"name": "quick-start v2"})
+    with pytest.raises(UserError, match=r"the model name 'quick-start v2' cannot name a run folder: give"):
+        flowspec.train(spec, quiet=True)
+    flowspec.train(spec, out=tmp_path / "run", quiet=True)
+    assert flowspec.load(tmp_path / "run").spec.name == "quick-start v2"
+    with pytest.raises(flowspec.UserError, match=r"init_batch must be >= 2 \(the data-dependent init"):
+        flowspec.parse_spec("model m\nflow { squeeze }\ntrain { init_batch 1 }\n")

@@ -526,3 +526,30 @@ def test_folder_split_layouts(tmp_path):
         UserError, match=r"the test folder .*other has classes \('cat', 'dog'\), the training"
     ):
         load_split(mixed, "train")
+
+
+def test_one_dark_sixteen_bit_image_among_bright_ones_is_fine(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 65536, (6, 4, 4, 1)).astype(np.uint16)
+    arrays[2] = arrays[2] % 200  # values below 256 in one image only: a dark image, not 8-bit data
+    np.save(tmp_path / "x.npy", arrays)
+    data = DataSpec(dataset="npy", path=str(tmp_path / "x.npy"), shape=(1, 4, 4), convert=("depth",),
+                    test_split=1)  # fmt: skip
+    both = torch.cat([load_split(data, "train").images, load_split(data, "test").images])
+    assert len(both) == 6 and both.max() > 0
+
+
+def test_preparing_without_posix_fallocate(tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "posix_fallocate")  # macOS has none
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    assert len(load_split(data, "train")) == 5
+
+
+def test_imagenet_batches_without_labels_load(tmp_path):
+    folder = tmp_path / "imagenet"
+    folder.mkdir()
+    np.savez(folder / "train_data_batch_1.npz", data=np.zeros((4, 48), np.uint8))
+    np.savez(folder / "val_data.npz", data=np.zeros((2, 48), np.uint8))
+    data = DataSpec(dataset="imagenet", path=str(folder), shape=(3, 4, 4))
+    assert load_split(data, "train").labels.tolist() == [0, 0, 0, 0]

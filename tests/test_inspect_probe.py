@@ -103,3 +103,9 @@ def test_probe_options_without_probe_are_refused(option, capsys):
     assert (
         capsys.readouterr().err == f"error: {name} is only used with --probe: add --probe, or drop {name}\n"
     )
+
+
+def test_probe_needs_two_images(capsys):
+    assert run(["inspect", str(SPECS / "quickstart.flow"), "--probe", "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '--batch': Input should be greater than or equal to 2" in err

@@ -470,3 +470,20 @@ def test_validate_names_the_spec_of_an_error_in_set(tmp_path, capsys):
     assert (
         f"error: {paths[0]}: --set:1:7: batch must be >= 1" in err and f"error: {paths[1]}: --set:1:7" in err
     )
+
+
+def test_settings_made_unused_by_another_file_or_a_set_are_allowed(tmp_path):
+    """An ablation may change the kind of its base's couplings, whose own settings then go unused."""
+    (tmp_path / "base.flow").write_text(
+        "model base\ndata digits { shape 1x8x8  levels 17 }\n"
+        "flow { split stripe { coupling(components=8, heads=2, filters=4) } }\n"
+    )
+    (tmp_path / "affine.flow").write_text(
+        'extends "base.flow"\nmodel affine\ndefaults { coupling affine(attention=off) }\n'
+    )
+    coupling = load_spec(tmp_path / "affine.flow").flow[0].body[0]
+    assert (coupling.coupling, coupling.components, coupling.attention) == ("affine", 8, False)
+    spec = load_spec(tmp_path / "base.flow", overrides=["flow.0.body.0.coupling=affine"])
+    assert spec.flow[0].body[0].coupling == "affine" and spec.flow[0].body[0].components == 8
+    spec = load_spec(tmp_path / "base.flow", overrides=["flow.0.body.0.network=resnet"])
+    assert spec.flow[0].body[0].network == "resnet"

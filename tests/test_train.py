@@ -12,7 +12,7 @@ from train_helpers import one_thread, tiny_spec, write_shards  # noqa: F401 (fix
 import flowspec
 from flowspec.errors import UserError
 from flowspec.spec import DataSpec
-from flowspec.train.checkpoint import LAST, load_checkpoint
+from flowspec.train.checkpoint import LAST, load_checkpoint, save_atomic
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.metrics import Window, is_eval, read_metrics
 from flowspec.train.schedule import LrFactor
@@ -219,3 +219,25 @@ def test_bf16_autocast_of_the_coupling_networks(tmp_path):
     assert {c.autocast_dtype for c in trainer.updater.model.couplings()} == {torch.bfloat16}
     result = trainer.run()
     assert result.step == 2 and result.test_bpd is not None and math.isfinite(result.test_bpd)
+
+
+def test_resuming_a_stop_with_nothing_left_to_train_keeps_its_evaluation(tmp_path, capsys):
+    spec = tiny_spec(steps=8, eval_every=3)
+    first = train(spec, options(tmp_path / "run", max_steps=4))
+    again = train(spec, options(tmp_path / "run", resume=True, max_steps=4))
+    assert again.stopped == "max-steps" and again.test_bpd == first.test_bpd
+    assert [r["step"] for r in again.history if is_eval(r)] == [3, 4]
+    assert again.best_bpd == first.best_bpd  # the scheduled evaluation's, at step 3
+
+
+def test_a_checkpoint_whose_best_counted_a_stop_evaluation_is_corrected_on_resuming(tmp_path):
+    """Checkpoints written before stops were left out of the best: the best is rebuilt from the
+    scheduled evaluations, so it is the uninterrupted run's."""
+    spec = tiny_spec(steps=8, eval_every=3)
+    train(spec, options(tmp_path / "run", max_steps=4))
+    payload = load_checkpoint(tmp_path / "run")
+    payload["best_bpd"] = -1.0  # as if the stop's evaluation had won
+    save_atomic({k: v for k, v in payload.items() if k != "checksum"}, tmp_path / "run" / "last.pt")
+    resumed = train(spec, options(tmp_path / "run", resume=True))
+    straight = train(spec, options(tmp_path / "straight"))
+    assert resumed.best_bpd == straight.best_bpd > 0

@@ -50,7 +50,8 @@ def inspect(
         typer.Option("--data", metavar="PATH", help="Probe on test images from PATH (else random)."),
     ] = None,
     batch: Annotated[
-        int | None, typer.Option("--batch", min=1, max=4096, help="Probe batch size (default 8).")
+        int | None,
+        typer.Option("--batch", min=2, max=4096, help="Probe batch size (default 8; init needs 2 or more)."),
     ] = None,
     sets: SetOption = None,
     threads: ThreadsOption = None,

@@ -228,8 +228,9 @@ def train(
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
         best = f" (best {result.best_bpd:.4f})" if result.best_bpd is not None else ""
+        test = f"{result.test_bpd:.4f}" if result.test_bpd is not None else "not finite"
         print(
-            f"done ({result.stopped}) at step {result.step}: test {result.test_bpd:.4f} bits/dim{best}; "
+            f"done ({result.stopped}) at step {result.step}: test {test} bits/dim{best}; "
             f"run folder {result.run_dir}"
         )
 

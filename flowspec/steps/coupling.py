@@ -41,21 +41,27 @@ class CouplingSettings(Node):
         return self
 
 
-def unused_settings(coupling: str, network: str, attention: bool) -> dict[str, str]:
-    """The settings that a coupling of this kind, network and attention does not use, with the reason."""
+def unused_settings(
+    coupling: str | None, network: str | None, attention: bool | None
+) -> dict[str, tuple[str, str]]:
+    """The settings that a coupling of this kind, network and attention does not use: name -> (the
+    setting that makes it unused, why). None: not known, so nothing follows from it."""
     unused = {}
-    if coupling != "mixlogistic":
-        unused["components"] = f"an {coupling} coupling has no mixture"
+    if coupling is not None and coupling != "mixlogistic":
+        unused["components"] = ("coupling", f"an {coupling} coupling has no mixture")
     if network == "resnet":
         for name in ("heads", "attention", "dropout", "layernorm", "nin", "final_elu"):
-            unused[name] = "network=resnet does not use it"
-        unused["weight_norm"] = "network=resnet does not use it (resnet_norm=weight is its weight norm)"
-    else:
-        unused["resnet_norm"] = "only network=resnet uses it"
+            unused[name] = ("network", "network=resnet does not use it")
+        unused["weight_norm"] = (
+            "network",
+            "network=resnet does not use it (resnet_norm=weight is its weight norm)",
+        )
+    elif network is not None:
+        unused["resnet_norm"] = ("network", "only network=resnet uses it")
         if network == "gated":
-            unused["heads"] = unused["attention"] = "network=gated has no attention sub-block"
-        elif not attention:
-            unused["heads"] = "attention=off has no heads"
+            unused["heads"] = unused["attention"] = ("network", "network=gated has no attention sub-block")
+    if attention is False and network != "resnet":
+        unused["heads"] = ("attention", "attention=off has no heads")
     return unused
 
 

@@ -21,16 +21,21 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     """Append one row (flushed to disk, so a crash keeps every completed evaluation); a write that fails
     (a full disk) is undone, so the file never ends in half a row."""
     path = run_dir / METRICS
-    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # JSON
     with naming(path), open(path, "a") as f:
         size = f.tell()
         try:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+            f.write(_line(row))
             f.flush()
             os.fsync(f.fileno())
         except OSError:
             f.truncate(size)
             raise
+
+
+def _line(row: dict[str, Any]) -> str:
+    """A row as one line of strict JSON: a value that is not finite becomes null (NaN is not JSON)."""
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(row, allow_nan=False) + "\n"
 
 
 def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str, Any]]:
@@ -68,7 +73,7 @@ def truncate_metrics(run_dir: Path, step: int, drop_evaluation: bool = False) ->
         rows = [r for r in rows if not (r["step"] == step and is_eval(r))]
     tmp = run_dir / (METRICS + ".tmp")
     with naming(tmp):
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.write_text("".join(_line(r) for r in rows))
     os.replace(tmp, run_dir / METRICS)
 
 

@@ -83,12 +83,6 @@ def _depth(x: torch.Tensor, source_levels: int, data: DataSpec, where: str) -> t
             raise UserError(
                 f"{where}: cannot raise the colour depth from {source_levels} to {data.levels} levels"
             )
-        top = int(x.max()) if x.numel() else 0
-        if source_levels > 256 and 0 < top < 256:  # would all become 0
-            raise UserError(
-                f"{where}: 16-bit images whose values go only up to {top}: 8-bit data stored as 16-bit? "
-                f"Store it as uint8 (reducing 65536 levels to {data.levels} would make every image black)"
-            )
         x = reduce_depth(x, source_levels, data.levels)
     elif x.numel() and int(x.max()) >= data.levels:
         raise UserError(

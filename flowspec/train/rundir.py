@@ -3,6 +3,7 @@ the spec files written at the start."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
         if Path(out).exists() and not Path(out).is_dir():
             raise UserError(f"--out {out} is a file: name a folder for the run")
         return Path(out)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", spec.name):
+        raise UserError(f"the model name {spec.name!r} cannot name a run folder: give the folder with --out")
     stamp = dist.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]
     return Path("runs") / f"{spec.name}-{stamp}"
 

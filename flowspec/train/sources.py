@@ -189,22 +189,31 @@ def _arrays(paths: list[Path], flat: bool = False) -> Reader:
             shape = None
         label_member = arrays.pick(found, arrays.LABEL_KEYS, path, "labels")
         part_labels = arrays.read_labels(label_member, count, member)
-        if flat and len(part_labels) and part_labels.min() < 1:
-            raise UserError(
-                f"{label_member}: downsampled-ImageNet labels count from 1, got {part_labels.min()}"
-            )
-        labels.append(part_labels - 1 if flat else part_labels)  # ImageNet labels count from 1
+        if flat and label_member is not None:  # ImageNet labels count from 1
+            if len(part_labels) and part_labels.min() < 1:
+                raise UserError(
+                    f"{label_member}: downsampled-ImageNet labels count from 1, got {part_labels.min()}"
+                )
+            part_labels = part_labels - 1
+        labels.append(part_labels)
         parts.append((member, levels, channels_last, shape))
 
     def read(keep: np.ndarray, data: DataSpec) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         start = 0
         for member, levels, channels_last, shape in parts:
+            top = 0  # the largest value of a 16-bit array, over all of it
             for chunk in arrays.chunks(member, channels_last, shape):
                 index = np.arange(start, start + len(chunk))
                 start += len(chunk)
+                top = max(top, int(chunk.max())) if levels > 256 and len(chunk) else top
                 kept = keep[index]
                 if kept.any():
                     yield index[kept], prepare(chunk[torch.from_numpy(kept)], levels, data, str(member))
+            if levels > 256 and "depth" in data.convert and 0 < top < 256:  # all would have become 0
+                raise UserError(
+                    f"{member}: 16-bit images whose values go only up to {top}: 8-bit data stored as 16-bit? "
+                    f"Store it as uint8 (reducing 65536 levels to {data.levels} made every image black)"
+                )
 
     total = np.concatenate(labels)
     direct = _direct_file(parts) if len(parts) == 1 else None
@@ -393,6 +402,8 @@ def _allocated(path: Path, shape: tuple[int, ...]) -> np.memmap:
     """A uint8 .npy file of `shape`, memory-mapped for writing, with its disk space reserved first: writing
     a memory map past a full disk kills the process (SIGBUS) instead of raising an error."""
     array = np.lib.format.open_memmap(path, "w+", np.uint8, shape)
+    if not hasattr(os, "posix_fallocate"):  # macOS: nothing to reserve the space with
+        return array
     try:
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)

@@ -137,6 +137,7 @@ class Trainer:
         self.window = Window(self.device)
         self.best: float | None = None  # of the scheduled evaluations
         self.stop_bpd: float | None = None  # of an evaluation at a --max-steps or --max-time stop
+        self.stop_row = False  # resumed at such a stop, whose row goes once training goes on
         if payload is not None:
             self._restore(payload)
         self.board = TensorBoard(self.run_dir, self.step) if options.tensorboard and self.dist.main else None
@@ -184,6 +185,10 @@ class Trainer:
                 elif resumed_at == "done":  # the checkpoint may hold the sums from before it
                     self.window.reset()
                 while stopped is None:
+                    if self.stop_row:  # training goes on past a stop: the row of its evaluation goes
+                        if self.dist.main:
+                            truncate_metrics(self.run_dir, self.step, drop_evaluation=True)
+                        self.stop_row, self.stop_bpd = False, None
                     x = next(self.batches)
                     self.window.add(*self.updater(x), images=len(x) * self.dist.world)
                     logged = self.step % self.options.log_every == 0 or self.step == 1
@@ -389,8 +394,17 @@ class Trainer:
             self.batches.load_state_dict(states[self.dist.rank if same_world else 0]["stream"])
         if "window" in payload:  # absent from checkpoints written before it was kept
             self.window.load_state_dict(payload["window"])
+        rows = []
         if self.dist.main:
-            truncate_metrics(self.run_dir, self.step, drop_evaluation=not self._scheduled())
+            truncate_metrics(self.run_dir, self.step)
+            rows = read_metrics(self.run_dir)
+        if not self._scheduled():  # a --max-steps or --max-time stop: its evaluation is not the run's
+            self.stop_row = True  # dropped from the metrics if training goes on
+            evaluated = [r for r in rows if is_eval(r) and r.get("test_bpd") is not None]
+            self.stop_bpd = next((r["test_bpd"] for r in evaluated if r["step"] == self.step), None)
+            # the best of the scheduled evaluations (older checkpoints counted the stop's as well)
+            best = min((r["test_bpd"] for r in evaluated if r["step"] < self.step), default=None)
+            self.best, self.stop_bpd = self.dist.gather((best, self.stop_bpd))[0]
 
     def _banner(self) -> str:
         verb = "resuming" if self.options.resume else "training"
