@@ -111,14 +111,24 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
     return {key: value}
 
 
+def _schedule_defaults() -> dict[str, Any]:
+    """Every schedule argument at its built-in value: a schedule statement says the whole schedule, so
+    one that replaces another (in an extending file, or with --set) leaves none of its arguments behind."""
+    from flowspec.spec import TrainSpec
+
+    return {field: TrainSpec.model_fields[field].default for field in SCHEDULE_ARGS.values()}
+
+
 def _call_setting(key: str, value: Any) -> dict[str, Any]:
     """`optimizer adam(lr=...)` and `then step(every=..., gamma=...)`: a name and its flattened arguments."""
     if isinstance(value, Word):
-        return {key: value}
+        return {key: value} | (_schedule_defaults() if key == "schedule" else {})
     if not isinstance(value, Call):
         raise SettingError(f"{key} must be a name, e.g. `{'adam' if key == 'optimizer' else 'cosine'}`")
     allowed = OPTIMIZER_ARGS if key == "optimizer" else tuple(SCHEDULE_ARGS)
     fields: dict[str, Any] = {key: Word(value.name)}
+    if key == "schedule":
+        fields |= _schedule_defaults()
     for arg, arg_value in value.args.items():
         if arg not in allowed:
             raise SettingError(f"unknown setting '{arg}' of {key} {value.name}{did_you_mean(arg, allowed)}")

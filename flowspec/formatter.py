@@ -6,11 +6,12 @@ the built-in ones; each step then writes only what differs from `defaults`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS
 from flowspec.nodes import Node
-from flowspec.spec import ContextSpec, CouplingSettings, EvalSpec, FlowSpec, Interval, TrainSpec
+from flowspec.spec import ContextSpec, CouplingSettings, EvalSpec, FlowSpec, Interval
 from flowspec.steps import KINDS, StepKind, kind_of
 
 WIDTH = 100
@@ -37,6 +38,9 @@ def format_spec(spec: FlowSpec) -> str:
     return "\n".join(out + _eval(spec.eval))
 
 
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the grammar's NAME
+
+
 def _value(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -50,8 +54,10 @@ def _value(value: Any) -> str:
         return "(" + ", ".join(_value(v) for v in value) + ")"
     if isinstance(value, Interval):
         return f"{value.count} {value.unit[:-1] if value.count == 1 else value.unit}"
-    if isinstance(value, str) and not value.isidentifier():
-        return f'"{value}"'
+    if isinstance(value, str) and (
+        not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value) or value in ("on", "off")
+    ):
+        return f'"{value}"'  # not a word of the language (non-ASCII), or a word that means a boolean
     return str(value)
 
 
@@ -141,11 +147,10 @@ def _train(spec: FlowSpec) -> list[str]:
     optimizer = f"lr={_value(t.lr)}, betas={_value(t.betas)}, eps={_value(t.eps)}"
     if t.weight_decay:
         optimizer += f", weight_decay={_value(t.weight_decay)}"
-    plain = TrainSpec.model_fields
-    args = [  # the schedule's own arguments, and any other that differs from its default
+    args = [  # the schedule's own arguments (a schedule takes no other)
         f"{arg}={_value(getattr(t, field))}"
         for arg, field in SCHEDULE_ARGS.items()
-        if arg in SCHEDULE_KIND_ARGS.get(t.schedule, ()) or getattr(t, field) != plain[field].default
+        if arg in SCHEDULE_KIND_ARGS.get(t.schedule, ())
     ]
     schedule = t.schedule + (f"({', '.join(args)})" if args else "")
     recipe = [

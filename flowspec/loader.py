@@ -17,7 +17,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
-from flowspec.document import SCHEDULE_ARGS, Call, RawDict, Word
+from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, Call, RawDict, Word
 from flowspec.parser import SECTION_NAMES, parse_document
 from flowspec.resolve import (
     OVERRIDE_FILE,
@@ -28,7 +28,7 @@ from flowspec.resolve import (
     unused_coupling_settings,
 )
 from flowspec.shapes import shape_issues
-from flowspec.spec import FlowSpec, SourceLoc
+from flowspec.spec import FlowSpec, SourceLoc, TrainSpec
 
 __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
 
@@ -176,6 +176,10 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
     return spec
 
 
+def _owner(arg: str) -> str:
+    return next(kind for kind, args in SCHEDULE_KIND_ARGS.items() if arg in args)
+
+
 def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
     """Rules for what a spec file may say that `FlowSpec` itself does not enforce, so that the specs
     stored in checkpoints written before the rules still load."""
@@ -188,6 +192,16 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
                 f"folder), got {spec.name!r}",
             )
         )
+    uses = SCHEDULE_KIND_ARGS[spec.train.schedule]
+    for arg, field in SCHEDULE_ARGS.items():  # set directly (--set train.exp_hold=...) for another schedule
+        if arg not in uses and getattr(spec.train, field) != TrainSpec.model_fields[field].default:
+            found.append(
+                Diagnostic(
+                    _locate(doc, ("train", field))[1],
+                    f"{arg} is a setting of the {_owner(arg)} schedule; this spec's schedule is "
+                    f"{spec.train.schedule}",
+                )
+            )
     if spec.train.init_batch < 2:
         found.append(
             Diagnostic(

@@ -225,6 +225,8 @@ def test_flops_match_torch_flop_counter():
         ),
         ("ablations/affine_coupling.flow", SMALL),
         ("ablations/no_attention.flow", SMALL),
+        ("ablations/no_attention.flow", (*SMALL, "defaults.coupling.nin=off")),  # c2 a 3x3 conv: kept
+        ("imagenet32.flow", (*SMALL, "defaults.coupling.blocks=1", "dequantize.context.blocks=2")),
         ("realnvp_cifar.flow", ("data.shape=3x8x8",)),
     ],
 )
@@ -334,3 +336,24 @@ def test_bad_spec_file_exit_2(capsys, tmp_path):
     bad.write_text("model bad\nflow {\n  squeeze\n  coupling\n}\n")
     code, out, err = cli(capsys, "inspect", str(bad))
     assert code == 2 and "bad.flow:4:" in err and "two halves" in err and "Traceback" not in err
+
+
+def test_file_names_are_not_markup_nor_table_syntax_and_a_zero_target_has_no_percentage(tmp_path, capsys):
+    folder = tmp_path / "[red]runs"
+    folder.mkdir()
+    base = folder / "base[bold] |x.flow"
+    base.write_text(
+        "model b\ndata digits { shape 1x8x8 levels 17 }\nflow { split stripe { coupling(filters=4) } }\n"
+    )
+    kid = folder / "kid[b].flow"
+    kid.write_text(f'extends "{base.name}"\nmodel k\neval {{ images 10 }}\n')
+    assert run(["inspect", str(kid), "--target-params", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "base[bold] |x.flow" in out  # the heading names the file the steps are written in
+    assert re.search(r"target\s+0: \+\d[\d,]*\s*$", out, re.M)  # no division by the zero target
+    assert run(["inspect", str(kid), "-f", "md"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| &nbsp;")]
+    assert rows and all(line.count(" | ") == 5 for line in rows) and "base[bold] \\|x.flow:3" in rows[1]
+    assert run(["diff", str(base), str(kid)]) == 0
+    out = capsys.readouterr().out
+    assert "kid[b].flow:2" in out and re.search(r"eval\.images\s+all\s+10", out)

@@ -487,3 +487,34 @@ def test_settings_made_unused_by_another_file_or_a_set_are_allowed(tmp_path):
     assert spec.flow[0].body[0].coupling == "affine" and spec.flow[0].body[0].components == 8
     spec = load_spec(tmp_path / "base.flow", overrides=["flow.0.body.0.network=resnet"])
     assert spec.flow[0].body[0].network == "resnet"
+
+
+def test_show_quotes_class_names_that_are_not_plain_words(tmp_path):
+    data = 'data folder { path "/d"  shape 1x8x8  classes ("on", "café", x)  test_split 1 }'
+    text = f"model m\n{data}\nflow {{ squeeze }}\n"
+    spec = parse_spec(text)
+    shown = format_spec(spec)
+    assert 'classes ("on", "café", x)' in shown and parse_spec(shown) == spec
+
+
+def test_a_schedule_statement_replaces_the_whole_schedule(tmp_path):
+    """A schedule that replaces another (with --set, or in an extending file) keeps none of its settings,
+    so `show` prints a spec that parses back; setting another schedule's field directly is an error."""
+    spec = load_spec(SPECS / "imagenet64.flow", overrides=["train.schedule=step(every=1000, gamma=0.5)"])
+    assert (spec.train.schedule, spec.train.exp_hold, spec.train.exp_decay) == ("step", 0, 0.9999)
+    shown = format_spec(spec)
+    assert (
+        "then step(every=1000, gamma=0.5)" in shown
+        and parse_spec(shown, source=str(SPECS / "x.flow")) == spec
+    )
+    (tmp_path / "base.flow").write_text(
+        "model b\nflow { squeeze }\ntrain { warmup 5 steps, then exponential(hold=40) }\n"
+    )
+    (tmp_path / "kid.flow").write_text(
+        'extends "base.flow"\nmodel k\ntrain { warmup 0 steps, then cosine  length 9 steps }\n'
+    )
+    assert load_spec(tmp_path / "kid.flow").train.exp_hold == 0
+    with pytest.raises(
+        SpecError, match=r"--set:1:7: every is a setting of the step schedule; this spec's schedule is"
+    ):
+        load_spec(SPECS / "imagenet64.flow", overrides=["train.step_every=5"])

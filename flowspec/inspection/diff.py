@@ -64,6 +64,8 @@ UNSET = {
     "train.ema": "off",
     "train.length": "unbounded",
     "data.classes": "all",
+    "eval.images": "all",
+    "eval.batch": "(the train batch)",
 }
 
 
@@ -194,7 +196,7 @@ class SettingsView:
             for head, width in zip(heads[1:], words, strict=True):
                 table.add_column(head, min_width=width)  # wraps at spaces only
             for row in cells:
-                table.add_row(*row)
+                table.add_row(*map(Text, row))  # Text: file names are not markup
             yield table
             return
         for d in self.diffs:

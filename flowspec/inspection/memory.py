@@ -66,10 +66,12 @@ def _gated_conv(g: GatedConv, itemsize: int) -> int:
 
 def _flowpp_block(block: FlowppBlock, itemsize: int) -> int:
     """Bytes per position a Flow++ block keeps in a training step (selective recomputation): its input,
-    c1's output, its dropout masks and, with attention, the attention output and its per-head
-    log-sum-exp."""
+    c1's output, c2's output when it is a 3x3 conv (`nin=off`; a 1x1 one is a dense layer, recomputed),
+    its dropout masks and, with attention, the attention output and its per-head log-sum-exp."""
     f = block.conv.c1.out_channels
     kept = 2 * f * itemsize + _mask_bytes(block.conv.dropout, 2 * f)
+    if isinstance(block.conv.c2, nn.Conv2d):
+        kept += block.conv.c2.out_channels * itemsize
     if block.attn is not None:
         kept += _mask_bytes(block.attn.dropout, f)
     if isinstance(block.attn, GatedAttention):

@@ -73,7 +73,8 @@ def target_line(report: Report) -> str | None:
     delta = report.total - report.target
     if delta == 0:
         return f"{report.target:,}: match"
-    return f"{report.target:,}: {delta:+,} ({100 * delta / report.target:+.2f}%)"
+    relative = f" ({100 * delta / report.target:+.2f}%)" if report.target else ""
+    return f"{report.target:,}: {delta:+,}{relative}"
 
 
 def footer_lines(report: Report) -> list[tuple[str, str]]:
@@ -206,7 +207,7 @@ class RichView:
         for name in shown:
             table.add_column(name, **columns[name][0])
         for step, cells in rows:
-            table.add_row(step, *(cells[name] for name in shown))
+            table.add_row(step, *(Text(cells[name]) for name in shown))  # Text: file names are not markup
         foot = Table.grid(padding=(0, 2))
         foot.add_column(style="bold", no_wrap=True)
         foot.add_column()
@@ -328,7 +329,7 @@ def render_md(report: Report, depth: int | None = None) -> str:
                     "" if row.logdet_bpd is None else f"{row.logdet_bpd:+.3f}",
                     "" if row.inverse_error is None else f"{row.inverse_error:.0e}",
                 ]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines.append("")
     lines += [f"- **{name}**: {text}" for name, text in footer_lines(report)]
     lines += ["", f"_{legend(report)}_"]
