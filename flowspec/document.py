@@ -111,24 +111,40 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
     return {key: value}
 
 
-def _schedule_defaults() -> dict[str, Any]:
-    """Every schedule argument at its built-in value: a schedule statement says the whole schedule, so
-    one that replaces another (in an extending file, or with --set) leaves none of its arguments behind."""
+@dataclass(frozen=True)
+class Reset:
+    """A setting put back to its built-in value by a statement that did not write it (no source location)."""
+
+    value: Any
+
+
+def placed(fields: dict[str, Any], loc: Any) -> list[tuple[str, Any, Any]]:
+    """`convert`'s fields as (name, value, where it was written): a `Reset` value was written nowhere."""
+    return [(k, v.value, None) if isinstance(v, Reset) else (k, v, loc) for k, v in fields.items()]
+
+
+def _schedule_resets(name: str) -> dict[str, Reset]:
+    """The settings of the other schedules at their built-in values: a schedule that replaces another (in
+    an extending file, or with --set) leaves none of their arguments behind, and keeps its own."""
     from flowspec.spec import TrainSpec
 
-    return {field: TrainSpec.model_fields[field].default for field in SCHEDULE_ARGS.values()}
+    uses = SCHEDULE_KIND_ARGS.get(name)
+    if uses is None:  # an unknown schedule: validation says so
+        return {}
+    unused = [field for arg, field in SCHEDULE_ARGS.items() if arg not in uses]
+    return {field: Reset(TrainSpec.model_fields[field].default) for field in unused}
 
 
 def _call_setting(key: str, value: Any) -> dict[str, Any]:
     """`optimizer adam(lr=...)` and `then step(every=..., gamma=...)`: a name and its flattened arguments."""
     if isinstance(value, Word):
-        return {key: value} | (_schedule_defaults() if key == "schedule" else {})
+        return {key: value} | (_schedule_resets(value) if key == "schedule" else {})
     if not isinstance(value, Call):
         raise SettingError(f"{key} must be a name, e.g. `{'adam' if key == 'optimizer' else 'cosine'}`")
     allowed = OPTIMIZER_ARGS if key == "optimizer" else tuple(SCHEDULE_ARGS)
     fields: dict[str, Any] = {key: Word(value.name)}
     if key == "schedule":
-        fields |= _schedule_defaults()
+        fields |= _schedule_resets(value.name)
     for arg, arg_value in value.args.items():
         if arg not in allowed:
             raise SettingError(f"unknown setting '{arg}' of {key} {value.name}{did_you_mean(arg, allowed)}")

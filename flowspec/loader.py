@@ -45,11 +45,15 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Fl
     return _finish(doc, overrides, texts, source=str(path))
 
 
-def parse_spec(text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> FlowSpec:
-    """Parse and validate spec text; `source` names it in error messages (and anchors `extends`)."""
+def parse_spec(
+    text: str, source: str = "<string>", overrides: Sequence[str] = (), stored: bool = False
+) -> FlowSpec:
+    """Parse and validate spec text; `source` names it in error messages (and anchors `extends`).
+    `stored`: the text of a spec a checkpoint holds, which the rules for spec files made since may not
+    fit (`_file_rules`)."""
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())
-    return _finish(doc, overrides, texts, source=None)
+    return _finish(doc, overrides, texts, source=None, file_rules=not stored)
 
 
 def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, SourceLoc]:
@@ -152,7 +156,9 @@ def check_overrides(overrides: object) -> None:
         )
 
 
-def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], source: str | None) -> FlowSpec:
+def _finish(
+    doc: RawDict, overrides: Sequence[str], texts: dict[str, str], source: str | None, file_rules: bool = True
+) -> FlowSpec:
     check_overrides(overrides)
     texts[OVERRIDE_FILE] = "\n".join(overrides)
     doc = apply_overrides(doc, overrides)
@@ -170,7 +176,7 @@ def _finish(doc: RawDict, overrides: Sequence[str], texts: dict[str, str], sourc
         found += _shape_diagnostics(spec, doc) if spec is not None else []
         diagnostics += [d for i, d in enumerate(found) if d not in found[:i]]
     else:
-        diagnostics += _shape_diagnostics(spec, doc) + _file_rules(spec, doc)
+        diagnostics += _shape_diagnostics(spec, doc) + (_file_rules(spec, doc) if file_rules else [])
     if diagnostics:
         raise SpecError(diagnostics, texts)
     return spec

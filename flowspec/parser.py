@@ -18,7 +18,7 @@ from lark.lexer import PatternStr
 from lark.visitors import Transformer_NonRecursive
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
-from flowspec.document import Call, RawDict, SettingError, Word, convert, interval
+from flowspec.document import Call, RawDict, SettingError, Word, convert, interval, placed
 from flowspec.spec import SourceLoc
 from flowspec.steps import KINDS
 from flowspec.steps.split import Mask
@@ -269,12 +269,12 @@ class _Builder(Transformer_NonRecursive):
         except SettingError as error:
             self._error(loc, str(error))
             return
-        for field, field_value in fields.items():
-            if field in target:
+        for field, field_value, where in placed(fields, loc):
+            if field in target and where is not None and target.locs.get(field) is not None:
                 first = target.locs[field]
                 self._error(loc, f"duplicate setting '{key}' in {what} (first set at line {first.line})")
                 return
-            target.put(field, field_value, loc)
+            target.put(field, field_value, where)
 
     # values ------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 from pydantic import BaseModel
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
-from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, convert
+from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, convert, placed
 from flowspec.parser import SECTION_KEYS, parse_value
 from flowspec.spec import CouplingSettings, FlowSpec, SourceLoc
 from flowspec.steps.coupling import unused_settings
@@ -153,8 +153,8 @@ def _set(node: RawDict, where: str, field: str, value: Any, loc: SourceLoc) -> N
         fields = convert(section, field, value)
     except SettingError as error:
         raise SpecError([Diagnostic(loc, str(error))]) from None
-    for name, setting in fields.items():
-        node.put(name, setting, loc)
+    for name, setting, written in placed(fields, loc):
+        node.put(name, setting, written)
 
 
 def _field_name(model: type[BaseModel], where: str, part: str) -> str | None:

@@ -166,3 +166,11 @@ def test_a_run_of_a_spec_that_files_may_no_longer_say_still_loads(tmp_path):
     assert flowspec.load(tmp_path / "run").spec.name == "quick-start v2"
     with pytest.raises(flowspec.UserError, match=r"init_batch must be >= 2 \(the data-dependent init"):
         flowspec.parse_spec("model m\nflow { squeeze }\ntrain { init_batch 1 }\n")
+
+
+def test_set_on_a_run_whose_spec_files_may_no_longer_say_it(tmp_path, capsys):
+    spec = tiny_spec(steps=2, eval_every=2).model_copy(update={"name": "my-model"})
+    flowspec.train(spec, out=tmp_path / "run", quiet=True)
+    grid = tmp_path / "g.png"
+    assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", "data.classes=3"]) == 0
+    assert grid.is_file() and "wrote 4 samples of my-model" in capsys.readouterr().out

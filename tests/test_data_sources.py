@@ -493,7 +493,9 @@ def test_eight_bit_values_stored_as_sixteen_bit_are_refused_with_convert_depth(t
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (6, 4, 4, 1)).astype(np.uint16))
     data = DataSpec(dataset="npy", path=str(tmp_path / "x.npy"), shape=(1, 4, 4), convert=("depth",),
                     test_split=1)  # fmt: skip
-    with pytest.raises(UserError, match=r"16-bit images whose values go only up to 25\d: 8-bit data stored"):
+    with pytest.raises(
+        UserError, match=r"every training image of .*x.npy is black after `convert depth`: its"
+    ):
         load_split(data, "train")
 
 
@@ -553,3 +555,15 @@ def test_imagenet_batches_without_labels_load(tmp_path):
     np.savez(folder / "val_data.npz", data=np.zeros((2, 48), np.uint8))
     data = DataSpec(dataset="imagenet", path=str(folder), shape=(3, 4, 4))
     assert load_split(data, "train").labels.tolist() == [0, 0, 0, 0]
+
+
+def test_sixteen_bit_pngs_holding_eight_bit_values_are_refused(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            array = np.random.default_rng(i).integers(0, 200, (8, 8)).astype(np.uint16)
+            Image.fromarray(array).save(tmp_path / "imgs" / c / f"{i}.png")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(1, 8, 8), levels=17,
+                    convert=("depth",), test_split=1)  # fmt: skip
+    with pytest.raises(UserError, match=r"every training image of .*imgs is black after `convert depth`"):
+        load_split(data, "train")

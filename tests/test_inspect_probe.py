@@ -109,3 +109,23 @@ def test_probe_needs_two_images(capsys):
     assert run(["inspect", str(SPECS / "quickstart.flow"), "--probe", "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert "Invalid value for '--batch': Input should be greater than or equal to 2" in err
+
+
+def test_probe_on_a_test_split_of_one_image_is_refused(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    for split, count in (("train", 3), ("test", 1)):
+        (tmp_path / "imgs" / split / "a").mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(
+                tmp_path / "imgs" / split / "a" / f"{i}.png"
+            )
+    spec = tmp_path / "f.flow"
+    spec.write_text(
+        "model f\ndata folder { shape 1x8x8 }\n"
+        "flow { split checkerboard { coupling(filters=4, blocks=1, heads=2) } }\n"
+    )
+    assert run(["inspect", str(spec), "--probe", "--data", str(tmp_path / "imgs")]) == 2
+    assert "the probe initialises on 2 test images or more, and" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from flowspec import FlowSpec, load_spec, parse_spec
 from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
 from flowspec.formatter import format_spec
+from flowspec.loader import setting_sources
 from flowspec.steps import written
 from flowspec.steps.coupling import CouplingStep
 
@@ -518,3 +519,18 @@ def test_a_schedule_statement_replaces_the_whole_schedule(tmp_path):
         SpecError, match=r"--set:1:7: every is a setting of the step schedule; this spec's schedule is"
     ):
         load_spec(SPECS / "imagenet64.flow", overrides=["train.step_every=5"])
+
+
+def test_a_schedule_keeps_its_own_inherited_settings_and_resets_written_nowhere(tmp_path):
+    (tmp_path / "base.flow").write_text(
+        "model b\nflow { squeeze }\ntrain { warmup 5 steps, then step(every=100, gamma=0.5) }\n"
+    )
+    (tmp_path / "kid.flow").write_text(
+        'extends "base.flow"\nmodel k\ntrain { warmup 10 steps, then step(gamma=0.9) }\n'
+    )
+    kid = load_spec(tmp_path / "kid.flow")
+    assert (kid.train.step_every, kid.train.step_gamma) == (100, 0.9)
+    ordered = load_spec(tmp_path / "base.flow", overrides=["train.step_every=500", "train.schedule=step"])
+    assert ordered.train.step_every == 500
+    written = setting_sources(SPECS / "quickstart.flow")
+    assert not {"train.step_every", "train.exp_hold", "train.exp_floor"} & set(written)  # reset, not written

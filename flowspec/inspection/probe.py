@@ -84,6 +84,10 @@ def probe_images(spec: FlowSpec, batch: int, data: Path | None) -> tuple[Tensor,
     from flowspec.train.data import load_split
 
     images = load_split(spec.data, "test", data, download=False)
+    if len(images) < 2:
+        raise UserError(
+            f"--data {data}: the probe initialises on 2 test images or more, and {images.source} has 1"
+        )
     return images.images[:batch], f"{min(batch, len(images))} test images from {data}"
 
 

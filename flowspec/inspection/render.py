@@ -352,7 +352,10 @@ def _graph_label(row: StepRow) -> str:
 
 def render_dot(report: Report, depth: int | None = None) -> str:
     """A graphviz digraph: leaf steps chained in order, splits and repeats as clusters."""
-    lines = [f'digraph "{report.spec.name}" {{', "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
+    name = report.spec.name.replace("\\", "\\\\").replace(
+        '"', '\\"'
+    )  # a name made in Python may hold any text
+    lines = [f'digraph "{name}" {{', "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
     chain: list[str] = []
 
     def emit(rows: list[StepRow], level: int, indent: str) -> None:

@@ -201,19 +201,12 @@ def _arrays(paths: list[Path], flat: bool = False) -> Reader:
     def read(keep: np.ndarray, data: DataSpec) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         start = 0
         for member, levels, channels_last, shape in parts:
-            top = 0  # the largest value of a 16-bit array, over all of it
             for chunk in arrays.chunks(member, channels_last, shape):
                 index = np.arange(start, start + len(chunk))
                 start += len(chunk)
-                top = max(top, int(chunk.max())) if levels > 256 and len(chunk) else top
                 kept = keep[index]
                 if kept.any():
                     yield index[kept], prepare(chunk[torch.from_numpy(kept)], levels, data, str(member))
-            if levels > 256 and "depth" in data.convert and 0 < top < 256:  # all would have become 0
-                raise UserError(
-                    f"{member}: 16-bit images whose values go only up to {top}: 8-bit data stored as 16-bit? "
-                    f"Store it as uint8 (reducing 65536 levels to {data.levels} made every image black)"
-                )
 
     total = np.concatenate(labels)
     direct = _direct_file(parts) if len(parts) == 1 else None
@@ -437,7 +430,17 @@ def _build(folder: Path, plan: Plan, routes: list[np.ndarray], data: DataSpec) -
         done = f"prepared {counts['train']} train and {counts['test']} test images of {plan.source}"
     finally:
         progress.close(done)
+    if "depth" in data.convert and not _any_nonzero(out["train"]):
+        raise UserError(
+            f"every training image of {plan.source} is black after `convert depth`: its values are too small "
+            f"for the bit depth it is stored in (8-bit data stored as 16-bit?); store it as 8-bit"
+        )
     for split, array in out.items():
         array.flush()
         np.save(folder / f"{split}_labels.npy", labels[split])
     return counts
+
+
+def _any_nonzero(images: np.ndarray, chunk: int = 1024) -> bool:
+    """Whether any value is not 0, reading `chunk` images at a time and stopping at the first that has one."""
+    return any(images[i : i + chunk].any() for i in range(0, len(images), chunk))
