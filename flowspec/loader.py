@@ -50,7 +50,7 @@ def parse_spec(
 ) -> FlowSpec:
     """Parse and validate spec text; `source` names it in error messages (and anchors `extends`).
     `stored`: the text of a spec a checkpoint holds, which the rules for spec files made since may not
-    fit (`_file_rules`)."""
+    fit (`_file_rules`): they apply only to what `overrides` write."""
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())
     return _finish(doc, overrides, texts, source=None, file_rules=not stored)
@@ -176,7 +176,10 @@ def _finish(
         found += _shape_diagnostics(spec, doc) if spec is not None else []
         diagnostics += [d for i, d in enumerate(found) if d not in found[:i]]
     else:
-        diagnostics += _shape_diagnostics(spec, doc) + (_file_rules(spec, doc) if file_rules else [])
+        rules = _file_rules(spec, doc)
+        if not file_rules:
+            rules = [d for d in rules if d.loc is not None and d.loc.file == OVERRIDE_FILE]
+        diagnostics += _shape_diagnostics(spec, doc) + rules
     if diagnostics:
         raise SpecError(diagnostics, texts)
     return spec

@@ -494,7 +494,7 @@ def test_eight_bit_values_stored_as_sixteen_bit_are_refused_with_convert_depth(t
     data = DataSpec(dataset="npy", path=str(tmp_path / "x.npy"), shape=(1, 4, 4), convert=("depth",),
                     test_split=1)  # fmt: skip
     with pytest.raises(
-        UserError, match=r"every training image of .*x.npy is black after `convert depth`: its"
+        UserError, match=r"every train image of .*x.npy is black after `convert depth` to 256 levels: were"
     ):
         load_split(data, "train")
 
@@ -565,5 +565,15 @@ def test_sixteen_bit_pngs_holding_eight_bit_values_are_refused(tmp_path):
             Image.fromarray(array).save(tmp_path / "imgs" / c / f"{i}.png")
     data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(1, 8, 8), levels=17,
                     convert=("depth",), test_split=1)  # fmt: skip
-    with pytest.raises(UserError, match=r"every training image of .*imgs is black after `convert depth`"):
+    with pytest.raises(UserError, match=r"every train image of .*imgs is black after `convert depth`"):
+        load_split(data, "train")
+
+
+def test_a_black_test_split_is_refused_too(tmp_path):
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    np.save(folder / "train.npy", np.random.default_rng(0).integers(0, 256, (6, 4, 4, 1)).astype(np.uint8))
+    np.save(folder / "test.npy", np.random.default_rng(1).integers(0, 256, (3, 4, 4, 1)).astype(np.uint16))
+    data = DataSpec(dataset="npy", path=str(folder), shape=(1, 4, 4), convert=("depth",))
+    with pytest.raises(UserError, match=r"every test image of .*mix is black after `convert depth`"):
         load_split(data, "train")

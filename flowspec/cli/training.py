@@ -244,7 +244,8 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
 
     word = spec.model_copy(update={"name": "stored"})  # a name a spec file could not write is put back below
     changed = parse_spec(format_spec(word), source=f"{path} (stored spec)", overrides=sets, stored=True)
-    changed = changed.model_copy(update={"name": spec.name})
+    if changed.name == "stored":  # not renamed with --set model=NAME
+        changed = changed.model_copy(update={"name": spec.name})
     model_fields = ("preprocess", "dequantize", "flow", "prior")
     same_model = all(getattr(changed, f) == getattr(spec, f) for f in model_fields) and (
         changed.data.shape,

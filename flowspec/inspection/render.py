@@ -352,9 +352,7 @@ def _graph_label(row: StepRow) -> str:
 
 def render_dot(report: Report, depth: int | None = None) -> str:
     """A graphviz digraph: leaf steps chained in order, splits and repeats as clusters."""
-    name = report.spec.name.replace("\\", "\\\\").replace(
-        '"', '\\"'
-    )  # a name made in Python may hold any text
+    name = report.spec.name.replace('"', '\\"')  # a name made in Python may hold any text
     lines = [f'digraph "{name}" {{', "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
     chain: list[str] = []
 

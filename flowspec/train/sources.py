@@ -430,11 +430,13 @@ def _build(folder: Path, plan: Plan, routes: list[np.ndarray], data: DataSpec) -
         done = f"prepared {counts['train']} train and {counts['test']} test images of {plan.source}"
     finally:
         progress.close(done)
-    if "depth" in data.convert and not _any_nonzero(out["train"]):
-        raise UserError(
-            f"every training image of {plan.source} is black after `convert depth`: its values are too small "
-            f"for the bit depth it is stored in (8-bit data stored as 16-bit?); store it as 8-bit"
-        )
+    for split, array in out.items():
+        if "depth" in data.convert and len(array) and not _any_nonzero(array):
+            raise UserError(
+                f"every {split} image of {plan.source} is black after `convert depth` to {data.levels} "
+                f"levels: were its values already small (8-bit values in a 16-bit file, or values already "
+                f"below levels, which need no `convert depth`)?"
+            )
     for split, array in out.items():
         array.flush()
         np.save(folder / f"{split}_labels.npy", labels[split])
