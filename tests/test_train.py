@@ -241,3 +241,12 @@ def test_a_checkpoint_whose_best_counted_a_stop_evaluation_is_corrected_on_resum
     resumed = train(spec, options(tmp_path / "run", resume=True))
     straight = train(spec, options(tmp_path / "straight"))
     assert resumed.best_bpd == straight.best_bpd > 0
+
+
+def test_resuming_without_metrics_keeps_the_checkpoints_best(tmp_path):
+    spec = tiny_spec(steps=8, eval_every=3)
+    train(spec, options(tmp_path / "run", max_steps=4))
+    kept = load_checkpoint(tmp_path / "run")["best_bpd"]
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    again = train(spec, options(tmp_path / "run", resume=True, max_steps=4))  # nothing left to train
+    assert kept is not None and again.best_bpd == kept

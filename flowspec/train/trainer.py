@@ -398,12 +398,14 @@ class Trainer:
         if self.dist.main:
             truncate_metrics(self.run_dir, self.step)
             rows = read_metrics(self.run_dir)
-        if not self._scheduled():  # a --max-steps or --max-time stop: its evaluation is not the run's
+        if not self._scheduled():  # a stop between evaluations: an evaluation there is not the run's
             self.stop_row = True  # dropped from the metrics if training goes on
             evaluated = [r for r in rows if is_eval(r) and r.get("test_bpd") is not None]
             self.stop_bpd = next((r["test_bpd"] for r in evaluated if r["step"] == self.step), None)
-            # the best of the scheduled evaluations (older checkpoints counted the stop's as well)
+            # the best of the scheduled evaluations (older checkpoints counted a stop's as well); without
+            # metrics to read, the checkpoint's
             best = min((r["test_bpd"] for r in evaluated if r["step"] < self.step), default=None)
+            best = best if rows else self.best
             self.best, self.stop_bpd = self.dist.gather((best, self.stop_bpd))[0]
 
     def _banner(self) -> str:
