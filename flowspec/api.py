@@ -51,7 +51,7 @@ def train(
     sets: Sequence[str] = (),
     resume: PathLike | None = None,
     device: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     compile: bool = False,
     recompute: str = "auto",
     max_steps: int | None = None,
@@ -68,11 +68,11 @@ def train(
 
     The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
     overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
-    `device`, `precision` (fp32 | bf16 | auto), `compile`, `recompute` (auto | on | off), `max_steps`,
-    `max_time` (seconds or `"30m"`), `log_every`, `tensorboard`, `quiet`, `threads` (None: chosen by model
-    size and CPU load), `allow_large`
-    (train a model whose estimated training memory exceeds the device's), `data_memory` (bytes or `"4G"`:
-    a training set up to this size is held in memory, a larger one streamed from its file) and `eval`
+    `device`, `precision` (fp32 | bf16 | auto; None: fp32, or the precision a resumed run trained in),
+    `compile`, `recompute` (auto | on | off), `max_steps`, `max_time` (seconds or `"30m"`), `log_every`,
+    `tensorboard`, `quiet`, `threads` (None: chosen by model size and CPU load), `allow_large` (train a
+    model whose estimated training memory exceeds the device's), `data_memory` (bytes or `"4G"`: a
+    training set up to this size is held in memory, a larger one streamed from its file) and `eval`
     (settings of the spec's `eval` section, as `--eval-*` give them, e.g. `{"images": 64, "inversion":
     False}`). Returns the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake
     raises `UserError` with the message the command line prints.

@@ -250,3 +250,34 @@ def test_resuming_without_metrics_keeps_the_checkpoints_best(tmp_path):
     (tmp_path / "run" / "metrics.jsonl").unlink()
     again = train(spec, options(tmp_path / "run", resume=True, max_steps=4))  # nothing left to train
     assert kept is not None and again.best_bpd == kept
+
+
+def test_a_resumed_run_keeps_the_precision_it_trained_in(tmp_path):
+    spec = tiny_spec(steps=4, eval_every=2)
+    straight = train(spec, options(tmp_path / "straight", precision="bf16"))
+    train(spec, options(tmp_path / "split", precision="bf16", max_steps=2))
+    resumed = train(spec, options(tmp_path / "split", resume=True))  # no precision given: the run's
+    assert straight.step == resumed.step == 4 and load_checkpoint(tmp_path / "split")["precision"] == "bf16"
+    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "split"), strict=True):
+        flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+        assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b, strict=True))
+
+
+def test_the_precision_of_a_resumed_run_is_said_and_may_be_changed(tmp_path):
+    spec = tiny_spec(steps=4, eval_every=2)
+    train(spec, options(tmp_path / "run", precision="bf16", max_steps=2))
+
+    def chosen(**kw) -> tuple[str, str]:
+        trainer = Trainer(spec, options(tmp_path / "run", resume=True, **kw))
+        trainer.close()
+        return trainer.precision, trainer.precision_reason
+
+    assert chosen() == ("bf16", "the run's")
+    assert chosen(precision="fp32") == ("fp32", "the run trained in bf16 until step 2")
+    payload = load_checkpoint(tmp_path / "run")  # a checkpoint from before the precision was kept: fp32
+    del payload["precision"], payload["checksum"]
+    save_atomic(payload, tmp_path / "run" / LAST)
+    assert chosen() == ("fp32", "")
+    with pytest.raises(UserError, match="unknown precision 'fp16'"):
+        Trainer(spec, options(tmp_path / "other", precision="fp16"))
+    assert not (tmp_path / "other").exists()

@@ -145,13 +145,14 @@ def train(
     sets: SetOption = None,
     device: DeviceOption = None,
     precision: Annotated[
-        Precision,
+        Precision | None,
         typer.Option(
             "--precision",
             help="bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the "
-            "CPU or GPU has it natively.",
+            "CPU or GPU has it natively. Default: fp32, or the precision a resumed run trained in.",
+            show_default=False,
         ),
-    ] = Precision.fp32,
+    ] = None,
     compile_networks: CompileOption = False,
     recompute: Annotated[
         Recompute,
@@ -206,7 +207,7 @@ def train(
             sets=sets or (),
             resume=resume,
             device=_device(device),
-            precision=precision.value,
+            precision=precision.value if precision else None,
             compile=compile_networks,
             recompute=recompute.value,
             max_steps=max_steps,

@@ -45,10 +45,15 @@ def native_bf16(device: torch.device) -> str | None:
     return None
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
-    """The precision to run (`fp32` or `bf16`) and, for `auto`, why it was chosen (else "")."""
+def check_precision(precision: str) -> None:
+    """A `UserError` unless `precision` is one of PRECISIONS."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """The precision to run (`fp32` or `bf16`) and, for `auto`, why it was chosen (else "")."""
+    check_precision(precision)
     if precision != "auto":
         return precision, ""
     reason = native_bf16(device)

@@ -29,7 +29,7 @@ from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, t
 from flowspec.train.evaluation import SMOKE, Evaluator, describe
 from flowspec.train.lock import RunLock
 from flowspec.train.metrics import Window, append_metrics, is_eval, read_metrics, record, truncate_metrics
-from flowspec.train.precision import autocast_dtype, resolve_precision
+from flowspec.train.precision import autocast_dtype, check_precision, resolve_precision
 from flowspec.train.progress import Reporter
 from flowspec.train.recompute import resolve_recompute
 from flowspec.train.signals import StoppedBySignal, StopSignals
@@ -44,7 +44,8 @@ class RunOptions:
     out: Path | None = None  # run folder; None: runs/<name>-<timestamp>
     data_dir: Path | None = None
     device: str | None = None  # cpu | cuda; None: cuda when available
-    precision: str = "fp32"  # fp32 | bf16 | auto (see flowspec.train.precision)
+    precision: str | None = None  # fp32 | bf16 | auto (see flowspec.train.precision); None: fp32, or
+    # the precision a resumed run trained in
     compile: bool = False
     recompute: str = "auto"  # auto | on | off (see flowspec.train.recompute)
     max_steps: int | None = None  # stop at this global step (a resumed run counts from its start)
@@ -85,7 +86,8 @@ class Trainer:
     ):
         self.spec, self.options, self.t = spec, options, spec.train
         self.dist, self.device = setup(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision, self.precision_reason = resolve_precision(options.precision, self.device)
+        if options.precision is not None:
+            check_precision(options.precision)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every step has the same shapes: time cuDNN's kernels once
         self.run_dir = rundir.choose(spec, options.out, self.dist)
@@ -100,6 +102,7 @@ class Trainer:
         spec, options = self.spec, self.options
         payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
         self.saved_step: int | None = payload["step"] if payload is not None else None
+        self._choose_precision(payload)
 
         # a resumed run reads the data folder it was trained on unless --data says otherwise
         self.data_dir = options.data_dir or (payload.get("data_dir") if payload else None)
@@ -350,6 +353,7 @@ class Trainer:
             "window": self.window.state_dict(),
             "rng": states,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
+            "precision": self.precision,
             **spec_record(self.spec),
         }
         modules = [m for m in (self.updater.model, self.updater.ema) if m is not None]
@@ -380,6 +384,18 @@ class Trainer:
                 failed = f"data-dependent initialisation on {len(pick)} training images failed"
                 raise UserError(f"{failed}: {error}") from None
         broadcast_module(model, self.dist)
+
+    def _choose_precision(self, payload: dict[str, Any] | None) -> None:
+        """--precision if given, else the one a resumed run trained in (fp32 for a new run, or for a
+        checkpoint from before it was kept); the reason says where a resumed run's came from."""
+        stored = payload.get("precision") if payload is not None else None
+        requested = self.options.precision or stored or "fp32"
+        self.precision, self.precision_reason = resolve_precision(requested, self.device)
+        if stored is not None and self.options.precision is None:
+            self.precision_reason = "the run's"
+        elif stored is not None and stored != self.precision:
+            changed = f"the run trained in {stored} until step {payload['step']}"
+            self.precision_reason = "; ".join(filter(None, (self.precision_reason, changed)))
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.updater.load_state_dict(payload)
