@@ -577,3 +577,24 @@ def test_a_black_test_split_is_refused_too(tmp_path):
     data = DataSpec(dataset="npy", path=str(folder), shape=(1, 4, 4), convert=("depth",))
     with pytest.raises(UserError, match=r"every test image of .*mix is black after `convert depth`"):
         load_split(data, "train")
+
+
+def _numbered_image(i: int) -> torch.Tensor:
+    if i == 7:
+        raise UserError("cannot decode image 7.png")
+    return torch.full((1, 1, 2, 2), i % 256, dtype=torch.uint8)
+
+
+def test_decoding_workers_hand_back_arrays_in_order():
+    """Workers send numpy arrays, copied through their pipe: a tensor went through a shared-memory handle
+    served from a worker thread, which printed a traceback when the main process stopped mid-transfer
+    (SIGTERM during a large preparation)."""
+    from flowspec.train.images import Decoded, decode_all
+
+    assert isinstance(Decoded([3], _numbered_image)[0], np.ndarray)
+    indices = list(range(7)) + list(range(8, 300))
+    batches = list(decode_all(indices, _numbered_image, workers=2))
+    assert all(b.dtype == torch.uint8 for b in batches)
+    assert torch.cat(batches)[:, 0, 0, 0].tolist() == [i % 256 for i in indices]
+    with pytest.raises(UserError, match=r"cannot decode image 7\.png"):
+        list(decode_all(range(10), _numbered_image, workers=2))

@@ -92,8 +92,10 @@ def decode_file(path: Path, data: DataSpec) -> torch.Tensor:
 
 
 class Decoded(torch.utils.data.Dataset):
-    """Item i: the prepared image `load(i)` or, if it cannot be, the message saying why (a string, so that
-    a worker process hands it back intact)."""
+    """Item i: the prepared image `load(i)` as a numpy array or, if it cannot be, the message saying why (a
+    string, so that a worker process hands it back intact). Arrays, not tensors: a worker sends a tensor
+    through a shared-memory handle that it serves from a thread, which printed a traceback when the main
+    process stopped (SIGTERM) mid-transfer; an array is copied through the worker's pipe."""
 
     def __init__(self, indices: Sequence[int], load: Callable[[int], torch.Tensor]):
         self.indices, self.load = indices, load
@@ -101,9 +103,9 @@ class Decoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> torch.Tensor | str:
+    def __getitem__(self, i: int) -> np.ndarray | str:
         try:
-            return self.load(self.indices[i])
+            return self.load(self.indices[i]).numpy()
         except UserError as error:
             return str(error)
 
@@ -119,4 +121,4 @@ def decode_all(
         for item in items:
             if isinstance(item, str):
                 raise UserError(item)
-        yield torch.cat(items)
+        yield torch.from_numpy(np.concatenate(items))
