@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixture)
 
+import flowspec
 from flowspec.cli.app import run
+from flowspec.train.data import load_split
 from flowspec.train.evaluate import bounds, iw_log_prob
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -58,24 +60,35 @@ def test_set_that_would_change_the_trained_model_is_refused(run_dir, tmp_path, c
 
 
 class _Stub(torch.nn.Module):
-    """log_prob of the k-th call is -k for every image: the bounds are known in closed form."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
+    """log_prob of an image is minus its pixel sum, and 1 less on every other row of a call: an image's
+    samples differ, and samples of one image counted for another would show."""
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return torch.arange(len(x), dtype=torch.float64) % 2 - 3.0  # -3 and -2 alternately
+        return -x.flatten(1).double().sum(1) - torch.arange(len(x), dtype=torch.float64) % 2
 
 
 def test_importance_weighted_bound_is_logmeanexp():
-    x = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
-    got = iw_log_prob(_Stub(), x, k=4, batch=6)  # repeat_interleave: image i gets samples 4i .. 4i+3
-    expected = torch.logsumexp(torch.tensor([-3.0, -2.0, -3.0, -2.0], dtype=torch.float64), 0) - math.log(4)
-    torch.testing.assert_close(got, expected.expand(3))
+    x = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 2, 2).contiguous()  # sums 0, 4, 8
+    got = iw_log_prob(_Stub(), x, k=4, batch=6)  # two calls of 2 samples per image, in image order
+    offsets = torch.logsumexp(-torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64), 0) - math.log(4)
+    expected = -torch.tensor([0.0, 4.0, 8.0], dtype=torch.float64) + offsets
+    torch.testing.assert_close(got, expected)
     result = bounds(_Stub(), x, k=4, batch=8, device=torch.device("cpu"))
-    assert result["iw4_bpd"] == pytest.approx(-expected.item() / (4 * math.log(2)))
+    assert result["iw4_bpd"] == pytest.approx(-expected.mean().item() / (4 * math.log(2)))
+
+
+def test_the_single_sample_bound_is_the_same_whatever_k_and_batch(run_dir):
+    """Its noise comes from the seed's stream; the importance samples draw from a stream of their own."""
+    model = flowspec.load(run_dir, device="cpu")
+    images = load_split(model.spec.data, "test").images[:12]
+    cpu = torch.device("cpu")
+    plain = bounds(model, images, 1, 12, cpu, seed=3)
+    for k, batch in ((4, 8), (4, 32), (2, 5)):
+        both = bounds(model, images, k, batch, cpu, seed=3)
+        assert both["bpd"] == plain["bpd"] and both[f"iw{k}_bpd"] < plain["bpd"] + 0.05
+    again = bounds(model, images, 4, 32, cpu, seed=3)["iw4_bpd"]
+    assert again == bounds(model, images, 4, 8, cpu, seed=3)["iw4_bpd"]
+    assert bounds(model, images, 1, 12, cpu, seed=4)["bpd"] != plain["bpd"]
 
 
 def test_sample_grid_uses_the_seed(run_dir, tmp_path, capsys):

@@ -347,7 +347,6 @@ def evaluate(
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
     import time
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -364,13 +363,12 @@ def evaluate(
         )
         images = load_split(spec.data, split.value, data or trained.data_dir).images
         images = images[:limit] if limit else images
-        torch.manual_seed(seed)
         where = trained.model.device
         reporter = Reporter.auto(False, None, 0, train=False)
         started, memory = time.monotonic(), PeakMemory(where)
         meter = reporter.meter(f"eval {split.value}", len(images), "images")
         try:
-            result = bounds(trained.model, images, iw, batch, where, meter, signals.check)
+            result = bounds(trained.model, images, iw, batch, where, seed, meter, signals.check)
         finally:
             meter.close()
             reporter.close()

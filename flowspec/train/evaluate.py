@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from flowspec.train.distributed import Dist, agree_to_stop
+from flowspec.train.rng import Stream
 from flowspec.train.signals import StopCheck, StoppedBySignal, never
 
 Progress = Callable[[int, float], None]  # images just done, running mean bits/dim
@@ -87,11 +88,17 @@ def bounds(
     k: int,
     batch: int,
     device: torch.device,
+    seed: int = 0,
     progress: Progress | None = None,
     stop: StopCheck = never,
 ) -> dict[str, float]:
-    """Single-sample and (k > 1) importance-weighted bits/dim over `images`, `batch` images per forward."""
+    """Single-sample and (k > 1) importance-weighted bits/dim over `images`, `batch` images per forward.
+
+    The single-sample bound draws its noise from `seed` and the importance samples from a stream of
+    their own (`seed` + 1), so the single-sample bound is the same whatever `k` and `batch`."""
     model.eval()
+    torch.manual_seed(seed)
+    importance = Stream(seed + 1, device)
     per = max(1, batch // k) if k > 1 else batch
     dims = math.prod(images.shape[1:])
     single, weighted = [], []
@@ -100,7 +107,8 @@ def bounds(
         x = images[start : start + per].to(device)
         single.append(model.log_prob(x).double())
         if k > 1:
-            weighted.append(iw_log_prob(model, x, k, batch, stop))
+            with importance:
+                weighted.append(iw_log_prob(model, x, k, batch, stop))
         if progress:
             running = torch.cat(weighted if k > 1 else single).mean()
             progress(len(x), float(to_bpd(running, dims)))

@@ -34,3 +34,32 @@ def restore(state: dict[str, Any], device: torch.device) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+class Stream:
+    """A second stream of torch's global random numbers (on the CPU and `device`), started from `seed`
+    without moving the first: the work inside `with stream:` draws from it, and the first stream goes on
+    afterwards where it was."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            self._state = self._get()
+
+    def _get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def __enter__(self) -> None:
+        self._outer = self._get()
+        self._set(self._state)
+
+    def __exit__(self, *_: object) -> None:
+        self._state = self._get()
+        self._set(self._outer)
