@@ -281,3 +281,33 @@ def test_the_precision_of_a_resumed_run_is_said_and_may_be_changed(tmp_path):
     with pytest.raises(UserError, match="unknown precision 'fp16'"):
         Trainer(spec, options(tmp_path / "other", precision="fp16"))
     assert not (tmp_path / "other").exists()
+
+
+def test_evaluations_count_neither_in_the_throughput_nor_in_max_time(tmp_path, monkeypatch):
+    """On a clock where a step takes 1 s and an evaluation (with its checkpoints) 100 s: 16 img/s at
+    batch 16, and --max-time 5 stops after 5 s of training, not at the first evaluation."""
+    import types
+
+    from flowspec.train import evaluation, metrics, trainer
+    from flowspec.train import update as update_module
+
+    clock = [0.0]
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock[0])
+    monkeypatch.setattr(metrics, "time", fake_time)
+    monkeypatch.setattr(trainer, "time", fake_time)
+
+    def slow(method, seconds):
+        def timed(*args, **kwargs):
+            clock[0] += seconds
+            return method(*args, **kwargs)
+
+        return timed
+
+    monkeypatch.setattr(update_module.Updater, "__call__", slow(update_module.Updater.__call__, 1.0))
+    monkeypatch.setattr(evaluation.Evaluator, "__call__", slow(evaluation.Evaluator.__call__, 100.0))
+    spec = tiny_spec(steps=8, eval_every=2, batch=16)
+    result = train(spec, options(tmp_path / "all", log_every=1))
+    rows = [r for r in result.history if is_eval(r)]
+    assert result.img_s == 16.0 and [r["img_s"] for r in rows] == [16.0] * 4
+    timed = train(spec, options(tmp_path / "timed", max_time=5.0))
+    assert (timed.stopped, timed.step) == ("max-time", 5)

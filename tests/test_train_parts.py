@@ -70,14 +70,20 @@ def test_window_means_skip_the_skipped_steps():
     for bpd, norm, ok in ((3.0, 1.0, True), (math.nan, math.inf, False), (5.0, 3.0, True)):
         window.add(torch.tensor(bpd), torch.tensor(norm), torch.tensor(ok), images=10)
     assert window.read() == (4.0, 2.0, 5.0) and window.images == 30 and window.img_s() > 0
+    assert window.first[0] == 30 and window.total_images == 0  # the first read with steps: warm-up
     window.add(torch.tensor(math.inf), torch.tensor(1.0), torch.tensor(False), images=10)
     assert window.read()[2] == 5.0  # the latest good step
     window.reset()
-    assert window.read()[:2] == (None, None) and window.images == 0 and window.total_images == 40
+    assert window.read()[:2] == (None, None) and window.images == 0 and window.total_images == 10
     window.add(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(True), images=10)
     window.restart_clock()  # what came before is not timed
     window.read()
-    assert window.images == 0 and window.total_images == 40
+    assert window.images == 0 and window.total_images == 10
+    window.add(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(True), images=10)
+    window.pause()  # counted up to here; nothing after it until the clock restarts
+    assert window.images == 10 and window.total_images == 20
+    window.read()
+    assert window.images == 10 and window.total_images == 20
 
 
 def test_record_appends_and_plots(tmp_path):

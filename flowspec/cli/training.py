@@ -172,7 +172,12 @@ def train(
         typer.Option("--max-steps", min=1, help="Stop at this step (counted from the run's start)."),
     ] = None,
     max_time: Annotated[
-        str | None, typer.Option("--max-time", metavar="DURATION", help="Stop after this long: 90s, 30m, 2h.")
+        str | None,
+        typer.Option(
+            "--max-time",
+            metavar="DURATION",
+            help="Stop after this much training (evaluations not counted): 90s, 30m, 2h.",
+        ),
     ] = None,
     log_every: Annotated[
         int, typer.Option("--log-every", min=1, help="Read the loss from the device every N steps.")
@@ -475,7 +480,11 @@ def ablate(
     ] = None,
     budget: Annotated[
         str | None,
-        typer.Option("--budget", metavar="DURATION", help="Or train each for this long: 90s, 20m, 2h."),
+        typer.Option(
+            "--budget",
+            metavar="DURATION",
+            help="Or train each for this long (evaluations not counted): 90s, 20m, 2h.",
+        ),
     ] = None,
     data: DataOption = None,
     out: Annotated[

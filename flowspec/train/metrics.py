@@ -160,7 +160,8 @@ def record(run_dir: Path, row: dict[str, Any], name: str) -> None:
 class Window:
     """Train bits/dim and gradient norm since the last `reset`, over the steps that were not skipped, and
     the training throughput. The sums stay on the device: `add` never waits for it, `read` does, and
-    times the training since the previous `read` (or `restart_clock`, after an evaluation)."""
+    times the training since the previous `read`; the time between `pause` and `restart_clock` (an
+    evaluation, a checkpoint) is not training and is not counted."""
 
     def __init__(self, device: torch.device):
         self._sums = torch.zeros(3, dtype=torch.float64, device=device)  # bits/dim, norm, good steps
@@ -186,15 +187,26 @@ class Window:
         bpd, norm, good, last = torch.cat([self._sums, self._last[None]]).tolist()
         recent = good - self._seen[1]
         self.recent_bpd, self._seen = ((bpd - self._seen[0]) / recent if recent else None), (bpd, good)
-        now = time.monotonic()
-        images, seconds = self._pending, now - self._since
-        self.images, self.seconds = self.images + images, self.seconds + seconds
-        if self.first is None:  # the first step(s) warm up (allocations, lazy init): not the run's rate
-            self.first = (images, seconds)
-        else:
-            self.total_images, self.total_seconds = self.total_images + images, self.total_seconds + seconds
-        self._since, self._pending = now, 0
+        self._count()
         return (bpd / good, norm / good, last) if good else (None, None, last)
+
+    def _count(self) -> None:
+        """Add the images trained since the clock last started, and the time they took, to the rates."""
+        now = time.monotonic()
+        images, seconds = self._pending, now - self._since if self._since is not None else 0.0
+        if images:
+            self.images, self.seconds = self.images + images, self.seconds + seconds
+            if self.first is None:  # the first step(s) warm up (allocations, lazy init): not the run's rate
+                self.first = (images, seconds)
+            else:
+                self.total_images += images
+                self.total_seconds += seconds
+        self._since, self._pending = (now if self._since is not None else None), 0
+
+    def pause(self) -> None:
+        """Stop the clock (what follows until `restart_clock` is not training)."""
+        self._count()
+        self._since = None
 
     def restart_clock(self) -> None:
         """Time from now on (what came since the last `read` is not training)."""

@@ -180,6 +180,7 @@ class Trainer:
             reporter = Reporter.auto(self.options.quiet or not self.dist.main, self._horizon(), self.step)
             reporter.message(self._banner())
             started, stopped = time.monotonic(), self._limit_reached()
+            self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
             self.window.restart_clock()
             try:
                 resumed_at = self._resumed_at_evaluation()
@@ -242,11 +243,12 @@ class Trainer:
             self.board.train(self.step, last_bpd)
 
     def _should_stop(self, signals: StopSignals, started: float, logged: bool) -> tuple[str | None, bool]:
-        """A signal received and whether --max-time is up: after any step in one process; under torchrun
-        at the logging steps, where the ranks agree (rank 0's clock decides the time)."""
+        """A signal received and whether --max-time is up (training time: evaluations do not count):
+        after any step in one process; under torchrun at the logging steps, where the ranks agree (rank 0's
+        clock decides the time)."""
         if self.dist.active and not logged:
             return None, False
-        elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - started - self.not_training
         time_up = self.dist.main and self.options.max_time is not None and elapsed >= self.options.max_time
         return agree_to_stop(self.dist, self.device, signals.received, time_up)
 
@@ -284,7 +286,18 @@ class Trainer:
         evaluation ends it between batches and is returned (the checkpoint is already written).
 
         A run stopped by --max-steps or --max-time before its first evaluation interval (a smoke run)
-        gets a small evaluation (`SMOKE`, under the command line's settings) and says so."""
+        gets a small evaluation (`SMOKE`, under the command line's settings) and says so.
+
+        Its time is not training: neither the throughput nor --max-time counts it."""
+        self.window.pause()
+        paused = time.monotonic()
+        try:
+            return self._evaluate_and_save(reporter, signals, stopped)
+        finally:
+            self.not_training += time.monotonic() - paused
+            self.window.restart_clock()
+
+    def _evaluate_and_save(self, reporter: Reporter, signals: StopSignals, stopped: str | None) -> str | None:
         self._save(best=False)
         evaluate = self.evaluate
         if stopped in ("max-steps", "max-time") and self.step < self.eval_every:
@@ -336,7 +349,6 @@ class Trainer:
                 self.board.evaluation(row, done.grids)
         if improved:
             self._save(best=True, last=self._scheduled())
-        self.window.restart_clock()
         return None
 
     def _save(self, best: bool, last: bool = True) -> None:
