@@ -5,6 +5,7 @@
 #   bench/gpu_check.sh --dry-run    # or GPU_CHECK_DRY_RUN=1: CPU only, in seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's flowspec, installed or not
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
   if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi

@@ -98,3 +98,27 @@ def test_ranks_leave_the_group_together_after_a_finished_run_and_at_once_after_a
     with pytest.raises(RuntimeError, match="rank failed"):
         trainer.train(None, None)
     assert calls == ["destroy"]
+
+
+def test_the_device_string_picks_the_device_or_is_refused(monkeypatch):
+    """`cuda:N` trains on GPU N (it trained on the CPU without a word); other names are refused."""
+    from flowspec.errors import UserError
+    from flowspec.train.distributed import setup
+
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert setup("cpu")[1] == torch.device("cpu")
+    for device, message in (("mps", "trains on cpu or cuda"), ("gpu", "not one torch knows")):
+        with pytest.raises(UserError, match=message):
+            setup(device)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device is available"):
+        setup("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert setup("cuda:1")[1] == torch.device("cuda", 1) and setup("cuda")[1] == torch.device("cuda", 0)
+    assert chosen == [1, 0]
+    with pytest.raises(UserError, match=r"CUDA device 2 does not exist \(this machine has 2"):
+        setup("cuda:2")

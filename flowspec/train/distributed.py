@@ -57,19 +57,35 @@ class Dist:
 
 
 def setup(device: str) -> tuple[Dist, torch.device]:
-    """Join the job torchrun started (if any) and pick this process's device (`cpu` or `cuda`)."""
+    """Join the job torchrun started (if any) and pick this process's device: the CPU, or a CUDA device
+    (`cuda:N` picks one; under torchrun each process takes the one of its LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        where = torch.device("cuda", local_rank)
+    torchrun = "LOCAL_RANK" in os.environ or world > 1
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not one torch knows: use cpu, cuda or cuda:N") from None
+    if where.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: flowspec trains on cpu or cuda (cuda:N for one GPU)")
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {device} was requested but no CUDA device is available; use --device cpu"
+            )
+        index = local_rank if torchrun or where.index is None else where.index
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {device}: CUDA device {index} does not exist (this machine has "
+                f"{torch.cuda.device_count()}: cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+        torch.cuda.set_device(index)
+        where = torch.device("cuda", index)
     else:
         where = torch.device("cpu")
     backend = None
-    if "LOCAL_RANK" in os.environ or world > 1:
-        backend = "nccl" if device == "cuda" else "gloo"
+    if torchrun:
+        backend = "nccl" if where.type == "cuda" else "gloo"
         if not td.is_initialized():
             td.init_process_group(backend=backend)
     return Dist(rank, world, local_rank, backend), where

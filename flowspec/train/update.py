@@ -57,6 +57,9 @@ class Updater:
             self.ema.module.fuse_elementwise()  # its evaluations too (whole networks: the trained model only)
         self.objective: nn.Module = Objective(model)
         if dist.active:
+            if compile:  # networks compiled inside DDP's forward: no graph splitting at DDP's buckets,
+                # which older torch (2.6 at least) refuses for the recompute's checkpoint op
+                torch._dynamo.config.optimize_ddp = False
             ids = [device.index] if device.type == "cuda" else None
             unused = any(getattr(m, "has_unused_parameters", False) for m in model.modules())
             self.objective = nn.parallel.DistributedDataParallel(
