@@ -172,7 +172,7 @@ def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monke
     monkeypatch.setattr(ablate, "train", fake_train)
     spec = tiny_spec()
     specs = [spec.model_copy(update={"name": n}) for n in ("a", "b", "c")]
-    results = ablate.run_ablation(specs, RunOptions(), tmp_path, seed=0)
+    results = ablate.run_ablation(specs, RunOptions(), tmp_path, seed=0).runs
     assert [r.run_dir.name for r in results] == ["a", "b"] and len(trained) == 2
     rows = json.loads((tmp_path / "ablation.json").read_text())  # the finished runs: "b" was stopped
     assert [r["spec"] for r in rows] == ["a"] and [r["img/s"] for r in rows] == [0.0312]  # a slow rate kept
@@ -201,3 +201,51 @@ def test_eval_and_sample_with_compile_fuse_the_chains_and_give_the_same_bounds(
     grid = tmp_path / "g.png"
     assert run(["sample", str(run_dir), "-n", "4", "-o", str(grid), "--device", "cpu", "--compile"]) == 0
     assert "compiled (elementwise)" in capsys.readouterr().out and grid.exists()
+
+
+def test_ablate_says_when_runs_were_evaluated_on_different_numbers_of_test_images(tmp_path, capsys):
+    """One spec reaches its evaluation interval (every test image), the other stops before it (a short
+    run's 64): the table shows each run's count and a note says how to evaluate them alike."""
+    early = write_flow(tmp_path / "early.flow", name="early", steps=100, eval_every=2)
+    late = write_flow(tmp_path / "late.flow", name="late", steps=100, eval_every=50)
+    out = tmp_path / "ablation"
+    args = ["ablate", str(early), str(late), "--steps", "2", "--out", str(out), "--device", "cpu", "-q"]
+    assert run([*args, "--eval-samples", "0"]) == 0
+    printed = capsys.readouterr().out
+    rows = {r["spec"]: r["test images"] for r in json.loads((out / "ablation.json").read_text())}
+    assert rows == {"early": 297, "late": 64} and re.search(r"early .* 297 ", printed)
+    assert "different numbers of test images (64, 297)" in printed and "--eval-images N" in printed
+    assert run([*args, "--eval-samples", "0", "--eval-images", "100", "--out", str(tmp_path / "same")]) == 0
+    printed = capsys.readouterr().out
+    assert "test bits/dim on 100 test images" in printed and "different numbers" not in printed
+
+
+def test_a_failed_ablation_run_is_reported_and_the_others_still_train(tmp_path, monkeypatch, capsys):
+    from flowspec.errors import UserError
+    from flowspec.train import ablate
+
+    def fake_train(spec, options, train_set, test_set):
+        if spec.name == "b":
+            raise UserError("training stopped: 5 steps in a row had a non-finite loss")
+        options.out.mkdir(parents=True)
+        return RunResult(options.out, 5, 0.1, "finished", 3.0, 3.0, 1.0, 100, [])
+
+    monkeypatch.setattr(ablate, "train", fake_train)
+    for name in ("a", "b", "c"):
+        write_flow(tmp_path / f"{name}.flow", name=name)
+    out = tmp_path / "ablation"
+    specs = [str(tmp_path / f"{name}.flow") for name in ("a", "b", "c")]
+    assert run(["ablate", *specs, "--steps", "1", "--out", str(out), "--device", "cpu", "-q"]) == 2
+    captured = capsys.readouterr()
+    assert "error: the run of b failed: training stopped: 5 steps in a row" in captured.err
+    assert re.search(r"\ba .*\n.*\bc ", captured.out)
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["spec"] for r in rows] == ["a", "c", "b"] and "non-finite" in rows[2]["error"]
+
+
+def test_ablation_run_folders_are_unique():
+    from flowspec.train.ablate import folder_names
+
+    assert folder_names(["a", "b"]) == ["a", "b"]
+    assert folder_names(["a", "a", "b"]) == ["a-0", "a-1", "b"]
+    assert folder_names(["a", "a", "a-1"]) == ["0-a", "1-a", "2-a-1"]

@@ -525,19 +525,24 @@ def ablate(
         eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
     )
     with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
-        results = run_ablation(resolved, options, out, seed, signals.check)
-    stopped = signals.received or (results[-1].stopped if results else None)
-    finished = [r for r in results if not is_signal(r.stopped)]
+        done = run_ablation(resolved, options, out, seed, signals.check)
+    stopped = signals.received or (done.runs[-1].stopped if done.runs else None)
+    finished = done.finished
     if finished:
         _print_ablation(finished, f"{f'{steps} steps' if steps else budget} each, seed {seed}", out)
+    for folder, message in done.failed:
+        print(f"error: the run of {folder} failed: {message}", file=sys.stderr)
     if is_signal(stopped):
         compared = f"the table compares the {len(finished)} finished" if finished else "nothing was compared"
+        ran = len(done.runs) + len(done.failed)
         print(
-            f"{stopped}: the ablation stopped after {len(results)} of {len(resolved)} runs; {compared}; "
+            f"{stopped}: the ablation stopped after {ran} of {len(resolved)} runs; {compared}; "
             f"the runs are in {out}",
             file=sys.stderr,
         )
         raise typer.Exit(128 + int(signal.Signals[stopped]))
+    if done.failed:
+        raise typer.Exit(2)
 
 
 def _print_ablation(results: list[RunResult], budget: str, out: Path) -> None:
@@ -545,19 +550,24 @@ def _print_ablation(results: list[RunResult], budget: str, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from flowspec.train.ablate import COLUMNS, fmt_rate, row_values
-    from flowspec.train.metrics import is_eval
+    from flowspec.train.ablate import COLUMNS, fmt_rate, row_values, test_images
 
-    images = {
-        next((r.get("test_images") for r in reversed(run.history) if is_eval(r)), None) for run in results
-    }
-    caption = f"test bits/dim on {images.pop()} test images" if len(images) == 1 else None
+    images = sorted({n for n in map(test_images, results) if n is not None})
+    caption = f"test bits/dim on {images[0]} test images" if len(images) == 1 else None
     table = Table(title=f"ablation ({budget})", caption=caption)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "spec" else "right")
     for result in results:
-        name, params, test, best, step, img_s = row_values(result)
+        name, params, test, count, best, step, img_s = row_values(result)
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-        table.add_row(name, f"{params:,}", fmt(test), fmt(best), str(step), fmt_rate(img_s))
+        shown = str(count) if count is not None else "-"
+        table.add_row(name, f"{params:,}", fmt(test), shown, fmt(best), str(step), fmt_rate(img_s))
     Console().print(table)
+    if len(images) > 1:
+        counts = ", ".join(map(str, images))
+        print(
+            f"note: the test bits/dim come from different numbers of test images ({counts}); a run whose "
+            "budget ends before its first evaluation interval is evaluated as a short run (64 images): "
+            "--eval-images N evaluates every run on the same N"
+        )
     print(f"runs and curves in {out}")

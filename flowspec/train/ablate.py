@@ -3,52 +3,79 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
 from flowspec.train.data import ImageSet, load_split
-from flowspec.train.metrics import plot_curves
+from flowspec.train.metrics import is_eval, plot_curves
 from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
 SPLITS = ("train", "test")
 Datasets = dict[str, ImageSet]  # train's keyword arguments: train_set, test_set
-COLUMNS = ("spec", "parameters", "test bits/dim", "best bits/dim", "steps", "img/s")
+COLUMNS = ("spec", "parameters", "test bits/dim", "test images", "best bits/dim", "steps", "img/s")
+
+
+@dataclass
+class Ablation:
+    """What an ablation did: the runs in order (the last one stopped by a signal, if one came) and the
+    specs whose run failed with a `UserError` (folder name, message); the others ran on after them."""
+
+    runs: list[RunResult] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> list[RunResult]:
+        """The runs not stopped by a signal: the ones compared."""
+        return [r for r in self.runs if not is_signal(r.stopped)]
 
 
 def with_seed(spec: FlowSpec, seed: int) -> FlowSpec:
     return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
 
 
+def folder_names(names: list[str]) -> list[str]:
+    """A run folder per spec: its name, numbered by position when names repeat (`a-0`, `a-1`), and all
+    numbered in front (`0-a`, ...) when that would still give two specs one folder (`a`, `a`, `a-1`)."""
+    folders = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+    if len(set(folders)) < len(folders):
+        folders = [f"{i}-{n}" for i, n in enumerate(names)]
+    return folders
+
+
 def run_ablation(
     specs: list[FlowSpec], options: RunOptions, out: Path, seed: int, stop: StopCheck = never
-) -> list[RunResult]:
+) -> Ablation:
     """Train each spec into `out/<name>` under the same options; write `ablation.json` and `curves.png`.
 
     A stop signal (`stop`, or one that stopped a run) ends it: the runs so far are returned, fewer than
-    the specs or with the last one stopped by the signal, and only the finished runs are compared.
+    the specs or with the last one stopped by the signal, and only the finished runs are compared. A run
+    that fails with a `UserError` (it diverged, the disk is full) is recorded and the next spec trains.
 
     Every spec's data is read before the first run, so that a mistake in the last spec's data section is
     reported before hours of training the others; specs with the same data share one copy."""
-    names = [s.name for s in specs]
-    folders = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+    folders = folder_names([s.name for s in specs])
     read: dict[str, Datasets] = {}
     datasets = [_data_of(spec, options.data_dir, read) for spec in specs]
-    results: list[RunResult] = []
+    done = Ablation()
     for spec, folder, data in zip(specs, folders, datasets, strict=True):
         if stop():
             break
-        results.append(train(with_seed(spec, seed), replace(options, out=out / folder), **data))
-        if is_signal(results[-1].stopped):
+        try:
+            done.runs.append(train(with_seed(spec, seed), replace(options, out=out / folder), **data))
+        except UserError as error:
+            done.failed.append((folder, str(error)))
+            continue
+        if is_signal(done.runs[-1].stopped):
             break
-    finished = [r for r in results if not is_signal(r.stopped)]
-    if finished:  # a run stopped by a signal is not compared
-        rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in finished]
+    if done.finished:  # a run stopped by a signal is not compared
+        rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in done.finished]
+        rows += [{"spec": folder, "error": message} for folder, message in done.failed]
         (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
-        plot_curves({r.run_dir.name: r.history for r in finished}, out / "curves.png", "ablation")
-    return results
+        plot_curves({r.run_dir.name: r.history for r in done.finished}, out / "curves.png", "ablation")
+    return done
 
 
 def _data_of(spec: FlowSpec, data_dir: Path | None, read: dict[str, Datasets]) -> Datasets:
@@ -68,11 +95,18 @@ def is_signal(stopped: str | None) -> bool:
     return stopped in ("SIGINT", "SIGTERM")
 
 
+def test_images(result: RunResult) -> int | None:
+    """How many test images the run's last evaluation measured."""
+    return next((r.get("test_images") for r in reversed(result.history) if is_eval(r)), None)
+
+
 def row_values(result: RunResult) -> tuple:
-    """A row of the comparison: the run's folder name, parameters, last and best test bits/dim, steps and
-    training images per second (3 significant digits: slow models train at a fraction of an image)."""
+    """A row of the comparison: the run's folder name, parameters, last test bits/dim and the test images
+    it was measured on, best test bits/dim, steps and training images per second (3 significant digits:
+    slow models train at a fraction of an image)."""
     rate = float(f"{result.img_s:.3g}")
-    return (result.run_dir.name, result.parameters, result.test_bpd, result.best_bpd, result.step, rate)
+    name, images = result.run_dir.name, test_images(result)
+    return (name, result.parameters, result.test_bpd, images, result.best_bpd, result.step, rate)
 
 
 def fmt_rate(img_s: float) -> str:
