@@ -157,6 +157,8 @@ def run_tests(args: argparse.Namespace, seconds: float) -> str:
         summary = lines[-1].strip("= ") if lines else "no output"
         if tests.returncode != 0:
             summary = f"FAILED (exit {tests.returncode}): {summary}"
+        elif not args.dry_run and " passed" not in summary:  # all skipped: the tests saw no GPU
+            summary = f"FAILED (no test passed): {summary}"
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "pytest_cuda.txt").write_text(output)
     print(output[-8000:], flush=True)

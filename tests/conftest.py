@@ -25,3 +25,15 @@ def cifar10_dir() -> Path:
     if path is None:
         pytest.skip("real CIFAR-10 not found: set FLOWSPEC_DATA_DIR or place it at ../shared/data/cifar10")
     return path
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 means float32 on CUDA: no TF32 in cuDNN convolutions (torch's default) or matmuls.
+    (Set and restored by hand: monkeypatch cannot read the cuBLAS flag, a computed attribute.)"""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -18,14 +18,8 @@ from flowspec.layers.base import standard_normal_log_prob
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("exact_float32"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def exact_float32(monkeypatch):
-    """float32 means float32 here: no TF32 in cuDNN convolutions or matmuls."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def _model_and_images(n: int = 8):
