@@ -242,9 +242,18 @@ def train(
 
 
 def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowSpec:
-    """The stored spec with `--set` overrides, which may change data and train settings, not the model."""
+    """The stored spec with `--set` overrides of what `eval` and `sample` read: its data settings and the
+    model's name (a train, eval or model setting would change nothing, or the trained model)."""
     if not sets:
         return spec
+    for override in sets:
+        key = override.split("=", 1)[0].strip()
+        if key.split(".")[0] in ("train", "eval"):
+            raise UserError(
+                f"--set {override}: eval and sample read only the data settings (and the model name) of the "
+                f"spec stored in {path}, so {key} would change nothing here; e.g. --set data.classes=dog "
+                f"(the evaluation's own options: --images, --batch, --seed)"
+            )
     from flowspec.formatter import format_spec
     from flowspec.loader import parse_spec
 
@@ -260,7 +269,8 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     if not same_model:
         raise UserError(
             f"--set {' '.join(sets)} would change the model stored in {path}; with a trained checkpoint "
-            f"--set may change only data and train settings (e.g. --set data.classes=dog)"
+            f"--set may change only data settings that keep the model's shape and levels (e.g. --set "
+            f"data.classes=dog)"
         )
     return changed
 
