@@ -421,7 +421,7 @@ def sample(
     ],
     n: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 64,
     temperature: Annotated[
-        float, typer.Option("--temperature", "-t", min=0.0, help="Prior temperature.")
+        float, typer.Option("--temperature", "-t", help="Prior temperature (a finite number >= 0).")
     ] = 1.0,
     out: Annotated[
         Path | None,
@@ -444,7 +444,7 @@ def sample(
     from flowspec.inspection.budget import device_memory
     from flowspec.train.sampling import check_grid_memory, grid_name, save_grid
 
-    if not math.isfinite(temperature):
+    if not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     if out is not None:
         _check_output(out, "--out", _image_suffixes())
