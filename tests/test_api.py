@@ -177,4 +177,6 @@ def test_set_on_a_run_whose_spec_files_may_no_longer_say_it(tmp_path, capsys):
     assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", "model=renamed"]) == 0
     assert "wrote 4 samples of renamed" in capsys.readouterr().out
     assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", 'model="a b"']) == 2
-    assert "--set:1:1: the model name must be a word" in capsys.readouterr().err  # what --set writes is checked
+    assert (
+        "--set:1:1: the model name must be a word" in capsys.readouterr().err
+    )  # what --set writes is checked

@@ -275,9 +275,28 @@ def test_the_precision_of_a_resumed_run_is_said_and_may_be_changed(tmp_path):
     assert chosen() == ("bf16", "the run's")
     assert chosen(precision="fp32") == ("fp32", "the run trained in bf16 until step 2")
     payload = load_checkpoint(tmp_path / "run")  # a checkpoint from before the precision was kept: fp32
-    del payload["precision"], payload["checksum"]
+    del payload["precision"], payload["precision_asked"], payload["checksum"]
     save_atomic(payload, tmp_path / "run" / LAST)
     assert chosen() == ("fp32", "")
+
+
+def test_a_run_that_asked_for_auto_resolves_it_again_on_resuming(tmp_path, monkeypatch):
+    """`auto` picked bf16 here; resumed where the hardware has no native bf16, it picks fp32 (and says the
+    run trained in bf16 until then)."""
+    from flowspec.train import precision
+
+    spec = tiny_spec(steps=4, eval_every=2)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: "CPU AVX512 with avx512_bf16")
+    train(spec, options(tmp_path / "run", precision="auto", max_steps=2))
+    payload = load_checkpoint(tmp_path / "run")
+    assert (payload["precision"], payload["precision_asked"]) == ("bf16", "auto")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: None)
+    trainer = Trainer(spec, options(tmp_path / "run", resume=True))
+    trainer.close()
+    assert trainer.precision == "fp32"
+    assert trainer.precision_reason == (
+        "the run's, auto: no native bf16 on this cpu; the run trained in bf16 until step 2"
+    )
     with pytest.raises(UserError, match="unknown precision 'fp16'"):
         Trainer(spec, options(tmp_path / "other", precision="fp16"))
     assert not (tmp_path / "other").exists()

@@ -10,6 +10,7 @@ from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.metrics import is_eval, plot_curves
+from flowspec.train.rundir import previous_checkpoint
 from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -57,6 +58,10 @@ def run_ablation(
     Every spec's data is read before the first run, so that a mistake in the last spec's data section is
     reported before hours of training the others; specs with the same data share one copy."""
     folders = folder_names([s.name for s in specs])
+    if (out / "ablation.json").exists():
+        raise UserError(f"{out} already holds an ablation ({out / 'ablation.json'}); choose another --out")
+    for spec, folder in zip(specs, folders, strict=True):  # an earlier run there is refused before any trains
+        previous_checkpoint(out / folder, spec, resume=False)
     read: dict[str, Datasets] = {}
     datasets = [_data_of(spec, options.data_dir, read) for spec in specs]
     done = Ablation()
@@ -70,10 +75,12 @@ def run_ablation(
             continue
         if is_signal(done.runs[-1].stopped):
             break
-    if done.finished:  # a run stopped by a signal is not compared
+    if done.finished or done.failed:  # a run stopped by a signal is not compared
         rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in done.finished]
         rows += [{"spec": folder, "error": message} for folder, message in done.failed]
+        out.mkdir(parents=True, exist_ok=True)
         (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if done.finished:
         plot_curves({r.run_dir.name: r.history for r in done.finished}, out / "curves.png", "ablation")
     return done
 

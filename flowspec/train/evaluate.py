@@ -94,24 +94,29 @@ def bounds(
 ) -> dict[str, float]:
     """Single-sample and (k > 1) importance-weighted bits/dim over `images`, `batch` images per forward.
 
-    The single-sample bound draws its noise from `seed` and the importance samples from a stream of
-    their own (`seed` + 1), so the single-sample bound is the same whatever `k` and `batch`."""
+    The single-sample bound takes `batch` images at a time with noise from `seed`, and the importance
+    samples draw from a stream of their own (`seed` + 1), so the single-sample bound does not depend on
+    `k` (its draws may still depend on `batch`: on CUDA a generator call split in two gives other values).
+    """
     model.eval()
     torch.manual_seed(seed)
     importance = Stream(seed + 1, device)
-    per = max(1, batch // k) if k > 1 else batch
+    per = max(1, batch // k)  # images per importance-weighted forward of `batch` samples
     dims = math.prod(images.shape[1:])
     single, weighted = [], []
-    for start in range(0, len(images), per):
+    for start in range(0, len(images), batch):
         stop_point(stop, f"after {start} of {len(images)} images")
-        x = images[start : start + per].to(device)
+        x = images[start : start + batch].to(device)
         single.append(model.log_prob(x).double())
-        if k > 1:
+        if k == 1:
+            if progress:
+                progress(len(x), float(to_bpd(torch.cat(single).mean(), dims)))
+            continue
+        for part in range(0, len(x), per):
             with importance:
-                weighted.append(iw_log_prob(model, x, k, batch, stop))
-        if progress:
-            running = torch.cat(weighted if k > 1 else single).mean()
-            progress(len(x), float(to_bpd(running, dims)))
+                weighted.append(iw_log_prob(model, x[part : part + per], k, batch, stop))
+            if progress:
+                progress(len(weighted[-1]), float(to_bpd(torch.cat(weighted).mean(), dims)))
     out = {"bpd": float(to_bpd(torch.cat(single).mean(), dims)), "images": len(images)}
     if k > 1:
         out[f"iw{k}_bpd"] = float(to_bpd(torch.cat(weighted).mean(), dims))

@@ -366,6 +366,7 @@ class Trainer:
             "rng": states,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             "precision": self.precision,
+            "precision_asked": self.precision_asked,
             **spec_record(self.spec),
         }
         modules = [m for m in (self.updater.model, self.updater.ema) if m is not None]
@@ -398,16 +399,20 @@ class Trainer:
         broadcast_module(model, self.dist)
 
     def _choose_precision(self, payload: dict[str, Any] | None) -> None:
-        """--precision if given, else the one a resumed run trained in (fp32 for a new run, or for a
-        checkpoint from before it was kept); the reason says where a resumed run's came from."""
-        stored = payload.get("precision") if payload is not None else None
-        requested = self.options.precision or stored or "fp32"
-        self.precision, self.precision_reason = resolve_precision(requested, self.device)
-        if stored is not None and self.options.precision is None:
-            self.precision_reason = "the run's"
-        elif stored is not None and stored != self.precision:
-            changed = f"the run trained in {stored} until step {payload['step']}"
-            self.precision_reason = "; ".join(filter(None, (self.precision_reason, changed)))
+        """--precision if given, else the one a resumed run asked for (`auto` is resolved again on this
+        device), else fp32 (a new run, or a checkpoint from before it was kept); the reason says where a
+        resumed run's came from, and that it changed."""
+        trained = payload.get("precision") if payload is not None else None
+        asked = payload.get("precision_asked", trained) if payload is not None else None
+        self.precision_asked = self.options.precision or asked or "fp32"
+        self.precision, reason = resolve_precision(self.precision_asked, self.device)
+        if asked is not None and self.options.precision is None:
+            reason = ", ".join(filter(None, ("the run's", reason)))
+        if trained is not None and trained != self.precision:
+            reason = "; ".join(
+                filter(None, (reason, f"the run trained in {trained} until step {payload['step']}"))
+            )
+        self.precision_reason = reason
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.updater.load_state_dict(payload)
