@@ -17,10 +17,7 @@ from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, convert, placed
 from flowspec.parser import SECTION_KEYS, parse_value
 from flowspec.spec import CouplingSettings, FlowSpec, SourceLoc
-from flowspec.steps.coupling import CouplingKind, NetworkKind, unused_settings
-
-DECIDING = ("coupling", "network", "attention")  # the settings that make others unused
-BUILT_IN = "built-in"  # where a setting nobody wrote comes from
+from flowspec.steps.coupling import unused_settings
 
 MERGED_SECTIONS = ("data", "preprocess", "train", "eval", "defaults")
 COUPLING_FIELDS = tuple(CouplingSettings.model_fields)
@@ -203,45 +200,30 @@ def model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
 
 
 def unused_coupling_settings(doc: RawDict) -> list[Diagnostic]:
-    """A diagnostic for each setting written on a coupling step that its kind, network or attention makes
-    unused, e.g. `coupling(network=resnet, weight_norm=on)`: it would change nothing. The deciding setting
-    is the step's own, else the `defaults` one, else the built-in default; a setting is judged when that
-    deciding setting is written in the same file as it, or is the built-in default. A setting made unused
-    by another file or a `--set` (an ablation of a base file that writes it) is allowed. Values that are not
+    """A diagnostic for each setting written on a coupling step that the kind, network or attention
+    written on the same step, in the same file, makes unused, e.g. `coupling(network=resnet,
+    weight_norm=on)`: it would change nothing. What a step inherits is not judged, nor a setting made
+    unused by another file or a `--set` (an ablation of a base file that writes it). Values that are not
     valid are left to validation."""
     found: list[Diagnostic] = []
-    defaults = doc.get("defaults")
-    defaults = defaults.get("coupling") if isinstance(defaults, RawDict) else None
-    defaults = defaults if isinstance(defaults, RawDict) else RawDict()
-    built_in = CouplingSettings()
-
-    def deciding(step: RawDict, name: str) -> tuple[Any, SourceLoc | str | None]:
-        """The value of `name` for `step` and where it was written (None: not known; BUILT_IN)."""
-        for source in (step, defaults):
-            if name in source:
-                return source[name], source.locs.get(name)
-        return getattr(built_in, name), BUILT_IN
 
     def check(steps: Any, in_dequantizer: bool) -> None:
         for step in steps if isinstance(steps, list) else ():
             if not isinstance(step, RawDict):
                 continue
             if step.get("kind") == "coupling":
-                (kind, _), (network, _), (attention, _) = (deciding(step, n) for n in DECIDING)
+                attention = step.get("attention")
                 unused = unused_settings(
-                    str(kind) if str(kind) in get_args(CouplingKind) else None,
-                    str(network) if str(network) in get_args(NetworkKind) else None,
-                    attention not in ("off", False),
+                    str(step["coupling"]) if "coupling" in step else None,
+                    str(step["network"]) if "network" in step else None,
+                    None if attention is None else attention not in ("off", False),
                 )
                 if in_dequantizer:  # the context network takes the highest dropout of these couplings
                     unused.pop("dropout", None)
                 for name in (n for n in step if n in unused):
                     cause, why = unused[name]
-                    where, decided = step.locs.get(name), deciding(step, cause)[1]
-                    same_file = (
-                        isinstance(decided, SourceLoc) and where is not None and decided.file == where.file
-                    )
-                    if where is not None and (decided == BUILT_IN or same_file):
+                    where, decided = step.locs.get(name), step.locs.get(cause)
+                    if where is not None and decided is not None and where.file == decided.file:
                         found.append(Diagnostic(where, f"{name} does nothing here: {why}; remove it"))
             check(step.get("body"), in_dequantizer)
 
