@@ -162,7 +162,7 @@ def _finish(
     check_overrides(overrides)
     texts[OVERRIDE_FILE] = "\n".join(overrides)
     doc = apply_overrides(doc, overrides)
-    unused = unused_coupling_settings(doc)
+    unused = unused_coupling_settings(doc) if file_rules else []  # a stored spec is one file: origins lost
     doc = apply_defaults(doc)
     if source is not None:
         doc["source"] = source

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -180,3 +181,17 @@ def test_set_on_a_run_whose_spec_files_may_no_longer_say_it(tmp_path, capsys):
     assert (
         "--set:1:1: the model name must be a word" in capsys.readouterr().err
     )  # what --set writes is checked
+
+
+def test_a_stored_spec_with_settings_made_unused_by_a_set_still_loads(tmp_path, capsys):
+    """A base's step setting that a --set made unused is allowed in training; the stored spec, one file
+    now, writes it on the step beside the kind that makes it unused, and must load all the same."""
+    flow = tmp_path / "base.flow"
+    text = write_flow(flow).read_text()
+    flow.write_text(text.replace("norm; pointwise; coupling;", "coupling(components=3);"))
+    run_dir = tmp_path / "run"
+    sets = ["flow.0.body.0.body.0.coupling=affine"]
+    flowspec.train(flow, sets=sets, out=run_dir, max_steps=1, quiet=True, eval={"samples": 0})
+    out = tmp_path / "e.json"
+    assert run(["eval", str(run_dir), "--set", "data.classes=3", "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["images"] > 0
