@@ -20,6 +20,7 @@ A configuration that would not fit in the time left is skipped and said so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -149,12 +150,15 @@ def run_tests(args: argparse.Namespace, seconds: float) -> str:
     try:
         output, _ = tests.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:
-        os.killpg(tests.pid, signal.SIGKILL)
+        for pid in [*descendants(tests.pid), tests.pid]:  # torchrun's workers start sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         output, _ = tests.communicate()
         summary = f"timed out after {seconds:.0f} s"
     else:
-        lines = [line for line in output.strip().splitlines() if line.strip()]
-        summary = lines[-1].strip("= ") if lines else "no output"
+        counts = re.compile(r"\d+ (passed|failed|skipped|errors?|deselected|tests? collected)")
+        lines = [line for line in output.splitlines() if counts.search(line)]  # not a later warning
+        summary = lines[-1].strip("= ") if lines else "no summary"
         if tests.returncode != 0:
             summary = f"FAILED (exit {tests.returncode}): {summary}"
         elif not args.dry_run and " passed" not in summary:  # all skipped: the tests saw no GPU
@@ -163,6 +167,23 @@ def run_tests(args: argparse.Namespace, seconds: float) -> str:
         (Path(os.environ["OUT"]) / "pytest_cuda.txt").write_text(output)
     print(output[-8000:], flush=True)
     return summary
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by `pid`, however deep (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def train_steps(

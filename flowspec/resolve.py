@@ -213,10 +213,11 @@ def unused_coupling_settings(doc: RawDict) -> list[Diagnostic]:
                 continue
             if step.get("kind") == "coupling":
                 attention = step.get("attention")
+                valid = isinstance(attention, bool) or attention in ("on", "off")
                 unused = unused_settings(
                     str(step["coupling"]) if "coupling" in step else None,
                     str(step["network"]) if "network" in step else None,
-                    None if attention is None else attention not in ("off", False),
+                    attention not in ("off", False) if valid else None,  # an invalid one: validation's
                 )
                 if in_dequantizer:  # the context network takes the highest dropout of these couplings
                     unused.pop("dropout", None)

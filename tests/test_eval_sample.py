@@ -57,7 +57,7 @@ def test_set_that_would_change_the_trained_model_is_refused(run_dir, tmp_path, c
     assert run(args) == 2
     assert "would change the model stored in" in capsys.readouterr().err
     assert not grid.exists()
-    for setting in ("eval.images=10", "train.lr=1e-3"):  # eval reads neither: they would change nothing
+    for setting in ("eval.images=10", "train.lr=1e-3", "target_params=5"):  # eval reads none of them
         assert run(["eval", str(run_dir), "--set", setting, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert f"--set {setting}: eval and sample read only the data settings" in err and "--images" in err

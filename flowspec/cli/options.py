@@ -31,8 +31,8 @@ StoredSetOption = Annotated[
     typer.Option(
         "--set",
         metavar="KEY=VALUE",
-        help="Override a data or train setting of the stored spec, e.g. --set data.classes=3 (repeatable; "
-        "settings of the model are fixed by the checkpoint).",
+        help="Override a data setting (or the model name) of the stored spec, e.g. --set data.classes=3 "
+        "(repeatable; settings of the model are fixed by the checkpoint).",
     ),
 ]
 DeviceOption = Annotated[

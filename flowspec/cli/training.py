@@ -241,6 +241,9 @@ def train(
         )
 
 
+MODEL_SECTIONS = ("flow", "dequantize", "preprocess", "prior", "defaults")  # what the checkpoint fixes
+
+
 def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowSpec:
     """The stored spec with `--set` overrides of what `eval` and `sample` read: its data settings and the
     model's name (a train, eval or model setting would change nothing, or the trained model)."""
@@ -248,7 +251,8 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
         return spec
     for override in sets:
         key = override.split("=", 1)[0].strip()
-        if key.split(".")[0] in ("train", "eval"):
+        root = key.split(".")[0]
+        if root not in ("data", "model", *MODEL_SECTIONS):  # the model's are refused below, as changes
             raise UserError(
                 f"--set {override}: eval and sample read only the data settings (and the model name) of the "
                 f"spec stored in {path}, so {key} would change nothing here; e.g. --set data.classes=dog "
@@ -261,7 +265,7 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     changed = parse_spec(format_spec(word), source=f"{path} (stored spec)", overrides=sets, stored=True)
     if changed.name == "stored":  # not renamed with --set model=NAME
         changed = changed.model_copy(update={"name": spec.name})
-    model_fields = ("preprocess", "dequantize", "flow", "prior")
+    model_fields = ("preprocess", "dequantize", "flow", "prior", "defaults")
     same_model = all(getattr(changed, f) == getattr(spec, f) for f in model_fields) and (
         changed.data.shape,
         changed.data.levels,

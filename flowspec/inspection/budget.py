@@ -96,6 +96,12 @@ def device_memory(device: str | torch.device = "cpu") -> int:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(
+                f"--device {device}: CUDA device {device.index} does not exist (this machine has {count}: "
+                f"cuda:0 to cuda:{count - 1})"
+            )
         return torch.cuda.get_device_properties(device).total_memory
     limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
