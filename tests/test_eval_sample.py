@@ -33,6 +33,10 @@ def test_eval_writes_both_bounds(run_dir, capsys):
     assert record["images"] == 24 and record["step"] == 4 and record["split"] == "test"
     assert 0.5 < record["bpd"] < math.log2(17) + 1
     assert record["iw4_bpd"] < record["bpd"] + 0.05  # a tighter bound, up to noise
+    model = flowspec.load(run_dir, device="cpu")  # the EMA weights, the seed's streams, the first 24 images
+    images = load_split(model.spec.data, "test").images[:24]
+    direct = bounds(model, images, 4, 32, torch.device("cpu"), seed=0)
+    assert (record["bpd"], record["iw4_bpd"]) == (direct["bpd"], direct["iw4_bpd"])
 
 
 def test_eval_of_a_checkpoint_file_to_a_chosen_json(run_dir, tmp_path, capsys):

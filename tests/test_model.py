@@ -160,7 +160,9 @@ def test_sample_gives_integer_images(built):
     assert x.dtype == torch.uint8 and x.shape == (3, *spec.data.shape)
     assert int(x.max()) < spec.data.levels
     again = model.sample(3, temperature=0.7, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x, again)
+    assert torch.equal(x, again) and not torch.equal(x[0], x[1])
+    mode = model.sample(3, temperature=0.0, generator=gen)  # T scales the prior: every draw is z = 0
+    assert torch.equal(mode[0], mode[1]) and torch.equal(mode[1], mode[2])
 
 
 def test_per_step_logdets_from_hooks_sum_to_the_total(built):
