@@ -173,13 +173,10 @@ def _finish(
     except ValidationError as error:
         items, spec = _after_repair(copy.deepcopy(plain), error)  # the errors keep the user's values
         found = _from_pydantic([*error.errors(include_url=False), *items], doc)
-        found += _shape_diagnostics(spec, doc) if spec is not None else []
+        found += _shape_diagnostics(spec, doc) + _rules(spec, doc, file_rules) if spec is not None else []
         diagnostics += [d for i, d in enumerate(found) if d not in found[:i]]
     else:
-        rules = _file_rules(spec, doc)
-        if not file_rules:
-            rules = [d for d in rules if d.loc is not None and d.loc.file == OVERRIDE_FILE]
-        diagnostics += _shape_diagnostics(spec, doc) + rules
+        diagnostics += _shape_diagnostics(spec, doc) + _rules(spec, doc, file_rules)
     if diagnostics:
         raise SpecError(diagnostics, texts)
     return spec
@@ -187,6 +184,12 @@ def _finish(
 
 def _owner(arg: str) -> str:
     return next(kind for kind, args in SCHEDULE_KIND_ARGS.items() if arg in args)
+
+
+def _rules(spec: FlowSpec, doc: RawDict, file_rules: bool) -> list[Diagnostic]:
+    """`_file_rules` of a spec file; of a stored spec, only those that a `--set` broke."""
+    rules = _file_rules(spec, doc)
+    return rules if file_rules else [d for d in rules if d.loc is not None and d.loc.file == OVERRIDE_FILE]
 
 
 def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
