@@ -57,6 +57,10 @@ def test_streaming_resumes_exactly(npy_set, workers):
     assert all(torch.equal(a, b) for a, b in zip(straight[5:], drain(memory, 5), strict=True))
     with pytest.raises(UserError, match="the saved data order has seed 1, this stream seed 2"):
         StreamingBatches(npy_set.file, batch=8, seed=2, workers=workers).load_state_dict(state)
+    # another training set (resumed with --data elsewhere) or batch: its position would be another set's
+    for images, batch in ((npy_set.images[:40], 8), (npy_set.images, 16)):
+        with pytest.raises(UserError, match="is for 50 training images in batches of 8, but this run has "):
+            BatchStream(images.contiguous(), batch=batch, seed=1).load_state_dict(state)
 
 
 def test_an_epochs_order_and_flips_are_drawn_once(npy_set, monkeypatch):

@@ -130,11 +130,19 @@ class Resumable:
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        position = {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return position | {"images": self.order.count, "batch": self.batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise UserError(f"the saved data order has seed {state['seed']}, this stream seed {self.seed}")
+        saved = (state.get("images", self.order.count), state.get("batch", self.batch))  # older: not kept
+        if saved != (self.order.count, self.batch):
+            raise UserError(
+                f"the run's data position is for {saved[0]:,} training images in batches of {saved[1]}, but "
+                f"this run has {self.order.count:,} in batches of {self.batch}: resume it with the data and "
+                f"batch it was trained with (--data names the data folder), or start a new run"
+            )
         self.epoch, self.position, self._started = state["epoch"], state["position"], None
 
 
