@@ -3,6 +3,7 @@ that trains and resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,21 @@ def test_the_device_string_picks_the_device_or_is_refused(monkeypatch):
 
     with pytest.raises(UserError, match=r"CUDA device 2 does not exist \(this machine has 2"):
         device_memory("cuda:2")
+
+
+def test_an_ablation_under_torchrun_runs_every_spec_in_one_job_and_rank_0_reports(tmp_path):
+    """The job's process group serves every run (it was left after the first), and only rank 0 prints the
+    table and writes ablation.json (rank 1, which reads no metrics, overwrote it with empty rows)."""
+    specs = [str(write_flow(tmp_path / f"{name}.flow", name=name)) for name in ("a", "b")]
+    out = tmp_path / "ablation"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "flowspec", "ablate", *specs, "--steps", "2", "--out", str(out), "--device", "cpu", "-q",
+        "--eval-samples", "0",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ablation (2 steps each, seed 0)") == 1
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["spec"] for r in rows] == ["a", "b"] and all(r["test bits/dim"] > 0 for r in rows)

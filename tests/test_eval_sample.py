@@ -167,7 +167,7 @@ def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatc
     reads, given = [], []
     monkeypatch.setattr(ablate, "load_split", lambda data, split, data_dir: reads.append(split) or split)
 
-    def fake_train(spec, options, train_set, test_set):
+    def fake_train(spec, options, train_set, test_set, keep_group):
         given.append((train_set, test_set))
         return RunResult(options.out, 5, 0.1, "finished", 3.0, 3.0, 1.0, 100, [])
 
@@ -183,7 +183,7 @@ def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monke
 
     trained = []
 
-    def fake_train(spec, options, train_set, test_set):
+    def fake_train(spec, options, train_set, test_set, keep_group):
         trained.append(options.out)
         stopped = "SIGINT" if len(trained) == 2 else "finished"
         return RunResult(options.out, 5, 0.1, stopped, 3.0, 3.0, 0.0312, 100, [])
@@ -243,7 +243,7 @@ def test_a_failed_ablation_run_is_reported_and_the_others_still_train(tmp_path, 
     from flowspec.errors import UserError
     from flowspec.train import ablate
 
-    def fake_train(spec, options, train_set, test_set):
+    def fake_train(spec, options, train_set, test_set, keep_group):
         if spec.name == "b":
             raise UserError("training stopped: 5 steps in a row had a non-finite loss")
         options.out.mkdir(parents=True)
@@ -276,7 +276,7 @@ def test_an_ablation_never_overwrites_an_earlier_one(tmp_path, monkeypatch, caps
     from flowspec.errors import UserError
     from flowspec.train import ablate
 
-    def failing(spec, options, train_set, test_set):
+    def failing(spec, options, train_set, test_set, keep_group):
         raise UserError(f"{spec.name} diverged")
 
     monkeypatch.setattr(ablate, "train", failing)

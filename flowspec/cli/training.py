@@ -521,6 +521,7 @@ def ablate(
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from flowspec.inspection.budget import check_size, default_device
     from flowspec.train.ablate import is_signal, run_ablation
+    from flowspec.train.distributed import main_process
     from flowspec.train.trainer import RunOptions
 
     if (steps is None) == (budget is None):
@@ -541,10 +542,10 @@ def ablate(
     with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
         done = run_ablation(resolved, options, out, seed, signals.check)
     stopped = signals.received or (done.runs[-1].stopped if done.runs else None)
-    finished = done.finished
+    finished = done.finished if main_process() else []  # under torchrun, rank 0 prints the table
     if finished:
         _print_ablation(finished, f"{f'{steps} steps' if steps else budget} each, seed {seed}", out)
-    for folder, message in done.failed:
+    for folder, message in done.failed if main_process() else []:
         print(f"error: the run of {folder} failed: {message}", file=sys.stderr)
     if is_signal(stopped):
         compared = f"the table compares the {len(finished)} finished" if finished else "nothing was compared"

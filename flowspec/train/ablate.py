@@ -9,6 +9,7 @@ from pathlib import Path
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
 from flowspec.train.data import ImageSet, load_split
+from flowspec.train.distributed import main_process, teardown
 from flowspec.train.metrics import is_eval, plot_curves
 from flowspec.train.rundir import previous_checkpoint
 from flowspec.train.signals import StopCheck, never
@@ -65,16 +66,25 @@ def run_ablation(
     read: dict[str, Datasets] = {}
     datasets = [_data_of(spec, options.data_dir, read) for spec in specs]
     done = Ablation()
-    for spec, folder, data in zip(specs, folders, datasets, strict=True):
-        if stop():
-            break
-        try:
-            done.runs.append(train(with_seed(spec, seed), replace(options, out=out / folder), **data))
-        except UserError as error:
-            done.failed.append((folder, str(error)))
-            continue
-        if is_signal(done.runs[-1].stopped):
-            break
+    together = False
+    try:  # under torchrun the job's process group serves every run, and is left at the end
+        for spec, folder, data in zip(specs, folders, datasets, strict=True):
+            if stop():
+                break
+            try:
+                where = replace(options, out=out / folder)
+                run = train(with_seed(spec, seed), where, keep_group=True, **data)
+            except UserError as error:
+                done.failed.append((folder, str(error)))
+                continue
+            done.runs.append(run)
+            if is_signal(run.stopped):
+                break
+        together = True
+    finally:
+        teardown(together=together)
+    if not main_process():  # rank 0 writes the comparison
+        return done
     if done.finished or done.failed:  # a run stopped by a signal is not compared
         rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in done.finished]
         rows += [{"spec": folder, "error": message} for folder, message in done.failed]

@@ -56,6 +56,11 @@ class Dist:
             td.barrier()
 
 
+def main_process() -> bool:
+    """Whether this process writes a job's shared outputs: rank 0 of torchrun's job, or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str) -> tuple[Dist, torch.device]:
     """Join the job torchrun started (if any) and pick this process's device: the CPU, or a CUDA device
     (`cuda:N` picks one; under torchrun each process takes the one of its LOCAL_RANK)."""

@@ -468,12 +468,14 @@ class Trainer:
         )
 
 
-def train(spec: FlowSpec, options: RunOptions, **data: ImageSet) -> RunResult:
-    """Train `spec` with `options` in this process (joining torchrun's job if there is one)."""
+def train(spec: FlowSpec, options: RunOptions, keep_group: bool = False, **data: ImageSet) -> RunResult:
+    """Train `spec` with `options` in this process (joining torchrun's job if there is one). The job's
+    process group is left at the end unless `keep_group` (more runs follow in this job: an ablation)."""
     finished = False
     try:
         result = Trainer(spec, options, **data).run()
         finished = True
         return result
     finally:
-        teardown(together=finished)
+        if not keep_group:
+            teardown(together=finished)
