@@ -45,6 +45,23 @@ def test_an_internal_error_keeps_its_traceback_and_asks_for_a_report(monkeypatch
     assert err.rstrip().splitlines()[-1].startswith("this is a bug in flowspec 0.1.0")
 
 
+def test_a_process_whose_torchrun_peer_stopped_says_so_instead_of_reporting_a_bug(monkeypatch, capsys):
+    """Rank 0 met a user's error (a full disk) and stopped; rank 1's next collective fails."""
+
+    def peer_gone(path, sets):
+        raise RuntimeError("[gloo/gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer")
+
+    monkeypatch.setattr(language, "load_cli_spec", peer_gone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run(["validate", str(QUICKSTART)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: another process of this torchrun job stopped (this is rank 1)")
+    assert "Traceback" not in err and "Connection reset by peer" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is a bug
+    assert run(["validate", str(QUICKSTART)]) == 1
+
+
 @pytest.mark.parametrize(
     ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
 )

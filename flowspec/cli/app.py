@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -59,6 +60,14 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as error:
         if _is_out_of_memory(error):
             return _fail(OUT_OF_MEMORY, EXIT_USER)
+        if _peer_stopped(error):
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            return _fail(
+                f"another process of this torchrun job stopped (this is rank {os.environ.get('RANK', '?')}), "
+                f"so this one cannot go on; the first process to stop (usually rank 0) says why, above. "
+                f"({first})",
+                EXIT_USER,
+            )
         return _bug()
     if received:  # typer turns Ctrl-C into exit code 130 silently: say what happened
         if received[0] == signal.SIGTERM:
@@ -88,6 +97,15 @@ def _bug() -> int:
         file=sys.stderr,
     )
     return EXIT_BUG
+
+
+def _peer_stopped(error: Exception) -> bool:
+    """Under torchrun, a collective that failed because another process of the job stopped (a gloo
+    connection reset, torch's `DistError`s), without importing torch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    distributed = {"DistError", "DistBackendError", "DistNetworkError"}
+    return any(c.__name__ in distributed for c in type(error).__mro__) or "gloo/transport" in str(error)
 
 
 def _is_out_of_memory(error: Exception) -> bool:
