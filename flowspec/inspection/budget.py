@@ -84,6 +84,19 @@ def parse_device(device: str | torch.device) -> torch.device:
         raise UserError(f"device {device!r} is not one torch knows: use cpu, cuda or cuda:N") from None
 
 
+def check_cuda(device: torch.device, index: int | None = None) -> None:
+    """A `UserError` unless this machine has the CUDA device `device` (or its GPU `index`)."""
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device} was requested but no CUDA device is available; use --device cpu")
+    index = device.index if index is None else index
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise UserError(
+            f"--device {device}: CUDA device {index} does not exist (this machine has {count}: "
+            f"cuda:0 to cuda:{count - 1})"
+        )
+
+
 def default_device(device: str | torch.device | None = None) -> torch.device:
     """`device`, else cuda when available, else cpu."""
     return parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -94,14 +107,7 @@ def device_memory(device: str | torch.device = "cpu") -> int:
     limit and its cgroup's memory limit."""
     device = torch.device(device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise UserError(
-                f"--device {device}: CUDA device {device.index} does not exist (this machine has {count}: "
-                f"cuda:0 to cuda:{count - 1})"
-            )
+        check_cuda(device)
         return torch.cuda.get_device_properties(device).total_memory
     limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)

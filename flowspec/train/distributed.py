@@ -15,6 +15,7 @@ import torch
 import torch.distributed as td
 
 from flowspec.errors import UserError
+from flowspec.inspection.budget import check_cuda
 
 
 @dataclass(frozen=True)
@@ -74,16 +75,8 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     if where.type not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: flowspec trains on cpu or cuda (cuda:N for one GPU)")
     if where.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {device} was requested but no CUDA device is available; use --device cpu"
-            )
         index = local_rank if torchrun or where.index is None else where.index
-        if index >= torch.cuda.device_count():
-            raise UserError(
-                f"--device {device}: CUDA device {index} does not exist (this machine has "
-                f"{torch.cuda.device_count()}: cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-            )
+        check_cuda(where, index)
         torch.cuda.set_device(index)
         where = torch.device("cuda", index)
     else:

@@ -81,12 +81,12 @@ def load_trained(
     that, with `images` images at once, would not fit the device is refused before it is built unless
     `allow_large`."""
     import flowspec
-    from flowspec.inspection.budget import check_size, parse_device
+    from flowspec.inspection.budget import check_cuda, check_size, parse_device
 
     path = Path(target)
     where = parse_device(device or "cpu")
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    if where.type == "cuda":
+        check_cuda(where)
     if path.suffix == SUFFIX and not path.is_dir():
         spec, weights, step = _read_export(path)
         data_dir = None
