@@ -265,8 +265,7 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
     changed = parse_spec(format_spec(word), source=f"{path} (stored spec)", overrides=sets, stored=True)
     if changed.name == "stored":  # not renamed with --set model=NAME
         changed = changed.model_copy(update={"name": spec.name})
-    model_fields = ("preprocess", "dequantize", "flow", "prior", "defaults")
-    same_model = all(getattr(changed, f) == getattr(spec, f) for f in model_fields) and (
+    same_model = all(getattr(changed, f) == getattr(spec, f) for f in MODEL_SECTIONS) and (
         changed.data.shape,
         changed.data.levels,
     ) == (spec.data.shape, spec.data.levels)

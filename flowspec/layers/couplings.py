@@ -25,7 +25,7 @@ class Coupling(Layer):
     """`forward((a, b)) -> ((a, T(b; net(a))), log|det dT/db|)`.
 
     `autocast_dtype` runs the network under torch.autocast; the transform and its log-det stay in the
-    data's dtype (float32 or float64). `last_inverse_iterations` counts the mixture inverse's iterations.
+    data's dtype (float32 or float64).
     """
 
     def __init__(self, transform: str, network: nn.Module, components: int):
@@ -35,7 +35,6 @@ class Coupling(Layer):
         self.per_element = outputs_per_element(transform, components)
         self.autocast_dtype: torch.dtype | None = None
         self.fused: str | None = None  # the torch.compile backend of the mixture's logit-CDF (`Fusable`)
-        self.last_inverse_iterations = 0
 
     def _params(self, a: Tensor, context: Tensor | None) -> Tensor:
         """Network outputs as N x C x H x W x P, in a's dtype."""
@@ -75,5 +74,5 @@ class Coupling(Layer):
         h = (b - t) * torch.exp(-s)
         if not mixture:
             return (a, h)
-        x, self.last_inverse_iterations = mixlogistic.inverse_logit_cdf(h, *mixture)
+        x, _ = mixlogistic.inverse_logit_cdf(h, *mixture)
         return (a, x)

@@ -1,4 +1,4 @@
-"""Mixture of logistics: log-pdf, log-CDF, log survival function and the inverse CDF.
+"""Mixture of logistics: the logit of the CDF, its log-derivative, and the inverse CDF.
 
 Parameters carry the K components on the last dimension; `x` has one dimension less. Log-scales are
 floored at MIN_LOGSCALE (the official -7) by every function here. The flow uses the
@@ -40,13 +40,6 @@ class _LogSigmoids(torch.autograd.Function):
 
 def _z(x: Tensor, means: Tensor, logscales: Tensor) -> Tensor:
     return (x.unsqueeze(-1) - means) * torch.exp(-logscales)
-
-
-def logpdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> Tensor:
-    """log of sum_k pi_k logistic_pdf(x; mu_k, exp(l_k)), pi = softmax(logits)."""
-    logscales = logscales.clamp(min=MIN_LOGSCALE)
-    z = _z(x, means, logscales)
-    return torch.logsumexp(F.log_softmax(logits, -1) + z - logscales - 2 * F.softplus(z), -1)
 
 
 @Fusable
