@@ -157,6 +157,26 @@ def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):
     assert max_norm == 1e-3 and norm > 1e-2 and after == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_the_loss_is_nats_per_image_so_clipping_has_the_official_threshold(tmp_path):
+    """The official loss is the mean negative log-likelihood in nats per image: the gradient norm that
+    `clip_grad_norm` bounds is D ln 2 times the bits/dim gradient's (64 ln 2 here, 2,129 on CIFAR-10)."""
+    trainer = Trainer(tiny_spec(steps=1, clip_grad_norm=5.0), options(tmp_path / "run"))
+    updater, x = trainer.updater, next(trainer.batches)
+    parameters = [p for p in updater.model.parameters() if p.requires_grad]
+    updater.model.train()
+    torch.manual_seed(3)  # the same dropout masks and dequantization noise in both calls
+    bpd = updater.model.bpd(x).mean()
+    grads = torch.autograd.grad(bpd, parameters, allow_unused=True)
+    bpd_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+    torch.manual_seed(3)
+    reported_bpd, norm, applied = updater(x)
+    assert applied and reported_bpd == pytest.approx(bpd.item(), rel=1e-5)
+    assert norm.item() == pytest.approx(bpd_norm.item() * 64 * math.log(2), rel=1e-4)
+    assert norm > 5 > bpd_norm  # clipped, where a bits/dim loss would not have been
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+    assert after.item() == pytest.approx(5.0, rel=1e-4)
+
+
 def test_schedule_factors():
     cosine = LrFactor(warmup=10, kind="cosine", total=110, every=1, gamma=1.0)
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
