@@ -53,7 +53,7 @@ class SettingError(ValueError):
 
 
 # user-facing setting names that differ from the spec's field names
-TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every"}
+TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every", "save": "save_every"}
 OPTIMIZER_ARGS = ("lr", "betas", "eps", "weight_decay")
 #: schedule arguments -> TrainSpec fields (`step(every=, gamma=)`, `exponential(hold=, decay=, floor=)`)
 SCHEDULE_ARGS = {
@@ -70,6 +70,8 @@ SCHEDULE_KIND_ARGS = {
     "step": ("every", "gamma"),
     "exponential": ("hold", "decay", "floor"),
 }
+#: `then warmup(at=, steps=, lr=)` arguments -> TrainSpec fields: a second warmup, from 0 to lr
+REWARM_ARGS = {"at": "rewarm_at", "steps": "rewarm_steps", "lr": "rewarm_lr"}
 CONVERSIONS = {"all": ("size", "mode", "depth"), "none": ()}  # `convert all`, `convert none`
 
 
@@ -84,13 +86,15 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
         key = TRAIN_ALIASES.get(key, key)
         if key in ("optimizer", "schedule"):
             return _call_setting(key, value)
+        if key == "rewarm":
+            return _rewarm(value)
         if key == "warmup":
             if isinstance(value, dict) and value.get("unit") == "epochs":
                 raise SettingError("warmup is counted in steps, e.g. `warmup 2000 steps`")
             return {"warmup": value["count"] if isinstance(value, dict) else value}
         if key == "length" and value == "unbounded":
             return {"length": None}
-        if key in ("clip_grad_norm", "ema") and value == "off":
+        if key in ("clip_grad_norm", "ema", "save_every") and value == "off":
             return {key: None}
         if key == "hflip" and isinstance(value, Word):
             if value not in ("hflip", "none", "on", "off"):
@@ -133,6 +137,26 @@ def _schedule_resets(name: str) -> dict[str, Reset]:
         return {}
     unused = [field for arg, field in SCHEDULE_ARGS.items() if arg not in uses]
     return {field: Reset(TrainSpec.model_fields[field].default) for field in unused}
+
+
+def _rewarm(value: Any) -> dict[str, Any]:
+    """`then warmup(at=N, steps=N, lr=LR)` after the schedule (`off`: none) as the three fields."""
+    if value == "off":
+        return {field: None for field in REWARM_ARGS.values()}
+    if not (isinstance(value, Call) and value.name == "warmup"):
+        raise SettingError(
+            "after the schedule, `then` takes a second warmup: `then warmup(at=STEP, steps=N, lr=LR)`"
+        )
+    missing = [arg for arg in REWARM_ARGS if arg not in value.args]
+    unknown = [arg for arg in value.args if arg not in REWARM_ARGS]
+    if unknown:
+        hint = did_you_mean(unknown[0], list(REWARM_ARGS))
+        raise SettingError(f"unknown setting '{unknown[0]}' of the second warmup{hint}")
+    if missing:
+        raise SettingError(
+            f"the second warmup needs at=STEP, steps=N and lr=LR; {', '.join(missing)} missing"
+        )
+    return {REWARM_ARGS[arg]: arg_value for arg, arg_value in value.args.items()}
 
 
 def _call_setting(key: str, value: Any) -> dict[str, Any]:

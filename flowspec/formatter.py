@@ -153,6 +153,9 @@ def _train(spec: FlowSpec) -> list[str]:
         if arg in SCHEDULE_KIND_ARGS.get(t.schedule, ())
     ]
     schedule = t.schedule + (f"({', '.join(args)})" if args else "")
+    if t.rewarm_at is not None:
+        rewarm = f"at={t.rewarm_at}, steps={t.rewarm_steps}, lr={_value(t.rewarm_lr)}"
+        schedule += f", then warmup({rewarm})"
     recipe = [
         f"batch {t.batch}" + (f"  accumulate {t.accumulate}" if t.accumulate > 1 else ""),
         f"clip_grad_norm {_value(t.clip_grad_norm) if t.clip_grad_norm is not None else 'off'}",
@@ -167,6 +170,7 @@ def _train(spec: FlowSpec) -> list[str]:
         INDENT + "  ".join(recipe),
         f"{INDENT}length {_value(t.length) if t.length is not None else 'unbounded'}",
         f"{INDENT}eval every {_value(t.eval_every)}",
+        f"{INDENT}save every {_value(t.save_every) if t.save_every is not None else 'off'}",
         f"{INDENT}augment {'hflip' if t.hflip else 'none'}",
         "}",
     ]

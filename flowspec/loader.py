@@ -17,7 +17,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
-from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, Call, RawDict, Word
+from flowspec.document import REWARM_ARGS, SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, Call, RawDict, Word
 from flowspec.parser import SECTION_NAMES, parse_document
 from flowspec.resolve import (
     OVERRIDE_FILE,
@@ -100,7 +100,9 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
     if not stat.S_ISREG(mode):
         os.close(fd)
         what = "a folder" if stat.S_ISDIR(mode) else "a device, FIFO or socket"
-        raise SpecFileError(f"is {what}, not a spec file")
+        inside = os.path.join(name, "spec.flow")
+        hint = f" (a run folder's spec is {inside})" if os.path.isfile(inside) else ""
+        raise SpecFileError(f"is {what}, not a spec file{hint}")
     with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(MAX_SPEC_BYTES + 1)
@@ -425,7 +427,9 @@ def _show(value: Any) -> str:
 
 _WRITTEN = {  # spec field -> the name the file writes
     **{field: arg for arg, field in SCHEDULE_ARGS.items()},
+    **{field: f"the second warmup's {arg}" for arg, field in REWARM_ARGS.items()},
     "eval_every": "eval every",
+    "save_every": "save every",
     "hflip": "augment",
 }
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -473,7 +477,11 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
         if value in ("on", "off"):  # only a quoted on / off reaches here: the words are booleans
             return f'{field} must be on or off, got the text "{value}": write it without quotes'
         return f"{field} must be on or off, got {_show(value)}"
-    if kind in ("model_type", "model_attributes_type", "dict_type") and field in ("length", "eval_every"):
+    if kind in ("model_type", "model_attributes_type", "dict_type") and field in (
+        "length",
+        "eval every",
+        "save every",
+    ):
         return (
             f"{field} must be a count of steps or epochs, e.g. `100 steps` or `10 epochs`, got {_show(value)}"
         )

@@ -451,10 +451,14 @@ class _Builder(Transformer_NonRecursive):
         out = [("warmup", children[0], loc)]
         if children[1] is not None:
             out.append(("schedule", children[1], loc))
+            out.append(("rewarm", children[2] if children[2] is not None else Word("off"), loc))
         return out
 
     def eval_every(self, meta, children):
         return "eval_every", children[0], self._loc(meta)
+
+    def save_every(self, meta, children):
+        return "save_every", children[0], self._loc(meta)
 
     def train_setting(self, meta, children):
         return str(children[0]), children[1], self._loc(meta)

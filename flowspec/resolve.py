@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, convert, placed
 from flowspec.parser import SECTION_KEYS, parse_value
-from flowspec.spec import CouplingSettings, FlowSpec, SourceLoc
+from flowspec.spec import CouplingSettings, FlowSpec, Interval, SourceLoc
 from flowspec.steps.coupling import unused_settings
 
 MERGED_SECTIONS = ("data", "preprocess", "train", "eval", "defaults")
@@ -120,6 +120,7 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
             if (
                 isinstance(annotation, type)
                 and issubclass(annotation, BaseModel)
+                and annotation is not Interval  # validation says what an interval is
                 and not isinstance(value, dict)
             ):
                 # (an interval such as `3 epochs` is the one dict a value can be)

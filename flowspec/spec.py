@@ -169,6 +169,9 @@ class TrainSpec(Node):
     exp_hold: int = Field(default=0, ge=0, description="schedule exponential: steps at lr after warmup")
     exp_decay: float = Field(default=0.9999, gt=0.0, le=1.0, description="schedule exponential: per step")
     exp_floor: float = Field(default=0.0, ge=0.0, description="schedule exponential: the lowest lr")
+    rewarm_at: int | None = Field(default=None, ge=1, description="second warmup: the step it starts at")
+    rewarm_steps: int | None = Field(default=None, ge=0, description="second warmup: its length in steps")
+    rewarm_lr: float | None = Field(default=None, gt=0.0, le=10.0, description="second warmup: the lr after")
     batch: int = Field(default=64, ge=1, le=MAX_BATCH, description="images per step, over all processes")
     accumulate: int = Field(default=1, ge=1, description="micro-batches of batch/N whose gradients add up")
     clip_grad_norm: float | None = Field(default=None, gt=0.0)
@@ -176,8 +179,14 @@ class TrainSpec(Node):
     init_batch: int = Field(default=128, ge=1, le=MAX_BATCH)
     length: Interval | None = Field(default=None, description="training length; none: unbounded")
     eval_every: Interval = Interval(count=1, unit="epochs")
+    save_every: Interval | None = Field(default=None, description="checkpoints between evaluations")
     hflip: bool = Field(default=False, description="random horizontal flip augmentation")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+    @property
+    def micro_batch(self) -> int:
+        """Images a training step computes at once in one process: the batch over `accumulate`."""
+        return self.batch // self.accumulate
 
     @field_validator("exp_floor")
     @classmethod
@@ -191,6 +200,14 @@ class TrainSpec(Node):
     def _check(self) -> TrainSpec:
         if self.schedule == "cosine" and self.length is None:
             raise ValueError("a cosine schedule needs a training length: add `length N steps` (or epochs)")
+        rewarm = (self.rewarm_at, self.rewarm_steps, self.rewarm_lr)
+        if any(v is None for v in rewarm) and any(v is not None for v in rewarm):
+            raise ValueError(
+                "the second warmup needs all of at, steps and lr: `then warmup(at=, steps=, lr=)` "
+                "(with --set: train.rewarm_at, train.rewarm_steps and train.rewarm_lr)"
+            )
+        if self.rewarm_at is not None and self.rewarm_at <= self.warmup:
+            raise ValueError(f"the second warmup must start after the first ends (step {self.warmup})")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         if self.batch % self.accumulate:

@@ -441,6 +441,9 @@ def test_whole_numbers_are_taken_where_decimals_are_expected():
         ("train.augment=vflip", "--set:1:7: augment is hflip or none, got vflip"),
         ("train.batch=99999999999999999999999", "batch must be <= 1048576, got 99999999999999999999999"),
         ("train.eval=0 steps", "--set:1:7: eval every must be >= 1, got 0"),
+        ("train.eval=5", "--set:1:7: eval every must be a count of steps or epochs, e.g. `100 steps`"),
+        ("train.save=5", "--set:1:7: save every must be a count of steps or epochs, e.g. `100 steps`"),
+        ("train.save=0 steps", "--set:1:7: save every must be >= 1, got 0"),
     ],
 )
 def test_a_wrong_value_gets_one_message_in_the_words_of_the_file(setting, message):
@@ -534,3 +537,54 @@ def test_a_schedule_keeps_its_own_inherited_settings_and_resets_written_nowhere(
     assert ordered.train.step_every == 500
     written = setting_sources(SPECS / "quickstart.flow")
     assert not {"train.step_every", "train.exp_hold", "train.exp_floor"} & set(written)  # reset, not written
+
+
+def test_save_every_is_an_interval_or_off_and_shows_back():
+    text = "model m\nflow { squeeze }\ntrain {\n  save every 500 steps\n  length 2 epochs\n}\n"
+    spec = parse_spec(text, source="m.flow")
+    assert (spec.train.save_every.count, spec.train.save_every.unit) == (500, "steps")
+    assert "  save every 500 steps" in format_spec(spec).splitlines()
+    assert parse_spec(format_spec(spec)) == spec
+    off = parse_spec(text.replace("500 steps", "off"))
+    assert off.train.save_every is None and parse_spec(format_spec(off)) == off
+    assert parse_spec(text, overrides=["train.save=3 epochs"]).train.save_every.unit == "epochs"
+
+
+def test_a_second_warmup_follows_the_schedule_and_a_new_schedule_drops_it(tmp_path):
+    base = tmp_path / "base.flow"
+    base.write_text(
+        "model base\nflow { squeeze }\ntrain {\n  optimizer adam(lr=4e-4)\n"
+        "  warmup 100 steps, then exponential(hold=10, decay=0.9, floor=3e-4),\n"
+        "    then warmup(at=1000, steps=50, lr=1e-5)\n}\n"
+    )
+    spec = load_spec(base)
+    assert (spec.train.rewarm_at, spec.train.rewarm_steps, spec.train.rewarm_lr) == (1000, 50, 1e-5)
+    assert parse_spec(format_spec(spec)) == spec
+    child = tmp_path / "child.flow"
+    child.write_text('extends "base.flow"\nmodel child\ntrain { warmup 20 steps }\n')
+    assert load_spec(child).train.rewarm_at == 1000  # the warmup's length alone keeps the schedule
+    child.write_text('extends "base.flow"\nmodel child\ntrain { warmup 20 steps, then constant }\n')
+    assert load_spec(child).train.rewarm_at is None
+
+
+@pytest.mark.parametrize(
+    ("then", "message"),
+    [
+        (
+            "cosine",
+            "after the schedule, `then` takes a second warmup: `then warmup(at=STEP, steps=N, lr=LR)`",
+        ),
+        ("warmup(at=500, steps=10)", "the second warmup needs at=STEP, steps=N and lr=LR; lr missing"),
+        (
+            "warmup(at=500, stepz=10, lr=1e-5)",
+            "unknown setting 'stepz' of the second warmup; did you mean 'steps'?",
+        ),
+        ("warmup(at=50, steps=10, lr=1e-5)", "the second warmup must start after the first ends (step 100)"),
+        ("warmup(at=500, steps=10, lr=0)", "m.flow:4:3: the second warmup's lr must be > 0.0, got 0"),
+    ],
+)
+def test_a_wrong_second_warmup_says_what_it_takes(then, message):
+    text = f"model m\nflow {{ squeeze }}\ntrain {{\n  warmup 100 steps, then constant, then {then}\n}}\n"
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="m.flow")
+    assert message in str(caught.value)

@@ -11,7 +11,7 @@ from train_helpers import one_thread, tiny_spec, write_shards  # noqa: F401 (fix
 
 import flowspec
 from flowspec.errors import UserError
-from flowspec.spec import DataSpec
+from flowspec.spec import DataSpec, Interval
 from flowspec.train.checkpoint import LAST, load_checkpoint, save_atomic
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.metrics import Window, is_eval, read_metrics
@@ -91,6 +91,39 @@ def test_resume_is_exact(tmp_path):
     ]
     assert rows[0] == rows[1] and [r["step"] for r in rows[0] if is_eval(r)] == [3, 6, 8]
     assert resumed.best_bpd == straight.best_bpd
+
+
+def test_save_every_writes_checkpoints_between_evaluations_and_resumes_exactly(tmp_path, monkeypatch):
+    spec = tiny_spec(steps=7, eval_every=1000, save_every=Interval(count=2, unit="steps"))
+    saved = []  # (step, best) of every checkpoint written
+    save = Trainer._save
+    monkeypatch.setattr(
+        Trainer,
+        "_save",
+        lambda self, best, last=True: (saved.append((self.step, best)), save(self, best, last))[1],
+    )
+    straight = train(spec, options(tmp_path / "straight"))
+    assert [step for step, best in saved if not best] == [2, 4, 6, 7]  # the last before the final evaluation
+    assert [r["step"] for r in straight.history if is_eval(r)] == [7]  # saving is not evaluating
+
+    call = Updater.__call__
+
+    def crash_at_step_6(self, x):
+        if self.step == 5:
+            raise RuntimeError("the machine went down")
+        return call(self, x)
+
+    monkeypatch.setattr(Updater, "__call__", crash_at_step_6)
+    with pytest.raises(RuntimeError, match="went down"):
+        train(spec, options(tmp_path / "crashed"))
+    assert load_checkpoint(tmp_path / "crashed")["step"] == 4
+    monkeypatch.setattr(Updater, "__call__", call)
+    resumed = train(spec, options(tmp_path / "crashed", resume=True))
+    assert resumed.step == 7
+    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "crashed"), strict=True):
+        assert all(
+            torch.equal(x, y) for x, y in zip(*map(torch.utils._pytree.tree_leaves, (a, b)), strict=True)
+        )
 
 
 def test_a_stop_evaluation_is_recorded_but_not_a_candidate_for_best(tmp_path):

@@ -57,12 +57,19 @@ def describe(value: Any) -> str:
 #: Settings that are a step's head word, written before the others: `coupling mixlogistic`, `split stripe`.
 HEAD_WORDS = {"coupling": "coupling", "mask": "split", "count": "repeat", "granularity": "norm"}
 #: Spec fields the language names otherwise (as `--set` accepts them).
-KEY_WORDS = {"name": "model", "train.hflip": "train.augment", "train.eval_every": "train.eval"}
+KEY_WORDS = {
+    "name": "model",
+    "train.hflip": "train.augment",
+    "train.eval_every": "train.eval",
+    "train.save_every": "train.save",
+}
 #: What a setting left unset means.
 UNSET = {
     "train.clip_grad_norm": "off",
     "train.ema": "off",
     "train.length": "unbounded",
+    "train.save_every": "off",
+    **{f"train.rewarm_{arg}": "off" for arg in ("at", "steps", "lr")},
     "data.classes": "all",
     "eval.images": "all",
     "eval.batch": "(the train batch)",
@@ -236,5 +243,6 @@ def render_diff(
             style="bold" if s.stage == "total" else None,
         )
     head = Text.assemble(("A ", "bold"), name_a, ("   B ", "bold"), name_b)
-    count = f"{len(diffs)} setting{'s' if len(diffs) != 1 else ''} differ" if diffs else "the specs are equal"
+    count = f"{len(diffs)} settings differ" if len(diffs) > 1 else "1 setting differs"
+    count = count if diffs else "the specs are equal"
     return Group(head, Text(count), *([SettingsView(diffs)] if diffs else []), Text(""), params)

@@ -17,7 +17,9 @@ class LrFactor:
 
     Warmup: `min(1, (step + 1) / warmup)`. After it, `constant`: 1; `cosine`: from 1 down to 0 at
     `total` steps; `step`: `gamma ** (steps after warmup // every)`; `exponential`: 1 for `hold` steps,
-    then `decay` per step down to `floor` (a factor: the lowest lr over the base lr).
+    then `decay` per step down to `floor` (a factor: the lowest lr over the base lr). A second warmup
+    (`rewarm_at`) replaces all that from its step on: from 0 to `rewarm` (a factor) over `rewarm_steps`
+    steps, as the first, then `rewarm`.
     """
 
     warmup: int
@@ -28,8 +30,14 @@ class LrFactor:
     hold: int = 0
     decay: float = 1.0
     floor: float = 0.0
+    rewarm_at: int | None = None
+    rewarm_steps: int = 0
+    rewarm: float = 1.0
 
     def __call__(self, step: int) -> float:
+        if self.rewarm_at is not None and step >= self.rewarm_at:
+            since = step - self.rewarm_at + 1
+            return self.rewarm * (min(1.0, since / self.rewarm_steps) if self.rewarm_steps else 1.0)
         warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
         after = max(0, step - self.warmup)
         if self.kind == "cosine":
@@ -55,6 +63,9 @@ def build_scheduler(
         train.exp_hold,
         train.exp_decay,
         train.exp_floor / train.lr,
+        train.rewarm_at,
+        train.rewarm_steps or 0,
+        (train.rewarm_lr or train.lr) / train.lr,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

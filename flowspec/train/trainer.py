@@ -8,8 +8,10 @@ evaluation, so a signal (or a crash) during one loses no training.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,7 @@ class Trainer:
         self.batches = training_batches(train_set, self.t, self.dist, self.device, options.data_memory)
         self.total_steps = self._steps(self.t.length) if self.t.length else None
         self.eval_every = self._steps(self.t.eval_every)
+        self.save_every = self._steps(self.t.save_every) if self.t.save_every else None
 
         rng.seed_all(self.t.seed + self.dist.rank)
         model = flowspec.build(spec).to(self.device)
@@ -208,6 +211,9 @@ class Trainer:
                         )
                     elif self._scheduled() or stopped is not None:
                         stopped = self._evaluate(reporter, signals, stopped) or stopped
+                    elif self.save_every and self.step % self.save_every == 0:
+                        with self._not_training():
+                            self._save(best=False)
             finally:
                 reporter.close()
                 if self.board is not None:
@@ -289,10 +295,16 @@ class Trainer:
         gets a small evaluation (`SMOKE`, under the command line's settings) and says so.
 
         Its time is not training: neither the throughput nor --max-time counts it."""
+        with self._not_training():
+            return self._evaluate_and_save(reporter, signals, stopped)
+
+    @contextlib.contextmanager
+    def _not_training(self) -> Iterator[None]:
+        """Evaluating or saving: its time counts in neither the throughput nor --max-time."""
         self.window.pause()
         paused = time.monotonic()
         try:
-            return self._evaluate_and_save(reporter, signals, stopped)
+            yield
         finally:
             self.not_training += time.monotonic() - paused
             self.window.restart_clock()
