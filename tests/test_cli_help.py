@@ -88,3 +88,11 @@ def test_eval_and_sample_examples_use_a_set_they_allow(name, tmp_path):
     assert sets
     changed = _with_overrides(spec, sets, tmp_path / "last.pt")  # raises for a setting of the model
     assert changed != spec
+
+
+def test_version_and_the_count_of_differences(capsys):
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out == f"flowspec {flowspec.__version__}\n"
+    quickstart = str(ROOT / "specs" / "quickstart.flow")
+    assert run(["diff", quickstart, quickstart, "--set", "train.seed=1"]) == 0
+    assert "1 setting differs" in capsys.readouterr().out

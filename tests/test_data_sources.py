@@ -598,3 +598,15 @@ def test_decoding_workers_hand_back_arrays_in_order():
     assert torch.cat(batches)[:, 0, 0, 0].tolist() == [i % 256 for i in indices]
     with pytest.raises(UserError, match=r"cannot decode image 7\.png"):
         list(decode_all(range(10), _numbered_image, workers=2))
+
+
+def test_levels_above_the_datas_depth_are_refused():
+    """scikit-learn's digits have 17 levels: a spec saying 256 would measure bits/dim against a colour
+    depth the data never had, and silently."""
+    data = DataSpec(dataset="digits", shape=(1, 8, 8), levels=256)
+    with pytest.raises(
+        UserError,
+        match=r"the images have 17 levels \(values 0\.\.16\) but the spec says 256; write `levels 17`",
+    ):
+        load_split(data, "train")
+    assert len(load_split(data.model_copy(update={"levels": 17}), "train")) > 0

@@ -55,6 +55,27 @@ def test_eval_set_changes_the_data_of_a_trained_model(run_dir, tmp_path, capsys)
     assert 0 < threes < 297 / 5  # one digit class of the 297 test images
 
 
+def test_an_eval_of_some_classes_gets_its_own_file_saying_what_it_measured(run_dir, capsys):
+    assert run(["eval", str(run_dir), "--set", "data.classes=3", "--limit", "8", "--device", "cpu"]) == 0
+    record = json.loads((run_dir / "eval_test_3.json").read_text())
+    assert record["overrides"] == ["data.classes=3"] and record["data"]["classes"] == [3]
+    assert not (run_dir / "eval_test.json").exists()  # the whole test split's file is another
+
+
+def test_a_sample_grid_is_named_by_its_model_and_says_its_seed(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(["sample", str(run_dir), "-n", "4", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    seed = int(re.search(r"seed (\d+)\)", said).group(1))
+    [grid] = tmp_path.glob("samples_tiny_step*_t1.0.png")
+    again = tmp_path / "again.png"
+    assert (
+        run(["sample", str(run_dir), "-n", "4", "--device", "cpu", "--seed", str(seed), "-o", str(again)])
+        == 0
+    )
+    assert grid.read_bytes() == again.read_bytes()
+
+
 def test_set_that_would_change_the_trained_model_is_refused(run_dir, tmp_path, capsys):
     grid = tmp_path / "g.png"
     args = ["sample", str(run_dir), "-n", "4", "-o", str(grid), "--set", "flow.0.body.0.count=3"]
@@ -115,7 +136,7 @@ def test_sample_grid_uses_the_seed(run_dir, tmp_path, capsys):
     for path in (a, b):
         argv = ["sample", str(run_dir), "-n", "16", "--temperature", "0.9", "-o", str(path), "--seed", "3"]
         assert run([*argv, "--device", "cpu"]) == 0
-    assert "wrote 16 samples of tiny (step 4, T=0.9)" in capsys.readouterr().out
+    assert "wrote 16 samples of tiny (step 4, T=0.9, seed 3)" in capsys.readouterr().out
     assert Image.open(a).size == (4 * 66 + 2, 4 * 66 + 2)  # 4 x 4 grid of 8 x 8 images enlarged 8 times
     assert a.read_bytes() == b.read_bytes()
 
@@ -134,6 +155,29 @@ def test_ablate_compares_specs(tmp_path, capsys):
     assert [r["spec"] for r in rows] == ["small", "wide"] and all(r["steps"] == 3 for r in rows)
     assert rows[0]["parameters"] < rows[1]["parameters"]
     assert (out / "curves.png").is_file() and (out / "small" / "last.pt").is_file()
+
+
+def test_ablate_tells_apart_copies_of_one_model_by_their_files(tmp_path, capsys, monkeypatch):
+    """The natural ablation copies a spec and changes one line, keeping its model name: the runs are
+    named by their files, whole even in a narrow terminal, and ablation.json says which file and
+    --set made each."""
+    monkeypatch.setenv("COLUMNS", "80")
+    base = write_flow(tmp_path / "base_copy_of_the_quickstart.flow", name="quickstart_ablation", filters=4)
+    wide = write_flow(tmp_path / "wider_copy_of_the_quickstart.flow", name="quickstart_ablation", filters=8)
+    out = tmp_path / "ablation"
+    args = ["ablate", str(base), str(wide), "--steps", "1", "--out", str(out), "--device", "cpu", "-q"]
+    assert run([*args, "--set", "train.seed=3"]) == 0
+    names = [
+        "quickstart_ablation-base_copy_of_the_quickstart",
+        "quickstart_ablation-wider_copy_of_the_quickstart",
+    ]
+    table = capsys.readouterr().out
+    assert "…" not in table and all(part in table for part in ("base_copy_", "wider_copy"))  # folded, not cut
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [(r["spec"], r["file"], r["overrides"]) for r in rows] == [
+        (names[0], str(base), ["train.seed=3"]),
+        (names[1], str(wide), ["train.seed=3"]),
+    ]
 
 
 def test_ablate_with_a_tiny_budget_prints_the_table(tmp_path, capsys):
@@ -268,6 +312,8 @@ def test_ablation_run_folders_are_unique():
     assert folder_names(["a", "b"]) == ["a", "b"]
     assert folder_names(["a", "a", "b"]) == ["a-0", "a-1", "b"]
     assert folder_names(["a", "a", "a-1"]) == ["0-a", "1-a", "2-a-1"]
+    assert folder_names(["a", "a", "b"], ["x/one.flow", "y/two.flow", None]) == ["a-one", "a-two", "b"]
+    assert folder_names(["a", "a"], ["x/one.flow", "y/one.flow"]) == ["a-0", "a-1"]
 
 
 def test_an_ablation_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys):

@@ -357,3 +357,15 @@ def test_file_names_are_not_markup_nor_table_syntax_and_a_zero_target_has_no_per
     assert run(["diff", str(base), str(kid)]) == 0
     out = capsys.readouterr().out
     assert "kid[b].flow:2" in out and re.search(r"eval\.images\s+all\s+10", out)
+
+
+def test_the_memory_estimate_counts_the_micro_batch_of_accumulate(capsys):
+    """With `accumulate 4` a step holds the activations of batch/4 images at once, not of the batch."""
+    from flowspec.inspection.budget import measure
+
+    whole = measure(flowspec.load_spec(SPECS / "quickstart.flow"))
+    micro = measure(flowspec.load_spec(SPECS / "quickstart.flow", overrides=["train.accumulate=4"]))
+    assert whole.per_image == micro.per_image > 0
+    assert whole.train - micro.train == whole.per_image * (32 - 8)
+    assert run(["inspect", str(SPECS / "quickstart.flow"), "--set", "train.accumulate=4"]) == 0
+    assert "to train at batch 32 in 4 micro-batches of 8:" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import pytest
 import torch
 from train_helpers import one_thread, write_flow  # noqa: F401 (fixture)
 
+import flowspec
 from flowspec.cli.app import run
 from flowspec.cli.training import parse_duration
 from flowspec.train.checkpoint import LAST, load_checkpoint
@@ -27,10 +28,32 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "device cpu, threads 1 (--threads)" in printed and "recompute off, 1 process;" in printed
     assert "training tiny" in printed and "step 3" in printed and "done (max-steps) at step 3" in printed
-    assert (out / "spec.flow").read_text() == flow.read_text()
+    assert flowspec.load_spec(out / "spec.flow") == flowspec.load_spec(flow)
     assert run(["train", "--resume", str(out / LAST), "--quiet"]) == 0  # the stored spec, to its length
     assert capsys.readouterr().out == ""
     assert load_checkpoint(out)["step"] == 6
+
+
+def test_the_run_folder_spec_is_the_model_trained_with_its_base_and_overrides(tmp_path, capsys):
+    """`spec.flow` in a run folder is the resolved spec: `diff` against the file it came from shows the
+    --set change, and it reads without the base file it extended."""
+    (tmp_path / "specs").mkdir()
+    base = write_flow(tmp_path / "specs" / "tiny.flow", steps=2, eval_every=2)
+    child = tmp_path / "specs" / "child.flow"
+    child.write_text('extends "tiny.flow"\nmodel child\n')
+    out = tmp_path / "run"
+    args = ["train", str(child), "--out", str(out), "--set", "defaults.coupling.filters=4", "--quiet"]
+    assert run([*args, "--device", "cpu", "--threads", "1"]) == 0
+    stored = out / "spec.flow"
+    assert stored.read_text().startswith(f"# resolved from {child}\n")
+    assert (
+        flowspec.load_spec(stored).flow
+        == flowspec.load_spec(child, overrides=["defaults.coupling.filters=4"]).flow
+    )
+    assert run(["diff", str(base), str(stored)]) == 0
+    assert "filters" in capsys.readouterr().out
+    assert run(["show", str(out)]) == 2
+    assert f"(a run folder's spec is {stored})" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

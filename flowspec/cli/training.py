@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import signal
 import sys
 from collections.abc import Iterator
@@ -353,7 +354,7 @@ def evaluate(
             "--out",
             "-o",
             metavar="FILE",
-            help="JSON file; default eval_<split>[_iwK].json by the checkpoint.",
+            help="JSON file; default eval_<split>[_<classes>][_iwK].json by the checkpoint.",
         ),
     ] = None,
     device: DeviceOption = None,
@@ -398,9 +399,12 @@ def evaluate(
         "split": split.value,
         "iw_samples": iw,
         "seed": seed,
+        "overrides": list(sets or ()),
+        "data": spec.data.model_dump(mode="json", exclude={"source"}),
         **result,
     }
-    out = out or trained.path.parent / f"eval_{split.value}{f'_iw{iw}' if iw > 1 else ''}.json"
+    classes = f"_{'-'.join(map(str, spec.data.classes))}" if spec.data.classes else ""
+    out = out or trained.path.parent / f"eval_{split.value}{classes}{f'_iw{iw}' if iw > 1 else ''}.json"
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
@@ -429,12 +433,17 @@ def sample(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", metavar="FILE", help="The image grid (.png); default samples_stepN_tT.png here."
+            "--out",
+            "-o",
+            metavar="FILE",
+            help="The image grid (.png); default samples_<model>_stepN_tT.png here.",
         ),
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the samples (default: a fresh draw)."),
+        typer.Option(
+            "--seed", min=0, max=MAX_SEED, help="Seed of the samples (default: a fresh one, printed)."
+        ),
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
@@ -457,9 +466,12 @@ def sample(
         )
         if not allow_large:
             check_grid_memory(n, spec.data.shape, device_memory("cpu"))
-        out = out or Path(f"samples_{grid_name(trained.step, temperature)}")
+        out = out or Path(f"samples_{spec.name}_{grid_name(trained.step, temperature)}")
+        seed = (
+            secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        )  # said below: the grid can be redrawn
         save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
-    print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}) to {out}")
+    print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}, seed {seed}) to {out}")
 
 
 @app.command("export", epilog=epilog("export"))
@@ -539,7 +551,7 @@ def ablate(
         eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
     )
     with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
-        done = run_ablation(resolved, options, out, seed, signals.check)
+        done = run_ablation(resolved, options, out, seed, signals.check, overrides=sets or ())
     stopped = signals.received or (done.runs[-1].stopped if done.runs else None)
     finished = done.finished if main_process() else []  # under torchrun, rank 0 prints the table
     if finished:
@@ -570,7 +582,10 @@ def _print_ablation(results: list[RunResult], budget: str, out: Path) -> None:
     caption = f"test bits/dim on {images[0]} test images" if len(images) == 1 else None
     table = Table(title=f"ablation ({budget})", caption=caption)
     for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "spec" else "right")
+        if column == "spec":  # the whole name, folded onto more lines if it must: it tells the runs apart
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right")
     for result in results:
         name, params, test, count, best, step, img_s = row_values(result)
         fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731

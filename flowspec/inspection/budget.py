@@ -63,7 +63,7 @@ def measure(spec: FlowSpec) -> Size:
     if top is not None and top.params:
         at = f" at {top.source}" if top.source else ""
         largest = f"; {top.params:,} of them in {top.path} ({top.kind} {top.settings}{at})"
-    per_image = estimate.activations // spec.train.batch
+    per_image = estimate.activations // spec.train.micro_batch
     return Size(
         sum(unrolled_steps(s) for s in stacks(spec).values()),
         parameters,

@@ -105,7 +105,8 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
 
 
 def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryEstimate:
-    """Analytic estimate of a training step's memory at the spec's batch size: the parameter state plus
+    """Analytic estimate of a training step's memory at the spec's batch size (its micro-batch, with
+    `accumulate`): the parameter state plus
     the activations autograd keeps for backward (each step kind's memory rule at its feature-map size;
     `kept_per_position` for the parts that are not steps). The backward pass's own buffers (recomputed
     blocks, gradients) add a few percent at the peak."""
@@ -118,7 +119,7 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
         else:
             step = kept_per_position(module, itemsize) * shape[1] * shape[2]
         per_image, largest = per_image + step, max(largest, step)
-    activations = per_image * spec.train.batch
+    activations = per_image * spec.train.micro_batch
     note = (
         f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
         "(tensors kept for backward with --recompute on, counted per layer; --probe measures them; "
@@ -140,7 +141,8 @@ def _held_bytes(model: nn.Module, images: torch.Tensor) -> int:
 def measure_memory(model: nn.Module, spec: FlowSpec, images: torch.Tensor) -> MemoryEstimate:
     """Measured: the bytes per image that a training-mode `log_prob` keeps for backward, from two
     batches (half of `images` and all of it; `images` twice for one image), so that tensors whose size
-    does not grow with the batch (clamped weights, decompositions) cancel; scaled to the spec's batch."""
+    does not grow with the batch (clamped weights, decompositions) cancel; scaled to the spec's batch (its
+    micro-batch, with `accumulate`)."""
     state, parts = parameter_state(model, spec)
     small = images[: max(1, len(images) // 2)]
     large = images if len(images) > 1 else torch.cat([images, images])
@@ -151,7 +153,7 @@ def measure_memory(model: nn.Module, spec: FlowSpec, images: torch.Tensor) -> Me
             per_image = (_held_bytes(model, large) - _held_bytes(model, small)) / (len(large) - len(small))
     finally:
         model.train(was_training)
-    activations = round(per_image * spec.train.batch)
+    activations = round(per_image * spec.train.micro_batch)
     note = (
         f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
         f"(tensors kept for backward, measured per image at batch {len(large)} and scaled)"

@@ -98,12 +98,11 @@ def footer_lines(report: Report) -> list[tuple[str, str]]:
             )
         )
     if f.memory_bytes is not None:
-        lines.append(
-            (
-                "memory",
-                f"~{fmt_bytes(f.memory_bytes)} to train at batch {report.spec.train.batch}: {f.memory_note}",
-            )
+        t = report.spec.train
+        batch = f"batch {t.batch}" + (
+            f" in {t.accumulate} micro-batches of {t.micro_batch}" if t.accumulate > 1 else ""
         )
+        lines.append(("memory", f"~{fmt_bytes(f.memory_bytes)} to train at {batch}: {f.memory_note}"))
     c = report.couplings
     lines.append(
         ("couplings", f"{c['flow'] + c['dequantize']} (flow {c['flow']}, dequantizer {c['dequantize']})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,19 +39,33 @@ def with_seed(spec: FlowSpec, seed: int) -> FlowSpec:
     return spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
 
 
-def folder_names(names: list[str]) -> list[str]:
-    """A run folder per spec: its name, numbered by position when names repeat (`a-0`, `a-1`), and all
-    numbered in front (`0-a`, ...) when that would still give two specs one folder (`a`, `a`, `a-1`)."""
-    folders = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+def folder_names(names: list[str], files: list[str | None] | None = None) -> list[str]:
+    """A run folder per spec: its model name; when names repeat, with its file's name (`a-base`,
+    `a-wide` for base.flow and wide.flow) or else its position (`a-0`, `a-1`); all numbered in front
+    (`0-a`, ...) when that would still give two specs one folder (`a`, `a`, `a-1`)."""
+    stems = [Path(f).stem if f else None for f in files or [None] * len(names)]
+    folders = []
+    for i, (name, stem) in enumerate(zip(names, stems, strict=True)):
+        namesakes = [s for n, s in zip(names, stems, strict=True) if n == name]
+        if len(namesakes) == 1:
+            folders.append(name)
+        else:
+            folders.append(f"{name}-{stem}" if stem and namesakes.count(stem) == 1 else f"{name}-{i}")
     if len(set(folders)) < len(folders):
         folders = [f"{i}-{n}" for i, n in enumerate(names)]
     return folders
 
 
 def run_ablation(
-    specs: list[FlowSpec], options: RunOptions, out: Path, seed: int, stop: StopCheck = never
+    specs: list[FlowSpec],
+    options: RunOptions,
+    out: Path,
+    seed: int,
+    stop: StopCheck = never,
+    overrides: Sequence[str] = (),
 ) -> Ablation:
-    """Train each spec into `out/<name>` under the same options; write `ablation.json` and `curves.png`.
+    """Train each spec into `out/<name>` under the same options; write `ablation.json` (each row with
+    the spec's file and the `overrides` applied to every spec) and `curves.png`.
 
     A stop signal (`stop`, or one that stopped a run) ends it: the runs so far are returned, fewer than
     the specs or with the last one stopped by the signal, and only the finished runs are compared. A run
@@ -58,7 +73,8 @@ def run_ablation(
 
     Every spec's data is read before the first run, so that a mistake in the last spec's data section is
     reported before hours of training the others; specs with the same data share one copy."""
-    folders = folder_names([s.name for s in specs])
+    folders = folder_names([s.name for s in specs], [s.source for s in specs])
+    files = {folder: spec.source for folder, spec in zip(folders, specs, strict=True)}
     if (out / "ablation.json").exists():
         raise UserError(f"{out} already holds an ablation ({out / 'ablation.json'}); choose another --out")
     for spec, folder in zip(specs, folders, strict=True):  # an earlier run there is refused before any trains
@@ -88,6 +104,7 @@ def run_ablation(
     if done.finished or done.failed:  # a run stopped by a signal is not compared
         rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in done.finished]
         rows += [{"spec": folder, "error": message} for folder, message in done.failed]
+        rows = [row | {"file": files[row["spec"]], "overrides": list(overrides)} for row in rows]
         out.mkdir(parents=True, exist_ok=True)
         (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
     if done.finished:

@@ -78,11 +78,12 @@ def _depth(x: torch.Tensor, source_levels: int, data: DataSpec, where: str) -> t
             f"{where}: prepared images are 8-bit, so the spec's levels ({data.levels}) must be <= 256 "
             f"(16-bit data: `levels 256` and `convert depth`)"
         )
+    if data.levels > source_levels:  # bits/dim against levels the data never had would mean nothing
+        raise UserError(
+            f"{where}: the images have {source_levels} levels (values 0..{source_levels - 1}) but the spec "
+            f"says {data.levels}; write `levels {source_levels}` (the colour depth cannot be raised)"
+        )
     if "depth" in data.convert and source_levels != data.levels:
-        if data.levels > source_levels:
-            raise UserError(
-                f"{where}: cannot raise the colour depth from {source_levels} to {data.levels} levels"
-            )
         x = reduce_depth(x, source_levels, data.levels)
     elif x.numel() and int(x.max()) >= data.levels:
         raise UserError(

@@ -36,7 +36,7 @@ def resolve_recompute(option: str, device: torch.device, compiled: bool, spec: F
     from flowspec.inspection.memory import fmt_bytes
 
     size = measure(spec)
-    keeping = size.train + (KEEP_FACTOR - 1) * size.per_image * spec.train.batch
+    keeping = size.train + (KEEP_FACTOR - 1) * size.per_image * spec.train.micro_batch
     available = device_memory(device)
     if device.type != "cuda":  # the processes of a torchrun job on this machine share its RAM
         available //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.errors import UserError
+from flowspec.formatter import format_spec
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import BEST, LAST, check_same_spec, load_checkpoint
 from flowspec.train.distributed import Dist
@@ -52,8 +53,9 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
 
 
 def write_spec_files(run_dir: Path, spec: FlowSpec) -> None:
-    """`spec.json` (the resolved spec) and `spec.flow` (the file it was loaded from, when there is one)."""
+    """`spec.json` and `spec.flow`: the resolved spec (its base files and --set overrides applied), as
+    data and in the spec language, so that `show`, `diff` and `train` read the model that was trained."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
-    if spec.source and Path(spec.source).is_file():
-        (run_dir / "spec.flow").write_text(Path(spec.source).read_text())
+    origin = f"# resolved from {spec.source}\n" if spec.source else ""
+    (run_dir / "spec.flow").write_text(origin + format_spec(spec))
