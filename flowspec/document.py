@@ -53,7 +53,7 @@ class SettingError(ValueError):
 
 
 # user-facing setting names that differ from the spec's field names
-TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every", "save": "save_every"}
+TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every", "save": "save_every", "rewarm": "rewarm_at"}
 OPTIMIZER_ARGS = ("lr", "betas", "eps", "weight_decay")
 #: schedule arguments -> TrainSpec fields (`step(every=, gamma=)`, `exponential(hold=, decay=, floor=)`)
 SCHEDULE_ARGS = {
@@ -86,8 +86,8 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
         key = TRAIN_ALIASES.get(key, key)
         if key in ("optimizer", "schedule"):
             return _call_setting(key, value)
-        if key == "rewarm":
-            return _rewarm(value)
+        if key == "rewarm_at" and isinstance(value, (Call, Word)):
+            return _rewarm(value)  # `then warmup(...)`, `--set train.rewarm=warmup(...)`, `=off`
         if key == "warmup":
             if isinstance(value, dict) and value.get("unit") == "epochs":
                 raise SettingError("warmup is counted in steps, e.g. `warmup 2000 steps`")
@@ -145,7 +145,8 @@ def _rewarm(value: Any) -> dict[str, Any]:
         return {field: None for field in REWARM_ARGS.values()}
     if not (isinstance(value, Call) and value.name == "warmup"):
         raise SettingError(
-            "after the schedule, `then` takes a second warmup: `then warmup(at=STEP, steps=N, lr=LR)`"
+            f"a second warmup is written `warmup(at=STEP, steps=N, lr=LR)` (after the schedule: `then "
+            f"warmup(...)`), or `off` for none; got {value.name if isinstance(value, Call) else value}"
         )
     missing = [arg for arg in REWARM_ARGS if arg not in value.args]
     unknown = [arg for arg in value.args if arg not in REWARM_ARGS]

@@ -451,7 +451,7 @@ class _Builder(Transformer_NonRecursive):
         out = [("warmup", children[0], loc)]
         if children[1] is not None:
             out.append(("schedule", children[1], loc))
-            out.append(("rewarm", children[2] if children[2] is not None else Word("off"), loc))
+            out.append(("rewarm_at", children[2] if children[2] is not None else Word("off"), loc))
         return out
 
     def eval_every(self, meta, children):

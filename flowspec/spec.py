@@ -208,6 +208,12 @@ class TrainSpec(Node):
             )
         if self.rewarm_at is not None and self.rewarm_at <= self.warmup:
             raise ValueError(f"the second warmup must start after the first ends (step {self.warmup})")
+        if self.rewarm_at is not None and self.length and self.length.unit == "steps":
+            if self.rewarm_at >= self.length.count:
+                raise ValueError(
+                    f"the second warmup starts at step {self.rewarm_at}, after the training ends (length "
+                    f"{self.length.count} steps); --set train.rewarm=off removes it"
+                )
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         if self.batch % self.accumulate:

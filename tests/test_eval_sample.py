@@ -13,6 +13,7 @@ from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixtu
 
 import flowspec
 from flowspec.cli.app import run
+from flowspec.spec import DataSpec
 from flowspec.train.data import load_split
 from flowspec.train.evaluate import bounds, iw_log_prob
 from flowspec.train.trainer import RunOptions, RunResult, train
@@ -60,6 +61,17 @@ def test_an_eval_of_some_classes_gets_its_own_file_saying_what_it_measured(run_d
     record = json.loads((run_dir / "eval_test_3.json").read_text())
     assert record["overrides"] == ["data.classes=3"] and record["data"]["classes"] == [3]
     assert not (run_dir / "eval_test.json").exists()  # the whole test split's file is another
+
+
+def test_an_eval_file_name_names_few_plain_classes_and_counts_others():
+    from flowspec.cli.training import _classes_suffix
+
+    def named(*classes):
+        data = DataSpec.model_construct(classes=classes or None)  # names of any dataset
+        return _classes_suffix(tiny_spec().model_copy(update={"data": data}))
+
+    assert (named(), named("dog"), named(3, 5)) == ("", "_dog", "_3-5")
+    assert named("T-shirt/top", "Trouser") == "_2_classes" and named(*range(100, 200)) == "_100_classes"
 
 
 def test_a_sample_grid_is_named_by_its_model_and_says_its_seed(run_dir, tmp_path, capsys, monkeypatch):

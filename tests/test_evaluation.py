@@ -24,7 +24,7 @@ from flowspec.errors import UserError
 from flowspec.formatter import format_spec
 from flowspec.loader import parse_spec
 from flowspec.model import FlowModel
-from flowspec.spec import EvalSpec
+from flowspec.spec import EvalSpec, Interval
 from flowspec.train import trainer
 from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.data import load_split
@@ -339,6 +339,9 @@ def test_peak_memory_counts_from_its_start():
 def test_a_run_resumes_with_other_eval_settings_but_not_other_training(tmp_path):
     spec, run_dir = tiny_spec(steps=4, eval_every=2), tmp_path / "run"
     train(spec, _options(run_dir, max_steps=2, eval={"samples": 0}))
+    every_step = spec.train.model_copy(update={"save_every": Interval(count=1, unit="steps")})
+    saving = spec.model_copy(update={"train": every_step})  # checkpoints more often: no other training
+    assert train(saving, _options(run_dir, resume=True, max_steps=3, eval={"samples": 0})).step == 3
     cheaper = spec.model_copy(update={"eval": EvalSpec(images=16, samples=0)})
     assert train(cheaper, _options(run_dir, resume=True)).history[-1]["test_images"] == 16
     faster = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 0.1})})

@@ -572,7 +572,7 @@ def test_a_second_warmup_follows_the_schedule_and_a_new_schedule_drops_it(tmp_pa
     [
         (
             "cosine",
-            "after the schedule, `then` takes a second warmup: `then warmup(at=STEP, steps=N, lr=LR)`",
+            "a second warmup is written `warmup(at=STEP, steps=N, lr=LR)` (after the schedule: `then",
         ),
         ("warmup(at=500, steps=10)", "the second warmup needs at=STEP, steps=N and lr=LR; lr missing"),
         (
@@ -588,3 +588,18 @@ def test_a_wrong_second_warmup_says_what_it_takes(then, message):
     with pytest.raises(SpecError) as caught:
         parse_spec(text, source="m.flow")
     assert message in str(caught.value)
+
+
+def test_the_second_warmup_is_set_and_removed_with_set_and_must_start_before_the_end():
+    spec = load_spec(SPECS / "imagenet64_5bit.flow")
+    assert spec.train.rewarm_at == 110000
+    removed = load_spec(SPECS / "imagenet64_5bit.flow", overrides=["train.rewarm=off"]).train
+    assert (removed.rewarm_at, removed.rewarm_steps, removed.rewarm_lr) == (None, None, None)
+    later = load_spec(
+        SPECS / "imagenet64.flow", overrides=["train.rewarm=warmup(at=150000, steps=10, lr=1e-5)"]
+    )
+    assert (later.train.rewarm_at, later.train.rewarm_steps, later.train.rewarm_lr) == (150000, 10, 1e-5)
+    with pytest.raises(
+        SpecError, match=r"starts at step 110000, after the training ends \(length 100000 steps\)"
+    ):
+        load_spec(SPECS / "imagenet64_5bit.flow", overrides=["train.length=100000 steps"])

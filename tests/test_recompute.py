@@ -107,3 +107,18 @@ def test_compile_on_a_cpu_fuses_elementwise_chains_and_recomputes_as_eager(tmp_p
     assert fused == [(updater.model, "inductor"), (updater.ema.module, "inductor")]
     assert not trainer.recompute and trainer.recompute_reason.startswith("auto: keeping every activation")
     assert all(c.network._compiled_call_impl is None for c in updater.model.couplings())
+
+
+def test_auto_sizes_one_process_share_of_the_batch(monkeypatch):
+    """Under torchrun each of `world` processes holds batch / world images (over `accumulate`)."""
+    spec = train_spec(steps=1)
+    size = budget.measure(spec)
+    alone, shared = (
+        budget.training_bytes(size, spec, world)
+        + 1.5 * size.per_image * budget.images_per_process(spec, world)
+        for world in (1, 4)
+    )
+    assert budget.images_per_process(spec, 4) == spec.train.batch // 4 and shared < alone
+    monkeypatch.setattr(budget, "device_memory", lambda device: int((alone + shared) / 2 / 0.8))
+    assert resolve_recompute("auto", CUDA, False, spec)[0]
+    assert not resolve_recompute("auto", CUDA, False, spec, world=4)[0]

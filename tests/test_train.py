@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -208,6 +209,27 @@ def test_the_loss_is_nats_per_image_so_clipping_has_the_official_threshold(tmp_p
     assert norm > 5 > bpd_norm  # clipped, where a bits/dim loss would not have been
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
     assert after.item() == pytest.approx(5.0, rel=1e-4)
+
+
+def test_a_checkpoint_from_the_bits_per_dim_loss_resumes_with_its_adam_averages_rescaled(tmp_path):
+    """Checkpoints written when the loss was bits/dim hold Adam's averages of gradients D ln 2 times
+    smaller: resumed as they are, the first steps would be several times too large."""
+    trainer = Trainer(tiny_spec(steps=3), options(tmp_path / "run"))
+    updater = trainer.updater
+    updater(next(trainer.batches))
+    state = copy.deepcopy(updater.state_dict())
+    assert state["loss"] == "nats per image"
+    k = 64 * math.log(2)
+    old = copy.deepcopy(state)
+    del old["loss"]
+    for moments in old["optimizer"]["state"].values():
+        moments["exp_avg"] /= k
+        moments["exp_avg_sq"] /= k**2
+    fresh = Trainer(tiny_spec(steps=3), options(tmp_path / "other")).updater
+    fresh.load_state_dict(old)
+    for i, moments in fresh.optimizer.state_dict()["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(moments[name], state["optimizer"]["state"][i][name])
 
 
 def test_schedule_factors():

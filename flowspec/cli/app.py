@@ -15,7 +15,6 @@ from flowspec.errors import Terminated, UserError, os_error_message
 
 app = typer.Typer(
     name="flowspec",
-    help="Declarative normalizing-flow image models: validate, show, inspect, train, eval, sample, ablate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import signal
 import sys
@@ -403,8 +404,11 @@ def evaluate(
         "data": spec.data.model_dump(mode="json", exclude={"source"}),
         **result,
     }
-    classes = f"_{'-'.join(map(str, spec.data.classes))}" if spec.data.classes else ""
-    out = out or trained.path.parent / f"eval_{split.value}{classes}{f'_iw{iw}' if iw > 1 else ''}.json"
+    out = (
+        out
+        or trained.path.parent
+        / f"eval_{split.value}{_classes_suffix(spec)}{f'_iw{iw}' if iw > 1 else ''}.json"
+    )
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
@@ -418,6 +422,17 @@ def evaluate(
     except OSError as error:
         raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
+
+
+def _classes_suffix(spec: FlowSpec) -> str:
+    """`_dog`, `_3-5` for an evaluation of some classes, `_12_classes` when their names would make a long
+    or odd file name; "" for all of them."""
+    if not spec.data.classes:
+        return ""
+    named = "-".join(map(str, spec.data.classes))
+    if len(named) <= 40 and re.fullmatch(r"[A-Za-z0-9_.-]+", named):
+        return f"_{named}"
+    return f"_{len(spec.data.classes)}_classes"
 
 
 @app.command(epilog=epilog("sample"))

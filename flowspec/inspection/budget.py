@@ -76,6 +76,16 @@ def measure(spec: FlowSpec) -> Size:
     )
 
 
+def images_per_process(spec: FlowSpec, world: int = 1) -> int:
+    """Images a training step holds at once in one of `world` processes: its share of the micro-batch."""
+    return max(1, spec.train.micro_batch // world)
+
+
+def training_bytes(size: Size, spec: FlowSpec, world: int = 1) -> int:
+    """The estimated training step (`size.train`, for one process) of one of `world` processes."""
+    return size.train - size.per_image * (spec.train.micro_batch - images_per_process(spec, world))
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device; a `UserError` for a name torch does not know (e.g. "gpu")."""
     try:
@@ -144,7 +154,7 @@ def check_size(
     need = {
         "build": size.weights + images * size.per_image,
         "infer": size.weights + images * size.largest_step,
-        "train": size.train,
+        "train": training_bytes(size, spec, int(os.environ.get("WORLD_SIZE", "1"))),  # torchrun's count
     }[use]
     have = device_memory(device)
     if allow_large or need <= have:
@@ -153,7 +163,7 @@ def check_size(
     what = {
         "build": f"{fmt_bytes(need)} for its weights{batch}",
         "infer": f"{fmt_bytes(need)} for its weights{batch}",
-        "train": f"an estimated {fmt_bytes(need)} to train ({size.train_note})",
+        "train": f"an estimated {fmt_bytes(need)} to train ({size.train_note}, per process)",
     }[use]
     if use == "infer" and size.weights <= have:  # a trained model: only the images at once can change
         advice = "Take fewer images at once (--batch)"

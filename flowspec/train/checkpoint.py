@@ -280,7 +280,8 @@ def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
         stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
-        if stored.model_copy(update={"eval": spec.eval}) == spec:  # evaluation settings may change
+        saving = stored.train.model_copy(update={"save_every": spec.train.save_every})
+        if stored.model_copy(update={"eval": spec.eval, "train": saving}) == spec:  # what changes no training
             return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(

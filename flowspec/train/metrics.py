@@ -158,10 +158,10 @@ def record(run_dir: Path, row: dict[str, Any], name: str) -> None:
 
 
 class Window:
-    """Train bits/dim and gradient norm since the last `reset`, over the steps that were not skipped, and
-    the training throughput. The sums stay on the device: `add` never waits for it, `read` does, and
-    times the training since the previous `read`; the time between `pause` and `restart_clock` (an
-    evaluation, a checkpoint) is not training and is not counted."""
+    """Train bits/dim and gradient norm (of the loss in nats per image) since the last `reset`, over the
+    steps that were not skipped, and the training throughput. The sums stay on the device: `add` never
+    waits for it, `read` does, and times the training since the previous `read`; the time between
+    `pause` and `restart_clock` (an evaluation, a checkpoint) is not training and is not counted."""
 
     def __init__(self, device: torch.device):
         self._sums = torch.zeros(3, dtype=torch.float64, device=device)  # bits/dim, norm, good steps

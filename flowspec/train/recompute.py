@@ -24,19 +24,22 @@ GPU_SHARE = 0.8  # of a GPU's memory a run may plan to fill
 RAM_SHARE = 0.5  # of the RAM (shared by the machine's torchrun processes)
 
 
-def resolve_recompute(option: str, device: torch.device, compiled: bool, spec: FlowSpec) -> tuple[bool, str]:
-    """Whether to recompute and, for `auto`, why (else "")."""
+def resolve_recompute(
+    option: str, device: torch.device, compiled: bool, spec: FlowSpec, world: int = 1
+) -> tuple[bool, str]:
+    """Whether to recompute and, for `auto`, why (else ""), in one of `world` processes."""
     if option not in RECOMPUTE:
         raise UserError(f"unknown --recompute {option!r}: use {', '.join(RECOMPUTE)}")
     if option != "auto":
         return option == "on", ""
     if compiled:
         return True, "auto: compiled, the recomputation is traced once"
-    from flowspec.inspection.budget import device_memory, measure
+    from flowspec.inspection.budget import device_memory, images_per_process, measure, training_bytes
     from flowspec.inspection.memory import fmt_bytes
 
     size = measure(spec)
-    keeping = size.train + (KEEP_FACTOR - 1) * size.per_image * spec.train.micro_batch
+    images = images_per_process(spec, world)
+    keeping = training_bytes(size, spec, world) + (KEEP_FACTOR - 1) * size.per_image * images
     available = device_memory(device)
     if device.type != "cuda":  # the processes of a torchrun job on this machine share its RAM
         available //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -57,5 +57,6 @@ def write_spec_files(run_dir: Path, spec: FlowSpec) -> None:
     data and in the spec language, so that `show`, `diff` and `train` read the model that was trained."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
-    origin = f"# resolved from {spec.source}\n" if spec.source else ""
-    (run_dir / "spec.flow").write_text(origin + format_spec(spec))
+    if spec.source or not (run_dir / "spec.flow").exists():  # a resume of the stored spec keeps the file
+        origin = f"# resolved from {spec.source}\n" if spec.source else ""
+        (run_dir / "spec.flow").write_text(origin + format_spec(spec))

@@ -132,7 +132,7 @@ class Trainer:
         model.set_autocast(autocast_dtype(self.precision))
         networks_compiled = options.compile and compile_scope(self.device) == "networks"
         self.recompute, self.recompute_reason = resolve_recompute(
-            options.recompute, self.device, networks_compiled, spec
+            options.recompute, self.device, networks_compiled, spec, self.dist.world
         )
         model.set_recompute(self.recompute)
         self.updater = Updater(model, self.t, self.total_steps, self.dist, self.device, options.compile)

@@ -23,6 +23,8 @@ from flowspec.spec import TrainSpec
 from flowspec.train.distributed import Dist
 from flowspec.train.schedule import build_optimizer, build_scheduler
 
+LOSS = "nats per image"  # the loss a checkpoint's Adam averages are in (none said: bits/dim, as before)
+
 
 class Objective(nn.Module):
     """Mean negative log-likelihood of a batch in nats per image: the module DDP wraps, so its backward
@@ -126,6 +128,13 @@ class Updater:
             total += loss.detach().float()
         return total
 
+    def _rescale_adam(self, factor: float) -> None:
+        """Adam's averages as if every gradient had been `factor` times larger (its steps are the same
+        but for eps): its first moments times `factor`, its second moments times its square."""
+        for state in self.optimizer.state.values():
+            state["exp_avg"].mul_(factor)
+            state["exp_avg_sq"].mul_(factor**2)
+
     def _ema_update(self, ema: list[Tensor], current: list[Tensor], _: Tensor) -> None:
         """`ema += (1 - decay) (current - ema)` on applied steps; nothing on skipped ones."""
         if not ema[0].is_floating_point():  # flags of data-dependent init
@@ -151,6 +160,7 @@ class Updater:
             "step": self.step,
             "skipped": self.skipped,
             "bad_in_row": self.bad_in_row,
+            "loss": LOSS,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -158,6 +168,8 @@ class Updater:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("loss") != LOSS:  # trained on bits/dim: Adam's averages into this loss's scale
+            self._rescale_adam(self.nats_per_bpd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self._counts.copy_(torch.tensor([state["skipped"], state.get("bad_in_row", 0)]))
