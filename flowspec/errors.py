@@ -57,10 +57,27 @@ def os_error_message(error: OSError, doing: str = "accessing") -> str:
 @contextmanager
 def naming(path: str | os.PathLike[str]) -> Iterator[None]:
     """Give an `OSError` raised while writing `path` the file's name (a failed write to an open file,
-    e.g. a full disk, has none), so that its message can say which file."""
+    e.g. a full disk, has none), so that its message can say which file. A `RuntimeError` raised over
+    one (torch's checkpoint writer reports a full disk so) is that `OSError`."""
     try:
         yield
     except OSError as error:
         if error.filename is not None:
             raise
         raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
+    except RuntimeError as error:
+        cause = _os_error_under(error)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), os.fspath(path)) from error
+
+
+def _os_error_under(error: BaseException) -> OSError | None:
+    """The `OSError` that `error` was raised while handling, or from, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
 
+import flowspec
 from flowspec.errors import UserError
 from flowspec.train.checkpoint import (
     BEST,
@@ -116,3 +117,34 @@ def test_an_unreadable_checkpoint_is_called_unreadable_not_corrupt(tmp_path, mon
     monkeypatch.setattr(torch, "load", denied)
     with pytest.raises(UserError, match="last.pt cannot be read: permission denied"):
         load_checkpoint(path)
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
+    """eval's JSON, sample grids, ablation.json and the run's spec files are written beside and renamed."""
+    from flowspec.train.files import replaced_whole
+
+    target = tmp_path / "eval_test.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="killed"), replaced_whole(target) as partial:
+        assert partial.parent == tmp_path and partial.suffix == ".json" and partial != target
+        partial.write_text("half of the new")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["eval_test.json"]
+    with replaced_whole(target) as partial:
+        partial.write_text("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["eval_test.json"]
+
+
+def test_a_last_pt_copied_from_another_run_is_refused_before_anything_changes(run_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    train(tiny_spec(steps=2, lr=1e-2), RunOptions(out=other, device="cpu", quiet=True))
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.copy(other / LAST, copy / LAST)
+    metrics = (copy / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"last.pt does not belong to the run in .*copy: it was trained with"):
+        flowspec.train(resume=copy, device="cpu", quiet=True)  # no spec: the checkpoint's own
+    assert (copy / "metrics.jsonl").read_text() == metrics
+    assert flowspec.train(resume=run_dir, device="cpu", quiet=True).step == 3  # its own run resumes

@@ -292,6 +292,26 @@ def test_eval_and_sample_stop_between_batches_on_a_signal(trained, tmp_path, mon
     assert not grid.exists()
 
 
+def test_a_signal_during_the_last_batch_of_eval_or_sample_still_stops_it(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """The default sample grid is one batch: a Ctrl-C during it stops the command too."""
+    _signal_on_call(monkeypatch, FlowModel, "log_prob", signal.SIGINT, call=1)
+    out = tmp_path / "e.json"
+    assert run(["eval", str(trained), "--images", "8", "--device", "cpu", "-o", str(out)]) == 130
+    assert capsys.readouterr().err.startswith(
+        "SIGINT: the evaluation stopped after all 8 images, before writing"
+    )
+    assert not out.exists()
+    _signal_on_call(monkeypatch, FlowModel, "sample", signal.SIGTERM)
+    grid = tmp_path / "grid.png"
+    assert run(["sample", str(trained), "-n", "4", "-o", str(grid), "--device", "cpu"]) == 143
+    assert (
+        "sampling stopped after all 4 samples at temperature 1.0, before writing" in capsys.readouterr().err
+    )
+    assert not grid.exists()
+
+
 def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, capsys):
     first, second = write_flow(tmp_path / "a.flow", name="a"), write_flow(tmp_path / "b.flow", name="b")
     _signal_on_call(monkeypatch, Evaluator, "__call__", signal.SIGINT)

@@ -538,6 +538,39 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert not [p.name for p in out.glob("*tmp*")]
 
 
+def test_a_full_disk_as_torch_reports_it_is_a_full_disk_not_a_bug(tmp_path, monkeypatch, capsys):
+    """On a real full disk torch's checkpoint writer raises a RuntimeError ("unexpected pos") over the
+    OSError of the failed write."""
+    import errno
+
+    import torch
+
+    from flowspec.train import checkpoint
+    from flowspec.train.checkpoint import LAST, load_checkpoint
+
+    real = torch.save
+
+    def full_disk_at_step_6(payload, f, *args, **kwargs):
+        if payload.get("step") != 6:
+            return real(payload, f, *args, **kwargs)
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 750656") from None
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk_at_step_6)
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: no space left writing {out / LAST}; the last good checkpoint")
+        and "bug" not in err
+    )
+    monkeypatch.undo()
+    assert load_checkpoint(out)["step"] == 3 and not [p.name for p in out.glob("*tmp*")]
+
+
 def test_a_read_only_run_folder_stops_the_run_with_a_message(tmp_path, monkeypatch, capsys):
     import errno
 
@@ -585,3 +618,23 @@ def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path):
             "metrics.jsonl.tmp",
         ]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "last.pt"]
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "said"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_while_torch_is_imported_waits_for_the_import_then_stops(
+    tmp_path, monkeypatch, capsys, signum, code, said
+):
+    """An interrupt inside torch's or numpy's import broke them (odd errors, an abort): it is held until
+    the import is done, then the command stops before doing anything."""
+    from flowspec.cli import app
+
+    imported = []
+    monkeypatch.setattr(app, "_preload", lambda: (os.kill(os.getpid(), signum), imported.append(1)))
+    out = tmp_path / "run"
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu"]) == code
+    assert imported == [1] and capsys.readouterr().err.startswith(f"error: {said} (")
+    assert not out.exists()
+    assert run(["validate", str(tiny_flow(tmp_path))]) == 0  # validate and show need no torch: no wait
+    assert imported == [1]

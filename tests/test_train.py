@@ -127,6 +127,30 @@ def test_save_every_writes_checkpoints_between_evaluations_and_resumes_exactly(t
         )
 
 
+def test_a_crash_just_after_an_evaluation_row_keeps_best_pt_up_to_date(tmp_path, monkeypatch):
+    """The row of an evaluation marks it done for a resumed run: best.pt is written before it."""
+    from flowspec.train import trainer as trainer_module
+
+    spec = tiny_spec(steps=6, eval_every=3)
+    straight = train(spec, options(tmp_path / "straight"))
+    assert load_checkpoint(tmp_path / "straight" / "best.pt")["step"] == 6  # the evaluation crashed after
+    real = trainer_module.record
+
+    def crash_after_the_row_of_step_6(run_dir, row, name):
+        real(run_dir, row, name)
+        if row["step"] == 6:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(trainer_module, "record", crash_after_the_row_of_step_6)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(spec, options(tmp_path / "crashed"))
+    monkeypatch.undo()
+    resumed = train(spec, options(tmp_path / "crashed", resume=True))
+    assert resumed.best_bpd == straight.best_bpd
+    best = [load_checkpoint(tmp_path / run / "best.pt") for run in ("straight", "crashed")]
+    assert best[0]["step"] == best[1]["step"] and best[0]["best_bpd"] == best[1]["best_bpd"]
+
+
 def test_a_stop_evaluation_is_recorded_but_not_a_candidate_for_best(tmp_path):
     spec = tiny_spec(steps=8, eval_every=3)
     result = train(spec, options(tmp_path / "run", max_steps=4))
@@ -303,6 +327,29 @@ def test_resuming_a_stop_with_nothing_left_to_train_keeps_its_evaluation(tmp_pat
     assert again.stopped == "max-steps" and again.test_bpd == first.test_bpd
     assert [r["step"] for r in again.history if is_eval(r)] == [3, 4]
     assert again.best_bpd == first.best_bpd  # the scheduled evaluation's, at step 3
+
+
+def test_a_stop_whose_evaluation_was_cut_off_evaluates_when_resumed_with_nothing_to_train(
+    tmp_path, monkeypatch
+):
+    from flowspec.train import trainer as trainer_module
+
+    spec = tiny_spec(steps=8, eval_every=3)
+    straight = train(spec, options(tmp_path / "straight", max_steps=4))
+    real = trainer_module.record
+
+    def cut_off_at_step_4(run_dir, row, name):
+        if row["step"] == 4:
+            raise RuntimeError("killed during the evaluation")
+        real(run_dir, row, name)
+
+    monkeypatch.setattr(trainer_module, "record", cut_off_at_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(spec, options(tmp_path / "cut", max_steps=4))
+    monkeypatch.undo()
+    again = train(spec, options(tmp_path / "cut", resume=True, max_steps=4))
+    assert [r["step"] for r in again.history if is_eval(r)] == [3, 4]
+    assert again.test_bpd == straight.test_bpd and again.stopped == "max-steps"
 
 
 def test_a_checkpoint_whose_best_counted_a_stop_evaluation_is_corrected_on_resuming(tmp_path):

@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
 EXIT_USER, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 130, 143
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -57,6 +58,11 @@ def run(argv: list[str] | None = None) -> int:
     - anything else is a bug in flowspec: its traceback, then a line asking to report it: exit 1.
     """
     received: list[int] = []
+    if _command(sys.argv[1:] if argv is None else argv) in TORCH_COMMANDS:
+        with _signals_held(received):
+            _preload()
+        if received:
+            return _interrupted(received[0])
     try:
         with _signals_raise(received):
             result = app(args=argv, prog_name="flowspec", standalone_mode=False)
@@ -87,10 +93,42 @@ def run(argv: list[str] | None = None) -> int:
             )
         return _bug()
     if received:  # typer turns Ctrl-C into exit code 130 silently: say what happened
-        if received[0] == signal.SIGTERM:
-            return _fail("terminated (SIGTERM); files already written are kept", EXIT_SIGTERM)
-        return _fail("interrupted (Ctrl-C); files already written are kept", EXIT_SIGINT)
+        return _interrupted(received[0])
     return result if isinstance(result, int) else 0
+
+
+#: the commands that import torch (validate and show start without it)
+TORCH_COMMANDS = {"inspect", "diff", "train", "eval", "sample", "export", "ablate"}
+
+
+def _command(args: list[str]) -> str | None:
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def _preload() -> None:
+    import torch  # noqa: F401  (numpy with it)
+
+
+def _interrupted(signum: int) -> int:
+    if signum == signal.SIGTERM:
+        return _fail("terminated (SIGTERM); files already written are kept", EXIT_SIGTERM)
+    return _fail("interrupted (Ctrl-C); files already written are kept", EXIT_SIGINT)
+
+
+@contextmanager
+def _signals_held(received: list[int]) -> Iterator[None]:
+    """SIGINT and SIGTERM recorded in `received` but not raised: an interrupt inside torch's or numpy's
+    import leaves them half-initialised (odd errors, even an abort), so those imports finish first."""
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in SIGNALS}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 OUT_OF_MEMORY = (
@@ -141,7 +179,7 @@ def _signals_raise(received: list[int]) -> Iterator[None]:
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     try:
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, handle) for s in SIGNALS}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return

@@ -372,6 +372,7 @@ def evaluate(
 
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
+    from flowspec.train.files import replaced_whole
     from flowspec.train.memory import PeakMemory
     from flowspec.train.progress import Reporter
 
@@ -418,7 +419,8 @@ def evaluate(
         table.add_row(f"importance weighted, K={iw}", f"{result[f'iw{iw}_bpd']:.4f}")
     Console().print(table)  # before writing: the results are shown even when they cannot be written
     try:
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        with replaced_whole(out) as partial:
+            partial.write_text(json.dumps(record, indent=2) + "\n")
     except OSError as error:
         raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")

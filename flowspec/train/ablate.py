@@ -11,6 +11,7 @@ from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.distributed import main_process, teardown
+from flowspec.train.files import replaced_whole
 from flowspec.train.metrics import is_eval, plot_curves
 from flowspec.train.rundir import previous_checkpoint
 from flowspec.train.signals import StopCheck, never
@@ -106,7 +107,8 @@ def run_ablation(
         rows += [{"spec": folder, "error": message} for folder, message in done.failed]
         rows = [row | {"file": files[row["spec"]], "overrides": list(overrides)} for row in rows]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+        with replaced_whole(out / "ablation.json") as partial:
+            partial.write_text(json.dumps(rows, indent=2) + "\n")
     if done.finished:
         plot_curves({r.run_dir.name: r.history for r in done.finished}, out / "curves.png", "ablation")
     return done

@@ -276,12 +276,18 @@ def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
     return spec
 
 
+def trains_alike(a: FlowSpec, b: FlowSpec) -> bool:
+    """Whether two specs train the same model the same way: they may differ in what changes no training
+    (the evaluation settings, `save every`)."""
+    saving = a.train.model_copy(update={"save_every": b.train.save_every})
+    return a.model_copy(update={"eval": b.eval, "train": saving}) == b
+
+
 def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -> None:
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
         stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
-        saving = stored.train.model_copy(update={"save_every": spec.train.save_every})
-        if stored.model_copy(update={"eval": spec.eval, "train": saving}) == spec:  # what changes no training
+        if trains_alike(stored, spec):
             return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(

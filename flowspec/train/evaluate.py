@@ -117,6 +117,7 @@ def bounds(
                 weighted.append(iw_log_prob(model, x[part : part + per], k, batch, stop))
             if progress:
                 progress(len(weighted[-1]), float(to_bpd(torch.cat(weighted).mean(), dims)))
+    stop_point(stop, f"after all {len(images)} images, before writing")  # a signal in the last batch too
     out = {"bpd": float(to_bpd(torch.cat(single).mean(), dims)), "images": len(images)}
     if k > 1:
         out[f"iw{k}_bpd"] = float(to_bpd(torch.cat(weighted).mean(), dims))

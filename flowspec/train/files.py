@@ -1,13 +1,16 @@
-"""Checks on data files before they are opened: a FIFO or a device would block or never end."""
+"""Files: checks on data files before they are opened (a FIFO or a device would block or never end), and
+outputs written whole or not at all."""
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, naming
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -44,3 +47,18 @@ def stamps(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
         info = os.stat(path)
         out.append((str(path), info.st_size, info.st_mtime_ns))
     return out
+
+
+@contextmanager
+def replaced_whole(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix) for the block to write; renamed over `path` when the
+    block ends, removed if it fails: a crash leaves the old file or the new one, never a part of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        with naming(path):
+            yield Path(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

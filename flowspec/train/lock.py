@@ -14,7 +14,7 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, naming
 
 LOCK = ".lock"
 STALE = (".*.tmp", "*.tmp", ".*.tmp.*")  # what `save_atomic`, `truncate_metrics`, `plot_curves` write first
@@ -39,10 +39,13 @@ class RunLock:
                 f"run folder {self.run_dir} is in use by {holder}: two processes cannot write one run; "
                 f"wait for it to finish (or stop it), or choose another --out folder"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(
-            self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%c}\n".encode(), 0
-        )
+        with naming(path):  # a full disk fails here first
+            os.ftruncate(self.fd, 0)
+            os.pwrite(
+                self.fd,
+                f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%c}\n".encode(),
+                0,
+            )
         self.removed = remove_stale_files(self.run_dir)
 
     def release(self) -> None:

@@ -11,8 +11,16 @@ from typing import Any
 from flowspec.errors import UserError
 from flowspec.formatter import format_spec
 from flowspec.spec import FlowSpec
-from flowspec.train.checkpoint import BEST, LAST, check_same_spec, load_checkpoint
+from flowspec.train.checkpoint import (
+    BEST,
+    LAST,
+    check_same_spec,
+    checkpoint_spec,
+    load_checkpoint,
+    trains_alike,
+)
 from flowspec.train.distributed import Dist
+from flowspec.train.files import replaced_whole
 from flowspec.train.metrics import CURVES, METRICS
 
 #: what a run writes besides its checkpoints: a new run refuses a folder that holds any of them
@@ -37,6 +45,7 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
     if resume:
         payload = load_checkpoint(run_dir if run_dir.is_dir() else last)
         check_same_spec(payload, spec, last)
+        _check_belongs(run_dir, checkpoint_spec(payload, last))
         return payload
     if last.exists():
         raise UserError(
@@ -52,11 +61,28 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
     return None
 
 
+def _check_belongs(run_dir: Path, trained: FlowSpec) -> None:
+    """Refuse a `last.pt` whose spec is not the run folder's `spec.json` (copied from another run: resuming
+    would rewrite this run's metrics)."""
+    recorded = run_dir / "spec.json"
+    try:
+        theirs = FlowSpec.model_validate_json(recorded.read_text())
+    except (OSError, ValueError):  # none, or unreadable: nothing to compare with
+        return
+    if not trains_alike(theirs, trained):
+        raise UserError(
+            f"{run_dir / LAST} does not belong to the run in {run_dir}: it was trained with another spec "
+            f"than {recorded} (copied from another run?); resume the run it came from"
+        )
+
+
 def write_spec_files(run_dir: Path, spec: FlowSpec) -> None:
     """`spec.json` and `spec.flow`: the resolved spec (its base files and --set overrides applied), as
     data and in the spec language, so that `show`, `diff` and `train` read the model that was trained."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    with replaced_whole(run_dir / "spec.json") as partial:
+        partial.write_text(spec.model_dump_json(indent=2) + "\n")
     if spec.source or not (run_dir / "spec.flow").exists():  # a resume of the stored spec keeps the file
         origin = f"# resolved from {spec.source}\n" if spec.source else ""
-        (run_dir / "spec.flow").write_text(origin + format_spec(spec))
+        with replaced_whole(run_dir / "spec.flow") as partial:
+            partial.write_text(origin + format_spec(spec))

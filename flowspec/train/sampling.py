@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from flowspec.errors import UserError, naming
+from flowspec.errors import UserError
 from flowspec.train.evaluate import stop_point
+from flowspec.train.files import replaced_whole
 from flowspec.train.signals import StopCheck, never
 
 #: A grid is at least this many pixels wide: small images are enlarged by a whole factor.
@@ -79,9 +80,10 @@ def save_grid(
         parts.append(model.sample(min(batch, n - start), temperature=temperature, generator=generator))
         if progress:
             progress(len(parts[-1]))
+    stop_point(stop, f"after all {n} samples at temperature {temperature}, before writing")
     images = torch.cat(parts)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with naming(path):
-        save_image(grid_image(images, levels), path)
+    with replaced_whole(path) as partial:
+        save_image(grid_image(images, levels), partial)
     return path

@@ -186,10 +186,12 @@ class Trainer:
             self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
             self.window.restart_clock()
             try:
-                resumed_at = self._resumed_at_evaluation()
+                resumed_at = self._resumed_at_evaluation(stopped)
                 if resumed_at == "missed":
                     stopped = self._evaluate(reporter, signals, stopped) or stopped
-                elif resumed_at == "done":  # the checkpoint may hold the sums from before it
+                elif (
+                    resumed_at == "done" and self._scheduled()
+                ):  # the checkpoint may hold the sums from before it
                     self.window.reset()
                 while stopped is None:
                     if self.stop_row:  # training goes on past a stop: the row of its evaluation goes
@@ -277,10 +279,11 @@ class Trainer:
         step = self.step if step is None else step
         return step > 0 and (step % self.eval_every == 0 or step == self.total_steps)
 
-    def _resumed_at_evaluation(self) -> str | None:
-        """For a run resumed at an evaluation point: "done" if its evaluation finished, "missed" if not (a
-        signal during it or just before it; it then runs first, as in the uninterrupted run)."""
-        if not (self.options.resume and self._scheduled()):
+    def _resumed_at_evaluation(self, stopped: str | None) -> str | None:
+        """For a run resumed at an evaluation point, or at a stop with nothing left to train (`stopped`):
+        "done" if its evaluation finished, "missed" if not (a signal during it or just before it, a crash;
+        it then runs first, as in the uninterrupted run)."""
+        if not (self.options.resume and (self._scheduled() or stopped is not None)):
             return None
         done = False
         if self.dist.main:
@@ -353,14 +356,14 @@ class Trainer:
             self.best = done.test_bpd if improved else self.best
         else:  # a stop's evaluation: best.pt only while there is none, last.pt as it was before it
             improved, self.stop_bpd = finite and self.best is None, done.test_bpd
+        if improved:  # before the row: a resumed run takes an evaluation with a row as done
+            self._save(best=True, last=self._scheduled())
         if self.dist.main:
             record(self.run_dir, row, self.spec.name)
             reporter.evaluation(row)
             reporter.message(f"  evaluated {done.images} test images in {done.seconds:.1f} s, {done.memory}")
             if self.board is not None:
                 self.board.evaluation(row, done.grids)
-        if improved:
-            self._save(best=True, last=self._scheduled())
         return None
 
     def _save(self, best: bool, last: bool = True) -> None:
