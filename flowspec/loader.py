@@ -113,6 +113,10 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
     try:
         return data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
     except UnicodeDecodeError as error:
+        if data.startswith(b"PK\x03\x04") or name.endswith((".pt", ".safetensors")):  # torch's zip format
+            raise SpecFileError(
+                "is a checkpoint or an export, not a spec file (a run folder's spec is its spec.flow)"
+            ) from None
         raise SpecFileError(f"is not UTF-8 text (byte {error.start})") from None
 
 

@@ -136,8 +136,12 @@ def test_a_set_key_with_a_huge_step_index_is_a_located_error():
             "is not UTF-8 text (byte 6)",
         ),
         (lambda tmp: tmp / "a\0b.flow", "has a NUL byte in its path"),
+        (
+            lambda tmp: (tmp / "last.pt").write_bytes(b"PK\x03\x04\x14\x00\x08\x08\xff") and tmp / "last.pt",
+            "is a checkpoint or an export, not a spec file (a run folder's spec is its spec.flow)",
+        ),
     ],
-    ids=["device", "fifo", "folder", "huge", "binary", "nul"],
+    ids=["device", "fifo", "folder", "huge", "binary", "nul", "checkpoint"],
 )
 def test_only_regular_spec_files_of_bounded_size_are_read(tmp_path, make, reason):
     path = make(tmp_path)

@@ -405,11 +405,9 @@ def evaluate(
         "data": spec.data.model_dump(mode="json", exclude={"source"}),
         **result,
     }
-    out = (
-        out
-        or trained.path.parent
-        / f"eval_{split.value}{_classes_suffix(spec)}{f'_iw{iw}' if iw > 1 else ''}.json"
-    )
+    if out is None:
+        iw_part = f"_iw{iw}" if iw > 1 else ""
+        out = trained.path.parent / f"eval_{split.value}{_classes_suffix(spec)}{iw_part}.json"
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
@@ -484,9 +482,8 @@ def sample(
         if not allow_large:
             check_grid_memory(n, spec.data.shape, device_memory("cpu"))
         out = out or Path(f"samples_{spec.name}_{grid_name(trained.step, temperature)}")
-        seed = (
-            secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-        )  # said below: the grid can be redrawn
+        if seed is None:  # a fresh one, said below, so that the grid can be drawn again
+            seed = secrets.randbelow(MAX_SEED + 1)
         save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
     print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}, seed {seed}) to {out}")
 

@@ -243,6 +243,7 @@ def render_diff(
             style="bold" if s.stage == "total" else None,
         )
     head = Text.assemble(("A ", "bold"), name_a, ("   B ", "bold"), name_b)
-    count = f"{len(diffs)} settings differ" if len(diffs) > 1 else "1 setting differs"
-    count = count if diffs else "the specs are equal"
+    count = {0: "the specs are equal", 1: "1 setting differs"}.get(
+        len(diffs), f"{len(diffs)} settings differ"
+    )
     return Group(head, Text(count), *([SettingsView(diffs)] if diffs else []), Text(""), params)

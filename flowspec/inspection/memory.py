@@ -106,10 +106,9 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
 
 def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryEstimate:
     """Analytic estimate of a training step's memory at the spec's batch size (its micro-batch, with
-    `accumulate`): the parameter state plus
-    the activations autograd keeps for backward (each step kind's memory rule at its feature-map size;
-    `kept_per_position` for the parts that are not steps). The backward pass's own buffers (recomputed
-    blocks, gradients) add a few percent at the peak."""
+    `accumulate`): the parameter state plus the activations autograd keeps for backward (each step
+    kind's memory rule at its feature-map size; `kept_per_position` for the parts that are not steps).
+    The backward pass's own buffers (recomputed blocks, gradients) add a few percent at the peak."""
     state, parts = parameter_state(model, spec)
     itemsize = next(model.parameters(), torch.empty(0)).element_size()
     per_image = largest = 0

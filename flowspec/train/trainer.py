@@ -189,10 +189,8 @@ class Trainer:
                 resumed_at = self._resumed_at_evaluation(stopped)
                 if resumed_at == "missed":
                     stopped = self._evaluate(reporter, signals, stopped) or stopped
-                elif (
-                    resumed_at == "done" and self._scheduled()
-                ):  # the checkpoint may hold the sums from before it
-                    self.window.reset()
+                elif resumed_at == "done" and self._scheduled():
+                    self.window.reset()  # the checkpoint may hold the sums from before it
                 while stopped is None:
                     if self.stop_row:  # training goes on past a stop: the row of its evaluation goes
                         if self.dist.main:
