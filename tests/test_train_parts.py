@@ -55,7 +55,8 @@ def test_run_folder(tmp_path):
         rundir.previous_checkpoint(tmp_path / "new", spec, resume=True)
     rundir.write_spec_files(tmp_path / "run", spec)
     assert json.loads((tmp_path / "run" / "spec.json").read_text())["name"] == "tiny"
-    assert not (tmp_path / "run" / "spec.flow").exists()  # a spec built in Python has no file
+    written = (tmp_path / "run" / "spec.flow").read_text()  # a spec built in Python, in the language
+    assert not written.startswith("# resolved from") and flowspec.parse_spec(written) == spec
     assert rundir.previous_checkpoint(tmp_path / "empty", spec, resume=False) is None
     (tmp_path / "run" / METRICS).write_text('{"step": 1}\n')  # a run stopped before its first checkpoint
     with pytest.raises(
