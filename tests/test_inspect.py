@@ -368,4 +368,6 @@ def test_the_memory_estimate_counts_the_micro_batch_of_accumulate(capsys):
     assert whole.per_image == micro.per_image > 0
     assert whole.train - micro.train == whole.per_image * (32 - 8)
     assert run(["inspect", str(SPECS / "quickstart.flow"), "--set", "train.accumulate=4"]) == 0
-    assert "to train at batch 32 in 4 micro-batches of 8:" in capsys.readouterr().out
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "to train at batch 32 in 4 micro-batches of 8:" in shown
+    assert "with --recompute off, which auto picks where that fits (about 2.2x the activations)" in shown
