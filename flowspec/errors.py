@@ -66,18 +66,11 @@ def naming(path: str | os.PathLike[str]) -> Iterator[None]:
             raise
         raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
     except RuntimeError as error:
-        cause = _os_error_under(error)
-        if cause is None:
+        cause = error.__cause__ or error.__context__
+        if not (isinstance(cause, OSError) and any(mark in str(error) for mark in TORCH_WRITER)):
             raise
         raise OSError(cause.errno, cause.strerror or str(cause), os.fspath(path)) from error
 
 
-def _os_error_under(error: BaseException) -> OSError | None:
-    """The `OSError` that `error` was raised while handling, or from, if any."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+#: what torch's checkpoint writer says when a write under it failed
+TORCH_WRITER = ("inline_container", "PytorchStreamWriter", "file write failed")

@@ -113,7 +113,8 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
     try:
         return data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
     except UnicodeDecodeError as error:
-        if data.startswith(b"PK\x03\x04") or name.endswith((".pt", ".safetensors")):  # torch's zip format
+        torch_zip = data.startswith(b"PK\x03\x04") and b"data.pkl" in data[:4096]  # torch.save's format
+        if torch_zip or name.endswith((".pt", ".pth", ".safetensors")):
             raise SpecFileError(
                 "is a checkpoint or an export, not a spec file (a run folder's spec is its spec.flow)"
             ) from None

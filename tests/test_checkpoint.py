@@ -148,3 +148,40 @@ def test_a_last_pt_copied_from_another_run_is_refused_before_anything_changes(ru
         flowspec.train(resume=copy, device="cpu", quiet=True)  # no spec: the checkpoint's own
     assert (copy / "metrics.jsonl").read_text() == metrics
     assert flowspec.train(resume=run_dir, device="cpu", quiet=True).step == 3  # its own run resumes
+
+
+def test_outputs_replaced_whole_get_a_new_files_permissions_and_follow_links(tmp_path):
+    import os
+
+    from flowspec.train.files import replaced_whole
+
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "grid.png"
+        link = tmp_path / "latest.png"
+        target.write_text("old")
+        link.symlink_to(target)
+        with replaced_whole(link) as partial:
+            partial.write_text("new")
+        assert link.is_symlink() and target.read_text() == "new"
+        assert target.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0o600
+    finally:
+        os.umask(umask)
+
+
+def test_only_torchs_writer_failing_over_an_os_error_is_that_os_error(tmp_path):
+    import errno
+
+    from flowspec.errors import naming
+
+    with pytest.raises(OSError) as caught, naming(tmp_path / "last.pt"):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 750656") from None
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "last.pt")
+    with pytest.raises(RuntimeError, match="CUDA error"), naming(tmp_path / "last.pt"):
+        try:
+            raise FileNotFoundError(errno.ENOENT, "No such file")
+        except FileNotFoundError:
+            raise RuntimeError("CUDA error: an illegal memory access") from None  # a bug, not the disk

@@ -642,3 +642,10 @@ def test_a_signal_while_torch_is_imported_waits_for_the_import_then_stops(
     assert not out.exists()
     assert run(["validate", str(tiny_flow(tmp_path))]) == 0  # validate and show need no torch: no wait
     assert imported == [1]
+
+
+def test_help_of_a_torch_command_does_not_wait_for_torch(monkeypatch, capsys):
+    from flowspec.cli import app
+
+    monkeypatch.setattr(app, "_preload", lambda: pytest.fail("imported torch for --help"))
+    assert run(["train", "--help"]) == 0 and "--resume" in capsys.readouterr().out

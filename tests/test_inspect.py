@@ -371,3 +371,15 @@ def test_the_memory_estimate_counts_the_micro_batch_of_accumulate(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "to train at batch 32 in 4 micro-batches of 8:" in shown
     assert "with --recompute off, which auto picks where that fits (about 2.2x the activations)" in shown
+
+
+def test_a_coupling_label_shows_every_network_option_away_from_its_default():
+    from flowspec.steps.coupling import CouplingSettings, label
+
+    assert (
+        label(CouplingSettings(components=4, filters=96, blocks=16, heads=4)) == "mixlogistic k4 f96 b16 h4"
+    )
+    changed = CouplingSettings(
+        components=4, filters=96, blocks=16, heads=4, final_elu=True, layernorm=False, nin=False
+    )
+    assert label(changed) == "mixlogistic k4 f96 b16 h4 noln 3x3 elu"

@@ -127,21 +127,26 @@ def test_save_every_writes_checkpoints_between_evaluations_and_resumes_exactly(t
         )
 
 
-def test_a_crash_just_after_an_evaluation_row_keeps_best_pt_up_to_date(tmp_path, monkeypatch):
-    """The row of an evaluation marks it done for a resumed run: best.pt is written before it."""
+@pytest.mark.parametrize("row_written", [True, False])
+def test_a_crash_around_an_evaluation_row_resumes_to_the_same_best_and_rows(
+    tmp_path, monkeypatch, row_written
+):
+    """The row of an evaluation marks it done for a resumed run: best.pt is written before it, and a
+    resumed run that evaluates again (no row) writes the row the uninterrupted run wrote."""
     from flowspec.train import trainer as trainer_module
 
     spec = tiny_spec(steps=6, eval_every=3)
     straight = train(spec, options(tmp_path / "straight"))
-    assert load_checkpoint(tmp_path / "straight" / "best.pt")["step"] == 6  # the evaluation crashed after
+    assert load_checkpoint(tmp_path / "straight" / "best.pt")["step"] == 6  # the evaluation crashed around
     real = trainer_module.record
 
-    def crash_after_the_row_of_step_6(run_dir, row, name):
-        real(run_dir, row, name)
+    def crash_around_the_row_of_step_6(run_dir, row, name):
+        if row_written or row["step"] != 6:
+            real(run_dir, row, name)
         if row["step"] == 6:
             raise RuntimeError("killed")
 
-    monkeypatch.setattr(trainer_module, "record", crash_after_the_row_of_step_6)
+    monkeypatch.setattr(trainer_module, "record", crash_around_the_row_of_step_6)
     with pytest.raises(RuntimeError, match="killed"):
         train(spec, options(tmp_path / "crashed"))
     monkeypatch.undo()
@@ -149,6 +154,37 @@ def test_a_crash_just_after_an_evaluation_row_keeps_best_pt_up_to_date(tmp_path,
     assert resumed.best_bpd == straight.best_bpd
     best = [load_checkpoint(tmp_path / run / "best.pt") for run in ("straight", "crashed")]
     assert best[0]["step"] == best[1]["step"] and best[0]["best_bpd"] == best[1]["best_bpd"]
+    timing = ("img_s", "eval_seconds")
+    rows = [
+        [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / run) if is_eval(r)]
+        for run in ("straight", "crashed")
+    ]
+    assert rows[0] == rows[1]
+
+
+def test_a_full_disk_at_best_pt_then_resumed_writes_best_pt(tmp_path, monkeypatch):
+    """best.pt goes first: a last.pt that says a better evaluation was seen never stands beside an older
+    best.pt (a resumed run would not find that evaluation better again)."""
+    import errno
+
+    from flowspec.train import checkpoint
+
+    spec = tiny_spec(steps=6, eval_every=3)
+    straight = train(spec, options(tmp_path / "straight"))
+    real = checkpoint.save_atomic
+
+    def full_at_the_second_best(payload, path):
+        if path.name == "best.pt" and payload["step"] == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(payload, path)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", full_at_the_second_best)
+    with pytest.raises(UserError, match="no space left writing .*best.pt"):
+        train(spec, options(tmp_path / "full"))
+    monkeypatch.undo()
+    train(spec, options(tmp_path / "full", resume=True))
+    best = [load_checkpoint(tmp_path / run / "best.pt") for run in ("straight", "full")]
+    assert best[0]["step"] == best[1]["step"] == 6 and best[1]["best_bpd"] == straight.best_bpd
 
 
 def test_a_stop_evaluation_is_recorded_but_not_a_candidate_for_best(tmp_path):

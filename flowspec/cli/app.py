@@ -58,7 +58,8 @@ def run(argv: list[str] | None = None) -> int:
     - anything else is a bug in flowspec: its traceback, then a line asking to report it: exit 1.
     """
     received: list[int] = []
-    if _command(sys.argv[1:] if argv is None else argv) in TORCH_COMMANDS:
+    args = sys.argv[1:] if argv is None else argv
+    if _command(args) in TORCH_COMMANDS and not {"-h", "--help"} & set(args):
         with _signals_held(received):
             _preload()
         if received:
@@ -118,9 +119,16 @@ def _interrupted(signum: int) -> int:
 @contextmanager
 def _signals_held(received: list[int]) -> Iterator[None]:
     """SIGINT and SIGTERM recorded in `received` but not raised: an interrupt inside torch's or numpy's
-    import leaves them half-initialised (odd errors, even an abort), so those imports finish first."""
+    import leaves them half-initialised (odd errors, even an abort), so those imports finish first. A
+    second signal ends the process at once (nothing has been written yet)."""
+
+    def hold(signum: int, frame: object) -> None:
+        if received:
+            os._exit(_interrupted(signum))
+        received.append(signum)
+
     try:
-        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in SIGNALS}
+        previous = {s: signal.signal(s, hold) for s in SIGNALS}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return

@@ -25,7 +25,8 @@ COLUMN_LEGEND = {
 }
 LEGEND = (
     "Coupling: k components, f filters, b blocks, h attention heads (nin: gated NIN; gated: no attention), "
-    "p dropout, wn weight-normalized; context: ln LayerNorms. "
+    "p dropout, wn weight-normalized, noln without LayerNorms, 3x3 a 3x3 second conv in the gated convs, "
+    "elu concat_elu before the output conv; context: ln LayerNorms. "
     "A step inside a repeat counts the parameters of all its copies."
 )
 

@@ -83,6 +83,9 @@ def label(c: CouplingSettings) -> str:
             parts.append(f"p{c.dropout:g}")
         if c.weight_norm:
             parts.append("wn")
+        parts += [
+            word for word, on in (("noln", not c.layernorm), ("3x3", not c.nin), ("elu", c.final_elu)) if on
+        ]
     return " ".join(parts)
 
 

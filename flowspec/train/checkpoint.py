@@ -22,6 +22,7 @@ import torch
 
 from flowspec.errors import UserError, naming
 from flowspec.spec import FlowSpec
+from flowspec.train.files import settle
 
 LAST, BEST = "last.pt", "best.pt"
 REQUIRED = ("model", "spec", "spec_hash", "step", "versions")
@@ -68,10 +69,10 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     payload = {**payload, CHECKSUM: checksum(payload)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with naming(path), os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with naming(path):
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            settle(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -89,10 +90,10 @@ def save_run(
             flush=True,
         )
         return False
+    if best:  # first: a last.pt saying this is the best must not stand beside an older best.pt
+        save_atomic(payload, run_dir / BEST)
     if last:
         save_atomic(payload, run_dir / LAST)
-    if best:
-        save_atomic(payload, run_dir / BEST)
     return True
 
 

@@ -51,14 +51,27 @@ def stamps(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
 
 @contextmanager
 def replaced_whole(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix) for the block to write; renamed over `path` when the
-    block ends, removed if it fails: a crash leaves the old file or the new one, never a part of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    """A temporary path beside `path` (the target of a link; same suffix) for the block to write; flushed
+    to disk and renamed over `path` when the block ends, removed if it fails: a crash leaves the old file
+    or the new one, never a part of one. The file gets the permissions a new file gets (the umask's)."""
+    path = Path(os.path.realpath(path))
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         with naming(path):
             yield Path(tmp)
+            settle(Path(tmp))
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def settle(path: Path) -> None:
+    """Flush `path` to disk and give it a new file's permissions (`mkstemp` makes it owner-only)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -17,7 +17,8 @@ from pathlib import Path
 from flowspec.errors import UserError, naming
 
 LOCK = ".lock"
-STALE = (".*.tmp", "*.tmp", ".*.tmp.*")  # what `save_atomic`, `truncate_metrics`, `plot_curves` write first
+#: what `save_atomic`, `replaced_whole`, `truncate_metrics` and `plot_curves` write first
+STALE = (".*.tmp", "*.tmp", ".*.tmp.*", "samples/.*.tmp.*")
 
 
 class RunLock:

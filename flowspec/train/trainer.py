@@ -349,13 +349,14 @@ class Trainer:
         }
         finite = math.isfinite(done.test_bpd)
         if self._scheduled():
-            self.window.reset()
             improved = finite and (self.best is None or done.test_bpd < self.best)
             self.best = done.test_bpd if improved else self.best
         else:  # a stop's evaluation: best.pt only while there is none, last.pt as it was before it
             improved, self.stop_bpd = finite and self.best is None, done.test_bpd
-        if improved:  # before the row: a resumed run takes an evaluation with a row as done
-            self._save(best=True, last=self._scheduled())
+        if improved:  # before the row: a resumed run takes an evaluation with a row as done, and one
+            self._save(best=True, last=self._scheduled())  # without a row again from these sums
+        if self._scheduled():
+            self.window.reset()
         if self.dist.main:
             record(self.run_dir, row, self.spec.name)
             reporter.evaluation(row)
