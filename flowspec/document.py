@@ -73,6 +73,7 @@ SCHEDULE_KIND_ARGS = {
 #: `then warmup(at=, steps=, lr=)` arguments -> TrainSpec fields: a second warmup, from 0 to lr
 REWARM_ARGS = {"at": "rewarm_at", "steps": "rewarm_steps", "lr": "rewarm_lr"}
 CONVERSIONS = {"all": ("size", "mode", "depth"), "none": ()}  # `convert all`, `convert none`
+UNSET_WORDS = {"classes": "all", "test_split": "none", "test_path": "none"}  # `classes all`: every class
 
 
 def interval(count: Any, unit: str) -> RawDict:
@@ -106,6 +107,8 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
         if key == "temperatures" and not isinstance(value, tuple):
             return {"temperatures": (value,)}
     if section == "data":
+        if key in ("classes", "test_split", "test_path") and value == UNSET_WORDS[key]:  # back to none
+            return {key: None}
         if key == "classes" and not isinstance(value, tuple):
             return {"classes": (value,)}
         if key == "convert":

@@ -106,6 +106,22 @@ def test_folder_of_pngs_with_two_classes(tmp_path):
         load_split(data.model_copy(update={"classes": ("dgo",)}), "train")
 
 
+def test_a_number_names_a_subfolder_of_that_name_else_a_label_index(tmp_path):
+    """Folders named by numbers (years, ids): `classes 1` is the folder `1`, not the second folder; a
+    number past the last class is refused, not an empty split."""
+    write_folder(tmp_path / "train", classes=("1", "2", "3"))
+    write_folder(tmp_path / "test", sizes=((12, 12),), classes=("1", "2", "3"))
+    data = DataSpec(dataset="folder", path=str(tmp_path), shape=(3, 12, 12))
+    assert load_split(data.model_copy(update={"classes": (1,)}), "train").labels.tolist() == [0, 0, 0]
+    named = write_folder(tmp_path / "other" / "train")
+    write_folder(tmp_path / "other" / "test", sizes=((12, 12),))
+    other = data.model_copy(update={"path": str(tmp_path / "other")})
+    assert load_split(other.model_copy(update={"classes": (1,)}), "train").labels.tolist() == [1, 1, 1]
+    assert named  # cat, dog: 1 is the index of dog
+    with pytest.raises(UserError, match=r"has no class 7: its 2 classes are 0 to 1 \(cat, dog\)"):
+        load_split(other.model_copy(update={"classes": (7,)}), "train")
+
+
 def test_folder_reads_jpeg_and_webp_and_skips_other_files(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -353,3 +353,23 @@ def test_an_ablation_never_overwrites_an_earlier_one(tmp_path, monkeypatch, caps
     (out / "b" / "last.pt").write_bytes(b"")  # a run there (even a failed one's folder)
     assert run(["ablate", *specs, "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
     assert f"{out / 'b'} already holds a run" in capsys.readouterr().err
+
+
+def test_an_export_remembers_the_data_its_run_trained_on(tmp_path, capsys):
+    """`eval` of an export reads the data folder the run was given, as `eval` of its run folder does,
+    and says which data it evaluates."""
+    from train_helpers import write_shards
+
+    from flowspec.train.export import load_trained
+
+    shards = write_shards(tmp_path / "shards")
+    spec = tiny_spec(steps=2, data=DataSpec(dataset="npz", shape=(1, 8, 8), levels=17))
+    train(spec, RunOptions(out=tmp_path / "run", data_dir=shards, device="cpu", quiet=True))
+    exported = tmp_path / "model.safetensors"
+    assert run(["export", str(tmp_path / "run"), "-o", str(exported)]) == 0
+    assert load_trained(exported).data_dir == str(shards.resolve())
+    assert (
+        run(["eval", str(exported), "--images", "8", "--device", "cpu", "-o", str(tmp_path / "e.json")]) == 0
+    )
+    assert f"the test split of {shards}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["source"].startswith(str(shards))

@@ -603,3 +603,10 @@ def test_the_second_warmup_is_set_and_removed_with_set_and_must_start_before_the
         SpecError, match=r"starts at step 110000, after the training ends \(length 100000 steps\)"
     ):
         load_spec(SPECS / "imagenet64_5bit.flow", overrides=["train.length=100000 steps"])
+
+
+def test_data_settings_go_back_to_none_with_their_words():
+    spec = load_spec(SPECS / "celeba64_5bit.flow", overrides=["data.test_split=none"])
+    assert spec.data.test_split is None
+    spec = load_spec(SPECS / "quickstart.flow", overrides=["data.classes=(1, 2)", "data.classes=all"])
+    assert spec.data.classes is None and parse_spec(format_spec(spec)) == spec

@@ -23,6 +23,7 @@ from flowspec.train.distributed import Dist, agree_to_stop
 from flowspec.train.evaluation import Evaluator
 from flowspec.train.metrics import METRICS, Window, read_metrics, record
 from flowspec.train.signals import StopSignals
+from flowspec.train.trainer import RunOptions, Trainer
 from flowspec.train.update import Updater
 
 CPU = torch.device("cpu")
@@ -43,10 +44,12 @@ def test_stop_signals_note_the_first_signal_and_restore_the_handlers():
         assert signal.getsignal(signal.SIGTERM) is before and off.received is None
 
 
-def test_run_folder(tmp_path):
+def test_run_folder(tmp_path, monkeypatch):
     spec = tiny_spec()
     assert rundir.choose(spec, tmp_path / "a", Dist()) == tmp_path / "a"
-    assert rundir.choose(spec, None, Dist()).name.startswith("tiny-")
+    monkeypatch.chdir(tmp_path)
+    first, second = rundir.choose(spec, None, Dist()), rundir.choose(spec, None, Dist())  # in one second
+    assert first.name.startswith("tiny-") and first.is_dir() and second.is_dir() and first != second
     assert rundir.previous_checkpoint(tmp_path / "new", spec, resume=False) is None
     (tmp_path / LAST).write_bytes(b"")
     with pytest.raises(UserError, match="already holds a run"):
@@ -207,3 +210,16 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient():
 def test_accumulate_must_divide_the_batch(tmp_path):
     with pytest.raises(ValueError, match=r"batch \(16\) must be divisible by accumulate \(3\)"):
         tiny_spec(batch=16, accumulate=3)
+
+
+def test_a_run_that_fails_before_it_starts_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tiny_spec().model_copy(update={"data": tiny_spec().data.model_copy(update={"dataset": "npz"})})
+    with pytest.raises(UserError, match="names no folder"):
+        Trainer(bad, RunOptions(device="cpu", quiet=True))  # the default folder, runs/tiny-<time>
+    assert list((tmp_path / "runs").iterdir()) == []
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(UserError, match="names no folder"):
+        Trainer(bad, RunOptions(out=kept, device="cpu", quiet=True))
+    assert kept.is_dir()  # a folder that was there before stays

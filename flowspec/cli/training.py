@@ -382,8 +382,9 @@ def evaluate(
         trained, spec = _load_for_inference(
             target, device, sets, batch, allow_large, threads, compile_networks
         )
-        images = load_split(spec.data, split.value, data or trained.data_dir).images
-        images = images[:limit] if limit else images
+        source = load_split(spec.data, split.value, data or trained.data_dir)
+        images = source.images[:limit] if limit else source.images
+        print(f"the {split.value} split of {source.source}: {len(images)} of its {len(source)} images")
         where = trained.model.device
         reporter = Reporter.auto(False, None, 0, train=False)
         started, memory = time.monotonic(), PeakMemory(where)
@@ -402,6 +403,7 @@ def evaluate(
         "iw_samples": iw,
         "seed": seed,
         "overrides": list(sets or ()),
+        "source": source.source,
         "data": spec.data.model_dump(mode="json", exclude={"source"}),
         **result,
     }

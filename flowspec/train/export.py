@@ -8,9 +8,7 @@ when read): everything needed to rebuild the model.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from flowspec.train.checkpoint import (
     resolve,
     spec_hash,
 )
+from flowspec.train.files import replaced_whole
 
 FORMAT = "flowspec"
 SUFFIX = ".safetensors"
@@ -39,7 +38,7 @@ class Trained:
     spec: FlowSpec
     step: int
     path: Path
-    data_dir: str | None = None  # the data folder it was trained on (checkpoints only)
+    data_dir: str | None = None  # the data folder it was trained on (when the run was given one)
 
 
 def export(target: Path | str, output: Path | str) -> Trained:
@@ -60,16 +59,11 @@ def export(target: Path | str, output: Path | str) -> Trained:
         "step": str(trained.step),
         "flowspec_version": _version(),
         "checksum": checksum(tensors),
+        **({"data_dir": trained.data_dir} if trained.data_dir else {}),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_whole(output) as partial:
+        save_file(tensors, partial, metadata=metadata)
     return trained
 
 
@@ -88,8 +82,7 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix == SUFFIX and not path.is_dir():
-        spec, weights, step = _read_export(path)
-        data_dir = None
+        spec, weights, step, data_dir = _read_export(path)
     else:
         path = resolve(path)
         payload = load_checkpoint(path, training_state=False)
@@ -104,7 +97,7 @@ def load_trained(
     return Trained(model.to(where).eval(), spec, step, path, data_dir)
 
 
-def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int]:
+def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, str | None]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -136,7 +129,7 @@ def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int]:
         raise UserError(
             f"{path} is not a valid flowspec export: its step is {metadata['step']!r}, not a number"
         )
-    return checkpoint_spec(metadata, path), weights, int(metadata["step"])
+    return checkpoint_spec(metadata, path), weights, int(metadata["step"]), metadata.get("data_dir")
 
 
 def _version() -> str:

@@ -21,6 +21,7 @@ from flowspec.train.checkpoint import (
 )
 from flowspec.train.distributed import Dist
 from flowspec.train.files import replaced_whole
+from flowspec.train.lock import LOCK
 from flowspec.train.metrics import CURVES, METRICS
 
 #: what a run writes besides its checkpoints: a new run refuses a folder that holds any of them
@@ -28,15 +29,39 @@ RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "tensorboard")
 
 
 def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
-    """`out`, or `runs/<model>-<date>-<time>` by rank 0's clock (the same folder on every rank)."""
+    """`out`, or `runs/<model>-<date>-<time>` by rank 0's clock (the same folder on every rank), made by
+    rank 0 as a new folder: a run started in the same second elsewhere gets `-2`, `-3`, ..."""
     if out is not None:
         if Path(out).exists() and not Path(out).is_dir():
             raise UserError(f"--out {out} is a file: name a folder for the run")
         return Path(out)
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", spec.name):
         raise UserError(f"the model name {spec.name!r} cannot name a run folder: give the folder with --out")
-    stamp = dist.gather(datetime.now().strftime("%Y%m%d-%H%M%S"))[0]
-    return Path("runs") / f"{spec.name}-{stamp}"
+    made = _new_folder(Path("runs") / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}") if dist.main else None
+    return Path(dist.gather(str(made))[0])
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove `run_dir` if it holds nothing but its released lock."""
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            (run_dir / LOCK).unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:  # gone already, or another process wrote into it meanwhile: leave it
+        pass
+
+
+def _new_folder(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... : the first that this call creates (mkdir is atomic)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise UserError(f"{base} and 998 folders like it exist already: give the run folder with --out")
 
 
 def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str, Any] | None:

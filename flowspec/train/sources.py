@@ -332,10 +332,18 @@ def _class_mask(reader: Reader, data: DataSpec, plan: Plan) -> np.ndarray:
         return np.ones(reader.count, dtype=bool)
     wanted = []
     for c in data.classes:
+        if isinstance(c, int) and str(c) in plan.classes:  # a subfolder named by a number is that class
+            c = str(c)
         if isinstance(c, str):
             if c not in plan.classes:
                 raise UserError(f"{plan.source} has no class '{c}'{did_you_mean(c, plan.classes)}")
             c = plan.classes.index(c)
+        elif plan.classes and not 0 <= c < len(plan.classes):
+            names = ", ".join(plan.classes[:10]) + (", ..." if len(plan.classes) > 10 else "")
+            raise UserError(
+                f"{plan.source} has no class {c}: its {len(plan.classes)} classes are 0 to "
+                f"{len(plan.classes) - 1} ({names})"
+            )
         wanted.append(c)
     return np.isin(reader.labels, wanted)
 
