@@ -368,8 +368,26 @@ def test_an_export_remembers_the_data_its_run_trained_on(tmp_path, capsys):
     exported = tmp_path / "model.safetensors"
     assert run(["export", str(tmp_path / "run"), "-o", str(exported)]) == 0
     assert load_trained(exported).data_dir == str(shards.resolve())
+    assert load_trained(exported).train_images == load_trained(tmp_path / "run").train_images == 256
     assert (
         run(["eval", str(exported), "--images", "8", "--device", "cpu", "-o", str(tmp_path / "e.json")]) == 0
     )
     assert f"the test split of {shards}" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["source"].startswith(str(shards))
+
+
+def test_eval_says_when_a_test_split_is_held_out_of_other_images_than_the_run_trained_on(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "x.npy"
+    np.save(images, rng.integers(0, 17, (120, 8, 8), dtype=np.uint8))
+    data = DataSpec(dataset="npy", path=str(images), shape=(1, 8, 8), levels=17, test_split=20)
+    train(tiny_spec(steps=2, data=data), RunOptions(out=tmp_path / "run", device="cpu", quiet=True))
+    args = ["eval", str(tmp_path / "run"), "--images", "8", "--device", "cpu", "-o", str(tmp_path / "e.json")]
+    assert run(args) == 0
+    assert "note:" not in capsys.readouterr().out
+    np.save(images, rng.integers(0, 17, (130, 8, 8), dtype=np.uint8))  # ten images added
+    assert run(args) == 0
+    said = capsys.readouterr().out
+    assert "note: the data has 110 training images now and had 100 when the run trained" in said

@@ -385,6 +385,7 @@ def evaluate(
         source = load_split(spec.data, split.value, data or trained.data_dir)
         images = source.images[:limit] if limit else source.images
         print(f"the {split.value} split of {source.source}: {len(images)} of its {len(source)} images")
+        _note_changed_split(trained, data or trained.data_dir)
         where = trained.model.device
         reporter = Reporter.auto(False, None, 0, train=False)
         started, memory = time.monotonic(), PeakMemory(where)
@@ -424,6 +425,21 @@ def evaluate(
     except OSError as error:
         raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
+
+
+def _note_changed_split(trained, data: Path | str | None) -> None:
+    """Say so when the run's `test_split` is now held out of another set of images than it trained on:
+    its test images then differ, and some were trained on."""
+    from flowspec.train.data import load_split
+
+    if trained.spec.data.test_split is None or trained.train_images is None:
+        return
+    now = len(load_split(trained.spec.data, "train", data))
+    if now != trained.train_images:
+        print(
+            f"note: the data has {now:,} training images now and had {trained.train_images:,} when the run "
+            f"trained: its test_split holds out other images, some of which the model trained on"
+        )
 
 
 def _classes_suffix(spec: FlowSpec) -> str:

@@ -39,6 +39,7 @@ class Trained:
     step: int
     path: Path
     data_dir: str | None = None  # the data folder it was trained on (when the run was given one)
+    train_images: int | None = None  # the size of its training set (not kept before 0.1.0's end)
 
 
 def export(target: Path | str, output: Path | str) -> Trained:
@@ -60,6 +61,7 @@ def export(target: Path | str, output: Path | str) -> Trained:
         "flowspec_version": _version(),
         "checksum": checksum(tensors),
         **({"data_dir": trained.data_dir} if trained.data_dir else {}),
+        **({"train_images": str(trained.train_images)} if trained.train_images else {}),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     with replaced_whole(output) as partial:
@@ -82,22 +84,24 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix == SUFFIX and not path.is_dir():
-        spec, weights, step, data_dir = _read_export(path)
+        spec, weights, step, data_dir, train_images = _read_export(path)
     else:
         path = resolve(path)
         payload = load_checkpoint(path, training_state=False)
         spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
         data_dir = payload.get("data_dir")
+        stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
+        train_images = stream.get("images")
     check_size(spec, "infer", where, allow_large, images)
     model = flowspec.build(spec)
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its spec builds: {error}") from None
-    return Trained(model.to(where).eval(), spec, step, path, data_dir)
+    return Trained(model.to(where).eval(), spec, step, path, data_dir, train_images)
 
 
-def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, str | None]:
+def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -129,7 +133,15 @@ def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, st
         raise UserError(
             f"{path} is not a valid flowspec export: its step is {metadata['step']!r}, not a number"
         )
-    return checkpoint_spec(metadata, path), weights, int(metadata["step"]), metadata.get("data_dir")
+    count = metadata.get("train_images", "")
+    train_images = int(count) if count.isdigit() else None
+    return (
+        checkpoint_spec(metadata, path),
+        weights,
+        int(metadata["step"]),
+        metadata.get("data_dir"),
+        train_images,
+    )
 
 
 def _version() -> str:
