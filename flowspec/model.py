@@ -84,7 +84,10 @@ class FlowModel(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """Per-image lower bound on log P(x) in nats, for integer images N x C x H x W in [0, levels)
         (a ValueError for another shape, or, on the CPU, for values that are not such integers)."""
-        v, log_q = self.dequantizer(self._checked(x, "log_prob", "images"))
+        return self._log_prob(x, "log_prob")
+
+    def _log_prob(self, x: Tensor, caller: str) -> Tensor:
+        v, log_q = self.dequantizer(self._checked(x, caller, "images"))
         z, logdet = self.encode(v)
         return standard_normal_log_prob(z) + logdet - log_q.to(logdet.dtype)
 
@@ -93,7 +96,7 @@ class FlowModel(nn.Module):
 
     def bpd(self, x: Tensor) -> Tensor:
         """Bits per dimension: -log_prob / (D ln 2)."""
-        return -self.log_prob(x) / (self.spec.dims * math.log(2.0))
+        return -self._log_prob(x, "bpd") / (self.spec.dims * math.log(2.0))
 
     # ---------------------------------------------------------------- sampling
 

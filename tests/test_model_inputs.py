@@ -77,6 +77,11 @@ def test_log_prob_refuses_what_is_not_a_batch_of_integer_images(model, batch, er
     assert message in str(caught.value)
 
 
+def test_bpd_names_itself_in_its_errors(model):
+    with pytest.raises(TypeError, match="^bpd takes a torch.Tensor, got list"):
+        model.bpd([[0]])
+
+
 def test_valid_batches_in_any_integer_or_float_dtype_give_the_same_log_prob(model):
     x = _images()
     results = []
