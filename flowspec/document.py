@@ -107,7 +107,7 @@ def convert(section: str, key: str, value: Any) -> dict[str, Any]:
         if key == "temperatures" and not isinstance(value, tuple):
             return {"temperatures": (value,)}
     if section == "data":
-        if key in ("classes", "test_split", "test_path") and value == UNSET_WORDS[key]:  # back to none
+        if key in UNSET_WORDS and isinstance(value, Word) and value == UNSET_WORDS[key]:  # back to none
             return {key: None}
         if key == "classes" and not isinstance(value, tuple):
             return {"classes": (value,)}

@@ -113,6 +113,8 @@ def test_a_number_names_a_subfolder_of_that_name_else_a_label_index(tmp_path):
     write_folder(tmp_path / "test", sizes=((12, 12),), classes=("1", "2", "3"))
     data = DataSpec(dataset="folder", path=str(tmp_path), shape=(3, 12, 12))
     assert load_split(data.model_copy(update={"classes": (1,)}), "train").labels.tolist() == [0, 0, 0]
+    with pytest.raises(UserError, match=r"has no class '0'"):  # numbered folders: numbers are names only
+        load_split(data.model_copy(update={"classes": (0,)}), "train")
     named = write_folder(tmp_path / "other" / "train")
     write_folder(tmp_path / "other" / "test", sizes=((12, 12),))
     other = data.model_copy(update={"path": str(tmp_path / "other")})

@@ -374,6 +374,12 @@ def test_an_export_remembers_the_data_its_run_trained_on(tmp_path, capsys):
     )
     assert f"the test split of {shards}" in capsys.readouterr().out
     assert json.loads((tmp_path / "e.json").read_text())["source"].startswith(str(shards))
+    moved = shards.rename(tmp_path / "moved")
+    args = ["eval", str(exported), "--images", "8", "--device", "cpu", "-o", str(tmp_path / "e.json")]
+    assert run([*args, "--set", f'data.path="{moved}"']) == 0  # --set data.path wins over the recorded one
+    assert f"the test split of {moved}" in capsys.readouterr().out
+    assert run(args) == 2
+    assert f"note: the run's data folder {shards.resolve()} is gone" in capsys.readouterr().out
 
 
 def test_eval_says_when_a_test_split_is_held_out_of_other_images_than_the_run_trained_on(tmp_path, capsys):

@@ -610,3 +610,10 @@ def test_data_settings_go_back_to_none_with_their_words():
     assert spec.data.test_split is None
     spec = load_spec(SPECS / "quickstart.flow", overrides=["data.classes=(1, 2)", "data.classes=all"])
     assert spec.data.classes is None and parse_spec(format_spec(spec)) == spec
+
+
+def test_quoted_all_and_none_are_names_not_the_unset_words():
+    data = 'data folder { path "x"  shape 3x8x8  classes ("all", dog)  test_split 5 }'
+    text = f"model m\n{data}\nflow {{ squeeze }}\n"
+    spec = parse_spec(text)
+    assert spec.data.classes == ("all", "dog") and parse_spec(format_spec(spec)) == spec

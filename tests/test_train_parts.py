@@ -223,3 +223,18 @@ def test_a_run_that_fails_before_it_starts_leaves_no_folder(tmp_path, monkeypatc
     with pytest.raises(UserError, match="names no folder"):
         Trainer(bad, RunOptions(out=kept, device="cpu", quiet=True))
     assert kept.is_dir()  # a folder that was there before stays
+
+
+def test_a_lock_whose_file_was_removed_is_taken_on_the_new_file(tmp_path):
+    """A failed run removes its empty folder while it holds the lock; a run waiting on that folder then
+    locks the new lock file, so that a third cannot lock the same folder beside it."""
+    from flowspec.train.lock import RunLock
+
+    first = RunLock(tmp_path / "run")
+    rundir.remove_if_empty(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    second = RunLock(tmp_path / "run")
+    first.release()
+    with pytest.raises(UserError, match="is in use by pid"):
+        RunLock(tmp_path / "run")
+    second.release()

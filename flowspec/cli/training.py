@@ -382,10 +382,11 @@ def evaluate(
         trained, spec = _load_for_inference(
             target, device, sets, batch, allow_large, threads, compile_networks
         )
-        source = load_split(spec.data, split.value, data or trained.data_dir)
+        folder = _data_folder(data, trained, sets)
+        source = load_split(spec.data, split.value, folder)
         images = source.images[:limit] if limit else source.images
         print(f"the {split.value} split of {source.source}: {len(images)} of its {len(source)} images")
-        _note_changed_split(trained, data or trained.data_dir)
+        _note_changed_split(trained, folder)
         where = trained.model.device
         reporter = Reporter.auto(False, None, 0, train=False)
         started, memory = time.monotonic(), PeakMemory(where)
@@ -425,6 +426,17 @@ def evaluate(
     except OSError as error:
         raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
+
+
+def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | str | None:
+    """The data to evaluate on: --data, else the spec's path when --set names one, else the folder the run
+    trained on while it is there (None: the spec's path)."""
+    if data is not None or any(s.split("=", 1)[0].strip() == "data.path" for s in sets or ()):
+        return data
+    if trained.data_dir and not Path(trained.data_dir).exists():
+        print(f"note: the run's data folder {trained.data_dir} is gone; reading the spec's data path")
+        return None
+    return trained.data_dir
 
 
 def _note_changed_split(trained, data: Path | str | None) -> None:

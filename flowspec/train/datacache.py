@@ -22,7 +22,7 @@ from typing import Any
 
 from flowspec.errors import UserError
 
-FORMAT = 1  # bump when the files' layout or the preparation's meaning changes
+FORMAT = 2  # bump when the files' layout or the preparation's meaning changes (2: numbered class folders)
 META = "meta.json"
 
 

@@ -27,19 +27,24 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK
-        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            self.fd = None
-            raise UserError(
-                f"run folder {self.run_dir} is in use by {holder}: two processes cannot write one run; "
-                f"wait for it to finish (or stop it), or choose another --out folder"
-            ) from None
+        self.fd: int | None = None
+        while self.fd is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UserError(
+                    f"run folder {self.run_dir} is in use by {holder}: two processes cannot write one run; "
+                    f"wait for it to finish (or stop it), or choose another --out folder"
+                ) from None
+            if _same_file(fd, path):
+                self.fd = fd
+            else:  # removed by the run that held it (an empty folder of a run that failed): again
+                os.close(fd)
         with naming(path):  # a full disk fails here first
             os.ftruncate(self.fd, 0)
             os.pwrite(
@@ -61,6 +66,14 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def remove_stale_files(run_dir: Path) -> list[Path]:

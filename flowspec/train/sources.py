@@ -332,7 +332,8 @@ def _class_mask(reader: Reader, data: DataSpec, plan: Plan) -> np.ndarray:
         return np.ones(reader.count, dtype=bool)
     wanted = []
     for c in data.classes:
-        if isinstance(c, int) and str(c) in plan.classes:  # a subfolder named by a number is that class
+        numbered = bool(plan.classes) and all(name.isdigit() for name in plan.classes)
+        if isinstance(c, int) and (numbered or str(c) in plan.classes):  # folders named by numbers: names
             c = str(c)
         if isinstance(c, str):
             if c not in plan.classes:

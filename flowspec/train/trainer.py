@@ -94,13 +94,14 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # every step has the same shapes: time cuDNN's kernels once
         fresh = options.out is None or not Path(options.out).exists()
         self.run_dir = rundir.choose(spec, options.out, self.dist)
-        self.lock = RunLock(self.run_dir) if self.dist.main else None  # before anything reads or writes it
+        self.lock: RunLock | None = None
         try:
+            self.lock = RunLock(self.run_dir) if self.dist.main else None  # before anything reads or writes
             self._setup(train_set, test_set)
         except BaseException:
-            self.close()
-            if fresh and self.dist.main:  # a run that never started leaves no folder behind
+            if fresh and self.dist.main:  # a run that never started leaves no folder (removed while locked)
                 rundir.remove_if_empty(self.run_dir)
+            self.close()
             raise
 
     def _setup(self, train_set: ImageSet | None, test_set: ImageSet | None) -> None:
