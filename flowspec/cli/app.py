@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import typer
@@ -127,16 +127,23 @@ def _signals_held(received: list[int]) -> Iterator[None]:
             os._exit(_interrupted(signum))
         received.append(signum)
 
+    with _handled_by(hold):
+        yield
+
+
+@contextmanager
+def _handled_by(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` (in the main thread; elsewhere they are left alone)."""
     try:
-        previous = {s: signal.signal(s, hold) for s in SIGNALS}
-    except ValueError:  # not the main thread: leave signals alone
+        previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 OUT_OF_MEMORY = (
@@ -186,13 +193,5 @@ def _signals_raise(received: list[int]) -> Iterator[None]:
         received.append(signum)
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    try:
-        previous = {s: signal.signal(s, handle) for s in SIGNALS}
-    except ValueError:  # not the main thread: leave signals alone
+    with _handled_by(handle):
         yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
