@@ -42,7 +42,8 @@ def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
 
 
 def remove_if_empty(run_dir: Path) -> None:
-    """Remove `run_dir` if it holds nothing but its released lock."""
+    """Remove `run_dir` if it holds nothing but its lock file (call it while holding the lock: a process
+    waiting for it then locks a new file, see `RunLock`)."""
     try:
         if {p.name for p in run_dir.iterdir()} <= {LOCK}:
             (run_dir / LOCK).unlink(missing_ok=True)
