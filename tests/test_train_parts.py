@@ -238,3 +238,21 @@ def test_a_lock_whose_file_was_removed_is_taken_on_the_new_file(tmp_path):
     with pytest.raises(UserError, match="is in use by pid"):
         RunLock(tmp_path / "run")
     second.release()
+
+
+def test_the_run_header_says_whether_the_training_set_is_held_in_memory_or_streamed(tmp_path):
+    import numpy as np
+
+    from flowspec.spec import DataSpec
+
+    images = tmp_path / "x.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 17, (120, 8, 8), dtype=np.uint8))
+    spec = tiny_spec(
+        data=DataSpec(dataset="npy", path=str(images), shape=(1, 8, 8), levels=17, test_split=20)
+    )
+    for memory, said in ((None, "held in memory"), (0, "streamed from its cache")):
+        trainer = Trainer(spec, RunOptions(out=tmp_path / f"run{memory}", device="cpu", data_memory=memory))
+        try:
+            assert f"(100 train / 20 test images, {said})" in trainer._banner()
+        finally:
+            trainer.close()

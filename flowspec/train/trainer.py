@@ -24,7 +24,7 @@ from flowspec.model import compile_scope
 from flowspec.spec import EvalSpec, FlowSpec, Interval
 from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
-from flowspec.train.batches import training_batches
+from flowspec.train.batches import BatchStream, training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, teardown
@@ -461,9 +461,10 @@ class Trainer:
 
     def _banner(self) -> str:
         verb = "resuming" if self.options.resume else "training"
+        held = "held in memory" if isinstance(self.batches, BatchStream) else "streamed from its cache"
         return (
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.train_set.source} "
-            f"({len(self.train_set)} train / {self.test_size} test images), device {self.device}, "
+            f"({len(self.train_set)} train / {self.test_size} test images, {held}), device {self.device}, "
             f"{self.threads}, "
             f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
             f"recompute {'on' if self.recompute else 'off'}"
