@@ -628,3 +628,15 @@ def test_levels_above_the_datas_depth_are_refused():
     ):
         load_split(data, "train")
     assert len(load_split(data.model_copy(update={"levels": 17}), "train")) > 0
+
+
+def test_preparing_data_says_so_unless_quiet(tmp_path, capsys):
+    from flowspec.train.datacache import quietly
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 17, (40, 8, 8), dtype=np.uint8))
+    data = DataSpec(dataset="npy", path=str(tmp_path / "x.npy"), shape=(1, 8, 8), levels=17, test_split=8)
+    with quietly():  # train --quiet, ablate --quiet
+        load_split(data, "train")
+    assert capsys.readouterr().err == ""
+    load_split(data.model_copy(update={"test_split": 9}), "train")  # another split: prepared again
+    assert "prepar" in capsys.readouterr().err

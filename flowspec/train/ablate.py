@@ -10,6 +10,7 @@ from pathlib import Path
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
 from flowspec.train.data import ImageSet, load_split
+from flowspec.train.datacache import quietly
 from flowspec.train.distributed import main_process, teardown
 from flowspec.train.files import replaced_whole
 from flowspec.train.metrics import is_eval, plot_curves
@@ -81,7 +82,7 @@ def run_ablation(
     for spec, folder in zip(specs, folders, strict=True):  # an earlier run there is refused before any trains
         previous_checkpoint(out / folder, spec, resume=False)
     read: dict[str, Datasets] = {}
-    datasets = [_data_of(spec, options.data_dir, read) for spec in specs]
+    datasets = [_data_of(spec, options.data_dir, read, options.quiet) for spec in specs]
     done = Ablation()
     together = False
     try:  # under torchrun the job's process group serves every run, and is left at the end
@@ -114,13 +115,16 @@ def run_ablation(
     return done
 
 
-def _data_of(spec: FlowSpec, data_dir: Path | None, read: dict[str, Datasets]) -> Datasets:
+def _data_of(
+    spec: FlowSpec, data_dir: Path | None, read: dict[str, Datasets], quiet: bool = False
+) -> Datasets:
     """The train and test sets of `spec`, from `read` when an earlier spec had the same data section; a
     data error names the spec it belongs to."""
     key = spec.data.model_dump_json()
     if key not in read:
         try:
-            read[key] = {f"{split}_set": load_split(spec.data, split, data_dir) for split in SPLITS}
+            with quietly(quiet):
+                read[key] = {f"{split}_set": load_split(spec.data, split, data_dir) for split in SPLITS}
         except UserError as error:
             raise UserError(f"{spec.source or spec.name}: {error}") from None
     return read[key]

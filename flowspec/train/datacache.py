@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,30 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: whether the preparation shows its progress (`train --quiet` turns it off)
+SHOW_PROGRESS: ContextVar[bool] = ContextVar("show_progress", default=True)
+
+
+@contextmanager
+def quietly(quiet: bool = True) -> Iterator[None]:
+    """Prepare data without progress output while in the block (when `quiet`)."""
+    token = SHOW_PROGRESS.set(not quiet)
+    try:
+        yield
+    finally:
+        SHOW_PROGRESS.reset(token)
+
+
 class Progress:
-    """A rich progress bar on a terminal (stderr), else a line at the start and one at the end."""
+    """A rich progress bar on a terminal (stderr), else a line at the start and one at the end; nothing
+    inside `quietly()`."""
 
     def __init__(self, title: str, total: int):
         self.title, self.total = title, total
         self._bar = None
+        self._shown = SHOW_PROGRESS.get()
+        if not self._shown:
+            return
         if sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
@@ -145,5 +164,5 @@ class Progress:
         """Stop the bar; print `message` (nothing when the work failed)."""
         if self._bar is not None:
             self._bar.stop()
-        if message:
+        if message and self._shown:
             print(message, file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ from flowspec.train import rng, rundir
 from flowspec.train.batches import BatchStream, training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
 from flowspec.train.data import ImageSet, load_split
+from flowspec.train.datacache import quietly
 from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, teardown
 from flowspec.train.evaluation import SMOKE, Evaluator, describe
 from flowspec.train.lock import RunLock
@@ -112,10 +113,11 @@ class Trainer:
 
         # a resumed run reads the data folder it was trained on unless --data says otherwise
         self.data_dir = options.data_dir or (payload.get("data_dir") if payload else None)
-        if train_set is None:
-            train_set = load_split(spec.data, "train", self.data_dir)
-        if test_set is None:
-            test_set = load_split(spec.data, "test", self.data_dir)
+        with quietly(options.quiet):
+            if train_set is None:
+                train_set = load_split(spec.data, "train", self.data_dir)
+            if test_set is None:
+                test_set = load_split(spec.data, "test", self.data_dir)
         self.train_set, self.test_size = train_set, len(test_set)
         if self.t.accumulate > 1 and self.t.batch % (self.dist.world * self.t.accumulate):
             raise UserError(
