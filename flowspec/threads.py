@@ -47,14 +47,16 @@ def choose_threads(
 ) -> ThreadChoice:
     """The number of threads for a model of `params` parameters on `cpus` cores at load average `load`.
 
-    `requested` (`--threads`, at most `cpus`) wins, then `env` (the user's `OMP_NUM_THREADS`); otherwise one
-    thread for a small model or when fewer than two cores are idle, else the idle cores (all of them on an
-    idle CPU).
+    `requested` (`--threads`, at most `cpus`) wins, then `env` (the user's `OMP_NUM_THREADS`, cut to
+    `cpus`); otherwise one thread for a small model or when fewer than two cores are idle, else the idle
+    cores (all of them on an idle CPU).
     """
     if requested is not None:
         check_threads(requested, cpus)
         return ThreadChoice(requested, "--threads")
     if env is not None and env.strip().isdigit() and int(env) > 0:
+        if int(env) > max(1, cpus):  # more threads than cores: many times slower, never faster
+            return ThreadChoice(max(1, cpus), f"OMP_NUM_THREADS={int(env)}, at most the {max(1, cpus)} cores")
         return ThreadChoice(int(env), "OMP_NUM_THREADS")
     size = _millions(params)
     if params < SMALL_MODEL:

@@ -47,6 +47,13 @@ def test_more_threads_than_cores_are_refused_before_the_runtime_crashes(capsys):
     assert "--threads 100000: this machine has" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("env", "expected"), [("4", 4), ("1", 1), ("", 16), ("zero", 16), ("0", 16)])
+@pytest.mark.parametrize(
+    ("env", "expected"), [("4", 4), ("1", 1), ("", 16), ("zero", 16), ("0", 16), ("64", 16)]
+)
 def test_the_users_omp_num_threads_is_respected_when_valid(env, expected):
     assert choose_threads(FLOWPP, cpus=16, load=0.0, env=env).threads == expected
+
+
+def test_omp_num_threads_above_the_cores_is_cut_to_them_and_said():
+    choice = choose_threads(QUICKSTART, cpus=2, load=0.0, env="8")
+    assert str(choice) == "threads 2 (OMP_NUM_THREADS=8, at most the 2 cores)"
