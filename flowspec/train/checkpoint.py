@@ -12,17 +12,15 @@ read with a warning. Reading never runs pickled code (`weights_only=True`).
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowspec.errors import UserError, naming
+from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
-from flowspec.train.files import settle
+from flowspec.train.files import replaced_whole
 
 LAST, BEST = "last.pt", "best.pt"
 REQUIRED = ("model", "spec", "spec_hash", "step", "versions")
@@ -67,16 +65,8 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, CHECKSUM: checksum(payload)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with naming(path):
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            settle(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_whole(path) as partial:
+        torch.save(payload, partial)
 
 
 def save_run(

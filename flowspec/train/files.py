@@ -61,14 +61,14 @@ def replaced_whole(path: Path) -> Iterator[Path]:
     try:
         with naming(path):
             yield Path(tmp)
-            settle(Path(tmp))
+            _settle(Path(tmp))
             os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def settle(path: Path) -> None:
+def _settle(path: Path) -> None:
     """Flush `path` to disk and give it a new file's permissions (`mkstemp` makes it owner-only)."""
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
