@@ -29,7 +29,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_duration(text: str | float) -> float:
     """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
     if not match or float(match[1]) <= 0:
         raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
     return float(match[1]) * _UNITS[match[2] or "s"]
@@ -37,7 +37,7 @@ def parse_duration(text: str | float) -> float:
 
 def parse_size(text: str | int) -> int:
     """Bytes in `512M`, `4G`, `1.5T` or a bare number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
     if not match:
         raise UserError(f"--data-memory: expected a size like 512M or 4G, got {text!r}")
     return int(float(match[1]) * 1024 ** " KMGT".index((match[2] or " ").upper()))
@@ -115,7 +115,8 @@ def train(
     from flowspec.inspection.budget import check_size, default_device
 
     check_size(spec, "train", default_device(device), allow_large)
-    _check_eval(spec, eval or {})
+    eval = {**eval_written_by(spec, sets), **(eval or {})}
+    _check_eval(spec, eval)
     options = RunOptions(
         out=Path(out) if out is not None else None,
         data_dir=Path(data) if data is not None else None,
@@ -131,9 +132,16 @@ def train(
         tensorboard=tensorboard,
         data_memory=memory,
         threads=threads,
-        eval=dict(eval or {}),
+        eval=eval,
     )
     return run_training(spec, options)
+
+
+def eval_written_by(spec: FlowSpec, sets: Sequence[str]) -> dict[str, Any]:
+    """The eval settings that `sets` (`--set eval.images=16`) wrote, as `spec` has them: like the
+    `--eval-*` options, they hold for a short run's evaluation too."""
+    names = {s.split("=", 1)[0].strip().removeprefix("eval.") for s in sets if s.strip().startswith("eval.")}
+    return {name: getattr(spec.eval, name) for name in names if name in type(spec.eval).model_fields}
 
 
 def _check_eval(spec: FlowSpec, settings: Mapping[str, Any]) -> None:

@@ -73,7 +73,13 @@ SCHEDULE_KIND_ARGS = {
 #: `then warmup(at=, steps=, lr=)` arguments -> TrainSpec fields: a second warmup, from 0 to lr
 REWARM_ARGS = {"at": "rewarm_at", "steps": "rewarm_steps", "lr": "rewarm_lr"}
 CONVERSIONS = {"all": ("size", "mode", "depth"), "none": ()}  # `convert all`, `convert none`
-UNSET_WORDS = {"classes": "all", "test_split": "none", "test_path": "none"}  # `classes all`: every class
+UNSET_WORDS = {  # `classes all`: every class; `path none`: the source's own place (a folder named so: "none")
+    "classes": "all",
+    "test_split": "none",
+    "test_path": "none",
+    "path": "none",
+    "name": "none",
+}
 
 
 def interval(count: Any, unit: str) -> RawDict:

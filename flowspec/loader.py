@@ -35,6 +35,12 @@ __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_so
 MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path from filling memory
 
 
+#: the first line of a run folder's spec.flow: a spec that was valid when the run trained it, read as a
+#: checkpoint's stored spec (the rules for spec files made since, and the unused settings check, apply
+#: only to what --set changes)
+RESOLVED_HEADER = "# the resolved spec of a trained run"
+
+
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> FlowSpec:
     """Load, resolve and validate the spec file at `path`, with `KEY=VALUE` overrides applied.
 
@@ -42,7 +48,8 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Fl
     """
     texts: dict[str, str] = {}
     doc = _load(Path(path), texts, chain=(), at=None)
-    return _finish(doc, overrides, texts, source=str(path))
+    resolved = next(iter(texts.values()), "").startswith(RESOLVED_HEADER)  # a run folder's spec.flow
+    return _finish(doc, overrides, texts, source=str(path), file_rules=not resolved)
 
 
 def parse_spec(
@@ -51,6 +58,7 @@ def parse_spec(
     """Parse and validate spec text; `source` names it in error messages (and anchors `extends`).
     `stored`: the text of a spec a checkpoint holds, which the rules for spec files made since may not
     fit (`_file_rules`): they apply only to what `overrides` write."""
+    text = _unix_line_ends(text)
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())
     return _finish(doc, overrides, texts, source=None, file_rules=not stored)
@@ -111,7 +119,7 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
     if len(data) > MAX_SPEC_BYTES:
         raise SpecFileError(f"is larger than {MAX_SPEC_BYTES // 2**20} MiB, too large for a spec file")
     try:
-        return data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
     except UnicodeDecodeError as error:
         torch_zip = data.startswith(b"PK\x03\x04") and b"data.pkl" in data[:4096]  # torch.save's format
         if torch_zip or name.endswith((".pt", ".pth", ".safetensors")):
@@ -119,6 +127,12 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
                 "is a checkpoint or an export, not a spec file (a run folder's spec is its spec.flow)"
             ) from None
         raise SpecFileError(f"is not UTF-8 text (byte {error.start})") from None
+    return _unix_line_ends(text)
+
+
+def _unix_line_ends(text: str) -> str:
+    """Windows (CR LF) and old Mac (CR) line ends as LF, so that errors name the right line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 class SpecFileError(Exception):
@@ -419,6 +433,8 @@ def _is_number(text: str) -> bool:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, bool):  # the file's `on` and `off`
+        return "on" if value else "off"
     if isinstance(value, str):
         return value
     if isinstance(value, Call):
@@ -449,6 +465,10 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
     field = _WRITTEN.get(field, field)
     if field == "shape" and (kind in ("too_long", "too_short") or kind == "missing" and parts[-1].isdigit()):
         return f"shape is C x H x W (channels, height, width), e.g. 3x32x32, got {'x'.join(map(str, value))}"
+    if field == "betas" and (
+        kind in ("too_long", "too_short", "tuple_type") or kind == "missing" and parts[-1].isdigit()
+    ):
+        return f"betas are two values, e.g. (0.9, 0.999), got {_show(value)}"
     if kind == "missing":
         if path == "model":
             return "missing model name: add `model NAME`"
@@ -458,6 +478,8 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
             return "`dequantize variational` needs its steps: `dequantize variational { ... }`"
         return f"missing setting '{field}'" + (f" of {owner}" if owner else "")
     if kind == "extra_forbidden":
+        if field in ("steps", "context") and owner.startswith("dequantize"):
+            return f"uniform dequantization has no {field}: write `dequantize uniform` alone"
         allowed = [n for n in getattr(model, "model_fields", {}) if n not in ("kind", "source")]
         where = f" of {owner}" if owner else ""
         return f"unknown setting '{field}'{where}{did_you_mean(field, allowed)}"

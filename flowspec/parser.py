@@ -243,7 +243,7 @@ def _expected(expected: set[str]) -> str:
 
 def _number(text: str) -> int | float:
     text = text.replace("_", "")
-    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else float(text)
 
 
 @v_args(meta=True)
@@ -272,7 +272,8 @@ class _Builder(Transformer_NonRecursive):
         for field, field_value, where in placed(fields, loc):
             if field in target and where is not None and target.locs.get(field) is not None:
                 first = target.locs[field]
-                self._error(loc, f"duplicate setting '{key}' in {what} (first set at line {first.line})")
+                written = key.replace("_every", " every")  # `eval every`, `save every`
+                self._error(loc, f"duplicate setting '{written}' in {what} (first set at line {first.line})")
                 return
             target.put(field, field_value, where)
 
@@ -435,7 +436,8 @@ class _Builder(Transformer_NonRecursive):
             if context is not None:
                 out.put("context", context, context.loc)
             steps = [c for c in children[1:] if isinstance(c, RawDict) and not isinstance(c, Args)]
-            out.put("steps", steps, out.loc)
+            if steps or context is None:  # `{ }` writes no steps; `{ context(...) }` writes only a context
+                out.put("steps", steps, out.loc)
         return "dequantize", out, out.loc
 
     def flow(self, meta, children):

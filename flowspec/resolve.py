@@ -201,34 +201,41 @@ def model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
 
 
 def unused_coupling_settings(doc: RawDict) -> list[Diagnostic]:
-    """A diagnostic for each setting written on a coupling step that the kind, network or attention
-    written on the same step, in the same file, makes unused, e.g. `coupling(network=resnet,
-    weight_norm=on)`: it would change nothing. What a step inherits is not judged, nor a setting made
-    unused by another file or a `--set` (an ablation of a base file that writes it). Values that are not
-    valid are left to validation."""
+    """A diagnostic for each setting written on a coupling step (or in `defaults`) that the kind, network
+    or attention written on the same step (the same `defaults`), in the same file, makes unused, e.g.
+    `coupling(network=resnet, weight_norm=on)`: it would change nothing. What a step inherits is not
+    judged, nor a setting made unused by another file or a `--set` (an ablation of a base file that
+    writes it). Values that are not valid are left to validation."""
     found: list[Diagnostic] = []
+
+    def check_coupling(settings: RawDict, in_dequantizer: bool) -> None:
+        attention = settings.get("attention")
+        valid = isinstance(attention, bool) or attention in ("on", "off")
+        unused = unused_settings(
+            str(settings["coupling"]) if "coupling" in settings else None,
+            str(settings["network"]) if "network" in settings else None,
+            attention not in ("off", False) if valid else None,  # an invalid one: validation's
+        )
+        if in_dequantizer:  # the context network takes the highest dropout of these couplings
+            unused.pop("dropout", None)
+        for name in (n for n in settings if n in unused):
+            cause, why = unused[name]
+            where, decided = settings.locs.get(name), settings.locs.get(cause)
+            if where is not None and decided is not None and where.file == decided.file:
+                found.append(Diagnostic(where, f"{name} does nothing here: {why}; remove it"))
 
     def check(steps: Any, in_dequantizer: bool) -> None:
         for step in steps if isinstance(steps, list) else ():
             if not isinstance(step, RawDict):
                 continue
             if step.get("kind") == "coupling":
-                attention = step.get("attention")
-                valid = isinstance(attention, bool) or attention in ("on", "off")
-                unused = unused_settings(
-                    str(step["coupling"]) if "coupling" in step else None,
-                    str(step["network"]) if "network" in step else None,
-                    attention not in ("off", False) if valid else None,  # an invalid one: validation's
-                )
-                if in_dequantizer:  # the context network takes the highest dropout of these couplings
-                    unused.pop("dropout", None)
-                for name in (n for n in step if n in unused):
-                    cause, why = unused[name]
-                    where, decided = step.locs.get(name), step.locs.get(cause)
-                    if where is not None and decided is not None and where.file == decided.file:
-                        found.append(Diagnostic(where, f"{name} does nothing here: {why}; remove it"))
+                check_coupling(step, in_dequantizer)
             check(step.get("body"), in_dequantizer)
 
+    defaults = doc.get("defaults")
+    coupling = defaults.get("coupling") if isinstance(defaults, RawDict) else None
+    if isinstance(coupling, RawDict):  # defaults reach the dequantizer's couplings too: their dropout counts
+        check_coupling(coupling, in_dequantizer=True)
     check(doc.get("flow"), False)
     dequantize = doc.get("dequantize")
     if isinstance(dequantize, RawDict):

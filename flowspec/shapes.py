@@ -39,6 +39,12 @@ def shape_issues(spec: FlowSpec) -> list[ShapeIssue]:
                 top[-1].source,
             )
         )
+    already = {issue.source for issue in issues}
+    for path, step in written(deq.steps, "dequantize"):
+        if isinstance(step, SigmoidStep) and step is not top[-1] and step.source not in already:
+            issues.append(
+                ShapeIssue(path, "sigmoid may only end the dequantizer, as its last step", step.source)
+            )
     splits = [(path, step) for path, step in written(deq.steps, "dequantize") if isinstance(step, SplitStep)]
     masks = {step.mask for _, step in splits}
     if len(masks) > 1:

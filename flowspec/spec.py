@@ -9,6 +9,7 @@ settings are, wherever they were written.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Annotated, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -24,6 +25,8 @@ __all__ = ["CouplingSettings", "FlowSpec", "SourceLoc", "Step"]
 # ---------------------------------------------------------------- sections
 
 MAX_BATCH = 2**20  # images in a batch: a bound far above any machine's, so that typos are caught
+MAX_SIDE = 2**16  # image height, width and channels: far above any flow's, so that typos are caught
+MAX_VALUES = 2**28  # values per image (C x H x W): 1 GiB of float32 for one image's latent
 MAX_SEED = 2**32 - 1  # seeds derived from it (per rank, epoch, evaluation) stay within torch's 64 bits
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -88,12 +91,37 @@ class DataSpec(Node):
             return None
         return tuple(c if isinstance(c, int) else CLASS_NAMES[self.dataset].index(c) for c in self.classes)
 
+    @property
+    def class_keys(self) -> tuple[str | int, ...] | None:
+        """The class subset, CIFAR-10 names as their indices (so that a name and its index compare equal)."""
+        if self.classes is None or self.dataset not in CLASS_NAMES:
+            return self.classes
+        return self.class_indices
+
+    def _named(self, what: str, value: str | int) -> str:
+        if what == "classes" and isinstance(value, int) and self.dataset in CLASS_NAMES:
+            return f"class {value} ({CLASS_NAMES[self.dataset][value]})"
+        return f"'{value}'" if what == "convert" else f"class {value}"
+
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
+        shape = "x".join(map(str, self.shape))
         if any(d < 1 for d in self.shape):
-            raise ValueError(f"shape dimensions must be positive, got {'x'.join(map(str, self.shape))}")
+            raise ValueError(f"shape dimensions must be positive, got {shape}")
+        if max(self.shape) > MAX_SIDE or math.prod(self.shape) > MAX_VALUES:
+            raise ValueError(
+                f"shape {shape} is too large: at most {MAX_SIDE:,} a dimension "
+                f"and {MAX_VALUES:,} values an image"
+            )
         if self.classes is not None and len(self.classes) == 0:
             raise ValueError("classes must name at least one class")
+        for what, values in (("classes", self.class_keys), ("convert", self.convert)):
+            repeated = [v for i, v in enumerate(values or ()) if v in values[:i]]
+            if repeated:
+                raise ValueError(f"{what} names {self._named(what, repeated[0])} twice")
+        for what in ("path", "test_path", "name"):
+            if getattr(self, what) == "":
+                raise ValueError(f"{what} is empty: give a {'class name' if what == 'name' else 'path'}")
         if (self.name is None) == (self.dataset == "torchvision"):
             raise ValueError(
                 'dataset torchvision needs the dataset\'s class: name "CIFAR100"'
@@ -109,7 +137,9 @@ class DataSpec(Node):
                 f"test_path is for datasets npy and folder: {self.dataset} finds its own test split"
             )
         if self.dataset == "digits" and self.path is not None:
-            raise ValueError("digits are scikit-learn's bundled images: remove path")
+            raise ValueError(
+                "digits are scikit-learn's bundled images: remove path (`path none` drops an inherited one)"
+            )
         return self
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,6 +170,29 @@ def test_outputs_replaced_whole_get_a_new_files_permissions_and_follow_links(tmp
         assert target.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0o600
     finally:
         os.umask(umask)
+
+
+def test_a_real_failed_write_of_a_checkpoint_is_an_os_error_naming_the_file(tmp_path):
+    """torch's writer given a path reports a failed write (a full disk) as a RuntimeError with no OSError
+    under it ("basic_ios::clear: iostream error"); through a Python file the OSError is there. A file
+    size limit makes a real failed write here (EFBIG, as ENOSPC on a full disk)."""
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from pathlib import Path\n"
+        "from flowspec.train.checkpoint import save_atomic\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "try:\n"
+        "    save_atomic({'weights': torch.zeros(100_000)}, Path(sys.argv[1]))\n"
+        "except OSError as error:\n"
+        "    print(error.errno, error.filename)\n"
+    )
+    path = tmp_path / "last.pt"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split() == [str(errno.EFBIG), str(path)], done.stderr
+    assert not list(tmp_path.iterdir())  # the partial file is gone
 
 
 def test_only_torchs_writer_failing_over_an_os_error_is_that_os_error(tmp_path):

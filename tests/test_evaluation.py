@@ -155,6 +155,23 @@ def test_a_short_run_evaluates_little_and_says_so(tmp_path, capsys):
     assert resumed.history[-1]["test_images"] == 297
 
 
+def test_a_short_run_keeps_the_eval_settings_of_the_command_lines_set(tmp_path, capsys):
+    """`--set eval.images=16` is the user's word for this run, like `--eval-images 16`: not replaced by the
+    short run's 64 images; what the spec file says is."""
+    flow = write_flow(tmp_path / "tiny.flow", steps=100, eval_every=10)
+    sets = ["eval.images=16", "eval.samples=4"]
+    result = flowspec.train(flow, out=tmp_path / "run", max_steps=2, device="cpu", sets=sets)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("a short run"))
+    assert "evaluates 16 of 297 test images at batch 16, one 4-image grid, no inversion check" in line
+    assert result.history[-1]["test_images"] == 16
+    size = 2 * (16 * 8 + 2) + 2  # a 2 x 2 grid
+    assert Image.open(tmp_path / "run" / "samples" / "step0000002_t1.0.png").size == (size, size)
+    assert (
+        run(["ablate", str(flow), "--steps", "2", "--set", "eval.images=24", "-o", str(tmp_path / "a")]) == 0
+    )
+    assert "evaluates 24 of 297 test images" in capsys.readouterr().out
+
+
 def test_a_stopped_evaluation_keeps_the_checkpoint_and_runs_when_resumed(tmp_path, monkeypatch):
     evaluate = Evaluator.__call__
 

@@ -168,11 +168,11 @@ def _address_space(limit: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("allow_large", [False, True], ids=["refused", "allowed-then-out-of-memory"])
 def test_a_memory_bomb_exits_2_under_an_address_space_limit(tmp_path, allow_large):
-    """1x100000x100000 images: refused from the estimate; with --allow-large, the allocation fails and
+    """1x16384x16384 images: refused from the estimate; with --allow-large, the allocation fails and
     the out-of-memory message follows. Either way exit 2, no traceback, within the limits."""
     bomb = tmp_path / "bomb.flow"
     bomb.write_text(
-        "model bomb\ndata digits { shape 1x100000x100000 levels 17 }\n"
+        "model bomb\ndata digits { shape 1x16384x16384 levels 17 }\n"
         "flow { split stripe { coupling(filters=8, blocks=1, heads=2, components=2); flip } }\n"
     )
     command = [sys.executable, "-m", "flowspec", "inspect", str(bomb), "--probe"]

@@ -231,7 +231,7 @@ def test_repeats_that_multiply_to_a_billion_steps_are_refused_before_building(tm
             "(coupling mixlogistic k1024 f4096 b2 h2 at",
         ),
         (
-            "shape 1x100000x100000",
+            "shape 1x16384x16384",
             "filters=8, blocks=1, components=2",
             "(coupling mixlogistic k2 f8 b1 h2 at",
         ),

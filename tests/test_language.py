@@ -362,11 +362,40 @@ def test_data_sources_and_preparation_round_trip():
         ('digits { path "/nope" }', r"digits are scikit-learn's bundled images: remove path"),
         ('npy { test_split 10  test_path "t.npy" }', r"give test_path or test_split, not both"),
         ("imagenet { classes 1000 }", r"class index 1000 is out of range for imagenet \(0 to 999\)"),
+        ("cifar10 { classes (cat, dog, 3) }", r"classes names class 3 \(cat\) twice"),
+        ("folder { classes (a, b, a) }", r"classes names class a twice"),
+        ("npy { convert (size, depth, size) }", r"convert names 'size' twice"),
+        ('npy { path "" }', r"path is empty: give a path"),
+        ('torchvision { name "" }', r"name is empty: give a class name"),
+        ("npy { shape 1x65537x2 }", r"shape 1x65537x2 is too large: at most 65,536 a dimension"),
+        ("npy { shape 3x16384x16384 }", r"and 268,435,456 values an image"),
     ],
 )
 def test_data_section_mistakes(data: str, message: str):
     with pytest.raises(SpecError, match=message):
         parse_spec(f"model m data {data} flow {{ split stripe {{ flip }} }}")
+
+
+def test_an_inherited_path_or_name_is_dropped_by_none_and_a_quoted_none_is_a_folder(tmp_path):
+    (tmp_path / "base.flow").write_text(
+        'model m\ndata npy { path "x.npy"  test_split 100  shape 1x8x8 }\nflow { squeeze }\n'
+    )
+    child = tmp_path / "child.flow"
+    child.write_text('extends "base.flow"\ndata digits { path none  test_split none }\n')
+    assert load_spec(child).data.path is None
+    assert load_spec(tmp_path / "base.flow", ['data.path="none"']).data.path == "none"
+    vision = ['data.name="MNIST"', "data.dataset=torchvision", "data.test_split=none"]
+    assert load_spec(tmp_path / "base.flow", vision).data.name == "MNIST"
+    with pytest.raises(SpecError, match=r'dataset torchvision needs the dataset\'s class: name "CIFAR100"'):
+        load_spec(tmp_path / "base.flow", [*vision, "data.name=none"])
+
+
+@pytest.mark.parametrize("betas", ["(0.9)", "()", "(0.9, 0.99, 0.5)", "0.9"])
+def test_betas_are_two_values(betas):
+    with pytest.raises(SpecError, match=r"--set:1:7: betas are two values, e.g. \(0.9, 0.999\), got"):
+        load_spec(SPECS / "quickstart.flow", [f"train.betas={betas}"])
+    with pytest.raises(SpecError, match=r"betas are two values, e.g. \(0.9, 0.999\), got \(0.9\)"):
+        parse_spec("model m\nflow { squeeze }\ntrain { optimizer adam(betas=(0.9)) }\n")
 
 
 def test_a_byte_order_mark_is_ignored_and_the_lines_are_counted_as_written(tmp_path):

@@ -90,6 +90,20 @@ def test_walk_reports_each_step_that_cannot_run():
     assert [i.message for i in nested.issues] == ["a split cannot be nested inside another split"]
 
 
+def test_walk_stops_after_a_step_that_should_have_changed_the_shape():
+    """What follows a failed squeeze or factor_out gets a shape nobody knows: its problems are echoes."""
+    steps = [
+        SqueezeStep(),
+        SplitStep(mask="channel", body=[CouplingStep()]),
+        FactorOutStep(),
+        FactorOutStep(),
+    ]
+    issues = walk(steps, (1, 8, 7)).issues
+    assert [i.message for i in issues] == ["squeeze needs an even height and width, got 1x8x7"]
+    issues = walk(steps[2:], (1, 8, 8)).issues
+    assert [i.message for i in issues] == ["factor_out needs an even channel count, got 1x8x8"]
+
+
 def test_build_refuses_a_spec_whose_shapes_do_not_fit():
     spec = FlowSpec(name="bad", flow=[FlipStep()])  # made in Python: validation alone does not check shapes
     with pytest.raises(ShapeError, match="flip needs two halves"):

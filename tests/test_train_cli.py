@@ -15,6 +15,7 @@ from train_helpers import one_thread, write_flow  # noqa: F401 (fixture)
 import flowspec
 from flowspec.cli.app import run
 from flowspec.cli.training import parse_duration
+from flowspec.diagnostics import SpecError
 from flowspec.train.checkpoint import LAST, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def test_the_run_folder_spec_is_the_model_trained_with_its_base_and_overrides(tm
     args = ["train", str(child), "--out", str(out), "--set", "defaults.coupling.filters=4", "--quiet"]
     assert run([*args, "--device", "cpu", "--threads", "1"]) == 0
     stored = out / "spec.flow"
-    assert stored.read_text().startswith(f"# resolved from {child}\n")
+    assert stored.read_text().startswith(f"# the resolved spec of a trained run, from {child}\n")
     assert (
         flowspec.load_spec(stored).flow
         == flowspec.load_spec(child, overrides=["defaults.coupling.filters=4"]).flow
@@ -56,6 +57,31 @@ def test_the_run_folder_spec_is_the_model_trained_with_its_base_and_overrides(tm
     assert "filters" in capsys.readouterr().out
     assert run(["show", str(out)]) == 2
     assert f"(a run folder's spec is {stored})" in capsys.readouterr().err
+
+
+def test_a_run_folder_spec_with_settings_a_set_made_unused_reads_back(tmp_path, capsys):
+    """A base's `components=8` on a coupling that `--set` made affine does nothing and is allowed; the run's
+    spec.flow prints it beside `affine`, which a hand-written file may not say, and still reads back."""
+    base = tmp_path / "base.flow"
+    base.write_text(
+        "model b\ndata digits { shape 1x8x8  levels 17 }\ntrain { batch 16  length 2 steps }\n"
+        "flow { split stripe { coupling(components=8, filters=4, blocks=1, heads=2); flip } }\n"
+    )
+    out, affine = tmp_path / "run", "flow.0.body.0.coupling=affine"
+    args = ["--out", str(out), "--device", "cpu", "--threads", "1", "--quiet", "--eval-samples", "0"]
+    assert run(["train", str(base), "--set", affine, "--max-steps", "1", *args]) == 0
+    stored = out / "spec.flow"
+    assert "affine(components=8" in stored.read_text()
+    assert flowspec.load_spec(stored) == flowspec.load_spec(base, [affine]).model_copy(
+        update={"source": str(stored)}
+    )
+    capsys.readouterr()
+    assert run(["show", str(stored)]) == 0 and run(["diff", str(base), str(stored)]) == 0
+    assert run(["train", str(stored), "--resume", str(out), *args[2:]]) == 0
+    hand_written = tmp_path / "copy.flow"  # without the header it is a spec file like any other
+    hand_written.write_text(stored.read_text().split("\n", 1)[1])
+    with pytest.raises(SpecError, match="components does nothing here"):
+        flowspec.load_spec(hand_written)
 
 
 @pytest.mark.parametrize(

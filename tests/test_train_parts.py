@@ -59,7 +59,9 @@ def test_run_folder(tmp_path, monkeypatch):
     rundir.write_spec_files(tmp_path / "run", spec)
     assert json.loads((tmp_path / "run" / "spec.json").read_text())["name"] == "tiny"
     written = (tmp_path / "run" / "spec.flow").read_text()  # a spec built in Python, in the language
-    assert not written.startswith("# resolved from") and flowspec.parse_spec(written) == spec
+    assert (
+        written.startswith("# the resolved spec of a trained run\n") and flowspec.parse_spec(written) == spec
+    )
     assert rundir.previous_checkpoint(tmp_path / "empty", spec, resume=False) is None
     (tmp_path / "run" / METRICS).write_text('{"step": 1}\n')  # a run stopped before its first checkpoint
     with pytest.raises(

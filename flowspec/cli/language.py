@@ -52,6 +52,7 @@ def show(
 ) -> None:
     """Print the resolved spec (after extends, defaults and --set overrides) as canonical DSL or JSON."""
     resolved = load_cli_spec(spec, sets)
+    check_steps(resolved)  # what validate refuses is not shown as if it were a spec
     if format is ShowFormat.json:
         typer.echo(resolved.model_dump_json(indent=2))
     else:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flowspec.api import parse_duration
+from flowspec.api import eval_written_by, parse_duration
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.cli.options import (
@@ -592,7 +592,10 @@ def ablate(
         max_time=parse_duration(budget) if budget else None,
         quiet=quiet,
         threads=threads,
-        eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
+        eval={
+            **eval_written_by(resolved[0], sets or ()),
+            **_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
+        },
     )
     with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
         done = run_ablation(resolved, options, out, seed, signals.check, overrides=sets or ())

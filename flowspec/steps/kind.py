@@ -41,7 +41,14 @@ def fmt(state: State) -> str:
 
 
 class ShapeProblem(Exception):
-    """Raised by a shape rule: the step cannot run on the state it receives (the message says why)."""
+    """Raised by a shape rule: the step cannot run on the state it receives (the message says why).
+
+    `changes_shape`: the step would have changed the shape, so the steps after it get a shape nobody
+    knows and the walk reports nothing more of that spec part (their problems would be echoes)."""
+
+    def __init__(self, message: str, changes_shape: bool = False):
+        super().__init__(message)
+        self.changes_shape = changes_shape
 
 
 class ShapeContext(Protocol):

@@ -15,9 +15,9 @@ class SqueezeStep(StepNode):
 def _shape(step, state, ctx):
     c, h, w = whole(step, state)
     if ctx.where != "flow":
-        raise ShapeProblem("squeeze is not allowed in the dequantizer")
+        raise ShapeProblem("squeeze is not allowed in the dequantizer", changes_shape=True)
     if h % 2 or w % 2:
-        raise ShapeProblem(f"squeeze needs an even height and width, got {fmt(state)}")
+        raise ShapeProblem(f"squeeze needs an even height and width, got {fmt(state)}", changes_shape=True)
     return (4 * c, h // 2, w // 2)
 
 

@@ -89,12 +89,15 @@ class _Walker:
         self.where = where
         self.unroll = unroll
         self.issues: list[ShapeIssue] = []
+        self.lost = False  # a shape-changing step could not run: what follows is not checked
 
     def stack(
         self, steps: list[Any], state: State, prefix: str, depth: int, copy: int | None
     ) -> tuple[list[StepRun], State]:
         runs: list[StepRun] = []
         for i, step in enumerate(steps):
+            if self.lost:
+                break
             path = f"{prefix}.{i}"
             kind = KINDS[step.kind]
             ctx = _Context(self, step, path, depth, copy)
@@ -102,6 +105,7 @@ class _Walker:
                 out = kind.shape(step, state, ctx)
             except ShapeProblem as problem:
                 self.issues.append(ShapeIssue(path, str(problem), step.source))
+                self.lost = problem.changes_shape
                 continue
             runs.append(StepRun(path, step, kind, state, out, depth, copy, ctx.latents, ctx.runs))
             state = out

@@ -65,8 +65,8 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, CHECKSUM: checksum(payload)}
-    with replaced_whole(path) as partial:
-        torch.save(payload, partial)
+    with replaced_whole(path) as partial, open(partial, "wb") as file:
+        torch.save(payload, file)  # through Python's writes: a full disk is an OSError under torch's error
 
 
 def save_run(

@@ -107,16 +107,24 @@ def broadcast_module(module: torch.nn.Module, dist: Dist) -> None:
                 td.broadcast(tensor.data, src=0)
 
 
+def stop_flags(received: str | None, time_up: bool, device: torch.device) -> torch.Tensor:
+    """This rank's stop flags (SIGINT, SIGTERM, --max-time up) as a tensor that ranks sum."""
+    return torch.tensor([received == "SIGINT", received == "SIGTERM", time_up], dtype=torch.float32, device=device)
+
+
+def read_stop_flags(summed: torch.Tensor) -> tuple[str | None, bool]:
+    """The signal any rank received (SIGTERM first) and whether any rank's clock is up, from summed flags."""
+    sigint, sigterm, late = (value > 0 for value in summed.tolist())
+    return ("SIGTERM" if sigterm else "SIGINT" if sigint else None), late
+
+
 def agree_to_stop(
     dist: Dist, device: torch.device, received: str | None, time_up: bool
 ) -> tuple[str | None, bool]:
-    """The signal any rank received (SIGTERM first) and whether any rank's clock is up, the same on every
-    rank, so that all of them stop after the same step. One small all-reduce; nothing without torchrun."""
+    """The signal any rank received and whether any rank's clock is up, the same on every rank, so that
+    all of them stop together. One small all-reduce; nothing without torchrun."""
     if not dist.active:
         return received, time_up
-    flags = torch.tensor(
-        [received == "SIGINT", received == "SIGTERM", time_up], dtype=torch.float32, device=device
-    )
+    flags = stop_flags(received, time_up, device)
     dist.all_sum(flags)
-    sigint, sigterm, late = (value > 0 for value in flags.tolist())
-    return ("SIGTERM" if sigterm else "SIGINT" if sigint else None), late
+    return read_stop_flags(flags)

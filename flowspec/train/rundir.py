@@ -10,6 +10,7 @@ from typing import Any
 
 from flowspec.errors import UserError
 from flowspec.formatter import format_spec
+from flowspec.loader import RESOLVED_HEADER
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import (
     BEST,
@@ -109,6 +110,6 @@ def write_spec_files(run_dir: Path, spec: FlowSpec) -> None:
     with replaced_whole(run_dir / "spec.json") as partial:
         partial.write_text(spec.model_dump_json(indent=2) + "\n")
     if spec.source or not (run_dir / "spec.flow").exists():  # a resume of the stored spec keeps the file
-        origin = f"# resolved from {spec.source}\n" if spec.source else ""
+        origin = f", from {spec.source}" if spec.source else ""
         with replaced_whole(run_dir / "spec.flow") as partial:
-            partial.write_text(origin + format_spec(spec))
+            partial.write_text(f"{RESOLVED_HEADER}{origin}\n{format_spec(spec)}")

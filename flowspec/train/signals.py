@@ -3,7 +3,9 @@ save and stop."""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar
@@ -35,25 +37,41 @@ class StopSignals:
     """While active, SIGINT and SIGTERM set `received` instead of stopping the process.
 
     A second signal of the same kind acts as usual (KeyboardInterrupt, or termination), so a stuck run
-    can still be stopped. The previous handlers are restored on exit. Outside the main thread, or when
-    `enabled` is false, nothing is installed and `received` stays None. Nested inside another (an
-    ablation's runs), it starts with the outer one's signal and hands its own back on exit.
+    can still be stopped; under torchrun only after `ECHO_SECONDS`, since a scheduler's SIGTERM to every
+    process of a job reaches each worker twice (its own, and the one torchrun forwards). The previous
+    handlers are restored on exit. Outside the main thread, or when `enabled` is false, nothing is
+    installed and `received` stays None. Nested inside another (an ablation's runs), it starts with the
+    outer one's signal and hands its own back on exit.
     """
 
     _active: ClassVar[list[StopSignals]] = []  # entered and not yet left, innermost last
+    ECHO_SECONDS = 5.0
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+        self._first: dict[int, float] = {}  # signal -> when it first came
+        self._echoes = "LOCAL_RANK" in os.environ  # a torchrun worker
 
     def check(self) -> str | None:
         """The signal received so far (a `StopCheck`)."""
         return self.received
 
     def _note(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if signum in self._first:  # a torchrun worker's second signal (elsewhere the default acts)
+            if now - self._first[signum] < self.ECHO_SECONDS:
+                return  # the same stop, forwarded by torchrun
+            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)  # terminated, as without a handler
+            return
+        self._first[signum] = now
         self.received = signal.Signals(signum).name
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        if not self._echoes:  # the kernel's default: it stops a process stuck in a long kernel call too
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def __enter__(self) -> StopSignals:
         if self.enabled:

@@ -28,7 +28,14 @@ from flowspec.train.batches import BatchStream, training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.datacache import quietly
-from flowspec.train.distributed import agree_to_stop, broadcast_module, setup, teardown
+from flowspec.train.distributed import (
+    agree_to_stop,
+    broadcast_module,
+    read_stop_flags,
+    setup,
+    stop_flags,
+    teardown,
+)
 from flowspec.train.evaluation import SMOKE, Evaluator, describe
 from flowspec.train.lock import RunLock
 from flowspec.train.metrics import Window, append_metrics, is_eval, read_metrics, record, truncate_metrics
@@ -190,6 +197,7 @@ class Trainer:
             reporter.message(self._banner())
             started, stopped = time.monotonic(), self._limit_reached()
             self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
+            self.pending_flags: torch.Tensor | None = None  # under torchrun: the last step's, read after the next
             self.window.restart_clock()
             try:
                 resumed_at = self._resumed_at_evaluation(stopped)
@@ -203,11 +211,11 @@ class Trainer:
                             truncate_metrics(self.run_dir, self.step, drop_evaluation=True)
                         self.stop_row, self.stop_bpd = False, None
                     x = next(self.batches)
-                    self.window.add(*self.updater(x), images=len(x) * self.dist.world)
-                    logged = self.step % self.options.log_every == 0 or self.step == 1
-                    if logged:
+                    flags = self._stop_flags(signals, started)
+                    self.window.add(*self.updater(x, flags), images=len(x) * self.dist.world)
+                    if self.step % self.options.log_every == 0 or self.step == 1:
                         self._log(reporter, x)
-                    received, time_up = self._should_stop(signals, started, logged)
+                    received, time_up = self._should_stop(signals, started)
                     stopped = received or self._limit_reached(time_up)
                     if received:
                         self._save(best=False)
@@ -254,15 +262,25 @@ class Trainer:
         if self.board is not None:
             self.board.train(self.step, last_bpd)
 
-    def _should_stop(self, signals: StopSignals, started: float, logged: bool) -> tuple[str | None, bool]:
-        """A signal received and whether --max-time is up (training time: evaluations do not count):
-        after any step in one process; under torchrun at the logging steps, where the ranks agree (rank 0's
-        clock decides the time)."""
-        if self.dist.active and not logged:
-            return None, False
+    def _stop_flags(self, signals: StopSignals, started: float) -> torch.Tensor | None:
+        """Under torchrun, this rank's stop flags for the step's all-reduce; else None."""
+        return stop_flags(signals.received, self._time_up(started), self.device) if self.dist.active else None
+
+    def _time_up(self, started: float) -> bool:
+        """Whether --max-time is up (training time: evaluations do not count; under torchrun rank 0's
+        clock decides)."""
         elapsed = time.monotonic() - started - self.not_training
-        time_up = self.dist.main and self.options.max_time is not None and elapsed >= self.options.max_time
-        return agree_to_stop(self.dist, self.device, signals.received, time_up)
+        return self.dist.main and self.options.max_time is not None and elapsed >= self.options.max_time
+
+    def _should_stop(self, signals: StopSignals, started: float) -> tuple[str | None, bool]:
+        """A signal received and whether --max-time is up, after a step. Under torchrun the ranks' flags
+        (`stop_flags`) travel with each step's all-reduce and are read a step late, so that no step waits
+        for the device: every rank stops after the same step, at most a step after any rank's signal
+        (torchrun kills its workers 30 s after forwarding a signal: its --shutdown_timeout)."""
+        if not self.dist.active:
+            return signals.received, self._time_up(started)
+        summed, self.pending_flags = self.pending_flags, self.updater.summed_flags
+        return read_stop_flags(summed) if summed is not None else (None, False)
 
     def _limit_reached(self, time_up: bool = False) -> str | None:
         if self.total_steps is not None and self.step >= self.total_steps:

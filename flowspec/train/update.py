@@ -54,6 +54,7 @@ class Updater:
     ):
         self.model, self.dist = model, dist
         self._ok = torch.ones((), dtype=torch.bool, device=device)  # whether the current step is applied
+        self.summed_flags: Tensor | None = None  # the ranks' stop flags, summed by the last step
         self._counts = torch.zeros(2, dtype=torch.int64, device=device)  # skipped, bad in a row
         self.decay = train.ema
         self.ema: AveragedModel | None = None
@@ -92,18 +93,22 @@ class Updater:
         """The weights to evaluate and sample with: the EMA's when the spec keeps one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, x: Tensor, flags: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """One step on this rank's batch `x` (in `accumulate` micro-batches whose gradients add up to the
         whole batch's). Returns, without waiting for the device, the mean bits/dim over all ranks, the
         norm of the loss's gradient (nats per image, before clipping), and whether the step was applied
-        (a bool tensor)."""
+        (a bool tensor). `flags` (`stop_flags`) travel with the step's all-reduce: their sum over the
+        ranks is `summed_flags` after it."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._backward(x)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).float()
         shared = torch.stack([torch.nan_to_num(loss, 0.0, 0.0, 0.0), bad])
+        if flags is not None:
+            shared = torch.cat([shared, flags])
         self.dist.all_sum(shared)  # every rank skips the same steps
+        self.summed_flags = shared[2:] if flags is not None else None
         self._ok = shared[1] == 0
         self.optimizer.found_inf = (~self._ok).float()  # fused Adam leaves everything as it was when set
         self.optimizer.step()
