@@ -37,8 +37,11 @@ def test_load_gives_the_ema_model_ready_to_use(run_dir):
     model = flowspec.load(run_dir)
     assert isinstance(model, flowspec.FlowModel) and not model.training
     assert model.spec == tiny_spec(steps=3, eval_every=3)
-    weights = ema_weights(load_checkpoint(run_dir))
-    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    payload = load_checkpoint(run_dir)
+    ema = {k.removeprefix("module."): v for k, v in payload["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(ema[k], v) for k, v in model.state_dict().items())  # the EMA's, by the file
+    assert not all(torch.equal(payload["model"][k], v) for k, v in model.state_dict().items())  # not the raw
+    assert ema_weights(payload).keys() == ema.keys()
     assert flowspec.load(run_dir / "last.pt").state_dict().keys() == model.state_dict().keys()
 
 

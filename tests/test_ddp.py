@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -45,6 +47,33 @@ def test_two_gloo_processes_train_and_only_rank_0_writes(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         ".lock", "best.pt", "curves.png", "last.pt", "metrics.jsonl", "samples", "spec.flow", "spec.json",
     ]  # fmt: skip
+
+
+def test_a_signal_to_torchrun_stops_both_ranks_within_a_step_and_saves(tmp_path):
+    """torchrun forwards a Ctrl-C to its workers and kills them 30 s later: the ranks agree to stop through
+    each step's all-reduce, not at the next logging step (never, at --log-every 100000)."""
+    flow = write_flow(tmp_path / "tiny.flow", steps=100_000, eval_every=100_000)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "flowspec", "train", str(flow), "--out", str(out), "--device", "cpu", "--log-every", "100000",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    job = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists():  # written after the first step
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        job.send_signal(signal.SIGINT)
+        stdout, stderr = job.communicate(timeout=25)  # before torchrun's 30 s are up
+    finally:
+        job.kill()
+    assert "SIGINT: stopped after step" in stdout, stdout + stderr
+    assert load_checkpoint(out)["step"] > 1
 
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

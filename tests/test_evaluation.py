@@ -25,6 +25,7 @@ from flowspec.formatter import format_spec
 from flowspec.loader import parse_spec
 from flowspec.model import FlowModel
 from flowspec.spec import EvalSpec, Interval
+from flowspec.train import evaluation as evaluation_module
 from flowspec.train import trainer
 from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.data import load_split
@@ -137,8 +138,16 @@ def test_evaluation_follows_the_eval_settings_without_gradients(tmp_path, monkey
     size = 2 * (16 * 8 + 2) + 2  # 2 x 2 images of 8 px, enlarged 16 times (>= 256 px wide), 2 px padding
     assert Image.open(tmp_path / "run" / "samples" / "step0000002_t1.0.png").size == (size, size)
     # the command line's settings win over the spec's
+    checked = []
+    inversion = evaluation_module.inversion_error
+    monkeypatch.setattr(
+        evaluation_module,
+        "inversion_error",
+        lambda model, x, *rest: (checked.append(len(x)), inversion(model, x, *rest))[1],
+    )
     again = train(spec, _options(tmp_path / "again", eval={"images": 24, "inversion": True}))
     assert again.history[-1]["test_images"] == 24 and again.history[-1]["inversion_error"] < 1e-3
+    assert checked == [8]  # one evaluation batch of the test images
 
 
 def test_a_short_run_evaluates_little_and_says_so(tmp_path, capsys):

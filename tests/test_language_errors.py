@@ -59,3 +59,10 @@ def test_bad_spec_on_the_command_line_exits_2_without_traceback(capsys):
     assert run(["show", str(CORPUS / "error_in_base.flow")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {CORPUS / '_bad_base.flow'}:4:23: heads (5) must divide filters (96)")
+
+
+def test_under_torchrun_the_other_processes_name_their_rank(capsys, monkeypatch):
+    """Each process of a job meets a bad spec and says so: rank 0 as always, the others with their rank."""
+    monkeypatch.setenv("RANK", "1")
+    assert run(["show", str(CORPUS / "syntax_error.flow")]) == 2
+    assert capsys.readouterr().err.startswith("error (rank 1): ")

@@ -18,6 +18,7 @@ from flowspec.layers import (
     Sigmoid,
     Split,
     Squeeze,
+    mixlogistic,
 )
 from flowspec.layers.networks import ContextNetwork, FlowppNetwork, ResNet
 from flowspec.layers.splits import merge, split
@@ -157,6 +158,46 @@ def test_coupling_transforms_only_the_second_half():
     layer((a, b + 1))
     layer((a, b - 1))  # the network sees only the first half: the same input, the same outputs
     assert all(torch.equal(given, a) for given, _ in seen) and torch.equal(seen[0][1], seen[1][1])
+
+
+class _Outputs(torch.nn.Module):
+    """A stand-in coupling network that gives fixed outputs, N x C*P x H x W."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, a, context=None):
+        return self.out
+
+
+@pytest.mark.parametrize("transform", ["affine", "mixlogistic"])
+def test_the_coupling_reads_the_official_output_layout(transform):
+    """Channel c's P outputs are at c*P + j: j = 0 the scale (through tanh), 1 the shift, then the
+    mixture's k logits, k means and k log-scales."""
+    k, (n, c, h, w) = 3, (2, 2, 3, 4)
+    per = 2 if transform == "affine" else 2 + 3 * k
+    out = torch.randn(n, c * per, h, w, dtype=torch.float64)
+    layer = Coupling(transform, _Outputs(out), k)
+    a, b = torch.randn(n, c, h, w, dtype=torch.float64), torch.randn(n, c, h, w, dtype=torch.float64)
+    (_, y), _ = layer((a, b))
+    params = out.view(n, c, per, h, w)
+    s, t = torch.tanh(params[:, :, 0]), params[:, :, 1]
+    g = b
+    if transform == "mixlogistic":
+        logits, means, logscales = (
+            params[:, :, 2 + i * k : 2 + (i + 1) * k].movedim(2, -1) for i in range(3)
+        )
+        g, _ = mixlogistic.logit_cdf(b, logits, means, logscales)
+    torch.testing.assert_close(y, g * torch.exp(s) + t)
+
+
+def test_logit_preprocessing_maps_the_levels_into_alpha_to_one_minus_alpha():
+    """logit(alpha + (1 - 2 alpha) v / levels): v = 0 to logit(alpha), v = levels to logit(1 - alpha)."""
+    layer = LogitPreprocess(0.05, 256)
+    z, _ = layer(torch.tensor([[0.0, 128.0, 256.0]], dtype=torch.float64))
+    expected = torch.logit(torch.tensor([[0.05, 0.5, 0.95]], dtype=torch.float64))
+    torch.testing.assert_close(z, expected)
 
 
 def test_stripe_split_takes_even_and_odd_columns():

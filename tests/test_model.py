@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import SPECS
 from model_helpers import distinct_models, jacobian_logdet, perturb, tiny_spec
 
 import flowspec
@@ -49,6 +50,26 @@ def test_encode_is_exact_with_jacobian_logdet(built):
     v = _batch(spec, 2).double() + torch.rand(2, *spec.data.shape, dtype=torch.float64)
     z, logdet = model.encode(v)
     assert z.shape == v.shape and logdet.shape == (2,) and logdet.dtype == torch.float64
+    assert (model.decode(z) - v).abs().max() < 1e-8
+    assert abs(jacobian_logdet(lambda t: model.encode(t)[0], v[:1]) - logdet[0]) < 1e-6
+
+
+def test_two_factor_outs_of_different_shapes_encode_and_decode_exactly():
+    """No shipped spec factors out twice; a flow may. The latents go back in the reverse order."""
+    spec = flowspec.parse_spec(
+        "model two\ndata digits { shape 1x8x8  levels 17 }\n"
+        "defaults { coupling(filters=4, blocks=1, components=2, heads=1, dropout=0) }\n"
+        "flow {\n  split checkerboard { coupling; flip }\n  squeeze\n  split channel { coupling; flip }\n"
+        "  factor_out\n  squeeze\n  split channel { coupling; flip }\n  factor_out\n"
+        "  split channel { coupling; flip }\n}\n"
+    )
+    torch.manual_seed(0)
+    model = flowspec.build(spec).double()
+    model.initialize(_batch(spec))
+    perturb(model, 0.02)
+    model.eval()
+    v = _batch(spec, 2).double() + torch.rand(2, *spec.data.shape, dtype=torch.float64)
+    z, logdet = model.encode(v)
     assert (model.decode(z) - v).abs().max() < 1e-8
     assert abs(jacobian_logdet(lambda t: model.encode(t)[0], v[:1]) - logdet[0]) < 1e-6
 
@@ -149,6 +170,21 @@ def test_save_load_gives_identical_log_prob_and_keeps_the_init(built, tmp_path):
     loaded.initialize(_batch(spec, 16, seed=7) // 2)  # a no-op: the flags were loaded
     after = loaded.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sampling_a_model_in_training_mode_decodes_in_eval_mode_without_dropout():
+    """The shrunk models have no dropout; with it, a model left in training mode must still sample as in
+    eval mode (dropout off), and be left in training mode."""
+    spec = flowspec.load_spec(SPECS / "quickstart.flow", ["defaults.coupling.dropout=0.5"])
+    torch.manual_seed(0)
+    model = flowspec.build(spec)
+    model.initialize(_batch(spec))
+    perturb(model, 0.05)
+    model.train()
+    first = model.sample(8, generator=torch.Generator().manual_seed(1))
+    again = model.sample(8, generator=torch.Generator().manual_seed(1))
+    assert model.training and torch.equal(first, again)
+    assert torch.equal(model.eval().sample(8, generator=torch.Generator().manual_seed(1)), first)
 
 
 def test_sample_gives_integer_images(built):

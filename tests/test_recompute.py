@@ -76,10 +76,18 @@ def test_auto_keeps_activations_when_eager_with_room(monkeypatch):
         monkeypatch.setattr(budget, "device_memory", lambda device, share=share: int(keeping * 0.9 / share))
         keep, why = resolve_recompute("auto", device, False, spec)
         assert keep and why.startswith("auto: keeping every activation would need ~"), device
-    monkeypatch.setattr(budget, "device_memory", lambda device: int(keeping * 2.5 / 0.5))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share the RAM: a quarter each
-    keep, why = resolve_recompute("auto", CPU, False, spec)
-    assert keep and why.startswith("auto: keeping every activation would need ~")
+
+
+def test_the_processes_of_a_torchrun_job_on_one_machine_share_its_ram(monkeypatch):
+    """--recompute auto and the size check both see a process's share of the RAM."""
+    alone = budget.device_memory(CPU)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert budget.device_memory(CPU) == alone // 4  # no address-space limit below that here
+    spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow", ["train.batch=8"])
+    need = budget.measure(spec).train
+    monkeypatch.setattr(budget.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096}.get(name, need // 4096 * 2))
+    with pytest.raises(UserError, match=r"cpu memory is .* a process \(4 on this machine\)"):
+        budget.check_size(spec, "train", CPU)  # twice its need on the machine, half of it a process
 
 
 @pytest.mark.parametrize(

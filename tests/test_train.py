@@ -109,10 +109,10 @@ def test_save_every_writes_checkpoints_between_evaluations_and_resumes_exactly(t
 
     call = Updater.__call__
 
-    def crash_at_step_6(self, x):
+    def crash_at_step_6(self, x, flags=None):
         if self.step == 5:
             raise RuntimeError("the machine went down")
-        return call(self, x)
+        return call(self, x, flags)
 
     monkeypatch.setattr(Updater, "__call__", crash_at_step_6)
     with pytest.raises(RuntimeError, match="went down"):
@@ -220,7 +220,7 @@ def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):
 
 def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):
     recipe = dict(
-        lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-5, warmup=4, ema=0.5, clip_grad_norm=1e-3
+        lr=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=1e-5, warmup=4, ema=0.9, clip_grad_norm=1e-3
     )
     spec = tiny_spec(steps=1, **recipe)
     clipped = []  # (max_norm, the norm before clipping, the norm after)
@@ -246,7 +246,7 @@ def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):
     trainer.run()
     model = list(trainer.updater.model.parameters())
     for old, ema, new in zip(before, trainer.updater.ema.module.parameters(), model, strict=True):
-        torch.testing.assert_close(ema, 0.5 * old + 0.5 * new)
+        torch.testing.assert_close(ema, 0.9 * old + 0.1 * new)  # not 0.1 old + 0.9 new
     [(max_norm, norm, after)] = clipped
     assert max_norm == 1e-3 and norm > 1e-2 and after == pytest.approx(1e-3, rel=1e-3)
 
@@ -299,6 +299,11 @@ def test_schedule_factors():
     step = LrFactor(warmup=0, kind="step", total=None, every=5, gamma=0.5)
     assert [step(i) for i in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
     assert LrFactor(warmup=0, kind="constant", total=None, every=1, gamma=1.0)(1000) == 1.0
+    # both warmups take their first step at 1/steps of the peak (a step at lr 0 would change nothing)
+    first = LrFactor(warmup=4, kind="constant", total=None, every=1, gamma=1.0)
+    assert [first(i) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    second = LrFactor(4, "constant", None, 1, 1.0, rewarm_at=10, rewarm_steps=4, rewarm=0.1)
+    assert [second(i) for i in range(9, 15)] == pytest.approx([1.0, 0.025, 0.05, 0.075, 0.1, 0.1])
 
 
 def test_cosine_without_length_is_a_spec_error():
@@ -318,11 +323,22 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     def flaky(self, x):
         calls["n"] += 1
         loss = forward(self, x)
-        return loss * math.nan if calls["n"] in (2, 3) else loss
+        return loss * math.nan if calls["n"] in (2, 4) else loss
 
+    ema = []  # the EMA weights after each step
+    step = Updater.__call__
+
+    def keeping_the_ema(self, x, flags=None):
+        result = step(self, x, flags)
+        ema.append({k: v.clone() for k, v in self.ema.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(Updater, "__call__", keeping_the_ema)
     monkeypatch.setattr(Objective, "forward", flaky)
-    result = train(tiny_spec(steps=5), options(tmp_path / "ok"))
+    result = train(tiny_spec(steps=5), options(tmp_path / "ok", max_bad_steps=2, log_every=1))  # not in a row
     assert result.history[-1]["skipped"] == 2
+    for skipped in (1, 3):  # steps 2 and 4 leave the EMA as it was
+        assert all(torch.equal(ema[skipped][k], v) for k, v in ema[skipped - 1].items() if k != "n_averaged")
     assert all(
         torch.isfinite(v).all()
         for v in load_checkpoint(tmp_path / "ok")["model"].values()
@@ -334,6 +350,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         train(tiny_spec(steps=50), options(tmp_path / "bad", max_bad_steps=3, log_every=1))
     saved = tmp_path / "bad" / "nonfinite_batch.pt"
     assert str(saved) in str(error.value) and torch.load(saved)["images"].shape == (16, 1, 8, 8)
+    assert "no checkpoint was written before it" in str(error.value)  # none to promise
     assert not (tmp_path / "bad" / LAST).exists()
 
 
@@ -341,7 +358,9 @@ def test_the_loop_reads_the_device_only_when_it_logs_or_evaluates(tmp_path, monk
     step, reads = [0], set()
     call, read, counts = Updater.__call__, Window.read, Updater.bad_in_row
     monkeypatch.setattr(
-        Updater, "__call__", lambda self, x: (step.__setitem__(0, self.step + 1), call(self, x))[1]
+        Updater,
+        "__call__",
+        lambda self, x, flags=None: (step.__setitem__(0, self.step + 1), call(self, x, flags))[1],
     )
     monkeypatch.setattr(Window, "read", lambda self: reads.add(step[0]) or read(self))
     monkeypatch.setattr(Updater, "bad_in_row", property(lambda self: reads.add(step[0]) or counts.fget(self)))

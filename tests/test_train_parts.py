@@ -44,6 +44,22 @@ def test_stop_signals_note_the_first_signal_and_restore_the_handlers():
         assert signal.getsignal(signal.SIGTERM) is before and off.received is None
 
 
+def test_a_torchrun_worker_takes_a_signal_forwarded_soon_after_its_own_as_the_same_stop(monkeypatch):
+    """A scheduler's SIGTERM to every process of a job reaches a worker twice (its own, then torchrun's):
+    one stop. A repeat after `ECHO_SECONDS` acts as usual."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # without the window: terminated here
+        assert signals.received == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == "SIGINT"
+        monkeypatch.setattr(StopSignals, "ECHO_SECONDS", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_run_folder(tmp_path, monkeypatch):
     spec = tiny_spec()
     assert rundir.choose(spec, tmp_path / "a", Dist()) == tmp_path / "a"

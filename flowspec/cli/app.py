@@ -153,7 +153,8 @@ OUT_OF_MEMORY = (
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun each process says it: name the others
+    print(f"error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
     return code
 
 

@@ -113,23 +113,30 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def device_memory(device: str | torch.device = "cpu") -> int:
-    """Bytes a process may use on `device`: the GPU's memory, or RAM bounded by the process's address-space
-    limit and its cgroup's memory limit."""
+    """Bytes a process may use on `device`: the GPU's memory, or its share of the RAM (the processes of a
+    torchrun job on one machine share it: LOCAL_WORLD_SIZE), bounded by its address-space limit and its
+    cgroup's memory limit."""
     device = torch.device(device)
     if device.type == "cuda":
         check_cuda(device)
         return torch.cuda.get_device_properties(device).total_memory
-    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        limits.append(soft)
+    shared = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     try:
         cgroup = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if cgroup.isdigit():
-            limits.append(int(cgroup))
+            shared.append(int(cgroup))
     except OSError:
         pass
+    limits = [min(shared) // processes_on_this_machine()]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
     return min(limits)
+
+
+def processes_on_this_machine() -> int:
+    """The processes of this torchrun job on this machine (1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def check_size(
@@ -173,7 +180,9 @@ def check_size(
             "data.shape, train.batch)"
         )
     source = f" ({spec.source})" if spec.source else ""
+    kind, processes = torch.device(device).type, processes_on_this_machine()
+    share = f" a process ({processes} on this machine)" if kind != "cuda" and processes > 1 else ""
     raise UserError(
         f"{spec.name}{source} is too large for this machine: {size.parameters:,} parameters{size.largest} "
-        f"need {what}, and {torch.device(device).type} memory is {fmt_bytes(have)}. {advice}, or {ALLOW}"
+        f"need {what}, and {kind} memory is {fmt_bytes(have)}{share}. {advice}, or {ALLOW}"
     )

@@ -109,7 +109,8 @@ def broadcast_module(module: torch.nn.Module, dist: Dist) -> None:
 
 def stop_flags(received: str | None, time_up: bool, device: torch.device) -> torch.Tensor:
     """This rank's stop flags (SIGINT, SIGTERM, --max-time up) as a tensor that ranks sum."""
-    return torch.tensor([received == "SIGINT", received == "SIGTERM", time_up], dtype=torch.float32, device=device)
+    flags = [received == "SIGINT", received == "SIGTERM", time_up]
+    return torch.tensor(flags, dtype=torch.float32, device=device)
 
 
 def read_stop_flags(summed: torch.Tensor) -> tuple[str | None, bool]:

@@ -11,8 +11,6 @@ bookkeeping is gone; --compile on a CPU compiles only elementwise chains and lea
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from flowspec.errors import UserError
@@ -40,9 +38,7 @@ def resolve_recompute(
     size = measure(spec)
     images = images_per_process(spec, world)
     keeping = training_bytes(size, spec, world) + (KEEP_FACTOR - 1) * size.per_image * images
-    available = device_memory(device)
-    if device.type != "cuda":  # the processes of a torchrun job on this machine share its RAM
-        available //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    available = device_memory(device)  # on a CPU: this process's share of the RAM
     estimate = f"~{fmt_bytes(int(keeping))} of {fmt_bytes(available)}"
     if keeping <= (GPU_SHARE if device.type == "cuda" else RAM_SHARE) * available:
         return False, f"auto: keeping every activation fits ({estimate})"

@@ -197,7 +197,9 @@ class Trainer:
             reporter.message(self._banner())
             started, stopped = time.monotonic(), self._limit_reached()
             self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
-            self.pending_flags: torch.Tensor | None = None  # under torchrun: the last step's, read after the next
+            self.pending_flags: torch.Tensor | None = (
+                None  # under torchrun: the last step's, read after the next
+            )
             self.window.restart_clock()
             try:
                 resumed_at = self._resumed_at_evaluation(stopped)
@@ -415,10 +417,20 @@ class Trainer:
         suffix = f"_rank{self.dist.rank}" if self.dist.active else ""
         path = self.run_dir / f"nonfinite_batch{suffix}.pt"
         save_atomic({"step": self.step, "images": x.cpu()}, path)
+        batch = (
+            f"each process's last batch is saved in {path.with_stem('nonfinite_batch_rank*')}"
+            if self.dist.active
+            else f"the last batch is saved in {path}"
+        )
+        kept = (
+            f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept"
+            if self.saved_step is not None
+            else "no checkpoint was written before it"
+        )
         raise UserError(
             f"training stopped: {self.updater.bad_in_row} steps in a row had a non-finite loss or gradient "
-            f"(at step {self.step}); the last batch is saved in {path} and the last good checkpoint "
-            f"{self.run_dir / LAST} is kept. Lower train.lr, set clip_grad_norm, or check the data"
+            f"(at step {self.step}); {batch}, and {kept}. Lower train.lr, set clip_grad_norm, or check the "
+            "data"
         )
 
     # ------------------------------------------------------------ setup
