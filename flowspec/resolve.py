@@ -86,6 +86,9 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
     value = parse_value(value_text, OVERRIDE_FILE, line, len(key) + 2)
     parts = key.split(".")
     cols = [1 + sum(len(p) + 1 for p in parts[:i]) for i in range(len(parts))]
+    if len(parts) > 1 and parts[0] == "dequantize" and parts[1].isdigit():  # the path inspect shows
+        parts.insert(1, "steps")
+        cols.insert(1, cols[1])
     node: Any = doc
     annotation: Any = FlowSpec
     where = ""

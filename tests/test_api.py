@@ -176,8 +176,15 @@ def test_set_on_a_run_whose_spec_files_may_no_longer_say_it(tmp_path, capsys):
     spec = tiny_spec(steps=2, eval_every=2).model_copy(update={"name": "my-model"})
     flowspec.train(spec, out=tmp_path / "run", quiet=True)
     grid = tmp_path / "g.png"
-    assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", "data.classes=3"]) == 0
+    assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", "data.classes=3"]) == 2
+    assert "sample reads only the model name (the grid's file name): samples come from the model alone" in (
+        capsys.readouterr().err
+    )  # the model is unconditional: a class would change nothing
+    assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid)]) == 0
     assert grid.is_file() and "wrote 4 samples of my-model" in capsys.readouterr().out
+    out = str(tmp_path / "e.json")
+    assert run(["eval", str(tmp_path / "run"), "--set", "data.classes=3", "--limit", "8", "-o", out]) == 0
+    assert capsys.readouterr().out.startswith("my-model, step 2")  # the stored name, put back
     assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", "model=renamed"]) == 0
     assert "wrote 4 samples of renamed" in capsys.readouterr().out
     assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", 'model="a b"']) == 2

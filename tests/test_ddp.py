@@ -71,7 +71,10 @@ def test_a_signal_to_torchrun_stops_both_ranks_within_a_step_and_saves(tmp_path)
         job.send_signal(signal.SIGINT)
         stdout, stderr = job.communicate(timeout=25)  # before torchrun's 30 s are up
     finally:
-        job.kill()
+        try:  # its workers run in sessions of their own: torchrun must live to kill them
+            job.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.kill()
     assert "SIGINT: stopped after step" in stdout, stdout + stderr
     assert load_checkpoint(out)["step"] > 1
 

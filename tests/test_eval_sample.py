@@ -14,6 +14,7 @@ from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixtu
 import flowspec
 from flowspec.cli.app import run
 from flowspec.spec import DataSpec
+from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.data import load_split
 from flowspec.train.evaluate import bounds, iw_log_prob
 from flowspec.train.trainer import RunOptions, RunResult, train
@@ -30,7 +31,7 @@ def test_eval_writes_both_bounds(run_dir, capsys):
     assert run(["eval", str(run_dir), "--iw", "4", "--limit", "24", "--batch", "32", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "importance weighted, K=4" in printed and "single sample" in printed
-    record = json.loads((run_dir / "eval_test_iw4.json").read_text())
+    record = json.loads((run_dir / "eval_test_first24_iw4.json").read_text())
     assert record["images"] == 24 and record["step"] == 4 and record["split"] == "test"
     assert 0.5 < record["bpd"] < math.log2(17) + 1
     assert record["iw4_bpd"] < record["bpd"] + 0.05  # a tighter bound, up to noise
@@ -58,9 +59,13 @@ def test_eval_set_changes_the_data_of_a_trained_model(run_dir, tmp_path, capsys)
 
 def test_an_eval_of_some_classes_gets_its_own_file_saying_what_it_measured(run_dir, capsys):
     assert run(["eval", str(run_dir), "--set", "data.classes=3", "--limit", "8", "--device", "cpu"]) == 0
-    record = json.loads((run_dir / "eval_test_3.json").read_text())
+    record = json.loads((run_dir / "eval_test_3_first8.json").read_text())
     assert record["overrides"] == ["data.classes=3"] and record["data"]["classes"] == [3]
     assert not (run_dir / "eval_test.json").exists()  # the whole test split's file is another
+    assert run(["eval", str(run_dir / "best.pt"), "--limit", "8", "--device", "cpu"]) == 0
+    assert json.loads((run_dir / "eval_test_first8_best.json").read_text())["checkpoint"] == str(
+        run_dir / "best.pt"
+    )
 
 
 def test_an_eval_file_name_names_few_plain_classes_and_counts_others():
@@ -97,7 +102,7 @@ def test_set_that_would_change_the_trained_model_is_refused(run_dir, tmp_path, c
     for setting in ("eval.images=10", "train.lr=1e-3", "target_params=5"):  # eval reads none of them
         assert run(["eval", str(run_dir), "--set", setting, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
-        assert f"--set {setting}: eval and sample read only the data settings" in err and "--images" in err
+        assert f"--set {setting}: eval reads only the data settings" in err and "--images" in err
 
 
 class _Stub(torch.nn.Module):
@@ -167,6 +172,16 @@ def test_ablate_compares_specs(tmp_path, capsys):
     assert [r["spec"] for r in rows] == ["small", "wide"] and all(r["steps"] == 3 for r in rows)
     assert rows[0]["parameters"] < rows[1]["parameters"]
     assert (out / "curves.png").is_file() and (out / "small" / "last.pt").is_file()
+
+
+def test_ablate_trains_with_trains_speed_and_memory_options(tmp_path, capsys):
+    """An ablation of the paper's runs at bf16 with activations recomputed, as `train` would."""
+    small = write_flow(tmp_path / "small.flow", name="small", filters=4)
+    out = tmp_path / "ablation"
+    args = ["--precision", "bf16", "--recompute", "on", "--data-memory", "1G", "--device", "cpu", "-q"]
+    assert run(["ablate", str(small), "--steps", "2", "--out", str(out), *args]) == 0
+    payload = load_checkpoint(out / "small")
+    assert payload["precision"] == "bf16" and payload["step"] == 2
 
 
 def test_ablate_tells_apart_copies_of_one_model_by_their_files(tmp_path, capsys, monkeypatch):

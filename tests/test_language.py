@@ -669,3 +669,15 @@ def test_quoted_all_and_none_are_names_not_the_unset_words():
     text = f"model m\n{data}\nflow {{ squeeze }}\n"
     spec = parse_spec(text)
     assert spec.data.classes == ("all", "dog") and parse_spec(format_spec(spec)) == spec
+
+
+def test_a_dequantizer_step_is_set_by_the_path_inspect_shows_or_by_its_steps():
+    """`inspect --format json` and diff's parameter rows name dequantizer steps `dequantize.I...`."""
+    path = SPECS / "flowpp_cifar.flow"
+    short = load_spec(path, ["dequantize.0.body.0.body.2.filters=12"])
+    assert short == load_spec(path, ["dequantize.steps.0.body.0.body.2.filters=12"])
+    assert short.dequantize.steps[0].body[0].body[2].filters == 12
+    with pytest.raises(
+        SpecError, match=r"--set:1:12: set a setting of the step, e.g. dequantize.steps.0.SETTING"
+    ):
+        load_spec(path, ["dequantize.0=1"])

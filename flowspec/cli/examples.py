@@ -33,7 +33,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     ),
     "sample": (
         "flowspec sample runs/quickstart -n 64 --temperature 0.8 --out grid.png --seed 0",
-        "flowspec sample runs/quickstart/best.pt -n 16 --set data.classes=3 --device cpu",
+        "flowspec sample runs/quickstart/best.pt -n 16 --set model=quickstart_best --device cpu",
     ),
     "export": (
         "flowspec export runs/quickstart",

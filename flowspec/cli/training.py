@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flowspec.api import eval_written_by, parse_duration
+from flowspec.api import eval_written_by, parse_duration, parse_size
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.cli.options import (
@@ -131,6 +131,34 @@ def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSig
         raise typer.Exit(130) from None
 
 
+PrecisionOption = Annotated[
+    Precision | None,
+    typer.Option(
+        "--precision",
+        help="bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the "
+        "CPU or GPU has it natively. Default: fp32, or the precision a resumed run trained in.",
+        show_default=False,
+    ),
+]
+RecomputeOption = Annotated[
+    Recompute,
+    typer.Option(
+        "--recompute",
+        help="on: recompute the networks' cheap work in the backward pass (under half the memory); "
+        "off: keep every activation (faster); auto: off when that fits (80% of a GPU, half the RAM), "
+        "but on under --compile on a GPU.",
+    ),
+]
+DataMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data-memory",
+        metavar="SIZE",
+        help="Hold a training set up to this size in (device) memory, stream a larger one (default 4G).",
+    ),
+]
+
+
 @app.command(epilog=epilog("train"))
 def train(
     spec: Annotated[
@@ -146,25 +174,9 @@ def train(
     ] = None,
     sets: SetOption = None,
     device: DeviceOption = None,
-    precision: Annotated[
-        Precision | None,
-        typer.Option(
-            "--precision",
-            help="bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the "
-            "CPU or GPU has it natively. Default: fp32, or the precision a resumed run trained in.",
-            show_default=False,
-        ),
-    ] = None,
+    precision: PrecisionOption = None,
     compile_networks: CompileOption = False,
-    recompute: Annotated[
-        Recompute,
-        typer.Option(
-            "--recompute",
-            help="on: recompute the networks' cheap work in the backward pass (under half the memory); "
-            "off: keep every activation (faster); auto: off when that fits (80% of a GPU, half the RAM), "
-            "but on under --compile on a GPU.",
-        ),
-    ] = Recompute.auto,
+    recompute: RecomputeOption = Recompute.auto,
     resume: Annotated[
         Path | None,
         typer.Option("--resume", metavar="RUN_DIR", help="Continue a run from its last checkpoint."),
@@ -192,14 +204,7 @@ def train(
     eval_samples: EvalSamplesOption = None,
     eval_inversion: EvalInversionOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    data_memory: Annotated[
-        str | None,
-        typer.Option(
-            "--data-memory",
-            metavar="SIZE",
-            help="Hold a training set up to this size in (device) memory, stream a larger one (default 4G).",
-        ),
-    ] = None,
+    data_memory: DataMemoryOption = None,
     threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
@@ -246,19 +251,26 @@ def train(
 MODEL_SECTIONS = ("flow", "dequantize", "preprocess", "prior", "defaults")  # what the checkpoint fixes
 
 
-def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowSpec:
-    """The stored spec with `--set` overrides of what `eval` and `sample` read: its data settings and the
-    model's name (a train, eval or model setting would change nothing, or the trained model)."""
+def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command: str) -> FlowSpec:
+    """The stored spec with `--set` overrides of what `eval` (its data settings and the model's name) and
+    `sample` (the name: the model is unconditional) read; a train, eval or model setting would change
+    nothing, or the trained model."""
     if not sets:
         return spec
+    readable = ("data", "model") if command == "eval" else ("model",)
     for override in sets:
         key = override.split("=", 1)[0].strip()
         root = key.split(".")[0]
-        if root not in ("data", "model", *MODEL_SECTIONS):  # the model's are refused below, as changes
+        if root not in (*readable, *MODEL_SECTIONS):  # the model's are refused below, as changes
+            what = (
+                "only the data settings (and the model name)"
+                if command == "eval"
+                else "only the model name (the grid's file name): samples come from the model alone"
+            )
+            example = "--set data.classes=3 (the evaluation's own options: --images, --batch, --seed)"
             raise UserError(
-                f"--set {override}: eval and sample read only the data settings (and the model name) of the "
-                f"spec stored in {path}, so {key} would change nothing here; e.g. --set data.classes=dog "
-                f"(the evaluation's own options: --images, --batch, --seed)"
+                f"--set {override}: {command} reads {what} of the spec stored in {path}, so {key} would "
+                f"change nothing here" + (f"; e.g. {example}" if command == "eval" else "")
             )
     from flowspec.formatter import format_spec
     from flowspec.loader import parse_spec
@@ -281,6 +293,7 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path) -> FlowS
 
 
 def _load_for_inference(
+    command: str,
     target: Path,
     device: Device | None,
     sets: list[str] | None,
@@ -289,9 +302,10 @@ def _load_for_inference(
     threads: int | None = None,
     compile_networks: bool = False,
 ):
-    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with `--set`
-    (refused before it is built when it and `images` images at once do not fit the device); torch's thread
-    count chosen for it and, with `compile_networks`, what was compiled (said in the header line)."""
+    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with the `--set`
+    that `command` (eval or sample) reads (refused before it is built when it and `images` images at once
+    do not fit the device); torch's thread count chosen for it and, with `compile_networks`, what was
+    compiled (said in the header line)."""
     import torch
 
     from flowspec.threads import set_threads
@@ -299,7 +313,7 @@ def _load_for_inference(
 
     where = _device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
     trained = load_trained(target, where, images=images, allow_large=allow_large)
-    spec = _with_overrides(trained.spec, sets, trained.path)
+    spec = _with_overrides(trained.spec, sets, trained.path, command)
     choice = set_threads(sum(p.numel() for p in trained.model.parameters() if p.requires_grad), threads)
     compiled = f", compiled ({trained.model.compile_for_device()})" if compile_networks else ""
     print(f"{spec.name}, step {trained.step}, device {where}, {choice}{compiled}")
@@ -355,7 +369,8 @@ def evaluate(
             "--out",
             "-o",
             metavar="FILE",
-            help="JSON file; default eval_<split>[_<classes>][_iwK].json by the checkpoint.",
+            help="JSON file; default eval_<split>[_<classes>][_firstN][_iwK][_<checkpoint>].json by the "
+            "checkpoint (_firstN: --images N of the split; _<checkpoint>: best, an export's; not last.pt).",
         ),
     ] = None,
     device: DeviceOption = None,
@@ -370,6 +385,7 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
+    from flowspec.train.checkpoint import LAST
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
     from flowspec.train.files import replaced_whole
@@ -380,7 +396,7 @@ def evaluate(
         _check_output(out, "--out", (".json",))
     with _stoppable("the evaluation") as signals:
         trained, spec = _load_for_inference(
-            target, device, sets, batch, allow_large, threads, compile_networks
+            "eval", target, device, sets, batch, allow_large, threads, compile_networks
         )
         folder = _data_folder(data, trained, sets)
         source = load_split(spec.data, split.value, folder)
@@ -409,9 +425,11 @@ def evaluate(
         "data": spec.data.model_dump(mode="json", exclude={"source"}),
         **result,
     }
-    if out is None:
+    if out is None:  # one file per distinct evaluation: a partial one or of best.pt replaces no other
+        weights = "" if trained.path.name == LAST else f"_{trained.path.stem}"
+        part = f"_first{result['images']}" if result["images"] < len(source) else ""
         iw_part = f"_iw{iw}" if iw > 1 else ""
-        out = trained.path.parent / f"eval_{split.value}{_classes_suffix(spec)}{iw_part}.json"
+        out = trained.path.parent / f"eval_{split.value}{_classes_suffix(spec)}{part}{iw_part}{weights}.json"
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
@@ -507,7 +525,7 @@ def sample(
         _check_output(out, "--out", _image_suffixes())
     with _stoppable("sampling") as signals:
         trained, spec = _load_for_inference(
-            target, device, sets, min(n, batch), allow_large, threads, compile_networks
+            "sample", target, device, sets, min(n, batch), allow_large, threads, compile_networks
         )
         if not allow_large:
             check_grid_memory(n, spec.data.shape, device_memory("cpu"))
@@ -565,6 +583,10 @@ def ablate(
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="The seed every spec trains with.")
     ] = 0,
     device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    compile_networks: CompileOption = False,
+    recompute: RecomputeOption = Recompute.auto,
+    data_memory: DataMemoryOption = None,
     eval_images: EvalImagesOption = None,
     eval_batch: EvalBatchOption = None,
     eval_samples: EvalSamplesOption = None,
@@ -588,6 +610,10 @@ def ablate(
     options = RunOptions(
         data_dir=data,
         device=_device(device),
+        precision=precision.value if precision else None,
+        compile=compile_networks,
+        recompute=recompute.value,
+        data_memory=parse_size(data_memory) if data_memory is not None else None,
         max_steps=steps,
         max_time=parse_duration(budget) if budget else None,
         quiet=quiet,

@@ -26,7 +26,15 @@ from flowspec.train.lock import LOCK
 from flowspec.train.metrics import CURVES, METRICS
 
 #: what a run writes besides its checkpoints: a new run refuses a folder that holds any of them
-RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "tensorboard")
+RUN_FILES = (
+    BEST,
+    METRICS,
+    CURVES,
+    "spec.json",
+    "spec.flow",
+    "samples",
+    "tensorboard",
+)  # a run's, but last.pt
 
 
 def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
