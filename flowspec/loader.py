@@ -7,6 +7,7 @@ offending value was written (in an extended file, or in a `--set` option, where 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import stat
@@ -498,6 +499,8 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
         return f"{field} must be a whole number, got {_show(value)}"
     if kind in ("int_type", "int_parsing", "float_type", "float_parsing", "finite_number"):
         if isinstance(value, str) and _is_number(value):
+            if not math.isfinite(float(value)):  # the words inf and nan
+                return f"{field} must be a finite number, got {value}"
             return f'{field} must be a number, got the text "{value}": write numbers without quotes'
         return f"{field} must be a number, got {_show(value)}"
     if kind in ("bool_type", "bool_parsing"):

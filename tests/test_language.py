@@ -681,3 +681,9 @@ def test_a_dequantizer_step_is_set_by_the_path_inspect_shows_or_by_its_steps():
         SpecError, match=r"--set:1:12: set a setting of the step, e.g. dequantize.steps.0.SETTING"
     ):
         load_spec(path, ["dequantize.0=1"])
+
+
+@pytest.mark.parametrize("word", ["inf", "nan"])
+def test_inf_and_nan_words_are_not_finite_numbers(word):
+    with pytest.raises(SpecError, match=rf"--set:1:7: lr must be a finite number, got {word}"):
+        load_spec(SPECS / "quickstart.flow", [f"train.lr={word}"])

@@ -271,7 +271,7 @@ def test_the_run_header_says_whether_the_training_set_is_held_in_memory_or_strea
     spec = tiny_spec(
         data=DataSpec(dataset="npy", path=str(images), shape=(1, 8, 8), levels=17, test_split=20)
     )
-    for memory, said in ((None, "held in memory"), (0, "streamed from its cache")):
+    for memory, said in ((None, "held in memory"), (0, "streamed from its file")):
         trainer = Trainer(spec, RunOptions(out=tmp_path / f"run{memory}", device="cpu", data_memory=memory))
         try:
             assert f"(100 train / 20 test images, {said})" in trainer._banner()

@@ -493,7 +493,7 @@ class Trainer:
 
     def _banner(self) -> str:
         verb = "resuming" if self.options.resume else "training"
-        held = "held in memory" if isinstance(self.batches, BatchStream) else "streamed from its cache"
+        held = "held in memory" if isinstance(self.batches, BatchStream) else "streamed from its file"
         return (
             f"{verb} {self.spec.name} ({self.parameters:,} parameters) on {self.train_set.source} "
             f"({len(self.train_set)} train / {self.test_size} test images, {held}), device {self.device}, "
