@@ -28,7 +28,7 @@ from flowspec.resolve import (
     model_of,
     unused_coupling_settings,
 )
-from flowspec.shapes import shape_issues
+from flowspec.shapes import misplaced_sigmoids, shape_issues
 from flowspec.spec import FlowSpec, SourceLoc, TrainSpec
 
 __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
@@ -36,10 +36,15 @@ __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_so
 MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path from filling memory
 
 
-#: the first line of a run folder's spec.flow: a spec that was valid when the run trained it, read as a
-#: checkpoint's stored spec (the rules for spec files made since, and the unused settings check, apply
-#: only to what --set changes)
+#: the first line of a run folder's spec.flow
 RESOLVED_HEADER = "# the resolved spec of a trained run"
+
+
+def is_run_spec(path: Path) -> bool:
+    """Whether `path` is a run folder's spec.flow (beside its spec.json): a spec that was valid when the
+    run trained it, read as a checkpoint's stored spec is (the rules for spec files made since, and the
+    unused settings check, apply only to what --set changes). A copy elsewhere is a spec file like any."""
+    return path.name == "spec.flow" and (path.parent / "spec.json").is_file()
 
 
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> FlowSpec:
@@ -49,8 +54,7 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Fl
     """
     texts: dict[str, str] = {}
     doc = _load(Path(path), texts, chain=(), at=None)
-    resolved = next(iter(texts.values()), "").startswith(RESOLVED_HEADER)  # a run folder's spec.flow
-    return _finish(doc, overrides, texts, source=str(path), file_rules=not resolved)
+    return _finish(doc, overrides, texts, source=str(path), file_rules=not is_run_spec(Path(path)))
 
 
 def parse_spec(
@@ -236,6 +240,9 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
                     f"{spec.train.schedule}",
                 )
             )
+    for what, message in spec.data.mistakes():
+        found.append(Diagnostic(_locate(doc, ("data", what))[1], message))
+    found += [Diagnostic(issue.source, issue.message) for issue in misplaced_sigmoids(spec)]
     if spec.train.init_batch < 2:
         found.append(
             Diagnostic(

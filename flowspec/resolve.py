@@ -204,45 +204,62 @@ def model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
 
 
 def unused_coupling_settings(doc: RawDict) -> list[Diagnostic]:
-    """A diagnostic for each setting written on a coupling step (or in `defaults`) that the kind, network
-    or attention written on the same step (the same `defaults`), in the same file, makes unused, e.g.
-    `coupling(network=resnet, weight_norm=on)`: it would change nothing. What a step inherits is not
-    judged, nor a setting made unused by another file or a `--set` (an ablation of a base file that
+    """A diagnostic for each setting written on a coupling step that the kind, network or attention
+    written on the same step, in the same file, makes unused, e.g. `coupling(network=resnet,
+    weight_norm=on)`: it would change nothing. Likewise a setting in `defaults` that the kind, network or
+    attention written beside it makes unused for every coupling that inherits it. What a step inherits is
+    not judged, nor a setting made unused by another file or a `--set` (an ablation of a base file that
     writes it). Values that are not valid are left to validation."""
     found: list[Diagnostic] = []
+    defaults = doc.get("defaults")
+    inherited = defaults.get("coupling") if isinstance(defaults, RawDict) else None
+    inherited = inherited if isinstance(inherited, RawDict) else RawDict()
+    couplings: list[tuple[RawDict, bool]] = []  # every coupling step, and whether it is the dequantizer's
 
-    def check_coupling(settings: RawDict, in_dequantizer: bool) -> None:
-        attention = settings.get("attention")
+    def collect(steps: Any, in_dequantizer: bool) -> None:
+        for step in steps if isinstance(steps, list) else ():
+            if isinstance(step, RawDict):
+                if step.get("kind") == "coupling":
+                    couplings.append((step, in_dequantizer))
+                collect(step.get("body"), in_dequantizer)
+
+    collect(doc.get("flow"), False)
+    dequantize = doc.get("dequantize")
+    if isinstance(dequantize, RawDict):
+        collect(dequantize.get("steps"), True)
+
+    def unused_by(settings: RawDict, in_dequantizer: bool, fallback: RawDict | None = None) -> dict:
+        def get(name: str) -> Any:
+            return settings[name] if name in settings else (fallback or {}).get(name)
+
+        attention = get("attention")
         valid = isinstance(attention, bool) or attention in ("on", "off")
         unused = unused_settings(
-            str(settings["coupling"]) if "coupling" in settings else None,
-            str(settings["network"]) if "network" in settings else None,
+            str(get("coupling")) if get("coupling") is not None else None,
+            str(get("network")) if get("network") is not None else None,
             attention not in ("off", False) if valid else None,  # an invalid one: validation's
         )
         if in_dequantizer:  # the context network takes the highest dropout of these couplings
             unused.pop("dropout", None)
+        return unused
+
+    def written_beside(settings: RawDict, unused: dict) -> list[tuple[str, str]]:
+        """(setting, why) for the unused settings whose cause is written in the same file."""
+        out = []
         for name in (n for n in settings if n in unused):
             cause, why = unused[name]
             where, decided = settings.locs.get(name), settings.locs.get(cause)
             if where is not None and decided is not None and where.file == decided.file:
-                found.append(Diagnostic(where, f"{name} does nothing here: {why}; remove it"))
+                out.append((name, why))
+        return out
 
-    def check(steps: Any, in_dequantizer: bool) -> None:
-        for step in steps if isinstance(steps, list) else ():
-            if not isinstance(step, RawDict):
-                continue
-            if step.get("kind") == "coupling":
-                check_coupling(step, in_dequantizer)
-            check(step.get("body"), in_dequantizer)
-
-    defaults = doc.get("defaults")
-    coupling = defaults.get("coupling") if isinstance(defaults, RawDict) else None
-    if isinstance(coupling, RawDict):  # defaults reach the dequantizer's couplings too: their dropout counts
-        check_coupling(coupling, in_dequantizer=True)
-    check(doc.get("flow"), False)
-    dequantize = doc.get("dequantize")
-    if isinstance(dequantize, RawDict):
-        check(dequantize.get("steps"), True)
+    for step, in_dequantizer in couplings:
+        for name, why in written_beside(step, unused_by(step, in_dequantizer)):
+            found.append(Diagnostic(step.locs[name], f"{name} does nothing here: {why}; remove it"))
+    for name, why in written_beside(inherited, unused_by(inherited, False)):
+        heirs = [(step, deq) for step, deq in couplings if name not in step]
+        if heirs and all(name in unused_by(step, deq, inherited) for step, deq in heirs):
+            found.append(Diagnostic(inherited.locs[name], f"{name} does nothing here: {why}; remove it"))
     return found
 
 

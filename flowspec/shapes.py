@@ -39,12 +39,6 @@ def shape_issues(spec: FlowSpec) -> list[ShapeIssue]:
                 top[-1].source,
             )
         )
-    already = {issue.source for issue in issues}
-    for path, step in written(deq.steps, "dequantize"):
-        if isinstance(step, SigmoidStep) and step is not top[-1] and step.source not in already:
-            issues.append(
-                ShapeIssue(path, "sigmoid may only end the dequantizer, as its last step", step.source)
-            )
     splits = [(path, step) for path, step in written(deq.steps, "dequantize") if isinstance(step, SplitStep)]
     masks = {step.mask for _, step in splits}
     if len(masks) > 1:
@@ -65,3 +59,34 @@ def check_shapes(spec: FlowSpec) -> None:
     issues = shape_issues(spec)
     if issues:
         raise ShapeError(issues)
+
+
+def misplaced_sigmoids(spec: FlowSpec) -> list[ShapeIssue]:
+    """Sigmoids outside a split but not the dequantizer's last step (one inside a split is a shape issue):
+    in the flow the latent would stay in (0, 1), where the normal prior cannot be sampled; in the
+    dequantizer before its end, the noise could leave (0, 1). A rule of spec files: a checkpoint written
+    before it still loads."""
+    deq = spec.dequantize
+    last = deq.steps[-1] if deq.kind == "variational" and deq.steps else None
+    found = []
+    for where, steps in (("flow", spec.flow), ("dequantize", deq.steps if deq.kind == "variational" else [])):
+        for path, step in _outside_splits(steps, where):
+            if isinstance(step, SigmoidStep) and step is not last:
+                message = (
+                    "sigmoid belongs at the end of the variational dequantizer: in the flow it would keep "
+                    "the latent in (0, 1), where the normal prior cannot be sampled"
+                    if where == "flow"
+                    else "sigmoid may only end the dequantizer, as its last step"
+                )
+                found.append(ShapeIssue(path, message, step.source))
+    return found
+
+
+def _outside_splits(steps: list, prefix: str) -> list[tuple[str, object]]:
+    """The steps of a stack with their paths, those in repeats too, not those in splits."""
+    out: list[tuple[str, object]] = []
+    for i, step in enumerate(steps):
+        out.append((f"{prefix}.{i}", step))
+        if not isinstance(step, SplitStep) and getattr(step, "body", None):
+            out.extend(_outside_splits(step.body, f"{prefix}.{i}.body"))
+    return out

@@ -98,10 +98,25 @@ class DataSpec(Node):
             return self.classes
         return self.class_indices
 
-    def _named(self, what: str, value: str | int) -> str:
-        if what == "classes" and isinstance(value, int) and self.dataset in CLASS_NAMES:
-            return f"class {value} ({CLASS_NAMES[self.dataset][value]})"
-        return f"'{value}'" if what == "convert" else f"class {value}"
+    def mistakes(self) -> list[tuple[str, str]]:
+        """(setting, message) for what a spec file may not say but older checkpoints' specs may: a class
+        or conversion named twice, an empty path or name."""
+        found = []
+        for what, values in (("classes", self.class_keys), ("convert", self.convert)):
+            repeated = [v for i, v in enumerate(values or ()) if v in values[:i]]
+            if repeated:
+                value = repeated[0]
+                if what == "convert":
+                    named = f"'{value}'"
+                elif isinstance(value, int) and self.dataset in CLASS_NAMES:
+                    named = f"class {value} ({CLASS_NAMES[self.dataset][value]})"
+                else:
+                    named = f"class {value}"
+                found.append((what, f"{what} names {named} twice"))
+        for what in ("path", "test_path", "name"):
+            if getattr(self, what) == "":
+                found.append((what, f"{what} is empty: give a {'class name' if what == 'name' else 'path'}"))
+        return found
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -115,13 +130,6 @@ class DataSpec(Node):
             )
         if self.classes is not None and len(self.classes) == 0:
             raise ValueError("classes must name at least one class")
-        for what, values in (("classes", self.class_keys), ("convert", self.convert)):
-            repeated = [v for i, v in enumerate(values or ()) if v in values[:i]]
-            if repeated:
-                raise ValueError(f"{what} names {self._named(what, repeated[0])} twice")
-        for what in ("path", "test_path", "name"):
-            if getattr(self, what) == "":
-                raise ValueError(f"{what} is empty: give a {'class name' if what == 'name' else 'path'}")
         if (self.name is None) == (self.dataset == "torchvision"):
             raise ValueError(
                 'dataset torchvision needs the dataset\'s class: name "CIFAR100"'

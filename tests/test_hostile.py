@@ -56,7 +56,7 @@ def test_a_process_whose_torchrun_peer_stopped_says_so_instead_of_reporting_a_bu
     monkeypatch.setenv("RANK", "1")
     assert run(["validate", str(QUICKSTART)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: another process of this torchrun job stopped (this is rank 1)")
+    assert err.startswith("error (rank 1): another process of this torchrun job stopped, so this one cannot")
     assert "Traceback" not in err and "Connection reset by peer" in err
     monkeypatch.setenv("WORLD_SIZE", "1")  # alone, the same error is a bug
     assert run(["validate", str(QUICKSTART)]) == 1

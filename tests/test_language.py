@@ -16,6 +16,7 @@ from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
 from flowspec.formatter import format_spec
 from flowspec.loader import setting_sources
+from flowspec.shapes import shape_issues
 from flowspec.steps import written
 from flowspec.steps.coupling import CouplingStep
 
@@ -539,6 +540,13 @@ def test_settings_made_unused_by_another_file_or_a_set_are_allowed(tmp_path):
     assert spec.flow[0].body[0].coupling == "affine" and spec.flow[0].body[0].components == 8
     spec = load_spec(tmp_path / "base.flow", overrides=["flow.0.body.0.network=resnet"])
     assert spec.flow[0].body[0].network == "resnet"
+    # a default that one of the couplings inheriting it uses is not unused
+    for defaults, flow in (
+        ("coupling affine(components=4, filters=4)", "coupling; flip; coupling mixlogistic"),
+        ("coupling(network=resnet, weight_norm=on, filters=4)", "coupling(network=gated); flip; coupling"),
+    ):
+        text = f"model m\ndata digits {{ shape 1x8x8  levels 17 }}\ndefaults {{ {defaults} }}\n"
+        assert parse_spec(f"{text}flow {{ split stripe {{ {flow} }} }}\n").name == "m"
     # a dequantizer coupling's dropout is the context network's too: never unused
     deq = "dequantize variational { split stripe { coupling affine(network=resnet, dropout=0.3) } sigmoid }"
     spec = parse_spec(f"model m\ndata digits {{ shape 1x8x8  levels 17 }}\n{deq}\nflow {{ squeeze }}\n")
@@ -687,3 +695,28 @@ def test_a_dequantizer_step_is_set_by_the_path_inspect_shows_or_by_its_steps():
 def test_inf_and_nan_words_are_not_finite_numbers(word):
     with pytest.raises(SpecError, match=rf"--set:1:7: lr must be a finite number, got {word}"):
         load_spec(SPECS / "quickstart.flow", [f"train.lr={word}"])
+
+
+def test_rules_newer_than_a_checkpoint_leave_its_stored_spec_loading(tmp_path):
+    """A class named twice and a sigmoid in the flow are refused in spec files; a checkpoint's stored
+    spec, or a run folder's spec.flow, written before those rules still loads and builds."""
+    text = (
+        "model old\ndata digits { shape 1x8x8  levels 17  classes (3, 3) }\n"
+        "flow { split stripe { coupling(filters=4, blocks=1, heads=1); flip } sigmoid }\n"
+    )
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text)
+    assert [d.message.split(":")[0] for d in caught.value.diagnostics] == [
+        "classes names class 3 twice",
+        "sigmoid belongs at the end of the variational dequantizer",
+    ]
+    stored = parse_spec(text, stored=True)
+    assert stored.data.classes == (3, 3) and not shape_issues(stored)  # it builds
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "spec.json").write_text(stored.model_dump_json())
+    (folder / "spec.flow").write_text(text)  # an old run's, without today's first line
+    assert load_spec(folder / "spec.flow").data.classes == (3, 3)
+    (tmp_path / "spec.flow").write_text(text)  # not beside a spec.json: a spec file
+    with pytest.raises(SpecError, match="classes names class 3 twice"):
+        load_spec(tmp_path / "spec.flow")

@@ -60,6 +60,21 @@ def test_a_torchrun_worker_takes_a_signal_forwarded_soon_after_its_own_as_the_sa
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_the_stop_vote_reads_each_steps_sum_a_step_late():
+    """Under torchrun the flags ride on the step's all-reduce (summed over the ranks) and are read after
+    the next step, so no step waits for the device."""
+    from flowspec.train.distributed import StopVote
+
+    vote = StopVote(CPU)
+    assert torch.equal(vote.flags(None, False), torch.zeros(3))
+    assert vote.read(torch.zeros(3)) == (None, False)  # nothing before the first step
+    flags = vote.flags("SIGINT", False)
+    assert vote.read(flags * 2) == (None, False)  # the step before had none
+    assert vote.read(torch.tensor([0.0, 1.0, 1.0])) == ("SIGINT", False)  # the previous step's
+    assert vote.read(torch.zeros(3)) == ("SIGTERM", True)
+    assert torch.equal(vote.flags(None, True), torch.tensor([1.0, 0.0, 1.0]))  # a rank's flags stay set
+
+
 def test_run_folder(tmp_path, monkeypatch):
     spec = tiny_spec()
     assert rundir.choose(spec, tmp_path / "a", Dist()) == tmp_path / "a"

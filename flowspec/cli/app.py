@@ -87,9 +87,8 @@ def run(argv: list[str] | None = None) -> int:
         if _peer_stopped(error):
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             return _fail(
-                f"another process of this torchrun job stopped (this is rank {os.environ.get('RANK', '?')}), "
-                f"so this one cannot go on; the first process to stop (usually rank 0) says why, above. "
-                f"({first})",
+                "another process of this torchrun job stopped, so this one cannot go on; the first process "
+                f"to stop (usually rank 0) says why, above. ({first})",
                 EXIT_USER,
             )
         return _bug()

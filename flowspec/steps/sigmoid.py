@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from flowspec.nodes import StepNode
-from flowspec.steps.kind import ShapeProblem, StepKind, no_cost, no_label, register, whole
+from flowspec.steps.kind import StepKind, no_cost, no_label, register, whole
 
 
 class SigmoidStep(StepNode):
@@ -13,11 +13,6 @@ class SigmoidStep(StepNode):
 
 
 def _shape(step, state, ctx):
-    if ctx.where == "flow":
-        raise ShapeProblem(
-            "sigmoid belongs at the end of the variational dequantizer: in the flow it would keep the latent "
-            "in (0, 1), where the normal prior cannot be sampled"
-        )
     return whole(step, state)
 
 

@@ -113,6 +113,46 @@ def stop_flags(received: str | None, time_up: bool, device: torch.device) -> tor
     return torch.tensor(flags, dtype=torch.float32, device=device)
 
 
+class StopVote:
+    """Under torchrun, each rank's stop flags ride on every training step's all-reduce (`Updater`), and
+    their sum is read a step later, without waiting for the step just queued: every rank stops after the
+    same step, and the device is never waited for on steps without a stop.
+
+    `flags` is a tensor kept on the device and written only when this rank's flags change; `read` takes
+    the step's summed flags, starts their copy to the host, and returns the previous step's verdict.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.local = torch.zeros(3, dtype=torch.float32, device=device)
+        self._noted = [False, False, False]
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def flags(self, received: str | None, time_up: bool) -> torch.Tensor:
+        """This rank's flags (SIGINT, SIGTERM, --max-time up) for the coming step's all-reduce."""
+        for i, now in enumerate((received == "SIGINT", received == "SIGTERM", time_up)):
+            if now and not self._noted[i]:
+                self._noted[i] = True
+                self.local[i] = 1.0  # a fill on the device: no wait for it
+        return self.local
+
+    def read(self, summed: torch.Tensor) -> tuple[str | None, bool]:
+        """Note the step's summed flags; the signal and time-up of the step before, (None, False) at first."""
+        cuda = summed.device.type == "cuda"
+        host = torch.empty(summed.shape, dtype=summed.dtype, pin_memory=cuda)
+        host.copy_(summed, non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        previous, self._pending = self._pending, (host, event)
+        if previous is None:
+            return None, False
+        before, done = previous
+        if done is not None:
+            done.synchronize()  # the step before this one, queued earlier: usually finished already
+        return read_stop_flags(before)
+
+
 def read_stop_flags(summed: torch.Tensor) -> tuple[str | None, bool]:
     """The signal any rank received (SIGTERM first) and whether any rank's clock is up, from summed flags."""
     sigint, sigterm, late = (value > 0 for value in summed.tolist())

@@ -29,11 +29,10 @@ from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.datacache import quietly
 from flowspec.train.distributed import (
+    StopVote,
     agree_to_stop,
     broadcast_module,
-    read_stop_flags,
     setup,
-    stop_flags,
     teardown,
 )
 from flowspec.train.evaluation import SMOKE, Evaluator, describe
@@ -197,9 +196,7 @@ class Trainer:
             reporter.message(self._banner())
             started, stopped = time.monotonic(), self._limit_reached()
             self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
-            self.pending_flags: torch.Tensor | None = (
-                None  # under torchrun: the last step's, read after the next
-            )
+            self.vote = StopVote(self.device) if self.dist.active else None  # stops agreed under torchrun
             self.window.restart_clock()
             try:
                 resumed_at = self._resumed_at_evaluation(stopped)
@@ -266,7 +263,7 @@ class Trainer:
 
     def _stop_flags(self, signals: StopSignals, started: float) -> torch.Tensor | None:
         """Under torchrun, this rank's stop flags for the step's all-reduce; else None."""
-        return stop_flags(signals.received, self._time_up(started), self.device) if self.dist.active else None
+        return self.vote.flags(signals.received, self._time_up(started)) if self.vote is not None else None
 
     def _time_up(self, started: float) -> bool:
         """Whether --max-time is up (training time: evaluations do not count; under torchrun rank 0's
@@ -275,14 +272,13 @@ class Trainer:
         return self.dist.main and self.options.max_time is not None and elapsed >= self.options.max_time
 
     def _should_stop(self, signals: StopSignals, started: float) -> tuple[str | None, bool]:
-        """A signal received and whether --max-time is up, after a step. Under torchrun the ranks' flags
-        (`stop_flags`) travel with each step's all-reduce and are read a step late, so that no step waits
-        for the device: every rank stops after the same step, at most a step after any rank's signal
-        (torchrun kills its workers 30 s after forwarding a signal: its --shutdown_timeout)."""
-        if not self.dist.active:
+        """A signal received and whether --max-time is up, after a step. Under torchrun the ranks agree
+        through each step's all-reduce, read a step late (`StopVote`): every rank stops after the same
+        step, at most two after the one a signal came in (torchrun kills its workers 30 s after
+        forwarding a signal: its --shutdown_timeout)."""
+        if self.vote is None:
             return signals.received, self._time_up(started)
-        summed, self.pending_flags = self.pending_flags, self.updater.summed_flags
-        return read_stop_flags(summed) if summed is not None else (None, False)
+        return self.vote.read(self.updater.summed_flags)
 
     def _limit_reached(self, time_up: bool = False) -> str | None:
         if self.total_steps is not None and self.step >= self.total_steps:
@@ -422,11 +418,12 @@ class Trainer:
             if self.dist.active
             else f"the last batch is saved in {path}"
         )
-        kept = (
-            f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept"
-            if self.saved_step is not None
-            else "no checkpoint was written before it"
-        )
+        if not self.dist.main:  # rank 0 writes the checkpoints, and says which is kept
+            kept = "rank 0 says which checkpoint is kept"
+        elif self.saved_step is not None:
+            kept = f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept"
+        else:
+            kept = "no checkpoint was written before it"
         raise UserError(
             f"training stopped: {self.updater.bad_in_row} steps in a row had a non-finite loss or gradient "
             f"(at step {self.step}); {batch}, and {kept}. Lower train.lr, set clip_grad_norm, or check the "
