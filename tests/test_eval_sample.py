@@ -63,6 +63,11 @@ def test_an_eval_of_some_classes_gets_its_own_file_saying_what_it_measured(run_d
     assert record["overrides"] == ["data.classes=3"] and record["data"]["classes"] == [3]
     assert not (run_dir / "eval_test.json").exists()  # the whole test split's file is another
     assert run(["eval", str(run_dir / "best.pt"), "--limit", "8", "--device", "cpu"]) == 0
+    record = json.loads((run_dir / "eval_test_first8_best.json").read_text())
+    assert (record["batch"], record["limit"], record["device"]) == (256, 8, "cpu")  # eval's default batch
+    assert record["versions"]["flowspec"] == flowspec.__version__ and len(record["trained_spec_hash"]) == 64
+    assert run(["eval", str(run_dir / "best.pt"), "--limit", "8", "--seed", "3", "--device", "cpu"]) == 0
+    assert (run_dir / "eval_test_first8_seed3_best.json").is_file()
     assert json.loads((run_dir / "eval_test_first8_best.json").read_text())["checkpoint"] == str(
         run_dir / "best.pt"
     )
@@ -84,7 +89,7 @@ def test_a_sample_grid_is_named_by_its_model_and_says_its_seed(run_dir, tmp_path
     assert run(["sample", str(run_dir), "-n", "4", "--device", "cpu"]) == 0
     said = capsys.readouterr().out
     seed = int(re.search(r"seed (\d+)\)", said).group(1))
-    [grid] = tmp_path.glob("samples_tiny_step*_t1.0.png")
+    [grid] = tmp_path.glob(f"samples_tiny_step*_t1.0_seed{seed}.png")  # another seed's replaces none
     again = tmp_path / "again.png"
     assert (
         run(["sample", str(run_dir), "-n", "4", "--device", "cpu", "--seed", str(seed), "-o", str(again)])
@@ -412,3 +417,18 @@ def test_eval_says_when_a_test_split_is_held_out_of_other_images_than_the_run_tr
     assert run(args) == 0
     said = capsys.readouterr().out
     assert "note: the data has 110 training images now and had 100 when the run trained" in said
+
+
+def test_default_exports_of_last_and_best_are_two_files_and_outputs_make_their_folder(run_dir, tmp_path):
+    from safetensors import safe_open
+
+    assert run(["export", str(run_dir)]) == 0 and run(["export", str(run_dir / "best.pt")]) == 0
+    with safe_open(str(run_dir / "model_best.safetensors"), "pt") as f:
+        assert f.metadata()["checkpoint"] == str((run_dir / "best.pt").resolve())
+    assert (run_dir / "model.safetensors").is_file()
+    out = tmp_path / "new" / "folder" / "e.json"  # made before the work, not after it
+    assert (
+        run(["eval", str(run_dir), "--limit", "4", "--device", "cpu", "-o", str(out)]) == 0 and out.is_file()
+    )
+    (tmp_path / "file").write_text("")
+    assert run(["eval", str(run_dir), "--limit", "4", "-o", str(tmp_path / "file" / "e.json")]) == 2

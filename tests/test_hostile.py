@@ -391,8 +391,8 @@ def test_flipped_bytes_inside_the_archive_are_detected(trained, tmp_path, capsys
     err = capsys.readouterr().err
     assert err == (
         f"error: checkpoint {tmp_path / LAST} is corrupt: its content does not match the checksum stored "
-        "when it was written; it was left untouched: resume from another run folder or start a new run\n"
-    )
+        "when it was written; it was left untouched: use another checkpoint\n"
+    )  # eval's advice; training's is to resume from another run folder or start a new run
 
 
 def test_an_old_checkpoint_without_checksum_loads_with_a_warning(trained, tmp_path, capsys):

@@ -321,7 +321,8 @@ def _load_for_inference(
 
 
 def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
-    """Refuse an output path that is a folder or names an unknown kind of file, before any work."""
+    """Refuse an output path that is a folder, names an unknown kind of file or lies in a folder that
+    cannot be made, before any work; make its folder."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file name, e.g. {path / ('out' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
@@ -329,6 +330,12 @@ def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
             f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
             f"{', '.join(suffixes)}"
         )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"{option} {path}: its folder {path.parent} cannot be made ({error.strerror})"
+        ) from None
 
 
 def _image_suffixes() -> tuple[str, ...]:
@@ -369,8 +376,8 @@ def evaluate(
             "--out",
             "-o",
             metavar="FILE",
-            help="JSON file; default eval_<split>[_<classes>][_firstN][_iwK][_<checkpoint>].json by the "
-            "checkpoint (_firstN: --images N of the split; _<checkpoint>: best, an export's; not last.pt).",
+            help="JSON file; default: named by what it measured (split, classes, images, K, seed, "
+            "weights), beside the checkpoint.",
         ),
     ] = None,
     device: DeviceOption = None,
@@ -382,10 +389,12 @@ def evaluate(
     """Test bits/dim with EMA weights: the single-sample bound and the importance-weighted bound (--iw K)."""
     import time
 
+    import torch
     from rich.console import Console
     from rich.table import Table
 
-    from flowspec.train.checkpoint import LAST
+    import flowspec
+    from flowspec.train.checkpoint import LAST, spec_hash
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
     from flowspec.train.files import replaced_whole
@@ -413,23 +422,31 @@ def evaluate(
             meter.close()
             reporter.close()
     print(f"evaluated {len(images)} images in {time.monotonic() - started:.1f} s, {memory}")
-    record = {
-        "checkpoint": str(trained.path),
+    record = {  # what it measured, and all it takes to measure it again
+        "checkpoint": str(trained.path.resolve()),
         "spec": spec.name,
+        "trained_spec_hash": spec_hash(trained.spec),
         "step": trained.step,
         "split": split.value,
         "iw_samples": iw,
         "seed": seed,
+        "batch": batch,
+        "limit": limit,
+        "device": str(where),
         "overrides": list(sets or ()),
         "source": source.source,
         "data": spec.data.model_dump(mode="json", exclude={"source"}),
+        "versions": {"flowspec": flowspec.__version__, "torch": str(torch.__version__)},
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         **result,
     }
-    if out is None:  # one file per distinct evaluation: a partial one or of best.pt replaces no other
+    if out is None:  # one file per distinct evaluation: a partial one, another seed or best.pt's replace none
         weights = "" if trained.path.name == LAST else f"_{trained.path.stem}"
         part = f"_first{result['images']}" if result["images"] < len(source) else ""
         iw_part = f"_iw{iw}" if iw > 1 else ""
-        out = trained.path.parent / f"eval_{split.value}{_classes_suffix(spec)}{part}{iw_part}{weights}.json"
+        seed_part = f"_seed{seed}" if seed else ""
+        name = f"eval_{split.value}{_classes_suffix(spec)}{part}{iw_part}{seed_part}{weights}.json"
+        out = trained.path.parent / name
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
     table.add_column("bound")
@@ -499,7 +516,7 @@ def sample(
             "--out",
             "-o",
             metavar="FILE",
-            help="The image grid (.png); default samples_<model>_stepN_tT.png here.",
+            help="The image grid (.png); default samples_<model>_stepN_tT_seedS.png here.",
         ),
     ] = None,
     seed: Annotated[
@@ -529,9 +546,10 @@ def sample(
         )
         if not allow_large:
             check_grid_memory(n, spec.data.shape, device_memory("cpu"))
-        out = out or Path(f"samples_{spec.name}_{grid_name(trained.step, temperature)}")
         if seed is None:  # a fresh one, said below, so that the grid can be drawn again
             seed = secrets.randbelow(MAX_SEED + 1)
+        grid = grid_name(trained.step, temperature).removesuffix(".png")
+        out = out or Path(f"samples_{spec.name}_{grid}_seed{seed}.png")  # another seed's replaces none
         save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
     print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}, seed {seed}) to {out}")
 
@@ -544,7 +562,10 @@ def export_model(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", metavar="FILE", help="The .safetensors file; default model.safetensors beside it."
+            "--out",
+            "-o",
+            metavar="FILE",
+            help="The .safetensors file; default model.safetensors beside it (model_best... for best.pt).",
         ),
     ] = None,
 ) -> None:
@@ -552,8 +573,12 @@ def export_model(
     from flowspec.train.checkpoint import resolve
     from flowspec.train.export import SUFFIX, export
 
-    output = output or resolve(target).parent / f"model{SUFFIX}"
-    if output.suffix != SUFFIX:
+    checkpoint = resolve(target)
+    output = (
+        output
+        or checkpoint.parent / f"model{'' if checkpoint.name == 'last.pt' else '_' + checkpoint.stem}{SUFFIX}"
+    )
+    if output.suffix.lower() != SUFFIX:
         raise UserError(f"the export must be a {SUFFIX} file, got {output}")
     trained = export(target, output)
     print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")

@@ -135,7 +135,7 @@ def load_checkpoint(
             ) from None
         raise UserError(
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(error).__name__}); "
-            f"it was left untouched: resume from another run folder or start a new run"
+            f"it was left untouched: {_elsewhere(training_state)}"
         ) from None
     missing = [k for k in REQUIRED if not isinstance(payload, dict) or k not in payload]
     if missing:
@@ -150,7 +150,7 @@ def load_checkpoint(
     elif stored != checksum(payload):
         raise UserError(
             f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
-            f"written; it was left untouched: resume from another run folder or start a new run"
+            f"written; it was left untouched: {_elsewhere(training_state)}"
         )
     wrong = _structure_problems(payload, training_state)
     if not wrong:
@@ -252,6 +252,11 @@ def _state_dict_problems(what: str, got: dict[str, torch.Tensor], expected: dict
     return problems
 
 
+def _elsewhere(training: bool) -> str:
+    """What to do instead of using a damaged checkpoint: resume (training) or evaluate (not) another."""
+    return "resume from another run folder or start a new run" if training else "use another checkpoint"
+
+
 def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
     """The resolved spec stored in a checkpoint, validated again."""
     from pydantic import ValidationError
@@ -259,9 +264,8 @@ def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:
     try:
         spec = FlowSpec.model_validate_json(payload["spec"])
     except ValidationError as error:
-        raise UserError(
-            f"the spec stored in checkpoint {path} is not valid for this flowspec: {error}"
-        ) from None
+        wrong = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in error.errors()[:3])
+        raise UserError(f"the spec stored in {path} is not valid for this flowspec: {wrong}") from None
     if hashlib.sha256(payload["spec"].encode()).hexdigest() != payload["spec_hash"]:
         raise UserError(f"checkpoint {path} is inconsistent: its stored spec does not match its spec hash")
     return spec

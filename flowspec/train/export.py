@@ -60,6 +60,7 @@ def export(target: Path | str, output: Path | str) -> Trained:
         "step": str(trained.step),
         "flowspec_version": _version(),
         "checksum": checksum(tensors),
+        "checkpoint": str(trained.path.resolve()),  # which weights: a run's last.pt or best.pt
         **({"data_dir": trained.data_dir} if trained.data_dir else {}),
         **({"train_images": str(trained.train_images)} if trained.train_images else {}),
     }
@@ -83,7 +84,7 @@ def load_trained(
     where = parse_device(device or "cpu")
     if where.type == "cuda":
         check_cuda(where)
-    if path.suffix == SUFFIX and not path.is_dir():
+    if path.suffix.lower() == SUFFIX and not path.is_dir():
         spec, weights, step, data_dir, train_images = _read_export(path)
     else:
         path = resolve(path)

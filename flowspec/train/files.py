@@ -55,8 +55,10 @@ def replaced_whole(path: Path) -> Iterator[Path]:
     to disk and renamed over `path` when the block ends, removed if it fails: a crash leaves the old file
     or the new one, never a part of one. The file gets the permissions a new file gets (the umask's)."""
     path = Path(os.path.realpath(path))
-    with naming(path):
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as error:  # it names the temporary file: name the one being written
+        raise OSError(error.errno, error.strerror, os.fspath(path)) from None
     os.close(fd)
     try:
         with naming(path):
