@@ -110,6 +110,10 @@ def train(
         spec = load_spec(spec, overrides=tuple(sets))
     elif sets:
         raise UserError("sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself")
+    elif resume is None:  # what a spec file may not say, a spec made in Python may not start a run with
+        from flowspec.loader import check_file_rules
+
+        check_file_rules(spec)
     if log_every < 1:
         raise UserError(f"log_every must be at least 1, got {log_every}")
     from flowspec.inspection.budget import check_size, default_device

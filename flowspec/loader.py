@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import REWARM_ARGS, SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, Call, RawDict, Word
+from flowspec.errors import UserError
 from flowspec.parser import SECTION_NAMES, parse_document
 from flowspec.resolve import (
     OVERRIDE_FILE,
@@ -127,7 +128,7 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
         text = data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
     except UnicodeDecodeError as error:
         torch_zip = data.startswith(b"PK\x03\x04") and b"data.pkl" in data[:4096]  # torch.save's format
-        if torch_zip or name.endswith((".pt", ".pth", ".safetensors")):
+        if torch_zip or name.lower().endswith((".pt", ".pth", ".safetensors")):
             raise SpecFileError(
                 "is a checkpoint or an export, not a spec file (a run folder's spec is its spec.flow)"
             ) from None
@@ -216,6 +217,15 @@ def _rules(spec: FlowSpec, doc: RawDict, file_rules: bool) -> list[Diagnostic]:
     """`_file_rules` of a spec file; of a stored spec, only those that a `--set` broke."""
     rules = _file_rules(spec, doc)
     return rules if file_rules else [d for d in rules if d.loc is not None and d.loc.file == OVERRIDE_FILE]
+
+
+def check_file_rules(spec: FlowSpec) -> None:
+    """A `UserError` when a spec made in Python breaks a rule that a spec file must follow (`_file_rules`),
+    for a new run: a stored spec from before a rule still loads."""
+    named = spec.model_copy(update={"name": "m"})  # a name is judged where it names a folder (`out=`)
+    problems = [d.message for d in _file_rules(named, RawDict())]
+    if problems:
+        raise UserError(f"the spec {spec.name!r} cannot start a run: {'; '.join(problems)}")
 
 
 def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:

@@ -87,6 +87,9 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
     parts = key.split(".")
     cols = [1 + sum(len(p) + 1 for p in parts[:i]) for i in range(len(parts))]
     if len(parts) > 1 and parts[0] == "dequantize" and parts[1].isdigit():  # the path inspect shows
+        dequantize = doc.get("dequantize")
+        if not (isinstance(dequantize, RawDict) and isinstance(dequantize.get("steps"), list)):
+            raise _fail(line, cols[1], "this dequantizer has no steps: only `dequantize variational` has")
         parts.insert(1, "steps")
         cols.insert(1, cols[1])
     node: Any = doc

@@ -177,9 +177,11 @@ def test_set_on_a_run_whose_spec_files_may_no_longer_say_it(tmp_path, capsys):
     flowspec.train(spec, out=tmp_path / "run", quiet=True)
     grid = tmp_path / "g.png"
     assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid), "--set", "data.classes=3"]) == 2
-    assert "sample reads only the model name (the grid's file name): samples come from the model alone" in (
-        capsys.readouterr().err
-    )  # the model is unconditional: a class would change nothing
+    err = capsys.readouterr().err  # the model is unconditional: a class would change nothing
+    assert "sample reads only the model name (it names the grid) of the spec stored in" in err
+    assert err.rstrip().endswith(
+        "so data.classes would change nothing here; samples come from the model alone"
+    )
     assert run(["sample", str(tmp_path / "run"), "-n", "4", "-o", str(grid)]) == 0
     assert grid.is_file() and "wrote 4 samples of my-model" in capsys.readouterr().out
     out = str(tmp_path / "e.json")
@@ -205,3 +207,18 @@ def test_a_stored_spec_with_settings_made_unused_by_a_set_still_loads(tmp_path, 
     out = tmp_path / "e.json"
     assert run(["eval", str(run_dir), "--set", "data.classes=3", "--out", str(out), "--device", "cpu"]) == 0
     assert json.loads(out.read_text())["images"] > 0
+
+
+def test_a_spec_made_in_python_starts_no_run_that_a_spec_file_could_not(tmp_path):
+    """The rules of spec files (here: a sigmoid in the flow, a class named twice) hold for a FlowSpec made
+    in Python too; only a checkpoint's stored spec from before a rule is spared them."""
+    from flowspec.steps.sigmoid import SigmoidStep
+
+    spec = tiny_spec(steps=1)
+    sigmoid = spec.model_copy(update={"flow": [*spec.flow, SigmoidStep()]})
+    with pytest.raises(flowspec.UserError, match="sigmoid belongs at the end of the variational dequantizer"):
+        flowspec.train(sigmoid, out=tmp_path / "a", quiet=True)
+    twice = spec.model_copy(update={"data": spec.data.model_copy(update={"classes": (3, 3)})})
+    with pytest.raises(flowspec.UserError, match=r"cannot start a run: classes names class 3 twice"):
+        flowspec.train(twice, out=tmp_path / "b", quiet=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -86,7 +86,7 @@ def test_eval_and_sample_examples_use_a_set_they_allow(name, tmp_path):
         if flag == "--set"
     ]
     assert sets
-    changed = _with_overrides(spec, sets, tmp_path / "last.pt")  # raises for a setting of the model
+    changed = _with_overrides(spec, sets, tmp_path / "last.pt", name)  # raises for one it does not read
     assert changed != spec
 
 

@@ -432,3 +432,22 @@ def test_default_exports_of_last_and_best_are_two_files_and_outputs_make_their_f
     )
     (tmp_path / "file").write_text("")
     assert run(["eval", str(run_dir), "--limit", "4", "-o", str(tmp_path / "file" / "e.json")]) == 2
+
+
+def test_eval_on_other_data_gets_its_own_file_and_records_the_checkpoints_own_hash(run_dir, tmp_path):
+    from flowspec.train.checkpoint import load_checkpoint
+
+    assert run(["eval", str(run_dir), "--limit", "4", "--set", "data.levels=17", "--device", "cpu"]) == 0
+    [other] = run_dir.glob("eval_test_data*_first4.json")  # not eval_test_first4.json, the run's own data
+    record = json.loads(other.read_text())
+    assert record["trained_spec_hash"] == load_checkpoint(run_dir)["spec_hash"]
+    assert record["overrides"] == ["data.levels=17"]
+
+
+def test_a_command_that_fails_makes_no_output_folder(run_dir, tmp_path):
+    out = tmp_path / "new" / "e.json"
+    assert run(["eval", str(tmp_path / "no_run"), "-o", str(out)]) == 2
+    assert (
+        run(["sample", str(run_dir), "--set", "data.classes=3", "-o", str(tmp_path / "new" / "g.png")]) == 2
+    )
+    assert not (tmp_path / "new").exists()

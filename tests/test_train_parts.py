@@ -96,9 +96,13 @@ def test_run_folder(tmp_path, monkeypatch):
     assert rundir.previous_checkpoint(tmp_path / "empty", spec, resume=False) is None
     (tmp_path / "run" / METRICS).write_text('{"step": 1}\n')  # a run stopped before its first checkpoint
     with pytest.raises(
-        UserError, match=r"run already holds metrics.jsonl, spec.flow, spec.json of an earlier run, with no"
+        UserError, match=r"run already holds metrics.jsonl, spec.json of an earlier run, with no"
     ):
         rundir.previous_checkpoint(tmp_path / "run", spec, resume=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "spec.flow").write_text("model m\n")  # the user's, not a run's: it would be lost
+    with pytest.raises(UserError, match=r"mine/spec.flow exists, and a run writes its resolved spec there"):
+        rundir.previous_checkpoint(tmp_path / "mine", spec, resume=False)
     (tmp_path / "grids" / "samples").mkdir(parents=True)  # a grid or a spec.flow would be overwritten
     with pytest.raises(UserError, match=r"grids already holds samples of an earlier run"):
         rundir.previous_checkpoint(tmp_path / "grids", spec, resume=False)

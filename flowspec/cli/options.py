@@ -26,6 +26,15 @@ SetOption = Annotated[
     ),
 ]
 
+SampleSetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Rename the model for the grid's file name: --set model=NAME (samples come from the model "
+        "alone: data settings would change nothing).",
+    ),
+]
 StoredSetOption = Annotated[
     list[str] | None,
     typer.Option(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import re
 import secrets
 import signal
@@ -25,6 +27,7 @@ from flowspec.cli.options import (
     CompileOption,
     Device,
     DeviceOption,
+    SampleSetOption,
     SetOption,
     StoredSetOption,
     ThreadsOption,
@@ -262,15 +265,14 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
         key = override.split("=", 1)[0].strip()
         root = key.split(".")[0]
         if root not in (*readable, *MODEL_SECTIONS):  # the model's are refused below, as changes
-            what = (
-                "only the data settings (and the model name)"
-                if command == "eval"
-                else "only the model name (the grid's file name): samples come from the model alone"
-            )
-            example = "--set data.classes=3 (the evaluation's own options: --images, --batch, --seed)"
+            if command == "eval":
+                what = "only the data settings (and the model name)"
+                hint = "; e.g. --set data.classes=3 (the evaluation's own options: --images, --batch, --seed)"
+            else:
+                what, hint = "only the model name (it names the grid)", "; samples come from the model alone"
             raise UserError(
                 f"--set {override}: {command} reads {what} of the spec stored in {path}, so {key} would "
-                f"change nothing here" + (f"; e.g. {example}" if command == "eval" else "")
+                f"change nothing here{hint}"
             )
     from flowspec.formatter import format_spec
     from flowspec.loader import parse_spec
@@ -321,8 +323,8 @@ def _load_for_inference(
 
 
 def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
-    """Refuse an output path that is a folder, names an unknown kind of file or lies in a folder that
-    cannot be made, before any work; make its folder."""
+    """Refuse an output path that is a folder, names an unknown kind of file or lies where no folder can be
+    made, before any work (the folder is made when the file is written)."""
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file name, e.g. {path / ('out' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
@@ -330,12 +332,10 @@ def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
             f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
             f"{', '.join(suffixes)}"
         )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"{option} {path}: its folder {path.parent} cannot be made ({error.strerror})"
-        ) from None
+    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "a file, not a folder" if not existing.is_dir() else "a folder this user cannot write"
+        raise UserError(f"{option} {path}: its folder cannot be made there ({existing} is {what})")
 
 
 def _image_suffixes() -> tuple[str, ...]:
@@ -394,7 +394,7 @@ def evaluate(
     from rich.table import Table
 
     import flowspec
-    from flowspec.train.checkpoint import LAST, spec_hash
+    from flowspec.train.checkpoint import LAST
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
     from flowspec.train.files import replaced_whole
@@ -425,7 +425,7 @@ def evaluate(
     record = {  # what it measured, and all it takes to measure it again
         "checkpoint": str(trained.path.resolve()),
         "spec": spec.name,
-        "trained_spec_hash": spec_hash(trained.spec),
+        "trained_spec_hash": trained.spec_hash,
         "step": trained.step,
         "split": split.value,
         "iw_samples": iw,
@@ -435,6 +435,7 @@ def evaluate(
         "device": str(where),
         "overrides": list(sets or ()),
         "source": source.source,
+        "data_folder": str(Path(folder).resolve()) if folder is not None else None,
         "data": spec.data.model_dump(mode="json", exclude={"source"}),
         "versions": {"flowspec": flowspec.__version__, "torch": str(torch.__version__)},
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -445,7 +446,12 @@ def evaluate(
         part = f"_first{result['images']}" if result["images"] < len(source) else ""
         iw_part = f"_iw{iw}" if iw > 1 else ""
         seed_part = f"_seed{seed}" if seed else ""
-        name = f"eval_{split.value}{_classes_suffix(spec)}{part}{iw_part}{seed_part}{weights}.json"
+        keys = [s.split("=", 1)[0].strip() for s in sets or ()]
+        other = data is not None or any(
+            k.startswith("data.") and k != "data.classes" for k in keys
+        )  # own data
+        data_part = f"_data{_short_hash(record['data_folder'], record['data'])}" if other else ""
+        name = f"eval_{split.value}{_classes_suffix(spec)}{data_part}{part}{iw_part}{seed_part}{weights}.json"
         out = trained.path.parent / name
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
@@ -456,11 +462,17 @@ def evaluate(
         table.add_row(f"importance weighted, K={iw}", f"{result[f'iw{iw}_bpd']:.4f}")
     Console().print(table)  # before writing: the results are shown even when they cannot be written
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with replaced_whole(out) as partial:
             partial.write_text(json.dumps(record, indent=2) + "\n")
     except OSError as error:
         raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
+
+
+def _short_hash(*values: object) -> str:
+    """Six hex digits that tell other data apart in a file name."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
 def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | str | None:
@@ -527,7 +539,7 @@ def sample(
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
-    sets: StoredSetOption = None,
+    sets: SampleSetOption = None,
     threads: ThreadsOption = None,
     compile_networks: CompileOption = False,
     allow_large: AllowLargeOption = False,

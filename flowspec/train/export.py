@@ -40,6 +40,7 @@ class Trained:
     path: Path
     data_dir: str | None = None  # the data folder it was trained on (when the run was given one)
     train_images: int | None = None  # the size of its training set (not kept before 0.1.0's end)
+    spec_hash: str = ""  # the hash its file stores (of the spec as that flowspec wrote it)
 
 
 def export(target: Path | str, output: Path | str) -> Trained:
@@ -85,12 +86,12 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix.lower() == SUFFIX and not path.is_dir():
-        spec, weights, step, data_dir, train_images = _read_export(path)
+        spec, weights, step, data_dir, train_images, stored_hash = _read_export(path)
     else:
         path = resolve(path)
         payload = load_checkpoint(path, training_state=False)
         spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
-        data_dir = payload.get("data_dir")
+        data_dir, stored_hash = payload.get("data_dir"), payload["spec_hash"]
         stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
         train_images = stream.get("images")
     check_size(spec, "infer", where, allow_large, images)
@@ -99,10 +100,10 @@ def load_trained(
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its spec builds: {error}") from None
-    return Trained(model.to(where).eval(), spec, step, path, data_dir, train_images)
+    return Trained(model.to(where).eval(), spec, step, path, data_dir, train_images, stored_hash)
 
 
-def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None]:
+def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -142,6 +143,7 @@ def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, st
         int(metadata["step"]),
         metadata.get("data_dir"),
         train_images,
+        metadata["spec_hash"],
     )
 
 
