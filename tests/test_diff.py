@@ -53,6 +53,9 @@ def test_parameter_deltas_per_stage():
     assert deltas["flow (all)"].delta == 32_324_408 - 27_976_464
     stages = [s for name, s in deltas.items() if name.startswith("flow.")]
     assert sum(s.delta for s in stages) == deltas["flow (all)"].delta
+    realnvp = flowspec.load_spec(SPECS / "realnvp_cifar.flow")
+    other = parameter_deltas(inspect_spec(a, measure=False), inspect_spec(realnvp, measure=False))
+    assert "flow.3 split -> factor_out" in [s.stage for s in other]  # another step there: both kinds named
 
 
 def test_cli_diff_with_set_and_equal_specs(capsys, monkeypatch):

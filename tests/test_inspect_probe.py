@@ -45,9 +45,9 @@ def test_step_logdets_sum_to_the_model_logdet(small):
 def test_probe_fills_every_step_and_sums(small):
     spec, model = small
     report = inspect_model(model, spec, measure=False)
-    images, source = probe_images(spec, 4, None)
-    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.int64 and int(images.max()) < 256
-    run_probe(model, spec, report, images, source)
+    images, source = probe_images(spec, 4, None)  # initialised on 32 (up to init_batch), as a run would
+    assert images.shape == (32, 3, 8, 8) and images.dtype == torch.int64 and int(images.max()) < 256
+    run_probe(model, spec, report, images, source, 4)
     probe = report.probe
     assert probe is not None and probe.batch == 4 and source == "random images"
     flow_leaves = [row for row in report.branch("flow").walk() if row.leaf]
@@ -56,6 +56,7 @@ def test_probe_fills_every_step_and_sums(small):
     # containers show the sum of their steps
     split = next(row for row in report.branch("flow").rows if row.kind == "split")
     assert split.logdet_bpd == pytest.approx(sum(r.logdet_bpd for r in split.walk() if r.leaf))
+    assert split.inverse_error == max(r.inverse_error for r in split.walk() if r.leaf)  # shown at --depth 1
     assert probe.max_inverse_error < 1e-3 and math.isfinite(probe.bpd)
     assert report.footer.memory_note.endswith("measured per image at batch 4 and scaled)")
 

@@ -71,7 +71,9 @@ def inspect(
     from flowspec.inspection.unroll import check_steps
 
     if probe:  # the probe allocates the weights and a batch; without it, nothing is allocated
-        check_size(resolved, "build", allow_large=allow_large, images=batch)
+        from flowspec.inspection.probe import init_count
+
+        check_size(resolved, "build", allow_large=allow_large, images=init_count(resolved, batch))
     else:
         check_steps(resolved)
     torch.manual_seed(resolved.train.seed)
@@ -84,7 +86,7 @@ def inspect(
         set_threads(report.total, threads)
 
         images, source = probe_images(resolved, batch, data)
-        run_probe(model, resolved, report, images, source)
+        run_probe(model, resolved, report, images, source, batch)
     if format is InspectFormat.rich:
         render.print_rich(report, depth)
     else:

@@ -585,11 +585,10 @@ def export_model(
     from flowspec.train.checkpoint import resolve
     from flowspec.train.export import SUFFIX, export
 
-    checkpoint = resolve(target)
-    output = (
-        output
-        or checkpoint.parent / f"model{'' if checkpoint.name == 'last.pt' else '_' + checkpoint.stem}{SUFFIX}"
-    )
+    if output is None:  # model.safetensors of last.pt, model_best.safetensors of best.pt
+        checkpoint = resolve(target)
+        weights = "" if checkpoint.name == "last.pt" else f"_{checkpoint.stem}"
+        output = checkpoint.parent / f"model{weights}{SUFFIX}"
     if output.suffix.lower() != SUFFIX:
         raise UserError(f"the export must be a {SUFFIX} file, got {output}")
     trained = export(target, output)

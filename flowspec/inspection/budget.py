@@ -40,6 +40,7 @@ class Size:
     per_image: int  # bytes per image a training step keeps
     largest_step: int  # bytes per image the largest step keeps (what inference holds at once, about)
     largest: str  # the step owning most parameters, with its settings and source
+    recomputes: bool  # the model has layers that --recompute changes
 
 
 def meta_model(spec: FlowSpec) -> torch.nn.Module:
@@ -73,6 +74,7 @@ def measure(spec: FlowSpec) -> Size:
         per_image,
         estimate.largest_step,
         largest,
+        estimate.recomputes,
     )
 
 

@@ -165,8 +165,9 @@ def parameter_deltas(a: Report, b: Report) -> list[StageDelta]:
         tops_b = {row.path: row for row in branch_b.rows}
         for path in dict.fromkeys([*tops_a, *tops_b]):
             ra, rb = tops_a.get(path), tops_b.get(path)
-            kind = (rb or ra).kind  # type: ignore[union-attr]
-            name = path if kind in ("context", "preprocess") else f"{path} {kind}"
+            kinds = list(dict.fromkeys(row.kind for row in (ra, rb) if row is not None))
+            kind = " -> ".join(kinds)  # `split -> factor_out`: other steps at the same place
+            name = path if kinds[0] in ("context", "preprocess") else f"{path} {kind}"
             rows.append(StageDelta(name, ra.params if ra else None, rb.params if rb else None))
         rows.append(StageDelta(f"{branch_a.name} (all)", branch_a.params, branch_b.params))
     rows.append(StageDelta("total", a.total, b.total))

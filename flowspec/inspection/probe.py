@@ -75,10 +75,20 @@ def record_steps(model: nn.Module, invert: set[str] | frozenset[str] = frozenset
             handle.remove()
 
 
+INIT_IMAGES = 32  # at most: the probe initialises on this many images (or the spec's init_batch), as a run
+
+
+def init_count(spec: FlowSpec, batch: int) -> int:
+    """The images the probe initialises on: the spec's init_batch up to `INIT_IMAGES`, and the batch."""
+    return max(batch, min(spec.train.init_batch, INIT_IMAGES))
+
+
 def probe_images(spec: FlowSpec, batch: int, data: Path | None) -> tuple[Tensor, str]:
-    """`batch` test images from `data` (through the training data loader), or random valid images."""
+    """The images the probe initialises on (`init_count`; the first `batch` are probed): test images
+    from `data` (through the training data loader), or random valid images."""
+    count = init_count(spec, batch)
     if data is None:
-        return example_batch(spec, batch, "cpu"), "random images"
+        return example_batch(spec, count, "cpu"), "random images"
     if not data.exists():
         raise UserError(f"--data {data}: no such folder or file")
     from flowspec.train.data import load_split
@@ -88,13 +98,17 @@ def probe_images(spec: FlowSpec, batch: int, data: Path | None) -> tuple[Tensor,
         raise UserError(
             f"--data {data}: the probe initialises on 2 test images or more, and {images.source} has 1"
         )
-    return images.images[:batch], f"{min(batch, len(images))} test images from {data}"
+    return images.images[:count], f"test images from {data}"
 
 
-def run_probe(model: nn.Module, spec: FlowSpec, report: Report, images: Tensor, data: str) -> None:
-    """Initialise `model` on `images` if needed, run `log_prob` once in eval mode, fill in the report
-    (and replace its memory estimate by one measured on `images`)."""
+def run_probe(
+    model: nn.Module, spec: FlowSpec, report: Report, images: Tensor, data: str, batch: int
+) -> None:
+    """Initialise `model` on `images` if needed (as a run on its init_batch: a tiny batch's statistics
+    would make the probe's numbers its own), run `log_prob` once in eval mode on the first `batch`, fill
+    in the report (and replace its memory estimate by one measured on them)."""
     model.initialize(images)
+    images = images[:batch]
     model.eval()
     leaves = {row.path for row in report.rows() if row.leaf and row.kind != "context"}
     bits = spec.dims * math.log(2)
@@ -118,11 +132,14 @@ def run_probe(model: nn.Module, spec: FlowSpec, report: Report, images: Tensor, 
 
 
 def _fill(row, records: StepRecords, bits: float) -> float | None:
-    """Set the row's log-det (a container: the sum of its children) and inversion error."""
+    """Set the row's log-det and inversion error (a container: the sum of its children's log-dets and the
+    largest of their errors, so that a collapsed row, `--depth`, still shows them)."""
     if row.children:
         parts = [_fill(child, records, bits) for child in row.children]
         known = [p for p in parts if p is not None]
         row.logdet_bpd = sum(known) if known else None
+        errors = [child.inverse_error for child in row.children if child.inverse_error is not None]
+        row.inverse_error = max(errors) if errors else None
     elif row.path in records.logdet:
         row.logdet_bpd = (records.logdet[row.path] / bits).mean().item()
     if row.path in records.inverse_error:

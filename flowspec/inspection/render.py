@@ -114,7 +114,7 @@ def footer_lines(report: Report) -> list[tuple[str, str]]:
                 "probe",
                 f"batch {p.batch} of {p.data}: {p.bpd:.3f} bits/dim, "
                 f"flow log-det {p.logdet_bpd:+.3f} bits/dim, "
-                f"max inversion error of the main flow {p.max_inverse_error:.1e}",
+                f"largest inversion error of a step of the main flow {p.max_inverse_error:.1e}",
             )
         )
     return lines

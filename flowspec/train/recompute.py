@@ -17,15 +17,15 @@ from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
 
 RECOMPUTE = ("auto", "on", "off")
-KEEP_FACTOR = 2.5  # activations kept without recomputation, over those kept with it (2.2 measured)
 GPU_SHARE = 0.8  # of a GPU's memory a run may plan to fill
 RAM_SHARE = 0.5  # of the RAM (shared by the machine's torchrun processes)
 
 
 def resolve_recompute(
-    option: str, device: torch.device, compiled: bool, spec: FlowSpec, world: int = 1
+    option: str, device: torch.device, compiled: bool, spec: FlowSpec, world: int = 1, precision: str = "fp32"
 ) -> tuple[bool, str]:
-    """Whether to recompute and, for `auto`, why (else ""), in one of `world` processes."""
+    """Whether to recompute and, for `auto`, why (else ""), in one of `world` processes training in
+    `precision` (fp32 or bf16)."""
     if option not in RECOMPUTE:
         raise UserError(f"unknown --recompute {option!r}: use {', '.join(RECOMPUTE)}")
     if option != "auto":
@@ -33,11 +33,12 @@ def resolve_recompute(
     if compiled:
         return True, "auto: compiled, the recomputation is traced once"
     from flowspec.inspection.budget import device_memory, images_per_process, measure, training_bytes
-    from flowspec.inspection.memory import fmt_bytes
+    from flowspec.inspection.memory import fmt_bytes, recompute_factor
 
     size = measure(spec)
     images = images_per_process(spec, world)
-    keeping = training_bytes(size, spec, world) + (KEEP_FACTOR - 1) * size.per_image * images
+    factor = recompute_factor(size.recomputes, precision)
+    keeping = training_bytes(size, spec, world) + (factor - 1) * size.per_image * images
     available = device_memory(device)  # on a CPU: this process's share of the RAM
     estimate = f"~{fmt_bytes(int(keeping))} of {fmt_bytes(available)}"
     if keeping <= (GPU_SHARE if device.type == "cuda" else RAM_SHARE) * available:

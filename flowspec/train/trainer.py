@@ -144,7 +144,7 @@ class Trainer:
         model.set_autocast(autocast_dtype(self.precision))
         networks_compiled = options.compile and compile_scope(self.device) == "networks"
         self.recompute, self.recompute_reason = resolve_recompute(
-            options.recompute, self.device, networks_compiled, spec, self.dist.world
+            options.recompute, self.device, networks_compiled, spec, self.dist.world, self.precision
         )
         model.set_recompute(self.recompute)
         self.updater = Updater(model, self.t, self.total_steps, self.dist, self.device, options.compile)
