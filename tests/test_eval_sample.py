@@ -438,10 +438,18 @@ def test_eval_on_other_data_gets_its_own_file_and_records_the_checkpoints_own_ha
     from flowspec.train.checkpoint import load_checkpoint
 
     assert run(["eval", str(run_dir), "--limit", "4", "--set", "data.levels=17", "--device", "cpu"]) == 0
-    [other] = run_dir.glob("eval_test_data*_first4.json")  # not eval_test_first4.json, the run's own data
+    assert (run_dir / "eval_test_first4.json").is_file()  # the run's own data, said again: the same file
+    assert run(["eval", str(run_dir), "--limit", "4", "--set", "data.convert=size", "--device", "cpu"]) == 0
+    [other] = run_dir.glob("eval_test_data*_first4.json")  # data read otherwise: another file
     record = json.loads(other.read_text())
     assert record["trained_spec_hash"] == load_checkpoint(run_dir)["spec_hash"]
-    assert record["overrides"] == ["data.levels=17"]
+    assert record["overrides"] == ["data.convert=size"]
+    exported = tmp_path / "m.safetensors"  # an export keeps the checkpoint's spec text and hash
+    assert run(["export", str(run_dir), "-o", str(exported)]) == 0
+    assert (
+        run(["eval", str(exported), "--limit", "4", "--device", "cpu", "-o", str(tmp_path / "e.json")]) == 0
+    )
+    assert json.loads((tmp_path / "e.json").read_text())["trained_spec_hash"] == record["trained_spec_hash"]
 
 
 def test_a_command_that_fails_makes_no_output_folder(run_dir, tmp_path):
@@ -451,3 +459,5 @@ def test_a_command_that_fails_makes_no_output_folder(run_dir, tmp_path):
         run(["sample", str(run_dir), "--set", "data.classes=3", "-o", str(tmp_path / "new" / "g.png")]) == 2
     )
     assert not (tmp_path / "new").exists()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # a link to nothing: no folder can be made there
+    assert run(["eval", str(run_dir), "-o", str(tmp_path / "dangling" / "e.json")]) == 2

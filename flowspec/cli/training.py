@@ -286,10 +286,14 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
         changed.data.levels,
     ) == (spec.data.shape, spec.data.levels)
     if not same_model:
+        allowed = (
+            "only data settings that keep the model's shape and levels (e.g. --set data.classes=3)"
+            if command == "eval"
+            else "only the model name (--set model=NAME)"
+        )
         raise UserError(
             f"--set {' '.join(sets)} would change the model stored in {path}; with a trained checkpoint "
-            f"--set may change only data settings that keep the model's shape and levels (e.g. --set "
-            f"data.classes=dog)"
+            f"{command} takes {allowed}"
         )
     return changed
 
@@ -332,7 +336,7 @@ def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
             f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
             f"{', '.join(suffixes)}"
         )
-    existing = next(folder for folder in path.absolute().parents if folder.exists())
+    existing = next(folder for folder in path.absolute().parents if os.path.lexists(folder))  # links too
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "a file, not a folder" if not existing.is_dir() else "a folder this user cannot write"
         raise UserError(f"{option} {path}: its folder cannot be made there ({existing} is {what})")
@@ -435,7 +439,7 @@ def evaluate(
         "device": str(where),
         "overrides": list(sets or ()),
         "source": source.source,
-        "data_folder": str(Path(folder).resolve()) if folder is not None else None,
+        "data_folder": _data_read(folder, spec)[0],
         "data": spec.data.model_dump(mode="json", exclude={"source"}),
         "versions": {"flowspec": flowspec.__version__, "torch": str(torch.__version__)},
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -446,11 +450,8 @@ def evaluate(
         part = f"_first{result['images']}" if result["images"] < len(source) else ""
         iw_part = f"_iw{iw}" if iw > 1 else ""
         seed_part = f"_seed{seed}" if seed else ""
-        keys = [s.split("=", 1)[0].strip() for s in sets or ()]
-        other = data is not None or any(
-            k.startswith("data.") and k != "data.classes" for k in keys
-        )  # own data
-        data_part = f"_data{_short_hash(record['data_folder'], record['data'])}" if other else ""
+        read = _data_read(folder, spec)
+        data_part = f"_data{_short_hash(*read)}" if read != _data_read(trained.data_dir, trained.spec) else ""
         name = f"eval_{split.value}{_classes_suffix(spec)}{data_part}{part}{iw_part}{seed_part}{weights}.json"
         out = trained.path.parent / name
     caption = f"{split.value}: {result['images']} images"
@@ -468,6 +469,14 @@ def evaluate(
     except OSError as error:
         raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
     print(f"wrote {out}")
+
+
+def _data_read(folder: Path | str | None, spec: FlowSpec) -> tuple[str | None, dict]:
+    """What an evaluation reads: the absolute folder or file (`folder`, else the spec's path; None: the
+    dataset's own place), and the data settings but the classes (which name the file by themselves)."""
+    path = folder if folder is not None else spec.data.path
+    where = str(Path(path).resolve()) if path is not None else None
+    return where, spec.data.model_dump(mode="json", exclude={"source", "classes"})
 
 
 def _short_hash(*values: object) -> str:

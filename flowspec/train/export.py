@@ -22,7 +22,6 @@ from flowspec.train.checkpoint import (
     ema_weights,
     load_checkpoint,
     resolve,
-    spec_hash,
 )
 from flowspec.train.files import replaced_whole
 
@@ -40,7 +39,8 @@ class Trained:
     path: Path
     data_dir: str | None = None  # the data folder it was trained on (when the run was given one)
     train_images: int | None = None  # the size of its training set (not kept before 0.1.0's end)
-    spec_hash: str = ""  # the hash its file stores (of the spec as that flowspec wrote it)
+    spec_hash: str = ""  # the hash its file stores (of the spec as the flowspec that trained it wrote it)
+    spec_json: str = ""  # that spec's text
 
 
 def export(target: Path | str, output: Path | str) -> Trained:
@@ -56,8 +56,8 @@ def export(target: Path | str, output: Path | str) -> Trained:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
     metadata = {
         "format": FORMAT,
-        "spec": trained.spec.model_dump_json(),
-        "spec_hash": spec_hash(trained.spec),
+        "spec": trained.spec_json,  # as the checkpoint holds it: the export keeps its hash
+        "spec_hash": trained.spec_hash,
         "step": str(trained.step),
         "flowspec_version": _version(),
         "checksum": checksum(tensors),
@@ -86,12 +86,12 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix.lower() == SUFFIX and not path.is_dir():
-        spec, weights, step, data_dir, train_images, stored_hash = _read_export(path)
+        spec, weights, step, data_dir, train_images, stored_hash, stored_spec = _read_export(path)
     else:
         path = resolve(path)
         payload = load_checkpoint(path, training_state=False)
         spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
-        data_dir, stored_hash = payload.get("data_dir"), payload["spec_hash"]
+        data_dir, stored_hash, stored_spec = payload.get("data_dir"), payload["spec_hash"], payload["spec"]
         stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
         train_images = stream.get("images")
     check_size(spec, "infer", where, allow_large, images)
@@ -100,10 +100,14 @@ def load_trained(
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its spec builds: {error}") from None
-    return Trained(model.to(where).eval(), spec, step, path, data_dir, train_images, stored_hash)
+    return Trained(model.to(where).eval(), spec, step, path, data_dir, train_images, stored_hash, stored_spec)
 
 
-def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str]:
+ExportContents = tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str]
+
+
+def _read_export(path: Path) -> ExportContents:
+    """The spec, weights, step, data folder, training-set size, stored spec hash and text of an export."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -144,6 +148,7 @@ def _read_export(path: Path) -> tuple[FlowSpec, dict[str, torch.Tensor], int, st
         metadata.get("data_dir"),
         train_images,
         metadata["spec_hash"],
+        metadata["spec"],
     )
 
 

@@ -26,15 +26,7 @@ from flowspec.train.lock import LOCK
 from flowspec.train.metrics import CURVES, METRICS
 
 #: what a run writes besides its checkpoints: a new run refuses a folder that holds any of them
-RUN_FILES = (
-    BEST,
-    METRICS,
-    CURVES,
-    "spec.json",
-    "spec.flow",
-    "samples",
-    "tensorboard",
-)  # a run's, but last.pt
+RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "samples", "tensorboard")  # and last.pt, spec.flow
 
 
 def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
