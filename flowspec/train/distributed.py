@@ -107,12 +107,6 @@ def broadcast_module(module: torch.nn.Module, dist: Dist) -> None:
                 td.broadcast(tensor.data, src=0)
 
 
-def stop_flags(received: str | None, time_up: bool, device: torch.device) -> torch.Tensor:
-    """This rank's stop flags (SIGINT, SIGTERM, --max-time up) as a tensor that ranks sum."""
-    flags = [received == "SIGINT", received == "SIGTERM", time_up]
-    return torch.tensor(flags, dtype=torch.float32, device=device)
-
-
 class StopVote:
     """Under torchrun, each rank's stop flags ride on every training step's all-reduce (`Updater`), and
     their sum is read a step later, without waiting for the step just queued: every rank stops after the
@@ -123,7 +117,6 @@ class StopVote:
     """
 
     def __init__(self, device: torch.device):
-        self.device = device
         self.local = torch.zeros(3, dtype=torch.float32, device=device)
         self._noted = [False, False, False]
         self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
@@ -166,6 +159,8 @@ def agree_to_stop(
     all of them stop together. One small all-reduce; nothing without torchrun."""
     if not dist.active:
         return received, time_up
-    flags = stop_flags(received, time_up, device)
+    flags = torch.tensor(
+        [received == "SIGINT", received == "SIGTERM", time_up], dtype=torch.float32, device=device
+    )
     dist.all_sum(flags)
     return read_stop_flags(flags)

@@ -97,7 +97,7 @@ class Updater:
         """One step on this rank's batch `x` (in `accumulate` micro-batches whose gradients add up to the
         whole batch's). Returns, without waiting for the device, the mean bits/dim over all ranks, the
         norm of the loss's gradient (nats per image, before clipping), and whether the step was applied
-        (a bool tensor). `flags` (`stop_flags`) travel with the step's all-reduce: their sum over the
+        (a bool tensor). `flags` (`StopVote.flags`) travel with the step's all-reduce: their sum over the
         ranks is `summed_flags` after it."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
