@@ -109,7 +109,7 @@ def test_a_damaged_or_edited_export_is_refused_naming_it(run_dir, tmp_path, caps
     assert "old.safetensors has no checksum" in capsys.readouterr().err
     (tmp_path / "folder.safetensors").mkdir()
     assert run(["export", str(run_dir), "-o", str(tmp_path / "folder.safetensors")]) == 2
-    assert "folder.safetensors is a folder: name the file to write" in capsys.readouterr().err
+    assert "folder.safetensors is a folder: give a file name" in capsys.readouterr().err
 
 
 def test_train_from_python_takes_a_spec_file_and_the_command_line_options(tmp_path):

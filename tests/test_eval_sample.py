@@ -80,7 +80,7 @@ def test_an_eval_file_name_names_few_plain_classes_and_counts_others():
         data = DataSpec.model_construct(classes=classes or None)  # names of any dataset
         return _classes_suffix(tiny_spec().model_copy(update={"data": data}))
 
-    assert (named(), named("dog"), named(3, 5)) == ("", "_dog", "_3-5")
+    assert (named(), named("dog"), named(3, 5)) == ("", "_dog", "_cat-dog")  # CIFAR-10 indices by their names
     assert named("T-shirt/top", "Trouser") == "_2_classes" and named(*range(100, 200)) == "_100_classes"
 
 
@@ -461,3 +461,22 @@ def test_a_command_that_fails_makes_no_output_folder(run_dir, tmp_path):
     assert not (tmp_path / "new").exists()
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # a link to nothing: no folder can be made there
     assert run(["eval", str(run_dir), "-o", str(tmp_path / "dangling" / "e.json")]) == 2
+
+
+def test_a_run_records_the_folder_its_relative_data_path_named(tmp_path, monkeypatch, capsys):
+    """A spec's relative `path` is read from the working directory: the run records where that was, so an
+    eval (or resume) from elsewhere reads the run's own data, not another folder of that name."""
+    from train_helpers import write_shards
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    own = write_shards(tmp_path / "a" / "shards")
+    write_shards(tmp_path / "b" / "shards")
+    spec = tiny_spec(steps=2, data=DataSpec(dataset="npz", path="shards", shape=(1, 8, 8), levels=17))
+    monkeypatch.chdir(tmp_path / "a")
+    train(spec, RunOptions(out=tmp_path / "run", device="cpu", quiet=True))
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert run(["eval", str(tmp_path / "run"), "--limit", "4", "--device", "cpu"]) == 0
+    assert f"the test split of {own.resolve()}" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval_test_first4.json").is_file()  # the run's own data: no _data part

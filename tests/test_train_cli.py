@@ -93,7 +93,7 @@ def test_a_run_folder_spec_with_settings_a_set_made_unused_reads_back(tmp_path, 
         (["train", "--resume", "{tmp}/nowhere"], "does not exist"),
         (["train", "--resume", "{flow}"], "--resume takes a run folder (or its last.pt), got"),
         (["train", "{flow}", "--out", "{flow}"], "tiny.flow is a file: name a folder for the run"),
-        (["export", "{tmp}", "-o", "{flow}/model.safetensors"], "a file stands where its folder should be"),
+        (["export", "{tmp}", "-o", "{flow}/model.safetensors"], "tiny.flow is a file, not a folder"),
         (["eval", "{flow}"], "tiny.flow is a spec, not a checkpoint: pass a run folder or its last.pt"),
         (["train", "{flow}", "--out", "{tmp}/a", "--resume", "{tmp}/b"], "leave out --out"),
         (

@@ -96,7 +96,7 @@ def test_run_folder(tmp_path, monkeypatch):
     assert rundir.previous_checkpoint(tmp_path / "empty", spec, resume=False) is None
     (tmp_path / "run" / METRICS).write_text('{"step": 1}\n')  # a run stopped before its first checkpoint
     with pytest.raises(
-        UserError, match=r"run already holds metrics.jsonl, spec.json of an earlier run, with no"
+        UserError, match=r"run already holds metrics.jsonl, spec.flow, spec.json of an earlier run, with no"
     ):
         rundir.previous_checkpoint(tmp_path / "run", spec, resume=False)
     (tmp_path / "mine").mkdir()

@@ -34,7 +34,7 @@ from flowspec.cli.options import (
     load_cli_spec,
 )
 from flowspec.errors import Interrupted, Terminated, UserError, os_error_message
-from flowspec.spec import MAX_SEED
+from flowspec.spec import CLASS_NAMES, MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
@@ -338,7 +338,10 @@ def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
         )
     existing = next(folder for folder in path.absolute().parents if os.path.lexists(folder))  # links too
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "a file, not a folder" if not existing.is_dir() else "a folder this user cannot write"
+        if existing.is_symlink() and not existing.exists():
+            what = f"a link to {os.readlink(existing)}, which does not exist"
+        else:
+            what = "a file, not a folder" if not existing.is_dir() else "a folder this user cannot write"
         raise UserError(f"{option} {path}: its folder cannot be made there ({existing} is {what})")
 
 
@@ -515,7 +518,10 @@ def _classes_suffix(spec: FlowSpec) -> str:
     or odd file name; "" for all of them."""
     if not spec.data.classes:
         return ""
-    named = "-".join(map(str, spec.data.classes))
+    names = CLASS_NAMES.get(spec.data.dataset)  # CIFAR-10's `5` is `dog`: one file for both spellings
+    named = "-".join(
+        str(names[c] if names and isinstance(c, int) and c < len(names) else c) for c in spec.data.classes
+    )
     if len(named) <= 40 and re.fullmatch(r"[A-Za-z0-9_.-]+", named):
         return f"_{named}"
     return f"_{len(spec.data.classes)}_classes"
@@ -600,6 +606,7 @@ def export_model(
         output = checkpoint.parent / f"model{weights}{SUFFIX}"
     if output.suffix.lower() != SUFFIX:
         raise UserError(f"the export must be a {SUFFIX} file, got {output}")
+    _check_output(output, "--out", (SUFFIX,))
     trained = export(target, output)
     print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")
 

@@ -84,7 +84,7 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
             f"{run_dir / 'spec.flow'} exists, and a run writes its resolved spec there: choose another --out "
             f"folder (a spec file is read from anywhere)"
         )
-    earlier = sorted(name for name in RUN_FILES if (run_dir / name).exists())
+    earlier = sorted(name for name in (*RUN_FILES, "spec.flow") if (run_dir / name).exists())
     if earlier:  # a run stopped before its first checkpoint, or something else's files
         raise UserError(
             f"{run_dir} already holds {', '.join(earlier)} of an earlier run, with no {LAST} to resume from; "

@@ -117,8 +117,9 @@ class Trainer:
         self.saved_step: int | None = payload["step"] if payload is not None else None
         self._choose_precision(payload)
 
-        # a resumed run reads the data folder it was trained on unless --data says otherwise
-        self.data_dir = options.data_dir or (payload.get("data_dir") if payload else None)
+        # a resumed run reads the data folder it was trained on unless --data says otherwise; a new one
+        # records the spec's path as read from here, so that a run elsewhere (resume, eval) reads the same
+        self.data_dir = options.data_dir or (payload.get("data_dir") if payload else None) or spec.data.path
         with quietly(options.quiet):
             if train_set is None:
                 train_set = load_split(spec.data, "train", self.data_dir)
