@@ -44,12 +44,14 @@ def choose_threads(
     load: float | None,
     env: str | None = None,
     requested: int | None = None,
+    kept: int | None = None,
 ) -> ThreadChoice:
     """The number of threads for a model of `params` parameters on `cpus` cores at load average `load`.
 
     `requested` (`--threads`, at most `cpus`) wins, then `env` (the user's `OMP_NUM_THREADS`, cut to
-    `cpus`); otherwise one thread for a small model or when fewer than two cores are idle, else the idle
-    cores (all of them on an idle CPU).
+    `cpus`), then `kept` (a resumed run's count: another one sums in another order, so the run would not be
+    reproduced exactly); otherwise one thread for a small model or when fewer than two cores are idle, else
+    the idle cores (all of them on an idle CPU).
     """
     if requested is not None:
         check_threads(requested, cpus)
@@ -58,6 +60,8 @@ def choose_threads(
         if int(env) > max(1, cpus):  # more threads than cores: many times slower, never faster
             return ThreadChoice(max(1, cpus), f"OMP_NUM_THREADS={int(env)}, at most the {max(1, cpus)} cores")
         return ThreadChoice(int(env), "OMP_NUM_THREADS")
+    if kept is not None and 1 <= kept <= max(1, cpus):
+        return ThreadChoice(kept, "as the run trained, so that it resumes exactly; --threads to change")
     size = _millions(params)
     if params < SMALL_MODEL:
         return ThreadChoice(1, f"small model, {size}")
@@ -79,7 +83,7 @@ def machine_load() -> float | None:
         return None
 
 
-def set_threads(params: int, requested: int | None = None) -> ThreadChoice:
+def set_threads(params: int, requested: int | None = None, kept: int | None = None) -> ThreadChoice:
     """Choose the thread count for this machine now and give it to torch; keep freed memory in the
     process for the tensors to come (`flowspec.allocator`)."""
     import torch
@@ -88,7 +92,7 @@ def set_threads(params: int, requested: int | None = None) -> ThreadChoice:
 
     keep_freed_memory()
     choice = choose_threads(
-        params, os.cpu_count() or 1, machine_load(), os.environ.get("OMP_NUM_THREADS"), requested
+        params, os.cpu_count() or 1, machine_load(), os.environ.get("OMP_NUM_THREADS"), requested, kept
     )
     torch.set_num_threads(choice.threads)
     return choice

@@ -57,3 +57,50 @@ def test_the_users_omp_num_threads_is_respected_when_valid(env, expected):
 def test_omp_num_threads_above_the_cores_is_cut_to_them_and_said():
     choice = choose_threads(QUICKSTART, cpus=2, load=0.0, env="8")
     assert str(choice) == "threads 2 (OMP_NUM_THREADS=8, at most the 2 cores)"
+
+
+def test_a_resumed_run_keeps_its_thread_count_unless_told_otherwise(tmp_path, capsys, monkeypatch):
+    """Another thread count sums in another order: a resumed run would not reproduce the straight one."""
+    from train_helpers import write_flow
+
+    from flowspec.train.checkpoint import load_checkpoint
+
+    kept = choose_threads(FLOWPP, cpus=16, load=12.0, kept=4)
+    assert (kept.threads, kept.reason) == (
+        4,
+        "as the run trained, so that it resumes exactly; --threads to change",
+    )
+    assert choose_threads(FLOWPP, cpus=16, load=0.0, requested=8, kept=4).threads == 8  # --threads wins
+    assert choose_threads(FLOWPP, cpus=16, load=0.0, env="2", kept=4).threads == 2  # so does OMP_NUM_THREADS
+    assert choose_threads(FLOWPP, cpus=2, load=0.0, kept=4).threads == 2  # a machine with fewer cores
+    flow, out = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=4), tmp_path / "r"
+    args = ["--device", "cpu", "--eval-samples", "0"]
+    assert (
+        run(["train", str(flow), "--out", str(out), "--threads", "2", "--max-steps", "2", "-q", *args]) == 0
+    )
+    assert load_checkpoint(out)["threads"] == 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the user's setting would win
+    assert run(["train", "--resume", str(out), *args]) == 0
+    assert "threads 2 (as the run trained" in capsys.readouterr().out
+    import torch
+
+    torch.set_num_threads(1)  # the tests after this one run on one thread
+
+
+def test_the_streaming_workers_leave_stop_signals_to_the_main_process():
+    """A scheduler's SIGTERM to the process group killed the workers, and torch raised in the main process
+    wherever it was: training since the last checkpoint was lost."""
+    import signal
+
+    from flowspec.train.stream import _worker_init
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _worker_init(0)
+        assert (
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        )
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

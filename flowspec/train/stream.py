@@ -63,7 +63,10 @@ class Positions(torch.utils.data.Sampler):
 
 
 def _worker_init(_: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # Ctrl-C, and a SIGTERM to the whole process group (a scheduler's), are the main process's to handle:
+    # it saves and stops, and closes its loader
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StreamingBatches(Resumable):

@@ -139,7 +139,9 @@ class Trainer:
         rng.seed_all(self.t.seed + self.dist.rank)
         model = flowspec.build(spec).to(self.device)
         self.parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.threads = set_threads(self.parameters, options.threads)
+        self.threads = set_threads(
+            self.parameters, options.threads, payload.get("threads") if payload else None
+        )
         if payload is None:
             self._initialize(model)
         model.set_autocast(autocast_dtype(self.precision))
@@ -404,6 +406,7 @@ class Trainer:
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
             "precision": self.precision,
             "precision_asked": self.precision_asked,
+            "threads": self.threads.threads,  # a resume keeps them: another count sums in another order
             **spec_record(self.spec),
         }
         modules = [m for m in (self.updater.model, self.updater.ema) if m is not None]
