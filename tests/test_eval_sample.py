@@ -480,3 +480,16 @@ def test_a_run_records_the_folder_its_relative_data_path_named(tmp_path, monkeyp
     assert run(["eval", str(tmp_path / "run"), "--limit", "4", "--device", "cpu"]) == 0
     assert f"the test split of {own.resolve()}" in capsys.readouterr().out
     assert (tmp_path / "run" / "eval_test_first4.json").is_file()  # the run's own data: no _data part
+
+
+def test_eval_of_another_dataset_does_not_read_the_runs_folder(tmp_path, capsys):
+    """A run on npz shards, evaluated on scikit-learn's digits (same shape and levels): the recorded folder
+    is the shards', which digits must not be handed (it reads no files)."""
+    from train_helpers import write_shards
+
+    shards = write_shards(tmp_path / "shards")
+    spec = tiny_spec(steps=2, data=DataSpec(dataset="npz", shape=(1, 8, 8), levels=17))
+    train(spec, RunOptions(out=tmp_path / "run", data_dir=shards, device="cpu", quiet=True))
+    args = ["eval", str(tmp_path / "run"), "--set", "data.dataset=digits"]  # not "drop --data SHARDS"
+    assert run([*args, "--limit", "4", "--device", "cpu"]) == 0
+    assert "scikit-learn's bundled digits" in capsys.readouterr().out

@@ -488,9 +488,12 @@ def _short_hash(*values: object) -> str:
 
 
 def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | str | None:
-    """The data to evaluate on: --data, else the spec's path when --set names one, else the folder the run
-    trained on while it is there (None: the spec's path)."""
-    if data is not None or any(s.split("=", 1)[0].strip() == "data.path" for s in sets or ()):
+    """The data to evaluate on: --data, else the spec's path when --set names one or another dataset, else
+    the folder the run trained on while it is there (None: the spec's path)."""
+    # --set data.path or data.dataset names other data: not the folder the run trained on
+    if data is not None or any(
+        s.split("=", 1)[0].strip() in ("data.path", "data.dataset") for s in sets or ()
+    ):
         return data
     if trained.data_dir and not Path(trained.data_dir).exists():
         print(f"note: the run's data folder {trained.data_dir} is gone; reading the spec's data path")
