@@ -37,10 +37,6 @@ __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_so
 MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path from filling memory
 
 
-#: the first line of a run folder's spec.flow
-RESOLVED_HEADER = "# the resolved spec of a trained run"
-
-
 def is_run_spec(path: Path) -> bool:
     """Whether `path` is a run folder's spec.flow (beside its spec.json): a spec that was valid when the
     run trained it, read as a checkpoint's stored spec is (the rules for spec files made since, and the

@@ -10,7 +10,6 @@ from typing import Any
 
 from flowspec.errors import UserError
 from flowspec.formatter import format_spec
-from flowspec.loader import RESOLVED_HEADER
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import (
     BEST,
@@ -25,6 +24,7 @@ from flowspec.train.files import replaced_whole
 from flowspec.train.lock import LOCK
 from flowspec.train.metrics import CURVES, METRICS
 
+RESOLVED_HEADER = "# the resolved spec of a trained run"  # the first line of a run folder's spec.flow
 #: what a run writes besides its checkpoints: a new run refuses a folder that holds any of them
 RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "samples", "tensorboard")  # and last.pt, spec.flow
 
