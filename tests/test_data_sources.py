@@ -368,6 +368,21 @@ def test_cache_goes_beside_the_data_by_default(tmp_path, monkeypatch):
     assert len(load_split(data, "train")) == 5  # the hidden cache folder is not a class
 
 
+def test_an_unwritable_cache_beside_the_data_is_passed_over(tmp_path, monkeypatch):
+    from flowspec.train import datacache
+
+    monkeypatch.delenv("FLOWSPEC_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    write_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / ".flowspec-cache").mkdir()  # another user's, say: the data folder is writable
+    writable = os.access
+    monkeypatch.setattr(datacache.os, "access", lambda path, mode: not str(path).endswith("-cache") and
+                        writable(path, mode))  # fmt: skip
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    train = load_split(data, "train")
+    assert train.file.path.parent.parent == tmp_path / "home" / "flowspec" / "prepared"
+
+
 def test_a_killed_build_is_cleaned_up_and_concurrent_callers_share_one_build(tmp_path):
     from flowspec.train.datacache import FORMAT, cached, digest
 
@@ -498,12 +513,24 @@ def test_a_truncated_or_replaced_cache_file_is_rebuilt(tmp_path, capsys):
     first = load_split(data, "train").images.clone()
     folder = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     capsys.readouterr()
+    def overwrite_start(name: str) -> None:  # same size: a pickled-object header in place of the real one
+        with open(folder / name, "r+b") as file:
+            file.write(b"\x93NUMPY\x01\x00v\x00{'descr': '|O'")
+
+    def same_size_other_values() -> None:
+        labels = np.load(folder / "train_labels.npy")
+        np.save(folder / "train_labels.npy", labels + 123)
+
     for damage in (
         lambda: (folder / "train.npy").write_bytes(b"garbage"),
         lambda: (folder / "test_labels.npy").unlink(),
+        lambda: overwrite_start("train_labels.npy"),
+        lambda: overwrite_start("train.npy"),
+        same_size_other_values,
     ):
         damage()
         assert torch.equal(load_split(data, "train").images, first)
+        assert load_split(data, "train").labels.max() < 2
         assert "prepared 5 train and 1 test images" in capsys.readouterr().err  # rebuilt, not trusted
 
 

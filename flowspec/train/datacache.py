@@ -4,7 +4,7 @@ A cache folder is named by what it holds (the source's files and the preparation
 sizes and modification times: it is reused while they are unchanged and rebuilt when one changes. It is
 built in a temporary folder and renamed into place, under a lock, so a killed build never leaves half a
 cache and concurrent processes (torchrun) build it once. Location: `FLOWSPEC_CACHE_DIR`, else a
-`.flowspec-cache` folder beside the data when that is writable, else `~/.cache/flowspec/prepared`.
+`.flowspec-cache` folder beside the data when it (or, before it exists, the data's folder) is writable, else `~/.cache/flowspec/prepared`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def cache_root(near: Path) -> Path:
     if override:
         return Path(override)
     folder = near if near.is_dir() else near.parent
-    if os.access(folder, os.W_OK | os.X_OK):
-        return folder / ".flowspec-cache"
+    beside = folder / ".flowspec-cache"
+    if os.access(beside if beside.exists() else folder, os.W_OK | os.X_OK):  # e.g. made by another user
+        return beside
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "flowspec" / "prepared"
 
@@ -70,9 +71,9 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
         tmp.mkdir()
         try:
             facts = build(tmp)
-            sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
+            written = {f.name: _file_stamp(f) for f in tmp.iterdir()}
             (tmp / META).write_text(
-                json.dumps({"stamp": stamp_digest, "what": what, "sizes": sizes, **facts}, default=str) + "\n"
+                json.dumps({"stamp": stamp_digest, "what": what, "files": written, **facts}, default=str) + "\n"
             )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -87,14 +88,23 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
     return final
 
 
+def _file_stamp(path: Path) -> list[int]:
+    """A cache file's size and modification time: a write to it, in place or by replacing it, changes them."""
+    state = path.stat()
+    return [state.st_size, state.st_mtime_ns]
+
+
 def _current(folder: Path, stamp_digest: str) -> bool:
     """Whether `folder` holds a finished cache of the sources as they are now, its files as they were
-    written (a file truncated, replaced or deleted since makes it be rebuilt)."""
+    written (a file truncated, overwritten, replaced or deleted since makes it be rebuilt; so does a cache
+    from before the files' times were recorded)."""
     try:
         meta = json.loads((folder / META).read_text())
-        sizes = meta.get("sizes", {})  # absent from caches written before it was recorded
-        return meta["stamp"] == stamp_digest and all(
-            (folder / f).stat().st_size == n for f, n in sizes.items()
+        written = meta["files"]
+        return (
+            meta["stamp"] == stamp_digest
+            and bool(written)
+            and all(_file_stamp(folder / f) == stamp for f, stamp in written.items())
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
