@@ -102,16 +102,16 @@ class FlowModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """`n` integer images (uint8; int32 when levels > 256), decoded in eval mode from N(0, T^2 I)."""
+        """`n` integer images (uint8; int32 when levels > 256), decoded in eval mode from N(0, T^2 I), drawn
+        with `generator` on its own device (a CPU generator: the same noise for a model on any device)."""
         check_sample_arguments(n, temperature)
         check_not_meta(self.device, "sample")
         was_training = self.training
         self.eval()
         try:
-            z = torch.randn(
-                n, *self.spec.data.shape, generator=generator, device=self.device, dtype=self.dtype
-            )
-            v = self.decode(z * temperature)
+            drawn_on = generator.device if generator is not None else self.device
+            z = torch.randn(n, *self.spec.data.shape, generator=generator, device=drawn_on, dtype=self.dtype)
+            v = self.decode(z.to(self.device) * temperature)
         finally:
             self.train(was_training)
         levels = self.spec.data.levels

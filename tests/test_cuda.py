@@ -77,6 +77,10 @@ def test_sampling_decodes_on_cuda(dtype):
         assert error.max() < 0.5 and (error > 1e-3).float().mean() < 0.01, (error.max(), error.mean())
     samples = model.sample(8, temperature=0.8)
     assert samples.device.type == "cuda" and samples.dtype == torch.uint8 and samples.shape == images.shape
+    seeded = model.sample(8, generator=torch.Generator().manual_seed(0))  # a CPU generator: as the README's
+    assert seeded.device.type == "cuda" and torch.equal(
+        seeded, model.sample(8, generator=torch.Generator().manual_seed(0))
+    )
 
 
 def test_compiled_networks_give_the_eager_result_on_cuda():

@@ -513,6 +513,7 @@ def test_a_truncated_or_replaced_cache_file_is_rebuilt(tmp_path, capsys):
     first = load_split(data, "train").images.clone()
     folder = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     capsys.readouterr()
+
     def overwrite_start(name: str) -> None:  # same size: a pickled-object header in place of the real one
         with open(folder / name, "r+b") as file:
             file.write(b"\x93NUMPY\x01\x00v\x00{'descr': '|O'")

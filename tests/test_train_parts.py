@@ -221,6 +221,25 @@ def test_updater_steps_counts_and_skips_non_finite_steps():
     }
 
 
+def test_the_ema_step_is_the_averaged_models_without_its_per_step_copies_of_the_count(monkeypatch):
+    """`AveragedModel.update_parameters` copies its count from the CPU to the device for each group of
+    tensors, and on a GPU each copy waits for the step to finish: the steps update the average directly."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    updater, x = _updater(tiny_spec(ema=0.75))
+    reference = AveragedModel(updater.model, multi_avg_fn=get_ema_multi_avg_fn(0.75), use_buffers=True)
+    reference.update_parameters(updater.model)
+    monkeypatch.setattr(updater.ema, "update_parameters", None)  # not called by a step
+    for _ in range(2):
+        updater(x)
+        reference.update_parameters(updater.model)
+    assert int(updater.ema.n_averaged) == int(reference.n_averaged) == 3
+    ours, theirs = updater.ema.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+
+
 def test_accumulated_micro_batches_give_the_whole_batch_gradient():
     spec = tiny_spec(batch=16, warmup=0)
     torch.manual_seed(0)

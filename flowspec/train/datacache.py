@@ -4,7 +4,8 @@ A cache folder is named by what it holds (the source's files and the preparation
 sizes and modification times: it is reused while they are unchanged and rebuilt when one changes. It is
 built in a temporary folder and renamed into place, under a lock, so a killed build never leaves half a
 cache and concurrent processes (torchrun) build it once. Location: `FLOWSPEC_CACHE_DIR`, else a
-`.flowspec-cache` folder beside the data when it (or, before it exists, the data's folder) is writable, else `~/.cache/flowspec/prepared`.
+`.flowspec-cache` folder beside the data when it (or, before it exists, the data's folder) is writable,
+else `~/.cache/flowspec/prepared`.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
             facts = build(tmp)
             written = {f.name: _file_stamp(f) for f in tmp.iterdir()}
             (tmp / META).write_text(
-                json.dumps({"stamp": stamp_digest, "what": what, "files": written, **facts}, default=str) + "\n"
+                json.dumps({"stamp": stamp_digest, "what": what, "files": written, **facts}, default=str)
+                + "\n"
             )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -71,8 +71,9 @@ def save_grid(
     once), and save them as one grid. Before each batch `stop` is asked (`StoppedBySignal` if a signal came);
     `progress` is told each batch's size."""
     model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    generator = (
+        torch.Generator().manual_seed(seed) if seed is not None else None
+    )  # one seed, one grid: any device
     batch = batch or n
     parts = []
     for start in range(0, n, batch):

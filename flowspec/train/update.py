@@ -61,6 +61,7 @@ class Updater:
         if train.ema:
             self.ema = AveragedModel(model, multi_avg_fn=self._ema_update, use_buffers=True)
             self.ema.update_parameters(model)  # the average starts from the initialised weights
+            self._averaged = _grouped(self.ema.module, model)
         if compile and model.compile_for_device() == "elementwise" and self.ema is not None:
             self.ema.module.fuse_elementwise()  # its evaluations too (whole networks: the trained model only)
         self.objective: nn.Module = Objective(model)
@@ -113,7 +114,7 @@ class Updater:
         self.optimizer.found_inf = (~self._ok).float()  # fused Adam leaves everything as it was when set
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self._update_ema()
         self._counts[0] += ~self._ok
         self._counts[1] = (self._counts[1] + 1) * ~self._ok
         self.scheduler.step()
@@ -140,7 +141,14 @@ class Updater:
             state["exp_avg"].mul_(factor)
             state["exp_avg_sq"].mul_(factor**2)
 
-    def _ema_update(self, ema: list[Tensor], current: list[Tensor], _: Tensor) -> None:
+    def _update_ema(self) -> None:
+        """`self.ema.update_parameters(self.model)` without its copy of the count to the device for each
+        group of tensors (from pageable memory, each waited for a GPU to finish the step)."""
+        for ema, current in self._averaged:
+            self._ema_update([t.detach() for t in ema], [t.detach() for t in current], None)
+        self.ema.n_averaged += 1
+
+    def _ema_update(self, ema: list[Tensor], current: list[Tensor], _: Tensor | None) -> None:
         """`ema += (1 - decay) (current - ema)` on applied steps; nothing on skipped ones."""
         if not ema[0].is_floating_point():  # flags of data-dependent init
             for e, c in zip(ema, current, strict=True):
@@ -178,3 +186,14 @@ class Updater:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self._counts.copy_(torch.tensor([state["skipped"], state.get("bad_in_row", 0)]))
+
+
+def _grouped(ema: nn.Module, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """The EMA's parameters and buffers beside the model's, grouped by device and dtype (for foreach)."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    ours = [*ema.parameters(), *ema.buffers()]
+    for averaged, current in zip(ours, [*model.parameters(), *model.buffers()], strict=True):
+        group = groups.setdefault((averaged.device, averaged.dtype), ([], []))
+        group[0].append(averaged)
+        group[1].append(current)
+    return list(groups.values())
