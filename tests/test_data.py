@@ -132,3 +132,34 @@ def test_stream_rejects_bad_batches():
 def test_npz_grey_images_without_channel_axis(tmp_path):
     np.savez(tmp_path / "test.npz", x=np.zeros((5, 8, 8), np.uint8), y=np.zeros(5))
     assert load_split(NPZ, "test", tmp_path).images.shape == (5, 1, 8, 8)
+
+
+def test_npz_shards_without_labels_refuse_classes_and_a_mix_is_refused(tmp_path):
+    """Shards without `y` read as label 0: `classes 0` selected every image, a mix labelled some 0."""
+    images = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "train_1.npz", x=images)
+    np.savez(tmp_path / "test.npz", x=images)
+    assert len(load_split(NPZ, "train", tmp_path)) == 4
+    with pytest.raises(UserError, match=r"train_1\.npz has no labels, so `classes` cannot select from it"):
+        load_split(NPZ.model_copy(update={"classes": (0,)}), "train", tmp_path)
+    np.savez(tmp_path / "train_2.npz", x=images, y=np.arange(4))
+    with pytest.raises(UserError, match=r"train_2\.npz has labels but .*train_1\.npz has none"):
+        load_split(NPZ, "train", tmp_path)
+
+
+def test_npz_train_shards_must_be_numbered_in_turn(tmp_path):
+    """`train_*.npz` also matched `train_1 (copy).npz`: a duplicated shard in place of a missing one."""
+    images = np.zeros((4, 8, 8), np.uint8)
+    for name in ("train_1.npz", "train_1 (copy).npz", "train_3.npz", "test.npz"):
+        np.savez(tmp_path / name, x=images, y=np.zeros(4, int))
+    with pytest.raises(
+        UserError,
+        match=r"train shards of .* are not numbered 1, 2, \.\.\. in turn: found train_1\.npz, train_3\.npz; "
+        r"missing train_2\.npz; not read \(not named train_N\.npz\): train_1 \(copy\)\.npz",
+    ):
+        load_split(NPZ, "train", tmp_path)
+    (tmp_path / "train_3.npz").rename(tmp_path / "train_2.npz")
+    assert len(load_split(NPZ, "train", tmp_path)) == 8  # the copy is not read
+    np.savez(tmp_path / "train_01.npz", x=images, y=np.zeros(4, int))
+    with pytest.raises(UserError, match=r"not numbered 1, 2, \.\.\. in turn: found train_01\.npz, train_1"):
+        load_split(NPZ, "train", tmp_path)

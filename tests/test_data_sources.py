@@ -414,7 +414,7 @@ def test_sixteen_bit_pngs_need_convert_depth(tmp_path):
     Image.fromarray(values[::-1].copy()).save(folder / "b.png")
     data = DataSpec(dataset="folder", path=str(folder), shape=(1, 8, 8), test_split=1)
     with pytest.raises(
-        UserError, match=r"a\.png: values up to 63000 but the spec says 256 levels.*`convert depth`"
+        UserError, match=r"a\.png: a 16-bit image \(I(;16)?\) but the spec says 256 levels.*`convert depth`"
     ):
         load_split(data, "train")
     reduced = data.model_copy(update={"convert": ("depth",), "levels": 32})
@@ -668,3 +668,110 @@ def test_preparing_data_says_so_unless_quiet(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     load_split(data.model_copy(update={"test_split": 9}), "train")  # another split: prepared again
     assert "prepar" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- found by the second data audit
+
+
+def test_classes_on_data_without_labels_are_refused(tmp_path):
+    """An npy folder has no labels: `classes 0` selected every image as class 0."""
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.save(folder / "train.npy", np.zeros((6, 4, 4), np.uint8))
+    np.save(folder / "test.npy", np.zeros((2, 4, 4), np.uint8))
+    data = DataSpec(dataset="npy", path=str(folder), shape=(1, 4, 4), classes=(0,))
+    with pytest.raises(UserError, match=r"train\.npy has no labels, so `classes` cannot select from it"):
+        load_split(data, "train")
+    write_imagenet(tmp_path / "imagenet")
+    np.savez(tmp_path / "imagenet" / "train_data_batch_3.npz", data=np.zeros((2, 48), np.uint8))
+    imagenet = DataSpec(dataset="imagenet", path=str(tmp_path / "imagenet"), shape=(3, 4, 4))
+    with pytest.raises(UserError, match=r"batch_1\.npz has labels but .*batch_3\.npz has none \(1 of 3"):
+        load_split(imagenet, "train")
+
+
+def test_npz_arrays_of_which_some_have_labels_are_refused(tmp_path):
+    np.savez(tmp_path / "train_a.npz", images=np.zeros((4, 4, 4), np.uint8), labels=np.arange(4))
+    np.savez(tmp_path / "train_b.npz", images=np.zeros((4, 4, 4), np.uint8))
+    data = DataSpec(dataset="npy", path=str(tmp_path), shape=(1, 4, 4), test_split=1)
+    with pytest.raises(UserError, match=r"train_a\.npz has labels but .*train_b\.npz has none"):
+        load_split(data, "train")
+
+
+def test_a_folder_with_images_and_class_subfolders_is_refused(tmp_path):
+    """20 loose images and a thumbs/ subfolder of 4 trained on the 4."""
+    folder = tmp_path / "imgs"
+    write_folder(folder, sizes=((12, 12),) * 4, classes=("thumbs",))
+    for i in range(20):
+        Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(folder / f"{i}.png")
+    data = DataSpec(dataset="folder", path=str(folder), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(UserError, match=r"imgs holds both .*\(thumbs/\): its 20 own images would be ignored"):
+        load_split(data, "train")
+
+
+def test_subfolders_without_images_are_not_classes(tmp_path):
+    """A flat folder beside an empty subfolder said "no images in ..."."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((12, 12, 3), i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "empty").mkdir()
+    (folder / "dir.png").mkdir()
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._0.png").write_bytes(b"resource fork")
+    data = DataSpec(dataset="folder", path=str(folder), shape=(3, 12, 12), test_split=1)
+    assert len(load_split(data, "train")) == 2
+    write_folder(tmp_path / "classes")
+    (tmp_path / "classes" / "bird").mkdir()  # no images: not a class, cat and dog stay 0 and 1
+    classes = data.model_copy(update={"path": str(tmp_path / "classes"), "classes": ("dog",)})
+    assert load_split(classes, "train").labels.tolist() == [1, 1]
+
+
+def test_linked_folders_inside_a_class_are_followed_and_a_loop_is_refused(tmp_path):
+    write_folder(tmp_path / "imgs")
+    write_folder(tmp_path / "more", classes=("extra",))
+    (tmp_path / "imgs" / "cat" / "more").symlink_to(tmp_path / "more" / "extra")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    labels = torch.cat([load_split(data, "train").labels, load_split(data, "test").labels]).tolist()
+    assert labels.count(0) == 6 and labels.count(1) == 3  # the 3 linked images are cats
+    (tmp_path / "imgs" / "dog" / "sub").mkdir()
+    (tmp_path / "imgs" / "dog" / "sub" / "back").symlink_to(tmp_path / "imgs" / "dog")
+    with pytest.raises(UserError, match=r"the link .*dog/sub/back leads to a folder it is in .*: a loop"):
+        load_split(data, "train")
+    (tmp_path / "imgs" / "dog" / "sub" / "back").unlink()
+    (tmp_path / "imgs" / "dog" / "root").symlink_to(tmp_path / "imgs")
+    with pytest.raises(UserError, match=r"the link .*imgs/dog/root leads to a folder it is in"):
+        load_split(data, "train")
+
+
+def test_a_test_path_that_is_missing_empty_or_of_the_wrong_kind_is_named(tmp_path):
+    """A missing test_path was an OS error ("cannot complete accessing ..."), an empty one "has no test
+    split ... or name the test data with test_path"."""
+    np.save(tmp_path / "train.npy", np.zeros((4, 4, 4), np.uint8))
+    (tmp_path / "empty").mkdir()
+    npy = DataSpec(dataset="npy", path=str(tmp_path / "train.npy"), shape=(1, 4, 4))
+    for test_path, message in (
+        ("nowhere", r"the test path .*nowhere does not exist: fix the data section's test_path"),
+        ("empty", r"the test path .*empty holds no \.npy/\.npz arrays"),
+    ):
+        with pytest.raises(UserError, match=message):
+            load_split(npy.model_copy(update={"test_path": str(tmp_path / test_path)}), "train")
+    write_folder(tmp_path / "imgs")
+    folder = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12))
+    for test_path, message in (
+        ("nowhere", r"the test path .*nowhere does not exist"),
+        ("train.npy", r"the test path .*train\.npy is not a folder of images"),
+    ):
+        with pytest.raises(UserError, match=message):
+            load_split(folder.model_copy(update={"test_path": str(tmp_path / test_path)}), "train")
+
+
+def test_a_sixteen_bit_png_needs_convert_depth_whatever_its_values(tmp_path):
+    """A 16-bit PNG of values up to 255 was read as 8-bit: a dark 16-bit image made bright."""
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(folder / "b.png")
+    assert Image.open(folder / "b.png").mode in ("I;16", "I")
+    data = DataSpec(dataset="folder", path=str(folder), shape=(1, 8, 8), test_split=1)
+    with pytest.raises(UserError, match=r"b\.png: a 16-bit image \(I(;16)?\) but the spec says 256 levels"):
+        load_split(data, "train")

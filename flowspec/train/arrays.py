@@ -155,6 +155,20 @@ def read_labels(member: Member | None, count: int, images: Member) -> np.ndarray
     return labels
 
 
+def check_labelled(files: list[tuple[Path, bool]], classes: bool) -> None:
+    """Refuses array files of which some have labels and others not, and `classes` on files without any:
+    `files` are (path, whether it has labels)."""
+    without = [path for path, has in files if not has]
+    if without and len(without) < len(files):
+        having = next(path for path, has in files if has)
+        raise UserError(
+            f"{having} has labels but {without[0]} has none ({len(without)} of {len(files)} files without): "
+            f"give every file of the set its labels, or none"
+        )
+    if without and classes:
+        raise UserError(f"{without[0]} has no labels, so `classes` cannot select from it")
+
+
 def chunks(
     member: Member, channels_last: bool, flat_shape: tuple[int, ...] | None = None
 ) -> Iterator[torch.Tensor]:

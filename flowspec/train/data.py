@@ -11,6 +11,7 @@ downloads unless `load_split` is allowed to (CIFAR-10 only, into a cache folder,
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -123,8 +124,10 @@ def _from_folder(folder: Path, split: Split, data: DataSpec) -> Loaded:
         return _torchvision_cifar(folder.parent, split)
     if (folder / CIFAR_FOLDER).is_dir():
         return _torchvision_cifar(folder, split)
-    pattern = "train_*.npz" if split == "train" else "test*.npz"
-    shards = sorted(folder.glob(pattern))
+    pattern = "train_N.npz" if split == "train" else "test*.npz"
+    shards = sorted(folder.glob("train_*.npz" if split == "train" else pattern))
+    if split == "train":
+        shards = _numbered(folder, shards)
     if not shards:
         raise UserError(
             f"no {split} data in {folder}: expected a torchvision `{CIFAR_FOLDER}` folder or .npz shards "
@@ -134,18 +137,37 @@ def _from_folder(folder: Path, split: Split, data: DataSpec) -> Loaded:
     return _npz(shards, data)
 
 
+def _numbered(folder: Path, found: list[Path]) -> list[Path]:
+    """The shards `train_<N>.npz` of `found` (in name order), refused unless numbered 1, 2, ... in turn."""
+    shards = [p for p in found if re.fullmatch(r"train_\d+\.npz", p.name)]
+    numbers = sorted(int(p.stem[len("train_") :]) for p in shards)
+    if numbers != list(range(1, len(numbers) + 1)):
+        missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
+        others = [p.name for p in found if p not in shards]
+        raise UserError(
+            f"the train shards of {folder} are not numbered 1, 2, ... in turn: found "
+            f"{', '.join(p.name for p in shards)}"
+            + (f"; missing {', '.join(f'train_{n}.npz' for n in missing)}" if missing else "")
+            + (f"; not read (not named train_N.npz): {', '.join(others)}" if others else "")
+        )
+    return shards
+
+
 def _npz(shards: list[Path], data: DataSpec) -> Loaded:
     """Shards with arrays `x` (uint8 images N x H x W x C or N x H x W) and `y` (labels), each prepared."""
-    xs, ys = [], []
+    xs, ys, labelled = [], [], []
     for shard in shards:
         found = arrays.members(shard)
         member = arrays.pick(found, ("x",), shard, "images")
         count, levels, _, channels_last = arrays.image_layout(member)
-        labels = arrays.read_labels(arrays.pick(found, ("y",), shard, "labels"), count, member)
+        label_member = arrays.pick(found, ("y",), shard, "labels")
+        labelled.append((shard, label_member is not None))
+        labels = arrays.read_labels(label_member, count, member)
         if count == 0:
             raise UserError(f"{member} holds no images")
         xs.append(prepare(torch.cat(list(arrays.chunks(member, channels_last))), levels, data, str(shard)))
         ys.append(torch.from_numpy(labels))
+    arrays.check_labelled(labelled, data.classes is not None)
     where = str(shards[0].parent / f"{{{','.join(s.name for s in shards)}}}")
     return torch.cat(xs), torch.cat(ys), where, data.levels
 

@@ -23,34 +23,54 @@ BATCH = 64
 def list_folder(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     """The image files of `folder` (sorted), their labels and the class names.
 
-    With subfolders, each (sorted by name) is a class holding images at any depth; without, the folder's
-    images are one class. Hidden files and other suffixes are skipped; an image name that is not a regular
+    With subfolders holding images, each (sorted by name) is a class holding images at any depth (links
+    followed); without, the folder's images are one class. A folder with both is refused (its own images
+    would be ignored). Hidden files and other suffixes are skipped; an image name that is not a regular
     file (a FIFO, a device) is refused.
     """
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    groups = [(folder / name, sorted(_images(folder / name))) for name in classes]
-    if not classes:
-        groups = [(folder, sorted(p for p in folder.iterdir() if _is_image_name(p)))]
-        classes = [folder.name]
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    root = os.stat(folder)
+    above = frozenset({(root.st_dev, root.st_ino)})
+    groups = [(name, found) for name in subfolders if (found := sorted(_images(folder / name, above)))]
+    loose = sorted(p for p in folder.iterdir() if _is_image_name(p))
+    if groups and loose:
+        names = ", ".join(f"{name}/" for name, _ in groups[:5]) + (", ..." if len(groups) > 5 else "")
+        raise UserError(
+            f"{folder} holds both images of its own and class subfolders of images ({names}): its "
+            f"{len(loose)} own images would be ignored; move them into a class subfolder, or the "
+            f"subfolders out"
+        )
+    if not groups:
+        groups = [(folder.name, loose)]
     paths = [regular_file(p, "image") for _, found in groups for p in found]
     labels = np.concatenate([np.full(len(found), i, dtype=np.int64) for i, (_, found) in enumerate(groups)])
     if not paths:
         raise UserError(
             f"no images in {folder}: expected {', '.join(SUFFIXES)} files, or class subfolders of them"
         )
-    return paths, labels, tuple(classes)
+    return paths, labels, tuple(name for name, _ in groups)
 
 
-def _images(folder: Path) -> Iterator[Path]:
-    """The image files under `folder`, at any depth, hidden files and folders skipped; a folder that
-    cannot be read is an error (its images would otherwise be silently missing)."""
-
-    def refuse(error: OSError) -> None:
-        raise UserError(f"cannot read the folder {error.filename}: {error.strerror}")
-
-    for root, subfolders, names in os.walk(folder, onerror=refuse):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        yield from (path for path in (Path(root) / name for name in names) if _is_image_name(path))
+def _images(folder: Path, above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Path]:
+    """The image files under `folder`, at any depth, linked folders followed, hidden files and folders
+    skipped; a folder that cannot be read is an error (its images would otherwise be silently missing),
+    and so is a link to a folder it is in (a loop). `above`: (device, inode) of the folders above."""
+    try:
+        info = os.stat(folder)
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError as error:
+        raise UserError(f"cannot read the folder {folder}: {error.strerror}") from None
+    here = (info.st_dev, info.st_ino)
+    if here in above:
+        raise UserError(f"the link {folder} leads to a folder it is in ({os.path.realpath(folder)}): a loop")
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():  # a link to a folder too
+            yield from _images(path, above | {here})
+        elif _is_image_name(path):
+            yield path
 
 
 def _is_image_name(path: Path) -> bool:
@@ -72,6 +92,12 @@ def image_tensor(image: Any, data: DataSpec, where: str) -> torch.Tensor:
     if array.dtype != np.uint8:  # 16-bit grey ("I;16", or "I" from older Pillow)
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise UserError(f"{where}: a {mode} image with values outside 16 bits")
+        if "depth" not in data.convert:  # whatever its values: small ones are a dark image, not 8-bit data
+            raise UserError(
+                f"{where}: a 16-bit image ({mode}) but the spec says {data.levels} levels (values "
+                f"0..{data.levels - 1}); add `convert depth` to the data section to reduce the colour depth "
+                f"(or save the image as 8-bit if it holds 8-bit values)"
+            )
         array, levels = array.astype(np.int32), 65536
     x = torch.from_numpy(array if array.ndim == 3 else array[..., None]).permute(2, 0, 1)[None]
     return prepare(x, levels, data, where)

@@ -91,16 +91,20 @@ def _plan(data: DataSpec, path: Path) -> Plan:
     if not path.exists():
         raise UserError(f"data path {path} does not exist: pass the data with --data PATH or the spec's path")
     test_path = Path(data.test_path) if data.test_path else None
+    if test_path is not None and not test_path.exists():
+        raise UserError(f"the test path {test_path} does not exist: fix the data section's test_path")
+    if test_path is not None and data.dataset == "folder" and not test_path.is_dir():
+        raise UserError(f"the test path {test_path} is not a folder of images (the dataset is `folder`)")
     if data.dataset == "npy":
-        return _npy_plan(path, test_path)
+        return _npy_plan(path, test_path, data.classes is not None)
     if data.dataset == "imagenet":
-        return _imagenet_plan(path)
+        return _imagenet_plan(path, data.classes is not None)
     if data.dataset == "folder":
         return _folder_plan(path, test_path, data)
     return _torchvision_plan(data, path)
 
 
-def _npy_plan(path: Path, test_path: Path | None) -> Plan:
+def _npy_plan(path: Path, test_path: Path | None, classes: bool) -> Plan:
     if path.is_dir():
         found = sorted((p for p in path.iterdir() if p.suffix in (".npy", ".npz")), key=_natural)
         train = [p for p in found if p.name.startswith("train")]
@@ -116,17 +120,20 @@ def _npy_plan(path: Path, test_path: Path | None) -> Plan:
         train, test = [path], []
     if test_path is not None:
         test = sorted(test_path.glob("*.np[yz]"), key=_natural) if test_path.is_dir() else [test_path]
-    return Plan(str(path), path, _arrays(train), _arrays(test) if test else None)
+        if not test:
+            raise UserError(f"the test path {test_path} holds no .npy/.npz arrays")
+    return Plan(str(path), path, _arrays(train, classes), _arrays(test, classes) if test else None)
 
 
-def _imagenet_plan(path: Path) -> Plan:
+def _imagenet_plan(path: Path, classes: bool) -> Plan:
     def find(pattern: str) -> list[Path]:
         return sorted([*path.glob(pattern), *path.glob(f"*/{pattern}")], key=_natural)
 
     train, test = find("train_data_batch_*.npz"), find("val_data.npz")
     if not train:
         raise UserError(f"no downsampled-ImageNet batches in {path}: expected train_data_batch_*.npz files")
-    return Plan(str(path), path, _arrays(train, flat=True), _arrays(test, flat=True) if test else None)
+    tests = _arrays(test, classes, flat=True) if test else None
+    return Plan(str(path), path, _arrays(train, classes, flat=True), tests)
 
 
 def _folder_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
@@ -176,9 +183,9 @@ def _natural(path: Path) -> list:
 # ---------------------------------------------------------------- readers
 
 
-def _arrays(paths: list[Path], flat: bool = False) -> Reader:
-    """The images of array files, concatenated."""
-    parts, labels = [], []
+def _arrays(paths: list[Path], classes: bool, flat: bool = False) -> Reader:
+    """The images of array files, concatenated; `classes`: their labels select classes."""
+    parts, labels, labelled = [], [], []
     for path in paths:
         found = arrays.members(path)
         member = arrays.pick(found, arrays.IMAGE_KEYS, path, "images")
@@ -188,6 +195,7 @@ def _arrays(paths: list[Path], flat: bool = False) -> Reader:
             count, levels, channels, channels_last = arrays.image_layout(member)
             shape = None
         label_member = arrays.pick(found, arrays.LABEL_KEYS, path, "labels")
+        labelled.append((path, label_member is not None))
         part_labels = arrays.read_labels(label_member, count, member)
         if flat and label_member is not None:  # ImageNet labels count from 1
             if len(part_labels) and part_labels.min() < 1:
@@ -197,6 +205,7 @@ def _arrays(paths: list[Path], flat: bool = False) -> Reader:
             part_labels = part_labels - 1
         labels.append(part_labels)
         parts.append((member, levels, channels_last, shape))
+    arrays.check_labelled(labelled, classes)
 
     def read(keep: np.ndarray, data: DataSpec) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         start = 0
@@ -443,8 +452,8 @@ def _build(folder: Path, plan: Plan, routes: list[np.ndarray], data: DataSpec) -
         if "depth" in data.convert and len(array) and not _any_nonzero(array):
             raise UserError(
                 f"every {split} image of {plan.source} is black after `convert depth` to {data.levels} "
-                f"levels: were its values already small (8-bit values in a 16-bit file, or values already "
-                f"below levels, which need no `convert depth`)?"
+                f"levels: were its values already small (8-bit values in a 16-bit file, to be saved as "
+                f"8-bit, or values already below levels, which need no `convert depth`)?"
             )
     for split, array in out.items():
         array.flush()
