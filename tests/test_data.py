@@ -88,6 +88,22 @@ def test_cifar_from_env_dir(cifar10_dir, monkeypatch):
     assert len(load_split(CIFAR, "test")) == 1000
 
 
+def test_a_data_dir_set_to_a_folder_without_cifar_is_an_error_not_passed_over(
+    cifar10_dir, tmp_path, monkeypatch
+):
+    cache = tmp_path / "cache"
+    (cache / "flowspec").mkdir(parents=True)
+    (cache / "flowspec" / "cifar10").symlink_to(cifar10_dir)  # a copy the cache would otherwise serve
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(tmp_path / "typo"))
+    with pytest.raises(
+        UserError, match=rf"FLOWSPEC_DATA_DIR is {tmp_path / 'typo'}, which holds no CIFAR-10"
+    ):
+        load_split(CIFAR, "test")
+    monkeypatch.delenv("FLOWSPEC_DATA_DIR")
+    assert len(load_split(CIFAR, "test")) == 1000
+
+
 def _drain(stream: BatchStream, n: int) -> list[torch.Tensor]:
     return [next(stream) for _ in range(n)]
 

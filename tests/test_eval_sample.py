@@ -482,6 +482,26 @@ def test_a_run_records_the_folder_its_relative_data_path_named(tmp_path, monkeyp
     assert (tmp_path / "run" / "eval_test_first4.json").is_file()  # the run's own data: no _data part
 
 
+def test_a_cifar_run_records_the_data_dir_it_read(tmp_path, monkeypatch, capsys):
+    """cifar10 without a path reads FLOWSPEC_DATA_DIR: the run records that folder, so an eval under
+    another FLOWSPEC_DATA_DIR reads the run's own data (and --data other data, in a file of its own)."""
+    from train_helpers import write_shards
+
+    own, other = write_shards(tmp_path / "own"), write_shards(tmp_path / "other")  # named as cifar10's
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(own))
+    spec = tiny_spec(steps=2, data=DataSpec(dataset="cifar10", shape=(1, 8, 8), levels=17))
+    train(spec, RunOptions(out=tmp_path / "run", device="cpu", quiet=True))
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(other))
+    capsys.readouterr()
+    assert run(["eval", str(tmp_path / "run"), "--limit", "4", "--device", "cpu"]) == 0
+    assert str(own.resolve()) in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "eval_test_first4.json").read_text())["data_folder"] == str(
+        own.resolve()
+    )
+    assert run(["eval", str(tmp_path / "run"), "--limit", "4", "--device", "cpu", "--data", str(other)]) == 0
+    assert len(list((tmp_path / "run").glob("eval_test_data*_first4.json"))) == 1
+
+
 def test_eval_of_another_dataset_does_not_read_the_runs_folder(tmp_path, capsys):
     """A run on npz shards, evaluated on scikit-learn's digits (same shape and levels): the recorded folder
     is the shards', which digits must not be handed (it reads no files)."""

@@ -475,9 +475,12 @@ def evaluate(
 
 
 def _data_read(folder: Path | str | None, spec: FlowSpec) -> tuple[str | None, dict]:
-    """What an evaluation reads: the absolute folder or file (`folder`, else the spec's path; None: the
-    dataset's own place), and the data settings but the classes (which name the file by themselves)."""
-    path = folder if folder is not None else spec.data.path
+    """What an evaluation reads: the absolute folder or file (`folder`, else the spec's path, else the
+    dataset's own place as it is now; None: none holds it), and the data settings but the classes (which
+    name the file by themselves)."""
+    from flowspec.train.data import default_folder
+
+    path = folder if folder is not None else spec.data.path or default_folder(spec.data)
     where = str(Path(path).resolve()) if path is not None else None
     return where, spec.data.model_dump(mode="json", exclude={"source", "classes"})
 

@@ -195,14 +195,30 @@ def _has_data(folder: Path) -> bool:
     return (folder / CIFAR_FOLDER).is_dir() or folder.name == CIFAR_FOLDER or any(folder.glob("test*.npz"))
 
 
-def _cifar10_default(split: Split, download: bool, data: DataSpec) -> Loaded:
-    """FLOWSPEC_DATA_DIR, then the cache folder; else a download into the cache when online."""
+def default_folder(data: DataSpec) -> Path | None:
+    """The folder that a cifar10 spec without a path reads now (FLOWSPEC_DATA_DIR when set, else the cache
+    folder once it holds the data); None for other specs, and where none holds CIFAR-10."""
+    if data.dataset != "cifar10" or data.path is not None:
+        return None
     env = os.environ.get("FLOWSPEC_DATA_DIR")
-    candidates = ([Path(env)] if env else []) + [cache_dir()]
-    for folder in candidates:
-        if folder.is_dir() and _has_data(folder):
-            return _from_folder(folder, split, data)
-    looked = ", ".join(str(c) for c in candidates)
+    folder = Path(env) if env else cache_dir()
+    return folder.resolve() if folder.is_dir() and _has_data(folder) else None
+
+
+def _cifar10_default(split: Split, download: bool, data: DataSpec) -> Loaded:
+    """FLOWSPEC_DATA_DIR when set (a folder without CIFAR-10 is an error, not passed over); else the cache
+    folder, or a download into it when online."""
+    env = os.environ.get("FLOWSPEC_DATA_DIR")
+    if env:
+        if not (Path(env).is_dir() and _has_data(Path(env))):
+            raise UserError(
+                f"FLOWSPEC_DATA_DIR is {env}, which holds no CIFAR-10 (a torchvision `{CIFAR_FOLDER}` folder "
+                f"or .npz shards): fix it, pass --data DIR, or unset it to read {cache_dir()}"
+            )
+        return _from_folder(Path(env), split, data)
+    if cache_dir().is_dir() and _has_data(cache_dir()):
+        return _from_folder(cache_dir(), split, data)
+    looked = str(cache_dir())
     if download and os.environ.get("FLOWSPEC_OFFLINE") != "1":
         try:
             return _torchvision_cifar(cache_dir(), split, download=True)

@@ -26,7 +26,7 @@ from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
 from flowspec.train.batches import BatchStream, training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
-from flowspec.train.data import ImageSet, load_split
+from flowspec.train.data import ImageSet, default_folder, load_split
 from flowspec.train.datacache import quietly
 from flowspec.train.distributed import (
     StopVote,
@@ -126,6 +126,8 @@ class Trainer:
             if test_set is None:
                 test_set = load_split(spec.data, "test", self.data_dir)
         self.train_set, self.test_size = train_set, len(test_set)
+        if self.data_dir is None:  # cifar10 from FLOWSPEC_DATA_DIR or the cache: recorded as the folder read
+            self.data_dir = default_folder(spec.data)
         if self.t.accumulate > 1 and self.t.batch % (self.dist.world * self.t.accumulate):
             raise UserError(
                 f"the batch ({self.t.batch}) must be divisible by the number of processes "
