@@ -535,6 +535,19 @@ def test_a_truncated_or_replaced_cache_file_is_rebuilt(tmp_path, capsys):
         assert "prepared 5 train and 1 test images" in capsys.readouterr().err  # rebuilt, not trusted
 
 
+def test_a_cache_file_damaged_with_its_size_and_time_kept_is_an_error_naming_it(tmp_path):
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    load_split(data, "train")
+    labels = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir()) / "train_labels.npy"
+    state = labels.stat()
+    with open(labels, "r+b") as file:  # bit rot: a pickled-object header, the file's size and time kept
+        file.write(b"\x93NUMPY\x01\x00v\x00{'descr': '|O'")
+    os.utime(labels, ns=(state.st_atime_ns, state.st_mtime_ns))
+    with pytest.raises(UserError, match=rf"cannot read the prepared {labels} .*: delete {labels.parent} to"):
+        load_split(data, "train")
+
+
 def test_eight_bit_values_stored_as_sixteen_bit_are_refused_with_convert_depth(tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (6, 4, 4, 1)).astype(np.uint16))
     data = DataSpec(dataset="npy", path=str(tmp_path / "x.npy"), shape=(1, 4, 4), convert=("depth",),

@@ -77,10 +77,13 @@ def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
     out = {}
     for split in ("train", "test"):
         member = arrays.members(folder / f"{split}.npy")[""]
-        out[split] = (
-            ArrayFile(member.path, member.offset, member.shape, False),
-            np.load(folder / f"{split}_labels.npy"),
-        )
+        labels = folder / f"{split}_labels.npy"
+        try:
+            out[split] = (ArrayFile(member.path, member.offset, member.shape, False), np.load(labels))
+        except (OSError, ValueError) as error:  # damaged with its size and time kept: rare, but no traceback
+            raise UserError(
+                f"cannot read the prepared {labels} ({error}): delete {folder} to rebuild it"
+            ) from None
     return out, f"{plan.source} (prepared in {folder})"
 
 
