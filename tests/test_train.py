@@ -22,7 +22,7 @@ from flowspec.train.update import Objective, Updater
 
 
 def options(out, **kw) -> RunOptions:
-    return RunOptions(out=out, device="cpu", quiet=True, **kw)
+    return RunOptions(out=out, device="cpu", **{"quiet": True, **kw})
 
 
 def test_synthetic_data_loss_goes_down_and_run_folder_is_complete(tmp_path):
@@ -507,3 +507,21 @@ def test_evaluations_count_neither_in_the_throughput_nor_in_max_time(tmp_path, m
     assert result.img_s == 16.0 and [r["img_s"] for r in rows] == [16.0] * 4
     timed = train(spec, options(tmp_path / "timed", max_time=5.0))
     assert (timed.stopped, timed.step) == ("max-time", 5)
+
+
+def test_a_run_resumed_on_other_images_says_so(tmp_path, capsys):
+    """The count of images is checked (the data position needs it); their content is compared by a sample:
+    a resume on other images of the same count goes on, but says which split changed."""
+    import numpy as np
+
+    shards = write_shards(tmp_path / "shards")
+    spec = tiny_spec(steps=6, data=DataSpec(dataset="npz", path=str(shards), shape=(1, 8, 8), levels=17))
+    train(spec, options(tmp_path / "run", max_steps=2, quiet=False))
+    train(spec, options(tmp_path / "run", resume=True, max_steps=4, quiet=False))
+    assert "not those this run was trained on" not in capsys.readouterr().out
+    with np.load(shards / "test.npz") as test:
+        np.savez(shards / "test.npz", x=16 - test["x"], y=test["y"])
+    train(spec, options(tmp_path / "run", resume=True, quiet=False))
+    said = capsys.readouterr().out
+    assert "note: the test images are not those this run was trained on before" in said
+    assert "best test bits/dim so far was measured on other test images" in said

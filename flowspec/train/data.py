@@ -10,6 +10,7 @@ downloads unless `load_split` is allowed to (CIFAR-10 only, into a cache folder,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -193,6 +194,16 @@ def _torchvision_cifar(root: Path, split: Split, download: bool = False) -> Load
 
 def _has_data(folder: Path) -> bool:
     return (folder / CIFAR_FOLDER).is_dir() or folder.name == CIFAR_FOLDER or any(folder.glob("test*.npz"))
+
+
+def fingerprint(images: torch.Tensor, samples: int = 64) -> str:
+    """A digest of a set of images from its shape and `samples` evenly spaced images: cheap at any size;
+    other images in their place change it (an edit between the sampled images may not)."""
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    if len(images):
+        picks = torch.linspace(0, len(images) - 1, min(samples, len(images))).round().long()
+        digest.update(images[picks].cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def default_folder(data: DataSpec) -> Path | None:

@@ -26,7 +26,7 @@ from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
 from flowspec.train.batches import BatchStream, training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
-from flowspec.train.data import ImageSet, default_folder, load_split
+from flowspec.train.data import ImageSet, default_folder, fingerprint, load_split
 from flowspec.train.datacache import quietly
 from flowspec.train.distributed import (
     StopVote,
@@ -126,6 +126,8 @@ class Trainer:
             if test_set is None:
                 test_set = load_split(spec.data, "test", self.data_dir)
         self.train_set, self.test_size = train_set, len(test_set)
+        self.fingerprints = {"train": fingerprint(train_set.images), "test": fingerprint(test_set.images)}
+        self.data_note: str | None = None  # said after the banner: the data changed since the checkpoint
         if self.data_dir is None:  # cifar10 from FLOWSPEC_DATA_DIR or the cache: recorded as the folder read
             self.data_dir = default_folder(spec.data)
         if self.t.accumulate > 1 and self.t.batch % (self.dist.world * self.t.accumulate):
@@ -199,6 +201,8 @@ class Trainer:
         with StopSignals(self.options.handle_signals) as signals:
             reporter = Reporter.auto(self.options.quiet or not self.dist.main, self._horizon(), self.step)
             reporter.message(self._banner())
+            if self.data_note:
+                reporter.message(self.data_note)
             started, stopped = time.monotonic(), self._limit_reached()
             self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
             self.vote = StopVote(self.device) if self.dist.active else None  # stops agreed under torchrun
@@ -406,6 +410,7 @@ class Trainer:
             "window": self.window.state_dict(),
             "rng": states,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
+            "data_fingerprints": self.fingerprints,
             "precision": self.precision,
             "precision_asked": self.precision_asked,
             "threads": self.threads.threads,  # a resume keeps them: another count sums in another order
@@ -469,6 +474,15 @@ class Trainer:
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.updater.load_state_dict(payload)
+        saved = payload.get("data_fingerprints", self.fingerprints)  # absent from older checkpoints
+        changed = [split for split in ("train", "test") if saved.get(split) != self.fingerprints[split]]
+        if changed:
+            self.data_note = (
+                f"note: the {' and '.join(changed)} images are not those this run was trained on before "
+                f"(a sample of them differs); "
+                + ("its best test bits/dim so far was measured on other test images" if "test" in changed else
+                   "training goes on with these")
+            )  # fmt: skip
         self.best = payload["best_bpd"]
         states = payload["rng"]
         same_world = len(states) == self.dist.world
