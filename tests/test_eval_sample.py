@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -482,24 +483,29 @@ def test_a_run_records_the_folder_its_relative_data_path_named(tmp_path, monkeyp
     assert (tmp_path / "run" / "eval_test_first4.json").is_file()  # the run's own data: no _data part
 
 
-def test_a_cifar_run_records_the_data_dir_it_read(tmp_path, monkeypatch, capsys):
-    """cifar10 without a path reads FLOWSPEC_DATA_DIR: the run records that folder, so an eval under
-    another FLOWSPEC_DATA_DIR reads the run's own data (and --data other data, in a file of its own)."""
+def test_a_cifar_run_reads_flowspec_data_dir_where_it_runs_and_records_what_it_read(
+    tmp_path, monkeypatch, capsys
+):
+    """cifar10 without a path reads FLOWSPEC_DATA_DIR, which says where the data is on the machine of the
+    moment: an eval or resume under another one reads that (a resume after the first folder is gone too),
+    and eval names it as other data than the run's own (recorded)."""
     from train_helpers import write_shards
 
     own, other = write_shards(tmp_path / "own"), write_shards(tmp_path / "other")  # named as cifar10's
     monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(own))
-    spec = tiny_spec(steps=2, data=DataSpec(dataset="cifar10", shape=(1, 8, 8), levels=17))
-    train(spec, RunOptions(out=tmp_path / "run", device="cpu", quiet=True))
+    spec = tiny_spec(steps=4, data=DataSpec(dataset="cifar10", shape=(1, 8, 8), levels=17))
+    train(spec, RunOptions(out=tmp_path / "run", device="cpu", quiet=True, max_steps=2))
+    assert run(["eval", str(tmp_path / "run"), "--limit", "4", "--device", "cpu"]) == 0
+    assert (tmp_path / "run" / "eval_test_first4.json").is_file()  # the run's own data: no _data part
     monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(other))
     capsys.readouterr()
     assert run(["eval", str(tmp_path / "run"), "--limit", "4", "--device", "cpu"]) == 0
-    assert str(own.resolve()) in capsys.readouterr().out
-    assert json.loads((tmp_path / "run" / "eval_test_first4.json").read_text())["data_folder"] == str(
-        own.resolve()
-    )
-    assert run(["eval", str(tmp_path / "run"), "--limit", "4", "--device", "cpu", "--data", str(other)]) == 0
-    assert len(list((tmp_path / "run").glob("eval_test_data*_first4.json"))) == 1
+    assert str(other.resolve()) in capsys.readouterr().out
+    [elsewhere] = (tmp_path / "run").glob("eval_test_data*_first4.json")
+    assert json.loads(elsewhere.read_text())["data_folder"] == str(other.resolve())
+    shutil.rmtree(own)
+    resumed = train(spec, RunOptions(out=tmp_path / "run", device="cpu", quiet=True, resume=True))
+    assert resumed.step == 4
 
 
 def test_eval_of_another_dataset_does_not_read_the_runs_folder(tmp_path, capsys):

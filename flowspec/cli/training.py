@@ -454,7 +454,8 @@ def evaluate(
         iw_part = f"_iw{iw}" if iw > 1 else ""
         seed_part = f"_seed{seed}" if seed else ""
         read = _data_read(folder, spec)
-        data_part = f"_data{_short_hash(*read)}" if read != _data_read(trained.data_dir, trained.spec) else ""
+        own = _data_read(trained.data_dir or trained.data_default, trained.spec)
+        data_part = f"_data{_short_hash(*read)}" if read != own else ""
         name = f"eval_{split.value}{_classes_suffix(spec)}{data_part}{part}{iw_part}{seed_part}{weights}.json"
         out = trained.path.parent / name
     caption = f"{split.value}: {result['images']} images"
@@ -499,7 +500,7 @@ def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | s
     ):
         return data
     if trained.data_dir and not Path(trained.data_dir).exists():
-        print(f"note: the run's data folder {trained.data_dir} is gone; reading the spec's data path")
+        print(f"note: the run's data folder {trained.data_dir} is gone; reading the data its spec names here")
         return None
     return trained.data_dir
 

@@ -41,6 +41,7 @@ class Trained:
     train_images: int | None = None  # the size of its training set (not kept before 0.1.0's end)
     spec_hash: str = ""  # the hash its file stores (of the spec as the flowspec that trained it wrote it)
     spec_json: str = ""  # that spec's text
+    data_default: str | None = None  # without a data folder: the FLOWSPEC_DATA_DIR or cache folder it read
 
 
 def export(target: Path | str, output: Path | str) -> Trained:
@@ -63,6 +64,7 @@ def export(target: Path | str, output: Path | str) -> Trained:
         "checksum": checksum(tensors),
         "checkpoint": str(trained.path.resolve()),  # which weights: a run's last.pt or best.pt
         **({"data_dir": trained.data_dir} if trained.data_dir else {}),
+        **({"data_default": trained.data_default} if trained.data_default else {}),
         **({"train_images": str(trained.train_images)} if trained.train_images else {}),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -86,12 +88,15 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix.lower() == SUFFIX and not path.is_dir():
-        spec, weights, step, data_dir, train_images, stored_hash, stored_spec = _read_export(path)
+        spec, weights, step, data_dir, train_images, stored_hash, stored_spec, data_default = _read_export(
+            path
+        )
     else:
         path = resolve(path)
         payload = load_checkpoint(path, training_state=False)
         spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
         data_dir, stored_hash, stored_spec = payload.get("data_dir"), payload["spec_hash"], payload["spec"]
+        data_default = payload.get("data_default")
         stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
         train_images = stream.get("images")
     check_size(spec, "infer", where, allow_large, images)
@@ -100,14 +105,25 @@ def load_trained(
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its spec builds: {error}") from None
-    return Trained(model.to(where).eval(), spec, step, path, data_dir, train_images, stored_hash, stored_spec)
+    return Trained(
+        model.to(where).eval(),
+        spec,
+        step,
+        path,
+        data_dir,
+        train_images,
+        stored_hash,
+        stored_spec,
+        data_default,
+    )
 
 
-ExportContents = tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str]
+ExportContents = tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str, str | None]
 
 
 def _read_export(path: Path) -> ExportContents:
-    """The spec, weights, step, data folder, training-set size, stored spec hash and text of an export."""
+    """The spec, weights, step, data folder, training-set size, stored spec hash and text, and default data
+    folder of an export."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -149,6 +165,7 @@ def _read_export(path: Path) -> ExportContents:
         train_images,
         metadata["spec_hash"],
         metadata["spec"],
+        metadata.get("data_default"),
     )
 
 

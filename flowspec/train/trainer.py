@@ -128,8 +128,9 @@ class Trainer:
         self.train_set, self.test_size = train_set, len(test_set)
         self.fingerprints = {"train": fingerprint(train_set.images), "test": fingerprint(test_set.images)}
         self.data_note: str | None = None  # said after the banner: the data changed since the checkpoint
-        if self.data_dir is None:  # cifar10 from FLOWSPEC_DATA_DIR or the cache: recorded as the folder read
-            self.data_dir = default_folder(spec.data)
+        # cifar10 from FLOWSPEC_DATA_DIR or the cache: that folder is recorded to tell other data apart,
+        # but a resume reads the place of its own time (the variable names where the data is on this machine)
+        self.data_default = default_folder(spec.data) if self.data_dir is None else None
         if self.t.accumulate > 1 and self.t.batch % (self.dist.world * self.t.accumulate):
             raise UserError(
                 f"the batch ({self.t.batch}) must be divisible by the number of processes "
@@ -410,6 +411,7 @@ class Trainer:
             "window": self.window.state_dict(),
             "rng": states,
             "data_dir": str(Path(self.data_dir).resolve()) if self.data_dir else None,
+            "data_default": str(self.data_default) if self.data_default else None,
             "data_fingerprints": self.fingerprints,
             "precision": self.precision,
             "precision_asked": self.precision_asked,
