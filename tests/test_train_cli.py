@@ -164,6 +164,39 @@ def test_signal_finishes_the_step_saves_and_exits(tmp_path, signum):
     assert payload["step"] > 0
     assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
     assert f"flowspec train --resume {out}" in stdout
+    assert f"{signal.Signals(signum).name}: finishing the step or evaluation batch in progress" in stderr
+
+
+def test_a_quiet_run_still_says_that_a_signal_stopped_it_and_how_to_go_on(tmp_path):
+    flow = write_flow(tmp_path / "tiny.flow", steps=100000, eval_every=100000)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable,
+        "-m",
+        "flowspec",
+        "train",
+        str(flow),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "-q",
+    ]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    started = time.monotonic()
+    while not (out / "spec.json").exists() and proc.poll() is None and time.monotonic() - started < 60:
+        time.sleep(0.1)  # written as the loop starts
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stdout == "", stderr
+    assert "SIGINT: finishing the step" in stderr and "SIGINT: stopped after step" in stderr
+    assert (
+        f"Continue with: flowspec train --resume {out}" in stderr and load_checkpoint(out / LAST)["step"] > 0
+    )
 
 
 def test_quickstart_spec_trains(tmp_path, capsys):

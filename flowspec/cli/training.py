@@ -124,7 +124,7 @@ def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSig
     from flowspec.train.signals import StoppedBySignal, StopSignals
 
     try:
-        with StopSignals() as signals:
+        with StopSignals(announce=f"stopping {work} after the batch in progress (again: at once)") as signals:
             yield signals
     except StoppedBySignal as stop:
         print(f"{stop.signal}: {work} stopped {stop.done}; {kept}", file=sys.stderr)
@@ -241,6 +241,14 @@ def train(
             isinstance(stop, Terminated),
         ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
+        if (
+            quiet and os.environ.get("RANK", "0") == "0"
+        ):  # the line the loop prints: errors and this still show
+            print(
+                f"{result.stopped}: stopped after step {result.step}; saved {result.run_dir / 'last.pt'}. "
+                f"Continue with: flowspec train --resume {result.run_dir}",
+                file=sys.stderr,
+            )
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
         best = f" (best {result.best_bpd:.4f})" if result.best_bpd is not None else ""

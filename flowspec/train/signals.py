@@ -41,14 +41,15 @@ class StopSignals:
     process of a job reaches each worker twice (its own, and the one torchrun forwards). The previous
     handlers are restored on exit. Outside the main thread, or when `enabled` is false, nothing is
     installed and `received` stays None. Nested inside another (an ablation's runs), it starts with the
-    outer one's signal and hands its own back on exit.
+    outer one's signal and hands its own back on exit. `announce`, when given, is written to stderr on the
+    first signal after its name (e.g. "SIGINT: <announce>"), so that a stop that takes a while is seen.
     """
 
     _active: ClassVar[list[StopSignals]] = []  # entered and not yet left, innermost last
     ECHO_SECONDS = 5.0
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, announce: str | None = None):
+        self.enabled, self.announce = enabled, announce
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._first: dict[int, float] = {}  # signal -> when it first came
@@ -70,6 +71,8 @@ class StopSignals:
             return
         self._first[signum] = now
         self.received = signal.Signals(signum).name
+        if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
+            os.write(2, f"\n{self.received}: {self.announce}\n".encode())
         if not self._echoes:  # the kernel's default: it stops a process stuck in a long kernel call too
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 

@@ -199,7 +199,11 @@ class Trainer:
     def _run(self) -> RunResult:
         if self.dist.main:
             rundir.write_spec_files(self.run_dir, self.spec)
-        with StopSignals(self.options.handle_signals) as signals:
+        announce = (
+            f"finishing the step or evaluation batch in progress, then saving {self.run_dir / LAST} "
+            f"(the same signal again stops at once, without saving)"
+        )
+        with StopSignals(self.options.handle_signals, announce if self.dist.main else None) as signals:
             reporter = Reporter.auto(self.options.quiet or not self.dist.main, self._horizon(), self.step)
             reporter.message(self._banner())
             if self.data_note:
