@@ -171,11 +171,46 @@ def test_npz_train_shards_must_be_numbered_in_turn(tmp_path):
     with pytest.raises(
         UserError,
         match=r"train shards of .* are not numbered 1, 2, \.\.\. in turn: found train_1\.npz, train_3\.npz; "
-        r"missing train_2\.npz; not read \(not named train_N\.npz\): train_1 \(copy\)\.npz",
+        r"missing 1 shard: train_2\.npz; and they include train_1 \(copy\)\.npz, not named train_N\.npz",
     ):
         load_split(NPZ, "train", tmp_path)
     (tmp_path / "train_3.npz").rename(tmp_path / "train_2.npz")
-    assert len(load_split(NPZ, "train", tmp_path)) == 8  # the copy is not read
+    (tmp_path / "train_1 (copy).npz").unlink()
+    assert len(load_split(NPZ, "train", tmp_path)) == 8
     np.savez(tmp_path / "train_01.npz", x=images, y=np.zeros(4, int))
     with pytest.raises(UserError, match=r"not numbered 1, 2, \.\.\. in turn: found train_01\.npz, train_1"):
+        load_split(NPZ, "train", tmp_path)
+
+
+def test_a_far_numbered_shard_gives_a_short_message(tmp_path):
+    """`train_1.npz` + `train_20240101.npz` listed every missing name: a 393-million-character message."""
+    for name in ("train_1.npz", "train_20240101.npz"):
+        np.savez(tmp_path / name, x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4, int))
+    with pytest.raises(UserError) as error:
+        load_split(NPZ, "train", tmp_path)
+    message = str(error.value)
+    assert len(message) < 500 + len(str(tmp_path))
+    assert message.endswith(
+        "missing 20,240,099 shards: train_2.npz, train_3.npz, train_4.npz, train_5.npz, train_6.npz, ..."
+    )
+
+
+def test_train_shards_of_other_names_are_refused_and_no_train_data_names_what_is_there(tmp_path):
+    """`train_2 (1).npz` and `train_extra.npz` beside train_1, train_2 were silently not read."""
+    images = np.zeros((4, 8, 8), np.uint8)
+    for name in ("train_1.npz", "train_2.npz", "train_2 (1).npz", "train_extra.npz"):
+        np.savez(tmp_path / name, x=images, y=np.zeros(4, int))
+    with pytest.raises(
+        UserError,
+        match=r"train shards of .* include train_2 \(1\)\.npz, train_extra\.npz, not named train_N\.npz and "
+        r"so never read: rename or move them",
+    ):
+        load_split(NPZ, "train", tmp_path)
+    for name in ("train_1.npz", "train_2.npz", "train_2 (1).npz", "train_extra.npz"):
+        (tmp_path / name).rename(tmp_path / name.replace("_", "-"))
+    with pytest.raises(
+        UserError,
+        match=r"no train data in .* \(it holds train-1\.npz, train-2 \(1\)\.npz, train-2\.npz, "
+        r"train-extra\.npz\): expected",
+    ):
         load_split(NPZ, "train", tmp_path)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -130,28 +132,50 @@ def _from_folder(folder: Path, split: Split, data: DataSpec) -> Loaded:
     if split == "train":
         shards = _numbered(folder, shards)
     if not shards:
+        held = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
         raise UserError(
-            f"no {split} data in {folder}: expected a torchvision `{CIFAR_FOLDER}` folder or .npz shards "
-            f"named {pattern} (arrays `x`: uint8 N x H x W x C, `y`: labels); pass the right folder with "
-            f"--data DIR"
+            f"no {split} data in {folder} ({f'it holds {_listed(held)}' if held else 'it is empty'}): "
+            f"expected a torchvision `{CIFAR_FOLDER}` folder or .npz shards named {pattern} (arrays `x`: "
+            f"uint8 N x H x W x C, `y`: labels); pass the right folder with --data DIR"
         )
     return _npz(shards, data)
 
 
 def _numbered(folder: Path, found: list[Path]) -> list[Path]:
-    """The shards `train_<N>.npz` of `found` (in name order), refused unless numbered 1, 2, ... in turn."""
+    """The shards `train_<N>.npz` of `found` (in name order), refused unless numbered 1, 2, ... in turn and
+    unless every name in `found` is one (another would silently not be read)."""
     shards = [p for p in found if re.fullmatch(r"train_\d+\.npz", p.name)]
+    others = [p.name for p in found if p not in shards]
     numbers = sorted(int(p.stem[len("train_") :]) for p in shards)
+    problems = []
     if numbers != list(range(1, len(numbers) + 1)):
-        missing = sorted(set(range(1, numbers[-1] + 1)) - set(numbers))
-        others = [p.name for p in found if p not in shards]
-        raise UserError(
-            f"the train shards of {folder} are not numbered 1, 2, ... in turn: found "
-            f"{', '.join(p.name for p in shards)}"
-            + (f"; missing {', '.join(f'train_{n}.npz' for n in missing)}" if missing else "")
-            + (f"; not read (not named train_N.npz): {', '.join(others)}" if others else "")
+        present = sorted({n for n in numbers if n >= 1})
+        count = (present[-1] if present else 0) - len(present)  # counted, not listed: N may be a date
+        gaps = ", ".join(f"train_{n}.npz" for n in islice(_gaps(present), 5)) + ", ..." * (count > 5)
+        missing = f"; missing {count:,} shard{'s' * (count > 1)}: {gaps}" if count else ""
+        problems.append(
+            f"are not numbered 1, 2, ... in turn: found {_listed([p.name for p in shards])}{missing}"
         )
+    if others:
+        problems.append(
+            f"include {_listed(others)}, not named train_N.npz and so never read: rename or move them"
+        )
+    if problems:
+        raise UserError(f"the train shards of {folder} {'; and they '.join(problems)}")
     return shards
+
+
+def _gaps(numbers: list[int]) -> Iterator[int]:
+    """The whole numbers from 1 up to the last of `numbers` (sorted, positive) that are not in it, lazily."""
+    previous = 0
+    for n in numbers:
+        yield from range(previous + 1, n)
+        previous = n
+
+
+def _listed(names: list[str]) -> str:
+    """The first five of `names`, and how many there are when there are more."""
+    return ", ".join(names[:5]) + (f", ... ({len(names):,} in all)" if len(names) > 5 else "")
 
 
 def _npz(shards: list[Path], data: DataSpec) -> Loaded:
