@@ -721,7 +721,7 @@ def test_a_folder_with_images_and_class_subfolders_is_refused(tmp_path):
         load_split(data, "train")
 
 
-def test_subfolders_without_images_are_not_classes(tmp_path):
+def test_a_flat_folder_beside_subfolders_without_images_stays_flat(tmp_path):
     """A flat folder beside an empty subfolder said "no images in ..."."""
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -733,10 +733,43 @@ def test_subfolders_without_images_are_not_classes(tmp_path):
     (folder / "__MACOSX" / "._0.png").write_bytes(b"resource fork")
     data = DataSpec(dataset="folder", path=str(folder), shape=(3, 12, 12), test_split=1)
     assert len(load_split(data, "train")) == 2
+
+
+def test_empty_class_folders_are_classes_beside_classes_with_images(tmp_path):
+    """Empty class folders were dropped: `train/{a, b(empty), c}` made c class 1 (it was 2), and a test folder
+    with an empty class was refused for having other classes than the training folder."""
     write_folder(tmp_path / "classes")
-    (tmp_path / "classes" / "bird").mkdir()  # no images: not a class, cat and dog stay 0 and 1
-    classes = data.model_copy(update={"path": str(tmp_path / "classes"), "classes": ("dog",)})
-    assert load_split(classes, "train").labels.tolist() == [1, 1]
+    (
+        tmp_path / "classes" / "bird"
+    ).mkdir()  # sorted first: bird 0, cat 1, dog 2, as torchvision's ImageFolder
+    data = DataSpec(dataset="folder", path=str(tmp_path / "classes"), shape=(3, 12, 12), test_split=1)
+    assert load_split(data.model_copy(update={"classes": ("dog",)}), "train").labels.tolist() == [2, 2]
+    write_folder(tmp_path / "data" / "train", classes=("cat", "dog", "fox"))
+    write_folder(tmp_path / "data" / "test", classes=("cat", "fox"))
+    (tmp_path / "data" / "test" / "dog").mkdir()
+    split = DataSpec(dataset="folder", path=str(tmp_path / "data"), shape=(3, 12, 12))
+    assert load_split(split, "test").labels.tolist() == [0, 0, 0, 2, 2, 2]
+    assert load_split(split, "train").labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_folder_reached_twice_through_links_is_refused(tmp_path):
+    """Two links to one folder, or a class linking to a sibling class, read the same images twice (into the
+    held-out test split too, and as the wrong class)."""
+    write_folder(tmp_path / "imgs")
+    write_folder(tmp_path / "more", classes=("extra",))
+    (tmp_path / "imgs" / "cat" / "a").symlink_to(tmp_path / "more" / "extra")
+    (tmp_path / "imgs" / "dog" / "b").symlink_to(tmp_path / "more" / "extra")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(
+        UserError,
+        match=r"imgs/cat/a and .*imgs/dog/b are the same folder .*extra\): its images would be read twice",
+    ):
+        load_split(data, "train")
+    (tmp_path / "imgs" / "dog" / "b").unlink()
+    assert len(load_split(data, "train")) == 8  # 6 cats (3 linked), 3 dogs, 1 held out
+    (tmp_path / "imgs" / "cat" / "dogs").symlink_to("../dog")
+    with pytest.raises(UserError, match=r"imgs/cat/dogs and .*imgs/dog are the same folder"):
+        load_split(data, "train")
 
 
 def test_linked_folders_inside_a_class_are_followed_and_a_loop_is_refused(tmp_path):

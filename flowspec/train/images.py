@@ -23,24 +23,25 @@ BATCH = 64
 def list_folder(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     """The image files of `folder` (sorted), their labels and the class names.
 
-    With subfolders holding images, each (sorted by name) is a class holding images at any depth (links
-    followed); without, the folder's images are one class. A folder with both is refused (its own images
-    would be ignored). Hidden files and other suffixes are skipped; an image name that is not a regular
-    file (a FIFO, a device) is refused.
+    When a subfolder holds images, every subfolder (sorted by name, empty ones too) is a class holding
+    images at any depth (links followed, no folder read twice); when none does, the folder's images are one
+    class. A folder with both is refused (its own images would be ignored). Hidden files and other suffixes
+    are skipped; an image name that is not a regular file (a FIFO, a device) is refused.
     """
     subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     root = os.stat(folder)
-    above = frozenset({(root.st_dev, root.st_ino)})
-    groups = [(name, found) for name in subfolders if (found := sorted(_images(folder / name, above)))]
+    seen = {(root.st_dev, root.st_ino): folder}  # every folder listed, for all classes
+    groups = [(name, sorted(_images(folder / name, seen))) for name in subfolders]
     loose = sorted(p for p in folder.iterdir() if _is_image_name(p))
-    if groups and loose:
-        names = ", ".join(f"{name}/" for name, _ in groups[:5]) + (", ..." if len(groups) > 5 else "")
+    held = [name for name, found in groups if found]
+    if held and loose:
+        names = ", ".join(f"{name}/" for name in held[:5]) + (", ..." if len(held) > 5 else "")
         raise UserError(
             f"{folder} holds both images of its own and class subfolders of images ({names}): its "
             f"{len(loose)} own images would be ignored; move them into a class subfolder, or the "
             f"subfolders out"
         )
-    if not groups:
+    if not held:
         groups = [(folder.name, loose)]
     paths = [regular_file(p, "image") for _, found in groups for p in found]
     labels = np.concatenate([np.full(len(found), i, dtype=np.int64) for i, (_, found) in enumerate(groups)])
@@ -51,24 +52,33 @@ def list_folder(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     return paths, labels, tuple(name for name, _ in groups)
 
 
-def _images(folder: Path, above: frozenset[tuple[int, int]] = frozenset()) -> Iterator[Path]:
+def _images(folder: Path, seen: dict[tuple[int, int], Path]) -> Iterator[Path]:
     """The image files under `folder`, at any depth, linked folders followed, hidden files and folders
-    skipped; a folder that cannot be read is an error (its images would otherwise be silently missing),
-    and so is a link to a folder it is in (a loop). `above`: (device, inode) of the folders above."""
+    skipped; a folder that cannot be read is an error (its images would otherwise be silently missing), and
+    so is one reached twice (a loop, or two links to one folder). `seen`: (device, inode) of the folders
+    listed so far, and where; `folder` is added."""
     try:
         info = os.stat(folder)
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError as error:
         raise UserError(f"cannot read the folder {folder}: {error.strerror}") from None
     here = (info.st_dev, info.st_ino)
-    if here in above:
-        raise UserError(f"the link {folder} leads to a folder it is in ({os.path.realpath(folder)}): a loop")
+    if here in seen:
+        if folder.is_relative_to(seen[here]):
+            raise UserError(
+                f"the link {folder} leads to a folder it is in ({os.path.realpath(folder)}): a loop"
+            )
+        raise UserError(
+            f"{seen[here]} and {folder} are the same folder ({os.path.realpath(folder)}): its images would "
+            f"be read twice; remove one of the links"
+        )
+    seen[here] = folder
     for entry in entries:
         path = Path(entry.path)
         if entry.name.startswith("."):
             continue
         if entry.is_dir():  # a link to a folder too
-            yield from _images(path, above | {here})
+            yield from _images(path, seen)
         elif _is_image_name(path):
             yield path
 
