@@ -80,6 +80,7 @@ def train(
     from flowspec.loader import check_overrides
     from flowspec.threads import check_threads
     from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
+    from flowspec.train.lock import check_free
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
 
@@ -98,9 +99,12 @@ def train(
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
         out = resume
-        if spec is None:
-            if sets:
-                raise UserError("--set needs the spec file: pass it along with --resume")
+        check_free(Path(resume))  # a run still writing its first checkpoint: named, not "no checkpoint"
+        if spec is None and sets:  # the run's own spec file (read as its stored spec), changed by --set
+            spec = Path(resume) / "spec.flow"
+            if not spec.is_file():
+                raise UserError(f"--set changes the run's spec file {spec}, which is missing: pass the spec")
+        elif spec is None:
             spec = checkpoint_spec(load_checkpoint(resume), resume)
     if spec is None:
         raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")

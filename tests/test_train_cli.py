@@ -35,6 +35,18 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     assert (out / "spec.flow").read_text() == written  # still saying where it came from
     assert capsys.readouterr().out == ""
     assert load_checkpoint(out)["step"] == 6
+    # --set without a spec changes the run's own spec.flow (an eval setting: the rest must stay)
+    assert run(["train", "--resume", str(out), "--quiet", "--set", "eval.images=4"]) == 0
+    assert flowspec.load_spec(out / "spec.flow").eval.images == 4
+
+
+def test_resuming_a_run_still_writing_its_first_checkpoint_names_the_holder(tmp_path, capsys):
+    from flowspec.train.lock import RunLock
+
+    with RunLock(tmp_path / "run"):
+        assert run(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "run folder" in (err := capsys.readouterr().err) and "is in use by pid" in err
+    assert "no checkpoint" not in err
 
 
 def test_the_run_folder_spec_is_the_model_trained_with_its_base_and_overrides(tmp_path, capsys):

@@ -35,12 +35,9 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                holder = _holder(fd)
                 os.close(fd)
-                raise UserError(
-                    f"run folder {self.run_dir} is in use by {holder}: two processes cannot write one run; "
-                    f"wait for it to finish (or stop it), or choose another --out folder"
-                ) from None
+                raise _in_use(self.run_dir, holder) from None
             if _same_file(fd, path):
                 self.fd = fd
             else:  # removed by the run that held it (an empty folder of a run that failed): again
@@ -66,6 +63,32 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def check_free(run_dir: Path) -> None:
+    """A `UserError` naming the holder when a live process holds the run folder's lock (before reading
+    what it is still writing); creates nothing."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:  # no lock file (or none readable): nobody has held it, or RunLock will say
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(Path(run_dir), _holder(fd)) from None
+    finally:
+        os.close(fd)  # drops a shared lock taken here
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+
+
+def _in_use(run_dir: Path, holder: str) -> UserError:
+    return UserError(
+        f"run folder {run_dir} is in use by {holder}: two processes cannot write one run; wait for it to "
+        f"finish (or stop it), or choose another --out folder"
+    )
 
 
 def _same_file(fd: int, path: Path) -> bool:
