@@ -29,6 +29,7 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "device cpu, threads 1 (--threads)" in printed and "recompute off, 1 process;" in printed
     assert "training tiny" in printed and "step 3" in printed and "done (max-steps) at step 3" in printed
+    assert "(best.pt: " in printed and "of the scheduled evaluations" in printed
     assert flowspec.load_spec(out / "spec.flow") == flowspec.load_spec(flow)
     written = (out / "spec.flow").read_text()
     assert run(["train", "--resume", str(out / LAST), "--quiet"]) == 0  # the stored spec, to its length

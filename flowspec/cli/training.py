@@ -251,7 +251,8 @@ def train(
             )
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
-        best = f" (best {result.best_bpd:.4f})" if result.best_bpd is not None else ""
+        kept = result.best_bpd is not None and (result.run_dir / "best.pt").is_file()
+        best = f" (best.pt: {result.best_bpd:.4f}, of the scheduled evaluations)" if kept else ""
         test = f"{result.test_bpd:.4f}" if result.test_bpd is not None else "not finite"
         print(
             f"done ({result.stopped}) at step {result.step}: test {test} bits/dim{best}; "
