@@ -762,14 +762,32 @@ def test_a_folder_reached_twice_through_links_is_refused(tmp_path):
     data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
     with pytest.raises(
         UserError,
-        match=r"imgs/cat/a and .*imgs/dog/b are the same folder .*extra\): its images would be read twice",
+        match=r"imgs/dog/b was read already \(as .*imgs/cat/a\): its images would be read twice",
     ):
         load_split(data, "train")
     (tmp_path / "imgs" / "dog" / "b").unlink()
     assert len(load_split(data, "train")) == 8  # 6 cats (3 linked), 3 dogs, 1 held out
     (tmp_path / "imgs" / "cat" / "dogs").symlink_to("../dog")
-    with pytest.raises(UserError, match=r"imgs/cat/dogs and .*imgs/dog are the same folder"):
+    with pytest.raises(UserError, match=r"imgs/dog was read already \(as .*imgs/cat/dogs\)"):
         load_split(data, "train")
+
+
+def test_a_test_folder_within_the_training_folder_is_refused(tmp_path):
+    write_folder(tmp_path / "imgs")
+    for test_path, said in (
+        (tmp_path / "imgs" / "cat", "cat was read already"),
+        (tmp_path / "imgs", "imgs was"),
+    ):
+        data = DataSpec(
+            dataset="folder", path=str(tmp_path / "imgs"), test_path=str(test_path), shape=(3, 12, 12)
+        )
+        with pytest.raises(UserError, match=rf"{said}.*give the test split a folder of its own"):
+            load_split(data, "train")
+    write_folder(tmp_path / "test")  # a folder of its own
+    data = DataSpec(
+        dataset="folder", path=str(tmp_path / "imgs"), test_path=str(tmp_path / "test"), shape=(3, 12, 12)
+    )
+    assert len(load_split(data, "test")) == 6
 
 
 def test_linked_folders_inside_a_class_are_followed_and_a_loop_is_refused(tmp_path):

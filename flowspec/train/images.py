@@ -20,17 +20,20 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 BATCH = 64
 
 
-def list_folder(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+def list_folder(
+    folder: Path, seen: dict[tuple[int, int], Path] | None = None
+) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
     """The image files of `folder` (sorted), their labels and the class names.
 
     When a subfolder holds images, every subfolder (sorted by name, empty ones too) is a class holding
     images at any depth (links followed, no folder read twice); when none does, the folder's images are one
     class. A folder with both is refused (its own images would be ignored). Hidden files and other suffixes
-    are skipped; an image name that is not a regular file (a FIFO, a device) is refused.
+    are skipped; an image name that is not a regular file (a FIFO, a device) is refused. `seen`: the
+    folders another listing read (the training split's, for the test split's), none of which is read again.
     """
     subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    root = os.stat(folder)
-    seen = {(root.st_dev, root.st_ino): folder}  # every folder listed, for all classes
+    seen = {} if seen is None else seen  # every folder listed, for all classes
+    _visit(folder, seen)
     groups = [(name, sorted(_images(folder / name, seen))) for name in subfolders]
     loose = sorted(p for p in folder.iterdir() if _is_image_name(p))
     held = [name for name, found in groups if found]
@@ -58,21 +61,10 @@ def _images(folder: Path, seen: dict[tuple[int, int], Path]) -> Iterator[Path]:
     so is one reached twice (a loop, or two links to one folder). `seen`: (device, inode) of the folders
     listed so far, and where; `folder` is added."""
     try:
-        info = os.stat(folder)
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError as error:
         raise UserError(f"cannot read the folder {folder}: {error.strerror}") from None
-    here = (info.st_dev, info.st_ino)
-    if here in seen:
-        if folder.is_relative_to(seen[here]):
-            raise UserError(
-                f"the link {folder} leads to a folder it is in ({os.path.realpath(folder)}): a loop"
-            )
-        raise UserError(
-            f"{seen[here]} and {folder} are the same folder ({os.path.realpath(folder)}): its images would "
-            f"be read twice; remove one of the links"
-        )
-    seen[here] = folder
+    _visit(folder, seen)
     for entry in entries:
         path = Path(entry.path)
         if entry.name.startswith("."):
@@ -81,6 +73,23 @@ def _images(folder: Path, seen: dict[tuple[int, int], Path]) -> Iterator[Path]:
             yield from _images(path, seen)
         elif _is_image_name(path):
             yield path
+
+
+def _visit(folder: Path, seen: dict[tuple[int, int], Path]) -> None:
+    """Add `folder` to the folders listed; a `UserError` when it is one of them already (a loop of links,
+    two links to one folder, or a test folder within the training folder)."""
+    info = os.stat(folder)
+    here = (info.st_dev, info.st_ino)
+    first = seen.get(here)
+    if first is not None and folder != first and folder.is_relative_to(first):
+        raise UserError(f"the link {folder} leads to a folder it is in ({os.path.realpath(folder)}): a loop")
+    if first is not None:
+        also = "" if folder == first else f" (as {first})"
+        raise UserError(
+            f"{folder} was read already{also}: its images would be read twice; remove the link, or give the "
+            f"test split a folder of its own"
+        )
+    seen[here] = folder
 
 
 def _is_image_name(path: Path) -> bool:

@@ -149,11 +149,12 @@ def _folder_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
         if tests and test_path is not None:
             raise UserError(f"{path} has its own test folder ({tests[0].name}/): remove test_path")
         path, test_path = path / "train", tests[0] if tests else test_path
-    train_files, train_labels, classes = images.list_folder(path)
+    seen: dict[tuple[int, int], Path] = {}  # no folder of the training split is read for the test split
+    train_files, train_labels, classes = images.list_folder(path, seen)
     train = _image_files(train_files, train_labels, data)
     test = None
     if test_path is not None:
-        test_files, test_labels, test_classes = images.list_folder(test_path)
+        test_files, test_labels, test_classes = images.list_folder(test_path, seen)
         if test_classes != classes and max(len(classes), len(test_classes)) > 1:
             raise UserError(
                 f"the test folder {test_path} has classes {test_classes}, the training folder {classes}"
