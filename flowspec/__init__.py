@@ -1,21 +1,22 @@
 """flowspec: a declarative compiler for normalizing-flow image models.
 
 Pipeline: text -> parse tree -> `FlowSpec` (pydantic) -> `FlowModel` (torch) -> train / eval / sample /
-inspect. Importing the package does not import torch; `build`, `train` and `load` do.
+inspect. Importing the package imports none of them: each public name is imported when first used
+(PEP 562), so the command line starts, and handles Ctrl-C, at once; `build`, `train` and `load` import torch.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from flowspec import train  # the training stage's package, callable as `flowspec.train(spec, ...)`
-from flowspec.api import load
-from flowspec.errors import UserError
-from flowspec.loader import load_spec, parse_spec
-from flowspec.spec import FlowSpec
-
 if TYPE_CHECKING:
+    from flowspec import train  # the training stage's package, callable as `flowspec.train(spec, ...)`
+    from flowspec.api import load
+    from flowspec.errors import UserError
+    from flowspec.loader import load_spec, parse_spec
     from flowspec.model import FlowModel
+    from flowspec.spec import FlowSpec
 
 __version__ = "0.1.0"
 __all__ = [
@@ -30,11 +31,23 @@ __all__ = [
     "__version__",
 ]
 
+#: where each public name is defined (`train` is the `flowspec.train` package itself)
+_LAZY = {
+    "FlowModel": "flowspec.model",
+    "FlowSpec": "flowspec.spec",
+    "UserError": "flowspec.errors",
+    "load": "flowspec.api",
+    "load_spec": "flowspec.loader",
+    "parse_spec": "flowspec.loader",
+    "train": "flowspec.train",
+}
+
 
 def build(spec: FlowSpec, device: Any = None) -> FlowModel:
     """Compile a validated spec into a `FlowModel` (an `nn.Module`); `device="meta"` builds it without
     memory or random draws, for counting and inspecting."""
     from flowspec.builder import build as _build
+    from flowspec.spec import FlowSpec
 
     if not isinstance(spec, FlowSpec):
         raise TypeError(
@@ -50,8 +63,11 @@ def build(spec: FlowSpec, device: Any = None) -> FlowModel:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "FlowModel":
-        from flowspec.model import FlowModel
+    if name not in _LAZY:
+        raise AttributeError(f"module 'flowspec' has no attribute {name!r}")
+    module = import_module(_LAZY[name])
+    return module if name == "train" else getattr(module, name)
 
-        return FlowModel
-    raise AttributeError(name)
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import sys
 
-from flowspec.cli import inspecting, language, training  # noqa: F401  (they register the commands)
-from flowspec.cli.app import run
-
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script and of `python -m flowspec`."""
-    sys.exit(run(argv))
+    """Entry point of the console script and of `python -m flowspec`. The commands are imported here (with
+    `flowspec.cli.app`), not with this module, so that a Ctrl-C while they are imported is one line too."""
+    try:
+        from flowspec.cli.app import run
+
+        code = run(argv)
+    except KeyboardInterrupt:  # before `run` handles signals itself
+        print("error: interrupted (Ctrl-C); files already written are kept", file=sys.stderr)
+        code = 130
+    sys.exit(code)

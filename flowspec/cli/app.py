@@ -195,3 +195,6 @@ def _signals_raise(received: list[int]) -> Iterator[None]:
 
     with _handled_by(handle):
         yield
+
+
+from flowspec.cli import inspecting, language, training  # noqa: E402, F401  (they register the commands)

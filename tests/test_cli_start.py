@@ -1,0 +1,62 @@
+"""The command line's start: importing `flowspec` (or the console script's `flowspec.cli`) imports no
+dependency, and a Ctrl-C while the commands are imported is one line and exit 130, not a traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, SPECS
+
+import flowspec
+
+HEAVY = ("pydantic", "lark", "typer", "rich", "torch", "numpy")
+
+
+def test_importing_the_package_and_its_entry_point_imports_no_dependency():
+    code = "import sys, flowspec, flowspec.cli; print(*{m.split('.')[0] for m in sys.modules})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert not set(HEAVY) & set(done.stdout.split())
+
+
+def test_the_public_names_are_imported_when_used():
+    assert set(flowspec.__all__) <= set(dir(flowspec))
+    spec = flowspec.load_spec(SPECS / "quickstart.flow")
+    assert isinstance(spec, flowspec.FlowSpec) and isinstance(
+        flowspec.build(spec, "meta"), flowspec.FlowModel
+    )
+    assert callable(flowspec.train) and issubclass(flowspec.UserError, Exception)
+    assert flowspec.parse_spec and flowspec.load
+    from flowspec import FlowSpec, train  # noqa: F401
+
+
+def _interrupted_after(delay: float) -> subprocess.CompletedProcess[str]:
+    """The console script's code, interrupted `delay` seconds after it starts importing flowspec."""
+    code = (
+        "import sys; print('go', flush=True)\n"
+        "from flowspec.cli import main\n"
+        f"sys.exit(main(['inspect', {str(SPECS / 'quickstart.flow')!r}]))\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert child.stdout and child.stdout.readline() == "go\n"
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_one_line():
+    """The imports before the command runs take a few tenths of a second (torch's after them, with
+    signals held, see app.py); a signal in them is one line. Each delay gets three tries: on a busy
+    machine a signal can land in the few milliseconds before the entry point is called."""
+    for delay in (0.02, 0.05, 0.1):
+        for _ in range(3):
+            done = _interrupted_after(delay)
+            if done.returncode == 130 and "Traceback" not in done.stderr:
+                break
+        assert done.returncode == 130 and "Traceback" not in done.stderr, f"delay {delay}:\n{done.stderr}"
+        assert done.stderr.startswith("error: interrupted (Ctrl-C)") and done.stderr.count("\n") == 1
