@@ -96,3 +96,28 @@ def test_version_and_the_count_of_differences(capsys):
     quickstart = str(ROOT / "specs" / "quickstart.flow")
     assert run(["diff", quickstart, quickstart, "--set", "train.seed=1"]) == 0
     assert "1 setting differs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "usage"),
+    [
+        ("validate", "SPEC..."),
+        ("show", "SPEC"),
+        ("diff", "A [B]"),
+        ("train", "[SPEC]"),
+        ("ablate", "SPEC..."),
+    ],
+)
+def test_the_usage_line_names_the_arguments_as_the_readme_does(name, usage, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run([name, "--help"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert f"Usage: flowspec {name} [OPTIONS] {usage}" in lines
+
+
+@pytest.mark.parametrize("args", [[], *([name] for name in COMMANDS)])
+def test_a_flag_shows_no_type(args, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run([*args, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--help" in out and "<bool>" not in out and "{" not in out.split("Usage:")[1].splitlines()[0]

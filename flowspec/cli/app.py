@@ -8,12 +8,56 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from flowspec.errors import Terminated, UserError, os_error_message
 
-app = typer.Typer(
+
+def _usage_name(argument: Any) -> str:
+    """An argument as the usage line names it: `SPEC`, `[B]`, `SPEC...` (typer writes `{SPEC}...`)."""
+    name = argument.metavar or argument.name.upper()
+    return (name if argument.required else f"[{name}]") + ("..." if argument.nargs != 1 else "")
+
+
+def _flags_untyped(params: list[Any]) -> list[Any]:
+    """`params` with no type shown for a flag: typer shows `<bool>` (as if it took a value) unless the
+    option has a metavar."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """A command whose help shows plain argument names and no type for flags."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_untyped(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        arguments = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [*([self.options_metavar] if self.options_metavar else []), *map(_usage_name, arguments)]
+
+
+class Group(TyperGroup):
+    """The app's group: no type shown for its flags either."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_untyped(super().get_params(ctx))
+
+
+class _Typer(typer.Typer):
+    """An app whose commands are `Command`s."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return super().command(*args, **{"cls": Command, **kwargs})
+
+
+app = _Typer(
+    cls=Group,
     name="flowspec",
     no_args_is_help=True,
     add_completion=False,

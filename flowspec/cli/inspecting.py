@@ -98,7 +98,7 @@ def diff(
     spec_a: Annotated[Path, typer.Argument(metavar="A", help="The reference spec.")],
     spec_b: Annotated[
         Path | None,
-        typer.Argument(metavar="[B]", help="The spec to compare (default: A, with --set applied)."),
+        typer.Argument(metavar="B", help="The spec to compare (default: A, with --set applied)."),
     ] = None,
     sets: SetOption = None,
 ) -> None:

@@ -22,7 +22,7 @@ class ShowFormat(str, Enum):
 
 @app.command(epilog=epilog("validate"))
 def validate(
-    specs: Annotated[list[Path], typer.Argument(metavar="SPEC...", help="Spec files to check.")],
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC", help="Spec files to check.")],
     sets: SetOption = None,
 ) -> None:
     """Check spec files: syntax, settings, extends, and shapes through every step. Exit 2 if any is wrong."""

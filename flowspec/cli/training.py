@@ -629,7 +629,7 @@ def export_model(
 
 @app.command(epilog=epilog("ablate"))
 def ablate(
-    specs: Annotated[list[Path], typer.Argument(metavar="SPEC...", help="The specs to compare.")],
+    specs: Annotated[list[Path], typer.Argument(metavar="SPEC", help="The specs to compare.")],
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="Train each spec this many steps.")
     ] = None,
