@@ -121,3 +121,31 @@ def test_a_flag_shows_no_type(args, capsys, monkeypatch):
     assert run([*args, "--help"]) == 0
     out = capsys.readouterr().out
     assert "--help" in out and "<bool>" not in out and "{" not in out.split("Usage:")[1].splitlines()[0]
+
+
+def test_help_texts_say_what_the_options_do(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    assert run(["train", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "default: the spec's eval.batch, else the batch" in next(x for x in lines if "--eval-batch" in x)
+    assert "resumed run" in next(x for x in lines if "--precision" in x)
+    assert "--seed" not in "\n".join(lines)  # hidden: it is refused
+    assert run(["ablate", "--help"]) == 0
+    precision = next(x for x in capsys.readouterr().out.splitlines() if "--precision" in x)
+    assert "Default: fp32." in precision and "resume" not in precision  # ablate does not resume
+
+
+def test_train_seed_says_where_the_seed_is_set(capsys):
+    assert run(["train", str(ROOT / "specs" / "quickstart.flow"), "--seed", "3"]) == 2
+    assert "train takes its seed from the spec: --set train.seed=N" in capsys.readouterr().err
+
+
+def test_train_of_a_run_folder_suggests_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.flow").write_text((ROOT / "specs" / "quickstart.flow").read_text())
+    (run_dir / "spec.json").write_text("{}")
+    assert run(["train", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir} is a run folder") and "Traceback" not in err
+    assert f"flowspec train --resume {run_dir} " in err and err.count("\n") == 1

@@ -86,7 +86,7 @@ EvalBatchOption = Annotated[
         "--eval-batch",
         min=1,
         metavar="N",
-        help="Images per forward pass of an evaluation (default: the batch).",
+        help="Images per forward pass of an evaluation (default: the spec's eval.batch, else the batch).",
     ),
 ]
 EvalSamplesOption = Annotated[
@@ -134,14 +134,20 @@ def _stoppable(work: str, kept: str = "nothing was written") -> Iterator[StopSig
         raise typer.Exit(130) from None
 
 
+PRECISION_HELP = (
+    "bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the CPU or GPU has it "
+    "natively. Default: fp32"
+)
 PrecisionOption = Annotated[
     Precision | None,
     typer.Option(
         "--precision",
-        help="bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the "
-        "CPU or GPU has it natively. Default: fp32, or the precision a resumed run trained in.",
+        help=f"{PRECISION_HELP}, or the precision a resumed run trained in.",
         show_default=False,
     ),
+]
+AblatePrecisionOption = Annotated[
+    Precision | None, typer.Option("--precision", help=f"{PRECISION_HELP}.", show_default=False)
 ]
 RecomputeOption = Annotated[
     Recompute,
@@ -162,12 +168,31 @@ DataMemoryOption = Annotated[
 ]
 
 
+def _not_a_run_folder(spec: Path | None) -> Path | None:
+    """`train RUN_DIR`: a run folder given as the spec, by a user who means to continue the run."""
+    from flowspec.loader import is_run_spec
+
+    if spec is not None and is_run_spec(spec / "spec.flow"):
+        raise UserError(
+            f"{spec} is a run folder, not a spec file: continue its run with flowspec train --resume {spec} "
+            f"(flowspec train {spec / 'spec.flow'} would start a new run with its spec)"
+        )
+    return spec
+
+
+def _seed_refused(value: str | None) -> None:
+    if value is not None:
+        raise typer.BadParameter("train takes its seed from the spec: --set train.seed=N")
+
+
 @app.command(epilog=epilog("train"))
 def train(
     spec: Annotated[
         Path | None,
         typer.Argument(
-            metavar="SPEC", help="The .flow spec (optional with --resume: the run's stored spec)."
+            metavar="SPEC",
+            help="The .flow spec (optional with --resume: the run's stored spec).",
+            callback=_not_a_run_folder,
         ),
     ] = None,
     data: DataOption = None,
@@ -176,6 +201,16 @@ def train(
         typer.Option("--out", "-o", metavar="RUN_DIR", help="Run folder; default runs/<model>-<time>."),
     ] = None,
     sets: SetOption = None,
+    _seed: Annotated[
+        str | None,
+        typer.Option(
+            "--seed",
+            hidden=True,
+            expose_value=False,
+            callback=_seed_refused,
+            help="Refused: train takes its seed from the spec (--set train.seed=N).",
+        ),
+    ] = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     compile_networks: CompileOption = False,
@@ -651,7 +686,7 @@ def ablate(
         int, typer.Option("--seed", min=0, max=MAX_SEED, help="The seed every spec trains with.")
     ] = 0,
     device: DeviceOption = None,
-    precision: PrecisionOption = None,
+    precision: AblatePrecisionOption = None,
     compile_networks: CompileOption = False,
     recompute: RecomputeOption = Recompute.auto,
     data_memory: DataMemoryOption = None,
