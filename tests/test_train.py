@@ -240,7 +240,7 @@ def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):
     group = trainer.updater.optimizer.param_groups[0]
     assert isinstance(trainer.updater.optimizer, torch.optim.Adam)
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 1e-5)
-    assert group["lr"] == pytest.approx(1e-3 / 4)  # first warmup step
+    assert group["lr"] == 0.0  # the first warmup step, as the official code's
     assert trainer.updater.model.initialized  # data-dependent init ran before the first step
     before = [p.detach().clone() for p in trainer.updater.ema.module.parameters()]
     trainer.run()
@@ -294,16 +294,17 @@ def test_a_checkpoint_from_the_bits_per_dim_loss_resumes_with_its_adam_averages_
 
 def test_schedule_factors():
     cosine = LrFactor(warmup=10, kind="cosine", total=110, every=1, gamma=1.0)
-    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(0) == 0.0 and cosine(1) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)
     assert cosine(60) == pytest.approx(0.5) and cosine(110) == pytest.approx(0.0)
     step = LrFactor(warmup=0, kind="step", total=None, every=5, gamma=0.5)
     assert [step(i) for i in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
     assert LrFactor(warmup=0, kind="constant", total=None, every=1, gamma=1.0)(1000) == 1.0
-    # both warmups take their first step at 1/steps of the peak (a step at lr 0 would change nothing)
+    # both warmups start at lr 0, as the official launchers' `max_lr * step / warmup_steps` (that step
+    # still moves Adam's averages and count)
     first = LrFactor(warmup=4, kind="constant", total=None, every=1, gamma=1.0)
-    assert [first(i) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [first(i) for i in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     second = LrFactor(4, "constant", None, 1, 1.0, rewarm_at=10, rewarm_steps=4, rewarm=0.1)
-    assert [second(i) for i in range(9, 15)] == pytest.approx([1.0, 0.025, 0.05, 0.075, 0.1, 0.1])
+    assert [second(i) for i in range(9, 16)] == pytest.approx([1.0, 0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
 
 
 def test_cosine_without_length_is_a_spec_error():

@@ -15,11 +15,12 @@ from flowspec.spec import TrainSpec
 class LrFactor:
     """The factor on the base learning rate at a step (picklable, so the scheduler's state saves cleanly).
 
-    Warmup: `min(1, (step + 1) / warmup)`. After it, `constant`: 1; `cosine`: from 1 down to 0 at
+    Warmup: `min(1, step / warmup)`, from 0 at the first step, as the official launchers (a step at lr 0 still
+    moves Adam's averages and its step count). After it, `constant`: 1; `cosine`: from 1 down to 0 at
     `total` steps; `step`: `gamma ** (steps after warmup // every)`; `exponential`: 1 for `hold` steps,
     then `decay` per step down to `floor` (a factor: the lowest lr over the base lr). A second warmup
     (`rewarm_at`) replaces all that from its step on: from 0 to `rewarm` (a factor) over `rewarm_steps`
-    steps, as the first, then `rewarm`.
+    steps, as the first (0 at step `rewarm_at`), then `rewarm`.
     """
 
     warmup: int
@@ -36,9 +37,9 @@ class LrFactor:
 
     def __call__(self, step: int) -> float:
         if self.rewarm_at is not None and step >= self.rewarm_at:
-            since = step - self.rewarm_at + 1
+            since = step - self.rewarm_at
             return self.rewarm * (min(1.0, since / self.rewarm_steps) if self.rewarm_steps else 1.0)
-        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        warm = min(1.0, step / self.warmup) if self.warmup else 1.0
         after = max(0, step - self.warmup)
         if self.kind == "cosine":
             span = max(1, (self.total or 1) - self.warmup)
