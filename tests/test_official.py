@@ -215,6 +215,26 @@ def test_schedule_follows_the_launcher(name, launcher, steps):
 # ---------------------------------------------------------------- data and training
 
 
+@pytest.mark.parametrize(
+    ("name", "images", "processes", "epochs"),
+    [
+        ("imagenet32.flow", 1_281_149, 8, 2),
+        ("imagenet64.flow", 1_281_149, 6, 2),
+        ("imagenet64_5bit.flow", 1_281_149, 5, 2),
+        ("celeba64_5bit.flow", 202_599, 8, 20),
+        ("celeba64_3bit.flow", 202_599, 8, 20),
+        ("celeba128_5bit.flow", 202_599, 8, 1000),
+    ],
+)
+def test_length_is_the_launchers_epochs_of_each_process(name, images, processes, epochs):
+    """An official epoch is each process's pass over the whole set at its share of the batch (the
+    launchers' `iterbatches` over all of `data_train`, no partial batch), on the process count their
+    docstrings name."""
+    train_spec = flowspec.load_spec(SPECS / name).train
+    assert train_spec.length.unit == "steps"
+    assert train_spec.length.count == epochs * (images // (train_spec.batch // processes))
+
+
 def test_npy_dataset_without_data_says_what_it_needs(tmp_path):
     spec = flowspec.load_spec(SPECS / "imagenet64_5bit.flow")
     with pytest.raises(UserError, match=r"path .*missing does not exist: pass the data with --data PATH"):
