@@ -54,7 +54,7 @@ class SettingError(ValueError):
 
 # user-facing setting names that differ from the spec's field names
 TRAIN_ALIASES = {"augment": "hflip", "eval": "eval_every", "save": "save_every", "rewarm": "rewarm_at"}
-OPTIMIZER_ARGS = ("lr", "betas", "eps", "weight_decay")
+OPTIMIZER_ARGS = ("lr", "betas", "eps", "tf_eps", "weight_decay")
 #: schedule arguments -> TrainSpec fields (`step(every=, gamma=)`, `exponential(hold=, decay=, floor=)`)
 SCHEDULE_ARGS = {
     "every": "step_every",

@@ -145,6 +145,8 @@ def _steps(steps: list[Any], spec: FlowSpec, depth: int) -> list[str]:
 def _train(spec: FlowSpec) -> list[str]:
     t = spec.train
     optimizer = f"lr={_value(t.lr)}, betas={_value(t.betas)}, eps={_value(t.eps)}"
+    if t.tf_eps:
+        optimizer += ", tf_eps=on"
     if t.weight_decay:
         optimizer += f", weight_decay={_value(t.weight_decay)}"
     args = [  # the schedule's own arguments (a schedule takes no other)

@@ -199,6 +199,9 @@ class TrainSpec(Node):
     lr: float = Field(default=3e-4, gt=0.0, le=10.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0.0, le=1.0)
+    tf_eps: bool = Field(
+        default=False, description="eps added as TF1's Adam adds it: to the uncorrected sqrt(v)"
+    )
     weight_decay: float = Field(default=0.0, ge=0.0)
     warmup: int = Field(default=0, ge=0, description="linear warmup steps")
     schedule: Literal["constant", "cosine", "step", "exponential"] = "constant"

@@ -235,6 +235,15 @@ def test_length_is_the_launchers_epochs_of_each_process(name, images, processes,
     assert train_spec.length.count == epochs * (images // (train_spec.batch // processes))
 
 
+CIFAR = ["flowpp_cifar.flow", "ablations/affine_coupling.flow", "ablations/no_attention.flow",
+         "ablations/uniform_dequant.flow"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL) + CIFAR)
+def test_adam_adds_eps_as_the_official_tensorflow_adam(name):
+    assert flowspec.load_spec(SPECS / name).train.tf_eps
+
+
 def test_npy_dataset_without_data_says_what_it_needs(tmp_path):
     spec = flowspec.load_spec(SPECS / "imagenet64_5bit.flow")
     with pytest.raises(UserError, match=r"path .*missing does not exist: pass the data with --data PATH"):

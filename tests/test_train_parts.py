@@ -240,6 +240,13 @@ def test_the_ema_step_is_the_averaged_models_without_its_per_step_copies_of_the_
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
 
 
+def test_the_updater_gives_adam_tf1s_eps_at_each_step():
+    updater, x = _updater(tiny_spec(tf_eps=True))
+    for step in (1, 2):
+        updater(x)
+        assert updater.optimizer.param_groups[0]["eps"] == pytest.approx(1e-8 / math.sqrt(1 - 0.999**step))
+
+
 def test_accumulated_micro_batches_give_the_whole_batch_gradient():
     spec = tiny_spec(batch=16, warmup=0)
     torch.manual_seed(0)

@@ -71,6 +71,15 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def adam_eps(train: TrainSpec, step: int) -> float:
+    """The eps for torch's Adam at `step` (from 0): the spec's, or with `tf_eps` the spec's over
+    sqrt(1 - beta2^t), t = step + 1. Torch adds eps to sqrt(v) / sqrt(1 - beta2^t), TF1's Adam (the official
+    Flow++ code's) to sqrt(v) itself: this makes the two updates equal (counting every step, as TF does)."""
+    if not train.tf_eps:
+        return train.eps
+    return train.eps / math.sqrt(1.0 - train.betas[1] ** (step + 1))
+
+
 def build_optimizer(parameters, train: TrainSpec) -> torch.optim.Adam:
     """Adam with the spec's learning rate, betas, epsilon and weight decay; fused, so that a step can be
     skipped on the device (`found_inf`)."""

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from flowspec.spec import TrainSpec
 from flowspec.train.distributed import Dist
-from flowspec.train.schedule import build_optimizer, build_scheduler
+from flowspec.train.schedule import adam_eps, build_optimizer, build_scheduler
 
 LOSS = "nats per image"  # the loss a checkpoint's Adam averages are in (none said: bits/dim, as before)
 
@@ -56,7 +56,7 @@ class Updater:
         self._ok = torch.ones((), dtype=torch.bool, device=device)  # whether the current step is applied
         self.summed_flags: Tensor | None = None  # the ranks' stop flags, summed by the last step
         self._counts = torch.zeros(2, dtype=torch.int64, device=device)  # skipped, bad in a row
-        self.decay = train.ema
+        self.decay, self.recipe = train.ema, train
         self.ema: AveragedModel | None = None
         if train.ema:
             self.ema = AveragedModel(model, multi_avg_fn=self._ema_update, use_buffers=True)
@@ -112,6 +112,9 @@ class Updater:
         self.summed_flags = shared[2:] if flags is not None else None
         self._ok = shared[1] == 0
         self.optimizer.found_inf = (~self._ok).float()  # fused Adam leaves everything as it was when set
+        if self.recipe.tf_eps:
+            for group in self.optimizer.param_groups:
+                group["eps"] = adam_eps(self.recipe, self.step)
         self.optimizer.step()
         if self.ema is not None:
             self._update_ema()
