@@ -91,6 +91,7 @@ def train(
     if max_steps is not None and not (whole and max_steps >= 1):
         raise UserError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
     memory = parse_size(data_memory) if data_memory is not None else None
+    applied = False  # whether `sets` were applied to the stored spec of the run resumed
     if resume is not None:
         if Path(resume).is_file():  # RUN_DIR/last.pt stands for its run folder; nothing else resumes
             if Path(resume).name != LAST:
@@ -100,19 +101,20 @@ def train(
             raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
         out = resume
         check_free(Path(resume))  # a run still writing its first checkpoint: named, not "no checkpoint"
-        if spec is None and sets:  # the run's own spec file (read as its stored spec), changed by --set
-            spec = Path(resume) / "spec.flow"
-            if not spec.is_file():
-                raise UserError(f"--set changes the run's spec file {spec}, which is missing: pass the spec")
-        elif spec is None:
+        if spec is None:  # the stored spec, with the --set overrides (eval settings, `save every`)
             spec = checkpoint_spec(load_checkpoint(resume), resume)
+            if sets:
+                from flowspec.loader import stored_with_overrides
+
+                spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
+                applied = True
     if spec is None:
         raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
     if not isinstance(spec, FlowSpec):
         from flowspec.loader import load_spec
 
         spec = load_spec(spec, overrides=tuple(sets))
-    elif sets:
+    elif sets and not applied:
         raise UserError("sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself")
     elif resume is None:  # what a spec file may not say, a spec made in Python may not start a run with
         from flowspec.loader import check_file_rules

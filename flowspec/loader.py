@@ -66,6 +66,16 @@ def parse_spec(
     return _finish(doc, overrides, texts, source=None, file_rules=not stored)
 
 
+def stored_with_overrides(spec: FlowSpec, overrides: Sequence[str], source: str) -> FlowSpec:
+    """A checkpoint's spec with `--set` overrides, through its canonical text read as a stored spec; a
+    name that a spec file could not write (a run started from Python) is kept as it was."""
+    from flowspec.formatter import format_spec
+
+    placeholder = spec.model_copy(update={"name": "stored"})
+    changed = parse_spec(format_spec(placeholder), source=source, overrides=overrides, stored=True)
+    return changed.model_copy(update={"name": spec.name}) if changed.name == "stored" else changed
+
+
 def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, SourceLoc]:
     """Where each setting of the spec at `path` was written, by dotted path (`train.lr`, `flow.0.mask`):
     in the file, in an extended file, in `defaults` (a step's inherited settings) or in a `--set` option.

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from train_helpers import one_thread, write_flow  # noqa: F401 (fixture)
+from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixture)
 
 import flowspec
 from flowspec.cli.app import run
@@ -29,7 +29,7 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "device cpu, threads 1 (--threads)" in printed and "recompute off, 1 process;" in printed
     assert "training tiny" in printed and "step 3" in printed and "done (max-steps) at step 3" in printed
-    assert "(best.pt: " in printed and "of the scheduled evaluations" in printed
+    assert "(best.pt: " in printed and "the best scheduled evaluation)" in printed
     assert flowspec.load_spec(out / "spec.flow") == flowspec.load_spec(flow)
     written = (out / "spec.flow").read_text()
     assert run(["train", "--resume", str(out / LAST), "--quiet"]) == 0  # the stored spec, to its length
@@ -39,6 +39,17 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     # --set without a spec changes the run's own spec.flow (an eval setting: the rest must stay)
     assert run(["train", "--resume", str(out), "--quiet", "--set", "eval.images=4"]) == 0
     assert flowspec.load_spec(out / "spec.flow").eval.images == 4
+
+
+def test_resume_set_without_a_spec_applies_to_the_stored_spec_of_a_run_named_in_python(tmp_path, capsys):
+    spec = tiny_spec(steps=3, eval_every=3, name="my tiny model-1.0")  # no spec file could write the name
+    flowspec.train(spec, out=tmp_path / "run", max_steps=2, quiet=True)
+    assert run(["train", "--resume", str(tmp_path / "run"), "--set", "eval.images=8", "-q"]) == 0
+    assert load_checkpoint(tmp_path / "run")["step"] == 3
+    assert run(["train", "--resume", str(tmp_path / "nowhere"), "--set", "eval.images=8"]) == 2
+    assert "nowhere does not exist" in (err := capsys.readouterr().err) and "spec.flow" not in err
+    assert run(["train", "--resume", str(tmp_path / "run"), "--set", "train.lr=1e-2"]) == 2
+    assert "a resume may change only the eval settings and `save every`" in capsys.readouterr().err
 
 
 def test_resuming_a_run_still_writing_its_first_checkpoint_names_the_holder(tmp_path, capsys):
@@ -216,5 +227,6 @@ def test_quickstart_spec_trains(tmp_path, capsys):
     quickstart = os.path.join(ROOT, "specs", "quickstart.flow")
     out = tmp_path / "q"
     assert run(["train", quickstart, "--out", str(out), "--device", "cpu", "--max-steps", "2"]) == 0
-    assert "done (max-steps) at step 2" in capsys.readouterr().out
+    assert "done (max-steps) at step 2" in (printed := capsys.readouterr().out)
+    assert "(best.pt: " in printed and "this short run's evaluation)" in printed  # none scheduled yet
     assert (out / "samples" / "step0000002_t1.0.png").is_file()

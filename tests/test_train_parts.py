@@ -29,6 +29,23 @@ from flowspec.train.update import Updater
 CPU = torch.device("cpu")
 
 
+def test_a_signal_announced_to_a_stderr_nobody_reads_is_still_noted():
+    """`train 2>&1 | tee log`, Ctrl-C: the shell's SIGINT ends tee too, and the announcement's write fails
+    (EPIPE); the stop must still be noted, so that the step finishes and saves."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    try:
+        with StopSignals(announce="finishing the step, then saving") as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.received == "SIGINT"
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write_end)
+
+
 def test_stop_signals_note_the_first_signal_and_restore_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as signals:

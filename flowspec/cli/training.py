@@ -287,7 +287,8 @@ def train(
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
         kept = result.best_bpd is not None and (result.run_dir / "best.pt").is_file()
-        best = f" (best.pt: {result.best_bpd:.4f}, of the scheduled evaluations)" if kept else ""
+        which = "the best scheduled evaluation" if result.best_scheduled else "this short run's evaluation"
+        best = f" (best.pt: {result.best_bpd:.4f}, {which})" if kept else ""
         test = f"{result.test_bpd:.4f}" if result.test_bpd is not None else "not finite"
         print(
             f"done ({result.stopped}) at step {result.step}: test {test} bits/dim{best}; "
@@ -318,13 +319,9 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
                 f"--set {override}: {command} reads {what} of the spec stored in {path}, so {key} would "
                 f"change nothing here{hint}"
             )
-    from flowspec.formatter import format_spec
-    from flowspec.loader import parse_spec
+    from flowspec.loader import stored_with_overrides
 
-    word = spec.model_copy(update={"name": "stored"})  # a name a spec file could not write is put back below
-    changed = parse_spec(format_spec(word), source=f"{path} (stored spec)", overrides=sets, stored=True)
-    if changed.name == "stored":  # not renamed with --set model=NAME
-        changed = changed.model_copy(update={"name": spec.name})
+    changed = stored_with_overrides(spec, sets, f"{path} (stored spec)")
     same_model = all(getattr(changed, f) == getattr(spec, f) for f in MODEL_SECTIONS) and (
         changed.data.shape,
         changed.data.levels,

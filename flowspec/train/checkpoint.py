@@ -286,8 +286,9 @@ def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -
             return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(
-            f"checkpoint {path} was trained with a different spec (differences: {'; '.join(diff[:5])}); "
-            f"resume with the same spec and --set options, or omit the spec to use the stored one"
+            f"checkpoint {path} was trained with a different spec (differences: {'; '.join(diff[:5])}); a "
+            f"resume may change only the eval settings and `save every`: resume with the spec it was trained "
+            f"with (or none, for the stored one) and --set only those"
         )
 
 

@@ -114,7 +114,12 @@ def write_spec_files(run_dir: Path, spec: FlowSpec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with replaced_whole(run_dir / "spec.json") as partial:
         partial.write_text(spec.model_dump_json(indent=2) + "\n")
-    if spec.source or not (run_dir / "spec.flow").exists():  # a resume of the stored spec keeps the file
-        origin = f", from {spec.source}" if spec.source else ""
-        with replaced_whole(run_dir / "spec.flow") as partial:
-            partial.write_text(f"{RESOLVED_HEADER}{origin}\n{format_spec(spec)}")
+    path, body = run_dir / "spec.flow", format_spec(spec)
+    try:
+        header, _, old_body = path.read_text().partition("\n")
+    except (OSError, UnicodeDecodeError):
+        header, old_body = RESOLVED_HEADER, None
+    if spec.source or body != old_body:  # a resume of the stored spec (--set aside) keeps where it came from
+        origin = f"{RESOLVED_HEADER}, from {spec.source}" if spec.source else header
+        with replaced_whole(path) as partial:
+            partial.write_text(f"{origin}\n{body}")

@@ -74,7 +74,9 @@ def build_scheduler(
 def adam_eps(train: TrainSpec, step: int) -> float:
     """The eps for torch's Adam at `step` (from 0): the spec's, or with `tf_eps` the spec's over
     sqrt(1 - beta2^t), t = step + 1. Torch adds eps to sqrt(v) / sqrt(1 - beta2^t), TF1's Adam (the official
-    Flow++ code's) to sqrt(v) itself: this makes the two updates equal (counting every step, as TF does)."""
+    Flow++ code's) to sqrt(v) itself: this makes the two updates equal. `step` counts every step, as TF's
+    does; after a step skipped for a non-finite loss (which TF never skips) torch's own count is one lower,
+    and the eps term is that of a step later (a difference that fades as beta2^t goes to 0)."""
     if not train.tf_eps:
         return train.eps
     return train.eps / math.sqrt(1.0 - train.betas[1] ** (step + 1))

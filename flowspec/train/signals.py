@@ -3,6 +3,7 @@ save and stop."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -72,7 +73,8 @@ class StopSignals:
         self._first[signum] = now
         self.received = signal.Signals(signum).name
         if self.announce:  # os.write: a print here could re-enter a print the signal interrupted
-            os.write(2, f"\n{self.received}: {self.announce}\n".encode())
+            with contextlib.suppress(OSError):  # stderr's reader gone (`| tee` killed by the same Ctrl-C)
+                os.write(2, f"\n{self.received}: {self.announce}\n".encode())
         if not self._echoes:  # the kernel's default: it stops a process stuck in a long kernel call too
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 

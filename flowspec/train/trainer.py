@@ -81,6 +81,7 @@ class RunResult:
     img_s: float
     parameters: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_scheduled: bool = True  # best_bpd is a scheduled evaluation's (else a short run's stop's)
 
 
 class Trainer:
@@ -539,6 +540,7 @@ class Trainer:
             self.window.overall_img_s(),
             self.parameters,
             history,
+            self.best is not None,
         )
 
 
