@@ -215,7 +215,7 @@ def test_logged_learning_rate_is_the_one_each_step_used(tmp_path):
     spec = tiny_spec(steps=4, eval_every=2, lr=1e-2, warmup=4)
     result = train(spec, options(tmp_path / "run", log_every=1))
     rows = [r for r in result.history if not is_eval(r)]
-    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * k / 4 for k in (1, 2, 3, 4)])
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * k / 4 for k in (0, 1, 2, 3)])  # from 0
 
 
 def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):
