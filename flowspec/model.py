@@ -11,7 +11,7 @@ from flowspec.layers import Coupling, LogitPreprocess, Sequence
 from flowspec.layers.base import DataInit, standard_normal_log_prob
 from flowspec.layers.fusion import allow_recompiles
 from flowspec.layers.networks import FlowppBlock
-from flowspec.model_inputs import check_autocast_dtype, check_batch, check_not_meta, check_sample_arguments
+from flowspec.model_inputs import check_autocast_dtype, check_batch, check_not_meta, sample_arguments
 from flowspec.spec import FlowSpec
 
 FUSED_GRAPHS = 64  # per elementwise chain: its input shapes (resolutions, batch sizes), grad and autocast
@@ -104,7 +104,7 @@ class FlowModel(nn.Module):
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """`n` integer images (uint8; int32 when levels > 256), decoded in eval mode from N(0, T^2 I), drawn
         with `generator` on its own device (a CPU generator: the same noise for a model on any device)."""
-        check_sample_arguments(n, temperature)
+        n, temperature = sample_arguments(n, temperature)
         check_not_meta(self.device, "sample")
         was_training = self.training
         self.eval()
@@ -166,6 +166,8 @@ class FlowModel(nn.Module):
     def set_recompute(self, on: bool) -> None:
         """Whether training steps recompute the coupling networks' dense and elementwise work in the
         backward pass (selective activation checkpointing, the default) or keep all of it."""
+        if not isinstance(on, bool):  # "off" would be true
+            raise TypeError(f"set_recompute takes True or False, got {on!r}")
         for m in self.modules():
             if isinstance(m, FlowppBlock):
                 m.recompute = on

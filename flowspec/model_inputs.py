@@ -8,6 +8,8 @@ them back would wait for the device (the training loop feeds data that was check
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Literal
 
 import torch
@@ -47,16 +49,24 @@ def check_batch(x: object, method: str, shape: tuple[int, ...], levels: int, kin
     return x
 
 
-def check_sample_arguments(n: object, temperature: object) -> None:
-    """A ValueError or TypeError unless `n` is a positive int and `temperature` a finite number >= 0."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"sample takes a whole number of images n, got {n!r}")
-    if n < 1:
-        raise ValueError(f"sample takes n >= 1 images, got {n}")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+def sample_arguments(n: object, temperature: object) -> tuple[int, float]:
+    """`n` and `temperature` as an int and a float (numpy scalars and one-element tensors too); a TypeError
+    or ValueError unless `n` is a whole number >= 1 and `temperature` a finite number >= 0."""
+    try:
+        if isinstance(n, bool) or (isinstance(n, Tensor) and n.dtype == torch.bool):
+            raise TypeError
+        count = operator.index(n)
+    except TypeError:
+        raise TypeError(f"sample takes a whole number of images n, got {n!r}") from None
+    if count < 1:
+        raise ValueError(f"sample takes n >= 1 images, got {count}")
+    scalar = isinstance(temperature, Tensor) and temperature.numel() == 1 and temperature.dtype != torch.bool
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) or scalar):
         raise TypeError(f"sample takes a number as temperature, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"sample takes a finite temperature >= 0, got {temperature}")
+    value = float(temperature)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"sample takes a finite temperature >= 0, got {value}")
+    return count, value
 
 
 def check_autocast_dtype(dtype: object) -> None:

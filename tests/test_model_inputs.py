@@ -121,6 +121,20 @@ def test_sample_refuses_bad_arguments(model, n, temperature, error, message):
     assert model.sample(2, 0).shape == (2, 1, 8, 8)  # temperature 0 is the mode of the prior, allowed
 
 
+def test_sample_takes_numpy_and_tensor_scalars(model):
+    import numpy as np
+
+    assert model.sample(np.int64(2), np.float32(0.5)).shape == (2, 1, 8, 8)
+    assert model.sample(torch.tensor(3), torch.tensor(0.8)).shape == (3, 1, 8, 8)
+    with pytest.raises(TypeError, match="whole number"):
+        model.sample(torch.tensor(2.0))
+
+
+def test_set_recompute_takes_a_bool(model):
+    with pytest.raises(TypeError, match="set_recompute takes True or False, got 'off'"):
+        model.set_recompute("off")  # a truthy string: it turned recomputation on
+
+
 def test_set_autocast_refuses_what_autocast_cannot_run(model):
     for dtype in ("bfloat16", torch.float64, torch.int8):
         with pytest.raises(ValueError, match="set_autocast takes torch.bfloat16, torch.float16 or None"):

@@ -276,12 +276,11 @@ def train(
             isinstance(stop, Terminated),
         ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
-        if (
-            quiet and os.environ.get("RANK", "0") == "0"
-        ):  # the line the loop prints: errors and this still show
+        if quiet and os.environ.get("RANK", "0") == "0":  # the loop's line: errors and this still show
+            limit = f" --max-steps {max_steps}" if max_steps else ""
             print(
                 f"{result.stopped}: stopped after step {result.step}; saved {result.run_dir / 'last.pt'}. "
-                f"Continue with: flowspec train --resume {result.run_dir}",
+                f"Continue with: flowspec train --resume {result.run_dir}{limit}",
                 file=sys.stderr,
             )
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))

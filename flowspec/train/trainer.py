@@ -235,7 +235,7 @@ class Trainer:
                         self._save(best=False)
                         reporter.message(
                             f"{received}: stopped after step {self.step}; saved {self.run_dir / LAST}. "
-                            f"Continue with: flowspec train --resume {self.run_dir}"
+                            f"Continue with: {self.resume_command}"
                         )
                     elif self._scheduled() or stopped is not None:
                         stopped = self._evaluate(reporter, signals, stopped) or stopped
@@ -253,6 +253,12 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.updater.step
+
+    @property
+    def resume_command(self) -> str:
+        """How to go on after a stop: to the same --max-steps (an ablation's budget), if the run had one."""
+        limit = f" --max-steps {self.options.max_steps}" if self.options.max_steps else ""
+        return f"flowspec train --resume {self.run_dir}{limit}"
 
     def _steps(self, interval: Interval) -> int:
         return interval.count * (self.batches.steps_per_epoch if interval.unit == "epochs" else 1)
@@ -367,7 +373,7 @@ class Trainer:
             where = interrupted.done if interrupted else "on another process"
             reporter.message(
                 f"{received}: the evaluation at step {self.step} stopped {where}; {self.run_dir / LAST} "
-                f"was saved before it. Continue with: flowspec train --resume {self.run_dir}"
+                f"was saved before it. Continue with: {self.resume_command}"
             )
             return received
         train_bpd, grad_norm, _ = self.window.read()
