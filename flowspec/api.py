@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowspec.errors import UserError
+from flowspec.errors import RunStopped, UserError
 from flowspec.spec import FlowSpec
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ def train(
     training set up to this size is held in memory, a larger one streamed from its file) and `eval`
     (settings of the spec's `eval` section, as `--eval-*` give them, e.g. `{"images": 64, "inversion":
     False}`). Returns the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake
-    raises `UserError` with the message the command line prints.
+    raises `UserError` with the message the command line prints. Ctrl-C or SIGTERM stops the run after
+    its step and saves it, then raises `RunStopped` (a `KeyboardInterrupt`, holding the `RunResult`).
     """
     from flowspec.loader import check_overrides
     from flowspec.threads import check_threads
@@ -144,7 +145,10 @@ def train(
         threads=threads,
         eval=eval,
     )
-    return run_training(spec, options)
+    result = run_training(spec, options)
+    if result.stopped in ("SIGINT", "SIGTERM"):
+        raise RunStopped(result)
+    return result
 
 
 def eval_written_by(spec: FlowSpec, sets: Sequence[str]) -> dict[str, Any]:

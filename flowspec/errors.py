@@ -6,6 +6,7 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class UserError(Exception):
@@ -20,6 +21,15 @@ class UserError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs; the CLI exits with 143."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """`flowspec.train` stopped by Ctrl-C or SIGTERM after saving `last.pt`: raised to the caller (a loop of
+    runs in a script or notebook stops too); `result` is the run's `RunResult`."""
+
+    def __init__(self, result: Any):
+        super().__init__(f"{result.stopped}: stopped after step {result.step}; saved in {result.run_dir}")
+        self.result = result
 
 
 class Interrupted(UserError):

@@ -222,3 +222,29 @@ def test_a_spec_made_in_python_starts_no_run_that_a_spec_file_could_not(tmp_path
     with pytest.raises(flowspec.UserError, match=r"cannot start a run: classes names class 3 twice"):
         flowspec.train(twice, out=tmp_path / "b", quiet=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_signal_during_train_is_raised_to_the_caller_after_saving(tmp_path, monkeypatch):
+    """A loop of runs in a script or notebook stops at Ctrl-C (it went on to the next run): after the save,
+    `train` raises `RunStopped`, a KeyboardInterrupt holding the run's result."""
+    import os
+    import signal
+
+    from flowspec.errors import RunStopped
+    from flowspec.train.checkpoint import load_checkpoint
+    from flowspec.train.update import Updater
+
+    step = Updater.__call__
+
+    def interrupted_at_step_two(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Updater, "__call__", interrupted_at_step_two)
+    with pytest.raises(RunStopped) as stop:
+        flowspec.train(tiny_spec(steps=6), out=tmp_path / "run", quiet=True, device="cpu")
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert (stop.value.result.stopped, stop.value.result.step) == ("SIGINT", 2)
+    assert load_checkpoint(tmp_path / "run")["step"] == 2

@@ -33,7 +33,7 @@ from flowspec.cli.options import (
     ThreadsOption,
     load_cli_spec,
 )
-from flowspec.errors import Interrupted, Terminated, UserError, os_error_message
+from flowspec.errors import Interrupted, RunStopped, Terminated, UserError, os_error_message
 from flowspec.spec import CLASS_NAMES, MAX_SEED
 
 if TYPE_CHECKING:
@@ -270,6 +270,8 @@ def train(
             data_memory=data_memory,
             eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
         )
+    except RunStopped as stop:  # saved: said below
+        result = stop.result
     except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
         raise Interrupted(
             "checkpoints already written are kept (a run folder with last.pt goes on with --resume RUN_DIR)",
