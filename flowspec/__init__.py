@@ -56,9 +56,11 @@ def build(spec: FlowSpec, device: Any = None) -> FlowModel:
         )
 
     if device is not None:
-        from flowspec.inspection.budget import parse_device
+        from flowspec.inspection.budget import check_cuda, parse_device
 
         device = parse_device(device)
+        if device.type == "cuda":  # torch's own error names a driver, not the device asked for
+            check_cuda(device)
     return _build(spec, device)
 
 

@@ -11,7 +11,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -183,7 +183,11 @@ def _extend(doc: RawDict, file: str, texts: dict[str, str], chain: tuple[Path, .
 def check_overrides(overrides: object) -> None:
     """A TypeError unless `overrides` is a list (or tuple) of `KEY=VALUE` strings: a single string would
     be read as one override per character."""
-    if isinstance(overrides, str | bytes | Mapping) or not all(isinstance(o, str) for o in overrides):
+    if (
+        isinstance(overrides, str | bytes | Mapping)
+        or not isinstance(overrides, Iterable)
+        or not all(isinstance(o, str) for o in overrides)
+    ):
         raise TypeError(
             f'overrides are a list of KEY=VALUE strings, e.g. ["train.lr=1e-3"], got {overrides!r}'
         )
@@ -226,8 +230,20 @@ def _rules(spec: FlowSpec, doc: RawDict, file_rules: bool) -> list[Diagnostic]:
 
 
 def check_file_rules(spec: FlowSpec) -> None:
-    """A `UserError` when a spec made in Python breaks a rule that a spec file must follow (`_file_rules`),
-    for a new run: a stored spec from before a rule still loads."""
+    """A `UserError` when a spec made in Python is not valid (`model_copy(update=...)` skips validation) or
+    breaks a rule that a spec file must follow (`_file_rules`), for a new run: a stored spec from before a
+    rule still loads."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # pydantic's serializer warns of the wrong types it is handed
+            warnings.simplefilter("ignore")
+            FlowSpec.model_validate(spec.model_dump())
+    except ValidationError as error:
+        wrong = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in error.errors()[:5]
+        )
+        raise UserError(f"the spec {spec.name!r} is not valid: {wrong}") from None
     named = spec.model_copy(update={"name": "m"})  # a name is judged where it names a folder (`out=`)
     problems = [d.message for d in _file_rules(named, RawDict())]
     if problems:

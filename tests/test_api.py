@@ -248,3 +248,22 @@ def test_a_signal_during_train_is_raised_to_the_caller_after_saving(tmp_path, mo
     assert isinstance(stop.value, KeyboardInterrupt)
     assert (stop.value.result.stopped, stop.value.result.step) == ("SIGINT", 2)
     assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_a_spec_changed_in_python_is_validated_before_it_trains(tmp_path):
+    """`model_copy(update=...)`, pydantic's way to vary a spec, skips validation: train validates again."""
+    spec = tiny_spec()
+    bad = spec.model_copy(update={"train": spec.train.model_copy(update={"batch": -5, "lr": "x"})})
+    with pytest.raises(
+        UserError, match=r"the spec 'tiny' is not valid: train.lr: .*\(got 'x'\); train.batch"
+    ):
+        flowspec.train(bad, out=tmp_path / "run", quiet=True, device="cpu")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TypeError, match=r"overrides are a list of KEY=VALUE strings, .* got None"):
+        flowspec.train(write_flow(tmp_path / "t.flow"), sets=None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA device")
+def test_build_on_a_missing_cuda_device_says_so():
+    with pytest.raises(UserError, match="cuda was requested but no CUDA device is available"):
+        flowspec.build(tiny_spec(), "cuda")
