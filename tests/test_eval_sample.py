@@ -236,6 +236,10 @@ def test_ablate_reads_every_specs_data_before_training(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bad}: ") and "missing.npy" in err
     assert not out.exists()
+    big = tmp_path / "big.flow"  # a batch the data cannot fill: found before the good spec trains too
+    big.write_text('extends "good.flow"\nmodel big\ntrain { batch 4000  init_batch 16 }\n')
+    assert run(["ablate", str(good), str(big), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    assert f"error: {big}: the training set has" in capsys.readouterr().err and not out.exists()
 
 
 def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatch):

@@ -83,6 +83,12 @@ def run_ablation(
         previous_checkpoint(out / folder, spec, resume=False)
     read: dict[str, Datasets] = {}
     datasets = [_data_of(spec, options.data_dir, read, options.quiet) for spec in specs]
+    for spec, data in zip(specs, datasets, strict=True):  # found before the others train, not after
+        if len(data["train_set"]) < spec.train.batch:
+            raise UserError(
+                f"{spec.source or spec.name}: the training set has {len(data['train_set'])} images, fewer "
+                f"than one batch ({spec.train.batch})"
+            )
     done = Ablation()
     together = False
     try:  # under torchrun the job's process group serves every run, and is left at the end
