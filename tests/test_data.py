@@ -104,6 +104,32 @@ def test_a_data_dir_set_to_a_folder_without_cifar_is_an_error_not_passed_over(
     assert len(load_split(CIFAR, "test")) == 1000
 
 
+def test_the_default_folder_is_only_for_cifar10_without_a_path(tmp_path, monkeypatch):
+    from flowspec.train.data import default_folder
+
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(tmp_path))
+    (tmp_path / "test.npz").write_bytes(b"")  # what marks a folder of cifar10 shards
+    assert default_folder(DataSpec()) == tmp_path.resolve()
+    assert default_folder(DataSpec(path="elsewhere")) is None  # the spec names its data
+    assert default_folder(DataSpec(dataset="digits", shape=(1, 8, 8), levels=17)) is None
+    (tmp_path / "test.npz").unlink()  # an existing folder without CIFAR-10: the variable's own message
+    with pytest.raises(UserError, match=rf"FLOWSPEC_DATA_DIR is {tmp_path}, which holds no CIFAR-10"):
+        load_split(CIFAR, "test")
+
+
+def test_the_fingerprint_of_a_set_of_images_samples_it_evenly():
+    from flowspec.train.data import fingerprint
+
+    images = torch.zeros(1000, 1, 2, 2, dtype=torch.uint8)
+    digest = fingerprint(images)
+    last, middle = images.clone(), images.clone()
+    last[-1] += 1
+    middle[507] += 1  # one of 64 evenly spaced picks (999 * 32 / 63, rounded)
+    assert fingerprint(last) != digest and fingerprint(middle) != digest
+    assert fingerprint(images[:999]) != digest and fingerprint(images.view(1000, 1, 4, 1)) != digest
+    assert fingerprint(images.clone()) == digest
+
+
 def _drain(stream: BatchStream, n: int) -> list[torch.Tensor]:
     return [next(stream) for _ in range(n)]
 
@@ -179,6 +205,12 @@ def test_npz_train_shards_must_be_numbered_in_turn(tmp_path):
     assert len(load_split(NPZ, "train", tmp_path)) == 8
     np.savez(tmp_path / "train_01.npz", x=images, y=np.zeros(4, int))
     with pytest.raises(UserError, match=r"not numbered 1, 2, \.\.\. in turn: found train_01\.npz, train_1"):
+        load_split(NPZ, "train", tmp_path)
+    (tmp_path / "train_01.npz").rename(tmp_path / "train_0.npz")  # counted from 0: not 1, 2, ...
+    with pytest.raises(UserError, match=r"not numbered 1, 2, \.\.\. in turn: found train_0\.npz"):
+        load_split(NPZ, "train", tmp_path)
+    (tmp_path / "train_0.npz").rename(tmp_path / "train_.npz")  # no number: another name, not a crash
+    with pytest.raises(UserError, match=r"include train_\.npz, not named train_N\.npz"):
         load_split(NPZ, "train", tmp_path)
 
 

@@ -535,6 +535,21 @@ def test_a_truncated_or_replaced_cache_file_is_rebuilt(tmp_path, capsys):
         assert "prepared 5 train and 1 test images" in capsys.readouterr().err  # rebuilt, not trusted
 
 
+def test_a_cache_from_before_file_times_were_recorded_is_rebuilt(tmp_path, capsys):
+    import json
+
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    load_split(data, "train")
+    folder = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sizes"] = {name: size for name, (size, _) in meta.pop("files").items()}  # the older format
+    (folder / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    load_split(data, "train")
+    assert "prepared 5 train and 1 test images" in capsys.readouterr().err
+
+
 def test_a_cache_file_damaged_with_its_size_and_time_kept_is_an_error_naming_it(tmp_path):
     write_folder(tmp_path / "imgs")
     data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
@@ -700,6 +715,18 @@ def test_classes_on_data_without_labels_are_refused(tmp_path):
     imagenet = DataSpec(dataset="imagenet", path=str(tmp_path / "imagenet"), shape=(3, 4, 4))
     with pytest.raises(UserError, match=r"batch_1\.npz has labels but .*batch_3\.npz has none \(1 of 3"):
         load_split(imagenet, "train")
+    (tmp_path / "imagenet" / "train_data_batch_3.npz").unlink()  # labelled batches, a val file without
+    np.savez(tmp_path / "imagenet" / "val_data.npz", data=np.zeros((3, 48), np.uint8))
+    with pytest.raises(UserError, match=r"val_data\.npz has no labels, so `classes` cannot select"):
+        load_split(imagenet.model_copy(update={"classes": (0,)}), "test")
+
+
+def test_hidden_folders_inside_a_class_are_not_read(tmp_path):
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    count = len(load_split(data, "train"))
+    write_folder(tmp_path / "imgs" / "cat" / ".ipynb_checkpoints", classes=("copies",))
+    assert len(load_split(data, "train")) == count
 
 
 def test_npz_arrays_of_which_some_have_labels_are_refused(tmp_path):

@@ -720,3 +720,12 @@ def test_rules_newer_than_a_checkpoint_leave_its_stored_spec_loading(tmp_path):
     (tmp_path / "spec.flow").write_text(text)  # not beside a spec.json: a spec file
     with pytest.raises(SpecError, match="classes names class 3 twice"):
         load_spec(tmp_path / "spec.flow")
+
+
+def test_a_stored_spec_takes_overrides_and_keeps_a_name_no_file_could_write():
+    from flowspec.loader import stored_with_overrides
+
+    spec = load_spec(SPECS / "quickstart.flow").model_copy(update={"name": "my model-1.0"})
+    kept = stored_with_overrides(spec, ["eval.images=8"], "stored")
+    assert (kept.name, kept.eval.images) == ("my model-1.0", 8)
+    assert stored_with_overrides(spec, ["model=other"], "stored").name == "other"

@@ -550,3 +550,9 @@ def test_a_run_resumed_on_other_images_says_so(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "note: the test images are not those this run was trained on before" in said
     assert "best test bits/dim so far was measured on other test images" in said
+    with np.load(shards / "train_1.npz") as part:
+        np.savez(shards / "train_1.npz", x=16 - part["x"], y=part["y"])
+    train(spec, options(tmp_path / "run", resume=True, max_steps=6, quiet=False))
+    said = capsys.readouterr().out
+    assert "note: the train images are not those this run was trained on before" in said
+    assert "training goes on with these" in said

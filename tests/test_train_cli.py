@@ -39,6 +39,7 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     # --set without a spec changes the run's own spec.flow (an eval setting: the rest must stay)
     assert run(["train", "--resume", str(out), "--quiet", "--set", "eval.images=4"]) == 0
     assert flowspec.load_spec(out / "spec.flow").eval.images == 4
+    assert (out / "spec.flow").read_text().splitlines()[0] == written.splitlines()[0]  # from the same file
 
 
 def test_resume_set_without_a_spec_applies_to_the_stored_spec_of_a_run_named_in_python(tmp_path, capsys):
@@ -231,3 +232,20 @@ def test_quickstart_spec_trains(tmp_path, capsys):
     assert "done (max-steps) at step 2" in (printed := capsys.readouterr().out)
     assert "(best.pt: " in printed and "this short run's evaluation)" in printed  # none scheduled yet
     assert (out / "samples" / "step0000002_t1.0.png").is_file()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_quiet_stop_line_comes_from_rank_0_only(tmp_path, monkeypatch, capsys, rank):
+    from flowspec.errors import RunStopped
+    from flowspec.train.trainer import RunResult
+
+    stopped = RunResult(tmp_path, 7, 0.1, "SIGINT", None, None, 0.0, 10)
+
+    def stopped_run(*args, **kwargs):
+        raise RunStopped(stopped)
+
+    monkeypatch.setattr(flowspec, "train", stopped_run)
+    monkeypatch.setenv("RANK", rank)
+    assert run(["train", str(write_flow(tmp_path / "t.flow")), "-q"]) == 130
+    said = capsys.readouterr().err
+    assert ("SIGINT: stopped after step 7" in said) == (rank == "0")

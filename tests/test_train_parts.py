@@ -46,6 +46,19 @@ def test_a_signal_announced_to_a_stderr_nobody_reads_is_still_noted():
         os.close(write_end)
 
 
+def test_a_signal_announced_to_a_closed_stderr_is_still_noted():
+    """`flowspec train ... 2>&-`: the announcement's write fails with EBADF."""
+    saved = os.dup(2)
+    os.close(2)
+    try:
+        with StopSignals(announce="finishing the step, then saving") as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.received == "SIGINT"
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def test_stop_signals_note_the_first_signal_and_restore_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as signals:
