@@ -279,12 +279,9 @@ def train(
         ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
         if quiet and os.environ.get("RANK", "0") == "0":  # the loop's line: errors and this still show
-            limit = f" --max-steps {max_steps}" if max_steps else ""
-            print(
-                f"{result.stopped}: stopped after step {result.step}; saved {result.run_dir / 'last.pt'}. "
-                f"Continue with: flowspec train --resume {result.run_dir}{limit}",
-                file=sys.stderr,
-            )
+            from flowspec.train.trainer import stop_line
+
+            print(stop_line(result.stopped, result.step, result.run_dir, max_steps), file=sys.stderr)
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
         kept = result.best_bpd is not None and (result.run_dir / "best.pt").is_file()

@@ -84,6 +84,18 @@ class RunResult:
     best_scheduled: bool = True  # best_bpd is a scheduled evaluation's (else a short run's stop's)
 
 
+def resume_command(run_dir: Path, max_steps: int | None) -> str:
+    """How to go on after a stop: to the same --max-steps (an ablation's budget), if the run had one."""
+    limit = f" --max-steps {max_steps}" if max_steps else ""
+    return f"flowspec train --resume {run_dir}{limit}"
+
+
+def stop_line(signal_name: str, step: int, run_dir: Path, max_steps: int | None) -> str:
+    """What a run that a signal stopped, and that saved, says."""
+    go_on = resume_command(run_dir, max_steps)
+    return f"{signal_name}: stopped after step {step}; saved {run_dir / LAST}. Continue with: {go_on}"
+
+
 class Trainer:
     """Train one spec in one process (one of `world` under torchrun)."""
 
@@ -233,10 +245,7 @@ class Trainer:
                     stopped = received or self._limit_reached(time_up)
                     if received:
                         self._save(best=False)
-                        reporter.message(
-                            f"{received}: stopped after step {self.step}; saved {self.run_dir / LAST}. "
-                            f"Continue with: {self.resume_command}"
-                        )
+                        reporter.message(stop_line(received, self.step, self.run_dir, self.options.max_steps))
                     elif self._scheduled() or stopped is not None:
                         stopped = self._evaluate(reporter, signals, stopped) or stopped
                     elif self.save_every and self.step % self.save_every == 0:
@@ -253,12 +262,6 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.updater.step
-
-    @property
-    def resume_command(self) -> str:
-        """How to go on after a stop: to the same --max-steps (an ablation's budget), if the run had one."""
-        limit = f" --max-steps {self.options.max_steps}" if self.options.max_steps else ""
-        return f"flowspec train --resume {self.run_dir}{limit}"
 
     def _steps(self, interval: Interval) -> int:
         return interval.count * (self.batches.steps_per_epoch if interval.unit == "epochs" else 1)
@@ -373,7 +376,7 @@ class Trainer:
             where = interrupted.done if interrupted else "on another process"
             reporter.message(
                 f"{received}: the evaluation at step {self.step} stopped {where}; {self.run_dir / LAST} "
-                f"was saved before it. Continue with: {self.resume_command}"
+                f"was saved before it. Continue with: {resume_command(self.run_dir, self.options.max_steps)}"
             )
             return received
         train_bpd, grad_norm, _ = self.window.read()
