@@ -246,7 +246,10 @@ def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatc
     from flowspec.train import ablate
 
     reads, given = [], []
-    monkeypatch.setattr(ablate, "load_split", lambda data, split, data_dir: reads.append(split) or split)
+    sets = {"train": "train" * 20, "test": "test" * 20}  # stand-ins, each longer than a batch
+    monkeypatch.setattr(
+        ablate, "load_split", lambda data, split, data_dir: reads.append(split) or sets[split]
+    )
 
     def fake_train(spec, options, train_set, test_set, keep_group):
         given.append((train_set, test_set))
@@ -256,7 +259,7 @@ def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatc
     spec = tiny_spec()
     other = spec.model_copy(update={"name": "b", "data": spec.data.model_copy(update={"classes": (1, 2)})})
     ablate.run_ablation([spec, spec, other], RunOptions(), tmp_path, seed=0)
-    assert reads == ["train", "test", "train", "test"] and given == [("train", "test")] * 3
+    assert reads == ["train", "test", "train", "test"] and given == [(sets["train"], sets["test"])] * 3
 
 
 def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monkeypatch):
