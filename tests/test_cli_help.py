@@ -105,7 +105,7 @@ def test_version_and_the_count_of_differences(capsys):
         ("show", "SPEC"),
         ("diff", "A [B]"),
         ("train", "[SPEC]"),
-        ("ablate", "SPEC..."),
+        ("ablate", "[SPEC]..."),  # none with --resume
     ],
 )
 def test_the_usage_line_names_the_arguments_as_the_readme_does(name, usage, capsys, monkeypatch):

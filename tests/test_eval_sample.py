@@ -377,6 +377,9 @@ def test_an_ablation_never_overwrites_an_earlier_one(tmp_path, monkeypatch, caps
     assert run(["ablate", *specs, "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
     assert "already holds an ablation" in capsys.readouterr().err
     (out / "ablation.json").unlink()
+    assert run(["ablate", *specs, "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    assert f"finish it with: flowspec ablate --resume {out}" in capsys.readouterr().err  # its plan is there
+    (out / "ablation-plan.json").unlink()
     (out / "b").mkdir()
     (out / "b" / "last.pt").write_bytes(b"")  # a run there (even a failed one's folder)
     assert run(["ablate", *specs, "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2

@@ -349,7 +349,8 @@ def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, ca
     assert "SIGINT: the evaluation at step 2 stopped after 0 of 64 test images" in captured.out
     assert (
         captured.err
-        == f"SIGINT: the ablation stopped after 1 of 2 runs; nothing was compared; the runs are in {out}\n"
+        == "SIGINT: the ablation stopped after 1 of 2 runs; nothing was compared; finish it with: "
+        f"flowspec ablate --resume {out}\n"
     )
     assert load_checkpoint(out / "a")["step"] == 2 and not (out / "b").exists()
     assert not (out / "ablation.json").exists()
@@ -364,11 +365,88 @@ def test_ablate_stopped_in_its_second_run_compares_the_first(tmp_path, monkeypat
     captured = capsys.readouterr()
     assert captured.err == (
         f"SIGTERM: the ablation stopped after 2 of 2 runs; the table compares the 1 finished; "
-        f"the runs are in {out}\n"
+        f"finish it with: flowspec ablate --resume {out}\n"
     )
     assert "test bits/dim" in captured.out and "│ a " in captured.out and "│ b " not in captured.out
     assert [r["spec"] for r in json.loads((out / "ablation.json").read_text())] == ["a"]
     assert load_checkpoint(out / "b")["step"] == 2
+
+
+def test_an_interrupted_ablation_resumed_compares_what_the_uninterrupted_one_does(
+    tmp_path, monkeypatch, capsys
+):
+    """Stopped in its second run's first evaluation, an ablation finishes with `--resume`: the first
+    run is not trained again, the second goes on from its checkpoint and the third starts; the table is
+    the uninterrupted ablation's."""
+    from flowspec.train import ablate
+
+    specs = [str(write_flow(tmp_path / f"{n}.flow", name=n, filters=4 + 2 * i)) for i, n in enumerate("abc")]
+    fixed = ["--steps", "4", "--device", "cpu", "-q", "--eval-samples", "0", "--seed", "3"]
+    assert run(["ablate", *specs, "--out", str(tmp_path / "whole"), *fixed]) == 0
+    whole = json.loads((tmp_path / "whole" / "ablation.json").read_text())
+    out = tmp_path / "ablation"
+    _signal_on_call(monkeypatch, Evaluator, "__call__", signal.SIGINT, call=3)  # b's at step 3
+    assert run(["ablate", *specs, "--out", str(out), *fixed]) == 130
+    assert f"finish it with: flowspec ablate --resume {out}" in capsys.readouterr().err
+    assert load_checkpoint(out / "b")["step"] == 3 and not (out / "c").exists()
+    monkeypatch.undo()
+    trained = []
+    real_train = ablate.train
+    monkeypatch.setattr(
+        ablate,
+        "train",
+        lambda spec, o, **kw: trained.append((spec.name, o.resume)) or real_train(spec, o, **kw),
+    )
+    assert run(["ablate", "--resume", str(out), "-q"]) == 0
+    assert trained == [("b", True), ("c", False)]
+    assert "ablation (4 steps each, seed 3)" in capsys.readouterr().out
+    rows = json.loads((out / "ablation.json").read_text())
+    same = ("spec", "parameters", "test bits/dim", "test images", "best bits/dim", "steps", "file")
+    assert [{k: r[k] for k in same} for r in rows] == [{k: r[k] for k in same} for r in whole]
+    assert run(["ablate", "--resume", str(out), "-q"]) == 0 and len(trained) == 2  # all done: the table
+    assert json.loads((out / "ablation.json").read_text()) == rows
+
+
+def test_ablate_resume_takes_only_how_to_run_from_the_command_line(tmp_path, capsys):
+    spec = str(write_flow(tmp_path / "a.flow", name="a"))
+    out = tmp_path / "ablation"
+    assert run(["ablate", "--resume", str(out)]) == 2
+    assert (
+        f"{out} holds no ablation to resume: expected {out / 'ablation-plan.json'}" in capsys.readouterr().err
+    )
+    assert run(["ablate", "--device", "cpu"]) == 2
+    assert "ablate needs the specs to compare (or --resume DIR" in capsys.readouterr().err
+    assert run(["ablate", spec, "--steps", "1", "--out", str(out), "--device", "cpu", "-q"]) == 0
+    for extra in (
+        [spec],
+        ["--steps", "2"],
+        ["--seed", "0"],
+        ["--set", "train.lr=0.1"],
+        ["--precision", "bf16"],
+    ):
+        assert run(["ablate", "--resume", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: ablate --resume {out} finishes the ablation with its own specs and")
+        assert ("specs" if extra == [spec] else extra[0]) in err
+    assert run(["ablate", "--resume", str(out), "--device", "cpu", "--threads", "1", "-q"]) == 0
+    capsys.readouterr()
+    plan = out / "ablation-plan.json"
+    plan.write_text(plan.read_text()[:100])
+    assert run(["ablate", "--resume", str(out)]) == 2
+    assert f"error: {plan} is damaged (JSONDecodeError: " in capsys.readouterr().err
+
+
+def test_a_runs_training_time_counts_over_its_processes(tmp_path):
+    """`max_run_time` (an ablation's --budget) counts the training of the processes before this one: a
+    run resumed after its budget trains no further step, and evaluates where it stopped."""
+    spec, run_dir = tiny_spec(steps=8, eval_every=4), tmp_path / "run"
+    train(spec, _options(run_dir, max_steps=2, eval={"samples": 0}))
+    first = load_checkpoint(run_dir)["train_seconds"]
+    assert first > 0
+    result = train(spec, _options(run_dir, resume=True, max_run_time=first / 2, eval={"samples": 0}))
+    assert (result.step, result.stopped) == (2, "max-time")
+    result = train(spec, _options(run_dir, resume=True, max_steps=3, eval={"samples": 0}))
+    assert result.step == 3 and load_checkpoint(run_dir)["train_seconds"] > first
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")

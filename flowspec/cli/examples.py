@@ -42,6 +42,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "ablate": (
         "flowspec ablate specs/flowpp_cifar.flow specs/ablations/*.flow --budget 20m --data ~/cifar10",
         "flowspec ablate specs/quickstart.flow --steps 100 --set defaults.coupling.blocks=2 --out runs/ab",
+        "flowspec ablate --resume runs/ab",
     ),
 }
 

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -657,9 +658,17 @@ def export_model(
     print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")
 
 
+#: what `ablate --resume` takes from the command line: how to run, not what (the plan's own)
+RESUME_TAKES = ("resume", "quiet", "threads", "device", "allow_large", "data")
+
+
 @app.command(epilog=epilog("ablate"))
 def ablate(
-    specs: Annotated[list[Path], typer.Argument(metavar="SPEC", help="The specs to compare.")],
+    ctx: typer.Context,
+    specs: Annotated[
+        list[Path] | None,
+        typer.Argument(metavar="SPEC", help="The specs to compare (none with --resume)."),
+    ] = None,
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, help="Train each spec this many steps.")
     ] = None,
@@ -675,6 +684,14 @@ def ablate(
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", metavar="DIR", help="Folder of the runs; default runs/ablate-<time>."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            metavar="DIR",
+            help="Finish an interrupted ablation with its own specs and settings.",
+        ),
     ] = None,
     sets: SetOption = None,
     seed: Annotated[
@@ -695,51 +712,80 @@ def ablate(
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from flowspec.inspection.budget import check_size, default_device
-    from flowspec.train.ablate import is_signal, run_ablation
+    from flowspec.train.ablate import Plan, is_signal, resume_ablation, run_ablation
     from flowspec.train.distributed import main_process
     from flowspec.train.trainer import RunOptions
 
-    if (steps is None) == (budget is None):
-        raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
-    resolved = [load_cli_spec(path, sets) for path in specs]
-    for each in resolved:
-        check_size(each, "train", default_device(_device(device)), allow_large)
-    out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
-    options = RunOptions(
-        data_dir=data,
-        device=_device(device),
-        precision=precision.value if precision else None,
-        compile=compile_networks,
-        recompute=recompute.value,
-        data_memory=parse_size(data_memory) if data_memory is not None else None,
-        max_steps=steps,
-        max_time=parse_duration(budget) if budget else None,
-        quiet=quiet,
-        threads=threads,
-        eval={
-            **eval_written_by(resolved[0], sets or ()),
-            **_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
-        },
-    )
-    with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
-        done = run_ablation(resolved, options, out, seed, signals.check, overrides=sets or ())
+    how = RunOptions(data_dir=data, device=_device(device), quiet=quiet, threads=threads)
+    if resume is not None:
+        _check_resume_alone(ctx, specs, resume)
+        for each in Plan.read(resume).specs:
+            check_size(each, "train", default_device(how.device), allow_large)
+        out = resume
+        with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
+            done, plan = resume_ablation(resume, how, signals.check)
+        title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.specs)
+    else:
+        if not specs:
+            raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
+        if (steps is None) == (budget is None):
+            raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
+        resolved = [load_cli_spec(path, sets) for path in specs]
+        for each in resolved:
+            check_size(each, "train", default_device(how.device), allow_large)
+        out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
+        options = replace(
+            how,
+            precision=precision.value if precision else None,
+            compile=compile_networks,
+            recompute=recompute.value,
+            data_memory=parse_size(data_memory) if data_memory is not None else None,
+            max_steps=steps,
+            max_run_time=parse_duration(budget) if budget else None,
+            eval={
+                **eval_written_by(resolved[0], sets or ()),
+                **_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
+            },
+        )
+        title, planned = (f"{steps} steps" if steps else str(budget)), len(resolved)
+        with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
+            done = run_ablation(resolved, options, out, seed, signals.check, sets or (), title)
     stopped = signals.received or (done.runs[-1].stopped if done.runs else None)
     finished = done.finished if main_process() else []  # under torchrun, rank 0 prints the table
     if finished:
-        _print_ablation(finished, f"{f'{steps} steps' if steps else budget} each, seed {seed}", out)
+        _print_ablation(finished, f"{title} each, seed {seed}", out)
     for folder, message in done.failed if main_process() else []:
         print(f"error: the run of {folder} failed: {message}", file=sys.stderr)
     if is_signal(stopped):
         compared = f"the table compares the {len(finished)} finished" if finished else "nothing was compared"
         ran = len(done.runs) + len(done.failed)
         print(
-            f"{stopped}: the ablation stopped after {ran} of {len(resolved)} runs; {compared}; "
-            f"the runs are in {out}",
+            f"{stopped}: the ablation stopped after {ran} of {planned} runs; {compared}; "
+            f"finish it with: flowspec ablate --resume {out}",
             file=sys.stderr,
         )
         raise typer.Exit(128 + int(signal.Signals[stopped]))
     if done.failed:
         raise typer.Exit(2)
+
+
+def _check_resume_alone(ctx: typer.Context, specs: list[Path] | None, resume: Path) -> None:
+    """`ablate --resume DIR` takes the specs and settings from the ablation's plan: a spec or a setting
+    given beside it is refused (it would not be what the other runs were compared under)."""
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name not in RESUME_TAKES
+        and param.opts[0].startswith("-")
+        and getattr(ctx.get_parameter_source(param.name), "name", None) == "COMMANDLINE"  # not a default
+    ]
+    if specs or given:
+        extra = " and ".join(filter(None, ("specs" if specs else "", ", ".join(given))))
+        raise UserError(
+            f"ablate --resume {resume} finishes the ablation with its own specs and settings (from "
+            f"{resume / 'ablation-plan.json'}): leave out the {extra}; only --device, --threads, --data, "
+            f"--quiet and --allow-large may be given"
+        )
 
 
 def _print_ablation(results: list[RunResult], budget: str, out: Path) -> None:

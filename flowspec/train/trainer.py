@@ -59,6 +59,7 @@ class RunOptions:
     recompute: str = "auto"  # auto | on | off (see flowspec.train.recompute)
     max_steps: int | None = None  # stop at this global step (a resumed run counts from its start)
     max_time: float | None = None  # seconds of training in this process
+    max_run_time: float | None = None  # seconds of training of the whole run, earlier processes' too
     quiet: bool = False
     resume: bool = False  # continue the run in `out` from its last checkpoint
     eval: dict[str, Any] = field(default_factory=dict)  # eval settings over the spec's (and a short run's)
@@ -128,6 +129,8 @@ class Trainer:
         spec, options = self.spec, self.options
         payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
         self.saved_step: int | None = payload["step"] if payload is not None else None
+        # training seconds of the processes before this one (0 in checkpoints from before they were kept)
+        self.trained_before = float(payload.get("train_seconds", 0.0)) if payload is not None else 0.0
         self._choose_precision(payload)
 
         # a resumed run reads the data folder it was trained on unless --data says otherwise; a new one
@@ -221,8 +224,10 @@ class Trainer:
             reporter.message(self._banner())
             if self.data_note:
                 reporter.message(self.data_note)
-            started, stopped = time.monotonic(), self._limit_reached()
+            self.started = started = time.monotonic()
             self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
+            self.paused_at: float | None = None
+            stopped = self._limit_reached(self._run_time_up(0.0))
             self.vote = StopVote(self.device) if self.dist.active else None  # stops agreed under torchrun
             self.window.restart_clock()
             try:
@@ -290,10 +295,23 @@ class Trainer:
         return self.vote.flags(signals.received, self._time_up(started)) if self.vote is not None else None
 
     def _time_up(self, started: float) -> bool:
-        """Whether --max-time is up (training time: evaluations do not count; under torchrun rank 0's
-        clock decides)."""
+        """Whether --max-time (or an ablation's budget) is up (training time: evaluations do not count;
+        under torchrun rank 0's clock decides)."""
         elapsed = time.monotonic() - started - self.not_training
-        return self.dist.main and self.options.max_time is not None and elapsed >= self.options.max_time
+        limit = self.options.max_time
+        up = limit is not None and elapsed >= limit
+        return self.dist.main and (up or self._run_time_up(elapsed))
+
+    def _run_time_up(self, elapsed: float) -> bool:
+        """Whether the run's training time (`elapsed` in this process, after its earlier processes')
+        reached `max_run_time`."""
+        limit = self.options.max_run_time
+        return limit is not None and self.trained_before + elapsed >= limit
+
+    def _train_seconds(self) -> float:
+        """Seconds this run has trained, in this process and the ones before it (what a checkpoint keeps)."""
+        now = self.paused_at if self.paused_at is not None else time.monotonic()
+        return self.trained_before + now - self.started - self.not_training
 
     def _should_stop(self, signals: StopSignals, started: float) -> tuple[str | None, bool]:
         """A signal received and whether --max-time is up, after a step. Under torchrun the ranks agree
@@ -349,11 +367,12 @@ class Trainer:
     def _not_training(self) -> Iterator[None]:
         """Evaluating or saving: its time counts in neither the throughput nor --max-time."""
         self.window.pause()
-        paused = time.monotonic()
+        self.paused_at = time.monotonic()
         try:
             yield
         finally:
-            self.not_training += time.monotonic() - paused
+            self.not_training += time.monotonic() - self.paused_at
+            self.paused_at = None
             self.window.restart_clock()
 
     def _evaluate_and_save(self, reporter: Reporter, signals: StopSignals, stopped: str | None) -> str | None:
@@ -430,6 +449,7 @@ class Trainer:
             "precision": self.precision,
             "precision_asked": self.precision_asked,
             "threads": self.threads.threads,  # a resume keeps them: another count sums in another order
+            "train_seconds": self._train_seconds(),
             **spec_record(self.spec),
         }
         modules = [m for m in (self.updater.model, self.updater.ema) if m is not None]
