@@ -99,8 +99,9 @@ class Plan:
 
     @classmethod
     def read(cls, out: Path) -> Plan:
-        """The plan of the ablation in `out`; a `UserError` naming the file when there is none or it is
-        damaged."""
+        """The plan of the ablation in `out`, to resume it; a `UserError` naming the file when there is none
+        or it is damaged, or naming the holder when the ablation goes on in another process."""
+        check_free(out)
         path = out / PLAN
         if not path.is_file():
             raise UserError(
@@ -177,7 +178,6 @@ def resume_ablation(out: Path, options: RunOptions, stop: StopCheck = never) -> 
     kept, a run stopped part way goes on from its `last.pt` (to the same budget) and the others start.
     From `options` only how to run is taken: `device`, `threads`, `quiet` and, if set, `data_dir` (the
     data moved)."""
-    check_free(out)
     plan = Plan.read(out)
     if options.data_dir is not None:
         plan.data_dirs = [_absolute(options.data_dir)] * len(plan.specs)
