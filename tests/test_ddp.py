@@ -177,3 +177,7 @@ def test_an_ablation_under_torchrun_runs_every_spec_in_one_job_and_rank_0_report
     assert done.stdout.count("ablation (2 steps each, seed 0)") == 1
     rows = json.loads((out / "ablation.json").read_text())
     assert [r["spec"] for r in rows] == ["a", "b"] and all(r["test bits/dim"] > 0 for r in rows)
+    again = [*command[:8], "ablate", "--resume", str(out), "-q"]  # finished: the same table, once
+    done = subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.count("ablation (2 steps each, seed 0)") == 1, done.stderr
+    assert json.loads((out / "ablation.json").read_text()) == rows

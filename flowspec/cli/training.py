@@ -719,11 +719,12 @@ def ablate(
     how = RunOptions(data_dir=data, device=_device(device), quiet=quiet, threads=threads)
     if resume is not None:
         _check_resume_alone(ctx, specs, resume)
-        for each in Plan.read(resume).specs:
+        plan = Plan.read(resume)
+        for each in plan.specs:
             check_size(each, "train", default_device(how.device), allow_large)
         out = resume
         with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
-            done, plan = resume_ablation(resume, how, signals.check)
+            done = resume_ablation(resume, how, signals.check, plan)
         title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.specs)
     else:
         if not specs:

@@ -101,7 +101,8 @@ class Plan:
     def read(cls, out: Path) -> Plan:
         """The plan of the ablation in `out`, to resume it; a `UserError` naming the file when there is none
         or it is damaged, or naming the holder when the ablation goes on in another process."""
-        check_free(out)
+        if main_process():  # (the job's other processes would find rank 0's lock)
+            check_free(out)
         path = out / PLAN
         if not path.is_file():
             raise UserError(
@@ -158,7 +159,8 @@ def run_ablation(
     Every spec's data is read before the first run, so that a mistake in the last spec's data section is
     reported before hours of training the others; specs with the same data share one copy."""
     folders = folder_names([s.name for s in specs], [s.source for s in specs])
-    check_free(out)  # an ablation going on there is named first
+    if main_process():  # an ablation going on there is named first
+        check_free(out)
     for planned in (PLAN, "ablation.json"):
         if (out / planned).exists():
             raise UserError(
@@ -173,17 +175,19 @@ def run_ablation(
     return _carry_out(plan, out, stop, options, write_plan=True)
 
 
-def resume_ablation(out: Path, options: RunOptions, stop: StopCheck = never) -> tuple[Ablation, Plan]:
+def resume_ablation(
+    out: Path, options: RunOptions, stop: StopCheck = never, plan: Plan | None = None
+) -> Ablation:
     """Finish the interrupted ablation in `out` with its own specs and settings: the runs it finished are
     kept, a run stopped part way goes on from its `last.pt` (to the same budget) and the others start.
     From `options` only how to run is taken: `device`, `threads`, `quiet` and, if set, `data_dir` (the
-    data moved)."""
-    plan = Plan.read(out)
+    data moved). `plan`: `Plan.read(out)` if already read."""
+    plan = plan or Plan.read(out)
     if options.data_dir is not None:
         plan.data_dirs = [_absolute(options.data_dir)] * len(plan.specs)
     device = options.device or plan.options.device
     how = {"quiet": options.quiet, "threads": options.threads, "device": device}
-    return _carry_out(plan, out, stop, replace(plan.options, **how), write_plan=False), plan
+    return _carry_out(plan, out, stop, replace(plan.options, **how), write_plan=False)
 
 
 def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, write_plan: bool) -> Ablation:
