@@ -406,6 +406,37 @@ def test_a_killed_build_is_cleaned_up_and_concurrent_callers_share_one_build(tmp
     )
 
 
+def test_a_process_waiting_for_the_cache_says_who_prepares_it(tmp_path, capsys):
+    """While another process prepares the data, one line names it and the folder, then the wait; the
+    builder's pid and host are in the lock file; `quietly()` waits without a word."""
+    import fcntl
+    import socket
+    import threading
+
+    from flowspec.train.datacache import FORMAT, cached, digest, quietly
+
+    what = {"source": "x"}
+    name = digest({"format": FORMAT, **what})[:20]
+
+    def build(folder):
+        holder = (tmp_path / f"{name}.lock").read_text()
+        assert holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} since ")
+        (folder / "train.npy").write_bytes(b"whole")
+        return {}
+
+    for stamp, quiet in (([1], False), ([2], True)):
+        with open(tmp_path / f"{name}.lock", "a+") as held:  # another process's lock (flock: per open file)
+            fcntl.flock(held, fcntl.LOCK_EX)
+            held.truncate(0)
+            held.write("pid 4242 on elsewhere since noon\n")
+            held.flush()
+            threading.Timer(0.3, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+            with quietly(quiet):
+                folder = cached(tmp_path, what, stamp, build)
+        said = f"waiting for pid 4242 on elsewhere since noon, which prepares {folder}\n"
+        assert capsys.readouterr().err == ("" if quiet else said)
+
+
 def test_sixteen_bit_pngs_need_convert_depth(tmp_path):
     folder = tmp_path / "deep"
     folder.mkdir()

@@ -444,7 +444,9 @@ def test_sample_refuses_bad_outputs_and_options(trained, tmp_path, capsys, args,
     assert message.format(tmp=tmp_path) in err and "Traceback" not in err
 
 
-def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(trained, tmp_path, capsys):
+def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(
+    trained, tmp_path, monkeypatch, capsys
+):
     assert run(["eval", str(trained), "--out", str(tmp_path), "--limit", "4"]) == 2
     assert f"--out {tmp_path} is a folder: give a file name" in capsys.readouterr().err
     locked = tmp_path / "locked"
@@ -459,8 +461,18 @@ def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(trained
         assert code == 2 and "single sample" in out
         assert (
             err
-            == f"error: permission denied writing {locked / 'e.json'}; the results are in the table above\n"
+            == f"error: permission denied writing {locked / 'e.json'}; the results are in the table above "
+            "(--out FILE writes them elsewhere)\n"
         )
+    import errno
+
+    from flowspec.train import files
+
+    fail_on(monkeypatch, files, "_settle", errno.EROFS)  # a read-only run folder, for root too
+    assert run(["eval", str(trained), "--limit", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert "single sample" in out and err.startswith(f"error: read-only file system writing {trained}")
+    assert err.endswith("; the results are in the table above (--out FILE writes them elsewhere)\n")
     assert run(["eval", str(trained), "--iw", "100000"]) == 2
     assert "Invalid value for '--iw'" in capsys.readouterr().err
 
@@ -535,7 +547,6 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
         "is kept; free space or make the folder writable, then continue with: "
         f"flowspec train --resume {out}\n"
     )
-    monkeypatch.undo()
     assert load_checkpoint(out)["step"] == kept
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if metrics.is_eval(r)][0] == 3
@@ -571,7 +582,6 @@ def test_a_full_disk_as_torch_reports_it_is_a_full_disk_not_a_bug(tmp_path, monk
         err.startswith(f"error: no space left writing {out / LAST}; the last good checkpoint")
         and "bug" not in err
     )
-    monkeypatch.undo()
     assert load_checkpoint(out)["step"] == 3 and not [p.name for p in out.glob("*tmp*")]
 
 
@@ -609,19 +619,81 @@ def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
 
 
 def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path):
+    """Only the temporary names a run writes: the user's `*.tmp` files and another command's output in
+    progress (`eval` writing its JSON into the folder) stay."""
+    from flowspec.train.files import replaced_whole
     from flowspec.train.lock import RunLock
 
-    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".last.pt.abc123.tmp.pt").write_bytes(b"half a checkpoint")
     (tmp_path / "metrics.jsonl.tmp").write_text("{")
     (tmp_path / ".curves.tmp.png").write_bytes(b"")
-    (tmp_path / "last.pt").write_bytes(b"kept")
-    with RunLock(tmp_path) as lock:
-        assert sorted(p.name for p in lock.removed) == [
-            ".curves.tmp.png",
-            ".last.pt.abc123.tmp",
-            "metrics.jsonl.tmp",
-        ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "last.pt"]
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / ".step0000003_t1.0.png.k2j4.tmp.png").write_bytes(b"")
+    kept = ["important.tmp", ".draft.tmp", "last.pt"]
+    for name in kept:
+        (tmp_path / name).write_text("precious")
+    with replaced_whole(tmp_path / "eval_test.json") as partial:
+        partial.write_text("{}")
+        with RunLock(tmp_path, clean=False) as lock:
+            assert [p.relative_to(tmp_path).as_posix() for p in lock.remove_stale()] == [
+                ".curves.tmp.png",
+                ".last.pt.abc123.tmp.pt",
+                "metrics.jsonl.tmp",
+                "samples/.step0000003_t1.0.png.k2j4.tmp.png",
+            ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".lock", "eval_test.json", "samples", *kept])
+
+
+def test_a_refused_run_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """A folder refused (an earlier run's files) keeps its temporary files and gets no lock file."""
+    out = tmp_path / "x"
+    out.mkdir()
+    files = {"important.tmp": "precious", ".draft.tmp": "precious", ".last.pt.abc123.tmp.pt": "half"}
+    for name, text in {**files, "metrics.jsonl": "old"}.items():
+        (out / name).write_text(text)
+    before = sorted(out.iterdir())
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--max-steps", "1", "--quiet"]) == 2
+    assert f"{out} already holds metrics.jsonl of an earlier run" in capsys.readouterr().err
+    assert sorted(out.iterdir()) == before
+
+
+def test_a_file_system_without_locks_is_a_user_error(tmp_path, monkeypatch, capsys):
+    """flock failing with ENOSYS (Lustre without -o flock) or ENOLCK (NFS without lockd): exit 2 naming the
+    lock file, for the run folder and for the data cache; a folder without locks has no holder to name."""
+    import errno
+    import fcntl
+
+    from flowspec.errors import UserError
+    from flowspec.train.datacache import cached
+    from flowspec.train.lock import check_free
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "r"
+    assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--max-steps", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot lock {out / '.lock'}: the file system does not support file locks")
+    assert "choose an --out folder on a local disk" in err and not out.exists()
+    with pytest.raises(UserError, match=r"cannot lock .*\.lock: .* set FLOWSPEC_CACHE_DIR to a folder on a"):
+        cached(tmp_path / "cache", {"source": "x"}, [1], lambda folder: pytest.fail("built unlocked"))
+    out.mkdir()
+    (out / ".lock").write_text("")
+    check_free(out)
+
+
+def test_eval_sample_and_export_name_the_run_writing_its_first_checkpoint(tmp_path, capsys):
+    from flowspec.train.lock import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out):
+        for command in ("eval", "sample", "export"):
+            assert run([command, str(out)]) == 2
+            err = capsys.readouterr().err
+            assert f"run folder {out} is in use by pid {os.getpid()}" in err and "no checkpoint" not in err
+    assert run(["eval", str(out)]) == 2
+    assert f"no checkpoint in {out}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

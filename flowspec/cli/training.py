@@ -511,7 +511,10 @@ def evaluate(
         with replaced_whole(out) as partial:
             partial.write_text(json.dumps(record, indent=2) + "\n")
     except OSError as error:
-        raise UserError(f"{os_error_message(error, 'writing')}; the results are in the table above") from None
+        raise UserError(
+            f"{os_error_message(error, 'writing')}; the results are in the table above (--out FILE writes "
+            f"them elsewhere)"
+        ) from None
     print(f"wrote {out}")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.errors import UserError
+from flowspec.train.lock import holder_line, no_locks
 
 FORMAT = 2  # bump when the files' layout or the preparation's meaning changes (2: numbered class folders)
 META = "meta.json"
@@ -63,7 +64,7 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
     stamp_digest = digest(stamp)
     if _current(final, stamp_digest):
         return final
-    with _locked(root / f"{name}.lock"):
+    with _locked(root / f"{name}.lock", final):
         if _current(final, stamp_digest):  # another process built it while we waited
             return final
         for stale in root.glob(f"{name}.tmp-*"):  # left by a killed build (we hold the lock)
@@ -113,16 +114,32 @@ def _current(folder: Path, stamp_digest: str) -> bool:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, folder: Path) -> Iterator[None]:
+    """Hold the lock `path` on preparing `folder`; when another process holds it, say so (unless quiet) and
+    wait for it."""
     try:
-        handle = open(path, "a")
+        handle = open(path, "a+")
     except OSError as error:
         raise UserError(f"cannot write to the data cache folder {path.parent}: {error.strerror}") from None
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if SHOW_PROGRESS.get():
+                    handle.seek(0)
+                    holder = handle.read(200).strip() or "another process"
+                    print(f"waiting for {holder}, which prepares {folder}", file=sys.stderr, flush=True)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            raise no_locks(path, "set FLOWSPEC_CACHE_DIR to a folder on a local disk") from None
+        handle.truncate(0)
+        handle.write(holder_line())
+        handle.flush()
         try:
             yield
         finally:
+            handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

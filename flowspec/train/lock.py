@@ -2,8 +2,10 @@
 
 The lock is `fcntl.flock` on `RUN_DIR/.lock`, which holds the holder's pid and host. The kernel drops a
 flock when its process dies, however it dies, so a lock file left by a dead process never blocks: only
-a live holder does. Taking the lock also removes the temporary files of writes a killed process did not
-finish (`.last.pt.*.tmp` and the like): nobody else can be writing them.
+a live holder does. Once the folder is accepted (a new run, or one to resume), the holder removes the
+temporary files of its own kind of writes that a killed process did not finish (`.last.pt.*.tmp.pt` and
+the like): nobody else can be writing them. Other files are never touched (an `eval` writing its JSON
+into the folder meanwhile, the user's own `*.tmp` files).
 """
 
 from __future__ import annotations
@@ -17,20 +19,49 @@ from pathlib import Path
 from flowspec.errors import UserError, naming
 
 LOCK = ".lock"
-#: what `save_atomic`, `replaced_whole`, `truncate_metrics` and `plot_curves` write first
-STALE = (".*.tmp", "*.tmp", ".*.tmp.*", "samples/.*.tmp.*")
+#: the temporary names of what a run or an ablation writes: `save_atomic` and `replaced_whole` (checkpoints,
+#: a nonfinite batch, the spec files, sample grids, the ablation's plan and table), `truncate_metrics` and
+#: `plot_curves`
+STALE = (
+    ".last.pt.*.tmp.pt",
+    ".best.pt.*.tmp.pt",
+    ".nonfinite_batch*.pt.*.tmp.pt",
+    ".spec.json.*.tmp.json",
+    ".spec.flow.*.tmp.flow",
+    "samples/.step*_t*.png.*.tmp.png",
+    ".ablation-plan.json.*.tmp.json",
+    ".ablation.json.*.tmp.json",
+    "metrics.jsonl.tmp",
+    ".curves.tmp.png",
+)
+
+
+def holder_line() -> str:
+    """Who holds a lock: this process's pid and host, and since when."""
+    return f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%c}\n"
+
+
+def no_locks(path: Path, advice: str) -> UserError:
+    """The error for a file system without `flock` (Lustre without `-o flock`, NFS without lockd)."""
+    return UserError(
+        f"cannot lock {path}: the file system does not support file locks (flock), which keep two "
+        f"processes from writing one folder; {advice}"
+    )
 
 
 class RunLock:
     """The exclusive lock on a run folder, taken on construction (a `UserError` naming the holder when
-    another live process has it) and held until `release()` or the end of the process."""
+    another live process has it) and held until `release()` or the end of the process. `created`: whether
+    this lock made the lock file. With `clean` (a folder accepted before it is locked), `remove_stale` runs
+    at once."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, clean: bool = True):
         self.run_dir = Path(run_dir)
         path = self.run_dir / LOCK
         self.fd: int | None = None
         while self.fd is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.created = not path.exists()
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -38,21 +69,33 @@ class RunLock:
                 holder = _holder(fd)
                 os.close(fd)
                 raise _in_use(self.run_dir, holder) from None
+            except OSError:
+                os.close(fd)
+                if self.created:
+                    path.unlink(missing_ok=True)
+                raise no_locks(path, "choose an --out folder on a local disk") from None
             if _same_file(fd, path):
                 self.fd = fd
             else:  # removed by the run that held it (an empty folder of a run that failed): again
                 os.close(fd)
         with naming(path):  # a full disk fails here first
             os.ftruncate(self.fd, 0)
-            os.pwrite(
-                self.fd,
-                f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%c}\n".encode(),
-                0,
-            )
-        self.removed = remove_stale_files(self.run_dir)
+            os.pwrite(self.fd, holder_line().encode(), 0)
+        if clean:
+            self.remove_stale()
 
-    def release(self) -> None:
+    def remove_stale(self) -> list[Path]:
+        """Delete the temporary files of unfinished writes (once the folder is accepted); those deleted."""
+        stale = sorted({p for pattern in STALE for p in self.run_dir.glob(pattern) if p.is_file()})
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    def release(self, refused: bool = False) -> None:
+        """Unlock; when `refused` (the folder was not taken), remove the lock file if this lock made it."""
         if self.fd is not None:
+            if refused and self.created:
+                (self.run_dir / LOCK).unlink(missing_ok=True)  # one waiting then locks a new file
             os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
@@ -67,7 +110,7 @@ class RunLock:
 
 def check_free(run_dir: Path) -> None:
     """A `UserError` naming the holder when a live process holds the run folder's lock (before reading
-    what it is still writing); creates nothing."""
+    what it is still writing); creates nothing. On a file system without locks nobody can hold one."""
     try:
         fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
     except OSError:  # no lock file (or none readable): nobody has held it, or RunLock will say
@@ -76,6 +119,8 @@ def check_free(run_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise _in_use(Path(run_dir), _holder(fd)) from None
+    except OSError:
+        pass
     finally:
         os.close(fd)  # drops a shared lock taken here
 
@@ -97,11 +142,3 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
-
-
-def remove_stale_files(run_dir: Path) -> list[Path]:
-    """Delete the temporary files of unfinished writes in `run_dir` (call it only while holding its lock)."""
-    stale = sorted({p for pattern in STALE for p in run_dir.glob(pattern) if p.is_file()})
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale

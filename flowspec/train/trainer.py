@@ -117,17 +117,21 @@ class Trainer:
         self.run_dir = rundir.choose(spec, options.out, self.dist)
         self.lock: RunLock | None = None
         try:
-            self.lock = RunLock(self.run_dir) if self.dist.main else None  # before anything reads or writes
+            # before anything reads or writes; what a killed run left is removed once the folder is accepted
+            self.lock = RunLock(self.run_dir, clean=False) if self.dist.main else None
             self._setup(train_set, test_set)
         except BaseException:
             if fresh and self.dist.main:  # a run that never started leaves no folder (removed while locked)
                 rundir.remove_if_empty(self.run_dir)
-            self.close()
+            if self.lock is not None:
+                self.lock.release(refused=True)  # nor a lock file it made
             raise
 
     def _setup(self, train_set: ImageSet | None, test_set: ImageSet | None) -> None:
         spec, options = self.spec, self.options
         payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
+        if self.lock is not None:
+            self.lock.remove_stale()
         self.saved_step: int | None = payload["step"] if payload is not None else None
         # training seconds of the processes before this one (0 in checkpoints from before they were kept)
         self.trained_before = float(payload.get("train_seconds", 0.0)) if payload is not None else 0.0
