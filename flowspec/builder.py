@@ -12,10 +12,9 @@ from flowspec.layers.base import Layer
 from flowspec.layers.networks import ContextNetwork
 from flowspec.model import FlowModel
 from flowspec.shapes import check_shapes
-from flowspec.spec import FlowSpec
+from flowspec.spec import FlowSpec, context_mask
 from flowspec.steps import BuildContext, State, StepRun, walk, written
 from flowspec.steps.coupling import CouplingStep
-from flowspec.steps.split import SplitStep
 
 
 def _layers(runs: list[StepRun], ctx: BuildContext) -> list[Layer]:
@@ -48,7 +47,6 @@ def _dequantizer(spec: FlowSpec):
     if deq.kind == "uniform":
         return UniformDequantizer()
     steps = [step for _, step in written(deq.steps)]
-    masks = [s.mask for s in steps if isinstance(s, SplitStep)] or ["stripe"]
     c = spec.data.shape[0]
     dropout = max((s.dropout for s in steps if isinstance(s, CouplingStep)), default=0.0)
     cfg = deq.context
@@ -56,7 +54,7 @@ def _dequantizer(spec: FlowSpec):
         c,
         cfg.filters,
         cfg.blocks,
-        masks[0],
+        context_mask(deq),
         spec.data.levels,
         dropout,
         layernorm=cfg.layernorm,

@@ -31,6 +31,7 @@ from flowspec.resolve import (
 )
 from flowspec.shapes import misplaced_sigmoids, shape_issues
 from flowspec.spec import FlowSpec, SourceLoc, TrainSpec
+from flowspec.steps import kind_of, written
 
 __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
 
@@ -275,6 +276,16 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
     for what, message in spec.data.mistakes():
         found.append(Diagnostic(_locate(doc, ("data", what))[1], message))
     found += [Diagnostic(issue.source, issue.message) for issue in misplaced_sigmoids(spec)]
+    deq = spec.dequantize
+    if deq.kind == "variational" and deq.steps and not any(kind_of(s).couples for _, s in written(deq.steps)):
+        found.append(
+            Diagnostic(
+                _locate(doc, ("dequantize",))[1],
+                "the variational dequantizer has no coupling, so nothing would use its context network (its "
+                "parameters would be counted and never trained): add a coupling in a split, or write "
+                "`dequantize uniform`",
+            )
+        )
     if spec.train.init_batch < 2:
         found.append(
             Diagnostic(

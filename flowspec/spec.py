@@ -15,9 +15,10 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from flowspec.nodes import Node, SourceLoc
-from flowspec.steps import Step
+from flowspec.steps import Step, written
 from flowspec.steps.coupling import CouplingSettings
 from flowspec.steps.norm import NormGranularity
+from flowspec.steps.split import Mask, SplitStep
 
 __all__ = ["CouplingSettings", "FlowSpec", "SourceLoc", "Step"]
 
@@ -179,6 +180,12 @@ class VariationalDequant(Node):
     kind: Literal["variational"] = "variational"
     context: ContextSpec = ContextSpec()
     steps: list[Step]
+
+
+def context_mask(deq: VariationalDequant) -> Mask:
+    """The mask that splits the image for the dequantizer's context network: that of its splits (the shape
+    check allows one), else `stripe`. The builder and `inspect` both read it here."""
+    return next((step.mask for _, step in written(deq.steps) if isinstance(step, SplitStep)), "stripe")
 
 
 Dequantizer = Annotated[Union[UniformDequant, VariationalDequant], Field(discriminator="kind")]

@@ -402,3 +402,27 @@ def test_a_coupling_label_shows_every_network_option_away_from_its_default():
         components=4, filters=96, blocks=16, heads=4, final_elu=True, layernorm=False, nin=False
     )
     assert label(changed) == "mixlogistic k4 f96 b16 h4 noln 3x3 elu"
+
+
+@pytest.mark.parametrize(
+    "steps",
+    ["split checkerboard { norm; coupling; flip } sigmoid", "norm; pointwise; sigmoid"],
+    ids=["split", "no-split"],
+)
+def test_the_context_row_has_the_shape_the_context_network_returns(steps):
+    """inspect's context row and the built context network agree on its output (channels last: N H W F),
+    with a split in the dequantizer and, in a stored spec from before the rule that refuses it, without."""
+    text = (
+        "model m\ndata digits { shape 1x8x8  levels 17 }\n"
+        "defaults { coupling(filters=4, blocks=1, heads=1, components=2) }\n"
+        f"dequantize variational {{ context(filters=8, blocks=1) {steps} }}\n"
+        "flow { split stripe { coupling; flip } }\n"
+    )
+    spec = flowspec.parse_spec(text, stored=True)
+    model = flowspec.build(spec)
+    seen = []
+    model.dequantizer.context_net.register_forward_hook(lambda m, i, out: seen.append(tuple(out.shape)))
+    model.log_prob(torch.randint(0, 17, (4, 1, 8, 8)))
+    (row,) = [r for r in inspect_model(model, spec).rows() if r.path == "dequantize.context"]
+    n, h, w, f = seen[0]
+    assert row.state_out == (f, h, w) == (8, 8, 4)

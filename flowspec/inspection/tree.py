@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flowspec.spec import FlowSpec
-from flowspec.steps import State, StepRun, fmt, walk, written
+from flowspec.spec import FlowSpec, context_mask
+from flowspec.steps import State, StepRun, fmt, walk
 from flowspec.steps.kind import is_pair
 from flowspec.steps.split import FIRST_HALF as FIRST_HALF  # the legend of `inspect` reads it here
-from flowspec.steps.split import SplitStep, half_shape
+from flowspec.steps.split import half_shape
 
 
 @dataclass
@@ -125,8 +125,7 @@ def build_branches(spec: FlowSpec, params: dict[str, int]) -> list[Branch]:
     branches = []
     deq = spec.dequantize
     if deq.kind == "variational":
-        masks = [step.mask for _, step in written(deq.steps) if isinstance(step, SplitStep)]
-        half = half_shape(masks[0], spec.data.shape) if masks else spec.data.shape
+        half = half_shape(context_mask(deq), spec.data.shape)
         context_shape = (deq.context.filters, half[1], half[2])  # type: ignore[index]
         context = StepRow(
             path="dequantize.context",
