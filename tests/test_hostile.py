@@ -222,6 +222,16 @@ def test_repeats_that_multiply_to_a_billion_steps_are_refused_before_building(tm
     assert "more than the 10,000 flowspec builds" in err
 
 
+def test_more_written_steps_than_are_built_are_refused_without_a_repeat_to_blame(tmp_path, capsys):
+    path = bomb(tmp_path, steps="norm; " * 10_000)
+    assert run(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {path}:3:8: the spec unrolls to 10,001 steps (10,001 steps written in flow), more than the "
+        "10,000 flowspec builds; write fewer steps"
+    )
+
+
 @pytest.mark.parametrize(
     ("data", "coupling", "named"),
     [

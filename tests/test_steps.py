@@ -3,9 +3,12 @@ one walk over a step tree reports shapes and issues the way every stage reads th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import flowspec
+from flowspec.inspection.unroll import unrolled_steps
 from flowspec.nodes import StepNode
 from flowspec.parser import _lark, _literal
 from flowspec.shapes import ShapeError
@@ -38,6 +41,7 @@ def test_every_kind_has_every_part(name: str):
         assert callable(rule)
     assert set(kind.positional) <= set(fields)
     assert ("body" in fields) == kind.body
+    assert kind.copies is None or kind.body  # only a step with a body copies it
 
 
 def test_grammar_step_rules_and_kinds_agree():
@@ -70,6 +74,19 @@ def test_walk_states_and_unrolled_copies():
     copies = [r.copy for r in walk(steps, (3, 8, 8), unroll=True).all() if r.path == "flow.1.body.0.body.0"]
     assert copies == [0, 1, 2]
     assert [path for path, _ in written(steps)][:3] == ["0", "0.body.0", "1"]
+
+
+def test_the_unrolled_step_count_is_what_the_kinds_say(monkeypatch):
+    """The limit on unrolled steps counts each kind as the builder unrolls it: a step that copies its body
+    (a repeat) counts its copies' layers, one that holds its body once (a split) itself and its body."""
+    steps = [
+        RepeatStep(count=3, body=[SplitStep(mask="stripe", body=[FlipStep(), FlipStep()])]),
+        SqueezeStep(),
+    ]
+    layers = [r for r in walk(steps, (2, 4, 4), unroll=True).all() if r.kind.copies is None]
+    assert unrolled_steps(steps) == len(layers) == 3 * 3 + 1
+    monkeypatch.setitem(KINDS, "repeat", replace(KINDS["repeat"], copies=lambda step: 2 * step.count))
+    assert unrolled_steps(steps) == 6 * 3 + 1
 
 
 def test_walk_reports_each_step_that_cannot_run():

@@ -12,7 +12,7 @@ from flowspec.formatter import value_text
 from flowspec.inspection.report import Report
 from flowspec.nodes import StepNode
 from flowspec.spec import FlowSpec, Interval, SourceLoc
-from flowspec.steps import kind_of
+from flowspec.steps import KINDS, kind_of
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ def describe(value: Any) -> str:
     return str(value)
 
 
-#: Settings that are a step's head word, written before the others: `coupling mixlogistic`, `split stripe`.
-HEAD_WORDS = {"coupling": "coupling", "mask": "split", "count": "repeat", "granularity": "norm"}
+#: Settings written after a step's head word, before the others (each kind's first positional setting), and
+#: that word: `coupling mixlogistic`, `split stripe`.
+HEAD_WORDS = {kind.positional[0]: name for name, kind in KINDS.items() if kind.positional}
 #: Spec fields the language names otherwise (as `--set` accepts them).
 KEY_WORDS = {
     "name": "model",

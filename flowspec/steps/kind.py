@@ -1,8 +1,10 @@
 """`StepKind`: everything flowspec knows about one kind of step, and the registry of kinds by name.
 
-Each module of this package defines one kind (its settings model and rules) and registers it; every
-stage (parser, validation, shape check, builder, formatter, inspect) looks kinds up here instead of
-dispatching on names. Nothing here imports torch: build, FLOP and memory rules import it when called.
+Each module of this package defines one kind (its settings model and rules) and registers it. The parser,
+validation, shape check, builder, formatter, inspect, diff and the count of unrolled steps look kinds up
+here; rules about particular kinds name them where they are made (the `defaults` of `coupling` and `norm`,
+the variational dequantizer's rules on its splits, couplings and sigmoid, inspect's legend of the split
+masks). Nothing here imports torch: build, FLOP and memory rules import it when called.
 """
 
 from __future__ import annotations
@@ -89,8 +91,11 @@ class StepKind:
 
     `positional` names the settings the grammar rule writes as bare values after the keyword, in order
     (`split MASK`, `norm [GRANULARITY]`); other settings are written as `(key=value, ...)`. `body`: the
-    step holds a list of steps (`split`, `repeat`). `swaps_halves`: the step swaps the halves (flip).
-    `couples`: one half conditions the transform of the other (inspect says which, and counts them).
+    step holds a list of steps (`split`, `repeat`). `copies`: for a step with a body, how many copies of
+    the body it runs one after the other, the copies' layers standing in for a layer of its own (`repeat`:
+    its count); None: the body runs once inside the step's own layer (`split`). `swaps_halves`: the step
+    swaps the halves (flip). `couples`: one half conditions the transform of the other (inspect says which,
+    and counts them).
     """
 
     name: str
@@ -102,6 +107,7 @@ class StepKind:
     memory: MemoryRule
     positional: tuple[str, ...] = ()
     body: bool = False
+    copies: Callable[[Any], int] | None = None
     swaps_halves: bool = False
     couples: bool = False
 

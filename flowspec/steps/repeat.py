@@ -42,5 +42,6 @@ register(
         memory=no_cost,
         positional=("count",),
         body=True,
+        copies=lambda step: step.count,
     )
 )
