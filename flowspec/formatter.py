@@ -54,9 +54,7 @@ def _value(value: Any) -> str:
         return "(" + ", ".join(_value(v) for v in value) + ")"
     if isinstance(value, Interval):
         return f"{value.count} {value.unit[:-1] if value.count == 1 else value.unit}"
-    if isinstance(value, str) and (
-        not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value) or value in ("on", "off", "all", "none")
-    ):
+    if isinstance(value, str) and (not _WORD.fullmatch(value) or value in ("on", "off", "all", "none")):
         return f'"{value}"'  # not a word of the language (non-ASCII), or a word that means something else
     return str(value)
 

@@ -306,9 +306,10 @@ def _shape_diagnostics(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
 
 #: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them.
 _SHAPED = {"data", "shape", "mask", "kind", "count", "dequantize", "flow"}
+REPAIR_ROUNDS = 3  # repairs and validations after the first, each finding what the last one hid
 
 
-def _after_repair(plain: dict, error: ValidationError, rounds: int = 3) -> tuple[list, FlowSpec | None]:
+def _after_repair(plain: dict, error: ValidationError) -> tuple[list, FlowSpec | None]:
     """The mistakes that the first mistakes hid: each wrong setting falls back to its default (a wrong
     section to its defaults, a step of an unknown kind is left out) and the spec is validated again, so
     the checks between settings (`heads` must divide `filters`) run too. Returns the new pydantic error
@@ -318,7 +319,7 @@ def _after_repair(plain: dict, error: ValidationError, rounds: int = 3) -> tuple
     found: list = []
     repaired: list[tuple] = []
     shaped = False
-    for _ in range(rounds):
+    for _ in range(REPAIR_ROUNDS):
         for item in error.errors(include_url=False):
             removed = _repair(plain, item["loc"], item["type"])
             repaired += removed

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from flowspec.layers import Coupling, LogitPreprocess, Sequence
-from flowspec.layers.base import DataInit, standard_normal_log_prob
+from flowspec.layers.base import DataInit, nats_per_bpd, standard_normal_log_prob
 from flowspec.layers.fusion import allow_recompiles
 from flowspec.layers.networks import FlowppBlock
 from flowspec.model_inputs import check_autocast_dtype, check_batch, check_not_meta, sample_arguments
@@ -96,7 +96,7 @@ class FlowModel(nn.Module):
 
     def bpd(self, x: Tensor) -> Tensor:
         """Bits per dimension: -log_prob / (D ln 2)."""
-        return -self._log_prob(x, "bpd") / (self.spec.dims * math.log(2.0))
+        return -self._log_prob(x, "bpd") / nats_per_bpd(self.spec.dims)
 
     # ---------------------------------------------------------------- sampling
 
@@ -172,7 +172,7 @@ class FlowModel(nn.Module):
             if isinstance(m, FlowppBlock):
                 m.recompute = on
 
-    def compile_networks(self, **kwargs) -> None:
+    def compile_networks(self, **kwargs: Any) -> None:
         """torch.compile each coupling network in place (parameter names are unchanged). Shapes are
         static unless `dynamic=True` is passed: the networks share one forward, and inductor fails on the
         dynamic-shape graph it would otherwise make once a second shape is seen."""

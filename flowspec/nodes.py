@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,6 +17,11 @@ class SourceLoc(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
+
+    @property
+    def short(self) -> str:
+        """`name.flow:12`: the file's name and the line, as `inspect` and `diff` show them."""
+        return f"{Path(self.file).name}:{self.line}"
 
 
 class Node(BaseModel):

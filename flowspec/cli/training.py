@@ -1,4 +1,4 @@
-"""Commands of the training stage: train, eval, sample, ablate."""
+"""Commands of the training stage: train, eval, sample, export, ablate."""
 
 from __future__ import annotations
 

@@ -38,8 +38,8 @@ def inspect_model(
     return report
 
 
-def inspect_spec(spec: FlowSpec, target: int | None = None, measure: bool = True) -> Report:
+def inspect_spec(spec: FlowSpec, measure: bool = True) -> Report:
     """Build `spec` on the meta device (no memory, no random draws) and report it (see `inspect_model`)."""
     import flowspec
 
-    return inspect_model(flowspec.build(spec, "meta"), spec, target, measure)
+    return inspect_model(flowspec.build(spec, "meta"), spec, measure=measure)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -13,6 +12,9 @@ from flowspec.inspection.report import Report
 from flowspec.nodes import StepNode
 from flowspec.spec import FlowSpec, Interval, SourceLoc
 from flowspec.steps import KINDS, kind_of
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,10 @@ def setting_words(path: str, value: Any) -> tuple[str, str]:
     return KEY_WORDS.get(path, path), text
 
 
-def _where(loc: SourceLoc) -> str:
-    return f"{Path(loc.file).name}:{loc.line}"
-
-
 def _loc(node: Any, inherited: str | None) -> str | None:
+    """Where `node` was written (`SourceLoc.short`), else `inherited`."""
     loc = getattr(node, "source", None)
-    if isinstance(loc, SourceLoc):
-        return f"{Path(loc.file).name}:{loc.line}"
-    return inherited
+    return loc.short if isinstance(loc, SourceLoc) else inherited
 
 
 def spec_differences(
@@ -118,7 +115,7 @@ def spec_differences(
     def source(sources: dict[str, SourceLoc] | None, path: str, step: str | None) -> str | None:
         if sources is None:
             return step
-        return _where(sources[path]) if path in sources else "default"
+        return sources[path].short if path in sources else "default"
 
     out: list[Difference] = []
 
@@ -224,7 +221,7 @@ def render_diff(
     report_b: Report,
     sources_a: dict[str, SourceLoc] | None = None,
     sources_b: dict[str, SourceLoc] | None = None,
-):
+) -> Group:
     """A rich renderable: the differing settings (located with `sources_*`, see `spec_differences`), then
     the parameter deltas by stage."""
     from rich.console import Group

@@ -6,7 +6,6 @@ sequences call their layers through `__call__`); the copies a repeat makes add u
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from flowspec.errors import UserError
 from flowspec.inspection.flops import example_batch, step_modules
 from flowspec.inspection.memory import measure_memory
 from flowspec.inspection.report import ProbeSummary, Report
+from flowspec.layers.base import nats_per_bpd
 from flowspec.spec import FlowSpec
 
 
@@ -111,7 +111,7 @@ def run_probe(
     images = images[:batch]
     model.eval()
     leaves = {row.path for row in report.rows() if row.leaf and row.kind != "context"}
-    bits = spec.dims * math.log(2)
+    bits = nats_per_bpd(spec.dims)
     with torch.no_grad(), record_steps(model, leaves) as records:
         bpd = (-model.log_prob(images) / bits).mean().item()
     for branch in report.branches:

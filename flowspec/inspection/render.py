@@ -32,6 +32,7 @@ LEGEND = (
 
 
 def label(row: StepRow) -> str:
+    """A row's kind and settings: `coupling k32 f96 b10 h4`."""
     return f"{row.kind} {row.settings}".rstrip()
 
 
@@ -56,10 +57,12 @@ def visible(rows: list[StepRow], depth: int | None) -> list[tuple[str, StepRow]]
 
 
 def share(n: int, total: int) -> str:
+    """`n` as a percentage of `total` (`-` when the total is 0)."""
     return f"{100 * n / total:.1f}%" if total else "-"
 
 
 def fmt_flops(n: int | None) -> str:
+    """`25.9 GFLOP`: a FLOP count in its largest unit (`-` when it is not known)."""
     if n is None:
         return "-"
     unit, scale = next(
@@ -69,6 +72,8 @@ def fmt_flops(n: int | None) -> str:
 
 
 def target_line(report: Report) -> str | None:
+    """How the total parameters compare with the target (`31,443,440: match`, or the delta), or None
+    without a target."""
     if report.target is None:
         return None
     delta = report.total - report.target
@@ -226,8 +231,9 @@ def render_rich(report: Report, depth: int | None = None) -> RichView:
     return RichView(report, depth)
 
 
-def print_rich(report: Report, depth: int | None = None, console: Console | None = None) -> None:
-    (console or Console()).print(render_rich(report, depth))
+def print_rich(report: Report, depth: int | None = None) -> None:
+    """Print the rich view of `report` to the terminal."""
+    Console().print(render_rich(report, depth))
 
 
 # ---------------------------------------------------------------- json
@@ -297,6 +303,7 @@ def to_json(report: Report, depth: int | None = None) -> dict[str, Any]:
 
 
 def render_json(report: Report, depth: int | None = None) -> str:
+    """`to_json` as indented JSON text."""
     return json.dumps(to_json(report, depth), indent=2)
 
 
@@ -304,6 +311,7 @@ def render_json(report: Report, depth: int | None = None) -> str:
 
 
 def render_md(report: Report, depth: int | None = None) -> str:
+    """The tree as a markdown table (one row per step down to `depth`), then the footer and the legend."""
     probe = report.probe is not None
     head = ["step", "source", "cond", "shape", "params", "share"] + (
         ["logdet bits/dim", "inv err"] if probe else []
@@ -350,67 +358,72 @@ def _graph_label(row: StepRow) -> str:
     return f"{text}\n{shapes(row)}"
 
 
-def render_dot(report: Report, depth: int | None = None) -> str:
-    """A graphviz digraph: leaf steps chained in order, splits and repeats as clusters."""
-    name = report.spec.name.replace('"', '\\"')  # a name made in Python may hold any text
-    lines = [f'digraph "{name}" {{', "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
+def _graph(
+    report: Report,
+    depth: int | None,
+    node: Callable[[str, str], str],
+    group: Callable[[str, str], list[str]],
+    close: str,
+) -> tuple[list[str], list[str]]:
+    """The traversal `render_dot` and `render_mermaid` share: the indented lines of the branches and of the
+    splits and repeats shown (`group(id, label)` opens one, `close` ends it) with a `node(id, label)` per
+    leaf step, and the leaves' ids in order, for the caller to chain."""
+    lines: list[str] = []
     chain: list[str] = []
+
+    def leaf(node_id: str, text: str, indent: str) -> None:
+        lines.append(indent + node(node_id, text))
+        chain.append(node_id)
 
     def emit(rows: list[StepRow], level: int, indent: str) -> None:
         for row in rows:
-            expand = row.children and (depth is None or level + 1 < depth)
-            if expand:
-                lines.append(f"{indent}subgraph cluster_{_node_id(row.path)} {{")
-                lines.append(f"{indent}  label={json.dumps(label(row))};")
+            if row.children and (depth is None or level + 1 < depth):
+                lines.extend(indent + line for line in group(_node_id(row.path), label(row)))
                 emit(row.children, level + 1, indent + "  ")
-                lines.append(f"{indent}}}")
+                lines.append(indent + close)
             else:
-                lines.append(f"{indent}{_node_id(row.path)} [label={json.dumps(_graph_label(row))}];")
-                chain.append(_node_id(row.path))
+                leaf(_node_id(row.path), _graph_label(row), indent)
 
     for branch in report.branches:
         if not branch.rows:  # the uniform dequantizer: one node
-            lines.append(f"  n_{branch.name} [label={json.dumps(branch.title)}];")
-            chain.append(f"n_{branch.name}")
+            leaf(f"n_{branch.name}", branch.title, "  ")
             continue
-        lines.append(f"  subgraph cluster_{branch.name} {{")
-        lines.append(f"    label={json.dumps(branch.title)};")
+        lines.extend("  " + line for line in group(branch.name, branch.title))
         emit(branch.rows, 0, "    ")
-        lines.append("  }")
-    lines += [f"  {a} -> {b};" for a, b in zip(chain, chain[1:], strict=False)]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+        lines.append("  " + close)
+    return lines, chain
+
+
+def render_dot(report: Report, depth: int | None = None) -> str:
+    """A graphviz digraph: leaf steps chained in order, splits and repeats as clusters."""
+    name = report.spec.name.replace('"', '\\"')  # a name made in Python may hold any text
+    body, chain = _graph(
+        report,
+        depth,
+        node=lambda node_id, text: f"{node_id} [label={json.dumps(text)}];",
+        group=lambda node_id, text: [f"subgraph cluster_{node_id} {{", f"  label={json.dumps(text)};"],
+        close="}",
+    )
+    head = [f'digraph "{name}" {{', "  rankdir=TB;", "  node [shape=box, fontname=monospace];"]
+    edges = [f"  {a} -> {b};" for a, b in zip(chain, chain[1:], strict=False)]
+    return "\n".join([*head, *body, *edges, "}"]) + "\n"
 
 
 def render_mermaid(report: Report, depth: int | None = None) -> str:
     """A mermaid flowchart: leaf steps chained in order, splits and repeats as subgraphs."""
-    lines = ["flowchart TB"]
-    chain: list[str] = []
 
     def text(s: str) -> str:
         return '"' + s.replace('"', "'").replace("\n", "<br/>") + '"'
 
-    def emit(rows: list[StepRow], level: int, indent: str) -> None:
-        for row in rows:
-            node = _node_id(row.path)
-            if row.children and (depth is None or level + 1 < depth):
-                lines.append(f"{indent}subgraph {node}[{text(label(row))}]")
-                emit(row.children, level + 1, indent + "  ")
-                lines.append(f"{indent}end")
-            else:
-                lines.append(f"{indent}{node}[{text(_graph_label(row))}]")
-                chain.append(node)
-
-    for branch in report.branches:
-        if not branch.rows:  # the uniform dequantizer: one node
-            lines.append(f"  n_{branch.name}[{text(branch.title)}]")
-            chain.append(f"n_{branch.name}")
-            continue
-        lines.append(f"  subgraph {branch.name}[{text(branch.title)}]")
-        emit(branch.rows, 0, "    ")
-        lines.append("  end")
-    lines += [f"  {a} --> {b}" for a, b in zip(chain, chain[1:], strict=False)]
-    return "\n".join(lines) + "\n"
+    body, chain = _graph(
+        report,
+        depth,
+        node=lambda node_id, s: f"{node_id}[{text(s)}]",
+        group=lambda node_id, s: [f"subgraph {node_id}[{text(s)}]"],
+        close="end",
+    )
+    edges = [f"  {a} --> {b}" for a, b in zip(chain, chain[1:], strict=False)]
+    return "\n".join(["flowchart TB", *body, *edges]) + "\n"
 
 
 RENDERERS = {"json": render_json, "md": render_md, "dot": render_dot, "mermaid": render_mermaid}

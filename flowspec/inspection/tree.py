@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from flowspec.spec import FlowSpec, context_mask
 from flowspec.steps import State, StepRun, fmt, walk
@@ -64,9 +64,10 @@ class Branch:
         return sum(row.params for row in self.rows)
 
 
-def source_of(step) -> str | None:
+def source_of(step: Any) -> str | None:
+    """Where a step was written (`SourceLoc.short`), or None for a step made in Python."""
     loc = getattr(step, "source", None)
-    return f"{Path(loc.file).name}:{loc.line}" if loc is not None else None
+    return loc.short if loc is not None else None
 
 
 def coupling_halves(runs: Iterable[StepRun]) -> dict[str, list[str]]:
@@ -94,7 +95,7 @@ def halves_label(orientations: list[str]) -> str:
     return ",".join(unique)
 
 
-def stack_rows(steps: list, shape, where: str, params: dict[str, int]) -> list[StepRow]:
+def stack_rows(steps: list, shape: State, where: str, params: dict[str, int]) -> list[StepRow]:
     """Nested rows of a step stack (`where` is "flow" or "dequantize"), parameters from `params`."""
     unrolled = walk(steps, shape, where, unroll=True).all()
     halves = {path: halves_label(seq) for path, seq in coupling_halves(unrolled).items()}
@@ -160,7 +161,7 @@ def build_branches(spec: FlowSpec, params: dict[str, int]) -> list[Branch]:
     return branches
 
 
-def count_couplings(steps: list, shape, where: str) -> int:
+def count_couplings(steps: list, shape: State, where: str) -> int:
     """Coupling layers the stack builds, repeats unrolled."""
     return sum(run.kind.couples for run in walk(steps, shape, where, unroll=True).all())
 

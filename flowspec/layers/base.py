@@ -38,6 +38,11 @@ def autocast(x: Tensor, dtype: torch.dtype | None) -> AbstractContextManager:
     return nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
 
 
+def nats_per_bpd(dims: int) -> float:
+    """One bit per dimension of an image of `dims` values, in nats per image: D ln 2."""
+    return dims * math.log(2.0)
+
+
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I), summed per sample."""
     return sum_per_sample(-0.5 * z.square()) - 0.5 * math.log(2 * math.pi) * z[0].numel()

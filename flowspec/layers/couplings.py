@@ -14,10 +14,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flowspec.layers import mixlogistic
-from flowspec.layers.base import Layer, autocast, sum_per_sample, zero_logdet
+from flowspec.layers.base import Layer, State, autocast, sum_per_sample, zero_logdet
 
 
 def outputs_per_element(transform: str, components: int) -> int:
+    """Values the coupling network gives each transformed element: a shift (additive), a scale and shift
+    (affine), or a scale, shift and `components` logistics' weights, means and scales (mixlogistic)."""
     return {"additive": 1, "affine": 2, "mixlogistic": 2 + 3 * components}[transform]
 
 
@@ -51,7 +53,7 @@ class Coupling(Layer):
         s, t, *mixture = p.split([1, 1] if self.transform == "affine" else [1, 1, k, k, k], -1)
         return t.squeeze(-1), torch.tanh(s.squeeze(-1)), tuple(mixture)
 
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         a, b = x
         t, s, mixture = self._split(self._params(a, context))
         if s is None:
@@ -66,7 +68,7 @@ class Coupling(Layer):
             g, log_slope = mixlogistic.logit_cdf(b, *mixture, fused=self.fused)
         return (a, g * torch.exp(s) + t), sum_per_sample(log_slope + s)
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         a, b = y
         t, s, mixture = self._split(self._params(a, context))
         if s is None:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from flowspec.layers.base import Layer, sum_per_sample, zero_logdet
+from flowspec.layers.base import Layer, State, sum_per_sample, zero_logdet
 
 
 class Flip(Layer):
     """Swap the halves of a pair, so the next coupling transforms the other one."""
 
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         a, b = x
         return (b, a), zero_logdet(a)
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         a, b = y
         return (b, a)
 
@@ -23,10 +24,10 @@ class Flip(Layer):
 class Sigmoid(Layer):
     """y = sigmoid(x); logdet = sum(-softplus(x) - softplus(-x))."""
 
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         return torch.sigmoid(x), sum_per_sample(-F.softplus(x) - F.softplus(-x))
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         return torch.logit(y)
 
 
@@ -42,9 +43,9 @@ class FactorOut(Layer):
         super().__init__()
         self.factored_shape = factored_shape
 
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         kept, factored = x.chunk(2, dim=1)
         return (kept, factored), zero_logdet(x)
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         return torch.cat(y, dim=1)

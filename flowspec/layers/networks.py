@@ -246,8 +246,11 @@ class FlowppBlock(nn.Module):
     In a training step the block keeps for backward only its input, its dropout masks (bytes, drawn
     before the block) and the outputs of its convolutions and attention; the dense layers and
     elementwise work are recomputed in the backward pass (selective activation checkpointing). This
-    keeps about a fifth of what a plain backward would, for a few percent more compute; `recompute =
-    False` keeps everything instead (faster where memory is plentiful: no dispatch mode, no recompute).
+    keeps about a fifth of what a plain backward would, at a cost in step time that depends on the machine
+    and the model: from a few percent (flowpp_cifar on a 2-core CPU) to over 4x (on an H200, where the
+    host's bookkeeping of the recomputation holds the device up); `flowspec.train.recompute` has the
+    measurements. `recompute = False` keeps everything instead (faster where memory is plentiful: no
+    dispatch mode, no recompute).
     """
 
     recompute = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowspec.layers.base import DataInit, Layer, logdet_dtype
+from flowspec.layers.base import DataInit, Layer, State, logdet_dtype
 
 
 class Norm(Layer, DataInit):
@@ -39,7 +39,7 @@ class Norm(Layer, DataInit):
     def _scales(self) -> Tensor:
         return self.g.clamp(min=1e-10)
 
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         xs = x if isinstance(x, tuple) else (x,)
         if self.needs_init():
             self._init(xs)
@@ -49,7 +49,7 @@ class Norm(Layer, DataInit):
         logdet = logdet.expand(xs[0].shape[0])
         return (out if isinstance(x, tuple) else out[0]), logdet
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         ys = y if isinstance(y, tuple) else (y,)
         g = self._scales()
         out = tuple((yi - self.b[i]) / g[i] for i, yi in enumerate(ys))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from flowspec.layers.base import Layer, logdet_dtype
+from flowspec.layers.base import Layer, State, logdet_dtype
 
 
 class Pointwise(Layer):
@@ -27,7 +27,7 @@ class Pointwise(Layer):
         n, c = x.shape[:2]
         return torch.bmm(w.to(x.dtype).t().expand(n, c, c), x.flatten(2)).view(x.shape)
 
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         xs = x if isinstance(x, tuple) else (x,)
         _, logabsdet = torch.linalg.slogdet(self.weight.double())
         h, w = xs[0].shape[-2:]
@@ -35,7 +35,7 @@ class Pointwise(Layer):
         out = tuple(self._mix(xi, self.weight[i]) for i, xi in enumerate(xs))
         return (out if isinstance(x, tuple) else out[0]), logdet
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         ys = y if isinstance(y, tuple) else (y,)
         inv = torch.linalg.inv(self.weight.double())
         out = tuple(self._mix(yi, inv[i]) for i, yi in enumerate(ys))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
-from flowspec.layers.base import Layer, sum_per_sample
+from flowspec.layers.base import Layer, State, sum_per_sample
 
 
 class LogitPreprocess(Layer):
@@ -18,11 +19,11 @@ class LogitPreprocess(Layer):
         self.levels = levels
         self.scale = (1.0 - 2.0 * alpha) / levels
 
-    def forward(self, v, context=None):
+    def forward(self, v: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         y = self.alpha + self.scale * v
         out = torch.log(y) - torch.log1p(-y)
         logdet = sum_per_sample(-torch.log(y) - torch.log1p(-y)) + v[0].numel() * math.log(self.scale)
         return out, logdet
 
-    def inverse(self, z, context=None):
+    def inverse(self, z: State, context: Tensor | None = None) -> State:
         return (torch.sigmoid(z) - self.alpha) / self.scale

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowspec.layers.base import Layer, Sequence
+from flowspec.layers.base import Layer, Sequence, State
 
 
 def _even_rows(x: Tensor) -> Tensor:
@@ -48,9 +48,9 @@ class Split(Layer):
         self.mask = mask
         self.body = body
 
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         pair, logdet = self.body(split(self.mask, x), context)
         return merge(self.mask, *pair), logdet
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         return merge(self.mask, *self.body.inverse(split(self.mask, y), context))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from flowspec.layers.base import Layer, zero_logdet
+from flowspec.layers.base import Layer, State, zero_logdet
 
 
 def squeeze(x: Tensor) -> Tensor:
@@ -23,8 +23,8 @@ def unsqueeze(y: Tensor) -> Tensor:
 
 
 class Squeeze(Layer):
-    def forward(self, x, context=None):
+    def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         return squeeze(x), zero_logdet(x)
 
-    def inverse(self, y, context=None):
+    def inverse(self, y: State, context: Tensor | None = None) -> State:
         return unsqueeze(y)

@@ -116,15 +116,13 @@ def resolve(path: Path | str) -> Path:
     return path
 
 
-def load_checkpoint(
-    path: Path | str, map_location: str | torch.device = "cpu", training_state: bool = True
-) -> dict[str, Any]:
-    """Read and check a checkpoint (a file or a run folder): its checksum, its structure (with
+def load_checkpoint(path: Path | str, training_state: bool = True) -> dict[str, Any]:
+    """Read and check a checkpoint (a file or a run folder), onto the CPU: its checksum, its structure (with
     `training_state`, also what resuming needs) and its tensors' shapes. A `UserError` naming the path
     and what is wrong if it is unusable."""
     path = resolve(path)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise UserError(f"checkpoint {path} cannot be read: permission denied") from None
     except Exception as error:  # truncated zip, garbage bytes, unpickling errors

@@ -220,12 +220,15 @@ def _has_data(folder: Path) -> bool:
     return (folder / CIFAR_FOLDER).is_dir() or folder.name == CIFAR_FOLDER or any(folder.glob("test*.npz"))
 
 
-def fingerprint(images: torch.Tensor, samples: int = 64) -> str:
-    """A digest of a set of images from its shape and `samples` evenly spaced images: cheap at any size;
-    other images in their place change it (an edit between the sampled images may not)."""
+FINGERPRINT_SAMPLES = 64  # images a fingerprint reads
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """A digest of a set of images from its shape and `FINGERPRINT_SAMPLES` evenly spaced images: cheap at
+    any size; other images in their place change it (an edit between the sampled images may not)."""
     digest = hashlib.sha256(str(tuple(images.shape)).encode())
     if len(images):
-        picks = torch.linspace(0, len(images) - 1, min(samples, len(images))).round().long()
+        picks = torch.linspace(0, len(images) - 1, min(FINGERPRINT_SAMPLES, len(images))).round().long()
         digest.update(images[picks].cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 

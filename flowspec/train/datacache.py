@@ -43,6 +43,7 @@ def cache_root(near: Path) -> Path:
 
 
 def digest(value: Any) -> str:
+    """A SHA-256 hex digest of a JSON-able value (keys sorted, anything else by its `str`)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
+from flowspec.layers.base import nats_per_bpd
 from flowspec.train.distributed import Dist, agree_to_stop
 from flowspec.train.rng import Stream
 from flowspec.train.signals import StopCheck, StoppedBySignal, never
+
+if TYPE_CHECKING:
+    from flowspec.model import FlowModel
 
 Progress = Callable[[int, float], None]  # images just done, running mean bits/dim
 
 
 def to_bpd(log_prob_nats: torch.Tensor, dims: int) -> torch.Tensor:
-    return -log_prob_nats / (dims * math.log(2.0))
+    """Bits per dimension of a log-likelihood in nats per image of `dims` values."""
+    return -log_prob_nats / nats_per_bpd(dims)
 
 
 def stop_point(
@@ -37,7 +43,7 @@ def stop_point(
 
 @torch.no_grad()
 def single_sample_bpd(
-    model,
+    model: FlowModel,
     images: torch.Tensor,
     batch: int,
     device: torch.device,
@@ -70,7 +76,9 @@ def single_sample_bpd(
 
 
 @torch.no_grad()
-def iw_log_prob(model, x: torch.Tensor, k: int, batch: int, stop: StopCheck = never) -> torch.Tensor:
+def iw_log_prob(
+    model: FlowModel, x: torch.Tensor, k: int, batch: int, stop: StopCheck = never
+) -> torch.Tensor:
     """Importance-weighted bound in nats for each image of `x`, with `k` dequantization samples each."""
     chunk = max(1, batch // len(x))
     samples = []
@@ -83,7 +91,7 @@ def iw_log_prob(model, x: torch.Tensor, k: int, batch: int, stop: StopCheck = ne
 
 @torch.no_grad()
 def bounds(
-    model,
+    model: FlowModel,
     images: torch.Tensor,
     k: int,
     batch: int,
@@ -125,7 +133,9 @@ def bounds(
 
 
 @torch.no_grad()
-def inversion_error(model, images: torch.Tensor, device: torch.device, stop: StopCheck = never) -> float:
+def inversion_error(
+    model: FlowModel, images: torch.Tensor, device: torch.device, stop: StopCheck = never
+) -> float:
     """Max |decode(encode(v)) - v| over `images` dequantized with uniform noise: numerical invertibility."""
     model.eval()
     stop_point(stop, "before the inversion check")

@@ -8,11 +8,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flowspec.errors import UserError, naming
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 
@@ -102,7 +105,7 @@ def _finite(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
 
 
-def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str = ""):
+def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str = "") -> Figure:
     """The figure of `curves.png`: train bits/dim (raw faint, smoothed solid) with test points on top,
     and the learning rate in a second panel below; one colour per run."""
     import matplotlib

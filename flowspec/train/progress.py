@@ -76,7 +76,9 @@ class Meter:
     the time left; as a task on a rich progress bar (removed when closed), or a log line every `every_s`
     seconds. Called like `evaluate.Progress` with each batch."""
 
-    def __init__(self, label: str, total: int, unit: str, bar: Any = None, lines: bool = False, every_s=30.0):
+    def __init__(
+        self, label: str, total: int, unit: str, bar: Any = None, lines: bool = False, every_s: float = 30.0
+    ):
         self.label, self.total, self.unit = label, total, unit
         self.bar, self.lines, self.every_s = bar, lines, every_s
         self.done = 0

@@ -10,6 +10,7 @@ import torch
 
 
 def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (torch: every device's) with `seed`."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -27,6 +28,7 @@ def capture(device: torch.device) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], device: torch.device) -> None:
+    """Set the global RNG states that `capture` returned (CUDA's on `device`, where it was captured)."""
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -14,6 +15,9 @@ from flowspec.errors import UserError
 from flowspec.train.evaluate import stop_point
 from flowspec.train.files import replaced_whole
 from flowspec.train.signals import StopCheck, never
+
+if TYPE_CHECKING:
+    from flowspec.model import FlowModel
 
 #: A grid is at least this many pixels wide: small images are enlarged by a whole factor.
 MIN_GRID_WIDTH = 256
@@ -57,7 +61,7 @@ def check_grid_memory(n: int, shape: tuple[int, int, int], have: int) -> None:
 
 @torch.no_grad()
 def save_grid(
-    model,
+    model: FlowModel,
     n: int,
     temperature: float,
     path: Path,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def adam_eps(train: TrainSpec, step: int) -> float:
     return train.eps / math.sqrt(1.0 - train.betas[1] ** (step + 1))
 
 
-def build_optimizer(parameters, train: TrainSpec) -> torch.optim.Adam:
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: TrainSpec) -> torch.optim.Adam:
     """Adam with the spec's learning rate, betas, epsilon and weight decay; fused, so that a step can be
     skipped on the device (`found_inf`)."""
     return torch.optim.Adam(

@@ -465,6 +465,11 @@ def _build(folder: Path, plan: Plan, routes: list[np.ndarray], data: DataSpec) -
     return counts
 
 
-def _any_nonzero(images: np.ndarray, chunk: int = 1024) -> bool:
-    """Whether any value is not 0, reading `chunk` images at a time and stopping at the first that has one."""
-    return any(images[i : i + chunk].any() for i in range(0, len(images), chunk))
+NONZERO_CHUNK = 1024  # images `_any_nonzero` reads at a time
+
+
+def _any_nonzero(images: np.ndarray) -> bool:
+    """Whether any value is not 0, reading `NONZERO_CHUNK` images at a time and stopping at the first that
+    has one."""
+    step = NONZERO_CHUNK
+    return any(images[i : i + step].any() for i in range(0, len(images), step))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from flowspec.layers.base import nats_per_bpd
 from flowspec.spec import TrainSpec
 from flowspec.train.distributed import Dist
 from flowspec.train.schedule import adam_eps, build_optimizer, build_scheduler
@@ -77,7 +78,7 @@ class Updater:
         self.optimizer = build_optimizer(model.parameters(), train)
         self.scheduler = build_scheduler(self.optimizer, train, total_steps)
         self.clip = train.clip_grad_norm or math.inf
-        self.nats_per_bpd = model.spec.dims * math.log(2.0)  # one bit/dim, in nats per image
+        self.nats_per_bpd = nats_per_bpd(model.spec.dims)
         self.accumulate = train.accumulate
         self.step = 0
 
