@@ -267,3 +267,15 @@ def test_a_spec_changed_in_python_is_validated_before_it_trains(tmp_path):
 def test_build_on_a_missing_cuda_device_says_so():
     with pytest.raises(UserError, match="cuda was requested but no CUDA device is available"):
         flowspec.build(tiny_spec(), "cuda")
+
+
+def test_tensorboard_leaves_out_a_stop_evaluation_that_training_went_past(tmp_path):
+    """As metrics.jsonl does; the latest train bits/dim at that step stays (logged again)."""
+    spec, out = tiny_spec(steps=4, eval_every=2), tmp_path / "run"
+    flowspec.train(spec, out=out, device="cpu", max_steps=3, quiet=True, tensorboard=True, log_every=1)
+    flowspec.train(resume=out, device="cpu", quiet=True, tensorboard=True, log_every=1)
+    flowspec.train(spec, out=tmp_path / "straight", device="cpu", quiet=True, tensorboard=True, log_every=1)
+    assert [e.step for e in _scalars(out, "test/bpd")] == [2, 4]
+    latest = [(e.step, e.value) for e in _scalars(out, "train/bpd_latest")]
+    assert latest == [(e.step, e.value) for e in _scalars(tmp_path / "straight", "train/bpd_latest")]
+    assert [step for step, _ in latest] == [1, 2, 3, 4]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import math
+import re
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from flowspec.train.metrics import Window, append_metrics, curves_figure, plot_curves, read_metrics, smooth
+from flowspec.train.progress import Reporter
 from flowspec.train.sampling import grid_image, grid_name, save_grid
 
 
@@ -117,3 +123,30 @@ def test_saved_grid_has_the_enlarged_size(tmp_path):
 
     assert path.name == "step0000400_t0.8.png"
     assert Image.open(path).size == (8 * (32 + 2) + 2, 8 * (32 + 2) + 2)
+
+
+def test_a_single_logged_step_shows_as_points_in_both_panels():
+    rows = [
+        {"kind": "train", "step": 1, "train_bpd": 5.0, "lr": 1e-4},
+        {"step": 1, "test_bpd": 5.1, "lr": 1e-4},
+    ]
+    bits, lr = curves_figure({"tiny": rows}).axes
+    train = next(line for line in bits.lines if line.get_gid() == "tiny train")
+    assert train.get_marker() == "o" and lr.lines[0].get_marker() == "o"
+    many = curves_figure({"tiny": synthetic_run(Path(tempfile.mkdtemp()))})
+    assert many.axes[1].lines[0].get_marker() == "None"  # lines, not points, once there are two
+
+
+def test_progress_messages_on_a_terminal_are_printed_as_written(monkeypatch):
+    """Not read as rich markup (`[lr=3e-3]` in a run folder's name), nor broken at the terminal's width
+    (a resume command is copied whole)."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    reporter = Reporter("bar", None, 0, train=False)
+    line = "saved sw[lr=3e-3]/last.pt. Continue with: flowspec train --resume sw[lr=3e-3] and tty[/x]"
+    try:
+        reporter.message(line)
+    finally:
+        reporter.close()
+    assert line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", sys.stdout.getvalue())

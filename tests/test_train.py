@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import signal
+import sys
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from flowspec.errors import UserError
 from flowspec.spec import DataSpec, Interval, TrainSpec
 from flowspec.train.checkpoint import LAST, load_checkpoint, save_atomic
 from flowspec.train.data import ImageSet, load_split
-from flowspec.train.metrics import Window, is_eval, read_metrics
+from flowspec.train.metrics import Window, is_eval, read_metrics, record
 from flowspec.train.schedule import LrFactor, adam_eps, build_optimizer
 from flowspec.train.trainer import RunOptions, Trainer, train
 from flowspec.train.update import Objective, Updater
@@ -556,3 +559,61 @@ def test_a_run_resumed_on_other_images_says_so(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "note: the train images are not those this run was trained on before" in said
     assert "training goes on with these" in said
+
+
+def test_an_evaluation_resumed_with_nothing_left_to_train_has_the_run_s_throughput(tmp_path):
+    """The images and seconds of the interval are in the checkpoint: the row of an evaluation that runs
+    after a resume (here a --max-steps stop's, killed before its row) has the uninterrupted run's img/s."""
+    spec, run_dir = tiny_spec(steps=8, eval_every=2), tmp_path / "run"
+    train(spec, options(run_dir, max_steps=3))
+    rows = read_metrics(run_dir)
+    stop = rows[-1]
+    assert stop["step"] == 3 and is_eval(stop) and stop["img_s"] > 0
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    resumed = train(spec, options(run_dir, resume=True, max_steps=3))
+    again = read_metrics(run_dir)[-1]
+    assert again["step"] == 3 and again["img_s"] == stop["img_s"] == resumed.img_s
+
+
+def test_a_signal_while_an_evaluation_writes_its_results_stops_before_another_step(tmp_path, monkeypatch):
+    from flowspec.train import trainer
+
+    def record_then_signal(*args, **kwargs):
+        record(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # after the evaluation's last check
+
+    monkeypatch.setattr(trainer, "record", record_then_signal)
+    result = train(tiny_spec(steps=8, eval_every=2), options(tmp_path / "run"))
+    assert (result.stopped, result.step) == ("SIGINT", 2) and load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_a_run_resumed_past_max_steps_says_so(tmp_path, capsys):
+    spec = tiny_spec(steps=8, eval_every=2)
+    train(spec, options(tmp_path / "run", max_steps=3))
+    result = train(spec, options(tmp_path / "run", resume=True, max_steps=2, quiet=False))
+    assert (result.stopped, result.step) == ("max-steps", 3)
+    assert (
+        "note: the run is already at step 3, past --max-steps 2: it trains no further"
+        in capsys.readouterr().out
+    )
+
+
+def test_a_missing_tensorboard_is_said_before_the_data_is_read(tmp_path, monkeypatch):
+    from flowspec.train import trainer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    monkeypatch.setattr(trainer, "load_split", lambda *args, **kwargs: pytest.fail("the data was read"))
+    with pytest.raises(UserError, match="--tensorboard needs the tensorboard package"):
+        Trainer(tiny_spec(), options(tmp_path / "run", tensorboard=True))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_progress_bar_is_closed_when_the_run_fails_at_its_first_line(tmp_path, monkeypatch):
+    from flowspec.train import progress, trainer
+
+    closed = []
+    monkeypatch.setattr(progress.Reporter, "close", lambda self: closed.append(True))
+    monkeypatch.setattr(trainer.Trainer, "_banner", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(tiny_spec(), options(tmp_path / "run"))
+    assert closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -249,3 +250,41 @@ def test_a_quiet_stop_line_comes_from_rank_0_only(tmp_path, monkeypatch, capsys,
     assert run(["train", str(write_flow(tmp_path / "t.flow")), "-q"]) == 130
     said = capsys.readouterr().err
     assert ("SIGINT: stopped after step 7" in said) == (rank == "0")
+
+
+@contextlib.contextmanager
+def _stdout_nobody_reads(monkeypatch):
+    """sys.stdout a pipe whose reader is gone (`| head -c 10` after its bytes)."""
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        yield
+
+
+def test_a_run_whose_stdout_reader_went_away_trains_on(tmp_path, monkeypatch, capsys):
+    flow = write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
+    with _stdout_nobody_reads(monkeypatch):
+        assert run(["train", str(flow), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert load_checkpoint(tmp_path / "run")["step"] == 6 and capsys.readouterr().err == ""
+
+
+def test_a_stop_line_goes_to_stderr_once_stdout_s_reader_went_away(tmp_path, monkeypatch, capsys):
+    """`flowspec train ... | tee log`, and Ctrl-C to both: the line saying how to go on is still seen."""
+    from flowspec.train.update import Updater
+
+    step = Updater.__call__
+
+    def step_then_signal(self, *args, **kwargs):
+        done = step(self, *args, **kwargs)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return done
+
+    monkeypatch.setattr(Updater, "__call__", step_then_signal)
+    flow = write_flow(tmp_path / "tiny.flow", steps=6, eval_every=3)
+    with _stdout_nobody_reads(monkeypatch):
+        assert run(["train", str(flow), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 130
+    said = capsys.readouterr().err
+    assert said.count("SIGINT: stopped after step 2;") == 1
+    assert f"Continue with: flowspec train --resume {tmp_path / 'run'}" in said

@@ -168,6 +168,15 @@ def test_a_row_cut_short_at_the_end_is_left_out_and_any_other_bad_line_named(tmp
             read_metrics(tmp_path)
 
 
+def test_a_row_whose_numbers_are_not_numbers_is_named(tmp_path):
+    """Valid JSON of the wrong type (a string where a number goes, a bool step) would fail in the curves."""
+    path = tmp_path / METRICS
+    for bad in (b'{"step": 2, "train_bpd": "2.8"}', b'{"step": true}', b'{"step": 2, "lr": [1]}'):
+        path.write_bytes(b'{"step": 1, "test_bpd": null, "lr": 1e-3, "skipped": 0}\n' + bad + b"\n")
+        with pytest.raises(UserError, match=f"{METRICS}:2 is not a row of flowspec metrics"):
+            read_metrics(tmp_path)
+
+
 def test_evaluator_measures_draws_and_leaves_the_training_rng_alone(tmp_path):
     spec = tiny_spec()
     model = flowspec.build(spec)

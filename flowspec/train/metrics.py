@@ -58,7 +58,7 @@ def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str,
             row = json.loads(line)
         except ValueError:
             row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
+        if _is_row(row):
             rows.append(row)
         elif number < len(lines):  # the last element follows the last newline: a row not yet finished
             raise UserError(
@@ -66,6 +66,17 @@ def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str,
                 f"damaged; remove that line (or the file) and try again"
             )
     return [r for r in rows if after_step is None or r["step"] <= after_step]
+
+
+NUMBERS = ("epoch", "train_bpd", "test_bpd", "test_images", "inversion_error", "lr", "grad_norm", "img_s")
+NUMBERS += ("skipped", "eval_seconds")  # a row's numbers (each may be null)
+
+
+def _is_row(row: Any) -> bool:
+    """A dict with a whole `step`, and numbers (or null) where a row has them."""
+    if not isinstance(row, dict) or type(row.get("step")) is not int:
+        return False
+    return all(row[k] is None or type(row[k]) in (int, float) for k in NUMBERS if k in row)
 
 
 def truncate_metrics(run_dir: Path, step: int, drop_evaluation: bool = False) -> None:
@@ -120,8 +131,11 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str = "") -> Fig
         logged = [r for r in rows if not is_eval(r)] or rows  # runs from before train rows: eval rows
         xs, ys = _finite(logged, "train_bpd")
         if xs:
+            dot = "o" if len(set(xs)) < 2 else None  # a single step draws no line
             bits.plot(xs, ys, color=colour, alpha=0.25, lw=1, gid=f"{name} train raw")
-            bits.plot(xs, smooth(ys), color=colour, lw=1.5, label=f"{prefix}train", gid=f"{name} train")
+            bits.plot(
+                xs, smooth(ys), color=colour, lw=1.5, marker=dot, label=f"{prefix}train", gid=f"{name} train"
+            )
         xs, ys = _finite([r for r in rows if is_eval(r)], "test_bpd")
         if xs:
             bits.plot(
@@ -129,7 +143,7 @@ def curves_figure(runs: dict[str, list[dict[str, Any]]], title: str = "") -> Fig
             )
         xs, ys = _finite(rows, "lr")
         if xs:
-            lr.plot(xs, ys, color=colour, gid=f"{name} lr")
+            lr.plot(xs, ys, color=colour, marker="o" if len(set(xs)) < 2 else None, gid=f"{name} lr")
     bits.set_ylabel("bits/dim")
     bits.set_title(title)
     bits.grid(alpha=0.3)
@@ -216,13 +230,20 @@ class Window:
         self._since, self._pending = time.monotonic(), 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The running sums: what a resumed run needs to log the means the uninterrupted run would."""
-        return {"sums": self._sums.tolist(), "last": self._last.item(), "seen": list(self._seen)}
+        """The running sums and the images and seconds counted since the reset: what a resumed run needs to
+        log the means and throughput the uninterrupted run would."""
+        sums = {"sums": self._sums.tolist(), "last": self._last.item(), "seen": list(self._seen)}
+        return sums | {"images": self.images, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._sums.copy_(torch.tensor(state["sums"], dtype=torch.float64))
         self._last.fill_(state["last"])
         self._seen = (float(state["seen"][0]), float(state["seen"][1]))
+        self.images, self.seconds = state.get("images", 0), state.get("seconds", 0.0)  # absent from older
+
+    def latest(self) -> float:
+        """The bits/dim of the latest good step (nan before the first)."""
+        return self._last.item()
 
     def reset(self) -> None:
         self._sums.zero_()
@@ -233,7 +254,8 @@ class Window:
         return self.images / self.seconds if self.seconds else 0.0
 
     def overall_img_s(self) -> float:
-        """Training images per second, the first read's steps left out unless they are all there is."""
+        """Training images per second, the first read's steps left out unless they are all there is (and
+        when this process trained none, those of the interval it resumed)."""
         if self.total_images and self.total_seconds:
             return self.total_images / self.total_seconds
-        return self.first[0] / self.first[1] if self.first and self.first[1] else 0.0
+        return self.first[0] / self.first[1] if self.first and self.first[1] else self.img_s()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -17,6 +20,7 @@ class Reporter:
         self.mode, self.total, self.every_s = mode, total, every_s
         self._last_line = time.monotonic()
         self._bar = None
+        self.lost = False  # stdout's reader went away (`| head`, a `| tee` that Ctrl-C killed)
         if mode == "bar":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -39,7 +43,8 @@ class Reporter:
 
     def meter(self, label: str, total: int, unit: str) -> Meter:
         """The progress of one pass of an evaluation over `total` `unit`s (test images, samples)."""
-        return Meter(label, total, unit, self._bar, self.mode == "lines", self.every_s)
+        lines = self._print if self.mode == "lines" else None
+        return Meter(label, total, unit, self._bar, lines, self.every_s)
 
     def step(self, step: int, bpd: float, img_s: float) -> None:
         stats = f"step {step}  {bpd:.3f} bits/dim  {img_s:.1f} img/s"
@@ -48,13 +53,32 @@ class Reporter:
         elif self.mode == "lines" and time.monotonic() - self._last_line >= self.every_s:
             self._last_line = time.monotonic()
             of = f"/{self.total}" if self.total else ""
-            print(f"step {step}{of}  train {bpd:.4f} bits/dim  {img_s:.1f} img/s", flush=True)
+            self._print(f"step {step}{of}  train {bpd:.4f} bits/dim  {img_s:.1f} img/s")
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, keep: bool = False) -> None:
+        """A line as written (no rich markup, not wrapped). `keep`: a line that must be seen (a stop's
+        resume command), on stderr once stdout's reader is gone."""
         if self._bar is not None:
-            self._bar.console.print(text)
+            self._bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
         elif self.mode == "lines":
+            self._print(text)
+        if keep and self.lost:
+            with contextlib.suppress(OSError):
+                print(text, file=sys.stderr, flush=True)
+
+    def _print(self, text: str) -> None:
+        """A log line on stdout; once its reader is gone (a broken pipe), nothing more: stdout then writes
+        to the null device, so that the run goes on and nothing fails at exit."""
+        if self.lost:
+            return
+        try:
             print(text, flush=True)
+        except OSError:
+            self.lost = True
+            with contextlib.suppress(OSError, ValueError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, sys.stdout.fileno())
+                os.close(null)
 
     def evaluation(self, row: dict[str, Any]) -> None:
         train = f"{row['train_bpd']:.4f}" if row.get("train_bpd") is not None else "-"
@@ -73,11 +97,17 @@ class Reporter:
 
 class Meter:
     """Progress of one pass of an evaluation: done of `total`, the running bits/dim when there is one, and
-    the time left; as a task on a rich progress bar (removed when closed), or a log line every `every_s`
-    seconds. Called like `evaluate.Progress` with each batch."""
+    the time left; as a task on a rich progress bar (removed when closed), or a log line (written by
+    `lines`) every `every_s` seconds. Called like `evaluate.Progress` with each batch."""
 
     def __init__(
-        self, label: str, total: int, unit: str, bar: Any = None, lines: bool = False, every_s: float = 30.0
+        self,
+        label: str,
+        total: int,
+        unit: str,
+        bar: Any = None,
+        lines: Callable[[str], None] | None = None,
+        every_s: float = 30.0,
     ):
         self.label, self.total, self.unit = label, total, unit
         self.bar, self.lines, self.every_s = bar, lines, every_s
@@ -90,9 +120,9 @@ class Meter:
         stats = f"{self.unit}  {bpd:.4f} bits/dim" if bpd is not None else self.unit
         if self.bar is not None:
             self.bar.update(self._task, advance=count, stats=stats)
-        elif self.lines and time.monotonic() - self._last >= self.every_s:
+        elif self.lines is not None and time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
-            print(f"{self.label} {self.done}/{self.total} {stats}  {self._left()} left", flush=True)
+            self.lines(f"{self.label} {self.done}/{self.total} {stats}  {self._left()} left")
 
     def _left(self) -> str:
         elapsed = time.monotonic() - self._start

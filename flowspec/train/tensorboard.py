@@ -12,19 +12,28 @@ from flowspec.errors import UserError
 FOLDER = "tensorboard"
 
 
-class TensorBoard:
-    """A `SummaryWriter` into `run_dir/tensorboard`, for a run (re)starting at `step`."""
+def require_tensorboard() -> None:
+    """A `UserError` unless the tensorboard package is installed (checked before a run reads its data)."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "--tensorboard needs the tensorboard package, which is not installed: "
+            "pip install 'flowspec[tensorboard]' (or pip install tensorboard)"
+        ) from None
 
-    def __init__(self, run_dir: Path, step: int = 0):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError(
-                "--tensorboard needs the tensorboard package, which is not installed: "
-                "pip install 'flowspec[tensorboard]' (or pip install tensorboard)"
-            ) from None
-        # a resumed run writes again what came after its checkpoint: drop it (steps > step)
-        self.writer = SummaryWriter(log_dir=str(run_dir / FOLDER), purge_step=step + 1 if step else None)
+
+class TensorBoard:
+    """A `SummaryWriter` into `run_dir/tensorboard`, for a run (re)starting at `step`: what came after it
+    is dropped (a resumed run writes it again), and with `again` what came at `step` too (the evaluation
+    of a --max-steps or --max-time stop, which the run leaves out when training goes on)."""
+
+    def __init__(self, run_dir: Path, step: int = 0, again: bool = False):
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = step if again else step + 1
+        self.writer = SummaryWriter(log_dir=str(run_dir / FOLDER), purge_step=purge if step else None)
 
     def train(self, step: int, bpd: float) -> None:
         """The latest training bits/dim, at a logging step."""

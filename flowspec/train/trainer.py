@@ -42,7 +42,7 @@ from flowspec.train.precision import autocast_dtype, check_precision, resolve_pr
 from flowspec.train.progress import Reporter
 from flowspec.train.recompute import resolve_recompute
 from flowspec.train.signals import StoppedBySignal, StopSignals
-from flowspec.train.tensorboard import TensorBoard
+from flowspec.train.tensorboard import TensorBoard, require_tensorboard
 from flowspec.train.update import Updater
 
 
@@ -108,6 +108,8 @@ class Trainer:
         test_set: ImageSet | None = None,
     ):
         self.spec, self.options, self.t = spec, options, spec.train
+        if options.tensorboard:  # before the data is read
+            require_tensorboard()
         self.dist, self.device = setup(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if options.precision is not None:
             check_precision(options.precision)
@@ -186,7 +188,7 @@ class Trainer:
         self.stop_row = False  # resumed at such a stop, whose row goes once training goes on
         if payload is not None:
             self._restore(payload)
-        self.board = TensorBoard(self.run_dir, self.step) if options.tensorboard and self.dist.main else None
+        self.board: TensorBoard | None = None  # made when the run starts (`_tensorboard`)
 
     # ------------------------------------------------------------ the loop
 
@@ -225,16 +227,23 @@ class Trainer:
         )
         with StopSignals(self.options.handle_signals, announce if self.dist.main else None) as signals:
             reporter = Reporter.auto(self.options.quiet or not self.dist.main, self._horizon(), self.step)
-            reporter.message(self._banner())
-            if self.data_note:
-                reporter.message(self.data_note)
-            self.started = started = time.monotonic()
-            self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
-            self.paused_at: float | None = None
-            stopped = self._limit_reached(self._run_time_up(0.0))
-            self.vote = StopVote(self.device) if self.dist.active else None  # stops agreed under torchrun
-            self.window.restart_clock()
             try:
+                reporter.message(self._banner())
+                if self.data_note:
+                    reporter.message(self.data_note)
+                self.started = started = time.monotonic()
+                self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
+                self.paused_at: float | None = None
+                stopped = self._limit_reached(self._run_time_up(0.0))
+                if self.options.max_steps is not None and self.step > self.options.max_steps:
+                    reporter.message(
+                        f"note: the run is already at step {self.step}, past --max-steps "
+                        f"{self.options.max_steps}: it trains no further"
+                    )
+                self.vote = StopVote(self.device) if self.dist.active else None  # stops agreed under torchrun
+                if self.options.tensorboard and self.dist.main:
+                    self.board = self._tensorboard(again=stopped is None and self.stop_row)
+                self.window.restart_clock()
                 resumed_at = self._resumed_at_evaluation(stopped)
                 if resumed_at == "missed":
                     stopped = self._evaluate(reporter, signals, stopped) or stopped
@@ -254,7 +263,8 @@ class Trainer:
                     stopped = received or self._limit_reached(time_up)
                     if received:
                         self._save(best=False)
-                        reporter.message(stop_line(received, self.step, self.run_dir, self.options.max_steps))
+                        line = stop_line(received, self.step, self.run_dir, self.options.max_steps)
+                        reporter.message(line, keep=True)
                     elif self._scheduled() or stopped is not None:
                         stopped = self._evaluate(reporter, signals, stopped) or stopped
                     elif self.save_every and self.step % self.save_every == 0:
@@ -278,6 +288,14 @@ class Trainer:
     def _horizon(self) -> int | None:
         limits = [s for s in (self.total_steps, self.options.max_steps) if s is not None]
         return min(limits) if limits else None
+
+    def _tensorboard(self, again: bool) -> TensorBoard:
+        """The TensorBoard log, without what came after the checkpoint; `again` (training goes on past a
+        stop's evaluation) without this step's points either, and the latest train bits/dim logged anew."""
+        board = TensorBoard(self.run_dir, self.step, again)
+        if again and (self.step % self.options.log_every == 0 or self.step == 1):
+            board.train(self.step, self.window.latest())
+        return board
 
     def _log(self, reporter: Reporter, x: torch.Tensor) -> None:
         """Every `log_every` steps, the loop's one wait for the device between evaluations: the progress
@@ -363,9 +381,16 @@ class Trainer:
         A run stopped by --max-steps or --max-time before its first evaluation interval (a smoke run)
         gets a small evaluation (`SMOKE`, under the command line's settings) and says so.
 
-        Its time is not training: neither the throughput nor --max-time counts it."""
+        Its time is not training: neither the throughput nor --max-time counts it. A signal after its last
+        check (while grids, checkpoints or the row are written) is returned too, before another step."""
         with self._not_training():
-            return self._evaluate_and_save(reporter, signals, stopped)
+            received = self._evaluate_and_save(reporter, signals, stopped)
+        if received is None and stopped is None:
+            received, _ = agree_to_stop(self.dist, self.device, signals.received, False)
+            if received:  # last.pt of this step was written before the evaluation
+                line = stop_line(received, self.step, self.run_dir, self.options.max_steps)
+                reporter.message(line, keep=True)
+        return received
 
     @contextlib.contextmanager
     def _not_training(self) -> Iterator[None]:
@@ -399,7 +424,8 @@ class Trainer:
             where = interrupted.done if interrupted else "on another process"
             reporter.message(
                 f"{received}: the evaluation at step {self.step} stopped {where}; {self.run_dir / LAST} "
-                f"was saved before it. Continue with: {resume_command(self.run_dir, self.options.max_steps)}"
+                f"was saved before it. Continue with: {resume_command(self.run_dir, self.options.max_steps)}",
+                keep=True,
             )
             return received
         train_bpd, grad_norm, _ = self.window.read()
