@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 
@@ -533,16 +532,17 @@ def test_eval_of_another_dataset_does_not_read_the_runs_folder(tmp_path, capsys)
 
 
 def test_one_process_at_a_time_carries_out_an_ablation(tmp_path, monkeypatch, capsys):
-    """A second ablation into a folder where one goes on (or a resume of it) is refused, naming the
-    holder, before it trains or writes anything."""
+    """A second ablation into a folder where one goes on in another process (or a resume of it) is
+    refused, naming the holder, before it trains or writes anything."""
+    from train_helpers import ELSEWHERE, held_by_another_process
+
     from flowspec.train import ablate
-    from flowspec.train.lock import RunLock
 
     spec = str(write_flow(tmp_path / "a.flow", name="a"))
     out = tmp_path / "ablation"
     monkeypatch.setattr(ablate, "train", lambda *_, **__: pytest.fail("trained beside a live ablation"))
-    with RunLock(out):
+    with held_by_another_process(out):
         for args in ([spec, "--steps", "1", "--out", str(out)], ["--resume", str(out)]):
             assert run(["ablate", *args, "--device", "cpu", "-q"]) == 2
-            assert f"run folder {out} is in use by pid {os.getpid()}" in capsys.readouterr().err
+            assert f"run folder {out} is in use by {ELSEWHERE}" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == [".lock"]

@@ -613,16 +613,22 @@ def test_a_read_only_run_folder_stops_the_run_with_a_message(tmp_path, monkeypat
 def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
     import socket
 
+    from train_helpers import ELSEWHERE, held_by_another_process
+
     from flowspec.train.lock import RunLock
 
     flow, out = tiny_flow(tmp_path), tmp_path / "run"
-    with RunLock(out):  # held as another process would hold it (flock: per open file)
+    with held_by_another_process(out):
+        assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: run folder {out} is in use by {ELSEWHERE}")
+        assert run(["train", "--resume", str(out), "--quiet"]) == 2
+        assert f"is in use by {ELSEWHERE}" in capsys.readouterr().err
+    with RunLock(out):  # a second lock in this process (flock: per open file) is refused too
         assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(
             f"error: run folder {out} is in use by pid {os.getpid()} on {socket.gethostname()}"
         )
-        assert run(["train", "--resume", str(out), "--quiet"]) == 2
     # the lock file a dead holder leaves does not block: the kernel dropped its flock
     (out / ".lock").write_text("pid 1 on elsewhere since long ago\n")
     assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet", "--max-steps", "3"]) == 0
@@ -694,14 +700,14 @@ def test_a_file_system_without_locks_is_a_user_error(tmp_path, monkeypatch, caps
 
 
 def test_eval_sample_and_export_name_the_run_writing_its_first_checkpoint(tmp_path, capsys):
-    from flowspec.train.lock import RunLock
+    from train_helpers import ELSEWHERE, held_by_another_process
 
     out = tmp_path / "run"
-    with RunLock(out):
+    with held_by_another_process(out):
         for command in ("eval", "sample", "export"):
             assert run([command, str(out)]) == 2
             err = capsys.readouterr().err
-            assert f"run folder {out} is in use by pid {os.getpid()}" in err and "no checkpoint" not in err
+            assert f"run folder {out} is in use by {ELSEWHERE}" in err and "no checkpoint" not in err
     assert run(["eval", str(out)]) == 2
     assert f"no checkpoint in {out}" in capsys.readouterr().err
 

@@ -55,11 +55,11 @@ def test_resume_set_without_a_spec_applies_to_the_stored_spec_of_a_run_named_in_
 
 
 def test_resuming_a_run_still_writing_its_first_checkpoint_names_the_holder(tmp_path, capsys):
-    from flowspec.train.lock import RunLock
+    from train_helpers import ELSEWHERE, held_by_another_process
 
-    with RunLock(tmp_path / "run"):
+    with held_by_another_process(tmp_path / "run"):
         assert run(["train", "--resume", str(tmp_path / "run")]) == 2
-    assert "run folder" in (err := capsys.readouterr().err) and "is in use by pid" in err
+    assert "run folder" in (err := capsys.readouterr().err) and f"is in use by {ELSEWHERE}" in err
     assert "no checkpoint" not in err
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: the lock line a run in another process wrote (`RunLock` writes `pid N on HOST since ...`)
+ELSEWHERE = "pid 4242 on elsewhere since long ago"
+
+
+@contextmanager
+def held_by_another_process(folder: Path) -> Iterator[None]:
+    """`folder`'s run lock held by a child process, as a live run elsewhere holds it (a lock this process
+    holds is its own, which `check_free` passes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    take = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        f"fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{ELSEWHERE}'); print(flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", take, str(folder / ".lock")], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # locked
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def tiny_spec(

@@ -19,6 +19,7 @@ from pathlib import Path
 from flowspec.errors import UserError, naming
 
 LOCK = ".lock"
+_HELD: set[str] = set()  # the folders this process holds: `check_free` passes them (no other process has)
 #: the temporary names of what a run or an ablation writes: `save_atomic` and `replaced_whole` (checkpoints,
 #: a nonfinite batch, the spec files, sample grids, the ablation's plan and table), `truncate_metrics` and
 #: `plot_curves`
@@ -76,6 +77,7 @@ class RunLock:
                 raise no_locks(path, "choose an --out folder on a local disk") from None
             if _same_file(fd, path):
                 self.fd = fd
+                _HELD.add(os.path.realpath(self.run_dir))
             else:  # removed by the run that held it (an empty folder of a run that failed): again
                 os.close(fd)
         with naming(path):  # a full disk fails here first
@@ -100,6 +102,7 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+            _HELD.discard(os.path.realpath(self.run_dir))
 
     def __enter__(self) -> RunLock:
         return self
@@ -109,8 +112,10 @@ class RunLock:
 
 
 def check_free(run_dir: Path) -> None:
-    """A `UserError` naming the holder when a live process holds the run folder's lock (before reading
-    what it is still writing); creates nothing. On a file system without locks nobody can hold one."""
+    """A `UserError` naming the holder when another live process holds the run folder's lock (before
+    reading what it is still writing); creates nothing. On a file system without locks nobody can hold one."""
+    if os.path.realpath(run_dir) in _HELD:  # this process (a run reading its own folder)
+        return
     try:
         fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
     except OSError:  # no lock file (or none readable): nobody has held it, or RunLock will say
