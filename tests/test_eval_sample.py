@@ -258,7 +258,7 @@ def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatc
     monkeypatch.setattr(ablate, "train", fake_train)
     spec = tiny_spec()
     other = spec.model_copy(update={"name": "b", "data": spec.data.model_copy(update={"classes": (1, 2)})})
-    ablate.run_ablation([spec, spec, other], RunOptions(), tmp_path, seed=0)
+    ablate.run_ablation([spec, spec, other], RunOptions(max_steps=5), tmp_path, seed=0)
     assert reads == ["train", "test", "train", "test"] and given == [(sets["train"], sets["test"])] * 3
 
 
@@ -275,7 +275,7 @@ def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monke
     monkeypatch.setattr(ablate, "train", fake_train)
     spec = tiny_spec()
     specs = [spec.model_copy(update={"name": n}) for n in ("a", "b", "c")]
-    results = ablate.run_ablation(specs, RunOptions(), tmp_path, seed=0).runs
+    results = ablate.run_ablation(specs, RunOptions(max_steps=5), tmp_path, seed=0).runs
     assert [r.run_dir.name for r in results] == ["a", "b"] and len(trained) == 2
     rows = json.loads((tmp_path / "ablation.json").read_text())  # the finished runs: "b" was stopped
     assert [r["spec"] for r in rows] == ["a"] and [r["img/s"] for r in rows] == [0.0312]  # a slow rate kept

@@ -347,6 +347,7 @@ def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, ca
     )
     captured = capsys.readouterr()
     assert "SIGINT: the evaluation at step 2 stopped after 0 of 64 test images" in captured.out
+    assert f"Continue with: flowspec ablate --resume {out}" in captured.out  # not one run's own resume
     assert (
         captured.err
         == "SIGINT: the ablation stopped after 1 of 2 runs; nothing was compared; finish it with: "
@@ -431,9 +432,78 @@ def test_ablate_resume_takes_only_how_to_run_from_the_command_line(tmp_path, cap
     assert run(["ablate", "--resume", str(out), "--device", "cpu", "--threads", "1", "-q"]) == 0
     capsys.readouterr()
     plan = out / "ablation-plan.json"
-    plan.write_text(plan.read_text()[:100])
-    assert run(["ablate", "--resume", str(out)]) == 2
-    assert f"error: {plan} is damaged (JSONDecodeError: " in capsys.readouterr().err
+    good = json.loads(plan.read_text())
+    assert good["options"]["threads"] is None and good["options"]["max_steps"] == 1  # as given
+    edits = {  # a plan that is not one flowspec wrote: damaged, named, no traceback
+        "truncated": (lambda text: text[:100], "Invalid JSON"),
+        "no runs": (
+            lambda text: json.dumps(json.loads(text) | {"runs": []}),
+            "runs: List should have at least",
+        ),
+        "results a list": (
+            lambda text: json.dumps(json.loads(text) | {"results": []}),
+            "results: Input should",
+        ),
+        "a result's field renamed": (
+            lambda text: text.replace('"best_scheduled"', '"best_sheduled"'),
+            "results.a.best_scheduled: Field required",
+        ),
+        "two budgets": (lambda text: text.replace('"max_run_time": null', '"max_run_time": 5.0'), "one of"),
+        "bad eval": (
+            lambda text: text.replace('"eval": {}', '"eval": {"images": -5}'),
+            "images: Input should",
+        ),
+    }
+    for name, (edit, said) in edits.items():
+        plan.write_text(edit(json.dumps(good)))
+        assert run(["ablate", "--resume", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {plan} is damaged (") and said in err, (name, err)
+    plan.write_text(json.dumps(good | {"results": {}, "options": good["options"] | {"device": "cuda"}}))
+    if not torch.cuda.is_available():  # the plan's device, checked before any run
+        assert run(["ablate", "--resume", str(out)]) == 2
+        assert "cuda" in capsys.readouterr().err and not (out / "a.before").exists()
+
+
+def test_an_ablation_resumed_starts_again_a_run_that_stopped_before_its_first_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    """A crash before a run's first checkpoint leaves files and no last.pt: the resume moves them aside
+    and trains the run again (a run trained on outside the ablation is said, its row kept); and a signal
+    after the last run changes nothing."""
+    from flowspec.train import ablate
+
+    specs = [str(write_flow(tmp_path / f"{n}.flow", name=n)) for n in "ab"]
+    out = tmp_path / "ablation"
+    args = ["--steps", "3", "--device", "cpu", "-q", "--eval-samples", "0"]
+    assert run(["ablate", *specs, "--out", str(out), *args]) == 0
+    whole = json.loads((out / "ablation.json").read_text())
+    plan = json.loads((out / "ablation-plan.json").read_text())
+    del plan["results"]["b"]
+    (out / "ablation-plan.json").write_text(json.dumps(plan))
+    for name in ("last.pt", "best.pt"):
+        (out / "b" / name).unlink()
+    assert run(["train", "--resume", str(out / "a"), "--max-steps", "4", "-q", "--eval-samples", "0"]) == 0
+    capsys.readouterr()
+    plot = ablate.plot_curves
+
+    def signalled(*args, **kwargs):  # after every run
+        os.kill(os.getpid(), signal.SIGINT)
+        return plot(*args, **kwargs)
+
+    monkeypatch.setattr(ablate, "plot_curves", signalled)
+    assert run(["ablate", "--resume", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    aside = [p for p in out.iterdir() if p.name.startswith("b.before-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").exists() and not (aside[0] / "last.pt").exists()
+    assert (
+        f"note: b had stopped before its first checkpoint: it starts again; its files are in {aside[0]}"
+        in printed
+    )
+    assert "note: a was trained on outside the ablation (to step 4); its row is step 3" in printed
+    same = ("spec", "test bits/dim", "steps")
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [{k: r[k] for k in same} for r in rows] == [{k: r[k] for k in same} for r in whole]
 
 
 def test_a_runs_training_time_counts_over_its_processes(tmp_path):

@@ -280,9 +280,10 @@ def train(
         ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
         if quiet and os.environ.get("RANK", "0") == "0":  # the loop's line: errors and this still show
-            from flowspec.train.trainer import stop_line
+            from flowspec.train.trainer import resume_command, stop_line
 
-            print(stop_line(result.stopped, result.step, result.run_dir, max_steps), file=sys.stderr)
+            go_on = resume_command(result.run_dir, max_steps)
+            print(stop_line(result.stopped, result.step, result.run_dir, go_on), file=sys.stderr)
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))
     if not quiet and result.history:
         kept = result.best_bpd is not None and (result.run_dir / "best.pt").is_file()
@@ -715,20 +716,19 @@ def ablate(
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from flowspec.inspection.budget import check_size, default_device
-    from flowspec.train.ablate import Plan, is_signal, resume_ablation, run_ablation
+    from flowspec.train.ablate import is_signal, read_plan, resume_ablation, run_ablation
     from flowspec.train.distributed import main_process
     from flowspec.train.trainer import RunOptions
 
     how = RunOptions(data_dir=data, device=_device(device), quiet=quiet, threads=threads)
     if resume is not None:
         _check_resume_alone(ctx, specs, resume)
-        plan = Plan.read(resume)
-        for each in plan.specs:
-            check_size(each, "train", default_device(how.device), allow_large)
-        out = resume
-        with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
+        out, plan = resume, read_plan(resume)
+        for each in plan.specs:  # on the device the runs will use
+            check_size(each, "train", default_device(how.device or plan.options.device), allow_large)
+        with _stoppable("the ablation", _kept_by_ablation(out)) as signals:
             done = resume_ablation(resume, how, signals.check, plan)
-        title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.specs)
+        title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.runs)
     else:
         if not specs:
             raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
@@ -752,12 +752,16 @@ def ablate(
             },
         )
         title, planned = (f"{steps} steps" if steps else str(budget)), len(resolved)
-        with _stoppable("the ablation", f"finished checkpoints are kept in {out}") as signals:
+        with _stoppable("the ablation", _kept_by_ablation(out)) as signals:
             done = run_ablation(resolved, options, out, seed, signals.check, sets or (), title)
-    stopped = signals.received or (done.runs[-1].stopped if done.runs else None)
+    last = done.runs[-1].stopped if done.runs else None
+    complete = len(done.runs) + len(done.failed) == planned and not is_signal(last)
+    stopped = None if complete else signals.received or last  # a signal after the last run changes nothing
     finished = done.finished if main_process() else []  # under torchrun, rank 0 prints the table
     if finished:
         _print_ablation(finished, f"{title} each, seed {seed}", out)
+    for note in done.notes if main_process() else []:
+        print(f"note: {note}")
     for folder, message in done.failed if main_process() else []:
         print(f"error: the run of {folder} failed: {message}", file=sys.stderr)
     if is_signal(stopped):
@@ -773,9 +777,16 @@ def ablate(
         raise typer.Exit(2)
 
 
+def _kept_by_ablation(out: Path) -> str:
+    """What an ablation stopped at once (a second Ctrl-C) keeps, and how to go on."""
+    return f"finished checkpoints are kept in {out}; finish it with: flowspec ablate --resume {out}"
+
+
 def _check_resume_alone(ctx: typer.Context, specs: list[Path] | None, resume: Path) -> None:
     """`ablate --resume DIR` takes the specs and settings from the ablation's plan: a spec or a setting
     given beside it is refused (it would not be what the other runs were compared under)."""
+    from flowspec.train.ablation_plan import PLAN
+
     given = [
         param.opts[0]
         for param in ctx.command.params
@@ -787,7 +798,7 @@ def _check_resume_alone(ctx: typer.Context, specs: list[Path] | None, resume: Pa
         extra = " and ".join(filter(None, ("specs" if specs else "", ", ".join(given))))
         raise UserError(
             f"ablate --resume {resume} finishes the ablation with its own specs and settings (from "
-            f"{resume / 'ablation-plan.json'}): leave out the {extra}; only --device, --threads, --data, "
+            f"{resume / PLAN}): leave out the {extra}; only --device, --threads, --data, "
             f"--quiet and --allow-large may be given"
         )
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from flowspec.errors import UserError, naming
+from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
+from flowspec.train.ablation_plan import PLAN, Plan
 from flowspec.train.checkpoint import LAST
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.datacache import quietly
 from flowspec.train.distributed import main_process, teardown
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import RunLock, check_free
-from flowspec.train.metrics import is_eval, plot_curves, read_metrics
+from flowspec.train.metrics import is_eval, plot_curves
 from flowspec.train.rundir import previous_checkpoint
 from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
@@ -33,6 +34,7 @@ class Ablation:
 
     runs: list[RunResult] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said after the table
 
     @property
     def finished(self) -> list[RunResult]:
@@ -62,82 +64,6 @@ def folder_names(names: list[str], files: list[str | None] | None = None) -> lis
     return folders
 
 
-PLAN = "ablation-plan.json"
-#: the run options an ablation keeps in its plan (the others are how it reports, or given again)
-PLANNED = ("device", "precision", "compile", "recompute", "data_memory", "max_steps", "max_run_time", "eval")
-
-
-@dataclass
-class Plan:
-    """What an ablation trains: each spec (resolved, seed set) with its run folder and data folder, the
-    options of every run and the `--set` overrides; and, as each run finishes, its result. Written to
-    `OUT/ablation-plan.json` before the first run, so that `resume_ablation` can finish an interrupted one."""
-
-    specs: list[FlowSpec]
-    folders: list[str]
-    data_dirs: list[Path | None]  # each run's data folder (absolute), None where it has no path
-    options: RunOptions
-    budget: str  # how the table's title says it: "20 steps", "20m"
-    overrides: list[str] = field(default_factory=list)
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> a finished run's result
-
-    def write(self, out: Path) -> None:
-        runs = [
-            {
-                "folder": f,
-                "file": s.source,
-                "data_dir": str(d) if d else None,
-                "spec": json.loads(s.model_dump_json()),
-            }
-            for s, f, d in zip(self.specs, self.folders, self.data_dirs, strict=True)
-        ]
-        options = {name: getattr(self.options, name) for name in PLANNED}
-        text = {"runs": runs, "options": options, "budget": self.budget, "overrides": self.overrides}
-        out.mkdir(parents=True, exist_ok=True)
-        with replaced_whole(out / PLAN) as partial:
-            partial.write_text(json.dumps(text | {"results": self.results}, indent=2) + "\n")
-
-    @classmethod
-    def read(cls, out: Path) -> Plan:
-        """The plan of the ablation in `out`, to resume it; a `UserError` naming the file when there is none
-        or it is damaged, or naming the holder when the ablation goes on in another process."""
-        if main_process():  # (the job's other processes would find rank 0's lock)
-            check_free(out)
-        path = out / PLAN
-        if not path.is_file():
-            raise UserError(
-                f"{out} holds no ablation to resume: expected {path}, which `flowspec ablate` writes before "
-                "its first run"
-            )
-        try:
-            with naming(path):
-                text = json.loads(path.read_text())
-            runs = text["runs"]
-            specs = [
-                FlowSpec.model_validate_json(json.dumps(run["spec"])).model_copy(
-                    update={"source": run["file"]}
-                )
-                for run in runs
-            ]
-            return cls(
-                specs=specs,
-                folders=[run["folder"] for run in runs],
-                data_dirs=[Path(run["data_dir"]) if run["data_dir"] else None for run in runs],
-                options=RunOptions(**{name: text["options"][name] for name in PLANNED}),
-                budget=text["budget"],
-                overrides=text["overrides"],
-                results=text["results"],
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            problem = f"{type(error).__name__}: {error}"
-            raise UserError(f"{path} is damaged ({problem}); the ablation cannot be resumed") from None
-
-    def finished(self, out: Path, folder: str) -> RunResult:
-        """The result of a run finished before the ablation was resumed."""
-        saved = self.results[folder]
-        return RunResult(out / folder, history=read_metrics(out / folder), **saved)
-
-
 def run_ablation(
     specs: list[FlowSpec],
     options: RunOptions,
@@ -145,19 +71,22 @@ def run_ablation(
     seed: int,
     stop: StopCheck = never,
     overrides: Sequence[str] = (),
-    budget: str = "",
+    budget: str | None = None,
 ) -> Ablation:
     """Train each spec into `out/<name>` under the same options; write `ablation.json` (each row with
     the spec's file and the `overrides` applied to every spec) and `curves.png`. The budget is
-    `options.max_steps` or `options.max_run_time`; `budget` says it in the table's title.
+    `options.max_steps` or `options.max_run_time` (each run's training time, over every process that
+    trains it); `budget` says it in the table's title.
 
-    A stop signal (`stop`, or one that stopped a run) ends it: the runs so far are returned, fewer than
-    the specs or with the last one stopped by the signal, and only the finished runs are compared;
-    `resume_ablation(out)` finishes it. A run that fails with a `UserError` (it diverged, the disk is full)
-    is recorded and the next spec trains.
+    Before the first run the plan (`OUT/ablation-plan.json`) is written; a stop signal (`stop`, or one
+    that stopped a run) ends the ablation with the runs so far, fewer than the specs or with the last one
+    stopped, and only the finished runs are compared; `resume_ablation(out)` finishes it. A run that fails
+    with a `UserError` (it diverged, the disk is full) is recorded and the next spec trains.
 
     Every spec's data is read before the first run, so that a mistake in the last spec's data section is
     reported before hours of training the others; specs with the same data share one copy."""
+    if options.max_time is not None or (options.max_steps is None) == (options.max_run_time is None):
+        raise ValueError("an ablation's budget is one of max_steps and max_run_time (not max_time)")
     folders = folder_names([s.name for s in specs], [s.source for s in specs])
     if main_process():  # an ablation going on there is named first
         check_free(out)
@@ -171,7 +100,8 @@ def run_ablation(
         previous_checkpoint(out / folder, spec, resume=False)
     data_dirs = [_absolute(options.data_dir or spec.data.path) for spec in specs]
     seeded = [with_seed(spec, seed) for spec in specs]
-    plan = Plan(seeded, folders, data_dirs, replace(options, out=None), budget, list(overrides))
+    title = budget or (f"{options.max_steps} steps" if options.max_steps else f"{options.max_run_time:g}s")
+    plan = Plan.make(seeded, folders, data_dirs, options, title, list(overrides))
     return _carry_out(plan, out, stop, options, write_plan=True)
 
 
@@ -180,43 +110,56 @@ def resume_ablation(
 ) -> Ablation:
     """Finish the interrupted ablation in `out` with its own specs and settings: the runs it finished are
     kept, a run stopped part way goes on from its `last.pt` (to the same budget) and the others start.
-    From `options` only how to run is taken: `device`, `threads`, `quiet` and, if set, `data_dir` (the
-    data moved). `plan`: `Plan.read(out)` if already read."""
-    plan = plan or Plan.read(out)
+    From `options` only how to run is taken: `device` and `threads` (default: the plan's), `quiet` and,
+    if set, `data_dir` (the data moved). `plan`: `read_plan(out)` if already read."""
+    plan = plan or read_plan(out)
     if options.data_dir is not None:
-        plan.data_dirs = [_absolute(options.data_dir)] * len(plan.specs)
-    device = options.device or plan.options.device
-    how = {"quiet": options.quiet, "threads": options.threads, "device": device}
-    return _carry_out(plan, out, stop, replace(plan.options, **how), write_plan=False)
+        for run in plan.runs:
+            run.data_dir = str(_absolute(options.data_dir))
+    how = RunOptions(device=options.device, threads=options.threads, quiet=options.quiet)
+    return _carry_out(plan, out, stop, plan.run_options(how), write_plan=False)
+
+
+def read_plan(out: Path) -> Plan:
+    """The plan of the ablation in `out`, to resume it: a `UserError` when there is none, it is damaged,
+    or the ablation goes on in another process (named)."""
+    if main_process():  # (the job's other processes would find rank 0's lock)
+        check_free(out)
+    return Plan.read(out)
 
 
 def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, write_plan: bool) -> Ablation:
     """Train the plan's runs that have no result yet, in order, and write the comparison."""
-    todo = [i for i, folder in enumerate(plan.folders) if folder not in plan.results]
+    specs, folders = plan.specs, [run.folder for run in plan.runs]
+    data_dirs = [Path(run.data_dir) if run.data_dir else None for run in plan.runs]
+    todo = [i for i, folder in enumerate(folders) if folder not in plan.results]
     read: dict[str, Datasets] = {}
-    datasets = {i: _data_of(plan.specs[i], plan.data_dirs[i], read, options.quiet) for i in todo}
+    datasets = {i: _data_of(specs[i], data_dirs[i], read, options.quiet) for i in todo}
     for i, data in datasets.items():  # found before the others train, not after
-        spec = plan.specs[i]
-        if len(data["train_set"]) < spec.train.batch:
+        if len(data["train_set"]) < specs[i].train.batch:
             raise UserError(
-                f"{spec.source or spec.name}: the training set has {len(data['train_set'])} images, fewer "
-                f"than one batch ({spec.train.batch})"
+                f"{specs[i].source or specs[i].name}: the training set has {len(data['train_set'])} images, "
+                f"fewer than one batch ({specs[i].train.batch})"
             )
     done = Ablation()
     together = False
     lock = RunLock(out) if main_process() else None  # one process carries out an ablation
+    options = replace(options, continue_with=f"flowspec ablate --resume {out}")
     try:  # under torchrun the job's process group serves every run, and is left at the end
         if write_plan and lock is not None:
             plan.write(out)
-        for i, (spec, folder) in enumerate(zip(plan.specs, plan.folders, strict=True)):
+        for i, (spec, folder) in enumerate(zip(specs, folders, strict=True)):
             if folder in plan.results:
                 done.runs.append(plan.finished(out, folder))
+                done.notes += _trained_on(done.runs[-1], plan.results[folder].step)
                 continue
             if stop():
                 break
             try:
-                where = replace(options, out=out / folder, data_dir=plan.data_dirs[i])
-                where.resume = (out / folder / LAST).exists()
+                resume = (out / folder / LAST).exists()
+                if not resume and lock is not None:
+                    done.notes += _set_aside(out / folder)
+                where = replace(options, out=out / folder, data_dir=data_dirs[i], resume=resume)
                 run = train(spec, where, keep_group=True, **datasets[i])
             except UserError as error:
                 done.failed.append((folder, str(error)))
@@ -224,8 +167,12 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
             done.runs.append(run)
             if is_signal(run.stopped):
                 break
+            if options.max_steps is not None and run.step > options.max_steps:
+                done.notes.append(
+                    f"{folder} was trained past the budget outside the ablation (step {run.step})"
+                )
             if lock is not None:
-                plan.results[folder] = _result_record(run)
+                plan.record(run)
                 plan.write(out)
         together = True
     finally:
@@ -234,7 +181,7 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
         teardown(together=together)
     if not main_process():  # rank 0 writes the comparison
         return done
-    files = {folder: spec.source for folder, spec in zip(plan.folders, plan.specs, strict=True)}
+    files = {folder: spec.source for folder, spec in zip(folders, specs, strict=True)}
     if done.finished or done.failed:  # a run stopped by a signal is not compared
         rows = [dict(zip(COLUMNS, row_values(r), strict=True)) for r in done.finished]
         rows += [{"spec": folder, "error": message} for folder, message in done.failed]
@@ -246,15 +193,32 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
     return done
 
 
+def _set_aside(run_dir: Path) -> list[str]:
+    """Move the files of a run that stopped before its first checkpoint (a crash, two quick Ctrl-Cs) out of
+    its folder, which the run starts again in: into `<folder>.before-<time>` beside it; what is said."""
+    if not run_dir.is_dir() or not any(p.name != ".lock" for p in run_dir.iterdir()):
+        return []
+    aside = run_dir.with_name(f"{run_dir.name}.before-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir.rename(aside)
+    return [
+        f"{run_dir.name} had stopped before its first checkpoint: it starts again; its files are in {aside}"
+    ]
+
+
+def _trained_on(result: RunResult, step: int) -> list[str]:
+    """A note when a finished run was trained further outside the ablation (its table row is its result at
+    the end of the budget)."""
+    last = max((row["step"] for row in result.history), default=step)
+    if last == step:
+        return []
+    return [
+        f"{result.run_dir.name} was trained on outside the ablation (to step {last}); its row is step {step}"
+    ]
+
+
 def _absolute(folder: str | Path | None) -> Path | None:
     """A data folder as a resumed ablation will find it from another working directory."""
     return Path(folder).absolute() if folder is not None else None
-
-
-def _result_record(run: RunResult) -> dict[str, Any]:
-    """What the plan keeps of a finished run (its history is in its metrics file)."""
-    kept = ("step", "epoch", "stopped", "test_bpd", "best_bpd", "img_s", "parameters", "best_scheduled")
-    return {name: getattr(run, name) for name in kept}
 
 
 def _data_of(

@@ -60,6 +60,7 @@ class RunOptions:
     max_steps: int | None = None  # stop at this global step (a resumed run counts from its start)
     max_time: float | None = None  # seconds of training in this process
     max_run_time: float | None = None  # seconds of training of the whole run, earlier processes' too
+    continue_with: str | None = None  # the command a stopped run names (default: train --resume RUN_DIR)
     quiet: bool = False
     resume: bool = False  # continue the run in `out` from its last checkpoint
     eval: dict[str, Any] = field(default_factory=dict)  # eval settings over the spec's (and a short run's)
@@ -86,14 +87,13 @@ class RunResult:
 
 
 def resume_command(run_dir: Path, max_steps: int | None) -> str:
-    """How to go on after a stop: to the same --max-steps (an ablation's budget), if the run had one."""
+    """How to go on after a stop: to the same --max-steps, if the run had one."""
     limit = f" --max-steps {max_steps}" if max_steps else ""
     return f"flowspec train --resume {run_dir}{limit}"
 
 
-def stop_line(signal_name: str, step: int, run_dir: Path, max_steps: int | None) -> str:
-    """What a run that a signal stopped, and that saved, says."""
-    go_on = resume_command(run_dir, max_steps)
+def stop_line(signal_name: str, step: int, run_dir: Path, go_on: str) -> str:
+    """What a run that a signal stopped, and that saved, says: `go_on` is the command that continues."""
     return f"{signal_name}: stopped after step {step}; saved {run_dir / LAST}. Continue with: {go_on}"
 
 
@@ -215,8 +215,12 @@ class Trainer:
             return "no checkpoint was written yet"
         return (
             f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept; free space or "
-            f"make the folder writable, then continue with: flowspec train --resume {self.run_dir}"
+            f"make the folder writable, then continue with: {self._continue_with()}"
         )
+
+    def _continue_with(self) -> str:
+        """The command that continues this run after a stop."""
+        return self.options.continue_with or resume_command(self.run_dir, self.options.max_steps)
 
     def _run(self) -> RunResult:
         if self.dist.main:
@@ -263,7 +267,7 @@ class Trainer:
                     stopped = received or self._limit_reached(time_up)
                     if received:
                         self._save(best=False)
-                        line = stop_line(received, self.step, self.run_dir, self.options.max_steps)
+                        line = stop_line(received, self.step, self.run_dir, self._continue_with())
                         reporter.message(line, keep=True)
                     elif self._scheduled() or stopped is not None:
                         stopped = self._evaluate(reporter, signals, stopped) or stopped
@@ -388,7 +392,7 @@ class Trainer:
         if received is None and stopped is None:
             received, _ = agree_to_stop(self.dist, self.device, signals.received, False)
             if received:  # last.pt of this step was written before the evaluation
-                line = stop_line(received, self.step, self.run_dir, self.options.max_steps)
+                line = stop_line(received, self.step, self.run_dir, self._continue_with())
                 reporter.message(line, keep=True)
         return received
 
@@ -424,7 +428,7 @@ class Trainer:
             where = interrupted.done if interrupted else "on another process"
             reporter.message(
                 f"{received}: the evaluation at step {self.step} stopped {where}; {self.run_dir / LAST} "
-                f"was saved before it. Continue with: {resume_command(self.run_dir, self.options.max_steps)}",
+                f"was saved before it. Continue with: {self._continue_with()}",
                 keep=True,
             )
             return received
