@@ -260,6 +260,9 @@ def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatc
     other = spec.model_copy(update={"name": "b", "data": spec.data.model_copy(update={"classes": (1, 2)})})
     ablate.run_ablation([spec, spec, other], RunOptions(max_steps=5), tmp_path, seed=0)
     assert reads == ["train", "test", "train", "test"] and given == [(sets["train"], sets["test"])] * 3
+    for budget in ({"max_time": 3.0}, {}, {"max_steps": 2, "max_run_time": 3.0}):  # one, kept in its plan
+        with pytest.raises(ValueError, match="budget is one of max_steps and max_run_time"):
+            ablate.run_ablation([spec], RunOptions(**budget), tmp_path / "other", seed=0)
 
 
 def test_ablate_stops_at_a_signal_and_compares_the_finished_runs(tmp_path, monkeypatch):
