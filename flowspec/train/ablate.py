@@ -146,8 +146,12 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
     lock = RunLock(out) if main_process() else None  # one process carries out an ablation
     options = replace(options, continue_with=f"flowspec ablate --resume {out}")
     try:  # under torchrun the job's process group serves every run, and is left at the end
-        if write_plan and lock is not None:
-            plan.write(out)
+        if lock is not None:
+            if write_plan:
+                plan.write(out)
+            for i in todo:  # before any run: the job's other processes look at the folders when theirs starts
+                if not (out / folders[i] / LAST).exists():
+                    done.notes += _set_aside(out / folders[i])
         for i, (spec, folder) in enumerate(zip(specs, folders, strict=True)):
             if folder in plan.results:
                 done.runs.append(plan.finished(out, folder))
@@ -157,8 +161,6 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
                 break
             try:
                 resume = (out / folder / LAST).exists()
-                if not resume and lock is not None:
-                    done.notes += _set_aside(out / folder)
                 where = replace(options, out=out / folder, data_dir=data_dirs[i], resume=resume)
                 run = train(spec, where, keep_group=True, **datasets[i])
             except UserError as error:
