@@ -350,8 +350,8 @@ def test_ablate_stops_at_a_signal_and_compares_nothing(tmp_path, monkeypatch, ca
     assert f"Continue with: flowspec ablate --resume {out}" in captured.out  # not one run's own resume
     assert (
         captured.err
-        == "SIGINT: the ablation stopped after 1 of 2 runs; nothing was compared; finish it with: "
-        f"flowspec ablate --resume {out}\n"
+        == "SIGINT: the ablation stopped in the run of a (step 2); 0 of 2 runs done; nothing was compared; "
+        f"finish it with: flowspec ablate --resume {out}\n"
     )
     assert load_checkpoint(out / "a")["step"] == 2 and not (out / "b").exists()
     assert not (out / "ablation.json").exists()
@@ -365,8 +365,8 @@ def test_ablate_stopped_in_its_second_run_compares_the_first(tmp_path, monkeypat
     assert run(args) == 143
     captured = capsys.readouterr()
     assert captured.err == (
-        f"SIGTERM: the ablation stopped after 2 of 2 runs; the table compares the 1 finished; "
-        f"finish it with: flowspec ablate --resume {out}\n"
+        f"SIGTERM: the ablation stopped in the run of b (step 2); 1 of 2 runs done; the table compares the 1 "
+        f"finished; finish it with: flowspec ablate --resume {out}\n"
     )
     assert "test bits/dim" in captured.out and "│ a " in captured.out and "│ b " not in captured.out
     assert [r["spec"] for r in json.loads((out / "ablation.json").read_text())] == ["a"]
@@ -483,7 +483,8 @@ def test_an_ablation_resumed_starts_again_a_run_that_stopped_before_its_first_ch
     (out / "ablation-plan.json").write_text(json.dumps(plan))
     for name in ("last.pt", "best.pt"):
         (out / "b" / name).unlink()
-    assert run(["train", "--resume", str(out / "a"), "--max-steps", "4", "-q", "--eval-samples", "0"]) == 0
+    outside = ["--max-steps", "4", "-q", "--eval-samples", "0", "--eval-images", "16"]
+    assert run(["train", "--resume", str(out / "a"), *outside]) == 0
     capsys.readouterr()
     plot = ablate.plot_curves
 
@@ -501,7 +502,7 @@ def test_an_ablation_resumed_starts_again_a_run_that_stopped_before_its_first_ch
         in printed
     )
     assert "note: a was trained on outside the ablation (to step 4); its row is step 3" in printed
-    same = ("spec", "test bits/dim", "steps")
+    same = ("spec", "test bits/dim", "test images", "steps")  # a's at step 3, as the ablation measured it
     rows = json.loads((out / "ablation.json").read_text())
     assert [{k: r[k] for k in same} for r in rows] == [{k: r[k] for k in same} for r in whole]
 

@@ -766,10 +766,11 @@ def ablate(
         print(f"error: the run of {folder} failed: {message}", file=sys.stderr)
     if is_signal(stopped):
         compared = f"the table compares the {len(finished)} finished" if finished else "nothing was compared"
-        ran = len(done.runs) + len(done.failed)
+        cut = done.runs[-1] if is_signal(last) else None
+        where = f" in the run of {cut.run_dir.name} (step {cut.step})" if cut else ""
         print(
-            f"{stopped}: the ablation stopped after {ran} of {planned} runs; {compared}; "
-            f"finish it with: flowspec ablate --resume {out}",
+            f"{stopped}: the ablation stopped{where}; {len(done.finished) + len(done.failed)} of {planned} "
+            f"runs done; {compared}; finish it with: flowspec ablate --resume {out}",
             file=sys.stderr,
         )
         raise typer.Exit(128 + int(signal.Signals[stopped]))

@@ -17,7 +17,7 @@ from flowspec.train.datacache import quietly
 from flowspec.train.distributed import main_process, teardown
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import RunLock, check_free
-from flowspec.train.metrics import is_eval, plot_curves
+from flowspec.train.metrics import is_eval, plot_curves, read_metrics
 from flowspec.train.rundir import previous_checkpoint
 from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
@@ -155,7 +155,7 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
         for i, (spec, folder) in enumerate(zip(specs, folders, strict=True)):
             if folder in plan.results:
                 done.runs.append(plan.finished(out, folder))
-                done.notes += _trained_on(done.runs[-1], plan.results[folder].step)
+                done.notes += _since_finished(out / folder, plan.results[folder].step)
                 continue
             if stop():
                 break
@@ -207,15 +207,15 @@ def _set_aside(run_dir: Path) -> list[str]:
     ]
 
 
-def _trained_on(result: RunResult, step: int) -> list[str]:
-    """A note when a finished run was trained further outside the ablation (its table row is its result at
-    the end of the budget)."""
-    last = max((row["step"] for row in result.history), default=step)
-    if last == step:
+def _since_finished(run_dir: Path, step: int) -> list[str]:
+    """A note when the folder of a run finished at `step` is gone, or the run was trained further outside
+    the ablation (its table row stays its result at the end of the budget)."""
+    if not run_dir.is_dir():
+        return [f"{run_dir} is gone: the row of {run_dir.name} is the one its plan kept"]
+    last = max((row["step"] for row in read_metrics(run_dir)), default=step)
+    if last <= step:
         return []
-    return [
-        f"{result.run_dir.name} was trained on outside the ablation (to step {last}); its row is step {step}"
-    ]
+    return [f"{run_dir.name} was trained on outside the ablation (to step {last}); its row is step {step}"]
 
 
 def _absolute(folder: str | Path | None) -> Path | None:

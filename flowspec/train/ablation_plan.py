@@ -160,7 +160,8 @@ class Plan(_Strict):
         )
 
     def finished(self, out: Path, folder: str) -> RunResult:
-        """The result of a run finished before the ablation was resumed, with its history."""
-        return RunResult(
-            out / folder, history=read_metrics(out / folder), **self.results[folder].model_dump()
-        )
+        """The result of a run finished before the ablation was resumed, with its history up to it (not
+        what was trained outside the ablation after it)."""
+        saved = self.results[folder]
+        history = read_metrics(out / folder, after_step=saved.step)
+        return RunResult(out / folder, history=history, **saved.model_dump())
