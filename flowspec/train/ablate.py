@@ -18,7 +18,7 @@ from flowspec.train.distributed import main_process, teardown
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
-from flowspec.train.rundir import previous_checkpoint
+from flowspec.train.rundir import RUN_FILES, previous_checkpoint
 from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -198,7 +198,7 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
 def _set_aside(run_dir: Path) -> list[str]:
     """Move the files of a run that stopped before its first checkpoint (a crash, two quick Ctrl-Cs) out of
     its folder, which the run starts again in: into `<folder>.before-<time>` beside it; what is said."""
-    if not run_dir.is_dir() or not any(p.name != ".lock" for p in run_dir.iterdir()):
+    if not any((run_dir / name).exists() for name in (*RUN_FILES, "spec.flow")):  # as `train` would refuse
         return []
     aside = run_dir.with_name(f"{run_dir.name}.before-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir.rename(aside)
