@@ -114,6 +114,8 @@ class FlowModel(nn.Module):
             v = self.decode(z.to(self.device) * temperature)
         finally:
             self.train(was_training)
+        if not bool(torch.isfinite(v).all()):  # e.g. a temperature whose noise overflows the networks
+            raise ValueError(f"sampling at temperature {temperature} gave values that are not finite")
         levels = self.spec.data.levels
         out_dtype = torch.uint8 if levels <= 256 else torch.int32
         return v.floor().clamp(0, levels - 1).to(out_dtype)
@@ -129,8 +131,9 @@ class FlowModel(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Data-dependent init over a batch of at least 2 integer images; a no-op once done (the flags are
-        saved). A call that fails, or would leave weights that are not finite, changes nothing."""
+        """Data-dependent init over a batch of at least 2 integer images, in the model's own precision
+        (autocast off meanwhile); a no-op once done (the flags are saved). A call that fails, or would
+        leave weights that are not finite, changes nothing."""
         check_not_meta(self.device, "initialize")
         modules = self._data_init_modules()
         if all(bool(m.initialized) for m in modules):
@@ -139,6 +142,8 @@ class FlowModel(nn.Module):
         if len(x) < 2:
             raise ValueError(f"initialize needs 2 images or more (their statistics set scales), not {len(x)}")
         before = {name: value.clone() for name, value in self.state_dict().items()}
+        autocast = next((m.autocast_dtype for m in self.modules() if hasattr(m, "autocast_dtype")), None)
+        self.set_autocast(None)  # the statistics of the model's own precision, not of bf16 outputs
         for m in modules:
             m.init_mode = True
         try:
@@ -151,6 +156,7 @@ class FlowModel(nn.Module):
         finally:
             for m in modules:
                 m.init_mode = False
+            self.set_autocast(autocast)
 
     def couplings(self) -> list[Coupling]:
         return [m for m in self.modules() if isinstance(m, Coupling)]

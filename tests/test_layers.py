@@ -200,6 +200,18 @@ def test_logit_preprocessing_maps_the_levels_into_alpha_to_one_minus_alpha():
     torch.testing.assert_close(z, expected)
 
 
+def test_logit_preprocessing_stays_finite_at_the_top_level_for_any_alpha():
+    """v = levels (a dequantized 255 + u that rounds up in float32) with a tiny alpha: 1 - y is computed
+    as alpha + scale (levels - v), not by rounding y to 1 (which gave logit and log-det inf)."""
+    for alpha in (1e-8, 1e-12):
+        layer = LogitPreprocess(alpha, 256)
+        z, logdet = layer(torch.tensor([256.0, 255.5, 0.0]).view(1, 1, 1, 3))
+        assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+        assert z[0, 0, 0, 0] == pytest.approx(
+            -z[0, 0, 0, 2].item(), rel=1e-5
+        )  # logit(1 - alpha) = -logit(alpha)
+
+
 def test_stripe_split_takes_even_and_odd_columns():
     x = torch.arange(2 * 4 * 4.0).view(1, 2, 4, 4)
     a, b = split("stripe", x)

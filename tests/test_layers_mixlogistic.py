@@ -129,3 +129,19 @@ def test_every_function_floors_the_log_scales():
     assert torch.equal(
         f.inverse_logit_cdf(h, logits, means, below)[0], f.inverse_logit_cdf(h, logits, means, floored)[0]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_inverse_holds_where_sharp_components_put_the_logit_past_the_exponent_range(dtype):
+    """Log-scales at the floor (-7, as trained Flow++ components reach) put the logit of the CDF past
+    +-700 a unit or two from the means, where sigmoids underflow in float64: the solver then works in log
+    space and still finds x (it stopped at the underflow boundary, x = 1.96 for 5)."""
+    x = torch.tensor([1.0, 2.0, 5.0, -2.0, -0.5], dtype=dtype)
+    logits = torch.tensor([0.0, 1.0, -1.0, 0.5], dtype=dtype).expand(5, 4)
+    means = torch.tensor([-0.1, 0.0, 0.1, 0.2], dtype=dtype).expand(5, 4)
+    logscales = torch.tensor([-7.0, -6.5, -7.0, -6.0], dtype=dtype).expand(5, 4)
+    h, _ = mixlogistic.logit_cdf(x, logits, means, logscales)
+    assert h.abs().max() > 1900
+    found, iterations = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
+    torch.testing.assert_close(found, x, rtol=1e-6, atol=1e-6)
+    assert iterations < 30

@@ -248,6 +248,30 @@ def test_initialize_runs_once():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+def test_initialize_under_autocast_takes_the_statistics_in_the_models_precision():
+    """Data-dependent init with bf16 autocast set gives the float32 init (bf16 statistics scaled some
+    layers by 100x), and leaves autocast as it was."""
+    spec = tiny_spec("flowpp_cifar.flow")
+    models = []
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = flowspec.build(spec)
+        model.set_autocast(dtype)
+        model.initialize(_batch(spec))
+        models.append(model)
+    plain, autocast = (dict(m.state_dict()) for m in models)
+    assert all(torch.equal(plain[k], autocast[k]) for k in plain)
+    assert {m.autocast_dtype for m in models[1].modules() if hasattr(m, "autocast_dtype")} == {torch.bfloat16}
+
+
+def test_sampling_that_overflows_is_an_error_not_black_images():
+    spec = tiny_spec("quickstart.flow")
+    model = flowspec.build(spec)
+    model.initialize(_batch(spec))
+    with pytest.raises(ValueError, match="sampling at temperature 1e\\+30 gave values that are not finite"):
+        model.sample(2, 1e30, generator=torch.Generator().manual_seed(0))
+
+
 def test_autocast_keeps_logdets_in_float32():
     spec = tiny_spec("flowpp_cifar.flow")
     model = flowspec.build(spec)

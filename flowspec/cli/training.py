@@ -628,7 +628,10 @@ def sample(
             seed = secrets.randbelow(MAX_SEED + 1)
         grid = grid_name(trained.step, temperature).removesuffix(".png")
         out = out or Path(f"samples_{spec.name}_{grid}_seed{seed}.png")  # another seed's replaces none
-        save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
+        try:
+            save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
+        except ValueError as error:  # samples that are not finite
+            raise UserError(f"{error}: nothing was written (a lower --temperature may do)") from None
     print(f"wrote {n} samples of {spec.name} (step {trained.step}, T={temperature}, seed {seed}) to {out}")
 
 

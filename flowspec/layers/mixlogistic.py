@@ -55,13 +55,21 @@ def logit_cdf(x: Tensor, logits: Tensor, means: Tensor, logscales: Tensor) -> tu
     return log_cdf - log_sf, log_pdf - log_cdf - log_sf
 
 
-def _logit_cdf_and_slope(x: Tensor, pi: Tensor, means: Tensor, inv_scales: Tensor) -> tuple[Tensor, Tensor]:
-    """logit(CDF(x)) and its derivative, in probability space (for float64 in the solver: ~3x cheaper)."""
+def _logit_cdf_and_slope(
+    x: Tensor, logits: Tensor, pi: Tensor, means: Tensor, logscales: Tensor, inv_scales: Tensor
+) -> tuple[Tensor, Tensor]:
+    """logit(CDF(x)) and its derivative: in probability space (for float64 in the solver: ~3x cheaper),
+    and in log space (`logit_cdf`) where that under- or overflows (|logit| past ~700: sharp components)."""
     z = (x.unsqueeze(-1) - means) * inv_scales
     pos, neg = torch.sigmoid(z), torch.sigmoid(-z)
     cdf, sf = (pi * pos).sum(-1), (pi * neg).sum(-1)
     pdf = (pi * pos * neg * inv_scales).sum(-1)
-    return torch.log(cdf) - torch.log(sf), pdf / (cdf * sf)
+    g, slope = torch.log(cdf) - torch.log(sf), pdf / (cdf * sf)
+    far = ~(torch.isfinite(g) & torch.isfinite(slope) & (slope > 0))
+    if bool(far.any()):
+        g_far, log_slope = logit_cdf(x[far], logits[far], means[far], logscales[far])
+        g, slope = g.masked_scatter(far, g_far), slope.masked_scatter(far, log_slope.exp())
+    return g, slope
 
 
 def inverse_logit_cdf(
@@ -91,7 +99,7 @@ def inverse_logit_cdf(
     iterations = 0
     while index.numel() and iterations < max_iter:
         iterations += 1
-        g, slope = _logit_cdf_and_slope(x, pi, means, inv_scales)
+        g, slope = _logit_cdf_and_slope(x, logits, pi, means, logscales, inv_scales)
         err = g - h
         above = err > 0
         hi = torch.where(above, x, hi)
@@ -106,5 +114,6 @@ def inverse_logit_cdf(
         active = step > tol * (1.0 + x.abs())
         if not bool(active.all()):
             index, x, h, lo, hi, last_step = (t[active] for t in (index, x, h, lo, hi, last_step))
-            pi, means, inv_scales = pi[active], means[active], inv_scales[active]
+            logits, pi, means = logits[active], pi[active], means[active]
+            logscales, inv_scales = logscales[active], inv_scales[active]
     return out.view(shape).to(out_dtype), iterations

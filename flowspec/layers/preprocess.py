@@ -21,8 +21,11 @@ class LogitPreprocess(Layer):
 
     def forward(self, v: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         y = self.alpha + self.scale * v
-        out = torch.log(y) - torch.log1p(-y)
-        logdet = sum_per_sample(-torch.log(y) - torch.log1p(-y)) + v[0].numel() * math.log(self.scale)
+        rest = self.alpha + self.scale * (
+            self.levels - v
+        )  # 1 - y, exact and >= alpha even where y rounds to 1
+        out = torch.log(y) - torch.log(rest)
+        logdet = sum_per_sample(-torch.log(y) - torch.log(rest)) + v[0].numel() * math.log(self.scale)
         return out, logdet
 
     def inverse(self, z: State, context: Tensor | None = None) -> State:

@@ -95,10 +95,13 @@ class Evaluator:
         try:
             for temperature in settings.temperatures:
                 path = self.run_dir / "samples" / grid_name(step, temperature)
-                grids[temperature] = save_grid(
-                    model, settings.samples, temperature, path, self.levels, self.seed,
-                    settings.batch, stop, meter,
-                )  # fmt: skip
+                try:
+                    grids[temperature] = save_grid(
+                        model, settings.samples, temperature, path, self.levels, self.seed,
+                        settings.batch, stop, meter,
+                    )  # fmt: skip
+                except ValueError:  # samples that are not finite (a model gone wrong): no grid, not a crash
+                    continue
         finally:
             if meter:
                 meter.close()
