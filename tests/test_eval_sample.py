@@ -549,3 +549,14 @@ def test_one_process_at_a_time_carries_out_an_ablation(tmp_path, monkeypatch, ca
             assert run(["ablate", *args, "--device", "cpu", "-q"]) == 2
             assert f"run folder {out} is in use by {ELSEWHERE}" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_sample_at_a_temperature_that_overflows_writes_nothing_and_says_so(run_dir, tmp_path, capsys):
+    grid = tmp_path / "g.png"
+    assert (
+        run(["sample", str(run_dir), "-n", "4", "--temperature", "1e30", "-o", str(grid), "--device", "cpu"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "sampling at temperature 1e+30 gave values that are not finite: nothing was written" in err
+    assert not grid.exists()
