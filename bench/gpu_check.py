@@ -6,21 +6,23 @@
 (a) runs the tests marked `cuda` (CUDA forward == CPU forward, bf16 bits/dim, sampling, torch.compile,
     a torchrun job that trains and resumes);
 (b) trains flowpp_cifar at batch 64 for 50 steps (5 of them warm-up, untimed) in float32, bf16 and bf16
-    with torch.compile, and prints img/s, peak memory (torch.cuda.max_memory_allocated) and the fraction of
+    with torch.compile (each recomputing as `train --recompute auto` would), and prints img/s, peak memory
+    (torch.cuda.max_memory_allocated) and the fraction of
     the device's dense bf16 FLOP peak that the counted work (77.6 GFLOP per trained image) reaches;
-(c) appends the rows to bench/RESULTS.md, and to $OUT/gpu_check.md when $OUT names a folder.
-Beside the data-sheet peak it measures a large bf16 matmul, the rate the device reaches at that moment.
-When time is left it adds bf16 rows keeping every activation (`+keep`, no recomputation) and at batch
-256 (`--configs` picks others), and after the rows it profiles 3 steps of the first eager bf16
+(c) appends the rows to bench/RESULTS.md, and to $OUT/gpu_check.md when $OUT is set (made if missing).
+Beside the data-sheet peak it measures a large bf16 matmul after each row, the rate the device reaches then.
+When time is left it adds bf16 rows with the other recompute setting (`+keep`: none, `+recompute`) and at
+batch 256 (`--configs` picks others), and after the rows it profiles 3 steps of the first eager bf16
 configuration by CUDA kernel (the kernels taking most time, how many launches a step makes, how busy the
 GPU is) into gpu_profile.txt in $OUT, beside the CUDA tests' whole output (pytest_cuda.txt).
-A configuration that would not fit in the time left is skipped and said so.
+A configuration that would not fit in the time left is skipped and said so; a missing required row fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import shlex
@@ -37,6 +39,7 @@ import torch
 
 import flowspec
 from flowspec.train.precision import autocast_dtype
+from flowspec.train.recompute import resolve_recompute
 from flowspec.train.schedule import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,21 +56,26 @@ BF16_PEAK_TFLOPS = (
     ("L40S", 362.0),
     ("B200", 2250.0),
 )
-# PRECISION[+compile][+keep]@BATCH (+keep: no recomputation in the backward pass): the issue's three at
-# batch 64, the goal's (bf16 + compile) first, then what the first GPU check suggested (keeping
-# activations, a larger batch) while time is left
+# PRECISION[+compile][+keep|+recompute]@BATCH (+keep: no recomputation in the backward pass, +recompute:
+# selective recomputation; neither: `train --recompute auto`'s choice): the issue's three at batch 64 (the
+# goal's, bf16 + compile, first; required), then the other recompute setting of the two bf16 rows and a
+# larger batch while time is left
 CONFIGS = (
     "bf16+compile@64",
     "fp32@64",
     "bf16@64",
     "bf16+compile+keep@64",
-    "bf16+keep@64",
+    "bf16+recompute@64",
     "bf16+compile@256",
 )
-# seconds a configuration needs at the default 50 steps (the first H200 check: 95 s compiled at 20 steps,
-# 49-70 s eager, and a 3-step profile about 45 s more); one that would not fit in the time left is skipped,
-# and the profile of the first eager bf16 configuration is made after the rows if time is left
+REQUIRED = CONFIGS[:3]
+BUDGET = 450.0  # seconds; gpu_check.sh's hard limit is 470 s, then 10 s to die (8 minutes in all)
+# seconds a configuration needs at 50 steps of batch 64 (the first H200 check: 95 s compiled at 20 steps,
+# 49-70 s eager, and a 3-step profile about 45 s more), scaled by steps x batch (compiling: a fixed part);
+# one that would not fit in the time left is skipped, and the profile of the first eager bf16 configuration
+# is made after the rows if time is left
 NEEDED_SECONDS = {"compiled": 150, "eager": 75, "profile": 40}
+COMPILE_SECONDS = 60
 DRY_RUN_SHRINK = (
     "data.shape=3x8x8",
     "defaults.coupling.filters=8",
@@ -85,6 +93,8 @@ class Row:
     seconds: float | None = None  # per timed step
     peak_gb: float | None = None
     note: str = ""
+    matmul: float | None = None  # GFLOP/s of a bf16 matmul measured right after the row
+    required: bool = False
 
     def img_s(self) -> float | None:
         return self.batch / self.seconds if self.seconds else None
@@ -94,21 +104,34 @@ class Row:
 class Config:
     precision: str
     compiled: bool
-    keep: bool  # keep every activation (no selective recomputation)
+    recompute: str  # on, off (keep every activation) or auto (as `train --recompute auto`)
     batch: int
+    required: bool = False  # one of the check's three rows: a check without it fails
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        """`bf16+compile+keep@64` and the like."""
-        match = re.fullmatch(r"(fp32|bf16)((?:\+compile|\+keep)*)@(\d+)", text)
-        if match is None:
-            raise argparse.ArgumentTypeError(f"not a configuration: {text!r} (e.g. bf16+compile@64)")
+        """`bf16+compile+keep@64` and the like (a batch of at least 2)."""
+        match = re.fullmatch(r"(fp32|bf16)((?:\+compile|\+keep|\+recompute)*)@(\d+)", text)
+        if match is None or int(match[3]) < 2 or ("+keep" in match[2] and "+recompute" in match[2]):
+            raise argparse.ArgumentTypeError(
+                f"not a configuration: {text!r} (e.g. bf16+compile@64; a batch of at least 2, at most one "
+                "of +keep and +recompute)"
+            )
         precision, flags, batch = match.groups()
-        return cls(precision, "+compile" in flags, "+keep" in flags, int(batch))
+        recompute = "off" if "+keep" in flags else "on" if "+recompute" in flags else "auto"
+        return cls(precision, "+compile" in flags, recompute, int(batch), required=text in REQUIRED)
 
     @property
-    def name(self) -> str:
-        return self.precision + " + compile" * self.compiled + " + keep" * self.keep
+    def text(self) -> str:
+        """As written on the command line."""
+        flags = "+compile" * self.compiled + {"off": "+keep", "on": "+recompute", "auto": ""}[self.recompute]
+        return f"{self.precision}{flags}@{self.batch}"
+
+    def name(self, recompute: bool | None = None) -> str:
+        """The row's name: precision, compile, and the recompute setting (`auto`'s choice when known)."""
+        choice = "" if recompute is None else f": {'on' if recompute else 'off'}"
+        setting = f"recompute {self.recompute}{choice if self.recompute == 'auto' else ''}"
+        return self.precision + " + compile" * self.compiled + f" · {setting}"
 
 
 def bf16_peak(device: torch.device, measured: float) -> tuple[float, str]:
@@ -135,12 +158,23 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def cuda_test_files() -> list[str]:
+    """The test modules that mark tests `cuda` (only these are collected: a module without any that cannot
+    be imported on this machine costs nothing)."""
+    return sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "tests").glob("test_*.py")
+        if "mark.cuda" in path.read_text()
+    )
+
+
 def run_tests(args: argparse.Namespace, seconds: float) -> str:
     """Run (or, in a dry run, only collect) the tests marked cuda; returns pytest's summary line. The
-    whole output goes to pytest_cuda.txt in $OUT when $OUT names a folder; failures are printed short,
-    without captured logs (torch's compile traces would bury them)."""
+    whole output goes to pytest_cuda.txt in $OUT when $OUT is set; failures are printed short, without
+    captured logs (torch's compile traces would bury them)."""
     command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
     command += ["-p", "no:logging", "--tb=short", "-rfEs", "--continue-on-collection-errors"]
+    command += cuda_test_files()
     if args.dry_run:
         command.append("--collect-only")
     print("$", shlex.join(command), flush=True)
@@ -165,8 +199,8 @@ def run_tests(args: argparse.Namespace, seconds: float) -> str:
             summary = f"FAILED (exit {tests.returncode}): {summary}"
         elif not args.dry_run and " passed" not in summary:  # all skipped: the tests saw no GPU
             summary = f"FAILED (no test passed): {summary}"
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "pytest_cuda.txt").write_text(output)
+    if args.out is not None:
+        (args.out / "pytest_cuda.txt").write_text(output)
     print(output[-8000:], flush=True)
     return summary
 
@@ -189,20 +223,26 @@ def descendants(pid: int) -> list[int]:
 
 
 def shrunk(config: Config) -> Config:
-    """The dry run's version of a configuration: a sixteenth of its batch."""
-    return Config(config.precision, config.compiled, config.keep, config.batch // 16)
+    """The dry run's version of a configuration: a sixteenth of its batch, at least 2."""
+    return dataclasses.replace(config, batch=max(2, config.batch // 16))
 
 
-def training_step(spec, device: torch.device, config: Config, args: argparse.Namespace) -> Callable[[], None]:
-    """One Adam step of the spec's recipe on a fixed batch of random images, as a function."""
+def training_step(
+    spec, device: torch.device, config: Config, args: argparse.Namespace
+) -> tuple[Callable[[], None], bool]:
+    """One Adam step of the spec's recipe on a fixed batch of random images, as a function, and whether it
+    recomputes (`auto`: as `flowspec train` decides for this batch on this device)."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True  # as training sets it: every step has the same shapes
     batch = config.batch
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"batch": batch})})
+    whole = config.compiled and device.type == "cuda"  # as train: a CPU compiles only elementwise chains
+    recompute = resolve_recompute(config.recompute, device, whole, spec, precision=config.precision)[0]
     model = flowspec.build(spec).to(device)
     x = torch.randint(0, spec.data.levels, (batch, *spec.data.shape), device=device)
     model.initialize(x)
     model.set_autocast(autocast_dtype(config.precision))
-    model.set_recompute(not config.keep)
+    model.set_recompute(recompute)
     if config.compiled:
         model.compile_networks(**({"backend": "aot_eager"} if args.dry_run else {}))
     model.train()
@@ -215,12 +255,12 @@ def training_step(spec, device: torch.device, config: Config, args: argparse.Nam
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
 
-    return step
+    return step, recompute
 
 
 def train_steps(spec, device: torch.device, config: Config, args: argparse.Namespace) -> Row:
     """`args.steps` training steps; the first `args.warmup` untimed."""
-    step = training_step(spec, device, config, args)
+    step, recompute = training_step(spec, device, config, args)
     for _ in range(args.warmup):
         step()
     synchronize(device)
@@ -232,7 +272,7 @@ def train_steps(spec, device: torch.device, config: Config, args: argparse.Names
     synchronize(device)
     seconds = (time.perf_counter() - start) / (args.steps - args.warmup)
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    return Row(config.name, config.batch, seconds, peak)
+    return Row(config.name(recompute), config.batch, seconds, peak, required=config.required)
 
 
 def profile(step, device: torch.device, path: Path, title: str, steps: int = 3) -> None:
@@ -266,7 +306,16 @@ def profile(step, device: torch.device, path: Path, title: str, steps: int = 3) 
     print("\n".join(text[:2]), f"(table in {path})", flush=True)
 
 
-def main() -> None:
+def needed_seconds(config: Config, args: argparse.Namespace) -> float:
+    """Seconds a configuration needs: NEEDED_SECONDS scaled by steps x batch (compiling: a fixed part)."""
+    scale = args.steps * config.batch / (50 * 64)
+    if config.compiled:
+        return COMPILE_SECONDS + (NEEDED_SECONDS["compiled"] - COMPILE_SECONDS) * scale
+    return NEEDED_SECONDS["eager"] * scale
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line, checked: steps > warm-up >= 0, a budget within the hard limit, $OUT a folder."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -274,7 +323,9 @@ def main() -> None:
     parser.add_argument("--spec", default=str(ROOT / "specs" / "flowpp_cifar.flow"))
     parser.add_argument("--steps", type=int, default=50, help="steps per configuration, warm-up included")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check")
+    parser.add_argument(
+        "--budget", type=float, default=BUDGET, help=f"seconds for the whole check (at most {BUDGET:.0f})"
+    )
     parser.add_argument(
         "--results", type=Path, help="file to append to (default bench/RESULTS.md; none in a dry run)"
     )
@@ -286,19 +337,36 @@ def main() -> None:
         "--configs",
         nargs="+",
         type=Config.parse,
-        help=f"what to train, in order: PRECISION[+compile][+keep]@BATCH (default: {' '.join(CONFIGS)})",
+        help="what to train, in order: PRECISION[+compile][+keep|+recompute]@BATCH (default: "
+        f"{' '.join(CONFIGS)}; the first three are required)",
     )
     parser.add_argument("--test-seconds", type=float, help="the CUDA tests' limit (default: 0.4 x budget)")
     args = parser.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--steps {args.steps} --warmup {args.warmup}: needs steps > warmup >= 0")
+    if not 0 < args.budget <= BUDGET:
+        parser.error(f"--budget {args.budget:g}: needs 0 < budget <= {BUDGET:.0f} (the hard limit's share)")
     args.configs = args.configs or [Config.parse(c) for c in CONFIGS]
+    args.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    if args.out is not None:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"$OUT={args.out} is not a folder that can be made: {error.strerror}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     started = time.monotonic()
     print(f"flowspec from {Path(flowspec.__file__).parent}", flush=True)
     overrides: tuple[str, ...] = ()
-    if args.profile_to is None and os.environ.get("OUT"):
-        args.profile_to = Path(os.environ["OUT"]) / "gpu_profile.txt"
+    if args.profile_to is None and args.out is not None:
+        args.profile_to = args.out / "gpu_profile.txt"
     if args.dry_run:
         args.steps, args.warmup, overrides = 2, 1, DRY_RUN_SHRINK
         torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
+        args.configs = [shrunk(c) for c in args.configs]
     elif not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); try --dry-run")
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -315,25 +383,27 @@ def main() -> None:
     peak, peak_source = bf16_peak(device, measured)
     print(f"bf16 peak {peak_source}; a bf16 matmul measured at {measured:.0f} GFLOP/s", flush=True)
     rows: list[Row] = []
+    stopped = False
     for config in args.configs:
-        if args.dry_run:
-            config = shrunk(config)
         left = args.budget - (time.monotonic() - started)
-        needed = 0 if args.dry_run else NEEDED_SECONDS["compiled" if config.compiled else "eager"]
-        if left < needed:
-            rows.append(Row(config.name, config.batch, note=f"skipped: {left:.0f} s left of the budget"))
-            continue
-        tick = time.monotonic()
-        try:
-            row = train_steps(spec, device, config, args)
-        except Exception as error:  # a failing configuration must not hide the others' rows
-            row = Row(config.name, config.batch, note=f"failed: {error!r}"[:300])
-        except KeyboardInterrupt:  # gpu_check.sh's hard time limit (SIGINT): keep what was measured
-            rows.append(Row(config.name, config.batch, note="stopped by the time limit"))
-            break
-        row.note = row.note or f"{time.monotonic() - tick:.0f} s in all (compile and warm-up included)"
+        needed = 0 if args.dry_run else needed_seconds(config, args)
+        row = Row(config.name(), config.batch, required=config.required)
+        if stopped:
+            row.note = "not run: stopped by the time limit"
+        elif left < needed:
+            row.note = f"skipped: {left:.0f} s left of the budget, ~{needed:.0f} s needed"
+        else:
+            tick = time.monotonic()
+            try:
+                row = train_steps(spec, device, config, args)
+                row.matmul = matmul_rate(device)
+                row.note = f"{time.monotonic() - tick:.0f} s in all (compile and warm-up included)"
+            except Exception as error:  # a failing configuration must not hide the others' rows
+                row.note = f"failed: {error!r}"[:300]
+            except KeyboardInterrupt:  # gpu_check.sh's hard time limit (SIGINT): keep what was measured
+                row.note, stopped = "stopped by the time limit", True
         rows.append(row)
-        print(format_row(row, train_gflop, peak, measured), flush=True)
+        print(format_row(row, train_gflop, peak), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -341,14 +411,15 @@ def main() -> None:
     left = args.budget - (time.monotonic() - started)
     if (
         args.profile_to is not None
+        and not stopped
         and eager_bf16
         and left >= (0 if args.dry_run else NEEDED_SECONDS["profile"])
     ):
-        config = shrunk(eager_bf16[0]) if args.dry_run else eager_bf16[0]
+        config = eager_bf16[0]
         try:  # after the rows, in the time they left: the profile is extra
-            step = training_step(spec, device, config, args)
+            step, recompute = training_step(spec, device, config, args)
             step()
-            profile(step, device, args.profile_to, f"{config.name}, batch {config.batch}")
+            profile(step, device, args.profile_to, f"{config.name(recompute)}, batch {config.batch}")
         except Exception as error:
             print(f"profile failed: {error!r}", flush=True)
         except KeyboardInterrupt:
@@ -356,18 +427,21 @@ def main() -> None:
 
     report = render(args, spec, device, tests, rows, train_gflop, peak, peak_source, measured)
     print(report)
-    for path in [results, Path(os.environ["OUT"]) / "gpu_check.md" if os.environ.get("OUT") else None]:
+    for path in [results, args.out / "gpu_check.md" if args.out is not None else None]:
         if path is not None:
             with path.open("a") as f:
                 f.write(report)
             print(f"appended to {path}")
-    if tests.startswith(("FAILED", "timed out")) or any(r.note.startswith("failed") for r in rows):
+    missing = [r.config for r in rows if r.required and not r.seconds]
+    if missing:
+        print(f"gpu_check: required rows not measured: {', '.join(missing)}", flush=True)
+    if tests.startswith(("FAILED", "timed out")) or any(r.note.startswith("failed") for r in rows) or missing:
         sys.exit(1)
 
 
-def format_row(row: Row, train_gflop: float, peak: float, measured: float) -> str:
-    """A markdown table row: configuration, batch, s/step, img/s, peak memory, the fractions of the bf16
-    peak and of the measured bf16 matmul rate."""
+def format_row(row: Row, train_gflop: float, peak: float) -> str:
+    """A markdown table row: configuration, batch, s/step, img/s, peak memory, the fraction of the bf16
+    peak, the bf16 matmul rate measured right after the row and the fraction of it."""
     img_s = row.img_s()
     cells = [
         row.config,
@@ -376,27 +450,32 @@ def format_row(row: Row, train_gflop: float, peak: float, measured: float) -> st
         f"{img_s:.1f}" if img_s else "-",
         f"{row.peak_gb:.2f}" if row.peak_gb is not None else "-",
         f"{img_s * train_gflop / peak:.1%}" if img_s else "-",
-        f"{img_s * train_gflop / measured:.1%}" if img_s else "-",
+        f"{row.matmul:.0f}" if row.matmul else "-",
+        f"{img_s * train_gflop / row.matmul:.1%}" if img_s and row.matmul else "-",
         row.note,
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 def render(args, spec, device, tests, rows, train_gflop, peak, peak_source, measured) -> str:
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
-    cuda = f" · CUDA {torch.version.cuda}" if device.type == "cuda" else ""
+    gpu = (
+        f"{torch.cuda.get_device_name(device)} · CUDA {torch.version.cuda} · "
+        if device.type == "cuda"
+        else ""
+    )
+    command = os.environ.get("GPU_CHECK_COMMAND") or shlex.join(["python", *sys.argv])
     lines = [
-        f"\n### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `bench/gpu_check.sh"
-        f"{' --dry-run' if args.dry_run else ''}` (GPU check)\n",
-        f"device: {where} · torch {torch.__version__}{cuda} · {spec.name}, {train_gflop:.3g} GFLOP per "
-        f"trained image (forward + backward ~ 3x forward) · bf16 peak {peak_source} · a bf16 matmul "
-        f"measured at {measured:.0f} GFLOP/s\n",
+        f"\n### {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}` (GPU check)\n",
+        f"device: {gpu}host {machine()} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
+        f"{spec.name}, {train_gflop:.3g} GFLOP per trained image (forward + backward ~ 3x forward) · "
+        f"bf16 peak {peak_source} · a bf16 matmul measured at {measured:.0f} GFLOP/s before the rows\n",
         f"cuda tests: {tests}\n",
-        f"{args.steps} steps per configuration, the first {args.warmup} untimed; random images\n",
+        f"{args.steps} steps per configuration, the first {args.warmup} untimed; random images; recompute "
+        "auto: as `flowspec train --recompute auto` decides for the row's batch and device\n",
         "| configuration | batch | s / step | img/s | peak memory (GB) | of the bf16 peak "
-        "| of the measured matmul | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
-        *(format_row(row, train_gflop, peak, measured) for row in rows),
+        "| bf16 matmul after the row (GFLOP/s) | of that matmul | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *(format_row(row, train_gflop, peak) for row in rows),
         "",
     ]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -11,27 +12,97 @@ import pytest
 import torch
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+
+def _check(*args: str, cwd=ROOT, **env: str) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1") | env
+    environ.pop("OUT", None) if "OUT" not in env else None
+    command = ["bash", str(ROOT / "bench" / "gpu_check.sh"), *args]
+    return subprocess.run(command, cwd=cwd, env=environ, capture_output=True, text=True, timeout=600)
+
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_trains_every_configuration_and_appends_its_rows(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DRY_RUN="1", OMP_NUM_THREADS="1")
-    env.pop("OUT", None)
-    command = ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--skip-tests", "--results", str(results)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    """Run from another folder with a relative --results and an $OUT that does not exist yet: the CUDA
+    tests are collected, every configuration trains with `train --recompute auto`'s choice in its name."""
+    out = tmp_path / "out" / "new"
+    done = _check("--results", "RESULTS.md", cwd=tmp_path, GPU_CHECK_DRY_RUN="1", OUT=str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    text = results.read_text()
-    assert "`bench/gpu_check.sh --dry-run` (GPU check)" in text and "bf16 peak measured" in text
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "gpu_check.sh --dry-run --results RESULTS.md` (GPU check)" in text and "bf16 peak measured" in text
+    assert "threads 1" in text and "tests collected" in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| fp32", "| bf16"))]
     assert [(r[0], r[1]) for r in rows] == [
-        ("| bf16 + compile", "4"),
-        ("| fp32", "4"),
-        ("| bf16", "4"),
-        ("| bf16 + compile + keep", "4"),
-        ("| bf16 + keep", "4"),
-        ("| bf16 + compile", "16"),
-    ]  # fmt: skip  (the batches of 64 and 256 shrunk 16-fold in a dry run)
-    assert all(float(r[3]) > 0 and r[5].endswith("%") and r[6].endswith("%") for r in rows), rows
+        ("| bf16 + compile · recompute auto: off", "4"),
+        ("| fp32 · recompute auto: off", "4"),
+        ("| bf16 · recompute auto: off", "4"),
+        ("| bf16 + compile · recompute off", "4"),
+        ("| bf16 · recompute on", "4"),
+        ("| bf16 + compile · recompute auto: off", "16"),
+    ]  # fmt: skip  (the batches of 64 and 256 shrunk 16-fold in a dry run; a CPU compile keeps auto's choice)
+    assert all(float(r[3]) > 0 and r[5].endswith("%") and float(r[6]) > 0 for r in rows), rows
+    assert {p.name for p in out.iterdir()} == {"gpu_check.md", "gpu_profile.txt", "pytest_cuda.txt"}
+    assert "test_cuda.py" in (out / "pytest_cuda.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "3", "--warmup", "5"], "needs steps > warmup >= 0"),
+        (["--steps", "5", "--warmup", "5"], "needs steps > warmup >= 0"),
+        (["--warmup", "-1"], "needs steps > warmup >= 0"),
+        (["--configs", "bf16@1"], "a batch of at least 2"),
+        (["--configs", "bf16+keep+recompute@64"], "at most one of +keep and +recompute"),
+        (["--budget", "460"], "needs 0 < budget <= 450"),
+    ],
+)
+def test_gpu_check_refuses_impossible_arguments_before_anything_runs(monkeypatch, capsys, args, message):
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", *args])
+    monkeypatch.delenv("OUT", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.parse_args()
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_check_refuses_an_out_that_is_a_file(monkeypatch, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    monkeypatch.setenv("OUT", str(tmp_path / "file"))
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.parse_args()
+    assert stop.value.code == 2 and f"$OUT={tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+
+
+def test_the_dry_run_shrinks_a_batch_to_at_least_two_and_keeps_it_required():
+    assert gpu_check.shrunk(gpu_check.Config.parse("bf16@16")).batch == 2
+    config = gpu_check.shrunk(gpu_check.Config.parse("bf16@64"))
+    assert config.batch == 4 and config.required and config.recompute == "auto"
+
+
+def test_time_estimates_scale_with_steps_and_batch_and_the_hard_limit_is_8_minutes():
+    args = argparse.Namespace(steps=50)
+    assert gpu_check.needed_seconds(gpu_check.Config.parse("bf16@64"), args) == 75
+    assert gpu_check.needed_seconds(gpu_check.Config.parse("bf16@256"), args) == 300
+    assert gpu_check.needed_seconds(gpu_check.Config.parse("bf16@64"), argparse.Namespace(steps=10)) == 15
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    assert "timeout --signal=INT --kill-after=10 470 " in script and gpu_check.BUDGET <= 470
+
+
+def test_only_modules_marking_cuda_tests_are_collected():
+    """A module without cuda tests that cannot be imported on the GPU machine must not fail the check."""
+    files = gpu_check.cuda_test_files()
+    assert "tests/test_cuda.py" in files and "tests/test_ddp.py" in files
+    assert "tests/test_code.py" not in files and "tests/test_gpu_check.py" not in files
+
+
+def test_gpu_check_sh_needs_every_dependency_not_only_lazy_flowspec(tmp_path):
+    (tmp_path / "typer.py").write_text("raise ImportError('no typer here')\n")
+    done = _check("--dry-run", "--skip-tests", "--configs", "fp32@32", "--results", str(tmp_path / "R.md"),
+                  PYTHONPATH=str(tmp_path))  # fmt: skip
+    assert done.returncode == 2 and "cannot import torch, lark, pydantic, typer" in done.stderr
+    assert not (tmp_path / "R.md").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
