@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flowpp import RESULTS, machine, report  # noqa: E402
+from bench_flowpp import RESULTS, commit, kib_to_gb, machine, report  # noqa: E402
 
 CHUNK = 64 << 20
 
@@ -61,7 +61,7 @@ def measure(args: argparse.Namespace, folder: Path, mode: str) -> dict:
     c, h, w = args.shape
     data = DataSpec(dataset="npy", path=str(folder), shape=(c, h, w))
     train = load_split(data, "train")
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_before = kib_to_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     if mode == "stream":
         source = StreamingBatches(train.file, args.batch, seed=0, workers=args.workers)
     else:
@@ -81,8 +81,8 @@ def measure(args: argparse.Namespace, folder: Path, mode: str) -> dict:
         "batches_per_s": args.batches / seconds,
         "mb_per_s": args.batches * args.batch * c * h * w / seconds / 1e6,
         "rss_start_gb": rss_before,
-        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "worker_peak_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        "peak_gb": kib_to_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+        "worker_peak_gb": kib_to_gb(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss),
         "checksum": checksum,
     }
 
@@ -132,16 +132,21 @@ def main() -> None:
             for mode in modes:
                 out = subprocess.run(
                     [sys.executable, __file__, *sys.argv[1:], "--one", f"{mode}:{folder}"],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True, text=True,
                 )  # fmt: skip
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                if out.returncode == 0:
+                    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                else:  # said, kept as a row, and the rest still measured
+                    tail = out.stderr.strip().splitlines()[-20:] or [f"exit {out.returncode}"]
+                    print(f"{mode} of {size} GB failed:", *tail, sep="\n", file=sys.stderr)
+                    rows.append({"mode": mode, "size": size, "failed": tail[-1][:200]})
                 print(rows[-1], flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
-        f"machine: {machine()} · torch {torch.__version__} · threads {args.threads} · "
+        f"machine: {machine()} · torch {torch.__version__} · flowspec {commit()} · threads {args.threads} · "
         f"workers {args.workers} · {args.batches} batches of {args.batch} {args.image} uint8 images · "
         f"load average {os.getloadavg()[0]:.2f}"
     )
@@ -150,7 +155,9 @@ def main() -> None:
         "peak RSS, main (GB)", "peak RSS, worker (GB)",
     )  # fmt: skip
     cells = [
-        [
+        [r["mode"], "", f"{r['size']:g}", f"failed: {r['failed']}", *[""] * 5]
+        if "failed" in r
+        else [
             r["mode"], f"{r['images']:,}", f"{r['gb']:.2f}", f"{args.batches * args.batch / r['images']:.2f}",
             f"{r['batches_per_s']:.0f}", f"{r['mb_per_s']:.0f}", f"{r['rss_start_gb']:.2f}",
             f"{r['peak_gb']:.2f}",
@@ -159,6 +166,8 @@ def main() -> None:
         for r in rows
     ]  # fmt: skip
     report("reading training data", header, columns, cells, None if args.no_append else args.results)
+    if any("failed" in r for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

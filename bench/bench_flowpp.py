@@ -34,6 +34,23 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
+sys.path.insert(0, str(ROOT))  # this checkout's flowspec, not whichever is installed
+
+
+def commit() -> str:
+    """This checkout's commit (`git rev-parse --short HEAD`), or "unknown" (no git, not a repository)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def kib_to_gb(kib: int) -> float:
+    """`ru_maxrss` (KiB on Linux) in GB (1e9 bytes), the unit of every peak memory column."""
+    return kib * 1024 / 1e9
 
 
 def synchronize(device: torch.device) -> None:
@@ -41,7 +58,7 @@ def synchronize(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> dict:
@@ -94,16 +111,16 @@ def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> 
         call()
     synchronize(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(args.repeats):
         call()
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.repeats
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 1e9
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        peak = kib_to_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     row = {"task": task, "precision": precision, "batch": batch, "seconds": seconds, "peak_gb": peak}
     return row | {"img_per_s": batch / seconds} | reference(args, precision)
 
@@ -162,7 +179,7 @@ def report(
     for cells in rows:
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: no cells cut at 80 columns
     console.print(header)
     console.print(table)
     if results is not None:
@@ -192,7 +209,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "auto"], default=["fp32", "bf16"])
     parser.add_argument("--train-batch", type=int, nargs="*", default=[8])
     parser.add_argument("--logprob-batch", type=int, default=64)
-    parser.add_argument("--sample", type=int, default=64, help="images sampled (default: log_prob's batch)")
+    parser.add_argument("--sample", type=int, default=64, help="images sampled (0: none)")
     parser.add_argument("--init-batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
@@ -225,11 +242,16 @@ def main() -> None:
         jobs.append(("sample", args.sample))
 
     def run_one(task: str, batch: int, precision: str) -> dict:
+        """One measurement in a fresh process; a failed one is said (its error's last lines) and kept."""
         out = subprocess.run(
             [sys.executable, __file__, *sys.argv[1:], "--one", f"{task}:{batch}:{precision}"],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True,
         )  # fmt: skip
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        if out.returncode == 0:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        tail = out.stderr.strip().splitlines()[-20:] or [f"exit {out.returncode}"]
+        print(f"{task} {precision} at batch {batch} failed:", *tail, sep="\n", file=sys.stderr, flush=True)
+        return {"task": task, "precision": precision, "batch": batch, "failed": tail[-1][:200]}
 
     load_before = os.getloadavg()
     rows = [run_one(task, batch, precision) for task, batch in jobs for precision in args.precision]
@@ -238,7 +260,8 @@ def main() -> None:
 
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
-        f"machine: {machine()} · device {args.device} · torch {torch.__version__} · threads {args.threads}"
+        f"machine: {machine()} · device {device_name(args.device)} · torch {torch.__version__} · flowspec "
+        f"{commit()} · threads {args.threads}"
         f"{' · compiled' if args.compile else ''} · recompute {args.recompute} · load average before/after "
         f"{load_before[0]:.2f}/{load_after[0]:.2f}\n\n"
         f"the model does {gflop:.1f} GFLOP per image forward (log_prob; sampling counted the same), "
@@ -252,6 +275,9 @@ def main() -> None:
     )  # fmt: skip
     cells = []
     for r in rows:
+        if "failed" in r:
+            cells.append([r["task"], r["precision"], str(r["batch"]), f"failed: {r['failed']}", *[""] * 5])
+            continue
         rate = r["img_per_s"] * gflop * (3 if r["task"] == "train" else 1)
         cells.append([
             r["task"],
@@ -265,6 +291,17 @@ def main() -> None:
             f"{rate / max(r['matmul'], r['conv']):.0%}",
         ])  # fmt: skip
     report(Path(args.spec).name, header, columns, cells, None if args.no_append else args.results)
+    if any("failed" in r for r in rows):
+        sys.exit(1)
+
+
+def device_name(device: str) -> str:
+    """`device`, with the GPU's name and CUDA version on a CUDA device."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return device
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda})"
 
 
 if __name__ == "__main__":

@@ -8,9 +8,15 @@ row, with a matmul's and the blocks' convolution's GFLOP/s measured in the same 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
+from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_flowpp import commit, machine  # noqa: E402
 
 ROW = r"""
 import json, sys, time
@@ -64,6 +70,12 @@ print(json.dumps({
 def main() -> None:
     threads, rounds, base = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     trees = {"base": base, "this": str(Path(__file__).resolve().parent.parent)}
+    print(
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{shlex.join(['python', *sys.argv])}`\n"
+        f"machine: {machine()} · torch {version('torch')} · threads {threads} · this flowspec {commit()} "
+        f"against {base}",
+        flush=True,
+    )
     for round_ in range(rounds):
         for task in ("train", "forward"):
             for precision in ("fp32", "bf16"):

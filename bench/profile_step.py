@@ -27,18 +27,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from unittest.mock import patch
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
+# this checkout's flowspec (not whichever is installed) and the bench folder
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+import torch  # noqa: E402
+from bench_flowpp import RESULTS, ROOT, commit, machine, report  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-import flowspec
-from flowspec.allocator import keep_freed_memory
-from flowspec.layers import attention as attention_module
-from flowspec.layers.networks import GatedAttention
-from flowspec.train.schedule import build_optimizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_flowpp import RESULTS, ROOT, machine, report  # noqa: E402
+import flowspec  # noqa: E402
+from flowspec.allocator import keep_freed_memory  # noqa: E402
+from flowspec.layers import attention as attention_module  # noqa: E402
+from flowspec.layers.networks import GatedAttention  # noqa: E402
+from flowspec.train.schedule import build_optimizer  # noqa: E402
 
 KERNELS = ("convolution", "attention", "dense matmul")
 FUSED = "elementwise chains (compiled)"
@@ -156,7 +156,8 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     header = (
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
-        f"machine: {machine()} · torch {torch.__version__} · threads {args.threads} · {Path(args.spec).name} "
+        f"machine: {machine()} · torch {torch.__version__} · flowspec {commit()} · threads {args.threads} · "
+        f"{Path(args.spec).name} "
         f"{args.task} at batch {args.batch}, {args.precision}, recompute {args.recompute}"
         f"{', elementwise chains compiled' if args.compile else ''}: "
         f"{seconds:.2f} s per call "

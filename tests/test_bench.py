@@ -10,12 +10,12 @@ import pytest
 from conftest import ROOT
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, returncode: int = 0) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, str(ROOT / "bench" / script), "--threads", "1", *args]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    assert done.returncode == returncode, done.stdout + done.stderr
+    return done.stdout + done.stderr
 
 
 def _rows(text: str) -> list[list[str]]:
@@ -32,6 +32,8 @@ def test_bench_flowpp_times_every_task_and_appends_its_rows(tmp_path):
     _run("bench_flowpp.py", "--spec", "specs/quickstart.flow", *tiny, *sizes, "--results", str(results))
     text = results.read_text()
     assert "--spec specs/quickstart.flow" in text and "threads 1" in text
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert f"flowspec {head.stdout.strip()} ·" in text  # the checkout measured
     rows = _rows(text)
     assert [row[:3] for row in rows] == [
         ["train", "fp32", "2"],
@@ -62,3 +64,42 @@ def test_no_append_writes_nowhere(tmp_path):
     )  # fmt: skip
     assert "reading training data" in out and "stream" in out
     assert not results.exists()
+
+
+def test_bench_flowpp_keeps_going_past_a_failed_measurement_and_says_why(tmp_path):
+    """A measurement that fails is a row saying why (the child's error printed), the others are measured
+    and appended, and the run exits non-zero. Piped, the table's cells are not cut at 80 columns."""
+    results = tmp_path / "RESULTS.md"
+    tiny = ["--init-batch", "2", "--warmup", "1", "--repeats", "1", "--precision", "fp32", "--sample", "0"]
+    sizes = ["--train-batch", "0", "2", "--logprob-batch", "2"]
+    out = _run("bench_flowpp.py", "--spec", "specs/quickstart.flow", *tiny, *sizes, "--results", str(results),
+               returncode=1)  # fmt: skip
+    assert "train fp32 at batch 0 failed:" in out and "Traceback" in out
+    assert "kernels now (matmul / conv)" in out  # one header cell, unbroken
+    rows = _rows(results.read_text())
+    assert [row[:3] for row in rows] == [
+        ["train", "fp32", "0"],
+        ["train", "fp32", "2"],
+        ["log_prob", "fp32", "2"],
+    ]
+    assert rows[0][3].startswith("failed: ValueError") and float(rows[1][4]) > 0 and float(rows[2][4]) > 0
+
+
+def test_peak_memory_is_in_gb_everywhere():
+    """`ru_maxrss` is KiB: bench_flowpp divided it by 1e6 and bench_data by 2**20, both labelled GB."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_flowpp import kib_to_gb
+
+    assert kib_to_gb(1_000_000) == 1.024
+    for script in ("bench_flowpp.py", "bench_data.py"):
+        assert "ru_maxrss /" not in (ROOT / "bench" / script).read_text()
+
+
+def test_compare_network_prints_its_command_and_machine_first():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare_network.py"), "1", "0", "/tmp/base"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "compare_network.py 1 0 /tmp/base`" in done.stdout and "threads 1" in done.stdout
+    assert "machine: " in done.stdout and "this flowspec " in done.stdout
