@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "auto"], default=["fp32", "bf16"])
     parser.add_argument("--train-batch", type=int, nargs="*", default=[8])
     parser.add_argument("--logprob-batch", type=int, default=64)
-    parser.add_argument("--sample", type=int, default=64, help="images sampled (0: none)")
+    parser.add_argument("--sample", type=int, default=64, help="images sampled (default 64; 0: none)")
     parser.add_argument("--init-batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
