@@ -139,3 +139,37 @@ def test_gpu_check_runs_the_flowspec_of_its_own_checkout(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"flowspec from {copy / 'flowspec'}" in done.stdout
+
+
+def test_after_the_time_limit_the_rest_are_listed_and_a_missing_required_row_fails(monkeypatch, tmp_path):
+    """SIGINT (gpu_check.sh's hard limit) during bf16@64: that row says so, the later ones are listed as
+    not run, the table is still appended, and the check fails (bf16@64 is required)."""
+    real = gpu_check.train_steps
+
+    def train_steps(spec, device, config, args):
+        if config.precision == "bf16":
+            raise KeyboardInterrupt
+        return real(spec, device, config, args)
+
+    monkeypatch.setattr(gpu_check, "train_steps", train_steps)
+    monkeypatch.delenv("OUT", raising=False)
+    results = tmp_path / "R.md"
+    argv = ["gpu_check.py", "--dry-run", "--skip-tests", "--results", str(results), "--configs"]
+    monkeypatch.setattr(sys, "argv", [*argv, "fp32@64", "bf16@64", "bf16+keep@64"])
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main()
+    assert stop.value.code == 1
+    rows = [
+        line.split(" | ")
+        for line in results.read_text().splitlines()
+        if line.startswith(("| fp32", "| bf16"))
+    ]
+    assert [r[0] for r in rows] == [
+        "| fp32 · recompute auto: off",
+        "| bf16 · recompute auto",
+        "| bf16 · recompute off",
+    ]
+    assert float(rows[0][3]) > 0 and "s in all" in rows[0][-1]
+    assert (
+        rows[1][-1] == "stopped by the time limit |" and rows[2][-1] == "not run: stopped by the time limit |"
+    )
