@@ -360,12 +360,11 @@ class Trainer:
         settings = EvalSpec.model_validate({**base.model_dump(), **self.options.eval})
         return settings.model_copy(update={"batch": settings.batch or self.spec.eval.batch or self.t.batch})
 
-    def _scheduled(self, step: int | None = None) -> bool:
-        """Whether the uninterrupted run evaluates at `step` (default: now): every `eval every` steps and at
-        the spec's length. An evaluation at another step (a --max-steps or --max-time stop) is the run's
-        last, recorded but not a candidate for best.pt, and a resumed run leaves it out."""
-        step = self.step if step is None else step
-        return step > 0 and (step % self.eval_every == 0 or step == self.total_steps)
+    def _scheduled(self) -> bool:
+        """Whether the uninterrupted run evaluates at this step: every `eval every` steps and at the spec's
+        length. An evaluation at another step (a --max-steps or --max-time stop) is the run's last, recorded
+        but not a candidate for best.pt, and a resumed run leaves it out."""
+        return self.step > 0 and (self.step % self.eval_every == 0 or self.step == self.total_steps)
 
     def _resumed_at_evaluation(self, stopped: str | None) -> str | None:
         """For a run resumed at an evaluation point, or at a stop with nothing left to train (`stopped`):
