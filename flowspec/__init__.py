@@ -44,9 +44,11 @@ _LAZY = {
 
 
 def build(spec: FlowSpec, device: Any = None) -> FlowModel:
-    """Compile a validated spec into a `FlowModel` (an `nn.Module`); `device="meta"` builds it without
-    memory or random draws, for counting and inspecting."""
+    """Compile a spec into a `FlowModel` (an `nn.Module`); `device="meta"` builds it without memory or
+    random draws, for counting and inspecting. The spec is validated again (`spec.model_copy(update=...)`
+    does not validate): a `UserError` names a value `FlowSpec` would refuse."""
     from flowspec.builder import build as _build
+    from flowspec.loader import check_valid
     from flowspec.spec import FlowSpec
 
     if not isinstance(spec, FlowSpec):
@@ -54,7 +56,7 @@ def build(spec: FlowSpec, device: Any = None) -> FlowModel:
             f"build takes a FlowSpec, got {type(spec).__name__}: read a .flow file with "
             "flowspec.load_spec(path)"
         )
-
+    check_valid(spec)
     if device is not None:
         from flowspec.inspection.budget import check_cuda, parse_device
 

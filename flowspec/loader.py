@@ -61,6 +61,11 @@ def parse_spec(
     """Parse and validate spec text; `source` names it in error messages (and anchors `extends`).
     `stored`: the text of a spec a checkpoint holds, which the rules for spec files made since may not
     fit (`_file_rules`): they apply only to what `overrides` write."""
+    if not isinstance(text, str):
+        raise TypeError(
+            f"parse_spec takes spec text (str), got {type(text).__name__}; read a file with "
+            "flowspec.load_spec(path)"
+        )
     text = _unix_line_ends(text)
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())
@@ -231,9 +236,18 @@ def _rules(spec: FlowSpec, doc: RawDict, file_rules: bool) -> list[Diagnostic]:
 
 
 def check_file_rules(spec: FlowSpec) -> None:
-    """A `UserError` when a spec made in Python is not valid (`model_copy(update=...)` skips validation) or
-    breaks a rule that a spec file must follow (`_file_rules`), for a new run: a stored spec from before a
-    rule still loads."""
+    """A `UserError` when a spec made in Python is not valid (`check_valid`) or breaks a rule that a spec
+    file must follow (`_file_rules`), for a new run: a stored spec from before a rule still loads."""
+    check_valid(spec)
+    named = spec.model_copy(update={"name": "m"})  # a name is judged where it names a folder (`out=`)
+    problems = [d.message for d in _file_rules(named, RawDict())]
+    if problems:
+        raise UserError(f"the spec {spec.name!r} cannot start a run: {'; '.join(problems)}")
+
+
+def check_valid(spec: FlowSpec) -> None:
+    """A `UserError` naming the wrong settings of a spec made in Python that `FlowSpec` would refuse
+    (`model_copy(update=...)` skips validation)."""
     import warnings
 
     try:
@@ -245,10 +259,6 @@ def check_file_rules(spec: FlowSpec) -> None:
             f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in error.errors()[:5]
         )
         raise UserError(f"the spec {spec.name!r} is not valid: {wrong}") from None
-    named = spec.model_copy(update={"name": "m"})  # a name is judged where it names a folder (`out=`)
-    problems = [d.message for d in _file_rules(named, RawDict())]
-    if problems:
-        raise UserError(f"the spec {spec.name!r} cannot start a run: {'; '.join(problems)}")
 
 
 def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,7 +13,13 @@ from flowspec.layers import Coupling, LogitPreprocess, Sequence
 from flowspec.layers.base import DataInit, nats_per_bpd, standard_normal_log_prob
 from flowspec.layers.fusion import allow_recompiles
 from flowspec.layers.networks import FlowppBlock
-from flowspec.model_inputs import check_autocast_dtype, check_batch, check_not_meta, sample_arguments
+from flowspec.model_inputs import (
+    check_autocast_dtype,
+    check_batch,
+    check_data,
+    check_not_meta,
+    sample_arguments,
+)
 from flowspec.spec import FlowSpec
 
 FUSED_GRAPHS = 64  # per elementwise chain: its input shapes (resolutions, batch sizes), grad and autocast
@@ -34,10 +42,12 @@ class FlowModel(nn.Module):
       dequantization sample u, including the preprocessing's log-det and the prior on every latent
       dimension (factored-out ones included); `bpd(x)` is the same in bits per dimension.
     - `encode(v) -> (z, logdet)` and `decode(z) -> v` (`decode(z, with_logdet=True) -> (v, logdet)`):
-      the bijection and its log |det Jacobian| per image.
+      the bijection and its log |det Jacobian| per image (`decode` with dropout off, `encode` in the
+      module's mode: exact inverses in eval mode).
     - `sample(n, temperature)`: integer images from the prior at a temperature.
 
-    Training mode matters only for dropout; `flowspec.load` returns the model in eval mode.
+    Training mode matters only for dropout; `flowspec.build` returns the model in training mode and
+    `flowspec.load` in eval mode.
     """
 
     def __init__(self, spec: FlowSpec, preprocess: LogitPreprocess, dequantizer: nn.Module, flow: Sequence):
@@ -63,23 +73,42 @@ class FlowModel(nn.Module):
         check_not_meta(self.device, method)
         return self._as_float(check_batch(x, method, self.spec.data.shape, self.spec.data.levels, kind))
 
+    @contextmanager
+    def _dropout_off(self) -> Iterator[None]:
+        """Eval mode meanwhile (dropout off), the module's mode restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     # ---------------------------------------------------------------- likelihood
 
     def encode(self, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Continuous data v in [0, levels) -> latent z (the image's shape) and log |det dz/dv| per image."""
-        y, logdet_pre = self.preprocess(self._checked(v, "encode", "data"))
+        """Continuous data v in [0, levels) -> latent z (the image's shape) and log |det dz/dv| per image.
+        It follows the module's mode: in training mode (as `flowspec.build` returns it) dropout makes each
+        call a different random map; after `model.eval()` it is the exact inverse of `decode`. On the CPU,
+        v must be finite and inside the logit preprocessing's open interval (`preprocess.domain`)."""
+        v = self._checked(v, "encode", "data")
+        y, logdet_pre = self.preprocess(v)
+        check_data(v, y, "encode", self.preprocess.domain, self.spec.data.levels)
         z, logdet = self.flow(y)
         return z, logdet_pre + logdet
 
     def decode(self, z: Tensor, with_logdet: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Latent z -> continuous data v: in [0, levels) for the latents of data, and within the logit
-        preprocessing's range, (-alpha, 1 - alpha) * levels / (1 - 2 alpha), for any z (`sample` clamps
-        to the levels); with `with_logdet`, also log |det dv/dz| per image (minus the log-det of encoding
-        v, computed by encoding it again)."""
-        v = self.preprocess.inverse(self.flow.inverse(self._checked(z, "decode", "latents")))
-        if not with_logdet:
-            return v
-        return v, -self.encode(v)[1]
+        """Latent z -> continuous data v, in eval mode (no dropout; the mode is restored): in [0, levels)
+        for the latents of data, and within the logit preprocessing's range, (-alpha, 1 - alpha) * levels
+        / (1 - 2 alpha), for any z (`sample` clamps to the levels); with `with_logdet`, also log |det dv/dz|
+        per image: the preprocessing's, exact, plus minus the flow's log-det of encoding again. It stays
+        finite where v rounds to the ends of that range, which `encode` then refuses."""
+        z = self._checked(z, "decode", "latents")
+        with self._dropout_off():
+            y = self.flow.inverse(z)
+            v = self.preprocess.inverse(y)
+            if not with_logdet:
+                return v
+            return v, self.preprocess.inverse_logdet(y) - self.flow(y)[1]
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Per-image lower bound on log P(x) in nats, for integer images N x C x H x W in [0, levels)
@@ -88,8 +117,9 @@ class FlowModel(nn.Module):
 
     def _log_prob(self, x: Tensor, caller: str) -> Tensor:
         v, log_q = self.dequantizer(self._checked(x, caller, "images"))
-        z, logdet = self.encode(v)
-        return standard_normal_log_prob(z) + logdet - log_q.to(logdet.dtype)
+        y, logdet_pre = self.preprocess(v)
+        z, logdet = self.flow(y)
+        return standard_normal_log_prob(z) + logdet_pre + logdet - log_q.to(logdet.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.log_prob(x)
@@ -106,14 +136,9 @@ class FlowModel(nn.Module):
         with `generator` on its own device (a CPU generator: the same noise for a model on any device)."""
         n, temperature = sample_arguments(n, temperature)
         check_not_meta(self.device, "sample")
-        was_training = self.training
-        self.eval()
-        try:
-            drawn_on = generator.device if generator is not None else self.device
-            z = torch.randn(n, *self.spec.data.shape, generator=generator, device=drawn_on, dtype=self.dtype)
-            v = self.decode(z.to(self.device) * temperature)
-        finally:
-            self.train(was_training)
+        drawn_on = generator.device if generator is not None else self.device
+        z = torch.randn(n, *self.spec.data.shape, generator=generator, device=drawn_on, dtype=self.dtype)
+        v = self.decode(z.to(self.device) * temperature)
         if not bool(torch.isfinite(v).all()):  # e.g. a temperature whose noise overflows the networks
             raise ValueError(f"sampling at temperature {temperature} gave values that are not finite")
         levels = self.spec.data.levels

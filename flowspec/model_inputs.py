@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 Kind = Literal["images", "data", "latents"]  # integer images, continuous data v, latents z
+WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # torch has no min or max for these
 
 
 def check_batch(x: object, method: str, shape: tuple[int, ...], levels: int, kind: Kind) -> Tensor:
@@ -40,13 +41,29 @@ def check_batch(x: object, method: str, shape: tuple[int, ...], levels: int, kin
             f"{method} takes integer images (whole numbers 0 .. {levels - 1}), got values that are not whole "
             f"numbers; images scaled to [0, 1] must be scaled back: (x * {levels - 1}).round()"
         )
-    low, high = (v.item() for v in torch.aminmax(x))
+    values = x.double() if x.dtype in WIDE_UNSIGNED else x
+    low, high = (v.item() for v in torch.aminmax(values))
     if low < 0 or high > levels - 1:
         raise ValueError(
             f"{method} takes integer images with values 0 .. {levels - 1} (the spec's data.levels is "
             f"{levels}), got values from {low:g} to {high:g}"
         )
     return x
+
+
+def check_data(v: Tensor, y: Tensor, method: str, domain: tuple[float, float], levels: int) -> None:
+    """A ValueError unless `y`, the logit preprocessing of the data `v`, is finite (v finite and inside
+    the open interval `domain`, computed as the preprocessing computes); checked on the CPU only."""
+    if v.device.type != "cpu" or bool(torch.isfinite(y).all()):
+        return
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{method} takes finite data, got NaN or infinite values")
+    low, high = (t.item() for t in torch.aminmax(v))
+    raise ValueError(
+        f"{method} takes continuous data v in the logit preprocessing's open interval ({domain[0]:g}, "
+        f"{domain[1]:g}), where dequantized images x + u in [0, {levels}) lie (the spec's data.levels is "
+        f"{levels}); got values from {low:g} to {high:g}"
+    )
 
 
 def sample_arguments(n: object, temperature: object) -> tuple[int, float]:

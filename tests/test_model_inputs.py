@@ -4,6 +4,8 @@ nothing, and bad arguments to `flowspec.build`, `load_spec` and `flowspec.train`
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,7 @@ def _images(n: int = 2) -> torch.Tensor:
             "values 0 .. 16 (the spec's data.levels is 17), got values from 255 to 255",
         ),
         (torch.full((2, 1, 8, 8), -1), ValueError, "got values from -1 to -1"),
+        (torch.full((2, 1, 8, 8), 300, dtype=torch.uint16), ValueError, "got values from 300 to 300"),
         (
             _images().float() / 16,
             ValueError,
@@ -60,6 +63,7 @@ def _images(n: int = 2) -> torch.Tensor:
     ids=[
         "255",
         "negative",
+        "uint16",
         "scaled",
         "nan",
         "no-batch",
@@ -85,7 +89,8 @@ def test_bpd_names_itself_in_its_errors(model):
 def test_valid_batches_in_any_integer_or_float_dtype_give_the_same_log_prob(model):
     x = _images()
     results = []
-    for batch in (x, x.to(torch.uint8), x.to(torch.int32), x.float(), x.double()):
+    wide = (x.to(torch.uint16), x.to(torch.uint32), x.to(torch.uint64))  # torch has no aminmax for these
+    for batch in (x, x.to(torch.uint8), x.to(torch.int32), x.float(), x.double(), *wide):
         torch.manual_seed(0)
         results.append(model.log_prob(batch))
     assert all(torch.equal(r, results[0]) for r in results)
@@ -99,6 +104,86 @@ def test_decode_and_encode_refuse_another_layout(model):
             model.decode(wrong)
     with pytest.raises(ValueError, match=r"encode takes a batch of data N x 1 x 8 x 8 .* got 2 x 64"):
         model.encode(_images().float().flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            torch.randint(
+                0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+            ),
+            "encode takes continuous data v in the logit preprocessing's open interval (-0.944444, 17.9444), "
+            "where dequantized images x + u in [0, 17) lie (the spec's data.levels is 17); got values from",
+        ),
+        (torch.full((2, 1, 8, 8), -1.0), "got values from -1 to -1"),
+        (
+            torch.full((2, 1, 8, 8), -0.05 * 17 / 0.9),
+            "open interval",
+        ),  # its lower end, where the logit is -inf
+        (torch.full((2, 1, 8, 8), 0.95 * 17 / 0.9), "open interval"),
+        (torch.full((2, 1, 8, 8), float("nan")), "encode takes finite data, got NaN or infinite values"),
+        (torch.full((2, 1, 8, 8), float("inf")), "finite data"),
+    ],
+    ids=["uint8-0-to-127", "negative", "lower-end", "upper-end", "nan", "inf"],
+)
+def test_encode_refuses_data_where_the_logit_preprocessing_is_not_finite(model, data, message):
+    with pytest.raises(ValueError) as caught:
+        model.encode(data)
+    assert message in str(caught.value)
+    inside = torch.tensor([-0.9, 0.0, 16.5, 17.0, 17.9]).repeat(2, 1, 13)[..., :64].view(2, 1, 8, 8)
+    assert torch.isfinite(model.encode(inside)[1]).all()
+
+
+def test_decode_with_logdet_is_finite_where_the_data_saturates(model):
+    """Where sigmoid rounds to 1 or 0 in float32 (z = 20, -120) the log-det is the exact map's, as float64
+    computes it; elsewhere it is minus the log-det of encoding the data again."""
+    exact = copy.deepcopy(model).double()
+    for value in (20.0, -120.0, 0.5):
+        z = torch.full((2, 1, 8, 8), value)
+        v, logdet = model.decode(z, with_logdet=True)
+        assert torch.isfinite(logdet).all()
+        assert torch.allclose(logdet.double(), exact.decode(z.double(), with_logdet=True)[1], rtol=1e-4)
+    assert torch.allclose(logdet, -model.encode(v)[1], rtol=1e-5)
+    with pytest.raises(ValueError, match="open interval"):  # v rounded to the end of the range
+        model.encode(model.decode(torch.full((2, 1, 8, 8), 20.0)))
+
+
+def test_decode_turns_dropout_off_and_eval_mode_makes_encode_its_inverse():
+    torch.manual_seed(0)
+    built = flowspec.build(tiny_spec())  # training mode, dropout 0.1
+    built.initialize(_images(16))
+    z = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        first, logdet = built.decode(z, with_logdet=True)
+        assert built.training
+        again, logdet_again = built.decode(z, with_logdet=True)
+        assert torch.equal(first, again) and torch.equal(logdet, logdet_again)
+        v = _images().float() + 0.5
+        built.eval()
+        assert torch.equal(built.decode(z), first)
+        assert torch.allclose(built.decode(built.encode(v)[0]), v, atol=1e-4)
+
+
+def test_parse_spec_refuses_what_is_not_text():
+    from pathlib import Path
+
+    for wrong, name in ((Path("specs/quickstart.flow"), "PosixPath"), (b"model m", "bytes")):
+        with pytest.raises(TypeError) as caught:
+            flowspec.parse_spec(wrong)
+        assert str(caught.value) == (
+            f"parse_spec takes spec text (str), got {name}; read a file with flowspec.load_spec(path)"
+        )
+
+
+def test_build_validates_a_copy_that_skipped_validation():
+    spec = tiny_spec()
+    broken = spec.model_copy(update={"data": spec.data.model_copy(update={"levels": 0})})
+    with pytest.raises(UserError) as caught:
+        flowspec.build(broken)
+    assert str(caught.value) == (
+        "the spec 'tiny' is not valid: data.levels: Input should be greater than or equal to 2 (got 0)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from flowspec.layers.base import Layer, State, sum_per_sample
@@ -30,3 +31,12 @@ class LogitPreprocess(Layer):
 
     def inverse(self, z: State, context: Tensor | None = None) -> State:
         return (torch.sigmoid(z) - self.alpha) / self.scale
+
+    @property
+    def domain(self) -> tuple[float, float]:
+        """The open interval of v whose logit is finite: (-alpha, 1 - alpha) / scale, what `inverse` gives."""
+        return -self.alpha / self.scale, (1.0 - self.alpha) / self.scale
+
+    def inverse_logdet(self, z: Tensor) -> Tensor:
+        """log |det dv/dz| of `inverse` per sample, finite even where sigmoid(z) rounds to 0 or 1."""
+        return sum_per_sample(F.logsigmoid(z) + F.logsigmoid(-z)) - z[0].numel() * math.log(self.scale)
