@@ -100,8 +100,8 @@ class FlowModel(nn.Module):
         """Latent z -> continuous data v, in eval mode (no dropout; the mode is restored): in [0, levels)
         for the latents of data, and within the logit preprocessing's range, (-alpha, 1 - alpha) * levels
         / (1 - 2 alpha), for any z (`sample` clamps to the levels); with `with_logdet`, also log |det dv/dz|
-        per image: the preprocessing's, exact, plus minus the flow's log-det of encoding again. It stays
-        finite where v rounds to the ends of that range, which `encode` then refuses."""
+        per image: the preprocessing's, exact, minus the flow's log-det of encoding its output again. It
+        stays finite where v rounds to the ends of that range (which `encode` then refuses)."""
         z = self._checked(z, "decode", "latents")
         with self._dropout_off():
             y = self.flow.inverse(z)
