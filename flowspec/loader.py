@@ -20,13 +20,14 @@ from pydantic import ValidationError
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import REWARM_ARGS, SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, Call, RawDict, Word
 from flowspec.errors import UserError
-from flowspec.parser import SECTION_NAMES, parse_document
+from flowspec.parser import SECTION_KEYS, SECTION_NAMES, parse_document
 from flowspec.resolve import (
     OVERRIDE_FILE,
     apply_defaults,
     apply_overrides,
     merge,
     model_of,
+    override_key,
     unused_coupling_settings,
 )
 from flowspec.shapes import misplaced_sigmoids, shape_issues
@@ -74,12 +75,13 @@ def parse_spec(
 
 def stored_with_overrides(spec: FlowSpec, overrides: Sequence[str], source: str) -> FlowSpec:
     """A checkpoint's spec with `--set` overrides, through its canonical text read as a stored spec; a
-    name that a spec file could not write (a run started from Python) is kept as it was."""
+    name that a spec file could not write (a run started from Python) is kept unless `model=` sets one."""
     from flowspec.formatter import format_spec
 
     placeholder = spec.model_copy(update={"name": "stored"})
     changed = parse_spec(format_spec(placeholder), source=source, overrides=overrides, stored=True)
-    return changed.model_copy(update={"name": spec.name}) if changed.name == "stored" else changed
+    renamed = any(SECTION_KEYS.get(key, key) == "name" for key in map(override_key, overrides))
+    return changed if renamed else changed.model_copy(update={"name": spec.name})
 
 
 def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, SourceLoc]:
@@ -290,7 +292,7 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
     if deq.kind == "variational" and deq.steps and not any(kind_of(s).couples for _, s in written(deq.steps)):
         found.append(
             Diagnostic(
-                _locate(doc, ("dequantize",))[1],
+                _locate(doc, ("dequantize",), ("kind", "steps"))[1],
                 "the variational dequantizer has no coupling, so nothing would use its context network (its "
                 "parameters would be counted and never trained): add a coupling in a split, or write "
                 "`dequantize uniform`",
@@ -424,17 +426,19 @@ def _from_pydantic(items: list, doc: RawDict) -> list[Diagnostic]:
     for item in _one_per_union(items):
         # point an unknown kind at the word, not at the whole section
         kind_word = ("kind",) if item["type"] == "union_tag_invalid" else ()
-        path, loc, model, owner = _locate(doc, (*item["loc"], *kind_word))
+        fields = getattr(item.get("ctx", {}).get("error"), "fields", ())  # the settings a `Conflict` reads
+        path, loc, model, owner = _locate(doc, (*item["loc"], *kind_word), fields)
         found.append((path, Diagnostic(loc, _message(item, path, model, owner))))
     # an invalid default shows up again at every step that inherits it: report it once, at `defaults`
     in_defaults = {d.message for path, d in found if path.startswith("defaults")}
     return [d for path, d in found if path.startswith("defaults") or d.message not in in_defaults]
 
 
-def _locate(doc: RawDict, loc: tuple) -> tuple[str, SourceLoc | None, Any, Any]:
+def _locate(doc: RawDict, loc: tuple, fields: Sequence[str] = ()) -> tuple[str, SourceLoc | None, Any, Any]:
     """Follow a pydantic error location through the raw document: the user-facing path, the source
     location of the deepest part written, the model class of the innermost object, and what to call
-    that object in a message (a step's kind, else its path)."""
+    that object in a message (a step's kind, else its path). An error about a node as a whole that
+    reads `fields` of it blames the latest `--set` of one of them, if one was given."""
     node: Any = doc
     annotation: Any = FlowSpec
     where = doc.loc
@@ -471,8 +475,8 @@ def _locate(doc: RawDict, loc: tuple) -> tuple[str, SourceLoc | None, Any, Any]:
     if isinstance(node, RawDict):
         model = model_of(annotation, node) or model
         if complete:
-            # an error about the node as a whole: blame the override that changed it, if one did
-            overridden = [x for x in node.locs.values() if x is not None and x.file == OVERRIDE_FILE]
+            written = [node.locs.get(field) for field in fields]
+            overridden = [x for x in written if x is not None and x.file == OVERRIDE_FILE]
             where = max(overridden, key=lambda x: x.line) if overridden else where
     path = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names))
     owner = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names[:depth]))

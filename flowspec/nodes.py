@@ -39,3 +39,12 @@ class StepNode(Node):
     """Base of the validated settings of a step; each kind adds `kind: Literal[NAME]` and its settings."""
 
     source: SourceLoc | None = Field(default=None, exclude=True, repr=False)
+
+
+class Conflict(ValueError):
+    """A check between settings of one node that fails: `fields` names the settings it reads, so that the
+    error blames where one of them was written (a `--set` of another setting of the node is not to blame)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields

@@ -79,13 +79,20 @@ def _fail(line: int, col: int, message: str) -> SpecError:
     return SpecError([Diagnostic(SourceLoc(file=OVERRIDE_FILE, line=line, col=col), message)])
 
 
+def override_key(text: str) -> str:
+    """The KEY of a `KEY=VALUE` override, without the spaces around it."""
+    return text.partition("=")[0].strip()
+
+
 def _apply_override(doc: RawDict, text: str, line: int) -> None:
-    key, equals, value_text = text.partition("=")
-    if not equals or not key.strip():
+    written, equals, value_text = text.partition("=")
+    key = override_key(text)
+    if not equals or not key:
         raise _fail(line, 1, "an override must read KEY=VALUE, e.g. defaults.coupling.filters=64")
-    value = parse_value(value_text, OVERRIDE_FILE, line, len(key) + 2)
+    value = parse_value(value_text, OVERRIDE_FILE, line, len(written) + 2)  # spaces around it are skipped
     parts = key.split(".")
-    cols = [1 + sum(len(p) + 1 for p in parts[:i]) for i in range(len(parts))]
+    start = 1 + len(written) - len(written.lstrip())
+    cols = [start + sum(len(p) + 1 for p in parts[:i]) for i in range(len(parts))]
     if len(parts) > 1 and parts[0] == "dequantize" and parts[1].isdigit():  # the path inspect shows
         dequantize = doc.get("dequantize")
         if not (isinstance(dequantize, RawDict) and isinstance(dequantize.get("steps"), list)):
@@ -154,6 +161,14 @@ def _set(node: RawDict, where: str, field: str, value: Any, loc: SourceLoc) -> N
         current = node.get(field)
         if not (isinstance(current, RawDict) and current.get("kind") == value):
             node.put(field, RawDict(loc, kind=value), loc)
+        return
+    if where == "" and field == "name":  # as `model NAME` in a file: a word, `on` too, never quoted
+        if not isinstance(value, Word):
+            message = (
+                "the model name must be a word of letters, digits and _, unquoted as in a file: model=tiny"
+            )
+            raise SpecError([Diagnostic(loc, message)])
+        node.put(field, str(value), loc)
         return
     section = where.split(".")[-1] if where else ""
     try:

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from flowspec.nodes import Node, SourceLoc
+from flowspec.nodes import Conflict, Node, SourceLoc
 from flowspec.steps import Step, written
 from flowspec.steps.coupling import CouplingSettings
 from flowspec.steps.norm import NormGranularity
@@ -123,31 +123,43 @@ class DataSpec(Node):
     def _check(self) -> DataSpec:
         shape = "x".join(map(str, self.shape))
         if any(d < 1 for d in self.shape):
-            raise ValueError(f"shape dimensions must be positive, got {shape}")
+            raise Conflict(f"shape dimensions must be positive, got {shape}", "shape")
         if max(self.shape) > MAX_SIDE or math.prod(self.shape) > MAX_VALUES:
-            raise ValueError(
+            raise Conflict(
                 f"shape {shape} is too large: at most {MAX_SIDE:,} a dimension "
-                f"and {MAX_VALUES:,} values an image"
+                f"and {MAX_VALUES:,} values an image",
+                "shape",
             )
         if self.classes is not None and len(self.classes) == 0:
-            raise ValueError("classes must name at least one class")
+            raise Conflict("classes must name at least one class", "classes")
         if (self.name is None) == (self.dataset == "torchvision"):
-            raise ValueError(
+            raise Conflict(
                 'dataset torchvision needs the dataset\'s class: name "CIFAR100"'
                 if self.name is None
-                else f"name is for dataset torchvision, not {self.dataset}"
+                else f"name is for dataset torchvision, not {self.dataset}",
+                "name",
+                "dataset",
             )
         if self.dataset in HAS_TEST and (self.test_split is not None or self.test_path is not None):
-            raise ValueError(f"{self.dataset} has its own test split: remove test_split and test_path")
+            raise Conflict(
+                f"{self.dataset} has its own test split: remove test_split and test_path",
+                "test_split",
+                "test_path",
+                "dataset",
+            )
         if self.test_split is not None and self.test_path is not None:
-            raise ValueError("give test_path or test_split, not both")
+            raise Conflict("give test_path or test_split, not both", "test_path", "test_split")
         if self.test_path is not None and self.dataset not in TEST_PATH_SOURCES:
-            raise ValueError(
-                f"test_path is for datasets npy and folder: {self.dataset} finds its own test split"
+            raise Conflict(
+                f"test_path is for datasets npy and folder: {self.dataset} finds its own test split",
+                "test_path",
+                "dataset",
             )
         if self.dataset == "digits" and self.path is not None:
-            raise ValueError(
-                "digits are scikit-learn's bundled images: remove path (`path none` drops an inherited one)"
+            raise Conflict(
+                "digits are scikit-learn's bundled images: remove path (`path none` drops an inherited one)",
+                "path",
+                "dataset",
             )
         return self
 
@@ -168,7 +180,9 @@ class ContextSpec(Node):
     @model_validator(mode="after")
     def _heads_divide_filters(self) -> ContextSpec:
         if self.attention and self.filters % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide filters ({self.filters})")
+            raise Conflict(
+                f"heads ({self.heads}) must divide filters ({self.filters})", "heads", "filters", "attention"
+            )
         return self
 
 
@@ -247,27 +261,42 @@ class TrainSpec(Node):
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
         if self.schedule == "cosine" and self.length is None:
-            raise ValueError("a cosine schedule needs a training length: add `length N steps` (or epochs)")
+            raise Conflict(
+                "a cosine schedule needs a training length: add `length N steps` (or epochs)",
+                "schedule",
+                "length",
+            )
         rewarm = (self.rewarm_at, self.rewarm_steps, self.rewarm_lr)
         if any(v is None for v in rewarm) and any(v is not None for v in rewarm):
-            raise ValueError(
+            raise Conflict(
                 "the second warmup needs all of at, steps and lr: `then warmup(at=, steps=, lr=)` "
-                "(with --set: train.rewarm_at, train.rewarm_steps and train.rewarm_lr)"
+                "(with --set: train.rewarm_at, train.rewarm_steps and train.rewarm_lr)",
+                "rewarm_at",
+                "rewarm_steps",
+                "rewarm_lr",
             )
         if self.rewarm_at is not None and self.rewarm_at <= self.warmup:
-            raise ValueError(f"the second warmup must start after the first ends (step {self.warmup})")
+            raise Conflict(
+                f"the second warmup must start after the first ends (step {self.warmup})",
+                "rewarm_at",
+                "warmup",
+            )
         if self.rewarm_at is not None and self.length and self.length.unit == "steps":
             if self.rewarm_at >= self.length.count:
-                raise ValueError(
+                raise Conflict(
                     f"the second warmup starts at step {self.rewarm_at}, after the training ends (length "
-                    f"{self.length.count} steps); --set train.rewarm=off removes it"
+                    f"{self.length.count} steps); --set train.rewarm=off removes it",
+                    "rewarm_at",
+                    "length",
                 )
         if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+            raise Conflict(f"betas must lie in [0, 1), got {self.betas}", "betas")
         if self.batch % self.accumulate:
-            raise ValueError(
+            raise Conflict(
                 f"batch ({self.batch}) must be divisible by accumulate ({self.accumulate}): "
-                f"each step adds the gradients of {self.accumulate} micro-batches of batch/{self.accumulate}"
+                f"each step adds the gradients of {self.accumulate} micro-batches of batch/{self.accumulate}",
+                "batch",
+                "accumulate",
             )
         return self
 

@@ -99,6 +99,16 @@ def test_a_sample_grid_is_named_by_its_model_and_says_its_seed(run_dir, tmp_path
     assert grid.read_bytes() == again.read_bytes()
 
 
+def test_set_model_renames_what_eval_and_sample_report_whatever_the_name(run_dir, tmp_path, capsys):
+    for name in ("stored", "on"):  # "stored" was the stored spec's placeholder name, taken as no rename
+        args = ["--device", "cpu", "--set", f"model={name}"]
+        grid, out = tmp_path / f"{name}.png", str(tmp_path / f"{name}.json")
+        assert run(["sample", str(run_dir), "-n", "4", "-o", str(grid), *args]) == 0
+        assert f"wrote 4 samples of {name}" in capsys.readouterr().out
+        assert run(["eval", str(run_dir), "--limit", "4", "-o", out, *args]) == 0
+        assert capsys.readouterr().out.startswith(f"{name}, step")
+
+
 def test_set_that_would_change_the_trained_model_is_refused(run_dir, tmp_path, capsys):
     grid = tmp_path / "g.png"
     args = ["sample", str(run_dir), "-n", "4", "-o", str(grid), "--set", "flow.0.body.0.count=3"]

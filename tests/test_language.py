@@ -272,6 +272,69 @@ def test_several_bad_overrides_are_reported_together():
     assert str(caught.value).startswith("2 errors in --set:")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "blamed", "message"),
+    [
+        (
+            ["train.schedule=cosine", "train.ema=0.9"],
+            "--set:1:7",
+            "a cosine schedule needs a training length",
+        ),
+        (
+            ["train.accumulate=3", "train.seed=5"],
+            "--set:1:7",
+            "batch (64) must be divisible by accumulate (3)",
+        ),
+        (
+            ["train.batch=30", "train.seed=5", "train.accumulate=4"],
+            "--set:3:7",
+            "batch (30) must be divisible",
+        ),
+        (
+            ["defaults.coupling.heads=5", "defaults.coupling.dropout=0.1"],
+            "--set:1:19",
+            "heads (5) must divide filters (96)",
+        ),
+    ],
+)
+def test_a_check_between_settings_blames_a_set_of_one_of_them(overrides, blamed, message):
+    with pytest.raises(SpecError) as caught:
+        load_spec(SPECS / "flowpp_cifar.flow", overrides)
+    assert str(caught.value).startswith(f"{blamed}: {message}")
+
+
+def test_a_check_between_settings_of_the_file_blames_the_file_not_an_unrelated_set(tmp_path: Path):
+    path = tmp_path / "cosine.flow"
+    path.write_text(
+        "model m\nflow { split stripe { coupling } }\ntrain {\n  warmup 10 steps, then cosine\n}\n"
+    )
+    with pytest.raises(SpecError) as caught:
+        load_spec(path, ["train.seed=1"])
+    assert str(caught.value).startswith(f"{path}:3:1: a cosine schedule needs a training length")
+
+
+def test_a_set_model_name_is_read_as_in_a_file(tmp_path: Path):
+    assert load_spec(SPECS / "quickstart.flow", ["model=on"]).name == "on"
+    assert load_spec(SPECS / "quickstart.flow", ["model=off"]).name == "off"
+    (tmp_path / "quoted.flow").write_text('model "on"\nflow { flip }\n')
+    with pytest.raises(SpecError, match="expected a name"):
+        load_spec(tmp_path / "quoted.flow")
+    for value in ('"on"', "12", "a(b=1)"):
+        with pytest.raises(SpecError) as caught:
+            load_spec(SPECS / "quickstart.flow", [f"model={value}"])
+        assert str(caught.value).startswith(
+            "--set:1:1: the model name must be a word of letters, digits and _, unquoted"
+        )
+
+
+def test_spaces_around_a_set_key_and_its_equals_sign_are_skipped():
+    spec = load_spec(SPECS / "flowpp_cifar.flow", ["train.lr = 1e-3", " model =tiny ", 'data.path = " a b "'])
+    assert (spec.train.lr, spec.name, spec.data.path) == (1e-3, "tiny", " a b ")
+    with pytest.raises(SpecError) as caught:
+        load_spec(SPECS / "quickstart.flow", ["  train.lrx = 1e-3"])
+    assert str(caught.value).startswith("--set:1:9: unknown setting 'lrx' of train; did you mean 'lr'?")
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -729,3 +792,5 @@ def test_a_stored_spec_takes_overrides_and_keeps_a_name_no_file_could_write():
     kept = stored_with_overrides(spec, ["eval.images=8"], "stored")
     assert (kept.name, kept.eval.images) == ("my model-1.0", 8)
     assert stored_with_overrides(spec, ["model=other"], "stored").name == "other"
+    assert stored_with_overrides(spec, ["model=stored"], "stored").name == "stored"
+    assert stored_with_overrides(spec, [" model = stored"], "stored").name == "stored"

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from flowspec.nodes import Node, StepNode
+from flowspec.nodes import Conflict, Node, StepNode
 from flowspec.steps.kind import StepKind, needs_pair, register
 
 CouplingKind = Literal["mixlogistic", "affine", "additive"]
@@ -37,7 +37,13 @@ class CouplingSettings(Node):
     @model_validator(mode="after")
     def _heads_divide_filters(self) -> CouplingSettings:
         if self.network == "flowpp" and self.attention and self.filters % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide filters ({self.filters})")
+            raise Conflict(
+                f"heads ({self.heads}) must divide filters ({self.filters})",
+                "heads",
+                "filters",
+                "attention",
+                "network",
+            )
         return self
 
 
