@@ -1,7 +1,8 @@
 """The GPU check: the CUDA tests, then Flow++ training speed on one GPU, within about 8 minutes.
 
     bench/gpu_check.sh              # on a machine with a CUDA GPU and the project installed
-    bench/gpu_check.sh --dry-run    # the same logic on the CPU in seconds: tiny model, 2 steps, no CUDA tests
+    bench/gpu_check.sh --dry-run    # the same logic on the CPU in about a minute: a tiny model, 2 steps,
+                                    # the CUDA tests only collected
 
 (a) runs the tests marked `cuda` (CUDA forward == CPU forward, bf16 bits/dim, sampling, torch.compile,
     a torchrun job that trains and resumes);
@@ -319,17 +320,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny model, 2 steps, no CUDA tests")
-    parser.add_argument("--spec", default=str(ROOT / "specs" / "flowpp_cifar.flow"))
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU, a tiny model, 2 steps, the CUDA tests only collected"
+    )
+    parser.add_argument("--spec", default=str(ROOT / "specs" / "flowpp_cifar.flow"), help="the model trained")
     parser.add_argument("--steps", type=int, default=50, help="steps per configuration, warm-up included")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument(
         "--budget", type=float, default=BUDGET, help=f"seconds for the whole check (at most {BUDGET:.0f})"
     )
     parser.add_argument(
         "--results", type=Path, help="file to append to (default bench/RESULTS.md; none in a dry run)"
     )
-    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-tests", action="store_true", help="only the training rows, no CUDA tests")
     parser.add_argument(
         "--profile-to", type=Path, help="profile 3 steps of the first eager bf16 configuration into this file"
     )

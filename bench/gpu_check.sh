@@ -2,7 +2,7 @@
 # The GPU check, in one call (logic in bench/gpu_check.py): the CUDA tests, then Flow++ training speed in
 # float32, bf16 and bf16 + torch.compile; rows appended to bench/RESULTS.md (and $OUT/gpu_check.md).
 #   bench/gpu_check.sh              # needs a CUDA GPU and the project installed (pip install -e ".[dev]")
-#   bench/gpu_check.sh --dry-run    # or GPU_CHECK_DRY_RUN=1: CPU only, in seconds
+#   bench/gpu_check.sh --dry-run    # or GPU_CHECK_DRY_RUN=1: CPU only, in about a minute
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: relative --results and --spec stay the caller's
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's flowspec, installed or not

@@ -557,7 +557,9 @@ def test_one_process_at_a_time_carries_out_an_ablation(tmp_path, monkeypatch, ca
     with held_by_another_process(out):
         for args in ([spec, "--steps", "1", "--out", str(out)], ["--resume", str(out)]):
             assert run(["ablate", *args, "--device", "cpu", "-q"]) == 2
-            assert f"run folder {out} is in use by {ELSEWHERE}" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert f"run folder {out} is in use by {ELSEWHERE}" in err
+            assert ("choose another --out folder" in err) == ("--out" in args)  # not for --resume
     assert [p.name for p in out.iterdir()] == [".lock"]
 
 

@@ -620,9 +620,11 @@ def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
     flow, out = tiny_flow(tmp_path), tmp_path / "run"
     with held_by_another_process(out):
         assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
-        assert capsys.readouterr().err.startswith(f"error: run folder {out} is in use by {ELSEWHERE}")
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: run folder {out} is in use by {ELSEWHERE}") and "another --out" in err
         assert run(["train", "--resume", str(out), "--quiet"]) == 2
-        assert f"is in use by {ELSEWHERE}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"is in use by {ELSEWHERE}" in err and "wait for it to finish" in err and "--out" not in err
     with RunLock(out):  # a second lock in this process (flock: per open file) is refused too
         assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
         err = capsys.readouterr().err
@@ -708,6 +710,7 @@ def test_eval_sample_and_export_name_the_run_writing_its_first_checkpoint(tmp_pa
             assert run([command, str(out)]) == 2
             err = capsys.readouterr().err
             assert f"run folder {out} is in use by {ELSEWHERE}" in err and "no checkpoint" not in err
+            assert "has not written its first checkpoint yet; wait for that" in err and "--out" not in err
     assert run(["eval", str(out)]) == 2
     assert f"no checkpoint in {out}" in capsys.readouterr().err
 

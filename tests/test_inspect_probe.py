@@ -130,3 +130,16 @@ def test_probe_on_a_test_split_of_one_image_is_refused(tmp_path, capsys, monkeyp
     )
     assert run(["inspect", str(spec), "--probe", "--data", str(tmp_path / "imgs")]) == 2
     assert "the probe initialises on 2 test images or more, and" in capsys.readouterr().err
+
+
+def test_a_probe_too_large_for_the_machine_asks_for_a_smaller_batch(monkeypatch, capsys):
+    from flowspec.inspection import budget
+
+    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": 10**6)  # above quickstart's weights
+    assert run(["inspect", str(SPECS / "quickstart.flow"), "--probe", "--batch", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "and 4,096 images" in err
+        and "Take fewer images at once (--batch)" in err
+        and "train.batch" not in err
+    )

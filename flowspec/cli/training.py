@@ -400,7 +400,9 @@ def _image_suffixes() -> tuple[str, ...]:
 def evaluate(
     target: Annotated[
         Path,
-        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
+        typer.Argument(
+            metavar="RUN_DIR|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."
+        ),
     ],
     data: DataOption = None,
     iw: Annotated[
@@ -410,7 +412,7 @@ def evaluate(
         ),
     ] = 1,
     split: Annotated[Split, typer.Option("--split", help="The data split to evaluate.")] = Split.test,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass.")] = 256,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass (default 256).")] = 256,
     limit: Annotated[
         int | None,
         typer.Option("--images", "--limit", min=1, metavar="N", help="Evaluate the first N images only."),
@@ -582,7 +584,9 @@ def _classes_suffix(spec: FlowSpec) -> str:
 def sample(
     target: Annotated[
         Path,
-        typer.Argument(metavar="RUN|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
+        typer.Argument(
+            metavar="RUN_DIR|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."
+        ),
     ],
     n: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 64,
     temperature: Annotated[
@@ -594,7 +598,7 @@ def sample(
             "--out",
             "-o",
             metavar="FILE",
-            help="The image grid (.png); default samples_<model>_stepN_tT_seedS.png here.",
+            help="The image grid (.png, .jpg, .gif, .tiff); default samples_<model>_stepN_tT_seedS.png here.",
         ),
     ] = None,
     seed: Annotated[

@@ -174,7 +174,7 @@ def check_size(
         "infer": f"{fmt_bytes(need)} for its weights{batch}",
         "train": f"an estimated {fmt_bytes(need)} to train ({size.train_note}, per process)",
     }[use]
-    if use == "infer" and size.weights <= have:  # a trained model: only the images at once can change
+    if images and use != "train" and size.weights <= have:  # only the images at once need to change
         advice = "Take fewer images at once (--batch)"
     else:
         advice = (

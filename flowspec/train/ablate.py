@@ -16,7 +16,7 @@ from flowspec.train.data import ImageSet, load_split
 from flowspec.train.datacache import quietly
 from flowspec.train.distributed import main_process, teardown
 from flowspec.train.files import replaced_whole
-from flowspec.train.lock import RunLock, check_free
+from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
 from flowspec.train.rundir import RUN_FILES, previous_checkpoint
 from flowspec.train.signals import StopCheck, never
@@ -89,7 +89,7 @@ def run_ablation(
         raise ValueError("an ablation's budget is one of max_steps and max_run_time (not max_time)")
     folders = folder_names([s.name for s in specs], [s.source for s in specs])
     if main_process():  # an ablation going on there is named first
-        check_free(out)
+        check_free(out, WRITERS)
     for planned in (PLAN, "ablation.json"):
         if (out / planned).exists():
             raise UserError(

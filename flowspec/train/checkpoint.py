@@ -21,7 +21,7 @@ import torch
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
 from flowspec.train.files import replaced_whole
-from flowspec.train.lock import check_free
+from flowspec.train.lock import FIRST_CHECKPOINT, check_free
 
 LAST, BEST = "last.pt", "best.pt"
 REQUIRED = ("model", "spec", "spec_hash", "step", "versions")
@@ -105,7 +105,7 @@ def resolve(path: Path | str) -> Path:
     if path.is_dir():
         if (path / LAST).is_file():
             return path / LAST
-        check_free(path)  # a run still writing its first checkpoint is named
+        check_free(path, FIRST_CHECKPOINT)  # a run still writing its first checkpoint is named
         raise UserError(
             f"no checkpoint in {path}: expected {path / LAST} (a run folder written by `flowspec train`)"
         )

@@ -19,6 +19,9 @@ from pathlib import Path
 from flowspec.errors import UserError, naming
 
 LOCK = ".lock"
+WRITE_ONE = "two processes cannot write one run; wait for it to finish (or stop it)"
+WRITERS = f"{WRITE_ONE}, or choose another --out folder"  # for a new run or ablation
+FIRST_CHECKPOINT = "it has not written its first checkpoint yet; wait for that (or stop it)"  # for readers
 _HELD: set[str] = set()  # the folders this process holds: `check_free` passes them (no other process has)
 #: the temporary names of what a run or an ablation writes: `save_atomic` and `replaced_whole` (checkpoints,
 #: a nonfinite batch, the spec files, sample grids, the ablation's plan and table), `truncate_metrics` and
@@ -69,7 +72,7 @@ class RunLock:
             except BlockingIOError:
                 holder = _holder(fd)
                 os.close(fd)
-                raise _in_use(self.run_dir, holder) from None
+                raise _in_use(self.run_dir, holder, WRITERS) from None
             except OSError:
                 os.close(fd)
                 if self.created:
@@ -111,9 +114,10 @@ class RunLock:
         self.release()
 
 
-def check_free(run_dir: Path) -> None:
-    """A `UserError` naming the holder when another live process holds the run folder's lock (before
-    reading what it is still writing); creates nothing. On a file system without locks nobody can hold one."""
+def check_free(run_dir: Path, advice: str = WRITE_ONE) -> None:
+    """A `UserError` naming the holder (and ending with `advice`) when another live process holds the run
+    folder's lock (before reading what it is still writing); creates nothing. On a file system without locks
+    nobody can hold one."""
     if os.path.realpath(run_dir) in _HELD:  # this process (a run reading its own folder)
         return
     try:
@@ -123,7 +127,7 @@ def check_free(run_dir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise _in_use(Path(run_dir), _holder(fd)) from None
+        raise _in_use(Path(run_dir), _holder(fd), advice) from None
     except OSError:
         pass
     finally:
@@ -134,11 +138,8 @@ def _holder(fd: int) -> str:
     return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
 
 
-def _in_use(run_dir: Path, holder: str) -> UserError:
-    return UserError(
-        f"run folder {run_dir} is in use by {holder}: two processes cannot write one run; wait for it to "
-        f"finish (or stop it), or choose another --out folder"
-    )
+def _in_use(run_dir: Path, holder: str, advice: str) -> UserError:
+    return UserError(f"run folder {run_dir} is in use by {holder}: {advice}")
 
 
 def _same_file(fd: int, path: Path) -> bool:
