@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +39,11 @@ class Interrupted(UserError):
     def __init__(self, kept: str, terminated: bool = False):
         super().__init__(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}; {kept}")
         self.exit_code = 143 if terminated else 130
+
+
+def shell_command(*words: object) -> str:
+    """A command line for the user to paste: each word shell-quoted (`--resume 'my run'`)."""
+    return " ".join(shlex.quote(str(word)) for word in words)
 
 
 def os_error_message(error: OSError, doing: str = "accessing") -> str:

@@ -537,7 +537,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     from flowspec.train import checkpoint, metrics, sampling
     from flowspec.train.checkpoint import LAST, load_checkpoint
 
-    out = tmp_path / "run"
+    out = tmp_path / "my run"
     target = {
         "checkpoint": (checkpoint.torch, "save", at_step_6),
         "metrics": (
@@ -555,7 +555,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert err == (
         f"error: no space left writing {out / failed}; the last good checkpoint {out / LAST} (step {kept}) "
         "is kept; free space or make the folder writable, then continue with: "
-        f"flowspec train --resume {out}\n"
+        f"flowspec train --resume '{out}'\n"  # a folder with a space is one word of the command
     )
     assert load_checkpoint(out)["step"] == kept
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

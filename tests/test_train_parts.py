@@ -129,6 +129,24 @@ def test_run_folder(tmp_path, monkeypatch):
         rundir.previous_checkpoint(tmp_path / "grids", spec, resume=False)
 
 
+def test_commands_to_paste_are_shell_quoted(tmp_path):
+    """A run folder with a space (or a quote) in its name is one word of the command a message names."""
+    import shlex
+
+    from flowspec.train import ablate
+    from flowspec.train.trainer import resume_command
+
+    run_dir = tmp_path / "my run's"
+    words = ["flowspec", "train", "--resume", str(run_dir), "--max-steps", "3000"]
+    assert shlex.split(resume_command(run_dir, 3000)) == words
+    assert shlex.split(ablate.resume_command(run_dir)) == ["flowspec", "ablate", "--resume", str(run_dir)]
+    run_dir.mkdir()
+    (run_dir / LAST).write_bytes(b"")
+    with pytest.raises(UserError, match="already holds a run") as refused:
+        rundir.previous_checkpoint(run_dir, tiny_spec(), resume=False)
+    assert shlex.split(str(refused.value).split("`")[1]) == words[:4]
+
+
 def test_window_means_skip_the_skipped_steps():
     window = Window(CPU)
     assert window.read()[:2] == (None, None) and math.isnan(window.read()[2])

@@ -34,7 +34,7 @@ from flowspec.cli.options import (
     ThreadsOption,
     load_cli_spec,
 )
-from flowspec.errors import Interrupted, RunStopped, Terminated, UserError, os_error_message
+from flowspec.errors import Interrupted, RunStopped, Terminated, UserError, os_error_message, shell_command
 from flowspec.spec import CLASS_NAMES, MAX_SEED
 
 if TYPE_CHECKING:
@@ -175,8 +175,9 @@ def _not_a_run_folder(spec: Path | None) -> Path | None:
 
     if spec is not None and is_run_spec(spec / "spec.flow"):
         raise UserError(
-            f"{spec} is a run folder, not a spec file: continue its run with flowspec train --resume {spec} "
-            f"(flowspec train {spec / 'spec.flow'} would start a new run with its spec)"
+            f"{spec} is a run folder, not a spec file: continue its run with "
+            f"{shell_command('flowspec', 'train', '--resume', spec)} "
+            f"({shell_command('flowspec', 'train', spec / 'spec.flow')} would start a new run with its spec)"
         )
     return spec
 
@@ -723,7 +724,7 @@ def ablate(
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from flowspec.inspection.budget import check_size, default_device
-    from flowspec.train.ablate import is_signal, read_plan, resume_ablation, run_ablation
+    from flowspec.train.ablate import is_signal, read_plan, resume_ablation, resume_command, run_ablation
     from flowspec.train.distributed import main_process
     from flowspec.train.trainer import RunOptions
 
@@ -777,7 +778,7 @@ def ablate(
         where = f" in the run of {cut.run_dir.name} (step {cut.step})" if cut else ""
         print(
             f"{stopped}: the ablation stopped{where}; {len(done.finished) + len(done.failed)} of {planned} "
-            f"runs done; {compared}; finish it with: flowspec ablate --resume {out}",
+            f"runs done; {compared}; finish it with: {resume_command(out)}",
             file=sys.stderr,
         )
         raise typer.Exit(128 + int(signal.Signals[stopped]))
@@ -787,7 +788,9 @@ def ablate(
 
 def _kept_by_ablation(out: Path) -> str:
     """What an ablation stopped at once (a second Ctrl-C) keeps, and how to go on."""
-    return f"finished checkpoints are kept in {out}; finish it with: flowspec ablate --resume {out}"
+    from flowspec.train.ablate import resume_command
+
+    return f"finished checkpoints are kept in {out}; finish it with: {resume_command(out)}"
 
 
 def _check_resume_alone(ctx: typer.Context, specs: list[Path] | None, resume: Path) -> None:
@@ -805,8 +808,8 @@ def _check_resume_alone(ctx: typer.Context, specs: list[Path] | None, resume: Pa
     if specs or given:
         extra = " and ".join(filter(None, ("specs" if specs else "", ", ".join(given))))
         raise UserError(
-            f"ablate --resume {resume} finishes the ablation with its own specs and settings (from "
-            f"{resume / PLAN}): leave out the {extra}; only --device, --threads, --data, "
+            f"ablate --resume {shell_command(resume)} finishes the ablation with its own specs and settings "
+            f"(from {resume / PLAN}): leave out the {extra}; only --device, --threads, --data, "
             f"--quiet and --allow-large may be given"
         )
 

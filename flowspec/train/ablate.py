@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, shell_command
 from flowspec.spec import FlowSpec
 from flowspec.train.ablation_plan import PLAN, Plan
 from flowspec.train.checkpoint import LAST
@@ -94,7 +94,7 @@ def run_ablation(
         if (out / planned).exists():
             raise UserError(
                 f"{out} already holds an ablation ({out / planned}); choose another --out"
-                + (f", or finish it with: flowspec ablate --resume {out}" if planned == PLAN else "")
+                + (f", or finish it with: {resume_command(out)}" if planned == PLAN else "")
             )
     for spec, folder in zip(specs, folders, strict=True):  # an earlier run there is refused before any trains
         previous_checkpoint(out / folder, spec, resume=False)
@@ -103,6 +103,11 @@ def run_ablation(
     title = budget or (f"{options.max_steps} steps" if options.max_steps else f"{options.max_run_time:g}s")
     plan = Plan.make(seeded, folders, data_dirs, options, title, list(overrides))
     return _carry_out(plan, out, stop, options, write_plan=True)
+
+
+def resume_command(out: Path) -> str:
+    """The command that finishes the ablation in `out`."""
+    return shell_command("flowspec", "ablate", "--resume", out)
 
 
 def resume_ablation(
@@ -144,7 +149,7 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
     done = Ablation()
     together = False
     lock = RunLock(out) if main_process() else None  # one process carries out an ablation
-    options = replace(options, continue_with=f"flowspec ablate --resume {out}")
+    options = replace(options, continue_with=resume_command(out))
     try:  # under torchrun the job's process group serves every run, and is left at the end
         if lock is not None:
             if write_plan:

@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, shell_command
 from flowspec.formatter import format_spec
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import (
@@ -76,7 +76,8 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
         return payload
     if last.exists():
         raise UserError(
-            f"{run_dir} already holds a run ({last}); continue it with `flowspec train --resume {run_dir}` "
+            f"{run_dir} already holds a run ({last}); continue it with "
+            f"`{shell_command('flowspec', 'train', '--resume', run_dir)}` "
             f"or choose another --out folder"
         )
     if (run_dir / "spec.flow").exists() and not (run_dir / "spec.json").exists():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import flowspec
-from flowspec.errors import UserError, os_error_message
+from flowspec.errors import UserError, os_error_message, shell_command
 from flowspec.model import compile_scope
 from flowspec.spec import EvalSpec, FlowSpec, Interval
 from flowspec.threads import set_threads
@@ -88,8 +88,8 @@ class RunResult:
 
 def resume_command(run_dir: Path, max_steps: int | None) -> str:
     """How to go on after a stop: to the same --max-steps, if the run had one."""
-    limit = f" --max-steps {max_steps}" if max_steps else ""
-    return f"flowspec train --resume {run_dir}{limit}"
+    limit = ("--max-steps", max_steps) if max_steps else ()
+    return shell_command("flowspec", "train", "--resume", run_dir, *limit)
 
 
 def stop_line(signal_name: str, step: int, run_dir: Path, go_on: str) -> str:
