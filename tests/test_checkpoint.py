@@ -153,6 +153,30 @@ def test_a_last_pt_copied_from_another_run_is_refused_before_anything_changes(ru
     assert flowspec.train(resume=run_dir, device="cpu", quiet=True).step == 3  # its own run resumes
 
 
+def test_a_spec_json_written_over_is_refused_at_resume_not_taken_for_no_spec(run_dir, tmp_path):
+    """`eval --out RUN/spec.json` (refused now) used to leave a folder whose copied-in `last.pt` resumed: an
+    unreadable spec.json is an error naming it; without one there is nothing to compare with."""
+    import shutil
+
+    other = tmp_path / "other"
+    train(tiny_spec(steps=2, lr=1e-2), RunOptions(out=other, device="cpu", quiet=True))
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.copy(other / LAST, copy / LAST)
+    (copy / "spec.json").write_text('{"bpd": 2.1}\n')  # what eval writes
+    metrics = (copy / "metrics.jsonl").read_text()
+    with pytest.raises(
+        UserError, match=r"copy/spec.json is not the resolved spec of a run \(written over\?\)"
+    ):
+        flowspec.train(resume=copy, device="cpu", quiet=True)
+    assert (copy / "metrics.jsonl").read_text() == metrics
+    (copy / "spec.json").write_bytes(b"\xff\xfe")  # not even text
+    with pytest.raises(UserError, match=r"copy/last.pt cannot be checked to belong to this run"):
+        flowspec.train(resume=copy, device="cpu", quiet=True)
+    (copy / "spec.json").unlink()
+    assert flowspec.train(resume=copy, device="cpu", quiet=True, max_steps=2).step == 2
+
+
 def test_outputs_replaced_whole_get_a_new_files_permissions_and_follow_links(tmp_path):
     import os
 

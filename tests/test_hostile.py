@@ -490,6 +490,30 @@ def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(
 # ---------------------------------------------------------------- disks, permissions, two processes
 
 
+def test_outputs_never_overwrite_the_files_of_a_run_or_an_ablation(trained, tmp_path, capsys):
+    """`eval --out RUN/spec.json` would replace the spec that tells a run's own checkpoints from copied ones;
+    a run's curves and grids, and an ablation's table, are refused alike, also through a link."""
+    (tmp_path / "ablation").mkdir()
+    (tmp_path / "ablation" / "ablation.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(trained / "spec.json")
+    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    cases = [
+        (["eval", str(trained), "--out", str(trained / "spec.json")], trained / "spec.json", "the run"),
+        (["eval", str(trained), "--out", str(tmp_path / "link.json")], trained / "spec.json", "the run"),
+        (["sample", str(trained), "-o", str(trained / "curves.png")], trained / "curves.png", "the run"),
+        (["sample", str(trained), "-o", str(trained / "samples" / "s.png")], trained / "samples", "the run"),
+        (["eval", str(trained), "-o", str(tmp_path / "ablation" / "ablation.json")], None, "the ablation"),
+    ]
+    for args, target, what in cases:
+        assert run([*args, "--limit" if args[0] == "eval" else "-n", "4"]) == 2
+        err = capsys.readouterr().err
+        target = target or tmp_path / "ablation" / "ablation.json"
+        assert f"would overwrite {target}, which {what} in {target.parent} writes and reads again" in err
+        assert err.startswith(f"error: --out {args[-1]} ") and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
+    assert (tmp_path / "ablation" / "ablation.json").read_text() == "{}"
+
+
 def tiny_flow(tmp_path: Path) -> Path:
     from train_helpers import write_flow
 

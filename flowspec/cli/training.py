@@ -370,7 +370,10 @@ def _load_for_inference(
 
 def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
     """Refuse an output path that is a folder, names an unknown kind of file or lies where no folder can be
-    made, before any work (the folder is made when the file is written)."""
+    made, or would overwrite a file of a run or an ablation, before any work (the folder is made when the
+    file is written)."""
+    from flowspec.train.rundir import check_not_run_file
+
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file name, e.g. {path / ('out' + suffixes[0])}")
     if path.suffix.lower() not in suffixes:
@@ -385,6 +388,7 @@ def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
         else:
             what = "a file, not a folder" if not existing.is_dir() else "a folder this user cannot write"
         raise UserError(f"{option} {path}: its folder cannot be made there ({existing} is {what})")
+    check_not_run_file(path, option)
 
 
 def _image_suffixes() -> tuple[str, ...]:

@@ -3,6 +3,7 @@ the spec files written at the start."""
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,10 @@ from flowspec.train.metrics import CURVES, METRICS
 RESOLVED_HEADER = "# the resolved spec of a trained run"  # the first line of a run folder's spec.flow
 #: what a run writes besides its checkpoints: a new run refuses a folder that holds any of them
 RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "samples", "tensorboard")  # and last.pt, spec.flow
+#: the files of a folder that a run or an ablation writes, by what marks such a folder: no other command's
+#: output may take their names there (nor any name under `samples/` and `tensorboard/`)
+_RUN, _ABLATION = (*RUN_FILES, LAST, "spec.flow", LOCK), ("ablation-plan.json", "ablation.json", CURVES, LOCK)
+OWN_FILES = {"spec.json": _RUN, LAST: _RUN, "ablation-plan.json": _ABLATION, "ablation.json": _ABLATION}
 
 
 def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
@@ -40,6 +45,23 @@ def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
         raise UserError(f"the model name {spec.name!r} cannot name a run folder: give the folder with --out")
     made = _new_folder(Path("runs") / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}") if dist.main else None
     return Path(dist.gather(str(made))[0])
+
+
+def check_not_run_file(path: Path, option: str) -> None:
+    """Refuse an output path (`eval --out`, `sample -o`, `export -o`) that names a file a run or an ablation
+    writes in its folder (its spec, checkpoints, metrics, curves, grids): writing it would damage the run."""
+    target = Path(os.path.realpath(path))  # a link is followed when the file is written
+    places = [(target.parent, target.name)]
+    if target.parent.name in ("samples", "tensorboard"):  # a run's grids and logs
+        places.append((target.parent.parent, target.parent.name))
+    for folder, name in places:
+        marks = [mark for mark in OWN_FILES if (folder / mark).exists()]
+        if any(name in OWN_FILES[mark] for mark in marks):
+            what = "the run" if {"spec.json", LAST} & set(marks) else "the ablation"
+            raise UserError(
+                f"{option} {path} would overwrite {folder / name}, which {what} in {folder} writes and reads "
+                f"again: choose another file name"
+            )
 
 
 def remove_if_empty(run_dir: Path) -> None:
@@ -96,12 +118,18 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
 
 def _check_belongs(run_dir: Path, trained: FlowSpec) -> None:
     """Refuse a `last.pt` whose spec is not the run folder's `spec.json` (copied from another run: resuming
-    would rewrite this run's metrics)."""
+    would rewrite this run's metrics), and a `spec.json` that is not a spec (it cannot tell)."""
     recorded = run_dir / "spec.json"
+    if not recorded.exists():  # nothing to compare with
+        return
     try:
         theirs = FlowSpec.model_validate_json(recorded.read_text())
-    except (OSError, ValueError):  # none, or unreadable: nothing to compare with
-        return
+    except ValueError:  # not JSON, not UTF-8, or not a spec (an OSError names the file itself)
+        raise UserError(
+            f"{recorded} is not the resolved spec of a run (written over?), so {run_dir / LAST} cannot be "
+            f"checked to belong to this run; put the run's spec.json back, or remove it to resume from "
+            f"{run_dir / LAST} as it is (its spec is written there again)"
+        ) from None
     if not trains_alike(theirs, trained):
         raise UserError(
             f"{run_dir / LAST} does not belong to the run in {run_dir}: it was trained with another spec "
