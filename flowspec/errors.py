@@ -46,15 +46,18 @@ def shell_command(*words: object) -> str:
     return " ".join(shlex.quote(str(word)) for word in words)
 
 
-def os_error_message(error: OSError, doing: str = "accessing") -> str:
+def os_error_message(error: OSError, doing: str | None = None) -> str:
     """One line for an operating-system error on a path: `no space left writing PATH`, `permission
-    denied writing PATH`, ... (`doing`: what was being done, e.g. `writing`)."""
+    denied writing PATH`, ... (`doing`: what was being done; default: what `naming` recorded, else
+    `accessing`)."""
+    doing = doing or getattr(error, "doing", "accessing")
     path = error.filename if error.filename is not None else "a file"
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     reasons = {
         errno.ENOSPC: "no space left",
         errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file too large",
         errno.EACCES: "permission denied",
         errno.EPERM: "operation not permitted",
         errno.EROFS: "read-only file system",
@@ -64,28 +67,38 @@ def os_error_message(error: OSError, doing: str = "accessing") -> str:
     }
     reason = reasons.get(error.errno)
     if reason is None:
-        return f"cannot complete {doing} {path}: {error.strerror or error}"
+        return f"error {doing} {path}: {error.strerror or error}"
     if reason.endswith(":"):
         return f"{reason[:-1]} while {doing} {path}"
-    return f"{reason} {doing} {path}"
+    limit = " (a file-size limit: the file system's, or `ulimit -f`)" if error.errno == errno.EFBIG else ""
+    return f"{reason} {doing} {path}{limit}"
+
+
+def named_error(error: OSError, path: str | os.PathLike[str], doing: str = "writing") -> OSError:
+    """`error` as an `OSError` on `path` (the file the user knows, not a temporary one), `doing` it."""
+    named = OSError(error.errno, error.strerror or str(error), os.fspath(path))
+    named.doing = doing  # type: ignore[attr-defined]
+    return named
 
 
 @contextmanager
-def naming(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Give an `OSError` raised while writing `path` the file's name (a failed write to an open file,
-    e.g. a full disk, has none), so that its message can say which file. A `RuntimeError` raised over
-    one (torch's checkpoint writer reports a full disk so) is that `OSError`."""
+def naming(path: str | os.PathLike[str], doing: str = "writing") -> Iterator[None]:
+    """Give an `OSError` raised while writing (or `doing`) `path` the file's name (a failed write to an open
+    file, e.g. a full disk, has none) and what was being done, so that its message can say both. A
+    `RuntimeError` raised over one (torch's checkpoint writer reports a full disk so) is that `OSError`."""
     try:
         yield
     except OSError as error:
-        if error.filename is not None:
-            raise
-        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
+        if error.filename is None:
+            raise named_error(error, path, doing) from error
+        if not hasattr(error, "doing"):
+            error.doing = doing  # type: ignore[attr-defined]
+        raise
     except RuntimeError as error:
         cause = error.__cause__ or error.__context__
         if not (isinstance(cause, OSError) and any(mark in str(error) for mark in TORCH_WRITER)):
             raise
-        raise OSError(cause.errno, cause.strerror or str(cause), os.fspath(path)) from error
+        raise named_error(cause, path, doing) from error
 
 
 #: what torch's checkpoint writer says when a write under it failed

@@ -634,6 +634,59 @@ def test_a_read_only_run_folder_stops_the_run_with_a_message(tmp_path, monkeypat
     assert f"the last good checkpoint {out / 'last.pt'} (step 3) is kept" in err  # written before evaluating
 
 
+def test_a_read_only_run_folder_at_resume_names_metrics_and_changes_nothing(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """Resuming first cuts `metrics.jsonl` back to the checkpoint; where that cannot be written, the error
+    names that file (not its temporary one), says writing, and that nothing changed (simulated: root
+    writes into a read-only folder)."""
+    import errno
+    import shutil
+
+    copy = tmp_path / "my run"
+    shutil.copytree(trained, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    real = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == copy:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert run(["train", "--resume", str(copy), "--device", "cpu", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: permission denied writing {copy / 'metrics.jsonl'}; the run was not resumed and nothing in "
+        f"{copy} was changed (last.pt of step 3 is kept): make the folder writable or free space, then "
+        f"continue with: flowspec train --resume '{copy}'\n"
+    )
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_os_errors_say_writing_or_reading_and_a_file_size_limit(trained, tmp_path, monkeypatch, capsys):
+    """A write that passes a file-size limit (EFBIG: `ulimit -f`, FAT's 4 GiB) says so and `writing`, also
+    where the command line's boundary prints it; an error without a reason of its own keeps the OS's."""
+    import errno
+
+    from flowspec.errors import naming, os_error_message
+    from flowspec.train import files
+
+    fail_on(monkeypatch, files, "_settle", errno.EFBIG)
+    assert run(["sample", str(trained), "-n", "4", "-o", str(tmp_path / "grid.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: file too large writing {tmp_path / 'grid.png'} (a file-size limit: the file system's, or "
+        "`ulimit -f`)\n"
+    )
+    with pytest.raises(OSError) as caught, naming(tmp_path / "m.jsonl", "reading"):
+        (tmp_path / "m.jsonl").read_bytes()
+    assert (
+        os_error_message(caught.value) == f"error reading {tmp_path / 'm.jsonl'}: No such file or directory"
+    )
+    assert os_error_message(OSError(errno.EIO, "Input/output error", "/d/x")) == (
+        "error accessing /d/x: Input/output error"
+    )
+
+
 def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
     import socket
 

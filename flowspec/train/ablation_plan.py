@@ -121,7 +121,7 @@ class Plan(_Strict):
                 "its first run"
             )
         try:
-            with naming(path):
+            with naming(path, "reading"):
                 plan = cls.model_validate_json(path.read_text())
             for spec in plan.specs:  # the specs, and the eval settings over each one's
                 EvalSpec.model_validate({**spec.eval.model_dump(), **plan.options.eval})

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flowspec.errors import UserError, naming
+from flowspec.errors import UserError, named_error, naming
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),
@@ -58,7 +58,7 @@ def replaced_whole(path: Path) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     except OSError as error:  # it names the temporary file: name the one being written
-        raise OSError(error.errno, error.strerror, os.fspath(path)) from None
+        raise named_error(error, path) from None
     os.close(fd)
     try:
         with naming(path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flowspec.errors import UserError, naming
+from flowspec.errors import UserError, named_error, naming
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,7 +49,7 @@ def read_metrics(run_dir: Path, after_step: int | None = None) -> list[dict[str,
     path = run_dir / METRICS
     if not path.exists():
         return []
-    with naming(path):
+    with naming(path, "reading"):
         lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
     rows = []
     for number, line in enumerate(lines, 1):
@@ -85,10 +86,14 @@ def truncate_metrics(run_dir: Path, step: int, drop_evaluation: bool = False) ->
     rows = read_metrics(run_dir, after_step=step)
     if drop_evaluation:
         rows = [r for r in rows if not (r["step"] == step and is_eval(r))]
-    tmp = run_dir / (METRICS + ".tmp")
-    with naming(tmp):
+    path, tmp = run_dir / METRICS, run_dir / (METRICS + ".tmp")
+    try:
         tmp.write_text("".join(_line(r) for r in rows))
-    os.replace(tmp, run_dir / METRICS)
+        os.replace(tmp, path)
+    except OSError as error:  # named as the file the user knows; it is left as it was
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise named_error(error, path) from None
 
 
 def is_eval(row: dict[str, Any]) -> bool:

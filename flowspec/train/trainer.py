@@ -565,7 +565,14 @@ class Trainer:
             self.window.load_state_dict(payload["window"])
         rows = []
         if self.dist.main:
-            truncate_metrics(self.run_dir, self.step)
+            try:
+                truncate_metrics(self.run_dir, self.step)
+            except OSError as error:  # a read-only folder, a full disk: before anything was written
+                raise UserError(
+                    f"{os_error_message(error)}; the run was not resumed and nothing in {self.run_dir} was "
+                    f"changed ({LAST} of step {self.step} is kept): make the folder writable or free space, "
+                    f"then continue with: {self._continue_with()}"
+                ) from None
             rows = read_metrics(self.run_dir)
         if not self._scheduled():  # a stop between evaluations: an evaluation there is not the run's
             self.stop_row = True  # dropped from the metrics if training goes on
