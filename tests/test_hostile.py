@@ -587,6 +587,43 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert not [p.name for p in out.glob("*tmp*")]
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again_in_its_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """Its folder can be neither resumed nor used: the messages say so and what to do, and the same command
+    starts the run again there, its files moved to `<folder>.before-<time>` (a folder holding anything else
+    is still refused)."""
+    import errno
+
+    from flowspec.train import checkpoint
+
+    out, flow = tmp_path / "my run", tiny_flow(tmp_path)
+    command = ["train", str(flow), "--out", str(out), "--device", "cpu", "--max-steps", "3"]
+    with monkeypatch.context() as patched:
+        fail_on(patched, checkpoint.torch, "save", errno.ENOSPC)
+        assert run([*command, "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no space left writing {out / 'last.pt'}; no checkpoint was written yet; the same command "
+        f"with --out '{out}' starts the run again there, setting this run's files aside (into "
+        "my run.before-<time> beside it)\n"
+    )
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [".lock", "metrics.jsonl", "spec.flow", "spec.json"]
+    for refused in (["train", "--resume", str(out)], ["eval", str(out)]):
+        assert run(refused) == 2
+        assert (
+            f"its run stopped before writing last.pt, so there is nothing to use or resume; `flowspec train "
+            f"SPEC --out '{out}'` (the run's command) starts it again there" in capsys.readouterr().err
+        )
+    assert run(command) == 0
+    (aside,) = tmp_path.glob("my run.before-*")
+    assert (
+        f"note: {out} held a run that stopped before its first checkpoint: this one starts afresh; its "
+        f"files are in {aside}" in capsys.readouterr().out
+    )
+    assert sorted(p.name for p in aside.iterdir()) == files[1:] and (out / "last.pt").is_file()
+
+
 def test_a_full_disk_as_torch_reports_it_is_a_full_disk_not_a_bug(tmp_path, monkeypatch, capsys):
     """On a real full disk torch's checkpoint writer raises a RuntimeError ("unexpected pos") over the
     OSError of the failed write."""

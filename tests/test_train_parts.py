@@ -116,6 +116,8 @@ def test_run_folder(tmp_path, monkeypatch):
     )
     assert rundir.previous_checkpoint(tmp_path / "empty", spec, resume=False) is None
     (tmp_path / "run" / METRICS).write_text('{"step": 1}\n')  # a run stopped before its first checkpoint
+    assert rundir.previous_checkpoint(tmp_path / "run", spec, resume=False) is None  # set aside, then new
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # anything else: the folder is not only that run's
     with pytest.raises(
         UserError, match=r"run already holds metrics.jsonl, spec.flow, spec.json of an earlier run, with no"
     ):

@@ -276,7 +276,8 @@ def train(
         result = stop.result
     except KeyboardInterrupt as stop:  # before the loop started, or a second signal: no checkpoint is torn
         raise Interrupted(
-            "checkpoints already written are kept (a run folder with last.pt goes on with --resume RUN_DIR)",
+            "checkpoints already written are kept (a run folder with last.pt goes on with --resume RUN_DIR; "
+            "one without starts again with the same command and --out RUN_DIR)",
             isinstance(stop, Terminated),
         ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):

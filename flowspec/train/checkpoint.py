@@ -12,6 +12,7 @@ read with a warning. Reading never runs pickled code (`weights_only=True`).
 from __future__ import annotations
 
 import hashlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,12 @@ def resolve(path: Path | str) -> Path:
         if (path / LAST).is_file():
             return path / LAST
         check_free(path, FIRST_CHECKPOINT)  # a run still writing its first checkpoint is named
+        if (path / "spec.json").is_file():
+            raise UserError(
+                f"no checkpoint in {path}: its run stopped before writing {LAST}, so there is nothing to use "
+                f"or resume; `flowspec train SPEC --out {shlex.quote(str(path))}` (the run's command) starts "
+                f"it again there, setting these files aside"
+            )
         raise UserError(
             f"no checkpoint in {path}: expected {path / LAST} (a run folder written by `flowspec train`)"
         )

@@ -3,6 +3,7 @@ the spec files written at the start."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from datetime import datetime
@@ -22,7 +23,7 @@ from flowspec.train.checkpoint import (
 )
 from flowspec.train.distributed import Dist
 from flowspec.train.files import replaced_whole
-from flowspec.train.lock import LOCK
+from flowspec.train.lock import LOCK, STALE
 from flowspec.train.metrics import CURVES, METRICS
 
 RESOLVED_HEADER = "# the resolved spec of a trained run"  # the first line of a run folder's spec.flow
@@ -96,6 +97,8 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
         check_same_spec(payload, spec, last)
         _check_belongs(run_dir, checkpoint_spec(payload, last))
         return payload
+    if unstarted(run_dir):  # the trainer moves its files aside (`set_aside`) and starts again
+        return None
     if last.exists():
         raise UserError(
             f"{run_dir} already holds a run ({last}); continue it with "
@@ -114,6 +117,31 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
             f"choose another --out folder, or remove those files first"
         )
     return None
+
+
+def unstarted(run_dir: Path) -> list[str]:
+    """The files of a run that stopped before its first checkpoint (a crash, a kill, a failed write), when
+    the folder holds nothing else: a new run there may set them aside. [] for any other folder."""
+    try:
+        names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+    except OSError:  # none, or not a folder
+        return []
+    own = (*RUN_FILES, "spec.flow", "nonfinite_batch*.pt", *STALE)
+    if "spec.json" not in names or LAST in names:
+        return []
+    return names if all(any(fnmatch.fnmatchcase(n, pattern) for pattern in own) for n in names) else []
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move the files of a run that stopped before its first checkpoint (`unstarted`) into
+    `<folder>.before-<time>` beside it, so that a new run starts in the folder; where they went, or None."""
+    names = unstarted(run_dir)
+    if not names:
+        return None
+    aside = _new_folder(run_dir.with_name(f"{run_dir.name}.before-{datetime.now():%Y%m%d-%H%M%S}"))
+    for name in names:
+        (run_dir / name).rename(aside / name)
+    return aside
 
 
 def _check_belongs(run_dir: Path, trained: FlowSpec) -> None:

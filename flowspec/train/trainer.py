@@ -212,7 +212,13 @@ class Trainer:
 
     def _kept(self) -> str:
         if self.saved_step is None:
-            return "no checkpoint was written yet"
+            if self.options.continue_with:
+                return f"no checkpoint was written yet; {self.options.continue_with} starts the run again"
+            return (
+                f"no checkpoint was written yet; the same command with --out {shell_command(self.run_dir)} "
+                f"starts the run again there, setting this run's files aside (into "
+                f"{self.run_dir.name}.before-<time> beside it)"
+            )
         return (
             f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept; free space or "
             f"make the folder writable, then continue with: {self._continue_with()}"
@@ -223,7 +229,9 @@ class Trainer:
         return self.options.continue_with or resume_command(self.run_dir, self.options.max_steps)
 
     def _run(self) -> RunResult:
+        aside = None
         if self.dist.main:
+            aside = rundir.set_aside(self.run_dir) if self.saved_step is None else None
             rundir.write_spec_files(self.run_dir, self.spec)
         announce = (
             f"finishing the step or evaluation batch in progress, then saving {self.run_dir / LAST} "
@@ -235,6 +243,11 @@ class Trainer:
                 reporter.message(self._banner())
                 if self.data_note:
                     reporter.message(self.data_note)
+                if aside is not None:
+                    reporter.message(
+                        f"note: {self.run_dir} held a run that stopped before its first checkpoint: this one "
+                        f"starts afresh; its files are in {aside}"
+                    )
                 self.started = started = time.monotonic()
                 self.not_training = 0.0  # seconds since `started` spent evaluating (and saving around it)
                 self.paused_at: float | None = None
@@ -503,7 +516,10 @@ class Trainer:
         elif self.saved_step is not None:
             kept = f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept"
         else:
-            kept = "no checkpoint was written before it"
+            kept = (
+                f"no checkpoint was written before it (a new run with --out {shell_command(self.run_dir)} "
+                f"sets these files aside)"
+            )
         raise UserError(
             f"training stopped: {self.updater.bad_in_row} steps in a row had a non-finite loss or gradient "
             f"(at step {self.step}); {batch}, and {kept}. Lower train.lr, set clip_grad_norm, or check the "
