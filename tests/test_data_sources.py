@@ -518,6 +518,79 @@ def test_no_room_for_the_prepared_data_is_a_user_error(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
+@pytest.mark.parametrize("where", ["memmap", "labels", "meta"])
+def test_a_full_disk_while_preparing_the_data_is_a_user_error_and_leaves_no_cache(
+    tmp_path, monkeypatch, where
+):
+    """A failed write anywhere in the cache (the images' memory map, the labels, meta.json) is the error
+    naming the cache folder, with nothing half-built left to be used."""
+    from pathlib import Path
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")  # a write to an open file: no file name
+
+    target = {"memmap": (np.lib.format, "open_memmap"), "labels": (np, "save"), "meta": (Path, "write_text")}
+    monkeypatch.setattr(*target[where], full)
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(
+        UserError, match=r"no room for the prepared data in \S*cache \(No space left on device\)"
+    ):
+        load_split(data, "train")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.undo()
+    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    assert len(load_split(data, "train")) == 5
+
+
+def test_an_os_error_naming_a_file_outside_the_cache_keeps_its_name(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "elsewhere"))
+
+    monkeypatch.setattr(np, "save", denied)
+    write_folder(tmp_path / "imgs")
+    data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
+    with pytest.raises(PermissionError) as caught:
+        load_split(data, "train")
+    assert caught.value.filename == str(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("limit", [10, 1000], ids=["lock", "images"])
+def test_a_file_size_limit_while_preparing_the_data_is_a_user_error(tmp_path, limit):
+    """A real failed write (EFBIG under RLIMIT_FSIZE, as ENOSPC on a full disk) in a fresh process: of the
+    lock's holder line, or of the images' memory map."""
+    import resource
+    import subprocess
+    import sys
+
+    write_folder(tmp_path / "imgs")
+    script = (
+        "import sys\n"
+        "from flowspec.errors import UserError\n"
+        "from flowspec.spec import DataSpec\n"
+        "from flowspec.train.data import load_split\n"
+        "data = DataSpec(dataset='folder', path=sys.argv[1], shape=(3, 12, 12), test_split=1)\n"
+        "try:\n"
+        "    load_split(data, 'train')\n"
+        "except UserError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "imgs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    cache = tmp_path / "cache"
+    assert done.stdout == (
+        f"no room for the prepared data in {cache} (File too large): free space there, or set "
+        f"FLOWSPEC_CACHE_DIR to another folder\n"
+    ), done.stderr
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_an_unreadable_class_folder_is_an_error_not_a_missing_class(tmp_path, monkeypatch):
     write_folder(tmp_path / "imgs")
     scandir = os.scandir

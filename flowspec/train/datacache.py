@@ -10,6 +10,7 @@ else `~/.cache/flowspec/prepared`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -79,8 +80,10 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
                 json.dumps({"stamp": stamp_digest, "what": what, "files": written, **facts}, default=str)
                 + "\n"
             )
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, OSError) and _writing(error, tmp):
+                raise _unwritable(root, error) from None
             raise
         if final.exists():
             old = root / f"{name}.tmp-{os.getpid()}-old"
@@ -90,6 +93,24 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
         else:
             tmp.rename(final)
     return final
+
+
+def _writing(error: OSError, tmp: Path) -> bool:
+    """Whether `error` came from writing the cache in `tmp` (not from reading a source file it names)."""
+    return error.filename is None or Path(os.fsdecode(error.filename)).is_relative_to(tmp)
+
+
+def _unwritable(root: Path, error: OSError) -> UserError:
+    """The error for a failed write in the cache folder `root` (a full disk, a file-size limit, ...)."""
+    why = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return UserError(
+            f"no room for the prepared data in {root} ({why}): free space there, or set FLOWSPEC_CACHE_DIR "
+            f"to another folder"
+        )
+    return UserError(
+        f"cannot write the prepared data in {root} ({why}): set FLOWSPEC_CACHE_DIR to another folder"
+    )
 
 
 def _file_stamp(path: Path) -> list[int]:
@@ -134,9 +155,11 @@ def _locked(path: Path, folder: Path) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:
             raise no_locks(path, "set FLOWSPEC_CACHE_DIR to a folder on a local disk") from None
-        handle.truncate(0)
-        handle.write(holder_line())
-        handle.flush()
+        try:
+            handle.truncate(0)
+            os.pwrite(handle.fileno(), holder_line().encode(), 0)  # unbuffered: close cannot fail on it again
+        except OSError as error:
+            raise _unwritable(path.parent, error) from None
         try:
             yield
         finally:
