@@ -112,6 +112,27 @@ def test_a_damaged_or_edited_export_is_refused_naming_it(run_dir, tmp_path, caps
     assert "folder.safetensors is a folder: give a file name" in capsys.readouterr().err
 
 
+def test_an_export_whose_step_or_image_count_is_not_ascii_digits_is_refused(run_dir, tmp_path):
+    """`str.isdigit` accepts "²" and 5,000 nines, which `int` refuses: the export is refused, naming it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    exported = tmp_path / "good.safetensors"
+    assert run(["export", str(run_dir), "-o", str(exported)]) == 0
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(exported)
+    for key in ("step", "train_images"):
+        for value in ("\u00b2", "9" * 5000, "-1", ""):
+            save_file(tensors, tmp_path / "edited.safetensors", metadata={**metadata, key: value})
+            with pytest.raises(
+                UserError, match=f"edited.safetensors is not a valid flowspec export: its {key}"
+            ):
+                flowspec.load(tmp_path / "edited.safetensors")
+    assert run(["sample", str(tmp_path / "edited.safetensors"), "-o", str(tmp_path / "s.png")]) == 2
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_train_from_python_takes_a_spec_file_and_the_command_line_options(tmp_path):
     flow = write_flow(tmp_path / "tiny.flow", steps=4, eval_every=2)
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ when read): everything needed to rebuild the model.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from flowspec.train.files import replaced_whole
 
 FORMAT = "flowspec"
 SUFFIX = ".safetensors"
+NUMBER = r"[0-9]{1,20}"  # a step or image count in the metadata: ASCII digits, at most 20
 
 
 @dataclass
@@ -151,12 +153,13 @@ def _read_export(path: Path) -> ExportContents:
         raise UserError(
             f"{path} is corrupt: its tensors do not match the checksum written at export; export it again"
         )
-    if not metadata["step"].isdigit():
-        raise UserError(
-            f"{path} is not a valid flowspec export: its step is {metadata['step']!r}, not a number"
-        )
-    count = metadata.get("train_images", "")
-    train_images = int(count) if count.isdigit() else None
+    for key in ("step", "train_images"):
+        if key in metadata and not re.fullmatch(NUMBER, metadata[key]):
+            raise UserError(
+                f"{path} is not a valid flowspec export: its {key} is {metadata[key][:40]!r}, not a number"
+            )
+    count = metadata.get("train_images")
+    train_images = int(count) if count else None
     return (
         checkpoint_spec(metadata, path),
         weights,
