@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +135,34 @@ def test_an_export_whose_step_or_image_count_is_not_ascii_digits_is_refused(run_
                 flowspec.load(tmp_path / "edited.safetensors")
     assert run(["sample", str(tmp_path / "edited.safetensors"), "-o", str(tmp_path / "s.png")]) == 2
     assert not (tmp_path / "s.png").exists()
+
+
+def _file_size_limit(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ
+
+
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_a_full_disk_keeps_the_old_sample_grid_or_export_and_exits_2(run_dir, tmp_path, command):
+    """A write cut short (a full disk; here a file-size limit, EFBIG) is an error naming the file, and the
+    file it was to replace is kept: Pillow's JPEG encoder and safetensors' writer miss or hide it."""
+    out = tmp_path / ("grid.jpg" if command == "sample" else "model.safetensors")
+    out.write_bytes(b"the good old file")
+    argv = [sys.executable, "-m", "flowspec", command, str(run_dir), "-o", str(out)]
+    argv += ["-n", "64", "--seed", "0", "--device", "cpu"] if command == "sample" else []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=root,
+        env=env,
+        preexec_fn=_file_size_limit(4096),
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == f"error: cannot complete accessing {out}: File too large\n"
+    assert out.read_bytes() == b"the good old file" and os.listdir(tmp_path) == [out.name]
 
 
 def test_train_from_python_takes_a_spec_file_and_the_command_line_options(tmp_path):

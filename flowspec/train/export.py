@@ -48,7 +48,7 @@ class Trained:
 
 def export(target: Path | str, output: Path | str) -> Trained:
     """Write the EMA weights and resolved spec of a run folder or checkpoint to a `.safetensors` file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     output = Path(output)
     if output.is_dir():
@@ -69,9 +69,10 @@ def export(target: Path | str, output: Path | str) -> Trained:
         **({"data_default": trained.data_default} if trained.data_default else {}),
         **({"train_images": str(trained.train_images)} if trained.train_images else {}),
     }
+    encoded = save(tensors, metadata=metadata)  # written by Python: a full disk is an OSError naming the file
     output.parent.mkdir(parents=True, exist_ok=True)
     with replaced_whole(output) as partial:
-        save_file(tensors, partial, metadata=metadata)
+        partial.write_bytes(encoded)
     return trained
 
 

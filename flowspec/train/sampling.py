@@ -1,8 +1,9 @@
 """Sample grids: images drawn from a model in batches, upscaled (nearest neighbour) to a size a person can
-see, saved with torchvision's `save_image`."""
+see, encoded with torchvision's `save_image` (Pillow) and written whole."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,16 @@ def save_grid(
     images = torch.cat(parts)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    encoded = _encoded(grid_image(images, levels), path.suffix)
     with replaced_whole(path) as partial:
-        save_image(grid_image(images, levels), partial)
+        partial.write_bytes(encoded)  # raises on a short write (a full disk), which Pillow's encoders miss
     return path
+
+
+def _encoded(grid: torch.Tensor, suffix: str) -> bytes:
+    """`grid` as the bytes of an image file of the type `suffix` names (`.png`, `.jpg`, ...)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    save_image(grid, buffer, format=Image.registered_extensions()[suffix.lower()])
+    return buffer.getvalue()
