@@ -56,7 +56,7 @@ def choose_threads(
     if requested is not None:
         check_threads(requested, cpus)
         return ThreadChoice(requested, "--threads")
-    if env is not None and env.strip().isdigit() and int(env) > 0:
+    if env is not None and env.strip().isdecimal() and int(env) > 0:
         if int(env) > max(1, cpus):  # more threads than cores: many times slower, never faster
             return ThreadChoice(max(1, cpus), f"OMP_NUM_THREADS={int(env)}, at most the {max(1, cpus)} cores")
         return ThreadChoice(int(env), "OMP_NUM_THREADS")

@@ -970,3 +970,17 @@ def test_a_sixteen_bit_png_needs_convert_depth_whatever_its_values(tmp_path):
     data = DataSpec(dataset="folder", path=str(folder), shape=(1, 8, 8), test_split=1)
     with pytest.raises(UserError, match=r"b\.png: a 16-bit image \(I(;16)?\) but the spec says 256 levels"):
         load_split(data, "train")
+
+
+def test_array_files_sort_by_their_numbers_whatever_other_digits_their_names_hold():
+    from pathlib import Path
+
+    from flowspec.train.sources import _natural
+
+    names = ["part10.npy", "part2.npy", "part1²", "part1"]  # "²" is a digit to str.isdigit, not to int
+    assert sorted(names, key=lambda name: _natural(Path(name))) == [
+        "part1",
+        "part1²",
+        "part2.npy",
+        "part10.npy",
+    ]

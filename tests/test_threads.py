@@ -48,7 +48,7 @@ def test_more_threads_than_cores_are_refused_before_the_runtime_crashes(capsys):
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"), [("4", 4), ("1", 1), ("", 16), ("zero", 16), ("0", 16), ("64", 16)]
+    ("env", "expected"), [("4", 4), ("1", 1), ("", 16), ("zero", 16), ("0", 16), ("64", 16), ("²", 16)]
 )
 def test_the_users_omp_num_threads_is_respected_when_valid(env, expected):
     assert choose_threads(FLOWPP, cpus=16, load=0.0, env=env).threads == expected

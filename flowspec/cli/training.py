@@ -418,7 +418,9 @@ def evaluate(
         ),
     ] = 1,
     split: Annotated[Split, typer.Option("--split", help="The data split to evaluate.")] = Split.test,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per forward pass (default 256).")] = 256,
+    batch: Annotated[
+        int, typer.Option("--batch", min=1, help="Images per forward pass (default 256).")
+    ] = 256,
     limit: Annotated[
         int | None,
         typer.Option("--images", "--limit", min=1, metavar="N", help="Evaluate the first N images only."),

@@ -181,7 +181,7 @@ def _torchvision_plan(data: DataSpec, path: Path) -> Plan:
 
 
 def _natural(path: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+    return [int(t) if t.isdecimal() else t for t in re.split(r"(\d+)", path.name)]
 
 
 # ---------------------------------------------------------------- readers
