@@ -12,14 +12,13 @@ read with a warning. Reading never runs pickled code (`weights_only=True`).
 from __future__ import annotations
 
 import hashlib
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, shell_command
 from flowspec.spec import FlowSpec
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import FIRST_CHECKPOINT, check_free
@@ -110,7 +109,7 @@ def resolve(path: Path | str) -> Path:
         if (path / "spec.json").is_file():
             raise UserError(
                 f"no checkpoint in {path}: its run stopped before writing {LAST}, so there is nothing to use "
-                f"or resume; `flowspec train SPEC --out {shlex.quote(str(path))}` (the run's command) starts "
+                f"or resume; `flowspec train SPEC --out {shell_command(path)}` (the run's command) starts "
                 f"it again there, setting these files aside"
             )
         raise UserError(
