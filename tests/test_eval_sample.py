@@ -121,6 +121,29 @@ def test_set_that_would_change_the_trained_model_is_refused(run_dir, tmp_path, c
         assert f"--set {setting}: eval reads only the data settings" in err and "--images" in err
 
 
+def test_set_that_the_trained_model_cannot_take_is_refused_as_a_change_not_blamed_on_it(run_dir, capsys):
+    for command, setting in (
+        ("eval", "data.shape=1x7x7"),
+        ("eval", "flow.0.mask=channel"),
+        ("sample", "data.shape=1x7x7"),
+    ):
+        assert run([command, str(run_dir), "--set", setting, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"--set {setting} would change the model stored in" in err and "stored spec" not in err
+    args = [
+        "eval",
+        str(run_dir),
+        "--set",
+        "data.classes=99",
+        "--set",
+        "flow.0.mask=channel",
+        "--device",
+        "cpu",
+    ]
+    assert run(args) == 2  # a mistake of a data setting is its own
+    assert "class index 99 is out of range" in capsys.readouterr().err
+
+
 class _Stub(torch.nn.Module):
     """log_prob of an image is minus its pixel sum, and 1 less on every other row of a call: an image's
     samples differ, and samples of one image counted for another would show."""

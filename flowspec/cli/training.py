@@ -310,8 +310,7 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
     readable = ("data", "model") if command == "eval" else ("model",)
     for override in sets:
         key = override.split("=", 1)[0].strip()
-        root = key.split(".")[0]
-        if root not in (*readable, *MODEL_SECTIONS):  # the model's are refused below, as changes
+        if key.split(".")[0] not in readable and not _sets_model(override):  # the model's: refused below
             if command == "eval":
                 what = "only the data settings (and the model name)"
                 hint = "; e.g. --set data.classes=3 (the evaluation's own options: --images, --batch, --seed)"
@@ -321,14 +320,18 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
                 f"--set {override}: {command} reads {what} of the spec stored in {path}, so {key} would "
                 f"change nothing here{hint}"
             )
+    from flowspec.diagnostics import SpecError
     from flowspec.loader import stored_with_overrides
 
-    changed = stored_with_overrides(spec, sets, f"{path} (stored spec)")
-    same_model = all(getattr(changed, f) == getattr(spec, f) for f in MODEL_SECTIONS) and (
-        changed.data.shape,
-        changed.data.levels,
-    ) == (spec.data.shape, spec.data.levels)
-    if not same_model:
+    try:
+        changed = stored_with_overrides(spec, sets, f"{path} (stored spec)")
+    except SpecError:  # model settings the stored model cannot take change it: not the checkpoint's fault
+        others = [override for override in sets if not _sets_model(override)]
+        if len(others) == len(sets):
+            raise
+        stored_with_overrides(spec, others, f"{path} (stored spec)")  # a mistake of their own is theirs
+        changed = None
+    if changed is None or not _same_model(changed, spec):
         allowed = (
             "only data settings that keep the model's shape and levels (e.g. --set data.classes=3)"
             if command == "eval"
@@ -339,6 +342,20 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
             f"{command} takes {allowed}"
         )
     return changed
+
+
+def _sets_model(override: str) -> bool:
+    """Whether a `--set` writes a setting the trained model depends on: its sections, data shape or levels."""
+    parts = override.split("=", 1)[0].strip().split(".")
+    return parts[0] in MODEL_SECTIONS or parts[:2] in (["data", "shape"], ["data", "levels"])
+
+
+def _same_model(changed: FlowSpec, spec: FlowSpec) -> bool:
+    """Whether two specs build the same model (its sections, data shape and levels)."""
+    return all(getattr(changed, f) == getattr(spec, f) for f in MODEL_SECTIONS) and (
+        changed.data.shape,
+        changed.data.levels,
+    ) == (spec.data.shape, spec.data.levels)
 
 
 def _load_for_inference(
