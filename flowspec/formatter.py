@@ -7,6 +7,7 @@ the built-in ones; each step then writes only what differs from `defaults`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS
@@ -71,23 +72,46 @@ def _context_args(context: ContextSpec) -> str:
     return ", ".join(args)
 
 
-def value_text(value: Any) -> str:
-    """A setting's value as a `.flow` file writes it: `on`/`off`, `3e-4`, `(0.9, 0.999)`, `100 steps`."""
-    return _value(value)
+def _items(value: tuple) -> str:
+    """A list setting of one item as the item: `classes 3`, `convert size`."""
+    return _value(value[0] if len(value) == 1 else value)
+
+
+#: Settings written otherwise than `_value` writes their (set) value.
+_WORDS: dict[str, Callable[[Any], str]] = {
+    "data.shape": lambda shape: "x".join(map(str, shape)),
+    "data.classes": _items,
+    "data.convert": lambda kinds: _items(kinds) if kinds else "none",
+    **{f"data.{key}": lambda text: f'"{text}"' for key in ("name", "path", "test_path")},
+    "train.warmup": lambda steps: f"{steps} step" if steps == 1 else f"{steps} steps",
+    "train.hflip": lambda hflip: "hflip" if hflip else "none",
+}
+#: The word for a setting left unset (`none` for the others).
+_UNSET = {
+    "data.classes": "all",
+    "eval.images": "all",
+    "train.clip_grad_norm": "off",
+    "train.ema": "off",
+    "train.length": "unbounded",
+    "train.save_every": "off",
+    **{f"train.rewarm_{arg}": "off" for arg in ("at", "steps", "lr")},
+}
+
+
+def setting_text(path: str, value: Any) -> str:
+    """The value of the setting at dotted `path` as a `.flow` file writes it: `1x8x8` (`data.shape`),
+    `20 steps` (`train.warmup`), `on`/`off`, `3e-4`, `(0.9, 0.999)`; `off`, `all`, `none` when unset."""
+    if value is None:
+        return _UNSET.get(path, "none")
+    return _WORDS[path](value) if path in _WORDS else _value(value)
 
 
 def _data(spec: FlowSpec) -> str:
     data = spec.data
-    parts = [f"shape {'x'.join(map(str, data.shape))}", f"levels {data.levels}"]
-    if data.classes is not None:
-        parts.append(f"classes {_value(data.classes[0] if len(data.classes) == 1 else data.classes)}")
-    if data.convert:
-        parts.append(f"convert {_value(data.convert[0] if len(data.convert) == 1 else data.convert)}")
-    if data.test_split is not None:
-        parts.append(f"test_split {_value(data.test_split)}")
-    for key in ("name", "path", "test_path"):
-        if getattr(data, key) is not None:
-            parts.append(f'{key} "{getattr(data, key)}"')
+    parts = [f"{key} {setting_text(f'data.{key}', getattr(data, key))}" for key in ("shape", "levels")]
+    for key in ("classes", "convert", "test_split", "name", "path", "test_path"):
+        if getattr(data, key) not in (None, ()):  # `convert none` is not written
+            parts.append(f"{key} {setting_text(f'data.{key}', getattr(data, key))}")
     return f"data {data.dataset} {{ {'  '.join(parts)} }}"
 
 
@@ -158,20 +182,19 @@ def _train(spec: FlowSpec) -> list[str]:
         schedule += f", then warmup({rewarm})"
     recipe = [
         f"batch {t.batch}" + (f"  accumulate {t.accumulate}" if t.accumulate > 1 else ""),
-        f"clip_grad_norm {_value(t.clip_grad_norm) if t.clip_grad_norm is not None else 'off'}",
-        f"ema {_value(t.ema) if t.ema is not None else 'off'}",
+        *(f"{key} {setting_text(f'train.{key}', getattr(t, key))}" for key in ("clip_grad_norm", "ema")),
         f"init_batch {t.init_batch}",
         f"seed {t.seed}",
     ]
     return [
         "train {",
         f"{INDENT}optimizer {t.optimizer}({optimizer})",
-        f"{INDENT}warmup {t.warmup} steps, then {schedule}",
+        f"{INDENT}warmup {setting_text('train.warmup', t.warmup)}, then {schedule}",
         INDENT + "  ".join(recipe),
-        f"{INDENT}length {_value(t.length) if t.length is not None else 'unbounded'}",
+        f"{INDENT}length {setting_text('train.length', t.length)}",
         f"{INDENT}eval every {_value(t.eval_every)}",
-        f"{INDENT}save every {_value(t.save_every) if t.save_every is not None else 'off'}",
-        f"{INDENT}augment {'hflip' if t.hflip else 'none'}",
+        f"{INDENT}save every {setting_text('train.save_every', t.save_every)}",
+        f"{INDENT}augment {setting_text('train.hflip', t.hflip)}",
         "}",
     ]
 
@@ -180,7 +203,7 @@ def _eval(settings: EvalSpec) -> list[str]:
     """The `eval` section with the settings that differ from the built-in ones (none: no section)."""
     plain = EvalSpec()
     parts = [
-        f"{name} {'all' if value is None else _value(value)}"
+        f"{name} {setting_text(f'eval.{name}', value)}"
         for name, value in settings.model_dump().items()
         if value != getattr(plain, name)
     ]

@@ -9,6 +9,7 @@ from conftest import SPECS
 
 import flowspec
 from flowspec.cli.app import run
+from flowspec.formatter import format_spec
 from flowspec.inspection import inspect_spec
 from flowspec.inspection.diff import parameter_deltas, spec_differences
 from flowspec.loader import setting_sources
@@ -41,6 +42,27 @@ def test_added_and_removed_steps():
     diffs = {d.path: d for d in spec_differences(a, b)}
     assert diffs["flow.3"].a == "factor_out" and diffs["flow.3"].b is None
     assert (diffs["flow.0.body.0"].a, diffs["flow.0.body.0"].b) == ("repeat 3", "repeat 8")
+
+
+def test_differences_are_worded_as_show_writes_them():
+    paths = SPECS / "quickstart.flow", SPECS / "seed_realnvp_cifar.flow"
+    a, b = map(flowspec.load_spec, paths)
+    found = spec_differences(a, b, *map(setting_sources, paths))
+    diffs = {d.path: (d.a, d.b) for d in found}
+    assert diffs["data.shape"] == ("1x8x8", "3x32x32")
+    assert diffs["train.warmup"] == ("20 steps", "0 steps")
+    assert diffs["flow.2"] == ("split channel (1 step)", None)
+    for spec, side, where in (
+        (a, "a", "source_a"),
+        (b, "b", "source_b"),
+    ):  # what each file wrote, as show does
+        written = [
+            getattr(d, side) for d in found if getattr(d, where) != "default" and None not in (d.a, d.b)
+        ]
+        assert len(written) > 15 and all(words in format_spec(spec) for words in written)
+    converted = flowspec.load_spec(paths[0], ["data.convert=(size, depth)", "train.warmup=1"])
+    diffs = {d.path: (d.a, d.b) for d in spec_differences(a, converted)}
+    assert diffs == {"data.convert": ("none", "(size, depth)"), "train.warmup": ("20 steps", "1 step")}
 
 
 def test_parameter_deltas_per_stage():

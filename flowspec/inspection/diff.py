@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from flowspec.formatter import value_text
+from flowspec.formatter import setting_text
 from flowspec.inspection.report import Report
 from flowspec.nodes import StepNode
 from flowspec.spec import FlowSpec, Interval, SourceLoc
@@ -45,15 +45,17 @@ def describe(value: Any) -> str:
     """A short text for a value or a whole node: a step by its kind and count, a list by its length."""
     if isinstance(value, StepNode):
         kind = kind_of(value)
-        return f"{kind.name} {kind.label(value)} ({len(value.body)} steps)" if kind.body else kind.name
+        return f"{kind.name} {kind.label(value)} ({_steps(len(value.body))})" if kind.body else kind.name
     if isinstance(value, BaseModel):
         kind = getattr(value, "kind", None)
         return str(kind) if kind is not None else type(value).__name__
     if isinstance(value, list):
-        return f"{len(value)} steps"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(map(str, value)) + ")"
-    return str(value)
+        return _steps(len(value))
+    return setting_text("", value)
+
+
+def _steps(count: int) -> str:
+    return f"{count} step" if count == 1 else f"{count} steps"
 
 
 #: Settings written after a step's head word, before the others (each kind's first positional setting), and
@@ -66,31 +68,13 @@ KEY_WORDS = {
     "train.eval_every": "train.eval",
     "train.save_every": "train.save",
 }
-#: What a setting left unset means.
-UNSET = {
-    "train.clip_grad_norm": "off",
-    "train.ema": "off",
-    "train.length": "unbounded",
-    "train.save_every": "off",
-    **{f"train.rewarm_{arg}": "off" for arg in ("at", "steps", "lr")},
-    "data.classes": "all",
-    "eval.images": "all",
-    "eval.batch": "(the train batch)",
-}
 
 
 def setting_words(path: str, value: Any) -> tuple[str, str]:
-    """A differing setting's key and value as the language writes them: `train.ema` `off`, not `None`;
-    `defaults.coupling` `coupling affine`, not `defaults.coupling.coupling` `affine`."""
+    """A differing setting's key and value as the language writes them (`setting_text`): `train.ema` `off`,
+    not `None`; `defaults.coupling` `coupling affine`, not `defaults.coupling.coupling` `affine`."""
     parent, _, field = path.rpartition(".")
-    if value is None:
-        text = UNSET.get(path, "none")
-    elif path == "train.hflip":
-        text = "hflip" if value else "none"
-    elif isinstance(value, tuple) and len(value) == 1:
-        text = value_text(value[0])
-    else:
-        text = value_text(value)
+    text = "(the train batch)" if path == "eval.batch" and value is None else setting_text(path, value)
     if parent and field in HEAD_WORDS and (parent[-1].isdigit() or parent == "defaults.coupling"):
         return parent, f"{HEAD_WORDS[field]} {text}"
     return KEY_WORDS.get(path, path), text
