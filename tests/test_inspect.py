@@ -228,6 +228,12 @@ def test_flops_match_torch_flop_counter():
         ("ablations/no_attention.flow", (*SMALL, "defaults.coupling.nin=off")),  # c2 a 3x3 conv: kept
         ("imagenet32.flow", (*SMALL, "defaults.coupling.blocks=1", "dequantize.context.blocks=2")),
         ("realnvp_cifar.flow", ("data.shape=3x8x8",)),
+        # small affine couplings: their network's output (kept by none of the transform's ops) is most
+        (
+            "realnvp_cifar.flow",
+            ("data.shape=3x16x16", "defaults.coupling.filters=8", "defaults.coupling.blocks=1"),
+        ),
+        ("quickstart.flow", ("defaults.coupling.coupling=additive",)),
     ],
 )
 def test_memory_estimate_matches_what_autograd_keeps(name, overrides):

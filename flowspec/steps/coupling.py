@@ -130,11 +130,16 @@ def _flops(layer, shape):
 
 
 def _memory(layer, shape, itemsize):
-    """Its output and, for the mixture, tanh(s), exp(s) and the logit-CDF; then what its network keeps."""
+    """Its output and, but for the additive, tanh(s) and exp(s) (the mixture's logit-CDF too); then what its
+    network keeps, whose output counts only for the mixture (the recomputed logit-CDF keeps its inputs: the
+    other transforms keep only what they compute from it)."""
     from flowspec.inspection.memory import kept_per_position
 
     transformed = shape[0] * _KEPT[layer.transform] * itemsize
-    return (transformed + kept_per_position(layer.network, itemsize)) * shape[1] * shape[2]
+    network = kept_per_position(layer.network, itemsize)
+    if layer.transform != "mixlogistic":
+        network -= shape[0] * layer.per_element * itemsize
+    return (transformed + network) * shape[1] * shape[2]
 
 
 register(
