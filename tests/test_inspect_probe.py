@@ -97,7 +97,7 @@ def test_probe_missing_data_exit_2(capsys, tmp_path):
     assert code == 2 and "nowhere" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("option", [["--batch", "4"], ["--data", "x"], ["--threads", "1"]])
+@pytest.mark.parametrize("option", [["--batch", "4"], ["--data", "x"], ["--threads", "1"], ["--allow-large"]])
 def test_probe_options_without_probe_are_refused(option, capsys):
     assert run(["inspect", str(SPECS / "quickstart.flow"), *option]) == 2
     name = option[0]

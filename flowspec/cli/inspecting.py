@@ -58,7 +58,13 @@ def inspect(
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Show what SPEC builds: every step with its settings, source line, halves, shapes and parameters."""
-    for name, value in (("--data", data), ("--threads", threads), ("--batch", batch)):
+    probe_only = (
+        ("--data", data),
+        ("--threads", threads),
+        ("--batch", batch),
+        ("--allow-large", allow_large or None),
+    )
+    for name, value in probe_only:
         if value is not None and not probe:
             raise UserError(f"{name} is only used with --probe: add --probe, or drop {name}")
     batch = batch or PROBE_BATCH
