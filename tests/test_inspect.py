@@ -166,7 +166,31 @@ def test_rich_view_never_cuts_a_number_or_a_line_label(path, width):
         assert ".flow:" not in text
     legend = flat[flat.index("couplings ") :]
     assert ("cond: a>b" in legend) == ("cond" in shown)
-    assert "Coupling: k components" in legend
+    assert ("Coupling: " in legend) == any(s["kind"] == "coupling" for s in doc["steps"])
+
+
+def test_the_legend_explains_only_what_the_rows_shown_use(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "100")
+
+    def legend(*args: str) -> str:
+        assert run(["inspect", *args]) == 0
+        flat = " ".join(capsys.readouterr().out.split())
+        return flat[flat.rindex("couplings") :]
+
+    full = legend(str(SPECS / "flowpp_cifar.flow"))
+    assert "Coupling: k components, f filters, b blocks, h attention heads, p dropout." in full
+    assert "cond: a>b" in full and "inside a repeat" in full and "3x3" not in full and "Context" not in full
+    stages = legend(str(SPECS / "flowpp_cifar.flow"), "--depth", "1")  # no coupling, cond or repeat shown
+    assert (
+        stages.endswith("Context: f filters, b blocks.") and "Coupling" not in stages and "cond" not in stages
+    )
+    realnvp = legend(str(SPECS / "realnvp_cifar.flow"))
+    assert "Coupling: f filters, b blocks, bn batch-normalized." in realnvp and "k components" not in realnvp
+    plain = tmp_path / "plain.flow"  # no coupling at all
+    plain.write_text(
+        (SPECS / "quickstart.flow").read_text().replace("pointwise; coupling; flip", "pointwise; flip")
+    )
+    assert "Coupling" not in legend(str(plain)) and "Coupling" not in legend(str(plain), "--format", "md")
 
 
 def test_narrow_terminals_drop_the_least_wanted_columns_first():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,23 @@ COLUMN_LEGEND = {
     "logdet b/d": "logdet b/d: the step's log-det in bits/dim, batch mean (positive lowers the bits/dim).",
     "inv err": "inv err: the largest |inverse(forward(x)) - x| of the step over the batch.",
 }
-LEGEND = (
-    "Coupling: k components, f filters, b blocks, h attention heads (nin: gated NIN; gated: no attention), "
-    "p dropout, wn weight-normalized, noln without LayerNorms, 3x3 a 3x3 second conv in the gated convs, "
-    "elu concat_elu before the output conv; context: ln LayerNorms. "
-    "A step inside a repeat counts the parameters of all its copies."
-)
+#: The abbreviations in coupling and context labels; the legend explains those of the rows shown.
+ABBREVIATIONS = {
+    r"k\d+": "k components",
+    r"f\d+": "f filters",
+    r"b\d+": "b blocks",
+    r"h\d+": "h attention heads",
+    "nin": "nin gated NIN (no attention)",
+    "gated": "gated no attention",
+    r"p[\d.e+-]+": "p dropout",
+    "wn": "wn weight-normalized",
+    "bn": "bn batch-normalized",
+    "ln": "ln LayerNorms",
+    "noln": "noln without LayerNorms",
+    "3x3": "3x3 a 3x3 second conv in the gated convs",
+    "elu": "elu concat_elu before the output conv",
+}
+REPEAT_LEGEND = "A step inside a repeat counts the parameters of all its copies."
 
 
 def label(row: StepRow) -> str:
@@ -125,14 +137,32 @@ def footer_lines(report: Report) -> list[tuple[str, str]]:
     return lines
 
 
-def legend(report: Report, columns: list[str] | None = None) -> str:
-    """What the columns mean: `columns` shown (default: cond, and the probe's columns with a probe)."""
+def legend(report: Report, columns: list[str] | None = None, depth: int | None = None) -> str:
+    """What the columns shown (default: cond, and the probe's columns with a probe) and the labels of the
+    rows shown (down to `depth`) mean: only what a shown row uses."""
     if columns is None:
         columns = ["cond", *(["logdet b/d", "inv err"] if report.probe is not None else [])]
+    rows = [row for branch in report.branches for _, row in visible(branch.rows, depth)]
+    if not any(row.halves for row in rows):
+        columns = [c for c in columns if c != "cond"]
     masks = sorted({r.settings for r in report.rows() if r.kind == "split"})
     halves = "; ".join(f"{m}: {FIRST_HALF[m]}" for m in masks) or "no splits"
     parts = [COLUMN_LEGEND[c].format(halves=halves) for c in COLUMN_LEGEND if c in columns]
-    return " ".join([*parts, LEGEND])
+    explained: set[str] = set()
+    for kind in ("coupling", "context"):  # the context's words that a coupling's explained, once
+        words = {word for row in rows if row.kind == kind for word in row.settings.split()}
+        meant = [
+            text
+            for key, text in ABBREVIATIONS.items()
+            if text not in explained and any(re.fullmatch(key, word) for word in words)
+        ]
+        explained.update(meant)
+        if meant:
+            parts.append(f"{kind.capitalize()}: {', '.join(meant)}.")
+    shown = {id(row) for row in rows}
+    if any(row.kind == "repeat" and any(id(c) in shown for c in row.children) for row in rows):
+        parts.append(REPEAT_LEGEND)
+    return " ".join(parts)
 
 
 # ---------------------------------------------------------------- rich
@@ -223,7 +253,8 @@ class RichView:
         if "line" in shown and files and Path(report.spec.source or "").name != files[0]:
             where += f"; steps written in {files[0]}"  # an ablation's steps come from its base
         title = Text.assemble((report.spec.name, "bold"), f"  ({where})")
-        yield Group(title, table, Text(""), foot, Text(legend(report, shown), style="dim"))
+        explained = legend(report, shown, self.depth)
+        yield Group(title, table, Text(""), foot, *([Text(explained, style="dim")] if explained else []))
 
 
 def render_rich(report: Report, depth: int | None = None) -> RichView:
@@ -340,7 +371,8 @@ def render_md(report: Report, depth: int | None = None) -> str:
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines.append("")
     lines += [f"- **{name}**: {text}" for name, text in footer_lines(report)]
-    lines += ["", f"_{legend(report)}_"]
+    if explained := legend(report, depth=depth):
+        lines += ["", f"_{explained}_"]
     return "\n".join(lines) + "\n"
 
 
