@@ -12,7 +12,7 @@ import difflib
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flowspec.nodes import Conflict, Node, SourceLoc
 from flowspec.steps import Step, written
@@ -52,25 +52,6 @@ class DataSpec(Node):
     test_split: int | float | None = Field(
         default=None, description="test images held out: count or fraction"
     )
-
-    @field_validator("classes")
-    @classmethod
-    def _known_classes(cls, classes: tuple[str | int, ...] | None, info: ValidationInfo):
-        dataset = info.data.get("dataset")
-        if classes is None or dataset is None:
-            return classes
-        names, count = CLASS_NAMES.get(dataset, ()), CLASS_COUNTS.get(dataset)
-        for c in classes:
-            if isinstance(c, str) and dataset not in NAMED_AT_LOAD and c not in names:
-                if not names:
-                    raise ValueError(f"{dataset} classes are numbered: give indices, not '{c}'")
-                close = difflib.get_close_matches(c, names, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"expected one of {', '.join(names)}"
-                raise ValueError(f"unknown {dataset} class '{c}'; {hint}")
-            if isinstance(c, int) and (c < 0 or (count is not None and c >= count)):
-                valid = f"0 to {count - 1}" if count is not None else "0 or more"
-                raise ValueError(f"class index {c} is out of range for {dataset} ({valid})")
-        return classes
 
     @field_validator("test_split")
     @classmethod
@@ -119,6 +100,21 @@ class DataSpec(Node):
                 found.append((what, f"{what} is empty: give a {'class name' if what == 'name' else 'path'}"))
         return found
 
+    def _unknown_class(self) -> str | None:
+        """What is wrong with a class of `classes` for the dataset: an unknown name, an index out of range."""
+        names, count = CLASS_NAMES.get(self.dataset, ()), CLASS_COUNTS.get(self.dataset)
+        for c in self.classes or ():
+            if isinstance(c, str) and self.dataset not in NAMED_AT_LOAD and c not in names:
+                if not names:
+                    return f"{self.dataset} classes are numbered: give indices, not '{c}'"
+                close = difflib.get_close_matches(c, names, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"expected one of {', '.join(names)}"
+                return f"unknown {self.dataset} class '{c}'; {hint}"
+            if isinstance(c, int) and (c < 0 or (count is not None and c >= count)):
+                valid = f"0 to {count - 1}" if count is not None else "0 or more"
+                return f"class index {c} is out of range for {self.dataset} ({valid})"
+        return None
+
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
         shape = "x".join(map(str, self.shape))
@@ -132,6 +128,9 @@ class DataSpec(Node):
             )
         if self.classes is not None and len(self.classes) == 0:
             raise Conflict("classes must name at least one class", "classes")
+        unknown = self._unknown_class()
+        if unknown:
+            raise Conflict(unknown, "classes", "dataset")
         if (self.name is None) == (self.dataset == "torchvision"):
             raise Conflict(
                 'dataset torchvision needs the dataset\'s class: name "CIFAR100"'
@@ -250,16 +249,14 @@ class TrainSpec(Node):
         """Images a training step computes at once in one process: the batch over `accumulate`."""
         return self.batch // self.accumulate
 
-    @field_validator("exp_floor")
-    @classmethod
-    def _floor_below_lr(cls, floor: float, info: ValidationInfo) -> float:
-        lr = info.data.get("lr")
-        if lr is not None and floor > lr:
-            raise ValueError(f"the schedule's floor ({floor:g}) must not exceed lr ({lr:g})")
-        return floor
-
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
+        if self.exp_floor > self.lr:
+            raise Conflict(
+                f"the schedule's floor ({self.exp_floor:g}) must not exceed lr ({self.lr:g})",
+                "exp_floor",
+                "lr",
+            )
         if self.schedule == "cosine" and self.length is None:
             raise Conflict(
                 "a cosine schedule needs a training length: add `length N steps` (or epochs)",

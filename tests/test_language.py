@@ -313,6 +313,24 @@ def test_a_check_between_settings_of_the_file_blames_the_file_not_an_unrelated_s
     assert str(caught.value).startswith(f"{path}:3:1: a cosine schedule needs a training length")
 
 
+def test_a_set_that_makes_the_files_floor_or_classes_wrong_is_blamed(tmp_path: Path):
+    """The floor below lr and the classes of the dataset are checks between settings: a `--set` of lr or
+    the dataset that breaks them is the one to blame, not the file's floor or classes."""
+    path = tmp_path / "m.flow"
+    path.write_text(
+        "model m\ndata cifar10 { classes (cat, dog) }\nflow { split stripe { coupling } }\ntrain {\n"
+        "  optimizer adam(lr=1e-3)\n  warmup 10 steps, then exponential(decay=0.5, floor=1e-4)\n}\n"
+    )
+    cases = {
+        "train.lr=1e-5": "--set:2:7: the schedule's floor (0.0001) must not exceed lr (1e-05)",
+        "data.dataset=digits": "--set:2:6: digits classes are numbered: give indices, not 'cat'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(SpecError) as caught:
+            load_spec(path, ["train.seed=1", override])
+        assert str(caught.value).startswith(message)
+
+
 def test_a_set_model_name_is_read_as_in_a_file(tmp_path: Path):
     assert load_spec(SPECS / "quickstart.flow", ["model=on"]).name == "on"
     assert load_spec(SPECS / "quickstart.flow", ["model=off"]).name == "off"
