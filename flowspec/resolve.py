@@ -165,7 +165,8 @@ def _set(node: RawDict, where: str, field: str, value: Any, loc: SourceLoc) -> N
     if where == "" and field == "name":  # as `model NAME` in a file: a word, `on` too, never quoted
         if not isinstance(value, Word):
             message = (
-                "the model name must be a word of letters, digits and _, unquoted as in a file: model=tiny"
+                "the model name must be a word of letters, digits and _ that starts with a letter or _, "
+                "unquoted as in a file: model=tiny"
             )
             raise SpecError([Diagnostic(loc, message)])
         node.put(field, str(value), loc)

@@ -497,19 +497,36 @@ def test_outputs_never_overwrite_the_files_of_a_run_or_an_ablation(trained, tmp_
     (tmp_path / "ablation" / "ablation.json").write_text("{}")
     (tmp_path / "link.json").symlink_to(trained / "spec.json")
     before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
-    cases = [
-        (["eval", str(trained), "--out", str(trained / "spec.json")], trained / "spec.json", "the run"),
-        (["eval", str(trained), "--out", str(tmp_path / "link.json")], trained / "spec.json", "the run"),
-        (["sample", str(trained), "-o", str(trained / "curves.png")], trained / "curves.png", "the run"),
-        (["sample", str(trained), "-o", str(trained / "samples" / "s.png")], trained / "samples", "the run"),
-        (["eval", str(trained), "-o", str(tmp_path / "ablation" / "ablation.json")], None, "the ablation"),
+    table = tmp_path / "ablation" / "ablation.json"
+    cases = [  # the files a run reads again are said to be (a resume reads its spec.json)
+        (["eval", str(trained), "--out", str(trained / "spec.json")], trained / "spec.json", "the run", True),
+        (
+            ["eval", str(trained), "--out", str(tmp_path / "link.json")],
+            trained / "spec.json",
+            "the run",
+            True,
+        ),
+        (
+            ["sample", str(trained), "-o", str(trained / "curves.png")],
+            trained / "curves.png",
+            "the run",
+            False,
+        ),
+        (["eval", str(trained), "-o", str(table)], table, "the ablation", False),
     ]
-    for args, target, what in cases:
+    for args, target, what, reads in cases:
         assert run([*args, "--limit" if args[0] == "eval" else "-n", "4"]) == 2
         err = capsys.readouterr().err
-        target = target or tmp_path / "ablation" / "ablation.json"
-        assert f"would overwrite {target}, which {what} in {target.parent} writes and reads again" in err
-        assert err.startswith(f"error: --out {args[-1]} ") and err.count("\n") == 1
+        said = (
+            f"would overwrite {target}, which {what} in {target.parent} writes{' and reads again' * reads}:"
+        )
+        assert said in err and err.startswith(f"error: --out {args[-1]} ") and err.count("\n") == 1
+    grid = trained / "samples" / "s.png"  # a new file, in the folder of the run's grids
+    assert run(["sample", str(trained), "-o", str(grid), "-n", "4"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {grid} would write {grid} into {grid.parent}, which the run in {trained} writes: "
+        "choose a file outside it\n"
+    )
     assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before
     assert (tmp_path / "ablation" / "ablation.json").read_text() == "{}"
 

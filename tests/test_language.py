@@ -341,7 +341,8 @@ def test_a_set_model_name_is_read_as_in_a_file(tmp_path: Path):
         with pytest.raises(SpecError) as caught:
             load_spec(SPECS / "quickstart.flow", [f"model={value}"])
         assert str(caught.value).startswith(
-            "--set:1:1: the model name must be a word of letters, digits and _, unquoted"
+            "--set:1:1: the model name must be a word of letters, digits and _ that starts with a letter "
+            "or _, unquoted as in a file: model=tiny"
         )
 
 

@@ -33,6 +33,8 @@ RUN_FILES = (BEST, METRICS, CURVES, "spec.json", "samples", "tensorboard")  # an
 #: output may take their names there (nor any name under `samples/` and `tensorboard/`)
 _RUN, _ABLATION = (*RUN_FILES, LAST, "spec.flow", LOCK), ("ablation-plan.json", "ablation.json", CURVES, LOCK)
 OWN_FILES = {"spec.json": _RUN, LAST: _RUN, "ablation-plan.json": _ABLATION, "ablation.json": _ABLATION}
+#: those of them that a run or an ablation reads again (to resume, to check a folder), not only writes
+_READ_BACK = ("spec.json", "spec.flow", LAST, METRICS, LOCK, "ablation-plan.json")
 
 
 def choose(spec: FlowSpec, out: Path | str | None, dist: Dist) -> Path:
@@ -59,9 +61,15 @@ def check_not_run_file(path: Path, option: str) -> None:
         marks = [mark for mark in OWN_FILES if (folder / mark).exists()]
         if any(name in OWN_FILES[mark] for mark in marks):
             what = "the run" if {"spec.json", LAST} & set(marks) else "the ablation"
+            if folder != target.parent:  # a file in samples/ or tensorboard/
+                raise UserError(
+                    f"{option} {path} would write {target} into {folder / name}, which {what} in {folder} "
+                    f"writes: choose a file outside it"
+                )
+            again = " and reads again" if name in _READ_BACK else ""
             raise UserError(
-                f"{option} {path} would overwrite {folder / name}, which {what} in {folder} writes and reads "
-                f"again: choose another file name"
+                f"{option} {path} would overwrite {target}, which {what} in {folder} writes{again}: choose "
+                f"another file name"
             )
 
 
