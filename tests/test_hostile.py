@@ -641,6 +641,28 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_in_its_folde
     assert sorted(p.name for p in aside.iterdir()) == files[1:] and (out / "last.pt").is_file()
 
 
+def test_a_run_folder_given_as_dot_that_never_checkpointed_starts_again(tmp_path, monkeypatch, capsys):
+    """`--out .`: its files are set aside beside the working folder, named after it."""
+    import errno
+
+    from flowspec.train import checkpoint
+
+    flow, out = tiny_flow(tmp_path), tmp_path / "my run"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    command = ["train", str(flow), "--out", ".", "--device", "cpu", "--max-steps", "1"]
+    with monkeypatch.context() as patched:
+        fail_on(patched, checkpoint.torch, "save", errno.ENOSPC)
+        assert run([*command, "--quiet"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "setting this run's files aside (into my run.before-<time> beside it)\n"
+    )
+    assert run(command) == 0
+    (aside,) = tmp_path.glob("my run.before-*")
+    assert f"its files are in {aside}\n" in capsys.readouterr().out
+    assert (aside / "spec.json").is_file() and (out / "last.pt").is_file()
+
+
 def test_a_full_disk_as_torch_reports_it_is_a_full_disk_not_a_bug(tmp_path, monkeypatch, capsys):
     """On a real full disk torch's checkpoint writer raises a RuntimeError ("unexpected pos") over the
     OSError of the failed write."""

@@ -131,6 +131,40 @@ def test_run_folder(tmp_path, monkeypatch):
         rundir.previous_checkpoint(tmp_path / "grids", spec, resume=False)
 
 
+def test_only_a_run_that_never_checkpointed_is_set_aside(tmp_path):
+    """A folder is an unstarted run's only with a `spec.json` that is a spec and no checkpoint: a foreign
+    spec.json, or a run with a best.pt, is refused and kept as it is, by `train --out` and an ablation
+    alike; `eval` on a folder with a best.pt but no last.pt points to it."""
+    from flowspec.train import ablate
+    from flowspec.train.checkpoint import resolve
+
+    spec = tiny_spec()
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "spec.json").write_text('{"name": "webapp"}')
+    rundir.write_spec_files(tmp_path / "best", spec)
+    (tmp_path / "best" / BEST).write_bytes(b"")
+    (tmp_path / "best" / METRICS).write_text('{"step": 1}\n')
+    for folder, held in (("web", "spec.json"), ("best", "best.pt, metrics.jsonl, spec.flow, spec.json")):
+        before = sorted(p.name for p in (tmp_path / folder).iterdir())
+        assert rundir.unstarted(tmp_path / folder) == [] and ablate._set_aside(tmp_path / folder) == []
+        with pytest.raises(UserError, match=f"{folder} already holds {held} of an earlier run, with no"):
+            rundir.previous_checkpoint(tmp_path / folder, spec, resume=False)
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == before
+    assert not list(tmp_path.glob("*.before-*"))
+    with pytest.raises(UserError) as refused:
+        resolve(tmp_path / "best")
+    assert str(refused.value) == (
+        f"no last.pt in {tmp_path / 'best'} (the checkpoint a run resumes from); its best.pt is there: "
+        f"`flowspec eval {tmp_path / 'best' / 'best.pt'}` uses it (so do sample and export)"
+    )
+    with pytest.raises(UserError, match=r"no checkpoint in .*web: expected .*web/last.pt \(a run folder"):
+        resolve(tmp_path / "web")
+    (tmp_path / "best" / BEST).unlink()  # now a run stopped before its first checkpoint
+    assert ablate._set_aside(tmp_path / "best")[0].startswith("best had stopped before its first checkpoint")
+    (aside,) = tmp_path.glob("best.before-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "spec.flow", "spec.json"]
+
+
 def test_commands_to_paste_are_shell_quoted(tmp_path):
     """A run folder with a space (or a quote) in its name is one word of the command a message names."""
     import shlex

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 
 from flowspec.errors import UserError, shell_command
@@ -18,7 +17,7 @@ from flowspec.train.distributed import main_process, teardown
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
-from flowspec.train.rundir import RUN_FILES, previous_checkpoint
+from flowspec.train.rundir import previous_checkpoint, set_aside
 from flowspec.train.signals import StopCheck, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -155,8 +154,7 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
             if write_plan:
                 plan.write(out)
             for i in todo:  # before any run: the job's other processes look at the folders when theirs starts
-                if not (out / folders[i] / LAST).exists():
-                    done.notes += _set_aside(out / folders[i])
+                done.notes += _set_aside(out / folders[i])
         for i, (spec, folder) in enumerate(zip(specs, folders, strict=True)):
             if folder in plan.results:
                 done.runs.append(plan.finished(out, folder))
@@ -202,11 +200,10 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
 
 def _set_aside(run_dir: Path) -> list[str]:
     """Move the files of a run that stopped before its first checkpoint (a crash, two quick Ctrl-Cs) out of
-    its folder, which the run starts again in: into `<folder>.before-<time>` beside it; what is said."""
-    if not any((run_dir / name).exists() for name in (*RUN_FILES, "spec.flow")):  # as `train` would refuse
+    its folder, as `train --out` would (`rundir.set_aside`); what is said."""
+    aside = set_aside(run_dir)
+    if aside is None:  # nothing to move, or a folder the run refuses: it fails with train's message
         return []
-    aside = run_dir.with_name(f"{run_dir.name}.before-{datetime.now():%Y%m%d-%H%M%S}")
-    run_dir.rename(aside)
     return [
         f"{run_dir.name} had stopped before its first checkpoint: it starts again; its files are in {aside}"
     ]

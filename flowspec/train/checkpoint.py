@@ -100,13 +100,21 @@ def spec_record(spec: FlowSpec) -> dict[str, Any]:
 
 
 def resolve(path: Path | str) -> Path:
-    """A checkpoint file, or a run folder's `last.pt`; a clear error when there is none."""
+    """A checkpoint file, or a run folder's `last.pt`; a clear error when there is none (naming its `best.pt`
+    if it has one)."""
+    from flowspec.train.rundir import unstarted  # (rundir imports this module)
+
     path = Path(path)
     if path.is_dir():
         if (path / LAST).is_file():
             return path / LAST
         check_free(path, FIRST_CHECKPOINT)  # a run still writing its first checkpoint is named
-        if (path / "spec.json").is_file():
+        if (path / BEST).is_file():
+            raise UserError(
+                f"no {LAST} in {path} (the checkpoint a run resumes from); its {BEST} is there: "
+                f"`{shell_command('flowspec', 'eval', path / BEST)}` uses it (so do sample and export)"
+            )
+        if unstarted(path):
             raise UserError(
                 f"no checkpoint in {path}: its run stopped before writing {LAST}, so there is nothing to use "
                 f"or resume; `flowspec train SPEC --out {shell_command(path)}` (the run's command) starts "

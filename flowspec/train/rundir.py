@@ -128,16 +128,26 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
 
 
 def unstarted(run_dir: Path) -> list[str]:
-    """The files of a run that stopped before its first checkpoint (a crash, a kill, a failed write), when
-    the folder holds nothing else: a new run there may set them aside. [] for any other folder."""
+    """The files of a run that stopped before its first checkpoint (a crash, a kill, a failed write): a
+    `spec.json` that is a spec, no checkpoint, and nothing but a run's files; a new run there may set them
+    aside. [] for any other folder."""
+    own = (*RUN_FILES, "spec.flow", "nonfinite_batch*.pt", *STALE)
     try:
         names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
-    except OSError:  # none, or not a folder
+        if LAST in names or BEST in names or "spec.json" not in names:
+            return []
+        if not all(any(fnmatch.fnmatchcase(n, pattern) for pattern in own) for n in names):
+            return []
+        FlowSpec.model_validate_json((run_dir / "spec.json").read_bytes())
+    except (OSError, ValueError):  # no folder, or a spec.json that cannot be read or is not a spec
         return []
-    own = (*RUN_FILES, "spec.flow", "nonfinite_batch*.pt", *STALE)
-    if "spec.json" not in names or LAST in names:
-        return []
-    return names if all(any(fnmatch.fnmatchcase(n, pattern) for pattern in own) for n in names) else []
+    return names
+
+
+def aside(run_dir: Path, time: str) -> Path:
+    """`<folder>.before-<time>` beside `run_dir`, named from its absolute path (`.` has no name to add to)."""
+    folder = Path(os.path.abspath(run_dir))
+    return folder.with_name(f"{folder.name}.before-{time}")
 
 
 def set_aside(run_dir: Path) -> Path | None:
@@ -146,10 +156,10 @@ def set_aside(run_dir: Path) -> Path | None:
     names = unstarted(run_dir)
     if not names:
         return None
-    aside = _new_folder(run_dir.with_name(f"{run_dir.name}.before-{datetime.now():%Y%m%d-%H%M%S}"))
+    moved = _new_folder(aside(run_dir, f"{datetime.now():%Y%m%d-%H%M%S}"))
     for name in names:
-        (run_dir / name).rename(aside / name)
-    return aside
+        (run_dir / name).rename(moved / name)
+    return moved
 
 
 def _check_belongs(run_dir: Path, trained: FlowSpec) -> None:

@@ -217,7 +217,7 @@ class Trainer:
             return (
                 f"no checkpoint was written yet; the same command with --out {shell_command(self.run_dir)} "
                 f"starts the run again there, setting this run's files aside (into "
-                f"{self.run_dir.name}.before-<time> beside it)"
+                f"{rundir.aside(self.run_dir, '<time>').name} beside it)"
             )
         return (
             f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept; free space or "
