@@ -663,6 +663,27 @@ def test_a_run_folder_given_as_dot_that_never_checkpointed_starts_again(tmp_path
     assert (aside / "spec.json").is_file() and (out / "last.pt").is_file()
 
 
+def test_a_failed_read_during_a_run_is_said_to_be_a_read(tmp_path, monkeypatch, capsys):
+    """Not `error writing`, and no advice to free space or make the folder writable."""
+    import errno
+
+    real = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        if path.name == "metrics.jsonl":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    out = tmp_path / "run"
+    command = ["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--max-steps", "3"]
+    assert run([*command, "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: error reading {out / 'metrics.jsonl'}: {os.strerror(errno.EIO)}; the last good checkpoint "
+        f"{out / 'last.pt'} (step 3) is kept; continue with: flowspec train --resume {out} --max-steps 3\n"
+    )
+
+
 def test_a_full_disk_as_torch_reports_it_is_a_full_disk_not_a_bug(tmp_path, monkeypatch, capsys):
     """On a real full disk torch's checkpoint writer raises a RuntimeError ("unexpected pos") over the
     OSError of the failed write."""

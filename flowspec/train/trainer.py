@@ -194,14 +194,15 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train to the spec's length, --max-steps, --max-time or a signal; evaluate and save at the end.
-        A write that fails (a full disk, a read-only folder) stops the run with a `UserError` saying which
-        checkpoint is kept; the run folder is released at the end."""
+        A file operation that fails (a full disk, a read-only folder, a read error) stops the run with a
+        `UserError` saying which checkpoint is kept; the run folder is released at the end."""
         try:
             return self._run()
         except OSError as error:
             if error.filename is None:
                 raise
-            raise UserError(f"{os_error_message(error, 'writing')}; {self._kept()}") from None
+            doing = getattr(error, "doing", "writing")  # as `naming` recorded it
+            raise UserError(f"{os_error_message(error, doing)}; {self._kept(doing)}") from None
         finally:
             self.close()
 
@@ -210,7 +211,8 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-    def _kept(self) -> str:
+    def _kept(self, doing: str) -> str:
+        """What is kept after an OS error `doing` a file (writing, reading), and how to go on."""
         if self.saved_step is None:
             if self.options.continue_with:
                 return f"no checkpoint was written yet; {self.options.continue_with} starts the run again"
@@ -219,9 +221,10 @@ class Trainer:
                 f"starts the run again there, setting this run's files aside (into "
                 f"{rundir.aside(self.run_dir, '<time>').name} beside it)"
             )
+        advice = "free space or make the folder writable, then " if doing == "writing" else ""
         return (
-            f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept; free space or "
-            f"make the folder writable, then continue with: {self._continue_with()}"
+            f"the last good checkpoint {self.run_dir / LAST} (step {self.saved_step}) is kept; {advice}"
+            f"continue with: {self._continue_with()}"
         )
 
     def _continue_with(self) -> str:
