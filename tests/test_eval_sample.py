@@ -499,6 +499,22 @@ def test_eval_on_other_data_gets_its_own_file_and_records_the_checkpoints_own_ha
     assert json.loads((tmp_path / "e.json").read_text())["trained_spec_hash"] == record["trained_spec_hash"]
 
 
+def test_eval_sample_and_export_are_refused_under_a_torchrun_job_of_several_processes(
+    run_dir, tmp_path, monkeypatch, capsys
+):
+    """Each process ran them whole: eval printed everything twice, sample drew two grids with seeds of their
+    own into one file (rank 0's printed seed did not reproduce it), export wrote twice."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for command, out in (("eval", "e.json"), ("sample", "s.png"), ("export", "m.safetensors")):
+        assert run([command, str(run_dir), "-o", str(tmp_path / out)]) == 2
+        assert capsys.readouterr().err == (
+            f"error (rank 1): {command} runs in one process: run it without torchrun (each of this job's 2 "
+            "processes would run it whole and write the same file)\n"
+        )
+        assert not (tmp_path / out).exists()
+
+
 def test_a_command_that_fails_makes_no_output_folder(run_dir, tmp_path):
     out = tmp_path / "new" / "e.json"
     assert run(["eval", str(tmp_path / "no_run"), "-o", str(out)]) == 2

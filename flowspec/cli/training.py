@@ -386,6 +386,17 @@ def _load_for_inference(
     return trained, spec
 
 
+def _one_process(command: str) -> None:
+    """Refuse `command` in a torchrun job of several processes: each would run it whole (eval prints
+    everything once per process, sample draws a grid with a seed of its own, both write the same file)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise UserError(
+            f"{command} runs in one process: run it without torchrun (each of this job's {world} processes "
+            f"would run it whole and write the same file)"
+        )
+
+
 def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
     """Refuse an output path that is a folder, names an unknown kind of file or lies where no folder can be
     made, or would overwrite a file of a run or an ablation, before any work (the folder is made when the
@@ -476,6 +487,7 @@ def evaluate(
     from flowspec.train.memory import PeakMemory
     from flowspec.train.progress import Reporter
 
+    _one_process("eval")
     if out is not None:
         _check_output(out, "--out", (".json",))
     with _stoppable("the evaluation") as signals:
@@ -643,6 +655,7 @@ def sample(
     from flowspec.inspection.budget import device_memory
     from flowspec.train.sampling import check_grid_memory, grid_name, save_grid
 
+    _one_process("sample")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     if out is not None:
@@ -683,6 +696,7 @@ def export_model(
     from flowspec.train.checkpoint import resolve
     from flowspec.train.export import SUFFIX, export
 
+    _one_process("export")
     if output is None:  # model.safetensors of last.pt, model_best.safetensors of best.pt
         checkpoint = resolve(target)
         weights = "" if checkpoint.name == "last.pt" else f"_{checkpoint.stem}"
