@@ -373,6 +373,20 @@ def test_ablate_stopped_in_its_second_run_compares_the_first(tmp_path, monkeypat
     assert load_checkpoint(out / "b")["step"] == 2
 
 
+def test_only_the_main_process_says_that_an_ablation_stopped(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank printed the stop line, rank 1's wrong ("1 of 2 runs done; nothing was
+    compared": it holds no table) while rank 0 compared the finished run."""
+    from flowspec.train import distributed
+
+    first, second = write_flow(tmp_path / "a.flow", name="a"), write_flow(tmp_path / "b.flow", name="b")
+    _signal_on_call(monkeypatch, Evaluator, "__call__", signal.SIGTERM, call=2)  # b's evaluation
+    monkeypatch.setattr(distributed, "main_process", lambda: False)  # the command line of rank 1
+    out = tmp_path / "ablation"
+    args = ["ablate", str(first), str(second), "--steps", "2", "--out", str(out), "--device", "cpu", "-q"]
+    assert run(args) == 143
+    assert capsys.readouterr() == ("", "")
+
+
 def test_an_interrupted_ablation_resumed_compares_what_the_uninterrupted_one_does(
     tmp_path, monkeypatch, capsys
 ):

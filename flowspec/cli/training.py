@@ -803,22 +803,26 @@ def ablate(
     last = done.runs[-1].stopped if done.runs else None
     complete = len(done.runs) + len(done.failed) == planned and not is_signal(last)
     stopped = None if complete else signals.received or last  # a signal after the last run changes nothing
-    finished = done.finished if main_process() else []  # under torchrun, rank 0 prints the table
-    if finished:
+    main = main_process()  # under torchrun, rank 0 says what the ablation did
+    finished = done.finished
+    if main and finished:
         _print_ablation(finished, f"{title} each, seed {seed}", out)
-    for note in done.notes if main_process() else []:
+    for note in done.notes if main else []:
         print(f"note: {note}")
-    for folder, message in done.failed if main_process() else []:
+    for folder, message in done.failed if main else []:
         print(f"error: the run of {folder} failed: {message}", file=sys.stderr)
     if is_signal(stopped):
-        compared = f"the table compares the {len(finished)} finished" if finished else "nothing was compared"
-        cut = done.runs[-1] if is_signal(last) else None
-        where = f" in the run of {cut.run_dir.name} (step {cut.step})" if cut else ""
-        print(
-            f"{stopped}: the ablation stopped{where}; {len(done.finished) + len(done.failed)} of {planned} "
-            f"runs done; {compared}; finish it with: {resume_command(out)}",
-            file=sys.stderr,
-        )
+        if main:
+            compared = (
+                f"the table compares the {len(finished)} finished" if finished else "nothing was compared"
+            )
+            cut = done.runs[-1] if is_signal(last) else None
+            where = f" in the run of {cut.run_dir.name} (step {cut.step})" if cut else ""
+            print(
+                f"{stopped}: the ablation stopped{where}; {len(finished) + len(done.failed)} of {planned} "
+                f"runs done; {compared}; finish it with: {resume_command(out)}",
+                file=sys.stderr,
+            )
         raise typer.Exit(128 + int(signal.Signals[stopped]))
     if done.failed:
         raise typer.Exit(2)
