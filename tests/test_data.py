@@ -9,7 +9,7 @@ from train_helpers import one_thread, write_shards  # noqa: F401 (fixture)
 
 from flowspec.errors import UserError
 from flowspec.spec import DataSpec
-from flowspec.train.batches import BatchStream
+from flowspec.train.batches import BatchStream, check_batch
 from flowspec.train.data import DIGITS_TEST, load_split
 
 DIGITS = DataSpec(dataset="digits", shape=(1, 8, 8), levels=17)
@@ -169,6 +169,8 @@ def test_stream_rejects_bad_batches():
         BatchStream(images, batch=9, seed=0, world=2)
     with pytest.raises(UserError, match="fewer than one batch"):
         BatchStream(images, batch=16, seed=0)
+    with pytest.raises(UserError, match=r"processes \(2\) times accumulate \(4\)"):
+        check_batch(12, 2, 100, accumulate=4)
 
 
 def test_npz_grey_images_without_channel_axis(tmp_path):

@@ -273,6 +273,13 @@ def test_ablate_reads_every_specs_data_before_training(tmp_path, monkeypatch, ca
     big.write_text('extends "good.flow"\nmodel big\ntrain { batch 4000  init_batch 16 }\n')
     assert run(["ablate", str(good), str(big), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
     assert f"error: {big}: the training set has" in capsys.readouterr().err and not out.exists()
+    odd = tmp_path / "odd.flow"  # under torchrun, a batch its processes cannot share: found before too
+    odd.write_text('extends "good.flow"\nmodel odd\ntrain { batch 33 }\n')
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run(["ablate", str(good), str(odd), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {odd}: the batch (33) must be divisible by the number of processes (2)" in err
+    assert not out.exists()
 
 
 def test_ablate_shares_the_data_of_specs_that_read_the_same(tmp_path, monkeypatch):

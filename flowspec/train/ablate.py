@@ -10,10 +10,11 @@ from pathlib import Path
 from flowspec.errors import UserError, shell_command
 from flowspec.spec import FlowSpec
 from flowspec.train.ablation_plan import PLAN, Plan
+from flowspec.train.batches import check_batch
 from flowspec.train.checkpoint import LAST
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.datacache import quietly
-from flowspec.train.distributed import main_process, teardown
+from flowspec.train.distributed import job_size, main_process, teardown
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
@@ -140,11 +141,11 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
     read: dict[str, Datasets] = {}
     datasets = {i: _data_of(specs[i], data_dirs[i], read, options.quiet) for i in todo}
     for i, data in datasets.items():  # found before the others train, not after
-        if len(data["train_set"]) < specs[i].train.batch:
-            raise UserError(
-                f"{specs[i].source or specs[i].name}: the training set has {len(data['train_set'])} images, "
-                f"fewer than one batch ({specs[i].train.batch})"
-            )
+        t = specs[i].train
+        try:
+            check_batch(t.batch, job_size(), len(data["train_set"]), t.accumulate)
+        except UserError as error:
+            raise UserError(f"{specs[i].source or specs[i].name}: {error}") from None
     done = Ablation()
     together = False
     lock = RunLock(out) if main_process() else None  # one process carries out an ablation

@@ -47,6 +47,16 @@ def in_memory(images: ImageSet, device: torch.device | str) -> torch.Tensor:
     return torch.empty(images.images.shape, dtype=torch.uint8, device=device).copy_(images.images)
 
 
+def check_batch(batch: int, world: int, count: int, accumulate: int = 1) -> None:
+    """A `UserError` unless the global `batch` divides among `world` processes (and into `accumulate`
+    micro-batches within each) and `count` training images make at least one batch."""
+    if batch % (world * accumulate):
+        times = f" times accumulate ({accumulate})" if accumulate > 1 else ""
+        raise UserError(f"the batch ({batch}) must be divisible by the number of processes ({world}){times}")
+    if count < batch:
+        raise UserError(f"the training set has {count} images, fewer than one batch ({batch})")
+
+
 class BatchOrder:
     """Which images make each batch, and which of them are flipped.
 
@@ -57,10 +67,7 @@ class BatchOrder:
     """
 
     def __init__(self, count: int, batch: int, seed: int, rank: int = 0, world: int = 1, hflip: bool = False):
-        if batch % world:
-            raise UserError(f"the batch ({batch}) must be divisible by the number of processes ({world})")
-        if count < batch:
-            raise UserError(f"the training set has {count} images, fewer than one batch ({batch})")
+        check_batch(batch, world, count)
         self.count, self.batch, self.seed, self.rank, self.hflip = count, batch, seed, rank, hflip
         self.per_rank = batch // world
         self.steps_per_epoch = count // batch

@@ -62,10 +62,15 @@ def main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def job_size() -> int:
+    """The number of processes of torchrun's job (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: str) -> tuple[Dist, torch.device]:
     """Join the job torchrun started (if any) and pick this process's device: the CPU, or a CUDA device
     (`cuda:N` picks one; under torchrun each process takes the one of its LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = job_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     torchrun = "LOCAL_RANK" in os.environ or world > 1
     try:

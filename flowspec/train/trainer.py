@@ -24,7 +24,7 @@ from flowspec.model import compile_scope
 from flowspec.spec import EvalSpec, FlowSpec, Interval
 from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
-from flowspec.train.batches import BatchStream, training_batches
+from flowspec.train.batches import BatchStream, check_batch, training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
 from flowspec.train.data import ImageSet, default_folder, fingerprint, load_split
 from flowspec.train.datacache import quietly
@@ -153,11 +153,7 @@ class Trainer:
         # cifar10 from FLOWSPEC_DATA_DIR or the cache: that folder is recorded to tell other data apart,
         # but a resume reads the place of its own time (the variable names where the data is on this machine)
         self.data_default = default_folder(spec.data) if self.data_dir is None else None
-        if self.t.accumulate > 1 and self.t.batch % (self.dist.world * self.t.accumulate):
-            raise UserError(
-                f"the batch ({self.t.batch}) must be divisible by the number of processes "
-                f"({self.dist.world}) times accumulate ({self.t.accumulate})"
-            )
+        check_batch(self.t.batch, self.dist.world, len(train_set), self.t.accumulate)
         self.batches = training_batches(train_set, self.t, self.dist, self.device, options.data_memory)
         self.total_steps = self._steps(self.t.length) if self.t.length else None
         self.eval_every = self._steps(self.t.eval_every)
