@@ -558,6 +558,19 @@ def test_a_run_resumes_with_other_eval_settings_but_not_other_training(tmp_path)
         train(faster, _options(run_dir, resume=True))
 
 
+def test_a_resumed_run_keeps_the_eval_options_it_was_given_until_given_again(tmp_path):
+    """`--eval-samples 0 --eval-batch 1` were not kept: `train --resume RUN` (as the stop line advises)
+    evaluated at the default batch and drew sample grids, where `--set eval.samples=0` was kept."""
+    spec, run_dir = tiny_spec(steps=8, eval_every=4), tmp_path / "run"
+    train(spec, _options(run_dir, max_steps=2, eval={"samples": 0, "images": 8}))
+    assert load_checkpoint(run_dir)["eval_options"] == {"samples": 0, "images": 8}
+    assert train(spec, _options(run_dir, resume=True, max_steps=4)).history[-1]["test_images"] == 8
+    assert not (run_dir / "samples").exists()
+    again = train(spec, _options(run_dir, resume=True, max_steps=6, eval={"images": 16}))
+    assert again.history[-1]["test_images"] == 16 and not (run_dir / "samples").exists()
+    assert load_checkpoint(run_dir)["eval_options"] == {"samples": 0, "images": 16}
+
+
 def test_meter_shows_images_running_bits_and_time_left(capsys):
     meter = Reporter("lines", None, 0, every_s=0.0, train=False).meter("eval", 40, "test images")
     meter(8, 3.25)

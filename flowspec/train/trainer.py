@@ -134,6 +134,9 @@ class Trainer:
         payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
         if self.lock is not None:
             self.lock.remove_stale()
+        if payload is not None:  # the eval settings the run was given (--eval-*) hold unless given again
+            eval_settings = {**payload.get("eval_options", {}), **options.eval}
+            self.options = options = replace(options, eval=eval_settings)
         self.saved_step: int | None = payload["step"] if payload is not None else None
         # training seconds of the processes before this one (0 in checkpoints from before they were kept)
         self.trained_before = float(payload.get("train_seconds", 0.0)) if payload is not None else 0.0
@@ -494,6 +497,7 @@ class Trainer:
             "precision": self.precision,
             "precision_asked": self.precision_asked,
             "threads": self.threads.threads,  # a resume keeps them: another count sums in another order
+            "eval_options": dict(self.options.eval),  # a resume keeps them too
             "train_seconds": self._train_seconds(),
             **spec_record(self.spec),
         }
