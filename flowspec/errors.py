@@ -46,6 +46,23 @@ def shell_command(*words: object) -> str:
     return " ".join(shlex.quote(str(word)) for word in words)
 
 
+def flowspec_command(*words: object) -> str:
+    """`flowspec WORDS` for the user to paste, started as this process was: under a torchrun job of several
+    processes by torchrun with as many (a job of several machines: on each, with the job's rendezvous
+    options), so that a resumed run goes on as the uninterrupted one would."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return shell_command("flowspec", *words)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local == world:
+        return shell_command("torchrun", "--nproc_per_node", world, "-m", "flowspec", *words)
+    nodes = os.environ.get("GROUP_WORLD_SIZE") or world // local
+    command = shell_command(
+        "torchrun", "--nnodes", nodes, "--nproc_per_node", local, "-m", "flowspec", *words
+    )
+    return f"{command} (on every node, with the job's rendezvous options)"
+
+
 def os_error_message(error: OSError, doing: str | None = None) -> str:
     """One line for an operating-system error on a path: `no space left writing PATH`, `permission
     denied writing PATH`, ... (`doing`: what was being done; default: what `naming` recorded, else

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
-from train_helpers import write_flow
+from train_helpers import tiny_spec, write_flow
 
 from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.metrics import is_eval, read_metrics
@@ -131,6 +132,42 @@ def test_ranks_leave_the_group_together_after_a_finished_run_and_at_once_after_a
     with pytest.raises(RuntimeError, match="rank failed"):
         trainer.train(None, None)
     assert calls == ["destroy"]
+
+
+def test_under_torchrun_the_commands_that_go_on_start_as_many_processes(tmp_path, monkeypatch):
+    """`Continue with: flowspec train --resume RUN` resumed a job of 2 processes in one: not exact."""
+    from flowspec.train import ablate
+    from flowspec.train.trainer import resume_command
+
+    run_dir = tmp_path / "run"
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    torchrun = "torchrun --nproc_per_node 2 -m flowspec"
+    assert resume_command(run_dir, 300) == f"{torchrun} train --resume {run_dir} --max-steps 300"
+    assert ablate.resume_command(run_dir) == f"{torchrun} ablate --resume {run_dir}"
+    for name, value in (("WORLD_SIZE", "16"), ("LOCAL_WORLD_SIZE", "8"), ("GROUP_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)  # two machines
+    assert resume_command(run_dir, None) == (
+        f"torchrun --nnodes 2 --nproc_per_node 8 -m flowspec train --resume {run_dir} (on every node, "
+        "with the job's rendezvous options)"
+    )
+
+
+def test_a_run_resumed_by_another_number_of_processes_says_so_in_its_header(tmp_path, capsys):
+    from flowspec.train.checkpoint import save_atomic
+    from flowspec.train.trainer import RunOptions, train
+
+    run_dir = tmp_path / "run"
+    options = RunOptions(out=run_dir, device="cpu", max_steps=2, eval={"images": 16, "samples": 0})
+    train(tiny_spec(steps=4), options)
+    assert "1 process;" in capsys.readouterr().out
+    payload = load_checkpoint(run_dir)
+    save_atomic({**payload, "rng": payload["rng"] * 2}, run_dir / "last.pt")  # as 2 processes write it
+    train(tiny_spec(steps=4), replace(options, resume=True, max_steps=3))
+    assert (
+        "1 process (the checkpoint of step 2 was written by 2 processes: the data position carries over, "
+        "the per-process randomness is reseeded); run folder"
+    ) in capsys.readouterr().out
 
 
 def test_the_device_string_picks_the_device_or_is_refused(monkeypatch):

@@ -34,7 +34,15 @@ from flowspec.cli.options import (
     ThreadsOption,
     load_cli_spec,
 )
-from flowspec.errors import Interrupted, RunStopped, Terminated, UserError, os_error_message, shell_command
+from flowspec.errors import (
+    Interrupted,
+    RunStopped,
+    Terminated,
+    UserError,
+    flowspec_command,
+    os_error_message,
+    shell_command,
+)
 from flowspec.spec import CLASS_NAMES, MAX_SEED
 
 if TYPE_CHECKING:
@@ -176,8 +184,8 @@ def _not_a_run_folder(spec: Path | None) -> Path | None:
     if spec is not None and is_run_spec(spec / "spec.flow"):
         raise UserError(
             f"{spec} is a run folder, not a spec file: continue its run with "
-            f"{shell_command('flowspec', 'train', '--resume', spec)} "
-            f"({shell_command('flowspec', 'train', spec / 'spec.flow')} would start a new run with its spec)"
+            f"{flowspec_command('train', '--resume', spec)} "
+            f"({flowspec_command('train', spec / 'spec.flow')} would start a new run with its spec)"
         )
     return spec
 

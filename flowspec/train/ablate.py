@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from flowspec.errors import UserError, shell_command
+from flowspec.errors import UserError, flowspec_command
 from flowspec.spec import FlowSpec
 from flowspec.train.ablation_plan import PLAN, Plan
 from flowspec.train.batches import check_batch
@@ -107,7 +107,7 @@ def run_ablation(
 
 def resume_command(out: Path) -> str:
     """The command that finishes the ablation in `out`."""
-    return shell_command("flowspec", "ablate", "--resume", out)
+    return flowspec_command("ablate", "--resume", out)
 
 
 def resume_ablation(

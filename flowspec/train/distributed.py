@@ -35,10 +35,11 @@ class Dist:
     def active(self) -> bool:
         return self.backend is not None
 
-    def describe(self) -> str:
-        """`1 process` or `4 processes (torchrun, nccl)` for the run header."""
+    def describe(self, note: str = "") -> str:
+        """`1 process` or `4 processes (torchrun, nccl)` for the run header, `note` in the parentheses."""
         processes = f"{self.world} process{'es' if self.world > 1 else ''}"
-        return f"{processes} (torchrun, {self.backend})" if self.active else processes
+        said = "; ".join(filter(None, (f"torchrun, {self.backend}" if self.active else "", note)))
+        return f"{processes} ({said})" if said else processes
 
     def all_sum(self, tensor: torch.Tensor) -> None:
         if self.active:

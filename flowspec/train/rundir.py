@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flowspec.errors import UserError, shell_command
+from flowspec.errors import UserError, flowspec_command
 from flowspec.formatter import format_spec
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import (
@@ -110,7 +110,7 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
     if last.exists():
         raise UserError(
             f"{run_dir} already holds a run ({last}); continue it with "
-            f"`{shell_command('flowspec', 'train', '--resume', run_dir)}` "
+            f"`{flowspec_command('train', '--resume', run_dir)}` "
             f"or choose another --out folder"
         )
     if (run_dir / "spec.flow").exists() and not (run_dir / "spec.json").exists():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import flowspec
-from flowspec.errors import UserError, os_error_message, shell_command
+from flowspec.errors import UserError, flowspec_command, os_error_message, shell_command
 from flowspec.model import compile_scope
 from flowspec.spec import EvalSpec, FlowSpec, Interval
 from flowspec.threads import set_threads
@@ -89,7 +89,7 @@ class RunResult:
 def resume_command(run_dir: Path, max_steps: int | None) -> str:
     """How to go on after a stop: to the same --max-steps, if the run had one."""
     limit = ("--max-steps", max_steps) if max_steps else ()
-    return shell_command("flowspec", "train", "--resume", run_dir, *limit)
+    return flowspec_command("train", "--resume", run_dir, *limit)
 
 
 def stop_line(signal_name: str, step: int, run_dir: Path, go_on: str) -> str:
@@ -185,6 +185,7 @@ class Trainer:
         self.best: float | None = None  # of the scheduled evaluations
         self.stop_bpd: float | None = None  # of an evaluation at a --max-steps or --max-time stop
         self.stop_row = False  # resumed at such a stop, whose row goes once training goes on
+        self.world_note = ""  # said in the header: the checkpoint was written by another number of processes
         if payload is not None:
             self._restore(payload)
         self.board: TensorBoard | None = None  # made when the run starts (`_tensorboard`)
@@ -578,6 +579,10 @@ class Trainer:
             rng.restore(states[self.dist.rank], self.device)
         else:  # a different number of processes: the same data position, fresh per-rank randomness
             rng.seed_all(self.t.seed + self.dist.rank + 7 * self.step)
+            self.world_note = (
+                f"the checkpoint of step {self.step} was written by {len(states)} processes: the data "
+                f"position carries over, the per-process randomness is reseeded"
+            )
         if hasattr(self.batches, "load_state_dict"):
             self.batches.load_state_dict(states[self.dist.rank if same_world else 0]["stream"])
         if "window" in payload:  # absent from checkpoints written before it was kept
@@ -613,7 +618,7 @@ class Trainer:
             f"precision {self.precision}{f' ({self.precision_reason})' if self.precision_reason else ''}, "
             f"recompute {'on' if self.recompute else 'off'}"
             f"{f' ({self.recompute_reason})' if self.recompute_reason else ''}, "
-            f"{self.dist.describe()}; run folder {self.run_dir}"
+            f"{self.dist.describe(self.world_note)}; run folder {self.run_dir}"
         )
 
     def _result(self, stopped: str) -> RunResult:
