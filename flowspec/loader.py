@@ -438,7 +438,7 @@ def _locate(doc: RawDict, loc: tuple, fields: Sequence[str] = ()) -> tuple[str, 
     """Follow a pydantic error location through the raw document: the user-facing path, the source
     location of the deepest part written, the model class of the innermost object, and what to call
     that object in a message (a step's kind, else its path). An error about a node as a whole that
-    reads `fields` of it blames the latest `--set` of one of them, if one was given."""
+    reads `fields` of it blames the latest `--set` of one of them, else the first of them the file wrote."""
     node: Any = doc
     annotation: Any = FlowSpec
     where = doc.loc
@@ -475,9 +475,9 @@ def _locate(doc: RawDict, loc: tuple, fields: Sequence[str] = ()) -> tuple[str, 
     if isinstance(node, RawDict):
         model = model_of(annotation, node) or model
         if complete:
-            written = [node.locs.get(field) for field in fields]
-            overridden = [x for x in written if x is not None and x.file == OVERRIDE_FILE]
-            where = max(overridden, key=lambda x: x.line) if overridden else where
+            written = [x for x in (node.locs.get(field) for field in fields) if x is not None]
+            overridden = [x for x in written if x.file == OVERRIDE_FILE]
+            where = max(overridden, key=lambda x: x.line) if overridden else (written or [where])[0]
     path = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names))
     owner = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names[:depth]))
     if container is not doc and isinstance(container, RawDict) and "source" in container:

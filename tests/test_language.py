@@ -303,14 +303,21 @@ def test_a_check_between_settings_blames_a_set_of_one_of_them(overrides, blamed,
     assert str(caught.value).startswith(f"{blamed}: {message}")
 
 
-def test_a_check_between_settings_of_the_file_blames_the_file_not_an_unrelated_set(tmp_path: Path):
+def test_a_check_between_settings_of_the_file_blames_its_setting_not_an_unrelated_set(tmp_path: Path):
     path = tmp_path / "cosine.flow"
     path.write_text(
         "model m\nflow { split stripe { coupling } }\ntrain {\n  warmup 10 steps, then cosine\n}\n"
     )
     with pytest.raises(SpecError) as caught:
         load_spec(path, ["train.seed=1"])
-    assert str(caught.value).startswith(f"{path}:3:1: a cosine schedule needs a training length")
+    assert str(caught.value).startswith(f"{path}:4:3: a cosine schedule needs a training length")
+    path.write_text(
+        "model m\ndata cifar10 { classes (cat, dog) }\nflow { split stripe { coupling } }\ntrain {\n"
+        "  optimizer adam(lr=1e-5)\n  warmup 10 steps, then exponential(decay=0.5, floor=1e-4)\n}\n"
+    )
+    with pytest.raises(SpecError) as caught:
+        load_spec(path, ["train.seed=1"])
+    assert str(caught.value).startswith(f"{path}:6:3: the schedule's floor (0.0001) must not exceed lr")
 
 
 def test_a_set_that_makes_the_files_floor_or_classes_wrong_is_blamed(tmp_path: Path):

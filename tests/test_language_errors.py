@@ -58,7 +58,7 @@ def test_bad_spec_on_the_command_line_exits_2_without_traceback(capsys):
     assert err.startswith("error: 4 errors in ") and "Traceback" not in err
     assert run(["show", str(CORPUS / "error_in_base.flow")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {CORPUS / '_bad_base.flow'}:4:23: heads (5) must divide filters (96)")
+    assert err.startswith(f"error: {CORPUS / '_bad_base.flow'}:4:32: heads (5) must divide filters (96)")
 
 
 def test_under_torchrun_the_other_processes_name_their_rank(capsys, monkeypatch):
