@@ -353,6 +353,11 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
             lambda p: p["optimizer"]["state"][0].update(exp_avg=p["optimizer"]["state"][0]["exp_avg"][:1]),
             "optimizer state 0.exp_avg does not fit parameter 0",
         ),
+        (lambda p: p.update(threads="2"), "threads is not a thread count (got str)"),
+        (lambda p: p.update(train_seconds="1e3"), "train_seconds is not seconds (got str)"),
+        (lambda p: p.update(precision="fp16"), "precision is not fp32 or bf16"),
+        (lambda p: p.update(eval_options={"samples": -1}), "eval_options is not the --eval-* options given"),
+        (lambda p: p.update(eval_options=["images"]), "eval_options is not the --eval-* options given"),
     ],
     ids=[
         "model-not-a-state-dict",
@@ -363,6 +368,11 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
         "shapes",
         "missing",
         "adam",
+        "threads",
+        "train-seconds",
+        "precision",
+        "eval-options-value",
+        "eval-options-type",
     ],
 )
 def test_a_wrong_checkpoint_is_refused_naming_what_is_wrong(trained, tmp_path, capsys, change, message):

@@ -213,6 +213,25 @@ _STRUCTURE: dict[str, tuple[Any, str]] = {
         "a list of RNG states, one per process",
     ),
     "epoch": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "an epoch"),
+    # what a resume carries over (absent from older checkpoints)
+    "threads": (lambda v: _count(v) and v >= 1, "a thread count"),
+    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+    "precision_asked": (lambda v: v in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
+    "train_seconds": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+        "seconds",
+    ),
+    "eval_options": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(
+                (k == "inversion" and isinstance(x, bool))
+                or (k in ("images", "batch", "samples") and _count(x))
+                for k, x in v.items()
+            )
+        ),
+        "the --eval-* options given",
+    ),
 }
 
 
