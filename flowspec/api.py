@@ -81,70 +81,76 @@ def train(
     from flowspec.loader import check_overrides
     from flowspec.threads import check_threads
     from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
+    from flowspec.train.distributed import agreed, join
     from flowspec.train.lock import check_free
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
 
-    check_overrides(sets)
-    if threads is not None:
-        check_threads(threads)
-    whole = isinstance(max_steps, int) and not isinstance(max_steps, bool)
-    if max_steps is not None and not (whole and max_steps >= 1):
-        raise UserError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
-    memory = parse_size(data_memory) if data_memory is not None else None
-    applied = False  # whether `sets` were applied to the stored spec of the run resumed
-    if resume is not None:
-        if Path(resume).is_file():  # RUN_DIR/last.pt stands for its run folder; nothing else resumes
-            if Path(resume).name != LAST:
-                raise UserError(f"--resume takes a run folder (or its {LAST}), got {resume}")
-            resume = Path(resume).parent
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
-            raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
-        out = resume
-        check_free(Path(resume))  # a run still writing its first checkpoint: named, not "no checkpoint"
-        if spec is None:  # the stored spec, with the --set overrides (eval settings, `save every`)
-            spec = checkpoint_spec(load_checkpoint(resume), resume)
-            if sets:
-                from flowspec.loader import stored_with_overrides
+    # under torchrun the job is joined first: a mistake only one process meets (its own copy of the spec
+    # or the run folder missing) ends every process at once, each saying why
+    with agreed(join(device)):
+        check_overrides(sets)
+        if threads is not None:
+            check_threads(threads)
+        whole = isinstance(max_steps, int) and not isinstance(max_steps, bool)
+        if max_steps is not None and not (whole and max_steps >= 1):
+            raise UserError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+        memory = parse_size(data_memory) if data_memory is not None else None
+        applied = False  # whether `sets` were applied to the stored spec of the run resumed
+        if resume is not None:
+            if Path(resume).is_file():  # RUN_DIR/last.pt stands for its run folder; nothing else resumes
+                if Path(resume).name != LAST:
+                    raise UserError(f"--resume takes a run folder (or its {LAST}), got {resume}")
+                resume = Path(resume).parent
+            if out is not None and Path(out).resolve() != Path(resume).resolve():
+                raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
+            out = resume
+            check_free(Path(resume))  # a run still writing its first checkpoint: named, not "no checkpoint"
+            if spec is None:  # the stored spec, with the --set overrides (eval settings, `save every`)
+                spec = checkpoint_spec(load_checkpoint(resume), resume)
+                if sets:
+                    from flowspec.loader import stored_with_overrides
 
-                spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
-                applied = True
-    if spec is None:
-        raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
-    if not isinstance(spec, FlowSpec):
-        from flowspec.loader import load_spec
+                    spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
+                    applied = True
+        if spec is None:
+            raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
+        if not isinstance(spec, FlowSpec):
+            from flowspec.loader import load_spec
 
-        spec = load_spec(spec, overrides=tuple(sets))
-    elif sets and not applied:
-        raise UserError("sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself")
-    elif resume is None:  # what a spec file may not say, a spec made in Python may not start a run with
-        from flowspec.loader import check_file_rules
+            spec = load_spec(spec, overrides=tuple(sets))
+        elif sets and not applied:
+            raise UserError(
+                "sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself"
+            )
+        elif resume is None:  # what a spec file may not say, a spec made in Python may not start a run with
+            from flowspec.loader import check_file_rules
 
-        check_file_rules(spec)
-    if log_every < 1:
-        raise UserError(f"log_every must be at least 1, got {log_every}")
-    from flowspec.inspection.budget import check_size, default_device
+            check_file_rules(spec)
+        if log_every < 1:
+            raise UserError(f"log_every must be at least 1, got {log_every}")
+        from flowspec.inspection.budget import check_size, default_device
 
-    check_size(spec, "train", default_device(device), allow_large)
-    eval = {**eval_written_by(spec, sets), **(eval or {})}
-    _check_eval(spec, eval)
-    options = RunOptions(
-        out=Path(out) if out is not None else None,
-        data_dir=Path(data) if data is not None else None,
-        device=device,
-        precision=precision,
-        compile=compile,
-        recompute=recompute,
-        max_steps=max_steps,
-        max_time=parse_duration(max_time) if max_time is not None else None,
-        quiet=quiet,
-        resume=resume is not None,
-        log_every=log_every,
-        tensorboard=tensorboard,
-        data_memory=memory,
-        threads=threads,
-        eval=eval,
-    )
+        check_size(spec, "train", default_device(device), allow_large)
+        eval = {**eval_written_by(spec, sets), **(eval or {})}
+        _check_eval(spec, eval)
+        options = RunOptions(
+            out=Path(out) if out is not None else None,
+            data_dir=Path(data) if data is not None else None,
+            device=device,
+            precision=precision,
+            compile=compile,
+            recompute=recompute,
+            max_steps=max_steps,
+            max_time=parse_duration(max_time) if max_time is not None else None,
+            quiet=quiet,
+            resume=resume is not None,
+            log_every=log_every,
+            tensorboard=tensorboard,
+            data_memory=memory,
+            threads=threads,
+            eval=eval,
+        )
     result = run_training(spec, options)
     if result.stopped in ("SIGINT", "SIGTERM"):
         raise RunStopped(result)

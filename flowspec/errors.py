@@ -20,6 +20,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+#: what a process of a torchrun job says when another process of the job stopped (on its own error)
+PEER_STOPPED = (
+    "another process of this torchrun job stopped, so this one cannot go on; the first process to stop "
+    "(usually rank 0) says why, above"
+)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs; the CLI exits with 143."""
 

@@ -13,8 +13,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from train_helpers import tiny_spec, write_flow
+from train_helpers import tiny_spec, write_flow, write_shards
 
+from flowspec.errors import PEER_STOPPED
 from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.metrics import is_eval, read_metrics
 
@@ -218,3 +219,71 @@ def test_an_ablation_under_torchrun_runs_every_spec_in_one_job_and_rank_0_report
     done = subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.count("ablation (2 steps each, seed 0)") == 1, done.stderr
     assert json.loads((out / "ablation.json").read_text()) == rows
+
+
+@pytest.mark.parametrize(("command", "missing"), [("train", "spec file a.flow"), ("ablate", "shards")])
+def test_a_mistake_only_one_torchrun_process_meets_in_set_up_stops_every_process_at_once(
+    tmp_path, command, missing
+):
+    """Rank 1 lacks its copy of the spec or the data (each rank reads from its own folder): it says so,
+    rank 0 says that another process stopped, and both exit 2 at once (rank 0 waited to join the job's
+    group, deaf to torchrun's SIGTERM, until killed 30 s later); an ablation leaves no plan or lock."""
+    for rank in (0, 1) if command == "ablate" else (0,):
+        flow = (tmp_path / f"r{rank}").mkdir() or write_flow(tmp_path / f"r{rank}" / "a.flow", name="a")
+        flow.write_text(flow.read_text().replace("data digits {", "data npz {"))
+    (tmp_path / "r1").mkdir(exist_ok=True)
+    write_shards(tmp_path / "r0" / "shards")
+    wrapper = tmp_path / "perrank.sh"
+    wrapper.write_text(f'#!/bin/sh\ncd {tmp_path}/r$RANK && exec {sys.executable} -m flowspec "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "out"
+    budget = ["--max-steps", "2"] if command == "train" else ["--steps", "2"]
+    args = [command, "a.flow", *budget, "--data", "shards", "--out", str(out), "--device", "cpu", "-q"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    start = time.monotonic()
+    done = subprocess.run(
+        [*launch, "--no-python", str(wrapper), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - start < 25, done.stderr  # not torchrun's 30 s before its SIGKILL
+    errors = sorted(line for line in done.stderr.splitlines() if line.startswith("error"))
+    assert len(errors) == 2 and errors[0].startswith("error (rank 1): ") and missing in errors[0], errors
+    assert errors[1].startswith(f"error: {PEER_STOPPED}")
+    assert not out.exists()  # no run folder, plan or lock: the same command may run again
+
+
+def test_rank_0_of_an_ablation_whose_last_run_failed_writes_its_comparison_before_the_others_exit(tmp_path):
+    """Every rank records the failed run and exits 2 after the ablation; torchrun ends the others as soon
+        as one exits with an error, so rank 0 was stopped by its SIGTERM (exit 143, or -15 as it exited) while
+    it printed the table."""
+    specs = [str(write_flow(tmp_path / f"{name}.flow", name=name)) for name in ("a", "b")]
+    script = tmp_path / "failing_b.py"
+    script.write_text(
+        "import time\n"
+        "from flowspec.cli import main\n"
+        "from flowspec.errors import UserError\n"
+        "from flowspec.cli import training\n"
+        "from flowspec.train import trainer\n"
+        "run, table = trainer.Trainer.run, training._print_ablation\n"
+        "def failing(self):\n"
+        "    if self.spec.name == 'b':\n"
+        "        raise UserError('b diverged')\n"
+        "    return run(self)\n"
+        "def slow(*args):\n"
+        "    time.sleep(2)  # a slow terminal\n"
+        "    table(*args)\n"
+        "trainer.Trainer.run, training._print_ablation = failing, slow\n"
+        "main()\n"
+    )
+    out = tmp_path / "ablation"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+        "ablate", *specs, "--steps", "2", "--out", str(out), "--device", "cpu", "--threads", "1", "-q",
+        "--eval-samples", "0",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "error: the run of b failed: b diverged" in done.stderr, done.stdout + done.stderr
+    assert "(SIGTERM)" not in done.stderr and done.stderr.count("exitcode  : 2") == 2, done.stderr
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [r["spec"] for r in rows] == ["a", "b"] and "ablation (2 steps each, seed 0)" in done.stdout

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from flowspec.errors import Terminated, UserError, os_error_message
+from flowspec.errors import PEER_STOPPED, Terminated, UserError, os_error_message
 
 
 def _usage_name(argument: Any) -> str:
@@ -130,11 +130,7 @@ def run(argv: list[str] | None = None) -> int:
             return _fail(OUT_OF_MEMORY, EXIT_USER)
         if _peer_stopped(error):
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return _fail(
-                "another process of this torchrun job stopped, so this one cannot go on; the first process "
-                f"to stop (usually rank 0) says why, above. ({first})",
-                EXIT_USER,
-            )
+            return _fail(f"{PEER_STOPPED}. ({first})", EXIT_USER)
         return _bug()
     if received:  # typer turns Ctrl-C into exit code 130 silently: say what happened
         return _interrupted(received[0])

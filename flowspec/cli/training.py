@@ -47,6 +47,7 @@ from flowspec.spec import CLASS_NAMES, MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
+    from flowspec.train.ablate import Ablation
     from flowspec.train.signals import StopSignals
     from flowspec.train.trainer import RunResult
 
@@ -770,51 +771,68 @@ def ablate(
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from flowspec.inspection.budget import check_size, default_device
-    from flowspec.train.ablate import is_signal, read_plan, resume_ablation, resume_command, run_ablation
-    from flowspec.train.distributed import main_process
+    from flowspec.train.ablate import read_plan, resume_ablation, run_ablation
+    from flowspec.train.distributed import agreed, join, teardown
     from flowspec.train.trainer import RunOptions
 
     how = RunOptions(data_dir=data, device=_device(device), quiet=quiet, threads=threads)
-    if resume is not None:
-        _check_resume_alone(ctx, specs, resume)
-        out, plan = resume, read_plan(resume)
-        for each in plan.specs:  # on the device the runs will use
-            check_size(each, "train", default_device(how.device or plan.options.device), allow_large)
-        with _stoppable("the ablation", _kept_by_ablation(out)) as signals:
-            done = resume_ablation(resume, how, signals.check, plan)
-        title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.runs)
-    else:
-        if not specs:
-            raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
-        if (steps is None) == (budget is None):
-            raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
-        resolved = [load_cli_spec(path, sets) for path in specs]
-        for each in resolved:
-            check_size(each, "train", default_device(how.device), allow_large)
-        out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
-        options = replace(
-            how,
-            precision=precision.value if precision else None,
-            compile=compile_networks,
-            recompute=recompute.value,
-            data_memory=parse_size(data_memory) if data_memory is not None else None,
-            max_steps=steps,
-            max_run_time=parse_duration(budget) if budget else None,
-            eval={
-                **eval_written_by(resolved[0], sets or ()),
-                **_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
-            },
-        )
-        title, planned = (f"{steps} steps" if steps else str(budget)), len(resolved)
-        with _stoppable("the ablation", _kept_by_ablation(out)) as signals:
-            done = run_ablation(resolved, options, out, seed, signals.check, sets or (), title)
+    try:
+        if resume is not None:
+            _check_resume_alone(ctx, specs, resume)
+            out, plan = resume, read_plan(resume)
+            for each in plan.specs:  # on the device the runs will use
+                check_size(each, "train", default_device(how.device or plan.options.device), allow_large)
+            with _stoppable("the ablation", _kept_by_ablation(out)) as signals:
+                done = resume_ablation(resume, how, signals.check, plan)
+            title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.runs)
+        else:
+            if not specs:
+                raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
+            if (steps is None) == (budget is None):
+                raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
+            with agreed(join(how.device)):  # under torchrun, one process may lack its copy of a spec
+                resolved = [load_cli_spec(path, sets) for path in specs]
+                for each in resolved:
+                    check_size(each, "train", default_device(how.device), allow_large)
+            out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
+            options = replace(
+                how,
+                precision=precision.value if precision else None,
+                compile=compile_networks,
+                recompute=recompute.value,
+                data_memory=parse_size(data_memory) if data_memory is not None else None,
+                max_steps=steps,
+                max_run_time=parse_duration(budget) if budget else None,
+                eval={
+                    **eval_written_by(resolved[0], sets or ()),
+                    **_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
+                },
+            )
+            title, planned = (f"{steps} steps" if steps else str(budget)), len(resolved)
+            with _stoppable("the ablation", _kept_by_ablation(out)) as signals:
+                done = run_ablation(resolved, options, out, seed, signals.check, sets or (), title)
+        code = _report_ablation(done, planned, signals.received, f"{title} each, seed {seed}", out)
+    except BaseException:
+        teardown()  # at once: the others may never reach a barrier
+        raise
+    # after rank 0's report: a process that exits with an error (a failed run) makes torchrun end the others
+    teardown(together=True)
+    if code:
+        raise typer.Exit(code)
+
+
+def _report_ablation(done: Ablation, planned: int, received: str | None, caption: str, out: Path) -> int:
+    """Print the comparison (rank 0), its notes and failed runs, and a stop line; the exit code."""
+    from flowspec.train.ablate import is_signal, resume_command
+    from flowspec.train.distributed import main_process
+
     last = done.runs[-1].stopped if done.runs else None
     complete = len(done.runs) + len(done.failed) == planned and not is_signal(last)
-    stopped = None if complete else signals.received or last  # a signal after the last run changes nothing
+    stopped = None if complete else received or last  # a signal after the last run changes nothing
     main = main_process()  # under torchrun, rank 0 says what the ablation did
     finished = done.finished
     if main and finished:
-        _print_ablation(finished, f"{title} each, seed {seed}", out)
+        _print_ablation(finished, caption, out)
     for note in done.notes if main else []:
         print(f"note: {note}")
     for folder, message in done.failed if main else []:
@@ -831,9 +849,8 @@ def ablate(
                 f"runs done; {compared}; finish it with: {resume_command(out)}",
                 file=sys.stderr,
             )
-        raise typer.Exit(128 + int(signal.Signals[stopped]))
-    if done.failed:
-        raise typer.Exit(2)
+        return 128 + int(signal.Signals[stopped])
+    return 2 if done.failed else 0
 
 
 def _kept_by_ablation(out: Path) -> str:

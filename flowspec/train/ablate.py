@@ -14,7 +14,7 @@ from flowspec.train.batches import check_batch
 from flowspec.train.checkpoint import LAST
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.datacache import quietly
-from flowspec.train.distributed import job_size, main_process, teardown
+from flowspec.train.distributed import agreed, job_size, join, main_process, teardown
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
@@ -88,21 +88,25 @@ def run_ablation(
     if options.max_time is not None or (options.max_steps is None) == (options.max_run_time is None):
         raise ValueError("an ablation's budget is one of max_steps and max_run_time (not max_time)")
     folders = folder_names([s.name for s in specs], [s.source for s in specs])
-    if main_process():  # an ablation going on there is named first
-        check_free(out, WRITERS)
-    for planned in (PLAN, "ablation.json"):
-        if (out / planned).exists():
-            raise UserError(
-                f"{out} already holds an ablation ({out / planned}); choose another --out"
-                + (f", or finish it with: {resume_command(out)}" if planned == PLAN else "")
-            )
-    for spec, folder in zip(specs, folders, strict=True):  # an earlier run there is refused before any trains
-        previous_checkpoint(out / folder, spec, resume=False)
-    data_dirs = [_absolute(options.data_dir or spec.data.path) for spec in specs]
-    seeded = [with_seed(spec, seed) for spec in specs]
-    title = budget or (f"{options.max_steps} steps" if options.max_steps else f"{options.max_run_time:g}s")
-    plan = Plan.make(seeded, folders, data_dirs, options, title, list(overrides))
-    return _carry_out(plan, out, stop, options, write_plan=True)
+    with agreed(join(options.device)):  # under torchrun, a mistake one process meets alone stops them all
+        if main_process():  # an ablation going on there is named first
+            check_free(out, WRITERS)
+        for planned in (PLAN, "ablation.json"):
+            if (out / planned).exists():
+                raise UserError(
+                    f"{out} already holds an ablation ({out / planned}); choose another --out"
+                    + (f", or finish it with: {resume_command(out)}" if planned == PLAN else "")
+                )
+        for spec, folder in zip(specs, folders, strict=True):  # an earlier run there is refused first
+            previous_checkpoint(out / folder, spec, resume=False)
+        data_dirs = [_absolute(options.data_dir or spec.data.path) for spec in specs]
+        seeded = [with_seed(spec, seed) for spec in specs]
+        title = budget or (
+            f"{options.max_steps} steps" if options.max_steps else f"{options.max_run_time:g}s"
+        )
+        plan = Plan.make(seeded, folders, data_dirs, options, title, list(overrides))
+        datasets = _datasets(plan, options.quiet)
+    return _carry_out(plan, datasets, out, stop, options, write_plan=True)
 
 
 def resume_command(out: Path) -> str:
@@ -121,8 +125,12 @@ def resume_ablation(
     if options.data_dir is not None:
         for run in plan.runs:
             run.data_dir = str(_absolute(options.data_dir))
-    how = RunOptions(device=options.device, threads=options.threads, quiet=options.quiet)
-    return _carry_out(plan, out, stop, plan.run_options(how), write_plan=False)
+    options = plan.run_options(
+        RunOptions(device=options.device, threads=options.threads, quiet=options.quiet)
+    )
+    with agreed(join(options.device)):
+        datasets = _datasets(plan, options.quiet)
+    return _carry_out(plan, datasets, out, stop, options, write_plan=False)
 
 
 def read_plan(out: Path) -> Plan:
@@ -133,24 +141,42 @@ def read_plan(out: Path) -> Plan:
     return Plan.read(out)
 
 
-def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, write_plan: bool) -> Ablation:
-    """Train the plan's runs that have no result yet, in order, and write the comparison."""
+def _datasets(plan: Plan, quiet: bool) -> dict[int, Datasets]:
+    """The data of each run of the plan that has no result yet, by its position (specs with the same data
+    share one copy); a batch the job cannot split or train on is refused (before any run trains)."""
+    read: dict[str, Datasets] = {}
+    datasets = {}
+    for i, (spec, run) in enumerate(zip(plan.specs, plan.runs, strict=True)):
+        if run.folder in plan.results:
+            continue
+        datasets[i] = _data_of(spec, Path(run.data_dir) if run.data_dir else None, read, quiet)
+        t = spec.train
+        try:
+            check_batch(t.batch, job_size(), len(datasets[i]["train_set"]), t.accumulate)
+        except UserError as error:
+            raise UserError(f"{spec.source or spec.name}: {error}") from None
+    return datasets
+
+
+def _carry_out(
+    plan: Plan,
+    datasets: dict[int, Datasets],
+    out: Path,
+    stop: StopCheck,
+    options: RunOptions,
+    write_plan: bool,
+) -> Ablation:
+    """Train the plan's runs that have no result yet (`datasets`: their data), in order, and write the
+    comparison. Under torchrun the job's process group serves every run; it is left on an error, and
+    otherwise by the caller once rank 0 has reported (`teardown(together=True)`): a process that exits
+    with an error (a failed run) makes torchrun end the others, rank 0 while it writes."""
     specs, folders = plan.specs, [run.folder for run in plan.runs]
     data_dirs = [Path(run.data_dir) if run.data_dir else None for run in plan.runs]
-    todo = [i for i, folder in enumerate(folders) if folder not in plan.results]
-    read: dict[str, Datasets] = {}
-    datasets = {i: _data_of(specs[i], data_dirs[i], read, options.quiet) for i in todo}
-    for i, data in datasets.items():  # found before the others train, not after
-        t = specs[i].train
-        try:
-            check_batch(t.batch, job_size(), len(data["train_set"]), t.accumulate)
-        except UserError as error:
-            raise UserError(f"{specs[i].source or specs[i].name}: {error}") from None
+    todo = list(datasets)
     done = Ablation()
-    together = False
     lock = RunLock(out) if main_process() else None  # one process carries out an ablation
     options = replace(options, continue_with=resume_command(out))
-    try:  # under torchrun the job's process group serves every run, and is left at the end
+    try:
         if lock is not None:
             if write_plan:
                 plan.write(out)
@@ -180,11 +206,12 @@ def _carry_out(plan: Plan, out: Path, stop: StopCheck, options: RunOptions, writ
             if lock is not None:
                 plan.record(run)
                 plan.write(out)
-        together = True
+    except BaseException:
+        teardown()
+        raise
     finally:
         if lock is not None:
             lock.release()
-        teardown(together=together)
     if not main_process():  # rank 0 writes the comparison
         return done
     files = {folder: spec.source for folder, spec in zip(folders, specs, strict=True)}

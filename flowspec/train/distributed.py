@@ -7,14 +7,17 @@ gloo on CPU, and the model is wrapped in DistributedDataParallel.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as td
 
-from flowspec.errors import UserError
+from flowspec.errors import PEER_STOPPED, UserError
 from flowspec.inspection.budget import check_cuda
 
 
@@ -68,12 +71,17 @@ def job_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def under_torchrun() -> bool:
+    """Whether this process is a worker of a torchrun job."""
+    return "LOCAL_RANK" in os.environ or job_size() > 1
+
+
 def setup(device: str) -> tuple[Dist, torch.device]:
     """Join the job torchrun started (if any) and pick this process's device: the CPU, or a CUDA device
     (`cuda:N` picks one; under torchrun each process takes the one of its LOCAL_RANK)."""
     world = job_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    torchrun = "LOCAL_RANK" in os.environ or world > 1
+    torchrun = under_torchrun()
     try:
         where = torch.device(device)
     except (RuntimeError, TypeError):
@@ -93,6 +101,34 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         if not td.is_initialized():
             td.init_process_group(backend=backend)
     return Dist(rank, world, local_rank, backend), where
+
+
+def join(device: str | None) -> Dist:
+    """Under torchrun, join the job's group (see `setup`; `device` None: cuda when available) before this
+    process reads anything of its own (spec, checkpoint, data), which it may fail to read alone; a plain
+    `Dist` (and no check of the device) otherwise."""
+    if not under_torchrun():
+        return Dist()
+    return setup(device or ("cuda" if torch.cuda.is_available() else "cpu"))[0]
+
+
+@contextmanager
+def agreed(dist: Dist) -> Iterator[None]:
+    """Set-up that one process of the job may fail alone (its files differ, or a rank-0 check), with no
+    collective inside: the processes agree at its end, so that none waits for a process that stopped. The
+    one that failed raises its own error, the others a `UserError` saying that another process stopped.
+    Nothing without a group."""
+    if not dist.active:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        with contextlib.suppress(Exception):  # its own error, even when another process is gone already
+            dist.gather(False)
+        raise
+    if not all(dist.gather(True)):
+        raise UserError(PEER_STOPPED)
 
 
 def teardown(together: bool = False) -> None:

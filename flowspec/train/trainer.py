@@ -31,6 +31,7 @@ from flowspec.train.datacache import quietly
 from flowspec.train.distributed import (
     StopVote,
     agree_to_stop,
+    agreed,
     broadcast_module,
     setup,
     teardown,
@@ -119,8 +120,6 @@ class Trainer:
         self.run_dir = rundir.choose(spec, options.out, self.dist)
         self.lock: RunLock | None = None
         try:
-            # before anything reads or writes; what a killed run left is removed once the folder is accepted
-            self.lock = RunLock(self.run_dir, clean=False) if self.dist.main else None
             self._setup(train_set, test_set)
         except BaseException:
             if fresh and self.dist.main:  # a run that never started leaves no folder (removed while locked)
@@ -131,9 +130,13 @@ class Trainer:
 
     def _setup(self, train_set: ImageSet | None, test_set: ImageSet | None) -> None:
         spec, options = self.spec, self.options
-        payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
-        if self.lock is not None:
-            self.lock.remove_stale()
+        with agreed(self.dist):  # what one process may meet alone (its lock, checkpoint, data) stops all
+            # before anything reads or writes; what a killed run left is removed once the folder is accepted
+            self.lock = RunLock(self.run_dir, clean=False) if self.dist.main else None
+            payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
+            if self.lock is not None:
+                self.lock.remove_stale()
+            train_set, test_set = self._read_data(payload, train_set, test_set)
         if payload is not None:  # the eval settings the run was given (--eval-*) hold unless given again
             eval_settings = {**payload.get("eval_options", {}), **options.eval}
             self.options = options = replace(options, eval=eval_settings)
@@ -141,15 +144,6 @@ class Trainer:
         # training seconds of the processes before this one (0 in checkpoints from before they were kept)
         self.trained_before = float(payload.get("train_seconds", 0.0)) if payload is not None else 0.0
         self._choose_precision(payload)
-
-        # a resumed run reads the data folder it was trained on unless --data says otherwise; a new one
-        # records the spec's path as read from here, so that a run elsewhere (resume, eval) reads the same
-        self.data_dir = options.data_dir or (payload.get("data_dir") if payload else None) or spec.data.path
-        with quietly(options.quiet):
-            if train_set is None:
-                train_set = load_split(spec.data, "train", self.data_dir)
-            if test_set is None:
-                test_set = load_split(spec.data, "test", self.data_dir)
         self.train_set, self.test_size = train_set, len(test_set)
         self.fingerprints = {"train": fingerprint(train_set.images), "test": fingerprint(test_set.images)}
         self.data_note: str | None = None  # said after the banner: the data changed since the checkpoint
@@ -189,6 +183,21 @@ class Trainer:
         if payload is not None:
             self._restore(payload)
         self.board: TensorBoard | None = None  # made when the run starts (`_tensorboard`)
+
+    def _read_data(
+        self, payload: dict[str, Any] | None, train_set: ImageSet | None, test_set: ImageSet | None
+    ) -> tuple[ImageSet, ImageSet]:
+        """The train and test sets, those not given read from `self.data_dir`: a resumed run reads the
+        data folder it was trained on unless --data says otherwise; a new one records the spec's path as
+        read from here, so that a run elsewhere (resume, eval) reads the same."""
+        data = self.spec.data
+        self.data_dir = self.options.data_dir or (payload.get("data_dir") if payload else None) or data.path
+        with quietly(self.options.quiet):
+            if train_set is None:
+                train_set = load_split(data, "train", self.data_dir)
+            if test_set is None:
+                test_set = load_split(data, "test", self.data_dir)
+        return train_set, test_set
 
     # ------------------------------------------------------------ the loop
 
