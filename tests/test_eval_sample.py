@@ -258,7 +258,7 @@ def test_ablate_with_a_tiny_budget_prints_the_table(tmp_path, capsys):
 
 
 def test_ablate_reads_every_specs_data_before_training(tmp_path, monkeypatch, capsys):
-    from flowspec.train import ablate
+    from flowspec.train import ablate, distributed
 
     good = write_flow(tmp_path / "good.flow", name="good")
     bad = tmp_path / "bad.flow"
@@ -276,6 +276,7 @@ def test_ablate_reads_every_specs_data_before_training(tmp_path, monkeypatch, ca
     odd = tmp_path / "odd.flow"  # under torchrun, a batch its processes cannot share: found before too
     odd.write_text('extends "good.flow"\nmodel odd\ntrain { batch 33 }\n')
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "setup", lambda device: (distributed.Dist(), None))  # no job to join
     assert run(["ablate", str(good), str(odd), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"error: {odd}: the batch (33) must be divisible by the number of processes (2)" in err
