@@ -337,7 +337,7 @@ def test_schedule_factors():
 def test_cosine_without_length_is_a_spec_error():
     text = "model m\nflow { squeeze }\ntrain {\n  warmup 10 steps, then cosine\n}\n"
     with pytest.raises(
-        UserError, match=r"m.flow:3:1: a cosine schedule needs a training length: add `length"
+        UserError, match=r"m.flow:4:3: a cosine schedule needs a training length: add `length"
     ):
         flowspec.parse_spec(text, source="m.flow")
     spec = flowspec.parse_spec(text.replace("cosine", "cosine  length 100 steps"), source="m.flow")
