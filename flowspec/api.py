@@ -132,7 +132,8 @@ def train(
         from flowspec.inspection.budget import check_size, default_device
 
         check_size(spec, "train", default_device(device), allow_large)
-        eval = {**eval_written_by(spec, sets), **(eval or {})}
+        given = dict(eval or {})  # the --eval-* options, which the run records (`--set eval.*`: its spec)
+        eval = {**eval_written_by(spec, sets), **given}
         _check_eval(spec, eval)
         options = RunOptions(
             out=Path(out) if out is not None else None,
@@ -150,6 +151,7 @@ def train(
             data_memory=memory,
             threads=threads,
             eval=eval,
+            eval_options=given,
         )
     result = run_training(spec, options)
     if result.stopped in ("SIGINT", "SIGTERM"):

@@ -562,13 +562,29 @@ def test_a_resumed_run_keeps_the_eval_options_it_was_given_until_given_again(tmp
     """`--eval-samples 0 --eval-batch 1` were not kept: `train --resume RUN` (as the stop line advises)
     evaluated at the default batch and drew sample grids, where `--set eval.samples=0` was kept."""
     spec, run_dir = tiny_spec(steps=8, eval_every=4), tmp_path / "run"
-    train(spec, _options(run_dir, max_steps=2, eval={"samples": 0, "images": 8}))
+    given = {"samples": 0, "images": 8}
+    train(spec, _options(run_dir, max_steps=2, eval=given, eval_options=given))
     assert load_checkpoint(run_dir)["eval_options"] == {"samples": 0, "images": 8}
     assert train(spec, _options(run_dir, resume=True, max_steps=4)).history[-1]["test_images"] == 8
     assert not (run_dir / "samples").exists()
-    again = train(spec, _options(run_dir, resume=True, max_steps=6, eval={"images": 16}))
+    again = train(
+        spec, _options(run_dir, resume=True, max_steps=6, eval={"images": 16}, eval_options={"images": 16})
+    )
     assert again.history[-1]["test_images"] == 16 and not (run_dir / "samples").exists()
     assert load_checkpoint(run_dir)["eval_options"] == {"samples": 0, "images": 16}
+
+
+def test_set_eval_settings_live_in_the_runs_spec_not_among_its_recorded_options(tmp_path):
+    """`--set eval.NAME` is the run's spec (a later spec file's eval section replaces it at resume), and
+    any eval setting may be written so (temperatures too): none is recorded as an --eval-* option."""
+    flow, run_dir = write_flow(tmp_path / "tiny.flow", steps=8, eval_every=4), tmp_path / "run"
+    sets = ["eval.temperatures=(0.5, 0.7)", "eval.images=8", "eval.samples=0"]
+    flowspec.train(flow, out=run_dir, device="cpu", quiet=True, max_steps=2, sets=sets)
+    assert load_checkpoint(run_dir)["eval_options"] == {}
+    changed = tmp_path / "changed.flow"
+    changed.write_text(flow.read_text() + "eval { images 16  samples 0 }\n")
+    resumed = flowspec.train(changed, resume=run_dir, device="cpu", quiet=True, max_steps=4)
+    assert resumed.history[-1]["test_images"] == 16
 
 
 def test_meter_shows_images_running_bits_and_time_left(capsys):

@@ -65,6 +65,7 @@ class RunOptions:
     quiet: bool = False
     resume: bool = False  # continue the run in `out` from its last checkpoint
     eval: dict[str, Any] = field(default_factory=dict)  # eval settings over the spec's (and a short run's)
+    eval_options: dict[str, Any] = field(default_factory=dict)  # of them, the --eval-* options: recorded
     threads: int | None = None  # intra-op CPU threads; None: chosen by model size and CPU load
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops (checked when logging)
     log_every: int = 10  # read the loss from the device (progress, divergence) every N steps
@@ -137,9 +138,9 @@ class Trainer:
             if self.lock is not None:
                 self.lock.remove_stale()
             train_set, test_set = self._read_data(payload, train_set, test_set)
-        if payload is not None:  # the eval settings the run was given (--eval-*) hold unless given again
-            eval_settings = {**payload.get("eval_options", {}), **options.eval}
-            self.options = options = replace(options, eval=eval_settings)
+        if payload is not None:  # the --eval-* options the run was given hold unless given again
+            kept = {**payload.get("eval_options", {}), **options.eval_options}
+            self.options = options = replace(options, eval={**kept, **options.eval}, eval_options=kept)
         self.saved_step: int | None = payload["step"] if payload is not None else None
         # training seconds of the processes before this one (0 in checkpoints from before they were kept)
         self.trained_before = float(payload.get("train_seconds", 0.0)) if payload is not None else 0.0
@@ -507,7 +508,7 @@ class Trainer:
             "precision": self.precision,
             "precision_asked": self.precision_asked,
             "threads": self.threads.threads,  # a resume keeps them: another count sums in another order
-            "eval_options": dict(self.options.eval),  # a resume keeps them too
+            "eval_options": dict(self.options.eval_options),  # a resume keeps them too
             "train_seconds": self._train_seconds(),
             **spec_record(self.spec),
         }
@@ -589,7 +590,8 @@ class Trainer:
         else:  # a different number of processes: the same data position, fresh per-rank randomness
             rng.seed_all(self.t.seed + self.dist.rank + 7 * self.step)
             self.world_note = (
-                f"the checkpoint of step {self.step} was written by {len(states)} processes: the data "
+                f"the checkpoint of step {self.step} was written by {len(states)} "
+                f"{'process' if len(states) == 1 else 'processes'}: the data "
                 f"position carries over, the per-process randomness is reseeded"
             )
         if hasattr(self.batches, "load_state_dict"):
