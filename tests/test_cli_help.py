@@ -130,9 +130,18 @@ def test_help_texts_say_what_the_options_do(capsys, monkeypatch):
     assert "default: the spec's eval.batch, else the batch" in next(x for x in lines if "--eval-batch" in x)
     assert "resumed run" in next(x for x in lines if "--precision" in x)
     assert "--seed" not in "\n".join(lines)  # hidden: it is refused
+    assert "(pip install tensorboard)" in next(x for x in lines if "--tensorboard" in x)  # no markup eaten
+    assert "notes, errors" in next(x for x in lines if "--quiet" in x)
+    assert "the spec's eval.samples" in next(x for x in lines if "--eval-samples" in x)
     assert run(["ablate", "--help"]) == 0
     precision = next(x for x in capsys.readouterr().out.splitlines() if "--precision" in x)
     assert "Default: fp32." in precision and "resume" not in precision  # ablate does not resume
+    assert run(["eval", "--help"]) == 0
+    batch = next(x for x in capsys.readouterr().out.splitlines() if "--batch" in x)
+    assert batch.count("256") == 1  # the default said once
+    assert run(["--help"]) == 0
+    described = capsys.readouterr().out.split("Options")[0]  # the app's own description names them all
+    assert all(name in described for name in COMMANDS)
 
 
 def test_train_seed_says_where_the_seed_is_set(capsys):
@@ -149,3 +158,41 @@ def test_train_of_a_run_folder_suggests_resume(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run_dir} is a run folder") and "Traceback" not in err
     assert f"flowspec train --resume {run_dir} " in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("width", ["80", "120"])
+@pytest.mark.parametrize("args", [[], *([name] for name in COMMANDS)])
+def test_help_fits_a_common_terminal_without_cutting_a_word(args, width, capsys, monkeypatch):
+    """At 80 columns typer gave the help text ~17 of them: words were cut with an ellipsis."""
+    monkeypatch.setenv("COLUMNS", width)
+    assert run([*args, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "<int" not in out and "<float>" not in out  # no python types either
+
+
+@pytest.mark.parametrize(
+    ("name", "argument"), [("validate", "SPEC..."), ("ablate", "SPEC..."), ("eval", "RUN_DIR")]
+)
+def test_the_arguments_panel_names_arguments_without_python_types(name, argument, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    assert run([name, "--help"]) == 0
+    panel = capsys.readouterr().out.split("Arguments")[1].split("Options")[0]
+    assert argument in panel and "<" not in panel and "list[" not in panel
+
+
+def test_a_seed_out_of_range_is_a_usage_error_naming_the_range(capsys):
+    assert run(["sample", "run", "--seed", "-1"]) == 2
+    assert "a seed is a whole number from 0 to 4294967295, got -1" in capsys.readouterr().err
+
+
+def test_eval_inversion_and_its_negation_are_one_setting(capsys):
+    from flowspec.cli.training import _eval_settings
+
+    assert _eval_settings(None, None, None, False, False) == {}
+    assert _eval_settings(None, None, None, True, False) == {"inversion": True}
+    assert _eval_settings(3, None, None, False, True) == {"images": 3, "inversion": False}
+    quickstart = str(ROOT / "specs" / "quickstart.flow")
+    parsed = GROUP.commands["ablate"].make_context("ablate", [quickstart, "--no-eval-inversion"]).params  # type: ignore[attr-defined]
+    assert (parsed["eval_inversion"], parsed["no_eval_inversion"]) == (False, True)
+    assert run(["train", quickstart, "--eval-inversion", "--no-eval-inversion"]) == 2
+    assert "--eval-inversion and --no-eval-inversion contradict each other" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from flowspec.errors import PEER_STOPPED, Terminated, UserError, os_error_message
 
@@ -22,12 +22,26 @@ def _usage_name(argument: Any) -> str:
     return (name if argument.required else f"[{name}]") + ("..." if argument.nargs != 1 else "")
 
 
-def _flags_untyped(params: list[Any]) -> list[Any]:
-    """`params` with no type shown for a flag: typer shows `<bool>` (as if it took a value) unless the
-    option has a metavar."""
+class _Argument(TyperArgument):
+    """An argument as the help's Arguments panel shows it: by its name alone, `SPEC...` for several
+    (typer writes `SPEC` and a python type beside it: `<list[Path]>`)."""
+
+    @property
+    def display_name_raw(self) -> str:
+        return super().display_name_raw + ("..." if self.nargs != 1 else "")
+
+    def display_type_rich(self, ctx: Any) -> None:
+        return None
+
+
+def _readable(params: list[Any]) -> list[Any]:
+    """`params` as the help should show them: no type for a flag (typer shows `<bool>`, as if it took a
+    value, unless the option has a metavar) and arguments as `_Argument`s."""
     for param in params:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
+        elif type(param) is TyperArgument:
+            param.__class__ = _Argument  # typer makes the parameters: no subclass can be asked for
     return params
 
 
@@ -35,7 +49,7 @@ class Command(TyperCommand):
     """A command whose help shows plain argument names and no type for flags."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _flags_untyped(super().get_params(ctx))
+        return _readable(super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         arguments = [p for p in self.get_params(ctx) if p.param_type_name == "argument"]
@@ -46,7 +60,7 @@ class Group(TyperGroup):
     """The app's group: no type shown for its flags either."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        return _flags_untyped(super().get_params(ctx))
+        return _readable(super().get_params(ctx))
 
 
 class _Typer(typer.Typer):
@@ -79,7 +93,8 @@ def _options(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Declarative normalizing-flow image models: validate, show, inspect, train, eval, sample, ablate."""
+    """Declarative normalizing-flow image models: validate, show, inspect, diff, train, eval, sample, export,
+    ablate."""
 
 
 try:  # typer >= 0.20 carries its own copy of click

@@ -31,16 +31,23 @@ def inspect(
     format: Annotated[
         InspectFormat,
         typer.Option(
-            "--format", "-f", help="rich: the tree in the terminal; json, md (a table), dot, mermaid."
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="rich: the tree in the terminal; json, md (a table), dot, mermaid.",
         ),
     ] = InspectFormat.rich,
     depth: Annotated[
         int | None,
-        typer.Option("--depth", "-d", min=1, help="Collapse below this depth (1: one row per stage)."),
+        typer.Option(
+            "--depth", "-d", min=1, metavar="N", help="Collapse below this depth (1: one row per stage)."
+        ),
     ] = None,
     target_params: Annotated[
         int | None,
-        typer.Option("--target-params", min=0, help="Show the difference from this parameter count."),
+        typer.Option(
+            "--target-params", min=0, metavar="N", help="Show the difference from this parameter count."
+        ),
     ] = None,
     probe: Annotated[
         bool, typer.Option("--probe", help="Run one batch: per-step log-det (bits/dim) and inversion error.")
@@ -51,7 +58,13 @@ def inspect(
     ] = None,
     batch: Annotated[
         int | None,
-        typer.Option("--batch", min=2, max=4096, help="Probe batch size (default 8; init needs 2 or more)."),
+        typer.Option(
+            "--batch",
+            min=2,
+            max=4096,
+            metavar="N",
+            help="Probe batch size (default 8; init needs 2 or more).",
+        ),
     ] = None,
     sets: SetOption = None,
     threads: ThreadsOption = None,

@@ -105,25 +105,40 @@ EvalSamplesOption = Annotated[
         "--eval-samples",
         min=0,
         metavar="N",
-        help="Images per sample grid, a grid per temperature; 0: none (default 64; a short run: one of 16).",
+        help="Images per sample grid, a grid per temperature; 0: none (default: the spec's eval.samples, "
+        "64 unless set; a short run: one grid of 16).",
     ),
 ]
-EvalInversionOption = Annotated[
-    bool | None,
+EvalInversionOption = Annotated[  # two options, not --eval-inversion/--no-eval-inversion: typer's help
+    bool,  # gives the second name a column of its own, too wide for an 80-column terminal
     typer.Option(
-        "--eval-inversion/--no-eval-inversion",
-        help="The inversion check on a test batch (default on; a short run: off).",
+        "--eval-inversion",
+        help="The inversion check on a test batch (default: the spec's eval.inversion, on unless set; "
+        "a short run: off).",
     ),
 ]
+NoEvalInversionOption = Annotated[bool, typer.Option("--no-eval-inversion", help="No inversion check.")]
+
+
+def _seed(value: int | None) -> int | None:
+    """`value` when it is a seed (the help names it SEED: typer's range would fill the option's column)."""
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise typer.BadParameter(f"a seed is a whole number from 0 to {MAX_SEED}, got {value}")
+    return value
 
 
 def _device(device: Device | None) -> str | None:
     return device.value if device else None
 
 
-def _eval_settings(images: int | None, batch: int | None, samples: int | None, inversion: bool | None):
+def _eval_settings(
+    images: int | None, batch: int | None, samples: int | None, inversion: bool, no_inversion: bool
+) -> dict[str, int | bool]:
     """The `--eval-*` options given, as settings of the spec's `eval` section."""
-    given = {"images": images, "batch": batch, "samples": samples, "inversion": inversion}
+    if inversion and no_inversion:
+        raise UserError("--eval-inversion and --no-eval-inversion contradict each other: give one of them")
+    on = True if inversion else False if no_inversion else None
+    given = {"images": images, "batch": batch, "samples": samples, "inversion": on}
     return {key: value for key, value in given.items() if value is not None}
 
 
@@ -232,7 +247,9 @@ def train(
     ] = None,
     max_steps: Annotated[
         int | None,
-        typer.Option("--max-steps", min=1, help="Stop at this step (counted from the run's start)."),
+        typer.Option(
+            "--max-steps", min=1, metavar="N", help="Stop at this step (counted from the run's start)."
+        ),
     ] = None,
     max_time: Annotated[
         str | None,
@@ -243,16 +260,24 @@ def train(
         ),
     ] = None,
     log_every: Annotated[
-        int, typer.Option("--log-every", min=1, help="Read the loss from the device every N steps.")
+        int,
+        typer.Option("--log-every", min=1, metavar="N", help="Read the loss from the device every N steps."),
     ] = 10,
     tensorboard: Annotated[
-        bool, typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard).")
+        bool,
+        typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard)."),
     ] = False,
     eval_images: EvalImagesOption = None,
     eval_batch: EvalBatchOption = None,
     eval_samples: EvalSamplesOption = None,
-    eval_inversion: EvalInversionOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    eval_inversion: EvalInversionOption = False,
+    no_eval_inversion: NoEvalInversionOption = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress output (notes, errors and a stop's line still show)."
+        ),
+    ] = False,
     data_memory: DataMemoryOption = None,
     threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
@@ -279,7 +304,7 @@ def train(
             threads=threads,
             allow_large=allow_large,
             data_memory=data_memory,
-            eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
+            eval=_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion, no_eval_inversion),
         )
     except RunStopped as stop:  # saved: said below
         result = stop.result
@@ -451,19 +476,21 @@ def evaluate(
     iw: Annotated[
         int,
         typer.Option(
-            "--iw", min=1, max=MAX_IW, help="Importance samples K per image (1: single-sample only)."
+            "--iw",
+            min=1,
+            max=MAX_IW,
+            metavar="K",
+            help="Importance samples per image (1: single-sample only).",
         ),
     ] = 1,
     split: Annotated[Split, typer.Option("--split", help="The data split to evaluate.")] = Split.test,
-    batch: Annotated[
-        int, typer.Option("--batch", min=1, help="Images per forward pass (default 256).")
-    ] = 256,
+    batch: Annotated[int, typer.Option("--batch", min=1, metavar="N", help="Images per forward pass.")] = 256,
     limit: Annotated[
         int | None,
         typer.Option("--images", "--limit", min=1, metavar="N", help="Evaluate the first N images only."),
     ] = None,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the dequantization noise.")
+        int, typer.Option("--seed", metavar="SEED", callback=_seed, help="Seed of the dequantization noise.")
     ] = 0,
     out: Annotated[
         Path | None,
@@ -634,9 +661,10 @@ def sample(
             metavar="RUN_DIR|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."
         ),
     ],
-    n: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of images.")] = 64,
+    n: Annotated[int, typer.Option("--count", "-n", min=1, metavar="N", help="Number of images.")] = 64,
     temperature: Annotated[
-        float, typer.Option("--temperature", "-t", help="Prior temperature (a finite number >= 0).")
+        float,
+        typer.Option("--temperature", "-t", metavar="T", help="Prior temperature (a finite number >= 0)."),
     ] = 1.0,
     out: Annotated[
         Path | None,
@@ -650,10 +678,13 @@ def sample(
     seed: Annotated[
         int | None,
         typer.Option(
-            "--seed", min=0, max=MAX_SEED, help="Seed of the samples (default: a fresh one, printed)."
+            "--seed",
+            metavar="SEED",
+            callback=_seed,
+            help="Seed of the samples (default: a fresh one, printed).",
         ),
     ] = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Images drawn per pass.")] = 64,
+    batch: Annotated[int, typer.Option("--batch", min=1, metavar="N", help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
     sets: SampleSetOption = None,
     threads: ThreadsOption = None,
@@ -729,7 +760,7 @@ def ablate(
         typer.Argument(metavar="SPEC", help="The specs to compare (none with --resume)."),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="Train each spec this many steps.")
+        int | None, typer.Option("--steps", min=1, metavar="N", help="Train each spec this many steps.")
     ] = None,
     budget: Annotated[
         str | None,
@@ -754,7 +785,7 @@ def ablate(
     ] = None,
     sets: SetOption = None,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, max=MAX_SEED, help="The seed every spec trains with.")
+        int, typer.Option("--seed", metavar="SEED", callback=_seed, help="The seed every spec trains with.")
     ] = 0,
     device: DeviceOption = None,
     precision: AblatePrecisionOption = None,
@@ -764,8 +795,11 @@ def ablate(
     eval_images: EvalImagesOption = None,
     eval_batch: EvalBatchOption = None,
     eval_samples: EvalSamplesOption = None,
-    eval_inversion: EvalInversionOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output, only the table.")] = False,
+    eval_inversion: EvalInversionOption = False,
+    no_eval_inversion: NoEvalInversionOption = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress output: the table, notes and errors only.")
+    ] = False,
     threads: ThreadsOption = None,
     allow_large: AllowLargeOption = False,
 ) -> None:
@@ -805,7 +839,9 @@ def ablate(
                 max_run_time=parse_duration(budget) if budget else None,
                 eval={
                     **eval_written_by(resolved[0], sets or ()),
-                    **_eval_settings(eval_images, eval_batch, eval_samples, eval_inversion),
+                    **_eval_settings(
+                        eval_images, eval_batch, eval_samples, eval_inversion, no_eval_inversion
+                    ),
                 },
             )
             title, planned = (f"{steps} steps" if steps else str(budget)), len(resolved)

@@ -12,12 +12,19 @@ from typing import Any
 
 
 class Reporter:
-    """Progress of a run. `mode`: "bar" (rich, for terminals), "lines" (logs, pipes) or "quiet" (nothing)."""
+    """Progress of a run. `mode`: "bar" (rich, for terminals), "lines" (logs, pipes) or "quiet" (only the
+    notes, unless `notes` is False)."""
 
     def __init__(
-        self, mode: str, total: int | None, start_step: int, every_s: float = 30.0, train: bool = True
+        self,
+        mode: str,
+        total: int | None,
+        start_step: int,
+        every_s: float = 30.0,
+        train: bool = True,
+        notes: bool = True,
     ):
-        self.mode, self.total, self.every_s = mode, total, every_s
+        self.mode, self.total, self.every_s, self.notes = mode, total, every_s, notes
         self._last_line = time.monotonic()
         self._bar = None
         self.lost = False  # stdout's reader went away (`| head`, a `| tee` that Ctrl-C killed)
@@ -37,9 +44,11 @@ class Reporter:
             self._bar.start()
 
     @staticmethod
-    def auto(quiet: bool, total: int | None, start_step: int, train: bool = True) -> Reporter:
+    def auto(
+        quiet: bool, total: int | None, start_step: int, train: bool = True, notes: bool = True
+    ) -> Reporter:
         mode = "quiet" if quiet else ("bar" if sys.stdout.isatty() else "lines")
-        return Reporter(mode, total, start_step, train=train)
+        return Reporter(mode, total, start_step, train=train, notes=notes)
 
     def meter(self, label: str, total: int, unit: str) -> Meter:
         """The progress of one pass of an evaluation over `total` `unit`s (test images, samples)."""
@@ -65,6 +74,14 @@ class Reporter:
         if keep and self.lost:
             with contextlib.suppress(OSError):
                 print(text, file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        """A line that says why the run does other than asked (nothing, on other data, with files moved):
+        shown in "quiet" mode too, where `notes` allows (under torchrun, rank 0's)."""
+        if self.mode != "quiet":
+            self.message(text)
+        elif self.notes:
+            self._print(text)
 
     def _print(self, text: str) -> None:
         """A log line on stdout; once its reader is gone (a broken pipe), nothing more: stdout then writes

@@ -251,13 +251,14 @@ class Trainer:
             f"(the same signal again stops at once, without saving)"
         )
         with StopSignals(self.options.handle_signals, announce if self.dist.main else None) as signals:
-            reporter = Reporter.auto(self.options.quiet or not self.dist.main, self._horizon(), self.step)
+            quiet = self.options.quiet or not self.dist.main
+            reporter = Reporter.auto(quiet, self._horizon(), self.step, notes=self.dist.main)
             try:
                 reporter.message(self._banner())
                 if self.data_note:
-                    reporter.message(self.data_note)
+                    reporter.note(self.data_note)
                 if aside is not None:
-                    reporter.message(
+                    reporter.note(
                         f"note: {self.run_dir} held a run that stopped before its first checkpoint: this one "
                         f"starts afresh; its files are in {aside}"
                     )
@@ -266,7 +267,7 @@ class Trainer:
                 self.paused_at: float | None = None
                 stopped = self._limit_reached(self._run_time_up(0.0))
                 if self.options.max_steps is not None and self.step > self.options.max_steps:
-                    reporter.message(
+                    reporter.note(
                         f"note: the run is already at step {self.step}, past --max-steps "
                         f"{self.options.max_steps}: it trains no further"
                     )
