@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowspec.errors import RunStopped, UserError
+from flowspec.errors import RunStopped, UserError, flowspec_command
 from flowspec.spec import FlowSpec
 
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ def train(
         if not isinstance(spec, FlowSpec):
             from flowspec.loader import load_spec
 
+            _not_a_run_folder(Path(spec))
             spec = load_spec(spec, overrides=tuple(sets))
         elif sets and not applied:
             raise UserError(
@@ -157,6 +158,18 @@ def train(
     if result.stopped in ("SIGINT", "SIGTERM"):
         raise RunStopped(result)
     return result
+
+
+def _not_a_run_folder(spec: Path) -> None:
+    """Refuse a run folder given as the spec: a user who means to continue its run."""
+    from flowspec.loader import is_run_spec
+
+    if is_run_spec(spec / "spec.flow"):
+        raise UserError(
+            f"{spec} is a run folder, not a spec file: continue its run with "
+            f"{flowspec_command('train', '--resume', spec)} "
+            f"({flowspec_command('train', spec / 'spec.flow')} would start a new run with its spec)"
+        )
 
 
 def eval_written_by(spec: FlowSpec, sets: Sequence[str]) -> dict[str, Any]:

@@ -221,6 +221,22 @@ def test_an_ablation_under_torchrun_runs_every_spec_in_one_job_and_rank_0_report
     assert json.loads((out / "ablation.json").read_text()) == rows
 
 
+def _per_rank_job(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun` with two processes of `flowspec ARGS`, each in its own folder `tmp_path/rN`; it must end
+    before torchrun's 30 s after its SIGTERM (a process waiting to join the job's group is deaf to it)."""
+    wrapper = tmp_path / "perrank.sh"
+    wrapper.write_text(f'#!/bin/sh\ncd {tmp_path}/r$RANK && exec {sys.executable} -m flowspec "$@"\n')
+    wrapper.chmod(0o755)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    start = time.monotonic()
+    done = subprocess.run(
+        [*launch, "--no-python", str(wrapper), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - start < 25, done.stderr  # not torchrun's 30 s before its SIGKILL
+    return done
+
+
 @pytest.mark.parametrize(
     ("command", "missing"), [("train", "spec file a.flow not found"), ("ablate", "a.flow: data folder")]
 )
@@ -235,22 +251,57 @@ def test_a_mistake_only_one_torchrun_process_meets_in_set_up_stops_every_process
         flow.write_text(flow.read_text().replace("data digits {", "data npz {"))
     (tmp_path / "r1").mkdir(exist_ok=True)
     write_shards(tmp_path / "r0" / "shards")
-    wrapper = tmp_path / "perrank.sh"
-    wrapper.write_text(f'#!/bin/sh\ncd {tmp_path}/r$RANK && exec {sys.executable} -m flowspec "$@"\n')
-    wrapper.chmod(0o755)
     out = tmp_path / "out"
     budget = ["--max-steps", "2"] if command == "train" else ["--steps", "2"]
-    args = [command, "a.flow", *budget, "--data", "shards", "--out", str(out), "--device", "cpu", "-q"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    start = time.monotonic()
-    done = subprocess.run(
-        [*launch, "--no-python", str(wrapper), *args], env=env, capture_output=True, text=True, timeout=120
+    done = _per_rank_job(
+        tmp_path, [command, "a.flow", *budget, "--data", "shards", "--out", str(out), "--device", "cpu", "-q"]
     )
-    assert time.monotonic() - start < 25, done.stderr  # not torchrun's 30 s before its SIGKILL
     assert f"error (rank 1): {missing}" in done.stderr, done.stderr
     assert f"error: {PEER_STOPPED}" in done.stderr
     assert not out.exists()  # no run folder, plan or lock: the same command may run again
+
+
+@pytest.mark.parametrize("command", ["train RUN_DIR", "ablate --resume"])
+def test_a_run_folder_or_ablation_plan_only_one_torchrun_process_refuses_stops_every_process_at_once(
+    tmp_path, command
+):
+    """Rank 1's a.flow is a run folder (refused: `train --resume` continues it), or its copy of the
+    ablation's plan is damaged: it says so and rank 0 that another process stopped. Both were refused
+    before joining the job: rank 0 was killed by torchrun's SIGTERM (exit 143, no reason given), or waited
+    in the group until killed 30 s later."""
+    for rank in (0, 1):
+        (tmp_path / f"r{rank}").mkdir()
+    if command == "train RUN_DIR":
+        write_flow(tmp_path / "r0" / "a.flow", name="a")
+        for name in ("spec.flow", "spec.json"):  # a run folder, as far as `train SPEC` looks
+            (tmp_path / "r1" / "a.flow").mkdir(exist_ok=True)
+            (tmp_path / "r1" / "a.flow" / name).write_text("")
+        args, refused = ["train", "a.flow", "--max-steps", "2"], "a.flow is a run folder, not a spec file"
+    else:
+        from flowspec.train.ablation_plan import PLAN, Plan
+        from flowspec.train.trainer import RunOptions
+
+        plan = Plan.make([tiny_spec(name="a")], ["a"], [None], RunOptions(max_steps=2), "2 steps", [])
+        plan.write(tmp_path / "r0" / "abl")
+        (tmp_path / "r1" / "abl").mkdir()
+        (tmp_path / "r1" / "abl" / PLAN).write_text("{}")
+        args, refused = ["ablate", "--resume", "abl"], f"abl/{PLAN} is damaged"
+    done = _per_rank_job(tmp_path, [*args, "--device", "cpu", "-q"])
+    assert f"error (rank 1): {refused}" in done.stderr, done.stderr
+    assert f"error: {PEER_STOPPED}" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "show", "inspect", "diff"])
+def test_under_torchrun_the_language_tools_run_on_rank_0_alone(tmp_path, monkeypatch, capsys, command):
+    """The other processes of the job print nothing and exit 0 at once (each printed it all again)."""
+    from flowspec.cli.app import run
+
+    flow = write_flow(tmp_path / "a.flow", name="a")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert run([command, str(flow)]) == 0
+        assert bool(capsys.readouterr().out) is printed
 
 
 def test_rank_0_of_an_ablation_whose_last_run_failed_writes_its_comparison_before_the_others_exit(tmp_path):

@@ -115,9 +115,13 @@ def run(argv: list[str] | None = None) -> int:
     - Ctrl-C prints one line: exit 130; SIGTERM likewise: exit 143 (`train` stops after the current step
       and saves, see the trainer);
     - anything else is a bug in flowspec: its traceback, then a line asking to report it: exit 1.
+
+    Under torchrun, the language tools run on rank 0 alone (the other processes exit 0 at once).
     """
     received: list[int] = []
     args = sys.argv[1:] if argv is None else argv
+    if _command(args) in LANGUAGE_TOOLS and int(os.environ.get("RANK", "0")) > 0:
+        return 0  # under torchrun, rank 0 runs them: each process would print them whole
     if _command(args) in TORCH_COMMANDS and not {"-h", "--help"} & set(args):
         with _signals_held(received):
             _preload()
@@ -152,6 +156,8 @@ def run(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+#: the read-only language tools, which only print: rank 0 of a torchrun job runs them, the others exit 0
+LANGUAGE_TOOLS = {"validate", "show", "inspect", "diff"}
 #: the commands that import torch (validate and show start without it)
 TORCH_COMMANDS = {"inspect", "diff", "train", "eval", "sample", "export", "ablate"}
 

@@ -39,7 +39,6 @@ from flowspec.errors import (
     RunStopped,
     Terminated,
     UserError,
-    flowspec_command,
     os_error_message,
     shell_command,
 )
@@ -193,19 +192,6 @@ DataMemoryOption = Annotated[
 ]
 
 
-def _not_a_run_folder(spec: Path | None) -> Path | None:
-    """`train RUN_DIR`: a run folder given as the spec, by a user who means to continue the run."""
-    from flowspec.loader import is_run_spec
-
-    if spec is not None and is_run_spec(spec / "spec.flow"):
-        raise UserError(
-            f"{spec} is a run folder, not a spec file: continue its run with "
-            f"{flowspec_command('train', '--resume', spec)} "
-            f"({flowspec_command('train', spec / 'spec.flow')} would start a new run with its spec)"
-        )
-    return spec
-
-
 def _seed_refused(value: str | None) -> None:
     if value is not None:
         raise typer.BadParameter("train takes its seed from the spec: --set train.seed=N")
@@ -218,7 +204,6 @@ def train(
         typer.Argument(
             metavar="SPEC",
             help="The .flow spec (optional with --resume: the run's stored spec).",
-            callback=_not_a_run_folder,
         ),
     ] = None,
     data: DataOption = None,
@@ -805,7 +790,7 @@ def ablate(
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
     from flowspec.inspection.budget import check_size, default_device
-    from flowspec.train.ablate import read_plan, resume_ablation, run_ablation
+    from flowspec.train.ablate import planned_device, read_plan, resume_ablation, run_ablation
     from flowspec.train.distributed import agreed, join, teardown
     from flowspec.train.trainer import RunOptions
 
@@ -813,9 +798,10 @@ def ablate(
     try:
         if resume is not None:
             _check_resume_alone(ctx, specs, resume)
-            out, plan = resume, read_plan(resume)
-            for each in plan.specs:  # on the device the runs will use
-                check_size(each, "train", default_device(how.device or plan.options.device), allow_large)
+            with agreed(join(how.device or planned_device(resume))):  # one process may fail to read it
+                out, plan = resume, read_plan(resume)
+                for each in plan.specs:  # on the device the runs will use
+                    check_size(each, "train", default_device(how.device or plan.options.device), allow_large)
             with _stoppable("the ablation", _kept_by_ablation(out)) as signals:
                 done = resume_ablation(resume, how, signals.check, plan)
             title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.runs)

@@ -121,16 +121,28 @@ def resume_ablation(
     kept, a run stopped part way goes on from its `last.pt` (to the same budget) and the others start.
     From `options` only how to run is taken: `device` and `threads` (default: the plan's), `quiet` and,
     if set, `data_dir` (the data moved). `plan`: `read_plan(out)` if already read."""
-    plan = plan or read_plan(out)
-    if options.data_dir is not None:
-        for run in plan.runs:
-            run.data_dir = str(_absolute(options.data_dir))
-    options = plan.run_options(
-        RunOptions(device=options.device, threads=options.threads, quiet=options.quiet)
-    )
-    with agreed(join(options.device)):
+    with agreed(join(options.device or planned_device(out))):
+        plan = plan or read_plan(out)
+        if options.data_dir is not None:
+            for run in plan.runs:
+                run.data_dir = str(_absolute(options.data_dir))
+        options = plan.run_options(
+            RunOptions(device=options.device, threads=options.threads, quiet=options.quiet)
+        )
         datasets = _datasets(plan, options.quiet)
     return _carry_out(plan, datasets, out, stop, options, write_plan=False)
+
+
+def planned_device(out: Path) -> str | None:
+    """Under torchrun, the device to join the job with (its backend) before the plan in `out` is read
+    for real, as each process may fail to read it alone: `cpu` when the plan names it, read leniently,
+    else None (cuda when available, as for the plan's other devices; a plan a process cannot read
+    is then refused by `read_plan` in the job's agreed set-up)."""
+    try:
+        device = json.loads((out / PLAN).read_text())["options"]["device"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return "cpu" if device == "cpu" else None
 
 
 def read_plan(out: Path) -> Plan:
