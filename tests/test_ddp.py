@@ -302,6 +302,10 @@ def test_under_torchrun_the_language_tools_run_on_rank_0_alone(tmp_path, monkeyp
         monkeypatch.setenv("RANK", rank)
         assert run([command, str(flow)]) == 0
         assert bool(capsys.readouterr().out) is printed
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a RANK left in a shell, no job: the tool runs
+    assert run([command, str(flow)]) == 0
+    assert capsys.readouterr().out
 
 
 def test_rank_0_of_an_ablation_whose_last_run_failed_writes_its_comparison_before_the_others_exit(tmp_path):

@@ -120,7 +120,8 @@ def run(argv: list[str] | None = None) -> int:
     """
     received: list[int] = []
     args = sys.argv[1:] if argv is None else argv
-    if _command(args) in LANGUAGE_TOOLS and int(os.environ.get("RANK", "0")) > 0:
+    in_job = int(os.environ.get("WORLD_SIZE", "1")) > 1  # not a stray RANK left in a shell
+    if _command(args) in LANGUAGE_TOOLS and in_job and int(os.environ.get("RANK", "0")) > 0:
         return 0  # under torchrun, rank 0 runs them: each process would print them whole
     if _command(args) in TORCH_COMMANDS and not {"-h", "--help"} & set(args):
         with _signals_held(received):
