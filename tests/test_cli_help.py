@@ -13,7 +13,7 @@ from conftest import ROOT
 import flowspec
 from flowspec.cli.app import app, run
 from flowspec.cli.examples import EXAMPLES
-from flowspec.cli.training import _with_overrides
+from flowspec.cli.inference import _with_overrides
 
 GROUP = typer.main.get_command(app)
 COMMANDS = sorted(GROUP.commands)  # type: ignore[attr-defined]

@@ -75,7 +75,7 @@ def test_an_eval_of_some_classes_gets_its_own_file_saying_what_it_measured(run_d
 
 
 def test_an_eval_file_name_names_few_plain_classes_and_counts_others():
-    from flowspec.cli.training import _classes_suffix
+    from flowspec.cli.inference import _classes_suffix
 
     def named(*classes):
         data = DataSpec.model_construct(classes=classes or None)  # names of any dataset

@@ -56,11 +56,18 @@ class Command(TyperCommand):
         return [*([self.options_metavar] if self.options_metavar else []), *map(_usage_name, arguments)]
 
 
+#: the commands in the order of the pipeline, as the help lists them
+PIPELINE = ("validate", "show", "inspect", "diff", "train", "ablate", "eval", "sample", "export")
+
+
 class Group(TyperGroup):
-    """The app's group: no type shown for its flags either."""
+    """The app's group: its commands in pipeline order, and no type shown for its flags either."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _readable(super().get_params(ctx))
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return sorted(super().list_commands(ctx), key=lambda name: (PIPELINE + (name,)).index(name))
 
 
 class _Typer(typer.Typer):
@@ -93,8 +100,8 @@ def _options(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Declarative normalizing-flow image models: validate, show, inspect, diff, train, eval, sample, export,
-    ablate."""
+    """Declarative normalizing-flow image models: validate, show, inspect, diff, train, ablate, eval, sample,
+    export."""
 
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -259,4 +266,4 @@ def _signals_raise(received: list[int]) -> Iterator[None]:
         yield
 
 
-from flowspec.cli import inspecting, language, training  # noqa: E402, F401  (they register the commands)
+from flowspec.cli import inference, inspecting, language, training  # noqa: E402, F401  (register the commands)

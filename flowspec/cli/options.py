@@ -1,4 +1,4 @@
-"""Options shared by every command: the spec argument and repeatable `--set KEY=VALUE` overrides."""
+"""Options shared by the commands: `--set KEY=VALUE` overrides, device, threads, data, seeds."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from flowspec.spec import MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
@@ -75,3 +77,25 @@ def load_cli_spec(path: Path, sets: list[str] | None) -> FlowSpec:
     from flowspec.loader import load_spec
 
     return load_spec(path, overrides=tuple(sets or ()))
+
+
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        metavar="PATH",
+        help="The data's folder or file (the spec's data path), e.g. a cifar-10-batches-py folder.",
+    ),
+]
+
+
+def valid_seed(value: int | None) -> int | None:
+    """`value` when it is a seed (the help names it SEED: typer's range would fill the option's column)."""
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise typer.BadParameter(f"a seed is a whole number from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
+def device_name(device: Device | None) -> str | None:
+    """The `--device` given, as torch names it (None: not given)."""
+    return device.value if device else None
