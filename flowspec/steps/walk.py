@@ -104,7 +104,8 @@ class _Walker:
             try:
                 out = kind.shape(step, state, ctx)
             except ShapeProblem as problem:
-                self.issues.append(ShapeIssue(path, str(problem), step.source))
+                if all(issue.path != path for issue in self.issues):  # a step wrong in several copies: once
+                    self.issues.append(ShapeIssue(path, str(problem), step.source))
                 self.lost = problem.changes_shape
                 continue
             runs.append(StepRun(path, step, kind, state, out, depth, copy, ctx.latents, ctx.runs))
@@ -132,7 +133,7 @@ class _Context:
         return out
 
     def settled(self, before: State, after: State) -> bool:
-        return not self.walker.unroll and (after == before or bool(self.walker.issues))
+        return not self.walker.unroll and (after == before or self.walker.lost)
 
     def latent(self, shape: Shape) -> None:
         self.latents.append(shape)
