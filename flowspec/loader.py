@@ -310,10 +310,70 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
 
 
 def _shape_diagnostics(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
-    def section(path: str) -> SourceLoc | None:
-        return doc.locs.get(path.split(".")[0]) or doc.locs.get("flow") or doc.loc
+    """The shape issues, each at its step; one that a `--set` of a setting it reads (the step's own, the
+    data shape, a repeat count before it) caused is blamed on the latest such `--set`, naming the step."""
+    found = []
+    for issue in shape_issues(spec):
+        where = issue.source or doc.locs.get(issue.path.split(".")[0]) or doc.locs.get("flow") or doc.loc
+        message = issue.message
+        read = [_setting_loc(doc, path) for path in issue.reads]
+        read += _shape_inputs(doc, issue.path) if issue.sized else []
+        overridden = [x for x in read if x is not None and x.file == OVERRIDE_FILE]
+        if overridden:
+            where = max(overridden, key=lambda x: x.line)
+            step = _raw_node(doc, issue.path)
+            if issue.source is not None and isinstance(step, RawDict):
+                message += f", on the {step.get('kind')} at {issue.source}"
+        found.append(Diagnostic(where, message))
+    return found
 
-    return [Diagnostic(issue.source or section(issue.path), issue.message) for issue in shape_issues(spec)]
+
+def _raw_node(doc: RawDict, path: str) -> Any:
+    """The raw step (or list of steps) at a path of the shape check: `flow.0.body.2`, `dequantize.1`."""
+    where, *parts = path.split(".")
+    node: Any = doc.get(where)
+    if where == "dequantize":
+        node = node.get("steps") if isinstance(node, RawDict) else None
+    for part in parts:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, RawDict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _setting_loc(doc: RawDict, path: str) -> SourceLoc | None:
+    """Where the step setting at `path` (`flow.0.mask`) was written."""
+    step, _, name = path.rpartition(".")
+    node = _raw_node(doc, step)
+    return node.locs.get(name) if isinstance(node, RawDict) else None
+
+
+def _shape_inputs(doc: RawDict, path: str) -> list[SourceLoc | None]:
+    """Where the settings that decide the shape the step at `path` receives were written: the data shape
+    and the counts of the repeats around it or before it (not in the bodies of splits before it, which
+    hand on the shape they get)."""
+    data = doc.get("data")
+    found = [data.locs.get("shape") if isinstance(data, RawDict) else None]
+    where, *parts = path.split(".")
+    steps = _raw_node(doc, where)
+    for index in (int(part) for part in parts if part.isdigit()):
+        if not isinstance(steps, list) or index >= len(steps):
+            break
+        found += [loc for step in steps[:index] for loc in _repeat_counts(step)]
+        found.append(steps[index].locs.get("count") if isinstance(steps[index], RawDict) else None)
+        steps = steps[index].get("body") if isinstance(steps[index], RawDict) else None
+    return found
+
+
+def _repeat_counts(step: Any) -> list[SourceLoc | None]:
+    """Where the counts of a step's repeats were written, itself and those it runs (not in a split)."""
+    if not isinstance(step, RawDict) or step.get("kind") == "split":
+        return []
+    body = step.get("body")
+    return [step.locs.get("count"), *(loc for child in body or () for loc in _repeat_counts(child))]
 
 
 #: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them.

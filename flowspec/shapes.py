@@ -49,6 +49,7 @@ def shape_issues(spec: FlowSpec) -> list[ShapeIssue]:
                 f"all splits of the dequantizer must use one mask (its context network is split by it), "
                 f"got {', '.join(sorted(masks))}",
                 split.source,
+                tuple(f"{path}.mask" for path, _ in splits),
             )
         )
     return issues

@@ -320,6 +320,47 @@ def test_a_check_between_settings_of_the_file_blames_its_setting_not_an_unrelate
     assert str(caught.value).startswith(f"{path}:6:3: the schedule's floor (0.0001) must not exceed lr")
 
 
+def test_a_shape_error_that_a_set_causes_blames_the_set_and_names_the_step(tmp_path: Path):
+    """A shape check reads the step's own settings, the data shape and the repeat counts before it: the
+    latest `--set` of one of them is blamed (not the step's line, which shows the old value), and the
+    message names the step; a `--set` of anything else is not."""
+    quickstart = SPECS / "quickstart.flow"
+    cases = {
+        ("flow.0.mask=channel",): f"--set:1:8: the channel mask needs an even channel count, got 1 channels "
+        f"(1x8x8), on the split at {quickstart}:17:3\n    flow.0.mask=channel\n           ^",
+        ("data.shape=1x7x8", "train.seed=2"): f"--set:1:6: squeeze needs an even height and width, got "
+        f"1x7x8, on the squeeze at {quickstart}:18:3",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(SpecError) as caught:
+            load_spec(quickstart, list(overrides))
+        assert str(caught.value).startswith(message)
+    path = tmp_path / "r.flow"
+    path.write_text(
+        "model r\ndata npy { shape 1x16x16 }\nflow {\n  split stripe { repeat 2 { coupling; flip } }\n"
+        "  repeat 3 { squeeze }\n  split stripe { coupling }\n}\n"
+    )
+    cases = {
+        ("flow.1.count=4", "flow.0.body.0.count=3"): "--set:1:8: the stripe mask needs an even width, got "
+        f"width 1 (256x1x1), on the split at {path}:6:3",
+        ("data.shape=1x16x8", "train.seed=2"): "--set:1:6: the stripe mask needs an even width",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(SpecError) as caught:
+            load_spec(path, list(overrides))
+        assert str(caught.value).startswith(message)
+    path.write_text(
+        "model r\ndata npy { shape 2x16x7 }\nflow {\n  split channel { repeat 2 { coupling } }\n"
+        "  coupling\n  squeeze\n}\n"
+    )
+    with pytest.raises(SpecError) as caught:  # a count in an earlier split's body decides no shape after it
+        load_spec(path, ["train.seed=2", "flow.0.body.0.count=3"])
+    assert [str(d.loc) for d in caught.value.diagnostics] == [f"{path}:5:3", f"{path}:6:3"]
+    with pytest.raises(SpecError) as caught:  # "coupling needs two halves" reads no data shape
+        load_spec(path, ["data.shape=2x16x8"])
+    assert str(caught.value).startswith(f"{path}:5:3: coupling needs two halves: put it inside a split\n")
+
+
 def test_a_set_that_makes_the_files_floor_or_classes_wrong_is_blamed(tmp_path: Path):
     """The floor below lr and the classes of the dataset are checks between settings: a `--set` of lr or
     the dataset that breaks them is the one to blame, not the file's floor or classes."""

@@ -17,7 +17,8 @@ def _shape(step, state, ctx):
     if ctx.where != "flow":
         raise ShapeProblem("factor_out is only allowed in the main flow", changes_shape=True)
     if c % 2 or c < 2:
-        raise ShapeProblem(f"factor_out needs an even channel count, got {fmt(state)}", changes_shape=True)
+        message = f"factor_out needs an even channel count, got {fmt(state)}"
+        raise ShapeProblem(message, changes_shape=True, sized=True)
     ctx.latent((c // 2, h, w))
     return (c // 2, h, w)
 

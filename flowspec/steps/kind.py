@@ -46,11 +46,14 @@ class ShapeProblem(Exception):
     """Raised by a shape rule: the step cannot run on the state it receives (the message says why).
 
     `changes_shape`: the step would have changed the shape, so the steps after it get a shape nobody
-    knows and the walk reports nothing more of that spec part (their problems would be echoes)."""
+    knows and the walk reports nothing more of that spec part (their problems would be echoes).
+    `reads`: the step's settings the check read; `sized`: it judged the size of the shape received."""
 
-    def __init__(self, message: str, changes_shape: bool = False):
+    def __init__(
+        self, message: str, changes_shape: bool = False, reads: tuple[str, ...] = (), sized: bool = False
+    ):
         super().__init__(message)
-        self.changes_shape = changes_shape
+        self.changes_shape, self.reads, self.sized = changes_shape, reads, sized
 
 
 class ShapeContext(Protocol):

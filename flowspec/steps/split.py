@@ -32,11 +32,14 @@ def half_shape(mask: str, shape: Shape) -> Shape:
     if mask == "channel":
         if c % 2:
             raise ShapeProblem(
-                f"the channel mask needs an even channel count, got {c} channels ({fmt(shape)})"
+                f"the channel mask needs an even channel count, got {c} channels ({fmt(shape)})",
+                reads=("mask",),
+                sized=True,
             )
         return (c // 2, h, w)
     if w % 2:
-        raise ShapeProblem(f"the {mask} mask needs an even width, got width {w} ({fmt(shape)})")
+        message = f"the {mask} mask needs an even width, got width {w} ({fmt(shape)})"
+        raise ShapeProblem(message, reads=("mask",), sized=True)
     return (c, h, w // 2)
 
 

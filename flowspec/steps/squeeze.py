@@ -17,7 +17,8 @@ def _shape(step, state, ctx):
     if ctx.where != "flow":
         raise ShapeProblem("squeeze is not allowed in the dequantizer", changes_shape=True)
     if h % 2 or w % 2:
-        raise ShapeProblem(f"squeeze needs an even height and width, got {fmt(state)}", changes_shape=True)
+        message = f"squeeze needs an even height and width, got {fmt(state)}"
+        raise ShapeProblem(message, changes_shape=True, sized=True)
     return (4 * c, h // 2, w // 2)
 
 

@@ -18,11 +18,15 @@ from flowspec.steps.kind import KINDS, Shape, ShapeProblem, State, StepKind
 
 @dataclass(frozen=True)
 class ShapeIssue:
-    """One step that cannot run on the tensor it receives."""
+    """One step that cannot run on the tensor it receives. `reads`: the settings the check read (dotted
+    paths, `flow.0.mask`); `sized`: it judged the size of the shape the step receives, which the data
+    shape and the repeats run before it decide."""
 
     path: str
     message: str
     source: SourceLoc | None
+    reads: tuple[str, ...] = ()
+    sized: bool = False
 
 
 @dataclass
@@ -105,7 +109,8 @@ class _Walker:
                 out = kind.shape(step, state, ctx)
             except ShapeProblem as problem:
                 if all(issue.path != path for issue in self.issues):  # a step wrong in several copies: once
-                    self.issues.append(ShapeIssue(path, str(problem), step.source))
+                    reads = tuple(f"{path}.{name}" for name in problem.reads)
+                    self.issues.append(ShapeIssue(path, str(problem), step.source, reads, problem.sized))
                 self.lost = problem.changes_shape
                 continue
             runs.append(StepRun(path, step, kind, state, out, depth, copy, ctx.latents, ctx.runs))
