@@ -34,6 +34,7 @@ class RawDict(dict):
         self.loc = loc
         self.locs: dict[str, SourceLoc | None] = {}
         self.problems: list = []  # diagnostics of mistakes already dropped from the document
+        self.inherited: set[str] = set()  # a step's keys filled in from `defaults`
         for key, value in items.items():
             self.put(key, value, loc)
 

@@ -487,18 +487,25 @@ def _from_pydantic(items: list, doc: RawDict) -> list[Diagnostic]:
         # point an unknown kind at the word, not at the whole section
         kind_word = ("kind",) if item["type"] == "union_tag_invalid" else ()
         fields = getattr(item.get("ctx", {}).get("error"), "fields", ())  # the settings a `Conflict` reads
-        path, loc, model, owner = _locate(doc, (*item["loc"], *kind_word), fields)
-        found.append((path, Diagnostic(loc, _message(item, path, model, owner))))
+        path, loc, model, owner, step = _locate(doc, (*item["loc"], *kind_word), fields)
+        message = _message(item, path, model, owner)
+        if step is not None:
+            message += f", on the {step.get('kind')} at {step['source']}"
+        found.append((path, Diagnostic(loc, message)))
     # an invalid default shows up again at every step that inherits it: report it once, at `defaults`
     in_defaults = {d.message for path, d in found if path.startswith("defaults")}
     return [d for path, d in found if path.startswith("defaults") or d.message not in in_defaults]
 
 
-def _locate(doc: RawDict, loc: tuple, fields: Sequence[str] = ()) -> tuple[str, SourceLoc | None, Any, Any]:
+def _locate(
+    doc: RawDict, loc: tuple, fields: Sequence[str] = ()
+) -> tuple[str, SourceLoc | None, Any, Any, RawDict | None]:
     """Follow a pydantic error location through the raw document: the user-facing path, the source
-    location of the deepest part written, the model class of the innermost object, and what to call
-    that object in a message (a step's kind, else its path). An error about a node as a whole that
-    reads `fields` of it blames the latest `--set` of one of them, else the first of them the file wrote."""
+    location of the deepest part written, the model class of the innermost object, what to call that
+    object in a message (a step's kind, else its path), and the step to name in it (else None). An error
+    about a node as a whole that reads `fields` of it blames the latest `--set` of one of them, else the
+    first of them the node wrote itself, else the first it inherits from `defaults`; a step that writes one
+    of them itself is named when the blame lies elsewhere (in a `--set`)."""
     node: Any = doc
     annotation: Any = FlowSpec
     where = doc.loc
@@ -532,17 +539,22 @@ def _locate(doc: RawDict, loc: tuple, fields: Sequence[str] = ()) -> tuple[str, 
         names.append(str(part))
         complete = False
         break
+    step = None
     if isinstance(node, RawDict):
         model = model_of(annotation, node) or model
-        if complete:
-            written = [x for x in (node.locs.get(field) for field in fields) if x is not None]
-            overridden = [x for x in written if x.file == OVERRIDE_FILE]
-            where = max(overridden, key=lambda x: x.line) if overridden else (written or [where])[0]
+        written = {f: x for f in fields if (x := node.locs.get(f)) is not None} if complete else {}
+        own = [f for f in written if f not in node.inherited]
+        overridden = [x for x in written.values() if x.file == OVERRIDE_FILE]
+        if overridden:
+            where = max(overridden, key=lambda x: x.line)
+            step = node if own and "source" in node else None
+        elif written:
+            where = written[(own or list(written))[0]]
     path = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names))
     owner = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names[:depth]))
     if container is not doc and isinstance(container, RawDict) and "source" in container:
         owner = str(container.get("kind"))
-    return path, where, model, owner
+    return path, where, model, owner, step
 
 
 def _item_annotation(annotation: Any) -> Any:

@@ -299,8 +299,10 @@ def apply_defaults(doc: RawDict) -> RawDict:
                 for name in COUPLING_FIELDS:
                     if name in coupling and name not in step:
                         step.put(name, coupling[name], coupling.locs.get(name))
+                        step.inherited.add(name)
             elif step.get("kind") == "norm" and "granularity" not in step and "norm" in defaults:
                 step.put("granularity", defaults["norm"], defaults.locs.get("norm"))
+                step.inherited.add("granularity")
             fill(step.get("body"))
 
     fill(doc.get("flow"))

@@ -320,6 +320,17 @@ def test_a_check_between_settings_of_the_file_blames_its_setting_not_an_unrelate
     assert str(caught.value).startswith(f"{path}:6:3: the schedule's floor (0.0001) must not exceed lr")
 
 
+def test_a_set_of_defaults_that_breaks_a_steps_own_setting_names_the_step(tmp_path: Path):
+    path = tmp_path / "m.flow"
+    path.write_text("model m\nflow { split stripe { coupling(filters=8); flip; coupling } }\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path, ["defaults.coupling.heads=3", "train.seed=1"])
+    assert str(caught.value) == (
+        f"--set:1:19: heads (3) must divide filters (8), on the coupling at {path}:2:23\n"
+        "    defaults.coupling.heads=3\n                      ^"
+    )
+
+
 def test_a_shape_error_that_a_set_causes_blames_the_set_and_names_the_step(tmp_path: Path):
     """A shape check reads the step's own settings, the data shape and the repeat counts before it: the
     latest `--set` of one of them is blamed (not the step's line, which shows the old value), and the
