@@ -249,7 +249,7 @@ def check_file_rules(spec: FlowSpec) -> None:
 
 def check_valid(spec: FlowSpec) -> None:
     """A `UserError` naming the wrong settings of a spec made in Python that `FlowSpec` would refuse
-    (`model_copy(update=...)` skips validation)."""
+    (`model_copy(update=...)` skips validation), or the steps that cannot run on their input."""
     import warnings
 
     try:
@@ -261,6 +261,11 @@ def check_valid(spec: FlowSpec) -> None:
             f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in error.errors()[:5]
         )
         raise UserError(f"the spec {spec.name!r} is not valid: {wrong}") from None
+    issues = shape_issues(spec)
+    if issues:
+        wrong = "; ".join(f"{i.path}: {i.message}" for i in issues[:5])
+        shape = "x".join(map(str, spec.data.shape))
+        raise UserError(f"the spec {spec.name!r} does not fit its data shape {shape}: {wrong}")
 
 
 def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:

@@ -316,6 +316,21 @@ def test_a_spec_changed_in_python_is_validated_before_it_trains(tmp_path):
         flowspec.train(write_flow(tmp_path / "t.flow"), sets=None)
 
 
+def test_a_spec_changed_in_python_whose_shapes_do_not_fit_is_a_user_error(tmp_path):
+    """build and train check the steps against the data shape as load_spec does: a UserError, not the
+    builder's ShapeError."""
+    spec = flowspec.load_spec(Path(__file__).parents[1] / "specs" / "quickstart.flow")
+    bad = spec.model_copy(update={"data": spec.data.model_copy(update={"shape": (1, 7, 7)})})
+    fit = (
+        r"the spec 'quickstart' does not fit its data shape 1x7x7: flow.0: .*; flow.1: squeeze needs an even"
+    )
+    with pytest.raises(UserError, match=fit):
+        flowspec.build(bad)
+    with pytest.raises(UserError, match=fit):
+        flowspec.train(bad, out=tmp_path / "run", max_steps=1, quiet=True, device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA device")
 def test_build_on_a_missing_cuda_device_says_so():
     with pytest.raises(UserError, match="cuda was requested but no CUDA device is available"):
