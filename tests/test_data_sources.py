@@ -167,6 +167,78 @@ def test_npy_folder_naming_rule_and_direct_use(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def two_colours(shape: tuple[int, ...]) -> np.ndarray:
+    """N x C x H x W images whose first channel is 200 and second 10 everywhere (the rest 0)."""
+    images = np.zeros(shape, np.uint8)
+    images[:, 0], images[:, 1] = 200, 10
+    return images
+
+
+@pytest.mark.parametrize(
+    ("shape", "spec_shape"),
+    [
+        ((40, 3, 8, 4), (3, 8, 4)),
+        ((40, 3, 4, 4), (3, 4, 4)),
+        ((40, 3, 1, 1), (3, 1, 1)),
+        ((40, 8, 2, 2), (8, 2, 2)),
+    ],
+)
+def test_a_channels_first_array_of_width_up_to_4_is_read_channels_first(tmp_path, shape, spec_shape):
+    """N x C x H x W is read so: the layout is the one that gives the spec's shape, not channels-last
+    whenever the width is at most 4 (a transposed set, or a `convert` that turned colours into a gradient)."""
+    images = two_colours(shape)
+    np.savez(tmp_path / "a.npz", x=images)
+    got = load_split(DataSpec(dataset="npy", shape=spec_shape, test_split=8), "train", tmp_path / "a.npz")
+    assert torch.equal(got.images, torch.from_numpy(images[:32]))
+    channels_last = images.transpose(0, 2, 3, 1).copy()
+    np.savez(tmp_path / "b.npz", x=channels_last)
+    got = load_split(DataSpec(dataset="npy", shape=spec_shape, test_split=8), "train", tmp_path / "b.npz")
+    assert torch.equal(got.images, torch.from_numpy(images[:32]))
+
+
+def test_channels_first_arrays_used_in_place_and_as_npz_shards(tmp_path):
+    images = two_colours((20, 3, 4, 4))
+    np.save(tmp_path / "train.npy", images)
+    np.save(tmp_path / "test.npy", images[:4])
+    data = DataSpec(dataset="npy", path=str(tmp_path), shape=(3, 4, 4))
+    got = load_split(data, "train")
+    assert got.file is not None and not got.file.channels_last  # used in place, as N x C x H x W
+    assert torch.equal(got.images, torch.from_numpy(images))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.savez(shards / "train_1.npz", x=images, y=np.zeros(20, int))
+    np.savez(shards / "test.npz", x=images[:4], y=np.zeros(4, int))
+    got = load_split(DataSpec(dataset="npz", shape=(3, 4, 4)), "train", shards)
+    assert torch.equal(got.images, torch.from_numpy(images))
+
+
+@pytest.mark.parametrize(
+    ("shape", "spec_shape", "convert"),
+    [((40, 2, 2, 2), (2, 2, 2), ()), ((40, 3, 3, 3), (3, 3, 3), ()), ((40, 3, 4, 3), (3, 8, 8), ("size",))],
+)
+def test_an_array_that_both_layouts_fit_is_refused(tmp_path, shape, spec_shape, convert):
+    np.savez(tmp_path / "a.npz", x=two_colours(shape))
+    data = DataSpec(dataset="npy", shape=spec_shape, test_split=8, convert=convert)
+    with pytest.raises(
+        UserError, match=r"a\.npz .*read channels-last .* read channels-first .*`data folder`"
+    ):
+        load_split(data, "train", tmp_path / "a.npz")
+    np.savez(tmp_path / "one.npz", x=np.full((40, 1, 1, 1), 7, np.uint8))  # 1x1x1: both readings the same
+    got = load_split(DataSpec(dataset="npy", shape=(1, 1, 1), test_split=8), "train", tmp_path / "one.npz")
+    assert got.images.shape == (32, 1, 1, 1) and int(got.images.min()) == 7
+
+
+def test_an_array_of_the_specs_sides_in_another_order_is_refused_without_convert_advice(tmp_path):
+    np.savez(tmp_path / "a.npz", x=two_colours((40, 4, 8, 3)))
+    data = DataSpec(dataset="npy", shape=(3, 8, 4), test_split=8)
+    with pytest.raises(
+        UserError, match=r"neither layout.*reorder its axes .* N x 8 x 4 x 3 or N x 3 x 8 x 4$"
+    ):
+        load_split(data, "train", tmp_path / "a.npz")
+    resized = load_split(data.model_copy(update={"convert": ("size",)}), "train", tmp_path / "a.npz")
+    assert resized.images.shape == (32, 3, 8, 4)  # asked for: 4x8 images cropped to 8x4
+
+
 def test_npy_single_file_needs_a_test_split(tmp_path):
     array = np.random.default_rng(0).integers(0, 32, (50, 4, 4, 3), dtype=np.uint8)  # already 5-bit
     np.save(tmp_path / "celeba_5bit.npy", array)

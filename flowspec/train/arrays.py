@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flowspec.errors import UserError
+from flowspec.spec import DataSpec
 from flowspec.train.files import regular_file
 
 IMAGE_KEYS = ("x", "data", "images")  # the array of images in a .npz, by the first name present
@@ -114,22 +115,51 @@ def pick(found: dict[str, Member], keys: tuple[str, ...], path: Path, what: str)
     return None
 
 
-def image_layout(member: Member) -> tuple[int, int, int, bool]:
-    """(N, source levels, channels, channels_last) of an image array; refuses other shapes and types."""
-    shape = member.shape
+def image_layout(member: Member, data: DataSpec) -> tuple[int, int, int, bool]:
+    """(N, source levels, channels, channels_last) of an image array; refuses other shapes and types.
+
+    A 4-D array is read N x H x W x C or N x C x H x W, whichever gives the spec's C x H x W; where neither
+    does (images to convert), the reading of 1 to 4 channels, the spec's count first. An array that either
+    reading fits, or that holds the spec's sides in another order, is refused: its images would be
+    scrambled."""
+    shape, want = member.shape, tuple(data.shape)
     if member.dtype not in (np.uint8, np.uint16):
         raise UserError(f"{member}: images must be uint8 (or uint16), got {member.dtype}")
     levels = 256 if member.dtype == np.uint8 else 65536
     if len(shape) == 3:
         return shape[0], levels, 1, True
-    if len(shape) == 4 and shape[3] <= 4:
-        return shape[0], levels, shape[3], True
-    if len(shape) == 4 and shape[1] <= 4:
-        return shape[0], levels, shape[1], False
-    raise UserError(
-        f"{member}: expected images N x H x W x C (C of 1 to 4), N x C x H x W or N x H x W, "
-        f"got {'x'.join(map(str, shape)) or 'a scalar'}"
-    )
+    readings = {True: (shape[3], *shape[1:3]), False: shape[1:]} if len(shape) == 4 else {}
+    fits = [last for last, chw in readings.items() if chw == want]
+    if not fits:
+        fits = [last for last, chw in readings.items() if chw[0] <= 4]
+        fits = [last for last in fits if readings[last][0] == want[0]] or fits
+    if not fits:
+        raise UserError(
+            f"{member}: expected images N x H x W x C or N x C x H x W (C of 1 to 4, or the spec's) or "
+            f"N x H x W, got {_dims(shape) or 'a scalar'}"
+        )
+    if len(fits) == 2 and max(shape[1:]) > 1:  # of 1x1x1 images, both readings are the same array
+        raise UserError(
+            f"{member}: an array of {_dims(shape)} holds images of {_dims(readings[True])} read "
+            f"channels-last (N x H x W x C) and of {_dims(readings[False])} read channels-first "
+            f"(N x C x H x W), for the spec's {_dims(want)}: its shape cannot tell which layout it has, and "
+            f"the other one scrambles the images; save them as image files and read those with `data folder`"
+        )
+    chw = readings[fits[0]]
+    needs = {k for k, differs in (("mode", chw[0] != want[0]), ("size", chw[1:] != want[1:])) if differs}
+    if sorted(chw) == sorted(want) and not needs <= set(data.convert):
+        c, h, w = want
+        raise UserError(
+            f"{member}: an array of {_dims(shape)} holds the spec's {_dims(want)} images in neither layout: "
+            f"read channels-last (N x H x W x C) they are {_dims(readings[True])}, channels-first "
+            f"(N x C x H x W) {_dims(readings[False])}; reorder its axes (np.transpose) to N x {h} x {w} x "
+            f"{c} or N x {c} x {h} x {w}"
+        )
+    return shape[0], levels, chw[0], fits[0]
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def read_labels(member: Member | None, count: int, images: Member) -> np.ndarray:

@@ -184,7 +184,7 @@ def _npz(shards: list[Path], data: DataSpec) -> Loaded:
     for shard in shards:
         found = arrays.members(shard)
         member = arrays.pick(found, ("x",), shard, "images")
-        count, levels, _, channels_last = arrays.image_layout(member)
+        count, levels, _, channels_last = arrays.image_layout(member, data)
         label_member = arrays.pick(found, ("y",), shard, "labels")
         labelled.append((shard, label_member is not None))
         labels = arrays.read_labels(label_member, count, member)

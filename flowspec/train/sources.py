@@ -71,6 +71,8 @@ def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
         "data": data.model_dump(exclude={"path", "test_path"}),
         "files": [str(f.resolve()) for f in files],
     }
+    if data.dataset == "npy":  # not a cache of arrays read channels-last whenever their width allowed it
+        what["layout"] = "the spec's shape"
     if data.classes is not None and data.test_split is not None:  # held out before the class filter
         what["split"] = "whole set"  # not the caches made when the split was drawn from the class's images
     folder = cached(cache_root(plan.near), what, stamps(files), lambda tmp: _build(tmp, plan, route, data))
@@ -99,15 +101,15 @@ def _plan(data: DataSpec, path: Path) -> Plan:
     if test_path is not None and data.dataset == "folder" and not test_path.is_dir():
         raise UserError(f"the test path {test_path} is not a folder of images (the dataset is `folder`)")
     if data.dataset == "npy":
-        return _npy_plan(path, test_path, data.classes is not None)
+        return _npy_plan(path, test_path, data)
     if data.dataset == "imagenet":
-        return _imagenet_plan(path, data.classes is not None)
+        return _imagenet_plan(path, data)
     if data.dataset == "folder":
         return _folder_plan(path, test_path, data)
     return _torchvision_plan(data, path)
 
 
-def _npy_plan(path: Path, test_path: Path | None, classes: bool) -> Plan:
+def _npy_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
     if path.is_dir():
         found = sorted((p for p in path.iterdir() if p.suffix in (".npy", ".npz")), key=_natural)
         train = [p for p in found if p.name.startswith("train")]
@@ -125,18 +127,18 @@ def _npy_plan(path: Path, test_path: Path | None, classes: bool) -> Plan:
         test = sorted(test_path.glob("*.np[yz]"), key=_natural) if test_path.is_dir() else [test_path]
         if not test:
             raise UserError(f"the test path {test_path} holds no .npy/.npz arrays")
-    return Plan(str(path), path, _arrays(train, classes), _arrays(test, classes) if test else None)
+    return Plan(str(path), path, _arrays(train, data), _arrays(test, data) if test else None)
 
 
-def _imagenet_plan(path: Path, classes: bool) -> Plan:
+def _imagenet_plan(path: Path, data: DataSpec) -> Plan:
     def find(pattern: str) -> list[Path]:
         return sorted([*path.glob(pattern), *path.glob(f"*/{pattern}")], key=_natural)
 
     train, test = find("train_data_batch_*.npz"), find("val_data.npz")
     if not train:
         raise UserError(f"no downsampled-ImageNet batches in {path}: expected train_data_batch_*.npz files")
-    tests = _arrays(test, classes, flat=True) if test else None
-    return Plan(str(path), path, _arrays(train, classes, flat=True), tests)
+    tests = _arrays(test, data, flat=True) if test else None
+    return Plan(str(path), path, _arrays(train, data, flat=True), tests)
 
 
 def _folder_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
@@ -187,8 +189,8 @@ def _natural(path: Path) -> list:
 # ---------------------------------------------------------------- readers
 
 
-def _arrays(paths: list[Path], classes: bool, flat: bool = False) -> Reader:
-    """The images of array files, concatenated; `classes`: their labels select classes."""
+def _arrays(paths: list[Path], data: DataSpec, flat: bool = False) -> Reader:
+    """The images of array files, concatenated, each read in the layout that `data`'s shape tells."""
     parts, labels, labelled = [], [], []
     for path in paths:
         found = arrays.members(path)
@@ -196,7 +198,7 @@ def _arrays(paths: list[Path], classes: bool, flat: bool = False) -> Reader:
         if flat:
             count, levels, channels, channels_last, shape = _flat_layout(member)
         else:
-            count, levels, channels, channels_last = arrays.image_layout(member)
+            count, levels, channels, channels_last = arrays.image_layout(member, data)
             shape = None
         label_member = arrays.pick(found, arrays.LABEL_KEYS, path, "labels")
         labelled.append((path, label_member is not None))
@@ -209,7 +211,7 @@ def _arrays(paths: list[Path], classes: bool, flat: bool = False) -> Reader:
             part_labels = part_labels - 1
         labels.append(part_labels)
         parts.append((member, levels, channels_last, shape))
-    arrays.check_labelled(labelled, classes)
+    arrays.check_labelled(labelled, data.classes is not None)
 
     def read(keep: np.ndarray, data: DataSpec) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         start = 0
