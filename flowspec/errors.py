@@ -53,14 +53,28 @@ def shell_command(*words: object) -> str:
     return " ".join(shlex.quote(str(word)) for word in words)
 
 
+def job_number(name: str, default: int) -> int:
+    """A number torchrun gives its workers (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`), or
+    `default` where it is unset or empty; another value is a `UserError` naming the variable."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdecimal():
+        raise UserError(
+            f"the environment variable {name}={value!r} is not a whole number: torchrun sets it for its "
+            f"workers; outside torchrun unset it (unset {name})"
+        )
+    return int(value)
+
+
 def flowspec_command(*words: object) -> str:
     """`flowspec WORDS` for the user to paste, started as this process was: under a torchrun job of several
     processes by torchrun with as many (a job of several machines: on each, with the job's rendezvous
     options), so that a resumed run goes on as the uninterrupted one would."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = job_number("WORLD_SIZE", 1)
     if world < 2:
         return shell_command("flowspec", *words)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    local = job_number("LOCAL_WORLD_SIZE", world)
     if local == world:
         return shell_command("torchrun", "--nproc_per_node", world, "-m", "flowspec", *words)
     nodes = os.environ.get("GROUP_WORLD_SIZE") or world // local

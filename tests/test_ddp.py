@@ -292,8 +292,9 @@ def test_a_run_folder_or_ablation_plan_only_one_torchrun_process_refuses_stops_e
 
 
 @pytest.mark.parametrize("command", ["validate", "show", "inspect", "diff"])
-def test_under_torchrun_the_language_tools_run_on_rank_0_alone(tmp_path, monkeypatch, capsys, command):
-    """The other processes of the job print nothing and exit 0 at once (each printed it all again)."""
+def test_under_torchrun_the_language_tools_print_on_rank_0_alone(tmp_path, monkeypatch, capsys, command):
+    """The other processes of the job print nothing (each printed it all again), but still check their own
+    copy of the spec: a machine whose copy is missing says so and fails."""
     from flowspec.cli.app import run
 
     flow = write_flow(tmp_path / "a.flow", name="a")
@@ -303,9 +304,28 @@ def test_under_torchrun_the_language_tools_run_on_rank_0_alone(tmp_path, monkeyp
         assert run([command, str(flow)]) == 0
         assert bool(capsys.readouterr().out) is printed
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "1")  # a RANK left in a shell, no job: the tool runs
+    assert run([command, str(tmp_path / "missing.flow")]) == 2
+    assert "missing.flow" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a RANK left in a shell, no job: the tool prints
     assert run([command, str(flow)]) == 0
     assert capsys.readouterr().out
+
+
+def test_a_torchrun_variable_that_is_not_a_number_is_named(tmp_path, monkeypatch, capsys):
+    """An empty WORLD_SIZE (`export WORLD_SIZE=$SLURM_NTASKS` outside Slurm) is unset; another value stops
+    the commands that read it with a message naming it, and leaves the language tools alone."""
+    from flowspec.cli.app import run
+
+    flow = write_flow(tmp_path / "a.flow", name="a")
+    monkeypatch.setenv("WORLD_SIZE", "")
+    assert run(["validate", str(flow)]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    assert run(["validate", str(flow)]) == 0
+    capsys.readouterr()
+    assert run(["train", str(flow), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE='x' is not a whole number" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_rank_0_of_an_ablation_whose_last_run_failed_writes_its_comparison_before_the_others_exit(tmp_path):

@@ -7,13 +7,13 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from flowspec.errors import PEER_STOPPED, Terminated, UserError, os_error_message
+from flowspec.errors import PEER_STOPPED, Terminated, UserError, job_number, os_error_message
 
 
 def _usage_name(argument: Any) -> str:
@@ -123,20 +123,19 @@ def run(argv: list[str] | None = None) -> int:
       and saves, see the trainer);
     - anything else is a bug in flowspec: its traceback, then a line asking to report it: exit 1.
 
-    Under torchrun, the language tools run on rank 0 alone (the other processes exit 0 at once).
+    Under torchrun, the language tools print on rank 0 alone; the other processes check the same and
+    report only their errors (each machine of a job may hold a copy of the spec of its own).
     """
     received: list[int] = []
     args = sys.argv[1:] if argv is None else argv
-    in_job = int(os.environ.get("WORLD_SIZE", "1")) > 1  # not a stray RANK left in a shell
-    if _command(args) in LANGUAGE_TOOLS and in_job and int(os.environ.get("RANK", "0")) > 0:
-        return 0  # under torchrun, rank 0 runs them: each process would print them whole
+    hidden = _command(args) in LANGUAGE_TOOLS and _lenient("WORLD_SIZE", 1) > 1 and _lenient("RANK", 0) > 0
     if _command(args) in TORCH_COMMANDS and not {"-h", "--help"} & set(args):
         with _signals_held(received):
             _preload()
         if received:
             return _interrupted(received[0])
     try:
-        with _signals_raise(received):
+        with _signals_raise(received), _output_hidden(hidden):
             result = app(args=argv, prog_name="flowspec", standalone_mode=False)
     except UserError as error:
         return _fail(str(error), error.exit_code)
@@ -164,7 +163,7 @@ def run(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-#: the read-only language tools, which only print: rank 0 of a torchrun job runs them, the others exit 0
+#: the read-only language tools, which only print: under torchrun only rank 0 prints what they show
 LANGUAGE_TOOLS = {"validate", "show", "inspect", "diff"}
 #: the commands that import torch (validate and show start without it)
 TORCH_COMMANDS = {"inspect", "diff", "train", "eval", "sample", "export", "ablate"}
@@ -220,8 +219,27 @@ OUT_OF_MEMORY = (
 )
 
 
+def _lenient(name: str, default: int) -> int:
+    """`job_number(name, default)`, and `default` for a value that is not a number (an error's report and
+    the language tools do not depend on it)."""
+    try:
+        return job_number(name, default)
+    except UserError:
+        return default
+
+
+@contextmanager
+def _output_hidden(hidden: bool) -> Iterator[None]:
+    """Standard output discarded while `hidden` (errors still go to standard error)."""
+    if not hidden:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
+
+
 def _fail(message: str, code: int) -> int:
-    rank = int(os.environ.get("RANK", "0"))  # under torchrun each process says it: name the others
+    rank = _lenient("RANK", 0)  # under torchrun each process says it: name the others
     print(f"error{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr)
     return code
 
@@ -241,7 +259,7 @@ def _bug() -> int:
 def _peer_stopped(error: Exception) -> bool:
     """Under torchrun, a collective that failed because another process of the job stopped (a gloo
     connection reset, torch's `DistError`s), without importing torch."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if _lenient("WORLD_SIZE", 1) < 2:
         return False
     distributed = {"DistError", "DistBackendError", "DistNetworkError"}
     return any(c.__name__ in distributed for c in type(error).__mro__) or "gloo/transport" in str(error)

@@ -32,6 +32,7 @@ from flowspec.cli.options import (
 from flowspec.cli.stopping import stoppable
 from flowspec.errors import (
     UserError,
+    job_number,
     os_error_message,
 )
 from flowspec.spec import CLASS_NAMES, MAX_SEED
@@ -139,7 +140,7 @@ def _load_for_inference(
 def _one_process(command: str) -> None:
     """Refuse `command` in a torchrun job of several processes: each would run it whole (eval prints
     everything once per process, sample draws a grid with a seed of its own, both write the same file)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = job_number("WORLD_SIZE", 1)
     if world > 1:
         raise UserError(
             f"{command} runs in one process: run it without torchrun (each of this job's {world} processes "

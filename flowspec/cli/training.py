@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from dataclasses import replace
@@ -245,9 +244,10 @@ def train(
             isinstance(stop, Terminated),
         ) from None
     if result.stopped in ("SIGINT", "SIGTERM"):
-        if quiet and os.environ.get("RANK", "0") == "0":  # the loop's line: errors and this still show
-            from flowspec.train.trainer import resume_command, stop_line
+        from flowspec.train.distributed import main_process
+        from flowspec.train.trainer import resume_command, stop_line
 
+        if quiet and main_process():  # the loop's line: errors and this still show
             go_on = resume_command(result.run_dir, max_steps)
             print(stop_line(result.stopped, result.step, result.run_dir, go_on), file=sys.stderr)
         raise typer.Exit(128 + int(signal.Signals[result.stopped]))

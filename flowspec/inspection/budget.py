@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, job_number
 from flowspec.inspection.memory import estimate_memory, fmt_bytes
 from flowspec.inspection.params import parameters_by_path
 from flowspec.inspection.report import make_report
@@ -138,7 +138,7 @@ def device_memory(device: str | torch.device = "cpu") -> int:
 
 def processes_on_this_machine() -> int:
     """The processes of this torchrun job on this machine (1 outside torchrun)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return job_number("LOCAL_WORLD_SIZE", 1)
 
 
 def check_size(
@@ -163,7 +163,7 @@ def check_size(
     need = {
         "build": size.weights + images * size.per_image,
         "infer": size.weights + images * size.largest_step,
-        "train": training_bytes(size, spec, int(os.environ.get("WORLD_SIZE", "1"))),  # torchrun's count
+        "train": training_bytes(size, spec, job_number("WORLD_SIZE", 1)),  # torchrun's count
     }[use]
     have = device_memory(device)
     if allow_large or need <= have:

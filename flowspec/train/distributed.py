@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as td
 
-from flowspec.errors import PEER_STOPPED, UserError
+from flowspec.errors import PEER_STOPPED, UserError, job_number
 from flowspec.inspection.budget import check_cuda
 
 
@@ -63,12 +63,12 @@ class Dist:
 
 def main_process() -> bool:
     """Whether this process writes a job's shared outputs: rank 0 of torchrun's job, or the only one."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return job_number("RANK", 0) == 0
 
 
 def job_size() -> int:
     """The number of processes of torchrun's job (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return job_number("WORLD_SIZE", 1)
 
 
 def under_torchrun() -> bool:
@@ -80,7 +80,7 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     """Join the job torchrun started (if any) and pick this process's device: the CPU, or a CUDA device
     (`cuda:N` picks one; under torchrun each process takes the one of its LOCAL_RANK)."""
     world = job_size()
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = job_number("RANK", 0), job_number("LOCAL_RANK", 0)
     torchrun = under_torchrun()
     try:
         where = torch.device(device)
