@@ -192,10 +192,11 @@ def _check_eval(spec: FlowSpec, settings: Mapping[str, Any]) -> None:
         raise UserError(f"eval={dict(settings)!r}: {problems}") from None
 
 
-def load(path: PathLike, device: str | torch.device | None = None) -> FlowModel:
+def load(path: PathLike, device: str | torch.device | None = None, precision: str | None = None) -> FlowModel:
     """A trained model, ready to use: from a run folder, a checkpoint (`.pt`) or an export
-    (`.safetensors`), with the EMA weights, in eval mode, on `device` (default cpu); `model.spec` is
-    its resolved spec."""
+    (`.safetensors`), with the EMA weights, in eval mode, on `device` (default cpu), computing in
+    `precision` (fp32 | bf16 | auto; None: the precision its run trained in, fp32 for an export that does
+    not record it); `model.spec` is its resolved spec."""
     from flowspec.train.export import load_trained
 
-    return load_trained(path, device).model
+    return load_trained(path, device, precision=precision).model

@@ -101,6 +101,7 @@ def test_a_damaged_or_edited_export_is_refused_naming_it(run_dir, tmp_path, caps
     cases = {
         "flipped.safetensors": (flipped, metadata, "is corrupt: its tensors do not match the checksum"),
         "step.safetensors": (tensors, {**metadata, "step": "abc"}, "its step is 'abc', not a number"),
+        "fp16.safetensors": (tensors, {**metadata, "precision": "fp16"}, "its precision is 'fp16', not fp32"),
     }
     for file, (weights, meta, message) in cases.items():
         save_file(weights, tmp_path / file, metadata=meta)

@@ -52,6 +52,7 @@ def test_the_same_option_names_across_commands():
         assert len({param.help for _, param in options[opt]}) == 1
     assert {param.metavar for _, param in options["--data"]} == {"PATH"}  # a folder or a file
     assert {name for name, _ in options["--threads"]} == {"train", "eval", "sample", "ablate", "inspect"}
+    assert {name for name, _ in options["--precision"]} == {"train", "eval", "sample", "ablate"}
 
 
 def _example_args(name: str, example: str) -> list[str]:

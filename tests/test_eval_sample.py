@@ -619,3 +619,76 @@ def test_sample_at_a_temperature_that_overflows_writes_nothing_and_says_so(run_d
     err = capsys.readouterr().err
     assert "sampling at temperature 1e+30 gave values that are not finite: nothing was written" in err
     assert not grid.exists()
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16") / "run"
+    train(tiny_spec(steps=2, eval_every=2), RunOptions(out=out, device="cpu", quiet=True, precision="bf16"))
+    return out
+
+
+def test_eval_of_a_bf16_run_computes_in_bf16_and_repeats_its_test_bpd(bf16_run, capsys):
+    """`eval --seed 1 --batch B` repeats the run's own (bf16) evaluation exactly; `--precision fp32` measures
+    something else, says so, and writes a file of its own."""
+    [*_, row] = (json.loads(line) for line in (bf16_run / "metrics.jsonl").read_text().splitlines())
+    args = ["eval", str(bf16_run), "--seed", "1", "--batch", "16", "--device", "cpu"]
+    assert run(args) == 0
+    record = json.loads((bf16_run / "eval_test_seed1.json").read_text())
+    assert record["bpd"] == row["test_bpd"] and record["precision"] == "bf16"
+    assert "precision bf16 (the run's)" in capsys.readouterr().out
+    assert run([*args, "--precision", "fp32"]) == 0
+    assert "precision fp32 (the run trained in bf16)" in capsys.readouterr().out
+    fp32 = json.loads((bf16_run / "eval_test_seed1_fp32.json").read_text())
+    assert fp32["precision"] == "fp32" and fp32["bpd"] != record["bpd"]
+    assert fp32["bpd"] == pytest.approx(record["bpd"], abs=0.01)
+    assert json.loads((bf16_run / "eval_test_seed1.json").read_text()) == record  # not replaced
+    autocast = {c.autocast_dtype for c in flowspec.load(bf16_run).couplings()}
+    assert autocast == {torch.bfloat16}  # the Python API computes in the run's precision too
+    assert {c.autocast_dtype for c in flowspec.load(bf16_run, precision="fp32").couplings()} == {None}
+
+
+def test_an_export_keeps_the_precision_its_run_trained_in(bf16_run, tmp_path, capsys):
+    """An export records the run's precision, which eval of it uses; one without it (older) computes in
+    fp32."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    exported = tmp_path / "model.safetensors"
+    assert run(["export", str(bf16_run), "-o", str(exported)]) == 0
+    args = ["--limit", "32", "--device", "cpu"]
+    assert run(["eval", str(bf16_run), *args, "-o", str(tmp_path / "run.json")]) == 0
+    assert run(["eval", str(exported), *args, "-o", str(tmp_path / "export.json")]) == 0
+    record = json.loads((tmp_path / "export.json").read_text())
+    assert (
+        record["precision"] == "bf16"
+        and record["bpd"] == json.loads((tmp_path / "run.json").read_text())["bpd"]
+    )
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "precision"}
+    save_file(load_file(exported), tmp_path / "old.safetensors", metadata=metadata)
+    capsys.readouterr()
+    assert run(["eval", str(tmp_path / "old.safetensors"), *args]) == 0
+    assert "precision fp32 (its file records none)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval_test_first32_old.json").read_text())["precision"] == "fp32"
+
+
+def test_sample_in_another_precision_is_seeded_and_named_apart(run_dir, tmp_path, capsys, monkeypatch):
+    """`sample --precision bf16` of an fp32 run draws the same grid for a seed, to a file of its own;
+    `auto` resolves as `train` does."""
+    from flowspec.train import precision
+
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", str(run_dir), "-n", "4", "--seed", "5", "--device", "cpu", "--precision", "bf16"]
+    assert run(args) == 0
+    assert "precision bf16 (the run trained in fp32)" in capsys.readouterr().out
+    [grid] = tmp_path.glob("samples_tiny_step*_t1.0_seed5_bf16.png")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: "CPU AVX512 with avx512_bf16")
+    assert run([*args[:-1], "auto", "-o", str(tmp_path / "auto.png")]) == 0
+    assert (
+        "precision bf16 (auto: CPU AVX512 with avx512_bf16; the run trained in fp32)"
+        in capsys.readouterr().out
+    )
+    assert (tmp_path / "auto.png").read_bytes() == grid.read_bytes()
+    assert run([*args[:-2], "-o", str(tmp_path / "fp32.png")]) == 0
+    assert "precision fp32 (the run's)" in capsys.readouterr().out

@@ -23,6 +23,8 @@ from flowspec.cli.options import (
     DataOption,
     Device,
     DeviceOption,
+    InferencePrecisionOption,
+    Precision,
     SampleSetOption,
     StoredSetOption,
     ThreadsOption,
@@ -39,6 +41,7 @@ from flowspec.spec import CLASS_NAMES, MAX_SEED
 
 if TYPE_CHECKING:
     from flowspec.spec import FlowSpec
+    from flowspec.train.export import Trained
 
 
 MAX_IW = 16384  # importance samples per image: four times the official Flow++ evaluation's 4096
@@ -118,23 +121,33 @@ def _load_for_inference(
     allow_large: bool,
     threads: int | None = None,
     compile_networks: bool = False,
+    precision: Precision | None = None,
 ):
-    """The model of a run folder, checkpoint or export with the EMA weights, and its spec with the `--set`
-    that `command` (eval or sample) reads (refused before it is built when it and `images` images at once
-    do not fit the device); torch's thread count chosen for it and, with `compile_networks`, what was
-    compiled (said in the header line)."""
+    """The model of a run folder, checkpoint or export with the EMA weights, computing in `precision`
+    (None: the run's), and its spec with the `--set` that `command` (eval or sample) reads (refused before
+    it is built when it and `images` images at once do not fit the device); torch's thread count chosen for
+    it, the precision and, with `compile_networks`, what was compiled (said in the header line)."""
     import torch
 
     from flowspec.threads import set_threads
     from flowspec.train.export import load_trained
 
     where = device_name(device) or ("cuda" if torch.cuda.is_available() else "cpu")
-    trained = load_trained(target, where, images=images, allow_large=allow_large)
+    asked = precision.value if precision else None
+    trained = load_trained(target, where, images=images, allow_large=allow_large, precision=asked)
     spec = _with_overrides(trained.spec, sets, trained.path, command)
     choice = set_threads(sum(p.numel() for p in trained.model.parameters() if p.requires_grad), threads)
     compiled = f", compiled ({trained.model.compile_for_device()})" if compile_networks else ""
-    print(f"{spec.name}, step {trained.step}, device {where}, {choice}{compiled}")
+    note = f" ({trained.precision_note})" if trained.precision_note else ""
+    computes = f"precision {trained.precision}{note}"
+    print(f"{spec.name}, step {trained.step}, device {where}, {choice}, {computes}{compiled}")
     return trained, spec
+
+
+def _precision_suffix(trained: Trained) -> str:
+    """`_bf16` or `_fp32` for an output file name where the model computes in another precision than its
+    run trained in, else nothing (a run's own precision keeps the name it always had)."""
+    return f"_{trained.precision}" if trained.precision != (trained.trained_precision or "fp32") else ""
 
 
 def _one_process(command: str) -> None:
@@ -216,11 +229,12 @@ def evaluate(
             "--out",
             "-o",
             metavar="FILE",
-            help="JSON file; default: named by what it measured (split, classes, images, K, seed, "
+            help="JSON file; default: named by what it measured (split, classes, images, K, seed, precision, "
             "weights), beside the checkpoint.",
         ),
     ] = None,
     device: DeviceOption = None,
+    precision: InferencePrecisionOption = None,
     sets: StoredSetOption = None,
     threads: ThreadsOption = None,
     compile_networks: CompileOption = False,
@@ -246,7 +260,7 @@ def evaluate(
         _check_output(out, "--out", (".json",))
     with stoppable("the evaluation") as signals:
         trained, spec = _load_for_inference(
-            "eval", target, device, sets, batch, allow_large, threads, compile_networks
+            "eval", target, device, sets, batch, allow_large, threads, compile_networks, precision
         )
         folder = _data_folder(data, trained, sets)
         source = load_split(spec.data, split.value, folder)
@@ -274,6 +288,7 @@ def evaluate(
         "batch": batch,
         "limit": limit,
         "device": str(where),
+        "precision": trained.precision,
         "overrides": list(sets or ()),
         "source": source.source,
         "data_folder": _data_read(folder, spec)[0],
@@ -282,7 +297,7 @@ def evaluate(
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         **result,
     }
-    if out is None:  # one file per distinct evaluation: a partial one, another seed or best.pt's replace none
+    if out is None:  # one file per evaluation: a partial one, another seed, precision or best.pt's apart
         weights = "" if trained.path.name == LAST else f"_{trained.path.stem}"
         part = f"_first{result['images']}" if result["images"] < len(source) else ""
         iw_part = f"_iw{iw}" if iw > 1 else ""
@@ -290,7 +305,8 @@ def evaluate(
         read = _data_read(folder, spec)
         own = _data_read(trained.data_dir or trained.data_default, trained.spec)
         data_part = f"_data{_short_hash(*read)}" if read != own else ""
-        name = f"eval_{split.value}{_classes_suffix(spec)}{data_part}{part}{iw_part}{seed_part}{weights}.json"
+        what = f"{_classes_suffix(spec)}{data_part}{part}{iw_part}{seed_part}{_precision_suffix(trained)}"
+        name = f"eval_{split.value}{what}{weights}.json"
         out = trained.path.parent / name
     caption = f"{split.value}: {result['images']} images"
     table = Table(title=f"{spec.name}, step {trained.step}", caption=caption)
@@ -404,6 +420,7 @@ def sample(
     ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, metavar="N", help="Images drawn per pass.")] = 64,
     device: DeviceOption = None,
+    precision: InferencePrecisionOption = None,
     sets: SampleSetOption = None,
     threads: ThreadsOption = None,
     compile_networks: CompileOption = False,
@@ -420,14 +437,15 @@ def sample(
         _check_output(out, "--out", _image_suffixes())
     with stoppable("sampling") as signals:
         trained, spec = _load_for_inference(
-            "sample", target, device, sets, min(n, batch), allow_large, threads, compile_networks
+            "sample", target, device, sets, min(n, batch), allow_large, threads, compile_networks, precision
         )
         if not allow_large:
             check_grid_memory(n, spec.data.shape, device_memory("cpu"))
         if seed is None:  # a fresh one, said below, so that the grid can be drawn again
             seed = secrets.randbelow(MAX_SEED + 1)
         grid = grid_name(trained.step, temperature).removesuffix(".png")
-        out = out or Path(f"samples_{spec.name}_{grid}_seed{seed}.png")  # another seed's replaces none
+        # another seed's, or another precision's than the run's, replaces none
+        out = out or Path(f"samples_{spec.name}_{grid}_seed{seed}{_precision_suffix(trained)}.png")
         try:
             save_grid(trained.model, n, temperature, out, spec.data.levels, seed, batch, signals.check)
         except ValueError as error:  # samples that are not finite

@@ -1,4 +1,4 @@
-"""Options shared by the commands: `--set KEY=VALUE` overrides, device, threads, data, seeds."""
+"""Options shared by the commands: `--set KEY=VALUE` overrides, device, threads, precision, data, seeds."""
 
 from __future__ import annotations
 
@@ -17,6 +17,18 @@ if TYPE_CHECKING:
 class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    auto = "auto"
+
+
+PRECISION_HELP = (
+    "bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the CPU or GPU has it "
+    "natively"
+)
 
 
 SetOption = Annotated[
@@ -56,6 +68,15 @@ ThreadsOption = Annotated[
         min=1,
         metavar="N",
         help="Intra-op CPU threads (default: 1 for small models or a busy CPU, else the idle cores).",
+    ),
+]
+InferencePrecisionOption = Annotated[
+    Precision | None,
+    typer.Option(
+        "--precision",
+        help=f"{PRECISION_HELP}. Default: the precision the run trained in (fp32 for an export that does not "
+        "record it).",
+        show_default=False,
     ),
 ]
 CompileOption = Annotated[

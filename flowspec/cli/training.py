@@ -16,10 +16,12 @@ from flowspec.api import eval_written_by, parse_duration, parse_size
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.cli.options import (
+    PRECISION_HELP,
     AllowLargeOption,
     CompileOption,
     DataOption,
     DeviceOption,
+    Precision,
     SetOption,
     ThreadsOption,
     device_name,
@@ -38,12 +40,6 @@ from flowspec.errors import (
 if TYPE_CHECKING:
     from flowspec.train.ablate import Ablation
     from flowspec.train.trainer import RunResult
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    auto = "auto"
 
 
 class Recompute(str, Enum):
@@ -102,20 +98,17 @@ def _eval_settings(
     return {key: value for key, value in given.items() if value is not None}
 
 
-PRECISION_HELP = (
-    "bf16: the networks compute in bfloat16 (log-dets stay float32); auto: bf16 where the CPU or GPU has it "
-    "natively. Default: fp32"
-)
 PrecisionOption = Annotated[
     Precision | None,
     typer.Option(
         "--precision",
-        help=f"{PRECISION_HELP}, or the precision a resumed run trained in.",
+        help=f"{PRECISION_HELP}. Default: fp32, or the precision a resumed run trained in.",
         show_default=False,
     ),
 ]
 AblatePrecisionOption = Annotated[
-    Precision | None, typer.Option("--precision", help=f"{PRECISION_HELP}.", show_default=False)
+    Precision | None,
+    typer.Option("--precision", help=f"{PRECISION_HELP}. Default: fp32.", show_default=False),
 ]
 RecomputeOption = Annotated[
     Recompute,

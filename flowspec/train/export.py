@@ -1,9 +1,10 @@
 """Trained models outside their run folder: `.safetensors` exports, and loading any trained model.
 
 An export holds the evaluation (EMA) weights as tensors and, in the file's metadata, the resolved spec
-(JSON), its hash, the training step, the flowspec version and a SHA-256 checksum of the tensors (checked
-when read): everything needed to rebuild the model.
-`load_trained` reads a run folder, a checkpoint or an export, and gives the model ready to use.
+(JSON), its hash, the training step, the precision its run trained in, the flowspec version and a SHA-256
+checksum of the tensors (checked when read): everything needed to rebuild the model.
+`load_trained` reads a run folder, a checkpoint or an export, and gives the model ready to use, computing
+in the precision its run trained in unless told another.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flowspec.train.checkpoint import (
     resolve,
 )
 from flowspec.train.files import replaced_whole
+from flowspec.train.precision import autocast_dtype, resolve_precision
 
 FORMAT = "flowspec"
 SUFFIX = ".safetensors"
@@ -44,6 +46,9 @@ class Trained:
     spec_hash: str = ""  # the hash its file stores (of the spec as the flowspec that trained it wrote it)
     spec_json: str = ""  # that spec's text
     data_default: str | None = None  # without a data folder: the FLOWSPEC_DATA_DIR or cache folder it read
+    trained_precision: str | None = None  # fp32 or bf16, as its file records it (older ones do not)
+    precision: str = "fp32"  # what the model computes in: fp32 or bf16
+    precision_note: str = ""  # where that came from: "the run's", auto's reason, the run's when it differs
 
 
 def export(target: Path | str, output: Path | str) -> Trained:
@@ -68,6 +73,7 @@ def export(target: Path | str, output: Path | str) -> Trained:
         **({"data_dir": trained.data_dir} if trained.data_dir else {}),
         **({"data_default": trained.data_default} if trained.data_default else {}),
         **({"train_images": str(trained.train_images)} if trained.train_images else {}),
+        **({"precision": trained.trained_precision} if trained.trained_precision else {}),
     }
     encoded = save(tensors, metadata=metadata)  # written by Python: a full disk is an OSError naming the file
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -77,12 +83,17 @@ def export(target: Path | str, output: Path | str) -> Trained:
 
 
 def load_trained(
-    target: Path | str, device: str | torch.device | None = None, images: int = 0, allow_large: bool = False
+    target: Path | str,
+    device: str | torch.device | None = None,
+    images: int = 0,
+    allow_large: bool = False,
+    precision: str | None = None,
 ) -> Trained:
     """The model of a run folder, a checkpoint (`.pt`) or an export (`.safetensors`), with its EMA
-    weights, in eval mode, on `device` (default: cpu). Errors a user can cause are `UserError`s; a model
-    that, with `images` images at once, would not fit the device is refused before it is built unless
-    `allow_large`."""
+    weights, in eval mode, on `device` (default: cpu), computing in `precision` (fp32, bf16 or auto;
+    None: the precision its run trained in, fp32 where its file does not record one). Errors a user can
+    cause are `UserError`s; a model that, with `images` images at once, would not fit the device is
+    refused before it is built unless `allow_large`."""
     import flowspec
     from flowspec.inspection.budget import check_cuda, check_size, parse_device
 
@@ -91,8 +102,8 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix.lower() == SUFFIX and not path.is_dir():
-        spec, weights, step, data_dir, train_images, stored_hash, stored_spec, data_default = _read_export(
-            path
+        spec, weights, step, data_dir, train_images, stored_hash, stored_spec, data_default, trained = (
+            _read_export(path)
         )
     else:
         path = resolve(path)
@@ -102,12 +113,15 @@ def load_trained(
         data_default = payload.get("data_default")
         stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
         train_images = stream.get("images")
+        trained = payload.get("precision")
+    computes, note = _choose_precision(precision, trained, where)
     check_size(spec, "infer", where, allow_large, images)
     model = flowspec.build(spec)
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its spec builds: {error}") from None
+    model.set_autocast(autocast_dtype(computes))
     return Trained(
         model.to(where).eval(),
         spec,
@@ -118,15 +132,31 @@ def load_trained(
         stored_hash,
         stored_spec,
         data_default,
+        trained,
+        computes,
+        note,
     )
 
 
-ExportContents = tuple[FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str, str | None]
+def _choose_precision(asked: str | None, trained: str | None, where: torch.device) -> tuple[str, str]:
+    """The precision to compute in (`asked`, `auto` resolved on `where`; None: `trained`, the run's, else
+    fp32) and a note on where it came from, naming the run's where it differs."""
+    if asked is None:
+        return trained or "fp32", "the run's" if trained else "its file records none"
+    computes, reason = resolve_precision(asked, where)
+    if trained is not None and trained != computes:
+        reason = "; ".join(filter(None, (reason, f"the run trained in {trained}")))
+    return computes, reason
+
+
+ExportContents = tuple[
+    FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str, str | None, str | None
+]
 
 
 def _read_export(path: Path) -> ExportContents:
-    """The spec, weights, step, data folder, training-set size, stored spec hash and text, and default data
-    folder of an export."""
+    """The spec, weights, step, data folder, training-set size, stored spec hash and text, default data
+    folder and the precision its run trained in (None: not recorded) of an export."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -159,6 +189,11 @@ def _read_export(path: Path) -> ExportContents:
             raise UserError(
                 f"{path} is not a valid flowspec export: its {key} is {metadata[key][:40]!r}, not a number"
             )
+    if metadata.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise UserError(
+            f"{path} is not a valid flowspec export: its precision is {metadata['precision'][:40]!r}, "
+            "not fp32 or bf16"
+        )
     count = metadata.get("train_images")
     train_images = int(count) if count else None
     return (
@@ -170,6 +205,7 @@ def _read_export(path: Path) -> ExportContents:
         metadata["spec_hash"],
         metadata["spec"],
         metadata.get("data_default"),
+        metadata.get("precision"),
     )
 
 
