@@ -56,7 +56,7 @@ def train(
     recompute: str = "auto",
     max_steps: int | None = None,
     max_time: str | float | None = None,
-    log_every: int = 10,
+    log_every: int | None = None,
     tensorboard: bool = False,
     quiet: bool = False,
     threads: int | None = None,
@@ -69,10 +69,11 @@ def train(
     The keywords are the command line's options: `data` (`--data`), `out` (`--out`), `sets` (`--set`
     overrides of a spec file), `resume` (a run folder to continue; `spec` may then be omitted),
     `device`, `precision` (fp32 | bf16 | auto; None: fp32, or the precision a resumed run trained in),
-    `compile`, `recompute` (auto | on | off), `max_steps`, `max_time` (seconds or `"30m"`), `log_every`,
-    `tensorboard`, `quiet`, `threads` (None: chosen by model size and CPU load), `allow_large` (train a
-    model whose estimated training memory exceeds the device's), `data_memory` (bytes or `"4G"`: a
-    training set up to this size is held in memory, a larger one streamed from its file) and `eval`
+    `compile`, `recompute` (auto | on | off), `max_steps`, `max_time` (seconds or `"30m"`), `log_every`
+    (None: 10, or the resumed run's), `tensorboard`, `quiet`, `threads` (None: chosen by model size and
+    CPU load), `allow_large` (train a model whose estimated training memory exceeds the device's),
+    `data_memory` (bytes or `"4G"`: a training set up to this size is held in memory, a larger one
+    streamed from its file) and `eval`
     (settings of the spec's `eval` section, as `--eval-*` give them, e.g. `{"images": 64, "inversion":
     False}`). Returns the run's `RunResult` (run folder, step, bits/dim, the metrics' history). A mistake
     raises `UserError` with the message the command line prints. Ctrl-C or SIGTERM stops the run after
@@ -128,7 +129,7 @@ def train(
             from flowspec.loader import check_file_rules
 
             check_file_rules(spec)
-        if log_every < 1:
+        if log_every is not None and log_every < 1:
             raise UserError(f"log_every must be at least 1, got {log_every}")
         from flowspec.inspection.budget import check_size, default_device
 

@@ -358,6 +358,7 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
         (lambda p: p.update(precision="fp16"), "precision is not fp32 or bf16"),
         (lambda p: p.update(eval_options={"samples": -1}), "eval_options is not the --eval-* options given"),
         (lambda p: p.update(eval_options=["images"]), "eval_options is not the --eval-* options given"),
+        (lambda p: p.update(log_every=0), "log_every is not a logging interval"),
     ],
     ids=[
         "model-not-a-state-dict",
@@ -373,6 +374,7 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
         "precision",
         "eval-options-value",
         "eval-options-type",
+        "log-every",
     ],
 )
 def test_a_wrong_checkpoint_is_refused_naming_what_is_wrong(trained, tmp_path, capsys, change, message):

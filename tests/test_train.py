@@ -97,6 +97,34 @@ def test_resume_is_exact(tmp_path):
     assert resumed.best_bpd == straight.best_bpd
 
 
+def test_a_resumed_run_keeps_its_log_every_and_its_train_rows(tmp_path):
+    """`--log-every 1` was not kept: `train --resume RUN` (what a stop's line says) logged every 10 steps,
+    so the resumed run's metrics.jsonl lacked the uninterrupted run's train rows."""
+    spec = tiny_spec(steps=7, eval_every=3)
+    go = lambda out, **kw: flowspec.train(spec, out=out, device="cpu", quiet=True, **kw)  # noqa: E731
+    go(tmp_path / "straight", log_every=1)
+    go(tmp_path / "split", log_every=1, max_steps=4)
+    assert load_checkpoint(tmp_path / "split")["log_every"] == 1
+    flowspec.train(resume=tmp_path / "split", device="cpu", quiet=True)
+    timing = ("img_s", "eval_seconds")
+    rows = [
+        [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / run)]
+        for run in ("straight", "split")
+    ]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0] if not is_eval(r)] == list(range(1, 8))
+    # given again, it replaces the kept one; a checkpoint from before it was kept resumes with 10
+    go(tmp_path / "again", log_every=1, max_steps=2)
+    flowspec.train(resume=tmp_path / "again", device="cpu", quiet=True, log_every=3, max_steps=4)
+    assert load_checkpoint(tmp_path / "again")["log_every"] == 3
+    payload = load_checkpoint(tmp_path / "again")
+    del payload["log_every"], payload["checksum"]
+    save_atomic(payload, tmp_path / "again" / LAST)
+    flowspec.train(resume=tmp_path / "again", device="cpu", quiet=True)
+    assert load_checkpoint(tmp_path / "again")["log_every"] == 10
+    logged = [r["step"] for r in read_metrics(tmp_path / "again") if not is_eval(r)]
+    assert logged == [1, 2, 3]
+
+
 def test_save_every_writes_checkpoints_between_evaluations_and_resumes_exactly(tmp_path, monkeypatch):
     spec = tiny_spec(steps=7, eval_every=1000, save_every=Interval(count=2, unit="steps"))
     saved = []  # (step, best) of every checkpoint written

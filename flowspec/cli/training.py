@@ -182,9 +182,15 @@ def train(
         ),
     ] = None,
     log_every: Annotated[
-        int,
-        typer.Option("--log-every", min=1, metavar="N", help="Read the loss from the device every N steps."),
-    ] = 10,
+        int | None,
+        typer.Option(
+            "--log-every",
+            min=1,
+            metavar="N",
+            help="Read the loss from the device every N steps (default 10, or the resumed run's).",
+            show_default=False,
+        ),
+    ] = None,
     tensorboard: Annotated[
         bool,
         typer.Option("--tensorboard", help="Also log to RUN_DIR/tensorboard (pip install tensorboard)."),

@@ -215,6 +215,7 @@ _STRUCTURE: dict[str, tuple[Any, str]] = {
     "epoch": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "an epoch"),
     # what a resume carries over (absent from older checkpoints)
     "threads": (lambda v: _count(v) and v >= 1, "a thread count"),
+    "log_every": (lambda v: _count(v) and v >= 1, "a logging interval (an integer >= 1)"),
     "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "precision_asked": (lambda v: v in ("fp32", "bf16", "auto"), "fp32, bf16 or auto"),
     "train_seconds": (

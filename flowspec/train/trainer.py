@@ -68,7 +68,8 @@ class RunOptions:
     eval_options: dict[str, Any] = field(default_factory=dict)  # of them, the --eval-* options: recorded
     threads: int | None = None  # intra-op CPU threads; None: chosen by model size and CPU load
     max_bad_steps: int = 20  # non-finite steps in a row before the run stops (checked when logging)
-    log_every: int = 10  # read the loss from the device (progress, divergence) every N steps
+    log_every: int | None = None  # read the loss from the device (progress, divergence) every N steps;
+    # None: 10, or the resumed run's (its checkpoints record it)
     handle_signals: bool = True
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard (needs the tensorboard package)
     data_memory: int | None = None  # bytes of training images held in memory (default 4 GiB); larger stream
@@ -141,6 +142,9 @@ class Trainer:
         if payload is not None:  # the --eval-* options the run was given hold unless given again
             kept = {**payload.get("eval_options", {}), **options.eval_options}
             self.options = options = replace(options, eval={**kept, **options.eval}, eval_options=kept)
+        # and so does its --log-every (its train rows), 10 in checkpoints from before it was kept
+        log_every = options.log_every or (payload.get("log_every") if payload is not None else None) or 10
+        self.options = options = replace(options, log_every=log_every)
         self.saved_step: int | None = payload["step"] if payload is not None else None
         # training seconds of the processes before this one (0 in checkpoints from before they were kept)
         self.trained_before = float(payload.get("train_seconds", 0.0)) if payload is not None else 0.0
@@ -510,6 +514,7 @@ class Trainer:
             "precision_asked": self.precision_asked,
             "threads": self.threads.threads,  # a resume keeps them: another count sums in another order
             "eval_options": dict(self.options.eval_options),  # a resume keeps them too
+            "log_every": self.options.log_every,  # and this
             "train_seconds": self._train_seconds(),
             **spec_record(self.spec),
         }
