@@ -257,6 +257,39 @@ def test_ablate_with_a_tiny_budget_prints_the_table(tmp_path, capsys):
     assert [r["steps"] for r in rows] == [1, 1] and all(r["img/s"] > 0 for r in rows)
 
 
+def test_ablate_refuses_steps_beyond_a_specs_length_before_anything_trains(tmp_path, monkeypatch, capsys):
+    """`--steps 30` with a spec of length 20 said "30 steps each" over a run of 20 steps."""
+    from flowspec.train import ablate
+
+    long = write_flow(tmp_path / "long.flow", name="long", steps=6)
+    short = write_flow(tmp_path / "short.flow", name="short", steps=3)
+    epoch = tmp_path / "epoch.flow"  # 1 epoch of the 1,500 digits' training images at batch 16: 93 steps
+    epoch.write_text(long.read_text().replace("length 6 steps", "length 1 epochs").replace("long", "epoch"))
+    monkeypatch.setattr(ablate, "train", lambda *_, **__: pytest.fail("trained before the check"))
+    out = tmp_path / "ablation"
+    args = ["ablate", str(long), str(short), "--steps", "4", "--out", str(out), "--device", "cpu", "-q"]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert f"--steps 4 is beyond the training length of {short} (3 steps): its run would stop" in err
+    assert "give --steps 3 or fewer, or lengthen every spec with --set 'train.length=4 steps'" in err
+    assert str(long) not in err and not out.exists()
+    assert run(["ablate", str(epoch), str(short), "--steps", "100", "--out", str(out)]) == 2
+    assert f"of {epoch} (1 epoch: 93 steps), {short} (3 steps): their runs" in capsys.readouterr().err
+
+
+def test_ablate_notes_a_run_that_ended_at_its_length_before_the_budget(tmp_path, capsys):
+    """A `--budget` longer than a spec's training: the run ends at its length, said after the table (and
+    again when the finished ablation is resumed)."""
+    short = write_flow(tmp_path / "short.flow", name="short", steps=2)
+    out = tmp_path / "ablation"
+    args = ["ablate", str(short), "--budget", "1h", "--out", str(out), "--device", "cpu", "-q"]
+    assert run([*args, "--eval-samples", "0"]) == 0
+    note = "note: short ended at its spec's length (step 2) before its budget (1h) was spent"
+    assert note in capsys.readouterr().out
+    assert run(["ablate", "--resume", str(out)]) == 0
+    assert note in capsys.readouterr().out
+
+
 def test_ablate_reads_every_specs_data_before_training(tmp_path, monkeypatch, capsys):
     from flowspec.train import ablate, distributed
 

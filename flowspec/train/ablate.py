@@ -106,6 +106,7 @@ def run_ablation(
         )
         plan = Plan.make(seeded, folders, data_dirs, options, title, list(overrides))
         datasets = _datasets(plan, options.quiet)
+        _check_lengths(plan, datasets, options.max_steps)
     return _carry_out(plan, datasets, out, stop, options, write_plan=True)
 
 
@@ -170,6 +171,46 @@ def _datasets(plan: Plan, quiet: bool) -> dict[int, Datasets]:
     return datasets
 
 
+def _length(spec: FlowSpec, data: Datasets) -> int | None:
+    """The steps `spec` trains for by its `length` (None: unbounded)."""
+    length = spec.train.length
+    if length is None:
+        return None
+    return length.count * (len(data["train_set"]) // spec.train.batch if length.unit == "epochs" else 1)
+
+
+def _check_lengths(plan: Plan, datasets: dict[int, Datasets], steps: int | None) -> None:
+    """Refuse a `--steps` budget longer than some spec's length: its run would stop at its length,
+    short of the budget the others train for."""
+    if steps is None:
+        return
+    short = {}
+    for i, spec in enumerate(plan.specs):
+        length = _length(spec, datasets[i])
+        if length is not None and length < steps:
+            count = spec.train.length.count
+            epochs = f"{count} epoch{'s' * (count != 1)}: " if spec.train.length.unit == "epochs" else ""
+            short[f"{spec.source or spec.name} ({epochs}{length} steps)"] = length
+    if short:
+        names, runs = (", ".join(short), "their runs") if len(short) > 1 else (next(iter(short)), "its run")
+        raise UserError(
+            f"--steps {steps} is beyond the training length of {names}: {runs} would stop there, short "
+            f"of the {steps} steps every spec is to train for; give --steps {min(short.values())} or "
+            f"fewer, or lengthen every spec with --set 'train.length={steps} steps'"
+        )
+
+
+def _short_of_budget(run: RunResult, options: RunOptions, budget: str) -> list[str]:
+    """A note when a run ended at its spec's length before the budget did (a `--budget` longer than the
+    run's training, or a `--steps` beyond its length in a plan that an earlier flowspec wrote)."""
+    if run.stopped != "finished" or (options.max_steps is not None and run.step >= options.max_steps):
+        return []
+    return [
+        f"{run.run_dir.name} ended at its spec's length (step {run.step}) before its budget ({budget}) "
+        "was spent: --set 'train.length=N steps' lengthens every spec"
+    ]
+
+
 def _carry_out(
     plan: Plan,
     datasets: dict[int, Datasets],
@@ -198,6 +239,7 @@ def _carry_out(
             if folder in plan.results:
                 done.runs.append(plan.finished(out, folder))
                 done.notes += _since_finished(out / folder, plan.results[folder].step)
+                done.notes += _short_of_budget(done.runs[-1], options, plan.budget)
                 continue
             if stop():
                 break
@@ -215,6 +257,7 @@ def _carry_out(
                 done.notes.append(
                     f"{folder} was trained past the budget outside the ablation (step {run.step})"
                 )
+            done.notes += _short_of_budget(run, options, plan.budget)
             if lock is not None:
                 plan.record(run)
                 plan.write(out)
