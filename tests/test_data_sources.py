@@ -239,6 +239,26 @@ def test_an_array_of_the_specs_sides_in_another_order_is_refused_without_convert
     assert resized.images.shape == (32, 3, 8, 4)  # asked for: 4x8 images cropped to 8x4
 
 
+def test_a_grey_array_of_the_specs_sides_swapped_is_refused_as_the_4d_one_is(tmp_path):
+    """N x W x H is refused with np.transpose advice, not a `convert size` that squashes the images."""
+    images = np.tile(np.arange(128, dtype=np.uint8).reshape(16, 8), (20, 1, 1))  # 16 high, 8 wide
+    np.savez(tmp_path / "a.npz", x=images)
+    np.savez(tmp_path / "b.npz", x=images[..., None])
+    data = DataSpec(dataset="npy", shape=(1, 8, 16), test_split=4)
+    with pytest.raises(
+        UserError, match=r"a\.npz .*16x8 .*height and width swapped.*np\.transpose.*N x 8 x 16$"
+    ):
+        load_split(data, "train", tmp_path / "a.npz")
+    with pytest.raises(UserError, match=r"b\.npz .*neither layout.*np\.transpose"):
+        load_split(data, "train", tmp_path / "b.npz")
+    transposed = images.transpose(0, 2, 1).copy()
+    np.savez(tmp_path / "t.npz", x=transposed)
+    got = load_split(data, "train", tmp_path / "t.npz")
+    assert torch.equal(got.images, torch.from_numpy(transposed[:16, None]))
+    resized = load_split(data.model_copy(update={"convert": ("size",)}), "train", tmp_path / "a.npz")
+    assert resized.images.shape == (16, 1, 8, 16)  # asked for
+
+
 def test_npy_single_file_needs_a_test_split(tmp_path):
     array = np.random.default_rng(0).integers(0, 32, (50, 4, 4, 3), dtype=np.uint8)  # already 5-bit
     np.save(tmp_path / "celeba_5bit.npy", array)

@@ -119,16 +119,16 @@ def image_layout(member: Member, data: DataSpec) -> tuple[int, int, int, bool]:
     """(N, source levels, channels, channels_last) of an image array; refuses other shapes and types.
 
     A 4-D array is read N x H x W x C or N x C x H x W, whichever gives the spec's C x H x W; where neither
-    does (images to convert), the reading of 1 to 4 channels, the spec's count first. An array that either
-    reading fits, or that holds the spec's sides in another order, is refused: its images would be
-    scrambled."""
+    does (images to convert), the reading of 1 to 4 channels, the spec's count first; a 3-D one N x H x W.
+    An array that either reading fits, or that holds the spec's sides in another order, is refused unless
+    `convert` asks for the change: its images would be scrambled."""
     shape, want = member.shape, tuple(data.shape)
     if member.dtype not in (np.uint8, np.uint16):
         raise UserError(f"{member}: images must be uint8 (or uint16), got {member.dtype}")
     levels = 256 if member.dtype == np.uint8 else 65536
-    if len(shape) == 3:
-        return shape[0], levels, 1, True
     readings = {True: (shape[3], *shape[1:3]), False: shape[1:]} if len(shape) == 4 else {}
+    if len(shape) == 3:
+        readings = {True: (1, *shape[1:])}
     fits = [last for last, chw in readings.items() if chw == want]
     if not fits:
         fits = [last for last, chw in readings.items() if chw[0] <= 4]
@@ -147,8 +147,14 @@ def image_layout(member: Member, data: DataSpec) -> tuple[int, int, int, bool]:
         )
     chw = readings[fits[0]]
     needs = {k for k, differs in (("mode", chw[0] != want[0]), ("size", chw[1:] != want[1:])) if differs}
-    if sorted(chw) == sorted(want) and not needs <= set(data.convert):
-        c, h, w = want
+    c, h, w = want
+    if len(shape) == 3 and chw[0] == c and chw[1:] == (w, h) and not needs <= set(data.convert):
+        raise UserError(
+            f"{member}: an array of {_dims(shape)} holds the spec's {_dims(want)} images with their height "
+            f"and width swapped: read N x H x W they are {_dims(chw)}; reorder its axes (np.transpose) to "
+            f"N x {h} x {w}"
+        )
+    if len(shape) == 4 and sorted(chw) == sorted(want) and not needs <= set(data.convert):
         raise UserError(
             f"{member}: an array of {_dims(shape)} holds the spec's {_dims(want)} images in neither layout: "
             f"read channels-last (N x H x W x C) they are {_dims(readings[True])}, channels-first "
