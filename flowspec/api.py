@@ -129,8 +129,8 @@ def train(
             from flowspec.loader import check_file_rules
 
             check_file_rules(spec)
-        if log_every is not None and log_every < 1:
-            raise UserError(f"log_every must be at least 1, got {log_every}")
+        if log_every is not None and (type(log_every) is not int or log_every < 1):
+            raise UserError(f"log_every must be a whole number of steps >= 1, got {log_every!r}")
         from flowspec.inspection.budget import check_size, default_device
 
         check_size(spec, "train", default_device(device), allow_large)

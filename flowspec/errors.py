@@ -55,16 +55,22 @@ def shell_command(*words: object) -> str:
 
 def job_number(name: str, default: int) -> int:
     """A number torchrun gives its workers (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`), or
-    `default` where it is unset or empty; another value is a `UserError` naming the variable."""
+    `default` where it is unset or empty; another value (a size below 1) is a `UserError` naming it."""
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdecimal():
+    least = 1 if name.endswith("WORLD_SIZE") else 0
+    if not value.isdecimal() or int(value) < least:
         raise UserError(
-            f"the environment variable {name}={value!r} is not a whole number: torchrun sets it for its "
-            f"workers; outside torchrun unset it (unset {name})"
+            f"the environment variable {name}={value!r} is not a whole number >= {least}: torchrun sets it "
+            f"for its workers; outside torchrun unset it (unset {name})"
         )
     return int(value)
+
+
+def torchrun_worker() -> bool:
+    """Whether torchrun started this process (it gives each worker a LOCAL_RANK; an empty one is none)."""
+    return bool(os.environ.get("LOCAL_RANK", "").strip())
 
 
 def flowspec_command(*words: object) -> str:

@@ -183,6 +183,11 @@ def test_train_from_python_takes_a_spec_file_and_the_command_line_options(tmp_pa
         flowspec.train(flow, out=tmp_path / "x", max_time="soon")
     with pytest.raises(UserError, match="--data-memory: expected a size like 512M or 4G, got 'lots'"):
         flowspec.train(flow, out=tmp_path / "x", data_memory="lots")
+    for log_every in (0, 2.5, True):  # a fraction trained, and its checkpoints could not be resumed
+        message = f"log_every must be a whole number of steps >= 1, got {log_every}$"
+        with pytest.raises(UserError, match=message):
+            flowspec.train(flow, out=tmp_path / "x", log_every=log_every)
+    assert not (tmp_path / "x").exists()
 
 
 def _events(run_dir):

@@ -324,7 +324,17 @@ def test_a_torchrun_variable_that_is_not_a_number_is_named(tmp_path, monkeypatch
     capsys.readouterr()
     assert run(["train", str(flow), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "WORLD_SIZE='x' is not a whole number" in err and "Traceback" not in err
+    assert "WORLD_SIZE='x' is not a whole number >= 1" in err and "Traceback" not in err
+    monkeypatch.setenv("WORLD_SIZE", "0")  # divided the batch by zero
+    assert run(["train", str(flow), "--out", str(tmp_path / "run")]) == 2
+    assert "WORLD_SIZE='0' is not a whole number >= 1" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # left in a shell: torch's ValueError was reported as a bug
+    assert run(["train", str(flow), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "the environment has LOCAL_RANK but not RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -295,6 +295,18 @@ def test_autocast_keeps_logdets_in_float32():
     assert torch.equal(_log_prob(model, _batch(spec, 2)), reference)
 
 
+def test_a_float64_model_computes_in_float64_under_autocast_too():
+    """A bf16 run's model (autocast on) made float64 with `.double()`: autocast leaves float64 alone, so it
+    computes as the float64 model without autocast (the gated layers cast it to bf16)."""
+    spec = tiny_spec("flowpp_cifar.flow")
+    model = flowspec.build(spec)
+    model.initialize(_batch(spec))
+    model.eval().double()
+    reference = _log_prob(model, _batch(spec, 2))
+    model.set_autocast(torch.bfloat16)
+    assert torch.equal(_log_prob(model, _batch(spec, 2)), reference)
+
+
 def test_count_parameters_splits_flow_and_dequantizer():
     model = flowspec.build(tiny_spec("flowpp_cifar.flow"))
     counts = model.count_parameters()

@@ -6,9 +6,10 @@ commands, so `validate` and `show` start fast.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
+
+from flowspec.errors import torchrun_worker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +22,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # before `run` handles signals itself
         print("error: interrupted (Ctrl-C); files already written are kept", file=sys.stderr)
         code = 130
-    if "LOCAL_RANK" in os.environ:  # a torchrun worker that is done: the SIGTERM torchrun sends when another
+    if torchrun_worker():  # a torchrun worker that is done: the SIGTERM torchrun sends when another
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # worker exited with an error first keeps its exit code
     sys.exit(code)

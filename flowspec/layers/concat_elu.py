@@ -69,9 +69,10 @@ def concat_elu(x: Tensor) -> Tensor:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a layer runs in: autocast's where it is on, else x's."""
+    """The dtype a layer runs in: autocast's where it is on (float64 excepted, as autocast does), else x's."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    cast = torch.is_autocast_enabled(device) and x.dtype != torch.float64
+    return torch.get_autocast_dtype(device) if cast else x.dtype
 
 
 @Fusable

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as td
 
-from flowspec.errors import PEER_STOPPED, UserError, job_number
+from flowspec.errors import PEER_STOPPED, UserError, job_number, torchrun_worker
 from flowspec.inspection.budget import check_cuda
 
 
@@ -71,9 +71,23 @@ def job_size() -> int:
     return job_number("WORLD_SIZE", 1)
 
 
+#: what torchrun gives each worker, all of which joining its job reads
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def under_torchrun() -> bool:
-    """Whether this process is a worker of a torchrun job."""
-    return "LOCAL_RANK" in os.environ or job_size() > 1
+    """Whether this process is a worker of a torchrun job: a `UserError` where the environment holds only
+    some of what torchrun sets (a LOCAL_RANK or WORLD_SIZE left in a shell)."""
+    if not (torchrun_worker() or job_size() > 1):
+        return False
+    missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name, "").strip()]
+    if missing:
+        given = [name for name in TORCHRUN_VARIABLES if name not in missing]
+        raise UserError(
+            f"the environment has {', '.join(given)} but not {', '.join(missing)}: torchrun sets all of them "
+            f"for its workers; run under torchrun, or outside it unset {' '.join(given)}"
+        )
+    return True
 
 
 def setup(device: str) -> tuple[Dist, torch.device]:

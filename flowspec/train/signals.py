@@ -11,6 +11,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar
 
+from flowspec.errors import torchrun_worker
+
 # what work that stops between batches asks: the name of a signal received (SIGINT, SIGTERM), or None
 StopCheck = Callable[[], "str | None"]
 
@@ -54,7 +56,7 @@ class StopSignals:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._first: dict[int, float] = {}  # signal -> when it first came
-        self._echoes = "LOCAL_RANK" in os.environ  # a torchrun worker
+        self._echoes = torchrun_worker()
 
     def check(self) -> str | None:
         """The signal received so far (a `StopCheck`)."""

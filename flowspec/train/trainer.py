@@ -143,7 +143,8 @@ class Trainer:
             kept = {**payload.get("eval_options", {}), **options.eval_options}
             self.options = options = replace(options, eval={**kept, **options.eval}, eval_options=kept)
         # and so does its --log-every (its train rows), 10 in checkpoints from before it was kept
-        log_every = options.log_every or (payload.get("log_every") if payload is not None else None) or 10
+        kept_log_every = payload.get("log_every") if payload is not None else None
+        log_every = options.log_every if options.log_every is not None else kept_log_every or 10
         self.options = options = replace(options, log_every=log_every)
         self.saved_step: int | None = payload["step"] if payload is not None else None
         # training seconds of the processes before this one (0 in checkpoints from before they were kept)
