@@ -235,3 +235,36 @@ def test_only_torchs_writer_failing_over_an_os_error_is_that_os_error(tmp_path):
             raise FileNotFoundError(errno.ENOENT, "No such file")
         except FileNotFoundError:
             raise RuntimeError("CUDA error: an illegal memory access") from None  # a bug, not the disk
+
+
+def test_atomic_writes_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
+    """A checkpoint's temporary file is fsync'ed whole before it is renamed over the old one; an appended
+    metrics row is fsync'ed once written."""
+    import os
+
+    from flowspec.train.metrics import METRICS, append_metrics
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", info.st_ino, info.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst, **kwargs):
+        events.append(("replace", os.stat(src).st_ino, os.fspath(dst)))
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / LAST
+    save_atomic({"a": torch.ones(1000)}, path)
+    written = path.stat()
+    assert events == [("fsync", written.st_ino, written.st_size), ("replace", written.st_ino, str(path))]
+    events.clear()
+    append_metrics(tmp_path, {"step": 1, "train_bpd": 2.5})
+    append_metrics(tmp_path, {"step": 2, "train_bpd": 2.4})
+    rows = tmp_path / METRICS
+    first, after = len(rows.read_text().splitlines(keepends=True)[0]), rows.stat()
+    assert events == [("fsync", after.st_ino, first), ("fsync", after.st_ino, after.st_size)]

@@ -359,6 +359,13 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
         (lambda p: p.update(eval_options={"samples": -1}), "eval_options is not the --eval-* options given"),
         (lambda p: p.update(eval_options=["images"]), "eval_options is not the --eval-* options given"),
         (lambda p: p.update(log_every=0), "log_every is not a logging interval"),
+        (lambda p: p["optimizer"]["param_groups"][0]["params"].pop(), "optimizer has "),
+        (
+            lambda p: p["ema"].update(
+                {k: v[:1] for k, v in p["ema"].items() if k.startswith("module.") and v.dim() == 4}
+            ),
+            "ema.flow.",  # ema.<name> has shape (1, ...), the model (...)
+        ),
     ],
     ids=[
         "model-not-a-state-dict",
@@ -375,6 +382,8 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
         "eval-options-value",
         "eval-options-type",
         "log-every",
+        "optimizer-parameters",
+        "ema-shape",
     ],
 )
 def test_a_wrong_checkpoint_is_refused_naming_what_is_wrong(trained, tmp_path, capsys, change, message):
@@ -593,15 +602,30 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "my run"
     target = {
         "checkpoint": (checkpoint.torch, "save", at_step_6),
-        "metrics": (
-            metrics,
-            "open",
-            lambda n, args: n > 2,
-        ),  # after step 1's train row and the first eval row
         "samples": (Path, "write_bytes", lambda n, args: n > 2),  # the grids' writes: step 6's first
     }
-    module, name, when = target[where]
-    fail_on(monkeypatch, module, name, errno.ENOSPC, when)
+    sizes = []
+    if where == "metrics":  # after step 1's train row and the first eval row, half a row reaches the disk
+        real_open, opened = open, []
+
+        def half_a_row(*args, **kwargs):
+            f = real_open(*args, **kwargs)
+            opened.append(args[0])
+            if len(opened) > 2:
+                sizes.append(os.path.getsize(args[0]))
+
+                def write(text):
+                    f.buffer.write(text[: len(text) // 2].encode())
+                    f.buffer.flush()
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+                f.write = write
+            return f
+
+        monkeypatch.setattr(metrics, "open", half_a_row, raising=False)
+    else:
+        module, name, when = target[where]
+        fail_on(monkeypatch, module, name, errno.ENOSPC, when)
     torch.set_num_threads(1)
     assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -614,6 +638,36 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if metrics.is_eval(r)][0] == 3
     assert not [p.name for p in out.glob("*tmp*")]
+    if where == "metrics":  # the half row written was undone
+        assert sizes == [(out / "metrics.jsonl").stat().st_size]
+        assert (out / "metrics.jsonl").read_bytes().endswith(b"\n")
+
+
+def test_a_full_disk_while_drawing_curves_keeps_the_old_curves_png(tmp_path, monkeypatch):
+    """`curves.png` is drawn to a temporary file and renamed: a write cut short leaves the old picture and
+    no temporary file, and the error names curves.png."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from flowspec.train.metrics import CURVES, plot_curves
+
+    rows = {"run": [{"step": 1, "train_bpd": 3.0, "lr": 1e-3}, {"step": 2, "train_bpd": 2.9, "lr": 1e-3}]}
+    path = tmp_path / CURVES
+    plot_curves(rows, path, "run")
+    old = path.read_bytes()
+
+    def cut_short(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half a picture")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", cut_short)
+    with pytest.raises(OSError) as caught:
+        plot_curves({"run": [*rows["run"], {"step": 3, "train_bpd": 2.8, "lr": 1e-3}]}, path, "run")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CURVES]
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_starts_again_in_its_folder(
@@ -820,30 +874,48 @@ def test_a_second_process_on_a_run_folder_is_refused(tmp_path, capsys):
     assert run(["train", str(flow), "--out", str(out), "--device", "cpu", "--quiet", "--max-steps", "3"]) == 0
 
 
-def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path):
-    """Only the temporary names a run writes: the user's `*.tmp` files and another command's output in
-    progress (`eval` writing its JSON into the folder) stay."""
+def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    """The temporary files of every write a run or an ablation makes, left by a killed process (made by the
+    writers themselves, so that their names are the ones a run leaves): only those; the user's `*.tmp` files
+    and another command's output in progress (`eval` writing its JSON into the folder) stay."""
+    from matplotlib.figure import Figure
+
+    from flowspec.train import metrics
     from flowspec.train.files import replaced_whole
     from flowspec.train.lock import RunLock
 
-    (tmp_path / ".last.pt.abc123.tmp.pt").write_bytes(b"half a checkpoint")
-    (tmp_path / "metrics.jsonl.tmp").write_text("{")
-    (tmp_path / ".curves.tmp.png").write_bytes(b"")
     (tmp_path / "samples").mkdir()
-    (tmp_path / "samples" / ".step0000003_t1.0.png.k2j4.tmp.png").write_bytes(b"")
+    unfinished, left = [], []  # writes whose blocks never end, as in a killed process; what they left
+    written = ("last.pt", "best.pt", "nonfinite_batch.pt", "nonfinite_batch_rank1.pt", "spec.json")
+    written += ("spec.flow", "ablation-plan.json", "ablation.json", "samples/step0000003_t1.0.png")
+    for name in written:
+        unfinished.append(replaced_whole(tmp_path / name))
+        left.append(unfinished[-1].__enter__())
+        left[-1].write_bytes(b"half")
+
+    def killed(*args, **kwargs):  # records the temporary file, then stops the write
+        left.append(Path(args[1] if isinstance(args[0], Figure) else args[0]))
+        raise OSError("killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Figure, "savefig", killed)
+        patched.setattr(metrics.os, "replace", killed)
+        with pytest.raises(OSError, match="killed"):
+            metrics.plot_curves({}, tmp_path / metrics.CURVES)
+        with pytest.raises(OSError, match="killed"):
+            metrics.truncate_metrics(tmp_path, 0)
+    for path in left[-2:]:  # as the killed writes left them
+        path.write_bytes(b"half")
     kept = ["important.tmp", ".draft.tmp", "last.pt"]
     for name in kept:
         (tmp_path / name).write_text("precious")
     with replaced_whole(tmp_path / "eval_test.json") as partial:
         partial.write_text("{}")
         with RunLock(tmp_path, clean=False) as lock:
-            assert [p.relative_to(tmp_path).as_posix() for p in lock.remove_stale()] == [
-                ".curves.tmp.png",
-                ".last.pt.abc123.tmp.pt",
-                "metrics.jsonl.tmp",
-                "samples/.step0000003_t1.0.png.k2j4.tmp.png",
-            ]
+            assert sorted(lock.remove_stale()) == sorted(left)
+    assert len(set(left)) == len(written) + 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".lock", "eval_test.json", "samples", *kept])
+    assert not list((tmp_path / "samples").iterdir())
 
 
 def test_a_refused_run_leaves_the_folder_as_it_was(tmp_path, capsys):

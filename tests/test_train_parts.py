@@ -247,6 +247,28 @@ def test_evaluator_measures_draws_and_leaves_the_training_rng_alone(tmp_path):
     assert evaluate(model, step=8).test_bpd == first.test_bpd  # seeded: the same noise every time
 
 
+def test_restored_rng_states_are_the_captured_ones_after_a_checkpoint_round_trip():
+    """Every global generator (torch's, numpy's, Python's, their cached Gaussians included) is set back to
+    what `capture` took, through a weights-only `torch.load` as at a resume."""
+    import io
+    import random
+
+    import numpy as np
+
+    from flowspec.train.rng import capture, restore
+
+    random.gauss(0, 1), np.random.standard_normal()  # each now holds a second Gaussian for its next draw
+    before = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    buffer = io.BytesIO()
+    torch.save(capture(CPU), buffer)
+    random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal(), torch.rand(3)
+    restore(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), CPU)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    numpy = np.random.get_state()
+    assert numpy[0] == before[1][0] and np.array_equal(numpy[1], before[1][1]) and numpy[2:] == before[1][2:]
+    assert random.getstate() == before[2]
+
+
 def test_save_run_writes_last_and_best_but_never_a_non_finite_model(tmp_path, capsys):
     model = torch.nn.Linear(2, 2)
     payload = {"step": 3, "model": model.state_dict(), **spec_record(tiny_spec())}
