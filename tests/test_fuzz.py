@@ -187,3 +187,29 @@ def test_a_memory_bomb_exits_2_under_an_address_space_limit(tmp_path, allow_larg
         assert done.stderr.startswith("error: out of memory: ")
     else:
         assert "is too large for this machine" in done.stderr and "memory is 4.0 GiB" in done.stderr
+
+
+@pytest.mark.slow
+def test_inspect_and_diff_of_a_memory_bomb_allocate_nothing(tmp_path):
+    """Without --probe, inspect and diff build on the meta device: the 1,073,744,312 parameters (4 GiB) of
+    1x16384x16384 images are counted under a 4 GiB address-space limit, exit 0 (one process: one import)."""
+    bomb = tmp_path / "bomb.flow"
+    bomb.write_text(
+        "model bomb\ndata digits { shape 1x16384x16384 levels 17 }\n"
+        "flow { split stripe { coupling(filters=8, blocks=1, heads=2, components=2); flip } }\n"
+    )
+    script = (
+        "import sys\nfrom flowspec.cli.app import run\n"
+        "sys.exit(10 * run(['inspect', sys.argv[1]]) + run(['diff', sys.argv[1]]))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=_address_space(4 * 2**30),
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr  # 20: inspect failed, 2: diff failed
+    assert done.stdout.count("1,073,744,312") >= 6 and "Traceback" not in done.stderr

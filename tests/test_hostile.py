@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from flowspec.cli import language
 from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
 from flowspec.loader import MAX_SPEC_BYTES
+from flowspec.parser import MAX_DIGITS
 
 QUICKSTART = Path(__file__).parent.parent / "specs" / "quickstart.flow"
 TINY = (
@@ -102,6 +105,7 @@ def test_deeply_nested_brackets_are_refused_where_they_pass_the_limit():
     [
         ("9" * 5000, "a number with 5,000 digits: at most 64"),
         ("1" + "_0" * 100, "a number with 101 digits: at most 64"),
+        ("1" + "0" * MAX_DIGITS, "a number with 65 digits: at most 64"),
         ("1e400", "the number 1e400 is too large"),
         ("3x" + "9" * 5000 + "x8", "a number with 5,000 digits: at most 64"),
     ],
@@ -109,6 +113,13 @@ def test_deeply_nested_brackets_are_refused_where_they_pass_the_limit():
 def test_numbers_too_long_or_too_large_are_refused(value, message):
     assert error_of(TINY + f"train {{ seed {value} }}\n").startswith(f"bad.flow:4:14: {message}")
     assert error_of(TINY, (f"train.seed={value}",)).startswith(f"--set:1:12: {message}")
+
+
+def test_a_number_of_64_digits_is_read():
+    """The limit itself is allowed: 64 digits (leading zeros count) in a file and in --set."""
+    seven = "0" * (MAX_DIGITS - 1) + "7"
+    assert parse_spec(TINY + f"train {{ seed {seven} }}\n").train.seed == 7
+    assert parse_spec(TINY, overrides=(f"train.seed={seven}",)).train.seed == 7
 
 
 def test_a_long_line_shows_a_window_around_the_column():
@@ -119,6 +130,28 @@ def test_a_long_line_shows_a_window_around_the_column():
 def test_a_set_key_with_a_huge_step_index_is_a_located_error():
     message = error_of(TINY, ("flow." + "9" * 5000 + ".mask=stripe",))
     assert message.startswith("--set:1:6: flow has steps 0 to 0, no step '999")
+
+
+@contextmanager
+def not_waiting_on(path: Path, seconds: float = 10):
+    """Fail, instead of hanging, when reading the FIFO `path` waits for a writer: after `seconds` the FIFO
+    is opened here for reading and writing, which lets the waiting open go on. Nothing for other paths."""
+    released = threading.Event()
+
+    def release():
+        released.set()
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))  # on Linux, never waits itself
+
+    timer = threading.Timer(seconds, release) if Path(path).is_fifo() else None
+    if timer is not None:
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+    assert not released.is_set(), f"reading the FIFO {path} waited for a writer ({seconds} s)"
 
 
 @pytest.mark.parametrize(
@@ -145,20 +178,21 @@ def test_a_set_key_with_a_huge_step_index_is_a_located_error():
 )
 def test_only_regular_spec_files_of_bounded_size_are_read(tmp_path, make, reason):
     path = make(tmp_path)
-    with pytest.raises(SpecError) as caught:
+    with not_waiting_on(path), pytest.raises(SpecError) as caught:
         load_spec(path)
     assert reason in str(caught.value) and str(caught.value).startswith("spec file ")
     base = tmp_path / "child.flow"
     base.write_text(f'extends "{os.fspath(path)}"\nmodel child\n'.replace("\0", "\\0"))
     if "\0" not in os.fspath(path):  # the same through extends, located at the extends line
-        with pytest.raises(SpecError) as caught:
+        with not_waiting_on(path), pytest.raises(SpecError) as caught:
             load_spec(base)
         assert str(caught.value).startswith(f"{base}:1:1: extended spec ") and reason in str(caught.value)
 
 
 def test_a_fifo_spec_on_the_command_line_exits_2_without_waiting(tmp_path, capsys):
     os.mkfifo(tmp_path / "fifo.flow")
-    assert run(["validate", str(tmp_path / "fifo.flow")]) == 2
+    with not_waiting_on(tmp_path / "fifo.flow"):
+        assert run(["validate", str(tmp_path / "fifo.flow")]) == 2
     assert "is a device, FIFO or socket, not a spec file" in capsys.readouterr().err
 
 
@@ -171,8 +205,12 @@ def test_seeds_are_bounded_in_the_spec_and_on_the_command_line(capsys):
         f"bad.flow:4:9: seed must be <= 4294967295, got {big}"
     )
     for command in (["sample", "run"], ["eval", "run"], ["ablate", "a.flow", "--steps", "1"]):
-        assert run([*command, "--seed", big]) == 2
-        assert "'--seed'" in capsys.readouterr().err
+        for seed in (big, str(2**32)):
+            assert run([*command, "--seed", seed]) == 2
+            assert "'--seed'" in capsys.readouterr().err
+        assert run([*command, "--seed", str(2**32 - 1)]) == 2  # accepted: then "run" is not found
+        err = capsys.readouterr().err
+        assert "'--seed'" not in err and ("does not exist" in err or "not found" in err)
 
 
 def test_an_empty_flow_is_refused_and_a_parameterless_one_inspected(capsys):
@@ -277,6 +315,71 @@ def test_allow_large_goes_ahead_and_a_small_model_passes(tmp_path, small_machine
     small = load_spec(bomb(tmp_path))
     counted = check_size(small, "train")
     assert counted.steps == 3 and counted.parameters == flowspec.build(small).count_parameters()["total"]
+
+
+def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
+    """A container's memory.max ("max": none) bounds the RAM a process may use, shared by the processes of
+    a torchrun job on the machine."""
+    import resource
+
+    from flowspec.inspection import budget
+
+    class CgroupFile:
+        def __init__(self, path, text):
+            assert str(path) == "/sys/fs/cgroup/memory.max"
+            self.text = text
+
+        def read_text(self):
+            if self.text is None:
+                raise FileNotFoundError(2, "No such file or directory")
+            return self.text
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    unbounded = ram if soft == resource.RLIM_INFINITY else min(ram, soft)
+    for text, memory in [
+        ("max\n", unbounded),
+        (None, unbounded),
+        (f"{4 * ram}\n", unbounded),
+        ("1073741824\n", GiB),
+    ]:
+        monkeypatch.setattr(budget, "Path", lambda path, text=text: CgroupFile(path, text))
+        assert budget.device_memory("cpu") == memory, text
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert budget.device_memory("cpu") == GiB // 2
+
+
+def test_ablate_refuses_a_model_larger_than_the_machine_before_anything_trains(
+    tmp_path, capsys, monkeypatch, small_machine
+):
+    """Weights too large for the machine (data small: the ablation reads it before training), refused
+    before the folder is made; and at --resume, a plan made with --allow-large, without it."""
+    from flowspec.errors import UserError
+    from flowspec.train import ablate
+    from flowspec.train.ablation_plan import PLAN
+
+    def fail(*_, **__):
+        pytest.fail("trained before the size check")
+
+    monkeypatch.setattr(ablate, "train", fail)
+    path = bomb(tmp_path, "shape 1x8x8", "filters=4096, blocks=2, components=1024")
+    out = tmp_path / "ablation"
+    args = ["ablate", str(path), "--steps", "1", "--out", str(out), "--device", "cpu", "-q"]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: bomb ({path}) is too large for this machine: ") and not out.exists()
+
+    def stopped(*_, **__):
+        raise UserError("stopped before training")
+
+    monkeypatch.setattr(ablate, "train", stopped)
+    run([*args, "--allow-large"])  # the plan is written, the run fails
+    assert (out / PLAN).is_file()
+    capsys.readouterr()
+    monkeypatch.setattr(ablate, "train", fail)
+    assert run(["ablate", "--resume", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: bomb ({path}) is too large for this machine: ")
 
 
 def test_a_model_without_parameters_is_not_trained(tmp_path, capsys):
@@ -480,6 +583,10 @@ def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(
 ):
     assert run(["eval", str(trained), "--out", str(tmp_path), "--limit", "4"]) == 2
     assert f"--out {tmp_path} is a folder: give a file name" in capsys.readouterr().err
+    import errno
+
+    from flowspec.train import files
+
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -488,24 +595,44 @@ def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(
     finally:
         locked.chmod(0o700)
     out, err = capsys.readouterr()
-    if os.geteuid() != 0:  # root writes anywhere
-        assert code == 2 and "single sample" in out
-        assert (
-            err
-            == f"error: permission denied writing {locked / 'e.json'}; the results are in the table above "
-            "(--out FILE writes them elsewhere)\n"
+    if os.geteuid() != 0:  # refused before the evaluation
+        assert code == 2 and out == ""
+        assert err == (
+            f"error: --out {locked / 'e.json'}: its folder cannot be made there ({locked} is a folder this "
+            "user cannot write)\n"
         )
-    import errno
-
-    from flowspec.train import files
-
+    else:  # root writes anywhere
+        assert code == 0 and (locked / "e.json").is_file(), err
+    with monkeypatch.context() as patched:  # permission denied at the write itself, for root too
+        fail_on(patched, files, "_settle", errno.EACCES)
+        assert run(["eval", str(trained), "--out", str(tmp_path / "e.json"), "--limit", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert "single sample" in out
+    assert (
+        err == f"error: permission denied writing {tmp_path / 'e.json'}; the results are in the table above "
+        "(--out FILE writes them elsewhere)\n"
+    )
     fail_on(monkeypatch, files, "_settle", errno.EROFS)  # a read-only run folder, for root too
     assert run(["eval", str(trained), "--limit", "4"]) == 2
     out, err = capsys.readouterr()
     assert "single sample" in out and err.startswith(f"error: read-only file system writing {trained}")
     assert err.endswith("; the results are in the table above (--out FILE writes them elsewhere)\n")
-    assert run(["eval", str(trained), "--iw", "100000"]) == 2
-    assert "Invalid value for '--iw'" in capsys.readouterr().err
+    for iw in ("100000", "16385"):  # refused as it is read, before the run is looked at
+        assert run(["eval", str(tmp_path / "none"), "--iw", iw]) == 2
+        assert "Invalid value for '--iw'" in capsys.readouterr().err
+    assert run(["eval", str(tmp_path / "none"), "--iw", "16384"]) == 2  # accepted: then the run is missing
+    err = capsys.readouterr().err
+    assert "'--iw'" not in err and "does not exist" in err
+
+
+def test_eval_refuses_more_images_at_once_than_the_machine_holds(trained, tmp_path, capsys, small_machine):
+    assert run(["eval", str(trained), "--batch", "10000000000", "--limit", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "is too large for this machine: " in err and "and 10,000,000,000 images, and cpu memory" in err
+    assert err.rstrip().endswith(
+        "Take fewer images at once (--batch), or pass --allow-large to go ahead anyway"
+    )
+    assert run(["eval", str(trained), "--batch", "4", "--limit", "4", "--out", str(tmp_path / "e.json")]) == 0
 
 
 # ---------------------------------------------------------------- disks, permissions, two processes
