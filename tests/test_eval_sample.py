@@ -308,7 +308,9 @@ def test_ablate_reads_every_specs_data_before_training(tmp_path, monkeypatch, ca
     assert f"error: {big}: the training set has" in capsys.readouterr().err and not out.exists()
     odd = tmp_path / "odd.flow"  # under torchrun, a batch its processes cannot share: found before too
     odd.write_text('extends "good.flow"\nmodel odd\ntrain { batch 33 }\n')
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    torchrun = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}
+    for name, value in torchrun.items():  # as rank 0 of two
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(distributed, "setup", lambda device: (distributed.Dist(), None))  # no job to join
     assert run(["ablate", str(good), str(odd), "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
