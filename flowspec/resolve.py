@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import TRAIN_ALIASES, RawDict, SettingError, Word, convert, placed
+from flowspec.nodes import StepNode
 from flowspec.parser import SECTION_KEYS, parse_value
 from flowspec.spec import CouplingSettings, FlowSpec, Interval, SourceLoc
 from flowspec.steps.coupling import unused_settings
@@ -120,6 +121,8 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
         if field is None:
             owner = f" of {where}" if where else ""
             allowed = _setting_names(model, where)
+            if issubclass(model, StepNode):  # name the step's kind
+                owner += f" ({node.get('kind')})" if allowed else f" ({node.get('kind')} has no settings)"
             raise _fail(line, cols[i], f"unknown setting '{part}'{owner}{did_you_mean(part, allowed)}")
         annotation = model.model_fields[field].annotation
         if i == len(parts) - 1:

@@ -247,6 +247,11 @@ def test_override_of_a_step_setting_beats_defaults():
         ("data.classes=dgo", "--set:1:6: unknown cifar10 class 'dgo'; did you mean 'dog'?"),
         ("flow.9.mask=stripe", "--set:1:6: flow has steps 0 to 3, no step '9'"),
         ("flow.0.mask=strpe", "--set:1:8: unknown mask 'strpe'; did you mean 'stripe'?"),
+        ("flow.1.slope=0.3", "--set:1:8: unknown setting 'slope' of flow.1 (squeeze has no settings)\n"),
+        (
+            "flow.0.body.0.body.0.slope=1",
+            "--set:1:22: unknown setting 'slope' of flow.0.body.0.body.0 (norm); expected 'granularity'",
+        ),
         ("train.lr", "--set:1:1: an override must read KEY=VALUE"),
         ("train.lr=(1,", "--set:1:13: unexpected end of file"),
         ("train.warmup=3 epochs", "--set:1:7: warmup is counted in steps"),
