@@ -135,8 +135,10 @@ def _head(kind: StepKind, node: Node, base: dict[str, Any], always: bool = False
 
 def _inherited(kind: StepKind, spec: FlowSpec) -> dict[str, Any]:
     """The settings a step of `kind` takes from the `defaults` block (its entry named as the kind: a
-    settings node, or the value of the kind's first positional setting)."""
-    entry = getattr(spec.defaults, kind.name, None)
+    settings node, or the value of the kind's first positional setting). The entry is looked up among
+    the block's fields, not its attributes: a kind named as a pydantic method (`copy`) has none."""
+    fields = type(spec.defaults).model_fields
+    entry = getattr(spec.defaults, kind.name) if kind.name in fields else None
     if isinstance(entry, Node):
         return entry.model_dump()
     return {} if entry is None else {kind.positional[0]: entry}

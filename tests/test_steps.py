@@ -4,10 +4,12 @@ one walk over a step tree reports shapes and issues the way every stage reads th
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 import pytest
 
 import flowspec
+from flowspec.formatter import format_spec
 from flowspec.inspection.unroll import unrolled_steps
 from flowspec.nodes import StepNode
 from flowspec.parser import _lark, _literal
@@ -16,6 +18,7 @@ from flowspec.steps import KINDS, walk, written
 from flowspec.steps.coupling import CouplingStep
 from flowspec.steps.factor_out import FactorOutStep
 from flowspec.steps.flip import FlipStep
+from flowspec.steps.kind import StepKind, no_cost, no_label, register, same_state
 from flowspec.steps.norm import NormStep
 from flowspec.steps.repeat import RepeatStep
 from flowspec.steps.split import SplitStep
@@ -126,3 +129,26 @@ def test_build_refuses_a_spec_whose_shapes_do_not_fit():
         flowspec.UserError, match="the spec 'bad' does not fit its data shape 3x32x32: .*flip needs"
     ):
         flowspec.build(spec)
+
+
+class CopyStep(StepNode):
+    """A throwaway kind named as a pydantic method (`BaseModel.copy`)."""
+
+    kind: Literal["copy"] = "copy"
+
+
+@pytest.fixture
+def copy_kind():
+    """The kind `copy`, registered for one test and unregistered after it."""
+    kind = register(
+        StepKind("copy", CopyStep, same_state, lambda *a: None, no_label, no_cost, no_cost)  # type: ignore[arg-type]
+    )
+    yield kind
+    del KINDS["copy"]
+
+
+def test_show_writes_a_kind_named_as_a_pydantic_attribute(copy_kind):
+    """`defaults` has no entry `copy`: its `copy` method is no setting of the kind (it was read as one)."""
+    spec = flowspec.parse_spec("model m\nflow { split stripe { coupling; flip } }\n")
+    spec = spec.model_copy(update={"flow": [*spec.flow, CopyStep()]})
+    assert "flow {\n  split stripe { coupling; flip }\n  copy\n}" in format_spec(spec)
