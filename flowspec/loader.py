@@ -32,7 +32,7 @@ from flowspec.resolve import (
 )
 from flowspec.shapes import misplaced_sigmoids, shape_issues
 from flowspec.spec import FlowSpec, SourceLoc, TrainSpec
-from flowspec.steps import kind_of, written
+from flowspec.steps import KINDS, kind_of, written
 
 __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
 
@@ -374,15 +374,20 @@ def _shape_inputs(doc: RawDict, path: str) -> list[SourceLoc | None]:
 
 
 def _repeat_counts(step: Any) -> list[SourceLoc | None]:
-    """Where the counts of a step's repeats were written, itself and those it runs (not in a split)."""
-    if not isinstance(step, RawDict) or step.get("kind") == "split":
+    """Where the counts of a step's repeats were written, itself and those it runs (not in the body of a
+    step that runs it once inside its own layer, a split: that body hands on the shape it gets)."""
+    if not isinstance(step, RawDict):
+        return []
+    kind = KINDS.get(step.get("kind"))
+    if kind is not None and kind.body and kind.copies is None:
         return []
     body = step.get("body")
     return [step.locs.get("count"), *(loc for child in body or () for loc in _repeat_counts(child))]
 
 
-#: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them.
-_SHAPED = {"data", "shape", "mask", "kind", "count", "dequantize", "flow"}
+#: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them (with
+#: the step kinds' `shaped` settings).
+_SHAPED = {"data", "shape", "kind", "dequantize", "flow"}
 REPAIR_ROUNDS = 3  # repairs and validations after the first, each finding what the last one hid
 
 
@@ -396,11 +401,12 @@ def _after_repair(plain: dict, error: ValidationError) -> tuple[list, FlowSpec |
     found: list = []
     repaired: list[tuple] = []
     shaped = False
+    shaping = _SHAPED.union(*(kind.shaped for kind in KINDS.values()))
     for _ in range(REPAIR_ROUNDS):
         for item in error.errors(include_url=False):
             removed = _repair(plain, item["loc"], item["type"])
             repaired += removed
-            shaped = shaped or any(not loc or loc[-1] in _SHAPED for loc in removed)
+            shaped = shaped or any(not loc or loc[-1] in shaping for loc in removed)
         try:
             spec = FlowSpec.model_validate(plain, strict=True)
         except ValidationError as again:
@@ -603,8 +609,8 @@ def _message(item: dict, path: str, model: Any, owner: str) -> str:
     kind, ctx, value = item["type"], item.get("ctx", {}), item.get("input")
     parts = path.split(".")
     field = next((p for p in reversed(parts) if not p.isdigit()), path) or "spec"
-    if field == "count":  # name the count by what it counts
-        field = "repeat count" if owner == "repeat" else parts[-2] if len(parts) > 1 else field
+    if field == "count":  # name the count by what it counts: a step's kind, else its section
+        field = f"{owner} count" if owner in KINDS else parts[-2] if len(parts) > 1 else field
     field = _WRITTEN.get(field, field)
     if field == "shape" and (kind in ("too_long", "too_short") or kind == "missing" and parts[-1].isdigit()):
         return f"shape is C x H x W (channels, height, width), e.g. 3x32x32, got {'x'.join(map(str, value))}"

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from flowspec import FlowSpec, load_spec, parse_spec
 from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
 from flowspec.formatter import format_spec
-from flowspec.loader import setting_sources
+from flowspec.loader import _message, setting_sources
+from flowspec.resolve import OVERRIDE_FILE
 from flowspec.shapes import shape_issues
-from flowspec.steps import written
+from flowspec.steps import KINDS, written
 from flowspec.steps.coupling import CouplingStep
 
 IDS = [str(p.relative_to(SPECS)) for p in ALL_SPECS]
@@ -375,6 +377,39 @@ def test_a_shape_error_that_a_set_causes_blames_the_set_and_names_the_step(tmp_p
     with pytest.raises(SpecError) as caught:  # "coupling needs two halves" reads no data shape
         load_spec(path, ["data.shape=2x16x8"])
     assert str(caught.value).startswith(f"{path}:5:3: coupling needs two halves: put it inside a split\n")
+
+
+def test_what_decides_a_shape_is_what_the_step_kinds_say(tmp_path: Path, monkeypatch):
+    """The loader asks the registry, not the kinds' names: the counts in the body of a step that runs it
+    once inside its own layer (`copies` None, a split) decide no shape after it, and after the repair of a
+    kind's `shaped` setting the repaired spec's shapes are not checked (their problems would be echoes)."""
+    path = tmp_path / "r.flow"
+    path.write_text(
+        "model r\ndata npy { shape 2x16x7 }\nflow {\n  split channel { repeat 2 { coupling } }\n"
+        "  coupling\n  squeeze\n}\n"
+    )
+    monkeypatch.setitem(KINDS, "split", replace(KINDS["split"], copies=lambda step: 1))
+    with pytest.raises(SpecError) as caught:  # a split that copied its body: its count decides shapes
+        load_spec(path, ["train.seed=2", "flow.0.body.0.count=3"])
+    assert [str(d.loc) for d in caught.value.diagnostics] == [f"{OVERRIDE_FILE}:2:15", f"{path}:5:3"]
+    path.write_text(
+        "model r\ndata npy { shape 2x8x7 }\nflow {\n  split channel { coupling(filters=0) }\n  squeeze\n}\n"
+    )
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert [str(d.loc) for d in caught.value.diagnostics] == [f"{path}:4:28", f"{path}:5:3"]
+    monkeypatch.setitem(KINDS, "coupling", replace(KINDS["coupling"], shaped=("filters",)))
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert [str(d.loc) for d in caught.value.diagnostics] == [f"{path}:4:28"]
+
+
+def test_a_count_of_a_step_is_named_by_its_kind():
+    """`repeat count must be >= 1`: the count of any kind is named by the kind (not by its index)."""
+    item = {"type": "greater_than_equal", "ctx": {"ge": 1}, "input": 0}
+    assert _message(item, "flow.0.count", None, "repeat") == "repeat count must be >= 1, got 0"
+    assert _message(item, "flow.0.count", None, "flip") == "flip count must be >= 1, got 0"
+    assert _message(item, "train.length.count", None, "train.length") == "length must be >= 1, got 0"
 
 
 def test_a_set_that_makes_the_files_floor_or_classes_wrong_is_blamed(tmp_path: Path):

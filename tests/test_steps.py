@@ -41,7 +41,7 @@ def test_every_kind_has_every_part(name: str):
     assert fields["kind"].default == name and "source" in fields
     for rule in (kind.shape, kind.build, kind.label, kind.flops, kind.memory):
         assert callable(rule)
-    assert set(kind.positional) <= set(fields)
+    assert set(kind.positional) <= set(fields) and set(kind.shaped) <= set(fields)
     assert ("body" in fields) == kind.body
     assert kind.copies is None or kind.body  # only a step with a body copies it
 

@@ -98,7 +98,9 @@ class StepKind:
     the body it runs one after the other, the copies' layers standing in for a layer of its own (`repeat`:
     its count); None: the body runs once inside the step's own layer (`split`). `swaps_halves`: the step
     swaps the halves (flip). `couples`: one half conditions the transform of the other (inspect says which,
-    and counts them).
+    and counts them). `shaped`: the settings whose value decides the shapes the step hands on or its body
+    sees (`split`: its mask, `repeat`: its count); after a repair of one of them flowspec does not check
+    the shapes of the repaired spec (their problems would be echoes of the repair).
     """
 
     name: str
@@ -113,6 +115,7 @@ class StepKind:
     copies: Callable[[Any], int] | None = None
     swaps_halves: bool = False
     couples: bool = False
+    shaped: tuple[str, ...] = ()
 
 
 KINDS: dict[str, StepKind] = {}

@@ -42,6 +42,7 @@ register(
         memory=no_cost,
         positional=("count",),
         body=True,
+        shaped=("count",),
         copies=lambda step: step.count,
     )
 )

@@ -68,5 +68,6 @@ register(
         memory=no_cost,
         positional=("mask",),
         body=True,
+        shaped=("mask",),
     )
 )
