@@ -23,16 +23,17 @@ from flowspec import parse_spec
 from flowspec.cli.app import run
 from flowspec.errors import UserError
 from flowspec.spec import FlowSpec
+from flowspec.steps import KINDS
 from flowspec.train.checkpoint import LAST, load_checkpoint, save_atomic
 
 ROOT = Path(__file__).parent.parent
 QUICKSTART = (ROOT / "specs" / "quickstart.flow").read_text()
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-# pieces of the language, and values that broke it before
+# pieces of the language (every step kind's keyword), and values that broke it before
 WORDS = [
-    "model", "extends", "data", "flow", "split", "repeat", "coupling", "norm", "pointwise", "flip",
-    "squeeze", "factor_out", "sigmoid", "dequantize", "variational", "uniform", "train", "defaults",
+    "model", "extends", "data", "flow", *sorted(KINDS), "dequantize", "variational", "uniform", "train",
+    "defaults",
     "stripe", "channel", "checkerboard", "mixlogistic", "affine", "seed", "batch", "steps", "epochs",
     "filters=", "blocks=", "components=", "heads=", "{", "}", "(", ")", ";", ",", "=", '"', "#",
     "0", "1", "-1", "3x32x32", "1e400", "1_000", ".5", "nan", "inf", '"/dev/zero"', '"\\0"', "\n", "\t",

@@ -23,6 +23,7 @@ from flowspec.layers import (
 from flowspec.layers.networks import ContextNetwork, FlowppNetwork, ResNet
 from flowspec.layers.splits import merge, split
 from flowspec.layers.squeeze import squeeze
+from flowspec.steps import KINDS
 
 SHAPE = (2, 4, 4)  # C x H x W of a test image; halves are 2 x 4 x 2
 
@@ -83,6 +84,20 @@ TENSOR_LAYERS = {
     "preprocess": lambda: LogitPreprocess(0.05, 256),
     **{f"split_{m}": (lambda m=m: _split_layer(m)) for m in ("stripe", "checkerboard", "channel")},
 }
+
+
+def _checked(kind: str) -> bool:
+    """Whether the checks above build the layer of a step kind: an entry named KIND or KIND_VARIANT."""
+    return any(name == kind or name.startswith(f"{kind}_") for name in (*PAIR_LAYERS, *TENSOR_LAYERS))
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_step_kinds_layer_is_checked_in_float64(kind):
+    """A new kind's layer gets the exactness checks below: add it to PAIR_LAYERS (it runs on the halves
+    of a split) or TENSOR_LAYERS. A kind that copies its body (repeat) has no layer of its own."""
+    assert KINDS[kind].copies is not None or _checked(kind), (
+        f"add the {kind} layer to PAIR_LAYERS or TENSOR_LAYERS"
+    )
 
 
 def _input(name: str, n: int = 2) -> torch.Tensor:
