@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import replace
 from functools import cache
 
 import pytest
@@ -21,7 +22,7 @@ from flowspec.inspection.memory import estimate_memory, measure_memory
 from flowspec.inspection.render import RENDERERS, fit_columns, fmt_flops, render_json, render_rich, to_json
 from flowspec.inspection.report import ProbeSummary
 from flowspec.inspection.tree import coupling_halves
-from flowspec.steps import walk
+from flowspec.steps import KINDS, walk
 from flowspec.steps.coupling import CouplingStep
 from flowspec.steps.flip import FlipStep
 from flowspec.steps.norm import NormStep
@@ -269,6 +270,27 @@ def test_memory_estimate_matches_what_autograd_keeps(name, overrides):
     assert estimated.state == measured.state
     assert estimated.activations == pytest.approx(measured.activations, rel=0.03)
     assert report.footer.memory_bytes == estimated.total
+
+
+def test_the_flop_and_memory_rules_get_one_halfs_shape_and_the_count_of_halves(monkeypatch):
+    """A layer without parameters (flip) tells from its rules' arguments how many halves it runs on."""
+    seen = set()
+
+    def flops(layer, shape, halves):
+        seen.add(("flops", shape, halves))
+        return halves * shape[0] * shape[1] * shape[2]
+
+    def memory(layer, shape, halves, itemsize):
+        seen.add(("memory", shape, halves, itemsize))
+        return 0
+
+    monkeypatch.setitem(KINDS, "flip", replace(KINDS["flip"], flops=flops, memory=memory))
+    model, report = built("quickstart.flow")
+    spec = flowspec.load_spec(SPECS / "quickstart.flow")
+    assert step_flops(model, report)["flow.0.body.0.body.3"] == 2 * 2 * 1 * 8 * 4  # 2 copies of 1x8x8
+    estimate_memory(model, spec, report)
+    halves = {((1, 8, 4), 2), ((2, 4, 4), 2)}  # a 1x8x8 checkerboard split, a 4x4x4 channel split
+    assert seen == {("flops", *h) for h in halves} | {("memory", *h, 4) for h in halves}
 
 
 def test_depth_one_is_one_row_per_stage(capsys):

@@ -1,11 +1,11 @@
 """Forward FLOPs per image, counted analytically from the built modules and the spec's shapes.
 
 Counting needs no forward pass (which would cost seconds on a CPU): each step kind's FLOP rule counts a
-built layer at the spatial size of that step's input (the coupling networks keep the resolution of the
-half they condition on); `module_flops` counts the convolutions, dense layers and attention of a
-network. 2 FLOPs per multiply-add, as torch's `FlopCounterMode` counts; elementwise work (activations,
-norms, the mixture CDFs) is not counted. The tests check the count against `FlopCounterMode` on a real
-forward pass.
+built layer at the shape of that step's input (inside a split: one half's shape, and the count of
+halves, 2; the coupling networks keep the resolution of the half they condition on); `module_flops`
+counts the convolutions, dense layers and attention of a network. 2 FLOPs per multiply-add, as torch's
+`FlopCounterMode` counts; elementwise work (activations, norms, the mixture CDFs) is not counted. The
+tests check the count against `FlopCounterMode` on a real forward pass.
 """
 
 from __future__ import annotations
@@ -67,26 +67,29 @@ def module_flops(module: nn.Module, height: int, width: int) -> int:
 
 def leaf_modules(
     model: nn.Module, report: Report
-) -> Iterator[tuple[StepRow, StepKind | None, nn.Module, Shape]]:
+) -> Iterator[tuple[StepRow, StepKind | None, nn.Module, Shape, int]]:
     """Every module built for a leaf row (one per copy of a repeated step), with the row's step kind
-    (None for the dequantizer's context network and the preprocessing) and the shape it runs at: a
-    step's input (one half inside a split), else the row's output."""
+    (None for the dequantizer's context network and the preprocessing), the shape it runs at (a step's
+    input, one half inside a split; else the row's output) and how many of them (2 halves in a split)."""
     modules = step_modules(model)
     for row in report.rows():
         if row.children or row.path not in modules:
             continue
         kind = KINDS.get(row.kind)
-        shape, _ = unit(row.state_in if kind is not None else row.state_out)
+        shape, halves = unit(row.state_in if kind is not None else row.state_out)
         for module in modules[row.path]:
-            yield row, kind, module, shape
+            yield row, kind, module, shape, halves
 
 
 def step_flops(model: nn.Module, report: Report) -> dict[str, int]:
     """Forward FLOPs per image of every leaf step (all copies of a repeated step together): its kind's
     FLOP rule, `module_flops` for the parts that are not steps."""
     out: dict[str, int] = {}
-    for row, kind, module, shape in leaf_modules(model, report):
-        flops = kind.flops(module, shape) if kind is not None else module_flops(module, shape[1], shape[2])
+    for row, kind, module, shape, halves in leaf_modules(model, report):
+        if kind is not None:
+            flops = kind.flops(module, shape, halves)
+        else:
+            flops = module_flops(module, shape[1], shape[2])
         out[row.path] = out.get(row.path, 0) + flops
     return out
 

@@ -126,9 +126,9 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
     state, parts = parameter_state(model, spec)
     itemsize = next(model.parameters(), torch.empty(0)).element_size()
     per_image = largest = 0
-    for _, kind, module, shape in leaf_modules(model, report):
+    for _, kind, module, shape, halves in leaf_modules(model, report):
         if kind is not None:
-            step = kind.memory(module, shape, itemsize)
+            step = kind.memory(module, shape, halves, itemsize)
         else:
             step = kept_per_position(module, itemsize) * shape[1] * shape[2]
         per_image, largest = per_image + step, max(largest, step)

@@ -123,13 +123,13 @@ def _build(run, ctx, body):
     return Coupling(step.coupling, network, step.components)
 
 
-def _flops(layer, shape):
+def _flops(layer, shape, halves):
     from flowspec.inspection.flops import module_flops
 
     return module_flops(layer.network, shape[1], shape[2])
 
 
-def _memory(layer, shape, itemsize):
+def _memory(layer, shape, halves, itemsize):
     """Its output and, but for the additive, tanh(s) and exp(s) (the mixture's logit-CDF too); then what its
     network keeps, whose output counts only for the mixture (the recomputed logit-CDF keeps its inputs: the
     other transforms keep only what they compute from it)."""

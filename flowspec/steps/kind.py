@@ -82,10 +82,12 @@ ShapeRule = Callable[[Any, State, ShapeContext], State]
 #: (run, context, layers built from the body) -> the layer, or a list of layers already tagged
 BuildRule = Callable[["StepRun", BuildContext, list[Any]], Any]
 LabelRule = Callable[[Any], str]
-#: (one built layer, the shape one parameter set covers) -> forward FLOPs per image
-FlopRule = Callable[[Any, Shape], int]
-#: (one built layer, the shape one parameter set covers, bytes per element) -> bytes kept for backward
-MemoryRule = Callable[[Any, Shape, int], int]
+#: (one built layer, the shape one parameter set covers, how many such sets: 2 inside a split, else 1)
+#: -> forward FLOPs per image
+FlopRule = Callable[[Any, Shape, int], int]
+#: (one built layer, the shape one parameter set covers, how many sets, bytes per element) -> bytes kept
+#: for backward per image
+MemoryRule = Callable[[Any, Shape, int, int], int]
 
 
 @dataclass(frozen=True)

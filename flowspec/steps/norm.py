@@ -22,9 +22,9 @@ def _build(run, ctx, body):
     return Norm(shape, halves, run.step.granularity)
 
 
-def _memory(layer, shape, itemsize):
+def _memory(layer, shape, halves, itemsize):
     """Its output."""
-    return layer.halves * shape[0] * shape[1] * shape[2] * itemsize
+    return halves * shape[0] * shape[1] * shape[2] * itemsize
 
 
 register(

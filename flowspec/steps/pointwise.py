@@ -19,15 +19,14 @@ def _build(run, ctx, body):
     return Pointwise(shape[0], halves)
 
 
-def _flops(layer, shape):
-    halves, c, _ = layer.weight.shape
+def _flops(layer, shape, halves):
+    c = shape[0]
     return 2 * halves * c * c * shape[1] * shape[2]
 
 
-def _memory(layer, shape, itemsize):
+def _memory(layer, shape, halves, itemsize):
     """Its output."""
-    halves, c, _ = layer.weight.shape
-    return halves * c * shape[1] * shape[2] * itemsize
+    return halves * shape[0] * shape[1] * shape[2] * itemsize
 
 
 register(
