@@ -1,11 +1,15 @@
-"""The README's Python examples run, in order, in one namespace (from a scratch folder with `specs/`)."""
+"""The README's Python examples run, in order, in one namespace (from a scratch folder with `specs/`); its
+Steps and Layers tables have a row for every step kind."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import ROOT
 from train_helpers import one_thread  # noqa: F401 (fixture)
+
+from flowspec.steps import KINDS
 
 
 def python_blocks() -> list[str]:
@@ -22,3 +26,14 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
         exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
     assert (tmp_path / "runs" / "api" / "last.pt").is_file()
     assert "max-steps 10" in capsys.readouterr().out
+
+
+def _table(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n### {heading}\n", 1)[1].split("\n#", 1)[0]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_step_kind_has_a_row_in_the_steps_and_layers_tables(kind: str):
+    for heading in ("Steps", "Layers"):
+        assert re.search(rf"^\| `{kind}\b", _table(heading), re.M), f"add {kind} to the README's {heading}"
