@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,26 @@ def test_missing_cifar_names_where_it_looked(tmp_path, monkeypatch):
     message = str(error.value)
     assert str(tmp_path / "env") in message and str(tmp_path / "cache" / "flowspec" / "cifar10") in message
     assert "--data DIR" in message
+
+
+def test_missing_cifar_says_why_it_was_not_downloaded(tmp_path, monkeypatch):
+    """Offline, and a download that failed, said the same 'downloading was not possible'."""
+    import torchvision.datasets
+
+    def unreachable(root, train, download):
+        Path(root, "cifar-10-batches-py").mkdir(parents=True)
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.delenv("FLOWSPEC_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", unreachable)  # never downloads in a test
+    monkeypatch.setenv("FLOWSPEC_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"cifar10; downloading is off: FLOWSPEC_OFFLINE=1\): pass --data"):
+        load_split(CIFAR, "train")
+    monkeypatch.delenv("FLOWSPEC_OFFLINE")
+    with pytest.raises(UserError, match=r"the download failed: <urlopen error \[Errno -2\] Name or service"):
+        load_split(CIFAR, "train")
+    assert not (tmp_path / "cache" / "flowspec" / "cifar10").exists()  # nothing left of the attempt
 
 
 def test_broken_torchvision_folder(tmp_path):

@@ -335,6 +335,15 @@ def test_a_torchrun_variable_that_is_not_a_number_is_named(tmp_path, monkeypatch
     assert run(["train", str(flow), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "the environment has LOCAL_RANK but not RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT" in err
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("RANK", "1")  # trained on empty batches (a rank past the only process's share)
+    assert run(["train", str(flow), "--out", str(tmp_path / "run")]) == 2
+    assert "the environment has RANK but not WORLD_SIZE, LOCAL_RANK" in capsys.readouterr().err
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RANK", "2")
+    assert run(["train", str(flow), "--out", str(tmp_path / "run")]) == 2
+    assert "RANK=2 in a job of WORLD_SIZE=2 processes (ranks 0 to 1)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

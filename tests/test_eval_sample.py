@@ -238,7 +238,8 @@ def test_ablate_tells_apart_copies_of_one_model_by_their_files(tmp_path, capsys,
         "quickstart_ablation-wider_copy_of_the_quickstart",
     ]
     table = capsys.readouterr().out
-    assert "…" not in table and all(part in table for part in ("base_copy_", "wider_copy"))  # folded, not cut
+    spec_column = "".join(line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│"))
+    assert "…" not in table and all(name in spec_column for name in names)  # folded, not cut
     rows = json.loads((out / "ablation.json").read_text())
     assert [(r["spec"], r["file"], r["overrides"]) for r in rows] == [
         (names[0], str(base), ["train.seed=3"]),
@@ -727,3 +728,22 @@ def test_sample_in_another_precision_is_seeded_and_named_apart(run_dir, tmp_path
     assert (tmp_path / "auto.png").read_bytes() == grid.read_bytes()
     assert run([*args[:-2], "-o", str(tmp_path / "fp32.png")]) == 0
     assert "precision fp32 (the run's)" in capsys.readouterr().out
+
+
+def test_the_ablation_table_shows_whole_spec_names_in_80_columns(tmp_path, monkeypatch, capsys):
+    """The official ablations' names were cut mid-word at 80 columns (`flowpp_cif` / `ar`): the names tell
+    the runs apart. One count of test images is said by the caption alone, which leaves them room."""
+    from flowspec.cli.training import _print_ablation
+    from flowspec.train import ablate
+
+    names = ["flowpp_cifar", "flowpp_affine_coupling", "flowpp_uniform_dequant", "flowpp_no_attention"]
+    rows = [(name, 31_443_440, 3.4567, 10_000, 3.4567, 2, 1.23) for name in names]
+    monkeypatch.setattr(ablate, "row_values", lambda row: row)
+    monkeypatch.setattr(ablate, "test_images", lambda row: row[3])
+    monkeypatch.setenv("COLUMNS", "80")
+    _print_ablation(rows, "2 steps each", tmp_path)
+    printed = capsys.readouterr().out
+    assert all(re.search(rf"│ {name} +│ 31,443,440 │", printed) for name in names)
+    table = [line for line in printed.splitlines() if line[:1] in "┏┃┡│└"]
+    assert max(map(len, table)) <= 80 and "test bits/dim on 10000 test images" in printed
+    assert "img/s ┃" in printed  # no column cropped

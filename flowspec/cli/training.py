@@ -442,16 +442,29 @@ def _print_ablation(results: list[RunResult], budget: str, out: Path) -> None:
     images = sorted({n for n in map(test_images, results) if n is not None})
     caption = f"test bits/dim on {images[0]} test images" if len(images) == 1 else None
     table = Table(title=f"ablation ({budget})", caption=caption)
-    for column in COLUMNS:
-        if column == "spec":  # the whole name, folded onto more lines if it must: it tells the runs apart
-            table.add_column(column, overflow="fold")
-        else:
-            table.add_column(column, justify="right")
+    shown = [c for c in COLUMNS if not (caption and c == "test images")]  # the caption says it: narrower
+    fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+    cells = []
     for result in results:
-        name, params, test, count, best, step, img_s = row_values(result)
-        fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-        shown = str(count) if count is not None else "-"
-        table.add_row(name, f"{params:,}", fmt(test), shown, fmt(best), str(step), fmt_rate(img_s))
+        row = dict(zip(COLUMNS, row_values(result), strict=True))
+        text = {
+            "spec": row["spec"],
+            "parameters": f"{row['parameters']:,}",
+            "test bits/dim": fmt(row["test bits/dim"]),
+            "test images": str(row["test images"]) if row["test images"] is not None else "-",
+            "best bits/dim": fmt(row["best bits/dim"]),
+            "steps": str(row["steps"]),
+            "img/s": fmt_rate(row["img/s"]),
+        }
+        cells.append([text[column] for column in shown])
+    for i, column in enumerate(shown):
+        if column == "spec":  # the names tell the runs apart: the room the numbers leave, folded if it must
+            table.add_column(column, overflow="fold")
+        else:  # as wide as its numbers (its header wrapped onto more lines)
+            widest = max([len(row[i]) for row in cells] + [len(word) for word in column.split()])
+            table.add_column(column, justify="right", max_width=widest)
+    for row in cells:
+        table.add_row(*row)
     Console().print(table)
     if len(images) > 1:
         counts = ", ".join(map(str, images))

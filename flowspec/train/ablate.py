@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -305,7 +306,7 @@ def _since_finished(run_dir: Path, step: int) -> list[str]:
 
 def _absolute(folder: str | Path | None) -> Path | None:
     """A data folder as a resumed ablation will find it from another working directory."""
-    return Path(folder).absolute() if folder is not None else None
+    return Path(os.path.abspath(folder)) if folder is not None else None  # `..` folded, links kept
 
 
 def _data_of(

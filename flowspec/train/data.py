@@ -10,6 +10,7 @@ downloads unless `load_split` is allowed to (CIFAR-10 only, into a cache folder,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -197,6 +198,17 @@ def _npz(shards: list[Path], data: DataSpec) -> Loaded:
     return torch.cat(xs), torch.cat(ys), where, data.levels
 
 
+class CifarUnreadable(UserError):
+    """torchvision could not read (or download) CIFAR-10 into `folder`; `reason`: its error."""
+
+    def __init__(self, folder: Path, error: Exception):
+        self.reason = str(error) or type(error).__name__
+        super().__init__(
+            f"cannot read CIFAR-10 from {folder}: {self.reason}; pass --data DIR with a torchvision "
+            f"`{CIFAR_FOLDER}` folder or a folder of .npz shards"
+        )
+
+
 def _torchvision_cifar(root: Path, split: Split, download: bool = False) -> Loaded:
     from torchvision.datasets import CIFAR10
 
@@ -205,13 +217,8 @@ def _torchvision_cifar(root: Path, split: Split, download: bool = False) -> Load
         regular_file(path, "CIFAR-10 file")  # torchvision would block on a FIFO
     try:
         dataset = CIFAR10(str(root), train=split == "train", download=download)
-    except (
-        Exception
-    ) as error:  # torchvision raises RuntimeError for missing/corrupt files, others when offline
-        raise UserError(
-            f"cannot read CIFAR-10 from {folder}: {error}; pass --data DIR with a torchvision "
-            f"`{CIFAR_FOLDER}` folder or a folder of .npz shards"
-        ) from None
+    except Exception as error:  # torchvision raises RuntimeError for missing/corrupt files, others offline
+        raise CifarUnreadable(folder, error) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
     return images, torch.tensor(dataset.targets, dtype=torch.int64), str(folder), 256
 
@@ -256,13 +263,19 @@ def _cifar10_default(split: Split, download: bool, data: DataSpec) -> Loaded:
         return _from_folder(Path(env), split, data)
     if cache_dir().is_dir() and _has_data(cache_dir()):
         return _from_folder(cache_dir(), split, data)
-    looked = str(cache_dir())
-    if download and os.environ.get("FLOWSPEC_OFFLINE") != "1":
+    if os.environ.get("FLOWSPEC_OFFLINE") == "1":
+        why = "downloading is off: FLOWSPEC_OFFLINE=1"
+    elif not download:
+        why = "not downloaded here"
+    else:
         try:
             return _torchvision_cifar(cache_dir(), split, download=True)
-        except UserError:
-            pass
+        except CifarUnreadable as error:
+            why = f"the download failed: {error.reason}"
+            with contextlib.suppress(OSError):  # the folders torchvision made for it, if empty
+                (cache_dir() / CIFAR_FOLDER).rmdir()
+                cache_dir().rmdir()
     raise UserError(
-        f"CIFAR-10 not found (looked in {looked}; downloading was not possible): pass --data DIR with a "
-        f"torchvision `{CIFAR_FOLDER}` folder or a folder of .npz shards, or set FLOWSPEC_DATA_DIR"
+        f"CIFAR-10 not found (looked in {cache_dir()}; {why}): pass --data DIR with a torchvision "
+        f"`{CIFAR_FOLDER}` folder or a folder of .npz shards, or set FLOWSPEC_DATA_DIR"
     )

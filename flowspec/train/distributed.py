@@ -77,8 +77,9 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 def under_torchrun() -> bool:
     """Whether this process is a worker of a torchrun job: a `UserError` where the environment holds only
-    some of what torchrun sets (a LOCAL_RANK or WORLD_SIZE left in a shell)."""
-    if not (torchrun_worker() or job_size() > 1):
+    some of what torchrun sets (a LOCAL_RANK, RANK or WORLD_SIZE left in a shell)."""
+    rank = job_number("RANK", 0)
+    if not (torchrun_worker() or job_size() > 1 or rank > 0):
         return False
     missing = [name for name in TORCHRUN_VARIABLES if not os.environ.get(name, "").strip()]
     if missing:
@@ -86,6 +87,11 @@ def under_torchrun() -> bool:
         raise UserError(
             f"the environment has {', '.join(given)} but not {', '.join(missing)}: torchrun sets all of them "
             f"for its workers; run under torchrun, or outside it unset {' '.join(given)}"
+        )
+    if rank >= job_size():
+        raise UserError(
+            f"the environment has RANK={rank} in a job of WORLD_SIZE={job_size()} processes (ranks 0 to "
+            f"{job_size() - 1}): torchrun sets them for its workers; outside torchrun unset them"
         )
     return True
 
