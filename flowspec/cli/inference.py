@@ -194,14 +194,15 @@ def _image_suffixes() -> tuple[str, ...]:
     return tuple(ext for ext in common if ext in writable)
 
 
+TrainedArgument = Annotated[  # what eval and sample read
+    Path,
+    typer.Argument(metavar="RUN_DIR|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."),
+]
+
+
 @app.command("eval", epilog=epilog("eval"))
 def evaluate(
-    target: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RUN_DIR|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."
-        ),
-    ],
+    target: TrainedArgument,
     data: DataOption = None,
     iw: Annotated[
         int,
@@ -389,12 +390,7 @@ def _classes_suffix(spec: FlowSpec) -> str:
 
 @app.command(epilog=epilog("sample"))
 def sample(
-    target: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RUN_DIR|CKPT|EXPORT", help="A run folder, checkpoint or .safetensors export."
-        ),
-    ],
+    target: TrainedArgument,
     n: Annotated[int, typer.Option("--count", "-n", min=1, metavar="N", help="Number of images.")] = 64,
     temperature: Annotated[
         float,
