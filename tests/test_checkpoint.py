@@ -65,8 +65,10 @@ def test_garbage_and_foreign_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="other.pt is not a flowspec checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
-    with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(
+        UserError, match="does not exist: pass a run folder or a .pt file written by `flowspec train`$"
+    ):
+        load_checkpoint(tmp_path / "missing.pt")  # training state: an export will not do
     with pytest.raises(UserError, match="no checkpoint in"):
         load_checkpoint(tmp_path)
 

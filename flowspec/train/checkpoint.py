@@ -99,9 +99,9 @@ def spec_record(spec: FlowSpec) -> dict[str, Any]:
     }
 
 
-def resolve(path: Path | str) -> Path:
+def resolve(path: Path | str, exports: bool = False) -> Path:
     """A checkpoint file, or a run folder's `last.pt`; a clear error when there is none (naming its `best.pt`
-    if it has one)."""
+    if it has one, and `.safetensors` exports among what may be passed where the caller reads them)."""
     from flowspec.train.rundir import unstarted  # (rundir imports this module)
 
     path = Path(path)
@@ -124,8 +124,10 @@ def resolve(path: Path | str) -> Path:
             f"no checkpoint in {path}: expected {path / LAST} (a run folder written by `flowspec train`)"
         )
     if not path.is_file():
+        export = " or a .safetensors file written by `flowspec export`" if exports else ""
         raise UserError(
             f"checkpoint {path} does not exist: pass a run folder or a .pt file written by `flowspec train`"
+            + export
         )
     return path
 

@@ -106,7 +106,7 @@ def load_trained(
             _read_export(path)
         )
     else:
-        path = resolve(path)
+        path = resolve(path, exports=True)
         payload = load_checkpoint(path, training_state=False)
         spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
         data_dir, stored_hash, stored_spec = payload.get("data_dir"), payload["spec_hash"], payload["spec"]
