@@ -357,9 +357,9 @@ def _setting_loc(doc: RawDict, path: str) -> SourceLoc | None:
 
 
 def _shape_inputs(doc: RawDict, path: str) -> list[SourceLoc | None]:
-    """Where the settings that decide the shape the step at `path` receives were written: the data shape
-    and the counts of the repeats around it or before it (not in the bodies of splits before it, which
-    hand on the shape they get)."""
+    """Where the settings that decide the shape the step at `path` receives were written: the data shape,
+    the shape-deciding settings (`StepKind.shaped`) of the steps around it, and those of the steps before
+    it (not in the bodies of splits before it, which hand on the shape they get)."""
     data = doc.get("data")
     found = [data.locs.get("shape") if isinstance(data, RawDict) else None]
     where, *parts = path.split(".")
@@ -367,22 +367,27 @@ def _shape_inputs(doc: RawDict, path: str) -> list[SourceLoc | None]:
     for index in (int(part) for part in parts if part.isdigit()):
         if not isinstance(steps, list) or index >= len(steps):
             break
-        found += [loc for step in steps[:index] for loc in _repeat_counts(step)]
-        found.append(steps[index].locs.get("count") if isinstance(steps[index], RawDict) else None)
+        found += [loc for step in steps[:index] for loc in _handed_on(step)]
+        found += _shaped_locs(steps[index])
         steps = steps[index].get("body") if isinstance(steps[index], RawDict) else None
     return found
 
 
-def _repeat_counts(step: Any) -> list[SourceLoc | None]:
-    """Where the counts of a step's repeats were written, itself and those it runs (not in the body of a
-    step that runs it once inside its own layer, a split: that body hands on the shape it gets)."""
-    if not isinstance(step, RawDict):
-        return []
-    kind = KINDS.get(step.get("kind"))
-    if kind is not None and kind.body and kind.copies is None:
+def _handed_on(step: Any) -> list[SourceLoc | None]:
+    """Where the settings that decide the shape a step hands on were written: its own shape-deciding
+    settings and those of the steps it runs (none for a step that runs its body once inside its own layer,
+    a split: that body hands on the shape it gets)."""
+    kind = KINDS.get(step.get("kind")) if isinstance(step, RawDict) else None
+    if kind is None or kind.body and kind.copies is None:
         return []
     body = step.get("body")
-    return [step.locs.get("count"), *(loc for child in body or () for loc in _repeat_counts(child))]
+    return [*_shaped_locs(step), *(loc for child in body or () for loc in _handed_on(child))]
+
+
+def _shaped_locs(step: Any) -> list[SourceLoc | None]:
+    """Where a raw step's shape-deciding settings (its kind's `shaped`) were written."""
+    kind = KINDS.get(step.get("kind")) if isinstance(step, RawDict) else None
+    return [step.locs.get(name) for name in kind.shaped] if kind is not None else []
 
 
 #: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them (with

@@ -392,6 +392,10 @@ def test_what_decides_a_shape_is_what_the_step_kinds_say(tmp_path: Path, monkeyp
     with pytest.raises(SpecError) as caught:  # a split that copied its body: its count decides shapes
         load_spec(path, ["train.seed=2", "flow.0.body.0.count=3"])
     assert [str(d.loc) for d in caught.value.diagnostics] == [f"{OVERRIDE_FILE}:2:15", f"{path}:5:3"]
+    monkeypatch.setitem(KINDS, "repeat", replace(KINDS["repeat"], shaped=()))
+    with pytest.raises(SpecError) as caught:  # a repeat whose count decided no shape: the steps are blamed
+        load_spec(path, ["train.seed=2", "flow.0.body.0.count=3"])
+    assert [str(d.loc) for d in caught.value.diagnostics] == [f"{path}:5:3", f"{path}:6:3"]
     path.write_text(
         "model r\ndata npy { shape 2x8x7 }\nflow {\n  split channel { coupling(filters=0) }\n  squeeze\n}\n"
     )
