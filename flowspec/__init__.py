@@ -11,8 +11,10 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flowspec import train  # the training stage's package, callable as `flowspec.train(spec, ...)`
-    from flowspec.api import load
+    import torch
+
+    from flowspec import errors
+    from flowspec.api import load, train  # at run time the `flowspec.train` package, which calls it
     from flowspec.errors import UserError
     from flowspec.loader import load_spec, parse_spec
     from flowspec.model import FlowModel
@@ -24,6 +26,7 @@ __all__ = [
     "FlowSpec",
     "UserError",
     "build",
+    "errors",
     "load",
     "load_spec",
     "parse_spec",
@@ -31,11 +34,12 @@ __all__ = [
     "__version__",
 ]
 
-#: where each public name is defined (`train` is the `flowspec.train` package itself)
+#: where each public name is defined (`errors` and `train` are those modules themselves)
 _LAZY = {
     "FlowModel": "flowspec.model",
     "FlowSpec": "flowspec.spec",
     "UserError": "flowspec.errors",
+    "errors": "flowspec.errors",
     "load": "flowspec.api",
     "load_spec": "flowspec.loader",
     "parse_spec": "flowspec.loader",
@@ -43,7 +47,7 @@ _LAZY = {
 }
 
 
-def build(spec: FlowSpec, device: Any = None) -> FlowModel:
+def build(spec: FlowSpec, device: str | torch.device | None = None) -> FlowModel:
     """Compile a spec into a `FlowModel` (an `nn.Module`); `device="meta"` builds it without memory or
     random draws, for counting and inspecting. The spec is validated again (`spec.model_copy(update=...)`
     does not validate): a `UserError` names a value `FlowSpec` would refuse."""
@@ -70,7 +74,7 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'flowspec' has no attribute {name!r}")
     module = import_module(_LAZY[name])
-    return module if name == "train" else getattr(module, name)
+    return module if module.__name__ == f"flowspec.{name}" else getattr(module, name)
 
 
 def __dir__() -> list[str]:

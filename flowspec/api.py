@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowspec.errors import RunStopped, UserError, flowspec_command
+from flowspec.errors import RunStopped, UserError, check_bool, flowspec_command
 from flowspec.spec import FlowSpec
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def train(
     *,
     sets: Sequence[str] = (),
     resume: PathLike | None = None,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     precision: str | None = None,
     compile: bool = False,
     recompute: str = "auto",
@@ -87,14 +87,19 @@ def train(
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
 
+    device = str(device) if device is not None else None  # a torch.device as its name, e.g. "cuda:1"
     # under torchrun the job is joined first: a mistake only one process meets (its own copy of the spec
     # or the run folder missing) ends every process at once, each saying why
     with agreed(join(device)):
         check_overrides(sets)
+        switches = dict(compile=compile, tensorboard=tensorboard, quiet=quiet, allow_large=allow_large)
+        for name, value in switches.items():
+            check_bool(value, name)
         if threads is not None:
+            if not _whole(threads):  # torch refuses True, 1.5 and "2" with a traceback
+                raise UserError(f"threads must be a whole number >= 1, got {threads!r}")
             check_threads(threads)
-        whole = isinstance(max_steps, int) and not isinstance(max_steps, bool)
-        if max_steps is not None and not (whole and max_steps >= 1):
+        if max_steps is not None and not (_whole(max_steps) and max_steps >= 1):
             raise UserError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
         memory = parse_size(data_memory) if data_memory is not None else None
         applied = False  # whether `sets` were applied to the stored spec of the run resumed
@@ -159,6 +164,11 @@ def train(
     if result.stopped in ("SIGINT", "SIGTERM"):
         raise RunStopped(result)
     return result
+
+
+def _whole(value: object) -> bool:
+    """Whether `value` is an int (not a bool, which is one too)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _not_a_run_folder(spec: Path) -> None:

@@ -20,6 +20,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+def check_bool(value: object, name: str, error: type[Exception] = UserError) -> None:
+    """An `error` naming `name` unless `value` is True or False: a truthy `"no"` or `1` would read as True."""
+    if not isinstance(value, bool):
+        raise error(f"{name} must be True or False, got {value!r}")
+
+
 #: what a process of a torchrun job says when another process of the job stopped (on its own error)
 PEER_STOPPED = (
     "another process of this torchrun job stopped, so this one cannot go on; the first process to stop "

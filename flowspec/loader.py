@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
 from flowspec.document import REWARM_ARGS, SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, Call, RawDict, Word
-from flowspec.errors import UserError
+from flowspec.errors import UserError, check_bool
 from flowspec.parser import SECTION_KEYS, SECTION_NAMES, parse_document
 from flowspec.resolve import (
     OVERRIDE_FILE,
@@ -67,6 +67,7 @@ def parse_spec(
             f"parse_spec takes spec text (str), got {type(text).__name__}; read a file with "
             "flowspec.load_spec(path)"
         )
+    check_bool(stored, "parse_spec(stored)", TypeError)  # a truthy "no" would skip the rules for files
     text = _unix_line_ends(text)
     texts = {source: text}
     doc = _extend(parse_document(text, source), source, texts, chain=())

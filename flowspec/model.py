@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, SupportsFloat, SupportsIndex, overload
 
 import torch
 from torch import Tensor, nn
 
+from flowspec.errors import check_bool
 from flowspec.layers import Coupling, LogitPreprocess, Sequence
 from flowspec.layers.base import DataInit, nats_per_bpd, standard_normal_log_prob
 from flowspec.layers.fusion import allow_recompiles
@@ -96,12 +97,22 @@ class FlowModel(nn.Module):
         z, logdet = self.flow(y)
         return z, logdet_pre + logdet
 
+    @overload
+    def decode(self, z: Tensor, with_logdet: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def decode(self, z: Tensor, with_logdet: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def decode(self, z: Tensor, with_logdet: bool) -> Tensor | tuple[Tensor, Tensor]: ...
+
     def decode(self, z: Tensor, with_logdet: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Latent z -> continuous data v, in eval mode (no dropout; the mode is restored): in [0, levels)
         for the latents of data, and within the logit preprocessing's range, (-alpha, 1 - alpha) * levels
         / (1 - 2 alpha), for any z (`sample` clamps to the levels); with `with_logdet`, also log |det dv/dz|
         per image: the preprocessing's, exact, minus the flow's log-det of encoding its output again. It
         stays finite where v rounds to the ends of that range (which `encode` then refuses)."""
+        check_bool(with_logdet, "decode(with_logdet)", TypeError)  # "no" would be true
         z = self._checked(z, "decode", "latents")
         with self._dropout_off():
             y = self.flow.inverse(z)
@@ -131,7 +142,9 @@ class FlowModel(nn.Module):
     # ---------------------------------------------------------------- sampling
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, n: SupportsIndex, temperature: SupportsFloat = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         """`n` integer images (uint8; int32 when levels > 256), decoded in eval mode from N(0, T^2 I), drawn
         with `generator` on its own device (a CPU generator: the same noise for a model on any device)."""
         n, temperature = sample_arguments(n, temperature)
@@ -197,8 +210,7 @@ class FlowModel(nn.Module):
     def set_recompute(self, on: bool) -> None:
         """Whether training steps recompute the coupling networks' dense and elementwise work in the
         backward pass (selective activation checkpointing, the default) or keep all of it."""
-        if not isinstance(on, bool):  # "off" would be true
-            raise TypeError(f"set_recompute takes True or False, got {on!r}")
+        check_bool(on, "set_recompute(on)", TypeError)  # "off" would be true
         for m in self.modules():
             if isinstance(m, FlowppBlock):
                 m.recompute = on

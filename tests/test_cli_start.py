@@ -21,6 +21,15 @@ def test_importing_the_package_and_its_entry_point_imports_no_dependency():
     assert not set(HEAVY) & set(done.stdout.split())
 
 
+def test_flowspec_errors_is_there_after_import_flowspec():
+    code = (
+        "import sys, flowspec; "
+        "print(flowspec.errors.RunStopped.__name__, *{m.split('.')[0] for m in sys.modules})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.split()[0] == "RunStopped" and not set(HEAVY) & set(done.stdout.split())
+
+
 def test_the_public_names_are_imported_when_used():
     assert set(flowspec.__all__) <= set(dir(flowspec))
     spec = flowspec.load_spec(SPECS / "quickstart.flow")

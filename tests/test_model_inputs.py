@@ -215,9 +215,13 @@ def test_sample_takes_numpy_and_tensor_scalars(model):
         model.sample(torch.tensor(2.0))
 
 
-def test_set_recompute_takes_a_bool(model):
-    with pytest.raises(TypeError, match="set_recompute takes True or False, got 'off'"):
+def test_set_recompute_decode_and_parse_spec_take_bools(model):
+    with pytest.raises(TypeError, match=r"set_recompute\(on\) must be True or False, got 'off'"):
         model.set_recompute("off")  # a truthy string: it turned recomputation on
+    with pytest.raises(TypeError, match=r"decode\(with_logdet\) must be True or False, got 'no'"):
+        model.decode(torch.zeros(2, 1, 8, 8), with_logdet="no")  # it returned (v, logdet)
+    with pytest.raises(TypeError, match=r"parse_spec\(stored\) must be True or False, got 'no'"):
+        flowspec.parse_spec("model m\nflow { squeeze }", stored="no")  # it skipped the rules for files
 
 
 def test_set_autocast_refuses_what_autocast_cannot_run(model):
@@ -295,12 +299,33 @@ def test_build_and_load_spec_refuse_arguments_of_the_wrong_kind():
         ({"device": "gpu"}, "device 'gpu' is not one torch knows"),
         ({"max_steps": 0}, "max_steps must be a whole number >= 1, got 0"),
         ({"max_steps": 1.5}, "got 1.5"),
+        ({"threads": True}, "threads must be a whole number >= 1, got True"),  # torch: a RuntimeError
+        ({"threads": 1.5}, "threads must be a whole number >= 1, got 1.5"),
+        ({"threads": "2"}, "threads must be a whole number >= 1, got '2'"),  # torch: a TypeError
+        ({"tensorboard": "no"}, "tensorboard must be True or False, got 'no'"),  # it turned TensorBoard on
+        ({"allow_large": "no"}, "allow_large must be True or False, got 'no'"),  # it skipped the check
+        ({"compile": 1}, "compile must be True or False, got 1"),
+        ({"quiet": None}, "quiet must be True or False, got None"),
     ],
-    ids=["eval-key", "eval-value", "threads", "device", "max-steps", "fractional-steps"],
+    ids=[
+        "eval-key",
+        "eval-value",
+        "threads",
+        "device",
+        "max-steps",
+        "fractional-steps",
+        "threads-bool",
+        "threads-float",
+        "threads-str",
+        "tensorboard-str",
+        "allow-large-str",
+        "compile-int",
+        "quiet-none",
+    ],
 )
 def test_train_refuses_bad_options_before_writing(tmp_path, options, message):
     with pytest.raises(UserError) as caught:
-        flowspec.train(tiny_spec(), out=tmp_path / "run", quiet=True, **options)
+        flowspec.train(tiny_spec(), out=tmp_path / "run", **{"quiet": True, **options})
     assert message in str(caught.value)
     assert not (tmp_path / "run").exists()
     with pytest.raises(TypeError, match="overrides are a list"):

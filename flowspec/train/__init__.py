@@ -2,6 +2,7 @@
 
 `flowspec.train` is this package and also the training function: calling it runs `flowspec.api.train`
 (a package attribute cannot be a function once its subpackage is imported, so the package is callable).
+Type checkers, which cannot see that, are shown the function (`flowspec/__init__.py`).
 """
 
 from __future__ import annotations

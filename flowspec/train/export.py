@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from flowspec.errors import UserError
+from flowspec.model import FlowModel
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import (
     checkpoint_spec,
@@ -37,7 +38,7 @@ NUMBER = r"[0-9]{1,20}"  # a step or image count in the metadata: ASCII digits, 
 class Trained:
     """A trained model (EMA weights, eval mode) with its spec, training step and where it came from."""
 
-    model: torch.nn.Module
+    model: FlowModel
     spec: FlowSpec
     step: int
     path: Path
