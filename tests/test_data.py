@@ -73,15 +73,17 @@ def test_missing_cifar_names_where_it_looked(tmp_path, monkeypatch):
 
 
 def test_missing_cifar_says_why_it_was_not_downloaded(tmp_path, monkeypatch):
-    """Offline, and a download that failed, said the same 'downloading was not possible'."""
+    """Offline, and a download that failed, said the same 'downloading was not possible'; a failed download
+    leaves none of the folders it made (torchvision makes only the root) and all that were there before."""
     import torchvision.datasets
 
     def unreachable(root, train, download):
-        Path(root, "cifar-10-batches-py").mkdir(parents=True)
+        Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision's download_url does
         raise OSError("<urlopen error [Errno -2] Name or service not known>")
 
+    cache = tmp_path / "cache"
     monkeypatch.delenv("FLOWSPEC_DATA_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", unreachable)  # never downloads in a test
     monkeypatch.setenv("FLOWSPEC_OFFLINE", "1")
     with pytest.raises(UserError, match=r"cifar10; downloading is off: FLOWSPEC_OFFLINE=1\): pass --data"):
@@ -89,7 +91,12 @@ def test_missing_cifar_says_why_it_was_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.delenv("FLOWSPEC_OFFLINE")
     with pytest.raises(UserError, match=r"the download failed: <urlopen error \[Errno -2\] Name or service"):
         load_split(CIFAR, "train")
-    assert not (tmp_path / "cache" / "flowspec" / "cifar10").exists()  # nothing left of the attempt
+    assert not cache.exists()  # nothing left of the attempt
+    for there in (cache / "flowspec", cache / "flowspec" / "cifar10"):
+        there.mkdir(parents=True)
+        with pytest.raises(UserError, match="the download failed"):
+            load_split(CIFAR, "train")
+        assert there.is_dir() and not any(there.iterdir())  # kept, and nothing made in it
 
 
 def test_broken_torchvision_folder(tmp_path):

@@ -268,13 +268,15 @@ def _cifar10_default(split: Split, download: bool, data: DataSpec) -> Loaded:
     elif not download:
         why = "not downloaded here"
     else:
+        inner = cache_dir() / CIFAR_FOLDER
+        made = [folder for folder in (inner, *inner.parents) if not folder.exists()]  # innermost first
         try:
             return _torchvision_cifar(cache_dir(), split, download=True)
         except CifarUnreadable as error:
             why = f"the download failed: {error.reason}"
-            with contextlib.suppress(OSError):  # the folders torchvision made for it, if empty
-                (cache_dir() / CIFAR_FOLDER).rmdir()
-                cache_dir().rmdir()
+            for folder in made:  # those the attempt made, each while empty; none that was there before
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     raise UserError(
         f"CIFAR-10 not found (looked in {cache_dir()}; {why}): pass --data DIR with a torchvision "
         f"`{CIFAR_FOLDER}` folder or a folder of .npz shards, or set FLOWSPEC_DATA_DIR"
