@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -612,6 +613,37 @@ def test_a_cifar_run_reads_flowspec_data_dir_where_it_runs_and_records_what_it_r
     shutil.rmtree(own)
     resumed = train(spec, RunOptions(out=tmp_path / "run", device="cpu", quiet=True, resume=True))
     assert resumed.step == 4
+
+
+def test_eval_where_flowspec_data_dir_is_unset_reads_the_folder_the_run_read(tmp_path, monkeypatch, capsys):
+    """A cifar10 run trained through FLOWSPEC_DATA_DIR, evaluated (or its export) where the variable is unset
+    or empty: it reads the folder the run read, saying so, not the cache (which it would download into)."""
+    from train_helpers import write_shards
+
+    own = write_shards(tmp_path / "own")  # named as cifar10's
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLOWSPEC_OFFLINE", "1")
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", str(own))
+    spec = tiny_spec(steps=2, data=DataSpec(dataset="cifar10", shape=(1, 8, 8), levels=17))
+    train(spec, RunOptions(out=tmp_path / "run", device="cpu", quiet=True))
+    assert run(["export", str(tmp_path / "run"), "-o", str(tmp_path / "m.safetensors")]) == 0
+
+    cheap = ["--limit", "4", "--device", "cpu"]
+
+    def reads_own(target: Path) -> None:
+        capsys.readouterr()
+        assert run(["eval", str(target), *cheap, "-o", str(tmp_path / "e.json")]) == 0
+        assert f"FLOWSPEC_DATA_DIR is unset here: reading {own.resolve()}" in capsys.readouterr().out
+        assert json.loads((tmp_path / "e.json").read_text())["data_folder"] == str(own.resolve())
+
+    monkeypatch.setenv("FLOWSPEC_DATA_DIR", "")  # empty: as unset
+    reads_own(tmp_path / "run")
+    monkeypatch.delenv("FLOWSPEC_DATA_DIR")
+    reads_own(tmp_path / "run")
+    reads_own(tmp_path / "m.safetensors")
+    assert run(["eval", str(tmp_path / "run"), *cheap]) == 0
+    assert (tmp_path / "run" / "eval_test_first4.json").is_file()  # the run's own data: no _data part
+    assert not (tmp_path / "cache" / "flowspec").exists()  # nothing looked for there
 
 
 def test_eval_of_another_dataset_does_not_read_the_runs_folder(tmp_path, capsys):

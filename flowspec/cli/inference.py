@@ -347,7 +347,10 @@ def _short_hash(*values: object) -> str:
 
 def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | str | None:
     """The data to evaluate on: --data, else the spec's path when --set names one or another dataset, else
-    the folder the run trained on while it is there (None: the spec's path)."""
+    the folder the run trained on while it is there (None: the spec's path); for a cifar10 run without one,
+    where FLOWSPEC_DATA_DIR is unset (set, it says where), the folder it read while it is there."""
+    from flowspec.train.data import cache_dir
+
     # --set data.path or data.dataset names other data: not the folder the run trained on
     if data is not None or any(
         s.split("=", 1)[0].strip() in ("data.path", "data.dataset") for s in sets or ()
@@ -356,7 +359,18 @@ def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | s
     if trained.data_dir and not Path(trained.data_dir).exists():
         print(f"note: the run's data folder {trained.data_dir} is gone; reading the data its spec names here")
         return None
-    return trained.data_dir
+    read = trained.data_default  # recorded without a data_dir
+    if (
+        os.environ.get("FLOWSPEC_DATA_DIR")
+        or not read
+        or not Path(read).exists()
+        or Path(read) == cache_dir().resolve()
+    ):
+        return trained.data_dir
+    print(
+        f"note: FLOWSPEC_DATA_DIR is unset here: reading {read}, the folder the run read, not {cache_dir()}"
+    )
+    return read
 
 
 def _note_changed_split(trained, data: Path | str | None) -> None:
