@@ -57,7 +57,7 @@ class Command(TyperCommand):
 
 
 #: the commands in the order of the pipeline, as the help lists them
-PIPELINE = ("validate", "show", "inspect", "diff", "train", "ablate", "eval", "sample", "export")
+PIPELINE = ("specs", "validate", "show", "inspect", "diff", "train", "ablate", "eval", "sample", "export")
 
 
 class Group(TyperGroup):
@@ -100,8 +100,8 @@ def _options(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """Declarative normalizing-flow image models: validate, show, inspect, diff, train, ablate, eval, sample,
-    export."""
+    """Declarative normalizing-flow image models: specs, validate, show, inspect, diff, train, ablate, eval,
+    sample, export."""
 
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -284,4 +284,4 @@ def _signals_raise(received: list[int]) -> Iterator[None]:
         yield
 
 
-from flowspec.cli import inference, inspecting, language, training  # noqa: E402, F401  (register the commands)
+from flowspec.cli import inference, inspecting, language, shipped, training  # noqa: E402, F401  (register the commands)

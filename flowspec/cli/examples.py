@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 EXAMPLES: dict[str, tuple[str, ...]] = {
+    "specs": (
+        "flowspec specs",
+        "flowspec specs my-specs",
+    ),
     "validate": (
         "flowspec validate specs/*.flow specs/ablations/*.flow",
         "flowspec validate specs/quickstart.flow --set defaults.coupling.heads=8",

@@ -1,0 +1,85 @@
+"""`flowspec specs`: the specs shipped with flowspec (package data), listed or copied into a folder where
+they can be trained, changed and extended. It does not import torch."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from importlib import resources
+from itertools import takewhile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flowspec.cli.app import app
+from flowspec.cli.examples import epilog
+from flowspec.errors import UserError
+
+
+@app.command("specs", epilog=epilog("specs"))
+def specs(
+    folder: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="DIR",
+            help="Copy the specs into this folder (made if missing; ablations/ with them, so that their "
+            "extends still find flowpp_cifar.flow). Without it, list them.",
+        ),
+    ] = None,
+) -> None:
+    """List the specs shipped with flowspec, or copy them into DIR to train, change and extend."""
+    with resources.as_file(resources.files("flowspec") / "specs") as root:
+        names = sorted((p.relative_to(root).as_posix() for p in root.rglob("*.flow")), key=_order)
+        if folder is None:
+            _list(root, names)
+        else:
+            _copy(root, names, folder)
+
+
+def _order(name: str) -> tuple[int, str]:
+    """The specs of the top folder first, then those of `ablations/`."""
+    return name.count("/"), name
+
+
+def _list(root: Path, names: list[str]) -> None:
+    """A table of the specs: name, parameter count (the spec's `target_params`, if it has one) and the
+    first line of its comment (with `...` when its sentence goes on)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flowspec.loader import load_spec
+
+    table = Table(caption="flowspec specs DIR copies them into DIR")
+    table.add_column("spec", no_wrap=True)
+    table.add_column("parameters", justify="right", no_wrap=True)
+    table.add_column("description")
+    for name in names:
+        target = load_spec(root / name).target_params
+        comment = [line.lstrip("#").strip() for line in _comment(root / name)] or [""]
+        goes_on = len(comment) > 1 and comment[1] and not comment[0].endswith((".", ":"))
+        table.add_row(name, "" if target is None else f"{target:,}", comment[0] + (" ..." if goes_on else ""))
+    Console().print(table)
+
+
+def _comment(path: Path) -> list[str]:
+    """The comment lines a spec file starts with."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return list(takewhile(lambda line: line.startswith("#"), lines))
+
+
+def _copy(root: Path, names: list[str], folder: Path) -> None:
+    """Copy the specs into `folder`, keeping their layout, after checking that no file would be replaced."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: give a folder to copy the specs into")
+    taken = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    if taken:
+        raise UserError(
+            f"{folder} already holds {', '.join(taken)}: flowspec specs replaces no file; move them away "
+            "or give another folder"
+        )
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / name, folder / name)
+        typer.echo(f"wrote {folder / name}")
+    typer.echo(f"next: flowspec train {shlex.quote(str(folder / 'quickstart.flow'))}")

@@ -1,0 +1,77 @@
+"""What a pip install ships: the specs as package data (and `flowspec specs`, which hands them out), the
+tests and bench scripts in the sdist, and the licence. Read from pyproject.toml and MANIFEST.in: building
+a wheel or an sdist here would take too long."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+
+import pytest
+from conftest import ALL_SPECS, ROOT, SPECS
+
+import flowspec
+from flowspec.cli.app import run
+
+PYPROJECT = (ROOT / "pyproject.toml").read_text()
+NAMES = [p.relative_to(SPECS).as_posix() for p in ALL_SPECS]
+
+
+def test_the_specs_are_package_data_and_the_root_specs_is_a_link_to_them():
+    assert len(ALL_SPECS) == 14 and "ablations/no_attention.flow" in NAMES
+    assert (ROOT / "specs").is_symlink() and os.readlink(ROOT / "specs") == "flowspec/specs"
+    [patterns] = re.findall(
+        r"^flowspec = (\[.*\])$", PYPROJECT.split("[tool.setuptools.package-data]")[1], re.M
+    )
+    shipped = {p for pattern in ast.literal_eval(patterns) for p in (ROOT / "flowspec").glob(pattern)}
+    assert shipped >= {ROOT / "flowspec" / "specs" / name for name in NAMES}
+
+
+def test_specs_lists_the_shipped_specs(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run(["specs"]) == 0
+    rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "│" in line}
+    assert set(NAMES) <= set(rows)
+    assert "31,443,440" in rows["flowpp_cifar.flow"] and "Flow++ on CIFAR-10" in rows["flowpp_cifar.flow"]
+    assert "73,489,960" in rows["imagenet64_5bit.flow"]  # its base's target_params
+    assert "uniform dequantization" in rows["ablations/uniform_dequant.flow"]
+
+
+def test_specs_copies_the_tree_so_that_ablations_still_extend_their_base(tmp_path, capsys):
+    folder = tmp_path / "my specs"
+    assert run(["specs", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} == set(NAMES)
+    assert all((folder / name).read_bytes() == (SPECS / name).read_bytes() for name in NAMES)
+    assert f"wrote {folder / 'ablations' / 'no_attention.flow'}" in out
+    assert f"flowspec train '{folder / 'quickstart.flow'}'" in out
+    assert flowspec.load_spec(folder / "ablations" / "uniform_dequant.flow").target_params == 32324408
+
+
+def test_specs_replaces_no_file(tmp_path, capsys):
+    (tmp_path / "ablations").mkdir(parents=True)
+    (tmp_path / "ablations" / "no_attention.flow").write_text("mine")
+    (tmp_path / "quickstart.flow").write_text("mine too")
+    assert run(["specs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path} already holds quickstart.flow, ablations/no_attention.flow")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*.flow")) == ["no_attention.flow", "quickstart.flow"]
+    (tmp_path / "file").write_text("")
+    assert run(["specs", str(tmp_path / "file")]) == 2
+    assert f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+
+
+def test_the_sdist_holds_the_tests_their_helpers_and_the_bench():
+    rules = (ROOT / "MANIFEST.in").read_text().splitlines()
+    for line in ("graft tests", "graft bench", "graft specs", "global-exclude __pycache__ *.py[cod]"):
+        assert line in rules
+
+
+@pytest.mark.parametrize(
+    "line", ['requires = ["setuptools>=77"]', 'license = "MIT"', 'license-files = ["LICENSE"]']
+)
+def test_the_licence_is_declared_and_shipped(line):
+    assert line in PYPROJECT.splitlines()
+    assert "Copyright (c) 2026 the flowspec developers" in (ROOT / "LICENSE").read_text()
