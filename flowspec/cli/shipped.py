@@ -57,7 +57,7 @@ def _list(root: Path, names: list[str]) -> None:
     for name in names:
         target = load_spec(root / name).target_params
         comment = [line.lstrip("#").strip() for line in _comment(root / name)] or [""]
-        goes_on = len(comment) > 1 and comment[1] and not comment[0].endswith((".", ":"))
+        goes_on = len(comment) > 1 and bool(comment[1]) and not comment[0].endswith((".", ":"))
         table.add_row(name, "" if target is None else f"{target:,}", comment[0] + (" ..." if goes_on else ""))
     Console().print(table)
 
