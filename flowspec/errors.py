@@ -153,3 +153,14 @@ def naming(path: str | os.PathLike[str], doing: str = "writing") -> Iterator[Non
 
 #: what torch's checkpoint writer says when a write under it failed
 TORCH_WRITER = ("inline_container", "PytorchStreamWriter", "file write failed")
+
+
+def one_process(command: str) -> None:
+    """Refuse `command` in a torchrun job of several processes: each would run it whole (eval prints
+    everything once per process, sample draws a grid with a seed of its own, both write the same file)."""
+    world = job_number("WORLD_SIZE", 1)
+    if world > 1:
+        raise UserError(
+            f"{command} runs in one process: run it without torchrun (each of this job's {world} processes "
+            f"would run it whole and write the same file)"
+        )

@@ -63,6 +63,15 @@ def test_specs_replaces_no_file(tmp_path, capsys):
     assert f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
 
 
+def test_specs_is_refused_under_a_torchrun_job_of_several_processes(tmp_path, capsys, monkeypatch):
+    """Each process would copy: all but the first would find the files there and fail."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run(["specs", str(tmp_path / "copy")]) == 2
+    assert "specs runs in one process: run it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "copy").exists()
+
+
 def test_the_sdist_holds_the_tests_their_helpers_and_the_bench():
     rules = (ROOT / "MANIFEST.in").read_text().splitlines()
     for line in ("graft tests", "graft bench", "graft specs", "global-exclude __pycache__ *.py[cod]"):

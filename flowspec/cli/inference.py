@@ -32,11 +32,7 @@ from flowspec.cli.options import (
     valid_seed,
 )
 from flowspec.cli.stopping import stoppable
-from flowspec.errors import (
-    UserError,
-    job_number,
-    os_error_message,
-)
+from flowspec.errors import UserError, one_process, os_error_message
 from flowspec.spec import CLASS_NAMES, MAX_SEED
 
 if TYPE_CHECKING:
@@ -150,17 +146,6 @@ def _precision_suffix(trained: Trained) -> str:
     return f"_{trained.precision}" if trained.precision != (trained.trained_precision or "fp32") else ""
 
 
-def _one_process(command: str) -> None:
-    """Refuse `command` in a torchrun job of several processes: each would run it whole (eval prints
-    everything once per process, sample draws a grid with a seed of its own, both write the same file)."""
-    world = job_number("WORLD_SIZE", 1)
-    if world > 1:
-        raise UserError(
-            f"{command} runs in one process: run it without torchrun (each of this job's {world} processes "
-            f"would run it whole and write the same file)"
-        )
-
-
 def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
     """Refuse an output path that is a folder, names an unknown kind of file or lies where no folder can be
     made, or would overwrite a file of a run or an ablation, before any work (the folder is made when the
@@ -256,7 +241,7 @@ def evaluate(
     from flowspec.train.memory import PeakMemory
     from flowspec.train.progress import Reporter
 
-    _one_process("eval")
+    one_process("eval")
     if out is not None:
         _check_output(out, "--out", (".json",))
     with stoppable("the evaluation") as signals:
@@ -440,7 +425,7 @@ def sample(
     from flowspec.inspection.budget import device_memory
     from flowspec.train.sampling import check_grid_memory, grid_name, save_grid
 
-    _one_process("sample")
+    one_process("sample")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     if out is not None:
@@ -482,7 +467,7 @@ def export_model(
     from flowspec.train.checkpoint import resolve
     from flowspec.train.export import SUFFIX, export
 
-    _one_process("export")
+    one_process("export")
     if output is None:  # model.safetensors of last.pt, model_best.safetensors of best.pt
         checkpoint = resolve(target)
         weights = "" if checkpoint.name == "last.pt" else f"_{checkpoint.stem}"

@@ -14,7 +14,7 @@ import typer
 
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
-from flowspec.errors import UserError
+from flowspec.errors import UserError, one_process
 
 
 @app.command("specs", epilog=epilog("specs"))
@@ -29,6 +29,7 @@ def specs(
     ] = None,
 ) -> None:
     """List the specs shipped with flowspec, or copy them into DIR to train, change and extend."""
+    one_process("specs")
     with resources.as_file(resources.files("flowspec") / "specs") as root:
         names = sorted((p.relative_to(root).as_posix() for p in root.rglob("*.flow")), key=_order)
         if folder is None:
