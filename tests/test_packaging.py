@@ -36,6 +36,8 @@ def test_specs_lists_the_shipped_specs(capsys, monkeypatch):
     assert "31,443,440" in rows["flowpp_cifar.flow"] and "Flow++ on CIFAR-10" in rows["flowpp_cifar.flow"]
     assert "73,489,960" in rows["imagenet64_5bit.flow"]  # its base's target_params
     assert "uniform dequantization" in rows["ablations/uniform_dequant.flow"]
+    assert "43,592" in rows["quickstart.flow"]  # no target_params: counted on a model built without memory
+    assert rows["realnvp_cifar.flow"].split("│")[3].strip() == "RealNVP on CIFAR-10"  # up to a parenthesis
 
 
 def test_specs_copies_the_tree_so_that_ablations_still_extend_their_base(tmp_path, capsys):

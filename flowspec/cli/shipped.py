@@ -1,20 +1,22 @@
 """`flowspec specs`: the specs shipped with flowspec (package data), listed or copied into a folder where
-they can be trained, changed and extended. It does not import torch."""
+they can be trained, changed and extended."""
 
 from __future__ import annotations
 
 import shlex
 import shutil
 from importlib import resources
-from itertools import takewhile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flowspec.cli.app import app
 from flowspec.cli.examples import epilog
 from flowspec.errors import UserError, one_process
+
+if TYPE_CHECKING:
+    from flowspec.spec import FlowSpec
 
 
 @app.command("specs", epilog=epilog("specs"))
@@ -44,8 +46,7 @@ def _order(name: str) -> tuple[int, str]:
 
 
 def _list(root: Path, names: list[str]) -> None:
-    """A table of the specs: name, parameter count (the spec's `target_params`, if it has one) and the
-    first line of its comment (with `...` when its sentence goes on)."""
+    """A table of the specs: name, parameter count and the first line of its comment, up to a parenthesis."""
     from rich.console import Console
     from rich.table import Table
 
@@ -56,17 +57,26 @@ def _list(root: Path, names: list[str]) -> None:
     table.add_column("parameters", justify="right", no_wrap=True)
     table.add_column("description")
     for name in names:
-        target = load_spec(root / name).target_params
-        comment = [line.lstrip("#").strip() for line in _comment(root / name)] or [""]
-        goes_on = len(comment) > 1 and bool(comment[1]) and not comment[0].endswith((".", ":"))
-        table.add_row(name, "" if target is None else f"{target:,}", comment[0] + (" ..." if goes_on else ""))
+        spec = load_spec(root / name)
+        table.add_row(name, f"{_parameters(spec):,}", _description(root / name))
     Console().print(table)
 
 
-def _comment(path: Path) -> list[str]:
-    """The comment lines a spec file starts with."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return list(takewhile(lambda line: line.startswith("#"), lines))
+def _description(path: Path) -> str:
+    """The first line of the comment a spec file starts with, up to a parenthesis."""
+    first = path.read_text(encoding="utf-8").partition("\n")[0]
+    return first.lstrip("#").split(" (")[0].strip().rstrip(".:,") if first.startswith("#") else ""
+
+
+def _parameters(spec: FlowSpec) -> int:
+    """The spec's parameter count: its `target_params` (the tests pin it to the built model's), else the count
+    of the model built without memory."""
+    if spec.target_params is not None:
+        return spec.target_params
+    import flowspec
+
+    model = flowspec.build(spec, device="meta")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _copy(root: Path, names: list[str], folder: Path) -> None:
