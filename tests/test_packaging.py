@@ -86,3 +86,11 @@ def test_the_sdist_holds_the_tests_their_helpers_and_the_bench():
 def test_the_licence_is_declared_and_shipped(line):
     assert line in PYPROJECT.splitlines()
     assert "Copyright (c) 2026 the flowspec developers" in (ROOT / "LICENSE").read_text()
+
+
+def test_the_lower_bounds_are_versions_that_work():
+    """Each was checked by installing it: torch 2.4 lacks `CheckpointPolicy`, pydantic below 2.6.3 reports
+    every member of the recursive step union for one mistake, typer below 0.29 runs nothing with a new click
+    (0.12.4-0.12.5), crashes in --help (0.13-0.15) or names arguments by Python types."""
+    for floor in ("torch>=2.5", "torchvision>=0.20", "pydantic>=2.6.3", "typer>=0.29"):
+        assert f'"{floor}",' in PYPROJECT
