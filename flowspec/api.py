@@ -136,9 +136,9 @@ def train(
             check_file_rules(spec)
         if log_every is not None and (type(log_every) is not int or log_every < 1):
             raise UserError(f"log_every must be a whole number of steps >= 1, got {log_every!r}")
-        from flowspec.inspection.budget import check_size, default_device
+        from flowspec.train.recompute import check_training
 
-        check_size(spec, "train", default_device(device), allow_large)
+        check_training(spec, device, allow_large, precision, recompute, compile)
         given = dict(eval or {})  # the --eval-* options, which the run records (`--set eval.*`: its spec)
         eval = {**eval_written_by(spec, sets), **given}
         _check_eval(spec, eval)

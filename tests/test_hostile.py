@@ -335,6 +335,7 @@ def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
             return self.text
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(budget, "status_bytes", lambda field: 0)  # nothing resident or mapped yet
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     unbounded = ram if soft == resource.RLIM_INFINITY else min(ram, soft)
@@ -348,6 +349,29 @@ def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
         assert budget.device_memory("cpu") == memory, text
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert budget.device_memory("cpu") == GiB // 2
+
+
+def test_what_the_process_already_holds_and_maps_is_not_free(monkeypatch):
+    """Under `ulimit -v` the address space torch already maps (VmSize, ~3.4 GiB) is not free, nor is the
+    RAM the process holds resident (VmRSS): a 4 GiB limit leaves 0.6 GiB, not 4."""
+    import resource
+
+    from flowspec.inspection import budget
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    mapped = {"VmRSS": GiB // 2, "VmSize": 34 * GiB // 10}
+    monkeypatch.setattr(budget, "status_bytes", mapped.get)
+    monkeypatch.setattr(budget, "Path", lambda path: Path("/nonexistent/memory.max"))
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert budget.device_memory("cpu") == ram - GiB // 2
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (4 * GiB, resource.RLIM_INFINITY))
+    assert budget.device_memory("cpu") == 4 * GiB - 34 * GiB // 10
+    from conftest import SPECS
+
+    spec = load_spec(SPECS / "flowpp_cifar.flow", overrides=("train.batch=30",))
+    with pytest.raises(Exception, match="too large for this machine"):
+        budget.check_size(spec, "train")
 
 
 def test_ablate_refuses_a_model_larger_than_the_machine_before_anything_trains(

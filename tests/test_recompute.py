@@ -12,7 +12,7 @@ import flowspec
 from flowspec.errors import UserError
 from flowspec.inspection import budget
 from flowspec.layers.networks import FlowppBlock
-from flowspec.train.recompute import resolve_recompute
+from flowspec.train.recompute import check_training, resolve_recompute
 from flowspec.train.trainer import RunOptions, Trainer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -80,6 +80,7 @@ def test_auto_keeps_activations_when_eager_with_room(monkeypatch):
 
 def test_the_processes_of_a_torchrun_job_on_one_machine_share_its_ram(monkeypatch):
     """--recompute auto and the size check both see a process's share of the RAM."""
+    monkeypatch.setattr(budget, "status_bytes", lambda field: 0)  # nothing resident yet
     alone = budget.device_memory(CPU)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert budget.device_memory(CPU) == alone // 4  # no address-space limit below that here
@@ -130,3 +131,26 @@ def test_auto_sizes_one_process_share_of_the_batch(monkeypatch):
     monkeypatch.setattr(budget, "device_memory", lambda device: int((alone + shared) / 2 / 0.8))
     assert resolve_recompute("auto", CUDA, False, spec)[0]
     assert not resolve_recompute("auto", CUDA, False, spec, world=4)[0]
+
+
+def test_the_training_check_uses_the_recompute_and_precision_the_run_will(tmp_path, monkeypatch):
+    """flowpp_cifar at batch 200 keeping every activation needs ~4x what it needs recomputing: a machine
+    with room for the second only refuses --recompute off (the check used to count --recompute on, fp32)."""
+    spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow", ["train.batch=200"])
+    size = budget.measure(spec)
+    on, off, off_bf16 = (
+        budget.training_bytes(size, spec, recompute=r, precision=p)
+        for r, p in ((True, "fp32"), (False, "fp32"), (False, "bf16"))
+    )
+    assert off > off_bf16 > 1.1 * on
+    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": int(1.1 * on))
+    for recompute in ("on", "auto"):
+        check_training(spec, "cpu", False, None, recompute, False)
+    with pytest.raises(UserError, match=r"training step's peak with --recompute off in fp32"):
+        check_training(spec, "cpu", False, None, "off", False)
+    with pytest.raises(UserError, match=r"peak with --recompute off in bf16"):
+        check_training(spec, "cpu", False, "bf16", "off", False)
+    check_training(spec, "cpu", True, "fp32", "off", False)  # --allow-large
+    with pytest.raises(UserError, match="--recompute off in fp32"):
+        flowspec.train(spec, out=tmp_path / "run", recompute="off")
+    assert not (tmp_path / "run").exists()

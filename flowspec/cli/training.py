@@ -318,9 +318,9 @@ def ablate(
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
-    from flowspec.inspection.budget import check_size, default_device
     from flowspec.train.ablate import planned_device, read_plan, resume_ablation, run_ablation
     from flowspec.train.distributed import agreed, join, teardown
+    from flowspec.train.recompute import check_training
     from flowspec.train.trainer import RunOptions
 
     how = RunOptions(data_dir=data, device=device_name(device), quiet=quiet, threads=threads)
@@ -329,8 +329,10 @@ def ablate(
             _check_resume_alone(ctx, specs, resume)
             with agreed(join(how.device or planned_device(resume))):  # one process may fail to read it
                 out, plan = resume, read_plan(resume)
-                for each in plan.specs:  # on the device the runs will use
-                    check_size(each, "train", default_device(how.device or plan.options.device), allow_large)
+                runs = plan.options
+                for each in plan.specs:  # on the device the runs will use, as they will train
+                    where = how.device or runs.device
+                    check_training(each, where, allow_large, runs.precision, runs.recompute, runs.compile)
             with stoppable("the ablation", _kept_by_ablation(out)) as signals:
                 done = resume_ablation(resume, how, signals.check, plan)
             title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.runs)
@@ -341,8 +343,9 @@ def ablate(
                 raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
             with agreed(join(how.device)):  # under torchrun, one process may lack its copy of a spec
                 resolved = [load_cli_spec(path, sets) for path in specs]
+                asked = precision.value if precision else None
                 for each in resolved:
-                    check_size(each, "train", default_device(how.device), allow_large)
+                    check_training(each, how.device, allow_large, asked, recompute.value, compile_networks)
             out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
             options = replace(
                 how,

@@ -17,11 +17,12 @@ from typing import Literal
 import torch
 
 from flowspec.errors import UserError, job_number
-from flowspec.inspection.memory import estimate_memory, fmt_bytes
+from flowspec.inspection.memory import estimate_memory, fmt_bytes, training_peak
 from flowspec.inspection.params import parameters_by_path
 from flowspec.inspection.report import make_report
 from flowspec.inspection.unroll import check_steps, stacks, unrolled_steps
 from flowspec.spec import FlowSpec
+from flowspec.train.memory import status_bytes
 
 ALLOW = "pass --allow-large to go ahead anyway"
 
@@ -35,9 +36,10 @@ class Size:
     steps: int
     parameters: int
     weights: int  # bytes of the trainable parameters
-    train: int  # bytes of a training step at the spec's batch (weights, gradients, Adam, EMA, activations)
+    train: int  # bytes at a training step's peak at the spec's batch, recomputing in float32
     train_note: str
-    per_image: int  # bytes per image a training step keeps
+    state: int  # bytes of the weights, gradients, Adam's moments and the EMA
+    per_image: int  # bytes per image a training step keeps for backward (float32, recomputing)
     largest_step: int  # bytes per image the largest step keeps (what inference holds at once, about)
     largest: str  # the step owning most parameters, with its settings and source
     recomputes: bool  # the model has layers that --recompute changes
@@ -71,6 +73,7 @@ def measure(spec: FlowSpec) -> Size:
         4 * parameters,
         estimate.total,
         estimate.note,
+        estimate.state,
         per_image,
         estimate.largest_step,
         largest,
@@ -83,9 +86,13 @@ def images_per_process(spec: FlowSpec, world: int = 1) -> int:
     return max(1, spec.train.micro_batch // world)
 
 
-def training_bytes(size: Size, spec: FlowSpec, world: int = 1) -> int:
-    """The estimated training step (`size.train`, for one process) of one of `world` processes."""
-    return size.train - size.per_image * (spec.train.micro_batch - images_per_process(spec, world))
+def training_bytes(
+    size: Size, spec: FlowSpec, world: int = 1, recompute: bool = True, precision: str = "fp32"
+) -> int:
+    """The estimated peak of a training step of one of `world` processes, recomputing or not, in
+    `precision` (`memory.training_peak`)."""
+    kept = size.per_image * images_per_process(spec, world)
+    return training_peak(size.state, size.weights, kept, size.recomputes, recompute, precision)
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -115,9 +122,10 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def device_memory(device: str | torch.device = "cpu") -> int:
-    """Bytes a process may use on `device`: the GPU's memory, or its share of the RAM (the processes of a
-    torchrun job on one machine share it: LOCAL_WORLD_SIZE), bounded by its address-space limit and its
-    cgroup's memory limit."""
+    """Bytes a process may still allocate on `device`: the GPU's memory, or its share of the RAM (the
+    processes of a torchrun job on one machine share it: LOCAL_WORLD_SIZE; bounded by its cgroup's memory
+    limit) less what the process already holds resident, and at most its address-space limit less the
+    address space it already maps (torch alone maps a few GiB it never touches)."""
     device = torch.device(device)
     if device.type == "cuda":
         check_cuda(device)
@@ -129,11 +137,11 @@ def device_memory(device: str | torch.device = "cpu") -> int:
             shared.append(int(cgroup))
     except OSError:
         pass
-    limits = [min(shared) // processes_on_this_machine()]
+    limits = [min(shared) // processes_on_this_machine() - (status_bytes("VmRSS") or 0)]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append(soft)
-    return min(limits)
+        limits.append(soft - (status_bytes("VmSize") or 0))
+    return max(0, min(limits))
 
 
 def processes_on_this_machine() -> int:
@@ -147,12 +155,15 @@ def check_size(
     device: str | torch.device = "cpu",
     allow_large: bool = False,
     images: int = 0,
+    recompute: bool = True,
+    precision: str = "fp32",
 ) -> Size:
     """Refuse (a `UserError`) a spec whose `use` needs more memory than `device` has, before allocating.
 
     `build`: the weights (inspect, diff); `infer`: the weights and what the largest step holds for
     `images` images at once (eval, sample); `train`: the estimated training step at the spec's batch, and
-    `images` more images through a training-mode pass (inspect --probe). `allow_large` skips the memory
+    `images` more images through a training-mode pass (inspect --probe), recomputing or not (`recompute`)
+    in `precision` (fp32, bf16), as the run will. `allow_large` skips the memory
     check (the limit on unrolled steps remains: building that many cannot end).
     """
     size = measure(spec)
@@ -163,7 +174,7 @@ def check_size(
     need = {
         "build": size.weights + images * size.per_image,
         "infer": size.weights + images * size.largest_step,
-        "train": training_bytes(size, spec, job_number("WORLD_SIZE", 1)),  # torchrun's count
+        "train": training_bytes(size, spec, job_number("WORLD_SIZE", 1), recompute, precision),  # torchrun's
     }[use]
     have = device_memory(device)
     if allow_large or need <= have:
@@ -172,7 +183,8 @@ def check_size(
     what = {
         "build": f"{fmt_bytes(need)} for its weights{batch}",
         "infer": f"{fmt_bytes(need)} for its weights{batch}",
-        "train": f"an estimated {fmt_bytes(need)} to train ({size.train_note}, per process)",
+        "train": f"an estimated {fmt_bytes(need)} at a training step's peak with --recompute "
+        f"{'on' if recompute else 'off'} in {precision} ({size.train_note}; per process)",
     }[use]
     if images and use != "train" and size.weights <= have:  # only the images at once need to change
         advice = "Take fewer images at once (--batch)"

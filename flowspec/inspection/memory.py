@@ -42,11 +42,12 @@ def fmt_bytes(n: int) -> str:
     return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} B"
 
 
-def parameter_state(model: nn.Module, spec: FlowSpec) -> tuple[int, str]:
-    """Bytes of weights, gradients, Adam's two moments and (with `ema`) the averaged weights."""
+def parameter_state(model: nn.Module, spec: FlowSpec) -> tuple[int, int, str]:
+    """Bytes of weights, gradients, Adam's two moments and (with `ema`) the averaged weights; the bytes
+    of the weights; what the first counts."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     ema = spec.train.ema is not None
-    return (4 + ema) * weights, "weights, gradients, Adam" + (", EMA" if ema else "")
+    return (4 + ema) * weights, weights, "weights, gradients, Adam" + (", EMA" if ema else "")
 
 
 def _mask_bytes(dropout: Dropout, elements: int) -> int:
@@ -105,25 +106,41 @@ def kept_per_position(module: nn.Module, itemsize: int) -> int:
     return kept + sum(kept_per_position(child, itemsize) for child in module.children())
 
 
-#: what a training step keeps with --recompute off, over this estimate of what it keeps with it on, for
-#: models with Flow++ blocks (no other layer recomputes: for them the two are alike), measured on
-#: flowpp_cifar without dropout: 4.07 in float32 and 2.25 in bfloat16 (the estimate counts float32); with
-#: dropout's masks kept either way, 3.8
-KEPT_WITHOUT_RECOMPUTE = {"fp32": 4.1, "bf16": 2.3}
+#: a training step's peak per image over the estimated kept activations (float32, recomputing) for models
+#: with Flow++ blocks, by (recompute, precision): the backward pass's own buffers (gradients, a recomputed
+#: block's activations) come on top of what the forward kept. Peak resident per image, measured on
+#: flowpp_cifar at batches 2-16: 1.77-1.9, 4.2-4.55, 0.75-0.9 and 1.6-2.2 (bench/RESULTS.md)
+PEAK_PER_KEPT = {(True, "fp32"): 2.15, (False, "fp32"): 4.7, (True, "bf16"): 0.9, (False, "bf16"): 2.4}
+#: the same for other models (no layer recomputes): realnvp_cifar 1.09-1.17, seed_realnvp_cifar 1.43-1.54
+PEAK_PER_KEPT_PLAIN = 1.45
+RUNTIME = 192 * 2**20  # what the first training step adds besides tensors (kernels' workspaces, threads)
+STEP_TEMPORARIES = 1.3  # copies of the weights the optimizer step allocates (EMA update, clipping, Adam)
 
 
-def recompute_factor(recomputes: bool, precision: str = "fp32") -> float:
-    """What keeping every activation multiplies the estimated activations by (`recomputes`: the model
-    has layers that recompute)."""
-    return KEPT_WITHOUT_RECOMPUTE[precision] if recomputes else 1.0
+def peak_factor(recomputes: bool, recompute: bool = True, precision: str = "fp32") -> float:
+    """A training step's peak per image over its estimated kept activations (`recomputes`: the model has
+    layers that --recompute changes)."""
+    return PEAK_PER_KEPT[recompute, precision] if recomputes else PEAK_PER_KEPT_PLAIN
+
+
+def training_peak(
+    state: int, weights: int, kept: int, recomputes: bool, recompute: bool = True, precision: str = "fp32"
+) -> int:
+    """Bytes at a training step's peak: the parameter `state`, the runtime, in bf16 the copies of the
+    `weights` and of their gradients that autocast makes (one more copy of the weights in all), and the
+    larger of the backward pass's peak (`kept` activations times `peak_factor`) and the optimizer step's
+    temporaries (measured: 1.25 copies of the weights, on imagenet32 at batch 1)."""
+    copies = weights if precision == "bf16" else 0
+    backward = round(peak_factor(recomputes, recompute, precision) * kept)
+    return state + RUNTIME + copies + max(backward, round(STEP_TEMPORARIES * weights))
 
 
 def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryEstimate:
-    """Analytic estimate of a training step's memory at the spec's batch size (its micro-batch, with
-    `accumulate`): the parameter state plus the activations autograd keeps for backward (each step
-    kind's memory rule at its feature-map size; `kept_per_position` for the parts that are not steps).
-    The backward pass's own buffers (recomputed blocks, gradients) add a few percent at the peak."""
-    state, parts = parameter_state(model, spec)
+    """Analytic estimate of a training step's peak memory at the spec's batch size (its micro-batch, with
+    `accumulate`), recomputing in float32: `training_peak` of the parameter state and the activations
+    autograd keeps for backward (each step kind's memory rule at its feature-map size; `kept_per_position`
+    for the parts that are not steps)."""
+    state, weights, parts = parameter_state(model, spec)
     itemsize = next(model.parameters(), torch.empty(0)).element_size()
     per_image = largest = 0
     for _, kind, module, shape, halves in leaf_modules(model, report):
@@ -134,17 +151,28 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
         per_image, largest = per_image + step, max(largest, step)
     activations = per_image * spec.train.micro_batch
     recomputes = any(isinstance(m, FlowppBlock) for m in model.modules())
+    return _estimate(state, weights, parts, activations, recomputes, "counted per layer", largest)
+
+
+def _estimate(
+    state: int, weights: int, parts: str, kept: int, recomputes: bool, how: str, largest: int = 0
+) -> MemoryEstimate:
+    """The estimate of a training step's peak from its parameter state and `kept` activations, with its
+    note (`how`: how the kept activations were found)."""
+    total = training_peak(state, weights, kept, recomputes)
+    factor = peak_factor(recomputes)
     note = (
-        f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
-        "(tensors kept for backward with --recompute on, counted per layer; --probe measures them)"
+        f"peak of a training step with --recompute on: {fmt_bytes(state)} {parts} + {fmt_bytes(kept)} "
+        f"activations kept for backward ({how}) x{factor:g} at the backward pass's peak + "
+        f"{fmt_bytes(RUNTIME)} runtime"
     )
     if recomputes:
-        fp32, bf16 = (int(state + recompute_factor(True, p) * activations) for p in ("fp32", "bf16"))
+        fp32, bf16 = (training_peak(state, weights, kept, True, False, p) for p in ("fp32", "bf16"))
         note += (
             f"; ~{fmt_bytes(fp32)} with --recompute off (~{fmt_bytes(bf16)} in bf16), which auto picks where "
             "that fits"
         )
-    return MemoryEstimate(state + activations, state, activations, note, largest, recomputes)
+    return MemoryEstimate(total, state, kept, note, largest, recomputes)
 
 
 def _held_bytes(model: nn.Module, images: torch.Tensor) -> int:
@@ -162,7 +190,7 @@ def measure_memory(model: nn.Module, spec: FlowSpec, images: torch.Tensor) -> Me
     batches (half of `images` and all of it; `images` twice for one image), so that tensors whose size
     does not grow with the batch (clamped weights, decompositions) cancel; scaled to the spec's batch (its
     micro-batch, with `accumulate`)."""
-    state, parts = parameter_state(model, spec)
+    state, weights, parts = parameter_state(model, spec)
     small = images[: max(1, len(images) // 2)]
     large = images if len(images) > 1 else torch.cat([images, images])
     was_training = model.training
@@ -172,12 +200,10 @@ def measure_memory(model: nn.Module, spec: FlowSpec, images: torch.Tensor) -> Me
             per_image = (_held_bytes(model, large) - _held_bytes(model, small)) / (len(large) - len(small))
     finally:
         model.train(was_training)
-    activations = round(per_image * spec.train.micro_batch)
-    note = (
-        f"{fmt_bytes(state)} {parts} + {fmt_bytes(activations)} activations "
-        f"(tensors kept for backward, measured per image at batch {len(large)} and scaled)"
-    )
-    return MemoryEstimate(state + activations, state, activations, note)
+    kept = round(per_image * spec.train.micro_batch)
+    recomputes = any(isinstance(m, FlowppBlock) for m in model.modules())
+    how = f"measured per image at batch {len(large)} and scaled"
+    return _estimate(state, weights, parts, kept, recomputes, how)
 
 
 @contextmanager

@@ -25,14 +25,14 @@ class PeakMemory:
             return
         try:
             _CLEAR.write_text("5")  # resets the peak resident size (VmHWM) to the current one
-            self.start = _status("VmRSS")
+            self.start = status_bytes("VmRSS")
         except OSError:
             pass
 
     def read(self) -> tuple[int, str]:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device), "CUDA allocated"
-        peak = _status("VmHWM") if self.start is not None else None
+        peak = status_bytes("VmHWM") if self.start is not None else None
         if peak is not None:
             return peak, "resident"
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -44,7 +44,7 @@ class PeakMemory:
         return f"peak memory {peak / 1e9:.2f} GB ({kind}{start})"
 
 
-def _status(field: str) -> int | None:
+def status_bytes(field: str) -> int | None:
     """A size from /proc/self/status, in bytes (None where there is none)."""
     match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text()) if _STATUS.exists() else None
     return int(match[1]) * 1024 if match else None

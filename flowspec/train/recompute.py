@@ -32,15 +32,35 @@ def resolve_recompute(
         return option == "on", ""
     if compiled:
         return True, "auto: compiled, the recomputation is traced once"
-    from flowspec.inspection.budget import device_memory, images_per_process, measure, training_bytes
-    from flowspec.inspection.memory import fmt_bytes, recompute_factor
+    from flowspec.inspection.budget import device_memory, measure, training_bytes
+    from flowspec.inspection.memory import fmt_bytes
 
-    size = measure(spec)
-    images = images_per_process(spec, world)
-    factor = recompute_factor(size.recomputes, precision)
-    keeping = training_bytes(size, spec, world) + (factor - 1) * size.per_image * images
+    keeping = training_bytes(measure(spec), spec, world, recompute=False, precision=precision)
     available = device_memory(device)  # on a CPU: this process's share of the RAM
     estimate = f"~{fmt_bytes(int(keeping))} of {fmt_bytes(available)}"
     if keeping <= (GPU_SHARE if device.type == "cuda" else RAM_SHARE) * available:
         return False, f"auto: keeping every activation fits ({estimate})"
     return True, f"auto: keeping every activation would need {estimate}"
+
+
+def check_training(
+    spec: FlowSpec,
+    device: str | torch.device | None,
+    allow_large: bool,
+    precision: str | None,
+    recompute: str,
+    compile: bool,
+) -> None:
+    """`check_size` of a run of `spec` with the precision and recompute setting it will train with
+    (`precision` None: fp32, the larger estimate, since a resumed run's own is read later from its
+    checkpoint)."""
+    from flowspec.errors import job_number
+    from flowspec.inspection.budget import check_size, default_device
+    from flowspec.model import compile_scope
+    from flowspec.train.precision import resolve_precision
+
+    where = default_device(device)
+    computes = resolve_precision(precision or "fp32", where)[0]
+    compiled = compile and compile_scope(where) == "networks"
+    recomputes = resolve_recompute(recompute, where, compiled, spec, job_number("WORLD_SIZE", 1), computes)[0]
+    check_size(spec, "train", where, allow_large, recompute=recomputes, precision=computes)
