@@ -429,7 +429,7 @@ def test_the_official_imagenet32_model_passes_the_limits():
         "train { batch 32 }\n"
     )
     size = check_size(spec, "build")
-    assert size.parameters > 168_000_000 and size.train < 16 * GiB
+    assert size.parameters > 168_000_000 and size.train < 20 * GiB  # a training step's peak at batch 32
 
 
 # ---------------------------------------------------------------- well-formed but wrong checkpoints
