@@ -12,6 +12,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_args
 
@@ -111,6 +112,18 @@ def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ())
 # ---------------------------------------------------------------- files and extends
 
 
+def _shipped_hint(name: str) -> str:
+    """For a missing spec named like one flowspec ships (`specs/quickstart.flow` in a folder that has no
+    copy of them), how to get the shipped ones."""
+    shipped = resources.files("flowspec") / "specs"
+    parts = Path(name).parts
+    tails = ("/".join(parts[start:]) for start in range(len(parts)))
+    tail = next((tail for tail in tails if tail and (shipped / tail).is_file()), None)
+    if tail is None:
+        return ""
+    return f" (flowspec ships {tail}: `flowspec specs specs` copies the shipped specs into ./specs)"
+
+
 def read_spec_file(path: str | os.PathLike[str]) -> str:
     """The text of a spec file: a regular file of at most `MAX_SPEC_BYTES`, UTF-8.
 
@@ -122,7 +135,7 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
     except FileNotFoundError:
-        raise SpecFileError("not found") from None
+        raise SpecFileError(f"not found{_shipped_hint(name)}") from None
     except OSError as error:
         raise SpecFileError(f"cannot be read ({error.strerror})") from None
     mode = os.fstat(fd).st_mode

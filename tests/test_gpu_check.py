@@ -118,6 +118,8 @@ def test_gpu_check_runs_the_flowspec_of_its_own_checkout(tmp_path):
     """On a GPU machine the project is often not installed (its checkout is copied there): the script
     puts its checkout on the import path. Here a copy of the checkout runs its own flowspec, not the
     installed one."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout (an unpacked sdist has none)")
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
     copy = tmp_path / "checkout"
     for name in files.stdout.splitlines():

@@ -20,7 +20,8 @@ NAMES = [p.relative_to(SPECS).as_posix() for p in ALL_SPECS]
 
 def test_the_specs_are_package_data_and_the_root_specs_is_a_link_to_them():
     assert len(ALL_SPECS) == 14 and "ablations/no_attention.flow" in NAMES
-    assert (ROOT / "specs").is_symlink() and os.readlink(ROOT / "specs") == "flowspec/specs"
+    if (ROOT / ".git").exists():  # a clone; an unpacked sdist holds a copy
+        assert (ROOT / "specs").is_symlink() and os.readlink(ROOT / "specs") == "flowspec/specs"
     [patterns] = re.findall(
         r"^flowspec = (\[.*\])$", PYPROJECT.split("[tool.setuptools.package-data]")[1], re.M
     )
@@ -65,6 +66,46 @@ def test_specs_replaces_no_file(tmp_path, capsys):
     assert f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
 
 
+def test_specs_writes_all_or_nothing(tmp_path, capsys, monkeypatch):
+    """A copy that fails part way (a full disk, an unwritable ablations/) removes what it wrote, so the
+    same command runs again; a file where a folder must go, or an empty DIR, is refused before writing."""
+    import shutil
+
+    copy, calls = shutil.copyfile, []
+
+    def failing(source, target):
+        calls.append(target)
+        if len(calls) == 12:
+            raise OSError(28, "No space left on device", str(target))
+        return copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", failing)
+    assert run(["specs", str(tmp_path / "new")]) == 2
+    assert "no space left" in capsys.readouterr().err.lower()
+    assert len(calls) == 12 and not (tmp_path / "new").exists()
+    monkeypatch.setattr(shutil, "copyfile", copy)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "ablations").write_text("")
+    assert run(["specs", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'new' / 'ablations'} is not a folder")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["ablations"]
+    monkeypatch.chdir(tmp_path / "new")
+    assert run(["specs", ""]) == 2  # Path("") would be this folder
+    assert capsys.readouterr().err.startswith("error: DIR is empty")
+
+
+def test_a_missing_spec_named_like_a_shipped_one_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        flowspec.UserError,
+        match=r"specs/ablations/no_attention.flow not found \(flowspec ships "
+        r"ablations/no_attention.flow: `flowspec specs specs` copies",
+    ):
+        flowspec.load_spec("specs/ablations/no_attention.flow")
+    with pytest.raises(flowspec.UserError, match=r"mine.flow not found$"):
+        flowspec.load_spec("specs/mine.flow")
+
+
 def test_specs_is_refused_under_a_torchrun_job_of_several_processes(tmp_path, capsys, monkeypatch):
     """Each process would copy: all but the first would find the files there and fail."""
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -91,6 +132,6 @@ def test_the_licence_is_declared_and_shipped(line):
 def test_the_lower_bounds_are_versions_that_work():
     """Each was checked by installing it: torch 2.4 lacks `CheckpointPolicy`, pydantic below 2.6.3 reports
     every member of the recursive step union for one mistake, typer below 0.29 runs nothing with a new click
-    (0.12.4-0.12.5), crashes in --help (0.13-0.15) or names arguments by Python types."""
-    for floor in ("torch>=2.5", "torchvision>=0.20", "pydantic>=2.6.3", "typer>=0.29"):
+    (0.12.4-0.12.5), crashes in --help (0.13-0.15) or names arguments by Python types, and needs rich 13.8."""
+    for floor in ("torch>=2.5", "torchvision>=0.20", "pydantic>=2.6.3", "typer>=0.29", "rich>=13.8"):
         assert f'"{floor}",' in PYPROJECT

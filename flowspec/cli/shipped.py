@@ -3,6 +3,7 @@ they can be trained, changed and extended."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import shutil
 from importlib import resources
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 @app.command("specs", epilog=epilog("specs"))
 def specs(
     folder: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(
             metavar="DIR",
             help="Copy the specs into this folder (made if missing; ablations/ with them, so that their "
@@ -36,8 +37,10 @@ def specs(
         names = sorted((p.relative_to(root).as_posix() for p in root.rglob("*.flow")), key=_order)
         if folder is None:
             _list(root, names)
+        elif not folder.strip():
+            raise UserError("DIR is empty: give the folder to copy the specs into (`.` for this one)")
         else:
-            _copy(root, names, folder)
+            _copy(root, names, Path(folder))
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -80,17 +83,30 @@ def _parameters(spec: FlowSpec) -> int:
 
 
 def _copy(root: Path, names: list[str], folder: Path) -> None:
-    """Copy the specs into `folder`, keeping their layout, after checking that no file would be replaced."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} is not a folder: give a folder to copy the specs into")
+    """Copy the specs into `folder`, keeping their layout, after checking that no file would be replaced;
+    on a failure part way, what it wrote is removed again (so that the same command can be run again)."""
+    folders = sorted({(folder / name).parent for name in names})
+    blocked = [str(f) for f in (folder, *folders) if (f.exists() or f.is_symlink()) and not f.is_dir()]
+    if blocked:
+        raise UserError(f"{blocked[0]} is not a folder: give a folder to copy the specs into")
     taken = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
     if taken:
         raise UserError(
             f"{folder} already holds {', '.join(taken)}: flowspec specs replaces no file; move them away "
             "or give another folder"
         )
-    for name in names:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / name, folder / name)
-        typer.echo(f"wrote {folder / name}")
+    made = [f for f in (*reversed(folders), folder) if not f.exists()]  # innermost first
+    written: list[Path] = []
+    try:
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / name, folder / name)
+            written.append(folder / name)
+    except BaseException:
+        for path in [*written, *made]:
+            with contextlib.suppress(OSError):
+                path.unlink() if path in written else path.rmdir()
+        raise
+    for path in written:
+        typer.echo(f"wrote {path}")
     typer.echo(f"next: flowspec train {shlex.quote(str(folder / 'quickstart.flow'))}")
