@@ -738,6 +738,28 @@ def test_settings_made_unused_by_another_file_or_a_set_are_allowed(tmp_path):
     assert spec.dequantize.steps[0].body[0].dropout == 0.3
 
 
+@pytest.mark.parametrize(
+    ("base", "change"),
+    [
+        ("imagenet64", "coupling affine"),
+        ("imagenet64", "coupling additive"),
+        ("imagenet32", "coupling(network=resnet)"),
+    ],
+)
+def test_show_of_an_ablation_that_makes_its_bases_defaults_unused_parses_back(tmp_path, base, change):
+    """The base's `components=4` (or `final_elu=on`, `weight_norm=on`) would be printed beside the kind (or
+    network) that makes it unused, in a file that refuses it: `defaults` holds it at its built-in value, the
+    steps that use it (the dequantizer's gated couplings) write it themselves."""
+    path = tmp_path / "ablation.flow"
+    path.write_text(f'extends "{SPECS / base}.flow"\nmodel ablation\ndefaults {{ {change} }}\n')
+    spec = load_spec(path)
+    shown = format_spec(spec)
+    again = parse_spec(shown, source=str(tmp_path / "shown.flow"))
+    assert again.model_dump() == spec.model_dump() and format_spec(again) == shown
+    kept = [(c.components, c.final_elu) for c in all_couplings(spec)]  # what the steps inherited stays
+    assert kept == [(c.components, c.final_elu) for c in all_couplings(load_spec(SPECS / f"{base}.flow"))]
+
+
 def test_show_quotes_class_names_that_are_not_plain_words(tmp_path):
     data = 'data folder { path "/d"  shape 1x8x8  classes ("on", "café", x)  test_split 1 }'
     text = f"model m\n{data}\nflow {{ squeeze }}\n"
