@@ -95,6 +95,21 @@ def test_cli_diff_with_set_and_equal_specs(capsys, monkeypatch):
     assert "the specs are equal" in capsys.readouterr().out
 
 
+def test_an_interval_set_by_its_count_or_unit_is_credited_to_the_set():
+    """`--set train.length.count=16` writes the interval as `--set train.length=16 steps` does."""
+    quick = SPECS / "quickstart.flow"
+    sets = ["train.length.count=16", "train.eval.unit=epochs", "train.save=5 steps", "train.save.count=6"]
+    b = flowspec.load_spec(quick, sets)
+    diffs = spec_differences(
+        flowspec.load_spec(quick), b, setting_sources(quick), setting_sources(quick, sets)
+    )
+    where = {d.path: (d.source_a, d.source_b) for d in diffs}
+    line = next(i for i, text in enumerate(open(quick), 1) if "length" in text)
+    assert where["train.length"] == (f"quickstart.flow:{line}", "--set:1")
+    assert where["train.eval"] == (f"quickstart.flow:{line + 1}", "--set:2")
+    assert where["train.save"] == ("default", "--set:4")
+
+
 def test_cli_diff_bad_spec_exit_2(capsys):
     assert run(["diff", str(FLOWPP), str(SPECS / "missing.flow")]) == 2
     err = capsys.readouterr().err

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from flowspec.formatter import setting_text
 from flowspec.inspection.report import Report
 from flowspec.nodes import StepNode
+from flowspec.resolve import OVERRIDE_FILE
 from flowspec.spec import FlowSpec, Interval, SourceLoc
 from flowspec.steps import KINDS, kind_of
 
@@ -86,6 +87,13 @@ def _loc(node: Any, inherited: str | None) -> str | None:
     return loc.short if isinstance(loc, SourceLoc) else inherited
 
 
+def _latest(sources: dict[str, SourceLoc], paths: list[str]) -> SourceLoc | None:
+    """Where the last of `paths` was written: a `--set` after the files, a later `--set` after an earlier
+    one (an interval's `count` or `unit` may be set apart from it: `--set train.length.count=16`)."""
+    found = [sources[path] for path in paths if path in sources]
+    return max(found, key=lambda loc: loc.line if loc.file == OVERRIDE_FILE else 0, default=None)
+
+
 def spec_differences(
     a: FlowSpec,
     b: FlowSpec,
@@ -96,10 +104,13 @@ def spec_differences(
     writes it (`setting_words`). With `sources_*` (`loader.setting_sources`), a setting's location is
     where that side wrote it, or `default`; without, the location of the step that holds it."""
 
-    def source(sources: dict[str, SourceLoc] | None, path: str, step: str | None) -> str | None:
+    def source(
+        sources: dict[str, SourceLoc] | None, path: str, step: str | None, interval: bool
+    ) -> str | None:
         if sources is None:
             return step
-        return sources[path].short if path in sources else "default"
+        loc = _latest(sources, [path, f"{path}.count", f"{path}.unit"] if interval else [path])
+        return "default" if loc is None else loc.short
 
     out: list[Difference] = []
 
@@ -128,7 +139,11 @@ def spec_differences(
                 else:
                     compare(xi, yi, f"{path}.{i}", src_a, src_b)
         elif x != y:
-            where_a, where_b = source(sources_a, path, src_a), source(sources_b, path, src_b)
+            interval = isinstance(x, Interval) or isinstance(y, Interval)
+            where_a, where_b = (
+                source(sources_a, path, src_a, interval),
+                source(sources_b, path, src_b, interval),
+            )
             if any(isinstance(v, BaseModel) and not isinstance(v, Interval) for v in (x, y)):
                 out.append(Difference(path, describe(x), describe(y), where_a, where_b))  # a whole node
             else:
