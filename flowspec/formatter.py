@@ -12,7 +12,7 @@ from typing import Any
 
 from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS
 from flowspec.nodes import Node
-from flowspec.spec import ContextSpec, CouplingSettings, EvalSpec, FlowSpec, Interval
+from flowspec.spec import ContextSpec, CouplingSettings, EvalSpec, FlowSpec, Interval, TrainSpec
 from flowspec.steps import KINDS, StepKind, kind_of
 
 WIDTH = 100
@@ -83,6 +83,7 @@ _WORDS: dict[str, Callable[[Any], str]] = {
     "data.classes": _items,
     "data.convert": lambda kinds: _items(kinds) if kinds else "none",
     **{f"data.{key}": lambda text: f'"{text}"' for key in ("name", "path", "test_path")},
+    "train.schedule": str,  # a word, or the schedule with its arguments (`schedule_text`)
     "train.warmup": lambda steps: f"{steps} step" if steps == 1 else f"{steps} steps",
     "train.hflip": lambda hflip: "hflip" if hflip else "none",
 }
@@ -166,6 +167,16 @@ def _steps(steps: list[Any], spec: FlowSpec, depth: int) -> list[str]:
     return lines
 
 
+def schedule_text(train: TrainSpec) -> str:
+    """The schedule with its own arguments (it takes no other): `cosine`, `step(every=1000, gamma=0.5)`."""
+    args = [
+        f"{arg}={_value(getattr(train, field))}"
+        for arg, field in SCHEDULE_ARGS.items()
+        if arg in SCHEDULE_KIND_ARGS.get(train.schedule, ())
+    ]
+    return train.schedule + (f"({', '.join(args)})" if args else "")
+
+
 def _train(spec: FlowSpec) -> list[str]:
     t = spec.train
     optimizer = f"lr={_value(t.lr)}, betas={_value(t.betas)}, eps={_value(t.eps)}"
@@ -173,12 +184,7 @@ def _train(spec: FlowSpec) -> list[str]:
         optimizer += ", tf_eps=on"
     if t.weight_decay:
         optimizer += f", weight_decay={_value(t.weight_decay)}"
-    args = [  # the schedule's own arguments (a schedule takes no other)
-        f"{arg}={_value(getattr(t, field))}"
-        for arg, field in SCHEDULE_ARGS.items()
-        if arg in SCHEDULE_KIND_ARGS.get(t.schedule, ())
-    ]
-    schedule = t.schedule + (f"({', '.join(args)})" if args else "")
+    schedule = schedule_text(t)
     if t.rewarm_at is not None:
         rewarm = f"at={t.rewarm_at}, steps={t.rewarm_steps}, lr={_value(t.rewarm_lr)}"
         schedule += f", then warmup({rewarm})"

@@ -110,6 +110,26 @@ def test_an_interval_set_by_its_count_or_unit_is_credited_to_the_set():
     assert where["train.save"] == ("default", "--set:4")
 
 
+def test_settings_that_change_nothing_on_either_side_are_left_out(capsys, monkeypatch):
+    """Schedule arguments no schedule of the two runs (a schedule that differs is worded with its own), and
+    coupling settings unused on both sides, are left out as `show` leaves them out."""
+    imagenet = SPECS / "imagenet64.flow"
+    diffs = spec_differences(
+        flowspec.load_spec(imagenet), flowspec.load_spec(imagenet, ["train.schedule=cosine"])
+    )
+    assert [(d.path, d.a, d.b) for d in diffs] == [
+        ("train.schedule", "exponential(hold=40000, decay=0.99995, floor=0.0003)", "cosine")
+    ]
+    sets = ["train.schedule=exponential(hold=5)"]
+    diffs = spec_differences(flowspec.load_spec(imagenet), flowspec.load_spec(imagenet, sets))
+    assert [(d.path, d.a, d.b) for d in diffs] == [("train.exp_hold", "40000", "5")]
+    affine = SPECS / "ablations" / "affine_coupling.flow"
+    sets = ["defaults.coupling.components=8"]
+    assert spec_differences(flowspec.load_spec(affine), flowspec.load_spec(affine, sets)) == []
+    assert run(["diff", str(affine), "--set", sets[0]]) == 0
+    assert "the specs differ only in settings they do not use" in capsys.readouterr().out
+
+
 def test_cli_diff_bad_spec_exit_2(capsys):
     assert run(["diff", str(FLOWPP), str(SPECS / "missing.flow")]) == 2
     err = capsys.readouterr().err

@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from flowspec.formatter import setting_text
+from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS
+from flowspec.formatter import schedule_text, setting_text
 from flowspec.inspection.report import Report
 from flowspec.nodes import StepNode
 from flowspec.resolve import OVERRIDE_FILE
-from flowspec.spec import FlowSpec, Interval, SourceLoc
+from flowspec.spec import CouplingSettings, FlowSpec, Interval, SourceLoc, TrainSpec
 from flowspec.steps import KINDS, kind_of
+from flowspec.steps.coupling import unused_settings
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -87,6 +89,21 @@ def _loc(node: Any, inherited: str | None) -> str | None:
     return loc.short if isinstance(loc, SourceLoc) else inherited
 
 
+def _idle(x: BaseModel, y: BaseModel, path: str) -> set[str]:
+    """The settings of two nodes of one type left out of their differences, as `show` leaves them out: the
+    coupling settings unused on both sides (but a dequantizer coupling's dropout, its context network's
+    too), the schedule arguments unless both sides run one schedule that takes them (a schedule that
+    differs is worded with its arguments: `schedule_text`)."""
+    if isinstance(x, CouplingSettings) and isinstance(y, CouplingSettings):
+        unused = set(unused_settings(x.coupling, x.network, x.attention))
+        unused &= set(unused_settings(y.coupling, y.network, y.attention))
+        return unused - {"dropout"} if path.startswith("dequantize") else unused
+    if isinstance(x, TrainSpec) and isinstance(y, TrainSpec):
+        taken = SCHEDULE_KIND_ARGS.get(x.schedule, ()) if x.schedule == y.schedule else ()
+        return {field for arg, field in SCHEDULE_ARGS.items() if arg not in taken}
+    return set()
+
+
 def _latest(sources: dict[str, SourceLoc], paths: list[str]) -> SourceLoc | None:
     """Where the last of `paths` was written: a `--set` after the files, a later `--set` after an earlier
     one (an interval's `count` or `unit` may be set apart from it: `--set train.length.count=16`)."""
@@ -117,11 +134,12 @@ def spec_differences(
     def compare(x: Any, y: Any, path: str, src_a: str | None, src_b: str | None) -> None:
         src_a, src_b = _loc(x, src_a), _loc(y, src_b)
         if isinstance(x, BaseModel) and type(x) is type(y) and not isinstance(x, Interval):
-            for name in type(x).model_fields:
-                if name != "source":
-                    compare(
-                        getattr(x, name), getattr(y, name), f"{path}.{name}" if path else name, src_a, src_b
-                    )
+            idle = _idle(x, y, path)
+            for name in (n for n in type(x).model_fields if n != "source" and n not in idle):
+                x_value, y_value = getattr(x, name), getattr(y, name)
+                if isinstance(x, TrainSpec) and name == "schedule" and x_value != y_value:
+                    x_value, y_value = schedule_text(x), schedule_text(y)  # with the arguments it takes
+                compare(x_value, y_value, f"{path}.{name}" if path else name, src_a, src_b)
         elif isinstance(x, list) and isinstance(y, list):
             for i in range(max(len(x), len(y))):
                 xi = x[i] if i < len(x) else None
@@ -241,7 +259,6 @@ def render_diff(
             style="bold" if s.stage == "total" else None,
         )
     head = Text.assemble(("A ", "bold"), name_a, ("   B ", "bold"), name_b)
-    count = {0: "the specs are equal", 1: "1 setting differs"}.get(
-        len(diffs), f"{len(diffs)} settings differ"
-    )
+    equal = "the specs are equal" if a == b else "the specs differ only in settings they do not use"
+    count = {0: equal, 1: "1 setting differs"}.get(len(diffs), f"{len(diffs)} settings differ")
     return Group(head, Text(count), *([SettingsView(diffs)] if diffs else []), Text(""), params)
