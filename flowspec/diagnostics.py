@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from flowspec.errors import UserError
 from flowspec.spec import SourceLoc
 
 SHOWN_WIDTH = 100  # characters of a long source line shown under a message
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab: none is in a line shown
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,10 @@ class Diagnostic:
             return self.message
         head = f"{self.loc}: {self.message}"
         text = texts.get(self.loc.file)
-        lines = text.splitlines() if text is not None else []
+        lines = text.split("\n") if text is not None else []  # as the parser counts them
         if not 1 <= self.loc.line <= len(lines):
             return head
-        line = lines[self.loc.line - 1].rstrip().replace("\t", " ")
+        line = CONTROL.sub("?", lines[self.loc.line - 1].rstrip().replace("\t", " "))
         col = self.loc.col
         if len(line) > SHOWN_WIDTH:  # a window of the line around the column
             start = max(0, min(col - 1 - SHOWN_WIDTH // 2, len(line) - SHOWN_WIDTH))

@@ -17,7 +17,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.lexer import PatternStr
 from lark.visitors import Transformer_NonRecursive
 
-from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
+from flowspec.diagnostics import CONTROL, Diagnostic, SpecError, did_you_mean
 from flowspec.document import Call, RawDict, SettingError, Word, convert, interval, placed
 from flowspec.spec import SourceLoc
 from flowspec.steps import KINDS
@@ -286,7 +286,12 @@ class _Builder(Transformer_NonRecursive):
         return Word(children[0])
 
     def string(self, meta, children):
-        return str(children[0][1:-1])
+        text = str(children[0][1:-1])
+        control = CONTROL.search(text)  # a file's carriage return ends its line: `show` could not write it
+        if control:
+            loc = SourceLoc(file=self.file, line=meta.line, col=meta.column + 1 + control.start())
+            self._error(loc, f"a quoted string cannot hold a control character, got {control.group()!r}")
+        return text
 
     def dims(self, meta, children):
         return tuple(int(d) for d in children[0].split("x"))

@@ -760,6 +760,23 @@ def test_show_of_an_ablation_that_makes_its_bases_defaults_unused_parses_back(tm
     assert kept == [(c.components, c.final_elu) for c in all_couplings(load_spec(SPECS / f"{base}.flow"))]
 
 
+@pytest.mark.parametrize("char", ["\r", "\x00", "\x1b"])
+def test_a_control_character_in_a_quoted_string_is_refused_at_it(capsys, char):
+    """A file ends its line at a carriage return, so `show` would print a `--set data.path="a\rb"` that
+    parses back to another spec, or not at all; a file's own string is refused alike."""
+    path = str(SPECS / "imagenet64.flow")
+    assert run(["show", path, "--set", "train.lr=1e-3", "--set", f'data.path="a{char}b"']) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith(
+        f"error: --set:2:13: a quoted string cannot hold a control character, got {char!r}"
+    )
+    assert '\n    data.path="a?b"\n' in err  # the line shown, on one line of its own
+    data = 'data folder { path "/d"  shape 1x8x8  classes (x, "a\x7f")  test_split 1 }'
+    text = f"model m\n{data}\nflow {{ squeeze }}\n"
+    with pytest.raises(SpecError, match=r"m\.flow:2:53: a quoted string cannot hold a control character"):
+        parse_spec(text, source="m.flow")
+
+
 def test_show_quotes_class_names_that_are_not_plain_words(tmp_path):
     data = 'data folder { path "/d"  shape 1x8x8  classes ("on", "café", x)  test_split 1 }'
     text = f"model m\n{data}\nflow {{ squeeze }}\n"
