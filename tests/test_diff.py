@@ -11,7 +11,7 @@ import flowspec
 from flowspec.cli.app import run
 from flowspec.formatter import format_spec
 from flowspec.inspection import inspect_spec
-from flowspec.inspection.diff import parameter_deltas, spec_differences
+from flowspec.inspection.diff import _written_at, parameter_deltas, spec_differences
 from flowspec.loader import setting_sources
 
 FLOWPP = SPECS / "flowpp_cifar.flow"
@@ -128,6 +128,24 @@ def test_settings_that_change_nothing_on_either_side_are_left_out(capsys, monkey
     assert spec_differences(flowspec.load_spec(affine), flowspec.load_spec(affine, sets)) == []
     assert run(["diff", str(affine), "--set", sets[0]]) == 0
     assert "the specs differ only in settings they do not use" in capsys.readouterr().out
+
+
+def test_specs_of_one_file_name_are_told_apart_by_their_folders(tmp_path):
+    """Two run folders' `spec.flow`: one `spec.flow:28` for both sides would say both wrote it there."""
+    text = (SPECS / "quickstart.flow").read_text()
+    for run_dir, length in (("r1", "400 steps"), ("r2", "800 steps")):
+        (tmp_path / run_dir).mkdir()
+        (tmp_path / run_dir / "spec.flow").write_text(text.replace("400 steps", length))
+    a, b = tmp_path / "r1" / "spec.flow", tmp_path / "r2" / "spec.flow"
+    line = next(i for i, text in enumerate(open(a), 1) if "length" in text)
+    [diff] = spec_differences(
+        flowspec.load_spec(a), flowspec.load_spec(b), setting_sources(a), setting_sources(b)
+    )
+    assert _written_at(diff) == f"r1/spec.flow:{line} / r2/spec.flow:{line}"
+    sets = ["train.lr=1"]
+    sources = setting_sources(a), setting_sources(a, sets)
+    [diff] = spec_differences(flowspec.load_spec(a), flowspec.load_spec(a, sets), *sources)
+    assert _written_at(diff) == f"spec.flow:{line - 3} / --set:1"  # one spec.flow: its name alone
 
 
 def test_cli_diff_bad_spec_exit_2(capsys):

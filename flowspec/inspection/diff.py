@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -83,10 +85,24 @@ def setting_words(path: str, value: Any) -> tuple[str, str]:
     return KEY_WORDS.get(path, path), text
 
 
-def _loc(node: Any, inherited: str | None) -> str | None:
-    """Where `node` was written (`SourceLoc.short`), else `inherited`."""
+def _loc(node: Any, inherited: SourceLoc | None) -> SourceLoc | None:
+    """Where `node` was written, else `inherited`."""
     loc = getattr(node, "source", None)
-    return loc.short if isinstance(loc, SourceLoc) else inherited
+    return loc if isinstance(loc, SourceLoc) else inherited
+
+
+def _file_names(files: set[str]) -> dict[str, str]:
+    """Each file's name with as many of its folders as tell it apart from the other files (`r1/spec.flow`
+    beside `r2/spec.flow`); two names of one file are one file."""
+    parts = {file: Path(os.path.abspath(file)).parts for file in files}
+    names = {}
+    for file, own in parts.items():
+        others = [p for p in parts.values() if p != own]
+        n = 1
+        while n < len(own) and any(p[-n:] == own[-n:] for p in others):
+            n += 1
+        names[file] = str(Path(*own[-n:]))
+    return names
 
 
 def _idle(x: BaseModel, y: BaseModel, path: str) -> set[str]:
@@ -122,16 +138,16 @@ def spec_differences(
     where that side wrote it, or `default`; without, the location of the step that holds it."""
 
     def source(
-        sources: dict[str, SourceLoc] | None, path: str, step: str | None, interval: bool
-    ) -> str | None:
+        sources: dict[str, SourceLoc] | None, path: str, step: SourceLoc | None, interval: bool
+    ) -> SourceLoc | str | None:
         if sources is None:
             return step
         loc = _latest(sources, [path, f"{path}.count", f"{path}.unit"] if interval else [path])
-        return "default" if loc is None else loc.short
+        return "default" if loc is None else loc
 
-    out: list[Difference] = []
+    out: list[tuple[str, str | None, str | None, SourceLoc | str | None, SourceLoc | str | None]] = []
 
-    def compare(x: Any, y: Any, path: str, src_a: str | None, src_b: str | None) -> None:
+    def compare(x: Any, y: Any, path: str, src_a: SourceLoc | None, src_b: SourceLoc | None) -> None:
         src_a, src_b = _loc(x, src_a), _loc(y, src_b)
         if isinstance(x, BaseModel) and type(x) is type(y) and not isinstance(x, Interval):
             idle = _idle(x, y, path)
@@ -146,7 +162,7 @@ def spec_differences(
                 yi = y[i] if i < len(y) else None
                 if xi is None or yi is None:
                     out.append(
-                        Difference(
+                        (
                             f"{path}.{i}",
                             None if xi is None else describe(xi),
                             None if yi is None else describe(yi),
@@ -163,13 +179,18 @@ def spec_differences(
                 source(sources_b, path, src_b, interval),
             )
             if any(isinstance(v, BaseModel) and not isinstance(v, Interval) for v in (x, y)):
-                out.append(Difference(path, describe(x), describe(y), where_a, where_b))  # a whole node
+                out.append((path, describe(x), describe(y), where_a, where_b))  # a whole node
             else:
                 key, text_a = setting_words(path, x)
-                out.append(Difference(key, text_a, setting_words(path, y)[1], where_a, where_b))
+                out.append((key, text_a, setting_words(path, y)[1], where_a, where_b))
 
     compare(a, b, "", None, None)
-    return out
+    names = _file_names({w.file for row in out for w in row[3:] if isinstance(w, SourceLoc)})
+
+    def shown(where: SourceLoc | str | None) -> str | None:  # `file:line`, the file named apart
+        return f"{names[where.file]}:{where.line}" if isinstance(where, SourceLoc) else where
+
+    return [Difference(key, x, y, shown(where_a), shown(where_b)) for key, x, y, where_a, where_b in out]
 
 
 def parameter_deltas(a: Report, b: Report) -> list[StageDelta]:
@@ -190,7 +211,8 @@ def parameter_deltas(a: Report, b: Report) -> list[StageDelta]:
 
 
 def _written_at(d: Difference) -> str:
-    """`file:line`, once when both sides wrote the setting at the same place, else `A / B`."""
+    """`file:line`, once when both sides wrote the setting at the same place (files of one name are told
+    apart by their folders: `_file_names`), else `A / B`."""
     return d.source_a or "" if d.source_a == d.source_b else f"{d.source_a or '-'} / {d.source_b or '-'}"
 
 
