@@ -87,7 +87,7 @@ def test_the_processes_of_a_torchrun_job_on_one_machine_share_its_ram(monkeypatc
     spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow", ["train.batch=8"])
     need = budget.measure(spec).train
     monkeypatch.setattr(budget.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096}.get(name, need // 4096 * 2))
-    with pytest.raises(UserError, match=r"cpu memory is .* a process \(4 on this machine\)"):
+    with pytest.raises(UserError, match=r"of cpu memory \(its share: 4 processes on this machine\)"):
         budget.check_size(spec, "train", CPU)  # twice its need on the machine, half of it a process
 
 

@@ -195,8 +195,12 @@ def check_size(
         )
     source = f" ({spec.source})" if spec.source else ""
     kind, processes = torch.device(device).type, processes_on_this_machine()
-    share = f" a process ({processes} on this machine)" if kind != "cuda" and processes > 1 else ""
+    if kind == "cuda":
+        memory = f"{kind} memory is {fmt_bytes(have)}"
+    else:  # what the process may still take: its share, less what it holds (device_memory)
+        share = f" (its share: {processes} processes on this machine)" if processes > 1 else ""
+        memory = f"this process can still take {fmt_bytes(have)} of cpu memory{share}"
     raise UserError(
         f"{spec.name}{source} is too large for this machine: {size.parameters:,} parameters{size.largest} "
-        f"need {what}, and {kind} memory is {fmt_bytes(have)}{share}. {advice}, or {ALLOW}"
+        f"need {what}, and {memory}. {advice}, or {ALLOW}"
     )

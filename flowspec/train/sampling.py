@@ -55,8 +55,9 @@ def check_grid_memory(n: int, shape: tuple[int, int, int], have: int) -> None:
         from flowspec.inspection.memory import fmt_bytes
 
         raise UserError(
-            f"-n {n:,} draws a grid of {n:,} images that needs about {fmt_bytes(need)} to make, and cpu "
-            f"memory is {fmt_bytes(have)}: draw fewer images, or pass --allow-large to go ahead anyway"
+            f"-n {n:,} draws a grid of {n:,} images that needs about {fmt_bytes(need)} to make, and this "
+            f"process can still take {fmt_bytes(have)} of cpu memory: draw fewer images, or pass "
+            "--allow-large to go ahead anyway"
         )
 
 
