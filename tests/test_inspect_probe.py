@@ -58,7 +58,7 @@ def test_probe_fills_every_step_and_sums(small):
     assert split.logdet_bpd == pytest.approx(sum(r.logdet_bpd for r in split.walk() if r.leaf))
     assert split.inverse_error == max(r.inverse_error for r in split.walk() if r.leaf)  # shown at --depth 1
     assert probe.max_inverse_error < 1e-3 and math.isfinite(probe.bpd)
-    assert report.footer.memory_note.endswith("measured per image at batch 4 and scaled)")
+    assert "kept for backward (measured per image at batch 4 and scaled)" in report.footer.memory_note
 
 
 def test_probe_cli_on_real_data(capsys, cifar10_dir):
