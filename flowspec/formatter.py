@@ -14,6 +14,7 @@ from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS
 from flowspec.nodes import Node
 from flowspec.spec import ContextSpec, CouplingSettings, EvalSpec, FlowSpec, Interval, TrainSpec
 from flowspec.steps import KINDS, StepKind, kind_of
+from flowspec.steps.coupling import held_at_builtin
 
 WIDTH = 100
 INDENT = "  "
@@ -122,8 +123,9 @@ def _head(kind: StepKind, node: Node, base: dict[str, Any], always: bool = False
     fields = type(node).model_fields
     head = [kind.name]
     args = []
+    held = held_at_builtin(node) if isinstance(node, CouplingSettings) else set()
     for name, field in fields.items():
-        if name in ("kind", "source", "body"):
+        if name in ("kind", "source", "body") or name in held:  # unused, held at its built-in value
             continue
         value = getattr(node, name)
         if name in kind.positional:

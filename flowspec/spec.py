@@ -12,11 +12,11 @@ import difflib
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, ModelWrapValidatorHandler, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flowspec.nodes import Conflict, Node, SourceLoc
 from flowspec.steps import Step, written
-from flowspec.steps.coupling import CouplingSettings, unused_settings
+from flowspec.steps.coupling import CouplingSettings
 from flowspec.steps.norm import NormGranularity
 from flowspec.steps.split import Mask, SplitStep
 
@@ -205,25 +205,8 @@ Dequantizer = Annotated[Union[UniformDequant, VariationalDequant], Field(discrim
 
 
 class Defaults(Node):
-    """The `defaults` block, as the steps inherited it. A coupling setting that the block's own kind,
-    network or attention leaves unused (an ablation's `coupling affine` over its base's `components=4`) is
-    held at its built-in value: the steps that use it have it already, and `show` could not write it."""
-
     coupling: CouplingSettings = CouplingSettings()
     norm: NormGranularity = "element"
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _unused_at_builtin(cls, data: object, handler: ModelWrapValidatorHandler[Defaults]) -> Defaults:
-        defaults = handler(data)
-        coupling, plain = defaults.coupling, CouplingSettings()
-        unused = unused_settings(coupling.coupling, coupling.network, coupling.attention)
-        reset = {
-            name: getattr(plain, name) for name in unused if getattr(coupling, name) != getattr(plain, name)
-        }
-        return (
-            defaults.model_copy(update={"coupling": coupling.model_copy(update=reset)}) if reset else defaults
-        )
 
 
 class Interval(Node):

@@ -20,7 +20,7 @@ from flowspec.loader import _message, setting_sources
 from flowspec.resolve import OVERRIDE_FILE
 from flowspec.shapes import shape_issues
 from flowspec.steps import KINDS, written
-from flowspec.steps.coupling import CouplingStep
+from flowspec.steps.coupling import CouplingStep, held_at_builtin
 
 IDS = [str(p.relative_to(SPECS)) for p in ALL_SPECS]
 
@@ -719,10 +719,10 @@ def test_settings_made_unused_by_another_file_or_a_set_are_allowed(tmp_path):
     (tmp_path / "affine.flow").write_text(
         'extends "base.flow"\nmodel affine\ndefaults { coupling affine(attention=off) }\n'
     )
-    coupling = load_spec(tmp_path / "affine.flow").flow[0].body[0]
-    assert (coupling.coupling, coupling.components, coupling.attention) == ("affine", 8, False)
+    coupling = load_spec(tmp_path / "affine.flow").flow[0].body[0]  # components held at its built-in value
+    assert (coupling.coupling, coupling.components, coupling.attention) == ("affine", 32, False)
     spec = load_spec(tmp_path / "base.flow", overrides=["flow.0.body.0.coupling=affine"])
-    assert spec.flow[0].body[0].coupling == "affine" and spec.flow[0].body[0].components == 8
+    assert spec.flow[0].body[0].coupling == "affine" and spec.flow[0].body[0].components == 32
     spec = load_spec(tmp_path / "base.flow", overrides=["flow.0.body.0.network=resnet"])
     assert spec.flow[0].body[0].network == "resnet"
     # a default that one of the couplings inheriting it uses is not unused
@@ -738,26 +738,42 @@ def test_settings_made_unused_by_another_file_or_a_set_are_allowed(tmp_path):
     assert spec.dequantize.steps[0].body[0].dropout == 0.3
 
 
+BASE_WITH_OTHER_KINDS = (  # steps of other kinds and networks than the defaults, which they inherit
+    'model g1\ndata folder { path "/d"  shape 3x8x8  test_split 1 }\n'
+    "defaults { coupling mixlogistic(components=8, heads=2) }\n"
+    "flow { split checkerboard { coupling additive  coupling mixlogistic  coupling(network=gated)\n"
+    "  coupling } }\n"
+)
+
+
 @pytest.mark.parametrize(
     ("base", "change"),
     [
         ("imagenet64", "coupling affine"),
         ("imagenet64", "coupling additive"),
         ("imagenet32", "coupling(network=resnet)"),
+        ("g1", "coupling affine"),
+        ("g1", "coupling(attention=off)"),
     ],
 )
 def test_show_of_an_ablation_that_makes_its_bases_defaults_unused_parses_back(tmp_path, base, change):
-    """The base's `components=4` (or `final_elu=on`, `weight_norm=on`) would be printed beside the kind (or
-    network) that makes it unused, in a file that refuses it: `defaults` holds it at its built-in value, the
-    steps that use it (the dequantizer's gated couplings) write it themselves."""
+    """The base's `components=4` (or `final_elu=on`, `weight_norm=on`, `heads=2`) would be printed beside
+    the kind (or network, attention) that makes it unused, in a file that refuses it: every coupling, and
+    `defaults`, holds a setting it leaves unused at its built-in value (`show` leaves it out); the
+    couplings that use it keep it and write it themselves."""
+    (tmp_path / "g1.flow").write_text(BASE_WITH_OTHER_KINDS)
+    base_path = tmp_path / "g1.flow" if base == "g1" else SPECS / f"{base}.flow"
     path = tmp_path / "ablation.flow"
-    path.write_text(f'extends "{SPECS / base}.flow"\nmodel ablation\ndefaults {{ {change} }}\n')
+    path.write_text(f'extends "{base_path}"\nmodel ablation\ndefaults {{ {change} }}\n')
     spec = load_spec(path)
     shown = format_spec(spec)
     again = parse_spec(shown, source=str(tmp_path / "shown.flow"))
     assert again.model_dump() == spec.model_dump() and format_spec(again) == shown
-    kept = [(c.components, c.final_elu) for c in all_couplings(spec)]  # what the steps inherited stays
-    assert kept == [(c.components, c.final_elu) for c in all_couplings(load_spec(SPECS / f"{base}.flow"))]
+    before = all_couplings(load_spec(base_path))
+    for old, new in zip(before, all_couplings(spec), strict=True):  # a used setting keeps what it inherited
+        for name in ("components", "final_elu", "heads"):
+            if name not in held_at_builtin(new) and name not in held_at_builtin(old):
+                assert getattr(new, name) == getattr(old, name), name
 
 
 @pytest.mark.parametrize("char", ["\r", "\x00", "\x1b"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, model_validator
 
 from flowspec.nodes import Conflict, Node, StepNode
 from flowspec.steps.kind import StepKind, needs_pair, register
@@ -33,6 +33,23 @@ class CouplingSettings(Node):
     nin: bool = Field(default=True, description="1x1 second conv in the gated convs; off: 3x3 (use_nin)")
     final_elu: bool = Field(default=False, description="concat_elu before the output conv (ImageNet, CelebA)")
     weight_norm: bool = Field(default=False, description="weight normalization of every conv and dense")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unused_at_builtin(
+        cls, data: object, handler: ModelWrapValidatorHandler[CouplingSettings]
+    ) -> CouplingSettings:
+        """The settings `held_at_builtin` names are held at their built-in values (an ablation's `coupling
+        affine` over its base's `components=4`): they change nothing, and `show` leaves them out (a file
+        may not write them beside their cause)."""
+        settings = handler(data)
+        fields = type(settings).model_fields
+        reset = {
+            name: fields[name].default
+            for name in held_at_builtin(settings)
+            if getattr(settings, name) != fields[name].default
+        }
+        return settings.model_copy(update=reset) if reset else settings
 
     @model_validator(mode="after")
     def _heads_divide_filters(self) -> CouplingSettings:
@@ -69,6 +86,12 @@ def unused_settings(
     if attention is False and network != "resnet":
         unused["heads"] = ("attention", "attention=off has no heads")
     return unused
+
+
+def held_at_builtin(settings: CouplingSettings) -> set[str]:
+    """The settings a coupling's own kind, network and attention leave unused, but its dropout (a
+    dequantizer coupling's dropout is its context network's too)."""
+    return set(unused_settings(settings.coupling, settings.network, settings.attention)) - {"dropout"}
 
 
 class CouplingStep(StepNode, CouplingSettings):
