@@ -335,7 +335,7 @@ def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
             return self.text
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(budget, "status_bytes", lambda field: 0)  # nothing resident or mapped yet
+    monkeypatch.setattr(budget, "HELD_AT_IMPORT", (0, 0))  # nothing resident or mapped yet
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     unbounded = ram if soft == resource.RLIM_INFINITY else min(ram, soft)
@@ -353,15 +353,14 @@ def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
 
 def test_what_the_process_already_holds_and_maps_is_not_free(monkeypatch):
     """Under `ulimit -v` the address space torch already maps (VmSize, ~3.4 GiB) is not free, nor is the
-    RAM the process holds resident (VmRSS): a 4 GiB limit leaves 0.6 GiB, not 4."""
+    RAM the process holds resident (VmRSS), as they were at import: a 4 GiB limit leaves 0.6 GiB, not 4."""
     import resource
 
     from flowspec.inspection import budget
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    mapped = {"VmRSS": GiB // 2, "VmSize": 34 * GiB // 10}
-    monkeypatch.setattr(budget, "status_bytes", mapped.get)
+    monkeypatch.setattr(budget, "HELD_AT_IMPORT", (GiB // 2, 34 * GiB // 10))
     monkeypatch.setattr(budget, "Path", lambda path: Path("/nonexistent/memory.max"))
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert budget.device_memory("cpu") == ram - GiB // 2

@@ -80,7 +80,7 @@ def test_auto_keeps_activations_when_eager_with_room(monkeypatch):
 
 def test_the_processes_of_a_torchrun_job_on_one_machine_share_its_ram(monkeypatch):
     """--recompute auto and the size check both see a process's share of the RAM."""
-    monkeypatch.setattr(budget, "status_bytes", lambda field: 0)  # nothing resident yet
+    monkeypatch.setattr(budget, "HELD_AT_IMPORT", (0, 0))  # nothing resident yet
     alone = budget.device_memory(CPU)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert budget.device_memory(CPU) == alone // 4  # no address-space limit below that here
@@ -146,11 +146,34 @@ def test_the_training_check_uses_the_recompute_and_precision_the_run_will(tmp_pa
     monkeypatch.setattr(budget, "device_memory", lambda device="cpu": int(1.1 * on))
     for recompute in ("on", "auto"):
         check_training(spec, "cpu", False, None, recompute, False)
-    with pytest.raises(UserError, match=r"training step's peak with --recompute off in fp32"):
+    with pytest.raises(UserError, match=r"training step's peak with --recompute off in fp32") as refused:
         check_training(spec, "cpu", False, None, "off", False)
+    assert "x4.7 at the backward pass's peak" in str(refused.value)  # the terms of what was checked
+    assert "--recompute on:" not in str(refused.value)
     with pytest.raises(UserError, match=r"peak with --recompute off in bf16"):
         check_training(spec, "cpu", False, "bf16", "off", False)
     check_training(spec, "cpu", True, "fp32", "off", False)  # --allow-large
     with pytest.raises(UserError, match="--recompute off in fp32"):
         flowspec.train(spec, out=tmp_path / "run", recompute="off")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_runs_unknown_precision_is_checked_in_both(monkeypatch):
+    """A large model at a small batch needs more in bf16 (a copy of the weights) than in fp32: a resumed
+    run, whose precision is read later from its checkpoint, is checked against the larger."""
+    spec = flowspec.load_spec(SPECS / "imagenet32.flow", ["train.batch=1"])
+    size = budget.measure(spec)
+    fp32, bf16 = (budget.training_bytes(size, spec, precision=p) for p in ("fp32", "bf16"))
+    assert bf16 > fp32
+    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": (fp32 + bf16) // 2)
+    check_training(spec, "cpu", False, "fp32", "on", False)
+    with pytest.raises(UserError, match=r"peak with --recompute on in bf16 \(.*optimizer step's temporaries"):
+        check_training(spec, "cpu", False, None, "on", False)
+
+
+def test_what_the_process_allocates_after_import_is_left_to_the_estimate():
+    """The memory a run holds (its model, data, a resumed checkpoint) is in its estimate: `--recompute auto`,
+    decided after the model is built, does not count it a second time."""
+    before = budget.device_memory("cpu")
+    held = torch.ones(2**27)  # 512 MiB, touched
+    assert budget.device_memory("cpu") == before and held.sum() == 2**27

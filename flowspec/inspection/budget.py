@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from flowspec.errors import UserError, job_number
-from flowspec.inspection.memory import estimate_memory, fmt_bytes, training_peak
+from flowspec.inspection.memory import estimate_memory, fmt_bytes, peak_terms, training_peak
 from flowspec.inspection.params import parameters_by_path
 from flowspec.inspection.report import make_report
 from flowspec.inspection.unroll import check_steps, stacks, unrolled_steps
@@ -95,6 +95,14 @@ def training_bytes(
     return training_peak(size.state, size.weights, kept, size.recomputes, recompute, precision)
 
 
+def _train_terms(size: Size, spec: FlowSpec, recompute: bool, precision: str) -> str:
+    """What `training_bytes` adds up for one process, in words."""
+    kept = size.per_image * images_per_process(spec, job_number("WORLD_SIZE", 1))
+    return peak_terms(
+        size.state, size.weights, kept, size.recomputes, recompute, precision, "parameter state"
+    )
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device; a `UserError` for a name torch does not know (e.g. "gpu")."""
     try:
@@ -121,11 +129,18 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+#: what the process held resident and mapped when this module was imported, torch loaded and nothing of a
+#: run allocated yet (torch alone maps a few GiB it never touches): not free for a run, whose own
+#: allocations its estimate counts (read once, so that a check made after the model is built does not
+#: count the model twice)
+HELD_AT_IMPORT = (status_bytes("VmRSS") or 0, status_bytes("VmSize") or 0)
+
+
 def device_memory(device: str | torch.device = "cpu") -> int:
     """Bytes a process may still allocate on `device`: the GPU's memory, or its share of the RAM (the
     processes of a torchrun job on one machine share it: LOCAL_WORLD_SIZE; bounded by its cgroup's memory
-    limit) less what the process already holds resident, and at most its address-space limit less the
-    address space it already maps (torch alone maps a few GiB it never touches)."""
+    limit) less what the process held resident at import, and at most its address-space limit less the
+    address space it mapped then (`HELD_AT_IMPORT`)."""
     device = torch.device(device)
     if device.type == "cuda":
         check_cuda(device)
@@ -137,10 +152,11 @@ def device_memory(device: str | torch.device = "cpu") -> int:
             shared.append(int(cgroup))
     except OSError:
         pass
-    limits = [min(shared) // processes_on_this_machine() - (status_bytes("VmRSS") or 0)]
+    resident, mapped = HELD_AT_IMPORT
+    limits = [min(shared) // processes_on_this_machine() - resident]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append(soft - (status_bytes("VmSize") or 0))
+        limits.append(soft - mapped)
     return max(0, min(limits))
 
 
@@ -184,7 +200,8 @@ def check_size(
         "build": f"{fmt_bytes(need)} for its weights{batch}",
         "infer": f"{fmt_bytes(need)} for its weights{batch}",
         "train": f"an estimated {fmt_bytes(need)} at a training step's peak with --recompute "
-        f"{'on' if recompute else 'off'} in {precision} ({size.train_note}; per process)",
+        f"{'on' if recompute else 'off'} in {precision} ({_train_terms(size, spec, recompute, precision)}; "
+        "per process)",
     }[use]
     if images and use != "train" and size.weights <= have:  # only the images at once need to change
         advice = "Take fewer images at once (--batch)"

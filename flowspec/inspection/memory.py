@@ -154,18 +154,38 @@ def estimate_memory(model: nn.Module, spec: FlowSpec, report: Report) -> MemoryE
     return _estimate(state, weights, parts, activations, recomputes, "counted per layer", largest)
 
 
+def peak_terms(
+    state: int,
+    weights: int,
+    kept: int,
+    recomputes: bool,
+    recompute: bool = True,
+    precision: str = "fp32",
+    parts: str = "weights, gradients, Adam",
+    how: str = "counted per layer",
+) -> str:
+    """What `training_peak` adds up, in words: the parameter state (`parts`), the larger of the backward
+    pass's peak and the optimizer step's temporaries, the runtime and, in bf16, the weights' copy."""
+    factor = peak_factor(recomputes, recompute, precision)
+    backward, step = round(factor * kept), round(STEP_TEMPORARIES * weights)
+    if backward >= step:
+        peak = (
+            f"{fmt_bytes(kept)} activations kept for backward ({how}) x{factor:g} at the backward pass's peak"
+        )
+    else:
+        peak = f"{fmt_bytes(step)} of the optimizer step's temporaries ({STEP_TEMPORARIES:g} x the weights)"
+    copies = f" + {fmt_bytes(weights)} bf16 copy of the weights" if precision == "bf16" else ""
+    return f"{fmt_bytes(state)} {parts} + {peak} + {fmt_bytes(RUNTIME)} runtime{copies}"
+
+
 def _estimate(
     state: int, weights: int, parts: str, kept: int, recomputes: bool, how: str, largest: int = 0
 ) -> MemoryEstimate:
     """The estimate of a training step's peak from its parameter state and `kept` activations, with its
     note (`how`: how the kept activations were found)."""
     total = training_peak(state, weights, kept, recomputes)
-    factor = peak_factor(recomputes)
-    note = (
-        f"peak of a training step with --recompute on: {fmt_bytes(state)} {parts} + {fmt_bytes(kept)} "
-        f"activations kept for backward ({how}) x{factor:g} at the backward pass's peak + "
-        f"{fmt_bytes(RUNTIME)} runtime"
-    )
+    terms = peak_terms(state, weights, kept, recomputes, parts=parts, how=how)
+    note = f"peak of a training step with --recompute on: {terms}"
     if recomputes:
         fp32, bf16 = (training_peak(state, weights, kept, True, False, p) for p in ("fp32", "bf16"))
         note += (

@@ -52,15 +52,16 @@ def check_training(
     compile: bool,
 ) -> None:
     """`check_size` of a run of `spec` with the precision and recompute setting it will train with
-    (`precision` None: fp32, the larger estimate, since a resumed run's own is read later from its
-    checkpoint)."""
+    (`precision` None, a resumed run's, read later from its checkpoint: fp32 and bf16 both, each of which
+    can be the larger estimate)."""
     from flowspec.errors import job_number
     from flowspec.inspection.budget import check_size, default_device
     from flowspec.model import compile_scope
     from flowspec.train.precision import resolve_precision
 
     where = default_device(device)
-    computes = resolve_precision(precision or "fp32", where)[0]
     compiled = compile and compile_scope(where) == "networks"
-    recomputes = resolve_recompute(recompute, where, compiled, spec, job_number("WORLD_SIZE", 1), computes)[0]
-    check_size(spec, "train", where, allow_large, recompute=recomputes, precision=computes)
+    for computes in [resolve_precision(precision, where)[0]] if precision else ["fp32", "bf16"]:
+        world = job_number("WORLD_SIZE", 1)
+        recomputes = resolve_recompute(recompute, where, compiled, spec, world, computes)[0]
+        check_size(spec, "train", where, allow_large, recompute=recomputes, precision=computes)
