@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+from pathlib import Path
 
 import pytest
 from conftest import ALL_SPECS, ROOT, SPECS
@@ -76,13 +77,14 @@ def test_specs_writes_all_or_nothing(tmp_path, capsys, monkeypatch):
     def failing(source, target):
         calls.append(target)
         if len(calls) == 12:
+            Path(target).write_text("half a sp")  # the disk filled up in the middle of this file
             raise OSError(28, "No space left on device", str(target))
         return copy(source, target)
 
     monkeypatch.setattr(shutil, "copyfile", failing)
-    assert run(["specs", str(tmp_path / "new")]) == 2
+    assert run(["specs", str(tmp_path / "new" / "deeper")]) == 2
     assert "no space left" in capsys.readouterr().err.lower()
-    assert len(calls) == 12 and not (tmp_path / "new").exists()
+    assert len(calls) == 12 and not (tmp_path / "new").exists()  # the folders it made, too
     monkeypatch.setattr(shutil, "copyfile", copy)
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "ablations").write_text("")

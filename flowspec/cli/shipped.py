@@ -95,13 +95,14 @@ def _copy(root: Path, names: list[str], folder: Path) -> None:
             f"{folder} already holds {', '.join(taken)}: flowspec specs replaces no file; move them away "
             "or give another folder"
         )
-    made = [f for f in (*reversed(folders), folder) if not f.exists()]  # innermost first
+    deepest_first = (*sorted(folders, key=lambda f: len(f.parts), reverse=True), *folder.parents)
+    made = [f for f in deepest_first if not f.exists()]
     written: list[Path] = []
     try:
         for name in names:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            written.append(folder / name)  # before the copy: a partial file is removed too
             shutil.copyfile(root / name, folder / name)
-            written.append(folder / name)
     except BaseException:
         for path in [*written, *made]:
             with contextlib.suppress(OSError):
