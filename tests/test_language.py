@@ -793,6 +793,13 @@ def test_a_control_character_in_a_quoted_string_is_refused_at_it(capsys, char):
         parse_spec(text, source="m.flow")
 
 
+def test_a_coupling_made_in_python_holds_its_unused_settings_at_their_built_in_values(recwarn):
+    """As a parsed one does, without pydantic's warning about a validator returning another instance."""
+    step = CouplingStep(coupling="affine", components=8, network="resnet", heads=3, dropout=0.3)
+    assert (step.components, step.heads, step.dropout) == (32, 4, 0.3)  # dropout: the context network's
+    assert "components" not in step.model_fields_set and not recwarn.list
+
+
 def test_show_quotes_class_names_that_are_not_plain_words(tmp_path):
     data = 'data folder { path "/d"  shape 1x8x8  classes ("on", "café", x)  test_split 1 }'
     text = f"model m\n{data}\nflow {{ squeeze }}\n"

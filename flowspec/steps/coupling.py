@@ -44,12 +44,11 @@ class CouplingSettings(Node):
         may not write them beside their cause)."""
         settings = handler(data)
         fields = type(settings).model_fields
-        reset = {
-            name: fields[name].default
-            for name in held_at_builtin(settings)
-            if getattr(settings, name) != fields[name].default
-        }
-        return settings.model_copy(update=reset) if reset else settings
+        for name in held_at_builtin(settings):
+            if getattr(settings, name) != fields[name].default:
+                object.__setattr__(settings, name, fields[name].default)  # frozen: in place, as validation
+                settings.__pydantic_fields_set__.discard(name)
+        return settings  # the instance itself (`__init__` keeps no other)
 
     @model_validator(mode="after")
     def _heads_divide_filters(self) -> CouplingSettings:
