@@ -201,3 +201,11 @@ def test_diff_never_breaks_a_word(capsys, monkeypatch, width):
     for d in spec_differences(flowspec.load_spec(a), flowspec.load_spec(b), *sources):
         for text in (d.path, d.a, d.b, d.source_a, d.source_b):
             assert {word.strip("(),") for word in (text or "").split()} <= words, (text, width)
+
+
+def test_a_class_named_on_one_side_and_numbered_on_the_other_is_no_difference():
+    dogs = SPECS / "seed_realnvp_dogs.flow"
+    same = spec_differences(flowspec.load_spec(dogs), flowspec.load_spec(dogs, ["data.classes=5"]))
+    assert same == []  # CIFAR-10's class 5 is the dog
+    other = spec_differences(flowspec.load_spec(dogs), flowspec.load_spec(dogs, ["data.classes=3"]))
+    assert [(d.path, d.a, d.b) for d in other] == [("data.classes", "dog", "3")]

@@ -14,7 +14,7 @@ from flowspec.formatter import schedule_text, setting_text
 from flowspec.inspection.report import Report
 from flowspec.nodes import StepNode
 from flowspec.resolve import OVERRIDE_FILE
-from flowspec.spec import CouplingSettings, FlowSpec, Interval, SourceLoc, TrainSpec
+from flowspec.spec import CouplingSettings, DataSpec, FlowSpec, Interval, SourceLoc, TrainSpec
 from flowspec.steps import KINDS, kind_of
 from flowspec.steps.coupling import unused_settings
 
@@ -109,7 +109,10 @@ def _idle(x: BaseModel, y: BaseModel, path: str) -> set[str]:
     """The settings of two nodes of one type left out of their differences, as `show` leaves them out: the
     coupling settings unused on both sides (but a dequantizer coupling's dropout, its context network's
     too), the schedule arguments unless both sides run one schedule that takes them (a schedule that
-    differs is worded with its arguments: `schedule_text`)."""
+    differs is worded with its arguments: `schedule_text`), classes named on one side and numbered on the
+    other (`dog`, `5`)."""
+    if isinstance(x, DataSpec) and isinstance(y, DataSpec):
+        return {"classes"} if x.classes != y.classes and x.class_keys == y.class_keys else set()
     if isinstance(x, CouplingSettings) and isinstance(y, CouplingSettings):
         unused = set(unused_settings(x.coupling, x.network, x.attention))
         unused &= set(unused_settings(y.coupling, y.network, y.attention))
