@@ -134,7 +134,7 @@ def train(
             from flowspec.loader import check_file_rules
 
             check_file_rules(spec)
-        if log_every is not None and (type(log_every) is not int or log_every < 1):
+        if log_every is not None and not (_whole(log_every) and log_every >= 1):
             raise UserError(f"log_every must be a whole number of steps >= 1, got {log_every!r}")
         from flowspec.train.recompute import check_training
 

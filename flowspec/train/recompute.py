@@ -61,7 +61,7 @@ def check_training(
 
     where = default_device(device)
     compiled = compile and compile_scope(where) == "networks"
+    world = job_number("WORLD_SIZE", 1)
     for computes in [resolve_precision(precision, where)[0]] if precision else ["fp32", "bf16"]:
-        world = job_number("WORLD_SIZE", 1)
         recomputes = resolve_recompute(recompute, where, compiled, spec, world, computes)[0]
         check_size(spec, "train", where, allow_large, recompute=recomputes, precision=computes)
