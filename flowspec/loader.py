@@ -7,33 +7,32 @@ offending value was written (in an extended file, or in a `--set` option, where 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import ValidationError
 
-from flowspec.diagnostics import Diagnostic, SpecError, did_you_mean
-from flowspec.document import REWARM_ARGS, SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, Call, RawDict, Word
+from flowspec.diagnostics import Diagnostic, SpecError
+from flowspec.document import SCHEDULE_ARGS, SCHEDULE_KIND_ARGS, RawDict, Word
 from flowspec.errors import UserError, check_bool
-from flowspec.parser import SECTION_KEYS, SECTION_NAMES, parse_document
+from flowspec.parser import SECTION_KEYS, parse_document
 from flowspec.resolve import (
     OVERRIDE_FILE,
     apply_defaults,
     apply_overrides,
     merge,
-    model_of,
     override_key,
     unused_coupling_settings,
 )
 from flowspec.shapes import misplaced_sigmoids, shape_issues
 from flowspec.spec import FlowSpec, SourceLoc, TrainSpec
 from flowspec.steps import KINDS, kind_of, written
+from flowspec.validation_errors import after_repair, locate, pydantic_diagnostics
 
 __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
 
@@ -230,8 +229,8 @@ def _finish(
     try:
         spec = FlowSpec.model_validate(plain, strict=True)
     except ValidationError as error:
-        items, spec = _after_repair(copy.deepcopy(plain), error)  # the errors keep the user's values
-        found = _from_pydantic([*error.errors(include_url=False), *items], doc)
+        items, spec = after_repair(copy.deepcopy(plain), error)  # the errors keep the user's values
+        found = pydantic_diagnostics([*error.errors(include_url=False), *items], doc)
         found += _shape_diagnostics(spec, doc) + _rules(spec, doc, file_rules) if spec is not None else []
         diagnostics += [d for i, d in enumerate(found) if d not in found[:i]]
     else:
@@ -289,7 +288,7 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", spec.name):
         found.append(
             Diagnostic(
-                _locate(doc, ("name",))[1],
+                locate(doc, ("name",))[1],
                 f"the model name must be a word of letters, digits and _ (at most 100; it names the run "
                 f"folder), got {spec.name!r}",
             )
@@ -299,19 +298,19 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
         if arg not in uses and getattr(spec.train, field) != TrainSpec.model_fields[field].default:
             found.append(
                 Diagnostic(
-                    _locate(doc, ("train", field))[1],
+                    locate(doc, ("train", field))[1],
                     f"{arg} is a setting of the {_owner(arg)} schedule; this spec's schedule is "
                     f"{spec.train.schedule}",
                 )
             )
     for what, message in spec.data.mistakes():
-        found.append(Diagnostic(_locate(doc, ("data", what))[1], message))
+        found.append(Diagnostic(locate(doc, ("data", what))[1], message))
     found += [Diagnostic(issue.source, issue.message) for issue in misplaced_sigmoids(spec)]
     deq = spec.dequantize
     if deq.kind == "variational" and deq.steps and not any(kind_of(s).couples for _, s in written(deq.steps)):
         found.append(
             Diagnostic(
-                _locate(doc, ("dequantize",), ("kind", "steps"))[1],
+                locate(doc, ("dequantize",), ("kind", "steps"))[1],
                 "the variational dequantizer has no coupling, so nothing would use its context network (its "
                 "parameters would be counted and never trained): add a coupling in a split, or write "
                 "`dequantize uniform`",
@@ -320,7 +319,7 @@ def _file_rules(spec: FlowSpec, doc: RawDict) -> list[Diagnostic]:
     if spec.train.init_batch < 2:
         found.append(
             Diagnostic(
-                _locate(doc, ("train", "init_batch"))[1],
+                locate(doc, ("train", "init_batch"))[1],
                 f"init_batch must be >= 2 (the data-dependent init takes statistics over the images), got "
                 f"{spec.train.init_batch}",
             )
@@ -404,80 +403,6 @@ def _shaped_locs(step: Any) -> list[SourceLoc | None]:
     return [step.locs.get(name) for name in kind.shaped] if kind is not None else []
 
 
-#: Settings whose repair changes the shapes a spec's steps see: no shape check after repairing them (with
-#: the step kinds' `shaped` settings).
-_SHAPED = {"data", "shape", "kind", "dequantize", "flow"}
-REPAIR_ROUNDS = 3  # repairs and validations after the first, each finding what the last one hid
-
-
-def _after_repair(plain: dict, error: ValidationError) -> tuple[list, FlowSpec | None]:
-    """The mistakes that the first mistakes hid: each wrong setting falls back to its default (a wrong
-    section to its defaults, a step of an unknown kind is left out) and the spec is validated again, so
-    the checks between settings (`heads` must divide `filters`) run too. Returns the new pydantic error
-    items and the repaired spec for the shape check (None if it failed again or if a repair changed
-    shapes). A check that names a repaired setting (its value is not the user's) and a missing setting
-    (what a repair removed) are not reported."""
-    found: list = []
-    repaired: list[tuple] = []
-    shaped = False
-    shaping = _SHAPED.union(*(kind.shaped for kind in KINDS.values()))
-    for _ in range(REPAIR_ROUNDS):
-        for item in error.errors(include_url=False):
-            removed = _repair(plain, item["loc"], item["type"])
-            repaired += removed
-            shaped = shaped or any(not loc or loc[-1] in shaping for loc in removed)
-        try:
-            spec = FlowSpec.model_validate(plain, strict=True)
-        except ValidationError as again:
-            error = again
-            found += [
-                item
-                for item in again.errors(include_url=False)
-                if item["type"] != "missing" and not _names_repaired(item, repaired)
-            ]
-        else:
-            return found, None if shaped else spec
-    return found, None
-
-
-def _untagged(loc: tuple) -> tuple:
-    """A pydantic error location without the tags of discriminated unions (the kind after a step index)."""
-    return tuple(
-        p for i, p in enumerate(loc) if not (isinstance(p, str) and i and isinstance(loc[i - 1], int))
-    )
-
-
-def _repair(plain: dict, loc: tuple, error_type: str) -> list[tuple]:
-    """Remove what the error at `loc` blames from the plain document: a setting (its default applies), a
-    step of an unknown kind, or every setting of a section or step that is wrong as a whole. Returns the
-    paths removed (a removed step's ends with `kind`)."""
-    node: Any = plain
-    path = _untagged(loc)
-    for i, part in enumerate(path):
-        found = part in node if isinstance(node, dict) else isinstance(part, int) and part < len(node)
-        if not isinstance(node, (dict, list)) or not found:
-            return []
-        child = node[part]
-        # a section or step wrong as a whole loses its settings; a dict where a value belongs goes
-        whole = i == len(path) - 1 and isinstance(child, dict) and error_type.startswith(("value", "model"))
-        if i == len(path) - 1 and not whole or not isinstance(child, (dict, list)):
-            del node[part]
-            return [(*path[: i + 1], "kind") if isinstance(part, int) else path[: i + 1]]
-        node = child
-    if not isinstance(node, dict):
-        return []
-    keys = [k for k in node if k not in ("kind", "source")]
-    for key in keys:
-        del node[key]
-    return [(*path, key) for key in keys]
-
-
-def _names_repaired(item: dict, repaired: list[tuple]) -> bool:
-    """Whether an error of the repaired spec is about a setting that a repair set to its default."""
-    node, text = _untagged(item["loc"]), item.get("msg", "")
-    return any(loc[:-1] == node[: len(loc) - 1] and str(loc[-1]) in text for loc in repaired if loc)
-
-
 def _plain(value: Any) -> Any:
     """The raw document as plain dicts, lists, strings, numbers and booleans (what pydantic should see,
     in strict mode: a quoted "8" is not a number, and only the words `on` and `off` are booleans)."""
@@ -490,201 +415,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Word):
         return {"on": True, "off": False}.get(value, str(value))
     return value
-
-
-_MEMBER_TAG = re.compile(r"(int|float|str|bool|none|(tuple|list|literal|function-\w+)\[.*\])$")
-
-
-def _one_per_union(items: list) -> list:
-    """Pydantic reports a value that fits no member of a union (`int | float`, `str | int`) once per
-    member, the member's type name in the location: keep one, with the type name dropped, preferring the
-    member of the value's own kind (a number's error for a number). Other errors are kept as they are."""
-    kept: dict[Any, dict] = {}
-    for i, item in enumerate(items):
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and _MEMBER_TAG.fullmatch(p)))
-        if loc == tuple(item["loc"]):
-            kept[i] = item
-            continue
-        fits = isinstance(item.get("input"), int | float) == item["type"].startswith(("int", "float"))
-        if loc not in kept or fits:
-            kept[loc] = {**item, "loc": loc}
-    return list(kept.values())
-
-
-def _from_pydantic(items: list, doc: RawDict) -> list[Diagnostic]:
-    found: list[tuple[str, Diagnostic]] = []
-    for item in _one_per_union(items):
-        # point an unknown kind at the word, not at the whole section
-        kind_word = ("kind",) if item["type"] == "union_tag_invalid" else ()
-        fields = getattr(item.get("ctx", {}).get("error"), "fields", ())  # the settings a `Conflict` reads
-        path, loc, model, owner, step = _locate(doc, (*item["loc"], *kind_word), fields)
-        message = _message(item, path, model, owner)
-        if step is not None:
-            message += f", on the {step.get('kind')} at {step['source']}"
-        found.append((path, Diagnostic(loc, message)))
-    # an invalid default shows up again at every step that inherits it: report it once, at `defaults`
-    in_defaults = {d.message for path, d in found if path.startswith("defaults")}
-    return [d for path, d in found if path.startswith("defaults") or d.message not in in_defaults]
-
-
-def _locate(
-    doc: RawDict, loc: tuple, fields: Sequence[str] = ()
-) -> tuple[str, SourceLoc | None, Any, Any, RawDict | None]:
-    """Follow a pydantic error location through the raw document: the user-facing path, the source
-    location of the deepest part written, the model class of the innermost object, what to call that
-    object in a message (a step's kind, else its path), and the step to name in it (else None). An error
-    about a node as a whole that reads `fields` of it blames the latest `--set` of one of them, else the
-    first of them the node wrote itself, else the first it inherits from `defaults`; a step that writes one
-    of them itself is named when the blame lies elsewhere (in a `--set`)."""
-    node: Any = doc
-    annotation: Any = FlowSpec
-    where = doc.loc
-    names: list[str] = []
-    tag_pending = False
-    model: Any = FlowSpec
-    container: Any = doc
-    depth = 0
-    complete = True
-    for part in loc:
-        if tag_pending and isinstance(node, dict) and part == node.get("kind"):
-            tag_pending = False
-            continue
-        tag_pending = False
-        if isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node, annotation = node[part], _item_annotation(annotation)
-            where = getattr(node, "loc", None) or where
-            names.append(str(part))
-            tag_pending = True
-            continue
-        if isinstance(node, RawDict):
-            model = model_of(annotation, node) or model
-            container, depth = node, len(names)
-            if isinstance(part, str) and part in node:
-                where = node.locs.get(part) or where
-                names.append(part)
-                annotation = model.model_fields[part].annotation if part in model.model_fields else None
-                node = node[part]
-                tag_pending = isinstance(node, dict)
-                continue
-        names.append(str(part))
-        complete = False
-        break
-    step = None
-    if isinstance(node, RawDict):
-        model = model_of(annotation, node) or model
-        written = {f: x for f in fields if (x := node.locs.get(f)) is not None} if complete else {}
-        own = [f for f in written if f not in node.inherited]
-        overridden = [x for x in written.values() if x.file == OVERRIDE_FILE]
-        if overridden:
-            where = max(overridden, key=lambda x: x.line)
-            step = node if own and "source" in node else None
-        elif written:
-            where = written[(own or list(written))[0]]
-    path = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names))
-    owner = ".".join(SECTION_NAMES.get(n, n) if i == 0 else n for i, n in enumerate(names[:depth]))
-    if container is not doc and isinstance(container, RawDict) and "source" in container:
-        owner = str(container.get("kind"))
-    return path, where, model, owner, step
-
-
-def _item_annotation(annotation: Any) -> Any:
-    args = get_args(annotation)
-    return args[0] if args else None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):  # the file's `on` and `off`
-        return "on" if value else "off"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Call):
-        return f"{value.name}(...)"
-    if isinstance(value, dict) and set(value) == {"count", "unit"}:
-        return f"{value['count']} {value['unit']}"
-    if isinstance(value, tuple):
-        return "(" + ", ".join(_show(v) for v in value) + ")"
-    return str(value)
-
-
-_WRITTEN = {  # spec field -> the name the file writes
-    **{field: arg for arg, field in SCHEDULE_ARGS.items()},
-    **{field: f"the second warmup's {arg}" for arg, field in REWARM_ARGS.items()},
-    "eval_every": "eval every",
-    "save_every": "save every",
-    "hflip": "augment",
-}
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
-def _message(item: dict, path: str, model: Any, owner: str) -> str:
-    kind, ctx, value = item["type"], item.get("ctx", {}), item.get("input")
-    parts = path.split(".")
-    field = next((p for p in reversed(parts) if not p.isdigit()), path) or "spec"
-    if field == "count":  # name the count by what it counts: a step's kind, else its section
-        field = f"{owner} count" if owner in KINDS else parts[-2] if len(parts) > 1 else field
-    field = _WRITTEN.get(field, field)
-    if field == "shape" and (kind in ("too_long", "too_short") or kind == "missing" and parts[-1].isdigit()):
-        return f"shape is C x H x W (channels, height, width), e.g. 3x32x32, got {'x'.join(map(str, value))}"
-    if field == "betas" and (
-        kind in ("too_long", "too_short", "tuple_type") or kind == "missing" and parts[-1].isdigit()
-    ):
-        return f"betas are two values, e.g. (0.9, 0.999), got {_show(value)}"
-    if kind == "missing":
-        if path == "model":
-            return "missing model name: add `model NAME`"
-        if path == "flow":
-            return "missing flow: add `flow { ... }` with the model's steps"
-        if field == "steps" and owner.startswith("dequantize"):
-            return "`dequantize variational` needs its steps: `dequantize variational { ... }`"
-        return f"missing setting '{field}'" + (f" of {owner}" if owner else "")
-    if kind == "extra_forbidden":
-        if field in ("steps", "context") and owner.startswith("dequantize"):
-            return f"uniform dequantization has no {field}: write `dequantize uniform` alone"
-        allowed = [n for n in getattr(model, "model_fields", {}) if n not in ("kind", "source")]
-        where = f" of {owner}" if owner else ""
-        return f"unknown setting '{field}'{where}{did_you_mean(field, allowed)}"
-    if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
-        return f"unknown {field} '{_show(value)}'{did_you_mean(str(value), choices)}"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        choices = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
-        tag = str(ctx.get("tag", ""))
-        field = parts[-2] if parts[-1] == "kind" and len(parts) > 1 else field
-        return f"unknown {field} kind '{tag}'{did_you_mean(tag, choices)}"
-    if kind in _BOUNDS:
-        bound = next(iter(ctx.values()))
-        return f"{field} must be {_BOUNDS[kind]} {bound}, got {_show(value)}"
-    if kind == "int_from_float" or kind == "int_type" and isinstance(value, float):
-        return f"{field} must be a whole number, got {_show(value)}"
-    if kind in ("int_type", "int_parsing", "float_type", "float_parsing", "finite_number"):
-        if isinstance(value, str) and _is_number(value):
-            if not math.isfinite(float(value)):  # the words inf and nan
-                return f"{field} must be a finite number, got {value}"
-            return f'{field} must be a number, got the text "{value}": write numbers without quotes'
-        return f"{field} must be a number, got {_show(value)}"
-    if kind in ("bool_type", "bool_parsing"):
-        if value in ("on", "off"):  # only a quoted on / off reaches here: the words are booleans
-            return f'{field} must be on or off, got the text "{value}": write it without quotes'
-        return f"{field} must be on or off, got {_show(value)}"
-    if kind in ("model_type", "model_attributes_type", "dict_type") and field in (
-        "length",
-        "eval every",
-        "save every",
-    ):
-        return (
-            f"{field} must be a count of steps or epochs, e.g. `100 steps` or `10 epochs`, got {_show(value)}"
-        )
-    if kind == "too_short" and field == "flow":
-        return "flow has no steps: write at least one, e.g. `flow { split stripe { coupling; flip } }`"
-    if kind == "value_error":
-        return str(ctx.get("error", item["msg"]))
-    message = item["msg"]
-    return f"{field}: {message[:1].lower()}{message[1:]} (got {_show(value)})"

@@ -16,11 +16,12 @@ from flowspec import FlowSpec, load_spec, parse_spec
 from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
 from flowspec.formatter import format_spec
-from flowspec.loader import _message, setting_sources
+from flowspec.loader import setting_sources
 from flowspec.resolve import OVERRIDE_FILE
 from flowspec.shapes import shape_issues
 from flowspec.steps import KINDS, written
 from flowspec.steps.coupling import CouplingStep, held_at_builtin
+from flowspec.validation_errors import error_message
 
 IDS = [str(p.relative_to(SPECS)) for p in ALL_SPECS]
 
@@ -411,9 +412,9 @@ def test_what_decides_a_shape_is_what_the_step_kinds_say(tmp_path: Path, monkeyp
 def test_a_count_of_a_step_is_named_by_its_kind():
     """`repeat count must be >= 1`: the count of any kind is named by the kind (not by its index)."""
     item = {"type": "greater_than_equal", "ctx": {"ge": 1}, "input": 0}
-    assert _message(item, "flow.0.count", None, "repeat") == "repeat count must be >= 1, got 0"
-    assert _message(item, "flow.0.count", None, "flip") == "flip count must be >= 1, got 0"
-    assert _message(item, "train.length.count", None, "train.length") == "length must be >= 1, got 0"
+    assert error_message(item, "flow.0.count", None, "repeat") == "repeat count must be >= 1, got 0"
+    assert error_message(item, "flow.0.count", None, "flip") == "flip count must be >= 1, got 0"
+    assert error_message(item, "train.length.count", None, "train.length") == "length must be >= 1, got 0"
 
 
 def test_a_set_that_makes_the_files_floor_or_classes_wrong_is_blamed(tmp_path: Path):
