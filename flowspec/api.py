@@ -84,6 +84,7 @@ def train(
     from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
     from flowspec.train.distributed import agreed, join
     from flowspec.train.lock import check_free
+    from flowspec.train.signals import is_signal
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
 
@@ -161,7 +162,7 @@ def train(
             eval_options=given,
         )
     result = run_training(spec, options)
-    if result.stopped in ("SIGINT", "SIGTERM"):
+    if is_signal(result.stopped):
         raise RunStopped(result)
     return result
 

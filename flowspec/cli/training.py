@@ -212,6 +212,7 @@ def train(
 ) -> None:
     """Train a spec with its recipe; checkpoint, evaluate and sample every interval."""
     import flowspec
+    from flowspec.train.signals import is_signal
 
     try:
         result = flowspec.train(
@@ -242,7 +243,7 @@ def train(
             "one without starts again with the same command and --out RUN_DIR)",
             isinstance(stop, Terminated),
         ) from None
-    if result.stopped in ("SIGINT", "SIGTERM"):
+    if is_signal(result.stopped):
         from flowspec.train.distributed import main_process
         from flowspec.train.trainer import resume_command, stop_line
 
@@ -377,8 +378,9 @@ def ablate(
 
 def _report_ablation(done: Ablation, planned: int, received: str | None, caption: str, out: Path) -> int:
     """Print the comparison (rank 0), its notes and failed runs, and a stop line; the exit code."""
-    from flowspec.train.ablate import is_signal, resume_command
+    from flowspec.train.ablate import resume_command
     from flowspec.train.distributed import main_process
+    from flowspec.train.signals import is_signal
 
     last = done.runs[-1].stopped if done.runs else None
     complete = len(done.runs) + len(done.failed) == planned and not is_signal(last)

@@ -20,7 +20,7 @@ from flowspec.train.files import replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
 from flowspec.train.rundir import previous_checkpoint, set_aside
-from flowspec.train.signals import StopCheck, never
+from flowspec.train.signals import StopCheck, is_signal, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
 SPLITS = ("train", "test")
@@ -322,11 +322,6 @@ def _data_of(
         except UserError as error:
             raise UserError(f"{spec.source or spec.name}: {error}") from None
     return read[key]
-
-
-def is_signal(stopped: str | None) -> bool:
-    """Whether a run (or the ablation) was stopped by SIGINT or SIGTERM."""
-    return stopped in ("SIGINT", "SIGTERM")
 
 
 def test_images(result: RunResult) -> int | None:

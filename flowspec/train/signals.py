@@ -31,6 +31,11 @@ class StoppedBySignal(Exception):
         return 128 + int(signal.Signals[self.signal])
 
 
+def is_signal(stopped: str | None) -> bool:
+    """Whether a run (or an ablation) was stopped by SIGINT or SIGTERM (its `stopped` names the signal)."""
+    return stopped in ("SIGINT", "SIGTERM")
+
+
 def never() -> str | None:
     """The stop check of work that nothing interrupts."""
     return None
