@@ -80,10 +80,7 @@ def train(
     its step and saves it, then raises `RunStopped` (a `KeyboardInterrupt`, holding the `RunResult`).
     """
     from flowspec.loader import check_overrides
-    from flowspec.threads import check_threads
-    from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
     from flowspec.train.distributed import agreed, join
-    from flowspec.train.lock import check_free
     from flowspec.train.signals import is_signal
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
@@ -94,47 +91,11 @@ def train(
     with agreed(join(device)):
         check_overrides(sets)
         switches = dict(compile=compile, tensorboard=tensorboard, quiet=quiet, allow_large=allow_large)
-        for name, value in switches.items():
-            check_bool(value, name)
-        if threads is not None:
-            if not _whole(threads):  # torch refuses True, 1.5 and "2" with a traceback
-                raise UserError(f"threads must be a whole number >= 1, got {threads!r}")
-            check_threads(threads)
-        if max_steps is not None and not (_whole(max_steps) and max_steps >= 1):
-            raise UserError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+        _check_options(switches, threads, max_steps)
         memory = parse_size(data_memory) if data_memory is not None else None
-        applied = False  # whether `sets` were applied to the stored spec of the run resumed
         if resume is not None:
-            if Path(resume).is_file():  # RUN_DIR/last.pt stands for its run folder; nothing else resumes
-                if Path(resume).name != LAST:
-                    raise UserError(f"--resume takes a run folder (or its {LAST}), got {resume}")
-                resume = Path(resume).parent
-            if out is not None and Path(out).resolve() != Path(resume).resolve():
-                raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
-            out = resume
-            check_free(Path(resume))  # a run still writing its first checkpoint: named, not "no checkpoint"
-            if spec is None:  # the stored spec, with the --set overrides (eval settings, `save every`)
-                spec = checkpoint_spec(load_checkpoint(resume), resume)
-                if sets:
-                    from flowspec.loader import stored_with_overrides
-
-                    spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
-                    applied = True
-        if spec is None:
-            raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
-        if not isinstance(spec, FlowSpec):
-            from flowspec.loader import load_spec
-
-            _not_a_run_folder(Path(spec))
-            spec = load_spec(spec, overrides=tuple(sets))
-        elif sets and not applied:
-            raise UserError(
-                "sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself"
-            )
-        elif resume is None:  # what a spec file may not say, a spec made in Python may not start a run with
-            from flowspec.loader import check_file_rules
-
-            check_file_rules(spec)
+            resume = out = _resumed(resume, out)
+        spec = _spec_to_train(spec, sets, resume)
         if log_every is not None and not (_whole(log_every) and log_every >= 1):
             raise UserError(f"log_every must be a whole number of steps >= 1, got {log_every!r}")
         from flowspec.train.recompute import check_training
@@ -165,6 +126,64 @@ def train(
     if is_signal(result.stopped):
         raise RunStopped(result)
     return result
+
+
+def _check_options(switches: Mapping[str, object], threads: object, max_steps: object) -> None:
+    """A `UserError` unless each of the `switches` is True or False and `threads` and `max_steps` are None
+    or whole numbers >= 1 (and `threads` one this machine allows)."""
+    from flowspec.threads import check_threads
+
+    for name, value in switches.items():
+        check_bool(value, name)
+    if threads is not None:
+        if not _whole(threads):  # torch refuses True, 1.5 and "2" with a traceback
+            raise UserError(f"threads must be a whole number >= 1, got {threads!r}")
+        check_threads(threads)
+    if max_steps is not None and not (_whole(max_steps) and max_steps >= 1):
+        raise UserError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+
+
+def _resumed(resume: PathLike, out: PathLike | None) -> PathLike:
+    """The run folder that `resume` names (the folder, or its last.pt), where the run goes on: a
+    `UserError` for any other file, for an `out` elsewhere, or for a run that another process is writing."""
+    from flowspec.train.checkpoint import LAST
+    from flowspec.train.lock import check_free
+
+    if Path(resume).is_file():  # RUN_DIR/last.pt stands for its run folder; nothing else resumes
+        if Path(resume).name != LAST:
+            raise UserError(f"--resume takes a run folder (or its {LAST}), got {resume}")
+        resume = Path(resume).parent
+    if out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise UserError(f"--resume continues the run in {resume}: leave out --out (got {out})")
+    check_free(Path(resume))  # a run still writing its first checkpoint: named, not "no checkpoint"
+    return resume
+
+
+def _spec_to_train(
+    spec: FlowSpec | PathLike | None, sets: Sequence[str], resume: PathLike | None
+) -> FlowSpec:
+    """The spec the run trains: `spec` (a spec file with the `sets` overrides, or a `FlowSpec` that may
+    start a run), else the stored spec of the run `resume` continues, with the `sets` overrides (eval
+    settings, `save every`). A `UserError` when there is none, or `sets` for a `FlowSpec`."""
+    from flowspec.loader import check_file_rules, load_spec, stored_with_overrides
+    from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
+
+    applied = False  # whether `sets` were applied to the stored spec of the run resumed
+    if spec is None and resume is not None:
+        spec = checkpoint_spec(load_checkpoint(resume), resume)
+        if sets:
+            spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
+            applied = True
+    if spec is None:
+        raise UserError("no spec given: flowspec train SPEC.flow (or --resume RUN_DIR to continue a run)")
+    if not isinstance(spec, FlowSpec):
+        _not_a_run_folder(Path(spec))
+        return load_spec(spec, overrides=tuple(sets))
+    if sets and not applied:
+        raise UserError("sets= overrides apply to a spec file: pass its path, or change the FlowSpec itself")
+    if resume is None:  # what a spec file may not say, a spec made in Python may not start a run with
+        check_file_rules(spec)
+    return spec
 
 
 def _whole(value: object) -> bool:
