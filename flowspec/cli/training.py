@@ -39,7 +39,7 @@ from flowspec.errors import (
 
 if TYPE_CHECKING:
     from flowspec.train.ablate import Ablation
-    from flowspec.train.trainer import RunResult
+    from flowspec.train.trainer import RunOptions, RunResult
 
 
 class Recompute(str, Enum):
@@ -319,54 +319,32 @@ def ablate(
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
-    from flowspec.train.ablate import planned_device, read_plan, resume_ablation, run_ablation
-    from flowspec.train.distributed import agreed, join, teardown
-    from flowspec.train.recompute import check_training
+    from flowspec.train.distributed import teardown
     from flowspec.train.trainer import RunOptions
 
     how = RunOptions(data_dir=data, device=device_name(device), quiet=quiet, threads=threads)
     try:
         if resume is not None:
-            _check_resume_alone(ctx, specs, resume)
-            with agreed(join(how.device or planned_device(resume))):  # one process may fail to read it
-                out, plan = resume, read_plan(resume)
-                runs = plan.options
-                for each in plan.specs:  # on the device the runs will use, as they will train
-                    where = how.device or runs.device
-                    check_training(each, where, allow_large, runs.precision, runs.recompute, runs.compile)
-            with stoppable("the ablation", _kept_by_ablation(out)) as signals:
-                done = resume_ablation(resume, how, signals.check, plan)
-            title, seed, planned = plan.budget, plan.specs[0].train.seed, len(plan.runs)
+            code = _finish_ablation(ctx, specs, resume, how, allow_large)
         else:
-            if not specs:
-                raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
-            if (steps is None) == (budget is None):
-                raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
-            with agreed(join(how.device)):  # under torchrun, one process may lack its copy of a spec
-                resolved = [load_cli_spec(path, sets) for path in specs]
-                asked = precision.value if precision else None
-                for each in resolved:
-                    check_training(each, how.device, allow_large, asked, recompute.value, compile_networks)
-            out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
-            options = replace(
+            asked = replace(
                 how,
                 precision=precision.value if precision else None,
                 compile=compile_networks,
                 recompute=recompute.value,
-                data_memory=parse_size(data_memory) if data_memory is not None else None,
-                max_steps=steps,
-                max_run_time=parse_duration(budget) if budget else None,
-                eval={
-                    **eval_written_by(resolved[0], sets or ()),
-                    **_eval_settings(
-                        eval_images, eval_batch, eval_samples, eval_inversion, no_eval_inversion
-                    ),
-                },
             )
-            title, planned = (f"{steps} steps" if steps else str(budget)), len(resolved)
-            with stoppable("the ablation", _kept_by_ablation(out)) as signals:
-                done = run_ablation(resolved, options, out, seed, signals.check, sets or (), title)
-        code = _report_ablation(done, planned, signals.received, f"{title} each, seed {seed}", out)
+            code = _start_ablation(
+                specs,
+                sets or [],
+                asked,
+                allow_large,
+                out=out,
+                steps=steps,
+                budget=budget,
+                seed=seed,
+                data_memory=data_memory,
+                evals=(eval_images, eval_batch, eval_samples, eval_inversion, no_eval_inversion),
+            )
     except BaseException:
         teardown()  # at once: the others may never reach a barrier
         raise
@@ -374,6 +352,70 @@ def ablate(
     teardown(together=True)
     if code:
         raise typer.Exit(code)
+
+
+def _finish_ablation(
+    ctx: typer.Context, specs: list[Path] | None, resume: Path, how: RunOptions, allow_large: bool
+) -> int:
+    """`ablate --resume`: finish the ablation in `resume` with its plan's specs and settings (`how` says
+    only how to run them), report it and return the exit code."""
+    from flowspec.train.ablate import planned_device, read_plan, resume_ablation
+    from flowspec.train.distributed import agreed, join
+    from flowspec.train.recompute import check_training
+
+    _check_resume_alone(ctx, specs, resume)
+    with agreed(join(how.device or planned_device(resume))):  # one process may fail to read it
+        plan = read_plan(resume)
+        runs = plan.options
+        for each in plan.specs:  # on the device the runs will use, as they will train
+            where = how.device or runs.device
+            check_training(each, where, allow_large, runs.precision, runs.recompute, runs.compile)
+    with stoppable("the ablation", _kept_by_ablation(resume)) as signals:
+        done = resume_ablation(resume, how, signals.check, plan)
+    caption = f"{plan.budget} each, seed {plan.specs[0].train.seed}"
+    return _report_ablation(done, len(plan.runs), signals.received, caption, resume)
+
+
+def _start_ablation(
+    specs: list[Path] | None,
+    sets: list[str],
+    how: RunOptions,
+    allow_large: bool,
+    *,
+    out: Path | None,
+    steps: int | None,
+    budget: str | None,
+    seed: int,
+    data_memory: str | None,
+    evals: tuple[int | None, int | None, int | None, bool, bool],
+) -> int:
+    """A new ablation of `specs` (with the `--set` overrides `sets`) for `steps` or `budget` each, run as
+    `how` says (with the `--data-memory` and `--eval-*` options, `evals`), in `out` (default
+    runs/ablate-<time>); report it and return the exit code."""
+    from flowspec.train.ablate import run_ablation
+    from flowspec.train.distributed import agreed, join
+    from flowspec.train.recompute import check_training
+
+    if not specs:
+        raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
+    if (steps is None) == (budget is None):
+        raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
+    with agreed(join(how.device)):  # under torchrun, one process may lack its copy of a spec
+        resolved = [load_cli_spec(path, sets) for path in specs]
+        for each in resolved:
+            check_training(each, how.device, allow_large, how.precision, how.recompute, how.compile)
+    out = out or Path("runs") / f"ablate-{datetime.now():%Y%m%d-%H%M%S}"
+    options = replace(
+        how,
+        data_memory=parse_size(data_memory) if data_memory is not None else None,
+        max_steps=steps,
+        max_run_time=parse_duration(budget) if budget else None,
+        eval={**eval_written_by(resolved[0], sets), **_eval_settings(*evals)},
+    )
+    title = f"{steps} steps" if steps else str(budget)
+    with stoppable("the ablation", _kept_by_ablation(out)) as signals:
+        done = run_ablation(resolved, options, out, seed, signals.check, sets, title)
+    return _report_ablation(done, len(resolved), signals.received, f"{title} each, seed {seed}", out)
 
 
 def _report_ablation(done: Ablation, planned: int, received: str | None, caption: str, out: Path) -> int:
