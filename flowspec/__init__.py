@@ -62,7 +62,7 @@ def build(spec: FlowSpec, device: str | torch.device | None = None) -> FlowModel
         )
     check_valid(spec)
     if device is not None:
-        from flowspec.inspection.budget import check_cuda, parse_device
+        from flowspec.devices import check_cuda, parse_device
 
         device = parse_device(device)
         if device.type == "cuda":  # torch's own error names a driver, not the device asked for

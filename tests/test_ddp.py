@@ -193,7 +193,7 @@ def test_the_device_string_picks_the_device_or_is_refused(monkeypatch):
     assert chosen == [1, 0]
     with pytest.raises(UserError, match=r"CUDA device 2 does not exist \(this machine has 2"):
         setup("cuda:2")
-    from flowspec.inspection.budget import device_memory  # the memory check, which comes first
+    from flowspec.devices import device_memory  # the memory check, which comes first
 
     with pytest.raises(UserError, match=r"CUDA device 2 does not exist \(this machine has 2"):
         device_memory("cuda:2")

@@ -230,9 +230,9 @@ GiB = 2**30
 @pytest.fixture
 def small_machine(monkeypatch):
     """The memory budget of a small machine, whatever this one has."""
-    from flowspec.inspection import budget
+    from flowspec import devices
 
-    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": 2 * GiB)
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": 2 * GiB)
 
 
 def bomb(
@@ -322,7 +322,7 @@ def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
     a torchrun job on the machine."""
     import resource
 
-    from flowspec.inspection import budget
+    from flowspec import devices
 
     class CgroupFile:
         def __init__(self, path, text):
@@ -335,7 +335,7 @@ def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
             return self.text
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(budget, "HELD_AT_IMPORT", (0, 0))  # nothing resident or mapped yet
+    monkeypatch.setattr(devices, "HELD_AT_IMPORT", (0, 0))  # nothing resident or mapped yet
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     unbounded = ram if soft == resource.RLIM_INFINITY else min(ram, soft)
@@ -345,10 +345,10 @@ def test_the_cgroup_memory_limit_bounds_the_ram(monkeypatch):
         (f"{4 * ram}\n", unbounded),
         ("1073741824\n", GiB),
     ]:
-        monkeypatch.setattr(budget, "Path", lambda path, text=text: CgroupFile(path, text))
-        assert budget.device_memory("cpu") == memory, text
+        monkeypatch.setattr(devices, "Path", lambda path, text=text: CgroupFile(path, text))
+        assert devices.device_memory("cpu") == memory, text
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert budget.device_memory("cpu") == GiB // 2
+    assert devices.device_memory("cpu") == GiB // 2
 
 
 def test_what_the_process_already_holds_and_maps_is_not_free(monkeypatch):
@@ -356,16 +356,17 @@ def test_what_the_process_already_holds_and_maps_is_not_free(monkeypatch):
     RAM the process holds resident (VmRSS), as they were at import: a 4 GiB limit leaves 0.6 GiB, not 4."""
     import resource
 
+    from flowspec import devices
     from flowspec.inspection import budget
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    monkeypatch.setattr(budget, "HELD_AT_IMPORT", (GiB // 2, 34 * GiB // 10))
-    monkeypatch.setattr(budget, "Path", lambda path: Path("/nonexistent/memory.max"))
+    monkeypatch.setattr(devices, "HELD_AT_IMPORT", (GiB // 2, 34 * GiB // 10))
+    monkeypatch.setattr(devices, "Path", lambda path: Path("/nonexistent/memory.max"))
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    assert budget.device_memory("cpu") == ram - GiB // 2
+    assert devices.device_memory("cpu") == ram - GiB // 2
     monkeypatch.setattr(resource, "getrlimit", lambda kind: (4 * GiB, resource.RLIM_INFINITY))
-    assert budget.device_memory("cpu") == 4 * GiB - 34 * GiB // 10
+    assert devices.device_memory("cpu") == 4 * GiB - 34 * GiB // 10
     from conftest import SPECS
 
     spec = load_spec(SPECS / "flowpp_cifar.flow", overrides=("train.batch=30",))

@@ -133,9 +133,9 @@ def test_probe_on_a_test_split_of_one_image_is_refused(tmp_path, capsys, monkeyp
 
 
 def test_a_probe_too_large_for_the_machine_asks_for_a_smaller_batch(monkeypatch, capsys):
-    from flowspec.inspection import budget
+    from flowspec import devices
 
-    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": 10**6)  # above quickstart's weights
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": 10**6)  # above quickstart's weights
     assert run(["inspect", str(SPECS / "quickstart.flow"), "--probe", "--batch", "4096"]) == 2
     err = capsys.readouterr().err
     assert (

@@ -9,6 +9,7 @@ from conftest import SPECS
 from train_helpers import tiny_spec as train_spec
 
 import flowspec
+from flowspec import devices
 from flowspec.errors import UserError
 from flowspec.inspection import budget
 from flowspec.layers.networks import FlowppBlock
@@ -70,23 +71,25 @@ def test_auto_keeps_activations_when_eager_with_room(monkeypatch):
     keeping = budget.measure(spec).train
     for device, share in ((CUDA, 0.8), (CPU, 0.5)):
         memory = int(keeping * 4.5 / share)  # room for its activations 4.5 times over
-        monkeypatch.setattr(budget, "device_memory", lambda device, memory=memory: memory)
+        monkeypatch.setattr(devices, "device_memory", lambda device, memory=memory: memory)
         keep, why = resolve_recompute("auto", device, False, spec)
         assert not keep and why.startswith("auto: keeping every activation fits (~"), device
-        monkeypatch.setattr(budget, "device_memory", lambda device, share=share: int(keeping * 0.9 / share))
+        monkeypatch.setattr(devices, "device_memory", lambda device, share=share: int(keeping * 0.9 / share))
         keep, why = resolve_recompute("auto", device, False, spec)
         assert keep and why.startswith("auto: keeping every activation would need ~"), device
 
 
 def test_the_processes_of_a_torchrun_job_on_one_machine_share_its_ram(monkeypatch):
     """--recompute auto and the size check both see a process's share of the RAM."""
-    monkeypatch.setattr(budget, "HELD_AT_IMPORT", (0, 0))  # nothing resident yet
-    alone = budget.device_memory(CPU)
+    monkeypatch.setattr(devices, "HELD_AT_IMPORT", (0, 0))  # nothing resident yet
+    alone = devices.device_memory(CPU)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert budget.device_memory(CPU) == alone // 4  # no address-space limit below that here
+    assert devices.device_memory(CPU) == alone // 4  # no address-space limit below that here
     spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow", ["train.batch=8"])
     need = budget.measure(spec).train
-    monkeypatch.setattr(budget.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096}.get(name, need // 4096 * 2))
+    monkeypatch.setattr(
+        devices.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096}.get(name, need // 4096 * 2)
+    )
     with pytest.raises(UserError, match=r"of cpu memory \(its share: 4 processes on this machine\)"):
         budget.check_size(spec, "train", CPU)  # twice its need on the machine, half of it a process
 
@@ -128,7 +131,7 @@ def test_auto_sizes_one_process_share_of_the_batch(monkeypatch):
         for world in (1, 4)
     )
     assert budget.images_per_process(spec, 4) == spec.train.batch // 4 and shared < alone
-    monkeypatch.setattr(budget, "device_memory", lambda device: int((alone + shared) / 2 / 0.8))
+    monkeypatch.setattr(devices, "device_memory", lambda device: int((alone + shared) / 2 / 0.8))
     assert resolve_recompute("auto", CUDA, False, spec)[0]
     assert not resolve_recompute("auto", CUDA, False, spec, world=4)[0]
 
@@ -143,7 +146,7 @@ def test_the_training_check_uses_the_recompute_and_precision_the_run_will(tmp_pa
         for r, p in ((True, "fp32"), (False, "fp32"), (False, "bf16"))
     )
     assert off > off_bf16 > 1.1 * on
-    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": int(1.1 * on))
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": int(1.1 * on))
     for recompute in ("on", "auto"):
         check_training(spec, "cpu", False, None, recompute, False)
     with pytest.raises(UserError, match=r"training step's peak with --recompute off in fp32") as refused:
@@ -165,7 +168,7 @@ def test_a_resumed_runs_unknown_precision_is_checked_in_both(monkeypatch):
     size = budget.measure(spec)
     fp32, bf16 = (budget.training_bytes(size, spec, precision=p) for p in ("fp32", "bf16"))
     assert bf16 > fp32
-    monkeypatch.setattr(budget, "device_memory", lambda device="cpu": (fp32 + bf16) // 2)
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": (fp32 + bf16) // 2)
     check_training(spec, "cpu", False, "fp32", "on", False)
     with pytest.raises(UserError, match=r"peak with --recompute on in bf16 \(.*optimizer step's temporaries"):
         check_training(spec, "cpu", False, None, "on", False)
@@ -174,6 +177,6 @@ def test_a_resumed_runs_unknown_precision_is_checked_in_both(monkeypatch):
 def test_what_the_process_allocates_after_import_is_left_to_the_estimate():
     """The memory a run holds (its model, data, a resumed checkpoint) is in its estimate: `--recompute auto`,
     decided after the model is built, does not count it a second time."""
-    before = budget.device_memory("cpu")
+    before = devices.device_memory("cpu")
     held = torch.ones(2**27)  # 512 MiB, touched
-    assert budget.device_memory("cpu") == before and held.sum() == 2**27
+    assert devices.device_memory("cpu") == before and held.sum() == 2**27

@@ -422,7 +422,7 @@ def sample(
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Draw a grid of samples with the EMA weights of a trained run."""
-    from flowspec.inspection.budget import device_memory
+    from flowspec.devices import device_memory
     from flowspec.train.sampling import check_grid_memory, grid_name, save_grid
 
     one_process("sample")

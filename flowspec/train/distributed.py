@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as td
 
+from flowspec.devices import check_cuda, parse_device
 from flowspec.errors import PEER_STOPPED, UserError, job_number, torchrun_worker
-from flowspec.inspection.budget import check_cuda
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,7 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     world = job_size()
     rank, local_rank = job_number("RANK", 0), job_number("LOCAL_RANK", 0)
     torchrun = under_torchrun()
-    try:
-        where = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device {device!r} is not one torch knows: use cpu, cuda or cuda:N") from None
+    where = parse_device(device)
     if where.type not in ("cpu", "cuda"):
         raise UserError(f"--device {device}: flowspec trains on cpu or cuda (cuda:N for one GPU)")
     if where.type == "cuda":

@@ -96,7 +96,8 @@ def load_trained(
     cause are `UserError`s; a model that, with `images` images at once, would not fit the device is
     refused before it is built unless `allow_large`."""
     import flowspec
-    from flowspec.inspection.budget import check_cuda, check_size, parse_device
+    from flowspec.devices import check_cuda, parse_device
+    from flowspec.inspection.budget import check_size
 
     path = Path(target)
     where = parse_device(device or "cpu")

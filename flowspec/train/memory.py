@@ -4,14 +4,15 @@ on the CPU the process's peak resident size, counted from the start of the work 
 
 from __future__ import annotations
 
-import re
 import resource
 import sys
 from pathlib import Path
 
 import torch
 
-_STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+from flowspec.devices import status_bytes
+
+_CLEAR = Path("/proc/self/clear_refs")
 
 
 class PeakMemory:
@@ -42,9 +43,3 @@ class PeakMemory:
         peak, kind = self.read()
         start = f", {self.start / 1e9:.2f} GB at the start" if self.start is not None else ""
         return f"peak memory {peak / 1e9:.2f} GB ({kind}{start})"
-
-
-def status_bytes(field: str) -> int | None:
-    """A size from /proc/self/status, in bytes (None where there is none)."""
-    match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text()) if _STATUS.exists() else None
-    return int(match[1]) * 1024 if match else None

@@ -32,11 +32,12 @@ def resolve_recompute(
         return option == "on", ""
     if compiled:
         return True, "auto: compiled, the recomputation is traced once"
-    from flowspec.inspection.budget import device_memory, measure, training_bytes
+    from flowspec import devices
+    from flowspec.inspection.budget import measure, training_bytes
     from flowspec.inspection.memory import fmt_bytes
 
     keeping = training_bytes(measure(spec), spec, world, recompute=False, precision=precision)
-    available = device_memory(device)  # on a CPU: this process's share of the RAM
+    available = devices.device_memory(device)  # on a CPU: this process's share of the RAM
     estimate = f"~{fmt_bytes(int(keeping))} of {fmt_bytes(available)}"
     if keeping <= (GPU_SHARE if device.type == "cuda" else RAM_SHARE) * available:
         return False, f"auto: keeping every activation fits ({estimate})"
@@ -54,8 +55,9 @@ def check_training(
     """`check_size` of a run of `spec` with the precision and recompute setting it will train with
     (`precision` None, a resumed run's, read later from its checkpoint: fp32 and bf16 both, each of which
     can be the larger estimate)."""
+    from flowspec.devices import default_device
     from flowspec.errors import job_number
-    from flowspec.inspection.budget import check_size, default_device
+    from flowspec.inspection.budget import check_size
     from flowspec.model import compile_scope
     from flowspec.train.precision import resolve_precision
 
