@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
+REFERENCE_REPEATS = 10  # timed calls of each reference kernel (after two untimed)
 sys.path.insert(0, str(ROOT))  # this checkout's flowspec, not whichever is installed
 
 
@@ -135,15 +136,15 @@ def reference(args: argparse.Namespace, precision: str) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    def gflops(fn, flop: int, repeats: int = 10) -> float:
+    def gflops(fn, flop: int) -> float:
         fn()
         fn()
         synchronize(device)
         start = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(REFERENCE_REPEATS):
             fn()
         synchronize(device)
-        return flop * repeats / (time.perf_counter() - start) / 1e9
+        return flop * REFERENCE_REPEATS / (time.perf_counter() - start) / 1e9
 
     a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
     x = torch.randn(8, 192, 32, 16, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)

@@ -77,6 +77,7 @@ BUDGET = 450.0  # seconds; gpu_check.sh's hard limit is 470 s, then 10 s to die 
 # is made after the rows if time is left
 NEEDED_SECONDS = {"compiled": 150, "eager": 75, "profile": 40}
 COMPILE_SECONDS = 60
+PROFILE_STEPS = 3  # training steps the profile after the rows records
 DRY_RUN_SHRINK = (
     "data.shape=3x8x8",
     "defaults.coupling.filters=8",
@@ -276,9 +277,9 @@ def train_steps(spec, device: torch.device, config: Config, args: argparse.Names
     return Row(config.name(recompute), config.batch, seconds, peak, required=config.required)
 
 
-def profile(step, device: torch.device, path: Path, title: str, steps: int = 3) -> None:
-    """Profile `steps` calls of `step`: the device kernels taking most time, launches per step, and the
-    fraction of the wall time the device was busy; written to `path`."""
+def profile(step, device: torch.device, path: Path, title: str) -> None:
+    """Profile `PROFILE_STEPS` calls of `step`: the device kernels taking most time, launches per step, and
+    the fraction of the wall time the device was busy; written to `path`."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -286,7 +287,7 @@ def profile(step, device: torch.device, path: Path, title: str, steps: int = 3) 
     synchronize(device)
     start = time.perf_counter()
     with torch_profile(activities=activities) as prof:
-        for _ in range(steps):
+        for _ in range(PROFILE_STEPS):
             step()
         synchronize(device)
     wall = time.perf_counter() - start
@@ -299,8 +300,9 @@ def profile(step, device: torch.device, path: Path, title: str, steps: int = 3) 
         max_name_column_width=70,
     )
     text = [
-        f"{title}: {steps} steps in {wall:.3f} s under the profiler",
-        f"device kernels per step: {len(kernels) / steps:.0f}; device busy {busy:.0%} of the wall time",
+        f"{title}: {PROFILE_STEPS} steps in {wall:.3f} s under the profiler",
+        f"device kernels per step: {len(kernels) / PROFILE_STEPS:.0f}; "
+        f"device busy {busy:.0%} of the wall time",
         table,
     ]
     path.write_text("\n".join(text) + "\n")

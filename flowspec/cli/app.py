@@ -11,6 +11,7 @@ from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 import typer
+from typer._click.exceptions import ClickException  # typer carries its own copy of click
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from flowspec.errors import PEER_STOPPED, Terminated, UserError, job_number, os_error_message
@@ -103,11 +104,6 @@ def _options(
     """Declarative normalizing-flow image models: specs, validate, show, inspect, diff, train, ablate, eval,
     sample, export."""
 
-
-try:  # typer >= 0.20 carries its own copy of click
-    from typer._click.exceptions import ClickException
-except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException
 
 EXIT_USER, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 130, 143
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -34,7 +34,6 @@ class Size:
     parameters: int
     weights: int  # bytes of the trainable parameters
     train: int  # bytes at a training step's peak at the spec's batch, recomputing in float32
-    train_note: str
     state: int  # bytes of the weights, gradients, Adam's moments and the EMA
     per_image: int  # bytes per image a training step keeps for backward (float32, recomputing)
     largest_step: int  # bytes per image the largest step keeps (what inference holds at once, about)
@@ -69,7 +68,6 @@ def measure(spec: FlowSpec) -> Size:
         parameters,
         4 * parameters,
         estimate.total,
-        estimate.note,
         estimate.state,
         per_image,
         estimate.largest_step,

@@ -27,7 +27,6 @@ class Dist:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     backend: str | None = None  # the process group's, under torchrun
 
     @property
@@ -117,7 +116,7 @@ def setup(device: str) -> tuple[Dist, torch.device]:
         backend = "nccl" if where.type == "cuda" else "gloo"
         if not td.is_initialized():
             td.init_process_group(backend=backend)
-    return Dist(rank, world, local_rank, backend), where
+    return Dist(rank, world, backend), where
 
 
 def join(device: str | None) -> Dist:
