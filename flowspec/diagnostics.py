@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flowspec.errors import UserError
-from flowspec.spec import SourceLoc
+from flowspec.nodes import SourceLoc
 
 SHOWN_WIDTH = 100  # characters of a long source line shown under a message
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab: none is in a line shown

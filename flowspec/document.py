@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowspec.diagnostics import did_you_mean
-from flowspec.spec import SourceLoc
+from flowspec.nodes import SourceLoc
 
 
 class Word(str):

@@ -19,7 +19,7 @@ from lark.visitors import Transformer_NonRecursive
 
 from flowspec.diagnostics import CONTROL, Diagnostic, SpecError, did_you_mean
 from flowspec.document import Call, RawDict, SettingError, Word, convert, interval, placed
-from flowspec.spec import SourceLoc
+from flowspec.nodes import SourceLoc
 from flowspec.steps import KINDS
 from flowspec.steps.split import Mask
 
