@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from flowspec.nodes import Conflict, Node, SourceLoc
 from flowspec.steps import Step, written
-from flowspec.steps.coupling import CouplingSettings
+from flowspec.steps.coupling import CouplingSettings, check_heads_divide_filters
 from flowspec.steps.norm import NormGranularity
 from flowspec.steps.split import Mask, SplitStep
 
@@ -178,10 +178,8 @@ class ContextSpec(Node):
 
     @model_validator(mode="after")
     def _heads_divide_filters(self) -> ContextSpec:
-        if self.attention and self.filters % self.heads:
-            raise Conflict(
-                f"heads ({self.heads}) must divide filters ({self.filters})", "heads", "filters", "attention"
-            )
+        if self.attention:
+            check_heads_divide_filters(self.heads, self.filters)
         return self
 
 

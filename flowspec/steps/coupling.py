@@ -52,15 +52,17 @@ class CouplingSettings(Node):
 
     @model_validator(mode="after")
     def _heads_divide_filters(self) -> CouplingSettings:
-        if self.network == "flowpp" and self.attention and self.filters % self.heads:
-            raise Conflict(
-                f"heads ({self.heads}) must divide filters ({self.filters})",
-                "heads",
-                "filters",
-                "attention",
-                "network",
-            )
+        if self.network == "flowpp" and self.attention:
+            check_heads_divide_filters(self.heads, self.filters, "network")
         return self
+
+
+def check_heads_divide_filters(heads: int, filters: int, *also: str) -> None:
+    """A `Conflict` unless attention's `heads` divide the `filters` of its network (blaming heads, filters,
+    attention and the settings `also` names)."""
+    if filters % heads:
+        message = f"heads ({heads}) must divide filters ({filters})"
+        raise Conflict(message, "heads", "filters", "attention", *also)
 
 
 def unused_settings(

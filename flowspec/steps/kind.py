@@ -147,6 +147,11 @@ def no_cost(layer: Any, shape: Shape, *rest: int) -> int:
     return 0
 
 
+def output_memory(layer: Any, shape: Shape, halves: int, itemsize: int) -> int:
+    """Memory rule of a step that keeps only its output for the backward pass."""
+    return halves * shape[0] * shape[1] * shape[2] * itemsize
+
+
 def same_state(step: Any, state: State, ctx: ShapeContext) -> State:
     """Shape rule of a step that runs on anything and keeps its shape."""
     return state

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from flowspec.nodes import StepNode
-from flowspec.steps.kind import StepKind, no_cost, register, same_state, unit
+from flowspec.steps.kind import StepKind, no_cost, output_memory, register, same_state, unit
 
 NormGranularity = Literal["element", "channel"]
 
@@ -22,11 +22,6 @@ def _build(run, ctx, body):
     return Norm(shape, halves, run.step.granularity)
 
 
-def _memory(layer, shape, halves, itemsize):
-    """Its output."""
-    return halves * shape[0] * shape[1] * shape[2] * itemsize
-
-
 register(
     StepKind(
         name="norm",
@@ -35,7 +30,7 @@ register(
         build=_build,
         label=lambda step: step.granularity,
         flops=no_cost,
-        memory=_memory,
+        memory=output_memory,
         positional=("granularity",),
     )
 )

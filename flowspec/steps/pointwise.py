@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from flowspec.nodes import StepNode
-from flowspec.steps.kind import StepKind, no_label, register, same_state, unit
+from flowspec.steps.kind import StepKind, no_label, output_memory, register, same_state, unit
 
 
 class PointwiseStep(StepNode):
@@ -24,11 +24,6 @@ def _flops(layer, shape, halves):
     return 2 * halves * c * c * shape[1] * shape[2]
 
 
-def _memory(layer, shape, halves, itemsize):
-    """Its output."""
-    return halves * shape[0] * shape[1] * shape[2] * itemsize
-
-
 register(
     StepKind(
         name="pointwise",
@@ -37,6 +32,6 @@ register(
         build=_build,
         label=no_label,
         flops=_flops,
-        memory=_memory,
+        memory=output_memory,
     )
 )
