@@ -6,32 +6,34 @@ Builds, initialises on 2 random images, then runs STEPS (2) `Updater` steps (Ada
 random images at the batch, with the malloc tuning, autocast and recompute calls of `train`. Prints JSON:
 the peak resident size (VmHWM) less the resident size after imports, and the estimate, in bytes."""
 
+import argparse
 import json
-import re
-import sys
 from pathlib import Path
 
 import torch
 
 import flowspec
 from flowspec.allocator import keep_freed_memory
+from flowspec.devices import status_bytes
 from flowspec.inspection.budget import measure, training_bytes
 from flowspec.train.distributed import Dist
 from flowspec.train.precision import autocast_dtype
 from flowspec.train.update import Updater
 
-
-def status(field):
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
-
-
-spec_path, batch, precision, recompute = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "on"
-steps = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+parser = argparse.ArgumentParser(description="Peak resident memory of training steps, against the estimate.")
+parser.add_argument("spec", help="the .flow file")
+parser.add_argument("batch", type=int, help="images a step")
+parser.add_argument("precision", choices=("fp32", "bf16"))
+parser.add_argument("recompute", choices=("on", "off"))
+parser.add_argument("steps", type=int, nargs="?", default=2, help="training steps measured (default 2)")
+args = parser.parse_args()
+spec_path, batch, precision, steps = args.spec, args.batch, args.precision, args.steps
+recompute = args.recompute == "on"
 torch.set_num_threads(1)
 keep_freed_memory()
 spec = flowspec.load_spec(spec_path, overrides=(f"train.batch={batch}", "train.init_batch=2"))
 size = measure(spec)
-base = status("VmRSS")
+base = status_bytes("VmRSS")
 torch.manual_seed(0)
 model = flowspec.build(spec)
 shape = spec.data.shape
@@ -40,7 +42,7 @@ model.set_autocast(autocast_dtype(precision))
 model.set_recompute(recompute)
 dist = Dist()
 updater = Updater(model, spec.train, 1000, dist, torch.device("cpu"))
-after_setup = status("VmRSS") - base
+after_setup = status_bytes("VmRSS") - base
 for _ in range(steps):
     x = torch.randint(0, spec.data.levels, (batch, *shape), dtype=torch.uint8)
     updater(x)
@@ -51,7 +53,7 @@ print(
             batch=batch,
             precision=precision,
             recompute=recompute,
-            measured=status("VmHWM") - base,
+            measured=status_bytes("VmHWM") - base,
             setup=after_setup,
             estimate=training_bytes(size, spec, 1, recompute, precision),
             per_image=size.per_image,
