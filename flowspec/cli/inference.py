@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 MAX_IW = 16384  # importance samples per image: four times the official Flow++ evaluation's 4096
 
 
-class Split(str, Enum):
+class SplitChoice(str, Enum):
+    """The data splits `eval --split` takes."""
+
     train = "train"
     test = "test"
 
@@ -199,7 +201,9 @@ def evaluate(
             help="Importance samples per image (1: single-sample only).",
         ),
     ] = 1,
-    split: Annotated[Split, typer.Option("--split", help="The data split to evaluate.")] = Split.test,
+    split: Annotated[
+        SplitChoice, typer.Option("--split", help="The data split to evaluate.")
+    ] = SplitChoice.test,
     batch: Annotated[int, typer.Option("--batch", min=1, metavar="N", help="Images per forward pass.")] = 256,
     limit: Annotated[
         int | None,

@@ -50,7 +50,9 @@ class Reader:
 
 
 @dataclass
-class Plan:
+class SourcePlan:
+    """A data source found on disk: its readers of the train and test images, and where its cache goes."""
+
     source: str  # what the messages call the data
     near: Path  # where the cache goes by default
     train: Reader
@@ -92,7 +94,7 @@ def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
 # ---------------------------------------------------------------- which files make each split
 
 
-def _plan(data: DataSpec, path: Path) -> Plan:
+def _plan(data: DataSpec, path: Path) -> SourcePlan:
     if not path.exists():
         raise UserError(f"data path {path} does not exist: pass the data with --data PATH or the spec's path")
     test_path = Path(data.test_path) if data.test_path else None
@@ -109,7 +111,7 @@ def _plan(data: DataSpec, path: Path) -> Plan:
     return _torchvision_plan(data, path)
 
 
-def _npy_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
+def _npy_plan(path: Path, test_path: Path | None, data: DataSpec) -> SourcePlan:
     if path.is_dir():
         found = sorted((p for p in path.iterdir() if p.suffix in (".npy", ".npz")), key=_natural)
         train = [p for p in found if p.name.startswith("train")]
@@ -127,10 +129,10 @@ def _npy_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
         test = sorted(test_path.glob("*.np[yz]"), key=_natural) if test_path.is_dir() else [test_path]
         if not test:
             raise UserError(f"the test path {test_path} holds no .npy/.npz arrays")
-    return Plan(str(path), path, _arrays(train, data), _arrays(test, data) if test else None)
+    return SourcePlan(str(path), path, _arrays(train, data), _arrays(test, data) if test else None)
 
 
-def _imagenet_plan(path: Path, data: DataSpec) -> Plan:
+def _imagenet_plan(path: Path, data: DataSpec) -> SourcePlan:
     def find(pattern: str) -> list[Path]:
         return sorted([*path.glob(pattern), *path.glob(f"*/{pattern}")], key=_natural)
 
@@ -138,10 +140,10 @@ def _imagenet_plan(path: Path, data: DataSpec) -> Plan:
     if not train:
         raise UserError(f"no downsampled-ImageNet batches in {path}: expected train_data_batch_*.npz files")
     tests = _arrays(test, data, flat=True) if test else None
-    return Plan(str(path), path, _arrays(train, data, flat=True), tests)
+    return SourcePlan(str(path), path, _arrays(train, data, flat=True), tests)
 
 
-def _folder_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
+def _folder_plan(path: Path, test_path: Path | None, data: DataSpec) -> SourcePlan:
     if not path.is_dir():
         raise UserError(f"data folder {path} is not a folder of images")
     root = path
@@ -162,10 +164,10 @@ def _folder_plan(path: Path, test_path: Path | None, data: DataSpec) -> Plan:
                 f"the test folder {test_path} has classes {test_classes}, the training folder {classes}"
             )
         test = _image_files(test_files, test_labels, data)
-    return Plan(str(root), root, train, test, classes)
+    return SourcePlan(str(root), root, train, test, classes)
 
 
-def _torchvision_plan(data: DataSpec, path: Path) -> Plan:
+def _torchvision_plan(data: DataSpec, path: Path) -> SourcePlan:
     files = _tree_files(path)
     train = _torchvision(data.name, path, "train")
     test = _torchvision(data.name, path, "test")
@@ -173,7 +175,7 @@ def _torchvision_plan(data: DataSpec, path: Path) -> Plan:
         raise UserError(f"torchvision's {data.name} has no training split")
     classes = tuple(str(c) for c in getattr(train, "classes", ()) or ())
     where = f"torchvision {data.name} in {path}"
-    return Plan(
+    return SourcePlan(
         where,
         path.parent,  # not inside the root: torchvision's ImageFolder would take the cache for a class
         _items(train, data, where, files, bool(data.classes)),
@@ -342,7 +344,7 @@ def _torchvision(name: str | None, root: Path, split: str):
 # ---------------------------------------------------------------- classes, test split, building
 
 
-def _class_mask(reader: Reader, data: DataSpec, plan: Plan) -> np.ndarray:
+def _class_mask(reader: Reader, data: DataSpec, plan: SourcePlan) -> np.ndarray:
     if data.classes is None:
         return np.ones(reader.count, dtype=bool)
     wanted = []
@@ -364,7 +366,7 @@ def _class_mask(reader: Reader, data: DataSpec, plan: Plan) -> np.ndarray:
     return np.isin(reader.labels, wanted)
 
 
-def _routes(plan: Plan, keep: dict[str, np.ndarray], data: DataSpec) -> list[np.ndarray]:
+def _routes(plan: SourcePlan, keep: dict[str, np.ndarray], data: DataSpec) -> list[np.ndarray]:
     """Per reader (train, then test), where each image goes: 0 nowhere, 1 train, 2 test."""
     train = keep["train"].astype(np.int8)
     if plan.test is not None:
@@ -405,7 +407,7 @@ def _of_classes(data: DataSpec) -> str:
     return f" of classes {list(data.classes)}" if data.classes is not None else ""
 
 
-def _direct(plan: Plan, data: DataSpec) -> dict | None:
+def _direct(plan: SourcePlan, data: DataSpec) -> dict | None:
     """An `.npy` pair that already is what the spec asks for is used in place, without a copy."""
     readers = [plan.train, plan.test]
     if data.classes is not None or data.test_split is not None or plan.test is None or data.levels != 256:
@@ -432,7 +434,7 @@ def _allocated(path: Path, shape: tuple[int, ...]) -> np.memmap:
     return array
 
 
-def _build(folder: Path, plan: Plan, routes: list[np.ndarray], data: DataSpec) -> dict:
+def _build(folder: Path, plan: SourcePlan, routes: list[np.ndarray], data: DataSpec) -> dict:
     counts = {s: int(sum((r == code).sum() for r in routes)) for code, s in ((1, "train"), (2, "test"))}
     out = {s: _allocated(folder / f"{s}.npy", (n, *data.shape)) for s, n in counts.items()}
     labels = {s: np.empty(n, dtype=np.int64) for s, n in counts.items()}
