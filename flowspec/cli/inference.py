@@ -120,7 +120,7 @@ def _load_for_inference(
     threads: int | None = None,
     compile_networks: bool = False,
     precision: Precision | None = None,
-):
+) -> tuple[Trained, FlowSpec]:
     """The model of a run folder, checkpoint or export with the EMA weights, computing in `precision`
     (None: the run's), and its spec with the `--set` that `command` (eval or sample) reads (refused before
     it is built when it and `images` images at once do not fit the device); torch's thread count chosen for
@@ -334,7 +334,7 @@ def _short_hash(*values: object) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
-def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | str | None:
+def _data_folder(data: Path | None, trained: Trained, sets: list[str] | None) -> Path | str | None:
     """The data to evaluate on: --data, else the spec's path when --set names one or another dataset, else
     the folder the run trained on while it is there (None: the spec's path); for a cifar10 run without one,
     where FLOWSPEC_DATA_DIR is unset (set, it says where), the folder it read while it is there."""
@@ -362,7 +362,7 @@ def _data_folder(data: Path | None, trained, sets: list[str] | None) -> Path | s
     return read
 
 
-def _note_changed_split(trained, data: Path | str | None) -> None:
+def _note_changed_split(trained: Trained, data: Path | str | None) -> None:
     """Say so when the run's `test_split` is now held out of another set of images than it trained on:
     its test images then differ, and some were trained on."""
     from flowspec.train.data import load_split

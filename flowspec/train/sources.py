@@ -19,6 +19,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from flowspec.train.arrays import ArrayFile
 from flowspec.train.datacache import Progress, cache_root, cached
 from flowspec.train.files import regular_file, stamps
 from flowspec.train.prepare import prepare
+
+if TYPE_CHECKING:
+    from torchvision.datasets import VisionDataset
 
 SPLIT_SEED = 0  # which images `test_split` holds out does not depend on the training seed
 Read = Callable[[np.ndarray, DataSpec], Iterator[tuple[np.ndarray, torch.Tensor]]]
@@ -306,7 +310,7 @@ def _tree_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def _torchvision(name: str | None, root: Path, split: str):
+def _torchvision(name: str | None, root: Path, split: str) -> VisionDataset | None:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, name or "", None)
