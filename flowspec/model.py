@@ -60,10 +60,12 @@ class FlowModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of its floating-point parameters (float32 when it has none)."""
         return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     @property
     def device(self) -> torch.device:
+        """The device of its parameters (cpu when it has none)."""
         return next((p.device for p in self.parameters()), torch.device("cpu"))
 
     def _as_float(self, x: Tensor) -> Tensor:
@@ -165,6 +167,7 @@ class FlowModel(nn.Module):
 
     @property
     def initialized(self) -> bool:
+        """Whether every layer with a data-dependent init has had it (`initialize`)."""
         return all(bool(m.initialized) for m in self._data_init_modules())
 
     @torch.no_grad()
@@ -197,6 +200,7 @@ class FlowModel(nn.Module):
             self.set_autocast(autocast)
 
     def couplings(self) -> list[Coupling]:
+        """Its coupling layers, in module order (the flow's and the dequantizer's)."""
         return [m for m in self.modules() if isinstance(m, Coupling)]
 
     def set_autocast(self, dtype: torch.dtype | None) -> None:

@@ -41,6 +41,8 @@ TEST_PATH_SOURCES = ("npy", "folder")  # the sources whose test split `test_path
 
 
 class DataSpec(Node):
+    """The images a model is trained on: the dataset, where it is, its shape, levels and classes."""
+
     dataset: Dataset = "cifar10"
     path: str | None = Field(default=None, description="the data's folder or file")
     test_path: str | None = Field(default=None, description="the test split's folder or file")
@@ -164,11 +166,15 @@ class DataSpec(Node):
 
 
 class LogitPreprocess(Node):
+    """Before the flow: the logit of alpha + (1 - 2 alpha) v / levels of the dequantized image v."""
+
     kind: Literal["logit"] = "logit"
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5)
 
 
 class ContextSpec(Node):
+    """The network that reads the image to condition a variational dequantizer's flow."""
+
     filters: int = Field(default=32, ge=1, le=4096)
     blocks: int = Field(default=3, ge=0, le=256)
     layernorm: bool = Field(default=False, description="LayerNorm after each gated conv (ImageNet, CelebA)")
@@ -184,10 +190,14 @@ class ContextSpec(Node):
 
 
 class UniformDequant(Node):
+    """Dequantize with uniform noise."""
+
     kind: Literal["uniform"] = "uniform"
 
 
 class VariationalDequant(Node):
+    """Dequantize with noise drawn by a flow of its own, conditioned on the image (Flow++)."""
+
     kind: Literal["variational"] = "variational"
     context: ContextSpec = ContextSpec()
     steps: list[Step]
@@ -203,16 +213,22 @@ Dequantizer = Annotated[Union[UniformDequant, VariationalDequant], Field(discrim
 
 
 class Defaults(Node):
+    """What steps take for the settings they do not write: the coupling settings, the norm granularity."""
+
     coupling: CouplingSettings = CouplingSettings()
     norm: NormGranularity = "element"
 
 
 class Interval(Node):
+    """A count of training steps or epochs (train.length, eval_every, save_every)."""
+
     count: int = Field(ge=1)
     unit: Literal["steps", "epochs"]
 
 
 class TrainSpec(Node):
+    """How the model is trained: optimizer, learning-rate schedule, batch, EMA, length and intervals."""
+
     optimizer: Literal["adam"] = "adam"
     lr: float = Field(default=3e-4, gt=0.0, le=10.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -333,5 +349,6 @@ class FlowSpec(Node):
 
     @property
     def dims(self) -> int:
+        """Values per image: channels x height x width."""
         c, h, w = self.data.shape
         return c * h * w

@@ -17,6 +17,8 @@ SMALL_MODEL = 1_000_000
 
 @dataclass(frozen=True)
 class ThreadChoice:
+    """The intra-op threads chosen and why, as the run header says them."""
+
     threads: int
     reason: str
 

@@ -26,6 +26,8 @@ from flowspec.spec import FlowSpec
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """The bytes at a training step's peak: the parameter state and the activations kept, and how."""
+
     total: int
     state: int
     activations: int

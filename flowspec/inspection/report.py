@@ -31,6 +31,8 @@ class ProbeSummary:
 
 @dataclass
 class Report:
+    """A spec's parameters by branch and step, with the whole-model figures and the probe's."""
+
     spec: FlowSpec
     branches: list[Branch]
     unassigned: int

@@ -411,6 +411,8 @@ class ContextNetwork(nn.Module):
 
 
 class ResBlock(nn.Module):
+    """A residual block: two norm-ReLU-conv layers added to the input."""
+
     def __init__(self, filters: int, norm: str):
         super().__init__()
         self.net = nn.Sequential(

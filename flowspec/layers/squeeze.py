@@ -23,6 +23,8 @@ def unsqueeze(y: Tensor) -> Tensor:
 
 
 class Squeeze(Layer):
+    """The `squeeze` step: space-to-depth 2 x 2, volume-preserving (log-det 0)."""
+
     def forward(self, x: State, context: Tensor | None = None) -> tuple[State, Tensor]:
         return squeeze(x), zero_logdet(x)
 

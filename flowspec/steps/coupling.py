@@ -96,6 +96,8 @@ def held_at_builtin(settings: CouplingSettings) -> set[str]:
 
 
 class CouplingStep(StepNode, CouplingSettings):
+    """A `coupling` step's settings (those it does not write come from `defaults.coupling`)."""
+
     kind: Literal["coupling"] = "coupling"
 
 

@@ -9,6 +9,8 @@ from flowspec.steps.kind import ShapeProblem, StepKind, fmt, no_cost, no_label, 
 
 
 class FactorOutStep(StepNode):
+    """A `factor_out` step."""
+
     kind: Literal["factor_out"] = "factor_out"
 
 

@@ -9,6 +9,8 @@ from flowspec.steps.kind import StepKind, needs_pair, no_cost, no_label, registe
 
 
 class FlipStep(StepNode):
+    """A `flip` step."""
+
     kind: Literal["flip"] = "flip"
 
 

@@ -11,6 +11,8 @@ NormGranularity = Literal["element", "channel"]
 
 
 class NormStep(StepNode):
+    """A `norm` step and its granularity."""
+
     kind: Literal["norm"] = "norm"
     granularity: NormGranularity = "element"
 

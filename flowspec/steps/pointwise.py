@@ -9,6 +9,8 @@ from flowspec.steps.kind import StepKind, no_label, output_memory, register, sam
 
 
 class PointwiseStep(StepNode):
+    """A `pointwise` step."""
+
     kind: Literal["pointwise"] = "pointwise"
 
 

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 
 class RepeatStep(StepNode):
+    """A `repeat` step: its count and body."""
+
     kind: Literal["repeat"] = "repeat"
     count: int = Field(ge=1, le=1000)
     body: list[Step]

@@ -9,6 +9,8 @@ from flowspec.steps.kind import StepKind, no_cost, no_label, register, whole
 
 
 class SigmoidStep(StepNode):
+    """A `sigmoid` step."""
+
     kind: Literal["sigmoid"] = "sigmoid"
 
 

@@ -21,6 +21,8 @@ FIRST_HALF = {
 
 
 class SplitStep(StepNode):
+    """A `split` step: its mask and body."""
+
     kind: Literal["split"] = "split"
     mask: Mask
     body: list[Step]

@@ -9,6 +9,8 @@ from flowspec.steps.kind import ShapeProblem, StepKind, fmt, no_cost, no_label, 
 
 
 class SqueezeStep(StepNode):
+    """A `squeeze` step."""
+
     kind: Literal["squeeze"] = "squeeze"
 
 

@@ -29,6 +29,8 @@ Meters = Callable[[str, int, str], Meter]  # label, total, unit -> the progress 
 
 @dataclass
 class Evaluation:
+    """What one evaluation measured: test bits/dim, the inversion error, sample grids and its cost."""
+
     test_bpd: float
     inversion_error: float  # nan on ranks other than 0, and when the check is off
     grids: dict[float, Path]  # temperature -> sample grid (rank 0 only)

@@ -77,6 +77,8 @@ class RunOptions:
 
 @dataclass
 class RunResult:
+    """What a training run ended with: where and when it stopped, its test bits/dim and its history."""
+
     run_dir: Path
     step: int
     epoch: float
