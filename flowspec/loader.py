@@ -10,6 +10,7 @@ import copy
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -37,6 +38,9 @@ from flowspec.validation_errors import after_repair, locate, pydantic_diagnostic
 __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
 
 MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path from filling memory
+#: the first lines a run folder's spec.flow has had since it holds the resolved spec (`rundir.RESOLVED_HEADER`
+#: now, `# resolved from PATH` before): without one, it may be an older flowspec's copy of the spec file
+RESOLVED_HEADERS = ("# the resolved spec of a trained run", "# resolved from ")
 
 
 def is_run_spec(path: Path) -> bool:
@@ -46,11 +50,58 @@ def is_run_spec(path: Path) -> bool:
     return path.name == "spec.flow" and (path.parent / "spec.json").is_file()
 
 
+def older_run_spec(path: Path) -> FlowSpec | None:
+    """For a run folder's spec.flow that a flowspec before the resolved spec files wrote, a copy of the spec
+    file its run started from (without the run's `--set` overrides; an `extends` relative to where that
+    file was) that does not resolve to the spec the run trained: that spec, from the run's spec.json.
+    None for any other spec file, and for a copy that does resolve to it."""
+    if not is_run_spec(path):
+        return None
+    try:
+        text = read_spec_file(path)
+    except SpecFileError:  # `_load` says why
+        return None
+    if text.startswith(RESOLVED_HEADERS):
+        return None
+    recorded = path.parent / "spec.json"
+    try:
+        stored = FlowSpec.model_validate_json(recorded.read_bytes())
+    except (OSError, ValueError):
+        raise UserError(
+            f"{path} may be an older flowspec's copy of the spec file its run started from (without the "
+            f"run's --set overrides), and {recorded}, the spec the run trained, cannot be read to tell: pass "
+            f"the spec file the run started from, with the --set options it was trained with"
+        ) from None
+    try:
+        copied = _finish(_load(path, {}, chain=(), at=None), (), {}, source=None, file_rules=False)
+    except SpecError:  # an `extends` that names a file beside the original, a rule of a newer flowspec
+        return stored
+    return None if copied.model_dump_json() == stored.model_dump_json() else stored
+
+
+def _older_note(path: Path) -> None:
+    print(
+        f"note: {path} was written by an older flowspec: it is a copy of the spec file the run started from, "
+        f"without the run's --set overrides; reading the spec the run trained from "
+        f"{path.parent / 'spec.json'}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> FlowSpec:
-    """Load, resolve and validate the spec file at `path`, with `KEY=VALUE` overrides applied.
+    """Load, resolve and validate the spec file at `path`, with `KEY=VALUE` overrides applied. A run
+    folder's spec.flow that an older flowspec copied from the spec file it started from (`older_run_spec`)
+    is read from the run's spec.json instead, with a note.
 
     Raises `SpecError` (a `UserError`) listing every mistake with its file, line and column.
     """
+    stored = older_run_spec(Path(path))
+    if stored is not None:
+        _older_note(Path(path))
+        check_overrides(overrides)
+        recorded = f"{Path(path).parent / 'spec.json'} (the spec the run trained)"
+        return stored_with_overrides(stored, overrides, recorded).model_copy(update={"source": str(path)})
     texts: dict[str, str] = {}
     doc = _load(Path(path), texts, chain=(), at=None)
     return _finish(doc, overrides, texts, source=str(path), file_rules=not is_run_spec(Path(path)))
@@ -85,13 +136,25 @@ def stored_with_overrides(spec: FlowSpec, overrides: Sequence[str], source: str)
     return changed if renamed else changed.model_copy(update={"name": spec.name})
 
 
-def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, SourceLoc]:
+def setting_sources(
+    path: str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> dict[str, SourceLoc | str]:
     """Where each setting of the spec at `path` was written, by dotted path (`train.lr`, `flow.0.mask`):
     in the file, in an extended file, in `defaults` (a step's inherited settings) or in a `--set` option.
-    Settings left at their built-in defaults are absent. For a spec that `load_spec` accepts."""
+    Settings left at their built-in defaults are absent. For a spec that `load_spec` accepts; of an older
+    run's spec.flow that it reads from spec.json (`older_run_spec`), a setting not set by `overrides` was
+    written at `FOLDER/spec.json` (a string, not a `SourceLoc`)."""
     check_overrides(overrides)
-    doc = apply_defaults(apply_overrides(_load(Path(path), {}, chain=(), at=None), overrides))
-    found: dict[str, SourceLoc] = {}
+    stored = older_run_spec(Path(path))
+    if stored is None:
+        doc = _load(Path(path), {}, chain=(), at=None)
+    else:
+        from flowspec.formatter import format_spec
+
+        doc = parse_document(format_spec(stored.model_copy(update={"name": "stored"})), "<stored>")
+    doc = apply_defaults(apply_overrides(doc, overrides))
+    found: dict[str, SourceLoc | str] = {}
+    recorded = f"{Path(os.path.abspath(path)).parent.name}/spec.json"
 
     def walk(node: Any, prefix: str) -> None:
         items = (
@@ -101,7 +164,7 @@ def setting_sources(path: str | os.PathLike[str], overrides: Sequence[str] = ())
             path = f"{prefix}.{key}" if prefix else str(key)
             loc = node.locs.get(key) if isinstance(node, RawDict) else getattr(value, "loc", None)
             if loc is not None:
-                found[path] = loc
+                found[path] = loc if stored is None or loc.file == OVERRIDE_FILE else recorded
             walk(value, path)
 
     walk(doc, "")

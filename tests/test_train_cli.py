@@ -84,6 +84,58 @@ def test_the_run_folder_spec_is_the_model_trained_with_its_base_and_overrides(tm
     assert f"(a run folder's spec is {stored})" in capsys.readouterr().err
 
 
+def test_an_older_run_folder_spec_copied_from_its_spec_file_is_read_from_spec_json(
+    tmp_path, capsys, monkeypatch
+):
+    """Before the resolved spec files, a run's spec.flow was a copy of the spec file it started from: its
+    `extends` relative to where that file was, its --set overrides missing. Commands read the spec the
+    run trained from spec.json instead (with a note), never the copy's other model."""
+    monkeypatch.setenv("COLUMNS", "200")  # diff's table, unwrapped
+    (tmp_path / "specs").mkdir()
+    base = write_flow(tmp_path / "specs" / "tiny.flow", steps=2, eval_every=2)
+    child = tmp_path / "specs" / "child.flow"
+    child.write_text('extends "tiny.flow"\nmodel child\n')
+    out, sets = tmp_path / "run", ["--set", "defaults.coupling.filters=4", "--set", "train.lr=1e-3"]
+    args = ["--device", "cpu", "--threads", "1", "--quiet"]
+    assert run(["train", str(child), "--out", str(out), *sets, "--max-steps", "1", *args]) == 0
+    stored = out / "spec.flow"
+    stored.write_text(child.read_text())  # what flowspec wrote before 85d291c
+    trained = flowspec.load_spec(child, overrides=[s for s in sets if s != "--set"])
+    capsys.readouterr()
+    assert flowspec.load_spec(stored) == trained.model_copy(update={"source": str(stored)})
+    note = f"note: {stored} was written by an older flowspec"
+    assert note in capsys.readouterr().err
+    assert run(["diff", str(stored), str(base)]) == 0
+    printed = capsys.readouterr()
+    assert "train.lr" in printed.out and "defaults.coupling.filters" in printed.out
+    assert "run/spec.json / --set" not in printed.out and "run/spec.json / " in printed.out
+    assert note in printed.err
+    assert run(["show", str(stored), "--set", "eval.images=4"]) == 0
+    shown = capsys.readouterr().out
+    assert "filters=4" in shown.replace(" ", "") and "images 4" in shown
+    (out / "tiny.flow").write_text(base.read_text().replace("filters=8", "filters=16"))  # another base
+    assert flowspec.load_spec(stored).flow == trained.flow
+    assert run(["train", str(stored), "--resume", str(out), *args]) == 0
+    assert load_checkpoint(out)["step"] == 2
+    assert stored.read_text().startswith("# the resolved spec of a trained run")  # written again
+    capsys.readouterr()
+    assert flowspec.load_spec(stored).flow == trained.flow and note not in capsys.readouterr().err
+    # a copy that resolves to the spec the run trained is read as it is, without a note
+    plain = tmp_path / "plain"
+    assert run(["train", str(base), "--out", str(plain), "--max-steps", "1", *args]) == 0
+    (plain / "spec.flow").write_text(base.read_text())
+    capsys.readouterr()
+    assert flowspec.load_spec(plain / "spec.flow") == flowspec.load_spec(base).model_copy(
+        update={"source": str(plain / "spec.flow")}
+    )
+    assert "older flowspec" not in capsys.readouterr().err
+    # a spec.json that cannot tell is refused, not guessed around
+    (plain / "spec.json").write_text("{}")
+    (plain / "spec.flow").write_text(child.read_text())
+    assert run(["show", str(plain / "spec.flow")]) == 2
+    assert "cannot be read to tell" in capsys.readouterr().err
+
+
 def test_a_run_folder_spec_with_settings_a_set_made_unused_reads_back(tmp_path, capsys):
     """A base's `components=8` on a coupling that `--set` made affine does nothing and is allowed; it is
     held at its built-in value, so the run's spec.flow does not print it beside `affine` (which a

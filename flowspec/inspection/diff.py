@@ -123,25 +123,27 @@ def _idle(x: BaseModel, y: BaseModel, path: str) -> set[str]:
     return set()
 
 
-def _latest(sources: dict[str, SourceLoc], paths: list[str]) -> SourceLoc | None:
+def _latest(sources: dict[str, SourceLoc | str], paths: list[str]) -> SourceLoc | str | None:
     """Where the last of `paths` was written: a `--set` after the files, a later `--set` after an earlier
     one (an interval's `count` or `unit` may be set apart from it: `--set train.length.count=16`)."""
     found = [sources[path] for path in paths if path in sources]
-    return max(found, key=lambda loc: loc.line if loc.file == OVERRIDE_FILE else 0, default=None)
+    return max(
+        found, key=lambda loc: loc.line if getattr(loc, "file", None) == OVERRIDE_FILE else 0, default=None
+    )
 
 
 def spec_differences(
     a: FlowSpec,
     b: FlowSpec,
-    sources_a: dict[str, SourceLoc] | None = None,
-    sources_b: dict[str, SourceLoc] | None = None,
+    sources_a: dict[str, SourceLoc | str] | None = None,
+    sources_b: dict[str, SourceLoc | str] | None = None,
 ) -> list[Difference]:
     """Every setting that differs between `a` and `b`, in the order of the spec, worded as the language
     writes it (`setting_words`). With `sources_*` (`loader.setting_sources`), a setting's location is
     where that side wrote it, or `default`; without, the location of the step that holds it."""
 
     def source(
-        sources: dict[str, SourceLoc] | None, path: str, step: SourceLoc | None, interval: bool
+        sources: dict[str, SourceLoc | str] | None, path: str, step: SourceLoc | None, interval: bool
     ) -> SourceLoc | str | None:
         if sources is None:
             return step
@@ -261,8 +263,8 @@ def render_diff(
     b: FlowSpec,
     report_a: Report,
     report_b: Report,
-    sources_a: dict[str, SourceLoc] | None = None,
-    sources_b: dict[str, SourceLoc] | None = None,
+    sources_a: dict[str, SourceLoc | str] | None = None,
+    sources_b: dict[str, SourceLoc | str] | None = None,
 ) -> Group:
     """A rich renderable: the differing settings (located with `sources_*`, see `spec_differences`), then
     the parameter deltas by stage."""
