@@ -422,6 +422,26 @@ def test_an_interrupted_ablation_resumed_compares_what_the_uninterrupted_one_doe
     assert json.loads((out / "ablation.json").read_text()) == rows
 
 
+def test_ablate_resume_of_an_ablation_from_before_plans_says_to_run_it_again(tmp_path, capsys):
+    """An older flowspec's ablation (ablation.json and run folders, no ablation-plan.json) cannot be
+    resumed: the message says so and gives the command that runs it again, from the files it names."""
+    out = tmp_path / "old"
+    (out / "a").mkdir(parents=True)
+    rows = [{"spec": m, "file": str(tmp_path / f"{m} x.flow"), "overrides": ["train.lr=1e-3"]} for m in "ab"]
+    (out / "ablation.json").write_text(json.dumps(rows))
+    assert run(["ablate", "--resume", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{out} holds an ablation written by an older flowspec" in err and "cannot be resumed" in err
+    again = (
+        f"flowspec ablate '{tmp_path}/a x.flow' '{tmp_path}/b x.flow' --set train.lr=1e-3 --out NEW_FOLDER"
+    )
+    assert again in err and "expected" not in err
+    (out / "ablation.json").write_text(json.dumps([{"spec": "a"}, {"spec": "b"}]))  # before it named files
+    assert run(["ablate", "--resume", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "run `flowspec ablate` again with the spec files it compared (a, b) and its options" in err
+
+
 def test_ablate_resume_takes_only_how_to_run_from_the_command_line(tmp_path, capsys):
     spec = str(write_flow(tmp_path / "a.flow", name="a"))
     out = tmp_path / "ablation"

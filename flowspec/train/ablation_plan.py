@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flowspec.errors import UserError, naming
+from flowspec.errors import UserError, flowspec_command, naming
 from flowspec.spec import EvalSpec, FlowSpec
 from flowspec.train.files import replaced_whole
 from flowspec.train.metrics import read_metrics
@@ -115,6 +115,11 @@ class Plan(_Strict):
         """The plan of the ablation in `out`; a `UserError` naming the file when there is none or it is
         not a plan this flowspec wrote (damaged, edited)."""
         path = out / PLAN
+        if not path.is_file() and (out / "ablation.json").is_file():
+            raise UserError(
+                f"{out} holds an ablation written by an older flowspec (its ablation.json, no {PLAN}, the "
+                f"plan a resume reads), which cannot be resumed: {_again(out / 'ablation.json')}"
+            )
         if not path.is_file():
             raise UserError(
                 f"{out} holds no ablation to resume: expected {path}, which `flowspec ablate` writes before "
@@ -165,3 +170,24 @@ class Plan(_Strict):
         saved = self.results[folder]
         history = read_metrics(out / folder, after_step=saved.step)
         return RunResult(out / folder, history=history, **saved.model_dump())
+
+
+def _again(results: Path) -> str:
+    """How to run the ablation of an older flowspec's `results` (its ablation.json) again: the command,
+    where its rows name their spec files (and the same `--set` overrides), else the models to compare."""
+    try:
+        rows = json.loads(results.read_text())
+        names = [str(row.get("spec") or "") for row in rows]
+        files = [row.get("file") for row in rows]
+        sets = {tuple(row.get("overrides") or ()) for row in rows}
+    except (OSError, ValueError, TypeError, AttributeError):  # not the list of rows it wrote
+        names, files, sets = [], [], set()
+    if files and all(isinstance(f, str) and f for f in files) and len(sets) == 1:
+        words = [word for override in next(iter(sets)) for word in ("--set", override)]
+        command = flowspec_command("ablate", *files, *words, "--out", "NEW_FOLDER")
+        return f"run it again into another folder, `{command}` (with the --steps and other options it had)"
+    models = f" ({', '.join(names)})" if names and all(names) else ""
+    return (
+        f"run `flowspec ablate` again with the spec files it compared{models} and its options, into another "
+        "folder (--out NEW_FOLDER)"
+    )
