@@ -239,6 +239,7 @@ def evaluate(
 
     import flowspec
     from flowspec.train.checkpoint import LAST
+    from flowspec.train.class_numbers import check_class_numbers
     from flowspec.train.data import load_split
     from flowspec.train.evaluate import bounds
     from flowspec.train.files import replaced_whole
@@ -253,6 +254,7 @@ def evaluate(
             "eval", target, device, sets, batch, allow_large, threads, compile_networks, precision
         )
         folder = _data_folder(data, trained, sets)
+        check_class_numbers(spec.data, trained.data_recorded, folder, trained.path)
         source = load_split(spec.data, split.value, folder)
         images = source.images[:limit] if limit else source.images
         print(f"the {split.value} split of {source.source}: {len(images)} of its {len(source)} images")
@@ -365,9 +367,12 @@ def _data_folder(data: Path | None, trained: Trained, sets: list[str] | None) ->
 def _note_changed_split(trained: Trained, data: Path | str | None) -> None:
     """Say so when the run's `test_split` is now held out of another set of images than it trained on:
     its test images then differ, and some were trained on."""
+    from flowspec.train.class_numbers import ambiguous
     from flowspec.train.data import load_split
 
     if trained.spec.data.test_split is None or trained.train_images is None:
+        return
+    if ambiguous(trained.spec.data, trained.data_recorded, data):  # which classes it read is not known
         return
     now = len(load_split(trained.spec.data, "train", data))
     if now != trained.train_images:

@@ -26,6 +26,7 @@ from flowspec.train.checkpoint import (
     load_checkpoint,
     resolve,
 )
+from flowspec.train.class_numbers import EXPORT_RECORDED, RECORDED
 from flowspec.train.files import replaced_whole
 from flowspec.train.precision import autocast_dtype, resolve_precision
 
@@ -50,6 +51,7 @@ class Trained:
     trained_precision: str | None = None  # fp32 or bf16, as its file records it (older ones do not)
     precision: str = "fp32"  # what the model computes in: fp32 or bf16
     precision_note: str = ""  # where that came from: "the run's", auto's reason, the run's when it differs
+    data_recorded: bool = True  # whether its file says how its run read numbers in `classes` (class_numbers)
 
 
 def export(target: Path | str, output: Path | str) -> Trained:
@@ -75,6 +77,7 @@ def export(target: Path | str, output: Path | str) -> Trained:
         **({"data_default": trained.data_default} if trained.data_default else {}),
         **({"train_images": str(trained.train_images)} if trained.train_images else {}),
         **({"precision": trained.trained_precision} if trained.trained_precision else {}),
+        **({EXPORT_RECORDED: "yes"} if trained.data_recorded else {}),
     }
     encoded = save(tensors, metadata=metadata)  # written by Python: a full disk is an OSError naming the file
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +107,18 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix.lower() == SUFFIX and not path.is_dir():
-        spec, weights, step, data_dir, train_images, stored_hash, stored_spec, data_default, trained = (
-            _read_export(path)
-        )
+        (
+            spec,
+            weights,
+            step,
+            data_dir,
+            train_images,
+            stored_hash,
+            stored_spec,
+            data_default,
+            trained,
+            recorded,
+        ) = _read_export(path)
     else:
         path = resolve(path, exports=True)
         payload = load_checkpoint(path, training_state=False)
@@ -116,6 +128,7 @@ def load_trained(
         stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
         train_images = stream.get("images")
         trained = payload.get("precision")
+        recorded = RECORDED in payload
     computes, note = _choose_precision(precision, trained, where)
     check_size(spec, "infer", where, allow_large, images)
     model = flowspec.build(spec)
@@ -137,6 +150,7 @@ def load_trained(
         trained,
         computes,
         note,
+        recorded,
     )
 
 
@@ -152,13 +166,14 @@ def _choose_precision(asked: str | None, trained: str | None, where: torch.devic
 
 
 ExportContents = tuple[
-    FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str, str | None, str | None
+    FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str, str | None, str | None, bool
 ]
 
 
 def _read_export(path: Path) -> ExportContents:
     """The spec, weights, step, data folder, training-set size, stored spec hash and text, default data
-    folder and the precision its run trained in (None: not recorded) of an export."""
+    folder, the precision its run trained in (None: not recorded) of an export, and whether it says how its
+    run read numbers in `classes` (`class_numbers`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -208,6 +223,7 @@ def _read_export(path: Path) -> ExportContents:
         metadata["spec"],
         metadata.get("data_default"),
         metadata.get("precision"),
+        metadata.get(EXPORT_RECORDED) == "yes",
     )
 
 

@@ -26,6 +26,7 @@ from flowspec.threads import set_threads
 from flowspec.train import rng, rundir
 from flowspec.train.batches import BatchStream, check_batch, training_batches
 from flowspec.train.checkpoint import LAST, save_atomic, save_run, spec_record
+from flowspec.train.class_numbers import RECORDED, check_class_numbers
 from flowspec.train.data import ImageSet, default_folder, fingerprint, load_split
 from flowspec.train.datacache import quietly
 from flowspec.train.distributed import (
@@ -200,6 +201,8 @@ class Trainer:
         read from here, so that a run elsewhere (resume, eval) reads the same."""
         data = self.spec.data
         self.data_dir = self.options.data_dir or (payload.get("data_dir") if payload else None) or data.path
+        if payload is not None and (train_set is None or test_set is None):  # read here: classes clear?
+            check_class_numbers(data, RECORDED in payload, self.data_dir, self.run_dir / LAST)
         with quietly(self.options.quiet):
             if train_set is None:
                 train_set = load_split(data, "train", self.data_dir)

@@ -1,0 +1,127 @@
+"""A number in a `folder` dataset's `classes`, in a checkpoint or export from before a run recorded its data:
+an older flowspec read it as a position among the subfolders, this one as the subfolder it names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from train_helpers import TINY_FLOW, one_thread  # noqa: F401 (fixture)
+
+from flowspec.cli.app import run
+from flowspec.spec import DataSpec
+from flowspec.train.checkpoint import CHECKSUM, LAST, load_checkpoint, save_atomic
+from flowspec.train.class_numbers import RECORDED, ambiguous, folder_classes, read_otherwise
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _numbered_folder(root, names=("1", "2", "3")):
+    """Grey 8x8 PNGs in subfolders named by numbers, each class of its own brightness."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(40):
+            pixels = np.clip(rng.normal(40 + 80 * c, 6 + 20 * c, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "L").save(root / name / f"{i}.png")
+    return root
+
+
+def _numbers_flow(tmp_path, classes: str, steps: int = 4):
+    data = _numbered_folder(tmp_path / "numbers")
+    flow = tmp_path / "numbers.flow"
+    text = TINY_FLOW.format(name="numbers", filters=4, steps=steps, eval_every=2)
+    data_line = (
+        f'data folder {{ path "{data}"  shape 1x8x8  levels 256  classes {classes}  test_split 0.25 }}'
+    )
+    flow.write_text(text.replace("data digits { shape 1x8x8  levels 17 }", data_line).replace("64", "8"))
+    return flow
+
+
+def _old_style_run(tmp_path):
+    """A run of an older flowspec on `classes 1` of subfolders 1/ 2/ 3/, which it read as 2/: trained on
+    2/ here, its spec says `classes 1` and its last.pt lacks `data_fingerprints`, as every checkpoint written
+    before runs recorded their data does. Also the test bits/dim of 2/ at its last step."""
+    flow = _numbers_flow(tmp_path, '"2"')
+    out = tmp_path / "run"
+    args = ["train", str(flow), "--out", str(out), "--device", "cpu", "--threads", "1", "--quiet"]
+    assert run([*args, "--max-steps", "2", "--eval-samples", "0"]) == 0
+    assert run(["eval", str(out), "--device", "cpu", "--out", str(tmp_path / "own.json")]) == 0
+    payload = load_checkpoint(out)
+    assert RECORDED in payload
+    spec = json.loads(payload["spec"])
+    spec["data"]["classes"] = [1]
+    text = json.dumps(spec)
+    old = {key: value for key, value in payload.items() if key not in (RECORDED, CHECKSUM)}
+    old.update(spec=text, spec_hash=hashlib.sha256(text.encode()).hexdigest())
+    save_atomic(old, out / LAST)
+    (out / "spec.json").write_text(json.dumps(spec, indent=2))
+    (out / "spec.flow").write_text(flow.read_text().replace('classes "2"', "classes 1"))  # a copy, then
+    return out, json.loads((tmp_path / "own.json").read_text())["bpd"]
+
+
+def test_the_readings_differ_where_a_number_names_another_subfolder_than_its_position(tmp_path):
+    numbered = DataSpec(dataset="folder", path="x", shape=(1, 8, 8), classes=(1,))
+    assert read_otherwise(numbered, ("1", "2", "3"))  # 1/ now, 2/ then
+    assert not read_otherwise(numbered, ("0", "1", "2"))  # the same either way
+    assert read_otherwise(numbered, ("1", "cat", "dog"))  # a number that names a subfolder: that one
+    assert not read_otherwise(numbered, ("cat", "dog"))  # no number names a subfolder: a position
+    assert not read_otherwise(numbered.model_copy(update={"classes": ("1",)}), ("1", "2", "3"))  # a name
+    (tmp_path / "train" / "1").mkdir(parents=True)
+    (tmp_path / "train" / "2").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    assert folder_classes(tmp_path) == ("1", "2")  # a folder split into train/ and test/
+    assert not ambiguous(numbered, True, tmp_path)  # a file that records how its run read them
+    assert ambiguous(numbered, False, tmp_path) and not ambiguous(numbered, False, tmp_path / "gone")
+
+
+def test_an_old_checkpoint_with_numbered_classes_is_refused_until_they_are_named(tmp_path, capsys):
+    out, bpd = _old_style_run(tmp_path)
+    capsys.readouterr()
+    evaluate = ["eval", str(out), "--device", "cpu", "--threads", "1"]
+    assert run([*evaluate, "--out", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / LAST} was written before flowspec recorded the data a run read" in err
+    assert "(subfolders 1/, 2/, 3/)" in err and "Traceback" not in err
+    assert """--set 'data.classes="2"' for positions or --set 'data.classes="1"' for names""" in err
+    assert not (tmp_path / "e.json").exists()
+    assert run([*evaluate, "--set", 'data.classes="2"', "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["bpd"] == bpd  # what the run trained on
+    # an export of it does not say how its run read them either
+    assert run(["export", str(out), "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert (
+        run(["eval", str(tmp_path / "m.safetensors"), "--device", "cpu", "--out", str(tmp_path / "x.json")])
+        == 2
+    )
+    assert "m.safetensors was written before flowspec recorded" in capsys.readouterr().err
+    # a resume reads the data too: refused, then the classes named take the place of the numbers
+    resume = ["train", "--resume", str(out), "--max-steps", "3", "--device", "cpu", "--threads", "1", "-q"]
+    assert run(resume) == 2
+    assert "for positions or" in capsys.readouterr().err
+    assert run([*resume, "--set", 'data.classes="2"']) == 0
+    assert json.loads((out / "spec.json").read_text())["data"]["classes"] == ["2"]
+    payload = load_checkpoint(out)
+    assert payload["step"] == 3 and RECORDED in payload
+    assert run([*resume[:3], "--max-steps", "4", *resume[5:]]) == 0  # named and recorded now
+    assert run([*resume, "--set", "data.classes=0"]) == 2  # other classes than those named: refused
+    assert "a resume may change only" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_records_its_data_reads_numbers_as_names(tmp_path, capsys):
+    flow = _numbers_flow(tmp_path, "1", steps=2)
+    out = tmp_path / "run"
+    args = ["train", str(flow), "--out", str(out), "--device", "cpu", "--threads", "1", "--quiet"]
+    assert run([*args, "--eval-samples", "0"]) == 0
+    assert run(["export", str(out), "-o", str(tmp_path / "m.safetensors")]) == 0
+    for target in (out, tmp_path / "m.safetensors"):
+        assert run(["eval", str(target), "--device", "cpu", "--out", str(tmp_path / "e.json")]) == 0
+    assert "was written before" not in capsys.readouterr().err
+    assert torch.load(out / LAST, weights_only=False)[RECORDED]
