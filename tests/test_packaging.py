@@ -137,3 +137,60 @@ def test_the_lower_bounds_are_versions_that_work():
     (0.12.4-0.12.5), crashes in --help (0.13-0.15) or names arguments by Python types, and needs rich 13.8."""
     for floor in ("torch>=2.5", "torchvision>=0.20", "pydantic>=2.6.3", "typer>=0.29", "rich>=13.8"):
         assert f'"{floor}",' in PYPROJECT
+
+
+def test_specs_never_writes_through_a_dangling_link_where_a_spec_goes(tmp_path, capsys):
+    """A link at DIR/quickstart.flow whose target is missing is taken: copying through it would write a
+    file outside DIR."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "quickstart.flow").symlink_to(tmp_path / "elsewhere.flow")
+    assert run(["specs", str(folder)]) == 2
+    assert f"{folder} already holds quickstart.flow:" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere.flow").exists()
+
+
+def test_specs_refuses_a_dangling_link_where_dir_goes(tmp_path, capsys):
+    (tmp_path / "copy").symlink_to(tmp_path / "missing")
+    assert run(["specs", str(tmp_path / "copy")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'copy'} is not a folder")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_specs_interrupted_part_way_by_ctrl_c_removes_what_it_wrote(tmp_path, monkeypatch):
+    """Ctrl-C is a KeyboardInterrupt, not an Exception: the clean-up runs for it too."""
+    import shutil
+
+    copy, calls = shutil.copyfile, []
+
+    def interrupted(source, target):
+        calls.append(target)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", interrupted)
+    assert run(["specs", str(tmp_path / "new")]) == 130
+    assert len(calls) == 3 and not (tmp_path / "new").exists()
+
+
+def test_a_missing_bare_shipped_name_gets_the_hint_and_a_shipped_folder_name_none(tmp_path, monkeypatch):
+    """`quickstart.flow` alone, missing here, is named like a shipped spec; `ablations`, a shipped folder
+    but no spec, is not."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        flowspec.UserError, match=r"^spec file quickstart.flow not found \(flowspec ships quickstart.flow: `flowspec"
+    ):
+        flowspec.load_spec("quickstart.flow")
+    with pytest.raises(flowspec.UserError, match=r"ablations not found$"):
+        flowspec.load_spec("ablations")
+
+
+def test_a_description_ends_without_the_punctuation_that_led_on():
+    """The first comment line of seed_realnvp_dogs.flow ends with a comma, its sentence going on: the
+    `flowspec specs` table leaves it off."""
+    from flowspec.cli.shipped import _description
+
+    dogs = SPECS / "seed_realnvp_dogs.flow"
+    assert dogs.read_text().partition("\n")[0].endswith("Adam at 1e-5,")
+    assert _description(dogs).endswith("the dog class alone, Adam at 1e-5")
