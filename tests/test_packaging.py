@@ -179,7 +179,8 @@ def test_a_missing_bare_shipped_name_gets_the_hint_and_a_shipped_folder_name_non
     but no spec, is not."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
-        flowspec.UserError, match=r"^spec file quickstart.flow not found \(flowspec ships quickstart.flow: `flowspec"
+        flowspec.UserError,
+        match=r"^spec file quickstart.flow not found \(flowspec ships quickstart.flow: `flowspec specs",
     ):
         flowspec.load_spec("quickstart.flow")
     with pytest.raises(flowspec.UserError, match=r"ablations not found$"):

@@ -12,6 +12,7 @@ import flowspec
 from flowspec import devices
 from flowspec.errors import UserError
 from flowspec.inspection import budget
+from flowspec.inspection.memory import STEP_TEMPORARIES, fmt_bytes
 from flowspec.layers.networks import FlowppBlock
 from flowspec.train.recompute import check_training, resolve_recompute
 from flowspec.train.trainer import RunOptions, Trainer
@@ -180,3 +181,79 @@ def test_what_the_process_allocates_after_import_is_left_to_the_estimate():
     before = devices.device_memory("cpu")
     held = torch.ones(2**27)  # 512 MiB, touched
     assert devices.device_memory("cpu") == before and held.sum() == 2**27
+
+
+def test_a_bf16_run_keeps_its_activations_where_they_fit_in_bf16_only(tmp_path, monkeypatch):
+    """`auto` sizes the run in the precision it trains in: keeping every activation needs less in bf16."""
+    spec = train_spec(steps=1)
+    size = budget.measure(spec)
+    off, off_bf16 = (
+        budget.training_bytes(size, spec, recompute=False, precision=p) for p in ("fp32", "bf16")
+    )
+    assert off_bf16 < off
+    memory = int((off + off_bf16) / 2 / 0.5)  # half the RAM holds the bf16 run's, not the fp32 run's
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": memory)
+    for precision, recomputes in (("bf16", False), ("fp32", True)):
+        options = RunOptions(out=tmp_path / precision, device="cpu", precision=precision)
+        assert Trainer(spec, options).recompute is recomputes, precision
+
+
+def test_the_api_checks_a_bf16_run_in_bf16(tmp_path, monkeypatch):
+    """A large model at a small batch needs more in bf16 than in fp32: `flowspec.train(precision="bf16")`
+    is refused where only the fp32 run would fit."""
+    spec = flowspec.load_spec(SPECS / "imagenet32.flow", ["train.batch=1"])
+    size = budget.measure(spec)
+    fp32, bf16 = (budget.training_bytes(size, spec, precision=p) for p in ("fp32", "bf16"))
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": (fp32 + bf16) // 2)
+    with pytest.raises(UserError, match="--recompute on in bf16"):
+        flowspec.train(spec, out=tmp_path / "run", precision="bf16", recompute="on", device="cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_size_check_counts_one_torchrun_process_share_of_the_batch(monkeypatch):
+    """Each of WORLD_SIZE processes holds batch / WORLD_SIZE images: the need and its terms say so."""
+    spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow", ["train.batch=64"])
+    size = budget.measure(spec)
+    alone, shared = (budget.training_bytes(size, spec, world) for world in (1, 4))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": (alone + shared) // 2)
+    budget.check_size(spec, "train")  # one process holds 16 images: fits
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": shared // 2)
+    with pytest.raises(UserError) as refused:
+        budget.check_size(spec, "train")
+    assert f"{fmt_bytes(shared)} at a training step's peak" in str(refused.value)
+    assert f"{fmt_bytes(size.per_image * 16)} activations kept for backward" in str(refused.value)
+
+
+def test_recomputing_in_bf16_needs_less_than_in_fp32():
+    """Measured (bench/RESULTS.md): flowpp_cifar's peak per image recomputing is about half in bf16."""
+    spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow", ["train.batch=200"])
+    size = budget.measure(spec)
+    assert budget.training_bytes(size, spec, precision="bf16") < budget.training_bytes(size, spec)
+
+
+def test_a_refusal_names_the_bf16_copy_and_the_optimizer_temporaries_in_bytes(monkeypatch):
+    spec = flowspec.load_spec(SPECS / "imagenet32.flow", ["train.batch=1"])
+    size = budget.measure(spec)
+    fp32, bf16 = (budget.training_bytes(size, spec, precision=p) for p in ("fp32", "bf16"))
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": (fp32 + bf16) // 2)
+    with pytest.raises(UserError) as refused:
+        check_training(spec, "cpu", False, "bf16", "on", False)
+    message = str(refused.value)
+    temporaries = fmt_bytes(round(STEP_TEMPORARIES * size.weights))
+    assert f"{temporaries} of the optimizer step's temporaries ({STEP_TEMPORARIES:g} x" in message
+    assert f"+ {fmt_bytes(size.weights)} bf16 copy of the weights" in message
+
+
+def test_a_process_that_already_holds_more_than_its_share_can_take_nothing(monkeypatch):
+    monkeypatch.setattr(devices, "HELD_AT_IMPORT", (2**62, 2**62))
+    assert devices.device_memory(CPU) == 0
+
+
+def test_outside_torchrun_the_refusal_speaks_of_no_share(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    spec = flowspec.load_spec(SPECS / "quickstart.flow")
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": 0)
+    with pytest.raises(UserError, match=r"this process can still take 0 B of cpu memory\. ") as refused:
+        budget.check_size(spec, "train", CPU)
+    assert "its share" not in str(refused.value)
