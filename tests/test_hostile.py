@@ -1150,3 +1150,22 @@ def test_help_of_a_torch_command_does_not_wait_for_torch(monkeypatch, capsys):
 
     monkeypatch.setattr(app, "_preload", lambda: pytest.fail("imported torch for --help"))
     assert run(["train", "--help"]) == 0 and "--resume" in capsys.readouterr().out
+
+
+def test_inference_counts_what_the_largest_step_holds_per_image_not_a_training_step(monkeypatch):
+    """eval and sample hold one step's activations at a time: a batch that fits so is not refused for
+    what a training step would keep (every step's, for backward)."""
+    from conftest import SPECS
+
+    from flowspec import devices
+    from flowspec.inspection import budget
+
+    spec = load_spec(SPECS / "quickstart.flow")
+    size = budget.measure(spec)
+    assert 0 < size.largest_step < size.per_image
+    need = size.weights + 64 * size.largest_step
+    monkeypatch.setattr(devices, "device_memory", lambda device="cpu": need)
+    assert budget.check_size(spec, "infer", images=64) == size
+    with pytest.raises(Exception, match="too large for this machine") as refused:
+        budget.check_size(spec, "infer", images=65)
+    assert "Take fewer images at once (--batch)" in str(refused.value)

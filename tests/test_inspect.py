@@ -484,3 +484,20 @@ def test_the_context_row_has_the_shape_the_context_network_returns(steps):
     (row,) = [r for r in inspect_model(model, spec).rows() if r.path == "dequantize.context"]
     n, h, w, f = seen[0]
     assert row.state_out == (f, h, w) == (8, 8, 4)
+
+
+def test_the_note_gives_the_recompute_off_figures_where_the_choice_changes_something():
+    """Flow++ blocks recompute: the note says what keeping every activation would take, in fp32 and bf16;
+    RealNVP has nothing to recompute, and its note no such clause."""
+    from flowspec.inspection import inspect_spec
+    from flowspec.inspection.budget import measure, training_bytes
+    from flowspec.inspection.memory import fmt_bytes
+
+    spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow")
+    size = measure(spec)
+    off, off_bf16 = (training_bytes(size, spec, recompute=False, precision=p) for p in ("fp32", "bf16"))
+    note = inspect_spec(spec).footer.memory_note
+    assert f"; ~{fmt_bytes(off)} with --recompute off (~{fmt_bytes(off_bf16)} in bf16), which auto" in note
+    plain = inspect_spec(flowspec.load_spec(SPECS / "realnvp_cifar.flow")).footer.memory_note
+    assert plain.startswith("peak of a training step with --recompute on: ")
+    assert "--recompute off" not in plain
