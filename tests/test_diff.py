@@ -209,3 +209,34 @@ def test_a_class_named_on_one_side_and_numbered_on_the_other_is_no_difference():
     assert same == []  # CIFAR-10's class 5 is the dog
     other = spec_differences(flowspec.load_spec(dogs), flowspec.load_spec(dogs, ["data.classes=3"]))
     assert [(d.path, d.a, d.b) for d in other] == [("data.classes", "dog", "3")]
+
+
+def test_specs_whose_classes_differ_only_in_how_they_are_written_are_equal(capsys, monkeypatch):
+    """`dog` and `5` are one CIFAR-10 class, used by both sides: the specs are equal, not "differ only in
+    settings they do not use"; a resnet coupling's dropout is such a setting."""
+    monkeypatch.setenv("COLUMNS", "120")
+    dogs = str(SPECS / "seed_realnvp_dogs.flow")
+    assert run(["diff", dogs, "--set", "data.classes=5"]) == 0
+    assert "the specs are equal" in capsys.readouterr().out
+    assert run(["diff", dogs, "--set", "data.classes=5", "--set", "defaults.coupling.dropout=0.3"]) == 0
+    assert "the specs differ only in settings they do not use" in capsys.readouterr().out
+
+
+def test_a_dequantizer_couplings_dropout_is_a_difference():
+    """Its dropout is used though a flow coupling of its kind leaves it unused (`unused_settings`)."""
+    deq = "dequantize variational { split stripe { coupling affine(network=resnet, dropout=0.3) } sigmoid }"
+    text = f"model m\ndata digits {{ shape 1x8x8  levels 17 }}\n{deq}\nflow {{ squeeze }}\n"
+    a = flowspec.parse_spec(text)
+    b = flowspec.parse_spec(text, overrides=["dequantize.steps.0.body.0.dropout=0.1"])
+    assert b.dequantize.steps[0].body[0].dropout == 0.1
+    assert [(d.a, d.b) for d in spec_differences(a, b)] == [("0.3", "0.1")]
+
+
+def test_a_coupling_setting_unused_on_one_side_only_is_a_difference():
+    """Mixture components are used by mixlogistic couplings, not by affine ones: a change of coupling kind
+    shows what the components were."""
+    imagenet = SPECS / "imagenet64.flow"
+    a = flowspec.load_spec(imagenet)
+    b = flowspec.load_spec(imagenet, ["defaults.coupling.coupling=affine"])
+    diffs = {d.path: (d.a, d.b) for d in spec_differences(a, b)}
+    assert any(path.endswith("components") for path in diffs), diffs

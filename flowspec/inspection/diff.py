@@ -198,6 +198,14 @@ def spec_differences(
     return [Difference(key, x, y, shown(where_a), shown(where_b)) for key, x, y, where_a, where_b in out]
 
 
+def _alike(a: FlowSpec, b: FlowSpec) -> bool:
+    """Whether two specs are equal, classes named on one side and numbered on the other (`dog`, `5`: one
+    CIFAR-10 class, no difference to `_idle`) counted as the same."""
+    if a.data.classes != b.data.classes and a.data.class_keys == b.data.class_keys:
+        b = b.model_copy(update={"data": b.data.model_copy(update={"classes": a.data.classes})})
+    return a == b
+
+
 def parameter_deltas(a: Report, b: Report) -> list[StageDelta]:
     """Parameters per stage (top-level steps of each branch, then the branch) in A and B, and the total."""
     rows: list[StageDelta] = []
@@ -286,6 +294,6 @@ def render_diff(
             style="bold" if s.stage == "total" else None,
         )
     head = Text.assemble(("A ", "bold"), name_a, ("   B ", "bold"), name_b)
-    equal = "the specs are equal" if a == b else "the specs differ only in settings they do not use"
+    equal = "the specs are equal" if _alike(a, b) else "the specs differ only in settings they do not use"
     count = {0: equal, 1: "1 setting differs"}.get(len(diffs), f"{len(diffs)} settings differ")
     return Group(head, Text(count), *([SettingsView(diffs)] if diffs else []), Text(""), params)
