@@ -109,11 +109,12 @@ def check_size(
 ) -> Size:
     """Refuse (a `UserError`) a spec whose `use` needs more memory than `device` has, before allocating.
 
-    `build`: the weights (inspect, diff); `infer`: the weights and what the largest step holds for
-    `images` images at once (eval, sample); `train`: the estimated training step at the spec's batch, and
-    `images` more images through a training-mode pass (inspect --probe), recomputing or not (`recompute`)
-    in `precision` (fp32, bf16), as the run will. `allow_large` skips the memory
-    check (the limit on unrolled steps remains: building that many cannot end).
+    `build`: the weights and what a training-mode pass keeps for backward of `images` images (inspect
+    --probe: its initialization batch); `infer`: the weights and what the largest step holds for `images`
+    images at once (eval, sample); `train`: the estimated peak of a training step at the spec's batch (one
+    torchrun process's share of it), recomputing or not (`recompute`) in `precision` (fp32, bf16), as the
+    run will. `allow_large` skips the memory check (the limit on unrolled steps remains: building that many
+    cannot end).
     """
     size = measure(spec)
     if use == "train" and size.parameters == 0:
