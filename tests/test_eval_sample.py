@@ -145,6 +145,19 @@ def test_set_that_the_trained_model_cannot_take_is_refused_as_a_change_not_blame
     assert "class index 99 is out of range" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "sample"])
+@pytest.mark.parametrize("override", ["=1", "noequals", " = 3"])
+def test_a_set_that_does_not_read_key_equals_value_is_refused_as_show_refuses_it(
+    run_dir, capsys, command, override
+):
+    assert run([command, str(run_dir), "--set", override, "--set", "model=x", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: --set:1:1: an override must read KEY=VALUE, e.g. defaults.coupling.filters=64"
+    )
+    assert "would change nothing" not in err and "Traceback" not in err
+
+
 class _Stub(torch.nn.Module):
     """log_prob of an image is minus its pixel sum, and 1 less on every other row of a call: an image's
     samples differ, and samples of one image counted for another would show."""
@@ -465,6 +478,34 @@ def test_an_ablation_never_overwrites_an_earlier_one(tmp_path, monkeypatch, caps
     (out / "b" / "last.pt").write_bytes(b"")  # a run there (even a failed one's folder)
     assert run(["ablate", *specs, "--steps", "1", "--out", str(out), "--device", "cpu"]) == 2
     assert f"{out / 'b'} already holds a run" in capsys.readouterr().err
+
+
+def test_an_ablation_is_refused_in_a_run_folder_or_inside_one_before_anything_is_written(
+    run_dir, tmp_path, monkeypatch, capsys
+):
+    """Its curves.png would replace the run's, and its runs and table would be written among the run's
+    files; its grids' and logs' folders (made or not), and a link to the run, are refused alike."""
+    from flowspec.train import ablate
+
+    monkeypatch.setattr(ablate, "train", lambda *_, **__: pytest.fail("trained into a run folder"))
+    flow = write_flow(tmp_path / "a.flow", name="a")
+    (tmp_path / "link").symlink_to(run_dir)
+    before = {p: p.read_bytes() if p.is_file() else None for p in run_dir.rglob("*")}
+    cases = {
+        run_dir: f"--out {run_dir} holds a run ({run_dir / 'last.pt'})",
+        tmp_path / "link": f"--out {tmp_path / 'link'} holds a run ({run_dir / 'last.pt'})",
+        run_dir / "samples": f"--out {run_dir / 'samples'} lies inside the run folder {run_dir} (it holds",
+        run_dir
+        / "tensorboard"
+        / "x": f"lies inside the run folder {run_dir} (it holds {run_dir / 'last.pt'})",
+    }
+    for out, message in cases.items():
+        assert run(["ablate", str(flow), "--steps", "2", "--out", str(out), "--device", "cpu", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.rstrip().endswith(
+            "choose another --out" + ", outside it" * ("lies" in message)
+        )
+    assert {p: p.read_bytes() if p.is_file() else None for p in run_dir.rglob("*")} == before
 
 
 def test_an_export_remembers_the_data_its_run_trained_on(tmp_path, capsys):

@@ -6,8 +6,10 @@ resource bombs, checkpoints, output paths and options); the fuzz tests are in te
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -578,6 +580,38 @@ def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_checkpoint_that_is_a_fifo_a_device_or_a_link_to_nowhere_is_named_for_what_it_is(tmp_path, capsys):
+    """Not "does not exist": a FIFO is never opened (it would block); a loop of links is said to be one."""
+    os.mkfifo(tmp_path / "fifo.pt")
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "nowhere.pt")
+    (tmp_path / "loop.pt").symlink_to(tmp_path / "loop2.pt")
+    (tmp_path / "loop2.pt").symlink_to(tmp_path / "loop.pt")
+    cases = {
+        tmp_path / "fifo.pt": "is a FIFO (named pipe), not a regular file",
+        Path("/dev/null"): "is a character device, not a regular file",
+        tmp_path / "dangling.pt": f"is a link to {tmp_path / 'nowhere.pt'}, which does not exist",
+        tmp_path / "loop.pt": "is a symlink loop (a link that leads back to itself)",
+    }
+    for path, what in cases.items():
+        for command in ("eval", "sample", "export"):
+            assert run([command, str(path)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: checkpoint {path} {what}: pass a run folder or a .pt file"), err
+    assert run(["sample", str(tmp_path / "fifo.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {tmp_path / 'fifo.safetensors'} is a FIFO (named pipe), not a regular file: pass a file "
+        "written by `flowspec export`"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dangling.pt",
+        "fifo.pt",
+        "fifo.safetensors",
+        "loop.pt",
+        "loop2.pt",
+    ]
+
+
 # ---------------------------------------------------------------- output paths and options
 
 
@@ -650,16 +684,88 @@ def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(
 
 
 def test_eval_refuses_more_images_at_once_than_the_machine_holds(trained, tmp_path, capsys, small_machine):
-    assert run(["eval", str(trained), "--batch", "10000000000", "--limit", "4"]) == 2
+    """A forward pass holds --batch images, or fewer when there are fewer (--images, or a small split),
+    each with its --iw importance samples: 297 test images with 16384 samples each do not fit."""
+    assert run(["eval", str(trained), "--batch", "10000000000", "--iw", "16384"]) == 2
     err = capsys.readouterr().err
     assert (
         "is too large for this machine: " in err
-        and "and 10,000,000,000 images, and this process can still take" in err
+        and f"and {297 * 16384:,} images, and this process can still take" in err
     )
     assert err.rstrip().endswith(
         "Take fewer images at once (--batch), or pass --allow-large to go ahead anyway"
     )
     assert run(["eval", str(trained), "--batch", "4", "--limit", "4", "--out", str(tmp_path / "e.json")]) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--limit", "4"], ["--limit", "2", "--iw", "64"], [], ["--limit", "1000000000"]],
+    ids=["images", "images-iw", "split", "images-beyond-the-split"],
+)
+def test_eval_takes_a_batch_larger_than_the_images_it_evaluates(
+    trained, tmp_path, capsys, small_machine, args
+):
+    """`--batch` is the most images at once: with fewer images (--images, or a split of 297) the pass holds
+    those alone, and fits."""
+    out = tmp_path / "e.json"
+    assert run(["eval", str(trained), "--batch", "9223372036854775807", *args, "--out", str(out)]) == 0, (
+        capsys.readouterr().err
+    )
+    assert json.loads(out.read_text())["images"] == min(int(args[1]) if args else 297, 297)
+
+
+def test_eval_sample_and_export_never_write_over_the_file_they_read(trained, tmp_path, capsys):
+    """A standalone checkpoint or export named as the output, directly, under another suffix or through a
+    link, is refused before any work, and stays as it was."""
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes((trained / "last.pt").read_bytes())
+    (tmp_path / "link.png").symlink_to(checkpoint)
+    (tmp_path / "ck.png").write_bytes(checkpoint.read_bytes())
+    (tmp_path / "ck.json").write_bytes(checkpoint.read_bytes())
+    assert run(["export", str(trained), "-o", str(tmp_path / "m.safetensors")]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    cases = [
+        (["sample", str(checkpoint), "-n", "2", "-o", str(tmp_path / "link.png")], f"leads to {checkpoint},"),
+        (["sample", str(tmp_path / "ck.png"), "-n", "2", "-o", str(tmp_path / "ck.png")], "is"),
+        (["eval", str(tmp_path / "ck.json"), "--images", "8", "-o", str(tmp_path / "ck.json")], "is"),
+        (["export", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "m.safetensors")], "is"),
+    ]
+    for args, what in cases:
+        assert run(args) == 2, args
+        out, err = capsys.readouterr()
+        assert err == (
+            f"error: --out {args[-1]} {what} the file this command reads: writing it would destroy what it "
+            "reads; choose another file name\n"
+        )
+        assert "wrote" not in out
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_output_that_is_a_fifo_a_device_or_a_link_to_nowhere_is_refused_and_kept(
+    trained, tmp_path, capsys
+):
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "null.png").symlink_to("/dev/null")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(tmp_path / "loop.png")
+    cases = {
+        "fifo.png": "is a FIFO (named pipe), not a regular file",
+        "null.png": "is a character device, not a regular file",
+        "dangling.png": f"is a link to {tmp_path / 'nowhere.png'}, which does not exist",
+        "loop.png": "is a symlink loop (a link that leads back to itself)",
+    }
+    for name, what in cases.items():
+        assert run(["sample", str(trained), "-n", "2", "-o", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {tmp_path / name} {what}: only a new file or a regular one is written; choose "
+            "another file name\n"
+        )
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo.png").st_mode)
+    assert all((tmp_path / name).is_symlink() for name in ("null.png", "dangling.png", "loop.png"))
+    assert not (tmp_path / "nowhere.png").exists()
 
 
 # ---------------------------------------------------------------- disks, permissions, two processes

@@ -67,6 +67,36 @@ def test_specs_replaces_no_file(tmp_path, capsys):
     assert f"{tmp_path / 'file'} is not a folder" in capsys.readouterr().err
 
 
+def test_specs_refuses_a_folder_inside_the_package_and_its_shipped_specs(tmp_path, capsys, monkeypatch):
+    """The copies would be written among the files flowspec ships (here a copy of the package's specs
+    folder stands in for it: a failing test must not write into this checkout)."""
+    import contextlib
+    import shutil
+    from types import SimpleNamespace
+
+    from flowspec.cli import shipped
+
+    package = tmp_path / "flowspec"
+    shutil.copytree(SPECS, package / "specs")
+    fake = SimpleNamespace(files=lambda name: package, as_file=contextlib.nullcontext)
+    monkeypatch.setattr(shipped, "resources", fake)
+    before = sorted(package.rglob("*"))
+    monkeypatch.chdir(package / "specs")
+    cases = {
+        str(package / "specs" / "ablations"): ("shipped specs folder", package / "specs"),
+        ".": ("shipped specs folder", package / "specs"),
+        str(package / "mine"): ("package", package),
+    }
+    for folder, (what, inside) in cases.items():
+        assert run(["specs", folder]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {folder} is inside flowspec's own {what} ({inside}): flowspec specs copies the shipped "
+            "specs out of it, to be changed; give a folder outside it\n"
+        )
+    assert sorted(package.rglob("*")) == before
+    assert run(["specs", str(tmp_path / "copy")]) == 0  # a folder outside it
+
+
 def test_specs_writes_all_or_nothing(tmp_path, capsys, monkeypatch):
     """A copy that fails part way (a full disk, an unwritable ablations/) removes what it wrote, so the
     same command runs again; a file where a folder must go, or an empty DIR, is refused before writing."""

@@ -189,6 +189,11 @@ def test_a_run_folder_spec_with_settings_a_set_made_unused_reads_back(tmp_path, 
         (["sample", "{tmp}/missing.pt"], "or a .safetensors file written by `flowspec export`"),
         (["ablate", "{flow}"], "exactly one budget"),
         (["ablate", "{flow}", "--steps", "2", "--budget", "1m"], "exactly one budget"),
+        (["ablate", "{flow}", "--budget", ""], "expected a duration like 90s, 30m or 2h, got ''"),
+        (
+            ["ablate", "{flow}", "--steps", "1", "--out", "{flow}"],
+            "tiny.flow is a file: an ablation writes its",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys, args, message):

@@ -59,6 +59,12 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
     nothing, or the trained model."""
     if not sets:
         return spec
+    from flowspec.diagnostics import SpecError
+    from flowspec.loader import stored_with_overrides
+    from flowspec.resolve import override_key
+
+    if any("=" not in override or not override_key(override) for override in sets):
+        stored_with_overrides(spec, sets, f"{path} (stored spec)")  # says "must read KEY=VALUE", as show does
     readable = ("data", "model") if command == "eval" else ("model",)
     for override in sets:
         key = override.split("=", 1)[0].strip()
@@ -72,9 +78,6 @@ def _with_overrides(spec: FlowSpec, sets: list[str] | None, path: Path, command:
                 f"--set {override}: {command} reads {what} of the spec stored in {path}, so {key} would "
                 f"change nothing here{hint}"
             )
-    from flowspec.diagnostics import SpecError
-    from flowspec.loader import stored_with_overrides
-
     try:
         changed = stored_with_overrides(spec, sets, f"{path} (stored spec)")
     except SpecError:  # model settings the stored model cannot take change it: not the checkpoint's fault
@@ -148,14 +151,24 @@ def _precision_suffix(trained: Trained) -> str:
     return f"_{trained.precision}" if trained.precision != (trained.trained_precision or "fp32") else ""
 
 
-def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
+def _check_output(path: Path, option: str, suffixes: tuple[str, ...], reads: Path) -> None:
     """Refuse an output path that is a folder, names an unknown kind of file or lies where no folder can be
-    made, or would overwrite a file of a run or an ablation, before any work (the folder is made when the
-    file is written)."""
+    made, is something else than a file (a FIFO, a device, a link that leads nowhere), would overwrite the
+    file the command `reads` (a run folder: its last.pt) or a file of a run or an ablation, before any work
+    (the folder is made when the file is written)."""
+    from flowspec.train.checkpoint import LAST
     from flowspec.train.rundir import check_not_run_file
 
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder: give a file name, e.g. {path / ('out' + suffixes[0])}")
+    _check_replaceable(path, option)
+    read = reads / LAST if reads.is_dir() else reads
+    if os.path.exists(read) and _same_file(path, read):  # (a missing one is said when it is read)
+        what = "is" if os.path.abspath(path) == os.path.abspath(read) else f"leads to {read},"
+        raise UserError(
+            f"{option} {path} {what} the file this command reads: writing it would destroy what it reads; "
+            "choose another file name"
+        )
     if path.suffix.lower() not in suffixes:
         raise UserError(
             f"{option} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
@@ -169,6 +182,27 @@ def _check_output(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
             what = "a file, not a folder" if not existing.is_dir() else "a folder this user cannot write"
         raise UserError(f"{option} {path}: its folder cannot be made there ({existing} is {what})")
     check_not_run_file(path, option)
+
+
+def _check_replaceable(path: Path, option: str) -> None:
+    """Refuse an existing output path that is not a regular file (a FIFO, a device, a socket) or a link
+    that leads nowhere (to nothing, or a loop): writing would silently replace it or write elsewhere."""
+    from flowspec.train.files import file_problem
+
+    problem = file_problem(path) if os.path.lexists(path) else None
+    if problem:
+        raise UserError(
+            f"{option} {path} {problem}: only a new file or a regular one is written; choose another file "
+            "name"
+        )
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether `path` is `other` (through links, or a hard link) or would be written over it."""
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # one of them does not exist
+        return os.path.realpath(path) == os.path.realpath(other)
 
 
 def _image_suffixes() -> tuple[str, ...]:
@@ -238,6 +272,7 @@ def evaluate(
     from rich.table import Table
 
     import flowspec
+    from flowspec.inspection.budget import check_size
     from flowspec.train.checkpoint import LAST
     from flowspec.train.class_numbers import check_class_numbers
     from flowspec.train.data import load_split
@@ -248,15 +283,17 @@ def evaluate(
 
     one_process("eval")
     if out is not None:
-        _check_output(out, "--out", (".json",))
+        _check_output(out, "--out", (".json",), target)
     with stoppable("the evaluation") as signals:
-        trained, spec = _load_for_inference(
-            "eval", target, device, sets, batch, allow_large, threads, compile_networks, precision
+        trained, spec = _load_for_inference(  # its weights checked; the images at once when read
+            "eval", target, device, sets, 0, allow_large, threads, compile_networks, precision
         )
         folder = _data_folder(data, trained, sets)
         check_class_numbers(spec.data, trained.data_recorded, folder, trained.path)
         source = load_split(spec.data, split.value, folder)
         images = source.images[:limit] if limit else source.images
+        check_size(trained.spec, "infer", trained.model.device, allow_large, _at_once(batch, len(images), iw))
+        # (before the work: --batch, or fewer when fewer images are evaluated, however many --images asked)
         print(f"the {split.value} split of {source.source}: {len(images)} of its {len(source)} images")
         _note_changed_split(trained, folder)
         where = trained.model.device
@@ -318,6 +355,12 @@ def evaluate(
             f"them elsewhere)"
         ) from None
     print(f"wrote {out}")
+
+
+def _at_once(batch: int, images: int, iw: int) -> int:
+    """The most images one forward pass of `eval` holds: `batch`, or fewer when there are fewer images (with
+    their `iw` importance samples each, as `bounds` draws them)."""
+    return min(batch, images * iw)
 
 
 def _data_read(folder: Path | str | None, spec: FlowSpec) -> tuple[str | None, dict]:
@@ -438,7 +481,7 @@ def sample(
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     if out is not None:
-        _check_output(out, "--out", _image_suffixes())
+        _check_output(out, "--out", _image_suffixes(), target)
     with stoppable("sampling") as signals:
         trained, spec = _load_for_inference(
             "sample", target, device, sets, min(n, batch), allow_large, threads, compile_networks, precision
@@ -483,6 +526,6 @@ def export_model(
         output = checkpoint.parent / f"model{weights}{SUFFIX}"
     if output.suffix.lower() != SUFFIX:
         raise UserError(f"the export must be a {SUFFIX} file, got {output}")
-    _check_output(output, "--out", (SUFFIX,))
+    _check_output(output, "--out", (SUFFIX,), target)
     trained = export(target, output)
     print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")

@@ -4,6 +4,7 @@ they can be trained, changed and extended."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import shutil
 from importlib import resources
@@ -40,7 +41,20 @@ def specs(
         elif not folder.strip():
             raise UserError("DIR is empty: give the folder to copy the specs into (`.` for this one)")
         else:
+            _check_outside(Path(folder), root)
             _copy(root, names, Path(folder))
+
+
+def _check_outside(folder: Path, root: Path) -> None:
+    """Refuse a DIR inside the flowspec package (its shipped specs folder, `root`, above all): the copies
+    would be written among the files flowspec ships (links followed)."""
+    target, package = Path(os.path.realpath(folder)), Path(os.path.realpath(root)).parent
+    for inside, what in ((Path(os.path.realpath(root)), "shipped specs folder"), (package, "package")):
+        if target == inside or inside in target.parents:
+            raise UserError(
+                f"{folder} is inside flowspec's own {what} ({inside}): flowspec specs copies the shipped "
+                "specs out of it, to be changed; give a folder outside it"
+            )
 
 
 def _order(name: str) -> tuple[int, str]:

@@ -400,6 +400,7 @@ def _start_ablation(
         raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
     if (steps is None) == (budget is None):
         raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
+    run_time = parse_duration(budget) if budget is not None else None  # '' too: refused as no duration
     with agreed(join(how.device)):  # under torchrun, one process may lack its copy of a spec
         resolved = [load_cli_spec(path, sets) for path in specs]
         for each in resolved:
@@ -409,10 +410,10 @@ def _start_ablation(
         how,
         data_memory=parse_size(data_memory) if data_memory is not None else None,
         max_steps=steps,
-        max_run_time=parse_duration(budget) if budget else None,
+        max_run_time=run_time,
         eval={**eval_written_by(resolved[0], sets), **_eval_settings(*evals)},
     )
-    title = f"{steps} steps" if steps else str(budget)
+    title = f"{steps} steps" if steps is not None else str(budget)
     with stoppable("the ablation", _kept_by_ablation(out)) as signals:
         done = run_ablation(resolved, options, out, seed, signals.check, sets, title)
     return _report_ablation(done, len(resolved), signals.received, f"{title} each, seed {seed}", out)

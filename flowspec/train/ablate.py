@@ -19,7 +19,7 @@ from flowspec.train.distributed import agreed, job_size, join, main_process, tea
 from flowspec.train.files import replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
-from flowspec.train.rundir import previous_checkpoint, set_aside
+from flowspec.train.rundir import OWN_FILES, previous_checkpoint, set_aside
 from flowspec.train.signals import StopCheck, is_signal, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -90,6 +90,7 @@ def run_ablation(
         raise ValueError("an ablation's budget is one of max_steps and max_run_time (not max_time)")
     folders = folder_names([s.name for s in specs], [s.source for s in specs])
     with agreed(join(options.device)):  # under torchrun, a mistake one process meets alone stops them all
+        check_out_folder(out)
         if main_process():  # an ablation going on there is named first
             check_free(out, WRITERS)
         for planned in (PLAN, "ablation.json"):
@@ -109,6 +110,36 @@ def run_ablation(
         datasets = _datasets(plan, options.quiet)
         _check_lengths(plan, datasets, options.max_steps)
     return _carry_out(plan, datasets, out, stop, options, write_plan=True)
+
+
+#: the files that mark a folder as a run's, its checkpoint first (an unstarted run has its spec.json alone)
+RUN_MARKS = tuple(
+    sorted((mark for mark, owned in OWN_FILES.items() if LAST in owned), key=lambda m: m != LAST)
+)
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse, before anything is written, an `--out` that is a file, or that holds a run or lies inside
+    one's folder (its samples/, tensorboard/): the ablation's curves.png and its runs would be written among
+    the run's files (links followed)."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(
+            f"--out {out} is a file: an ablation writes its runs and comparison into a folder; name a folder"
+        )
+    target = Path(os.path.realpath(out))
+    for folder in (target, *target.parents):
+        mark = next((m for m in RUN_MARKS if os.path.lexists(folder / m)), None)
+        if mark is None:
+            continue
+        if folder == target:
+            raise UserError(
+                f"--out {out} holds a run ({folder / mark}): an ablation writes its runs and curves.png into "
+                f"a folder of its own; choose another --out"
+            )
+        raise UserError(
+            f"--out {out} lies inside the run folder {folder} (it holds {folder / mark}): an ablation writes "
+            f"its runs and curves.png into a folder of its own; choose another --out, outside it"
+        )
 
 
 def resume_command(out: Path) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from flowspec.errors import UserError, shell_command
 from flowspec.spec import FlowSpec
-from flowspec.train.files import replaced_whole
+from flowspec.train.files import file_problem, replaced_whole
 from flowspec.train.lock import FIRST_CHECKPOINT, check_free
 
 LAST, BEST = "last.pt", "best.pt"
@@ -123,10 +123,11 @@ def resolve(path: Path | str, exports: bool = False) -> Path:
         raise UserError(
             f"no checkpoint in {path}: expected {path / LAST} (a run folder written by `flowspec train`)"
         )
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem:  # does not exist, is a FIFO or a device, a link to nothing or a loop
         export = " or a .safetensors file written by `flowspec export`" if exports else ""
         raise UserError(
-            f"checkpoint {path} does not exist: pass a run folder or a .pt file written by `flowspec train`"
+            f"checkpoint {path} {problem}: pass a run folder or a .pt file written by `flowspec train`"
             + export
         )
     return path

@@ -27,7 +27,7 @@ from flowspec.train.checkpoint import (
     resolve,
 )
 from flowspec.train.class_numbers import EXPORT_RECORDED, RECORDED
-from flowspec.train.files import replaced_whole
+from flowspec.train.files import file_problem, replaced_whole
 from flowspec.train.precision import autocast_dtype, resolve_precision
 
 FORMAT = "flowspec"
@@ -177,8 +177,9 @@ def _read_export(path: Path) -> ExportContents:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: pass a file written by `flowspec export`")
+    problem = file_problem(path)
+    if problem:  # does not exist, is a FIFO or a device, a link to nothing or a loop
+        raise UserError(f"{path} {problem}: pass a file written by `flowspec export`")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

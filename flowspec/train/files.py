@@ -3,6 +3,7 @@ outputs written whole or not at all."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from flowspec.errors import UserError, named_error, naming
 
-_KINDS = (
+#: the kinds of file that are not regular ones, by the `stat` test that tells them
+KINDS = (
     (stat.S_ISDIR, "a folder"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISCHR, "a character device"),
@@ -33,11 +35,32 @@ def regular_file(path: Path, what: str = "data file") -> Path:
     except OSError as error:
         raise UserError(f"cannot read {what} {path}: {error.strerror}") from None
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        kind = next((name for test, name in KINDS if test(mode)), "not a regular file")
         raise UserError(f"{what} {path} is {kind}, not a regular file")
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read {what} {path}: permission denied")
     return path
+
+
+def file_problem(path: Path | str) -> str | None:
+    """Why `path` is not a regular file (links followed), said after its name: `does not exist`, `is a link
+    to X, which does not exist`, `is a symlink loop`, `is a FIFO (named pipe), not a regular file`, ...;
+    None when it is one. Only `stat` is called: nothing is opened, so a FIFO or a device never blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a link to {os.path.realpath(path)}, which does not exist"
+        return "does not exist"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symlink loop (a link that leads back to itself)"
+        return f"cannot be looked at ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return (
+        f"is {next((name for test, name in KINDS if test(mode)), 'not a regular file')}, not a regular file"
+    )
 
 
 def stamps(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
