@@ -15,6 +15,7 @@ from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixtu
 
 import flowspec
 from flowspec.cli.app import run
+from flowspec.errors import UserError
 from flowspec.spec import DataSpec
 from flowspec.train.checkpoint import load_checkpoint
 from flowspec.train.data import load_split
@@ -418,7 +419,6 @@ def test_ablate_says_when_runs_were_evaluated_on_different_numbers_of_test_image
 
 
 def test_a_failed_ablation_run_is_reported_and_the_others_still_train(tmp_path, monkeypatch, capsys):
-    from flowspec.errors import UserError
     from flowspec.train import ablate
 
     def fake_train(spec, options, train_set, test_set, keep_group):
@@ -453,7 +453,6 @@ def test_ablation_run_folders_are_unique():
 def test_an_ablation_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys):
     """Every run folder (and the ablation's own file) is checked before anything trains; when every run
     fails, ablation.json still records why."""
-    from flowspec.errors import UserError
     from flowspec.train import ablate
 
     def failing(spec, options, train_set, test_set, keep_group):
@@ -506,6 +505,12 @@ def test_an_ablation_is_refused_in_a_run_folder_or_inside_one_before_anything_is
             "choose another --out" + ", outside it" * ("lies" in message)
         )
     assert {p: p.read_bytes() if p.is_file() else None for p in run_dir.rglob("*")} == before
+    far = tmp_path / "project"  # a spec.json three levels up is no run of this folder's
+    (far / "a" / "b").mkdir(parents=True)
+    (far / "spec.json").write_text("{}")
+    ablate.check_out_folder(far / "a" / "b" / "c")
+    with pytest.raises(UserError, match="lies inside the run folder"):
+        ablate.check_out_folder(far / "a" / "b")
 
 
 def test_an_export_remembers_the_data_its_run_trained_on(tmp_path, capsys):

@@ -120,14 +120,15 @@ RUN_MARKS = tuple(
 
 def check_out_folder(out: Path) -> None:
     """Refuse, before anything is written, an `--out` that is a file, or that holds a run or lies inside
-    one's folder (its samples/, tensorboard/): the ablation's curves.png and its runs would be written among
-    the run's files (links followed)."""
+    one's folder (its samples/, tensorboard/x: two levels up at most, so that a stray spec.json far above
+    blocks nothing): the ablation's curves.png and its runs would be written among the run's files (links
+    followed)."""
     if os.path.lexists(out) and not out.is_dir():
         raise UserError(
             f"--out {out} is a file: an ablation writes its runs and comparison into a folder; name a folder"
         )
     target = Path(os.path.realpath(out))
-    for folder in (target, *target.parents):
+    for folder in (target, *target.parents[:2]):
         mark = next((m for m in RUN_MARKS if os.path.lexists(folder / m)), None)
         if mark is None:
             continue
