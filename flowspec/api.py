@@ -170,7 +170,7 @@ def _spec_to_train(
 
     applied = False  # whether `sets` were applied to the stored spec of the run resumed
     if spec is None and resume is not None:
-        spec = checkpoint_spec(load_checkpoint(resume), resume)
+        spec = checkpoint_spec(load_checkpoint(resume, warn=False), resume)  # the run reads it again
         if sets:
             spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
             applied = True

@@ -567,6 +567,24 @@ def test_an_old_checkpoint_without_checksum_loads_with_a_warning(trained, tmp_pa
     assert "has no checksum (written before flowspec stored one)" in capsys.readouterr().err
 
 
+def test_resuming_a_checkpoint_without_checksum_warns_once(trained, tmp_path, capsys):
+    """The command reads the checkpoint for its spec, then the run reads it to resume: one warning."""
+    import shutil
+
+    import torch
+
+    from flowspec.train.checkpoint import CHECKSUM, LAST
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    payload = torch.load(copy / LAST, weights_only=True)
+    del payload[CHECKSUM]
+    torch.save(payload, copy / LAST)
+    code = run(["train", "--resume", str(copy), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("has no checksum") == 1, err
+
+
 def test_a_malicious_pickle_is_never_run(tmp_path, capsys):
     import torch
 

@@ -133,10 +133,11 @@ def resolve(path: Path | str, exports: bool = False) -> Path:
     return path
 
 
-def load_checkpoint(path: Path | str, training_state: bool = True) -> dict[str, Any]:
+def load_checkpoint(path: Path | str, training_state: bool = True, warn: bool = True) -> dict[str, Any]:
     """Read and check a checkpoint (a file or a run folder), onto the CPU: its checksum, its structure (with
     `training_state`, also what resuming needs) and its tensors' shapes. A `UserError` naming the path
-    and what is wrong if it is unusable."""
+    and what is wrong if it is unusable. Without `warn`, no warning that it has no checksum (a caller
+    that reads it again says it then)."""
     path = resolve(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -159,11 +160,12 @@ def load_checkpoint(path: Path | str, training_state: bool = True) -> dict[str, 
         raise UserError(f"{path} is not a flowspec checkpoint (missing {', '.join(missing)})")
     stored = payload.get(CHECKSUM)
     if stored is None:
-        print(
-            f"warning: checkpoint {path} has no checksum (written before flowspec stored one): "
-            f"loaded without checking it",
-            file=sys.stderr,
-        )
+        if warn:
+            print(
+                f"warning: checkpoint {path} has no checksum (written before flowspec stored one): "
+                f"loaded without checking it",
+                file=sys.stderr,
+            )
     elif stored != checksum(payload):
         raise UserError(
             f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
