@@ -347,6 +347,117 @@ def test_a_checkpoint_from_the_bits_per_dim_loss_resumes_with_its_adam_averages_
             torch.testing.assert_close(moments[name], state["optimizer"]["state"][i][name])
 
 
+def test_an_optimizer_state_from_before_fused_adam_resumes_and_trains(tmp_path):
+    """Checkpoints written before Adam was fused say `fused: None` (and `foreach: None`) in their groups:
+    loaded as they are, they made the Adam a plain one, whose step refuses the `found_inf` a step sets."""
+    trainer = Trainer(tiny_spec(steps=3), options(tmp_path / "run"))
+    updater = trainer.updater
+    updater(next(trainer.batches))
+    old = copy.deepcopy(updater.state_dict())
+    for group in old["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=None)
+    fresh = Trainer(tiny_spec(steps=3), options(tmp_path / "other"))
+    fresh.updater.load_state_dict(old)
+    assert all(group["fused"] is True for group in fresh.updater.optimizer.param_groups)
+    _, _, applied = fresh.updater(next(fresh.batches))
+    assert applied and fresh.updater.step == 2
+    assert fresh.updater.state_dict()["optimizer"]["param_groups"][0]["fused"] is True
+
+
+class _BitsPerDim(torch.nn.Module):
+    """The loss of flowspec before 8a4a1ba: the batch's mean bits/dim."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.bpd(x).mean()
+
+
+def test_a_run_of_the_bits_per_dim_loss_goes_on_as_that_loss_trained_it_also_after_another_resume(tmp_path):
+    """A checkpoint of the old loss (bits/dim, clipped at clip_grad_norm in bits/dim) goes on with exactly
+    the steps the old flowspec made: its Adam averages rescaled, and the clip, eps and weight decay scaled by
+    D ln 2 (the
+    nats-per-image gradient clipped at 1.0 takes steps tens of times off). The checkpoint the resumed run
+    writes says so, so that a second resume goes on alike, rescaling nothing twice."""
+    from flowspec.train.update import CLIP_IN
+
+    spec = tiny_spec(steps=20, clip_grad_norm=1.0, weight_decay=1e-2)
+    reference = Trainer(spec, options(tmp_path / "old"))
+    old = reference.updater
+    old.objective = _BitsPerDim(old.model)
+    batches = [next(reference.batches) for _ in range(6)]
+
+    def steps(updater, first, last):
+        for i in range(first, last):
+            torch.manual_seed(i)  # the same dequantization noise and dropout in both runs
+            norm = updater(batches[i])[1]
+        return norm
+
+    assert steps(old, 0, 2) > 1.0  # the bits/dim gradient is clipped too
+    state = copy.deepcopy(old.state_dict())
+    del state["loss"]  # as the old flowspec wrote it
+    resumed = Trainer(spec, options(tmp_path / "new")).updater
+    resumed.load_state_dict(state)
+    assert "loss was bits/dim" in resumed.note and "clipped at 44.36" in resumed.note
+
+    def weights(updater):
+        return torch.cat([p.detach().flatten() for p in updater.model.parameters()])
+
+    start = weights(old)
+    for pair in ((0, 2, 4), (1, 4, 6)):
+        steps(old, *pair[1:])
+        steps(resumed, *pair[1:])
+        # the same steps but for rounding (clipping the nats-per-image gradient at 1.0: some 50% off)
+        moved = (weights(old) - start).norm()
+        assert (weights(resumed) - weights(old)).norm() < 1e-3 * moved
+        if pair[0] == 0:  # a second resume, from the checkpoint the resumed run writes
+            state = copy.deepcopy(resumed.state_dict())
+            assert state["loss"] == "nats per image" and state[CLIP_IN] == "bits/dim"
+            resumed = Trainer(spec, options(tmp_path / f"again{pair[0]}")).updater
+            resumed.load_state_dict(state)
+            assert resumed.note is not None
+    # a run of this loss records nothing of the kind
+    assert CLIP_IN not in Trainer(spec, options(tmp_path / "today")).updater.state_dict()
+
+
+def _resume_files(run):
+    return {name: (run / name).read_bytes() for name in ("metrics.jsonl", "spec.json", "spec.flow", LAST)}
+
+
+@pytest.mark.parametrize("where", ["first step", "optimizer state"])
+def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, monkeypatch, where):
+    """A resume that fails while restoring the checkpoint, or at its first step (an old checkpoint whose
+    optimizer state no longer works), changes nothing: the stop's evaluation row stays (it goes once
+    training goes on, with the next row written), and spec.json and spec.flow are written again only
+    then (here they differ from what this flowspec writes: as an older one's would)."""
+    run = tmp_path / "run"
+    spec = tiny_spec(steps=8)
+    train(spec, options(run, max_steps=3))
+    recorded = json.loads((run / "spec.json").read_text())
+    (run / "spec.json").write_text(json.dumps(recorded, indent=4) + "\n")
+    (run / "spec.flow").write_text((run / "spec.flow").read_text() + "# a note\n")
+    before = _resume_files(run)
+    assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [3]
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        if where == "first step":
+            patch.setattr(Updater, "__call__", fails)
+        else:
+            patch.setattr(torch.optim.Adam, "load_state_dict", fails)
+        with pytest.raises(RuntimeError, match="boom"):
+            train(spec, options(run, resume=True, max_steps=6))
+    assert _resume_files(run) == before
+    train(spec, options(run, resume=True, max_steps=6))  # once training goes on, the stop's row goes
+    assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [6]
+    assert json.loads((run / "spec.json").read_text()) == recorded
+    assert (run / "spec.json").read_bytes() != before["spec.json"]  # written again, by this flowspec
+
+
 def test_schedule_factors():
     cosine = LrFactor(warmup=10, kind="cosine", total=110, every=1, gamma=1.0)
     assert cosine(0) == 0.0 and cosine(1) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)

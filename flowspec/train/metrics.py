@@ -21,9 +21,14 @@ if TYPE_CHECKING:
 METRICS, CURVES = "metrics.jsonl", "curves.png"
 
 
-def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+def append_metrics(run_dir: Path, row: dict[str, Any], drop_evaluation_at: int | None = None) -> None:
     """Append one row (flushed to disk, so a crash keeps every completed evaluation); a write that fails
-    (a full disk) is undone, so the file never ends in half a row."""
+    (a full disk) is undone, so the file never ends in half a row. With `drop_evaluation_at`, the file is
+    rewritten at once without what came after that step and without an evaluation at it, then the row
+    (`truncate_metrics`)."""
+    if drop_evaluation_at is not None:
+        truncate_metrics(run_dir, drop_evaluation_at, drop_evaluation=True, then=row)
+        return
     path = run_dir / METRICS
     with naming(path), open(path, "a") as f:
         size = f.tell()
@@ -80,12 +85,16 @@ def _is_row(row: Any) -> bool:
     return all(row[k] is None or type(row[k]) in (int, float) for k in NUMBERS if k in row)
 
 
-def truncate_metrics(run_dir: Path, step: int, drop_evaluation: bool = False) -> None:
+def truncate_metrics(
+    run_dir: Path, step: int, drop_evaluation: bool = False, then: dict[str, Any] | None = None
+) -> None:
     """Keep only rows up to `step`: a resumed run rewrites what came after its checkpoint. With
-    `drop_evaluation`, an evaluation at `step` goes too (one that the uninterrupted run would not make)."""
+    `drop_evaluation`, an evaluation at `step` goes too (one that the uninterrupted run would not make);
+    `then` is a row added after them, in the same replacement of the file."""
     rows = read_metrics(run_dir, after_step=step)
     if drop_evaluation:
         rows = [r for r in rows if not (r["step"] == step and is_eval(r))]
+    rows += [then] if then is not None else []
     path, tmp = run_dir / METRICS, run_dir / (METRICS + ".tmp")
     try:
         tmp.write_text("".join(_line(r) for r in rows))

@@ -188,6 +188,8 @@ class Trainer:
         self.best: float | None = None  # of the scheduled evaluations
         self.stop_bpd: float | None = None  # of an evaluation at a --max-steps or --max-time stop
         self.stop_row = False  # resumed at such a stop, whose row goes once training goes on
+        self.stop_row_at: int | None = None  # the step of that row, dropped with the next row written
+        self.spec_files_due = False  # a resumed run writes its spec files with its first write
         self.world_note = ""  # said in the header: the checkpoint was written by another number of processes
         if payload is not None:
             self._restore(payload)
@@ -253,9 +255,12 @@ class Trainer:
 
     def _run(self) -> RunResult:
         aside = None
-        if self.dist.main:
-            aside = rundir.set_aside(self.run_dir) if self.saved_step is None else None
+        if self.dist.main and self.saved_step is None:
+            aside = rundir.set_aside(self.run_dir)
             rundir.write_spec_files(self.run_dir, self.spec)
+        # a resumed run changes nothing in its folder until it writes a row or a checkpoint, or ends: a
+        # resume that fails (at its first step, say) leaves the run as it was
+        self.spec_files_due = self.dist.main and self.saved_step is not None
         announce = (
             f"finishing the step or evaluation batch in progress, then saving {self.run_dir / LAST} "
             f"(the same signal again stops at once, without saving)"
@@ -265,8 +270,9 @@ class Trainer:
             reporter = Reporter.auto(quiet, self._horizon(), self.step, notes=self.dist.main)
             try:
                 reporter.message(self._banner())
-                if self.data_note:
-                    reporter.note(self.data_note)
+                for note in (self.data_note, self.updater.note):
+                    if note:
+                        reporter.note(note)
                 if aside is not None:
                     reporter.note(
                         f"note: {self.run_dir} held a run that stopped before its first checkpoint: this one "
@@ -291,10 +297,9 @@ class Trainer:
                 elif resumed_at == "done" and self._scheduled():
                     self.window.reset()  # the checkpoint may hold the sums from before it
                 while stopped is None:
-                    if self.stop_row:  # training goes on past a stop: the row of its evaluation goes
-                        if self.dist.main:
-                            truncate_metrics(self.run_dir, self.step, drop_evaluation=True)
-                        self.stop_row, self.stop_bpd = False, None
+                    if self.stop_row:  # training goes on past a stop: the row of its evaluation goes,
+                        # with the next row written (a step that fails first leaves it)
+                        self.stop_row_at, self.stop_row, self.stop_bpd = self.step, False, None
                     x = next(self.batches)
                     flags = self._stop_flags(signals, started)
                     self.window.add(*self.updater(x, flags), images=len(x) * self.dist.world)
@@ -311,6 +316,8 @@ class Trainer:
                     elif self.save_every and self.step % self.save_every == 0:
                         with self._not_training():
                             self._save(best=False)
+                if self.dist.main:  # a resume with nothing to train: its --set eval settings are kept
+                    self._before_writing()
             finally:
                 reporter.close()
                 if self.board is not None:
@@ -348,7 +355,8 @@ class Trainer:
             lr = self.updater.applied_lr
             epoch = round(self.batches.epochs_done, 4)
             row = {"kind": "train", "step": self.step, "epoch": epoch, "train_bpd": self.window.recent_bpd}
-            append_metrics(self.run_dir, row | {"lr": lr})
+            self._before_writing()
+            append_metrics(self.run_dir, row | {"lr": lr}, self._take_stop_row())
         reporter.step(self.step, last_bpd, self.window.img_s())
         if self.board is not None:
             self.board.train(self.step, last_bpd)
@@ -493,7 +501,7 @@ class Trainer:
         if self._scheduled():
             self.window.reset()
         if self.dist.main:
-            record(self.run_dir, row, self.spec.name)
+            record(self.run_dir, row, self.spec.name)  # after `_save`: the spec files, no stop's row
             reporter.evaluation(row)
             reporter.message(f"  evaluated {done.images} test images in {done.seconds:.1f} s, {done.memory}")
             if self.board is not None:
@@ -507,6 +515,9 @@ class Trainer:
         states = self.dist.gather(dict(rng.capture(self.device), stream=position))
         if not self.dist.main:
             return
+        self._before_writing()
+        if self.stop_row_at is not None:  # no checkpoint past a stop while its row is there
+            truncate_metrics(self.run_dir, self._take_stop_row(), drop_evaluation=True)
         payload = {
             **self.updater.state_dict(),
             "epoch": self.batches.epochs_done,
@@ -527,6 +538,19 @@ class Trainer:
         modules = [m for m in (self.updater.model, self.updater.ema) if m is not None]
         if save_run(self.run_dir, payload, best, *modules, last=last) and last:
             self.saved_step = self.step
+
+    def _before_writing(self) -> None:
+        """On rank 0 of a resumed run, before its first row or checkpoint (or at its end, when it wrote
+        none): the spec files (the spec it trains now, --set overrides included), which `_check_belongs`
+        compares the next checkpoint with."""
+        if self.spec_files_due:
+            rundir.write_spec_files(self.run_dir, self.spec)
+            self.spec_files_due = False
+
+    def _take_stop_row(self) -> int | None:
+        """The step of a stop's evaluation row to drop with the row now written (once), or None."""
+        step, self.stop_row_at = self.stop_row_at, None
+        return step
 
     def _diverged(self, x: torch.Tensor) -> None:
         suffix = f"_rank{self.dist.rank}" if self.dist.active else ""

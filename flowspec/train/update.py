@@ -3,7 +3,8 @@ gradient clipping, the EMA of the weights, and the skipping of steps whose loss 
 
 The loss is the official code's: the batch's mean negative log-likelihood in nats per image. Its
 gradient is D ln 2 times that of bits/dim, so `clip_grad_norm` and Adam's `eps` mean what the official
-launchers' values mean (clipping at 1.0 in bits/dim would be 2,129 times looser on CIFAR-10).
+launchers' values mean (clipping at 1.0 in bits/dim would be 2,129 times looser on CIFAR-10). A run begun
+when the loss was bits/dim goes on as it was trained (`Updater.load_state_dict`).
 
 A step never waits for the device: whether it is applied is a flag on the device, which fused Adam
 reads (as it does for `torch.amp.GradScaler`) and the EMA multiplies its update by. The loss, the norm
@@ -25,6 +26,10 @@ from flowspec.train.distributed import Dist
 from flowspec.train.schedule import adam_eps, build_optimizer, build_scheduler
 
 LOSS = "nats per image"  # the loss a checkpoint's Adam averages are in (none said: bits/dim, as before)
+#: the key of a checkpoint whose run goes on as the bits/dim loss trained it (`Updater.load_state_dict`)
+CLIP_IN = "clip and eps in"
+#: the optimizer's own settings of how it computes (not what): a checkpoint's never replace them
+_HOW = ("fused", "foreach", "capturable", "differentiable")
 
 
 class Objective(nn.Module):
@@ -77,8 +82,9 @@ class Updater:
             )
         self.optimizer = build_optimizer(model.parameters(), train)
         self.scheduler = build_scheduler(self.optimizer, train, total_steps)
-        self.clip = train.clip_grad_norm or math.inf
         self.nats_per_bpd = nats_per_bpd(model.spec.dims)
+        self.units, self.clip = 1.0, train.clip_grad_norm or math.inf  # see `_set_units`
+        self.note: str | None = None  # said after the banner: how a checkpoint of the old loss goes on
         self.accumulate = train.accumulate
         self.step = 0
 
@@ -115,7 +121,7 @@ class Updater:
         self.optimizer.found_inf = (~self._ok).float()  # fused Adam leaves everything as it was when set
         if self.recipe.tf_eps:
             for group in self.optimizer.param_groups:
-                group["eps"] = adam_eps(self.recipe, self.step)
+                group["eps"] = adam_eps(self.recipe, self.step) * self.units
         self.optimizer.step()
         if self.ema is not None:
             self._update_ema()
@@ -137,6 +143,16 @@ class Updater:
                 loss.backward()
             total += loss.detach().float()
         return total
+
+    def _set_units(self, units: float) -> None:
+        """`clip_grad_norm`, Adam's eps and weight decay for a gradient `units` times the loss's: 1 for
+        nats per image, D ln 2 for a run that the bits/dim loss trained (its steps go on as that loss made
+        them)."""
+        self.units = units
+        self.clip = (self.recipe.clip_grad_norm or math.inf) * units
+        for group in self.optimizer.param_groups:
+            group["eps"] = adam_eps(self.recipe, self.step) * units
+            group["weight_decay"] = self.recipe.weight_decay * units
 
     def _rescale_adam(self, factor: float) -> None:
         """Adam's averages as if every gradient had been `factor` times larger (its steps are the same
@@ -178,18 +194,44 @@ class Updater:
             "skipped": self.skipped,
             "bad_in_row": self.bad_in_row,
             "loss": LOSS,
+            **({CLIP_IN: "bits/dim"} if self.units != 1.0 else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("loss") != LOSS:  # trained on bits/dim: Adam's averages into this loss's scale
+        self.optimizer.load_state_dict(self._own_settings(state["optimizer"]))
+        old_loss = state.get("loss") != LOSS
+        if old_loss:  # trained on bits/dim: Adam's averages into this loss's scale
             self._rescale_adam(self.nats_per_bpd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        if old_loss or state.get(CLIP_IN) == "bits/dim":
+            self._set_units(self.nats_per_bpd)
+            clip = self.recipe.clip_grad_norm
+            settings = f"clip_grad_norm {clip:g}, Adam's eps and" if clip else "Adam's eps and"
+            clipped = f", clipped at {self.clip:,.4g}" if clip else ""
+            self.note = (
+                f"note: this run began under an earlier flowspec, whose loss was bits/dim: it goes on "
+                f"exactly as it would have there, where {settings} weight_decay apply to the bits/dim "
+                f"gradient (the nats-per-image gradient is {self.nats_per_bpd:,.4g} times larger"
+                f"{clipped}); a new run applies them to the nats-per-image gradient itself"
+            )
+        else:
+            self._set_units(1.0)
         self._counts.copy_(torch.tensor([state["skipped"], state.get("bad_in_row", 0)]))
+
+    def _own_settings(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """An optimizer state whose groups keep this optimizer's fused, foreach, ... (how it computes): a
+        checkpoint from before Adam was fused says `fused: None`, which would leave a step that sets
+        `found_inf` to an Adam that cannot read it (and put the step counts on the wrong device)."""
+        ours = self.optimizer.param_groups
+        groups = [
+            {**saved, **{key: own[key] for key in _HOW if key in own}}
+            for saved, own in zip(stored["param_groups"], ours, strict=False)
+        ]  # a count that differs is torch's error, as before
+        return {**stored, "param_groups": groups + stored["param_groups"][len(groups) :]}
 
 
 def _grouped(ema: nn.Module, model: nn.Module) -> list[tuple[list[Tensor], list[Tensor]]]:
