@@ -1,4 +1,5 @@
-"""Shared test fixtures: repository paths and the local CIFAR-10 data (never downloaded)."""
+"""Shared test fixtures: repository paths, the local CIFAR-10 data (never downloaded), Hypothesis's profile,
+and matplotlib's and Hypothesis's caches (in the session's temporary folder)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,20 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 ALL_SPECS = sorted(SPECS.rglob("*.flow"))
+
+# Hypothesis draws the same examples on every run and keeps no database (it wrote .hypothesis/ in the
+# working folder); FLOWSPEC_HYPOTHESIS=explore draws new ones each run, for a hunt on one's own machine.
+settings.register_profile("flowspec", database=None, derandomize=True)
+settings.register_profile("explore", database=None, derandomize=False, print_blob=True)
+_PROFILE = os.environ.get("FLOWSPEC_HYPOTHESIS") or "flowspec"
+if _PROFILE not in ("flowspec", "explore"):
+    raise pytest.UsageError(f"FLOWSPEC_HYPOTHESIS={_PROFILE!r}: unset it, or set it to explore")
+settings.load_profile(_PROFILE)
 
 
 def cifar_dir() -> Path | None:
@@ -37,3 +48,23 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own, which makes its temporary folder's factory
+def pytest_configure(config) -> None:
+    """matplotlib's font cache and Hypothesis's (the constants its plugin reads from the sources while it
+    collects, even without a database) in the session's temporary folder, not ~/.cache/matplotlib and
+    .hypothesis/ in the working folder, unless the environment names theirs (MPLCONFIGDIR,
+    HYPOTHESIS_STORAGE_DIRECTORY); child processes inherit them."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    factory = config._tmp_path_factory  # tmp_path_factory, which no fixture gives before collection
+    if "MPLCONFIGDIR" not in os.environ:
+        os.environ["MPLCONFIGDIR"] = config._flowspec_mplconfigdir = str(factory.mktemp("matplotlib"))
+    if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+        set_hypothesis_home_dir(factory.mktemp("hypothesis"))
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "_flowspec_mplconfigdir", None) == os.environ.get("MPLCONFIGDIR"):
+        os.environ.pop("MPLCONFIGDIR", None)
