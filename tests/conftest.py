@@ -12,6 +12,7 @@ from hypothesis import settings
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 ALL_SPECS = sorted(SPECS.rglob("*.flow"))
+NO_CIFAR = "real CIFAR-10 not found: set FLOWSPEC_DATA_DIR or place it at ../shared/data/cifar10"
 
 # Hypothesis draws the same examples on every run and keeps no database (it wrote .hypothesis/ in the
 # working folder); FLOWSPEC_HYPOTHESIS=explore draws new ones each run, for a hunt on one's own machine.
@@ -34,7 +35,7 @@ def cifar_dir() -> Path | None:
 def cifar10_dir() -> Path:
     path = cifar_dir()
     if path is None:
-        pytest.skip("real CIFAR-10 not found: set FLOWSPEC_DATA_DIR or place it at ../shared/data/cifar10")
+        pytest.skip(NO_CIFAR)
     return path
 
 
@@ -48,6 +49,18 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """A run without real CIFAR-10 passes, but says so: its tests were skipped, not run."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_CIFAR in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"warning: {len(skipped)} tests skipped for missing real CIFAR-10: point FLOWSPEC_DATA_DIR at a "
+            "folder of its .npz shards (test.npz, ...) or place them at ../shared/data/cifar10 to run them",
+            yellow=True,
+            bold=True,
+        )
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own, which makes its temporary folder's factory
