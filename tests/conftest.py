@@ -1,9 +1,10 @@
-"""Shared test fixtures: repository paths, the local CIFAR-10 data (never downloaded), Hypothesis's profile,
-and matplotlib's and Hypothesis's caches (in the session's temporary folder)."""
+"""Shared test fixtures: repository paths, the local CIFAR-10 data (never downloaded), one intra-op thread,
+Hypothesis's profile, and matplotlib's and Hypothesis's caches (in the session's temporary folder)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,32 @@ def pytest_configure(config) -> None:
 def pytest_unconfigure(config) -> None:
     if getattr(config, "_flowspec_mplconfigdir", None) == os.environ.get("MPLCONFIGDIR"):
         os.environ.pop("MPLCONFIGDIR", None)
+
+
+def _set_threads(count: int) -> None:
+    """torch's intra-op threads, when something imported torch already (the language tools' tests run
+    without it: importing it here would slow them)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(count)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_session():
+    """One intra-op thread for the tiny test models (much faster on small shared CPUs), module- and
+    session-scoped fixtures included; the count found is restored at the end."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    _set_threads(1)
+    yield
+    if before is not None:
+        _set_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(_one_thread_session):
+    """Every test starts on one thread, and a count it set (a Trainer's, `--threads`) ends with it. A test
+    that needs more threads sets them itself."""
+    _set_threads(1)
+    yield
+    _set_threads(1)

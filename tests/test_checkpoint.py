@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+from train_helpers import tiny_spec
 
 import flowspec
 from flowspec.errors import UserError

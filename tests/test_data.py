@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import one_thread, write_shards  # noqa: F401 (fixture)
+from train_helpers import write_shards
 
 from flowspec.errors import UserError
 from flowspec.spec import DataSpec

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import one_thread  # noqa: F401 (fixture)
 
 from flowspec.errors import UserError
 from flowspec.spec import DataSpec

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from train_helpers import one_thread, tiny_spec, write_flow  # noqa: F401 (fixture)
+from train_helpers import tiny_spec, write_flow
 
 import flowspec
 from flowspec.cli.app import run

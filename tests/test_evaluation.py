@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from train_helpers import one_thread, tiny_spec, write_flow, write_shards  # noqa: F401 (fixture)
+from train_helpers import tiny_spec, write_flow, write_shards
 
 import flowspec
 from flowspec.cli.app import run

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+from train_helpers import tiny_spec
 
 from flowspec import parse_spec
 from flowspec.cli.app import run

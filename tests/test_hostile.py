@@ -872,8 +872,6 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     import errno
     import json
 
-    import torch
-
     from flowspec.train import checkpoint, metrics
     from flowspec.train.checkpoint import LAST, load_checkpoint
 
@@ -904,7 +902,6 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(
     else:
         module, name, when = target[where]
         fail_on(monkeypatch, module, name, errno.ENOSPC, when)
-    torch.set_num_threads(1)
     assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err == (
@@ -1049,7 +1046,6 @@ def test_a_full_disk_as_torch_reports_it_is_a_full_disk_not_a_bug(tmp_path, monk
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 750656") from None
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk_at_step_6)
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     assert run(["train", str(tiny_flow(tmp_path)), "--out", str(out), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err

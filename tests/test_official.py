@@ -252,7 +252,6 @@ def test_npy_dataset_without_data_says_what_it_needs(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_shrunk_official_spec_trains_a_few_steps(name, tmp_path):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     base = tiny_spec(name)
     spec = flowspec.load_spec(

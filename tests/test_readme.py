@@ -7,7 +7,6 @@ import re
 
 import pytest
 from conftest import ROOT
-from train_helpers import one_thread  # noqa: F401 (fixture)
 
 from flowspec.steps import KINDS
 

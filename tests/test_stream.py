@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SPECS
-from train_helpers import one_thread, tiny_spec  # noqa: F401 (fixture)
+from train_helpers import tiny_spec
 
 import flowspec
 from flowspec.errors import UserError

@@ -82,9 +82,6 @@ def test_a_resumed_run_keeps_its_thread_count_unless_told_otherwise(tmp_path, ca
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the user's setting would win
     assert run(["train", "--resume", str(out), *args]) == 0
     assert "threads 2 (as the run trained" in capsys.readouterr().out
-    import torch
-
-    torch.set_num_threads(1)  # the tests after this one run on one thread
 
 
 def test_the_streaming_workers_leave_stop_signals_to_the_main_process():

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from train_helpers import one_thread, tiny_spec, write_shards  # noqa: F401 (fixture)
+from train_helpers import tiny_spec, write_shards
 
 import flowspec
 from flowspec.errors import UserError

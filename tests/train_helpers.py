@@ -9,8 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from flowspec.spec import DataSpec, FlowSpec, Interval, TrainSpec
 from flowspec.steps.coupling import CouplingStep
@@ -19,16 +17,6 @@ from flowspec.steps.norm import NormStep
 from flowspec.steps.pointwise import PointwiseStep
 from flowspec.steps.repeat import RepeatStep
 from flowspec.steps.split import SplitStep
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for the tiny test models: much faster on small shared CPUs (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 #: the lock line a run in another process wrote (`RunLock` writes `pid N on HOST since ...`)
 ELSEWHERE = "pid 4242 on elsewhere since long ago"
