@@ -8,6 +8,7 @@ from torch.autograd.functional import jacobian
 
 from flowspec import load_spec
 from flowspec.diagnostics import SpecError
+from flowspec.layers import DataInit
 from flowspec.spec import FlowSpec
 
 
@@ -18,12 +19,30 @@ def flat(state) -> torch.Tensor:
     return state.flatten(1)
 
 
-def jacobian_logdet(fn, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def independent_samples(model: torch.nn.Module) -> bool:
+    """Whether `model` maps each sample of a batch on its own: every module in eval mode (no batch
+    statistics, no dropout) and every data-dependent layer initialised (none initialises on this batch)."""
+    return all(not m.training for m in model.modules()) and all(
+        bool(m.initialized) and not m.init_mode for m in model.modules() if isinstance(m, DataInit)
+    )
+
+
+def jacobian_logdet(
+    fn, x: torch.Tensor, chunk: int = 256, model: torch.nn.Module | None = None
+) -> torch.Tensor:
     """log|det J| of fn at a single sample x (1 x ...), fn mapping tensors to states of equal dimension.
 
-    Rows of J come from batched backward passes, `chunk` rows at a time (bounded memory for big inputs)."""
+    When `model` (which fn runs) maps samples independently (`independent_samples`), J comes from one
+    forward and one backward pass of a batch of d copies of x: row i is the gradient of output i of copy i
+    (exact; several times faster than batched backward passes through a big model). Otherwise rows come
+    from batched backward passes, `chunk` rows at a time (bounded memory for big inputs)."""
     d = x.numel()
-    if d <= chunk:
+    if model is not None and independent_samples(model):
+        copies = x.detach().expand(d, *x.shape[1:]).clone().requires_grad_(True)
+        y = flat(fn(copies))
+        assert y.shape == (d, d)
+        jac = torch.autograd.grad(y, copies, torch.eye(d, dtype=y.dtype))[0].reshape(d, d)
+    elif d <= chunk:
         jac = jacobian(lambda t: flat(fn(t)), x, vectorize=True).reshape(d, d)
     else:
         x = x.detach().requires_grad_(True)
