@@ -94,7 +94,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         def __reduce__(self):
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         save_atomic({"a": Boom()}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

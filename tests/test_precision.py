@@ -116,6 +116,7 @@ def test_bf16_bits_per_dim_on_real_cifar_match_float32(device, exact_float32):
             bits[dtype] = model.bpd(images.to(device)).cpu()
     assert 3.0 < bits[None].mean() < 9.0
     assert (bits[torch.bfloat16] - bits[None]).abs().max() < 0.01
+    assert not torch.equal(bits[torch.bfloat16], bits[None])  # bf16 ran: not float32 again
 
 
 def _quickstart(prec: str, tmp_path) -> float:
