@@ -395,3 +395,18 @@ def test_moves_between_dtypes_and_takes_any_integer_input():
     assert _log_prob(model, x).dtype == torch.float64 and model.encode(v)[1].dtype == torch.float64
     torch.testing.assert_close(model.encode(v)[1].float(), single, rtol=1e-4, atol=1e-3)
     assert model.sample(2).dtype in (torch.uint8, torch.int32) and model.float().dtype == torch.float32
+
+
+def test_sample_floors_the_decoded_noise_scaled_by_the_temperature(built):
+    """A sample is decode(T z) with z ~ N(0, I) from the generator, floored to the integer levels (the
+    dequantization added noise in [0, 1) to each integer) and clamped to them."""
+    spec, model = built
+    model.eval()
+    levels, temperature = spec.data.levels, 0.7
+    drawn = model.sample(6, temperature, generator=torch.Generator().manual_seed(4))
+    z = torch.randn(6, *spec.data.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        v = model.decode(temperature * z)
+    expected = v.floor().clamp(0, levels - 1).to(torch.uint8 if levels <= 256 else torch.int32)
+    assert drawn.dtype == expected.dtype and torch.equal(drawn, expected)
+    assert not torch.equal(v.round().clamp(0, levels - 1).to(expected.dtype), expected)  # floor is seen
