@@ -72,7 +72,9 @@ def pytest_configure(config) -> None:
     HYPOTHESIS_STORAGE_DIRECTORY); child processes inherit them."""
     from hypothesis.configuration import set_hypothesis_home_dir
 
-    factory = config._tmp_path_factory  # tmp_path_factory, which no fixture gives before collection
+    factory = getattr(config, "_tmp_path_factory", None)  # tmp_path_factory: no fixture runs this early
+    if factory is None:  # pytest's tmp_path plugin turned off (-p no:tmpdir)
+        return
     if "MPLCONFIGDIR" not in os.environ:
         os.environ["MPLCONFIGDIR"] = config._flowspec_mplconfigdir = str(factory.mktemp("matplotlib"))
     if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
