@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_helpers import TINY_FLOW, one_thread  # noqa: F401 (fixture)
+from train_helpers import TINY_FLOW
 
 from flowspec.cli.app import run
 from flowspec.spec import DataSpec
