@@ -233,13 +233,11 @@ def test_signal_finishes_the_step_saves_and_exits(tmp_path, signum):
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    started = time.monotonic()
     line = proc.stdout.readline()  # "training tiny ..." once the loop is about to start
     assert "training tiny" in line, line + proc.stderr.read()
     time.sleep(1.5)
     proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert time.monotonic() - started < 120
+    stdout, stderr = proc.communicate(timeout=120)  # a watchdog: finishing the step takes well under 1 s
     assert proc.returncode == 128 + signum, stderr
     assert f"{signal.Signals(signum).name}: stopped after step" in stdout and "Traceback" not in stderr
     payload = load_checkpoint(out / LAST)
