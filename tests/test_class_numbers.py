@@ -15,7 +15,14 @@ from train_helpers import TINY_FLOW
 from flowspec.cli.app import run
 from flowspec.spec import DataSpec
 from flowspec.train.checkpoint import CHECKSUM, LAST, load_checkpoint, save_atomic
-from flowspec.train.class_numbers import RECORDED, ambiguous, folder_classes, read_otherwise
+from flowspec.train.class_numbers import (
+    EXPORT_RECORDED,
+    RECORDED,
+    ambiguous,
+    folder_classes,
+    read_otherwise,
+    written_reading_names,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +65,7 @@ def _old_style_run(tmp_path):
     assert RECORDED in payload
     spec = json.loads(payload["spec"])
     spec["data"]["classes"] = [1]
+    del spec["train"]["tf_eps"]  # a setting every spec has held since numbers are names
     text = json.dumps(spec)
     old = {key: value for key, value in payload.items() if key not in (RECORDED, CHECKSUM)}
     old.update(spec=text, spec_hash=hashlib.sha256(text.encode()).hexdigest())
@@ -125,3 +133,41 @@ def test_a_checkpoint_that_records_its_data_reads_numbers_as_names(tmp_path, cap
         assert run(["eval", str(target), "--device", "cpu", "--out", str(tmp_path / "e.json")]) == 0
     assert "was written before" not in capsys.readouterr().err
     assert torch.load(out / LAST, weights_only=False)[RECORDED]
+
+
+def test_a_file_an_export_from_after_numbers_became_names_but_before_it_recorded_so_reads_them_as_names(
+    tmp_path, capsys
+):
+    """An export of a flowspec that read numbers as names before exports recorded it (one of commit dc09e37:
+    no data_recorded) is told apart by its spec's tf_eps, which every spec has held since a little after
+    numbers became names; its precision is no proof (checkpoints recorded theirs before)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    flow = _numbers_flow(tmp_path, "1", steps=2)
+    out = tmp_path / "run"
+    args = ["train", str(flow), "--out", str(out), "--device", "cpu", "--threads", "1", "--quiet"]
+    assert run([*args, "--eval-samples", "0"]) == 0
+    assert run(["eval", str(out), "--device", "cpu", "--out", str(tmp_path / "own.json")]) == 0
+    bpd = json.loads((tmp_path / "own.json").read_text())["bpd"]
+    model = tmp_path / "m.safetensors"
+    assert run(["export", str(out), "-o", str(model)]) == 0
+    with safe_open(str(model), framework="pt") as f:
+        metadata = f.metadata()
+    assert "tf_eps" in json.loads(metadata["spec"])["train"] and "precision" in metadata
+    del metadata[EXPORT_RECORDED]  # as dc09e37 wrote it
+    save_file(load_file(str(model)), str(model), metadata=metadata)
+    capsys.readouterr()
+    assert run(["eval", str(model), "--device", "cpu", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["bpd"] == bpd  # 1/, as the run read
+    assert "was written before" not in capsys.readouterr().err
+    # without tf_eps (older than it) the spec cannot tell, and nor can an export's precision
+    spec = json.loads(metadata["spec"])
+    assert written_reading_names(metadata["spec"]) and not written_reading_names("not json")
+    del spec["train"]["tf_eps"]
+    assert not written_reading_names(json.dumps(spec))
+    text = json.dumps(spec)
+    metadata.update(spec=text, spec_hash=hashlib.sha256(text.encode()).hexdigest())
+    save_file(load_file(str(model)), str(model), metadata=metadata)
+    assert run(["eval", str(model), "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
+    assert "m.safetensors was written before flowspec recorded" in capsys.readouterr().err

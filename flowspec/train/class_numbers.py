@@ -9,6 +9,7 @@ classes it trained on, instead of reading other classes than the run trained on 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,20 @@ from flowspec.spec import DataSpec
 
 #: the checkpoint entry, and the export's metadata entry, whose presence says the run read numbers as names
 RECORDED, EXPORT_RECORDED = "data_fingerprints", "data_recorded"
+
+
+def written_reading_names(spec_text: str) -> bool:
+    """Whether the stored spec (JSON) of an export without `data_recorded` comes from a run of a flowspec
+    that read numbers in `classes` as names: it holds `tf_eps`, which every spec written has held since that
+    setting came (commit 98e86ae), after numbers became names (5a92376). An export between the two cannot
+    tell, and its other metadata is no proof (its `precision` comes from the checkpoint, which recorded one
+    before numbers became names). A checkpoint needs no such proof: it has held `data_fingerprints` since
+    before `tf_eps`."""
+    try:
+        train = json.loads(spec_text).get("train")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(train, dict) and "tf_eps" in train
 
 
 def folder_classes(path: Path) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from flowspec.train.checkpoint import (
     load_checkpoint,
     resolve,
 )
-from flowspec.train.class_numbers import EXPORT_RECORDED, RECORDED
+from flowspec.train.class_numbers import EXPORT_RECORDED, RECORDED, written_reading_names
 from flowspec.train.files import file_problem, replaced_whole
 from flowspec.train.precision import autocast_dtype, resolve_precision
 
@@ -224,7 +224,7 @@ def _read_export(path: Path) -> ExportContents:
         metadata["spec"],
         metadata.get("data_default"),
         metadata.get("precision"),
-        metadata.get(EXPORT_RECORDED) == "yes",
+        metadata.get(EXPORT_RECORDED) == "yes" or written_reading_names(metadata["spec"]),
     )
 
 
