@@ -423,7 +423,8 @@ def test_a_run_of_the_bits_per_dim_loss_goes_on_as_that_loss_trained_it_also_aft
 
 
 def _resume_files(run):
-    return {name: (run / name).read_bytes() for name in ("metrics.jsonl", "spec.json", "spec.flow", LAST)}
+    files = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "spec.json", "spec.flow", LAST)}
+    return files | {str(p.relative_to(run)): p.read_bytes() for p in (run / "tensorboard").rglob("*")}
 
 
 @pytest.mark.parametrize("where", ["first step", "optimizer state"])
@@ -431,15 +432,23 @@ def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, monkeypat
     """A resume that fails while restoring the checkpoint, or at its first step (an old checkpoint whose
     optimizer state no longer works), changes nothing: the stop's evaluation row stays (it goes once
     training goes on, with the next row written), and spec.json and spec.flow are written again only
-    then (here they differ from what this flowspec writes: as an older one's would)."""
+    then (here they differ from what this flowspec writes: as an older one's would); the TensorBoard log
+    too, as metrics.jsonl (no new events file, the stop's evaluation kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def evaluated() -> list[int]:
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        return [e.step for e in events.Scalars("test/bpd")]
+
     run = tmp_path / "run"
     spec = tiny_spec(steps=8)
-    train(spec, options(run, max_steps=3))
+    train(spec, options(run, max_steps=3, tensorboard=True))
     recorded = json.loads((run / "spec.json").read_text())
     (run / "spec.json").write_text(json.dumps(recorded, indent=4) + "\n")
     (run / "spec.flow").write_text((run / "spec.flow").read_text() + "# a note\n")
     before = _resume_files(run)
-    assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [3]
+    assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [3] == evaluated()
 
     def fails(*args, **kwargs):
         raise RuntimeError("boom")
@@ -450,10 +459,10 @@ def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, monkeypat
         else:
             patch.setattr(torch.optim.Adam, "load_state_dict", fails)
         with pytest.raises(RuntimeError, match="boom"):
-            train(spec, options(run, resume=True, max_steps=6))
-    assert _resume_files(run) == before
-    train(spec, options(run, resume=True, max_steps=6))  # once training goes on, the stop's row goes
-    assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [6]
+            train(spec, options(run, resume=True, max_steps=6, tensorboard=True))
+    assert _resume_files(run) == before and evaluated() == [3]
+    train(spec, options(run, resume=True, max_steps=6, tensorboard=True))  # once training goes on,
+    assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [6] == evaluated()  # the stop's row goes
     assert json.loads((run / "spec.json").read_text()) == recorded
     assert (run / "spec.json").read_bytes() != before["spec.json"]  # written again, by this flowspec
 

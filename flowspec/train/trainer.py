@@ -193,7 +193,9 @@ class Trainer:
         self.world_note = ""  # said in the header: the checkpoint was written by another number of processes
         if payload is not None:
             self._restore(payload)
-        self.board: TensorBoard | None = None  # made when the run starts (`_tensorboard`)
+        self.board: TensorBoard | None = None  # opened before the run's first write (`_open_board`)
+        self.board_due: tuple[int, bool, float] | None = None  # to open: the step it starts at, `again`, and
+        # the latest train bits/dim then
 
     def _read_data(
         self, payload: dict[str, Any] | None, train_set: ImageSet | None, test_set: ImageSet | None
@@ -288,8 +290,8 @@ class Trainer:
                         f"{self.options.max_steps}: it trains no further"
                     )
                 self.vote = StopVote(self.device) if self.dist.active else None  # stops agreed under torchrun
-                if self.options.tensorboard and self.dist.main:
-                    self.board = self._tensorboard(again=stopped is None and self.stop_row)
+                if self.options.tensorboard and self.dist.main:  # opened with the first write
+                    self.board_due = (self.step, stopped is None and self.stop_row, self.window.latest())
                 self.window.restart_clock()
                 resumed_at = self._resumed_at_evaluation(stopped)
                 if resumed_at == "missed":
@@ -317,7 +319,7 @@ class Trainer:
                         with self._not_training():
                             self._save(best=False)
                 if self.dist.main:  # a resume with nothing to train: its --set eval settings are kept
-                    self._before_writing()
+                    self._before_writing(board=False)
             finally:
                 reporter.close()
                 if self.board is not None:
@@ -337,13 +339,17 @@ class Trainer:
         limits = [s for s in (self.total_steps, self.options.max_steps) if s is not None]
         return min(limits) if limits else None
 
-    def _tensorboard(self, again: bool) -> TensorBoard:
-        """The TensorBoard log, without what came after the checkpoint; `again` (training goes on past a
-        stop's evaluation) without this step's points either, and the latest train bits/dim logged anew."""
-        board = TensorBoard(self.run_dir, self.step, again)
-        if again and (self.step % self.options.log_every == 0 or self.step == 1):
-            board.train(self.step, self.window.latest())
-        return board
+    def _open_board(self) -> None:
+        """The TensorBoard log, opened before the run's first write (row, checkpoint or point), so that a
+        resume that writes nothing leaves it as it was, as metrics.jsonl: without what came after the
+        checkpoint; `again` (training goes on past a stop's evaluation) without the checkpoint's step's
+        points either, and the latest train bits/dim at it logged anew."""
+        if self.board_due is None:
+            return
+        (start, again, latest), self.board_due = self.board_due, None
+        self.board = TensorBoard(self.run_dir, start, again)
+        if again and (start % self.options.log_every == 0 or start == 1):
+            self.board.train(start, latest)
 
     def _log(self, reporter: Reporter, x: torch.Tensor) -> None:
         """Every `log_every` steps, the loop's one wait for the device between evaluations: the progress
@@ -358,6 +364,7 @@ class Trainer:
             self._before_writing()
             append_metrics(self.run_dir, row | {"lr": lr}, self._take_stop_row())
         reporter.step(self.step, last_bpd, self.window.img_s())
+        self._open_board()
         if self.board is not None:
             self.board.train(self.step, last_bpd)
 
@@ -504,6 +511,7 @@ class Trainer:
             record(self.run_dir, row, self.spec.name)  # after `_save`: the spec files, no stop's row
             reporter.evaluation(row)
             reporter.message(f"  evaluated {done.images} test images in {done.seconds:.1f} s, {done.memory}")
+            self._open_board()
             if self.board is not None:
                 self.board.evaluation(row, done.grids)
         return None
@@ -539,10 +547,12 @@ class Trainer:
         if save_run(self.run_dir, payload, best, *modules, last=last) and last:
             self.saved_step = self.step
 
-    def _before_writing(self) -> None:
+    def _before_writing(self, board: bool = True) -> None:
         """On rank 0 of a resumed run, before its first row or checkpoint (or at its end, when it wrote
         none): the spec files (the spec it trains now, --set overrides included), which `_check_belongs`
-        compares the next checkpoint with."""
+        compares the next checkpoint with; and the TensorBoard log, as metrics.jsonl (unless not `board`)."""
+        if board:
+            self._open_board()
         if self.spec_files_due:
             rundir.write_spec_files(self.run_dir, self.spec)
             self.spec_files_due = False
