@@ -43,11 +43,35 @@ MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path
 RESOLVED_HEADERS = ("# the resolved spec of a trained run", "# resolved from ")
 
 
+#: files whose presence beside a spec.json that is not a flowspec spec still says the folder is a run's
+RUN_EVIDENCE = ("last.pt", "metrics.jsonl")
+
+
+def _recorded_spec(folder: Path) -> FlowSpec | None:
+    """The spec in `folder`'s spec.json when it is a flowspec spec (a run's), else None (another tool's
+    file, a damaged one, one too large for a spec)."""
+    recorded = folder / "spec.json"
+    try:
+        if recorded.stat().st_size > MAX_SPEC_BYTES:
+            return None
+        return FlowSpec.model_validate_json(recorded.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 def is_run_spec(path: Path) -> bool:
-    """Whether `path` is a run folder's spec.flow (beside its spec.json): a spec that was valid when the
-    run trained it, read as a checkpoint's stored spec is (the rules for spec files made since, and the
-    unused settings check, apply only to what --set changes). A copy elsewhere is a spec file like any."""
-    return path.name == "spec.flow" and (path.parent / "spec.json").is_file()
+    """Whether `path` is a run folder's spec.flow: beside a spec.json that is a flowspec spec, or beside
+    one that is not but in a folder with a run's `last.pt` or `metrics.jsonl` (a run whose spec.json was
+    damaged). It is a spec that was valid when the run trained it, read as a checkpoint's stored spec is
+    (the rules for spec files made since, and the unused settings check, apply only to what --set
+    changes). A copy elsewhere, or a user's own spec.flow beside another tool's spec.json, is a spec file
+    like any."""
+    folder = path.parent
+    if path.name != "spec.flow" or not (folder / "spec.json").is_file():
+        return False
+    if any((folder / name).exists() for name in RUN_EVIDENCE):
+        return True
+    return _recorded_spec(folder) is not None
 
 
 def older_run_spec(path: Path) -> FlowSpec | None:
@@ -64,14 +88,13 @@ def older_run_spec(path: Path) -> FlowSpec | None:
     if text.startswith(RESOLVED_HEADERS):
         return None
     recorded = path.parent / "spec.json"
-    try:
-        stored = FlowSpec.model_validate_json(recorded.read_bytes())
-    except (OSError, ValueError):
+    stored = _recorded_spec(path.parent)
+    if stored is None:  # a run's (`is_run_spec`: its last.pt or metrics.jsonl), damaged
         raise UserError(
             f"{path} may be an older flowspec's copy of the spec file its run started from (without the "
             f"run's --set overrides), and {recorded}, the spec the run trained, cannot be read to tell: pass "
             f"the spec file the run started from, with the --set options it was trained with"
-        ) from None
+        )
     try:
         copied = _finish(_load(path, {}, chain=(), at=None), (), {}, source=None, file_rules=False)
     except SpecError:  # an `extends` that names a file beside the original, a rule of a newer flowspec

@@ -16,6 +16,7 @@ from train_helpers import tiny_spec, write_flow
 import flowspec
 from flowspec.cli.app import run
 from flowspec.cli.training import parse_duration
+from flowspec.loader import is_run_spec
 from flowspec.train.checkpoint import LAST, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,25 @@ def test_an_older_run_folder_spec_copied_from_its_spec_file_is_read_from_spec_js
     (plain / "spec.flow").write_text(child.read_text())
     assert run(["show", str(plain / "spec.flow")]) == 2
     assert "cannot be read to tell" in capsys.readouterr().err
+
+
+def test_a_users_spec_flow_beside_another_tools_spec_json_is_read_as_written(tmp_path, capsys):
+    """A spec.json that is not a flowspec spec makes no run folder of its own: the spec.flow beside it is a
+    spec file like any (it was refused as an older run's copy that spec.json could not tell); with a run's
+    metrics.jsonl or last.pt beside them it is a run's, whose damaged spec.json is refused."""
+    own = tmp_path / "project"
+    own.mkdir()
+    flow = write_flow(own / "spec.flow", steps=2, eval_every=2)
+    (own / "spec.json").write_text('{"other": "tool"}')
+    copy = write_flow(tmp_path / "copy.flow", steps=2, eval_every=2)
+    assert flowspec.load_spec(flow) == flowspec.load_spec(copy).model_copy(update={"source": str(flow)})
+    assert run(["show", str(flow)]) == 0
+    assert "model tiny" in capsys.readouterr().out
+    assert not is_run_spec(flow)
+    (own / "metrics.jsonl").write_text("")
+    assert is_run_spec(flow)
+    assert run(["show", str(flow)]) == 2
+    assert "cannot be read to tell" in (err := capsys.readouterr().err) and "Traceback" not in err
 
 
 def test_a_run_folder_spec_with_settings_a_set_made_unused_reads_back(tmp_path, capsys):
