@@ -163,14 +163,16 @@ def _spec_to_train(
     spec: FlowSpec | PathLike | None, sets: Sequence[str], resume: PathLike | None
 ) -> FlowSpec:
     """The spec the run trains: `spec` (a spec file with the `sets` overrides, or a `FlowSpec` that may
-    start a run), else the stored spec of the run `resume` continues, with the `sets` overrides (eval
-    settings, `save every`). A `UserError` when there is none, or `sets` for a `FlowSpec`."""
+    start a run), else the stored spec of the run `resume` continues, with the eval settings and `save
+    every` its spec.json records (`_recorded_settings`) and the `sets` overrides (eval settings, `save
+    every`). A `UserError` when there is none, or `sets` for a `FlowSpec`."""
     from flowspec.loader import check_file_rules, load_spec, stored_with_overrides
     from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
 
     applied = False  # whether `sets` were applied to the stored spec of the run resumed
     if spec is None and resume is not None:
         spec = checkpoint_spec(load_checkpoint(resume, warn=False), resume)  # the run reads it again
+        spec = _recorded_settings(spec, Path(resume))
         if sets:
             spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
             applied = True
@@ -184,6 +186,23 @@ def _spec_to_train(
     if resume is None:  # what a spec file may not say, a spec made in Python may not start a run with
         check_file_rules(spec)
     return spec
+
+
+def _recorded_settings(stored: FlowSpec, run_dir: Path) -> FlowSpec:
+    """The checkpoint's spec `stored` with the eval settings and `save every` that the run's spec.json
+    records where they differ: a resume's `--set` of them that trained no further (a finished run) is in
+    spec.json but in no checkpoint, and a later resume without a spec keeps it. Only those: a spec.json
+    that is not a flowspec spec, or that trains otherwise, changes nothing."""
+    from flowspec.train.checkpoint import trains_alike
+
+    try:
+        recorded = FlowSpec.model_validate_json((run_dir / "spec.json").read_bytes())
+    except (OSError, ValueError):
+        return stored
+    if recorded == stored or not trains_alike(stored, recorded):
+        return stored
+    saving = stored.train.model_copy(update={"save_every": recorded.train.save_every})
+    return stored.model_copy(update={"eval": recorded.eval, "train": saving})
 
 
 def _whole(value: object) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import flowspec
 from flowspec.cli.app import run
 from flowspec.cli.training import parse_duration
 from flowspec.loader import is_run_spec
-from flowspec.train.checkpoint import LAST, load_checkpoint
+from flowspec.train.checkpoint import LAST, checkpoint_spec, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,13 +42,24 @@ def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     assert run(["train", "--resume", str(out), "--quiet", "--set", "eval.images=4"]) == 0
     assert flowspec.load_spec(out / "spec.flow").eval.images == 4
     assert (out / "spec.flow").read_text().splitlines()[0] == written.splitlines()[0]  # from the same file
+    # a finished run writes no checkpoint for it, and a later --resume without a spec keeps it (it was
+    # rewritten from the checkpoint's spec)
+    recorded = {name: (out / name).read_bytes() for name in ("spec.json", "spec.flow")}
+    assert checkpoint_spec(load_checkpoint(out), out).eval.images != 4
+    assert run(["train", "--resume", str(out), "--quiet"]) == 0
+    assert {name: (out / name).read_bytes() for name in recorded} == recorded
 
 
 def test_resume_set_without_a_spec_applies_to_the_stored_spec_of_a_run_named_in_python(tmp_path, capsys):
     spec = tiny_spec(steps=3, eval_every=3, name="my tiny model-1.0")  # no spec file could write the name
     flowspec.train(spec, out=tmp_path / "run", max_steps=2, quiet=True)
-    assert run(["train", "--resume", str(tmp_path / "run"), "--set", "eval.images=8", "-q"]) == 0
-    assert load_checkpoint(tmp_path / "run")["step"] == 3
+    resume = ["train", "--resume", str(tmp_path / "run"), "-q"]
+    assert run([*resume, "--set", "eval.images=8", "--max-steps", "2"]) == 0  # trains no further
+    assert checkpoint_spec(load_checkpoint(tmp_path / "run"), tmp_path).eval.images != 8
+    assert run(resume) == 0  # a resume without a spec goes on with what the last one recorded
+    payload = load_checkpoint(tmp_path / "run")
+    assert payload["step"] == 3 and checkpoint_spec(payload, tmp_path).eval.images == 8
+    assert json.loads((tmp_path / "run" / "spec.json").read_text())["eval"]["images"] == 8
     assert run(["train", "--resume", str(tmp_path / "nowhere"), "--set", "eval.images=8"]) == 2
     assert "nowhere does not exist" in (err := capsys.readouterr().err) and "spec.flow" not in err
     assert run(["train", "--resume", str(tmp_path / "run"), "--set", "train.lr=1e-2"]) == 2
