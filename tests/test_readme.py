@@ -36,3 +36,16 @@ def _table(heading: str) -> str:
 def test_every_step_kind_has_a_row_in_the_steps_and_layers_tables(kind: str):
     for heading in ("Steps", "Layers"):
         assert re.search(rf"^\| `{kind}\b", _table(heading), re.M), f"add {kind} to the README's {heading}"
+
+
+def test_every_table_row_has_as_many_cells_as_its_header():
+    """A row split across lines renders as several rows (cells `|` apart, `\\|` inside a cell)."""
+    text = (ROOT / "README.md").read_text()
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # code blocks hold no tables
+    wrong = []
+    for table in re.findall(r"(?:^\|.*\n)+", text, re.M):
+        rows = table.splitlines()
+        cells = [len(re.split(r"(?<!\\)\|", row.strip())) - 2 for row in rows]
+        assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].strip()), f"not a table: {rows[:2]}"
+        wrong += [row[:80] for row, n in zip(rows, cells, strict=True) if n != cells[0]]
+    assert not wrong, f"README table rows whose cells differ from their header's: {wrong}"
