@@ -80,15 +80,15 @@ def train(
     its step and saves it, then raises `RunStopped` (a `KeyboardInterrupt`, holding the `RunResult`).
     """
     from flowspec.loader import check_overrides
-    from flowspec.train.distributed import agreed, join
+    from flowspec.train.distributed import agreed, join, left_on_error
     from flowspec.train.signals import is_signal
     from flowspec.train.trainer import RunOptions
     from flowspec.train.trainer import train as run_training
 
     device = str(device) if device is not None else None  # a torch.device as its name, e.g. "cuda:1"
     # under torchrun the job is joined first: a mistake only one process meets (its own copy of the spec
-    # or the run folder missing) ends every process at once, each saying why
-    with agreed(join(device)):
+    # or the run folder missing) ends every process at once, each saying why, each out of the job's group
+    with left_on_error(), agreed(join(device)):
         check_overrides(sets)
         switches = dict(compile=compile, tensorboard=tensorboard, quiet=quiet, allow_large=allow_large)
         _check_options(switches, threads, max_steps)

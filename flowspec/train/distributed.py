@@ -157,6 +157,20 @@ def teardown(together: bool = False) -> None:
         td.destroy_process_group()
 
 
+@contextmanager
+def left_on_error() -> Iterator[None]:
+    """Leave the job's group (`teardown`) if the block raises: for set-up after which the process stops on
+    an error (after `agreed`, every process of the job does). A process that exited with its group still
+    there aborted at exit now and then (a bare gloo job: one in three), after printing its error:
+    "terminate called without an active exception". Not where the job goes on after the error (an
+    ablation's next run)."""
+    try:
+        yield
+    except BaseException:
+        teardown()
+        raise
+
+
 def broadcast_module(module: torch.nn.Module, dist: Dist) -> None:
     """Copy rank 0's parameters and buffers to every rank (after rank 0's data-dependent init)."""
     if dist.active:
