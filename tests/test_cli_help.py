@@ -155,6 +155,7 @@ def test_train_of_a_run_folder_suggests_resume(tmp_path, capsys):
     run_dir.mkdir()
     (run_dir / "spec.flow").write_text((ROOT / "specs" / "quickstart.flow").read_text())
     (run_dir / "spec.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("")  # a run's, beside a spec.json that does not parse
     assert run(["train", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run_dir} is a run folder") and "Traceback" not in err
