@@ -285,7 +285,7 @@ def test_a_run_folder_or_ablation_plan_only_one_torchrun_process_refuses_stops_e
         (tmp_path / f"r{rank}").mkdir()
     if command == "train RUN_DIR":
         write_flow(tmp_path / "r0" / "a.flow", name="a")
-        for name in ("spec.flow", "spec.json"):  # a run folder, as far as `train SPEC` looks
+        for name in ("spec.flow", "spec.json", "metrics.jsonl"):  # a run folder, as `train SPEC` sees one
             (tmp_path / "r1" / "a.flow").mkdir(exist_ok=True)
             (tmp_path / "r1" / "a.flow" / name).write_text("")
         args, refused = ["train", "a.flow", "--max-steps", "2"], "a.flow is a run folder, not a spec file"
