@@ -107,50 +107,32 @@ def load_trained(
     if where.type == "cuda":
         check_cuda(where)
     if path.suffix.lower() == SUFFIX and not path.is_dir():
-        (
-            spec,
-            weights,
-            step,
-            data_dir,
-            train_images,
-            stored_hash,
-            stored_spec,
-            data_default,
-            trained,
-            recorded,
-        ) = _read_export(path)
+        stored = _read_export(path)
     else:
         path = resolve(path, exports=True)
-        payload = load_checkpoint(path, training_state=False)
-        spec, weights, step = checkpoint_spec(payload, path), ema_weights(payload), payload["step"]
-        data_dir, stored_hash, stored_spec = payload.get("data_dir"), payload["spec_hash"], payload["spec"]
-        data_default = payload.get("data_default")
-        stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
-        train_images = stream.get("images")
-        trained = payload.get("precision")
-        recorded = RECORDED in payload
-    computes, note = _choose_precision(precision, trained, where)
-    check_size(spec, "infer", where, allow_large, images)
-    model = flowspec.build(spec)
+        stored = _read_checkpoint(path)
+    computes, note = _choose_precision(precision, stored.trained_precision, where)
+    check_size(stored.spec, "infer", where, allow_large, images)
+    model = flowspec.build(stored.spec)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(stored.weights)
     except RuntimeError as error:
         raise UserError(f"{path} does not fit the model its spec builds: {error}") from None
     model.set_autocast(autocast_dtype(computes))
     return Trained(
         model.to(where).eval(),
-        spec,
-        step,
+        stored.spec,
+        stored.step,
         path,
-        data_dir,
-        train_images,
-        stored_hash,
-        stored_spec,
-        data_default,
-        trained,
+        stored.data_dir,
+        stored.train_images,
+        stored.spec_hash,
+        stored.spec_json,
+        stored.data_default,
+        stored.trained_precision,
         computes,
         note,
-        recorded,
+        stored.data_recorded,
     )
 
 
@@ -165,15 +147,43 @@ def _choose_precision(asked: str | None, trained: str | None, where: torch.devic
     return computes, reason
 
 
-ExportContents = tuple[
-    FlowSpec, dict[str, torch.Tensor], int, str | None, int | None, str, str, str | None, str | None, bool
-]
+@dataclass
+class Stored:
+    """What a checkpoint or an export holds for inference (the fields of `Trained` of the same names)."""
+
+    spec: FlowSpec
+    weights: dict[str, torch.Tensor]
+    step: int
+    data_dir: str | None
+    train_images: int | None
+    spec_hash: str
+    spec_json: str
+    data_default: str | None
+    trained_precision: str | None
+    data_recorded: bool
 
 
-def _read_export(path: Path) -> ExportContents:
-    """The spec, weights, step, data folder, training-set size, stored spec hash and text, default data
-    folder, the precision its run trained in (None: not recorded) of an export, and whether it says how its
-    run read numbers in `classes` (`class_numbers`)."""
+def _read_checkpoint(path: Path) -> Stored:
+    """What the checkpoint `path` holds for inference: its EMA weights, spec and where its data came from."""
+    payload = load_checkpoint(path, training_state=False)
+    stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
+    return Stored(
+        spec=checkpoint_spec(payload, path),
+        weights=ema_weights(payload),
+        step=payload["step"],
+        data_dir=payload.get("data_dir"),
+        train_images=stream.get("images"),
+        spec_hash=payload["spec_hash"],
+        spec_json=payload["spec"],
+        data_default=payload.get("data_default"),
+        trained_precision=payload.get("precision"),
+        data_recorded=RECORDED in payload,
+    )
+
+
+def _read_export(path: Path) -> Stored:
+    """What the export `path` holds, checked: its weights against its checksum, its numbers; whether it
+    says how its run read numbers in `classes` (`class_numbers`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -213,18 +223,17 @@ def _read_export(path: Path) -> ExportContents:
             "not fp32 or bf16"
         )
     count = metadata.get("train_images")
-    train_images = int(count) if count else None
-    return (
-        checkpoint_spec(metadata, path),
-        weights,
-        int(metadata["step"]),
-        metadata.get("data_dir"),
-        train_images,
-        metadata["spec_hash"],
-        metadata["spec"],
-        metadata.get("data_default"),
-        metadata.get("precision"),
-        metadata.get(EXPORT_RECORDED) == "yes" or written_reading_names(metadata["spec"]),
+    return Stored(
+        spec=checkpoint_spec(metadata, path),
+        weights=weights,
+        step=int(metadata["step"]),
+        data_dir=metadata.get("data_dir"),
+        train_images=int(count) if count else None,
+        spec_hash=metadata["spec_hash"],
+        spec_json=metadata["spec"],
+        data_default=metadata.get("data_default"),
+        trained_precision=metadata.get("precision"),
+        data_recorded=metadata.get(EXPORT_RECORDED) == "yes" or written_reading_names(metadata["spec"]),
     )
 
 
