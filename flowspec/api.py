@@ -193,13 +193,11 @@ def _recorded_settings(stored: FlowSpec, run_dir: Path) -> FlowSpec:
     records where they differ: a resume's `--set` of them that trained no further (a finished run) is in
     spec.json but in no checkpoint, and a later resume without a spec keeps it. Only those: a spec.json
     that is not a flowspec spec, or that trains otherwise, changes nothing."""
+    from flowspec.loader import recorded_spec
     from flowspec.train.checkpoint import trains_alike
 
-    try:
-        recorded = FlowSpec.model_validate_json((run_dir / "spec.json").read_bytes())
-    except (OSError, ValueError):
-        return stored
-    if recorded == stored or not trains_alike(stored, recorded):
+    recorded = recorded_spec(run_dir)
+    if recorded is None or recorded == stored or not trains_alike(stored, recorded):
         return stored
     saving = stored.train.model_copy(update={"save_every": recorded.train.save_every})
     return stored.model_copy(update={"eval": recorded.eval, "train": saving})

@@ -47,7 +47,7 @@ RESOLVED_HEADERS = ("# the resolved spec of a trained run", "# resolved from ")
 RUN_EVIDENCE = ("last.pt", "metrics.jsonl")
 
 
-def _recorded_spec(folder: Path) -> FlowSpec | None:
+def recorded_spec(folder: Path) -> FlowSpec | None:
     """The spec in `folder`'s spec.json when it is a flowspec spec (a run's), else None (another tool's
     file, a damaged one, one too large for a spec)."""
     recorded = folder / "spec.json"
@@ -71,7 +71,7 @@ def is_run_spec(path: Path) -> bool:
         return False
     if any((folder / name).exists() for name in RUN_EVIDENCE):
         return True
-    return _recorded_spec(folder) is not None
+    return recorded_spec(folder) is not None
 
 
 def older_run_spec(path: Path) -> FlowSpec | None:
@@ -88,7 +88,7 @@ def older_run_spec(path: Path) -> FlowSpec | None:
     if text.startswith(RESOLVED_HEADERS):
         return None
     recorded = path.parent / "spec.json"
-    stored = _recorded_spec(path.parent)
+    stored = recorded_spec(path.parent)
     if stored is None:  # a run's (`is_run_spec`: its last.pt or metrics.jsonl), damaged
         raise UserError(
             f"{path} may be an older flowspec's copy of the spec file its run started from (without the "

@@ -12,6 +12,7 @@ from typing import Any
 
 from flowspec.errors import UserError, flowspec_command
 from flowspec.formatter import format_spec
+from flowspec.loader import recorded_spec
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import (
     BEST,
@@ -138,10 +139,9 @@ def unstarted(run_dir: Path) -> list[str]:
             return []
         if not all(any(fnmatch.fnmatchcase(n, pattern) for pattern in own) for n in names):
             return []
-        FlowSpec.model_validate_json((run_dir / "spec.json").read_bytes())
-    except (OSError, ValueError):  # no folder, or a spec.json that cannot be read or is not a spec
+    except OSError:  # no folder
         return []
-    return names
+    return names if recorded_spec(run_dir) is not None else []  # a spec.json that is a spec
 
 
 def aside(run_dir: Path, time: str) -> Path:
