@@ -171,8 +171,8 @@ def _spec_to_train(
 
     applied = False  # whether `sets` were applied to the stored spec of the run resumed
     if spec is None and resume is not None:
-        spec = checkpoint_spec(load_checkpoint(resume, warn=False), resume)  # the run reads it again
-        spec = _recorded_settings(spec, Path(resume))
+        payload = load_checkpoint(resume, warn=False)  # the run reads it again
+        spec = _recorded_settings(payload, checkpoint_spec(payload, resume), Path(resume))
         if sets:
             spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
             applied = True
@@ -188,16 +188,21 @@ def _spec_to_train(
     return spec
 
 
-def _recorded_settings(stored: FlowSpec, run_dir: Path) -> FlowSpec:
-    """The checkpoint's spec `stored` with the eval settings and `save every` that the run's spec.json
-    records where they differ: a resume's `--set` of them that trained no further (a finished run) is in
-    spec.json but in no checkpoint, and a later resume without a spec keeps it. Only those: a spec.json
+def _recorded_settings(payload: dict[str, Any], stored: FlowSpec, run_dir: Path) -> FlowSpec:
+    """The spec `stored` of the checkpoint `payload` with the eval settings and `save every` that the run's
+    spec.json records where they differ, and its classes where they name the checkpoint's numbers
+    (`names_its_numbers`): a resume's `--set` of them that saved no checkpoint (a finished run, a crash) is
+    in spec.json but in no checkpoint, and a later resume without a spec keeps it. Only those: a spec.json
     that is not a flowspec spec, or that trains otherwise, changes nothing."""
     from flowspec.loader import recorded_spec
-    from flowspec.train.checkpoint import trains_alike
+    from flowspec.train.checkpoint import names_its_numbers, trains_alike
 
     recorded = recorded_spec(run_dir)
-    if recorded is None or recorded == stored or not trains_alike(stored, recorded):
+    if recorded is None or recorded == stored:
+        return stored
+    if names_its_numbers(payload, stored, recorded):
+        stored = stored.model_copy(update={"data": recorded.data})
+    elif not trains_alike(stored, recorded):
         return stored
     saving = stored.train.model_copy(update={"save_every": recorded.train.save_every})
     return stored.model_copy(update={"eval": recorded.eval, "train": saving})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -13,9 +14,11 @@ import torch
 from train_helpers import tiny_spec
 
 import flowspec
+from flowspec.cli.app import run
 from flowspec.errors import UserError
 from flowspec.train.checkpoint import (
     BEST,
+    CHECKSUM,
     LAST,
     check_same_spec,
     checkpoint_spec,
@@ -177,6 +180,46 @@ def test_a_spec_json_written_over_is_refused_at_resume_not_taken_for_no_spec(run
         flowspec.train(resume=copy, device="cpu", quiet=True)
     (copy / "spec.json").unlink()
     assert flowspec.train(resume=copy, device="cpu", quiet=True, max_steps=2).step == 2
+
+
+def test_a_spec_json_that_is_a_fifo_is_refused_at_resume_not_read(run_dir, tmp_path):
+    """Reading a FIFO waits for a writer: the resume would hang."""
+    import os
+    import shutil
+    import threading
+
+    from flowspec.train.rundir import previous_checkpoint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "spec.json").unlink()
+    os.mkfifo(copy / "spec.json")
+    done = threading.Event()
+
+    def writer() -> None:  # one that writes nothing, once something reads: a read returns "", not hangs
+        while not done.wait(0.1):
+            with contextlib.suppress(OSError):  # no reader yet
+                os.close(os.open(copy / "spec.json", os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=writer, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match=r"spec.json is a FIFO \(named pipe\), not a regular file, so "):
+            previous_checkpoint(copy, tiny_spec(steps=3), resume=True)
+    finally:
+        done.set()
+
+
+def test_a_checkpoint_of_the_bits_per_dim_loss_says_so_when_resumed(run_dir, tmp_path, capsys):
+    """The note of how a run of the old loss goes on (`Updater.note`) is printed, also with -q."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    payload = load_checkpoint(copy)
+    save_atomic({k: v for k, v in payload.items() if k not in ("loss", CHECKSUM)}, copy / LAST)
+    capsys.readouterr()
+    assert run(["train", "--resume", str(copy), "--device", "cpu", "--threads", "1", "-q"]) == 0
+    assert "note: this run began under an earlier flowspec, whose loss was bits/dim" in capsys.readouterr()[0]
 
 
 def test_outputs_replaced_whole_get_a_new_files_permissions_and_follow_links(tmp_path):

@@ -20,7 +20,7 @@ from flowspec.train.class_numbers import (
     RECORDED,
     ambiguous,
     folder_classes,
-    read_otherwise,
+    readings,
     written_reading_names,
 )
 
@@ -52,11 +52,12 @@ def _numbers_flow(tmp_path, classes: str, steps: int = 4):
     return flow
 
 
-def _old_style_run(tmp_path):
+def _old_style_run(tmp_path, trained: str = "2", number: int = 1):
     """A run of an older flowspec on `classes 1` of subfolders 1/ 2/ 3/, which it read as 2/: trained on
     2/ here, its spec says `classes 1` and its last.pt lacks `data_fingerprints`, as every checkpoint written
-    before runs recorded their data does. Also the test bits/dim of 2/ at its last step."""
-    flow = _numbers_flow(tmp_path, '"2"')
+    before runs recorded their data does (or on subfolder `trained`, said as `number`). Also the test
+    bits/dim of the subfolder trained on at its last step."""
+    flow = _numbers_flow(tmp_path, f'"{trained}"')
     out = tmp_path / "run"
     args = ["train", str(flow), "--out", str(out), "--device", "cpu", "--threads", "1", "--quiet"]
     assert run([*args, "--max-steps", "2", "--eval-samples", "0"]) == 0
@@ -64,24 +65,28 @@ def _old_style_run(tmp_path):
     payload = load_checkpoint(out)
     assert RECORDED in payload
     spec = json.loads(payload["spec"])
-    spec["data"]["classes"] = [1]
+    spec["data"]["classes"] = [number]
     del spec["train"]["tf_eps"]  # a setting every spec has held since numbers are names
     text = json.dumps(spec)
     old = {key: value for key, value in payload.items() if key not in (RECORDED, CHECKSUM)}
     old.update(spec=text, spec_hash=hashlib.sha256(text.encode()).hexdigest())
     save_atomic(old, out / LAST)
     (out / "spec.json").write_text(json.dumps(spec, indent=2))
-    (out / "spec.flow").write_text(flow.read_text().replace('classes "2"', "classes 1"))  # a copy, then
+    (out / "spec.flow").write_text(flow.read_text().replace(f'classes "{trained}"', f"classes {number}"))
     return out, json.loads((tmp_path / "own.json").read_text())["bpd"]
 
 
 def test_the_readings_differ_where_a_number_names_another_subfolder_than_its_position(tmp_path):
     numbered = DataSpec(dataset="folder", path="x", shape=(1, 8, 8), classes=(1,))
-    assert read_otherwise(numbered, ("1", "2", "3"))  # 1/ now, 2/ then
-    assert not read_otherwise(numbered, ("0", "1", "2"))  # the same either way
-    assert read_otherwise(numbered, ("1", "cat", "dog"))  # a number that names a subfolder: that one
-    assert not read_otherwise(numbered, ("cat", "dog"))  # no number names a subfolder: a position
-    assert not read_otherwise(numbered.model_copy(update={"classes": ("1",)}), ("1", "2", "3"))  # a name
+    assert readings((1,), ("1", "2", "3")) == {"positions": ("2",), "names": ("1",)}  # 2/ then, 1/ now
+    assert readings((1,), ("0", "1", "2")) == {"positions": ("1",), "names": ("1",)}  # the same either way
+    assert readings((1,), ("1", "cat", "dog"))["names"] == ("1",)  # a number that names a subfolder: that one
+    assert readings((1,), ("cat", "dog"))["names"] == ("dog",)  # no number names a subfolder: a position
+    assert readings(("dog", 0), ("cat", "dog")) == {"positions": ("dog", "cat"), "names": ("dog", "cat")}
+    # only a reading that selects subfolders there are
+    assert readings((3,), ("1", "2", "3")) == {"names": ("3",)}  # no position 3
+    assert readings((0,), ("1", "2", "3")) == {"positions": ("1",)}  # no 0/
+    assert readings((0, 7), ("1", "2", "3")) == readings(("nope",), ("1", "2")) == {}
     (tmp_path / "train" / "1").mkdir(parents=True)
     (tmp_path / "train" / "2").mkdir()
     (tmp_path / "test").mkdir()
@@ -114,6 +119,10 @@ def test_an_old_checkpoint_with_numbered_classes_is_refused_until_they_are_named
     resume = ["train", "--resume", str(out), "--max-steps", "3", "--device", "cpu", "--threads", "1", "-q"]
     assert run(resume) == 2
     assert "for positions or" in capsys.readouterr().err
+    for other in ('"3"', '"nope"', '("2", "3")'):  # the subfolders of neither reading: refused
+        assert run([*resume, "--set", f"data.classes={other}"]) == 2
+        assert "a resume may change only" in capsys.readouterr().err
+    assert load_checkpoint(out)["step"] == 2
     assert run([*resume, "--set", 'data.classes="2"']) == 0
     assert json.loads((out / "spec.json").read_text())["data"]["classes"] == ["2"]
     payload = load_checkpoint(out)
@@ -171,3 +180,66 @@ def test_a_file_an_export_from_after_numbers_became_names_but_before_it_recorded
     save_file(load_file(str(model)), str(model), metadata=metadata)
     assert run(["eval", str(model), "--device", "cpu", "--out", str(tmp_path / "x.json")]) == 2
     assert "m.safetensors was written before flowspec recorded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saves", ["nothing to train", "crash before a checkpoint"])
+def test_a_resume_that_names_the_classes_and_saves_no_checkpoint_leaves_a_run_that_resumes(
+    tmp_path, monkeypatch, capsys, saves
+):
+    """Its spec.json names the classes, its last.pt has the numbers still: the run is the same, and a plain
+    resume takes the classes named."""
+    from flowspec.train.trainer import Trainer
+
+    out, _ = _old_style_run(tmp_path)
+    resume = ["train", "--resume", str(out), "--device", "cpu", "--threads", "1", "-q", "--log-every", "1"]
+    named = ["--set", 'data.classes="2"']
+    if saves == "nothing to train":
+        assert run([*resume, "--max-steps", "2", *named]) == 0  # at step 2 already
+    else:
+
+        def crash(self, *args, **kwargs):
+            raise RuntimeError("a crash before the first checkpoint")
+
+        monkeypatch.setattr(Trainer, "_save", crash)
+        assert run([*resume, "--max-steps", "3", *named]) == 1
+        assert "a crash before the first checkpoint" in capsys.readouterr().err
+        monkeypatch.undo()
+    assert json.loads((out / "spec.json").read_text())["data"]["classes"] == ["2"]
+    assert load_checkpoint(out)["step"] == 2 and RECORDED not in load_checkpoint(out)
+    capsys.readouterr()
+    assert run([*resume, "--max-steps", "3"]) == 0
+    assert "does not belong" not in capsys.readouterr().err
+    payload = load_checkpoint(out)
+    assert payload["step"] == 3 and RECORDED in payload
+    assert json.loads(payload["spec"])["data"]["classes"] == ["2"]
+    assert run([*resume, "--max-steps", "4", *named]) == 0  # named again: the same
+
+
+@pytest.mark.parametrize("trained, number", [("3", 3), ("1", 0)])
+def test_numbers_that_only_one_reading_selects_subfolders_by_are_read_so(tmp_path, capsys, trained, number):
+    """`classes 3` on 1/ 2/ 3/ (no position 3) can only mean 3/, `classes 0` (no 0/) only 1/: evaluated
+    and resumed without a word, the run named by the subfolders it trained on."""
+    out, bpd = _old_style_run(tmp_path, trained, number)
+    capsys.readouterr()
+    evaluate = ["eval", str(out), "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "e.json")]
+    assert run(evaluate) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["bpd"] == bpd
+    resume = ["train", "--resume", str(out), "--device", "cpu", "--threads", "1", "-q"]
+    assert run([*resume, "--max-steps", "3"]) == 0
+    assert "was written before" not in capsys.readouterr().err
+    payload = load_checkpoint(out)
+    assert payload["step"] == 3 and RECORDED in payload
+    classes = [trained] if number == 0 else [number]  # a number read as a name stays a number
+    assert json.loads(payload["spec"])["data"]["classes"] == classes
+    assert json.loads((out / "spec.json").read_text())["data"]["classes"] == classes
+    assert run([*resume, "--max-steps", "4"]) == 0
+
+
+def test_numbers_that_no_reading_selects_subfolders_by_are_refused_naming_the_subfolders(tmp_path, capsys):
+    out, _ = _old_style_run(tmp_path, "3", 5)
+    capsys.readouterr()
+    evaluate = ["eval", str(out), "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "e.json")]
+    assert run(evaluate) == 2
+    err = capsys.readouterr().err
+    assert "its `classes 5` on" in err and "(subfolders 1/, 2/, 3/) select no subfolders there are" in err
+    assert "Traceback" not in err and not (tmp_path / "e.json").exists()

@@ -289,8 +289,8 @@ def evaluate(
             "eval", target, device, sets, 0, allow_large, threads, compile_networks, precision
         )
         folder = _data_folder(data, trained, sets)
-        check_class_numbers(spec.data, trained.data_recorded, folder, trained.path)
-        source = load_split(spec.data, split.value, folder)
+        data_read = check_class_numbers(spec.data, trained.data_recorded, folder, trained.path)
+        source = load_split(data_read, split.value, folder)
         images = source.images[:limit] if limit else source.images
         check_size(trained.spec, "infer", trained.model.device, allow_large, _at_once(batch, len(images), iw))
         # (before the work: --batch, or fewer when fewer images are evaluated, however many --images asked)
@@ -321,7 +321,7 @@ def evaluate(
         "overrides": list(sets or ()),
         "source": source.source,
         "data_folder": _data_read(folder, spec)[0],
-        "data": spec.data.model_dump(mode="json", exclude={"source"}),
+        "data": data_read.model_dump(mode="json", exclude={"source"}),
         "versions": {"flowspec": flowspec.__version__, "torch": str(torch.__version__)},
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         **result,

@@ -317,17 +317,15 @@ def trains_alike(a: FlowSpec, b: FlowSpec) -> bool:
     return a.model_copy(update={"eval": b.eval, "train": saving}) == b
 
 
-def _names_its_numbers(payload: dict[str, Any], stored: FlowSpec, spec: FlowSpec) -> bool:
+def names_its_numbers(payload: dict[str, Any], stored: FlowSpec, spec: FlowSpec) -> bool:
     """Whether `spec` is the stored spec of a checkpoint that does not record how its run read numbers in
-    `classes` (`class_numbers`) but for those classes, named: what its refusal asks for."""
-    from flowspec.train.class_numbers import RECORDED
+    `classes` (`class_numbers`) but for those classes, named as one of their readings selects them in the
+    folder the run read: what its refusal asks for."""
+    from flowspec.train.class_numbers import RECORDED, names_numbers
 
-    old, new = stored.data.classes or (), spec.data.classes or ()
-    if RECORDED in payload or stored.data.dataset != "folder" or len(old) != len(new) or not old:
+    if RECORDED in payload or not names_numbers(stored.data, spec.data, payload.get("data_dir")):
         return False
-    if not any(isinstance(c, int) for c in old) or not all(isinstance(c, str) for c in new):
-        return False
-    named = stored.model_copy(update={"data": stored.data.model_copy(update={"classes": new})})
+    named = stored.model_copy(update={"data": stored.data.model_copy(update={"classes": spec.data.classes})})
     return trains_alike(named, spec)
 
 
@@ -335,7 +333,7 @@ def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -
     """Refuse to resume a run with a spec other than the one it was trained with."""
     if payload["spec_hash"] != spec_hash(spec):
         stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
-        if trains_alike(stored, spec) or _names_its_numbers(payload, stored, spec):
+        if trains_alike(stored, spec) or names_its_numbers(payload, stored, spec):
             return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(

@@ -48,58 +48,83 @@ def folder_classes(path: Path) -> tuple[str, ...]:
     return tuple(sorted(subfolders))
 
 
-def read_otherwise(data: DataSpec, names: tuple[str, ...]) -> bool:
-    """Whether this flowspec reads a number among `data.classes` as another subfolder of `names` than the
-    position an older flowspec read it as (`sources._class_mask`)."""
+def readings(classes: tuple[int | str, ...], names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """The subfolders among `names` that `classes` select, by the reading of their numbers: "positions" among
+    the subfolders (as an older flowspec read them) and "names" (as this one does, `sources._class_mask`: a
+    number no subfolder is named by is a position where not all of them are numbers); only the readings by
+    which every class is a subfolder there is."""
     numbered = bool(names) and all(name.isdigit() for name in names)
-    for c in data.classes or ():
-        if isinstance(c, int) and (numbered or str(c) in names):
-            old = names[c] if 0 <= c < len(names) else None
-            if old != str(c):
-                return True
-    return False
+
+    def subfolder(c: int | str, by_position: bool) -> str | None:
+        if isinstance(c, str):
+            return c
+        if by_position or not (numbered or str(c) in names):
+            return names[c] if 0 <= c < len(names) else None
+        return str(c)
+
+    read = {way: tuple(subfolder(c, way == "positions") for c in classes) for way in ("positions", "names")}
+    return {way: reading for way, reading in read.items() if all(r in names for r in reading)}  # type: ignore[misc]
+
+
+def names_numbers(old: DataSpec, new: DataSpec, folder: Path | str | None) -> bool:
+    """Whether the classes of `new` name the subfolders that the numbers among the classes of `old` select
+    by one of their readings (`readings`) on the folder read (`folder`, else the path of `old`)."""
+    path = folder if folder is not None else old.path
+    if old.dataset != "folder" or path is None or not any(isinstance(c, int) for c in old.classes or ()):
+        return False
+    return tuple(new.classes or ()) in readings(tuple(old.classes or ()), folder_classes(Path(path))).values()
 
 
 def ambiguous(data: DataSpec, recorded: bool, folder: Path | str | None) -> bool:
     """Whether the numbers in `data.classes` of a file that does not record how its run read them
-    (`recorded`) are read otherwise now on the folder read (`folder`, else the spec's path)."""
+    (`recorded`) may select other subfolders now on the folder read (`folder`, else the spec's path) than its
+    run read: read as names (`readings`) they select none, or other ones than read as positions."""
     path = folder if folder is not None else data.path
     if recorded or data.dataset != "folder" or not data.classes or path is None:
         return False
     if not any(isinstance(c, int) for c in data.classes):
         return False
-    return read_otherwise(data, folder_classes(Path(path)))
+    names = folder_classes(Path(path))
+    found = readings(data.classes, names)
+    return bool(names) and ("names" not in found or found.get("positions", found["names"]) != found["names"])
 
 
-def check_class_numbers(data: DataSpec, recorded: bool, folder: Path | str | None, what: Path | str) -> None:
-    """Refuse to read `data` for the checkpoint or export `what` when it does not record how its run read
-    numbers in `classes` (`recorded`) and the two readings of them differ on the folder read (`folder`, else
-    the spec's path), naming the `--set data.classes=...` of each reading."""
+def check_class_numbers(
+    data: DataSpec, recorded: bool, folder: Path | str | None, what: Path | str
+) -> DataSpec:
+    """`data` to read for the checkpoint or export `what` when it does not record how its run read numbers in
+    `classes` (`recorded`), on the folder read (`folder`, else the spec's path): with its classes named where
+    only their reading as positions selects subfolders there are (`readings`); refused where neither does,
+    and where both do but not the same ones, naming the `--set data.classes=...` of each reading."""
     if not ambiguous(data, recorded, folder):
-        return
+        return data
     path = folder if folder is not None else data.path
     assert path is not None and data.classes  # (`ambiguous`)
     names = folder_classes(Path(path))
-    numbered = all(name.isdigit() for name in names)
+    found = readings(data.classes, names)
+    if list(found) == ["positions"]:
+        return data.model_copy(update={"classes": found["positions"]})
 
-    def reading(c: int | str, by_position: bool) -> str:
-        if isinstance(c, str):
-            return c
-        if by_position or not (numbered or str(c) in names):
-            return names[c] if 0 <= c < len(names) else str(c)  # one past the last: refused by reading it
-        return str(c)
-
-    def setting(by_position: bool) -> str:
-        quoted = ", ".join(f'"{reading(c, by_position)}"' for c in data.classes)
+    def setting(way: str) -> str:
+        quoted = ", ".join(f'"{name}"' for name in found[way])
         return shell_command("--set", f"data.classes={quoted if len(data.classes) == 1 else f'({quoted})'}")
 
     written = data.classes[0] if len(data.classes) == 1 else f"({', '.join(map(str, data.classes))})"
-    first = next(c for c in data.classes if isinstance(c, int))
     shown = ", ".join(f"{n}/" for n in names[:6]) + (", ..." if len(names) > 6 else "")
+    where = f"its `classes {written}` on {os.path.normpath(path)} (subfolders {shown})"
+    if not found:
+        raise UserError(
+            f"{what} was written before flowspec recorded the data a run read, and {where} select no "
+            f"subfolders there are, read as positions among the subfolders (as an older flowspec read "
+            f"numbers) or as the subfolders they name (as this flowspec reads them): name the classes the "
+            f"run trained on with {shell_command('--set', 'data.classes=...')}, or read the folder it "
+            f"trained on with --data"
+        )
+    i = next(i for i, c in enumerate(data.classes) if isinstance(c, int))
+    first, by_position, by_name = data.classes[i], found["positions"][i], found["names"][i]
     raise UserError(
-        f"{what} was written before flowspec recorded the data a run read, so its `classes {written}` on "
-        f"{os.path.normpath(path)} (subfolders {shown}) may mean positions among the subfolders, as an older "
-        f"flowspec read numbers ({first}: {reading(first, True)}/), or the subfolders they name, as this "
-        f"flowspec reads them ({first}: {reading(first, False)}/): name the classes the run trained on, "
-        f"{setting(True)} for positions or {setting(False)} for names"
+        f"{what} was written before flowspec recorded the data a run read, so {where} may mean positions "
+        f"among the subfolders, as an older flowspec read numbers ({first}: {by_position}/), or the "
+        f"subfolders they name, as this flowspec reads them ({first}: {by_name}/): name the classes the run "
+        f"trained on, {setting('positions')} for positions or {setting('names')} for names"
     )

@@ -20,10 +20,11 @@ from flowspec.train.checkpoint import (
     check_same_spec,
     checkpoint_spec,
     load_checkpoint,
+    names_its_numbers,
     trains_alike,
 )
 from flowspec.train.distributed import Dist
-from flowspec.train.files import replaced_whole
+from flowspec.train.files import file_problem, replaced_whole
 from flowspec.train.lock import LOCK, STALE
 from flowspec.train.metrics import CURVES, METRICS
 
@@ -104,7 +105,7 @@ def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str
     if resume:
         payload = load_checkpoint(run_dir if run_dir.is_dir() else last)
         check_same_spec(payload, spec, last)
-        _check_belongs(run_dir, checkpoint_spec(payload, last))
+        _check_belongs(run_dir, payload, checkpoint_spec(payload, last))
         return payload
     if unstarted(run_dir):  # the trainer moves its files aside (`set_aside`) and starts again
         return None
@@ -162,21 +163,27 @@ def set_aside(run_dir: Path) -> Path | None:
     return moved
 
 
-def _check_belongs(run_dir: Path, trained: FlowSpec) -> None:
-    """Refuse a `last.pt` whose spec is not the run folder's `spec.json` (copied from another run: resuming
-    would rewrite this run's metrics), and a `spec.json` that is not a spec (it cannot tell)."""
+def _check_belongs(run_dir: Path, payload: dict[str, Any], trained: FlowSpec) -> None:
+    """Refuse a `last.pt` (`payload`, its spec `trained`) whose spec is not the run folder's `spec.json`
+    (copied from another run: resuming would rewrite this run's metrics) nor that spec with its numbered
+    classes named (`names_its_numbers`: a resume that named them and saved no checkpoint), and a `spec.json`
+    that is not a spec (it cannot tell)."""
     recorded = run_dir / "spec.json"
     if not recorded.exists():  # nothing to compare with
         return
-    try:
-        theirs = FlowSpec.model_validate_json(recorded.read_text())
-    except ValueError:  # not JSON, not UTF-8, or not a spec (an OSError names the file itself)
+    problem = file_problem(recorded)  # a FIFO would block the read
+    if problem is None:
+        try:
+            theirs = FlowSpec.model_validate_json(recorded.read_text())
+        except ValueError:  # not JSON, not UTF-8, or not a spec (an OSError names the file itself)
+            problem = "is not the resolved spec of a run (written over?)"
+    if problem is not None:
         raise UserError(
-            f"{recorded} is not the resolved spec of a run (written over?), so {run_dir / LAST} cannot be "
-            f"checked to belong to this run; put the run's spec.json back, or remove it to resume from "
-            f"{run_dir / LAST} as it is (its spec is written there again)"
-        ) from None
-    if not trains_alike(theirs, trained):
+            f"{recorded} {problem}, so {run_dir / LAST} cannot be checked to belong to this run; put the "
+            f"run's spec.json back, or remove it to resume from {run_dir / LAST} as it is (its spec is "
+            f"written there again)"
+        )
+    if not (trains_alike(theirs, trained) or names_its_numbers(payload, trained, theirs)):
         raise UserError(
             f"{run_dir / LAST} does not belong to the run in {run_dir}: it was trained with another spec "
             f"than {recorded} (copied from another run?); resume the run it came from"

@@ -206,7 +206,8 @@ class Trainer:
         data = self.spec.data
         self.data_dir = self.options.data_dir or (payload.get("data_dir") if payload else None) or data.path
         if payload is not None and (train_set is None or test_set is None):  # read here: classes clear?
-            check_class_numbers(data, RECORDED in payload, self.data_dir, self.run_dir / LAST)
+            data = check_class_numbers(data, RECORDED in payload, self.data_dir, self.run_dir / LAST)
+            self.spec = self.spec.model_copy(update={"data": data})  # numbers only positions read: named
         with quietly(self.options.quiet):
             if train_set is None:
                 train_set = load_split(data, "train", self.data_dir)
