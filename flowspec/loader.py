@@ -49,29 +49,34 @@ RUN_EVIDENCE = ("last.pt", "metrics.jsonl")
 
 def recorded_spec(folder: Path) -> FlowSpec | None:
     """The spec in `folder`'s spec.json when it is a flowspec spec (a run's), else None (another tool's
-    file, a damaged one, one too large for a spec)."""
+    file, a damaged one, one too large for a spec, one that is not a regular file)."""
     recorded = folder / "spec.json"
     try:
-        if recorded.stat().st_size > MAX_SPEC_BYTES:
+        status = recorded.stat()
+        if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_SPEC_BYTES:
             return None
         return FlowSpec.model_validate_json(recorded.read_bytes())
     except (OSError, ValueError):
         return None
 
 
-def is_run_spec(path: Path) -> bool:
-    """Whether `path` is a run folder's spec.flow: beside a spec.json that is a flowspec spec, or beside
-    one that is not but in a folder with a run's `last.pt` or `metrics.jsonl` (a run whose spec.json was
-    damaged). It is a spec that was valid when the run trained it, read as a checkpoint's stored spec is
-    (the rules for spec files made since, and the unused settings check, apply only to what --set
-    changes). A copy elsewhere, or a user's own spec.flow beside another tool's spec.json, is a spec file
-    like any."""
-    folder = path.parent
-    if path.name != "spec.flow" or not (folder / "spec.json").is_file():
+def has_run_spec(folder: Path) -> bool:
+    """Whether `folder` holds a run's spec.json: one that is a flowspec spec, or one that is not but beside
+    a run's `last.pt` or `metrics.jsonl` (a run whose spec.json was damaged). Another tool's spec.json
+    alone does not make a folder a run's."""
+    if not (folder / "spec.json").is_file():
         return False
     if any((folder / name).exists() for name in RUN_EVIDENCE):
         return True
     return recorded_spec(folder) is not None
+
+
+def is_run_spec(path: Path) -> bool:
+    """Whether `path` is a run folder's spec.flow (`has_run_spec`). It is a spec that was valid when the
+    run trained it, read as a checkpoint's stored spec is (the rules for spec files made since, and the
+    unused settings check, apply only to what --set changes). A copy elsewhere, or a user's own spec.flow
+    beside another tool's spec.json, is a spec file like any."""
+    return path.name == "spec.flow" and has_run_spec(path.parent)
 
 
 def older_run_spec(path: Path) -> FlowSpec | None:

@@ -505,12 +505,25 @@ def test_an_ablation_is_refused_in_a_run_folder_or_inside_one_before_anything_is
             "choose another --out" + ", outside it" * ("lies" in message)
         )
     assert {p: p.read_bytes() if p.is_file() else None for p in run_dir.rglob("*")} == before
-    far = tmp_path / "project"  # a spec.json three levels up is no run of this folder's
+    far = tmp_path / "project"  # an unstarted run's spec.json three levels up is no run of this folder's
     (far / "a" / "b").mkdir(parents=True)
-    (far / "spec.json").write_text("{}")
+    (far / "spec.json").write_text((run_dir / "spec.json").read_text())
     ablate.check_out_folder(far / "a" / "b" / "c")
-    with pytest.raises(UserError, match="lies inside the run folder"):
+    with pytest.raises(
+        UserError, match=f"lies inside the run folder {far} \\(it holds {far / 'spec.json'}\\)"
+    ):
         ablate.check_out_folder(far / "a" / "b")
+    (far / "spec.json").write_text('{"openapi": "3.0"}')  # another tool's spec.json marks no run
+    ablate.check_out_folder(far / "a" / "b")
+    ablate.check_out_folder(far)
+    (far / "metrics.jsonl").write_text("")  # ... unless beside a run's metrics (a run's, damaged)
+    with pytest.raises(UserError, match="holds a run"):
+        ablate.check_out_folder(far)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(
+        UserError, match=f"--out {tmp_path / 'dangling'} is a link to {tmp_path / 'nowhere'}, "
+    ):
+        ablate.check_out_folder(tmp_path / "dangling")
 
 
 def test_an_export_remembers_the_data_its_run_trained_on(tmp_path, capsys):

@@ -434,6 +434,18 @@ def test_the_official_imagenet32_model_passes_the_limits():
     assert size.parameters > 168_000_000 and size.train < 20 * GiB  # a training step's peak at batch 32
 
 
+def test_a_run_spec_json_that_is_a_fifo_is_never_read(trained, tmp_path):
+    """Reading a FIFO would block: it is no run's recorded spec, and a spec.flow beside it no run's."""
+    from flowspec.loader import is_run_spec, recorded_spec
+
+    (tmp_path / "spec.flow").write_text((trained / "spec.flow").read_text())
+    os.mkfifo(tmp_path / "spec.json")
+    with not_waiting_on(tmp_path / "spec.json"):
+        assert recorded_spec(tmp_path) is None
+        assert not is_run_spec(tmp_path / "spec.flow")
+    assert recorded_spec(trained) is not None
+
+
 # ---------------------------------------------------------------- well-formed but wrong checkpoints
 
 

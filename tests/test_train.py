@@ -431,7 +431,8 @@ def _resume_files(run):
 def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, monkeypatch, where):
     """A resume that fails while restoring the checkpoint, or at its first step (an old checkpoint whose
     optimizer state no longer works), changes nothing: the stop's evaluation row stays (it goes once
-    training goes on, with the next row written), and spec.json and spec.flow are written again only
+    training goes on, with the next row written), so do rows after the checkpoint (a crash before the
+    next one), and spec.json and spec.flow are written again only
     then (here they differ from what this flowspec writes: as an older one's would); the TensorBoard log
     too, as metrics.jsonl (no new events file, the stop's evaluation kept)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -447,6 +448,8 @@ def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, monkeypat
     recorded = json.loads((run / "spec.json").read_text())
     (run / "spec.json").write_text(json.dumps(recorded, indent=4) + "\n")
     (run / "spec.flow").write_text((run / "spec.flow").read_text() + "# a note\n")
+    with (run / "metrics.jsonl").open("a") as rows:  # steps trained after the checkpoint, then a crash
+        rows.writelines(json.dumps({"kind": "train", "step": s, "train_bpd": 9.0}) + "\n" for s in (4, 5))
     before = _resume_files(run)
     assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [3] == evaluated()
 
@@ -463,6 +466,7 @@ def test_a_resume_that_fails_leaves_the_run_folder_as_it_was(tmp_path, monkeypat
     assert _resume_files(run) == before and evaluated() == [3]
     train(spec, options(run, resume=True, max_steps=6, tensorboard=True))  # once training goes on,
     assert [r["step"] for r in read_metrics(run) if is_eval(r)] == [6] == evaluated()  # the stop's row goes
+    assert 9.0 not in [r["train_bpd"] for r in read_metrics(run)]  # and the rows after the checkpoint
     assert json.loads((run / "spec.json").read_text()) == recorded
     assert (run / "spec.json").read_bytes() != before["spec.json"]  # written again, by this flowspec
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flowspec.errors import UserError, flowspec_command
+from flowspec.loader import has_run_spec
 from flowspec.spec import FlowSpec
 from flowspec.train.ablation_plan import PLAN, Plan
 from flowspec.train.batches import check_batch
@@ -16,10 +17,10 @@ from flowspec.train.checkpoint import LAST
 from flowspec.train.data import ImageSet, load_split
 from flowspec.train.datacache import quietly
 from flowspec.train.distributed import agreed, job_size, join, main_process, teardown
-from flowspec.train.files import replaced_whole
+from flowspec.train.files import file_problem, replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
-from flowspec.train.rundir import OWN_FILES, previous_checkpoint, set_aside
+from flowspec.train.rundir import previous_checkpoint, set_aside
 from flowspec.train.signals import StopCheck, is_signal, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -112,33 +113,36 @@ def run_ablation(
     return _carry_out(plan, datasets, out, stop, options, write_plan=True)
 
 
-#: the files that mark a folder as a run's, its checkpoint first (an unstarted run has its spec.json alone)
-RUN_MARKS = tuple(
-    sorted((mark for mark, owned in OWN_FILES.items() if LAST in owned), key=lambda m: m != LAST)
-)
+def _run_mark(folder: Path) -> Path | None:
+    """The file that shows `folder` is a run's: its checkpoint, else a run's spec.json (an unstarted run
+    has that alone; another tool's spec.json is no mark)."""
+    if os.path.lexists(folder / LAST):
+        return folder / LAST
+    return folder / "spec.json" if has_run_spec(folder) else None
 
 
 def check_out_folder(out: Path) -> None:
-    """Refuse, before anything is written, an `--out` that is a file, or that holds a run or lies inside
-    one's folder (its samples/, tensorboard/x: two levels up at most, so that a stray spec.json far above
-    blocks nothing): the ablation's curves.png and its runs would be written among the run's files (links
-    followed)."""
+    """Refuse, before anything is written, an `--out` that is not a folder, or that holds a run or lies
+    inside one's folder (its samples/, tensorboard/x: two levels up at most, so that a stray spec.json far
+    above blocks nothing): the ablation's curves.png and its runs would be written among the run's files
+    (links followed)."""
     if os.path.lexists(out) and not out.is_dir():
+        what = file_problem(out) or "is a file"
         raise UserError(
-            f"--out {out} is a file: an ablation writes its runs and comparison into a folder; name a folder"
+            f"--out {out} {what}: an ablation writes its runs and comparison into a folder; name a folder"
         )
     target = Path(os.path.realpath(out))
     for folder in (target, *target.parents[:2]):
-        mark = next((m for m in RUN_MARKS if os.path.lexists(folder / m)), None)
+        mark = _run_mark(folder)
         if mark is None:
             continue
         if folder == target:
             raise UserError(
-                f"--out {out} holds a run ({folder / mark}): an ablation writes its runs and curves.png into "
+                f"--out {out} holds a run ({mark}): an ablation writes its runs and curves.png into "
                 f"a folder of its own; choose another --out"
             )
         raise UserError(
-            f"--out {out} lies inside the run folder {folder} (it holds {folder / mark}): an ablation writes "
+            f"--out {out} lies inside the run folder {folder} (it holds {mark}): an ablation writes "
             f"its runs and curves.png into a folder of its own; choose another --out, outside it"
         )
 

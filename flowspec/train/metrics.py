@@ -105,6 +105,17 @@ def truncate_metrics(
         raise named_error(error, path) from None
 
 
+def check_writable(run_dir: Path) -> None:
+    """Raise the `OSError` (named as metrics.jsonl) that rewriting the metrics would meet in a folder that
+    is read-only, by making and removing the file `truncate_metrics` writes first."""
+    path, tmp = run_dir / METRICS, run_dir / (METRICS + ".tmp")
+    try:
+        tmp.write_text("")
+        tmp.unlink()
+    except OSError as error:
+        raise named_error(error, path) from None
+
+
 def is_eval(row: dict[str, Any]) -> bool:
     """An evaluation row (test bits/dim, inversion error, ...), not a "train" row."""
     return row.get("kind") != "train"

@@ -39,7 +39,15 @@ from flowspec.train.distributed import (
 )
 from flowspec.train.evaluation import SMOKE, Evaluator, describe
 from flowspec.train.lock import RunLock
-from flowspec.train.metrics import Window, append_metrics, is_eval, read_metrics, record, truncate_metrics
+from flowspec.train.metrics import (
+    Window,
+    append_metrics,
+    check_writable,
+    is_eval,
+    read_metrics,
+    record,
+    truncate_metrics,
+)
 from flowspec.train.precision import autocast_dtype, check_precision, resolve_precision
 from flowspec.train.progress import Reporter
 from flowspec.train.recompute import resolve_recompute
@@ -190,6 +198,7 @@ class Trainer:
         self.stop_row = False  # resumed at such a stop, whose row goes once training goes on
         self.stop_row_at: int | None = None  # the step of that row, dropped with the next row written
         self.spec_files_due = False  # a resumed run writes its spec files with its first write
+        self.rows_after: int | None = None  # and drops the rows after its checkpoint's step then
         self.world_note = ""  # said in the header: the checkpoint was written by another number of processes
         if payload is not None:
             self._restore(payload)
@@ -550,8 +559,12 @@ class Trainer:
 
     def _before_writing(self, board: bool = True) -> None:
         """On rank 0 of a resumed run, before its first row or checkpoint (or at its end, when it wrote
-        none): the spec files (the spec it trains now, --set overrides included), which `_check_belongs`
-        compares the next checkpoint with; and the TensorBoard log, as metrics.jsonl (unless not `board`)."""
+        none): metrics.jsonl without the rows after the checkpoint (the run writes them again); the spec
+        files (the spec it trains now, --set overrides included), which `_check_belongs` compares the next
+        checkpoint with; and the TensorBoard log, as metrics.jsonl (unless not `board`)."""
+        if self.rows_after is not None:
+            truncate_metrics(self.run_dir, self.rows_after)
+            self.rows_after = None
         if board:
             self._open_board()
         if self.spec_files_due:
@@ -646,16 +659,17 @@ class Trainer:
         if "window" in payload:  # absent from checkpoints written before it was kept
             self.window.load_state_dict(payload["window"])
         rows = []
-        if self.dist.main:
+        if self.dist.main:  # the rows after the checkpoint go with the first write (`_before_writing`)
             try:
-                truncate_metrics(self.run_dir, self.step)
-            except OSError as error:  # a read-only folder, a full disk: before anything was written
+                check_writable(self.run_dir)
+            except OSError as error:  # a read-only folder: before anything was written
                 raise UserError(
                     f"{os_error_message(error)}; the run was not resumed and nothing in {self.run_dir} was "
                     f"changed ({LAST} of step {self.step} is kept): make the folder writable or free space, "
                     f"then continue with: {self._continue_with()}"
                 ) from None
-            rows = read_metrics(self.run_dir)
+            rows = read_metrics(self.run_dir, after_step=self.step)
+            self.rows_after = self.step
         if not self._scheduled():  # a stop between evaluations: an evaluation there is not the run's
             self.stop_row = True  # dropped from the metrics if training goes on
             evaluated = [r for r in rows if is_eval(r) and r.get("test_bpd") is not None]
