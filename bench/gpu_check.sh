@@ -12,7 +12,7 @@ if [[ -z "$python" ]]; then
 fi
 if ! "$python" -c "import torch, lark, pydantic, typer, pytest, flowspec.cli" 2>/dev/null; then
   echo "gpu_check: $python cannot import torch, lark, pydantic, typer, pytest and flowspec.cli; install the" \
-    "project: pip install -e \".[dev]\"" >&2
+    "project (pip install -e \".[dev]\"), or name the python that has it: PYTHON=/path/to/python $0" >&2
   exit 2
 fi
 if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then set -- --dry-run "$@"; fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -236,6 +237,18 @@ def test_ablate_trains_with_trains_speed_and_memory_options(tmp_path, capsys):
     assert run(["ablate", str(small), "--steps", "2", "--out", str(out), *args]) == 0
     payload = load_checkpoint(out / "small")
     assert payload["precision"] == "bf16" and payload["step"] == 2
+
+
+def test_ablate_streams_with_data_memory_0_and_refuses_too_many_threads_before_writing(tmp_path, capsys):
+    """`--data-memory 0` streams, as in `train`; `--threads` above the cores is refused before the plan is
+    written (a run refusing it would leave a half-made ablation that only --resume could finish)."""
+    small = write_flow(tmp_path / "small.flow", name="small", filters=4)
+    out = tmp_path / "ablation"
+    args = ["ablate", str(small), "--steps", "1", "--out", str(out), "--device", "cpu", "-q"]
+    assert run([*args, "--threads", str((os.cpu_count() or 1) + 1)]) == 2
+    assert "this machine has" in capsys.readouterr().err and not out.exists()
+    assert run([*args, "--data-memory", "0"]) == 0
+    assert json.loads((out / "ablation.json").read_text())[0]["steps"] == 1
 
 
 def test_ablate_tells_apart_copies_of_one_model_by_their_files(tmp_path, capsys, monkeypatch):

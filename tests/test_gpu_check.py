@@ -102,6 +102,7 @@ def test_gpu_check_sh_needs_every_dependency_not_only_lazy_flowspec(tmp_path):
     done = _check("--dry-run", "--skip-tests", "--configs", "fp32@32", "--results", str(tmp_path / "R.md"),
                   PYTHONPATH=str(tmp_path))  # fmt: skip
     assert done.returncode == 2 and "cannot import torch, lark, pydantic, typer" in done.stderr
+    assert "PYTHON=/path/to/python" in done.stderr  # how to name the python that has them
     assert not (tmp_path / "R.md").exists()
 
 

@@ -49,3 +49,16 @@ def test_every_table_row_has_as_many_cells_as_its_header():
         assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].strip()), f"not a table: {rows[:2]}"
         wrong += [row[:80] for row, n in zip(rows, cells, strict=True) if n != cells[0]]
     assert not wrong, f"README table rows whose cells differ from their header's: {wrong}"
+
+
+def test_the_specs_table_gives_every_shipped_spec_and_its_parameter_count():
+    """The intro's table of shipped specs: a row a spec, its parameter count what `flowspec specs` prints."""
+    from flowspec.cli.shipped import _parameters
+    from flowspec.loader import load_spec
+
+    row = r"^\| `specs/(\S+\.flow)` \| .* \| ([\d,]+) \|$"
+    rows = re.findall(row, (ROOT / "README.md").read_text(), re.M)
+    shipped = sorted(str(p.relative_to(ROOT / "specs")) for p in (ROOT / "specs").rglob("*.flow"))
+    assert sorted(name for name, _ in rows) == shipped
+    for name, count in rows:
+        assert int(count.replace(",", "")) == _parameters(load_spec(ROOT / "specs" / name)), name

@@ -319,9 +319,12 @@ def ablate(
     allow_large: AllowLargeOption = False,
 ) -> None:
     """Train several specs for the same budget on the same data and seed; compare test bits/dim."""
+    from flowspec.threads import check_threads
     from flowspec.train.distributed import teardown
     from flowspec.train.trainer import RunOptions
 
+    if threads is not None:  # before the plan is written: a run refusing it leaves a half-made ablation
+        check_threads(threads)
     how = RunOptions(data_dir=data, device=device_name(device), quiet=quiet, threads=threads)
     try:
         if resume is not None:

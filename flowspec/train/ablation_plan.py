@@ -43,7 +43,7 @@ class PlannedOptions(_Strict):
     precision: Literal["fp32", "bf16", "auto"] | None = None
     compile: bool = False
     recompute: Literal["auto", "on", "off"] = "auto"
-    data_memory: int | None = Field(default=None, ge=1)
+    data_memory: int | None = Field(default=None, ge=0)  # 0: stream the data
     max_steps: int | None = Field(default=None, ge=1)
     max_run_time: float | None = Field(default=None, gt=0)
     threads: int | None = Field(default=None, ge=1)
