@@ -69,3 +69,41 @@ def test_ctrl_c_while_the_commands_are_imported_is_one_line():
                 break
         assert done.returncode == 130 and "Traceback" not in done.stderr, f"delay {delay}:\n{done.stderr}"
         assert done.stderr.startswith("error: interrupted (Ctrl-C)") and done.stderr.count("\n") == 1
+
+
+def _entry_point(before: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """The console script's code, with `before` run first (a signal made to arrive at a chosen moment)."""
+    code = f"import os, signal, sys\n{before}\nfrom flowspec.cli import main\nsys.exit(main({args!r}))\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_sigterm_while_the_commands_are_imported_is_one_line_and_exit_143():
+    """Without a handler before `run` installs its own, SIGTERM ended the process silently (by the signal)."""
+    sent_on_import = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def importing(name, *args, **kwargs):\n"
+        "    if name == 'flowspec.cli.app':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = importing\n"
+    )
+    done = _entry_point(sent_on_import, ["validate", str(SPECS / "quickstart.flow")])
+    assert done.returncode == 143, done.stderr
+    assert done.stderr == "error: terminated (SIGTERM); files already written are kept\n"
+
+
+def test_a_signal_after_the_command_is_done_leaves_its_exit_code_and_output():
+    """While the interpreter exits (torch's exit handlers take tenths of a second), SIGINT and SIGTERM are
+    ignored: they printed a traceback from an exit handler, or ended the process by the signal."""
+    at_exit = (
+        "import atexit, time\n"
+        "def signalled():\n"
+        "    for signum in (signal.SIGINT, signal.SIGTERM):\n"
+        "        os.kill(os.getpid(), signum)\n"
+        "    time.sleep(0.1)\n"
+        "atexit.register(signalled)\n"
+    )
+    done = _entry_point(at_exit, ["validate", str(SPECS / "quickstart.flow")])
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("ok: ")
