@@ -95,7 +95,7 @@ def train(
         memory = parse_size(data_memory) if data_memory is not None else None
         if resume is not None:
             resume = out = _resumed(resume, out)
-        spec = _spec_to_train(spec, sets, resume)
+        spec = _spec_to_train(spec, sets, resume, data)
         if log_every is not None and not (_whole(log_every) and log_every >= 1):
             raise UserError(f"log_every must be a whole number of steps >= 1, got {log_every!r}")
         from flowspec.train.recompute import check_training
@@ -160,7 +160,7 @@ def _resumed(resume: PathLike, out: PathLike | None) -> PathLike:
 
 
 def _spec_to_train(
-    spec: FlowSpec | PathLike | None, sets: Sequence[str], resume: PathLike | None
+    spec: FlowSpec | PathLike | None, sets: Sequence[str], resume: PathLike | None, data: PathLike | None
 ) -> FlowSpec:
     """The spec the run trains: `spec` (a spec file with the `sets` overrides, or a `FlowSpec` that may
     start a run), else the stored spec of the run `resume` continues, with the eval settings and `save
@@ -172,7 +172,7 @@ def _spec_to_train(
     applied = False  # whether `sets` were applied to the stored spec of the run resumed
     if spec is None and resume is not None:
         payload = load_checkpoint(resume, warn=False)  # the run reads it again
-        spec = _recorded_settings(payload, checkpoint_spec(payload, resume), Path(resume))
+        spec = _recorded_settings(payload, checkpoint_spec(payload, resume), Path(resume), data)
         if sets:
             spec = stored_with_overrides(spec, sets, f"{Path(resume) / LAST} (stored spec)")
             applied = True
@@ -188,19 +188,22 @@ def _spec_to_train(
     return spec
 
 
-def _recorded_settings(payload: dict[str, Any], stored: FlowSpec, run_dir: Path) -> FlowSpec:
+def _recorded_settings(
+    payload: dict[str, Any], stored: FlowSpec, run_dir: Path, data: PathLike | None
+) -> FlowSpec:
     """The spec `stored` of the checkpoint `payload` with the eval settings and `save every` that the run's
     spec.json records where they differ, and its classes where they name the checkpoint's numbers
-    (`names_its_numbers`): a resume's `--set` of them that saved no checkpoint (a finished run, a crash) is
-    in spec.json but in no checkpoint, and a later resume without a spec keeps it. Only those: a spec.json
-    that is not a flowspec spec, or that trains otherwise, changes nothing."""
+    (`names_its_numbers`, on the folder `data` when given): a resume's `--set` of them that saved no
+    checkpoint (a finished run, a crash) is in spec.json but in no checkpoint, and a later resume without a
+    spec keeps it. Only those: a spec.json that is not a flowspec spec, or that trains otherwise, changes
+    nothing."""
     from flowspec.loader import recorded_spec
     from flowspec.train.checkpoint import names_its_numbers, trains_alike
 
     recorded = recorded_spec(run_dir)
     if recorded is None or recorded == stored:
         return stored
-    if names_its_numbers(payload, stored, recorded):
+    if names_its_numbers(payload, stored, recorded, data):
         stored = stored.model_copy(update={"data": recorded.data})
     elif not trains_alike(stored, recorded):
         return stored

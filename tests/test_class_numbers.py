@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -182,16 +183,21 @@ def test_a_file_an_export_from_after_numbers_became_names_but_before_it_recorded
     assert "m.safetensors was written before flowspec recorded" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("moved", [False, True], ids=["in place", "moved, read with --data"])
 @pytest.mark.parametrize("saves", ["nothing to train", "crash before a checkpoint"])
 def test_a_resume_that_names_the_classes_and_saves_no_checkpoint_leaves_a_run_that_resumes(
-    tmp_path, monkeypatch, capsys, saves
+    tmp_path, monkeypatch, capsys, saves, moved
 ):
     """Its spec.json names the classes, its last.pt has the numbers still: the run is the same, and a plain
-    resume takes the classes named."""
+    resume takes the classes named. The names are those of the folder read: `--data`'s, for data moved
+    since the run (the folder its checkpoint names has none)."""
     from flowspec.train.trainer import Trainer
 
     out, _ = _old_style_run(tmp_path)
     resume = ["train", "--resume", str(out), "--device", "cpu", "--threads", "1", "-q", "--log-every", "1"]
+    if moved:
+        shutil.move(tmp_path / "numbers", tmp_path / "moved")
+        resume += ["--data", str(tmp_path / "moved")]
     named = ["--set", 'data.classes="2"']
     if saves == "nothing to train":
         assert run([*resume, "--max-steps", "2", *named]) == 0  # at step 2 already

@@ -107,3 +107,22 @@ def test_a_signal_after_the_command_is_done_leaves_its_exit_code_and_output():
     done = _entry_point(at_exit, ["validate", str(SPECS / "quickstart.flow")])
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.startswith("ok: ")
+
+
+def test_the_entry_point_runs_in_a_thread_other_than_the_main_one():
+    """Only the main thread may set signal handlers: elsewhere they are left alone, not a ValueError."""
+    code = (
+        "import sys, threading\n"
+        "from flowspec.cli import main\n"
+        "codes = []\n"
+        "def entry():\n"
+        "    try:\n"
+        f"        main(['validate', {str(SPECS / 'quickstart.flow')!r}])\n"
+        "    except SystemExit as done:\n"
+        "        codes.append(done.code)\n"
+        "thread = threading.Thread(target=entry)\n"
+        "thread.start(); thread.join()\n"
+        "sys.exit(codes == [0] and 7)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 7 and "Traceback" not in done.stderr, done.stderr

@@ -1104,7 +1104,7 @@ def test_a_read_only_run_folder_at_resume_names_metrics_and_changes_nothing(
     assert run(["train", "--resume", str(copy), "--device", "cpu", "--quiet"]) == 2
     assert capsys.readouterr().err == (
         f"error: permission denied writing {copy / 'metrics.jsonl'}; the run was not resumed and nothing in "
-        f"{copy} was changed (last.pt of step 3 is kept): make the folder writable or free space, then "
+        f"{copy} was changed (last.pt of step 3 is kept): make the folder writable, then "
         f"continue with: flowspec train --resume '{copy}'\n"
     )
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 
 class _Terminated(BaseException):
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     `flowspec.cli.app`), not with this module, so that a Ctrl-C or SIGTERM while they are imported is one
     line too. Once the command is done, both are ignored while the interpreter exits: torch's exit
     handlers, cut short, would print a traceback or end the process by the signal, without a word."""
-    signal.signal(signal.SIGTERM, _terminate)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         from flowspec.cli.app import run
 
@@ -36,6 +39,6 @@ def main(argv: list[str] | None = None) -> None:
         print("error: terminated (SIGTERM); files already written are kept", file=sys.stderr)
         code = 143
     # also keeps a torchrun worker's exit code when torchrun sends SIGTERM after another worker failed
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM) if in_main_thread else ():
         signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)

@@ -317,23 +317,29 @@ def trains_alike(a: FlowSpec, b: FlowSpec) -> bool:
     return a.model_copy(update={"eval": b.eval, "train": saving}) == b
 
 
-def names_its_numbers(payload: dict[str, Any], stored: FlowSpec, spec: FlowSpec) -> bool:
+def names_its_numbers(
+    payload: dict[str, Any], stored: FlowSpec, spec: FlowSpec, data_dir: Path | str | None = None
+) -> bool:
     """Whether `spec` is the stored spec of a checkpoint that does not record how its run read numbers in
     `classes` (`class_numbers`) but for those classes, named as one of their readings selects them in the
-    folder the run read: what its refusal asks for."""
+    folder read (`data_dir`, as `--data` gives it, else the one the run read): what its refusal asks for."""
     from flowspec.train.class_numbers import RECORDED, names_numbers
 
-    if RECORDED in payload or not names_numbers(stored.data, spec.data, payload.get("data_dir")):
+    folder = data_dir or payload.get("data_dir")
+    if RECORDED in payload or not names_numbers(stored.data, spec.data, folder):
         return False
     named = stored.model_copy(update={"data": stored.data.model_copy(update={"classes": spec.data.classes})})
     return trains_alike(named, spec)
 
 
-def check_same_spec(payload: dict[str, Any], spec: FlowSpec, path: Path | str) -> None:
-    """Refuse to resume a run with a spec other than the one it was trained with."""
+def check_same_spec(
+    payload: dict[str, Any], spec: FlowSpec, path: Path | str, data_dir: Path | str | None = None
+) -> None:
+    """Refuse to resume a run with a spec other than the one it was trained with (but for numbered classes
+    named, `names_its_numbers`, on the folder `data_dir` when given)."""
     if payload["spec_hash"] != spec_hash(spec):
         stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
-        if trains_alike(stored, spec) or names_its_numbers(payload, stored, spec):
+        if trains_alike(stored, spec) or names_its_numbers(payload, stored, spec, data_dir):
             return
         diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(

@@ -99,13 +99,16 @@ def _new_folder(base: Path) -> Path:
     raise UserError(f"{base} and 998 folders like it exist already: give the run folder with --out")
 
 
-def previous_checkpoint(run_dir: Path, spec: FlowSpec, resume: bool) -> dict[str, Any] | None:
-    """The checkpoint to resume from (checked against `spec`); None for a new run in a free folder."""
+def previous_checkpoint(
+    run_dir: Path, spec: FlowSpec, resume: bool, data_dir: Path | str | None = None
+) -> dict[str, Any] | None:
+    """The checkpoint to resume from (checked against `spec`, the data read from `data_dir` when given);
+    None for a new run in a free folder."""
     last = run_dir / LAST
     if resume:
         payload = load_checkpoint(run_dir if run_dir.is_dir() else last)
-        check_same_spec(payload, spec, last)
-        _check_belongs(run_dir, payload, checkpoint_spec(payload, last))
+        check_same_spec(payload, spec, last, data_dir)
+        _check_belongs(run_dir, payload, checkpoint_spec(payload, last), data_dir)
         return payload
     if unstarted(run_dir):  # the trainer moves its files aside (`set_aside`) and starts again
         return None
@@ -163,7 +166,9 @@ def set_aside(run_dir: Path) -> Path | None:
     return moved
 
 
-def _check_belongs(run_dir: Path, payload: dict[str, Any], trained: FlowSpec) -> None:
+def _check_belongs(
+    run_dir: Path, payload: dict[str, Any], trained: FlowSpec, data_dir: Path | str | None
+) -> None:
     """Refuse a `last.pt` (`payload`, its spec `trained`) whose spec is not the run folder's `spec.json`
     (copied from another run: resuming would rewrite this run's metrics) nor that spec with its numbered
     classes named (`names_its_numbers`: a resume that named them and saved no checkpoint), and a `spec.json`
@@ -183,7 +188,7 @@ def _check_belongs(run_dir: Path, payload: dict[str, Any], trained: FlowSpec) ->
             f"run's spec.json back, or remove it to resume from {run_dir / LAST} as it is (its spec is "
             f"written there again)"
         )
-    if not (trains_alike(theirs, trained) or names_its_numbers(payload, trained, theirs)):
+    if not (trains_alike(theirs, trained) or names_its_numbers(payload, trained, theirs, data_dir)):
         raise UserError(
             f"{run_dir / LAST} does not belong to the run in {run_dir}: it was trained with another spec "
             f"than {recorded} (copied from another run?); resume the run it came from"

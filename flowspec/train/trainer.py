@@ -146,7 +146,7 @@ class Trainer:
         with agreed(self.dist):  # what one process may meet alone (its lock, checkpoint, data) stops all
             # before anything reads or writes; what a killed run left is removed once the folder is accepted
             self.lock = RunLock(self.run_dir, clean=False) if self.dist.main else None
-            payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume)
+            payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume, options.data_dir)
             if self.lock is not None:
                 self.lock.remove_stale()
             train_set, test_set = self._read_data(payload, train_set, test_set)
@@ -665,7 +665,7 @@ class Trainer:
             except OSError as error:  # a read-only folder: before anything was written
                 raise UserError(
                     f"{os_error_message(error)}; the run was not resumed and nothing in {self.run_dir} was "
-                    f"changed ({LAST} of step {self.step} is kept): make the folder writable or free space, "
+                    f"changed ({LAST} of step {self.step} is kept): make the folder writable, "
                     f"then continue with: {self._continue_with()}"
                 ) from None
             rows = read_metrics(self.run_dir, after_step=self.step)
