@@ -41,6 +41,18 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture
+def float64_seeded():
+    """float64 as the default dtype and the seed 0, for exact checks (the dtype restored after)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
 def exact_float32():
     """float32 means float32 on CUDA: no TF32 in cuDNN convolutions (torch's default) or matmuls.
     (Set and restored by hand: monkeypatch cannot read the cuBLAS flag, a computed attribute.)"""

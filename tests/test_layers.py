@@ -28,13 +28,7 @@ from flowspec.steps import KINDS
 SHAPE = (2, 4, 4)  # C x H x W of a test image; halves are 2 x 4 x 2
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_seeded")
 
 
 # the official launchers' network options (flowpp_gated: no attention sub-block, as in their dequantizers)

@@ -14,14 +14,7 @@ from model_helpers import perturb
 
 from flowspec.layers.networks import ContextNetwork, FlowppNetwork
 
-
-@pytest.fixture(autouse=True)
-def _f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_seeded")
 
 
 def _celu(x):  # official concat_elu: elu(concat([x, -x], axis=-1))

@@ -1,15 +1,12 @@
 """Details of the training recipe that the official launchers fix and no loss curve shows: evaluation with
-the EMA weights, the data-dependent init on `init_batch` images with dropout on, Adam without AMSGrad."""
+the EMA weights, the data-dependent init on `init_batch` images with dropout on (Adam without AMSGrad:
+`test_tf_eps_makes_torchs_adam_take_tf1_adams_steps`)."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from train_helpers import tiny_spec
 
 from flowspec.layers.dropout import Dropout
-from flowspec.spec import TrainSpec
-from flowspec.train.schedule import adam_eps, build_optimizer
 from flowspec.train.trainer import RunOptions, Trainer
 
 
@@ -25,24 +22,6 @@ def test_data_dependent_init_runs_with_dropout_on_as_the_official_init(tmp_path,
     monkeypatch.setattr(Dropout, "draw", lambda self, *a: seen.append(self.active()) or draw(self, *a))
     Trainer(tiny_spec(steps=1), RunOptions(out=tmp_path / "run", quiet=True))
     assert seen and all(seen)
-
-
-def test_adam_is_plain_adam_with_decreasing_gradients():
-    """TF1 Adam (no AMSGrad): the check with growing gradients cannot tell AMSGrad apart."""
-    train = TrainSpec(lr=1e-3, eps=1e-8, tf_eps=True)
-    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    opt = build_optimizer([w], train)
-    m, v, ref = np.zeros(3), np.zeros(3), np.zeros(3)
-    b1, b2 = train.betas
-    for step in range(6):
-        g = np.array([1e-2, -3e-3, 5e-4]) / (1 + step) ** 2
-        w.grad = torch.from_numpy(g.copy())
-        for group in opt.param_groups:
-            group["eps"] = adam_eps(train, step)
-        opt.step()
-        m, v, t = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2, step + 1
-        ref = ref - 1e-3 * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + 1e-8)
-    assert np.allclose(w.detach().numpy(), ref, rtol=1e-9, atol=0)
 
 
 def test_data_dependent_init_sees_init_batch_images(tmp_path, monkeypatch):

@@ -282,11 +282,13 @@ def test_adam_warmup_ema_and_clipping_follow_the_spec(tmp_path, monkeypatch):
     assert max_norm == 1e-3 and norm > 1e-2 and after == pytest.approx(1e-3, rel=1e-3)
 
 
+@pytest.mark.parametrize("shrinking", [False, True], ids=["growing gradients", "shrinking gradients"])
 @pytest.mark.parametrize("tf_eps", [True, False])
-def test_tf_eps_makes_torchs_adam_take_tf1_adams_steps(tf_eps):
+def test_tf_eps_makes_torchs_adam_take_tf1_adams_steps(tf_eps, shrinking):
     """TF1's AdamOptimizer (the official code's) adds eps to sqrt(v) before the bias correction, torch's
     after it: with tf_eps, torch's fused Adam given `adam_eps` at each step takes TF1's steps, also where
-    the gradients are near eps (without it, 3.8x larger ones at 1e-7)."""
+    the gradients are near eps (without it, 3.8x larger ones at 1e-7). Shrinking gradients tell AMSGrad
+    (the largest v so far) from Adam, which growing ones cannot."""
     import numpy as np
 
     train = TrainSpec(lr=1e-3, eps=1e-8, tf_eps=tf_eps)
@@ -295,7 +297,7 @@ def test_tf_eps_makes_torchs_adam_take_tf1_adams_steps(tf_eps):
     ours, m, v = [], np.zeros(4), np.zeros(4)
     theirs, b1, b2 = np.zeros(4), *train.betas
     for step in range(5):
-        grad = np.array([1e-7, -3e-6, 2e-5, 1e-3]) * (1 + step)
+        grad = np.array([1e-7, -3e-6, 2e-5, 1e-3]) * (0.01**step if shrinking else 1 + step)
         weights.grad = torch.from_numpy(grad.copy())
         for group in optimizer.param_groups:
             group["eps"] = adam_eps(train, step)
