@@ -41,6 +41,12 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture
+def cache_in_tmp(tmp_path, monkeypatch):
+    """Prepared data cached in the test's own folder, never in the user's cache or beside shared data."""
+    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
 def float64_seeded():
     """float64 as the default dtype and the seed 0, for exact checks (the dtype restored after)."""
     import torch

@@ -25,10 +25,7 @@ from flowspec.train.class_numbers import (
     written_reading_names,
 )
 
-
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
 
 def _numbered_folder(root, names=("1", "2", "3")):

@@ -17,10 +17,7 @@ from flowspec.spec import DataSpec
 from flowspec.train.data import load_split
 from flowspec.train.prepare import prepare, resize_crop
 
-
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
 
 def test_rgba_to_rgb_drops_the_alpha_channel_not_red():

@@ -16,10 +16,7 @@ from flowspec.spec import DataSpec
 from flowspec.train.data import load_split
 from flowspec.train.prepare import luma, prepare, reduce_depth, resize_crop
 
-
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")
 
 
 def write_folder(root, sizes=((12, 12),) * 3, classes=("cat", "dog"), mode="RGB") -> dict:
