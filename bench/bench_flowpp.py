@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "auto"], default=["fp32", "bf16"])
     parser.add_argument("--train-batch", type=int, nargs="*", default=[8])
-    parser.add_argument("--logprob-batch", type=int, default=64)
+    parser.add_argument("--logprob-batch", type=int, default=64, help="log_prob batch (default 64; 0: none)")
     parser.add_argument("--sample", type=int, default=64, help="images sampled (default 64; 0: none)")
     parser.add_argument("--init-batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
@@ -238,7 +238,9 @@ def main() -> None:
     import torch
 
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    jobs = [("train", b) for b in args.train_batch] + [("log_prob", args.logprob_batch)]
+    jobs = [("train", b) for b in args.train_batch]
+    if args.logprob_batch:
+        jobs.append(("log_prob", args.logprob_batch))
     if args.sample:
         jobs.append(("sample", args.sample))
 
