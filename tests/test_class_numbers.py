@@ -20,7 +20,9 @@ from flowspec.train.class_numbers import (
     EXPORT_RECORDED,
     RECORDED,
     ambiguous,
+    check_class_numbers,
     folder_classes,
+    names_numbers,
     readings,
     written_reading_names,
 )
@@ -92,6 +94,30 @@ def test_the_readings_differ_where_a_number_names_another_subfolder_than_its_pos
     assert folder_classes(tmp_path) == ("1", "2")  # a folder split into train/ and test/
     assert not ambiguous(numbered, True, tmp_path)  # a file that records how its run read them
     assert ambiguous(numbered, False, tmp_path) and not ambiguous(numbered, False, tmp_path / "gone")
+
+
+def test_the_same_subfolders_in_another_order_are_the_same_classes(tmp_path):
+    """Classes select images: the order they are given in changes nothing read. Subfolders 0/ to 10/ sort
+    10/ before 2/, so `classes (2, ..., 10)` selects 10/, 2/, ..., 9/ read as positions and 2/, ..., 10/
+    read as names: the same subfolders, which were refused as ambiguous, and named in another order than
+    a reading lists them they were refused on resume as another spec."""
+    eleven, three = tmp_path / "eleven", tmp_path / "three"
+    for folder, count in ((eleven, 11), (three, 3)):
+        for name in range(count):
+            (folder / str(name + (folder == three))).mkdir(parents=True)
+    numbers = tuple(range(2, 11))
+    old = DataSpec(dataset="folder", path=str(eleven), shape=(1, 8, 8), classes=numbers)
+    found = readings(numbers, folder_classes(eleven))
+    assert found["positions"] != found["names"] and set(found["positions"]) == set(found["names"])
+    assert not ambiguous(old, False, eleven)
+    assert check_class_numbers(old, False, eleven, eleven / "last.pt") == old  # read as it trained
+    for named in (found["names"], found["positions"], tuple(reversed(found["names"]))):
+        assert names_numbers(old, old.model_copy(update={"classes": named}), eleven)
+    assert not names_numbers(old, old.model_copy(update={"classes": found["names"][1:]}), eleven)
+    # 1/ 2/ 3/: `classes (1, 2)` is 2/ 3/ as positions, 1/ 2/ as names; either named in any order
+    one_two = DataSpec(dataset="folder", path=str(three), shape=(1, 8, 8), classes=(1, 2))
+    for named, selects in ((("2", "1"), True), (("3", "2"), True), (("3", "1"), False)):
+        assert names_numbers(one_two, one_two.model_copy(update={"classes": named}), three) == selects
 
 
 def test_an_old_checkpoint_with_numbered_classes_is_refused_until_they_are_named(tmp_path, capsys):

@@ -94,8 +94,9 @@ def test_sigterm_while_the_commands_are_imported_is_one_line_and_exit_143():
 
 
 def test_a_signal_after_the_command_is_done_leaves_its_exit_code_and_output():
-    """While the interpreter exits (torch's exit handlers take tenths of a second), SIGINT and SIGTERM are
-    ignored: they printed a traceback from an exit handler, or ended the process by the signal."""
+    """While the interpreter exits (torch's exit handlers take tenths of a second), SIGINT and SIGTERM
+    printed a traceback from an exit handler, or ended the process by the signal. An exit handler
+    registered before `flowspec.cli` was imported runs after its last one: the signals are ignored then."""
     at_exit = (
         "import atexit, time\n"
         "def signalled():\n"
@@ -107,6 +108,40 @@ def test_a_signal_after_the_command_is_done_leaves_its_exit_code_and_output():
     done = _entry_point(at_exit, ["validate", str(SPECS / "quickstart.flow")])
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.startswith("ok: ")
+
+
+def test_a_signal_stops_an_exit_that_hangs_with_the_commands_exit_code_and_output():
+    """A streaming data worker stuck in a read (a stalled network filesystem) held the exit, which joins
+    the workers (and they ignore SIGTERM, as the main process handles stop signals): with SIGINT and
+    SIGTERM ignored until the process ended, only SIGKILL stopped it. Here a worker that stays until its
+    parent is gone stands for it."""
+    code = (
+        "import atexit, multiprocessing, os, signal, sys, time\n"
+        "from flowspec.cli import main\n"
+        "def stuck(parent):\n"
+        "    for signum in (signal.SIGINT, signal.SIGTERM):\n"
+        "        signal.signal(signum, signal.SIG_IGN)\n"
+        "    null = os.open(os.devnull, os.O_WRONLY)\n"
+        "    os.dup2(null, 1)\n"
+        "    os.dup2(null, 2)\n"
+        "    while os.getppid() == parent:\n"
+        "        time.sleep(0.05)\n"
+        "context = multiprocessing.get_context('fork')\n"
+        "context.Process(target=stuck, args=(os.getpid(),), daemon=True).start()\n"
+        "atexit.register(os.write, 2, b'exiting\\n')  # runs before multiprocessing joins the worker\n"
+        f"sys.exit(main(['validate', {str(SPECS / 'quickstart.flow')!r}]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr.readline() == "exiting\n"  # the command is done; its exit handlers run
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()  # (the worker leaves with it)
+    assert (proc.returncode, stderr) == (0, "")
+    assert stdout.startswith("ok: ")  # the output still buffered is written
 
 
 def test_the_entry_point_runs_in_a_thread_other_than_the_main_one():

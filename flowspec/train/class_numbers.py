@@ -68,17 +68,21 @@ def readings(classes: tuple[int | str, ...], names: tuple[str, ...]) -> dict[str
 
 def names_numbers(old: DataSpec, new: DataSpec, folder: Path | str | None) -> bool:
     """Whether the classes of `new` name the subfolders that the numbers among the classes of `old` select
-    by one of their readings (`readings`) on the folder read (`folder`, else the path of `old`)."""
+    by one of their readings (`readings`) on the folder read (`folder`, else the path of `old`), in any
+    order: classes select images (`sources._class_mask`), their order changes nothing that is read."""
     path = folder if folder is not None else old.path
     if old.dataset != "folder" or path is None or not any(isinstance(c, int) for c in old.classes or ()):
         return False
-    return tuple(new.classes or ()) in readings(tuple(old.classes or ()), folder_classes(Path(path))).values()
+    found = readings(tuple(old.classes or ()), folder_classes(Path(path)))
+    return set(new.classes or ()) in [set(reading) for reading in found.values()]
 
 
 def ambiguous(data: DataSpec, recorded: bool, folder: Path | str | None) -> bool:
     """Whether the numbers in `data.classes` of a file that does not record how its run read them
     (`recorded`) may select other subfolders now on the folder read (`folder`, else the spec's path) than its
-    run read: read as names (`readings`) they select none, or other ones than read as positions."""
+    run read: read as names (`readings`) they select none, or other ones than read as positions (the same
+    subfolders in another order are the same images: `classes (2, 3, ..., 10)` of subfolders 0/ to 10/, 10/
+    sorted before 2/, is read alike both ways)."""
     path = folder if folder is not None else data.path
     if recorded or data.dataset != "folder" or not data.classes or path is None:
         return False
@@ -86,7 +90,9 @@ def ambiguous(data: DataSpec, recorded: bool, folder: Path | str | None) -> bool
         return False
     names = folder_classes(Path(path))
     found = readings(data.classes, names)
-    return bool(names) and ("names" not in found or found.get("positions", found["names"]) != found["names"])
+    return bool(names) and (
+        "names" not in found or set(found.get("positions", found["names"])) != set(found["names"])
+    )
 
 
 def check_class_numbers(
