@@ -86,6 +86,7 @@ def test_an_eval_file_name_names_few_plain_classes_and_counts_others():
 
     assert (named(), named("dog"), named(3, 5)) == ("", "_dog", "_cat-dog")  # CIFAR-10 indices by their names
     assert named("T-shirt/top", "Trouser") == "_2_classes" and named(*range(100, 200)) == "_100_classes"
+    assert named("a" * 40) == "_" + "a" * 40 and named("a" * 41) == "_1_classes"  # up to 40 characters
 
 
 def test_a_sample_grid_is_named_by_its_model_and_says_its_seed(run_dir, tmp_path, capsys, monkeypatch):

@@ -75,10 +75,11 @@ def test_a_signal_during_a_command_exits_130_or_143_with_one_line(monkeypatch, c
         os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(language, "load_cli_spec", interrupted)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]  # SIG_IGN under nohup
     assert run(["validate", str(QUICKSTART)]) == code
     err = capsys.readouterr().err
     assert err.startswith(f"error: {word} (") and err.count("\n") == 1 and "Traceback" not in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before  # handlers are restored
 
 
 def test_an_os_error_on_a_path_is_a_user_error(monkeypatch, capsys):
