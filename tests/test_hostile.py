@@ -20,7 +20,7 @@ from flowspec import load_spec, parse_spec
 from flowspec.cli import language
 from flowspec.cli.app import run
 from flowspec.diagnostics import SpecError
-from flowspec.loader import MAX_SPEC_BYTES
+from flowspec.loader import MAX_SPEC_BYTES, SpecFileError, read_spec_file
 from flowspec.parser import MAX_DIGITS
 
 QUICKSTART = Path(__file__).parent.parent / "specs" / "quickstart.flow"
@@ -1302,3 +1302,14 @@ def test_inference_counts_what_the_largest_step_holds_per_image_not_a_training_s
     with pytest.raises(Exception, match="too large for this machine") as refused:
         budget.check_size(spec, "infer", images=65)
     assert "Take fewer images at once (--batch)" in str(refused.value)
+
+
+def test_a_spec_file_of_one_mib_is_read_and_one_byte_more_is_refused(tmp_path):
+    """The cap is 1 MiB (2**20 bytes), the size itself allowed."""
+    path = tmp_path / "big.flow"
+    head = "model m\nflow { split stripe { coupling; flip } }\n"
+    path.write_text(head + "#" * (2**20 - len(head)))
+    assert read_spec_file(path).startswith(head)
+    path.write_text(head + "#" * (2**20 + 1 - len(head)))
+    with pytest.raises(SpecFileError, match="is larger than 1 MiB"):
+        read_spec_file(path)

@@ -979,3 +979,141 @@ def test_a_stored_spec_takes_overrides_and_keeps_a_name_no_file_could_write():
     assert stored_with_overrides(spec, ["model=other"], "stored").name == "other"
     assert stored_with_overrides(spec, ["model=stored"], "stored").name == "stored"
     assert stored_with_overrides(spec, [" model = stored"], "stored").name == "stored"
+
+
+# ---------------------------------------------------------------- found by a mutation audit
+
+ONE_FLOW = "model m\nflow { split stripe { coupling; flip } }\n"
+
+
+def test_extends_merges_the_eval_section_setting_by_setting(tmp_path: Path):
+    (tmp_path / "base.flow").write_text(ONE_FLOW + "eval { images 500  samples 16 }\n")
+    (tmp_path / "top.flow").write_text('extends "base.flow"\nmodel top\neval { samples 8 }\n')
+    spec = load_spec(tmp_path / "top.flow")
+    assert (spec.eval.images, spec.eval.samples) == (500, 8)
+
+
+def test_show_writes_floats_exactly():
+    """Seven significant digits and more survive `show`: the formatter must not round a float."""
+    overrides = [
+        "train.lr=0.000123456789",
+        "preprocess.alpha=0.0123456789",
+        "eval.temperatures=(0.987654321)",
+    ]
+    spec = parse_spec(ONE_FLOW, overrides=overrides)
+    again = parse_spec(format_spec(spec))
+    assert (again.train.lr, again.preprocess.alpha, again.eval.temperatures) == (
+        0.000123456789,
+        0.0123456789,
+        (0.987654321,),
+    )
+
+
+def test_eval_images_all_means_every_test_image():
+    assert parse_spec(ONE_FLOW + "eval { images all }\n").eval.images is None
+    assert parse_spec(ONE_FLOW + "eval { images 100 }\n", overrides=["eval.images=all"]).eval.images is None
+
+
+@pytest.mark.parametrize(
+    ("train", "col", "message"),
+    [
+        ("seed 1__0", 15, "unexpected '__0'"),  # digits are grouped by single underscores
+        ("warmup 10 steps then cosine", 25, "unexpected 'then'"),  # `warmup N steps, then SCHEDULE`
+        ("eval 100 steps", 14, "unexpected '100'; expected 'every'"),  # `eval every N`
+    ],
+)
+def test_syntax_the_grammar_does_not_take_is_refused(train, col, message):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(ONE_FLOW + f"train {{ {train} }}\n", source="bad.flow")
+    assert str(caught.value).startswith(f"bad.flow:3:{col}: {message}")
+
+
+def test_levels_and_sample_grid_bounds():
+    """A pixel takes at least 2 values; a sample grid holds at most 4096 images."""
+    assert parse_spec(ONE_FLOW + "data { levels 2 }\n").data.levels == 2
+    assert parse_spec(ONE_FLOW + "eval { samples 4096 }\n").eval.samples == 4096
+    for text, message in [
+        ("data { levels 1 }", "bad.flow:3:8: levels must be >= 2, got 1"),
+        ("eval { samples 4097 }", "bad.flow:3:8: samples must be <= 4096, got 4097"),
+    ]:
+        with pytest.raises(SpecError) as caught:
+            parse_spec(ONE_FLOW + text + "\n", source="bad.flow")
+        assert str(caught.value).startswith(message)
+
+
+def test_blocks_nest_32_deep_and_no_deeper():
+    def nested(depth: int) -> str:  # a split holding depth - 1 repeats inside each other
+        return "model x flow { split stripe {" + "repeat 1 {" * (depth - 1) + "flip" + "}" * depth + " }"
+
+    assert len(parse_spec(nested(32)).flow) == 1
+    with pytest.raises(SpecError, match="blocks nested more than 32 deep"):
+        parse_spec(nested(33))
+
+
+def test_at_most_ten_syntax_errors_are_reported():
+    text = ONE_FLOW + "".join(f"trian {{ seed {i} }}\n" for i in range(12))
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="bad.flow")
+    assert [d.loc.line for d in caught.value.diagnostics] == list(range(3, 13))
+
+
+def test_setting_the_dequantizer_to_its_own_kind_keeps_it():
+    """`--set dequantize=variational` on a variational spec changes nothing: its context and steps stay."""
+    spec = load_spec(SPECS / "flowpp_cifar.flow")
+    assert spec.dequantize.kind == "variational" and spec.dequantize.steps
+    assert load_spec(SPECS / "flowpp_cifar.flow", ["dequantize=variational"]) == spec
+
+
+def test_a_set_inside_an_unwritten_dequantizer_is_read_as_the_uniform_one():
+    """A spec that writes no dequantizer has the uniform one, which has no context."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec(ONE_FLOW, overrides=["dequantize.context.filters=8"])
+    found = [(d.loc.file, d.loc.line, d.loc.col, d.message) for d in caught.value.diagnostics]
+    assert ("--set", 1, 12, "unknown setting 'context' of dequantize") in found
+
+
+def test_a_single_temperature_is_one_sample_grid():
+    assert parse_spec(ONE_FLOW + "eval { temperatures 0.9 }\n").eval.temperatures == (0.9,)
+    assert parse_spec(ONE_FLOW, overrides=["eval.temperatures=0.5"]).eval.temperatures == (0.5,)
+
+
+def test_a_shape_error_from_two_sets_is_blamed_on_the_later_one():
+    text = "model m\ndata { shape 1x8x8 }\nflow { split stripe { coupling; flip } }\n"
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text, source="bad.flow", overrides=["data.shape=3x8x8", "flow.0.mask=channel"])
+    assert str(caught.value).startswith("--set:2:8: the channel mask needs an even channel count")
+
+
+def test_an_unquoted_windows_path_is_told_to_be_quoted():
+    with pytest.raises(SpecError) as caught:
+        parse_spec(ONE_FLOW + "data folder { path photos\\cats }\n", source="bad.flow")
+    assert str(caught.value).startswith(
+        "bad.flow:3:26: unexpected character '\\\\'; paths and other text are written in quotes"
+    )
+
+
+def test_a_second_warmup_starts_at_step_1_or_later():
+    def train(at: int) -> str:
+        rewarm = f"warmup(at={at}, steps=5, lr=1e-4)"
+        return f"train {{ length 100 steps  warmup 0 steps, then cosine, then {rewarm} }}"
+
+    assert parse_spec(ONE_FLOW + train(1)).train.rewarm_at == 1
+    with pytest.raises(SpecError) as caught:
+        parse_spec(ONE_FLOW + train(0), source="bad.flow")
+    assert [d.message for d in caught.value.diagnostics] == ["the second warmup's at must be >= 1, got 0"]
+
+
+def test_a_mistake_in_an_extended_file_is_reported(tmp_path: Path):
+    (tmp_path / "base.flow").write_text(ONE_FLOW + "train { batch 8  batch 16 }\n")
+    (tmp_path / "top.flow").write_text('extends "base.flow"\nmodel top\n')
+    with pytest.raises(SpecError) as caught:
+        load_spec(tmp_path / "top.flow")
+    assert [(Path(d.loc.file).name, d.loc.line, d.loc.col, d.message) for d in caught.value.diagnostics] == [
+        ("base.flow", 3, 18, "duplicate setting 'batch' in train (first set at line 3)")
+    ]
+
+
+def test_a_set_of_a_step_past_the_last_names_the_steps_there_are():
+    with pytest.raises(SpecError) as caught:
+        parse_spec(ONE_FLOW, overrides=["flow.1.mask=channel"])
+    assert str(caught.value).startswith("--set:1:6: flow has steps 0 to 0, no step '1'")
