@@ -103,6 +103,7 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
     node: Any = doc
     annotation: Any = FlowSpec
     where = ""
+    unwritten: list[tuple[RawDict, str, RawDict, SourceLoc]] = []  # sections made only if the set succeeds
     for i, part in enumerate(parts):
         loc = SourceLoc(file=OVERRIDE_FILE, line=line, col=cols[i])
         if isinstance(node, list):
@@ -121,8 +122,9 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
         if field is None:
             owner = f" of {where}" if where else ""
             allowed = _setting_names(model, where)
-            if issubclass(model, StepNode):  # name the step's kind
-                owner += f" ({node.get('kind')})" if allowed else f" ({node.get('kind')} has no settings)"
+            if issubclass(model, StepNode) or where == "dequantize":  # name the kind (a default one too)
+                kind = node.get("kind") or model.model_fields["kind"].default
+                owner += f" ({kind})" if allowed else f" ({kind} has no settings)"
             raise _fail(line, cols[i], f"unknown setting '{part}'{owner}{did_you_mean(part, allowed)}")
         annotation = model.model_fields[field].annotation
         if i == len(parts) - 1:
@@ -146,11 +148,13 @@ def _apply_override(doc: RawDict, text: str, line: int) -> None:
                     f"'{dotted}' is a section: set one of its settings, e.g. {dotted}.SETTING=VALUE",
                 )
             _set(node, where, field, value, loc)
+            for parent, name, section, written in unwritten:
+                parent.put(name, section, written)
             return
         child = node.get(field)
         if child is None and model_of(annotation, None) is not None:
             child = RawDict(loc)
-            node.put(field, child, loc)
+            unwritten.append((node, field, child, loc))
         if child is None:
             raise _fail(line, cols[i], f"{where or 'the spec'} has no '{part}' to set a setting of")
         node = child

@@ -1064,12 +1064,24 @@ def test_setting_the_dequantizer_to_its_own_kind_keeps_it():
     assert load_spec(SPECS / "flowpp_cifar.flow", ["dequantize=variational"]) == spec
 
 
-def test_a_set_inside_an_unwritten_dequantizer_is_read_as_the_uniform_one():
-    """A spec that writes no dequantizer has the uniform one, which has no context."""
+@pytest.mark.parametrize(
+    "override", ["dequantize.context.filters=8", "dequantize.foo=8", "dequantize.steps=2"]
+)
+def test_a_set_inside_an_unwritten_dequantizer_is_read_as_the_uniform_one(override: str):
+    """A spec that writes no dequantizer has the uniform one, which has no settings: the one error says so,
+    and the refused set leaves no empty dequantizer behind to be refused again (as of no kind)."""
+    setting = override.split(".")[1].partition("=")[0]
     with pytest.raises(SpecError) as caught:
-        parse_spec(ONE_FLOW, overrides=["dequantize.context.filters=8"])
+        parse_spec(ONE_FLOW, overrides=[override])
     found = [(d.loc.file, d.loc.line, d.loc.col, d.message) for d in caught.value.diagnostics]
-    assert ("--set", 1, 12, "unknown setting 'context' of dequantize") in found
+    assert found == [("--set", 1, 12, f"unknown setting '{setting}' of dequantize (uniform has no settings)")]
+
+
+def test_a_refused_set_inside_an_unwritten_section_leaves_the_other_sets_in_place():
+    assert parse_spec(ONE_FLOW, overrides=["train.seed=3"]).train.seed == 3  # an unwritten section, made
+    with pytest.raises(SpecError) as caught:
+        parse_spec(ONE_FLOW, overrides=["dequantize.foo=1", "train.seed=3", "train.sead=4"])
+    assert [(d.loc.line, d.loc.col) for d in caught.value.diagnostics] == [(1, 12), (3, 7)]
 
 
 def test_a_single_temperature_is_one_sample_grid():
