@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,21 @@ def test_unasked_conversions_are_refused_naming_the_images():
 
 
 # ---------------------------------------------------------------- sources
+
+
+def test_classes_in_any_order_or_spelling_share_one_data_cache(tmp_path):
+    """Classes select images: listed in another order, or by position instead of name, they read the same
+    prepared data (a second cache was built); other classes another."""
+    write_folder(tmp_path / "train")
+    write_folder(tmp_path / "test", sizes=((12, 12),))
+    data = DataSpec(dataset="folder", path=str(tmp_path), shape=(3, 12, 12))
+
+    def cache(*classes: int | str) -> Path:
+        return load_split(data.model_copy(update={"classes": classes}), "train").file.path.parent
+
+    assert cache("dog", "cat") == cache("cat", "dog") == cache(1, 0) == cache("cat", 1)
+    assert cache("dog") == cache(1) != cache("cat")
+    assert len({cache("dog", "cat"), cache("dog"), cache("cat")}) == 3
 
 
 def test_folder_of_pngs_with_two_classes(tmp_path):

@@ -85,6 +85,13 @@ def test_an_eval_file_name_names_few_plain_classes_and_counts_others():
         return _classes_suffix(tiny_spec().model_copy(update={"data": data}))
 
     assert (named(), named("dog"), named(3, 5)) == ("", "_dog", "_cat-dog")  # CIFAR-10 indices by their names
+    assert named(5, 3) == named("dog", 3) == named("dog", "cat") == "_cat-dog"  # any order, one file
+
+    def folder(*classes):
+        data = DataSpec.model_construct(dataset="folder", classes=classes)
+        return _classes_suffix(tiny_spec().model_copy(update={"data": data}))
+
+    assert folder("b", 10, "a", 2) == folder(2, "a", 10, "b") == "_2-10-a-b"  # numbers by value, then names
     assert named("T-shirt/top", "Trouser") == "_2_classes" and named(*range(100, 200)) == "_100_classes"
     assert named("a" * 40) == "_" + "a" * 40 and named("a" * 41) == "_1_classes"  # up to 40 characters
 

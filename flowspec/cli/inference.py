@@ -427,16 +427,17 @@ def _note_changed_split(trained: Trained, data: Path | str | None) -> None:
 
 def _classes_suffix(spec: FlowSpec) -> str:
     """`_dog`, `_3-5` for an evaluation of some classes, `_12_classes` when their names would make a long
-    or odd file name; "" for all of them."""
+    or odd file name; "" for all of them. The classes are named in the dataset's order (numbers, then
+    names), as they select the same images in any order."""
     if not spec.data.classes:
         return ""
     names = CLASS_NAMES.get(spec.data.dataset)  # CIFAR-10's `5` is `dog`: one file for both spellings
-    named = "-".join(
-        str(names[c] if names and isinstance(c, int) and c < len(names) else c) for c in spec.data.classes
-    )
+    keys = {names.index(c) if names and c in names else c for c in spec.data.classes}
+    ordered = sorted(keys, key=lambda c: (0, c, "") if isinstance(c, int) else (1, 0, c))
+    named = "-".join(str(names[c] if names and isinstance(c, int) and c < len(names) else c) for c in ordered)
     if len(named) <= 40 and re.fullmatch(r"[A-Za-z0-9_.-]+", named):
         return f"_{named}"
-    return f"_{len(spec.data.classes)}_classes"
+    return f"_{len(ordered)}_classes"
 
 
 @app.command(epilog=epilog("sample"))

@@ -50,7 +50,7 @@ def folder_classes(path: Path) -> tuple[str, ...]:
 
 def readings(classes: tuple[int | str, ...], names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """The subfolders among `names` that `classes` select, by the reading of their numbers: "positions" among
-    the subfolders (as an older flowspec read them) and "names" (as this one does, `sources._class_mask`: a
+    the subfolders (as an older flowspec read them) and "names" (as this one does, `sources._class_indices`: a
     number no subfolder is named by is a position where not all of them are numbers); only the readings by
     which every class is a subfolder there is."""
     numbered = bool(names) and all(name.isdigit() for name in names)
@@ -69,7 +69,7 @@ def readings(classes: tuple[int | str, ...], names: tuple[str, ...]) -> dict[str
 def names_numbers(old: DataSpec, new: DataSpec, folder: Path | str | None) -> bool:
     """Whether the classes of `new` name the subfolders that the numbers among the classes of `old` select
     by one of their readings (`readings`) on the folder read (`folder`, else the path of `old`), in any
-    order: classes select images (`sources._class_mask`), their order changes nothing that is read."""
+    order: classes select images (`sources._class_indices`), their order changes nothing that is read."""
     path = folder if folder is not None else old.path
     if old.dataset != "folder" or path is None or not any(isinstance(c, int) for c in old.classes or ()):
         return False

@@ -67,7 +67,12 @@ class SourcePlan:
 def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
     """Both splits of a file-based dataset, memory-mapped: {"train": (ArrayFile, labels), "test": ...}."""
     plan = _plan(data, path)
-    keep = {s: _class_mask(r, data, plan) for s, r in (("train", plan.train), ("test", plan.test)) if r}
+    wanted = _class_indices(data, plan)
+    keep = {
+        s: np.isin(r.labels, wanted) if wanted is not None else np.ones(r.count, dtype=bool)
+        for s, r in (("train", plan.train), ("test", plan.test))
+        if r
+    }
     route = _routes(plan, keep, data)
     direct = _direct(plan, data)
     if direct is not None:
@@ -77,6 +82,8 @@ def prepared(data: DataSpec, path: Path) -> tuple[dict, str]:
         "data": data.model_dump(exclude={"path", "test_path"}),
         "files": [str(f.resolve()) for f in files],
     }
+    if wanted is not None:  # the labels they select, however the spec orders or spells them: one cache
+        what["data"]["classes"] = sorted(set(wanted))
     if data.dataset == "npy":  # not a cache of arrays read channels-last whenever their width allowed it
         what["layout"] = "the spec's shape"
     if data.classes is not None and data.test_split is not None:  # held out before the class filter
@@ -348,9 +355,10 @@ def _torchvision(name: str | None, root: Path, split: str) -> VisionDataset | No
 # ---------------------------------------------------------------- classes, test split, building
 
 
-def _class_mask(reader: Reader, data: DataSpec, plan: SourcePlan) -> np.ndarray:
+def _class_indices(data: DataSpec, plan: SourcePlan) -> list[int] | None:
+    """The labels of the spec's classes in the source (None: all of them)."""
     if data.classes is None:
-        return np.ones(reader.count, dtype=bool)
+        return None
     wanted = []
     for c in data.classes:
         numbered = bool(plan.classes) and all(name.isdigit() for name in plan.classes)
@@ -367,7 +375,7 @@ def _class_mask(reader: Reader, data: DataSpec, plan: SourcePlan) -> np.ndarray:
                 f"{len(plan.classes) - 1} ({names})"
             )
         wanted.append(c)
-    return np.isin(reader.labels, wanted)
+    return wanted
 
 
 def _routes(plan: SourcePlan, keep: dict[str, np.ndarray], data: DataSpec) -> list[np.ndarray]:
