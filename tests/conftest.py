@@ -125,6 +125,16 @@ def _one_thread_session():
 
 
 @pytest.fixture(autouse=True)
+def _caches_read_until_the_test_ends():
+    """The prepared-data caches a test read are let go when it ends, as when a process ends (hundreds of
+    open, locked files in one pytest process otherwise)."""
+    yield
+    datacache = sys.modules.get("flowspec.train.datacache")
+    if datacache is not None:
+        datacache.release_reads()
+
+
+@pytest.fixture(autouse=True)
 def one_thread(_one_thread_session):
     """Every test starts on one thread, and a count it set (a Trainer's, `--threads`) ends with it. A test
     that needs more threads sets them itself."""

@@ -363,7 +363,7 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, capsys):
     assert "prepared" in capsys.readouterr().err
     everything = torch.cat([rebuilt.images, load_split(data, "test").images])
     assert (everything == 9).all(dim=(1, 2, 3)).sum() == 1
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # one cache folder and its lock, no leftovers
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # one cache folder, its lock and .use, no leftovers
 
 
 def test_a_failed_build_leaves_no_cache(tmp_path):
@@ -372,7 +372,7 @@ def test_a_failed_build_leaves_no_cache(tmp_path):
     data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
     with pytest.raises(UserError, match=r"cannot decode image .*dog/1\.png"):
         load_split(data, "train")
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith((".lock", ".use"))] == []
 
 
 # ---------------------------------------------------------------- faults: each names the file
@@ -506,7 +506,7 @@ def test_a_killed_build_is_cleaned_up_and_concurrent_callers_share_one_build(tmp
     assert cached(tmp_path, what, [1], build) == folder and len(builds) == 1
     cached(tmp_path, what, [2], build)  # the source changed
     assert len(builds) == 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [folder.name, f"{folder.name}.lock"]
+        [folder.name, f"{folder.name}.lock", f"{folder.name}.use"]
     )
 
 
@@ -619,7 +619,7 @@ def test_no_room_for_the_prepared_data_is_a_user_error(tmp_path, monkeypatch):
     data = DataSpec(dataset="folder", path=str(tmp_path / "imgs"), shape=(3, 12, 12), test_split=1)
     with pytest.raises(UserError, match=r"no room for the prepared data in .*cache.*No space left on device"):
         load_split(data, "train")
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith((".lock", ".use"))] == []
 
 
 @pytest.mark.parametrize("where", ["memmap", "labels", "meta"])
@@ -641,7 +641,7 @@ def test_a_full_disk_while_preparing_the_data_is_a_user_error_and_leaves_no_cach
         UserError, match=r"no room for the prepared data in \S*cache \(No space left on device\)"
     ):
         load_split(data, "train")
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith((".lock", ".use"))] == []
     monkeypatch.undo()
     monkeypatch.setenv("FLOWSPEC_CACHE_DIR", str(tmp_path / "cache"))
     assert len(load_split(data, "train")) == 5
@@ -692,7 +692,7 @@ def test_a_file_size_limit_while_preparing_the_data_is_a_user_error(tmp_path, li
         f"no room for the prepared data in {cache} (File too large): free space there, or set "
         f"FLOWSPEC_CACHE_DIR to another folder\n"
     ), done.stderr
-    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in cache.iterdir() if not p.name.endswith((".lock", ".use"))] == []
 
 
 def test_an_unreadable_class_folder_is_an_error_not_a_missing_class(tmp_path, monkeypatch):

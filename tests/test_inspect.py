@@ -491,7 +491,7 @@ def test_the_note_gives_the_recompute_off_figures_where_the_choice_changes_somet
     RealNVP has nothing to recompute, and its note no such clause."""
     from flowspec.inspection import inspect_spec
     from flowspec.inspection.budget import measure, training_bytes
-    from flowspec.inspection.memory import fmt_bytes
+    from flowspec.units import fmt_bytes
 
     spec = flowspec.load_spec(SPECS / "flowpp_cifar.flow")
     size = measure(spec)

@@ -14,7 +14,8 @@ from flowspec import devices
 from flowspec.errors import UserError
 from flowspec.inspection import inspect_model, inspect_spec
 from flowspec.inspection.budget import check_size, measure
-from flowspec.inspection.memory import RUNTIME, estimate_memory, fmt_bytes, training_peak
+from flowspec.inspection.memory import RUNTIME, estimate_memory, training_peak
+from flowspec.units import fmt_bytes
 
 DIGITS = "model t\ndata digits { shape 1x8x8  levels 17 }\n"
 TINY_COUPLING = "defaults { coupling(components=2, filters=4, blocks=1, heads=1) }\n"

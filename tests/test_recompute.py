@@ -12,10 +12,11 @@ import flowspec
 from flowspec import devices
 from flowspec.errors import UserError
 from flowspec.inspection import budget
-from flowspec.inspection.memory import STEP_TEMPORARIES, fmt_bytes
+from flowspec.inspection.memory import STEP_TEMPORARIES
 from flowspec.layers.networks import FlowppBlock
 from flowspec.train.recompute import check_training, resolve_recompute
 from flowspec.train.trainer import RunOptions, Trainer
+from flowspec.units import fmt_bytes
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 SMALL = (

@@ -102,7 +102,7 @@ def _options(
     ),
 ) -> None:
     """Declarative normalizing-flow image models: specs, validate, show, inspect, diff, train, ablate, eval,
-    sample, export."""
+    sample, export; cache (the prepared data)."""
 
 
 EXIT_USER, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 130, 143
@@ -280,4 +280,4 @@ def _signals_raise(received: list[int]) -> Iterator[None]:
         yield
 
 
-from flowspec.cli import inference, inspecting, language, shipped, training  # noqa: E402, F401  (register the commands)
+from flowspec.cli import caches, inference, inspecting, language, shipped, training  # noqa: E402, F401  (register the commands)

@@ -48,6 +48,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "flowspec ablate specs/quickstart.flow --steps 100 --set defaults.coupling.blocks=2 --out runs/ab",
         "flowspec ablate --resume runs/ab",
     ),
+    "cache": (
+        "flowspec cache ~/data/imagenet64",
+        "flowspec cache ~/data/imagenet64 --clean",
+        "flowspec cache --all",
+    ),
 }
 
 

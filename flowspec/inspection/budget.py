@@ -15,11 +15,12 @@ import torch
 
 from flowspec import devices
 from flowspec.errors import UserError, job_number
-from flowspec.inspection.memory import estimate_memory, fmt_bytes, peak_terms, training_peak
+from flowspec.inspection.memory import estimate_memory, peak_terms, training_peak
 from flowspec.inspection.params import parameters_by_path
 from flowspec.inspection.report import make_report
 from flowspec.inspection.unroll import check_steps, stacks, unrolled_steps
 from flowspec.spec import FlowSpec
+from flowspec.units import fmt_bytes
 
 ALLOW = "pass --allow-large to go ahead anyway"
 

@@ -22,6 +22,7 @@ from flowspec.inspection.report import Report
 from flowspec.layers.dropout import Dropout
 from flowspec.layers.networks import FlowppBlock, FlowppNetwork, GatedAttention, GatedConv
 from flowspec.spec import FlowSpec
+from flowspec.units import fmt_bytes
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,6 @@ class MemoryEstimate:
     note: str
     largest_step: int = 0  # bytes per image the largest step keeps: bounds what inference holds at once
     recomputes: bool = False  # the model has layers that --recompute changes (Flow++ blocks)
-
-
-def fmt_bytes(n: int) -> str:
-    """`12.0 GiB`, `35.1 MiB`, ..."""
-    unit, scale = next(
-        ((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if n >= s), ("B", 1)
-    )
-    return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} B"
 
 
 def parameter_state(model: nn.Module, spec: FlowSpec) -> tuple[int, int, str]:

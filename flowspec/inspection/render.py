@@ -13,9 +13,9 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from flowspec.inspection.memory import fmt_bytes
 from flowspec.inspection.report import Report
 from flowspec.inspection.tree import FIRST_HALF, StepRow
+from flowspec.units import fmt_bytes
 
 #: What each optional column of the rich view means; the legend names only the columns shown.
 COLUMN_LEGEND = {

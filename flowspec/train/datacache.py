@@ -3,7 +3,9 @@
 A cache folder is named by what it holds (the source's files and the preparation) and records the files'
 sizes and modification times: it is reused while they are unchanged and rebuilt when one changes. It is
 built in a temporary folder and renamed into place, under a lock, so a killed build never leaves half a
-cache and concurrent processes (torchrun) build it once. Location: `FLOWSPEC_CACHE_DIR`, else a
+cache and concurrent processes (torchrun) build it once. A process that reads a cache holds a shared lock on
+its `.use` file (touched at each use) until it ends: `flowspec cache` (`caches.py`) removes no cache that is
+read or built. Location: `FLOWSPEC_CACHE_DIR`, else a
 `.flowspec-cache` folder beside the data when it (or, before it exists, the data's folder) is writable,
 else `~/.cache/flowspec/prepared`.
 """
@@ -28,6 +30,35 @@ from flowspec.train.lock import holder_line, no_locks
 
 FORMAT = 2  # bump when the files' layout or the preparation's meaning changes (2: numbered class folders)
 META = "meta.json"
+IN_USE = ".use"  # beside a cache folder: shared-locked by every process that reads it, touched at each use
+LOCK = ".lock"  # beside a cache folder: held by the process that builds it
+_reading: dict[Path, Any] = {}  # the IN_USE files this process holds, kept open (and locked) until it ends
+
+
+def _read_from(path: Path) -> None:
+    """Mark the cache of the IN_USE file `path` as read by this process until it ends (a shared lock, under
+    which `flowspec cache` removes no cache; the file is never deleted) and as used now (its modification
+    time). Best effort: where files cannot be locked or written, the cache is read all the same."""
+    if path in _reading:
+        return
+    try:
+        handle = open(path, "a+")
+    except OSError:
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        os.utime(handle.fileno())
+    except OSError:
+        pass
+    _reading[path] = handle
+
+
+def release_reads() -> None:
+    """Let go of every cache this process marked as read (`_read_from`), as its end does: for a process
+    done with its data that goes on, such as a test run."""
+    for handle in _reading.values():
+        handle.close()
+    _reading.clear()
 
 
 def cache_root(near: Path) -> Path:
@@ -39,6 +70,15 @@ def cache_root(near: Path) -> Path:
     beside = folder / ".flowspec-cache"
     if os.access(beside if beside.exists() else folder, os.W_OK | os.X_OK):  # e.g. made by another user
         return beside
+    return default_root()
+
+
+def default_root() -> Path:
+    """Where prepared datasets are kept when not beside the data: FLOWSPEC_CACHE_DIR, else the user's
+    cache folder."""
+    override = os.environ.get("FLOWSPEC_CACHE_DIR")
+    if override:
+        return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "flowspec" / "prepared"
 
@@ -63,10 +103,11 @@ def cached(root: Path, what: dict[str, Any], stamp: Any, build: Callable[[Path],
         raise UserError(
             f"cannot create the data cache folder {root}: {error.strerror}; set FLOWSPEC_CACHE_DIR {advice}"
         ) from None
+    _read_from(root / f"{name}{IN_USE}")
     stamp_digest = digest(stamp)
     if _current(final, stamp_digest):
         return final
-    with _locked(root / f"{name}.lock", final):
+    with _locked(root / f"{name}{LOCK}", final):
         if _current(final, stamp_digest):  # another process built it while we waited
             return final
         for stale in root.glob(f"{name}.tmp-*"):  # left by a killed build (we hold the lock)

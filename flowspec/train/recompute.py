@@ -34,7 +34,7 @@ def resolve_recompute(
         return True, "auto: compiled, the recomputation is traced once"
     from flowspec import devices
     from flowspec.inspection.budget import measure, training_bytes
-    from flowspec.inspection.memory import fmt_bytes
+    from flowspec.units import fmt_bytes
 
     keeping = training_bytes(measure(spec), spec, world, recompute=False, precision=precision)
     available = devices.device_memory(device)  # on a CPU: this process's share of the RAM

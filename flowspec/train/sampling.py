@@ -52,7 +52,7 @@ def check_grid_memory(n: int, shape: tuple[int, int, int], have: int) -> None:
     _, scale = _layout(n, width)
     need = 4 * 4 * n * channels * (height * scale + PADDING) * (width * scale + PADDING)
     if need > have:
-        from flowspec.inspection.memory import fmt_bytes
+        from flowspec.units import fmt_bytes
 
         raise UserError(
             f"-n {n:,} draws a grid of {n:,} images that needs about {fmt_bytes(need)} to make, and this "
