@@ -859,3 +859,16 @@ def test_the_ablation_table_shows_whole_spec_names_in_80_columns(tmp_path, monke
     table = [line for line in printed.splitlines() if line[:1] in "┏┃┡│└"]
     assert max(map(len, table)) <= 80 and "test bits/dim on 10000 test images" in printed
     assert "img/s ┃" in printed  # no column cropped
+
+
+def test_an_export_records_its_runs_step_and_evaluation_weights(run_dir, tmp_path):
+    """The export's metadata keeps the training step (found by mutation testing: a step written as 0 passed),
+    and its tensors are the run's evaluation weights."""
+    from flowspec.train.export import export, load_trained
+
+    exported = tmp_path / "m.safetensors"
+    export(run_dir, exported)
+    loaded, original = load_trained(exported), load_trained(run_dir)
+    assert loaded.step == original.step == 4
+    weights = original.model.state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
