@@ -27,6 +27,7 @@ from flowspec.train.checkpoint import (
     save_atomic,
     spec_hash,
 )
+from flowspec.train.metrics import read_metrics
 from flowspec.train.trainer import RunOptions, train
 
 
@@ -45,6 +46,8 @@ def test_checkpoint_contents(run_dir):
     assert payload["versions"]["torch"] == torch.__version__ and "flowspec" in payload["versions"]
     for key in ("optimizer", "scheduler", "ema", "rng", "epoch"):
         assert payload[key] is not None
+    final = read_metrics(run_dir)[-1]  # the evaluation at step 3, after which last.pt was written
+    assert payload["epoch"] > 0 and payload["epoch"] == pytest.approx(final["epoch"], abs=1e-4)
     assert set(ema_weights(payload)) == set(payload["model"])
     assert not list(run_dir.glob(".*.tmp"))  # no temporary files left behind
 
@@ -54,8 +57,10 @@ def test_truncated_checkpoint_is_a_clear_error_and_untouched(run_dir, tmp_path):
     broken.mkdir()
     data = (run_dir / LAST).read_bytes()
     (broken / LAST).write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match=rf"{broken / LAST} is corrupt or truncated"):
+    with pytest.raises(UserError, match=rf"{broken / LAST} is corrupt or truncated.*start a new run$"):
         load_checkpoint(broken)
+    with pytest.raises(UserError, match=r"truncated and cannot be read .*: use another checkpoint$"):
+        load_checkpoint(broken, training_state=False)  # to evaluate, sample or export
     with pytest.raises(UserError, match="corrupt or truncated"):
         train(tiny_spec(steps=3), RunOptions(out=broken, device="cpu", quiet=True, resume=True))
     assert (broken / LAST).read_bytes() == data[: len(data) // 2]

@@ -508,6 +508,12 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
             ),
             "ema.flow.",  # ema.<name> has shape (1, ...), the model (...)
         ),
+        (lambda p: p.update(ema=None), "no EMA weights, though the spec keeps an EMA (ema 0.9)"),
+        (lambda p: p.update(step=True), "step is not a step count (an integer >= 0) (got bool)"),
+        (
+            lambda p: p["model"].update(extra=next(iter(p["model"].values()))),
+            "model has an unknown tensor extra",
+        ),
     ],
     ids=[
         "model-not-a-state-dict",
@@ -526,6 +532,9 @@ def rewrite(trained: Path, tmp_path: Path, change) -> Path:
         "log-every",
         "optimizer-parameters",
         "ema-shape",
+        "no-ema",
+        "bool-step",
+        "unknown-tensor",
     ],
 )
 def test_a_wrong_checkpoint_is_refused_naming_what_is_wrong(trained, tmp_path, capsys, change, message):
