@@ -145,3 +145,20 @@ def test_the_inverse_holds_where_sharp_components_put_the_logit_past_the_exponen
     found, iterations = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
     torch.testing.assert_close(found, x, rtol=1e-6, atol=1e-6)
     assert iterations < 30
+
+
+def test_sharp_rows_still_unsolved_after_others_converge_are_solved_with_their_own_mixtures():
+    """Ordinary rows converge in a few steps and leave the active set; the sharp rows after them (each
+    its own means) are then solved in log space from their own parameters, not from the rows at the
+    same position in the shrunken set."""
+    logits, means, logscales = _params(12, 4, torch.float64)
+    x = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sharp = torch.arange(12) >= 8
+    offsets = torch.tensor([-6.0, -2.0, 3.0, 7.0], dtype=torch.float64)
+    means[sharp] = offsets.view(4, 1) + torch.tensor([-0.1, 0.0, 0.1, 0.2], dtype=torch.float64)
+    logscales[sharp] = mixlogistic.MIN_LOGSCALE
+    x[sharp] = offsets + torch.tensor([2.0, -1.5, 1.0, -2.0], dtype=torch.float64)  # the logit past +-700
+    h, _ = mixlogistic.logit_cdf(x, logits, means, logscales)
+    assert h[sharp].abs().min() > 700 and h[~sharp].abs().max() < 100
+    found, _ = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
+    torch.testing.assert_close(found, x, rtol=1e-8, atol=1e-8)
