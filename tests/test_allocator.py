@@ -33,3 +33,30 @@ def test_large_tensors_come_from_the_heap(mode, on_heap):
     of allocations was not deterministic enough to test: glibc sometimes extends the heap anyway."""
     command = [sys.executable, "-c", CHILD, mode]
     assert subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip() == on_heap
+
+
+def test_malloc_is_given_both_thresholds_and_a_refusal_is_said(monkeypatch):
+    """The mmap threshold at 32 MiB and the trim threshold at 2 GiB - 1, in that order: with glibc's trim
+    threshold (128 KiB) a freed tensor at the top of the heap goes back to the system, but only when nothing
+    is allocated above it, which a test cannot arrange reliably. A malloc without mallopt, or one that
+    refuses a setting, gives False."""
+    from types import SimpleNamespace
+
+    from flowspec import allocator
+
+    calls: list[tuple[int, int]] = []
+
+    def libc(refused: int | None) -> SimpleNamespace:
+        def mallopt(param: int, value: int) -> int:
+            calls.append((param, value))
+            return int(param != refused)
+
+        return SimpleNamespace(mallopt=mallopt)
+
+    for refused, kept in ((None, True), (-1, False)):
+        calls.clear()
+        monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name, refused=refused: libc(refused))
+        assert allocator.keep_freed_memory.__wrapped__() is kept
+        assert calls == [(-3, 32 << 20), (-1, 2**31 - 1)]
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: SimpleNamespace())
+    assert allocator.keep_freed_memory.__wrapped__() is False

@@ -31,9 +31,11 @@ def _cpu_flags() -> set[str]:
 def native_bf16(device: torch.device) -> str | None:
     """Why `device` computes in bfloat16 natively (a short phrase), or None when it does not."""
     if device.type == "cuda":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
-            return f"{torch.cuda.get_device_name(device)} has bf16"
-        return None
+        if not torch.cuda.is_available():
+            return None
+        with torch.cuda.device(device):  # is_bf16_supported asks the current device, not `device`
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return f"{torch.cuda.get_device_name(device)} has bf16" if native else None
     if device.type != "cpu":
         return None
     capability = torch.backends.cpu.get_cpu_capability()
