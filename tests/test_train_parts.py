@@ -11,7 +11,7 @@ import signal
 
 import pytest
 import torch
-from train_helpers import tiny_spec
+from train_helpers import tiny_spec, tiny_updater
 
 import flowspec
 from flowspec.errors import UserError
@@ -287,16 +287,8 @@ def test_one_process_agrees_with_itself():
     assert agree_to_stop(Dist(), CPU, "SIGTERM", True) == ("SIGTERM", True)
 
 
-def _updater(spec, **kw) -> tuple[Updater, torch.Tensor]:
-    torch.manual_seed(0)
-    model = flowspec.build(spec)
-    x = load_split(spec.data, "train").images[:16]
-    model.initialize(x)
-    return Updater(model, spec.train, None, Dist(), CPU, **kw), x
-
-
 def test_updater_steps_counts_and_skips_non_finite_steps():
-    updater, x = _updater(tiny_spec(ema=0.5))
+    updater, x = tiny_updater(tiny_spec(ema=0.5))
     bpd, norm, ok = updater(x)
     assert bool(ok) and math.isfinite(float(bpd)) and float(norm) > 0 and updater.step == 1
     before = {k: v.clone() for k, v in updater.model.state_dict().items()}
@@ -332,7 +324,7 @@ def test_the_ema_step_is_the_averaged_models_without_its_per_step_copies_of_the_
     tensors, and on a GPU each copy waits for the step to finish: the steps update the average directly."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    updater, x = _updater(tiny_spec(ema=0.75))
+    updater, x = tiny_updater(tiny_spec(ema=0.75))
     reference = AveragedModel(updater.model, multi_avg_fn=get_ema_multi_avg_fn(0.75), use_buffers=True)
     reference.update_parameters(updater.model)
     monkeypatch.setattr(updater.ema, "update_parameters", None)  # not called by a step
@@ -347,7 +339,7 @@ def test_the_ema_step_is_the_averaged_models_without_its_per_step_copies_of_the_
 
 
 def test_the_updater_gives_adam_tf1s_eps_at_each_step():
-    updater, x = _updater(tiny_spec(tf_eps=True))
+    updater, x = tiny_updater(tiny_spec(tf_eps=True))
     for step in (1, 2):
         updater(x)
         assert updater.optimizer.param_groups[0]["eps"] == pytest.approx(1e-8 / math.sqrt(1 - 0.999**step))

@@ -9,13 +9,10 @@ import math
 
 import pytest
 import torch
-from train_helpers import tiny_spec
+from train_helpers import tiny_spec, tiny_updater
 
-import flowspec
 from flowspec.model import FlowModel
 from flowspec.spec import TrainSpec
-from flowspec.train.data import load_split
-from flowspec.train.distributed import Dist
 from flowspec.train.schedule import adam_eps, build_optimizer, build_scheduler
 from flowspec.train.trainer import RunOptions, Trainer
 from flowspec.train.update import Updater
@@ -78,15 +75,6 @@ def test_the_evaluation_at_the_spec_s_length_is_scheduled_off_the_interval(tmp_p
     assert load_checkpoint(tmp_path / "run")["best_bpd"] == result.test_bpd
 
 
-def _updater(spec) -> tuple[Updater, torch.Tensor]:
-    """An `Updater` of `spec`'s initialised model on the CPU, and a batch."""
-    torch.manual_seed(0)
-    model = flowspec.build(spec)
-    x = load_split(spec.data, "train").images[:16]
-    model.initialize(x)
-    return Updater(model, spec.train, None, Dist(), torch.device("cpu")), x
-
-
 def _break(updater: Updater) -> None:
     """Make the updater's next steps non-finite (until `del updater.model.dequantizer.forward`)."""
     updater.model.dequantizer.forward = lambda v: (v.float() * math.nan, torch.zeros(len(v)))
@@ -94,13 +82,13 @@ def _break(updater: Updater) -> None:
 
 def test_a_resumed_updater_goes_on_counting_the_bad_steps_in_a_row():
     """A run resumed after a non-finite step stops after as many more in a row as the uninterrupted run."""
-    updater, x = _updater(tiny_spec())
+    updater, x = tiny_updater(tiny_spec())
     updater(x)
     _break(updater)
     updater(x)
     updater(x)
     state = copy.deepcopy(updater.state_dict())
-    resumed, _ = _updater(tiny_spec())
+    resumed, _ = tiny_updater(tiny_spec())
     resumed.load_state_dict(state)
     assert (resumed.step, resumed.skipped, resumed.bad_in_row) == (3, 2, 2)
     _break(resumed)
@@ -112,11 +100,11 @@ def test_tf_eps_of_a_run_of_the_bits_per_dim_loss_is_in_that_loss_s_units():
     """Adam's eps (tf_eps: a new one at each step) applies to the bits/dim gradient of a run that loss
     began: D ln 2 times the spec's, as `clip_grad_norm` and the weight decay."""
     spec = tiny_spec(tf_eps=True)
-    updater, x = _updater(spec)
+    updater, x = tiny_updater(spec)
     updater(x)
     state = copy.deepcopy(updater.state_dict())
     del state["loss"]  # as flowspec wrote it when the loss was bits/dim
-    resumed, _ = _updater(spec)
+    resumed, _ = tiny_updater(spec)
     resumed.load_state_dict(state)
     for step in (1, 2):
         resumed(x)
@@ -166,7 +154,7 @@ def test_a_second_random_stream_goes_on_where_it_stopped_and_leaves_the_first_as
 
 def test_a_step_whose_gradient_is_not_finite_is_skipped_though_its_loss_is():
     """An overflowing gradient (a finite loss) is a bad step too: nothing applied, counted as skipped."""
-    updater, x = _updater(tiny_spec())
+    updater, x = tiny_updater(tiny_spec())
     before = {k: v.clone() for k, v in updater.model.state_dict().items()}
     parameter = next(p for p in updater.model.parameters() if p.requires_grad)
     hook = parameter.register_hook(lambda grad: grad * math.inf)
@@ -345,7 +333,7 @@ def test_a_lock_file_removed_between_its_opening_and_its_locking_is_locked_anew(
 def test_a_step_trains_with_dropout_on_after_an_evaluation_of_the_model_itself():
     """Without an EMA, evaluations put the trained model itself into eval mode: the next step turns
     training mode (dropout) back on."""
-    updater, x = _updater(tiny_spec(ema=None))
+    updater, x = tiny_updater(tiny_spec(ema=None))
     assert updater.eval_model is updater.model
     updater.model.eval()  # as an evaluation leaves it
     updater(x)

@@ -1,4 +1,4 @@
-"""Helpers of the training tests: tiny specs built in Python, and synthetic `.npz` data."""
+"""Helpers of the training tests: tiny specs built in Python, their updaters, and synthetic `.npz` data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,11 @@ from flowspec.steps.norm import NormStep
 from flowspec.steps.pointwise import PointwiseStep
 from flowspec.steps.repeat import RepeatStep
 from flowspec.steps.split import SplitStep
+
+if TYPE_CHECKING:  # torch only where a test asks for an updater (the language tools' tests run without it)
+    from torch import Tensor
+
+    from flowspec.train.update import Updater
 
 #: the lock line a run in another process wrote (`RunLock` writes `pid N on HOST since ...`)
 ELSEWHERE = "pid 4242 on elsewhere since long ago"
@@ -68,6 +74,23 @@ def tiny_spec(
         flow=[SplitStep(mask="checkerboard", body=[RepeatStep(count=2, body=body)])],
         train=TrainSpec(**(recipe | train)),
     )
+
+
+def tiny_updater(spec: FlowSpec) -> tuple[Updater, Tensor]:
+    """An `Updater` on the CPU of `spec`'s model (seed 0) initialised on its first 16 training images, and
+    those images (a batch)."""
+    import torch
+
+    import flowspec
+    from flowspec.train.data import load_split
+    from flowspec.train.distributed import Dist
+    from flowspec.train.update import Updater
+
+    torch.manual_seed(0)
+    model = flowspec.build(spec)
+    x = load_split(spec.data, "train").images[:16]
+    model.initialize(x)
+    return Updater(model, spec.train, None, Dist(), torch.device("cpu")), x
 
 
 def write_shards(
