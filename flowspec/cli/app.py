@@ -144,7 +144,9 @@ def run(argv: list[str] | None = None) -> int:
     except ClickException as error:  # usage errors: bad options, missing arguments
         error.show()
         return error.exit_code
-    except (KeyboardInterrupt, typer.Abort):
+    except (KeyboardInterrupt, typer.Abort) as error:
+        if isinstance(error.__cause__, EOFError):  # typer's Abort for an EOFError (a short read), not Ctrl-C
+            return _bug()
         received.append(signal.SIGINT)
         result = None
     except Exception as error:
