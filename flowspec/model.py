@@ -230,8 +230,9 @@ class FlowModel(nn.Module):
 
     def fuse_elementwise(self, backend: str | None = "inductor") -> None:
         """Run the networks' elementwise chains (concat_elu with its dropout mask, the gated residuals,
-        the mixture's logit-CDF) compiled by torch.compile with `backend`, one graph per shape, and the
-        convolutions, matmuls and attention eager; None: everything eager (`flowspec.layers.fusion`)."""
+        the mixture's logit-CDF and its inverse's N x K work) compiled by torch.compile with `backend`,
+        one graph per shape (the inverse's: one for any shape), and the convolutions, matmuls and
+        attention eager; None: everything eager (`flowspec.layers.fusion`)."""
         allow_recompiles(FUSED_GRAPHS)
         for m in self.modules():
             if hasattr(m, "fused"):

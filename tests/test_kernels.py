@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from flowspec.layers import attention as attention_module
 from flowspec.layers.attention import attention, chunked_attention
 from flowspec.layers.concat_elu import concat_elu, project_concat_elu
-from flowspec.layers.mixlogistic import logit_cdf
+from flowspec.layers.mixlogistic import MIN_LOGSCALE, inverse_logit_cdf, logit_cdf
 from flowspec.layers.networks import gated_residual
 
 
@@ -210,3 +211,30 @@ def test_fused_chains_give_the_eager_values_and_gradients(backend):
         want = torch.autograd.grad(eager, inputs, grads)
         for g, w in zip(got, want, strict=True):
             assert torch.allclose(g, w, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fused_inverse_cdf_finds_the_eager_root(dtype):
+    """With --compile the inverse CDF's work on N x K values is compiled once for any number of rows
+    (the unsolved rows shrink from step to step): the roots it finds are the eager solver's, for sharp rows
+    (solved in log space) too, and for a single row."""
+    gen = torch.Generator().manual_seed(4)
+    n, k = 300, 8
+    logits, means = torch.randn(n, k, generator=gen), 2 * torch.randn(n, k, generator=gen)
+    logscales = torch.randn(n, k, generator=gen).clamp(min=MIN_LOGSCALE)
+    logscales[:20] = MIN_LOGSCALE  # sharp: far from the means the logit leaves the exponent range
+    x = 3 * torch.randn(n, generator=gen)
+    x[:20] = means[:20].amax(-1) + 1.5
+    logits, means, logscales, x = (t.to(dtype) for t in (logits, means, logscales, x))
+    h, _ = logit_cdf(x, logits, means, logscales)
+    eager, steps = inverse_logit_cdf(h, logits, means, logscales)
+    compiled, compiled_steps = inverse_logit_cdf(h, logits, means, logscales, fused="inductor")
+    assert compiled.dtype == dtype and steps > 3 and abs(compiled_steps - steps) <= 1
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
+    torch.testing.assert_close(compiled, x, rtol=tol, atol=tol)
+    graphs = counters["stats"]["unique_graphs"]
+    for rows in (slice(-1, None), slice(123)):  # no graph of its own for another number of rows, or one
+        found, _ = inverse_logit_cdf(*(t[rows] for t in (h, logits, means, logscales)), fused="inductor")
+        torch.testing.assert_close(found, eager[rows], rtol=tol, atol=tol)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -76,5 +76,5 @@ class Coupling(Layer):
         h = (b - t) * torch.exp(-s)
         if not mixture:
             return (a, h)
-        x, _ = mixlogistic.inverse_logit_cdf(h, *mixture)
+        x, _ = mixlogistic.inverse_logit_cdf(h, *mixture, fused=self.fused)
         return (a, x)
