@@ -148,6 +148,30 @@ def test_float32_tails_past_its_exponent_range_are_solved_in_log_space():
     torch.testing.assert_close(found, x, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tails_near_the_exponent_range_are_solved_in_log_space_too(dtype):
+    """Short of the exponent's range the CDF (or SF) is finite but made of terms that the sigmoids flush
+    to zero or leave subnormal: a wide component of small weight under a sharp one of large weight, or a
+    second component a little further out (its sigmoid flushed while the first's is normal). Such rows are
+    solved in log space as well."""
+    edge = 88.0 if dtype == torch.float32 else 709.0
+    x = -torch.linspace(edge - 30, edge + 15, 91, dtype=torch.float64)
+    x = torch.cat([x, -x])
+    n = x.numel()
+    cases = [  # (logits, means, logscales) of two components
+        ([0.0, 20.0], [0.0, 0.0], [0.0, mixlogistic.MIN_LOGSCALE]),
+        ([0.0, 0.0], [0.0, 3.0], [0.0, 0.0]),
+    ]
+    for mixture in cases:
+        logits, means, logscales = (torch.tensor(t, dtype=torch.float64).expand(n, 2) for t in mixture)
+        h, _ = mixlogistic.logit_cdf(x, logits, means, logscales)
+        exact, _ = mixlogistic.inverse_logit_cdf(h, logits, means, logscales)
+        found, _ = mixlogistic.inverse_logit_cdf(*(t.to(dtype) for t in (h, logits, means, logscales)))
+        assert found.dtype == dtype
+        assert _relative(exact, x).max() < 1e-12
+        assert _relative(found, exact).max() < (1e-6 if dtype == torch.float32 else 1e-12)
+
+
 def test_the_inverse_of_no_elements_and_of_one():
     logits, means, logscales = _params(1, 4, torch.float64)
     found, _ = mixlogistic.inverse_logit_cdf(torch.zeros(0, 3), *(t.expand(0, 3, 4) for t in _params(1, 4)))

@@ -86,12 +86,17 @@ def _probability_space(
     x: Tensor, pi: Tensor, means: Tensor, inv_scales: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """logit(CDF(x)) and its derivative from the sums of the components' sigmoids, and where these under-
-    or overflow (|logit| past ~88 in float32, ~709 in float64)."""
+    or overflow (|logit| past ~88 in float32, ~709 in float64), or come near that: there the sigmoids
+    and their products with pi are subnormal (few significant bits) or flushed to zero, each term off by up
+    to the smallest normal number, which is a relative error of at most K ulps once CDF and SF are above
+    it / eps (|logit| below ~71 in float32, ~672 in float64)."""
     z = (x.unsqueeze(-1) - means) * inv_scales
     pos, neg = torch.sigmoid(z), torch.sigmoid(-z)
     cdf, sf, pdf = _dot(pi, pos), _dot(pi, neg), _dot(pi, pos * neg * inv_scales)
     g, slope = torch.log(cdf) - torch.log(sf), pdf / (cdf * sf)
-    return g, slope, ~(torch.isfinite(g) & torch.isfinite(slope) & (slope > 0))
+    finfo = torch.finfo(x.dtype)
+    normal = torch.minimum(cdf, sf) >= finfo.tiny / finfo.eps
+    return g, slope, ~(torch.isfinite(g) & torch.isfinite(slope) & (slope > 0) & normal)
 
 
 def _logit_cdf_and_slope(
