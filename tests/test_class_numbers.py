@@ -45,10 +45,11 @@ def _numbers_flow(tmp_path, classes: str, steps: int = 4):
     data = _numbered_folder(tmp_path / "numbers")
     flow = tmp_path / "numbers.flow"
     text = TINY_FLOW.format(name="numbers", filters=4, steps=steps, eval_every=2)
+    text = text.replace("init_batch 64", "init_batch 8")  # not in the data path: /tmp/.../pytest-2364/
     data_line = (
         f'data folder {{ path "{data}"  shape 1x8x8  levels 256  classes {classes}  test_split 0.25 }}'
     )
-    flow.write_text(text.replace("data digits { shape 1x8x8  levels 17 }", data_line).replace("64", "8"))
+    flow.write_text(text.replace("data digits { shape 1x8x8  levels 17 }", data_line))
     return flow
 
 
