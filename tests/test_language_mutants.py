@@ -109,6 +109,15 @@ def test_a_preprocess_of_an_extending_file_changes_only_the_settings_it_names(tm
     assert load_spec(tmp_path / "top.flow").preprocess.alpha == 0.01
 
 
+def _parses_only_if(accepted: bool, spec: str) -> None:
+    """The spec parses if `accepted`, else it is refused with a SpecError."""
+    if accepted:
+        parse_spec(spec)
+    else:
+        with pytest.raises(SpecError):
+            parse_spec(spec)
+
+
 @pytest.mark.parametrize(
     ("text", "accepted"),
     [
@@ -139,12 +148,7 @@ def test_a_preprocess_of_an_extending_file_changes_only_the_settings_it_names(tm
     ],
 )
 def test_data_and_section_settings_are_accepted_at_their_bounds_and_refused_past_them(text, accepted):
-    spec = FLOW + text + "\n"
-    if accepted:
-        parse_spec(spec)
-    else:
-        with pytest.raises(SpecError):
-            parse_spec(spec)
+    _parses_only_if(accepted, FLOW + text + "\n")
 
 
 @pytest.mark.parametrize(
@@ -186,12 +190,7 @@ def test_data_and_section_settings_are_accepted_at_their_bounds_and_refused_past
     ],
 )
 def test_train_settings_are_accepted_at_their_bounds_and_refused_past_them(train, accepted):
-    spec = TRAIN % train
-    if accepted:
-        parse_spec(spec)
-    else:
-        with pytest.raises(SpecError):
-            parse_spec(spec)
+    _parses_only_if(accepted, TRAIN % train)
 
 
 @pytest.mark.parametrize(
@@ -210,12 +209,7 @@ def test_train_settings_are_accepted_at_their_bounds_and_refused_past_them(train
     ],
 )
 def test_eval_settings_are_accepted_at_their_bounds_and_refused_past_them(setting, accepted):
-    spec = FLOW + f"eval {{ {setting} }}\n"
-    if accepted:
-        parse_spec(spec)
-    else:
-        with pytest.raises(SpecError):
-            parse_spec(spec)
+    _parses_only_if(accepted, FLOW + f"eval {{ {setting} }}\n")
 
 
 @pytest.mark.parametrize(
