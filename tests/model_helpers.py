@@ -6,7 +6,7 @@ import torch
 from conftest import ALL_SPECS, SPECS
 from torch.autograd.functional import jacobian
 
-from flowspec import load_spec
+from flowspec import load_spec, parse_spec
 from flowspec.diagnostics import SpecError
 from flowspec.layers import DataInit
 from flowspec.spec import FlowSpec
@@ -114,3 +114,22 @@ def tiny_spec(name: str) -> FlowSpec:
         except SpecError:
             continue
     raise AssertionError(f"{name} does not shrink to 32x32")
+
+
+def variational_spec(context: str, mask: str = "checkerboard", dropout: float = 0.0) -> FlowSpec:
+    """A tiny 1 x 8 x 8 flow whose variational dequantizer splits by `mask`, with `context` settings and
+    couplings of that `dropout`."""
+    coupling = f"coupling(filters=4, blocks=1, heads=2, components=2, dropout={dropout})"
+    return parse_spec(
+        f"""model t
+data digits {{ shape 1x8x8  levels 17 }}
+preprocess logit(alpha=0.05)
+dequantize variational {{
+  context({context})
+  split {mask} {{ {coupling}; flip; {coupling} }}
+  sigmoid
+}}
+flow {{ split checkerboard {{ {coupling} }} }}
+prior normal
+"""
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import perturb
+from model_helpers import perturb, variational_spec
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowspec
@@ -68,23 +68,6 @@ def test_the_position_embedding_is_learned():
     assert net.pos_emb.grad is not None and net.pos_emb.grad.abs().sum() > 0
 
 
-def _variational_spec(context: str, mask: str = "checkerboard") -> flowspec.FlowSpec:
-    """A tiny 1 x 8 x 8 flow whose variational dequantizer splits by `mask`, with `context` settings."""
-    coupling = "coupling(filters=4, blocks=1, heads=2, components=2)"
-    return flowspec.parse_spec(
-        f"""model t
-data digits {{ shape 1x8x8  levels 17 }}
-dequantize variational {{
-  context({context})
-  split {mask} {{ {coupling}; flip; {coupling} }}
-  sigmoid
-}}
-flow {{ split checkerboard {{ {coupling} }} }}
-prior normal
-"""
-    )
-
-
 @pytest.mark.parametrize("mask", ["checkerboard", "stripe"])
 def test_the_context_networks_attention_runs_on_the_half_width_it_sees(mask):
     """The context network's position embedding is H x W/2 for a checkerboard or stripe mask (its
@@ -92,7 +75,7 @@ def test_the_context_networks_attention_runs_on_the_half_width_it_sees(mask):
     H x W: the model built and counted, then failed on its first image)."""
     torch.manual_seed(0)
     context = "filters=4, blocks=1, layernorm=on, attention=on, heads=2"
-    model = flowspec.build(_variational_spec(context, mask))
+    model = flowspec.build(variational_spec(context, mask))
     assert model.dequantizer.context_net.pos_emb.shape == (8, 4, 4)
     x = torch.randint(0, 17, (4, 1, 8, 8))
     model.initialize(x)
@@ -260,7 +243,7 @@ def test_the_context_networks_layernorm_and_weight_norm_follow_the_spec(setting)
     normalises each conv and dense layer; both off by default (a mutant dropped each setting)."""
 
     def context(on: str) -> torch.nn.Module:
-        spec = _variational_spec(f"filters=4, blocks=2, {setting}={on}")
+        spec = variational_spec(f"filters=4, blocks=2, {setting}={on}")
         return flowspec.build(spec, "meta").dequantizer.context_net
 
     def marked(net: torch.nn.Module) -> int:
@@ -276,7 +259,7 @@ def test_a_loaded_model_keeps_its_data_dependent_init():
     """The "initialised" flags are saved in the state dict, so a loaded model never re-initialises
     (a mutant made them non-persistent: initialize then overwrote the loaded weights)."""
     torch.manual_seed(0)
-    spec = _variational_spec("filters=4, blocks=1")
+    spec = variational_spec("filters=4, blocks=1")
     model = flowspec.build(spec)
     model.initialize(torch.randint(0, 17, (8, 1, 8, 8)))
     state = model.state_dict()
@@ -418,7 +401,7 @@ def test_the_dequantizers_couplings_read_the_context_features():
     `context.filters`), so u depends on the image for the same noise (a mutant built them without
     context: u was the same for every image)."""
     torch.manual_seed(0)
-    model = flowspec.build(_variational_spec("filters=6, blocks=1"))
+    model = flowspec.build(variational_spec("filters=6, blocks=1"))
     projections = [m.a_proj for m in model.dequantizer.flow.modules() if isinstance(m, GatedConv)]
     assert len(projections) == 2 and all(p is not None and p.in_features == 12 for p in projections)
     x = torch.randint(0, 17, (4, 1, 8, 8))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import perturb
+from model_helpers import perturb, variational_spec
 from train_helpers import tiny_spec
 
 import flowspec
@@ -26,25 +26,6 @@ def _images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 17, (n, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
 
 
-def _variational_spec(context: str, mask: str = "checkerboard", dropout: float = 0.0) -> flowspec.FlowSpec:
-    """A tiny 1 x 8 x 8 flow whose variational dequantizer splits by `mask`, with `context` settings and
-    couplings of that `dropout`."""
-    coupling = f"coupling(filters=4, blocks=1, heads=2, components=2, dropout={dropout})"
-    return flowspec.parse_spec(
-        f"""model t
-data digits {{ shape 1x8x8  levels 17 }}
-preprocess logit(alpha=0.05)
-dequantize variational {{
-  context({context})
-  split {mask} {{ {coupling}; flip; {coupling} }}
-  sigmoid
-}}
-flow {{ split checkerboard {{ {coupling} }} }}
-prior normal
-"""
-    )
-
-
 # ---------------------------------------------------------------- the builder's wiring
 
 
@@ -52,13 +33,13 @@ prior normal
 def test_the_context_network_splits_by_the_dequantizers_own_mask(mask):
     """The context network sees x split as the dequantizer's couplings split it (not always by stripe)."""
     assert (
-        flowspec.build(_variational_spec("filters=4, blocks=1", mask), "meta").dequantizer.context_net.mask
+        flowspec.build(variational_spec("filters=4, blocks=1", mask), "meta").dequantizer.context_net.mask
         == mask
     )
 
 
 def test_the_context_networks_attention_has_the_heads_the_spec_gives_it():
-    spec = _variational_spec("filters=4, blocks=2, layernorm=on, attention=on, heads=2")
+    spec = variational_spec("filters=4, blocks=2, layernorm=on, attention=on, heads=2")
     context = flowspec.build(spec, "meta").dequantizer.context_net
     heads = [m.heads for m in context.modules() if isinstance(m, GatedAttention)]
     assert heads == [2, 2]
@@ -68,7 +49,7 @@ def test_the_context_networks_attention_has_the_heads_the_spec_gives_it():
 def test_the_context_network_drops_out_as_much_as_the_dequantizers_couplings(context):
     """The official launchers give the context network the dequantizer's dropout, in each of its forms
     (gated convs alone, with LayerNorm, with attention)."""
-    spec = _variational_spec(f"filters=4, blocks=2, {context}", dropout=0.3)
+    spec = variational_spec(f"filters=4, blocks=2, {context}", dropout=0.3)
     drops = [
         m for m in flowspec.build(spec, "meta").dequantizer.context_net.modules() if isinstance(m, Dropout)
     ]
@@ -133,7 +114,7 @@ def test_initialize_is_a_no_op_once_done_even_for_a_batch_it_would_refuse():
 def test_the_dequantizer_draws_its_noise_given_the_context_of_the_images_it_dequantizes():
     """forward(x) is noise(eps, x) for a standard normal eps: u conditioned on x itself (the context of
     other images, zeros say, would give another u and log q)."""
-    model = flowspec.build(_variational_spec("filters=4, blocks=1")).double()
+    model = flowspec.build(variational_spec("filters=4, blocks=1")).double()
     model.initialize(_images(16, seed=2))
     perturb(model, 0.05)
     deq = model.dequantizer.eval()
@@ -150,7 +131,7 @@ def test_the_dequantizer_draws_its_noise_given_the_context_of_the_images_it_dequ
 def test_the_dequantizers_gradient_flows_through_the_noise_into_the_main_flows_density():
     """d log_prob / d theta of a dequantizer weight is that of log p(x + u(theta)) - log q(u(theta)): the
     autograd gradient equals a central finite difference with the same noise (u not detached)."""
-    spec = _variational_spec("filters=4, blocks=1")
+    spec = variational_spec("filters=4, blocks=1")
     model = flowspec.build(spec).double()
     x = _images(4)
     model.initialize(_images(16, seed=2))
