@@ -38,6 +38,7 @@ from flowspec.validation_errors import after_repair, locate, pydantic_diagnostic
 __all__ = ["SpecError", "load_spec", "parse_spec", "read_spec_file", "setting_sources"]
 
 MAX_SPEC_BYTES = 2**20  # a spec is a few kilobytes; this cap keeps a wrong path from filling memory
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as `surrogateescape` keeps it
 #: the first lines a run folder's spec.flow has had since it holds the resolved spec (`rundir.RESOLVED_HEADER`
 #: now, `# resolved from PATH` before): without one, it may be an older flowspec's copy of the spec file
 RESOLVED_HEADERS = ("# the resolved spec of a trained run", "# resolved from ")
@@ -244,13 +245,13 @@ def read_spec_file(path: str | os.PathLike[str]) -> str:
         raise SpecFileError(f"is larger than {MAX_SPEC_BYTES // 2**20} MiB, too large for a spec file")
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is dropped
-    except UnicodeDecodeError as error:
+    except UnicodeDecodeError:
         torch_zip = data.startswith(b"PK\x03\x04") and b"data.pkl" in data[:4096]  # torch.save's format
         if torch_zip or name.lower().endswith((".pt", ".pth", ".safetensors")):
             raise SpecFileError(
                 "is a checkpoint or an export, not a spec file (a run folder's spec is its spec.flow)"
             ) from None
-        raise SpecFileError(f"is not UTF-8 text (byte {error.start})") from None
+        raise NotUtf8(data) from None
     return _unix_line_ends(text)
 
 
@@ -263,11 +264,29 @@ class SpecFileError(Exception):
     """Why a spec file cannot be read (the caller adds which file it is)."""
 
 
+class NotUtf8(SpecFileError):
+    """A spec file whose bytes are not UTF-8 text: the `line` and `col` of the first byte that is not (as the
+    parser counts them), and the `text` with each such byte as `?`, to show that line."""
+
+    def __init__(self, data: bytes):
+        text = _unix_line_ends(data.decode("utf-8-sig", errors="surrogateescape"))
+        first = NOT_UTF8.search(text)
+        assert first is not None, "bytes that are not UTF-8 decode to at least one escaped byte"
+        self.line = text.count("\n", 0, first.start()) + 1
+        self.col = first.start() - text.rfind("\n", 0, first.start())
+        self.text = NOT_UTF8.sub("?", text)
+        super().__init__(f"byte 0x{ord(first[0]) - 0xDC00:02x} is not UTF-8 text: save the file as UTF-8")
+
+
 def _load(path: Path, texts: dict[str, str], chain: tuple[Path, ...], at: SourceLoc | None) -> RawDict:
     what = "spec file" if at is None else "extended spec"
     file = os.path.normpath(path)
     try:
         text = read_spec_file(file)
+    except NotUtf8 as error:  # said where it is, in the file itself
+        texts[file] = error.text
+        where = SourceLoc(file=file, line=error.line, col=error.col)
+        raise SpecError([Diagnostic(where, str(error))], texts) from None
     except SpecFileError as error:
         shown = file if file.isprintable() else repr(file)
         raise SpecError([Diagnostic(at, f"{what} {shown} {error}")], texts) from None

@@ -167,17 +167,13 @@ def not_waiting_on(path: Path, seconds: float = 10):
             lambda tmp: (tmp / "big.flow").write_text("#" * (MAX_SPEC_BYTES + 1)) and tmp / "big.flow",
             "is larger than 1 MiB",
         ),
-        (
-            lambda tmp: (tmp / "bin.flow").write_bytes(b"model \xff") and tmp / "bin.flow",
-            "is not UTF-8 text (byte 6)",
-        ),
         (lambda tmp: tmp / "a\0b.flow", "has a NUL byte in its path"),
         (
             lambda tmp: (tmp / "last.pt").write_bytes(b"PK\x03\x04\x14\x00\x08\x08\xff") and tmp / "last.pt",
             "is a checkpoint or an export, not a spec file (a run folder's spec is its spec.flow)",
         ),
     ],
-    ids=["device", "fifo", "folder", "huge", "binary", "nul", "checkpoint"],
+    ids=["device", "fifo", "folder", "huge", "nul", "checkpoint"],
 )
 def test_only_regular_spec_files_of_bounded_size_are_read(tmp_path, make, reason):
     path = make(tmp_path)
@@ -190,6 +186,26 @@ def test_only_regular_spec_files_of_bounded_size_are_read(tmp_path, make, reason
         with not_waiting_on(path), pytest.raises(SpecError) as caught:
             load_spec(base)
         assert str(caught.value).startswith(f"{base}:1:1: extended spec ") and reason in str(caught.value)
+
+
+def test_a_spec_file_that_is_not_utf8_is_refused_at_the_line_and_column_of_its_first_wrong_byte(
+    tmp_path, capsys
+):
+    """A Latin-1 letter in a comment (an editor's other encoding) is named where it is, file:line:col with
+    the line and a caret, as every other mistake of a spec: not by a byte offset, which no editor shows.
+    Lines count as the parser counts them (a byte-order mark and CR LF line ends are not characters)."""
+    base = tmp_path / "base.flow"
+    base.write_bytes(b"\xef\xbb\xbfmodel base\r\nflow { squeeze }\r\n# caf\xe9 au lait \xff\r\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(base)
+    assert str(caught.value) == (
+        f"{base}:3:6: byte 0xe9 is not UTF-8 text: save the file as UTF-8\n    # caf? au lait ?\n         ^"
+    )
+    child = tmp_path / "child.flow"  # in an extended file: named in that file, where the byte is
+    child.write_text('extends "base.flow"\nmodel child\n')
+    assert run(["validate", str(child)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {base}:3:6: byte 0xe9 is not UTF-8 text") and "Traceback" not in err
 
 
 def test_a_fifo_spec_on_the_command_line_exits_2_without_waiting(tmp_path, capsys):
