@@ -27,11 +27,14 @@ PathLike = str | os.PathLike[str]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str | float) -> float:
-    """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds)."""
+def parse_duration(text: str | float, option: str = "--max-time") -> float:
+    """Seconds in `90s`, `30m`, `1.5h` or `2d` (a bare number is seconds); a `UserError` naming `option`
+    otherwise, or for no time at all."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
-    if not match or float(match[1]) <= 0:
-        raise UserError(f"--max-time/--budget: expected a duration like 90s, 30m or 2h, got {text!r}")
+    if not match:
+        raise UserError(f"{option}: expected a duration like 90s, 30m or 2h, got {text!r}")
+    if float(match[1]) <= 0:
+        raise UserError(f"{option} must be a duration above 0, like 90s, 30m or 2h, got {text!r}")
     return float(match[1]) * _UNITS[match[2] or "s"]
 
 

@@ -403,7 +403,7 @@ def _start_ablation(
         raise UserError("ablate needs the specs to compare (or --resume DIR to finish an ablation)")
     if (steps is None) == (budget is None):
         raise UserError("ablate needs exactly one budget: --steps N or --budget DURATION (e.g. 20m)")
-    run_time = parse_duration(budget) if budget is not None else None  # '' too: refused as no duration
+    run_time = parse_duration(budget, "--budget") if budget is not None else None  # '' too: no duration
     with agreed(join(how.device)):  # under torchrun, one process may lack its copy of a spec
         resolved = [load_cli_spec(path, sets) for path in specs]
         for each in resolved:
