@@ -49,6 +49,12 @@ def test_the_caches_of_a_data_folder_are_listed_with_their_data_size_and_state(c
     assert run(["cache", str(cache_dir)]) == 0 and "3 caches" in capsys.readouterr().out
 
 
+def test_a_single_cache_is_counted_as_one(cache_dir, tmp_path, capsys):
+    only = prepare(tmp_path / "pets")
+    assert run(["cache"]) == 0
+    assert f"1 cache, {_size(only)}, in {cache_dir}" in capsys.readouterr().out
+
+
 def _size(*folders: Path) -> str:
     from flowspec.units import fmt_bytes
 

@@ -64,7 +64,8 @@ def _table(found: list[caches.Cache], where: str) -> None:
     from rich.table import Table
 
     unusable = [c for c in found if c.state in caches.UNUSABLE]
-    caption = f"{len(found)} caches, {fmt_bytes(sum(c.size for c in found))}, in {where}"
+    count = f"{len(found)} cache{'s' if len(found) > 1 else ''}"
+    caption = f"{count}, {fmt_bytes(sum(c.size for c in found))}, in {where}"
     if unusable:
         caption += f"; --clean removes the {len(unusable)} never usable again ({_total(unusable)})"
     table = Table(caption=caption)
