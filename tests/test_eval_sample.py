@@ -500,6 +500,31 @@ def test_an_ablation_never_overwrites_an_earlier_one(tmp_path, monkeypatch, caps
     assert f"{out / 'b'} already holds a run" in capsys.readouterr().err
 
 
+def test_a_new_run_is_refused_inside_a_run_folder_or_in_a_folder_of_runs_before_anything_is_written(
+    run_dir, tmp_path, capsys
+):
+    """As for an ablation: a run inside another's folder (its samples/, tensorboard/x, also through a link)
+    would write its files among that run's, and `--out runs` for `--out runs/NAME` would turn the folder of
+    runs into a run (whose curves.png and samples/ sit among them); both are refused and leave the folders
+    as they were (no lock file, no folder made)."""
+    flow = write_flow(tmp_path / "a.flow", name="a")
+    (tmp_path / "link").symlink_to(run_dir)
+    before = {p: p.read_bytes() if p.is_file() else None for p in run_dir.parent.rglob("*")}
+    inside = f"lies inside the run folder {run_dir} (it holds {run_dir / 'last.pt'}): a run writes its files"
+    cases = {
+        run_dir / "samples": inside,
+        run_dir / "tensorboard" / "x": inside,
+        tmp_path / "link" / "samples": inside,
+        run_dir.parent: f"{run_dir.parent} holds the run folder run: a run writes its files into a folder of "
+        f"its own, not among other runs; choose another --out, e.g. {run_dir.parent / 'NAME'}",
+    }
+    for out, message in cases.items():
+        assert run(["train", str(flow), "--out", str(out), "--max-steps", "1", "--device", "cpu", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out} ") and message in err
+    assert {p: p.read_bytes() if p.is_file() else None for p in run_dir.parent.rglob("*")} == before
+
+
 def test_an_ablation_is_refused_in_a_run_folder_or_inside_one_before_anything_is_written(
     run_dir, tmp_path, monkeypatch, capsys
 ):

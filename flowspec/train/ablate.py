@@ -9,7 +9,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from flowspec.errors import UserError, flowspec_command
-from flowspec.loader import has_run_spec
 from flowspec.spec import FlowSpec
 from flowspec.train.ablation_plan import PLAN, Plan
 from flowspec.train.batches import check_batch
@@ -20,7 +19,7 @@ from flowspec.train.distributed import agreed, job_size, join, main_process, tea
 from flowspec.train.files import file_problem, replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
-from flowspec.train.rundir import previous_checkpoint, set_aside
+from flowspec.train.rundir import previous_checkpoint, run_mark, set_aside
 from flowspec.train.signals import StopCheck, is_signal, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -113,14 +112,6 @@ def run_ablation(
     return _carry_out(plan, datasets, out, stop, options, write_plan=True)
 
 
-def _run_mark(folder: Path) -> Path | None:
-    """The file that shows `folder` is a run's: its checkpoint, else a run's spec.json (an unstarted run
-    has that alone; another tool's spec.json is no mark)."""
-    if os.path.lexists(folder / LAST):
-        return folder / LAST
-    return folder / "spec.json" if has_run_spec(folder) else None
-
-
 def check_out_folder(out: Path) -> None:
     """Refuse, before anything is written, an `--out` that is not a folder, or that holds a run or lies
     inside one's folder (its samples/, tensorboard/x: two levels up at most, so that a stray spec.json far
@@ -133,7 +124,7 @@ def check_out_folder(out: Path) -> None:
         )
     target = Path(os.path.realpath(out))
     for folder in (target, *target.parents[:2]):
-        mark = _run_mark(folder)
+        mark = run_mark(folder)
         if mark is None:
             continue
         if folder == target:

@@ -10,9 +10,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flowspec.errors import UserError, flowspec_command
+from flowspec.errors import UserError, flowspec_command, shell_command
 from flowspec.formatter import format_spec
-from flowspec.loader import recorded_spec
+from flowspec.loader import has_run_spec, recorded_spec
 from flowspec.spec import FlowSpec
 from flowspec.train.checkpoint import (
     BEST,
@@ -130,6 +130,39 @@ def previous_checkpoint(
             f"choose another --out folder, or remove those files first"
         )
     return None
+
+
+def run_mark(folder: Path) -> Path | None:
+    """The file that shows `folder` is a run's: its checkpoint, else a run's spec.json (an unstarted run
+    has that alone; another tool's spec.json is no mark)."""
+    if os.path.lexists(folder / LAST):
+        return folder / LAST
+    return folder / "spec.json" if has_run_spec(folder) else None
+
+
+def check_own_folder(run_dir: Path) -> None:
+    """Refuse a new run's folder that lies inside a run's (its samples/, tensorboard/x: two levels up at
+    most, as for an ablation's) or holds runs in its subfolders (`--out runs` for `--out runs/NAME`): its
+    files would be written among theirs, and the folder of runs would become a run (links followed)."""
+    target = Path(os.path.realpath(run_dir))
+    for folder in target.parents[:2]:
+        mark = run_mark(folder)
+        if mark is not None:
+            raise UserError(
+                f"{run_dir} lies inside the run folder {folder} (it holds {mark}): a run writes its files "
+                f"into a folder of its own; choose another --out, outside it"
+            )
+    try:
+        runs = sorted(sub.name for sub in target.iterdir() if sub.is_dir() and run_mark(sub) is not None)
+    except OSError:  # no folder yet
+        return
+    if runs:
+        shown = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        raise UserError(
+            f"{run_dir} holds the run folder{'s' if len(runs) > 1 else ''} {shown}: a run writes its files "
+            f"into a folder of its own, not among other runs; choose another --out, e.g. "
+            f"{shell_command(run_dir / 'NAME')}"
+        )
 
 
 def unstarted(run_dir: Path) -> list[str]:

@@ -145,6 +145,8 @@ class Trainer:
         spec, options = self.spec, self.options
         with agreed(self.dist):  # what one process may meet alone (its lock, checkpoint, data) stops all
             # before anything reads or writes; what a killed run left is removed once the folder is accepted
+            if not options.resume:  # (before the lock makes its folder)
+                rundir.check_own_folder(self.run_dir)
             self.lock = RunLock(self.run_dir, clean=False) if self.dist.main else None
             payload = rundir.previous_checkpoint(self.run_dir, spec, options.resume, options.data_dir)
             if self.lock is not None:
