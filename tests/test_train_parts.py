@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,6 +388,14 @@ def test_a_run_that_fails_before_it_starts_leaves_no_folder(tmp_path, monkeypatc
     with pytest.raises(UserError, match="names no folder"):
         Trainer(bad, RunOptions(out=kept, device="cpu", quiet=True))
     assert kept.is_dir()  # a folder that was there before stays
+    with pytest.raises(UserError, match="names no folder"):  # and so do the folders above a new one
+        Trainer(bad, RunOptions(out=kept / "a" / "b" / "c", device="cpu", quiet=True))
+    assert list(kept.iterdir()) == []
+    (kept / "a").mkdir()
+    (kept / "a" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="names no folder"):
+        Trainer(bad, RunOptions(out=Path("mine/a/b/c"), device="cpu", quiet=True))  # relative too
+    assert [p.name for p in kept.rglob("*")] == ["a", "notes.txt"]
 
 
 def test_a_lock_whose_file_was_removed_is_taken_on_the_new_file(tmp_path):

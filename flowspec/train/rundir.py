@@ -75,13 +75,28 @@ def check_not_run_file(path: Path, option: str) -> None:
             )
 
 
-def remove_if_empty(run_dir: Path) -> None:
-    """Remove `run_dir` if it holds nothing but its lock file (call it while holding the lock: a process
-    waiting for it then locks a new file, see `RunLock`)."""
+def missing_from(folder: Path) -> Path | None:
+    """The outermost of `folder` and the folders above it that does not exist (what making `folder` makes;
+    links count as there), or None when `folder` exists."""
+    missing = None
+    for each in (folder, *folder.parents):
+        if os.path.lexists(each):
+            break
+        missing = each
+    return missing
+
+
+def remove_if_empty(run_dir: Path, made: Path | None = None) -> None:
+    """Remove `run_dir` if it holds nothing but its lock file, and then the folders above it that are left
+    empty, up to `made` (`missing_from`: the outermost that the run made for it). Call it while holding the
+    lock: a process waiting for it then locks a new file, see `RunLock`."""
+    above = run_dir.parents[: len(run_dir.parents) - len(made.parents)] if made is not None else ()
     try:
         if {p.name for p in run_dir.iterdir()} <= {LOCK}:
             (run_dir / LOCK).unlink(missing_ok=True)
             run_dir.rmdir()
+            for folder in above:
+                folder.rmdir()
     except OSError:  # gone already, or another process wrote into it meanwhile: leave it
         pass
 

@@ -129,14 +129,15 @@ class Trainer:
             check_precision(options.precision)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every step has the same shapes: time cuDNN's kernels once
-        fresh = options.out is None or not Path(options.out).exists()
+        made = rundir.missing_from(Path(options.out)) if options.out is not None else None  # --out a/b/c
+        fresh = options.out is None or made is not None
         self.run_dir = rundir.choose(spec, options.out, self.dist)
         self.lock: RunLock | None = None
         try:
             self._setup(train_set, test_set)
         except BaseException:
             if fresh and self.dist.main:  # a run that never started leaves no folder (removed while locked)
-                rundir.remove_if_empty(self.run_dir)
+                rundir.remove_if_empty(self.run_dir, made)  # nor the folders it made above it
             if self.lock is not None:
                 self.lock.release(refused=True)  # nor a lock file it made
             raise
