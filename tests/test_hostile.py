@@ -566,6 +566,23 @@ def test_a_wrong_checkpoint_is_refused_naming_what_is_wrong(trained, tmp_path, c
     assert message in capsys.readouterr().err
 
 
+def test_a_run_folder_with_only_its_best_pt_names_the_command_run_on_it(trained, tmp_path, capsys):
+    """eval, sample and export of a run folder with a best.pt but no last.pt each say how they use it."""
+    import shutil
+
+    from flowspec.train.checkpoint import BEST
+
+    shutil.copy(trained / BEST, tmp_path / BEST)
+    exported = str(tmp_path / "m.safetensors")  # (export names the file it writes after the one it reads)
+    for command in (["eval"], ["sample"], ["export"], ["export", "--out", exported]):
+        assert run([command[0], str(tmp_path), *command[1:]]) == 2
+        assert capsys.readouterr().err == (
+            f"error: no last.pt in {tmp_path} (the checkpoint a run resumes from); its best.pt is there: "
+            f"`flowspec {command[0]} {tmp_path / BEST}` uses it\n"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST]
+
+
 def test_flipped_bytes_inside_the_archive_are_detected(trained, tmp_path, capsys):
     import zipfile
 

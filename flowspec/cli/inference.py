@@ -135,7 +135,9 @@ def _load_for_inference(
 
     where = device_name(device) or ("cuda" if torch.cuda.is_available() else "cpu")
     asked = precision.value if precision else None
-    trained = load_trained(target, where, images=images, allow_large=allow_large, precision=asked)
+    trained = load_trained(
+        target, where, images=images, allow_large=allow_large, precision=asked, command=command
+    )
     spec = _with_overrides(trained.spec, sets, trained.path, command)
     choice = set_threads(sum(p.numel() for p in trained.model.parameters() if p.requires_grad), threads)
     compiled = f", compiled ({trained.model.compile_for_device()})" if compile_networks else ""
@@ -522,11 +524,11 @@ def export_model(
 
     one_process("export")
     if output is None:  # model.safetensors of last.pt, model_best.safetensors of best.pt
-        checkpoint = resolve(target)
+        checkpoint = resolve(target, command="export")
         weights = "" if checkpoint.name == "last.pt" else f"_{checkpoint.stem}"
         output = checkpoint.parent / f"model{weights}{SUFFIX}"
     if output.suffix.lower() != SUFFIX:
         raise UserError(f"the export must be a {SUFFIX} file, got {output}")
     _check_output(output, "--out", (SUFFIX,), target)
-    trained = export(target, output)
+    trained = export(target, output, command="export")
     print(f"wrote {trained.spec.name} (step {trained.step}, EMA weights and spec) to {output}")

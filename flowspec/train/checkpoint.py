@@ -99,9 +99,10 @@ def spec_record(spec: FlowSpec) -> dict[str, Any]:
     }
 
 
-def resolve(path: Path | str, exports: bool = False) -> Path:
+def resolve(path: Path | str, exports: bool = False, command: str | None = None) -> Path:
     """A checkpoint file, or a run folder's `last.pt`; a clear error when there is none (naming its `best.pt`
-    if it has one, and `.safetensors` exports among what may be passed where the caller reads them)."""
+    if it has one, with the `flowspec` `command` that reads it, and `.safetensors` exports among what may be
+    passed where the caller reads them)."""
     from flowspec.train.rundir import unstarted  # (rundir imports this module)
 
     path = Path(path)
@@ -112,7 +113,7 @@ def resolve(path: Path | str, exports: bool = False) -> Path:
         if (path / BEST).is_file():
             raise UserError(
                 f"no {LAST} in {path} (the checkpoint a run resumes from); its {BEST} is there: "
-                f"`{shell_command('flowspec', 'eval', path / BEST)}` uses it (so do sample and export)"
+                f"{_used_by(path / BEST, command)}"
             )
         if unstarted(path):
             raise UserError(
@@ -289,6 +290,14 @@ def _state_dict_problems(what: str, got: dict[str, torch.Tensor], expected: dict
         if name in expected and tuple(t.shape) != expected[name]
     ]
     return problems
+
+
+def _used_by(path: Path, command: str | None) -> str:
+    """Which command uses the checkpoint `path`: `command` (eval, sample or export: the one run), or any
+    of them (where no such command reads it: training, Python)."""
+    if command is None:
+        return f"`{shell_command('flowspec', 'eval', path)}` uses it (so do sample and export)"
+    return f"`{shell_command('flowspec', command, path)}` uses it"
 
 
 def _elsewhere(training: bool) -> str:

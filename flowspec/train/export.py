@@ -54,8 +54,9 @@ class Trained:
     data_recorded: bool = True  # whether its file says how its run read numbers in `classes` (class_numbers)
 
 
-def export(target: Path | str, output: Path | str) -> Trained:
-    """Write the EMA weights and resolved spec of a run folder or checkpoint to a `.safetensors` file."""
+def export(target: Path | str, output: Path | str, command: str | None = None) -> Trained:
+    """Write the EMA weights and resolved spec of a run folder or checkpoint to a `.safetensors` file
+    (`command`: the `flowspec` command that errors name, as for `load_trained`)."""
     from safetensors.torch import save
 
     output = Path(output)
@@ -63,7 +64,7 @@ def export(target: Path | str, output: Path | str) -> Trained:
         raise UserError(f"{output} is a folder: name the file to write, e.g. {output / 'model.safetensors'}")
     if any(folder.exists() and not folder.is_dir() for folder in output.parents):
         raise UserError(f"cannot write {output}: a file stands where its folder should be")
-    trained = load_trained(target)
+    trained = load_trained(target, command=command)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -92,11 +93,13 @@ def load_trained(
     images: int = 0,
     allow_large: bool = False,
     precision: str | None = None,
+    command: str | None = None,
 ) -> Trained:
     """The model of a run folder, a checkpoint (`.pt`) or an export (`.safetensors`), with its EMA
     weights, in eval mode, on `device` (default: cpu), computing in `precision` (fp32, bf16 or auto;
     None: the precision its run trained in, fp32 where its file does not record one). Errors a user can
-    cause are `UserError`s; a model that, with `images` images at once, would not fit the device is
+    cause are `UserError`s (one that points to another checkpoint names the `flowspec` `command` reading
+    it: eval, sample or export); a model that, with `images` images at once, would not fit the device is
     refused before it is built unless `allow_large`."""
     import flowspec
     from flowspec.devices import check_cuda, parse_device
@@ -109,7 +112,7 @@ def load_trained(
     if path.suffix.lower() == SUFFIX and not path.is_dir():
         stored = _read_export(path)
     else:
-        path = resolve(path, exports=True)
+        path = resolve(path, exports=True, command=command)
         stored = _read_checkpoint(path)
     computes, note = _choose_precision(precision, stored.trained_precision, where)
     check_size(stored.spec, "infer", where, allow_large, images)
