@@ -583,6 +583,38 @@ def test_a_run_folder_with_only_its_best_pt_names_the_command_run_on_it(trained,
     assert sorted(p.name for p in tmp_path.iterdir()) == [BEST]
 
 
+def test_a_corrupt_checkpoint_names_the_other_of_its_run_where_that_one_reads(trained, tmp_path, capsys):
+    """eval, sample and export of a run whose last.pt is truncated name the command on its best.pt when that
+    reads (and the other way round); neither file is changed. Where the other is damaged too, or absent,
+    the advice is to use another checkpoint."""
+    import shutil
+
+    from flowspec.train.checkpoint import BEST, LAST
+
+    truncated = (trained / LAST).read_bytes()[:1000]
+    (tmp_path / LAST).write_bytes(truncated)
+    shutil.copy(trained / BEST, tmp_path / BEST)
+    damaged = f"error: checkpoint {tmp_path / LAST} is corrupt or truncated and cannot be read"
+    for command in ("eval", "sample", "export"):
+        for target in (tmp_path, tmp_path / LAST):
+            assert run([command, str(target)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(damaged) and err.endswith(
+                f"; it was left untouched: its run's best.pt can be read, and "
+                f"`flowspec {command} {tmp_path / BEST}` uses it\n"
+            )
+    assert (tmp_path / LAST).read_bytes() == truncated
+    (tmp_path / BEST).write_bytes(b"\x00" * 100)  # both damaged
+    assert run(["eval", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.endswith("it was left untouched: use another checkpoint\n")
+    shutil.copy(trained / LAST, tmp_path / LAST)  # a damaged best.pt beside a last.pt that reads
+    assert run(["sample", str(tmp_path / BEST)]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"its run's last.pt can be read, and `flowspec sample {tmp_path / LAST}` uses it\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST, LAST]
+
+
 def test_flipped_bytes_inside_the_archive_are_detected(trained, tmp_path, capsys):
     import zipfile
 

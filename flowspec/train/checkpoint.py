@@ -134,12 +134,15 @@ def resolve(path: Path | str, exports: bool = False, command: str | None = None)
     return path
 
 
-def load_checkpoint(path: Path | str, training_state: bool = True, warn: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path | str, training_state: bool = True, warn: bool = True, command: str | None = None
+) -> dict[str, Any]:
     """Read and check a checkpoint (a file or a run folder), onto the CPU: its checksum, its structure (with
     `training_state`, also what resuming needs) and its tensors' shapes. A `UserError` naming the path
-    and what is wrong if it is unusable. Without `warn`, no warning that it has no checksum (a caller
-    that reads it again says it then)."""
-    path = resolve(path)
+    and what is wrong if it is unusable (and the `flowspec` `command` reading it, eval, sample or export, on
+    another checkpoint of its run that it may use). Without `warn`, no warning that it has no checksum (a
+    caller that reads it again says it then)."""
+    path = resolve(path, command=command)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
@@ -154,7 +157,7 @@ def load_checkpoint(path: Path | str, training_state: bool = True, warn: bool = 
             ) from None
         raise UserError(
             f"checkpoint {path} is corrupt or truncated and cannot be read ({type(error).__name__}); "
-            f"it was left untouched: {_elsewhere(training_state)}"
+            f"it was left untouched: {_elsewhere(path, training_state, command)}"
         ) from None
     missing = [k for k in REQUIRED if not isinstance(payload, dict) or k not in payload]
     if missing:
@@ -170,7 +173,7 @@ def load_checkpoint(path: Path | str, training_state: bool = True, warn: bool = 
     elif stored != checksum(payload):
         raise UserError(
             f"checkpoint {path} is corrupt: its content does not match the checksum stored when it was "
-            f"written; it was left untouched: {_elsewhere(training_state)}"
+            f"written; it was left untouched: {_elsewhere(path, training_state, command)}"
         )
     wrong = _structure_problems(payload, training_state)
     if not wrong:
@@ -300,9 +303,27 @@ def _used_by(path: Path, command: str | None) -> str:
     return f"`{shell_command('flowspec', command, path)}` uses it"
 
 
-def _elsewhere(training: bool) -> str:
-    """What to do instead of using a damaged checkpoint: resume (training) or evaluate (not) another."""
-    return "resume from another run folder or start a new run" if training else "use another checkpoint"
+def _elsewhere(path: Path, training: bool, command: str | None) -> str:
+    """What to do instead of using the damaged checkpoint `path`: resume another run (training), else use
+    the other checkpoint of its run (`last.pt` and `best.pt`) where it can be read (by `command`), or
+    another."""
+    if training:
+        return "resume from another run folder or start a new run"
+    other = {LAST: BEST, BEST: LAST}.get(path.name)
+    if other and _readable(path.with_name(other)):
+        return f"its run's {other} can be read, and {_used_by(path.with_name(other), command)}"
+    return "use another checkpoint"
+
+
+def _readable(path: Path) -> bool:
+    """Whether the file `path` reads as a checkpoint whose checksum (where it has one) matches."""
+    if file_problem(path):
+        return False
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # as load_checkpoint: truncated zip, garbage bytes, unpickling errors
+        return False
+    return isinstance(payload, dict) and payload.get(CHECKSUM) in (None, checksum(payload))
 
 
 def checkpoint_spec(payload: dict[str, Any], path: Path | str) -> FlowSpec:

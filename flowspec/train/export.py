@@ -113,7 +113,7 @@ def load_trained(
         stored = _read_export(path)
     else:
         path = resolve(path, exports=True, command=command)
-        stored = _read_checkpoint(path)
+        stored = _read_checkpoint(path, command)
     computes, note = _choose_precision(precision, stored.trained_precision, where)
     check_size(stored.spec, "infer", where, allow_large, images)
     model = flowspec.build(stored.spec)
@@ -166,9 +166,10 @@ class Stored:
     data_recorded: bool
 
 
-def _read_checkpoint(path: Path) -> Stored:
-    """What the checkpoint `path` holds for inference: its EMA weights, spec and where its data came from."""
-    payload = load_checkpoint(path, training_state=False)
+def _read_checkpoint(path: Path, command: str | None) -> Stored:
+    """What the checkpoint `path` holds for inference: its EMA weights, spec and where its data came from
+    (`command`: the `flowspec` command that errors name)."""
+    payload = load_checkpoint(path, training_state=False, command=command)
     stream = ((payload.get("rng") or [{}])[0] or {}).get("stream") or {}
     return Stored(
         spec=checkpoint_spec(payload, path),
