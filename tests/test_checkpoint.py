@@ -89,6 +89,30 @@ def test_resume_with_a_different_spec_is_refused(run_dir):
     assert (run_dir / LAST).read_bytes() == before
 
 
+def test_a_resume_refusal_words_its_differences_as_a_flow_file_does_and_counts_those_left_out():
+    """Values as a .flow file or --set writes them (1x8x8, digits, off), not as Python ((1, 8, 8),
+    'digits', None), without the eval settings a resume may change; past five, how many more. A spec that
+    differs only where `flowspec diff` shows nothing (a step schedule's `every` under a constant one) says
+    so."""
+    from flowspec.spec import DataSpec, EvalSpec
+    from flowspec.train.checkpoint import spec_record
+
+    cifar = DataSpec(dataset="cifar10", shape=(3, 32, 32), levels=256)
+    other = tiny_spec(steps=3, data=cifar, name="other", ema=None, hflip=True)
+    with pytest.raises(UserError) as refused:
+        check_same_spec(
+            spec_record(tiny_spec(steps=3)), other.model_copy(update={"eval": EvalSpec(images=16)}), "r"
+        )
+    assert str(refused.value) == (
+        "checkpoint r was trained with a different spec (differences: model: tiny -> other; data.dataset: "
+        "digits -> cifar10; data.shape: 1x8x8 -> 3x32x32; data.levels: 17 -> 256; train.ema: 0.9 -> off; "
+        "and 1 more); a resume may change only the eval settings and `save every`: resume with the spec it "
+        "was trained with (or none, for the stored one) and --set only those"
+    )
+    with pytest.raises(UserError, match=r"different spec \(it differs only in settings it does not use\); "):
+        check_same_spec(spec_record(tiny_spec(steps=3)), tiny_spec(steps=3, step_every=5), "r")  # constant
+
+
 def test_a_new_run_never_overwrites_an_old_one(run_dir):
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny_spec(steps=3), RunOptions(out=run_dir, device="cpu", quiet=True))

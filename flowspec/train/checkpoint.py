@@ -371,25 +371,26 @@ def check_same_spec(
         stored = checkpoint_spec(payload, path)  # settings added since it was written take their defaults
         if trains_alike(stored, spec) or names_its_numbers(payload, stored, spec, data_dir):
             return
-        diff = _differences(stored.model_dump(), spec.model_dump())
         raise UserError(
-            f"checkpoint {path} was trained with a different spec (differences: {'; '.join(diff[:5])}); a "
-            f"resume may change only the eval settings and `save every`: resume with the spec it was trained "
-            f"with (or none, for the stored one) and --set only those"
+            f"checkpoint {path} was trained with a different spec ({_training_differences(stored, spec)}); "
+            f"a resume may change only the eval settings and `save every`: resume with the spec it was "
+            f"trained with (or none, for the stored one) and --set only those"
         )
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b), key=str):
-            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [
-            d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{prefix}.{i}")
-        ]
-    return [] if a == b else [f"{prefix or 'spec'}: {a!r} -> {b!r}"]
+def _training_differences(stored: FlowSpec, spec: FlowSpec, shown: int = 5) -> str:
+    """The settings other than the eval settings and `save every` in which `spec` differs from `stored`,
+    worded as `flowspec diff` words them (`data.shape: 1x8x8 -> 3x32x32`): the first `shown`, then how
+    many more."""
+    from flowspec.inspection.diff import spec_differences
+
+    saving = spec.train.model_copy(update={"save_every": stored.train.save_every})
+    training = spec.model_copy(update={"eval": stored.eval, "train": saving})  # what a resume may change
+    diffs = [f"{d.path}: {d.a or '-'} -> {d.b or '-'}" for d in spec_differences(stored, training)]
+    if not diffs:
+        return "it differs only in settings it does not use"
+    more = f"; and {len(diffs) - shown} more" if len(diffs) > shown else ""
+    return f"differences: {'; '.join(diffs[:shown])}{more}"
 
 
 def ema_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
