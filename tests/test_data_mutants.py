@@ -530,12 +530,17 @@ def test_a_set_of_exactly_the_memory_budget_is_kept_in_memory(tmp_path):
 
 
 def test_one_image_fewer_than_a_batch_is_refused():
-    """7 training images cannot make a batch of 8."""
+    """7 training images cannot make a batch of 8; the largest they make is named, one that the processes
+    and micro-batches share (none: more images)."""
     from flowspec.train.batches import check_batch
 
     check_batch(8, 1, 8)
     with pytest.raises(UserError, match=r"the training set has 7 images, fewer than one batch \(8\)"):
         check_batch(8, 1, 7)
+    with pytest.raises(UserError, match=r"\(8\): lower the batch to 4 or fewer \(--set train.batch=4\), or "):
+        check_batch(8, 2, 7, accumulate=2)
+    with pytest.raises(UserError, match=r"^s.flow: the training set has 7 images, .*: train on more images$"):
+        check_batch(8, 4, 7, accumulate=2, spec="s.flow")
 
 
 def test_a_seeds_next_epoch_is_not_the_next_seeds_first():

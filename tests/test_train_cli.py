@@ -260,6 +260,19 @@ def test_bad_options_are_usage_errors(tmp_path, capsys, args):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_batch_the_training_set_cannot_fill_names_the_spec_and_the_batch_it_can(tmp_path, capsys):
+    """train and ablate refuse it alike, naming the spec file and a --set that fixes it, before writing."""
+    flow = write_flow(tmp_path / "tiny.flow")
+    for command in (["train"], ["ablate", str(flow), "--steps", "1"]):
+        out = str(tmp_path / command[0])
+        assert run([*command, str(flow), "--set", "train.batch=4096", "--out", out, "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {flow}: the training set has 1500 images, fewer than one batch (4096): lower the batch "
+            "to 1500 or fewer (--set train.batch=1500), or train on more images\n"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.flow"]
+
+
 def test_parse_duration():
     assert [parse_duration(t) for t in ("90s", "30m", "2h", "1.5h", "45")] == [90, 1800, 7200, 5400, 45]
 

@@ -192,10 +192,9 @@ def _datasets(plan: Plan, quiet: bool) -> dict[int, Datasets]:
             continue
         datasets[i] = _data_of(spec, Path(run.data_dir) if run.data_dir else None, read, quiet)
         t = spec.train
-        try:
-            check_batch(t.batch, job_size(), len(datasets[i]["train_set"]), t.accumulate)
-        except UserError as error:
-            raise UserError(f"{spec.source or spec.name}: {error}") from None
+        check_batch(
+            t.batch, job_size(), len(datasets[i]["train_set"]), t.accumulate, spec.source or spec.name
+        )
     return datasets
 
 

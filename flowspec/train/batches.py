@@ -47,14 +47,24 @@ def in_memory(images: ImageSet, device: torch.device | str) -> torch.Tensor:
     return torch.empty(images.images.shape, dtype=torch.uint8, device=device).copy_(images.images)
 
 
-def check_batch(batch: int, world: int, count: int, accumulate: int = 1) -> None:
-    """A `UserError` unless the global `batch` divides among `world` processes (and into `accumulate`
-    micro-batches within each) and `count` training images make at least one batch."""
-    if batch % (world * accumulate):
+def check_batch(batch: int, world: int, count: int, accumulate: int = 1, spec: str | None = None) -> None:
+    """A `UserError` (naming the `spec`, its file or model name, when given) unless the global `batch`
+    divides among `world` processes (and into `accumulate` micro-batches within each) and `count` training
+    images make at least one batch (else it names the largest batch they make)."""
+    named = f"{spec}: " if spec else ""
+    share = world * accumulate
+    if batch % share:
         times = f" times accumulate ({accumulate})" if accumulate > 1 else ""
-        raise UserError(f"the batch ({batch}) must be divisible by the number of processes ({world}){times}")
+        raise UserError(
+            f"{named}the batch ({batch}) must be divisible by the number of processes ({world}){times}"
+        )
     if count < batch:
-        raise UserError(f"the training set has {count} images, fewer than one batch ({batch})")
+        fits = count // share * share  # the largest batch that both divides and the images fill
+        lower = f"lower the batch to {fits} or fewer (--set train.batch={fits}), or " if fits else ""
+        raise UserError(
+            f"{named}the training set has {count} images, fewer than one batch ({batch}): "
+            f"{lower}train on more images"
+        )
 
 
 class BatchOrder:

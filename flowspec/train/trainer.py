@@ -170,7 +170,9 @@ class Trainer:
         # cifar10 from FLOWSPEC_DATA_DIR or the cache: that folder is recorded to tell other data apart,
         # but a resume reads the place of its own time (the variable names where the data is on this machine)
         self.data_default = default_folder(spec.data) if self.data_dir is None else None
-        check_batch(self.t.batch, self.dist.world, len(train_set), self.t.accumulate)
+        check_batch(
+            self.t.batch, self.dist.world, len(train_set), self.t.accumulate, spec.source or spec.name
+        )
         self.batches = training_batches(train_set, self.t, self.dist, self.device, options.data_memory)
         self.total_steps = self._steps(self.t.length) if self.t.length else None
         self.eval_every = self._steps(self.t.eval_every)
