@@ -388,9 +388,20 @@ def _training_differences(stored: FlowSpec, spec: FlowSpec, shown: int = 5) -> s
     training = spec.model_copy(update={"eval": stored.eval, "train": saving})  # what a resume may change
     diffs = [f"{d.path}: {d.a or '-'} -> {d.b or '-'}" for d in spec_differences(stored, training)]
     if not diffs:
-        return "it differs only in settings it does not use"
+        unused = ", ".join(_changed_settings(stored.model_dump(), training.model_dump()))
+        return f"it differs only in settings it does not use: {unused}"
     more = f"; and {len(diffs) - shown} more" if len(diffs) > shown else ""
     return f"differences: {'; '.join(diffs[:shown])}{more}"
+
+
+def _changed_settings(a: Any, b: Any, path: str = "") -> list[str]:
+    """The dotted paths at which two spec dumps differ (a list of steps counts as one setting)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [*a, *(key for key in b if key not in a)]
+        return [
+            p for key in keys for p in _changed_settings(a.get(key), b.get(key), f"{path}.{key}".lstrip("."))
+        ]
+    return [] if a == b else [path]
 
 
 def ema_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
