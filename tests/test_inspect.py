@@ -488,7 +488,7 @@ def test_the_context_row_has_the_shape_the_context_network_returns(steps):
 
 def test_the_note_gives_the_recompute_off_figures_where_the_choice_changes_something():
     """Flow++ blocks recompute: the note says what keeping every activation would take, in fp32 and bf16;
-    RealNVP has nothing to recompute, and its note no such clause."""
+    RealNVP has nothing to recompute, and its note says so rather than naming --recompute."""
     from flowspec.inspection import inspect_spec
     from flowspec.inspection.budget import measure, training_bytes
     from flowspec.units import fmt_bytes
@@ -499,5 +499,5 @@ def test_the_note_gives_the_recompute_off_figures_where_the_choice_changes_somet
     note = inspect_spec(spec).footer.memory_note
     assert f"; ~{fmt_bytes(off)} with --recompute off (~{fmt_bytes(off_bf16)} in bf16), which auto" in note
     plain = inspect_spec(flowspec.load_spec(SPECS / "realnvp_cifar.flow")).footer.memory_note
-    assert plain.startswith("peak of a training step with --recompute on: ")
+    assert plain.startswith("peak of a training step (no layer to recompute): ")
     assert "--recompute off" not in plain

@@ -180,7 +180,8 @@ def _estimate(
     note (`how`: how the kept activations were found)."""
     total = training_peak(state, weights, kept, recomputes)
     terms = peak_terms(state, weights, kept, recomputes, parts=parts, how=how)
-    note = f"peak of a training step with --recompute on: {terms}"
+    how_run = "with --recompute on" if recomputes else "(no layer to recompute)"
+    note = f"peak of a training step {how_run}: {terms}"
     if recomputes:
         fp32, bf16 = (training_peak(state, weights, kept, True, False, p) for p in ("fp32", "bf16"))
         note += (
