@@ -187,6 +187,25 @@ def test_a_seed_out_of_range_is_a_usage_error_naming_the_range(capsys):
     assert "a seed is a whole number from 0 to 4294967295, got -1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["inspect", "x.flow", "--format", "yaml"],
+            "'--format' / '-f': 'yaml' is not one of 'rich', 'json',",
+        ),
+        (
+            ["train", "x.flow", "--precision", "fp64"],
+            "'--precision': 'fp64' is not one of 'fp32', 'bf16', 'auto'",
+        ),
+        (["sample", "run", "--device", "tpu"], "'--device': 'tpu' is not one of"),
+    ],
+)
+def test_a_choice_refused_names_the_choices_without_pydantic_words(args, said, capsys):
+    assert run(args) == 2
+    assert f"Error: Invalid value for {said}" in capsys.readouterr().err
+
+
 def test_eval_inversion_and_its_negation_are_one_setting(capsys):
     from flowspec.cli.training import _eval_settings
 

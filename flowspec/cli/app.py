@@ -11,7 +11,7 @@ from contextlib import contextmanager, redirect_stdout
 from typing import Any
 
 import typer
-from typer._click.exceptions import ClickException  # typer carries its own copy of click
+from typer._click.exceptions import BadParameter, ClickException  # typer carries its own copy of click
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from flowspec.errors import PEER_STOPPED, Terminated, UserError, job_number, os_error_message
@@ -142,6 +142,8 @@ def run(argv: list[str] | None = None) -> int:
     except MemoryError:
         return _fail(OUT_OF_MEMORY, EXIT_USER)
     except ClickException as error:  # usage errors: bad options, missing arguments
+        if isinstance(error, BadParameter):  # typer refuses a choice in pydantic's words: "Value error, ..."
+            error.message = error.message.removeprefix("Value error, ")
         error.show()
         return error.exit_code
     except (KeyboardInterrupt, typer.Abort) as error:
