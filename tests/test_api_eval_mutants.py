@@ -131,7 +131,7 @@ def test_a_duration_of_days_and_a_zero_duration():
     """`2d` is two days; a duration of 0 (which would stop a run before its first step) is refused."""
     assert parse_duration("2d") == 2 * 86400 and parse_duration(" 0.5 d ") == 43200
     for text in ("0", "0s", "0.0h"):
-        with pytest.raises(UserError, match="expected a duration like 90s"):
+        with pytest.raises(UserError, match="must be a duration above 0, like 90s"):
             parse_duration(text)
 
 
