@@ -19,7 +19,7 @@ from flowspec.train.distributed import agreed, job_size, join, main_process, tea
 from flowspec.train.files import file_problem, replaced_whole
 from flowspec.train.lock import WRITERS, RunLock, check_free
 from flowspec.train.metrics import is_eval, plot_curves, read_metrics
-from flowspec.train.rundir import previous_checkpoint, run_mark, set_aside
+from flowspec.train.rundir import enclosing_run, previous_checkpoint, run_mark, set_aside
 from flowspec.train.signals import StopCheck, is_signal, never
 from flowspec.train.trainer import RunOptions, RunResult, train
 
@@ -114,24 +114,23 @@ def run_ablation(
 
 def check_out_folder(out: Path) -> None:
     """Refuse, before anything is written, an `--out` that is not a folder, or that holds a run or lies
-    inside one's folder (its samples/, tensorboard/x: two levels up at most, so that a stray spec.json far
-    above blocks nothing): the ablation's curves.png and its runs would be written among the run's files
-    (links followed)."""
+    inside one's folder (`enclosing_run`): the ablation's curves.png and its runs would be written among
+    the run's files (links followed)."""
     if os.path.lexists(out) and not out.is_dir():
         what = file_problem(out) or "is a file"
         raise UserError(
             f"--out {out} {what}: an ablation writes its runs and comparison into a folder; name a folder"
         )
     target = Path(os.path.realpath(out))
-    for folder in (target, *target.parents[:2]):
-        mark = run_mark(folder)
-        if mark is None:
-            continue
-        if folder == target:
-            raise UserError(
-                f"--out {out} holds a run ({mark}): an ablation writes its runs and curves.png into "
-                f"a folder of its own; choose another --out"
-            )
+    mark = run_mark(target)
+    if mark is not None:
+        raise UserError(
+            f"--out {out} holds a run ({mark}): an ablation writes its runs and curves.png into "
+            f"a folder of its own; choose another --out"
+        )
+    enclosing = enclosing_run(target)
+    if enclosing is not None:
+        folder, mark = enclosing
         raise UserError(
             f"--out {out} lies inside the run folder {folder} (it holds {mark}): an ablation writes "
             f"its runs and curves.png into a folder of its own; choose another --out, outside it"

@@ -155,18 +155,29 @@ def run_mark(folder: Path) -> Path | None:
     return folder / "spec.json" if has_run_spec(folder) else None
 
 
-def check_own_folder(run_dir: Path) -> None:
-    """Refuse a new run's folder that lies inside a run's (its samples/, tensorboard/x: two levels up at
-    most, as for an ablation's) or holds runs in its subfolders (`--out runs` for `--out runs/NAME`): its
-    files would be written among theirs, and the folder of runs would become a run (links followed)."""
-    target = Path(os.path.realpath(run_dir))
+def enclosing_run(target: Path) -> tuple[Path, Path] | None:
+    """The run folder that the resolved path `target` lies inside and the file that marks it, looking two
+    levels up at most (a run's samples/, tensorboard/x), so that a stray spec.json far above blocks
+    nothing; None when there is none."""
     for folder in target.parents[:2]:
         mark = run_mark(folder)
         if mark is not None:
-            raise UserError(
-                f"{run_dir} lies inside the run folder {folder} (it holds {mark}): a run writes its files "
-                f"into a folder of its own; choose another --out, outside it"
-            )
+            return folder, mark
+    return None
+
+
+def check_own_folder(run_dir: Path) -> None:
+    """Refuse a new run's folder that lies inside a run's (`enclosing_run`) or holds runs in its subfolders
+    (`--out runs` for `--out runs/NAME`): its files would be written among theirs, and the folder of runs
+    would become a run (links followed)."""
+    target = Path(os.path.realpath(run_dir))
+    enclosing = enclosing_run(target)
+    if enclosing is not None:
+        folder, mark = enclosing
+        raise UserError(
+            f"{run_dir} lies inside the run folder {folder} (it holds {mark}): a run writes its files "
+            f"into a folder of its own; choose another --out, outside it"
+        )
     try:
         runs = sorted(sub.name for sub in target.iterdir() if sub.is_dir() and run_mark(sub) is not None)
     except OSError:  # no folder yet
