@@ -788,6 +788,20 @@ def test_eval_refuses_a_folder_and_prints_its_table_when_it_cannot_write(
     assert "'--iw'" not in err and "does not exist" in err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["eval", "sample", "export"])
+def test_an_out_where_the_file_system_refuses_folders_is_refused_before_any_work(trained, capsys, command):
+    """/proc's permissions let root write, but it makes no folder: the output is refused up front (it was
+    refused only after the whole evaluation), for every user, with the folder that refuses."""
+    name = {"eval": "e.json", "sample": "s.png", "export": "m.safetensors"}[command]
+    out = Path("/proc/flowspec-no-such-folder") / name
+    assert run([command, str(trained), "--out", str(out)]) == 2
+    printed, err = capsys.readouterr()
+    assert printed == "" and err.startswith(f"error: --out {out}: its folder cannot be made there (/proc ")
+    if os.geteuid() == 0:
+        assert err.endswith("(/proc refuses new files: no such file or directory)\n")
+
+
 def test_eval_refuses_more_images_at_once_than_the_machine_holds(trained, tmp_path, capsys, small_machine):
     """A forward pass holds --batch images, or fewer when there are fewer (--images, or a small split),
     each with its --iw importance samples: 297 test images with 16384 samples each do not fit."""

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import secrets
+import tempfile
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -183,6 +184,13 @@ def _check_output(path: Path, option: str, suffixes: tuple[str, ...], reads: Pat
         else:
             what = "a file, not a folder" if not existing.is_dir() else "a folder this user cannot write"
         raise UserError(f"{option} {path}: its folder cannot be made there ({existing} is {what})")
+    try:  # what the permissions allow, the file system may still refuse (/proc, for root too)
+        os.rmdir(tempfile.mkdtemp(prefix=".flowspec-probe-", dir=existing))
+    except OSError as error:
+        reason = os.strerror(error.errno).lower() if error.errno else str(error)
+        raise UserError(
+            f"{option} {path}: its folder cannot be made there ({existing} refuses new files: {reason})"
+        ) from None
     check_not_run_file(path, option)
 
 
