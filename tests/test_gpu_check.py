@@ -177,3 +177,19 @@ def test_after_the_time_limit_the_rest_are_listed_and_a_missing_required_row_fai
     assert (
         rows[1][-1] == "stopped by the time limit |" and rows[2][-1] == "not run: stopped by the time limit |"
     )
+
+
+def test_device_wheels_refuses_an_environment_without_the_packages_before_writing(tmp_path):
+    """bench/device_wheels.sh pins the wheels to an environment's versions: one that lacks some of the
+    seven packages is refused, naming them, before .whl/ or git's exclude list is touched."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho lark==1.3.1\necho torch==2.14.1\n")  # what `-m pip freeze` prints
+    fake.chmod(0o755)
+    exclude = ROOT / ".git" / "info" / "exclude"
+    before = exclude.read_text() if exclude.is_file() else None
+    command = ["bash", str(ROOT / "bench" / "device_wheels.sh")]
+    done = subprocess.run(command, env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"device_wheels: {fake} has 1 of the 7 packages (lark, pydantic, ")
+    assert "PYTHON=/path/to/python" in done.stderr
+    assert (exclude.read_text() if exclude.is_file() else None) == before
