@@ -12,10 +12,11 @@
     the device's dense bf16 FLOP peak that the counted work (77.6 GFLOP per trained image) reaches;
 (c) appends the rows to bench/RESULTS.md, and to $OUT/gpu_check.md when $OUT is set (made if missing).
 Beside the data-sheet peak it measures a large bf16 matmul after each row, the rate the device reaches then.
-When time is left it adds bf16 rows with the other recompute setting (`+keep`: none, `+recompute`) and at
-batch 256 (`--configs` picks others), and after the rows it profiles 3 steps of the first eager bf16
-configuration by CUDA kernel (the kernels taking most time, how many launches a step makes, how busy the
-GPU is) into gpu_profile.txt in $OUT, beside the CUDA tests' whole output (pytest_cuda.txt).
+When time is left it adds bf16 rows with the compiled networks replayed as CUDA graphs (`+graphs`), with the
+other recompute setting (`+keep`: none, `+recompute`) and at batch 256 (`--configs` picks others), and
+after the rows it profiles 3 steps of the first eager bf16 configuration by CUDA kernel (the kernels taking
+most time, how many launches a step makes, how busy the GPU is) into gpu_profile.txt in $OUT, beside the
+CUDA tests' whole output (pytest_cuda.txt).
 A configuration that would not fit in the time left is skipped and said so; a missing required row fails.
 """
 
@@ -57,14 +58,16 @@ BF16_PEAK_TFLOPS = (
     ("L40S", 362.0),
     ("B200", 2250.0),
 )
-# PRECISION[+compile][+keep|+recompute]@BATCH (+keep: no recomputation in the backward pass, +recompute:
-# selective recomputation; neither: `train --recompute auto`'s choice): the issue's three at batch 64 (the
-# goal's, bf16 + compile, first; required), then the other recompute setting of the two bf16 rows and a
-# larger batch while time is left
+# PRECISION[+compile[+graphs]][+keep|+recompute]@BATCH (+graphs: the compiled networks replayed as CUDA
+# graphs, torch.compile's mode="reduce-overhead", against the launch cost the first check found; +keep: no
+# recomputation in the backward pass, +recompute: selective recomputation; neither: `train --recompute
+# auto`'s choice): the issue's three at batch 64 (the goal's, bf16 + compile, first; required), then CUDA
+# graphs, the other recompute setting of the two bf16 rows and a larger batch while time is left
 CONFIGS = (
     "bf16+compile@64",
     "fp32@64",
     "bf16@64",
+    "bf16+compile+graphs@64",
     "bf16+compile+keep@64",
     "bf16+recompute@64",
     "bf16+compile@256",
@@ -109,31 +112,40 @@ class Config:
     recompute: str  # on, off (keep every activation) or auto (as `train --recompute auto`)
     batch: int
     required: bool = False  # one of the check's three rows: a check without it fails
+    graphs: bool = False  # the compiled networks replayed as CUDA graphs (mode="reduce-overhead")
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        """`bf16+compile+keep@64` and the like (a batch of at least 2)."""
-        match = re.fullmatch(r"(fp32|bf16)((?:\+compile|\+keep|\+recompute)*)@(\d+)", text)
-        if match is None or int(match[3]) < 2 or ("+keep" in match[2] and "+recompute" in match[2]):
+        """`bf16+compile+keep@64` and the like (a batch of at least 2; +graphs with +compile)."""
+        match = re.fullmatch(r"(fp32|bf16)((?:\+compile|\+graphs|\+keep|\+recompute)*)@(\d+)", text)
+        if (
+            match is None
+            or int(match[3]) < 2
+            or ("+keep" in match[2] and "+recompute" in match[2])
+            or ("+graphs" in match[2] and "+compile" not in match[2])
+        ):
             raise argparse.ArgumentTypeError(
                 f"not a configuration: {text!r} (e.g. bf16+compile@64; a batch of at least 2, at most one "
-                "of +keep and +recompute)"
+                "of +keep and +recompute, +graphs only with +compile)"
             )
         precision, flags, batch = match.groups()
         recompute = "off" if "+keep" in flags else "on" if "+recompute" in flags else "auto"
-        return cls(precision, "+compile" in flags, recompute, int(batch), required=text in REQUIRED)
+        compiled, graphs = "+compile" in flags, "+graphs" in flags
+        return cls(precision, compiled, recompute, int(batch), required=text in REQUIRED, graphs=graphs)
 
     @property
     def text(self) -> str:
         """As written on the command line."""
-        flags = "+compile" * self.compiled + {"off": "+keep", "on": "+recompute", "auto": ""}[self.recompute]
+        flags = "+compile" * self.compiled + "+graphs" * self.graphs
+        flags += {"off": "+keep", "on": "+recompute", "auto": ""}[self.recompute]
         return f"{self.precision}{flags}@{self.batch}"
 
     def name(self, recompute: bool | None = None) -> str:
         """The row's name: precision, compile, and the recompute setting (`auto`'s choice when known)."""
         choice = "" if recompute is None else f": {'on' if recompute else 'off'}"
         setting = f"recompute {self.recompute}{choice if self.recompute == 'auto' else ''}"
-        return self.precision + " + compile" * self.compiled + f" · {setting}"
+        compiled = " + compile" * self.compiled + " (CUDA graphs)" * self.graphs
+        return f"{self.precision}{compiled} · {setting}"
 
 
 def bf16_peak(device: torch.device, measured: float) -> tuple[float, str]:
@@ -246,12 +258,15 @@ def training_step(
     model.set_autocast(autocast_dtype(config.precision))
     model.set_recompute(recompute)
     if config.compiled:
-        model.compile_networks(**({"backend": "aot_eager"} if args.dry_run else {}))
+        graphs = {"mode": "reduce-overhead"} if config.graphs else {}
+        model.compile_networks(**({"backend": "aot_eager"} if args.dry_run else graphs))
     model.train()
     optimizer = build_optimizer(model.parameters(), spec.train)
     clip = spec.train.clip_grad_norm or float("inf")
 
     def step() -> None:
+        if config.graphs:  # a new step: the graphs' outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         model.bpd(x).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import ROOT
 
+import flowspec
+
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
 
@@ -38,6 +40,7 @@ def test_gpu_check_dry_run_trains_every_configuration_and_appends_its_rows(tmp_p
         ("| bf16 + compile · recompute auto: off", "4"),
         ("| fp32 · recompute auto: off", "4"),
         ("| bf16 · recompute auto: off", "4"),
+        ("| bf16 + compile (CUDA graphs) · recompute auto: off", "4"),
         ("| bf16 + compile · recompute off", "4"),
         ("| bf16 · recompute on", "4"),
         ("| bf16 + compile · recompute auto: off", "16"),
@@ -55,6 +58,7 @@ def test_gpu_check_dry_run_trains_every_configuration_and_appends_its_rows(tmp_p
         (["--warmup", "-1"], "needs steps > warmup >= 0"),
         (["--configs", "bf16@1"], "a batch of at least 2"),
         (["--configs", "bf16+keep+recompute@64"], "at most one of +keep and +recompute"),
+        (["--configs", "bf16+graphs@64"], "+graphs only with +compile"),
         (["--budget", "460"], "needs 0 < budget <= 450"),
     ],
 )
@@ -79,6 +83,36 @@ def test_the_dry_run_shrinks_a_batch_to_at_least_two_and_keeps_it_required():
     assert gpu_check.shrunk(gpu_check.Config.parse("bf16@16")).batch == 2
     config = gpu_check.shrunk(gpu_check.Config.parse("bf16@64"))
     assert config.batch == 4 and config.required and config.recompute == "auto"
+
+
+def test_graphs_compile_the_networks_in_reduce_overhead_mode_and_mark_each_step(monkeypatch):
+    """+graphs: the networks compiled with mode="reduce-overhead" (CUDA graphs; a dry run keeps its
+    aot_eager backend, which takes no mode), and every step starts a new cudagraph step."""
+    from flowspec.model import FlowModel
+
+    config = gpu_check.Config.parse("bf16+compile+graphs@4")
+    assert (
+        config.graphs and config.compiled and not config.required and config.text == "bf16+compile+graphs@4"
+    )
+    assert config.name(False) == "bf16 + compile (CUDA graphs) · recompute auto: off"
+    assert not gpu_check.Config.parse("bf16+compile@4").graphs
+    compiled, marks = [], []
+    monkeypatch.setattr(FlowModel, "compile_networks", lambda self, **kwargs: compiled.append(kwargs))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    spec = flowspec.load_spec(ROOT / "specs" / "flowpp_cifar.flow", overrides=gpu_check.DRY_RUN_SHRINK)
+    for dry_run, expected in ((False, {"mode": "reduce-overhead"}), (True, {"backend": "aot_eager"})):
+        step, _ = gpu_check.training_step(
+            spec, torch.device("cpu"), config, argparse.Namespace(dry_run=dry_run)
+        )
+        step()
+        step()
+        assert compiled.pop() == expected
+    assert len(marks) == 4
+    step, _ = gpu_check.training_step(
+        spec, torch.device("cpu"), gpu_check.Config.parse("bf16+compile@4"), argparse.Namespace(dry_run=False)
+    )
+    step()
+    assert compiled.pop() == {} and len(marks) == 4
 
 
 def test_time_estimates_scale_with_steps_and_batch_and_the_hard_limit_is_8_minutes():
