@@ -55,21 +55,40 @@ def _qkv(b: int = 5, length: int = 7, d: int = 3, dtype=torch.float64):
     return [torch.randn(b, length, d, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked-forward", "fused-forward"])
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_chunked_attention_and_its_gradients_equal_the_fused_kernel_in_float64(monkeypatch, chunk):
+def test_chunked_attention_and_its_gradients_equal_the_fused_kernel_in_float64(monkeypatch, chunk, fused):
     monkeypatch.setattr(attention_module, "SCORES", chunk * 7 * 7)  # 5 slices of 7 positions
+    monkeypatch.setattr(attention_module, "fused_forward", lambda: fused)
+    calls = []
+    fused_kernel = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a: calls.append(1) or fused_kernel(*a))
     q, k, v = _qkv()
     assert attention_module._chunk(5, 7) == chunk
     out = chunked_attention(q, k, v)
-    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-12)
+    assert len(calls) == fused
+    assert torch.allclose(out, fused_kernel(q, k, v), atol=1e-12)
     assert torch.autograd.gradcheck(chunked_attention, (q, k, v))
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_fused_forward_is_taken_where_the_cpu_has_amx_tiles(monkeypatch, request, amx):
+    request.addfinalizer(attention_module.fused_forward.cache_clear)  # the machine's own answer after
+    attention_module.fused_forward.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert attention_module.fused_forward() is amx
+    attention_module.fused_forward.cache_clear()
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: chunks
+    assert attention_module.fused_forward() is False
 
 
 def test_chunked_attention_is_a_well_formed_custom_op():
     torch.library.opcheck(chunked_attention, _qkv())
 
 
-def test_bf16_on_the_cpu_takes_the_chunked_kernel_and_matches_float32(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked-forward", "fused-forward"])
+def test_bf16_on_the_cpu_takes_the_chunked_kernel_and_matches_float32(monkeypatch, fused):
+    monkeypatch.setattr(attention_module, "fused_forward", lambda: fused)
     calls = []
 
     def counted(*tensors):
@@ -85,9 +104,13 @@ def test_bf16_on_the_cpu_takes_the_chunked_kernel_and_matches_float32(monkeypatc
     assert attention(q, k, v).equal(reference)  # float32: the fused kernel itself
 
 
-def test_bf16_training_through_a_flowpp_block_matches_float64_gradients():
-    """The chunked kernel under the blocks' selective recomputation (its output kept, the rest redone)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked-forward", "fused-forward"])
+def test_bf16_training_through_a_flowpp_block_matches_float64_gradients(monkeypatch, fused):
+    """The chunked kernel under the blocks' selective recomputation (its output kept, the rest redone),
+    its forward chunked or fused (the backward's recomputed scores then come from another kernel)."""
     import copy
+
+    monkeypatch.setattr(attention_module, "fused_forward", lambda: fused)
 
     from flowspec.layers.networks import FlowppNetwork
 
