@@ -98,10 +98,28 @@ def test_bf16_on_the_cpu_takes_the_chunked_kernel_and_matches_float32(monkeypatc
     monkeypatch.setattr(attention_module, "chunked_attention", counted)
     q, k, v = (t.detach().view(2, 3, 7, 4).float() for t in _qkv(6, 7, 4))  # N x heads x L x d
     reference = F.scaled_dot_product_attention(q, k, v)
-    out = attention(*(t.bfloat16() for t in (q, k, v)))
+    bf16 = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = attention(*bf16)
     assert calls == [1] and out.dtype == torch.bfloat16
     assert (out.float() - reference).abs().max() < 0.05
+    with torch.no_grad():  # nothing to differentiate: a fused forward needs no custom op (nor its copies)
+        assert attention(*bf16).equal(out)
+    assert calls == [1] + [1] * (not fused)
     assert attention(q, k, v).equal(reference)  # float32: the fused kernel itself
+    assert calls == [1] + [1] * (not fused)
+
+
+def test_a_fused_forward_without_gradients_reads_q_k_v_where_they_lie(monkeypatch):
+    """q, k and v are strided views of one projection: the fused kernel gives the custom op's values
+    without copying them into N * heads x L x d tensors first."""
+    monkeypatch.setattr(attention_module, "fused_forward", lambda: True)
+    qkv = torch.randn(2, 7, 3, 3, 4, dtype=torch.bfloat16)  # N x L x (q, k, v) x heads x d
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    assert not q.is_contiguous()
+    with torch.no_grad():
+        out = attention(q, k, v)
+    flat = [t.reshape(6, 7, 4).contiguous() for t in (q, k, v)]
+    assert out.equal(chunked_attention(*flat).view(2, 3, 7, 4))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["chunked-forward", "fused-forward"])

@@ -128,6 +128,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v on N x heads x L x d tensors (any strides)."""
     if not use_chunked(q):
         return F.scaled_dot_product_attention(q, k, v)
+    differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if fused_forward() and not differentiated:  # no backward: the fused kernel reads q, k, v where they lie
+        return F.scaled_dot_product_attention(q, k, v)  # (the same values, without three copies)
     n, heads, length, d = q.shape
     flat = [t.reshape(n * heads, length, d).contiguous() for t in (q, k, v)]
     return chunked_attention(*flat).view(n, heads, length, d)
