@@ -220,13 +220,16 @@ class FlowModel(nn.Module):
                 m.recompute = on
 
     def compile_networks(self, **kwargs: Any) -> None:
-        """torch.compile each coupling network in place (parameter names are unchanged). Shapes are
-        static unless `dynamic=True` is passed: the networks share one forward, and inductor fails on the
-        dynamic-shape graph it would otherwise make once a second shape is seen."""
+        """torch.compile each coupling network in place (parameter names are unchanged), and the
+        couplings' mixture logit-CDF between them with the same backend (`fuse_elementwise`'s chain, eager
+        otherwise: about a hundred small kernels a coupling in a training step). Shapes are static unless
+        `dynamic=True` is passed: the networks share one forward, and inductor fails on the dynamic-shape
+        graph it would otherwise make once a second shape is seen."""
         couplings = self.couplings()
-        allow_recompiles(4 * len(couplings))  # a graph per network, input shape, context and grad mode
+        allow_recompiles(max(4 * len(couplings), FUSED_GRAPHS))  # a graph per network, shape, context, grad
         for c in couplings:
             c.network.compile(**{"dynamic": False, **kwargs})
+            c.fused = kwargs.get("backend", "inductor")
 
     def fuse_elementwise(self, backend: str | None = "inductor") -> None:
         """Run the networks' elementwise chains (concat_elu with its dropout mask, the gated residuals,

@@ -73,11 +73,11 @@ def test_chunked_attention_and_its_gradients_equal_the_fused_kernel_in_float64(m
 
 @pytest.mark.parametrize("amx", [False, True])
 def test_the_fused_forward_is_taken_where_the_cpu_has_amx_tiles(monkeypatch, request, amx):
-    request.addfinalizer(attention_module.fused_forward.cache_clear)  # the machine's own answer after
-    attention_module.fused_forward.cache_clear()
+    request.addfinalizer(attention_module.has_amx_tiles.cache_clear)  # the machine's own answer after
+    attention_module.has_amx_tiles.cache_clear()
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert attention_module.fused_forward() is amx
-    attention_module.fused_forward.cache_clear()
+    attention_module.has_amx_tiles.cache_clear()
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: chunks
     assert attention_module.fused_forward() is False
 

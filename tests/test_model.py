@@ -13,6 +13,7 @@ from model_helpers import distinct_models, jacobian_logdet, perturb, tiny_spec
 
 import flowspec
 from flowspec.layers import DataInit, Layer
+from flowspec.layers import attention as attention_module
 from flowspec.layers.networks import FlowppNetwork
 from flowspec.steps import walk
 
@@ -339,14 +340,44 @@ def _assert_same_training_gradients(eager, other, x, recompute: bool) -> None:
 def test_compiled_networks_train_like_eager_ones(recompute):
     """torch.compile, through the blocks' selective recomputation or keeping every activation, gives the
     eager gradients (the "aot_eager" backend traces forward and backward like inductor, without
-    generating C++)."""
+    generating C++), the couplings' mixture logit-CDF compiled too; the chains inside the networks are
+    left to the networks' graphs (a compiled chain inside one would break it)."""
     eager, compiled, x = _model_twice("flowpp_cifar.flow")
     compiled.compile_networks(backend="aot_eager")
     assert all(c.network._compiled_call_impl is not None for c in compiled.couplings())
+    assert all(c.fused == "aot_eager" for c in compiled.couplings())  # the mixture's chain between them
+    assert all(
+        m.fused is None for c in compiled.couplings() for m in c.network.modules() if hasattr(m, "fused")
+    )
     torch._dynamo.reset()  # compile afresh, so the counters see every graph
     counters = torch._dynamo.utils.counters
     counters.clear()
     _assert_same_training_gradients(eager, compiled, x, recompute)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["chunked-forward", "fused-forward"])
+def test_compiled_bf16_networks_on_a_cpu_are_whole_graphs(monkeypatch, request, amx):
+    """In bf16 on the CPU the networks' attention picks its kernel by asking whether the CPU has AMX tiles;
+    torch.compile must take the answer as a constant, not break each network's graph at the probe (it
+    did: 18 breaks and 28 graphs in a tiny model's training step and log_prob). Eval log_prob in bf16 is
+    close to float32's."""
+    request.addfinalizer(attention_module.has_amx_tiles.cache_clear)  # the machine's own answer after
+    attention_module.has_amx_tiles.cache_clear()
+    # as torch's own probe, a function dynamo does not trace
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", torch._dynamo.disable(lambda: amx))
+    assert attention_module.fused_forward() is amx
+    eager, compiled, x = _model_twice("flowpp_cifar.flow")
+    compiled.set_autocast(torch.bfloat16)
+    compiled.compile_networks(backend="aot_eager")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled.train()
+    (-compiled.log_prob(x).mean()).backward()
+    for model in (eager, compiled):
+        model.eval()
+    assert torch.allclose(_log_prob(compiled, x), _log_prob(eager, x), rtol=0.01)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
 
 

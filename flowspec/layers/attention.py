@@ -36,14 +36,20 @@ def _score_buffers(q: Tensor) -> tuple[Tensor, Tensor, int]:
     return scores, torch.empty_like(scores), chunk
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a constant to torch.compile, which may not call the probe
 def fused_forward() -> bool:
     """Whether `chunked_attention`'s forward runs torch's fused kernel rather than the chunks: on CPUs with
     AMX tiles (Intel Sapphire Rapids and later), where its bf16 tile matmuls made it 1.5-1.8x faster than
     the chunks (the backward stays chunked: the fused one was 1.9x slower there too); on a Zen 4 (AVX-512
     bf16, no AMX) the chunks were twice as fast."""
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(has_amx and has_amx())
+    return has_amx_tiles()
+
+
+@functools.cache
+def has_amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles, as torch's probe says (False where torch has none)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
 
 
 @torch.library.custom_op("flowspec::chunked_attention", mutates_args=())
