@@ -83,7 +83,11 @@ def measure(args: argparse.Namespace, task: str, batch: int, precision: str) -> 
     model.initialize(x[: args.init_batch])
     model.set_autocast(autocast_dtype(precision))
     model.set_recompute(args.recompute == "on")
-    if args.compile:
+    if args.compile == "networks":
+        model.compile_networks()
+    elif args.compile == "elementwise":
+        model.fuse_elementwise()
+    elif args.compile:
         model.compile_for_device()  # whole networks on a GPU, the elementwise chains on a CPU
 
     if task == "train":
@@ -200,6 +204,17 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def compiled_scope(args: argparse.Namespace) -> str:
+    """What --compile compiled: the networks or the elementwise chains."""
+    if args.compile != "device":
+        return args.compile
+    import torch
+
+    from flowspec.model import compile_scope
+
+    return compile_scope(torch.device(args.device))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -216,8 +231,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="as train --compile: the coupling networks on a GPU, their elementwise chains on a CPU",
+        nargs="?",
+        const="device",
+        choices=["device", "networks", "elementwise"],
+        help="as train --compile (device: the coupling networks on a GPU, their elementwise chains on a "
+        "CPU), or the networks or the chains on any device",
     )
     parser.add_argument(
         "--recompute",
@@ -265,7 +283,8 @@ def main() -> None:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · `{command}`\n\n"
         f"machine: {machine()} · device {device_name(args.device)} · torch {torch.__version__} · flowspec "
         f"{commit()} · threads {args.threads}"
-        f"{' · compiled' if args.compile else ''} · recompute {args.recompute} · load average before/after "
+        f"{f' · compiled ({compiled_scope(args)})' if args.compile else ''} · recompute {args.recompute}"
+        " · load average before/after "
         f"{load_before[0]:.2f}/{load_after[0]:.2f}\n\n"
         f"the model does {gflop:.1f} GFLOP per image forward (log_prob; sampling counted the same), "
         f"{3 * gflop:.1f} per training image (forward + backward ~ 3x); kernels now: a 2048^3 matmul and the "

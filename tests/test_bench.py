@@ -92,6 +92,42 @@ def test_peak_memory_is_in_gb_everywhere():
         assert "ru_maxrss /" not in (ROOT / "bench" / script).read_text()
 
 
+@pytest.mark.parametrize(
+    ("compile_", "device", "called", "scope"),
+    [
+        ("device", "cpu", ["compile_for_device"], "elementwise"),
+        ("networks", "cpu", ["compile_networks"], "networks"),
+        ("elementwise", "cpu", ["fuse_elementwise"], "elementwise"),
+        ("device", "cuda", None, "networks"),
+        (None, "cpu", [], None),
+    ],
+)
+def test_bench_flowpp_compiles_what_compile_names(monkeypatch, compile_, device, called, scope):
+    """--compile alone does what train --compile does on the device; `networks` or `elementwise` compile
+    that on any device, and the header names it."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_flowpp
+
+    from flowspec.model import FlowModel
+
+    args = argparse.Namespace(
+        compile=compile_, device=device, spec=str(ROOT / "specs" / "quickstart.flow"), threads=1,
+        init_batch=2, recompute="off", warmup=0, repeats=1,
+    )  # fmt: skip
+    assert (bench_flowpp.compiled_scope(args) if compile_ else None) == scope
+    if device != "cpu":
+        return
+    calls = []
+    for method in ("compile_networks", "fuse_elementwise", "compile_for_device"):
+        monkeypatch.setattr(FlowModel, method, lambda self, *a, name=method, **k: calls.append(name))
+    monkeypatch.setattr(bench_flowpp, "reference", lambda args, precision: {})
+    row = bench_flowpp.measure(args, "log_prob", 2, "fp32")
+    assert row["img_per_s"] > 0
+    assert calls == called
+
+
 def test_compare_network_prints_its_command_and_machine_first():
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "compare_network.py"), "1", "0", "/tmp/base"],
