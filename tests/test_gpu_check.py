@@ -48,6 +48,8 @@ def test_gpu_check_dry_run_trains_every_configuration_and_appends_its_rows(tmp_p
     assert all(float(r[3]) > 0 and r[5].endswith("%") and float(r[6]) > 0 for r in rows), rows
     assert {p.name for p in out.iterdir()} == {"gpu_check.md", "gpu_profile.txt", "pytest_cuda.txt"}
     assert "test_cuda.py" in (out / "pytest_cuda.txt").read_text()
+    profiled = (out / "gpu_profile.txt").read_text().splitlines()[0]  # the goal's configuration
+    assert profiled.startswith("bf16 + compile · recompute auto: off, batch 4: 3 steps in"), profiled
 
 
 @pytest.mark.parametrize(
@@ -113,6 +115,24 @@ def test_graphs_compile_the_networks_in_reduce_overhead_mode_and_mark_each_step(
     )
     step()
     assert compiled.pop() == {} and len(marks) == 4
+
+
+def test_the_profile_records_the_goals_compiled_row_else_an_eager_one_that_trained():
+    """The first compiled bf16 configuration that trained, if there is time to compile it again; else the
+    first eager bf16 one that trained; a row that failed or was skipped is never profiled."""
+    configs = [gpu_check.Config.parse(c) for c in ("fp32@64", "bf16@64", "bf16+compile@64", "bf16+keep@64")]
+    args = argparse.Namespace(configs=configs, dry_run=False)
+    trained = [gpu_check.Row(c.text, c.batch, seconds=1.0) for c in configs]
+    compiled = gpu_check.NEEDED_SECONDS["profile"] + gpu_check.COMPILE_SECONDS
+    assert gpu_check.profiled_config(args, trained, compiled) is configs[2]
+    assert gpu_check.profiled_config(args, trained, compiled - 1) is configs[1]
+    assert gpu_check.profiled_config(args, trained, gpu_check.NEEDED_SECONDS["profile"] - 1) is None
+    failed = [*trained[:2], gpu_check.Row("bf16+compile@64", 64, note="failed: ..."), trained[3]]
+    assert gpu_check.profiled_config(args, failed, 1000) is configs[1]
+    skipped = [trained[0], gpu_check.Row("bf16@64", 64), failed[2], trained[3]]
+    assert gpu_check.profiled_config(args, skipped, 1000) is configs[3]
+    dry_run = argparse.Namespace(configs=configs, dry_run=True)
+    assert gpu_check.profiled_config(dry_run, trained, 0) is configs[2]
 
 
 def test_time_estimates_scale_with_steps_and_batch_and_the_hard_limit_is_8_minutes():
