@@ -4,7 +4,9 @@ alone allow.
 Runs the call once under torch.profiler (self time of every op) and once under FlopCounterMode (FLOPs of
 every op, backward and recomputation included; attention counted as q k^T and a v, backward twice the
 forward), groups ops into convolution, attention, dense matmul,
-dropout random numbers and everything else, and prints seconds, share and GFLOP/s per group. The
+dropout random numbers and everything else, and prints seconds, share and GFLOP/s per group, split
+into the forward pass, the backward pass and the optimizer step for a training step; then the --top ops
+that took most time, by name, with their calls and the same split. The
 images per second that the convolution, attention and matmul kernels alone would allow, if all other work
 took no time, bound what any scheduling of the same kernels can reach on this machine. Appends the table,
 with the exact command and the machine, to bench/RESULTS.md.
@@ -60,6 +62,24 @@ def category(op_name: str) -> str:
     return "other (elementwise, copies, dispatch)"
 
 
+def phase(event) -> str:
+    """Which part of a training step a profiler event ran in: "backward" (under the autograd engine),
+    "optimizer" (under the optimizer's step) or "forward"."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("autograd::engine::evaluate_function"):
+            return "backward"
+        if parent.name.startswith("Optimizer.step"):
+            return "optimizer"
+        parent = parent.cpu_parent
+    return "forward"
+
+
+def op_name(event) -> str:
+    """An event's name for the table of ops: every compiled graph as one."""
+    return FUSED if category(event.name) == FUSED else event.name
+
+
 def attributed_category(event) -> str:
     """An op's kind of work, attention when it runs inside an attention kernel (a profiler event)."""
     parent = event.cpu_parent
@@ -88,6 +108,7 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="fuse the elementwise chains with inductor (train --compile)"
     )
+    parser.add_argument("--top", type=int, default=12, help="ops listed by the time they took (default 12)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="file to append to (bench/RESULTS.md)")
     parser.add_argument("--no-append", action="store_true", help="print only; append nowhere")
     args = parser.parse_args()
@@ -144,8 +165,14 @@ def main() -> None:
         hook.remove()
 
     busy: dict[str, float] = defaultdict(float)
+    split: dict[tuple[object, str], float] = defaultdict(float)  # (kind of work or op, phase) -> seconds
+    calls: dict[tuple[str, str], int] = defaultdict(int)  # (op, kind of work) -> calls
     for event in prof.events():
-        busy[attributed_category(event)] += event.self_cpu_time_total / 1e6
+        kind, part, self_seconds = attributed_category(event), phase(event), event.self_cpu_time_total / 1e6
+        busy[kind] += self_seconds
+        split[kind, part] += self_seconds
+        split[(op_name(event), kind), part] += self_seconds
+        calls[op_name(event), kind] += 1
     flops: dict[str, int] = defaultdict(int)
     for op, n in counter.get_flop_counts()["Global"].items():
         flops[category(str(op))] += n
@@ -165,7 +192,13 @@ def main() -> None:
         f"the convolution, attention and matmul kernels alone take {kernel_seconds:.2f} s, so no schedule "
         f"of them exceeds {args.batch / kernel_seconds:.2f} img/s here"
     )
-    columns = ("work", "seconds", "share", "GFLOP", "GFLOP/s")
+    phases = ("forward", "backward", "optimizer") if args.task == "train" else ()
+    scale = seconds / profiled  # profiled self time, rescaled to the unprofiled call
+
+    def by_phase(key: object, digits: int = 2) -> list[str]:
+        return [f"{split[key, part] * scale:.{digits}f}" for part in phases]
+
+    columns = ("work", "seconds", "share", *phases, "GFLOP", "GFLOP/s")
     cells = []
     kinds = (
         *KERNELS,
@@ -178,9 +211,35 @@ def main() -> None:
         work_seconds = share * seconds  # profiled self time, rescaled to the unprofiled call
         gflop = flops[work] / 1e9
         rate = f"{gflop / work_seconds:.0f}" if gflop and work_seconds else ""
-        cells.append([work, f"{work_seconds:.2f}", f"{share:.0%}", f"{gflop:.0f}" if gflop else "", rate])
+        cells.append(
+            [
+                work,
+                f"{work_seconds:.2f}",
+                f"{share:.0%}",
+                *by_phase(work),
+                f"{gflop:.0f}" if gflop else "",
+                rate,
+            ]
+        )
     title = f"{Path(args.spec).name} {args.task}, batch {args.batch}"
     report(title, header, columns, cells, None if args.no_append else args.results)
+
+    def op_seconds(op: tuple[str, str]) -> float:
+        return sum(split[op, part] for part in ("forward", "backward", "optimizer"))
+
+    op_cells = [
+        [name, kind, str(calls[name, kind]), f"{op_seconds((name, kind)) * scale:.3f}",
+         f"{op_seconds((name, kind)) / profiled:.1%}", *by_phase((name, kind), 3)]
+        for name, kind in sorted(calls, key=op_seconds, reverse=True)[: args.top]
+    ]  # fmt: skip
+    report(
+        f"the {len(op_cells)} ops that took most time",
+        f"{Path(args.spec).name} {args.task} at batch {args.batch}, {args.precision}: the ops that took most "
+        "time (self time, rescaled to the unprofiled call)",
+        ("op", "kind of work", "calls", "seconds", "share", *phases),
+        op_cells,
+        None if args.no_append else args.results,
+    )
 
 
 if __name__ == "__main__":

@@ -49,12 +49,49 @@ def test_profile_step_splits_a_call_into_kinds_of_work(tmp_path):
     results = tmp_path / "RESULTS.md"
     options = ["--task", "log_prob", "--precision", "bf16", "--batch", "2"]  # bf16: the chunked attention
     _run("profile_step.py", "--spec", "specs/quickstart.flow", *options, "--results", str(results))
-    text = results.read_text()
-    assert "quickstart.flow log_prob at batch 2, bf16" in text
-    rows = {row[0]: row for row in _rows(text)}
+    kinds, ops = results.read_text().split("the ops that took most time")
+    assert "quickstart.flow log_prob at batch 2, bf16" in kinds
+    rows = {row[0]: row for row in _rows(kinds)}
     assert list(rows)[:3] == ["convolution", "attention", "dense matmul"]
     assert int(rows["attention"][2].rstrip("%")) > 0  # the custom op's matmuls and softmax count as attention
     assert sum(int(row[2].rstrip("%")) for row in rows.values()) in range(98, 103)  # shares, each rounded
+    assert len(_rows(ops)) == 12  # --top's default
+    assert any(row[1] == "attention" for row in _rows(ops))  # an op named, inside the attention kernel
+
+
+@pytest.mark.slow
+def test_profile_step_splits_a_training_step_into_forward_backward_and_optimizer(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    _run("profile_step.py", "--spec", "specs/quickstart.flow", "--batch", "2", "--top", "30",
+         "--results", str(results))  # fmt: skip
+    kinds, ops = results.read_text().split("the ops that took most time")
+    header = "| work | seconds | share | forward | backward | optimizer | GFLOP | GFLOP/s |"
+    assert header in kinds
+    for row in _rows(kinds):  # the three parts add up to the whole, each rounded to 0.01 s
+        assert abs(sum(float(c) for c in row[3:6]) - float(row[1])) <= 0.02, row
+    rows = _rows(ops)
+    assert len(rows) == 30 and [float(r[3]) for r in rows] == sorted(
+        (float(r[3]) for r in rows), reverse=True
+    )
+    parts = {row[0]: [float(c) for c in row[5:8]] for row in rows}
+    assert parts["aten::convolution_backward"][1] > 0 == parts["aten::convolution_backward"][0]
+    assert parts["aten::mkldnn_convolution"][0] > 0 == parts["aten::mkldnn_convolution"][1]
+
+
+def test_profile_step_tells_the_parts_of_a_training_step_apart():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from profile_step import phase
+    from torch.profiler import profile
+
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(layer.parameters(), foreach=True)
+    with profile() as prof:
+        layer(torch.ones(4, 3)).sum().backward()
+        optimizer.step()
+    parts = {(event.name, phase(event)) for event in prof.events()}
+    assert ("aten::addmm", "forward") in parts and ("aten::mm", "backward") in parts
+    assert any(name.startswith("aten::_foreach") and part == "optimizer" for name, part in parts), parts
 
 
 def test_no_append_writes_nowhere(tmp_path):
