@@ -6,7 +6,9 @@ every op, backward and recomputation included; attention counted as q k^T and a 
 forward), groups ops into convolution, attention, dense matmul,
 dropout random numbers and everything else, and prints seconds, share and GFLOP/s per group, split
 into the forward pass, the backward pass and the optimizer step for a training step; then the --top ops
-that took most time, by name, with their calls and the same split. The
+that took most time, by name, with their calls and the same split; then the time of each written step
+of the spec (its own ops, not its sub-steps'; backward work goes to the step whose forward recorded it,
+found by the autograd sequence number). The
 images per second that the convolution, attention and matmul kernels alone would allow, if all other work
 took no time, bound what any scheduling of the same kernels can reach on this machine. Appends the table,
 with the exact command and the machine, to bench/RESULTS.md.
@@ -25,6 +27,8 @@ import shlex
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from unittest.mock import patch
@@ -38,12 +42,16 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import flowspec  # noqa: E402
 from flowspec.allocator import keep_freed_memory  # noqa: E402
+from flowspec.inspection.flops import step_modules  # noqa: E402
+from flowspec.inspection.tree import build_branches  # noqa: E402
 from flowspec.layers import attention as attention_module  # noqa: E402
 from flowspec.layers.networks import GatedAttention  # noqa: E402
 from flowspec.train.schedule import build_optimizer  # noqa: E402
 
 KERNELS = ("convolution", "attention", "dense matmul")
 FUSED = "elementwise chains (compiled)"
+STEP_RANGE = "flowspec step: "  # profiler ranges around each call of a step's modules
+OUTSIDE = "(no step: loss, prior, gradient accumulation)"
 
 
 def category(op_name: str) -> str:
@@ -64,8 +72,9 @@ def category(op_name: str) -> str:
 
 def phase(event) -> str:
     """Which part of a training step a profiler event ran in: "backward" (under the autograd engine),
-    "optimizer" (under the optimizer's step) or "forward"."""
-    parent = event.cpu_parent
+    "optimizer" (under the optimizer's step) or "forward"; the engine's and the step's own ranges count as
+    their part too."""
+    parent = event
     while parent is not None:
         if parent.name.startswith("autograd::engine::evaluate_function"):
             return "backward"
@@ -88,6 +97,70 @@ def attributed_category(event) -> str:
             return "attention"
         parent = parent.cpu_parent
     return category(event.name)
+
+
+@contextmanager
+def step_ranges(model: torch.nn.Module) -> Iterator[None]:
+    """Meanwhile, every call of a spec step's modules runs inside a profiler range named after its path."""
+    ranges: list[torch.profiler.record_function] = []
+
+    def enter(module: torch.nn.Module, args: tuple) -> None:
+        ranges.append(torch.profiler.record_function(STEP_RANGE + module.spec_path))
+        ranges[-1].__enter__()
+
+    def leave(module: torch.nn.Module, args: tuple, output: object) -> None:
+        ranges.pop().__exit__(None, None, None)
+
+    modules = [m for found in step_modules(model).values() for m in found]
+    hooks = [m.register_forward_pre_hook(enter) for m in modules]
+    hooks += [m.register_forward_hook(leave) for m in modules]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def enclosing_step(event, forward_steps: dict[tuple[int, int], str]) -> str:
+    """The spec path of the step an event ran for: the innermost step range around it, or for backward
+    work, the step whose forward op recorded the autograd node (`forward_steps`, by sequence number and
+    thread); `OUTSIDE` if none."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith(STEP_RANGE):
+            return parent.name.removeprefix(STEP_RANGE)
+        if parent.name.startswith("autograd::engine::evaluate_function"):
+            return forward_steps.get((parent.sequence_nr, parent.fwd_thread), OUTSIDE)
+        parent = parent.cpu_parent
+    return OUTSIDE
+
+
+def forward_steps(events) -> dict[tuple[int, int], str]:
+    """(sequence number, thread) of every forward op that recorded an autograd node -> its step's path."""
+    found = {}
+    for event in events:
+        if event.sequence_nr >= 0 and phase(event) == "forward":
+            found[event.sequence_nr, event.thread] = enclosing_step(event, {})
+    return found
+
+
+def step_rows(spec: flowspec.FlowSpec, model: torch.nn.Module) -> list[tuple[str, str, str]]:
+    """(spec path, label, where written) of every step that has modules, in the order `inspect` lists them;
+    the label is the step as `inspect` writes it, with its copies' count, marked "· " once per enclosing
+    step. A module with no row of its own (the dequantizer) comes before its sub-steps."""
+    modules = step_modules(model)
+    rows = [row for branch in build_branches(spec, {}) for row in branch.walk() if row.path in modules]
+    listed = [(row.path, f"{row.kind} {row.settings}".strip(), row.source or "") for row in rows]
+    for path in modules:
+        if path not in {row.path for row in rows}:
+            at = next((i for i, row in enumerate(listed) if row[0].startswith(path + ".")), 0)
+            listed.insert(at, (path, f"{path} ({type(modules[path][0]).__name__})", ""))
+    out = []
+    for path, label, where in listed:
+        depth = sum(path.startswith(other + ".") for other, _, _ in listed)
+        copies = f" x{len(modules[path])}" if len(modules[path]) > 1 else ""
+        out.append((path, "· " * depth + label + copies, where))
+    return out
 
 
 def main() -> None:
@@ -142,7 +215,7 @@ def main() -> None:
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with step_ranges(model), profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
     model.fuse_elementwise(None)  # the counter sees eager ops (the same FLOPs)
     with (
@@ -167,11 +240,14 @@ def main() -> None:
     busy: dict[str, float] = defaultdict(float)
     split: dict[tuple[object, str], float] = defaultdict(float)  # (kind of work or op, phase) -> seconds
     calls: dict[tuple[str, str], int] = defaultdict(int)  # (op, kind of work) -> calls
-    for event in prof.events():
+    ops = [event for event in prof.events() if not event.name.startswith(STEP_RANGE)]
+    steps = forward_steps(ops)
+    for event in ops:
         kind, part, self_seconds = attributed_category(event), phase(event), event.self_cpu_time_total / 1e6
         busy[kind] += self_seconds
         split[kind, part] += self_seconds
         split[(op_name(event), kind), part] += self_seconds
+        split["optimizer" if part == "optimizer" else enclosing_step(event, steps), part] += self_seconds
         calls[op_name(event), kind] += 1
     flops: dict[str, int] = defaultdict(int)
     for op, n in counter.get_flop_counts()["Global"].items():
@@ -238,6 +314,27 @@ def main() -> None:
         "time (self time, rescaled to the unprofiled call)",
         ("op", "kind of work", "calls", "seconds", "share", *phases),
         op_cells,
+        None if args.no_append else args.results,
+    )
+
+    step_cells = []
+    for path, label, where in [*step_rows(spec, model), (OUTSIDE, "", ""), ("optimizer", "", "")]:
+        total = sum(split[path, part] for part in ("forward", "backward", "optimizer"))
+        if path != "optimizer" or args.task == "train":
+            cells = [
+                label or path,
+                where,
+                f"{total * scale:.3f}",
+                f"{total / profiled:.1%}",
+                *by_phase(path, 3),
+            ]
+            step_cells.append(cells)
+    report(
+        "time by step",
+        f"{Path(args.spec).name} {args.task} at batch {args.batch}, {args.precision}: time by spec step "
+        "(its own ops, not its sub-steps'; backward work goes to the step whose forward made it)",
+        ("step", "written at", "seconds", "share", *phases),
+        step_cells,
         None if args.no_append else args.results,
     )
 

@@ -24,6 +24,12 @@ def _rows(text: str) -> list[list[str]]:
     return [line.strip("| ").split(" | ") for line in lines[1:]]
 
 
+def _tables(text: str) -> list[str]:
+    """profile_step's three tables: by kind of work, by op and by step."""
+    kinds, rest = text.split("the ops that took most time")
+    return [kinds, *rest.split("time by spec step")]
+
+
 @pytest.mark.slow
 def test_bench_flowpp_times_every_task_and_appends_its_rows(tmp_path):
     results = tmp_path / "RESULTS.md"
@@ -49,7 +55,7 @@ def test_profile_step_splits_a_call_into_kinds_of_work(tmp_path):
     results = tmp_path / "RESULTS.md"
     options = ["--task", "log_prob", "--precision", "bf16", "--batch", "2"]  # bf16: the chunked attention
     _run("profile_step.py", "--spec", "specs/quickstart.flow", *options, "--results", str(results))
-    kinds, ops = results.read_text().split("the ops that took most time")
+    kinds, ops, steps = _tables(results.read_text())
     assert "quickstart.flow log_prob at batch 2, bf16" in kinds
     rows = {row[0]: row for row in _rows(kinds)}
     assert list(rows)[:3] == ["convolution", "attention", "dense matmul"]
@@ -57,6 +63,8 @@ def test_profile_step_splits_a_call_into_kinds_of_work(tmp_path):
     assert sum(int(row[2].rstrip("%")) for row in rows.values()) in range(98, 103)  # shares, each rounded
     assert len(_rows(ops)) == 12  # --top's default
     assert any(row[1] == "attention" for row in _rows(ops))  # an op named, inside the attention kernel
+    assert "| step | written at | seconds | share |" in steps  # log_prob: no parts, no optimizer
+    assert [row[0] for row in _rows(steps)][-1] == "(no step: loss, prior, gradient accumulation)"
 
 
 @pytest.mark.slow
@@ -64,7 +72,7 @@ def test_profile_step_splits_a_training_step_into_forward_backward_and_optimizer
     results = tmp_path / "RESULTS.md"
     _run("profile_step.py", "--spec", "specs/quickstart.flow", "--batch", "2", "--top", "30",
          "--results", str(results))  # fmt: skip
-    kinds, ops = results.read_text().split("the ops that took most time")
+    kinds, ops, steps = _tables(results.read_text())
     header = "| work | seconds | share | forward | backward | optimizer | GFLOP | GFLOP/s |"
     assert header in kinds
     for row in _rows(kinds):  # the three parts add up to the whole, each rounded to 0.01 s
@@ -76,6 +84,20 @@ def test_profile_step_splits_a_training_step_into_forward_backward_and_optimizer
     parts = {row[0]: [float(c) for c in row[5:8]] for row in rows}
     assert parts["aten::convolution_backward"][1] > 0 == parts["aten::convolution_backward"][0]
     assert parts["aten::mkldnn_convolution"][0] > 0 == parts["aten::mkldnn_convolution"][1]
+    rows = _rows(steps)  # each written step in model order, then the rest
+    names = [row[0] for row in rows]
+    assert names[:3] == [
+        "dequantize (UniformDequantizer)",
+        "preprocess logit(alpha=0.05)",
+        "split checkerboard",
+    ]
+    assert names[-2:] == ["(no step: loss, prior, gradient accumulation)", "optimizer"]
+    coupling = rows[names.index("· coupling mixlogistic k4 f16 b1 h4 x2")]  # the first split's, inside it
+    assert coupling[1] == "quickstart.flow:17"
+    assert float(coupling[5]) > float(coupling[4]) > 0  # its backward is found
+    optimizer = [float(c) for c in rows[-1][4:7]]
+    assert optimizer[2] > 0 == optimizer[0] + optimizer[1]
+    assert sum(float(row[3].rstrip("%")) for row in rows) == pytest.approx(100, abs=1)
 
 
 def test_profile_step_tells_the_parts_of_a_training_step_apart():
@@ -92,6 +114,31 @@ def test_profile_step_tells_the_parts_of_a_training_step_apart():
     parts = {(event.name, phase(event)) for event in prof.events()}
     assert ("aten::addmm", "forward") in parts and ("aten::mm", "backward") in parts
     assert any(name.startswith("aten::_foreach") and part == "optimizer" for name, part in parts), parts
+    assert ("autograd::engine::evaluate_function: AddmmBackward0", "backward") in parts  # the engine's range
+    assert any(name.startswith("Optimizer.step") and part == "optimizer" for name, part in parts), parts
+
+
+def test_profile_step_gives_backward_work_to_the_step_whose_forward_made_it():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from profile_step import OUTSIDE, enclosing_step, forward_steps, step_ranges
+    from torch.profiler import profile
+
+    first, second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    first.spec_path, second.spec_path = "flow.0", "flow.1"
+    model = torch.nn.Sequential(first, torch.nn.Tanh(), second)
+    with step_ranges(model), profile() as prof:
+        model(torch.ones(4, 3)).sum().backward()
+    assert not first._forward_pre_hooks and not first._forward_hooks  # the ranges are gone after
+    steps = forward_steps(prof.events())
+    found: dict[tuple[str, str], set[str]] = {}
+    for event in prof.events():
+        found.setdefault((event.name, enclosing_step(event, steps)), set()).add(event.name)
+    assert ("aten::addmm", "flow.0") in found and ("aten::addmm", "flow.1") in found  # forward, by range
+    assert ("aten::tanh", OUTSIDE) in found  # a module with no step
+    assert ("aten::mm", "flow.0") in found and ("aten::mm", "flow.1") in found  # backward, by sequence number
+    assert ("aten::tanh_backward", OUTSIDE) in found and ("aten::sum", OUTSIDE) in found
+    assert ("torch::autograd::AccumulateGrad", OUTSIDE) in found
 
 
 def test_no_append_writes_nowhere(tmp_path):
