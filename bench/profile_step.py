@@ -240,6 +240,7 @@ def main() -> None:
     busy: dict[str, float] = defaultdict(float)
     split: dict[tuple[object, str], float] = defaultdict(float)  # (kind of work or op, phase) -> seconds
     calls: dict[tuple[str, str], int] = defaultdict(int)  # (op, kind of work) -> calls
+    by_step: dict[tuple[str, str], float] = defaultdict(float)  # (step path, phase) -> seconds
     ops = [event for event in prof.events() if not event.name.startswith(STEP_RANGE)]
     steps = forward_steps(ops)
     for event in ops:
@@ -247,7 +248,7 @@ def main() -> None:
         busy[kind] += self_seconds
         split[kind, part] += self_seconds
         split[(op_name(event), kind), part] += self_seconds
-        split["optimizer" if part == "optimizer" else enclosing_step(event, steps), part] += self_seconds
+        by_step["optimizer" if part == "optimizer" else enclosing_step(event, steps), part] += self_seconds
         calls[op_name(event), kind] += 1
     flops: dict[str, int] = defaultdict(int)
     for op, n in counter.get_flop_counts()["Global"].items():
@@ -271,8 +272,8 @@ def main() -> None:
     phases = ("forward", "backward", "optimizer") if args.task == "train" else ()
     scale = seconds / profiled  # profiled self time, rescaled to the unprofiled call
 
-    def by_phase(key: object, digits: int = 2) -> list[str]:
-        return [f"{split[key, part] * scale:.{digits}f}" for part in phases]
+    def by_phase(key: object, digits: int = 2, seconds: dict = split) -> list[str]:
+        return [f"{seconds[key, part] * scale:.{digits}f}" for part in phases]
 
     columns = ("work", "seconds", "share", *phases, "GFLOP", "GFLOP/s")
     cells = []
@@ -319,14 +320,14 @@ def main() -> None:
 
     step_cells = []
     for path, label, where in [*step_rows(spec, model), (OUTSIDE, "", ""), ("optimizer", "", "")]:
-        total = sum(split[path, part] for part in ("forward", "backward", "optimizer"))
+        total = sum(by_step[path, part] for part in ("forward", "backward", "optimizer"))
         if path != "optimizer" or args.task == "train":
             cells = [
                 label or path,
                 where,
                 f"{total * scale:.3f}",
                 f"{total / profiled:.1%}",
-                *by_phase(path, 3),
+                *by_phase(path, 3, by_step),
             ]
             step_cells.append(cells)
     report(
